@@ -1,0 +1,167 @@
+// Shared command line of the C++ benchmarks, in the style of nccl-tests:
+//   -b/--minlen N   -e/--maxlen N   -f/--stepfactor F   (lengths minlen, minlen*F, ... <= maxlen;
+//                                                         N accepts K/M suffixes, 1K = 1024)
+//   -n/--iters N    -w/--warmup N   -c/--check 0|1
+//   -d/--headdim D  -H/--heads H    -K/--kv-heads HKV   -B/--batch B
+//   --causal 0|1    --dtype float32|float64             -t/--threads T
+//   --json PATH     -h/--help
+// Header-only; benchmarks may add their own options by handling them before calling parse().
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace ring_attn {
+namespace bench {
+
+struct Options {
+  int64_t minlen = 1024;
+  int64_t maxlen = 4096;
+  double stepfactor = 2.0;
+  int iters = 10;
+  int warmup = 2;
+  bool check = true;
+  int headdim = 64;
+  int heads = 4;
+  int kv_heads = 0;  // 0: same as heads
+  int batch = 1;
+  bool causal = false;
+  std::string dtype = "float32";
+  int threads = 0;  // 0: leave the runtime default
+  std::string json;
+
+  int nheads_kv() const { return kv_heads > 0 ? kv_heads : heads; }
+
+  // minlen, minlen * stepfactor, ... up to maxlen (always at least minlen).
+  std::vector<int64_t> lengths() const {
+    std::vector<int64_t> out;
+    double len = static_cast<double>(minlen);
+    while (static_cast<int64_t>(len) <= maxlen) {
+      const int64_t l = static_cast<int64_t>(len);
+      if (out.empty() || out.back() != l) out.push_back(l);
+      if (stepfactor <= 1.0) break;
+      len *= stepfactor;
+    }
+    if (out.empty()) out.push_back(minlen);
+    return out;
+  }
+};
+
+// 4096, 4K, 1M (binary suffixes), as in nccl-tests.
+inline int64_t parse_size(const char* s) {
+  char* end = nullptr;
+  const double v = std::strtod(s, &end);
+  int64_t mult = 1;
+  if (end && *end) {
+    switch (*end) {
+      case 'k': case 'K': mult = 1024; break;
+      case 'm': case 'M': mult = 1024 * 1024; break;
+      case 'g': case 'G': mult = 1024LL * 1024 * 1024; break;
+      default:
+        std::fprintf(stderr, "invalid size '%s'\n", s);
+        std::exit(2);
+    }
+  }
+  return static_cast<int64_t>(v * static_cast<double>(mult));
+}
+
+inline void print_usage(const char* prog, const char* extra = nullptr) {
+  std::printf(
+      "usage: %s [options]\n"
+      "  -b, --minlen N       smallest sequence length (K/M suffixes ok)   [1024]\n"
+      "  -e, --maxlen N       largest sequence length                      [4096]\n"
+      "  -f, --stepfactor F   multiply the length by F each step           [2]\n"
+      "  -n, --iters N        timed iterations (median reported)           [10]\n"
+      "  -w, --warmup N       untimed warmup iterations                    [2]\n"
+      "  -c, --check 0|1      check against a reference                   [1]\n"
+      "  -d, --headdim D      head dimension                               [64]\n"
+      "  -H, --heads H        query heads                                  [4]\n"
+      "  -K, --kv-heads HKV   key/value heads (0: = heads)                 [0]\n"
+      "  -B, --batch B        batch size                                   [1]\n"
+      "      --causal 0|1     causal mask                                  [0]\n"
+      "      --dtype T        float32 | float64                            [float32]\n"
+      "  -t, --threads T      intra-op threads (0: runtime default)        [0]\n"
+      "      --json PATH      also write the results as JSON\n"
+      "  -h, --help\n"
+      "%s",
+      prog, extra ? extra : "");
+}
+
+// Parses argv into opt. Unknown options are an error unless `unknown` handles them: it gets
+// (name, value or nullptr) and returns how many arguments it consumed (0: not handled).
+template <typename Unknown>
+inline Options parse(int argc, char** argv, Unknown&& unknown, const char* extra_usage = nullptr) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const char* val = i + 1 < argc ? argv[i + 1] : nullptr;
+    auto need = [&]() -> const char* {
+      if (!val) {
+        std::fprintf(stderr, "option %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      ++i;
+      return val;
+    };
+    if (a == "-h" || a == "--help") {
+      print_usage(argv[0], extra_usage);
+      std::exit(0);
+    } else if (a == "-b" || a == "--minlen") {
+      o.minlen = parse_size(need());
+    } else if (a == "-e" || a == "--maxlen") {
+      o.maxlen = parse_size(need());
+    } else if (a == "-f" || a == "--stepfactor") {
+      o.stepfactor = std::atof(need());
+    } else if (a == "-n" || a == "--iters") {
+      o.iters = std::atoi(need());
+    } else if (a == "-w" || a == "--warmup") {
+      o.warmup = std::atoi(need());
+    } else if (a == "-c" || a == "--check") {
+      o.check = std::atoi(need()) != 0;
+    } else if (a == "-d" || a == "--headdim") {
+      o.headdim = std::atoi(need());
+    } else if (a == "-H" || a == "--heads") {
+      o.heads = std::atoi(need());
+    } else if (a == "-K" || a == "--kv-heads") {
+      o.kv_heads = std::atoi(need());
+    } else if (a == "-B" || a == "--batch") {
+      o.batch = std::atoi(need());
+    } else if (a == "--causal") {
+      o.causal = std::atoi(need()) != 0;
+    } else if (a == "--dtype") {
+      o.dtype = need();
+      if (o.dtype != "float32" && o.dtype != "float64") {
+        std::fprintf(stderr, "--dtype must be float32 or float64, got %s\n", o.dtype.c_str());
+        std::exit(2);
+      }
+    } else if (a == "-t" || a == "--threads") {
+      o.threads = std::atoi(need());
+    } else if (a == "--json") {
+      o.json = need();
+    } else {
+      const int used = unknown(a.c_str(), val);
+      if (used <= 0) {
+        std::fprintf(stderr, "unknown option %s (-h for help)\n", a.c_str());
+        std::exit(2);
+      }
+      i += used - 1;
+    }
+  }
+  if (o.minlen < 1 || o.maxlen < o.minlen || o.iters < 1 || o.warmup < 0 || o.headdim < 1 ||
+      o.heads < 1 || o.batch < 1 || o.nheads_kv() < 1 || o.heads % o.nheads_kv() != 0) {
+    std::fprintf(stderr, "invalid options (need 1 <= minlen <= maxlen, iters >= 1, heads %% kv-heads == 0)\n");
+    std::exit(2);
+  }
+  return o;
+}
+
+inline Options parse(int argc, char** argv) {
+  return parse(argc, argv, [](const char*, const char*) { return 0; });
+}
+
+}  // namespace bench
+}  // namespace ring_attn

@@ -1,0 +1,35 @@
+// Input validation and the ranks' agreement, in one small collective before the first send.
+//
+// Each rank checks its own inputs and writes a descriptor (shapes, dtype, device, layout, causal,
+// scale) plus its verdict (an error message or nothing). The ranks all-gather the descriptors; if
+// any rank's input is invalid or the ranks disagree, EVERY rank raises the same ValueError naming
+// the ranks and the problem, so no rank is left waiting in the ring.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <string>
+
+#include "core/layout.h"
+
+namespace ring_attn {
+
+struct RingCall {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::string& layout;
+  bool causal;
+  double softmax_scale;
+};
+
+// Empty when this rank's inputs are valid; otherwise what is wrong, phrased for the user.
+std::string validate_local(const RingCall& call);
+
+// Raises ValueError (on every rank when `group` is set and checking is on) if any rank's input is
+// invalid or the ranks disagree. With check=false only the local verdict is raised, locally.
+void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                    bool check, double timeout_s);
+
+}  // namespace ring_attn

@@ -1,0 +1,137 @@
+#include "bindings/tensor_params.h"
+
+#include <c10/util/Exception.h>
+
+namespace ring_attn {
+
+DType to_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK_VALUE(false, "ring attention: unsupported dtype ", type);
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType type) {
+  return type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Strides strides_of(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4 && (t.size(3) <= 1 || t.stride(3) == 1),
+              "ring attention: internal error, expected a (batch, seq, heads, headdim) tensor with "
+              "unit headdim stride, got sizes ", t.sizes(), " strides ", t.strides());
+  return Strides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+static void check_row_stats(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(2) &&
+                        t.size(2) == q.size(1) && (t.size(2) <= 1 || t.stride(2) == 1),
+                    "ring attention: ", name, " must be (batch, heads, seqlen) with unit stride on "
+                    "seqlen; got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == acc_dtype(q.scalar_type()), "ring attention: ", name,
+                    " must be ", acc_dtype(q.scalar_type()), ", got ", t.scalar_type());
+}
+
+static void check_positions(const at::Tensor& pos, int64_t len, const char* name) {
+  TORCH_CHECK_VALUE(pos.dim() == 1 && pos.size(0) == len && pos.scalar_type() == at::kInt &&
+                        pos.is_contiguous(),
+                    "ring attention: ", name, " must be a contiguous int32 tensor of length ", len,
+                    "; got ", pos.sizes(), " ", pos.scalar_type());
+}
+
+static void check_like(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype,
+                       const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes() && t.scalar_type() == dtype, "ring attention: ", name,
+                    " must have shape ", ref.sizes(), " and dtype ", dtype, "; got ", t.sizes(),
+                    " ", t.scalar_type());
+}
+
+static BlockShape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() &&
+                        q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(2) > 0 &&
+                        q.size(2) % k.size(2) == 0,
+                    "ring attention: incompatible block shapes q ", q.sizes(), ", k ", k.sizes(),
+                    ", v ", v.sizes());
+  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+                    "ring attention: q, k, v dtypes differ");
+  return BlockShape{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)),
+                    static_cast<int>(k.size(1)), static_cast<int>(q.size(2)),
+                    static_cast<int>(k.size(2)), static_cast<int>(q.size(3))};
+}
+
+BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& q_pos, const at::Tensor& k_pos,
+                               const at::Tensor& out_acc, const at::Tensor& lse, bool causal,
+                               double softmax_scale) {
+  BlockFwdParams p{};
+  p.shape = shape_of(q, k, v);
+  p.dtype = to_dtype(q.scalar_type());
+  check_positions(q_pos, q.size(1), "q_pos");
+  check_positions(k_pos, k.size(1), "k_pos");
+  check_like(out_acc, q, acc_dtype(q.scalar_type()), "out_acc");
+  check_row_stats(lse, q, "lse");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_strides = strides_of(q);
+  p.k_strides = strides_of(k);
+  p.v_strides = strides_of(v);
+  p.q_pos = q_pos.data_ptr<int32_t>();
+  p.k_pos = k_pos.data_ptr<int32_t>();
+  p.mask.causal = causal;
+  p.softmax_scale = softmax_scale;
+  p.out_acc = out_acc.data_ptr();
+  p.out_strides = strides_of(out_acc);
+  p.lse = lse.data_ptr();
+  p.lse_batch_stride = lse.stride(0);
+  p.lse_head_stride = lse.stride(1);
+  return p;
+}
+
+BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& q_pos,
+                               const at::Tensor& k_pos, const at::Tensor& lse,
+                               const at::Tensor& delta, const at::Tensor& dq_acc,
+                               const at::Tensor& dk_acc, const at::Tensor& dv_acc, bool causal,
+                               double softmax_scale) {
+  BlockBwdParams p{};
+  p.shape = shape_of(q, k, v);
+  p.dtype = to_dtype(q.scalar_type());
+  const at::ScalarType acc = acc_dtype(q.scalar_type());
+  check_positions(q_pos, q.size(1), "q_pos");
+  check_positions(k_pos, k.size(1), "k_pos");
+  check_like(dout, q, q.scalar_type(), "dout");
+  check_row_stats(lse, q, "lse");
+  check_row_stats(delta, q, "delta");
+  TORCH_CHECK_VALUE(lse.strides() == delta.strides(), "ring attention: lse and delta must share strides");
+  check_like(dq_acc, q, acc, "dq_acc");
+  check_like(dk_acc, k, acc, "dk_acc");
+  check_like(dv_acc, v, acc, "dv_acc");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.q_strides = strides_of(q);
+  p.k_strides = strides_of(k);
+  p.v_strides = strides_of(v);
+  p.dout_strides = strides_of(dout);
+  p.q_pos = q_pos.data_ptr<int32_t>();
+  p.k_pos = k_pos.data_ptr<int32_t>();
+  p.mask.causal = causal;
+  p.softmax_scale = softmax_scale;
+  p.lse = lse.data_ptr();
+  p.delta = delta.data_ptr();
+  p.row_stat_batch_stride = lse.stride(0);
+  p.row_stat_head_stride = lse.stride(1);
+  p.dq_acc = dq_acc.data_ptr();
+  p.dk_acc = dk_acc.data_ptr();
+  p.dv_acc = dv_acc.data_ptr();
+  p.dq_strides = strides_of(dq_acc);
+  p.dk_strides = strides_of(dk_acc);
+  p.dv_strides = strides_of(dv_acc);
+  return p;
+}
+
+}  // namespace ring_attn

@@ -1,0 +1,85 @@
+#include "comm/c10d_transport.h"
+
+#include <chrono>
+#include <mutex>
+#include <thread>
+
+namespace ring_attn {
+
+bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s,
+                        const std::string& what) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  try {
+    if (timeout_s <= 0) {
+      work->wait();
+      return true;
+    }
+    const auto ms = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0) + 1);
+    return work->wait(ms);
+  } catch (const std::exception& e) {
+    const double elapsed = std::chrono::duration<double>(clock::now() - start).count();
+    if (timeout_s > 0 && elapsed >= timeout_s * 0.99) return false;  // the backend's own timeout
+    throw std::runtime_error(what + ": " + e.what());
+  }
+}
+
+void abandon(const c10::intrusive_ptr<c10d::Work>& work) {
+  static std::mutex mutex;
+  static auto* graveyard = new std::vector<c10::intrusive_ptr<c10d::Work>>();  // never freed
+  std::lock_guard<std::mutex> lock(mutex);
+  graveyard->push_back(work);
+}
+
+C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                             const std::vector<at::Tensor>& slots, double timeout_s)
+    : group_(std::move(group)),
+      slots_(slots),
+      timeout_s_(timeout_s),
+      rank_(group_->getRank()),
+      world_(group_->getSize()) {}
+
+C10dTransport::~C10dTransport() {
+  for (auto& [key, pending] : pending_) {  // only after an error: keep their buffers alive
+    if (pending.send) abandon(pending.send);
+    if (pending.recv) abandon(pending.recv);
+  }
+}
+
+static int exchange_tag(const Exchange& exchange) {
+  return exchange.step * 2 + static_cast<int>(exchange.channel);
+}
+
+void C10dTransport::post(const Exchange& exchange) {
+  const int tag = exchange_tag(exchange);
+  std::vector<at::Tensor> send{slots_.at(exchange.send_slot)};
+  std::vector<at::Tensor> recv{slots_.at(exchange.recv_slot)};
+  Pending pending;
+  // Post the receive first: a peer's send can then land directly.
+  pending.recv = group_->recv(recv, mod(rank_ - 1, world_), tag);
+  pending.send = group_->send(send, mod(rank_ + 1, world_), tag);
+  pending_[{static_cast<int>(exchange.channel), exchange.step}] = std::move(pending);
+}
+
+void C10dTransport::wait(const Exchange& exchange) {
+  auto it = pending_.find({static_cast<int>(exchange.channel), exchange.step});
+  TORCH_CHECK(it != pending_.end(), "ring attention: internal error, waiting for an exchange (",
+              channel_name(exchange.channel), ", step ", exchange.step, ") that was never posted");
+  const int prev = mod(rank_ - 1, world_);
+  const int next = mod(rank_ + 1, world_);
+  const std::string where = std::string("ring attention: rank ") + std::to_string(rank_) +
+                            " failed at ring step " + std::to_string(exchange.step) + " ";
+  if (!wait_with_deadline(it->second.recv, timeout_s_,
+                          where + "receiving " + channel_name(exchange.channel) + " from rank " +
+                              std::to_string(prev))) {
+    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, true, prev);
+  }
+  if (!wait_with_deadline(it->second.send, timeout_s_,
+                          where + "sending " + channel_name(exchange.channel) + " to rank " +
+                              std::to_string(next))) {
+    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, false, next);
+  }
+  pending_.erase(it);
+}
+
+}  // namespace ring_attn

@@ -1,0 +1,49 @@
+// Ring transport over any torch c10d::ProcessGroup (gloo on CPU; NCCL groups work too).
+// Each exchange is one send to rank+1 and one recv from rank-1, tagged by (step, channel) so that
+// the K/V and dK/dV rings never match each other's messages. Every wait has a deadline.
+#pragma once
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "core/ring_scheduler.h"
+
+namespace ring_attn {
+
+// Waits for `work` until `timeout_s` (<= 0: forever). Returns false on deadline; rethrows a
+// backend failure (a dead peer, a closed connection) as std::runtime_error with `what` prefixed.
+bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s,
+                        const std::string& what);
+
+// Keeps works that never completed (and the buffers they hold) alive for the process lifetime:
+// a backend may still write into a buffer after its wait gave up.
+void abandon(const c10::intrusive_ptr<c10d::Work>& work);
+
+class C10dTransport final : public Transport {
+ public:
+  // `slots` maps scheduler slots to tensors; it must outlive the transport.
+  C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group, const std::vector<at::Tensor>& slots,
+                double timeout_s);
+  ~C10dTransport() override;
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_; }
+  void post(const Exchange& exchange) override;
+  void wait(const Exchange& exchange) override;  // identifies the exchange by (channel, step)
+
+ private:
+  struct Pending {
+    c10::intrusive_ptr<c10d::Work> send;
+    c10::intrusive_ptr<c10d::Work> recv;
+  };
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  const std::vector<at::Tensor>& slots_;
+  double timeout_s_;
+  int rank_;
+  int world_;
+  std::map<std::pair<int, int>, Pending> pending_;
+};
+
+}  // namespace ring_attn

@@ -1,0 +1,42 @@
+// How the global sequence of S = world * local_len tokens maps to ranks.
+//   contiguous: rank r holds [r*L, (r+1)*L)
+//   zigzag    : 2*world equal chunks of C = L/2; rank r holds chunk r then chunk 2*world-1-r
+//   striped   : rank r holds r, r+world, r+2*world, ...
+// In every layout a rank's positions increase along its local sequence.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "mask.h"
+
+namespace ring_attn {
+
+enum class Layout : int { kContiguous = 0, kZigzag = 1, kStriped = 2 };
+
+// Parses "contiguous" | "zigzag" | "striped"; false for anything else.
+bool parse_layout(const std::string& name, Layout* out);
+const char* layout_name(Layout layout);
+
+// Global position of local token i on `rank`.
+RA_HD int64_t layout_position(Layout layout, int rank, int world, int64_t local_len, int64_t i) {
+  switch (layout) {
+    case Layout::kZigzag: {
+      const int64_t chunk = local_len / 2;
+      return i < chunk ? rank * chunk + i : (2 * world - 1 - rank) * chunk + (i - chunk);
+    }
+    case Layout::kStriped:
+      return rank + i * world;
+    case Layout::kContiguous:
+    default:
+      return rank * local_len + i;
+  }
+}
+
+// Fills out[0:local_len) with the positions of `rank`'s tokens.
+void fill_positions(Layout layout, int rank, int world, int64_t local_len, int32_t* out);
+
+// Empty string when `local_len` is valid for the layout, else the reason.
+std::string check_local_len(Layout layout, int64_t local_len);
+
+}  // namespace ring_attn

@@ -1,0 +1,137 @@
+#include "ring_scheduler.h"
+
+#include <cstdio>
+
+namespace ring_attn {
+
+const char* channel_name(Channel channel) {
+  return channel == Channel::kKV ? "K/V" : "dK/dV";
+}
+
+static std::string timeout_message(double seconds, int step, Channel channel, bool receiving,
+                                   int peer) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf),
+                "ring attention: timed out after %.3g s at ring step %d while %s %s %s rank %d "
+                "(RING_ATTN_TIMEOUT). A peer may have died, diverged or not called the same "
+                "function; the process group may be unusable after this error, as after any "
+                "collective timeout.",
+                seconds, step, receiving ? "receiving" : "sending", channel_name(channel),
+                receiving ? "from" : "to", peer);
+  return buf;
+}
+
+RingTimeoutError::RingTimeoutError(double seconds, int step_, Channel channel, bool receiving_,
+                                   int peer_)
+    : std::runtime_error(timeout_message(seconds, step_, channel, receiving_, peer_)),
+      step(step_),
+      peer(peer_),
+      receiving(receiving_) {}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+RingForward::RingForward(Transport& transport, BlockOps& ops)
+    : transport_(transport), ops_(ops), rank_(transport.rank()), world_(transport.world_size()) {}
+
+Exchange RingForward::kv_exchange(int step) const {
+  return Exchange{Channel::kKV, step, kv_slot(step), kv_slot(step + 1)};
+}
+
+void RingForward::begin_step(int step) {
+  if (step + 1 < world_) {
+    transport_.post(kv_exchange(step));
+    ++posted_;
+  }
+}
+
+void RingForward::compute_step(int step) {
+  const int source = source_at(rank_, world_, step);
+  if (ops_.is_needed(source)) {
+    ops_.forward(kv_slot(step), source);
+    ++computed_;
+  }
+}
+
+void RingForward::end_step(int step) {
+  if (step + 1 < world_) transport_.wait(kv_exchange(step));
+}
+
+void RingForward::run() {
+  for (int step = 0; step < world_; ++step) {
+    begin_step(step);
+    compute_step(step);
+    end_step(step);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+RingBackward::RingBackward(Transport& transport, BlockOps& ops)
+    : transport_(transport), ops_(ops), rank_(transport.rank()), world_(transport.world_size()) {}
+
+Exchange RingBackward::kv_exchange(int step) const {
+  return Exchange{Channel::kKV, step, kv_slot(step), kv_slot(step + 1)};
+}
+
+Exchange RingBackward::grad_exchange(int step) const {
+  return Exchange{Channel::kGradKV, step, send_slot_, grad_recv(step)};
+}
+
+void RingBackward::begin_step(int step) {
+  if (step + 1 < world_) {
+    transport_.post(kv_exchange(step));
+    ++posted_;
+  }
+}
+
+void RingBackward::compute_step(int step) {
+  const int source = source_at(rank_, world_, step);
+  if (ops_.is_needed(source)) {
+    ops_.backward(kv_slot(step), source, grad_acc(step));
+    send_slot_ = grad_acc(step);
+    ++computed_;
+  } else if (step == 0) {
+    ops_.zero_grad(grad_acc(step));
+    send_slot_ = grad_acc(step);
+  } else {
+    send_slot_ = -1;  // nothing added here: pass on what r-1 sent
+  }
+}
+
+void RingBackward::end_step(int step) {
+  if (world_ == 1) {
+    result_slot_ = send_slot_;
+    return;
+  }
+  if (step > 0) {
+    // dK/dV sum that r-1 sent at the end of step-1, for the block we hold now.
+    Exchange previous = Exchange{Channel::kGradKV, step - 1, -1, grad_recv(step - 1)};
+    transport_.wait(previous);
+    if (send_slot_ < 0) {
+      send_slot_ = grad_recv(step - 1);
+    } else {
+      ops_.add_grad(send_slot_, grad_recv(step - 1));
+    }
+  }
+  transport_.post(grad_exchange(step));
+  ++posted_;
+  if (step + 1 < world_) transport_.wait(kv_exchange(step));
+  if (step + 1 == world_) result_slot_ = grad_recv(step);
+}
+
+void RingBackward::finish() {
+  if (world_ > 1) transport_.wait(Exchange{Channel::kGradKV, world_ - 1, -1, grad_recv(world_ - 1)});
+}
+
+void RingBackward::run() {
+  for (int step = 0; step < world_; ++step) {
+    begin_step(step);
+    compute_step(step);
+    end_step(step);
+  }
+  finish();
+}
+
+}  // namespace ring_attn

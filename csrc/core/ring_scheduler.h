@@ -1,0 +1,134 @@
+// The ring schedule: one loop for every device, over two interfaces.
+//
+// At step t (0 <= t < world) rank r holds the K/V that started on rank (r - t) mod world.
+// Forward : before computing step t, post the exchange that brings step t+1's K/V (send what is in
+//           hand to r+1, receive from r-1): K/V make world-1 hops, double-buffered.
+// Backward: K/V travel as in forward. dK/dV of a block follow one step behind: at step t rank r
+//           computes its contribution to the block in hand, adds the partial sum that r-1 sent at
+//           the end of step t-1, and sends the sum to r+1. After step world-1 one more hop brings
+//           every block's dK/dV home: world hops. dQ stays local (inside BlockOps).
+// Each step is split into phases (begin, compute, end; finish after the last step) so that a
+// single thread can drive several virtual ranks in lockstep over an in-memory transport.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace ring_attn {
+
+// Buffer slots named by the scheduler; adapters map them to memory. K/V slots hold K and V of one
+// block packed together; grad slots hold dK and dV of one block packed the same way (accumulator
+// dtype).
+namespace slot {
+constexpr int kOwnKV = 0;
+constexpr int kKVRecv0 = 1;     // kKVRecv0 + (i % 2)
+constexpr int kGradAcc0 = 3;    // kGradAcc0 + (i % 2)
+constexpr int kGradRecv0 = 5;   // kGradRecv0 + (i % 2)
+constexpr int kCount = 7;
+}  // namespace slot
+
+enum class Channel : int { kKV = 0, kGradKV = 1 };
+const char* channel_name(Channel channel);
+
+// One ring exchange: send `send_slot` to rank+1 and receive `recv_slot` from rank-1.
+struct Exchange {
+  Channel channel;
+  int step;  // the ring step at whose start (K/V) or end (dK/dV) the exchange is posted
+  int send_slot;
+  int recv_slot;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // Starts the exchange without blocking.
+  virtual void post(const Exchange& exchange) = 0;
+  // Blocks until both halves of a posted exchange completed; throws RingTimeoutError on deadline.
+  virtual void wait(const Exchange& exchange) = 0;
+};
+
+class BlockOps {
+ public:
+  virtual ~BlockOps() = default;
+  // False when the mask hides every (local query, key of `source`) pair: the block is skipped.
+  virtual bool is_needed(int source) const = 0;
+  // Attends the local queries to the K/V in `kv_slot` (which started on `source`) and merges.
+  virtual void forward(int kv_slot, int source) = 0;
+  // Writes this rank's dK/dV contribution for the K/V in `kv_slot` into `grad_slot` (overwriting)
+  // and accumulates dQ locally.
+  virtual void backward(int kv_slot, int source, int grad_slot) = 0;
+  virtual void zero_grad(int grad_slot) = 0;
+  // grad[dst] += grad[src]
+  virtual void add_grad(int dst_slot, int src_slot) = 0;
+};
+
+// Raised when a ring wait passes its deadline.
+class RingTimeoutError : public std::runtime_error {
+ public:
+  RingTimeoutError(double seconds, int step, Channel channel, bool receiving, int peer);
+  int step;
+  int peer;
+  bool receiving;
+};
+
+inline int mod(int a, int n) { return ((a % n) + n) % n; }
+
+// Rank whose K/V a rank holds at `step`.
+inline int source_at(int rank, int world, int step) { return mod(rank - step, world); }
+
+class RingForward {
+ public:
+  RingForward(Transport& transport, BlockOps& ops);
+  int num_steps() const { return world_; }
+  void begin_step(int step);    // post the K/V exchange for step+1
+  void compute_step(int step);  // attend to the block in hand (unless skipped)
+  void end_step(int step);      // wait for the K/V of step+1
+  void run();
+  int blocks_computed() const { return computed_; }
+  int exchanges_posted() const { return posted_; }
+
+ private:
+  static int kv_slot(int step) { return step == 0 ? slot::kOwnKV : slot::kKVRecv0 + (step - 1) % 2; }
+  Exchange kv_exchange(int step) const;
+
+  Transport& transport_;
+  BlockOps& ops_;
+  int rank_;
+  int world_;
+  int computed_ = 0;
+  int posted_ = 0;
+};
+
+class RingBackward {
+ public:
+  RingBackward(Transport& transport, BlockOps& ops);
+  int num_steps() const { return world_; }
+  void begin_step(int step);
+  void compute_step(int step);
+  void end_step(int step);
+  void finish();                                   // wait for this rank's own dK/dV to come home
+  void run();
+  int grad_result_slot() const { return result_slot_; }  // valid after finish()
+  int blocks_computed() const { return computed_; }
+  int exchanges_posted() const { return posted_; }
+
+ private:
+  static int kv_slot(int step) { return step == 0 ? slot::kOwnKV : slot::kKVRecv0 + (step - 1) % 2; }
+  static int grad_acc(int step) { return slot::kGradAcc0 + step % 2; }
+  static int grad_recv(int step) { return slot::kGradRecv0 + step % 2; }
+  Exchange kv_exchange(int step) const;
+  Exchange grad_exchange(int step) const;
+
+  Transport& transport_;
+  BlockOps& ops_;
+  int rank_;
+  int world_;
+  int send_slot_ = -1;    // slot holding the dK/dV sum to send at the end of the current step
+  int result_slot_ = -1;
+  int computed_ = 0;
+  int posted_ = 0;
+};
+
+}  // namespace ring_attn

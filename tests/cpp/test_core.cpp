@@ -1,0 +1,331 @@
+// Unit tests of csrc/core (no torch): mask classification, merge math, layouts, and the ring
+// scheduler driven in lockstep for several virtual ranks over an in-memory transport.
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "core/layout.h"
+#include "core/mask.h"
+#include "core/merge.h"
+#include "core/ring_scheduler.h"
+
+using namespace ring_attn;
+
+static int g_failures = 0;
+static int g_checks = 0;
+#define CHECK(cond)                                                              \
+  do {                                                                           \
+    ++g_checks;                                                                  \
+    if (!(cond)) {                                                               \
+      ++g_failures;                                                              \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                                            \
+  } while (0)
+
+// ------------------------------------------------------------------------------------------
+// Masks: classification from ranges agrees with brute force over every element.
+
+static TileKind brute_force(const MaskSpec& mask, const std::vector<int32_t>& q,
+                            const std::vector<int32_t>& k) {
+  size_t visible = 0;
+  for (int32_t qp : q)
+    for (int32_t kp : k) visible += is_visible(mask, qp, kp);
+  if (visible == 0) return TileKind::kSkip;
+  if (visible == q.size() * k.size()) return TileKind::kFull;
+  return TileKind::kPartial;
+}
+
+static void test_mask_classification() {
+  std::mt19937 rng(1234);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int nq = 1 + rng() % 9, nk = 1 + rng() % 9;
+    const int q0 = rng() % 40, k0 = rng() % 40, qs = 1 + rng() % 3, ks = 1 + rng() % 3;
+    std::vector<int32_t> q(nq), k(nk);
+    for (int i = 0; i < nq; ++i) q[i] = q0 + i * qs;
+    for (int j = 0; j < nk; ++j) k[j] = k0 + j * ks;
+    for (bool causal : {false, true}) {
+      MaskSpec mask{causal};
+      const TileKind got = classify_tile(mask, range_of(q.data(), 0, nq), range_of(k.data(), 0, nk));
+      const TileKind want = brute_force(mask, q, k);
+      CHECK(got == want);  // exact for increasing positions
+    }
+  }
+  MaskSpec causal{true};
+  CHECK(classify_tile(causal, PositionRange{1, 0}, PositionRange{0, 5}) == TileKind::kSkip);
+  CHECK(classify_tile(causal, PositionRange{10, 20}, PositionRange{0, 10}) == TileKind::kFull);
+  CHECK(classify_tile(causal, PositionRange{10, 20}, PositionRange{0, 11}) == TileKind::kPartial);
+  CHECK(classify_tile(causal, PositionRange{10, 20}, PositionRange{21, 30}) == TileKind::kSkip);
+}
+
+// ------------------------------------------------------------------------------------------
+// Merge: lse merge is log(exp(a) + exp(b)) and never NaN with -inf.
+
+static void test_merge() {
+  const double inf = std::numeric_limits<double>::infinity();
+  CHECK(std::abs(merge_lse(1.0, 2.0) - std::log(std::exp(1.0) + std::exp(2.0))) < 1e-12);
+  CHECK(std::abs(merge_lse(-3.0, 5.0) - merge_lse(5.0, -3.0)) < 1e-12);
+  CHECK(merge_lse(-inf, 2.0) == 2.0);
+  CHECK(merge_lse(-inf, -inf) == -inf);
+  CHECK(std::abs(merge_lse(700.0, 700.0) - (700.0 + std::log(2.0))) < 1e-9);  // no overflow
+  double wa, wb;
+  merge_weights(-inf, -inf, &wa, &wb);
+  CHECK(wa == 0.0 && wb == 0.0);
+  merge_weights(1.0, -inf, &wa, &wb);
+  CHECK(wa == 1.0 && wb == 0.0);
+  merge_weights(0.0, 0.0, &wa, &wb);
+  CHECK(std::abs(wa - 0.5) < 1e-12 && std::abs(wb - 0.5) < 1e-12);
+
+  // Online form: feeding scores in two tiles equals one logsumexp.
+  std::vector<double> s = {0.3, -1.2, 4.0, 2.5, -inf, 1.0};
+  OnlineRow<double> row = OnlineRow<double>::from_lse(-inf);
+  CHECK(row.l == 0.0 && row.inv_l() == 0.0 && row.lse() == -inf);
+  for (int tile = 0; tile < 2; ++tile) {
+    double tmax = -inf;
+    for (int j = 3 * tile; j < 3 * tile + 3; ++j) tmax = std::max(tmax, s[j]);
+    row.rescale_for(tmax);
+    for (int j = 3 * tile; j < 3 * tile + 3; ++j) row.l += s[j] == -inf ? 0.0 : std::exp(s[j] - row.m);
+  }
+  double want = -inf;
+  for (double x : s) want = merge_lse(want, x);
+  CHECK(std::abs(row.lse() - want) < 1e-12);
+  // Restarting from a normalised state keeps the lse.
+  OnlineRow<double> again = OnlineRow<double>::from_lse(want);
+  CHECK(std::abs(again.lse() - want) < 1e-12);
+  // A tile with nothing visible changes nothing.
+  CHECK(again.rescale_for(-inf) == 1.0);
+}
+
+// ------------------------------------------------------------------------------------------
+// Layouts: every layout is a permutation of [0, S), increasing per rank, zigzag balanced.
+
+static void test_layouts() {
+  for (int world = 1; world <= 5; ++world) {
+    for (int64_t len : {2, 4, 6, 10}) {
+      for (Layout layout : {Layout::kContiguous, Layout::kZigzag, Layout::kStriped}) {
+        std::set<int32_t> seen;
+        for (int r = 0; r < world; ++r) {
+          std::vector<int32_t> pos(len);
+          fill_positions(layout, r, world, len, pos.data());
+          for (int64_t i = 0; i < len; ++i) {
+            seen.insert(pos[i]);
+            if (i) CHECK(pos[i] > pos[i - 1]);
+          }
+        }
+        CHECK(static_cast<int64_t>(seen.size()) == world * len);
+        CHECK(*seen.begin() == 0 && *seen.rbegin() == world * len - 1);
+      }
+    }
+  }
+  Layout layout;
+  CHECK(parse_layout("zigzag", &layout) && layout == Layout::kZigzag);
+  CHECK(!parse_layout("ZigZag", &layout));
+  CHECK(!check_local_len(Layout::kZigzag, 7).empty());
+  CHECK(check_local_len(Layout::kStriped, 7).empty());
+  // zigzag, world 2, L 4: rank 0 holds chunks 0 and 3 -> 0 1 6 7
+  std::vector<int32_t> pos(4);
+  fill_positions(Layout::kZigzag, 0, 2, 4, pos.data());
+  CHECK(pos[0] == 0 && pos[1] == 1 && pos[2] == 6 && pos[3] == 7);
+}
+
+// ------------------------------------------------------------------------------------------
+// Scheduler: W virtual ranks in lockstep. Buffers hold vectors of doubles; a K/V slot carries
+// the id of the rank it started on, so every block's arrival order is checked.
+
+struct World;
+
+class LocalTransport final : public Transport {
+ public:
+  LocalTransport(World& world, int rank) : world_(world), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int world_size() const override;
+  void post(const Exchange& x) override;
+  void wait(const Exchange& x) override;
+  std::map<std::pair<int, int>, Exchange> posted;
+  std::set<int> busy_slots;  // slots in flight: must not be written by compute
+
+ private:
+  World& world_;
+  int rank_;
+};
+
+class FakeOps final : public BlockOps {
+ public:
+  FakeOps(World& world, int rank) : world_(world), rank_(rank) {}
+  bool is_needed(int source) const override;
+  void forward(int kv_slot, int source) override;
+  void backward(int kv_slot, int source, int grad_slot) override;
+  void zero_grad(int grad_slot) override;
+  void add_grad(int dst, int src) override;
+  std::vector<std::vector<double>> slots = std::vector<std::vector<double>>(slot::kCount, {0.0});
+  std::vector<int> seen;  // sources attended in forward or backward
+
+ private:
+  World& world_;
+  int rank_;
+};
+
+struct World {
+  int size;
+  std::function<bool(int rank, int source)> needed;
+  std::vector<LocalTransport> transports;
+  std::vector<FakeOps> ops;
+  std::map<std::tuple<int, int, int>, std::vector<double>> mailbox;  // (receiver, channel, step)
+  int posts = 0;
+  World(int n, std::function<bool(int, int)> needed_) : size(n), needed(std::move(needed_)) {
+    for (int r = 0; r < n; ++r) {
+      transports.emplace_back(*this, r);
+      ops.emplace_back(*this, r);
+      ops[r].slots[slot::kOwnKV] = {static_cast<double>(r)};
+    }
+  }
+};
+
+int LocalTransport::world_size() const { return world_.size; }
+
+void LocalTransport::post(const Exchange& x) {
+  const auto key = std::make_pair(static_cast<int>(x.channel), x.step);
+  CHECK(posted.count(key) == 0);
+  CHECK(x.send_slot != x.recv_slot);
+  CHECK(busy_slots.count(x.send_slot) == 0 && busy_slots.count(x.recv_slot) == 0);
+  busy_slots.insert(x.send_slot);
+  busy_slots.insert(x.recv_slot);
+  posted[key] = x;
+  // The message is what the send buffer holds now; busy_slots checks nobody writes it in flight.
+  world_.mailbox[{mod(rank_ + 1, world_.size), key.first, key.second}] =
+      world_.ops[rank_].slots.at(x.send_slot);
+  ++world_.posts;
+}
+
+void LocalTransport::wait(const Exchange& x) {
+  const auto key = std::make_pair(static_cast<int>(x.channel), x.step);
+  CHECK(posted.count(key) == 1);
+  if (posted.count(key) == 0) return;
+  const Exchange mine = posted[key];
+  const auto mail = world_.mailbox.find({rank_, key.first, key.second});
+  CHECK(mail != world_.mailbox.end());  // else this wait would hang: the peer never sent
+  if (mail != world_.mailbox.end()) {
+    world_.ops[rank_].slots.at(mine.recv_slot) = mail->second;
+    world_.mailbox.erase(mail);
+  }
+  busy_slots.erase(mine.recv_slot);
+  busy_slots.erase(mine.send_slot);
+  posted.erase(key);
+}
+
+bool FakeOps::is_needed(int source) const { return world_.needed(rank_, source); }
+
+void FakeOps::forward(int kv_slot, int source) {
+  CHECK(slots[kv_slot].size() == 1 && slots[kv_slot][0] == source);  // right block, right step
+  seen.push_back(source);
+}
+
+// Grad buffers carry one entry per rank: contribution of rank r to a block is 1 << r.
+void FakeOps::backward(int kv_slot, int source, int grad_slot) {
+  CHECK(slots[kv_slot].size() == 1 && slots[kv_slot][0] == source);
+  CHECK(world_.transports[rank_].busy_slots.count(grad_slot) == 0);
+  seen.push_back(source);
+  slots[grad_slot] = {static_cast<double>(source), static_cast<double>(1 << rank_)};
+}
+
+void FakeOps::zero_grad(int grad_slot) {
+  CHECK(world_.transports[rank_].busy_slots.count(grad_slot) == 0);
+  slots[grad_slot] = {-1.0, 0.0};
+}
+
+void FakeOps::add_grad(int dst, int src) {
+  CHECK(world_.transports[rank_].busy_slots.count(dst) == 0);
+  CHECK(slots[src].size() == 2 && slots[dst].size() == 2);
+  // Both must describe the same block (or dst is a zeroed buffer).
+  CHECK(slots[dst][0] == slots[src][0] || slots[dst][0] == -1.0 || slots[src][0] == -1.0);
+  if (slots[dst][0] == -1.0) slots[dst][0] = slots[src][0];
+  slots[dst][1] += slots[src][1];
+}
+
+static void run_forward(World& world) {
+  std::vector<RingForward> rings;
+  for (int r = 0; r < world.size; ++r) rings.emplace_back(world.transports[r], world.ops[r]);
+  for (int step = 0; step < world.size; ++step) {
+    for (auto& ring : rings) ring.begin_step(step);
+    for (auto& ring : rings) ring.compute_step(step);
+    for (auto& ring : rings) ring.end_step(step);
+  }
+}
+
+static void test_forward_schedule() {
+  for (int w = 1; w <= 5; ++w) {
+    for (bool causal : {false, true}) {
+      auto needed = [causal](int rank, int source) { return !causal || source <= rank; };
+      World world(w, needed);
+      run_forward(world);
+      CHECK(world.posts == w * (w - 1));  // K/V make W-1 hops
+      for (int r = 0; r < w; ++r) {
+        std::vector<int> want;
+        for (int t = 0; t < w; ++t) {
+          const int s = mod(r - t, w);
+          if (needed(r, s)) want.push_back(s);
+        }
+        CHECK(world.ops[r].seen == want);
+        CHECK(world.transports[r].busy_slots.empty());
+      }
+    }
+  }
+}
+
+static void test_backward_schedule() {
+  for (int w = 1; w <= 5; ++w) {
+    for (int pattern = 0; pattern < 3; ++pattern) {
+      // 0: everything needed; 1: causal; 2: only the own block and the one from rank+1
+      auto needed = [pattern, w](int rank, int source) {
+        if (pattern == 0) return true;
+        if (pattern == 1) return source <= rank;
+        return source == rank || source == mod(rank + 1, w);
+      };
+      World world(w, needed);
+      std::vector<RingBackward> rings;
+      for (int r = 0; r < w; ++r) rings.emplace_back(world.transports[r], world.ops[r]);
+      for (int step = 0; step < w; ++step) {
+        for (auto& ring : rings) ring.begin_step(step);
+        for (auto& ring : rings) ring.compute_step(step);
+        for (auto& ring : rings) ring.end_step(step);
+      }
+      for (auto& ring : rings) ring.finish();
+      // K/V: W-1 hops; dK/dV: W hops.
+      CHECK(world.posts == (w > 1 ? w * (w - 1) + w * w : 0));
+      for (int r = 0; r < w; ++r) {
+        const auto& grad = world.ops[r].slots[rings[r].grad_result_slot()];
+        double want = 0;
+        for (int q = 0; q < w; ++q) want += needed(q, r) ? (1 << q) : 0;
+        CHECK(grad.size() == 2);
+        CHECK(grad[1] == want);           // every needing rank contributed exactly once
+        CHECK(grad[0] == r || grad[0] == -1.0);  // and it is this rank's block
+        CHECK(world.transports[r].busy_slots.empty());
+      }
+    }
+  }
+}
+
+static void test_timeout_message() {
+  RingTimeoutError e(2.5, 3, Channel::kKV, true, 1);
+  const std::string msg = e.what();
+  CHECK(msg.find("ring step 3") != std::string::npos);
+  CHECK(msg.find("receiving K/V from rank 1") != std::string::npos);
+  CHECK(msg.find("unusable") != std::string::npos);
+  CHECK(e.step == 3 && e.peer == 1 && e.receiving);
+}
+
+int main() {
+  test_mask_classification();
+  test_merge();
+  test_layouts();
+  test_forward_schedule();
+  test_backward_schedule();
+  test_timeout_message();
+  std::printf("test_core: %d checks, %d failed\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
