@@ -212,8 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
   RingBackward schedule(*transport, ops);
   schedule.run();
   const at::Tensor& grad_kv = slots.at(schedule.grad_result_slot());
-  return {ops.dq_acc.to(q.scalar_type()), grad_kv[0].to(k.scalar_type()),
-          grad_kv[1].to(v.scalar_type())};
+  // dK and dV are views of one packed buffer: copy them out so that the outputs do not alias.
+  return {ops.dq_acc.to(q.scalar_type()), grad_kv[0].to(k.scalar_type(), false, /*copy=*/true),
+          grad_kv[1].to(v.scalar_type(), false, /*copy=*/true)};
 }
 
 }  // namespace ring_attn

@@ -19,9 +19,9 @@ at::ScalarType acc_dtype(at::ScalarType type) {
 }
 
 Strides strides_of(const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 4 && (t.size(3) <= 1 || t.stride(3) == 1),
-              "ring attention: internal error, expected a (batch, seq, heads, headdim) tensor with "
-              "unit headdim stride, got sizes ", t.sizes(), " strides ", t.strides());
+  TORCH_CHECK_VALUE(t.dim() == 4 && (t.size(3) <= 1 || t.stride(3) == 1),
+                    "ring attention: block tensors must be (batch, seq, heads, headdim) with a unit "
+                    "stride on headdim; got sizes ", t.sizes(), " strides ", t.strides());
   return Strides{t.stride(0), t.stride(1), t.stride(2)};
 }
 
@@ -46,6 +46,15 @@ static void check_like(const at::Tensor& t, const at::Tensor& ref, at::ScalarTyp
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes() && t.scalar_type() == dtype, "ring attention: ", name,
                     " must have shape ", ref.sizes(), " and dtype ", dtype, "; got ", t.sizes(),
                     " ", t.scalar_type());
+}
+
+// Equal strides on every dim of size > 1 (a size-1 dim's stride is never used); a and b have
+// equal sizes.
+static bool same_strides(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
 }
 
 static BlockShape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -105,7 +114,8 @@ BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, cons
   check_like(dout, q, q.scalar_type(), "dout");
   check_row_stats(lse, q, "lse");
   check_row_stats(delta, q, "delta");
-  TORCH_CHECK_VALUE(lse.strides() == delta.strides(), "ring attention: lse and delta must share strides");
+  TORCH_CHECK_VALUE(same_strides(lse, delta), "ring attention: lse and delta must share strides; got ",
+                    lse.strides(), " and ", delta.strides());
   check_like(dq_acc, q, acc, "dq_acc");
   check_like(dk_acc, k, acc, "dk_acc");
   check_like(dv_acc, v, acc, "dv_acc");

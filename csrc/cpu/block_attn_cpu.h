@@ -5,10 +5,14 @@
 // block_attn_bwd accumulates (+=) the block pair's dq/dk/dv given the FINAL lse and
 // delta = rowsum(dout * out). dtypes: kFloat32 (float accumulators) and kFloat64 (double).
 //
-// Work is split with at::parallel_for (forward: batch x head x query tile; backward: batch x kv
-// head, plus key-tile splits when there are fewer of those than threads); BLAS runs single-threaded
-// inside. Scratch memory is tile-sized per thread (backward with key splits also keeps one dq
-// partial of the query block per split).
+// Threads: at::parallel_for (forward: batch x head x query tile; backward: batch x kv head, split
+// over key tiles when there are fewer of those than 2 x threads), BLAS single-threaded inside.
+// The file must be compiled with OpenMP (-fopenmp): at::parallel_for is a header template that
+// runs serially otherwise.
+// Memory: tile scratch per thread, plus, in the calling thread, head-major copies of the inputs
+// whose rows are not dense per head (row stride != headdim) and, in backward, one dq partial per
+// key split. All of it is cached per thread (grow-only) and reused by later calls; nothing is
+// ever proportional to seqlen_q * seqlen_k.
 #pragma once
 
 #include "core/params.h"

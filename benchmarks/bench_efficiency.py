@@ -1,0 +1,114 @@
+"""Ring efficiency, memory and agreement-check cost on CPU ranks over gloo (1 thread per rank).
+
+Efficiency: the same attention on 1 rank (T1) and on `world` ranks (Tw, slowest rank's median),
+    efficiency = T1 / (world * Tw); 1.0 means the ring adds nothing to the work.
+Memory: each rank's peak resident-memory growth during a forward call.
+Check cost: a call with RING_ATTN_CHECK=1 minus the same call with RING_ATTN_CHECK=0.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
+
+CASES = [("non-causal", False, "contiguous"), ("causal zigzag", True, "zigzag"),
+         ("causal striped", True, "striped"), ("causal contiguous", True, "contiguous")]
+
+
+def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup):
+    import ring_attention as ra
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, seqlen, heads, headdim, generator=gen) for _ in range(4)]
+    sync = dist.barrier if world > 1 else None
+    out = {}
+    for name, causal, layout in CASES:
+        q, k, v, dout = (ra.shard(t, layout=layout).contiguous() for t in full)
+        q.requires_grad_(); k.requires_grad_(); v.requires_grad_()
+
+        def fwd():
+            with torch.no_grad():
+                ra.ring_attn_func(q, k, v, causal=causal, layout=layout)
+
+        def fwd_bwd():
+            ra.ring_attn_func(q, k, v, causal=causal, layout=layout).backward(dout)
+
+        out[name] = (h.median_time(fwd, iters, warmup, sync), h.median_time(fwd_bwd, iters, warmup, sync))
+    return out
+
+
+def _memory(rank, world, seqlen, heads, headdim):
+    import ring_attention as ra
+    from ring_attention.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+    gen = torch.Generator().manual_seed(0)
+    local = seqlen // world
+    q, k, v = (torch.randn(1, local, heads, headdim, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        ra.ring_attn_func(q[:, :8], k[:, :8], v[:, :8])  # first-call costs are not the ring's
+        dist.barrier()
+        base = rss_bytes()
+        reset_peak_rss()
+        ra.ring_attn_func(q, k, v)
+        return peak_rss_bytes() - base
+
+
+def _check_cost(rank, world, iters):
+    import ring_attention as ra
+    q = torch.randn(1, 16, 2, 16)
+    times = {}
+    for check in ("1", "0"):
+        os.environ["RING_ATTN_CHECK"] = check
+        with torch.no_grad():
+            times[check] = h.median_time(lambda: ra.ring_attn_func(q, q, q), iters, 5, dist.barrier)
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--memory-seqlen", type=int, default=16384)
+    p.add_argument("--json", default="bench_out/efficiency.json")
+    args = p.parse_args(argv)
+
+    shape = (args.seqlen, args.heads, args.headdim, args.iters, args.warmup)
+    single = h.run_ranks(1, _time_ring, *shape)[0]
+    ring = h.run_ranks(args.world, _time_ring, *shape)
+    rows = []
+    for name, _, _ in CASES:
+        row = {"case": name}
+        for i, phase in enumerate(("fwd", "fwd+bwd")):
+            t1 = single[name][i]
+            tw = max(r[name][i] for r in ring)
+            row[f"{phase} T1 ms"] = f"{t1 * 1e3:.1f}"
+            row[f"{phase} T{args.world} ms"] = f"{tw * 1e3:.1f}"
+            row[f"{phase} eff"] = f"{t1 / (args.world * tw):.3f}"
+        rows.append(row)
+    print(f"\nRing efficiency, {args.seqlen} tokens, batch 1, {args.heads} heads, dim {args.headdim}, fp32, "
+          f"1 thread per rank, {args.world} ranks vs 1 (median of {args.iters})")
+    h.print_table(rows, list(rows[0].keys()))
+
+    peaks = h.run_ranks(args.world, _memory, args.memory_seqlen, args.heads, args.headdim)
+    scores_mb = args.heads * (args.memory_seqlen // args.world) * args.memory_seqlen * 4 / 2 ** 20
+    print(f"\nMemory, {args.memory_seqlen} tokens non-causal forward on {args.world} ranks: peak growth per rank "
+          + ", ".join(f"{p / 2 ** 20:.0f} MB" for p in peaks) + f" (its score rows would be {scores_mb:,.0f} MB)")
+
+    checks = h.run_ranks(args.world, _check_cost, 50)
+    cost_us = max((c["1"] - c["0"]) * 1e6 for c in checks)
+    print(f"\nAgreement check (RING_ATTN_CHECK=1) cost per call on {args.world} gloo ranks: {cost_us:.0f} us "
+          f"(call with check {checks[0]['1'] * 1e6:.0f} us, without {checks[0]['0'] * 1e6:.0f} us, tiny input)")
+
+    h.write_json(args.json, {"machine": h.machine(), "args": vars(args), "efficiency": rows,
+                             "memory_peak_bytes": peaks, "check_cost_us": cost_us})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""A picture of the ring schedule: which (rank, step) block pairs are computed, and how much work.
+
+    python -m ring_attention.plan --world 4 --layout zigzag --causal --out plan.png
+
+For every ring step and rank it classifies the block pair (this rank's queries against the K/V
+that started on rank (rank - step) mod world) as full, partial (some pairs masked: the diagonal)
+or skipped, counts the visible (query, key) pairs as the work, prints the table and the imbalance
+(max / mean work over ranks), and draws it when --out is given (needs matplotlib).
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from .layouts import LAYOUTS, positions
+
+FULL, PARTIAL, SKIP = "full", "partial", "skip"
+
+
+@dataclass
+class Block:
+    rank: int
+    step: int
+    source: int
+    kind: str      # FULL, PARTIAL or SKIP
+    work: float    # visible pairs / (local_len * local_len)
+
+
+@dataclass
+class Plan:
+    world: int
+    layout: str
+    causal: bool
+    local_len: int
+    blocks: List[Block]
+
+    def work_per_rank(self) -> List[float]:
+        totals = [0.0] * self.world
+        for b in self.blocks:
+            totals[b.rank] += b.work
+        return totals
+
+    def imbalance(self) -> float:
+        """max / mean of the ranks' work: 1.0 is perfectly balanced."""
+        work = self.work_per_rank()
+        mean = sum(work) / len(work)
+        return max(work) / mean if mean > 0 else 1.0
+
+
+def make_plan(world: int, layout: str, causal: bool, local_len: int) -> Plan:
+    """Classifies every (rank, step) block pair by counting visible pairs from global positions."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    pos = [positions(layout, r, world, local_len) for r in range(world)]
+    blocks = []
+    for rank in range(world):
+        for step in range(world):
+            source = (rank - step) % world
+            if causal:
+                visible = int((pos[source].view(1, -1) <= pos[rank].view(-1, 1)).sum())
+            else:
+                visible = local_len * local_len
+            total = local_len * local_len
+            kind = SKIP if visible == 0 else FULL if visible == total else PARTIAL
+            blocks.append(Block(rank, step, source, kind, visible / total))
+    return Plan(world, layout, causal, local_len, blocks)
+
+
+def format_table(plan: Plan) -> str:
+    symbol = {FULL: "#", PARTIAL: "/", SKIP: "."}
+    lines = [f"ring schedule: world {plan.world}, layout {plan.layout}, "
+             f"{'causal' if plan.causal else 'non-causal'}, {plan.local_len} tokens per rank",
+             "  # full   / partial (work = visible fraction)   . skipped",
+             "rank | " + " ".join(f"step {t:<5}" for t in range(plan.world)) + " | work"]
+    work = plan.work_per_rank()
+    for rank in range(plan.world):
+        cells = []
+        for b in (b for b in plan.blocks if b.rank == rank):
+            cells.append(f"{symbol[b.kind]} {b.work:4.2f}<{b.source}".ljust(10))
+        lines.append(f"{rank:>4} | " + " ".join(cells) + f" | {work[rank]:.2f}")
+    lines.append(f"imbalance (max/mean work): {plan.imbalance():.3f}")
+    return "\n".join(lines)
+
+
+def draw(plan: Plan, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colors = {FULL: "#2b6cb0", PARTIAL: "#90cdf4", SKIP: "#edf2f7"}
+    fig, (ax, bar) = plt.subplots(1, 2, figsize=(2 + 1.3 * plan.world + 3, 1 + 0.7 * plan.world),
+                                  gridspec_kw={"width_ratios": [plan.world, 2]})
+    for b in plan.blocks:
+        ax.add_patch(plt.Rectangle((b.step, b.rank), 1, 1, color=colors[b.kind], ec="white", lw=2))
+        ax.text(b.step + 0.5, b.rank + 0.5, f"K/V {b.source}\n{b.work:.2f}", ha="center", va="center",
+                fontsize=8, color="white" if b.kind == FULL else "black")
+    ax.set_xlim(0, plan.world)
+    ax.set_ylim(plan.world, 0)
+    ax.set_xticks([t + 0.5 for t in range(plan.world)], [f"step {t}" for t in range(plan.world)])
+    ax.set_yticks([r + 0.5 for r in range(plan.world)], [f"rank {r}" for r in range(plan.world)])
+    ax.set_title(f"{plan.layout}, {'causal' if plan.causal else 'non-causal'}, world {plan.world}")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], loc="upper center",
+              bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
+    work = plan.work_per_rank()
+    bar.barh(range(plan.world), work, color="#2b6cb0")
+    bar.set_ylim(plan.world - 0.5, -0.5)
+    bar.set_yticks(range(plan.world), [f"rank {r}" for r in range(plan.world)])
+    bar.set_title(f"work per rank (imbalance {plan.imbalance():.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--local-len", type=int, default=64, help="tokens per rank")
+    p.add_argument("--out", help="PNG to draw (needs matplotlib)")
+    args = p.parse_args(argv)
+    plan = make_plan(args.world, args.layout, args.causal, args.local_len)
+    print(format_table(plan))
+    if args.out:
+        draw(plan, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

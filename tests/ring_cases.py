@@ -1,0 +1,284 @@
+"""Shared helpers, and the functions that every rank of a RankPool runs (see dist_pool.py).
+
+Rank functions draw the whole global input from a seed derived from the case, so every rank holds
+the same tensors and computes the float64 reference of the full sequence itself; each rank then
+checks its own shard and raises on a mismatch (the pool reports the traceback).
+
+Tolerances: |actual - reference| <= tol * max(1, max |reference|) + tol * |reference|.
+  float64: 1e-10. The kernels accumulate in float64; the errors are a few ulp times the O(100)
+    additions of a row (observed <= 2e-14), so 1e-10 leaves four orders of magnitude of margin,
+    while any algorithmic slip (a wrong mask element, a lost merge term) is O(1e-2) or larger.
+  float32: 2e-5. Inputs are of unit scale and sums have <= a few hundred terms, so float32
+    accumulation errs by ~sqrt(n) * eps32 * |terms|: observed <= 1.2e-6 for out and lse and
+    <= 5e-6 for gradients of the ring cases. The worst case seen is 1e-5 for dk of a block
+    with a single key, whose exact value is 0: p = 1 and ds = dout.v - dout.out is pure
+    rounding, summed over 256 query rows. Still 2e-5 is far below any real bug.
+"""
+import os
+import time
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ring_attention as ra
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def acc_dtype(dtype):
+    """Accumulator (and lse) dtype of the ops for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def seed_of(*params):
+    """A deterministic seed from the parameters of a case."""
+    return zlib.crc32(repr(params).encode())
+
+
+def randn(generator, *shape, dtype=torch.float64):
+    """Standard normal values drawn in float64 (so float32 and float64 cases see the same data)."""
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def random_qkv(seed, batch, seqlen_q, seqlen_k, heads, heads_kv, headdim, dtype):
+    """q and dout (batch, seqlen_q, heads, headdim); k, v (batch, seqlen_k, heads_kv, headdim)."""
+    g = torch.Generator().manual_seed(seed)
+    q = randn(g, batch, seqlen_q, heads, headdim, dtype=dtype)
+    k = randn(g, batch, seqlen_k, heads_kv, headdim, dtype=dtype)
+    v = randn(g, batch, seqlen_k, heads_kv, headdim, dtype=dtype)
+    dout = randn(g, batch, seqlen_q, heads, headdim, dtype=dtype)
+    return q, k, v, dout
+
+
+def assert_close(actual, expected, name):
+    """`actual` against a float64 `expected`, with the tolerance of actual's dtype (see above)."""
+    tol = TOL[actual.dtype]
+    finite = expected[torch.isfinite(expected)]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=tol,
+                               atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def reference(q, k, v, dout, **kwargs):
+    """Float64 (out, lse, dq, dk, dv) of attention_reference for the given inputs."""
+    q, k, v = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
+    out, lse = ra.attention_reference(q, k, v, **kwargs)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.to(torch.float64))
+    return out.detach(), lse.detach(), dq, dk, dv
+
+
+def strided(t, kind):
+    """A view with the values of `t` (batch, seq, heads, headdim) but another memory layout."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "transposed":  # stored as (batch, heads, seq, headdim)
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if kind == "sliced":  # every other token and head of a larger tensor
+        b, s, h, d = t.shape
+        wide = t.new_zeros(b, 2 * s, 2 * h, d)
+        wide[:, 1::2, ::2] = t
+        return wide[:, 1::2, ::2]
+    if kind == "headdim_strided":  # headdim not unit-stride
+        wide = t.new_zeros(*t.shape, 2)
+        wide[..., 1] = t
+        return wide[..., 1]
+    raise ValueError(kind)
+
+
+def rank_and_world():
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_ring(case):
+    """ring_attn_func forward and backward on this rank's shard against the float64 reference.
+
+    case: dict with layout, causal, dtype, local_len, batch, heads, heads_kv, headdim, scale
+    (None: default) and memory ("contiguous" or a `strided` kind for the local q, k, v, dout).
+    """
+    rank, world = rank_and_world()
+    layout, dtype = case["layout"], case["dtype"]
+    seqlen = world * case["local_len"]
+    q, k, v, dout = random_qkv(seed_of(world, sorted(case.items(), key=str)), case["batch"], seqlen,
+                               seqlen, case["heads"], case["heads_kv"], case["headdim"], dtype)
+    expected = reference(q, k, v, dout, causal=case["causal"], softmax_scale=case["scale"])
+
+    local = [strided(ra.shard(t, layout=layout), case["memory"]) for t in (q, k, v, dout)]
+    for t in local[:3]:
+        t.requires_grad_()
+    out, lse = ra.ring_attn_func(*local[:3], causal=case["causal"], softmax_scale=case["scale"],
+                                 layout=layout, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == acc_dtype(dtype), (out.dtype, lse.dtype)
+    assert not lse.requires_grad
+    grads = torch.autograd.grad(out, local[:3], local[3])
+
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, got, want in zip(names, (out, lse, *grads), expected):
+        want_local = ra.shard(want, layout=layout, dim=2 if name == "lse" else 1)
+        assert_close(got, want_local, f"rank {rank}/{world} {name}")
+    return True
+
+
+SMALL_CASE = dict(layout="contiguous", causal=True, dtype=torch.float32, local_len=8, batch=1,
+                  heads=4, heads_kv=2, headdim=16, scale=None, memory="contiguous")
+
+
+def _bad_q3d(q, k, v, kw):
+    return q[0], k, v, kw
+
+
+def _bad_headdim(q, k, v, kw):
+    return q, k[..., :8], v[..., :8], kw
+
+
+def _bad_heads(q, k, v, kw):
+    return q[:, :, :3], k, v, kw
+
+
+def _bad_dtype_mismatch(q, k, v, kw):
+    return q, k.double(), v, kw
+
+
+def _bad_bf16(q, k, v, kw):
+    return q.bfloat16(), k.bfloat16(), v.bfloat16(), kw
+
+
+def _bad_zigzag_odd(q, k, v, kw):
+    return q[:, :7], k[:, :7], v[:, :7], {**kw, "layout": "zigzag"}
+
+
+def _bad_layout(q, k, v, kw):
+    return q, k, v, {**kw, "layout": "diagonal"}
+
+
+def _other_seqlen(q, k, v, kw):
+    return q[:, :6], k[:, :6], v[:, :6], kw
+
+
+def _other_causal(q, k, v, kw):
+    return q, k, v, {**kw, "causal": False}
+
+
+def _other_layout(q, k, v, kw):
+    return q, k, v, {**kw, "layout": "striped"}
+
+
+def _other_scale(q, k, v, kw):
+    return q, k, v, {**kw, "softmax_scale": 0.5}
+
+
+def _other_dtype(q, k, v, kw):
+    return q.double(), k.double(), v.double(), kw
+
+
+# kind: (how the inputs of a "bad" rank change, what the error message must say)
+INVALID_INPUTS = {
+    "q_3d": (_bad_q3d, "must be 4-D"),
+    "headdim_mismatch": (_bad_headdim, "head dimension mismatch: q has 16, k/v have 8"),
+    "heads_not_divisible": (
+        _bad_heads, "number of query heads (3) must be a multiple of the number of K/V heads (2)"),
+    "dtype_mismatch": (_bad_dtype_mismatch, "q, k and v must have the same dtype"),
+    "bf16_on_cpu": (_bad_bf16, "BFloat16 is not supported on CPU"),
+    "zigzag_odd_length": (_bad_zigzag_odd, "layout 'zigzag' needs an even local sequence length"),
+    "unknown_layout": (_bad_layout, "unknown layout 'diagonal'"),
+}
+DISAGREEMENTS = {
+    "seqlen": (_other_seqlen, "ranks disagree on the local sequence length"),
+    "causal": (_other_causal, "ranks disagree on the causal"),
+    "layout": (_other_layout, "ranks disagree on the layout"),
+    "softmax_scale": (_other_scale, "ranks disagree on the softmax_scale"),
+    "dtype": (_other_dtype, "ranks disagree on the dtype"),
+}
+
+
+def check_rejected(kind, bad_ranks):
+    """Ranks in `bad_ranks` call with the inputs of `kind`; every rank must raise ValueError.
+
+    Then a valid call must still work on the same process group. Returns the error message.
+    """
+    rank, _ = rank_and_world()
+    change, _ = {**INVALID_INPUTS, **DISAGREEMENTS}[kind]
+    q, k, v, _ = random_qkv(seed_of(kind, rank), 1, 8, 8, 4, 2, 16, torch.float32)
+    kwargs = dict(causal=True, softmax_scale=None, layout="contiguous")
+    if rank in bad_ranks:
+        q, k, v, kwargs = change(q, k, v, kwargs)
+    with pytest.raises(ValueError) as error:
+        ra.ring_attn_func(q, k, v, **kwargs)
+    check_ring(SMALL_CASE)
+    return str(error.value)
+
+
+def call_unless_absent(absent_rank, check):
+    """Every rank but `absent_rank` calls ring_attn_func (with RING_ATTN_CHECK=`check`).
+
+    Returns (exception type name, message, seconds until it was raised) on the calling ranks;
+    `absent_rank` returns None at once and idles, like a peer that never reaches the call.
+    """
+    rank, _ = rank_and_world()
+    if rank == absent_rank:
+        return None
+    os.environ["RING_ATTN_CHECK"] = check
+    q, k, v, _ = random_qkv(0, 1, 4, 4, 2, 1, 16, torch.float32)
+    start = time.monotonic()
+    with pytest.raises(Exception) as error:
+        ra.ring_attn_func(q, k, v)
+    return type(error.value).__name__, str(error.value), time.monotonic() - start
+
+
+def check_layouts(local_len, layouts):
+    """shard/unshard/positions of this rank for `layouts`, along dims 0, 1, 2 and -1."""
+    rank, world = rank_and_world()
+    g = torch.Generator().manual_seed(seed_of("layouts", world, local_len))
+    seqlen = world * local_len
+    for layout in layouts:
+        local = ra.shard(torch.arange(seqlen), layout=layout, dim=0)
+        assert torch.equal(local, ra.positions(layout, rank, world, local_len)), layout
+        for dim, shape in ((1, (2, seqlen, 3)), (0, (seqlen, 2, 3)), (2, (2, 3, seqlen)),
+                           (-1, (2, 1, 3, seqlen))):
+            x = randn(g, *shape)
+            part = ra.shard(x, layout=layout, dim=dim)
+            assert part.shape[dim] == local_len, (layout, dim, part.shape)
+            assert torch.equal(ra.unshard(part, layout=layout, dim=dim), x), (layout, dim)
+
+        # Every rank computes the same loss of the full tensor; the gradient of a shard is the
+        # sum over ranks of the gradient of its part: world * weight[shard].
+        weight = randn(g, 2, seqlen, 3)
+        part = ra.shard(randn(g, 2, seqlen, 3), layout=layout).clone().requires_grad_()
+        (ra.unshard(part, layout=layout) * weight).sum().backward()
+        assert torch.equal(part.grad, world * ra.shard(weight, layout=layout)), layout
+    return True
+
+
+def check_shard_rejects(seqlen, layout):
+    """shard raises ValueError for a length that does not divide; returns its message."""
+    with pytest.raises(ValueError) as error:
+        ra.shard(torch.zeros(1, seqlen, 2), layout=layout)
+    return str(error.value)
+
+
+def check_unshard_shapes_differ():
+    """Shards of different lengths: unshard raises ValueError on every rank."""
+    rank, _ = rank_and_world()
+    with pytest.raises(ValueError) as error:
+        ra.unshard(torch.zeros(1, 4 + 2 * (rank == 1), 2))
+    return str(error.value)
+
+
+def failing_on(rank_to_fail):
+    """Raises on `rank_to_fail` only (tests the pool's error reporting)."""
+    rank, _ = rank_and_world()
+    if rank == rank_to_fail:
+        raise RuntimeError(f"deliberate failure on rank {rank}")
+    return rank
+
+
+def sleeping_on(rank_to_sleep, seconds):
+    """Sleeps on `rank_to_sleep` only (tests the pool's timeout)."""
+    rank, _ = rank_and_world()
+    if rank == rank_to_sleep:
+        time.sleep(seconds)
+    return rank

@@ -1,0 +1,74 @@
+"""Errors across ranks: invalid or mismatched inputs raise ValueError on every rank (and the group
+stays usable); a peer that never takes part makes the others raise RuntimeError, not hang."""
+import pytest
+
+from dist_pool import RankPool
+from ring_cases import DISAGREEMENTS, INVALID_INPUTS, call_unless_absent, check_rejected
+
+WORLD = 3
+
+
+def assert_same_everywhere(messages):
+    assert len(set(messages)) == 1, f"ranks raised different messages: {messages}"
+    return messages[0]
+
+
+@pytest.mark.parametrize("bad_ranks", [(1,), (0, 1, 2)], ids=["one_rank", "all_ranks"])
+@pytest.mark.parametrize("kind", sorted(INVALID_INPUTS))
+def test_invalid_input_raises_on_every_rank(rank_pool, kind, bad_ranks):
+    """Every rank raises the same ValueError, listing each bad rank and its problem."""
+    message = assert_same_everywhere(rank_pool(WORLD).run(check_rejected, kind, bad_ranks))
+    header, *lines = message.splitlines()
+    assert header == "ring_attn_func: invalid input (every rank raises this):", message
+    listed = [line.split(":")[0].strip() for line in lines]
+    assert listed == [f"rank {rank}" for rank in bad_ranks], message
+    assert all(INVALID_INPUTS[kind][1] in line for line in lines), message
+
+
+@pytest.mark.parametrize("kind", sorted(DISAGREEMENTS))
+def test_disagreeing_ranks_raise_on_every_rank(rank_pool, kind):
+    """Rank 1 differs from ranks 0 and 2 in one argument: every rank raises the same ValueError
+    naming the argument and each rank's value."""
+    message = assert_same_everywhere(rank_pool(WORLD).run(check_rejected, kind, (1,)))
+    assert DISAGREEMENTS[kind][1] in message, message
+    assert "rank 0: " in message and "rank 1: " in message and "rank 2: " in message, message
+    values = {
+        "seqlen": ("8", "6"), "causal": ("True", "False"), "layout": ("contiguous", "striped"),
+        "softmax_scale": ("0.25", "0.5"), "dtype": ("Float", "Double"),
+    }[kind]
+    assert f"rank 0: {values[0]}, rank 1: {values[1]}, rank 2: {values[0]}" in message, message
+
+
+# A fault leaves its process group unusable, so each fault test spawns its own ranks.
+FAULT_TIMEOUT_S = 3
+POOL_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def fault_pool(request):
+    pool = RankPool(request.param, env={"RING_ATTN_TIMEOUT": str(FAULT_TIMEOUT_S)})
+    yield pool
+    pool.close(kill=True)
+
+
+@pytest.mark.parametrize("fault_pool", [2], indirect=True)
+def test_peer_that_never_sends_times_out_in_ring_step(fault_pool):
+    """Checks off: rank 1 never calls; rank 0 raises RuntimeError naming the step, the peer and
+    the direction once RING_ATTN_TIMEOUT has passed."""
+    error, message, elapsed = fault_pool.run(call_unless_absent, 1, "0", timeout=POOL_TIMEOUT_S)[0]
+    assert error == "RuntimeError", message
+    assert "ring step 0" in message and "receiving K/V from rank 1" in message, message
+    assert "RING_ATTN_TIMEOUT" in message, message
+    assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
+
+
+@pytest.mark.parametrize("fault_pool", [3], indirect=True)
+def test_absent_rank_times_out_in_agreement(fault_pool):
+    """Checks on: rank 1 never calls; ranks 0 and 2 raise RuntimeError from the agreement."""
+    results = fault_pool.run(call_unless_absent, 1, "1", timeout=POOL_TIMEOUT_S)
+    assert results[1] is None
+    for rank in (0, 2):
+        error, message, elapsed = results[rank]
+        assert error == "RuntimeError", message
+        assert f"rank {rank} timed out" in message and "agreeing on inputs" in message, message
+        assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed

@@ -1,0 +1,84 @@
+"""ring_attn_func and the ring ops in this process: world size 1, no process group."""
+import pytest
+import torch
+
+import ring_attention as ra
+import ring_cases
+from ring_cases import acc_dtype, check_ring, random_qkv
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads,heads_kv,scale", [(2, 2, None), (4, 2, 0.7), (3, 1, None)])
+def test_gradcheck(heads, heads_kv, scale, causal):
+    """Float64 gradcheck of ring_attn_func (q, k, v) at world size 1."""
+    q, k, v, _ = random_qkv(ring_cases.seed_of("gradcheck", heads, heads_kv), 1, 5, 5, heads,
+                            heads_kv, 8, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: ra.ring_attn_func(q, k, v, causal=causal, softmax_scale=scale), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout,local_len", [("contiguous", 1), ("contiguous", 37),
+                                              ("striped", 7), ("zigzag", 2), ("zigzag", 64)])
+def test_matches_reference(layout, local_len, causal, dtype):
+    """Without a process group every layout is the identity: plain attention."""
+    check_ring(dict(layout=layout, causal=causal, dtype=dtype, local_len=local_len, batch=2,
+                    heads=4, heads_kv=2, headdim=32, scale=None, memory="contiguous"))
+
+
+@pytest.mark.parametrize("memory", ["transposed", "sliced", "headdim_strided"])
+def test_non_contiguous_inputs(memory):
+    """Strided q, k, v and output gradient give the contiguous (= reference) results."""
+    check_ring(dict(layout="contiguous", causal=True, dtype=torch.float64, local_len=13, batch=2,
+                    heads=4, heads_kv=1, headdim=16, scale=0.4, memory=memory))
+
+
+def test_default_softmax_scale_is_inverse_sqrt_headdim():
+    q, k, v, _ = random_qkv(3, 1, 9, 9, 2, 1, 64, torch.float64)
+    assert torch.equal(ra.ring_attn_func(q, k, v), ra.ring_attn_func(q, k, v, softmax_scale=0.125))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_opcheck_ring_ops(causal, dtype):
+    """torch.library.opcheck on ring_fwd and ring_bwd with group_name "" (world size 1)."""
+    q, k, v, dout = random_qkv(4, 2, 6, 6, 4, 2, 16, dtype)
+    fwd_args = (q, k, v, "", causal, 0.3, "zigzag")
+    torch.library.opcheck(ra.ops.ring_fwd.default, fwd_args)
+    out, lse = ra.ops.ring_fwd(*fwd_args)
+    assert lse.dtype == acc_dtype(dtype)
+    bwd_args = (dout, q, k, v, out, lse, "", causal, 0.3, "zigzag")
+    torch.library.opcheck(ra.ops.ring_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_opcheck_block_ops(dtype):
+    """torch.library.opcheck on block_fwd and block_bwd (mutating their accumulators)."""
+    q, k, v, dout = random_qkv(5, 2, 6, 5, 4, 2, 16, dtype)
+    acc = acc_dtype(dtype)
+    q_pos, k_pos = torch.arange(6, dtype=torch.int32) + 2, torch.arange(5, dtype=torch.int32)
+    out = torch.zeros(q.shape, dtype=acc)
+    lse = torch.full((2, 4, 6), float("-inf"), dtype=acc)
+    torch.library.opcheck(ra.ops.block_fwd.default, (q, k, v, q_pos, k_pos, out, lse, True, 0.3))
+    ra.ops.block_fwd(q, k, v, q_pos, k_pos, out, lse, True, 0.3)
+    delta = (dout.to(acc) * out).sum(-1).transpose(1, 2).contiguous()
+    grads = [torch.zeros(t.shape, dtype=acc) for t in (q, k, v)]
+    torch.library.opcheck(ra.ops.block_bwd.default,
+                          (dout, q, k, v, q_pos, k_pos, lse, delta, *grads, True, 0.3))
+
+
+@pytest.mark.parametrize("kind", sorted(ring_cases.INVALID_INPUTS))
+def test_invalid_input_raises_value_error(kind):
+    """Local validation without a process group: ValueError naming the problem."""
+    message = ring_cases.check_rejected(kind, bad_ranks=(0,))
+    assert message.startswith("ring_attn_func: ")
+    assert ring_cases.INVALID_INPUTS[kind][1] in message
+
+
+def test_bad_ring_timeout_environment_variable(monkeypatch):
+    monkeypatch.setenv("RING_ATTN_TIMEOUT", "soon")
+    q, k, v, _ = random_qkv(6, 1, 4, 4, 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="RING_ATTN_TIMEOUT must be a number of seconds"):
+        ra.ring_attn_func(q, k, v)
