@@ -42,3 +42,17 @@ def _block_fwd_fake(q, k, v, q_pos, k_pos, out_acc, lse, causal, softmax_scale):
 def _block_bwd_fake(dout, q, k, v, q_pos, k_pos, lse, delta, dq_acc, dk_acc, dv_acc, causal,
                     softmax_scale):
     return None
+
+
+@torch.library.register_fake("ring_attention::local_ring_fwd")
+def _local_ring_fwd_fake(qs, ks, vs, causal, softmax_scale, layout):
+    outs = [torch.empty_like(q, memory_format=torch.contiguous_format) for q in qs]
+    lses = [q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=acc_dtype(q.dtype)) for q in qs]
+    return outs, lses
+
+
+@torch.library.register_fake("ring_attention::local_ring_bwd")
+def _local_ring_bwd_fake(douts, qs, ks, vs, outs, lses, causal, softmax_scale, layout):
+    def like(ts):
+        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]
+    return like(qs), like(ks), like(vs)

@@ -15,6 +15,7 @@ Tolerances: |actual - reference| <= tol * max(1, max |reference|) + tol * |refer
     rounding, summed over 256 query rows. Still 2e-5 is far below any real bug.
 """
 import os
+import threading
 import time
 import zlib
 
@@ -229,6 +230,26 @@ def call_unless_absent(absent_rank, check):
     return type(error.value).__name__, str(error.value), time.monotonic() - start
 
 
+def dying_mid_ring(victim, delay_s):
+    """`victim` exits abruptly `delay_s` into a ring forward long enough to still be running;
+    the others raise SurvivorReport with the error they saw and how long it took."""
+    rank, _ = rank_and_world()
+    os.environ["RING_ATTN_CHECK"] = "0"  # every collective of the loop is a ring step
+    q, k, v, _ = random_qkv(0, 1, 4096, 4096, 8, 8, 64, torch.float32)
+    if rank == victim:
+        threading.Timer(delay_s, os._exit, args=(17,)).start()
+    start = time.monotonic()
+    with pytest.raises(Exception) as error:
+        for _ in range(100):  # only the victim's death ends this loop
+            ra.ring_attn_func(q, k, v)
+    raise SurvivorReport(f"after {time.monotonic() - start:.1f} s: "
+                         f"{type(error.value).__name__}: {error.value}")
+
+
+class SurvivorReport(Exception):
+    """What a surviving rank saw when a peer died (raised so that the pool reports it)."""
+
+
 def check_layouts(local_len, layouts):
     """shard/unshard/positions of this rank for `layouts`, along dims 0, 1, 2 and -1."""
     rank, world = rank_and_world()
@@ -282,3 +303,17 @@ def sleeping_on(rank_to_sleep, seconds):
     if rank == rank_to_sleep:
         time.sleep(seconds)
     return rank
+
+
+def ring_results(layout, causal, local_len, seed):
+    """This rank's (out, lse, dq, dk, dv) of ring_attn_func on seeded float64 inputs, for
+    comparing the gloo ring with LocalRing bit for bit."""
+    rank, world = rank_and_world()
+    seqlen = world * local_len
+    q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, 4, 2, 16, torch.float64)
+    local = [ra.shard(t, layout=layout).contiguous() for t in (q, k, v, dout)]
+    for t in local[:3]:
+        t.requires_grad_()
+    out, lse = ra.ring_attn_func(*local[:3], causal=causal, layout=layout, return_lse=True)
+    grads = torch.autograd.grad(out, local[:3], local[3])
+    return [t.detach() for t in (out, lse, *grads)]

@@ -1,9 +1,11 @@
 """Errors across ranks: invalid or mismatched inputs raise ValueError on every rank (and the group
 stays usable); a peer that never takes part makes the others raise RuntimeError, not hang."""
+import re
+
 import pytest
 
 from dist_pool import RankPool
-from ring_cases import DISAGREEMENTS, INVALID_INPUTS, call_unless_absent, check_rejected
+from ring_cases import DISAGREEMENTS, INVALID_INPUTS, call_unless_absent, check_rejected, dying_mid_ring
 
 WORLD = 3
 
@@ -72,3 +74,19 @@ def test_absent_rank_times_out_in_agreement(fault_pool):
         assert error == "RuntimeError", message
         assert f"rank {rank} timed out" in message and "agreeing on inputs" in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
+
+
+@pytest.mark.parametrize("fault_pool", [2], indirect=True)
+def test_peer_dying_mid_ring_fails_fast(fault_pool):
+    """Rank 1 exits in the middle of a ring: rank 0 raises RuntimeError naming the ring step, the
+    peer and the direction, and does not hang."""
+    with pytest.raises(AssertionError) as failure:
+        fault_pool.run(dying_mid_ring, 1, 0.3, timeout=POOL_TIMEOUT_S)
+    report = str(failure.value)
+    assert "rank 1 -----\nthe process died (exit code 17)" in report, report
+    seen = re.search(r"SurvivorReport: after ([0-9.]+) s: (\w+): (.*)", report)
+    assert seen, report
+    seconds, error, message = float(seen[1]), seen[2], seen[3]
+    assert error == "RuntimeError" and "ring step" in message and "rank 1" in message, report
+    assert "receiving" in message or "sending" in message, report
+    assert seconds < FAULT_TIMEOUT_S + 5, report

@@ -113,18 +113,10 @@ std::string validate_local(const RingCall& call) {
   return {};
 }
 
-void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                    bool check, double timeout_s) {
+at::Tensor describe(const RingCall& call) {
   const std::string local_error = validate_local(call);
-  const int world = group ? group->getSize() : 1;
-  if (!check || world == 1) {
-    TORCH_CHECK_VALUE(local_error.empty(), "ring_attn_func: ", local_error);
-    return;
-  }
-  const int rank = group->getRank();
-
-  at::Tensor mine = at::zeros({kDescriptorLen}, at::kLong);
-  int64_t* d = mine.data_ptr<int64_t>();
+  at::Tensor descriptor = at::zeros({kDescriptorLen}, at::kLong);
+  int64_t* d = descriptor.data_ptr<int64_t>();
   if (local_error.empty()) {
     Layout layout;
     parse_layout(call.layout, &layout);
@@ -142,23 +134,11 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
     d[kHasError] = 1;
     std::strncpy(reinterpret_cast<char*>(d + kFields), local_error.c_str(), kMessageBytes - 1);
   }
+  return descriptor;
+}
 
-  std::vector<at::Tensor> gathered;
-  for (int r = 0; r < world; ++r) gathered.push_back(at::empty({kDescriptorLen}, at::kLong));
-  std::vector<std::vector<at::Tensor>> outputs{gathered};
-  std::vector<at::Tensor> inputs{mine};
-  auto work = group->allgather(outputs, inputs);
-  if (!wait_with_deadline(work, timeout_s,
-                          "ring_attn_func: rank " + std::to_string(rank) +
-                              " failed while agreeing on inputs with the other ranks")) {
-    abandon(work);
-    TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
-                " s (RING_ATTN_TIMEOUT) agreeing on inputs with the other ranks: some rank did "
-                "not call ring attention. The process group may be unusable after this error, as "
-                "after any collective timeout.");
-  }
-  const auto& all = outputs[0];
-
+void check_descriptors(const std::vector<at::Tensor>& all) {
+  const int world = static_cast<int>(all.size());
   std::ostringstream errors;
   for (int r = 0; r < world; ++r) {
     const int64_t* g = all[r].data_ptr<int64_t>();
@@ -186,6 +166,31 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
     TORCH_CHECK_VALUE(false, "ring_attn_func: ranks disagree on the ", field_name(field), " (",
                       os.str(), "); every rank must call with matching arguments");
   }
+}
+
+void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                    bool check, double timeout_s) {
+  const int world = group ? group->getSize() : 1;
+  if (!check || world == 1) {
+    const std::string local_error = validate_local(call);
+    TORCH_CHECK_VALUE(local_error.empty(), "ring_attn_func: ", local_error);
+    return;
+  }
+  const int rank = group->getRank();
+  std::vector<std::vector<at::Tensor>> outputs(1);
+  for (int r = 0; r < world; ++r) outputs[0].push_back(at::empty({kDescriptorLen}, at::kLong));
+  std::vector<at::Tensor> inputs{describe(call)};
+  auto work = group->allgather(outputs, inputs);
+  if (!wait_with_deadline(work, timeout_s,
+                          "ring_attn_func: rank " + std::to_string(rank) +
+                              " failed while agreeing on inputs with the other ranks")) {
+    abandon(work);
+    TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
+                " s (RING_ATTN_TIMEOUT) agreeing on inputs with the other ranks: some rank did "
+                "not call ring attention. The process group may be unusable after this error, as "
+                "after any collective timeout.");
+  }
+  check_descriptors(outputs[0]);
 }
 
 }  // namespace ring_attn

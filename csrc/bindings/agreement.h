@@ -10,6 +10,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <string>
+#include <vector>
 
 #include "core/layout.h"
 
@@ -26,6 +27,13 @@ struct RingCall {
 
 // Empty when this rank's inputs are valid; otherwise what is wrong, phrased for the user.
 std::string validate_local(const RingCall& call);
+
+// One rank's call as a small int64 descriptor: shapes, dtype, device, layout, causal, scale and
+// the local verdict with its message.
+at::Tensor describe(const RingCall& call);
+
+// Raises ValueError naming the ranks if any descriptor carries an error or the ranks disagree.
+void check_descriptors(const std::vector<at::Tensor>& descriptors);
 
 // Raises ValueError (on every rank when `group` is set and checking is on) if any rank's input is
 // invalid or the ranks disagree. With check=false only the local verdict is raised, locally.

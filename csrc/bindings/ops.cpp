@@ -27,6 +27,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd_cpu(
                        softmax_scale, std::string(layout));
 }
 
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_fwd_cpu(
+    at::TensorList qs, at::TensorList ks, at::TensorList vs, bool causal, double softmax_scale,
+    c10::string_view layout) {
+  return local_ring_forward(kCpuKernels, qs.vec(), ks.vec(), vs.vec(), causal, softmax_scale,
+                            std::string(layout));
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+local_ring_bwd_cpu(at::TensorList douts, at::TensorList qs, at::TensorList ks, at::TensorList vs,
+                   at::TensorList outs, at::TensorList lses, bool causal, double softmax_scale,
+                   c10::string_view layout) {
+  return local_ring_backward(kCpuKernels, douts.vec(), qs.vec(), ks.vec(), vs.vec(), outs.vec(),
+                             lses.vec(), causal, softmax_scale, std::string(layout));
+}
+
 void block_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& q_pos, const at::Tensor& k_pos, at::Tensor& out_acc,
                    at::Tensor& lse, bool causal, double softmax_scale) {
@@ -52,6 +67,12 @@ TORCH_LIBRARY(ring_attention, m) {
   // Returns dq, dk, dv (like q, k, v) given the forward's out and lse.
   m.def("ring_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "str group_name, bool causal, float softmax_scale, str layout) -> (Tensor, Tensor, Tensor)");
+  // The same ring over len(qs) virtual ranks in this process (LocalRing): one shard per rank.
+  m.def("local_ring_fwd(Tensor[] qs, Tensor[] ks, Tensor[] vs, bool causal, float softmax_scale, "
+        "str layout) -> (Tensor[], Tensor[])");
+  m.def("local_ring_bwd(Tensor[] douts, Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor[] outs, "
+        "Tensor[] lses, bool causal, float softmax_scale, str layout) "
+        "-> (Tensor[], Tensor[], Tensor[])");
   // One block pair, merged into the running (out_acc, lse); positions are int32 global positions.
   m.def("block_fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor(a!) out_acc, "
         "Tensor(b!) lse, bool causal, float softmax_scale) -> ()");
@@ -64,6 +85,8 @@ TORCH_LIBRARY(ring_attention, m) {
 TORCH_LIBRARY_IMPL(ring_attention, CPU, m) {
   m.impl("ring_fwd", &ring_fwd_cpu);
   m.impl("ring_bwd", &ring_bwd_cpu);
+  m.impl("local_ring_fwd", &local_ring_fwd_cpu);
+  m.impl("local_ring_bwd", &local_ring_bwd_cpu);
   m.impl("block_fwd", &block_fwd_cpu);
   m.impl("block_bwd", &block_bwd_cpu);
 }

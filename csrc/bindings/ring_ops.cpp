@@ -4,6 +4,7 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -57,26 +58,18 @@ at::Tensor pack_kv(const at::Tensor& k, const at::Tensor& v, at::ScalarType dtyp
 
 // Everything a rank knows about the ring for one call.
 struct RingContext {
-  c10::intrusive_ptr<c10d::ProcessGroup> group;
-  int rank = 0;
-  int world = 1;
+  int rank;
+  int world;
   Layout layout = Layout::kContiguous;
   MaskSpec mask;
+  int64_t local_len;
   std::vector<at::Tensor> positions;   // per source rank, int32 (seqlen_local,), lazily filled
   std::vector<PositionRange> ranges;   // per source rank
-  int64_t local_len = 0;
 
-  RingContext(const std::string& group_name, const std::string& layout_name, bool causal,
-              int64_t local_len_)
-      : group(resolve_group(group_name)), local_len(local_len_) {
-    if (group) {
-      rank = group->getRank();
-      world = group->getSize();
-    }
+  RingContext(int rank_, int world_, const std::string& layout_name, bool causal, int64_t local_len_)
+      : rank(rank_), world(world_), local_len(local_len_), positions(world_), ranges(world_) {
     parse_layout(layout_name, &layout);
     mask.causal = causal;
-    positions.resize(world);
-    ranges.resize(world);
     for (int r = 0; r < world; ++r) {
       // Positions increase along a shard: the range is the first and last position.
       ranges[r] = local_len == 0 ? PositionRange{1, 0}
@@ -97,11 +90,6 @@ struct RingContext {
 
   bool is_needed(int source) const {
     return classify_tile(mask, ranges[rank], ranges[source]) != TileKind::kSkip;
-  }
-
-  std::unique_ptr<Transport> transport(const std::vector<at::Tensor>& slots) const {
-    if (world == 1) return std::make_unique<SoloTransport>();
-    return std::make_unique<C10dTransport>(group, slots, ring_timeout_seconds());
   }
 };
 
@@ -154,31 +142,167 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// One rank's part of a forward call: its ring view, buffers and block ops.
+struct RankForward {
+  RingContext ring;
+  std::vector<at::Tensor> slots = std::vector<at::Tensor>(slot::kCount);
+  TensorBlockOps ops;
+
+  RankForward(const BlockKernels& kernels, int rank, int world, const at::Tensor& q,
+              const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+              const std::string& layout)
+      : ring(rank, world, layout, causal, q.size(1)), ops(kernels, ring, slots, scale) {
+    const at::ScalarType acc = acc_dtype(q.scalar_type());
+    slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
+    for (int i = 0; i < std::min(2, world - 1); ++i) {
+      slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
+    }
+    ops.q = unit_last_stride(q);
+    ops.out_acc = at::zeros(q.sizes(), q.options().dtype(acc));
+    ops.lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
+                       q.options().dtype(acc));
+  }
+
+  // (out in the input dtype, lse in the accumulator dtype)
+  std::tuple<at::Tensor, at::Tensor> result(at::ScalarType dtype) const {
+    return {ops.out_acc.to(dtype), ops.lse};
+  }
+};
+
+// One rank's part of a backward call.
+struct RankBackward {
+  RingContext ring;
+  std::vector<at::Tensor> slots = std::vector<at::Tensor>(slot::kCount);
+  TensorBlockOps ops;
+
+  RankBackward(const BlockKernels& kernels, int rank, int world, const at::Tensor& dout,
+               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+               const std::string& layout)
+      : ring(rank, world, layout, causal, q.size(1)), ops(kernels, ring, slots, scale) {
+    const at::ScalarType acc = acc_dtype(q.scalar_type());
+    slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
+    for (int i = 0; i < std::min(2, world - 1); ++i) {
+      slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      // The second accumulator and the receive buffers exist only when dK/dV travel.
+      if (i == 0 || world > 1) slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+      if (world > 1) slots[slot::kGradRecv0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+    }
+    ops.q = unit_last_stride(q);
+    ops.dout = unit_last_stride(dout);
+    ops.lse = lse;
+    // delta = (dout * out).sum(-1), as (batch, heads, seqlen) like lse
+    ops.delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous();
+    ops.dq_acc = at::zeros(q.sizes(), q.options().dtype(acc));
+  }
+
+  // (dq, dk, dv) in the input dtypes; dk and dv are copied out of their packed buffer so that the
+  // outputs never alias.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(int grad_slot, at::ScalarType dtype) const {
+    const at::Tensor& grad_kv = slots.at(grad_slot);
+    return {ops.dq_acc.to(dtype), grad_kv[0].to(dtype, false, /*copy=*/true),
+            grad_kv[1].to(dtype, false, /*copy=*/true)};
+  }
+};
+
+std::unique_ptr<Transport> group_transport(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                           const std::vector<at::Tensor>& slots) {
+  if (!group || group->getSize() == 1) return std::make_unique<SoloTransport>();
+  return std::make_unique<C10dTransport>(group, slots, ring_timeout_seconds());
+}
+
+int rank_of(const c10::intrusive_ptr<c10d::ProcessGroup>& group) { return group ? group->getRank() : 0; }
+int world_of(const c10::intrusive_ptr<c10d::ProcessGroup>& group) { return group ? group->getSize() : 1; }
+
+// In-memory exchanges between the virtual ranks of a LocalRing, all driven in lockstep by one
+// thread: a receive copies the previous rank's posted send buffer when it is waited for. The
+// schedule's phases guarantee the sender has posted by then and does not write the buffer until
+// its own wait.
+class LocalHub {
+ public:
+  explicit LocalHub(int world) : posted_(world) {}
+  int world() const { return static_cast<int>(posted_.size()); }
+
+  void post(int rank, const Exchange& x, const std::vector<at::Tensor>& slots) {
+    posted_[rank][key(x)] = Posted{slots.at(x.send_slot), slots.at(x.recv_slot)};
+  }
+
+  void wait(int rank, const Exchange& x) {
+    const int prev = mod(rank - 1, world());
+    auto mine = posted_[rank].find(key(x));
+    auto theirs = posted_[prev].find(key(x));
+    TORCH_CHECK(mine != posted_[rank].end() && theirs != posted_[prev].end(),
+                "LocalRing: virtual rank ", rank, " waits for ", channel_name(x.channel),
+                " of ring step ", x.step, " that rank ", prev,
+                " never posted: the schedule would deadlock");
+    mine->second.recv.copy_(theirs->second.send);
+    mine->second.received = true;
+    theirs->second.consumed = true;
+    erase_if_done(rank, mine);
+    erase_if_done(prev, theirs);
+  }
+
+  // Every posted exchange was received and consumed.
+  void check_drained() const {
+    for (int r = 0; r < world(); ++r) {
+      TORCH_CHECK(posted_[r].empty(), "LocalRing: rank ", r, " has ", posted_[r].size(),
+                  " exchanges that never completed");
+    }
+  }
+
+ private:
+  struct Posted {
+    at::Tensor send;
+    at::Tensor recv;
+    bool received = false;
+    bool consumed = false;
+  };
+  using Key = std::pair<int, int>;
+  static Key key(const Exchange& x) { return {static_cast<int>(x.channel), x.step}; }
+  void erase_if_done(int rank, std::map<Key, Posted>::iterator it) {
+    if (it->second.received && it->second.consumed) posted_[rank].erase(it);
+  }
+  std::vector<std::map<Key, Posted>> posted_;
+};
+
+class LocalTransport final : public Transport {
+ public:
+  LocalTransport(LocalHub& hub, int rank, const std::vector<at::Tensor>& slots)
+      : hub_(hub), rank_(rank), slots_(slots) {}
+  int rank() const override { return rank_; }
+  int world_size() const override { return hub_.world(); }
+  void post(const Exchange& x) override { hub_.post(rank_, x, slots_); }
+  void wait(const Exchange& x) override { hub_.wait(rank_, x); }
+
+ private:
+  LocalHub& hub_;
+  int rank_;
+  const std::vector<at::Tensor>& slots_;
+};
+
+void check_local_ring_lists(size_t world, std::initializer_list<size_t> sizes) {
+  TORCH_CHECK_VALUE(world >= 1, "LocalRing: at least one virtual rank is needed");
+  for (size_t n : sizes) {
+    TORCH_CHECK_VALUE(n == world, "LocalRing: every list needs one tensor per virtual rank (",
+                      world, "), got ", n);
+  }
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, const at::Tensor& q_in,
+std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& v,
                                                 const std::string& group_name, bool causal,
                                                 double softmax_scale, const std::string& layout) {
-  RingContext ring(group_name, layout, causal, q_in.dim() == 4 ? q_in.size(1) : 0);
-  agree_or_throw(RingCall{q_in, k, v, layout, causal, softmax_scale}, ring.group,
-                 ring_check_enabled(), ring_timeout_seconds());
-
-  const at::ScalarType acc = acc_dtype(q_in.scalar_type());
-  std::vector<at::Tensor> slots(slot::kCount);
-  slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
-  for (int i = 0; i < std::min(2, ring.world - 1); ++i) {
-    slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
-  }
-  TensorBlockOps ops(kernels, ring, slots, softmax_scale);
-  ops.q = unit_last_stride(q_in);
-  ops.out_acc = at::zeros(q_in.sizes(), q_in.options().dtype(acc));
-  ops.lse = at::full({q_in.size(0), q_in.size(2), q_in.size(1)},
-                     -std::numeric_limits<double>::infinity(), q_in.options().dtype(acc));
-
-  auto transport = ring.transport(slots);
-  RingForward(*transport, ops).run();
-  return {ops.out_acc.to(q_in.scalar_type()), ops.lse};
+  const auto group = resolve_group(group_name);
+  agree_or_throw(RingCall{q, k, v, layout, causal, softmax_scale}, group, ring_check_enabled(),
+                 ring_timeout_seconds());
+  RankForward rank(kernels, rank_of(group), world_of(group), q, k, v, causal, softmax_scale, layout);
+  auto transport = group_transport(group, rank.slots);
+  RingForward(*transport, rank.ops).run();
+  return rank.result(q.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
@@ -186,35 +310,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const std::string& group_name, bool causal, double softmax_scale, const std::string& layout) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
-  RingContext ring(group_name, layout, causal, q.size(1));
-  const at::ScalarType acc = acc_dtype(q.scalar_type());
-
-  std::vector<at::Tensor> slots(slot::kCount);
-  slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
-  for (int i = 0; i < std::min(2, ring.world - 1); ++i) {
-    slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    // Accumulators double-buffer only when a later step can overwrite one still being sent.
-    if (i == 0 || ring.world > 1) slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
-    if (ring.world > 1) slots[slot::kGradRecv0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
-  }
-
-  TensorBlockOps ops(kernels, ring, slots, softmax_scale);
-  ops.q = unit_last_stride(q);
-  ops.dout = unit_last_stride(dout);
-  ops.lse = lse;
-  // delta = (dout * out).sum(-1), as (batch, heads, seqlen) like lse
-  ops.delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous();
-  ops.dq_acc = at::zeros(q.sizes(), q.options().dtype(acc));
-
-  auto transport = ring.transport(slots);
-  RingBackward schedule(*transport, ops);
+  const auto group = resolve_group(group_name);
+  RankBackward rank(kernels, rank_of(group), world_of(group), dout, q, k, v, out, lse, causal,
+                    softmax_scale, layout);
+  auto transport = group_transport(group, rank.slots);
+  RingBackward schedule(*transport, rank.ops);
   schedule.run();
-  const at::Tensor& grad_kv = slots.at(schedule.grad_result_slot());
-  // dK and dV are views of one packed buffer: copy them out so that the outputs do not alias.
-  return {ops.dq_acc.to(q.scalar_type()), grad_kv[0].to(k.scalar_type(), false, /*copy=*/true),
-          grad_kv[1].to(v.scalar_type(), false, /*copy=*/true)};
+  return rank.result(schedule.grad_result_slot(), q.scalar_type());
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_forward(
+    const BlockKernels& kernels, const std::vector<at::Tensor>& qs,
+    const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs, bool causal,
+    double softmax_scale, const std::string& layout) {
+  const int world = static_cast<int>(qs.size());
+  check_local_ring_lists(qs.size(), {ks.size(), vs.size()});
+  std::vector<at::Tensor> descriptors;
+  for (int r = 0; r < world; ++r) {
+    descriptors.push_back(describe(RingCall{qs[r], ks[r], vs[r], layout, causal, softmax_scale}));
+  }
+  check_descriptors(descriptors);
+
+  LocalHub hub(world);
+  std::vector<std::unique_ptr<RankForward>> ranks;
+  std::vector<std::unique_ptr<LocalTransport>> transports;
+  std::vector<RingForward> schedules;
+  for (int r = 0; r < world; ++r) {
+    ranks.push_back(std::make_unique<RankForward>(kernels, r, world, qs[r], ks[r], vs[r], causal,
+                                                  softmax_scale, layout));
+    transports.push_back(std::make_unique<LocalTransport>(hub, r, ranks[r]->slots));
+    schedules.emplace_back(*transports[r], ranks[r]->ops);
+  }
+  for (int step = 0; step < world; ++step) {
+    for (auto& s : schedules) s.begin_step(step);
+    for (auto& s : schedules) s.compute_step(step);
+    for (auto& s : schedules) s.end_step(step);
+  }
+  hub.check_drained();
+  std::vector<at::Tensor> outs, lses;
+  for (int r = 0; r < world; ++r) {
+    auto [out, lse] = ranks[r]->result(qs[r].scalar_type());
+    outs.push_back(out);
+    lses.push_back(lse);
+  }
+  return {outs, lses};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& douts,
+                    const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
+                    const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& outs,
+                    const std::vector<at::Tensor>& lses, bool causal, double softmax_scale,
+                    const std::string& layout) {
+  const int world = static_cast<int>(qs.size());
+  check_local_ring_lists(qs.size(), {douts.size(), ks.size(), vs.size(), outs.size(), lses.size()});
+  LocalHub hub(world);
+  std::vector<std::unique_ptr<RankBackward>> ranks;
+  std::vector<std::unique_ptr<LocalTransport>> transports;
+  std::vector<RingBackward> schedules;
+  for (int r = 0; r < world; ++r) {
+    ranks.push_back(std::make_unique<RankBackward>(kernels, r, world, douts[r], qs[r], ks[r], vs[r],
+                                                   outs[r], lses[r], causal, softmax_scale, layout));
+    transports.push_back(std::make_unique<LocalTransport>(hub, r, ranks[r]->slots));
+    schedules.emplace_back(*transports[r], ranks[r]->ops);
+  }
+  for (int step = 0; step < world; ++step) {
+    for (auto& s : schedules) s.begin_step(step);
+    for (auto& s : schedules) s.compute_step(step);
+    for (auto& s : schedules) s.end_step(step);
+  }
+  for (auto& s : schedules) s.finish();
+  hub.check_drained();
+  std::vector<at::Tensor> dqs, dks, dvs;
+  for (int r = 0; r < world; ++r) {
+    auto [dq, dk, dv] = ranks[r]->result(schedules[r].grad_result_slot(), qs[r].scalar_type());
+    dqs.push_back(dq);
+    dks.push_back(dk);
+    dvs.push_back(dv);
+  }
+  return {dqs, dks, dvs};
 }
 
 }  // namespace ring_attn

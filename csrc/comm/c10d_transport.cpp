@@ -50,14 +50,31 @@ static int exchange_tag(const Exchange& exchange) {
   return exchange.step * 2 + static_cast<int>(exchange.channel);
 }
 
+std::string C10dTransport::describe(const Exchange& exchange, bool receiving) const {
+  return std::string("ring attention: rank ") + std::to_string(rank_) + " failed at ring step " +
+         std::to_string(exchange.step) + (receiving ? " receiving " : " sending ") +
+         channel_name(exchange.channel) + (receiving ? " from rank " : " to rank ") +
+         std::to_string(mod(rank_ + (receiving ? -1 : 1), world_));
+}
+
 void C10dTransport::post(const Exchange& exchange) {
   const int tag = exchange_tag(exchange);
   std::vector<at::Tensor> send{slots_.at(exchange.send_slot)};
   std::vector<at::Tensor> recv{slots_.at(exchange.recv_slot)};
   Pending pending;
-  // Post the receive first: a peer's send can then land directly.
-  pending.recv = group_->recv(recv, mod(rank_ - 1, world_), tag);
-  pending.send = group_->send(send, mod(rank_ + 1, world_), tag);
+  // Post the receive first: a peer's send can then land directly. A dead peer can fail the
+  // posting itself.
+  try {
+    pending.recv = group_->recv(recv, mod(rank_ - 1, world_), tag);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(describe(exchange, true) + ": " + e.what());
+  }
+  try {
+    pending.send = group_->send(send, mod(rank_ + 1, world_), tag);
+  } catch (const std::exception& e) {
+    abandon(pending.recv);
+    throw std::runtime_error(describe(exchange, false) + ": " + e.what());
+  }
   pending_[{static_cast<int>(exchange.channel), exchange.step}] = std::move(pending);
 }
 
@@ -65,19 +82,11 @@ void C10dTransport::wait(const Exchange& exchange) {
   auto it = pending_.find({static_cast<int>(exchange.channel), exchange.step});
   TORCH_CHECK(it != pending_.end(), "ring attention: internal error, waiting for an exchange (",
               channel_name(exchange.channel), ", step ", exchange.step, ") that was never posted");
-  const int prev = mod(rank_ - 1, world_);
-  const int next = mod(rank_ + 1, world_);
-  const std::string where = std::string("ring attention: rank ") + std::to_string(rank_) +
-                            " failed at ring step " + std::to_string(exchange.step) + " ";
-  if (!wait_with_deadline(it->second.recv, timeout_s_,
-                          where + "receiving " + channel_name(exchange.channel) + " from rank " +
-                              std::to_string(prev))) {
-    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, true, prev);
+  if (!wait_with_deadline(it->second.recv, timeout_s_, describe(exchange, true))) {
+    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, true, mod(rank_ - 1, world_));
   }
-  if (!wait_with_deadline(it->second.send, timeout_s_,
-                          where + "sending " + channel_name(exchange.channel) + " to rank " +
-                              std::to_string(next))) {
-    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, false, next);
+  if (!wait_with_deadline(it->second.send, timeout_s_, describe(exchange, false))) {
+    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, false, mod(rank_ + 1, world_));
   }
   pending_.erase(it);
 }

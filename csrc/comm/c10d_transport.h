@@ -34,6 +34,9 @@ class C10dTransport final : public Transport {
   void wait(const Exchange& exchange) override;  // identifies the exchange by (channel, step)
 
  private:
+  // "ring attention: rank R failed at ring step S receiving K/V from rank P"
+  std::string describe(const Exchange& exchange, bool receiving) const;
+
   struct Pending {
     c10::intrusive_ptr<c10d::Work> send;
     c10::intrusive_ptr<c10d::Work> recv;

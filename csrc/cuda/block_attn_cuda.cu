@@ -1,0 +1,56 @@
+// Dispatch of the CUDA block kernels over dtype and head-dim bucket (static_switch.h). The kernels
+// themselves are instantiated in csrc/cuda/inst/*.cu.
+#include "cuda/block_attn_cuda.h"
+
+#include <cuda_runtime_api.h>
+
+#include "cuda/static_switch.h"
+
+#ifndef RING_ATTN_CUDA_ARCHS_STR
+#define RING_ATTN_CUDA_ARCHS_STR "?"
+#endif
+
+namespace ring_attn {
+namespace cuda {
+
+template <bool kBF16, int kHeadDim>
+cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream);
+template <bool kBF16, int kHeadDim>
+cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream);
+
+int block_fwd(const FwdArgs& args, void* stream) {
+  const BlockShape& s = args.p.shape;
+  if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return cudaSuccess;
+  auto st = static_cast<cudaStream_t>(stream);
+  return DTYPE_SWITCH(args.p.dtype, kBF16, [&] {
+    return HEADDIM_SWITCH(s.headdim, kHeadDim, [&] { return run_fwd<kBF16, kHeadDim>(args, st); });
+  });
+}
+
+int block_bwd(const BlockBwdParams& p, void* stream) {
+  const BlockShape& s = p.shape;
+  if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return cudaSuccess;
+  auto st = static_cast<cudaStream_t>(stream);
+  return DTYPE_SWITCH(p.dtype, kBF16, [&] {
+    return HEADDIM_SWITCH(s.headdim, kHeadDim, [&] { return run_bwd<kBF16, kHeadDim>(p, st); });
+  });
+}
+
+const char* error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+
+std::string build_info() {
+  int runtime = 0;
+  cudaRuntimeGetVersion(&runtime);
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  std::string devices = err == cudaSuccess ? std::to_string(count)
+                                           : std::string("0 (") + cudaGetErrorString(err) + ")";
+  if (err != cudaSuccess) cudaGetLastError();  // clear the sticky-free error state
+  return std::string("archs=") + RING_ATTN_CUDA_ARCHS_STR + " nvcc=" +
+         std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__) +
+         " runtime=" + std::to_string(runtime) + " devices=" + devices +
+         " headdims<=" + std::to_string(kMaxHeadDim) + " dtypes=bfloat16,float16";
+}
+
+}  // namespace cuda
+}  // namespace ring_attn

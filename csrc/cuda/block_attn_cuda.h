@@ -1,0 +1,71 @@
+// CUDA block attention: one query block against one K/V block, masked by global positions, with
+// the same semantics as the CPU kernels (csrc/cpu/block_attn_cpu.h):
+//   block_fwd merges the block into the running fp32 state (out_acc normalised, lse) in one pass
+//     (prologue loads acc = o, m = lse, l = 1; epilogue stores o = acc / l, lse = m + log l);
+//   block_bwd accumulates (+=) dq, dk, dv in fp32 given the FINAL lse and delta = rowsum(dout*out).
+// dtypes: bf16 and fp16 (fp32 accumulation). Head dims: multiples of 8 up to kMaxHeadDim.
+// Rows: 16-byte aligned (q, k, v, dout pointers and their batch/row/head strides multiples of 8
+// elements). Launches on `stream`; returns the launch's cudaError_t (no synchronisation).
+//
+// This header is plain C++ (no torch, no CUDA headers): the bindings and the CPU emulation test
+// include it.
+#pragma once
+
+#include <string>
+
+#include "core/params.h"
+
+namespace ring_attn {
+namespace cuda {
+
+constexpr int kMaxHeadDim = 128;
+
+// The forward launch: merge = false skips the prologue (starts from o = 0, lse = -inf) and so
+// computes the plain attention of the block; used to time what the fused merge costs.
+struct FwdArgs {
+  BlockFwdParams p;
+  bool merge;
+};
+
+// Empty when the CUDA kernels support these params; otherwise a message for the user.
+inline std::string support_error(DType dtype, const BlockShape& s) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) {
+    return std::string("the CUDA kernels support bfloat16 and float16 inputs, got ") +
+           (dtype == DType::kFloat32 ? "float32" : "float64") +
+           " (cast q, k, v to bfloat16 or float16)";
+  }
+  if (s.headdim < 8 || s.headdim > kMaxHeadDim || s.headdim % 8 != 0) {
+    return "the CUDA kernels support head dimensions that are multiples of 8 up to " +
+           std::to_string(kMaxHeadDim) + ", got " + std::to_string(s.headdim);
+  }
+  if (s.nheads > 65535 || s.batch > 65535) {
+    return "the CUDA kernels support at most 65535 heads and 65535 batch entries";
+  }
+  return {};
+}
+
+// Empty when a (batch, seq, heads, headdim) operand of `s` with strides `st` at `ptr` has
+// 16-byte aligned rows (sizes of 1 ignore their stride).
+inline std::string alignment_error(const void* ptr, const Strides& st, int batch, int seqlen,
+                                   int heads, const char* name) {
+  const bool ok = reinterpret_cast<uintptr_t>(ptr) % 16 == 0 &&
+                  (batch <= 1 || st.batch % 8 == 0) && (seqlen <= 1 || st.row % 8 == 0) &&
+                  (heads <= 1 || st.head % 8 == 0);
+  if (ok) return {};
+  return std::string("the CUDA kernels need 16-byte aligned rows: ") + name +
+         " must start on a 16-byte boundary with batch/seq/head strides that are multiples of 8 "
+         "elements (call .contiguous())";
+}
+
+#if !defined(RA_CUDA_EMULATE)
+// Defined in block_attn_cuda.cu. `stream` is a cudaStream_t.
+int block_fwd(const FwdArgs& args, void* stream);
+int block_bwd(const BlockBwdParams& p, void* stream);
+// The CUDA runtime's description of an error code returned above.
+const char* error_string(int error);
+// "archs=80;90 nvcc=13.0 runtime=13000 devices=1" (devices: cudaGetDeviceCount, or the error).
+std::string build_info();
+#endif
+
+}  // namespace cuda
+}  // namespace ring_attn

@@ -1,0 +1,604 @@
+// Kernel bodies of the CUDA block attention (FlashAttention-2 style, mma.sync m16n8k16).
+//
+// Forward: one CTA per (query tile of kBlockM = 64 rows, head, batch), 4 warps of 16 query rows.
+//   Q is staged in shared memory once and kept in registers as MMA A fragments; K/V tiles of
+//   kBlockN = 64 keys go through shared memory with cp.async, double buffered (the next live tile
+//   is fetched while the current one is computed). Per tile: S = Q K^T (fp32), scale, mask,
+//   online softmax in registers (core/merge.h OnlineRow), P rounded to bf16/fp16, O += P V.
+//   Prologue and epilogue implement the fused LSE merge with the running (out_acc, lse).
+// Backward: one CTA per (key tile of kBlockN = 64 keys, query head, batch), 4 warps of 16 keys;
+//   K/V stay in shared memory, query tiles (Q, dO, lse, delta) stream through double-buffered
+//   shared memory. Per query tile (warp-local, keys as MMA rows): S^T = K Q^T, P^T = exp(S^T -
+//   lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta); dV += P^T dO and dK += dS^T Q in registers;
+//   dS^T goes to shared memory, and after a barrier each warp computes a slice of dQ = dS K and
+//   adds it to dq_acc with fp32 atomics. dK/dV are added to dk_acc/dv_acc at the end (atomics when
+//   several query heads share the K/V head).
+//
+// Masking: tiles are classified from the min/max positions of their rows and columns
+// (core/mask.h classify_tile, range_of): skipped tiles are never loaded, full tiles evaluate no
+// per-element mask, partial tiles and tiles with out-of-range keys evaluate is_visible per element.
+// Out-of-range rows and head-dim columns beyond the real head dim are zero-filled in shared memory
+// and never stored.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "core/mask.h"
+#include "core/merge.h"
+#include "core/params.h"
+#include "cuda/block_attn_cuda.h"
+#include "cuda/primitives.cuh"
+
+#if defined(RA_CUDA_EMULATE)
+#define RA_UNROLL
+#else
+#define RA_UNROLL _Pragma("unroll")
+#endif
+
+namespace ring_attn {
+namespace cuda {
+
+template <bool kBF16_, int kHeadDim_>
+struct FwdTraits {
+  static constexpr bool kBF16 = kBF16_;
+  static constexpr int kHeadDim = kHeadDim_;  // compiled bucket; the real head dim is <= this
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = 32 * kNWarps;
+  static constexpr int kBlockM = 16 * kNWarps;  // query rows per CTA
+  static constexpr int kBlockN = 64;            // keys per tile
+  static constexpr int kStride = kHeadDim + 8;  // smem row pitch (elements): conflict-free ldmatrix
+  static constexpr int kSmemElems = kBlockM * kStride + 4 * kBlockN * kStride;  // Q, 2 x (K, V)
+  static constexpr int kSmemBytes = kSmemElems * 2;
+  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "head dim bucket");
+};
+
+template <bool kBF16_, int kHeadDim_>
+struct BwdTraits {
+  static constexpr bool kBF16 = kBF16_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = 32 * kNWarps;
+  static constexpr int kBlockN = 16 * kNWarps;              // keys per CTA (16 per warp)
+  static constexpr int kBlockM = 32;  // query rows per tile (64 would spill registers)
+  static constexpr int kStride = kHeadDim + 8;
+  static constexpr int kStrideS = kBlockM + 8;  // dS^T tile pitch
+  // K, V, 2 x (Q, dO), dS^T (16-bit elements), then 2 x (lse, delta) floats.
+  static constexpr int kSmemElems =
+      2 * kBlockN * kStride + 4 * kBlockM * kStride + kBlockN * kStrideS;
+  static constexpr int kSmemBytes = kSmemElems * 2 + 4 * kBlockM * 4;
+  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "head dim bucket");
+  static_assert((kSmemElems * 2) % 16 == 0, "float tail alignment");
+};
+
+RA_DEV int imin(int a, int b) { return a < b ? a : b; }
+
+RA_DEV float neg_inf_f() { return -std::numeric_limits<float>::infinity(); }
+RA_DEV float pos_inf_f() { return std::numeric_limits<float>::infinity(); }
+
+// min/max of pos[begin:end), computed by one warp (range_of on a slice per lane, then a butterfly
+// reduction): every lane returns the same range.
+RA_DEV PositionRange warp_range(const int32_t* pos, int begin, int end, int lane) {
+  const int n = end - begin;
+  const int per = (n + 31) / 32;
+  const int lo = begin + imin(lane * per, n);
+  const int hi = begin + imin(lane * per + per, n);
+  PositionRange r = range_of(pos, lo, hi);
+  RA_UNROLL
+  for (int off = 16; off > 0; off /= 2) {
+    const int64_t olo = shfl_xor(r.lo, off);
+    const int64_t ohi = shfl_xor(r.hi, off);
+    r.lo = olo < r.lo ? olo : r.lo;
+    r.hi = ohi > r.hi ? ohi : r.hi;
+  }
+  return r;
+}
+
+struct LiveTile {
+  int index;  // -1: none left
+  TileKind kind;
+};
+
+// The first tile t' >= t of `pos` (tiles of `block` tokens, `len` in all) that is not skipped
+// against the fixed range (the query range when fixed_is_q, else the key range). Warp-uniform,
+// and the same in every warp.
+RA_DEV LiveTile next_live(const MaskSpec& mask, const PositionRange& fixed, bool fixed_is_q,
+                          const int32_t* pos, int len, int block, int t, int lane) {
+  const int ntiles = (len + block - 1) / block;
+  for (; t < ntiles; ++t) {
+    const PositionRange r = warp_range(pos, t * block, imin(t * block + block, len), lane);
+    const TileKind kind = fixed_is_q ? classify_tile(mask, fixed, r) : classify_tile(mask, r, fixed);
+    if (kind != TileKind::kSkip) return {t, kind};
+  }
+  return {-1, TileKind::kSkip};
+}
+
+// cp.async of rows [row0, row0 + kRows) of a (rows, headdim) operand into a smem tile with pitch
+// kStride: rows >= nrows and columns >= d are zero-filled. One commit group is left open.
+template <int kRows, int kHeadDim, int kStride, int kNThreads>
+RA_DEV void load_rows(uint16_t* s, const uint16_t* g, int64_t row_stride, int row0, int nrows,
+                      int d, int tid) {
+  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  constexpr int kTotal = kRows * kChunks;
+  static_assert(kTotal % kNThreads == 0, "tile chunks");
+  RA_UNROLL
+  for (int it = 0; it < kTotal / kNThreads; ++it) {
+    const int i = it * kNThreads + tid;
+    const int r = i / kChunks;
+    const int c = (i % kChunks) * 8;
+    const bool valid = row0 + r < nrows && c < d;
+    const uint16_t* src = valid ? g + static_cast<int64_t>(row0 + r) * row_stride + c : g;
+    cp_async_16(s + r * kStride + c, src, valid);
+  }
+}
+
+// A fragment (16 rows x 16 columns at (row0, col0)) of a row-major smem tile.
+template <int kPitch>
+RA_DEV void load_a(uint32_t (&a)[4], const uint16_t* s, int row0, int col0, int lane) {
+  ldmatrix_x4(a, s + (row0 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + col0 + (lane / 16) * 8);
+}
+
+// B fragments of two adjacent n-blocks where the smem tile is stored n-major (rows = n, columns =
+// k, as K in Q K^T): b[0], b[1] for n-block n0, b[2], b[3] for n-block n0 + 8; k from col0.
+template <int kPitch>
+RA_DEV void load_b_nk(uint32_t (&b)[4], const uint16_t* s, int n0, int col0, int lane) {
+  ldmatrix_x4(b, s + (n0 + (lane / 16) * 8 + (lane % 8)) * kPitch + col0 + ((lane / 8) % 2) * 8);
+}
+
+// B fragments of two adjacent n-blocks where the smem tile is stored k-major (rows = k, columns =
+// n, as V in P V): b[0], b[1] for columns n0..n0+7, b[2], b[3] for n0+8..n0+15; k from row0.
+template <int kPitch>
+RA_DEV void load_b_kn(uint32_t (&b)[4], const uint16_t* s, int row0, int n0, int lane) {
+  ldmatrix_x4_trans(b, s + (row0 + ((lane / 8) % 2) * 8 + (lane % 8)) * kPitch + n0 + (lane / 16) * 8);
+}
+
+// A fragment (rows m0..m0+15, k k0..k0+15) of the transpose of a smem tile stored k-major (rows =
+// k, columns = m, as dS^T for dQ = dS K).
+template <int kPitch>
+RA_DEV void load_a_trans(uint32_t (&a)[4], const uint16_t* s, int k0, int m0, int lane) {
+  ldmatrix_x4_trans(a, s + (k0 + (lane / 16) * 8 + (lane % 8)) * kPitch + m0 + ((lane / 8) % 2) * 8);
+}
+
+// A fragment of a 16 x 16 block (columns 16j..16j+15) from C fragments c[2j], c[2j+1].
+template <bool kBF16, int N>
+RA_DEV void c_to_a(uint32_t (&a)[4], const float (&c)[N][4], int j) {
+  a[0] = pack2<kBF16>(c[2 * j][0], c[2 * j][1]);
+  a[1] = pack2<kBF16>(c[2 * j][2], c[2 * j][3]);
+  a[2] = pack2<kBF16>(c[2 * j + 1][0], c[2 * j + 1][1]);
+  a[3] = pack2<kBF16>(c[2 * j + 1][2], c[2 * j + 1][3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename Kt>
+RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
+  constexpr bool kBF16 = Kt::kBF16;
+  constexpr int kD = Kt::kHeadDim, kBM = Kt::kBlockM, kBN = Kt::kBlockN, kStride = Kt::kStride;
+  constexpr int kNT = Kt::kNThreads;
+  constexpr int kNbS = kBN / 8;   // n-blocks of a score row (keys)
+  constexpr int kKcQK = kD / 16;  // k-chunks of Q K^T (head dim)
+  constexpr int kNbO = kD / 8;    // n-blocks of an output row (head dim)
+  constexpr int kKcPV = kBN / 16; // k-chunks of P V (keys)
+
+  const BlockFwdParams& p = args.p;
+  const int tid = thread_idx(), warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int q0 = block_idx_x() * kBM, h = block_idx_y(), b = block_idx_z();
+  const int Sq = p.shape.seqlen_q, Sk = p.shape.seqlen_k, d = p.shape.headdim;
+  const int hk = h / (p.shape.nheads / p.shape.nheads_kv);
+  const float scale = static_cast<float>(p.softmax_scale);
+  const float ninf = neg_inf_f();
+
+  const PositionRange q_range = warp_range(p.q_pos, q0, imin(q0 + kBM, Sq), lane);
+  LiveTile cur = next_live(p.mask, q_range, true, p.k_pos, Sk, kBN, 0, lane);
+  if (cur.index < 0) return;  // nothing visible: the running state is unchanged
+
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sK = sQ + kBM * kStride;      // stage s at sK + s * kBN * kStride
+  uint16_t* sV = sK + 2 * kBN * kStride;  // likewise
+  const uint16_t* gQ = static_cast<const uint16_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+  const uint16_t* gK = static_cast<const uint16_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
+  const uint16_t* gV = static_cast<const uint16_t*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
+
+  load_rows<kBM, kD, kStride, kNT>(sQ, gQ, p.q_strides.row, q0, Sq, d, tid);
+  load_rows<kBN, kD, kStride, kNT>(sK, gK, p.k_strides.row, cur.index * kBN, Sk, d, tid);
+  load_rows<kBN, kD, kStride, kNT>(sV, gV, p.v_strides.row, cur.index * kBN, Sk, d, tid);
+  cp_async_commit();
+
+  // Prologue (overlaps the copies): this thread's rows are r = 0: warp*16 + g, r = 1: + 8.
+  float* gO = static_cast<float*>(p.out_acc) + b * p.out_strides.batch + h * p.out_strides.head;
+  float* gL = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+  int row[2];
+  int64_t qpos[2];
+  OnlineRow<float> st[2];
+  float acc[kNbO][4];
+  RA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    row[r] = q0 + warp * 16 + g + 8 * r;
+    const bool valid = row[r] < Sq;
+    qpos[r] = valid ? p.q_pos[row[r]] : 0;
+    st[r] = OnlineRow<float>::from_lse(args.merge && valid ? gL[row[r]] : ninf);
+    const bool load = st[r].l > 0.f;  // acc = o when the state has seen something, else 0
+    const float* o = gO + static_cast<int64_t>(load ? row[r] : 0) * p.out_strides.row;
+    RA_UNROLL
+    for (int nb = 0; nb < kNbO; ++nb) {
+      const int c = nb * 8 + t4 * 2;
+      const bool ld = load && c < d;
+      acc[nb][2 * r] = ld ? o[c] : 0.f;
+      acc[nb][2 * r + 1] = ld ? o[c + 1] : 0.f;
+    }
+  }
+
+  uint32_t qf[kKcQK][4];
+  int stage = 0;
+  for (bool first = true;; first = false) {
+    cp_async_wait<0>();
+    sync_threads();  // tile `cur` is in stage `stage`; every warp is done with the other stage
+    if (first) {
+      RA_UNROLL
+      for (int kc = 0; kc < kKcQK; ++kc) load_a<kStride>(qf[kc], sQ, warp * 16, kc * 16, lane);
+    }
+    const LiveTile nxt = next_live(p.mask, q_range, true, p.k_pos, Sk, kBN, cur.index + 1, lane);
+    if (nxt.index >= 0) {
+      load_rows<kBN, kD, kStride, kNT>(sK + (stage ^ 1) * kBN * kStride, gK, p.k_strides.row,
+                                       nxt.index * kBN, Sk, d, tid);
+      load_rows<kBN, kD, kStride, kNT>(sV + (stage ^ 1) * kBN * kStride, gV, p.v_strides.row,
+                                       nxt.index * kBN, Sk, d, tid);
+      cp_async_commit();
+    }
+    const uint16_t* tK = sK + stage * kBN * kStride;
+    const uint16_t* tV = sV + stage * kBN * kStride;
+    const int k0 = cur.index * kBN;
+
+    // S = Q K^T
+    float s[kNbS][4];
+    RA_UNROLL
+    for (int nb = 0; nb < kNbS; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+    RA_UNROLL
+    for (int kc = 0; kc < kKcQK; ++kc) {
+      RA_UNROLL
+      for (int j = 0; j < kBN / 16; ++j) {
+        uint32_t kb[4];
+        load_b_nk<kStride>(kb, tK, j * 16, kc * 16, lane);
+        mma_16816<kBF16>(s[2 * j], qf[kc], kb[0], kb[1]);
+        mma_16816<kBF16>(s[2 * j + 1], qf[kc], kb[2], kb[3]);
+      }
+    }
+
+    // Scale and mask: element (nb, 2r + e) is row r, key k0 + nb*8 + 2*t4 + e.
+    const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
+    RA_UNROLL
+    for (int nb = 0; nb < kNbS; ++nb) {
+      RA_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int key = k0 + nb * 8 + t4 * 2 + e;
+        const bool in_range = key < Sk;
+        const int64_t kpos = need_mask && in_range ? p.k_pos[key] : 0;
+        RA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const bool visible = !need_mask || (in_range && is_visible(p.mask, qpos[r], kpos));
+          s[nb][2 * r + e] = visible ? s[nb][2 * r + e] * scale : ninf;
+        }
+      }
+    }
+
+    // Online softmax (a row's 64 scores live in the 4 lanes of a quad).
+    float mx[2] = {ninf, ninf};
+    RA_UNROLL
+    for (int nb = 0; nb < kNbS; ++nb) {
+      RA_UNROLL
+      for (int r = 0; r < 2; ++r) mx[r] = fmax_f(mx[r], fmax_f(s[nb][2 * r], s[nb][2 * r + 1]));
+    }
+    float factor[2], mref[2], sum[2];
+    RA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmax_f(mx[r], shfl_xor(mx[r], 1));
+      mx[r] = fmax_f(mx[r], shfl_xor(mx[r], 2));
+      factor[r] = st[r].rescale_for(mx[r]);
+      mref[r] = st[r].m == ninf ? 0.f : st[r].m;  // a row that saw nothing: every p is exp(-inf) = 0
+      sum[r] = 0.f;
+    }
+    RA_UNROLL
+    for (int nb = 0; nb < kNbS; ++nb) {
+      RA_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const float pe = fast_exp(s[nb][i] - mref[i / 2]);
+        s[nb][i] = pe;
+        sum[i / 2] += pe;
+      }
+    }
+    RA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      sum[r] += shfl_xor(sum[r], 1);
+      sum[r] += shfl_xor(sum[r], 2);
+      st[r].l += sum[r];
+    }
+    RA_UNROLL
+    for (int nb = 0; nb < kNbO; ++nb) {
+      RA_UNROLL
+      for (int i = 0; i < 4; ++i) acc[nb][i] *= factor[i / 2];
+    }
+
+    // O += P V
+    RA_UNROLL
+    for (int j = 0; j < kKcPV; ++j) {
+      uint32_t pa[4];
+      c_to_a<kBF16>(pa, s, j);
+      RA_UNROLL
+      for (int t = 0; t < kNbO / 2; ++t) {
+        uint32_t vb[4];
+        load_b_kn<kStride>(vb, tV, j * 16, t * 16, lane);
+        mma_16816<kBF16>(acc[2 * t], pa, vb[0], vb[1]);
+        mma_16816<kBF16>(acc[2 * t + 1], pa, vb[2], vb[3]);
+      }
+    }
+
+    if (nxt.index < 0) break;
+    cur = nxt;
+    stage ^= 1;
+  }
+
+  // Epilogue: o = acc / l, lse = m + log(l) (0 and -inf for a row that saw nothing).
+  RA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= Sq) continue;
+    const float inv_l = st[r].inv_l();
+    float* o = gO + static_cast<int64_t>(row[r]) * p.out_strides.row;
+    RA_UNROLL
+    for (int nb = 0; nb < kNbO; ++nb) {
+      const int c = nb * 8 + t4 * 2;
+      if (c < d) {
+        o[c] = acc[nb][2 * r] * inv_l;
+        o[c + 1] = acc[nb][2 * r + 1] * inv_l;
+      }
+    }
+    if (t4 == 0) gL[row[r]] = st[r].lse();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// lse and delta of query rows [m0, m0 + kBM) into smem. Rows out of range or with lse = -inf (saw
+// nothing) get lse = +inf, so that p = exp(s - lse) = 0 for them.
+template <int kBM, int kNThreads>
+RA_DEV void load_row_stats(float* sL, float* sD, const float* gL, const float* gD, int m0, int Sq,
+                           int tid) {
+  for (int i = tid; i < kBM; i += kNThreads) {
+    const int q = m0 + i;
+    float l = pos_inf_f(), dl = 0.f;
+    if (q < Sq) {
+      l = gL[q];
+      dl = gD[q];
+      if (l == neg_inf_f()) l = pos_inf_f();
+    }
+    sL[i] = l;
+    sD[i] = dl;
+  }
+}
+
+template <typename Kt>
+RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
+  constexpr bool kBF16 = Kt::kBF16;
+  constexpr int kD = Kt::kHeadDim, kBM = Kt::kBlockM, kBN = Kt::kBlockN;
+  constexpr int kStride = Kt::kStride, kStrideS = Kt::kStrideS, kNT = Kt::kNThreads;
+  constexpr int kNbQ = kBM / 8;   // n-blocks of an S^T row (queries)
+  constexpr int kKcD = kD / 16;   // k-chunks over the head dim (S^T, dP^T)
+  constexpr int kNbD = kD / 8;    // n-blocks over the head dim (dK, dV)
+  constexpr int kKcQ = kBM / 16;  // k-chunks over queries (dK, dV)
+  constexpr int kKcK = kBN / 16;  // k-chunks over keys (dQ)
+  constexpr int kWarpsM = kBM / 16;                 // dQ: warps along the query rows
+  constexpr int kWarpsD = Kt::kNWarps / kWarpsM;    //     and along the head dim
+  constexpr int kDW = kD / kWarpsD;                 //     head-dim columns per warp
+  static_assert(kDW % 16 == 0, "dQ slice");
+
+  const int tid = thread_idx(), warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int k0 = block_idx_x() * kBN, h = block_idx_y(), b = block_idx_z();
+  const int Sq = p.shape.seqlen_q, Sk = p.shape.seqlen_k, d = p.shape.headdim;
+  const int group = p.shape.nheads / p.shape.nheads_kv;
+  const int hk = h / group;
+  const float scale = static_cast<float>(p.softmax_scale);
+
+  const PositionRange k_range = warp_range(p.k_pos, k0, imin(k0 + kBN, Sk), lane);
+  LiveTile cur = next_live(p.mask, k_range, false, p.q_pos, Sq, kBM, 0, lane);
+  if (cur.index < 0) return;  // no query sees these keys: nothing to add
+
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sV = sK + kBN * kStride;
+  uint16_t* sQ = sV + kBN * kStride;        // stage s at sQ + s * kBM * kStride
+  uint16_t* sdO = sQ + 2 * kBM * kStride;   // likewise
+  uint16_t* sdS = sdO + 2 * kBM * kStride;  // dS^T: kBN rows (keys) x kBM columns (queries)
+  float* sL = reinterpret_cast<float*>(sdS + kBN * kStrideS);  // stage s at sL + s * kBM
+  float* sD = sL + 2 * kBM;
+
+  const uint16_t* gQ = static_cast<const uint16_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+  const uint16_t* gdO = static_cast<const uint16_t*>(p.dout) + b * p.dout_strides.batch + h * p.dout_strides.head;
+  const uint16_t* gK = static_cast<const uint16_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
+  const uint16_t* gV = static_cast<const uint16_t*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
+  const int64_t stat_off = b * p.row_stat_batch_stride + h * p.row_stat_head_stride;
+  const float* gL = static_cast<const float*>(p.lse) + stat_off;
+  const float* gD = static_cast<const float*>(p.delta) + stat_off;
+
+  load_rows<kBN, kD, kStride, kNT>(sK, gK, p.k_strides.row, k0, Sk, d, tid);
+  load_rows<kBN, kD, kStride, kNT>(sV, gV, p.v_strides.row, k0, Sk, d, tid);
+  load_rows<kBM, kD, kStride, kNT>(sQ, gQ, p.q_strides.row, cur.index * kBM, Sq, d, tid);
+  load_rows<kBM, kD, kStride, kNT>(sdO, gdO, p.dout_strides.row, cur.index * kBM, Sq, d, tid);
+  cp_async_commit();
+  load_row_stats<kBM, kNT>(sL, sD, gL, gD, cur.index * kBM, Sq, tid);
+
+  // This warp's key rows: r = 0: k0 + warp*16 + g, r = 1: + 8.
+  int key[2];
+  int64_t kpos[2];
+  RA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    key[r] = k0 + warp * 16 + g + 8 * r;
+    kpos[r] = key[r] < Sk ? p.k_pos[key[r]] : 0;
+  }
+  float dk[kNbD][4], dv[kNbD][4];
+  RA_UNROLL
+  for (int nb = 0; nb < kNbD; ++nb) {
+    RA_UNROLL
+    for (int i = 0; i < 4; ++i) dk[nb][i] = dv[nb][i] = 0.f;
+  }
+
+  // dQ slice of this warp: query rows wm*16.. of a tile, head-dim columns [wd*kDW, +kDW).
+  const int wm = warp % kWarpsM, wd = warp / kWarpsM;
+  float* gdQ = static_cast<float*>(p.dq_acc) + b * p.dq_strides.batch + h * p.dq_strides.head;
+
+  int stage = 0;
+  for (;;) {
+    cp_async_wait<0>();
+    sync_threads();  // query tile `cur` is in stage `stage`; every warp is done with the last tile
+    const LiveTile nxt = next_live(p.mask, k_range, false, p.q_pos, Sq, kBM, cur.index + 1, lane);
+    if (nxt.index >= 0) {
+      load_rows<kBM, kD, kStride, kNT>(sQ + (stage ^ 1) * kBM * kStride, gQ, p.q_strides.row,
+                                       nxt.index * kBM, Sq, d, tid);
+      load_rows<kBM, kD, kStride, kNT>(sdO + (stage ^ 1) * kBM * kStride, gdO,
+                                       p.dout_strides.row, nxt.index * kBM, Sq, d, tid);
+      cp_async_commit();
+      load_row_stats<kBM, kNT>(sL + (stage ^ 1) * kBM, sD + (stage ^ 1) * kBM, gL, gD,
+                               nxt.index * kBM, Sq, tid);
+    }
+    const uint16_t* tQ = sQ + stage * kBM * kStride;
+    const uint16_t* tdO = sdO + stage * kBM * kStride;
+    const float* tL = sL + stage * kBM;
+    const float* tD = sD + stage * kBM;
+    const int m0 = cur.index * kBM;
+    const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
+
+    // S^T = K Q^T and dP^T = V dO^T (rows: this warp's 16 keys; columns: the tile's queries)
+    float s[kNbQ][4], dp[kNbQ][4];
+    RA_UNROLL
+    for (int nb = 0; nb < kNbQ; ++nb) {
+      RA_UNROLL
+      for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
+    }
+    RA_UNROLL
+    for (int kc = 0; kc < kKcD; ++kc) {
+      uint32_t ka[4], va[4];
+      load_a<kStride>(ka, sK, warp * 16, kc * 16, lane);
+      load_a<kStride>(va, sV, warp * 16, kc * 16, lane);
+      RA_UNROLL
+      for (int j = 0; j < kBM / 16; ++j) {
+        uint32_t qb[4], ob[4];
+        load_b_nk<kStride>(qb, tQ, j * 16, kc * 16, lane);
+        load_b_nk<kStride>(ob, tdO, j * 16, kc * 16, lane);
+        mma_16816<kBF16>(s[2 * j], ka, qb[0], qb[1]);
+        mma_16816<kBF16>(s[2 * j + 1], ka, qb[2], qb[3]);
+        mma_16816<kBF16>(dp[2 * j], va, ob[0], ob[1]);
+        mma_16816<kBF16>(dp[2 * j + 1], va, ob[2], ob[3]);
+      }
+    }
+
+    // P^T = exp(scale S^T - lse) (0 where masked) and dS^T = P^T (dP^T - delta), in place.
+    // Element (nb, 2r + e) is key row r, query m0 + nb*8 + 2*t4 + e.
+    RA_UNROLL
+    for (int nb = 0; nb < kNbQ; ++nb) {
+      RA_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int qc = nb * 8 + t4 * 2 + e;
+        const float l = tL[qc], dl = tD[qc];
+        const bool q_in_range = m0 + qc < Sq;
+        const int64_t qpos = need_mask && q_in_range ? p.q_pos[m0 + qc] : 0;
+        RA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const bool visible =
+              !need_mask || (key[r] < Sk && q_in_range && is_visible(p.mask, qpos, kpos[r]));
+          const float pe = visible ? fast_exp(s[nb][2 * r + e] * scale - l) : 0.f;
+          s[nb][2 * r + e] = pe;
+          dp[nb][2 * r + e] = pe * (dp[nb][2 * r + e] - dl);
+        }
+      }
+    }
+
+    // dV += P^T dO, dK += dS^T Q (unscaled; scaled once at the end); dS^T to smem for dQ.
+    RA_UNROLL
+    for (int j = 0; j < kKcQ; ++j) {
+      uint32_t pa[4], da[4];
+      c_to_a<kBF16>(pa, s, j);
+      c_to_a<kBF16>(da, dp, j);
+      uint16_t* ds_row = sdS + (warp * 16 + g) * kStrideS + j * 16 + t4 * 2;
+      *reinterpret_cast<uint32_t*>(ds_row) = da[0];
+      *reinterpret_cast<uint32_t*>(ds_row + 8 * kStrideS) = da[1];
+      *reinterpret_cast<uint32_t*>(ds_row + 8) = da[2];
+      *reinterpret_cast<uint32_t*>(ds_row + 8 * kStrideS + 8) = da[3];
+      RA_UNROLL
+      for (int t = 0; t < kNbD / 2; ++t) {
+        uint32_t ob[4], qb[4];
+        load_b_kn<kStride>(ob, tdO, j * 16, t * 16, lane);
+        load_b_kn<kStride>(qb, tQ, j * 16, t * 16, lane);
+        mma_16816<kBF16>(dv[2 * t], pa, ob[0], ob[1]);
+        mma_16816<kBF16>(dv[2 * t + 1], pa, ob[2], ob[3]);
+        mma_16816<kBF16>(dk[2 * t], da, qb[0], qb[1]);
+        mma_16816<kBF16>(dk[2 * t + 1], da, qb[2], qb[3]);
+      }
+    }
+    sync_threads();  // dS^T of every warp is in smem
+
+    // dQ[m0 + wm*16 .., wd*kDW ..] += scale * dS K  (fp32 atomics)
+    uint32_t dsa[kKcK][4];
+    RA_UNROLL
+    for (int kc = 0; kc < kKcK; ++kc) load_a_trans<kStrideS>(dsa[kc], sdS, kc * 16, wm * 16, lane);
+    const int qrow0 = m0 + wm * 16 + g;
+    RA_UNROLL
+    for (int dc = 0; dc < kDW / 16; ++dc) {
+      const int c0 = wd * kDW + dc * 16;
+      float a2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      RA_UNROLL
+      for (int kc = 0; kc < kKcK; ++kc) {
+        uint32_t kb[4];
+        load_b_kn<kStride>(kb, sK, kc * 16, c0, lane);
+        mma_16816<kBF16>(a2[0], dsa[kc], kb[0], kb[1]);
+        mma_16816<kBF16>(a2[1], dsa[kc], kb[2], kb[3]);
+      }
+      RA_UNROLL
+      for (int n = 0; n < 2; ++n) {
+        const int c = c0 + n * 8 + t4 * 2;
+        if (c >= d) continue;
+        RA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int q = qrow0 + 8 * r;
+          if (q >= Sq) continue;
+          float* dst = gdQ + static_cast<int64_t>(q) * p.dq_strides.row + c;
+          atomic_add(dst, a2[n][2 * r] * scale);
+          atomic_add(dst + 1, a2[n][2 * r + 1] * scale);
+        }
+      }
+    }
+
+    if (nxt.index < 0) break;
+    cur = nxt;
+    stage ^= 1;
+  }
+
+  // Epilogue: dk_acc += scale * dK, dv_acc += dV (atomics when query heads share the K/V head).
+  float* gdK = static_cast<float*>(p.dk_acc) + b * p.dk_strides.batch + hk * p.dk_strides.head;
+  float* gdV = static_cast<float*>(p.dv_acc) + b * p.dv_strides.batch + hk * p.dv_strides.head;
+  const bool shared_kv = group > 1;
+  RA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    if (key[r] >= Sk) continue;
+    float* krow = gdK + static_cast<int64_t>(key[r]) * p.dk_strides.row;
+    float* vrow = gdV + static_cast<int64_t>(key[r]) * p.dv_strides.row;
+    RA_UNROLL
+    for (int nb = 0; nb < kNbD; ++nb) {
+      const int c = nb * 8 + t4 * 2;
+      if (c >= d) continue;
+      RA_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const float vk = dk[nb][2 * r + e] * scale, vv = dv[nb][2 * r + e];
+        if (shared_kv) {
+          atomic_add(krow + c + e, vk);
+          atomic_add(vrow + c + e, vv);
+        } else {
+          krow[c + e] += vk;
+          vrow[c + e] += vv;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace ring_attn

@@ -1,0 +1,177 @@
+// Warp-level building blocks of the CUDA block kernels: tensor-core MMA (mma.sync m16n8k16),
+// ldmatrix, cp.async, shuffles, atomics and packing of fp32 pairs into bf16/fp16.
+//
+// Compiled two ways:
+//  * by nvcc for the GPU (inline PTX, sm_80+);
+//  * by a host C++ compiler with RA_CUDA_EMULATE defined (csrc/cuda/emu/emu_runtime.h): every CUDA
+//    thread is a std::thread and the warp-collective instructions are emulated with the fragment
+//    layouts of the PTX ISA. The kernel bodies are the same source either way, so the CPU test
+//    csrc/cuda/emu/test_cuda_emu.cpp checks their index math, masking, merge and synchronisation
+//    on a machine without a GPU.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 * g + t:
+//   A (16x16, row-major):  a[0] = (g, 2t..2t+1)  a[1] = (g+8, 2t..)  a[2] = (g, 2t+8..)  a[3] = (g+8, 2t+8..)
+//   B (16x8, k x n):       b[0] = (k 2t..2t+1, n g)   b[1] = (k 2t+8..2t+9, n g)
+//   C (16x8, fp32):        c[0..1] = (g, 2t..2t+1)    c[2..3] = (g+8, 2t..2t+1)
+// A 32-bit register holds two 16-bit elements, the lower column (or k) in the low half.
+// ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; register i of lane (4g + t)
+// receives row g, columns 2t..2t+1 of matrix i (with .trans: rows 2t..2t+1, column g).
+#pragma once
+
+#include <cstdint>
+
+#include "core/macros.h"
+
+#if defined(RA_CUDA_EMULATE)
+#include "cuda/emu/emu_runtime.h"
+#define RA_DEV inline
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define RA_DEV __device__ __forceinline__
+#endif
+
+namespace ring_attn {
+namespace cuda {
+
+// ---- thread and block indices ---------------------------------------------------------------
+#if defined(RA_CUDA_EMULATE)
+RA_DEV int thread_idx() { return emu::thread_idx(); }
+RA_DEV int block_idx_x() { return emu::block_idx(0); }
+RA_DEV int block_idx_y() { return emu::block_idx(1); }
+RA_DEV int block_idx_z() { return emu::block_idx(2); }
+RA_DEV void sync_threads() { emu::sync_threads(); }
+#else
+RA_DEV int thread_idx() { return static_cast<int>(threadIdx.x); }
+RA_DEV int block_idx_x() { return static_cast<int>(blockIdx.x); }
+RA_DEV int block_idx_y() { return static_cast<int>(blockIdx.y); }
+RA_DEV int block_idx_z() { return static_cast<int>(blockIdx.z); }
+RA_DEV void sync_threads() { __syncthreads(); }
+#endif
+
+// ---- math -----------------------------------------------------------------------------------
+#if defined(RA_CUDA_EMULATE)
+RA_DEV float fast_exp(float x) { return std::exp(x); }
+RA_DEV float fmax_f(float a, float b) { return a > b ? a : b; }
+#else
+RA_DEV float fast_exp(float x) { return __expf(x); }  // exp(-inf) = +0
+RA_DEV float fmax_f(float a, float b) { return fmaxf(a, b); }
+#endif
+
+// ---- shuffles ---------------------------------------------------------------------------------
+template <typename T>
+RA_DEV T shfl_xor(T v, int mask) {
+#if defined(RA_CUDA_EMULATE)
+  return emu::shfl_xor(v, mask);
+#else
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+#endif
+}
+
+// ---- fp32 pair <-> 16-bit pair ----------------------------------------------------------------
+// kBF16: bfloat16, else float16. Round to nearest even.
+template <bool kBF16>
+RA_DEV uint32_t pack2(float lo, float hi) {
+#if defined(RA_CUDA_EMULATE)
+  return emu::pack2<kBF16>(lo, hi);
+#else
+  if constexpr (kBF16) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+#endif
+}
+
+// ---- tensor cores -----------------------------------------------------------------------------
+// d += a * b  (16x8x16, fp32 accumulate)
+template <bool kBF16>
+RA_DEV void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(RA_CUDA_EMULATE)
+  emu::mma_16816<kBF16>(d, a, b0, b1);
+#else
+  if constexpr (kBF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// Four 8x8 b16 matrices from shared memory; this lane supplies the address of row (lane % 8) of
+// matrix (lane / 8).
+RA_DEV void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* smem_row) {
+#if defined(RA_CUDA_EMULATE)
+  emu::ldmatrix_x4(r, smem_row, false);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+RA_DEV void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* smem_row) {
+#if defined(RA_CUDA_EMULATE)
+  emu::ldmatrix_x4(r, smem_row, true);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+// ---- asynchronous global -> shared copies -------------------------------------------------------
+// 16 bytes; when !valid the destination is zero-filled and nothing is read (src must still be a
+// valid address).
+RA_DEV void cp_async_16(void* smem, const void* gmem, bool valid) {
+#if defined(RA_CUDA_EMULATE)
+  emu::cp_async_16(smem, gmem, valid);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(bytes)
+               : "memory");
+#endif
+}
+
+RA_DEV void cp_async_commit() {
+#if defined(RA_CUDA_EMULATE)
+  emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+RA_DEV void cp_async_wait() {
+#if defined(RA_CUDA_EMULATE)
+  emu::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// ---- fp32 accumulation into global memory ----------------------------------------------------------
+RA_DEV void atomic_add(float* p, float v) {
+#if defined(RA_CUDA_EMULATE)
+  emu::atomic_add(p, v);
+#else
+  atomicAdd(p, v);
+#endif
+}
+
+}  // namespace cuda
+}  // namespace ring_attn

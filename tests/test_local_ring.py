@@ -1,0 +1,68 @@
+"""LocalRing: every virtual rank of the ring in one process, over the in-memory transport. It must
+match the float64 reference and, bit for bit, the gloo ring (same scheduler, same kernels)."""
+import itertools
+
+import pytest
+import torch
+
+import ring_attention as ra
+from ring_attention.testing import LocalRing
+from ring_cases import assert_close, random_qkv, reference, ring_results, seed_of
+
+LOCAL_LEN = {"contiguous": 7, "striped": 5, "zigzag": 6}
+
+
+def local_ring_results(world, layout, causal, q, k, v, dout, softmax_scale=None):
+    ring = LocalRing(world)
+    shards = [ring.shard(t, layout=layout) for t in (q, k, v, dout)]
+    for t in itertools.chain(*shards[:3]):
+        t.requires_grad_()
+    outs, lses = ring.ring_attn_func(*shards[:3], causal=causal, layout=layout,
+                                     softmax_scale=softmax_scale, return_lse=True)
+    grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
+    per_rank = [[outs[r], lses[r], grads[r], grads[world + r], grads[2 * world + r]]
+                for r in range(world)]
+    return ring, per_rank
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_local_ring_matches_reference(world, layout, causal, dtype):
+    seqlen = world * LOCAL_LEN[layout]
+    q, k, v, dout = random_qkv(seed_of("local", world, layout, causal, str(dtype)), 2, seqlen,
+                               seqlen, 4, 2, 16, dtype)
+    expected = reference(q, k, v, dout, causal=causal, softmax_scale=0.3)
+    ring, per_rank = local_ring_results(world, layout, causal, q, k, v, dout, softmax_scale=0.3)
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        dim = 2 if name == "lse" else 1
+        got = ring.unshard([rank[i] for rank in per_rank], layout=layout, dim=dim)
+        assert got.dtype == (dtype if name != "lse" or dtype == torch.float64 else torch.float32)
+        assert_close(got, expected[i], name)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("layout,causal", [("contiguous", True), ("zigzag", True), ("striped", False)])
+def test_local_ring_equals_gloo_ring_bitwise(rank_pool, world, layout, causal):
+    seed = seed_of("bitwise", world, layout, causal)
+    gloo = rank_pool(world).run(ring_results, layout, causal, 6, seed)
+    seqlen = world * 6
+    q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, 4, 2, 16, torch.float64)
+    _, local = local_ring_results(world, layout, causal, q, k, v, dout)
+    for rank in range(world):
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), gloo[rank], local[rank]):
+            assert torch.equal(a, b.detach()), f"rank {rank} {name} differs"
+
+
+def test_local_ring_rejects_mismatched_shards():
+    ring = LocalRing(3)
+    q = [torch.randn(1, 4, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 4, 2, 8)]
+    k = [torch.randn(1, 4, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 4, 2, 8)]
+    with pytest.raises(ValueError, match=r"disagree on the local sequence length \(rank 0: 4, rank 1: 6"):
+        ring.ring_attn_func(q, k, k)
+    q[1], k[1] = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 3, 8)
+    with pytest.raises(ValueError, match=r"rank 1: the number of query heads \(2\) must be a multiple"):
+        ring.ring_attn_func(q, k, k)
+    with pytest.raises(ValueError, match="needs 3 shards"):
+        ring.ring_attn_func(q[:2], k, k)
