@@ -18,41 +18,50 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _lse_like(q: torch.Tensor) -> torch.Tensor:
+    """lse for q: (batch, heads, seqlen) for 4-D q, (heads, tokens) for packed 3-D q."""
+    shape = (q.shape[0], q.shape[2], q.shape[1]) if q.dim() == 4 else (q.shape[1], q.shape[0])
+    return q.new_empty(shape, dtype=acc_dtype(q.dtype))
+
+
+def _like(tensors):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+
+
 @torch.library.register_fake("ring_attention::ring_fwd")
-def _ring_fwd_fake(q, k, v, group_name, causal, softmax_scale, layout):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("ring_attn_func: q, k and v must be 4-D (batch, seqlen_local, heads, headdim)")
-    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=acc_dtype(q.dtype))
-    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, window_left, window_right,
+                   layout):
+    dims = 3 if cu_seqlens is not None else 4
+    if q.dim() != dims or k.dim() != dims or v.dim() != dims:
+        raise ValueError(f"ring attention: q, k and v must be {dims}-D")
+    return torch.empty_like(q, memory_format=torch.contiguous_format), _lse_like(q)
 
 
 @torch.library.register_fake("ring_attention::ring_bwd")
-def _ring_bwd_fake(dout, q, k, v, out, lse, group_name, causal, softmax_scale, layout):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+def _ring_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, group_name, causal, softmax_scale,
+                   window_left, window_right, layout):
+    return tuple(_like((q, k, v)))
+
+
+@torch.library.register_fake("ring_attention::local_ring_fwd")
+def _local_ring_fwd_fake(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_left, window_right,
+                         layout):
+    return _like(qs), [_lse_like(q) for q in qs]
+
+
+@torch.library.register_fake("ring_attention::local_ring_bwd")
+def _local_ring_bwd_fake(douts, qs, ks, vs, outs, lses, cu_seqlens, causal, softmax_scale,
+                         window_left, window_right, layout):
+    return _like(qs), _like(ks), _like(vs)
 
 
 @torch.library.register_fake("ring_attention::block_fwd")
-def _block_fwd_fake(q, k, v, q_pos, k_pos, out_acc, lse, causal, softmax_scale):
-    return None
-
-
-@torch.library.register_fake("ring_attention::block_bwd")
-def _block_bwd_fake(dout, q, k, v, q_pos, k_pos, lse, delta, dq_acc, dk_acc, dv_acc, causal,
+def _block_fwd_fake(q, k, v, q_pos, k_pos, q_seg, out_acc, lse, causal, window_left, window_right,
                     softmax_scale):
     return None
 
 
-@torch.library.register_fake("ring_attention::local_ring_fwd")
-def _local_ring_fwd_fake(qs, ks, vs, causal, softmax_scale, layout):
-    outs = [torch.empty_like(q, memory_format=torch.contiguous_format) for q in qs]
-    lses = [q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=acc_dtype(q.dtype)) for q in qs]
-    return outs, lses
-
-
-@torch.library.register_fake("ring_attention::local_ring_bwd")
-def _local_ring_bwd_fake(douts, qs, ks, vs, outs, lses, causal, softmax_scale, layout):
-    def like(ts):
-        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]
-    return like(qs), like(ks), like(vs)
+@torch.library.register_fake("ring_attention::block_bwd")
+def _block_bwd_fake(dout, q, k, v, q_pos, k_pos, q_seg, lse, delta, dq_acc, dk_acc, dv_acc, causal,
+                    window_left, window_right, softmax_scale):
+    return None

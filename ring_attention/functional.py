@@ -1,5 +1,5 @@
-"""The differentiable ring attention entry point."""
-from typing import Optional
+"""The differentiable ring attention entry points."""
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -9,10 +9,12 @@ from ._ops import ops
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group_name: str, causal: bool, softmax_scale: float, layout: str):
-        out, lse = ops.ring_fwd(q, k, v, group_name, causal, softmax_scale, layout)
+    def forward(ctx, q, k, v, cu_seqlens, group_name: str, causal: bool, softmax_scale: float,
+                window_left: int, window_right: int, layout: str):
+        args = (cu_seqlens, group_name, causal, softmax_scale, window_left, window_right, layout)
+        out, lse = ops.ring_fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring_args = (group_name, causal, softmax_scale, layout)
+        ctx.ring_args = args
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -20,26 +22,74 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _window(window_size) -> Tuple[int, int]:
+    """(left, right) as ints; a malformed value becomes (-2, -2), which the ops reject on every
+    rank (raising here, on one rank only, would leave its peers waiting)."""
+    try:
+        left, right = window_size
+        if isinstance(left, bool) or isinstance(right, bool) or int(left) != left or int(right) != right:
+            return -2, -2
+        return int(left), int(right)
+    except (TypeError, ValueError):
+        return -2, -2
+
+
+def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
+    if softmax_scale is not None:
+        return float(softmax_scale)
+    headdim = q.shape[-1] if q.dim() > 0 else 0
+    return headdim ** -0.5 if headdim > 0 else 1.0
 
 
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                   softmax_scale: Optional[float] = None, group=None, layout: str = "contiguous",
-                   return_lse: bool = False):
+                   softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
+                   group=None, layout: str = "contiguous", return_lse: bool = False,
+                   deterministic: bool = False):
     """Exact attention of this rank's queries against the whole sharded sequence.
 
     q: (batch, seqlen_local, nheads, headdim); k, v: (batch, seqlen_local, nheads_kv, headdim) with
     nheads % nheads_kv == 0. Every rank of ``group`` (default: the default group; world size 1
     when torch.distributed is not initialised) calls this with its shard in ``layout``
-    ("contiguous", "zigzag" or "striped", as produced by ``shard``). Causal masking is by global
-    token position. Returns out like q, or (out, lse) with lse (batch, nheads, seqlen_local) in
-    float32 (float64 for float64 inputs), natural log, not differentiable.
-    Invalid or mismatched inputs raise ValueError on every rank.
+    ("contiguous", "zigzag" or "striped", as produced by ``shard``). Masks are by global token
+    position: ``causal`` hides later keys, ``window_size=(left, right)`` limits a query at
+    position i to keys in [i - left, i + right] (-1: unbounded). Returns out like q, or (out, lse)
+    with lse (batch, nheads, seqlen_local) in float32 (float64 for float64 inputs), natural log,
+    not differentiable. ``deterministic`` is accepted for API parity: the CPU path is always
+    bitwise deterministic. Invalid or mismatched inputs raise ValueError on every rank.
     """
     group, _, _ = _group.resolve(group)
-    if softmax_scale is None:
-        headdim = q.shape[-1] if q.dim() > 0 else 0
-        softmax_scale = headdim ** -0.5 if headdim > 0 else 1.0
-    out, lse = _RingAttention.apply(q, k, v, _group.group_name(group), bool(causal),
-                                    float(softmax_scale), layout)
+    left, right = _window(window_size)
+    out, lse = _RingAttention.apply(q, k, v, None, _group.group_name(group), bool(causal),
+                                    _default_scale(q, softmax_scale), left, right, layout)
     return (out, lse) if return_lse else out
+
+
+def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cu_seqlens: torch.Tensor, *, causal: bool = False,
+                          softmax_scale: Optional[float] = None,
+                          window_size: Sequence[int] = (-1, -1), group=None,
+                          layout: str = "contiguous", return_lse: bool = False,
+                          deterministic: bool = False):
+    """Ring attention over packed variable-length sequences; attention never crosses a boundary.
+
+    q: (tokens_local, nheads, headdim); k, v: (tokens_local, nheads_kv, headdim), this rank's part
+    as produced by ``shard_varlen(x, cu_seqlens, layout=layout)``. cu_seqlens: int32
+    (num_seqs + 1,), the global boundaries of the packed, unpadded batch, identical on every rank
+    (checked). Pad tokens that shard_varlen inserted attend to nothing, get output 0 and LSE -inf,
+    and receive no gradient. Returns out like q, or (out, lse) with lse (nheads, tokens_local).
+    """
+    group, _, _ = _group.resolve(group)
+    left, right = _window(window_size)
+    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), bool(causal),
+                                    _default_scale(q, softmax_scale), left, right, layout)
+    return (out, lse) if return_lse else out
+
+
+def last_ring_stats() -> dict:
+    """What this thread's last ring call did on this rank: ring steps, blocks computed (blocks
+    wholly hidden by the mask are skipped) and exchanges posted (K/V and dK/dV hops)."""
+    steps, blocks, exchanges = ops.last_ring_stats()
+    return {"steps": steps, "blocks_computed": blocks, "exchanges_posted": exchanges}

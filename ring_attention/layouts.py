@@ -63,33 +63,37 @@ def _inverse_order(layout: str, world: int, local_len: int) -> torch.Tensor:
     return inverse
 
 
-def _check_same_shape(x: torch.Tensor, group, world: int) -> None:
+def _check_same_shape(x: torch.Tensor, group, world: int, what: str) -> None:
     desc = torch.tensor([x.dim(), *x.shape, *([-1] * (8 - x.dim()))][:9], dtype=torch.int64)
     gathered = [torch.empty_like(desc) for _ in range(world)]
     dist.all_gather(gathered, desc, group=group)
     shapes = [tuple(g[1:1 + int(g[0])].tolist()) for g in gathered]
     if len(set(shapes)) > 1:
         listing = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
-        raise ValueError(f"unshard: ranks hold shards of different shapes ({listing})")
+        raise ValueError(f"{what}: ranks hold shards of different shapes ({listing})")
 
 
-class _Unshard(torch.autograd.Function):
+class _GatherInOrder(torch.autograd.Function):
+    """All-gathers equal shards along `dim` and picks `order` (indices into the rank-order
+    concatenation). Backward: the adjoint of an all-gather (gradients summed over ranks), scattered
+    back through `order` (injective), then this rank's part."""
+
     @staticmethod
-    def forward(ctx, x_local, group, rank, world, layout, dim):
-        ctx.meta = (group, rank, world, layout, dim, x_local.shape[dim])
+    def forward(ctx, x_local, group, rank, world, dim, order):
+        ctx.meta = (group, rank, world, dim, x_local.shape[dim], order)
         parts = [torch.empty_like(x_local, memory_format=torch.contiguous_format) for _ in range(world)]
         dist.all_gather(parts, x_local.contiguous(), group=group)
-        inverse = _inverse_order(layout, world, x_local.shape[dim]).to(x_local.device)
-        return torch.cat(parts, dim=dim).index_select(dim, inverse)
+        return torch.cat(parts, dim=dim).index_select(dim, order.to(x_local.device))
 
     @staticmethod
-    def backward(ctx, grad_full):
-        # Adjoint of an all-gather: gradients from every rank are summed, then this rank's part.
-        group, rank, world, layout, dim, local_len = ctx.meta
-        grad_full = grad_full.contiguous()
-        dist.all_reduce(grad_full, group=group)
-        index = positions(layout, rank, world, local_len).to(grad_full.device)
-        return grad_full.index_select(dim, index), None, None, None, None, None
+    def backward(ctx, grad_out):
+        group, rank, world, dim, local_len, order = ctx.meta
+        grad_out = grad_out.contiguous()
+        dist.all_reduce(grad_out, group=group)
+        shape = list(grad_out.shape)
+        shape[dim] = world * local_len
+        grad_cat = grad_out.new_zeros(shape).index_copy(dim, order.to(grad_out.device), grad_out)
+        return grad_cat.narrow(dim, rank * local_len, local_len), None, None, None, None, None
 
 
 def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
@@ -99,11 +103,97 @@ def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", di
     """
     _check_layout(layout)
     group, rank, world = _group.resolve(group)
-    if world == 1:
-        if layout == "zigzag" and x_local.shape[dim] % 2:
-            raise ValueError(f"layout 'zigzag' needs an even local length, got {x_local.shape[dim]}")
-        return x_local
-    _check_same_shape(x_local, group, world)
     if layout == "zigzag" and x_local.shape[dim] % 2:
         raise ValueError(f"layout 'zigzag' needs an even local length, got {x_local.shape[dim]}")
-    return _Unshard.apply(x_local, group, rank, world, layout, dim % x_local.dim())
+    if world == 1:
+        return x_local
+    _check_same_shape(x_local, group, world, "unshard")
+    order = _inverse_order(layout, world, x_local.shape[dim])
+    return _GatherInOrder.apply(x_local, group, rank, world, dim % x_local.dim(), order)
+
+
+# ---- packed variable-length sequences -------------------------------------------------------
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor) -> list:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor of num_seqs + 1 >= 2 boundaries")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
+    return cu
+
+
+def varlen_positions(cu_seqlens: torch.Tensor, layout: str, rank: int, world: int):
+    """This rank's tokens of a packed batch split by ``shard_varlen``.
+
+    Each sequence is padded to a multiple of world (2 * world for zigzag) and split by the layout
+    on its own. Returns (positions, source): int64 (tokens_local,) positions in the padded packed
+    stream, and the index of each token in the unpadded packed tensor (-1 for a pad token).
+    """
+    _check_layout(layout)
+    cu = _check_cu_seqlens(cu_seqlens)
+    parts = 2 * world if layout == "zigzag" else world
+    pos, src, start = [], [], 0
+    for begin, end in zip(cu, cu[1:]):
+        length = end - begin
+        padded = -(-length // parts) * parts
+        offsets = positions(layout, rank, world, padded // world)
+        pos.append(start + offsets)
+        src.append(torch.where(offsets < length, begin + offsets, torch.full_like(offsets, -1)))
+        start += padded
+    empty = torch.zeros(0, dtype=torch.int64)
+    return torch.cat(pos) if pos else empty, torch.cat(src) if src else empty
+
+
+def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None, layout: str = "contiguous",
+                 dim: int = 0) -> torch.Tensor:
+    """This rank's part of the packed tensor ``x`` (tokens along ``dim``, cu_seqlens[-1] of them).
+
+    Every sequence is split by the layout on its own (zigzag per sequence balances causal work);
+    sequences whose length does not divide are padded with zeros inside the library, so every rank
+    gets the same number of tokens. Differentiable.
+    """
+    _, rank, world = _group.resolve(group)
+    return _padded_source(x, cu_seqlens, layout, rank, world, dim)
+
+
+def _padded_source(x, cu_seqlens, layout, rank, world, dim):
+    """Rank's tokens of x: its part of every padded sequence, zeros for the pads."""
+    cu = _check_cu_seqlens(cu_seqlens)
+    if x.shape[dim] != cu[-1]:
+        raise ValueError(f"shard_varlen: x has {x.shape[dim]} tokens along dim {dim}, cu_seqlens ends at {cu[-1]}")
+    _, source = varlen_positions(cu_seqlens, layout, rank, world)
+    pad_shape = list(x.shape)
+    pad_shape[dim] = 1
+    padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)  # index x.shape[dim] is the pad
+    source = torch.where(source < 0, torch.full_like(source, x.shape[dim]), source)
+    return padded.index_select(dim, source.to(x.device))
+
+
+def _varlen_order(cu_seqlens, layout, world):
+    """Index of every real token of the packed batch in the rank-order concatenation of shards."""
+    cu = _check_cu_seqlens(cu_seqlens)
+    gathered_source = torch.cat([varlen_positions(cu_seqlens, layout, r, world)[1] for r in range(world)])
+    order = torch.empty(cu[-1], dtype=torch.int64)
+    real = gathered_source >= 0
+    order[gathered_source[real]] = torch.arange(gathered_source.numel())[real]
+    return order
+
+
+def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None,
+                   layout: str = "contiguous", dim: int = 0) -> torch.Tensor:
+    """The full packed tensor in the original order, pads removed: the inverse of shard_varlen.
+
+    Differentiable; the gradient is the sum over ranks of the gradients of the full tensor.
+    """
+    group, rank, world = _group.resolve(group)
+    expected = varlen_positions(cu_seqlens, layout, rank, world)[1].numel()
+    if x_local.shape[dim] != expected:
+        raise ValueError(f"unshard_varlen: x_local has {x_local.shape[dim]} tokens along dim {dim}, "
+                         f"shard_varlen of these cu_seqlens gives {expected}")
+    order = _varlen_order(cu_seqlens, layout, world)
+    if world == 1:
+        return x_local.index_select(dim, order.to(x_local.device))
+    _check_same_shape(x_local, group, world, "unshard_varlen")
+    return _GatherInOrder.apply(x_local, group, rank, world, dim % x_local.dim(), order)

@@ -10,26 +10,29 @@ from typing import List, Optional, Sequence
 import torch
 
 from ._ops import ops
+from .functional import _default_scale, _window
 
 
 class _LocalRingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, world: int, causal: bool, softmax_scale: float, layout: str, *tensors):
+    def forward(ctx, world: int, cu_seqlens, causal: bool, softmax_scale: float, window: tuple, layout: str,
+                *tensors):
         qs, ks, vs = tensors[:world], tensors[world:2 * world], tensors[2 * world:]
-        outs, lses = ops.local_ring_fwd(list(qs), list(ks), list(vs), causal, softmax_scale, layout)
+        args = (cu_seqlens, causal, softmax_scale, *window, layout)
+        outs, lses = ops.local_ring_fwd(list(qs), list(ks), list(vs), *args)
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
-        ctx.ring_args = (world, causal, softmax_scale, layout)
+        ctx.world, ctx.ring_args = world, args
         ctx.mark_non_differentiable(*lses)
         return (*outs, *lses)
 
     @staticmethod
     def backward(ctx, *grads):
-        world, causal, softmax_scale, layout = ctx.ring_args
+        world = ctx.world
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (list(saved[i * world:(i + 1) * world]) for i in range(5))
         douts = [g if g is not None else torch.zeros_like(o) for g, o in zip(grads[:world], outs)]
-        dqs, dks, dvs = ops.local_ring_bwd(douts, qs, ks, vs, outs, lses, causal, softmax_scale, layout)
-        return (None, None, None, None, *dqs, *dks, *dvs)
+        dqs, dks, dvs = ops.local_ring_bwd(douts, qs, ks, vs, outs, lses, *ctx.ring_args)
+        return (None, None, None, None, None, None, *dqs, *dks, *dvs)
 
 
 class LocalRing:
@@ -43,13 +46,24 @@ class LocalRing:
 
     def ring_attn_func(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
                        vs: Sequence[torch.Tensor], *, causal: bool = False,
-                       softmax_scale: Optional[float] = None, layout: str = "contiguous",
-                       return_lse: bool = False):
+                       softmax_scale: Optional[float] = None, window_size=(-1, -1),
+                       layout: str = "contiguous", return_lse: bool = False):
         """Ring attention of every virtual rank's shard.
 
         qs, ks, vs: one shard per virtual rank, shapes as for ``ring_attn_func``. Returns the list
         of outputs, or (outputs, lses). Gradients flow back to every shard.
         """
+        return self._run(qs, ks, vs, None, causal, softmax_scale, window_size, layout, return_lse)
+
+    def ring_attn_varlen_func(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
+                              vs: Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *,
+                              causal: bool = False, softmax_scale: Optional[float] = None,
+                              window_size=(-1, -1), layout: str = "contiguous", return_lse: bool = False):
+        """Packed sequences as ``ring_attn_varlen_func``: one (tokens_local, heads, headdim) shard
+        per virtual rank, as made by ``shard_varlen``."""
+        return self._run(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse)
+
+    def _run(self, qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse):
         world = self.world_size
         for name, shards in (("qs", qs), ("ks", ks), ("vs", vs)):
             if len(shards) != world:
@@ -57,13 +71,24 @@ class LocalRing:
             for t in shards:
                 if t.device.type != self.device.type:
                     raise ValueError(f"LocalRing on {self.device}: {name} has a tensor on {t.device}")
-        if softmax_scale is None:
-            headdim = qs[0].shape[-1] if qs[0].dim() > 0 else 0
-            softmax_scale = headdim ** -0.5 if headdim > 0 else 1.0
-        results = _LocalRingAttention.apply(world, bool(causal), float(softmax_scale), layout, *qs, *ks, *vs)
+        results = _LocalRingAttention.apply(world, cu_seqlens, bool(causal), _default_scale(qs[0], softmax_scale),
+                                            _window(window_size), layout, *qs, *ks, *vs)
         outs: List[torch.Tensor] = list(results[:world])
         lses: List[torch.Tensor] = list(results[world:])
         return (outs, lses) if return_lse else outs
+
+    def shard_varlen(self, x: torch.Tensor, cu_seqlens: torch.Tensor, *, layout: str = "contiguous",
+                     dim: int = 0) -> List[torch.Tensor]:
+        """Every virtual rank's part of the packed tensor ``x`` (see ``shard_varlen``)."""
+        from .layouts import _padded_source
+        return [_padded_source(x, cu_seqlens, layout, r, self.world_size, dim) for r in range(self.world_size)]
+
+    def unshard_varlen(self, shards: Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *,
+                       layout: str = "contiguous", dim: int = 0) -> torch.Tensor:
+        """The packed tensor in original order from every virtual rank's part, pads removed."""
+        from .layouts import _varlen_order
+        order = _varlen_order(cu_seqlens, layout, self.world_size).to(shards[0].device)
+        return torch.cat(list(shards), dim=dim).index_select(dim, order)
 
     def shard(self, x: torch.Tensor, *, layout: str = "contiguous", dim: int = 1) -> List[torch.Tensor]:
         """Every virtual rank's part of the full tensor ``x``."""

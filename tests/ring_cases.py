@@ -14,6 +14,7 @@ Tolerances: |actual - reference| <= tol * max(1, max |reference|) + tol * |refer
     with a single key, whose exact value is 0: p = 1 and ds = dout.v - dout.out is pure
     rounding, summed over 256 query rows. Still 2e-5 is far below any real bug.
 """
+import itertools
 import os
 import threading
 import time
@@ -144,8 +145,20 @@ def _bad_dtype_mismatch(q, k, v, kw):
     return q, k.double(), v, kw
 
 
-def _bad_bf16(q, k, v, kw):
-    return q.bfloat16(), k.bfloat16(), v.bfloat16(), kw
+def _bad_int_dtype(q, k, v, kw):
+    return q.int(), k.int(), v.int(), kw
+
+
+def _bad_window_negative(q, k, v, kw):
+    return q, k, v, {**kw, "window_size": (-3, -1)}
+
+
+def _bad_window_causal_right(q, k, v, kw):
+    return q, k, v, {**kw, "window_size": (4, 2)}
+
+
+def _bad_window_type(q, k, v, kw):
+    return q, k, v, {**kw, "window_size": 5}
 
 
 def _bad_zigzag_odd(q, k, v, kw):
@@ -176,6 +189,10 @@ def _other_dtype(q, k, v, kw):
     return q.double(), k.double(), v.double(), kw
 
 
+def _other_window(q, k, v, kw):
+    return q, k, v, {**kw, "window_size": (3, 0)}
+
+
 # kind: (how the inputs of a "bad" rank change, what the error message must say)
 INVALID_INPUTS = {
     "q_3d": (_bad_q3d, "must be 4-D"),
@@ -183,7 +200,10 @@ INVALID_INPUTS = {
     "heads_not_divisible": (
         _bad_heads, "number of query heads (3) must be a multiple of the number of K/V heads (2)"),
     "dtype_mismatch": (_bad_dtype_mismatch, "q, k and v must have the same dtype"),
-    "bf16_on_cpu": (_bad_bf16, "BFloat16 is not supported on CPU"),
+    "int_dtype": (_bad_int_dtype, "dtype Int is not supported on CPU"),
+    "window_negative": (_bad_window_negative, "window_size values must be >= 0, or -1"),
+    "window_causal_right": (_bad_window_causal_right, "with causal=True the right window must be -1 or 0"),
+    "window_not_a_pair": (_bad_window_type, "window_size values must be >= 0, or -1"),
     "zigzag_odd_length": (_bad_zigzag_odd, "layout 'zigzag' needs an even local sequence length"),
     "unknown_layout": (_bad_layout, "unknown layout 'diagonal'"),
 }
@@ -193,6 +213,7 @@ DISAGREEMENTS = {
     "layout": (_other_layout, "ranks disagree on the layout"),
     "softmax_scale": (_other_scale, "ranks disagree on the softmax_scale"),
     "dtype": (_other_dtype, "ranks disagree on the dtype"),
+    "window": (_other_window, "ranks disagree on the window_size[0] (left)"),
 }
 
 
@@ -317,3 +338,45 @@ def ring_results(layout, causal, local_len, seed):
     out, lse = ra.ring_attn_func(*local[:3], causal=causal, layout=layout, return_lse=True)
     grads = torch.autograd.grad(out, local[:3], local[3])
     return [t.detach() for t in (out, lse, *grads)]
+
+
+# Packed sequences: (how a bad rank changes cu_seqlens, what the message must say). The good
+# cu_seqlens is [0, 3, 8, 9] on 3 ranks, contiguous: 12 padded tokens, 4 per rank.
+VARLEN_INVALID = {
+    "decreasing": (lambda cu: torch.tensor([0, 5, 3, 9], dtype=torch.int32), "must be non-decreasing"),
+    "not_from_zero": (lambda cu: cu + 1, "must start at 0"),
+    "wrong_total": (lambda cu: torch.tensor([0, 3, 8, 20], dtype=torch.int32), "q has 4 tokens, but shard_varlen"),
+    "int64": (lambda cu: cu.long(), "cu_seqlens must be a 1-D int32 tensor"),
+    "differs": (lambda cu: torch.tensor([0, 2, 8, 9], dtype=torch.int32), "ranks disagree on the cu_seqlens"),
+}
+
+
+def check_varlen_rejected(kind, bad_ranks):
+    """Ranks in `bad_ranks` pass a bad cu_seqlens; every rank must raise ValueError, then a valid
+    packed call still works on the same group. Returns the error message."""
+    rank, world = rank_and_world()
+    cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed_of("varlen-bad", rank))
+    q, k, v = (randn(g, 4, 2, 16, dtype=torch.float32) for _ in range(3))
+    bad_cu = VARLEN_INVALID[kind][0](cu) if rank in bad_ranks else cu
+    with pytest.raises(ValueError) as error:
+        ra.ring_attn_varlen_func(q, k, v, bad_cu, causal=True)
+    out = ra.ring_attn_varlen_func(q, k, v, cu, causal=True)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    return str(error.value)
+
+
+def varlen_ring_results(layout, causal, window, seqlens, seed):
+    """This rank's (out, lse, dq, dk, dv) of ring_attn_varlen_func on seeded float64 inputs."""
+    rank, world = rank_and_world()
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed)
+    total = int(cu[-1])
+    full = [randn(g, total, 4, 16) for _ in range(2)] + [randn(g, total, 2, 16) for _ in range(2)]
+    q, dout, k, v = (ra.shard_varlen(t, cu, layout=layout) for t in full)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out, lse = ra.ring_attn_varlen_func(q, k, v, cu, causal=causal, window_size=window,
+                                        layout=layout, return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    return [t.detach() for t in (out, lse, *grads)], ra.last_ring_stats()

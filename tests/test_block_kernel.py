@@ -39,7 +39,7 @@ def block_fwd(q, blocks, q_pos, causal, scale):
     out = torch.zeros(q.shape, dtype=acc_dtype(q.dtype))
     lse = torch.full((b, h, sq), NEG_INF, dtype=acc_dtype(q.dtype))
     for k, v, k_pos in blocks:
-        ra.ops.block_fwd(q, k, v, q_pos.int(), k_pos.int(), out, lse, causal, scale)
+        ra.ops.block_fwd(q, k, v, q_pos.int(), k_pos.int(), None, out, lse, causal, -1, -1, scale)
     return out, lse
 
 
@@ -48,7 +48,8 @@ def block_bwd(dout, q, k, v, q_pos, k_pos, out, lse, causal, scale, init):
     acc = acc_dtype(q.dtype)
     delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()
     dq, dk, dv = (t.to(acc).clone() for t in init)
-    ra.ops.block_bwd(dout, q, k, v, q_pos.int(), k_pos.int(), lse, delta, dq, dk, dv, causal, scale)
+    ra.ops.block_bwd(dout, q, k, v, q_pos.int(), k_pos.int(), None, lse, delta, dq, dk, dv, causal,
+                     -1, -1, scale)
     return dq, dk, dv
 
 
@@ -177,8 +178,9 @@ def _block_fwd_args(dtype=torch.float32):
     q, k, v, _ = random_qkv(0, 1, 6, 5, 4, 2, 16, dtype)
     acc = acc_dtype(dtype)
     pos = torch.arange(6, dtype=torch.int32)
-    return dict(q=q, k=k, v=v, q_pos=pos, k_pos=pos[:5], out_acc=torch.zeros(q.shape, dtype=acc),
-                lse=torch.full((1, 4, 6), NEG_INF, dtype=acc), causal=True, softmax_scale=0.25)
+    return dict(q=q, k=k, v=v, q_pos=pos, k_pos=pos[:5], q_seg=None,
+                out_acc=torch.zeros(q.shape, dtype=acc), lse=torch.full((1, 4, 6), NEG_INF, dtype=acc),
+                causal=True, window_left=-1, window_right=-1, softmax_scale=0.25)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -45,11 +45,11 @@ def test_default_softmax_scale_is_inverse_sqrt_headdim():
 def test_opcheck_ring_ops(causal, dtype):
     """torch.library.opcheck on ring_fwd and ring_bwd with group_name "" (world size 1)."""
     q, k, v, dout = random_qkv(4, 2, 6, 6, 4, 2, 16, dtype)
-    fwd_args = (q, k, v, "", causal, 0.3, "zigzag")
+    fwd_args = (q, k, v, None, "", causal, 0.3, 3, -1 if causal else 2, "zigzag")
     torch.library.opcheck(ra.ops.ring_fwd.default, fwd_args)
     out, lse = ra.ops.ring_fwd(*fwd_args)
     assert lse.dtype == acc_dtype(dtype)
-    bwd_args = (dout, q, k, v, out, lse, "", causal, 0.3, "zigzag")
+    bwd_args = (dout, q, k, v, out, lse, *fwd_args[3:])
     torch.library.opcheck(ra.ops.ring_bwd.default, bwd_args)
 
 
@@ -61,12 +61,13 @@ def test_opcheck_block_ops(dtype):
     q_pos, k_pos = torch.arange(6, dtype=torch.int32) + 2, torch.arange(5, dtype=torch.int32)
     out = torch.zeros(q.shape, dtype=acc)
     lse = torch.full((2, 4, 6), float("-inf"), dtype=acc)
-    torch.library.opcheck(ra.ops.block_fwd.default, (q, k, v, q_pos, k_pos, out, lse, True, 0.3))
-    ra.ops.block_fwd(q, k, v, q_pos, k_pos, out, lse, True, 0.3)
+    fwd_args = (q, k, v, q_pos, k_pos, None, out, lse, True, -1, -1, 0.3)
+    torch.library.opcheck(ra.ops.block_fwd.default, fwd_args)
+    ra.ops.block_fwd(*fwd_args)
     delta = (dout.to(acc) * out).sum(-1).transpose(1, 2).contiguous()
     grads = [torch.zeros(t.shape, dtype=acc) for t in (q, k, v)]
     torch.library.opcheck(ra.ops.block_bwd.default,
-                          (dout, q, k, v, q_pos, k_pos, lse, delta, *grads, True, 0.3))
+                          (dout, q, k, v, q_pos, k_pos, None, lse, delta, *grads, True, -1, -1, 0.3))
 
 
 @pytest.mark.parametrize("kind", sorted(ring_cases.INVALID_INPUTS))

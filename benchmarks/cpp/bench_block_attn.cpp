@@ -13,6 +13,7 @@
 #include <functional>
 #include <limits>
 #include <random>
+#include <time.h>
 #include <string>
 #include <vector>
 
@@ -36,21 +37,31 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// Milliseconds on the wall clock, or of process CPU time (opt.cpu_clock).
+double now_ms(bool cpu_clock) {
+  if (cpu_clock) {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  }
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 template <typename F>
-double time_ms(int warmup, int iters, F&& f, std::function<void()> reset = nullptr) {
-  for (int i = 0; i < warmup; ++i) {
+double time_ms(const bench::Options& opt, F&& f, std::function<void()> reset = nullptr) {
+  for (int i = 0; i < opt.warmup; ++i) {
     if (reset) reset();
     f();
   }
   std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
+  for (int i = 0; i < opt.iters; ++i) {
     if (reset) reset();
-    const auto t0 = std::chrono::steady_clock::now();
+    const double t0 = now_ms(opt.cpu_clock);
     f();
-    const auto t1 = std::chrono::steady_clock::now();
-    t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    t.push_back(now_ms(opt.cpu_clock) - t0);
   }
-  return median(t);
+  return opt.stat_min ? *std::min_element(t.begin(), t.end()) : median(t);
 }
 
 // Rows (or columns) to check: all when n is small, else a spread sample with both ends.
@@ -110,7 +121,7 @@ Result run_len(const bench::Options& opt, int64_t L) {
     std::fill(out.begin(), out.end(), T(0));
     std::fill(lse.begin(), lse.end(), static_cast<T>(ninf));
   };
-  const double fwd_ms = time_ms(opt.warmup, opt.iters, [&] { cpu::block_attn_fwd(fp); }, reset_state);
+  const double fwd_ms = time_ms(opt, [&] { cpu::block_attn_fwd(fp); }, reset_state);
   reset_state();
   cpu::block_attn_fwd(fp);
 
@@ -142,7 +153,7 @@ Result run_len(const bench::Options& opt, int64_t L) {
     std::fill(dk.begin(), dk.end(), T(0));
     std::fill(dv.begin(), dv.end(), T(0));
   };
-  const double bwd_ms = time_ms(opt.warmup, opt.iters, [&] { cpu::block_attn_bwd(bp); }, reset_grads);
+  const double bwd_ms = time_ms(opt, [&] { cpu::block_attn_bwd(bp); }, reset_grads);
 
   double visible = 0;
   for (int64_t i = 0; i < L; ++i) visible += opt.causal ? double(i + 1) : double(L);
@@ -272,8 +283,10 @@ int main(int argc, char** argv) {
   std::printf("# bench_block_attn: batch %d heads %d kv_heads %d headdim %d causal %d dtype %s threads %d\n",
               opt.batch, opt.heads, opt.nheads_kv(), opt.headdim, int(opt.causal), opt.dtype.c_str(),
               at::get_num_threads());
-  std::printf("# median of %d iters after %d warmup; GFLOP/s over visible pairs (fwd 4*B*H*V*D, bwd 2.5x)\n",
-              opt.iters, opt.warmup);
+  std::printf("# %s of %d iters after %d warmup, %s clock, %s kernels; GFLOP/s over visible pairs "
+              "(fwd 4*B*H*V*D, bwd 2.5x)\n",
+              opt.stat_min ? "min" : "median", opt.iters, opt.warmup, opt.cpu_clock ? "cpu" : "wall",
+              cpu::cpu_kernel_isa());
   std::printf("%10s %12s %12s %12s %12s %12s %8s\n", "len", "fwd_ms", "fwd_GFLOP/s", "bwd_ms",
               "bwd_GFLOP/s", "max_err", "status");
   std::vector<Result> results;

@@ -4,6 +4,8 @@
 //   -n/--iters N    -w/--warmup N   -c/--check 0|1
 //   -d/--headdim D  -H/--heads H    -K/--kv-heads HKV   -B/--batch B
 //   --causal 0|1    --dtype float32|float64             -t/--threads T
+//   --clock wall|cpu (cpu: process CPU time, steadier on a loaded machine at 1 thread)
+//   --stat median|min
 //   --json PATH     -h/--help
 // Header-only; benchmarks may add their own options by handling them before calling parse().
 #pragma once
@@ -32,6 +34,8 @@ struct Options {
   bool causal = false;
   std::string dtype = "float32";
   int threads = 0;  // 0: leave the runtime default
+  bool cpu_clock = false;  // time with the process CPU clock instead of the wall clock
+  bool stat_min = false;   // report the fastest iteration instead of the median
   std::string json;
 
   int nheads_kv() const { return kv_heads > 0 ? kv_heads : heads; }
@@ -85,6 +89,8 @@ inline void print_usage(const char* prog, const char* extra = nullptr) {
       "      --causal 0|1     causal mask                                  [0]\n"
       "      --dtype T        float32 | float64                            [float32]\n"
       "  -t, --threads T      intra-op threads (0: runtime default)        [0]\n"
+      "      --clock C        wall | cpu (process CPU time)                [wall]\n"
+      "      --stat S         median | min over the timed iterations       [median]\n"
       "      --json PATH      also write the results as JSON\n"
       "  -h, --help\n"
       "%s",
@@ -140,6 +146,20 @@ inline Options parse(int argc, char** argv, Unknown&& unknown, const char* extra
       }
     } else if (a == "-t" || a == "--threads") {
       o.threads = std::atoi(need());
+    } else if (a == "--clock") {
+      const std::string c = need();
+      if (c != "wall" && c != "cpu") {
+        std::fprintf(stderr, "--clock must be wall or cpu, got %s\n", c.c_str());
+        std::exit(2);
+      }
+      o.cpu_clock = c == "cpu";
+    } else if (a == "--stat") {
+      const std::string c = need();
+      if (c != "median" && c != "min") {
+        std::fprintf(stderr, "--stat must be median or min, got %s\n", c.c_str());
+        std::exit(2);
+      }
+      o.stat_min = c == "min";
     } else if (a == "--json") {
       o.json = need();
     } else {

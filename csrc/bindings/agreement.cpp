@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "comm/c10d_transport.h"
+#include "cuda/block_attn_cuda.h"  // kMaxHeadDim (plain C++, no CUDA needed)
 
 namespace ring_attn {
 
@@ -15,7 +16,7 @@ namespace {
 // Descriptor layout: kFields int64 fields, then a NUL-padded message of kMessageBytes.
 enum Field : int {
   kBatch = 0, kSeqlen, kHeads, kHeadsKV, kHeadDim, kDType, kDevice, kLayout, kCausal, kScale,
-  kHasError, kFields
+  kWindowLeft, kWindowRight, kNumSeqs, kSeqlensHash, kHasError, kFields
 };
 constexpr int kMessageBytes = 384;
 constexpr int kDescriptorLen = kFields + kMessageBytes / 8;
@@ -32,6 +33,10 @@ const char* field_name(int field) {
     case kLayout: return "layout";
     case kCausal: return "causal";
     case kScale: return "softmax_scale";
+    case kWindowLeft: return "window_size[0] (left)";
+    case kWindowRight: return "window_size[1] (right)";
+    case kNumSeqs: return "number of packed sequences (cu_seqlens)";
+    case kSeqlensHash: return "cu_seqlens";
     default: return "?";
   }
 }
@@ -48,6 +53,7 @@ std::string field_value(int field, int64_t value) {
     case kDevice: return c10::DeviceTypeName(static_cast<c10::DeviceType>(value), true);
     case kLayout: return value < 0 ? "unknown" : layout_name(static_cast<Layout>(value));
     case kCausal: return value ? "True" : "False";
+    case kSeqlensHash: return "hash " + std::to_string(value);
     case kScale: {
       double d;
       std::memcpy(&d, &value, sizeof(d));
@@ -61,10 +67,61 @@ std::string field_value(int field, int64_t value) {
 
 }  // namespace
 
+const at::Tensor RingCall::kNoTensor;
+
+// Packed sequences: the problem with cu_seqlens or the shard's length, or empty.
+static std::string validate_varlen(const RingCall& call, Layout layout) {
+  const at::Tensor& cu = call.cu_seqlens;
+  if (cu.scalar_type() != at::kInt || cu.dim() != 1 || cu.size(0) < 2) {
+    return std::string("cu_seqlens must be a 1-D int32 tensor of num_seqs + 1 >= 2 boundaries; got ") +
+           c10::toString(cu.scalar_type()) + " of shape " + shape_str(cu);
+  }
+  const at::Tensor host = cu.cpu().contiguous();
+  const int32_t* b = host.data_ptr<int32_t>();
+  if (b[0] != 0) return "cu_seqlens must start at 0, got " + std::to_string(b[0]);
+  for (int64_t i = 1; i < host.size(0); ++i) {
+    if (b[i] < b[i - 1]) {
+      return "cu_seqlens must be non-decreasing, but cu_seqlens[" + std::to_string(i) + "] = " +
+             std::to_string(b[i]) + " < cu_seqlens[" + std::to_string(i - 1) + "] = " +
+             std::to_string(b[i - 1]);
+    }
+  }
+  const int64_t expected = varlen_local_len(layout, call.world, b, host.size(0) - 1);
+  if (call.q.size(0) != expected) {
+    return "q has " + std::to_string(call.q.size(0)) + " tokens, but shard_varlen of cu_seqlens (" +
+           std::to_string(b[host.size(0) - 1]) + " tokens in " + std::to_string(host.size(0) - 1) +
+           " sequences, layout '" + layout_name(layout) + "', world " + std::to_string(call.world) +
+           ") gives " + std::to_string(expected) + " per rank; cu_seqlens must describe the global "
+           "packed batch and be the same on every rank";
+  }
+  return {};
+}
+
 std::string validate_local(const RingCall& call) {
   const at::Tensor& q = call.q;
   const at::Tensor& k = call.k;
   const at::Tensor& v = call.v;
+  const bool varlen = call.cu_seqlens.defined();
+  if (varlen && (q.dim() != 3 || k.dim() != 3 || v.dim() != 3)) {
+    return "ring_attn_varlen_func: q, k and v must be 3-D (tokens_local, heads, headdim); got q " +
+           shape_str(q) + ", k " + shape_str(k) + ", v " + shape_str(v);
+  }
+  if (varlen && q.is_cuda()) {
+    return "packed sequences (ring_attn_varlen_func) are not supported on CUDA yet; use the dense "
+           "ring_attn_func, or CPU tensors";
+  }
+  if (varlen) {
+    // The same checks as the dense call, on the (1, tokens_local, heads, headdim) view.
+    const at::Tensor q4 = q.unsqueeze(0), k4 = k.unsqueeze(0), v4 = v.unsqueeze(0);
+    const std::string error = validate_local(RingCall{q4, k4, v4, call.layout, call.causal,
+                                                      call.softmax_scale, call.window_left,
+                                                      call.window_right, RingCall::kNoTensor,
+                                                      call.world});
+    if (!error.empty()) return error;
+    Layout layout;
+    parse_layout(call.layout, &layout);
+    return validate_varlen(call, layout);
+  }
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) {
     return "q, k and v must be 4-D (batch, seqlen_local, heads, headdim); got q " + shape_str(q) +
            ", k " + shape_str(k) + ", v " + shape_str(v);
@@ -97,9 +154,20 @@ std::string validate_local(const RingCall& call) {
     return "q, k and v must be on the same device; got " + q.device().str() + ", " +
            k.device().str() + ", " + v.device().str();
   }
-  if (q.is_cpu() && q.scalar_type() != at::kFloat && q.scalar_type() != at::kDouble) {
+  const at::ScalarType dtype = q.scalar_type();
+  if (q.is_cpu() && dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16 &&
+      dtype != at::kHalf) {
     return std::string("dtype ") + c10::toString(q.scalar_type()) +
-           " is not supported on CPU (float32 and float64 are)";
+           " is not supported on CPU (float32, float64, bfloat16 and float16 are)";
+  }
+  if (q.is_cuda() && q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) {
+    return std::string("dtype ") + c10::toString(q.scalar_type()) +
+           " is not supported on CUDA (bfloat16 and float16 are)";
+  }
+  if (q.is_cuda() && (q.size(3) % 8 != 0 || q.size(3) > cuda::kMaxHeadDim)) {
+    return "head dimension " + std::to_string(q.size(3)) +
+           " is not supported on CUDA (multiples of 8 up to " + std::to_string(cuda::kMaxHeadDim) +
+           " are)";
   }
   Layout layout;
   if (!parse_layout(call.layout, &layout)) {
@@ -107,6 +175,14 @@ std::string validate_local(const RingCall& call) {
   }
   std::string len_error = check_local_len(layout, q.size(1));
   if (!len_error.empty()) return len_error;
+  if (call.window_left < -1 || call.window_right < -1) {
+    return "window_size values must be >= 0, or -1 for unbounded; got (" +
+           std::to_string(call.window_left) + ", " + std::to_string(call.window_right) + ")";
+  }
+  if (call.causal && call.window_right > 0) {
+    return "with causal=True the right window must be -1 or 0, got " +
+           std::to_string(call.window_right);
+  }
   if (!std::isfinite(call.softmax_scale)) {
     return "softmax_scale must be finite, got " + std::to_string(call.softmax_scale);
   }
@@ -120,16 +196,31 @@ at::Tensor describe(const RingCall& call) {
   if (local_error.empty()) {
     Layout layout;
     parse_layout(call.layout, &layout);
-    d[kBatch] = call.q.size(0);
-    d[kSeqlen] = call.q.size(1);
-    d[kHeads] = call.q.size(2);
-    d[kHeadsKV] = call.k.size(2);
-    d[kHeadDim] = call.q.size(3);
+    const int64_t tokens_dim = call.q.dim() - 3;  // 0 for varlen (3-D), 1 for dense
+    d[kBatch] = tokens_dim ? call.q.size(0) : 1;
+    d[kSeqlen] = call.q.size(tokens_dim);
+    d[kHeads] = call.q.size(tokens_dim + 1);
+    d[kHeadsKV] = call.k.size(tokens_dim + 1);
+    d[kHeadDim] = call.q.size(tokens_dim + 2);
     d[kDType] = static_cast<int64_t>(call.q.scalar_type());
     d[kDevice] = static_cast<int64_t>(call.q.device().type());
     d[kLayout] = static_cast<int64_t>(layout);
     d[kCausal] = call.causal;
     std::memcpy(&d[kScale], &call.softmax_scale, sizeof(double));
+    d[kWindowLeft] = call.window_left;
+    d[kWindowRight] = call.window_right;
+    if (call.cu_seqlens.defined()) {
+      const at::Tensor host = call.cu_seqlens.cpu().contiguous();
+      d[kNumSeqs] = host.size(0) - 1;
+      // FNV-1a over the boundaries: equal on every rank iff (almost surely) the tensors are.
+      uint64_t hash = 1469598103934665603ull;
+      for (int64_t i = 0; i < host.size(0); ++i) {
+        hash = (hash ^ static_cast<uint32_t>(host.data_ptr<int32_t>()[i])) * 1099511628211ull;
+      }
+      d[kSeqlensHash] = static_cast<int64_t>(hash >> 1);
+    } else {
+      d[kNumSeqs] = -1;
+    }
   } else {
     d[kHasError] = 1;
     std::strncpy(reinterpret_cast<char*>(d + kFields), local_error.c_str(), kMessageBytes - 1);

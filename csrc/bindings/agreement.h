@@ -16,6 +16,8 @@
 
 namespace ring_attn {
 
+// One rank's call. Dense: q (batch, seqlen_local, heads, headdim). Packed sequences (cu_seqlens
+// defined): q (tokens_local, heads, headdim) as produced by shard_varlen.
 struct RingCall {
   const at::Tensor& q;
   const at::Tensor& k;
@@ -23,6 +25,12 @@ struct RingCall {
   const std::string& layout;
   bool causal;
   double softmax_scale;
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  const at::Tensor& cu_seqlens = kNoTensor;  // int32 (num_seqs + 1,) on the CPU, or undefined
+  int world = 1;
+
+  static const at::Tensor kNoTensor;
 };
 
 // Empty when this rank's inputs are valid; otherwise what is wrong, phrased for the user.

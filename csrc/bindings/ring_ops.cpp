@@ -33,6 +33,19 @@ bool ring_check_enabled() {
 
 namespace {
 
+thread_local RingStats g_last_stats;
+
+template <typename Schedule>
+void record_stats(const std::vector<Schedule>& schedules) {
+  RingStats stats;
+  for (const Schedule& s : schedules) {
+    stats.steps = s.num_steps();
+    stats.blocks_computed += s.blocks_computed();
+    stats.exchanges_posted += s.exchanges_posted();
+  }
+  g_last_stats = stats;
+}
+
 // World size 1: the scheduler never exchanges anything.
 class SoloTransport final : public Transport {
  public:
@@ -56,40 +69,65 @@ at::Tensor pack_kv(const at::Tensor& k, const at::Tensor& v, at::ScalarType dtyp
   return packed;
 }
 
-// Everything a rank knows about the ring for one call.
+// Everything a rank knows about the ring for one call: every rank's positions (and, for packed
+// sequences, every query's sequence range), which blocks each rank needs, and how many steps the
+// ring runs. All of it is derived from the agreed arguments, so it is the same on every rank.
 struct RingContext {
   int rank;
   int world;
   Layout layout = Layout::kContiguous;
   MaskSpec mask;
   int64_t local_len;
-  std::vector<at::Tensor> positions;   // per source rank, int32 (seqlen_local,), lazily filled
-  std::vector<PositionRange> ranges;   // per source rank
+  bool packed;                          // packed variable-length sequences
+  std::vector<at::Tensor> positions;    // per rank, int32 (local_len,)
+  std::vector<at::Tensor> segments;     // per rank, int32 (local_len, 2) when packed
+  std::vector<TileBounds> query_bounds; // per rank: its queries' visible-key bounds
+  std::vector<PositionRange> key_ranges;// per rank: its keys' positions
+  int steps;
 
-  RingContext(int rank_, int world_, const std::string& layout_name, bool causal, int64_t local_len_)
-      : rank(rank_), world(world_), local_len(local_len_), positions(world_), ranges(world_) {
-    parse_layout(layout_name, &layout);
-    mask.causal = causal;
+  RingContext(int rank_, int world_, const RingOptions& options, int64_t local_len_)
+      : rank(rank_), world(world_), local_len(local_len_), packed(options.cu_seqlens.defined()),
+        positions(world_), segments(world_), query_bounds(world_), key_ranges(world_) {
+    parse_layout(options.layout, &layout);
+    mask.causal = options.causal;
+    mask.window_left = options.window_left;
+    mask.window_right = options.window_right;
+    const at::Tensor cu = packed ? options.cu_seqlens.cpu().contiguous() : at::Tensor();
     for (int r = 0; r < world; ++r) {
-      // Positions increase along a shard: the range is the first and last position.
-      ranges[r] = local_len == 0 ? PositionRange{1, 0}
-                                 : PositionRange{layout_position(layout, r, world, local_len, 0),
-                                                 layout_position(layout, r, world, local_len,
-                                                                 local_len - 1)};
+      positions[r] = at::empty({local_len}, at::kInt);
+      int32_t* pos = positions[r].data_ptr<int32_t>();
+      const int32_t* seg = nullptr;
+      if (packed) {
+        segments[r] = at::empty({local_len, 2}, at::kInt);
+        fill_varlen_positions(layout, r, world, cu.data_ptr<int32_t>(), cu.size(0) - 1, pos,
+                              segments[r].data_ptr<int32_t>());
+        seg = segments[r].data_ptr<int32_t>();
+      } else {
+        fill_positions(layout, r, world, local_len, pos);
+      }
+      query_bounds[r] = tile_bounds(mask, pos, seg, 0, local_len);
+      key_ranges[r] = range_of(pos, 0, local_len);
     }
+    steps = steps_needed(world, [this](int r, int source) { return needs(r, source); });
   }
 
+  // Does rank r's queries see any key of `source`?
+  bool needs(int r, int source) const {
+    return classify_tile(query_bounds[r], key_ranges[source]) != TileKind::kSkip;
+  }
+
+  // Positions of `source`'s tokens and this rank's sequence ranges, on `device` (moved once).
   const at::Tensor& positions_of(int source, const at::Device& device) {
-    if (!positions[source].defined()) {
-      at::Tensor pos = at::empty({local_len}, at::kInt);
-      fill_positions(layout, source, world, local_len, pos.data_ptr<int32_t>());
-      positions[source] = pos.to(device);
-    }
-    return positions[source];
+    return on_device(positions[source], device);
+  }
+  at::Tensor segments_of_rank(const at::Device& device) {
+    return packed ? on_device(segments[rank], device) : at::Tensor();
   }
 
-  bool is_needed(int source) const {
-    return classify_tile(mask, ranges[rank], ranges[source]) != TileKind::kSkip;
+ private:
+  static const at::Tensor& on_device(at::Tensor& t, const at::Device& device) {
+    if (t.device() != device) t = t.to(device);
+    return t;
   }
 };
 
@@ -105,12 +143,13 @@ class TensorBlockOps final : public BlockOps {
   // Backward state.
   at::Tensor dout, delta, dq_acc;
 
-  bool is_needed(int source) const override { return ring_.is_needed(source); }
+  bool is_needed(int source) const override { return ring_.needs(ring_.rank, source); }
 
   void forward(int kv_slot, int source) override {
     const at::Tensor& kv = slots_.at(kv_slot);
     kernels_.fwd(make_fwd_params(q, kv[0], kv[1], q_pos(), ring_.positions_of(source, q.device()),
-                                 out_acc, lse, ring_.mask.causal, scale_));
+                                 ring_.segments_of_rank(q.device()), out_acc, lse, ring_.mask,
+                                 scale_));
   }
 
   void backward(int kv_slot, int source, int grad_slot) override {
@@ -118,8 +157,9 @@ class TensorBlockOps final : public BlockOps {
     at::Tensor& grad = slots_.at(grad_slot);
     grad.zero_();
     kernels_.bwd(make_bwd_params(dout, q, kv[0], kv[1], q_pos(),
-                                 ring_.positions_of(source, q.device()), lse, delta, dq_acc,
-                                 grad[0], grad[1], ring_.mask.causal, scale_));
+                                 ring_.positions_of(source, q.device()),
+                                 ring_.segments_of_rank(q.device()), lse, delta, dq_acc, grad[0],
+                                 grad[1], ring_.mask, scale_));
   }
 
   void zero_grad(int grad_slot) override { slots_.at(grad_slot).zero_(); }
@@ -142,19 +182,26 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
-// One rank's part of a forward call: its ring view, buffers and block ops.
+// Packed sequences are one (1, tokens, heads, headdim) batch to the kernels.
+at::Tensor as_batch(const at::Tensor& t, const RingOptions& options) {
+  return options.cu_seqlens.defined() ? t.unsqueeze(0) : t;
+}
+at::Tensor from_batch(const at::Tensor& t, const RingOptions& options) {
+  return options.cu_seqlens.defined() ? t.squeeze(0) : t;
+}
+
+// One rank's part of a forward call: its ring view, buffers and block ops. Tensors in batch form.
 struct RankForward {
   RingContext ring;
   std::vector<at::Tensor> slots = std::vector<at::Tensor>(slot::kCount);
   TensorBlockOps ops;
 
   RankForward(const BlockKernels& kernels, int rank, int world, const at::Tensor& q,
-              const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
-              const std::string& layout)
-      : ring(rank, world, layout, causal, q.size(1)), ops(kernels, ring, slots, scale) {
+              const at::Tensor& k, const at::Tensor& v, const RingOptions& options)
+      : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
     const at::ScalarType acc = acc_dtype(q.scalar_type());
     slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
-    for (int i = 0; i < std::min(2, world - 1); ++i) {
+    for (int i = 0; i < std::min(2, ring.steps - 1); ++i) {
       slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
     }
     ops.q = unit_last_stride(q);
@@ -169,7 +216,7 @@ struct RankForward {
   }
 };
 
-// One rank's part of a backward call.
+// One rank's part of a backward call. Tensors in batch form.
 struct RankBackward {
   RingContext ring;
   std::vector<at::Tensor> slots = std::vector<at::Tensor>(slot::kCount);
@@ -177,18 +224,18 @@ struct RankBackward {
 
   RankBackward(const BlockKernels& kernels, int rank, int world, const at::Tensor& dout,
                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
-               const std::string& layout)
-      : ring(rank, world, layout, causal, q.size(1)), ops(kernels, ring, slots, scale) {
+               const at::Tensor& out, const at::Tensor& lse, const RingOptions& options)
+      : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
     const at::ScalarType acc = acc_dtype(q.scalar_type());
     slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
-    for (int i = 0; i < std::min(2, world - 1); ++i) {
+    for (int i = 0; i < std::min(2, ring.steps - 1); ++i) {
       slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
     }
     for (int i = 0; i < 2; ++i) {
       // The second accumulator and the receive buffers exist only when dK/dV travel.
-      if (i == 0 || world > 1) slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
-      if (world > 1) slots[slot::kGradRecv0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+      const bool travel = ring.steps > 1;
+      if (i == 0 || travel) slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+      if (travel) slots[slot::kGradRecv0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
     }
     ops.q = unit_last_stride(q);
     ops.dout = unit_last_stride(dout);
@@ -230,7 +277,7 @@ class LocalHub {
   }
 
   void wait(int rank, const Exchange& x) {
-    const int prev = mod(rank - 1, world());
+    const int prev = mod(rank - x.offset, world());
     auto mine = posted_[rank].find(key(x));
     auto theirs = posted_[prev].find(key(x));
     TORCH_CHECK(mine != posted_[rank].end() && theirs != posted_[prev].end(),
@@ -292,42 +339,54 @@ void check_local_ring_lists(size_t world, std::initializer_list<size_t> sizes) {
 
 }  // namespace
 
+RingStats last_ring_stats() { return g_last_stats; }
+
 std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& v,
-                                                const std::string& group_name, bool causal,
-                                                double softmax_scale, const std::string& layout) {
-  const auto group = resolve_group(group_name);
-  agree_or_throw(RingCall{q, k, v, layout, causal, softmax_scale}, group, ring_check_enabled(),
-                 ring_timeout_seconds());
-  RankForward rank(kernels, rank_of(group), world_of(group), q, k, v, causal, softmax_scale, layout);
+                                                const RingOptions& options) {
+  const auto group = resolve_group(options.group_name);
+  agree_or_throw(RingCall{q, k, v, options.layout, options.causal, options.softmax_scale,
+                          options.window_left, options.window_right, options.cu_seqlens,
+                          world_of(group)},
+                 group, ring_check_enabled(), ring_timeout_seconds());
+  const at::Tensor qb = as_batch(q, options);
+  RankForward rank(kernels, rank_of(group), world_of(group), qb, as_batch(k, options),
+                   as_batch(v, options), options);
   auto transport = group_transport(group, rank.slots);
-  RingForward(*transport, rank.ops).run();
-  return rank.result(q.scalar_type());
+  std::vector<RingForward> schedule{RingForward(*transport, rank.ops, rank.ring.steps)};
+  schedule[0].run();
+  record_stats(schedule);
+  auto [out, lse] = rank.result(q.scalar_type());
+  return {from_batch(out, options), from_batch(lse, options)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const std::string& group_name, bool causal, double softmax_scale, const std::string& layout) {
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const RingOptions& options) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
-  const auto group = resolve_group(group_name);
-  RankBackward rank(kernels, rank_of(group), world_of(group), dout, q, k, v, out, lse, causal,
-                    softmax_scale, layout);
+  const auto group = resolve_group(options.group_name);
+  RankBackward rank(kernels, rank_of(group), world_of(group), as_batch(dout, options),
+                    as_batch(q, options), as_batch(k, options), as_batch(v, options),
+                    as_batch(out, options), as_batch(lse, options), options);
   auto transport = group_transport(group, rank.slots);
-  RingBackward schedule(*transport, rank.ops);
-  schedule.run();
-  return rank.result(schedule.grad_result_slot(), q.scalar_type());
+  std::vector<RingBackward> schedule{RingBackward(*transport, rank.ops, rank.ring.steps)};
+  schedule[0].run();
+  record_stats(schedule);
+  auto [dq, dk, dv] = rank.result(schedule[0].grad_result_slot(), q.scalar_type());
+  return {from_batch(dq, options), from_batch(dk, options), from_batch(dv, options)};
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_forward(
     const BlockKernels& kernels, const std::vector<at::Tensor>& qs,
-    const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs, bool causal,
-    double softmax_scale, const std::string& layout) {
+    const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+    const RingOptions& options) {
   const int world = static_cast<int>(qs.size());
   check_local_ring_lists(qs.size(), {ks.size(), vs.size()});
   std::vector<at::Tensor> descriptors;
   for (int r = 0; r < world; ++r) {
-    descriptors.push_back(describe(RingCall{qs[r], ks[r], vs[r], layout, causal, softmax_scale}));
+    descriptors.push_back(describe(RingCall{qs[r], ks[r], vs[r], options.layout, options.causal,
+                                            options.softmax_scale, options.window_left,
+                                            options.window_right, options.cu_seqlens, world}));
   }
   check_descriptors(descriptors);
 
@@ -336,22 +395,25 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_forward(
   std::vector<std::unique_ptr<LocalTransport>> transports;
   std::vector<RingForward> schedules;
   for (int r = 0; r < world; ++r) {
-    ranks.push_back(std::make_unique<RankForward>(kernels, r, world, qs[r], ks[r], vs[r], causal,
-                                                  softmax_scale, layout));
+    ranks.push_back(std::make_unique<RankForward>(kernels, r, world, as_batch(qs[r], options),
+                                                  as_batch(ks[r], options),
+                                                  as_batch(vs[r], options), options));
     transports.push_back(std::make_unique<LocalTransport>(hub, r, ranks[r]->slots));
-    schedules.emplace_back(*transports[r], ranks[r]->ops);
+    schedules.emplace_back(*transports[r], ranks[r]->ops, ranks[r]->ring.steps);
   }
-  for (int step = 0; step < world; ++step) {
+  const int steps = schedules[0].num_steps();
+  for (int step = 0; step < steps; ++step) {
     for (auto& s : schedules) s.begin_step(step);
     for (auto& s : schedules) s.compute_step(step);
     for (auto& s : schedules) s.end_step(step);
   }
   hub.check_drained();
+  record_stats(schedules);
   std::vector<at::Tensor> outs, lses;
   for (int r = 0; r < world; ++r) {
     auto [out, lse] = ranks[r]->result(qs[r].scalar_type());
-    outs.push_back(out);
-    lses.push_back(lse);
+    outs.push_back(from_batch(out, options));
+    lses.push_back(from_batch(lse, options));
   }
   return {outs, lses};
 }
@@ -360,8 +422,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
 local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& douts,
                     const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
                     const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& outs,
-                    const std::vector<at::Tensor>& lses, bool causal, double softmax_scale,
-                    const std::string& layout) {
+                    const std::vector<at::Tensor>& lses, const RingOptions& options) {
   const int world = static_cast<int>(qs.size());
   check_local_ring_lists(qs.size(), {douts.size(), ks.size(), vs.size(), outs.size(), lses.size()});
   LocalHub hub(world);
@@ -369,24 +430,28 @@ local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& 
   std::vector<std::unique_ptr<LocalTransport>> transports;
   std::vector<RingBackward> schedules;
   for (int r = 0; r < world; ++r) {
-    ranks.push_back(std::make_unique<RankBackward>(kernels, r, world, douts[r], qs[r], ks[r], vs[r],
-                                                   outs[r], lses[r], causal, softmax_scale, layout));
+    ranks.push_back(std::make_unique<RankBackward>(
+        kernels, r, world, as_batch(douts[r], options), as_batch(qs[r], options),
+        as_batch(ks[r], options), as_batch(vs[r], options), as_batch(outs[r], options),
+        as_batch(lses[r], options), options));
     transports.push_back(std::make_unique<LocalTransport>(hub, r, ranks[r]->slots));
-    schedules.emplace_back(*transports[r], ranks[r]->ops);
+    schedules.emplace_back(*transports[r], ranks[r]->ops, ranks[r]->ring.steps);
   }
-  for (int step = 0; step < world; ++step) {
+  const int steps = schedules[0].num_steps();
+  for (int step = 0; step < steps; ++step) {
     for (auto& s : schedules) s.begin_step(step);
     for (auto& s : schedules) s.compute_step(step);
     for (auto& s : schedules) s.end_step(step);
   }
   for (auto& s : schedules) s.finish();
   hub.check_drained();
+  record_stats(schedules);
   std::vector<at::Tensor> dqs, dks, dvs;
   for (int r = 0; r < world; ++r) {
     auto [dq, dk, dv] = ranks[r]->result(schedules[r].grad_result_slot(), qs[r].scalar_type());
-    dqs.push_back(dq);
-    dks.push_back(dk);
-    dvs.push_back(dv);
+    dqs.push_back(from_batch(dq, options));
+    dks.push_back(from_batch(dk, options));
+    dvs.push_back(from_batch(dv, options));
   }
   return {dqs, dks, dvs};
 }

@@ -70,10 +70,28 @@ static BlockShape shape_of(const at::Tensor& q, const at::Tensor& k, const at::T
                     static_cast<int>(k.size(2)), static_cast<int>(q.size(3))};
 }
 
+static const int32_t* segments_of(const at::Tensor& q_seg, int64_t len) {
+  if (!q_seg.defined()) return nullptr;
+  TORCH_CHECK_VALUE(q_seg.dim() == 2 && q_seg.size(0) == len && q_seg.size(1) == 2 &&
+                        q_seg.scalar_type() == at::kInt && q_seg.is_contiguous(),
+                    "ring attention: q_seg must be a contiguous int32 tensor of shape (", len,
+                    ", 2); got ", q_seg.sizes(), " ", q_seg.scalar_type());
+  return q_seg.data_ptr<int32_t>();
+}
+
 BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& q_pos, const at::Tensor& k_pos,
                                const at::Tensor& out_acc, const at::Tensor& lse, bool causal,
                                double softmax_scale) {
+  MaskSpec mask;
+  mask.causal = causal;
+  return make_fwd_params(q, k, v, q_pos, k_pos, at::Tensor(), out_acc, lse, mask, softmax_scale);
+}
+
+BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& q_pos, const at::Tensor& k_pos,
+                               const at::Tensor& q_seg, const at::Tensor& out_acc,
+                               const at::Tensor& lse, const MaskSpec& mask, double softmax_scale) {
   BlockFwdParams p{};
   p.shape = shape_of(q, k, v);
   p.dtype = to_dtype(q.scalar_type());
@@ -89,7 +107,8 @@ BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const a
   p.v_strides = strides_of(v);
   p.q_pos = q_pos.data_ptr<int32_t>();
   p.k_pos = k_pos.data_ptr<int32_t>();
-  p.mask.causal = causal;
+  p.q_seg = segments_of(q_seg, q.size(1));
+  p.mask = mask;
   p.softmax_scale = softmax_scale;
   p.out_acc = out_acc.data_ptr();
   p.out_strides = strides_of(out_acc);
@@ -104,6 +123,19 @@ BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, cons
                                const at::Tensor& k_pos, const at::Tensor& lse,
                                const at::Tensor& delta, const at::Tensor& dq_acc,
                                const at::Tensor& dk_acc, const at::Tensor& dv_acc, bool causal,
+                               double softmax_scale) {
+  MaskSpec mask;
+  mask.causal = causal;
+  return make_bwd_params(dout, q, k, v, q_pos, k_pos, at::Tensor(), lse, delta, dq_acc, dk_acc,
+                         dv_acc, mask, softmax_scale);
+}
+
+BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& q_pos,
+                               const at::Tensor& k_pos, const at::Tensor& q_seg,
+                               const at::Tensor& lse, const at::Tensor& delta,
+                               const at::Tensor& dq_acc, const at::Tensor& dk_acc,
+                               const at::Tensor& dv_acc, const MaskSpec& mask,
                                double softmax_scale) {
   BlockBwdParams p{};
   p.shape = shape_of(q, k, v);
@@ -129,7 +161,8 @@ BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, cons
   p.dout_strides = strides_of(dout);
   p.q_pos = q_pos.data_ptr<int32_t>();
   p.k_pos = k_pos.data_ptr<int32_t>();
-  p.mask.causal = causal;
+  p.q_seg = segments_of(q_seg, q.size(1));
+  p.mask = mask;
   p.softmax_scale = softmax_scale;
   p.lse = lse.data_ptr();
   p.delta = delta.data_ptr();

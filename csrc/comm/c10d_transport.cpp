@@ -54,7 +54,7 @@ std::string C10dTransport::describe(const Exchange& exchange, bool receiving) co
   return std::string("ring attention: rank ") + std::to_string(rank_) + " failed at ring step " +
          std::to_string(exchange.step) + (receiving ? " receiving " : " sending ") +
          channel_name(exchange.channel) + (receiving ? " from rank " : " to rank ") +
-         std::to_string(mod(rank_ + (receiving ? -1 : 1), world_));
+         std::to_string(mod(rank_ + (receiving ? -exchange.offset : exchange.offset), world_));
 }
 
 void C10dTransport::post(const Exchange& exchange) {
@@ -65,12 +65,12 @@ void C10dTransport::post(const Exchange& exchange) {
   // Post the receive first: a peer's send can then land directly. A dead peer can fail the
   // posting itself.
   try {
-    pending.recv = group_->recv(recv, mod(rank_ - 1, world_), tag);
+    pending.recv = group_->recv(recv, mod(rank_ - exchange.offset, world_), tag);
   } catch (const std::exception& e) {
     throw std::runtime_error(describe(exchange, true) + ": " + e.what());
   }
   try {
-    pending.send = group_->send(send, mod(rank_ + 1, world_), tag);
+    pending.send = group_->send(send, mod(rank_ + exchange.offset, world_), tag);
   } catch (const std::exception& e) {
     abandon(pending.recv);
     throw std::runtime_error(describe(exchange, false) + ": " + e.what());
@@ -83,10 +83,12 @@ void C10dTransport::wait(const Exchange& exchange) {
   TORCH_CHECK(it != pending_.end(), "ring attention: internal error, waiting for an exchange (",
               channel_name(exchange.channel), ", step ", exchange.step, ") that was never posted");
   if (!wait_with_deadline(it->second.recv, timeout_s_, describe(exchange, true))) {
-    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, true, mod(rank_ - 1, world_));
+    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, true,
+                           mod(rank_ - exchange.offset, world_));
   }
   if (!wait_with_deadline(it->second.send, timeout_s_, describe(exchange, false))) {
-    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, false, mod(rank_ + 1, world_));
+    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, false,
+                           mod(rank_ + exchange.offset, world_));
   }
   pending_.erase(it);
 }

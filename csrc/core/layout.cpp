@@ -31,4 +31,37 @@ std::string check_local_len(Layout layout, int64_t local_len) {
   return {};
 }
 
+int64_t layout_parts(Layout layout, int world) {
+  return layout == Layout::kZigzag ? 2 * static_cast<int64_t>(world) : world;
+}
+
+static int64_t padded_len(int64_t len, int64_t parts) { return (len + parts - 1) / parts * parts; }
+
+int64_t varlen_local_len(Layout layout, int world, const int32_t* cu_seqlens, int64_t num_seqs) {
+  const int64_t parts = layout_parts(layout, world);
+  int64_t total = 0;
+  for (int64_t i = 0; i < num_seqs; ++i) total += padded_len(cu_seqlens[i + 1] - cu_seqlens[i], parts);
+  return total / world;
+}
+
+void fill_varlen_positions(Layout layout, int rank, int world, const int32_t* cu_seqlens,
+                           int64_t num_seqs, int32_t* pos, int32_t* seg) {
+  const int64_t parts = layout_parts(layout, world);
+  int64_t start = 0;  // S_i
+  int64_t out = 0;
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int64_t len = cu_seqlens[i + 1] - cu_seqlens[i];
+    const int64_t padded = padded_len(len, parts);
+    const int64_t local = padded / world;
+    for (int64_t j = 0; j < local; ++j, ++out) {
+      const int64_t offset = layout_position(layout, rank, world, local, j);  // inside the sequence
+      pos[out] = static_cast<int32_t>(start + offset);
+      const bool pad = offset >= len;
+      seg[2 * out] = pad ? 1 : static_cast<int32_t>(start);
+      seg[2 * out + 1] = pad ? 0 : static_cast<int32_t>(start + len - 1);
+    }
+    start += padded;
+  }
+}
+
 }  // namespace ring_attn

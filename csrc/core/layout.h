@@ -39,4 +39,17 @@ void fill_positions(Layout layout, int rank, int world, int64_t local_len, int32
 // Empty string when `local_len` is valid for the layout, else the reason.
 std::string check_local_len(Layout layout, int64_t local_len);
 
+// Packed variable-length sequences. Sequence i has n_i = cu_seqlens[i+1] - cu_seqlens[i] tokens,
+// padded to P_i, the next multiple of layout_parts (world, or 2*world for zigzag). Each rank holds
+// P_i / world tokens of every sequence, in order, split inside the sequence by the layout. A
+// token's position is its offset in the padded packed stream: sequence i occupies
+// [S_i, S_i + P_i) with S_i = sum of P_j for j < i, its real tokens [S_i, S_i + n_i).
+int64_t layout_parts(Layout layout, int world);
+int64_t varlen_local_len(Layout layout, int world, const int32_t* cu_seqlens, int64_t num_seqs);
+
+// Fills rank's positions (local_len) and, per token, its sequence's real tokens as an inclusive
+// (lo, hi) range of positions: seg[2*i], seg[2*i+1]; a pad token gets the empty range (1, 0).
+void fill_varlen_positions(Layout layout, int rank, int world, const int32_t* cu_seqlens,
+                           int64_t num_seqs, int32_t* pos, int32_t* seg);
+
 }  // namespace ring_attn

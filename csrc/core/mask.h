@@ -1,13 +1,19 @@
-// Masks from global token positions: one mechanism for every layout.
+// Masks from global token positions: one mechanism for every layout, packed sequences and windows.
 //
-// Every query row and key column carries its position in the global sequence. A pair (i, j) is
-// visible iff (causal) k_pos[j] <= q_pos[i]. A tile of rows x columns is classified from the
-// min/max positions of its rows and columns alone, so only partial tiles touch elements:
-//   skip    : no pair visible          (causal: k.lo > q.hi)
-//   full    : every pair visible       (causal: k.hi <= q.lo)
+// Every query row and key column carries its position in the global sequence. A query sees the
+// keys whose positions lie in its bounds [lo, hi]:
+//   lo = max(seg.lo, q_pos - window_left)                    (window_left  = -1: no limit)
+//   hi = min(seg.hi, causal ? q_pos : q_pos + window_right)  (window_right = -1: no limit)
+// where seg is the query's sequence as a range of positions (packed sequences; unbounded for one
+// sequence; empty for a pad token, which then sees nothing). A pad key's position lies in no
+// query's sequence, so no query sees it.
+//
+// A tile of query rows x key columns is classified from the rows' bounds and the keys' min/max
+// positions alone, so only partial tiles touch elements:
+//   skip    : no pair visible          (max_hi < k.lo or min_lo > k.hi, or every row empty)
+//   full    : every pair visible       (max_lo <= k.lo and k.hi <= min_hi, no empty row)
 //   partial : otherwise (evaluate is_visible per element)
-// The classification is exact for "full" and conservative for "skip" (a tile classified partial
-// may still contain no visible pair; it is then computed with every element masked).
+// "full" is exact; "skip" is conservative (a partial tile may still show nothing).
 #pragma once
 
 #include <cstdint>
@@ -16,35 +22,99 @@
 
 namespace ring_attn {
 
-// What the mask depends on besides positions.
+constexpr int64_t kNoLimit = INT64_MAX / 4;  // far beyond any position, safe to add to
+
 struct MaskSpec {
   bool causal = false;
+  int64_t window_left = -1;   // keys at positions >= q_pos - window_left; -1: unbounded
+  int64_t window_right = -1;  // keys at positions <= q_pos + window_right; -1: unbounded
 };
 
-// Inclusive [lo, hi] range of positions of a set of tokens; empty when lo > hi.
+// Inclusive [lo, hi] range of positions; empty when lo > hi.
 struct PositionRange {
   int64_t lo;
   int64_t hi;
   RA_HD bool empty() const { return lo > hi; }
 };
 
+RA_HD PositionRange unbounded_range() { return PositionRange{-kNoLimit, kNoLimit}; }
+
 enum class TileKind : uint8_t { kSkip = 0, kPartial = 1, kFull = 2 };
 
-RA_HD bool is_visible(const MaskSpec& mask, int64_t q_pos, int64_t k_pos) {
-  return !mask.causal || k_pos <= q_pos;
+// Positions of the keys one query sees. `seg`: the query's sequence (unbounded_range() when the
+// sequence is not packed).
+RA_HD PositionRange row_bounds(const MaskSpec& mask, int64_t q_pos, PositionRange seg) {
+  int64_t lo = seg.lo;
+  int64_t hi = seg.hi;
+  if (mask.window_left >= 0 && q_pos - mask.window_left > lo) lo = q_pos - mask.window_left;
+  if (mask.causal && q_pos < hi) hi = q_pos;
+  if (mask.window_right >= 0 && q_pos + mask.window_right < hi) hi = q_pos + mask.window_right;
+  return PositionRange{lo, hi};
 }
 
-RA_HD TileKind classify_tile(const MaskSpec& mask, PositionRange q, PositionRange k) {
-  if (q.empty() || k.empty()) return TileKind::kSkip;
-  if (!mask.causal) return TileKind::kFull;
-  if (k.lo > q.hi) return TileKind::kSkip;
-  if (k.hi <= q.lo) return TileKind::kFull;
+RA_HD bool is_visible(const PositionRange& bounds, int64_t k_pos) {
+  return bounds.lo <= k_pos && k_pos <= bounds.hi;
+}
+
+// One sequence (no packing): visibility from the two positions alone.
+RA_HD bool is_visible(const MaskSpec& mask, int64_t q_pos, int64_t k_pos) {
+  return is_visible(row_bounds(mask, q_pos, unbounded_range()), k_pos);
+}
+
+// [min, max] of the rows' lo and hi bounds over the non-empty rows of a tile.
+struct TileBounds {
+  int64_t min_lo, max_lo, min_hi, max_hi;
+  bool any_empty_row;
+  RA_HD bool all_rows_empty() const { return min_lo > max_lo; }
+};
+
+RA_HD TileBounds empty_tile_bounds() {
+  return TileBounds{kNoLimit, -kNoLimit, kNoLimit, -kNoLimit, false};
+}
+
+RA_HD void add_row(TileBounds& t, PositionRange row) {
+  if (row.empty()) {
+    t.any_empty_row = true;
+    return;
+  }
+  t.min_lo = row.lo < t.min_lo ? row.lo : t.min_lo;
+  t.max_lo = row.lo > t.max_lo ? row.lo : t.max_lo;
+  t.min_hi = row.hi < t.min_hi ? row.hi : t.min_hi;
+  t.max_hi = row.hi > t.max_hi ? row.hi : t.max_hi;
+}
+
+// Bounds of query rows [begin, end). q_seg: per row its sequence as (lo, hi) int32 pairs, or null
+// for one unpacked sequence.
+RA_HD TileBounds tile_bounds(const MaskSpec& mask, const int32_t* q_pos, const int32_t* q_seg,
+                             int64_t begin, int64_t end) {
+  TileBounds t = empty_tile_bounds();
+  for (int64_t i = begin; i < end; ++i) {
+    const PositionRange seg =
+        q_seg ? PositionRange{q_seg[2 * i], q_seg[2 * i + 1]} : unbounded_range();
+    add_row(t, row_bounds(mask, q_pos[i], seg));
+  }
+  return t;
+}
+
+RA_HD TileKind classify_tile(const TileBounds& q, PositionRange k) {
+  if (q.all_rows_empty() || k.empty()) return TileKind::kSkip;
+  if (q.max_hi < k.lo || q.min_lo > k.hi) return TileKind::kSkip;
+  if (!q.any_empty_row && q.max_lo <= k.lo && k.hi <= q.min_hi) return TileKind::kFull;
   return TileKind::kPartial;
+}
+
+// One unpacked sequence: the rows' bounds grow with their positions, so a query range decides.
+RA_HD TileKind classify_tile(const MaskSpec& mask, PositionRange q, PositionRange k) {
+  if (q.empty()) return TileKind::kSkip;
+  TileBounds t = empty_tile_bounds();
+  add_row(t, row_bounds(mask, q.lo, unbounded_range()));
+  add_row(t, row_bounds(mask, q.hi, unbounded_range()));
+  return classify_tile(t, k);
 }
 
 // min/max of pos[begin:end) (positions need not be sorted).
 RA_HD PositionRange range_of(const int32_t* pos, int64_t begin, int64_t end) {
-  PositionRange r{INT64_MAX, INT64_MIN};
+  PositionRange r{kNoLimit, -kNoLimit};
   for (int64_t i = begin; i < end; ++i) {
     const int64_t p = pos[i];
     r.lo = p < r.lo ? p : r.lo;

@@ -39,6 +39,9 @@ struct BlockFwdParams {
   Strides q_strides, k_strides, v_strides;
   const int32_t* q_pos;
   const int32_t* k_pos;
+  // Packed sequences: per query row, its sequence's real tokens as inclusive (lo, hi) positions,
+  // 2 * seqlen_q int32 (mask.h); null for one unpacked sequence.
+  const int32_t* q_seg;
   MaskSpec mask;
   double softmax_scale;
   // Running state, read and written: out_acc (batch, seqlen_q, nheads, headdim) normalised output,
@@ -60,6 +63,7 @@ struct BlockBwdParams {
   Strides q_strides, k_strides, v_strides, dout_strides;
   const int32_t* q_pos;
   const int32_t* k_pos;
+  const int32_t* q_seg;  // as in BlockFwdParams
   MaskSpec mask;
   double softmax_scale;
   // Final lse and delta = rowsum(dout * out), both (batch, nheads, seqlen_q) accumulator type.

@@ -31,15 +31,25 @@ RingTimeoutError::RingTimeoutError(double seconds, int step_, Channel channel, b
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-RingForward::RingForward(Transport& transport, BlockOps& ops)
-    : transport_(transport), ops_(ops), rank_(transport.rank()), world_(transport.world_size()) {}
+static int checked_steps(int num_steps, int world) {
+  if (num_steps <= 0) return world;
+  if (num_steps > world) throw std::invalid_argument("ring attention: more steps than ranks");
+  return num_steps;
+}
+
+RingForward::RingForward(Transport& transport, BlockOps& ops, int num_steps)
+    : transport_(transport),
+      ops_(ops),
+      rank_(transport.rank()),
+      world_(transport.world_size()),
+      steps_(checked_steps(num_steps, world_)) {}
 
 Exchange RingForward::kv_exchange(int step) const {
   return Exchange{Channel::kKV, step, kv_slot(step), kv_slot(step + 1)};
 }
 
 void RingForward::begin_step(int step) {
-  if (step + 1 < world_) {
+  if (step + 1 < steps_) {
     transport_.post(kv_exchange(step));
     ++posted_;
   }
@@ -54,11 +64,11 @@ void RingForward::compute_step(int step) {
 }
 
 void RingForward::end_step(int step) {
-  if (step + 1 < world_) transport_.wait(kv_exchange(step));
+  if (step + 1 < steps_) transport_.wait(kv_exchange(step));
 }
 
 void RingForward::run() {
-  for (int step = 0; step < world_; ++step) {
+  for (int step = 0; step < steps_; ++step) {
     begin_step(step);
     compute_step(step);
     end_step(step);
@@ -68,19 +78,25 @@ void RingForward::run() {
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-RingBackward::RingBackward(Transport& transport, BlockOps& ops)
-    : transport_(transport), ops_(ops), rank_(transport.rank()), world_(transport.world_size()) {}
+RingBackward::RingBackward(Transport& transport, BlockOps& ops, int num_steps)
+    : transport_(transport),
+      ops_(ops),
+      rank_(transport.rank()),
+      world_(transport.world_size()),
+      steps_(checked_steps(num_steps, world_)) {}
 
 Exchange RingBackward::kv_exchange(int step) const {
   return Exchange{Channel::kKV, step, kv_slot(step), kv_slot(step + 1)};
 }
 
 Exchange RingBackward::grad_exchange(int step) const {
-  return Exchange{Channel::kGradKV, step, send_slot_, grad_recv(step)};
+  // The last hop brings each block's dK/dV home: steps_-1 ranks back (one forward in a full ring).
+  const int offset = step + 1 == steps_ ? 1 - steps_ : 1;
+  return Exchange{Channel::kGradKV, step, send_slot_, grad_recv(step), offset};
 }
 
 void RingBackward::begin_step(int step) {
-  if (step + 1 < world_) {
+  if (step + 1 < steps_) {
     transport_.post(kv_exchange(step));
     ++posted_;
   }
@@ -101,7 +117,7 @@ void RingBackward::compute_step(int step) {
 }
 
 void RingBackward::end_step(int step) {
-  if (world_ == 1) {
+  if (steps_ == 1) {  // nothing travels: this rank's own block only
     result_slot_ = send_slot_;
     return;
   }
@@ -117,16 +133,18 @@ void RingBackward::end_step(int step) {
   }
   transport_.post(grad_exchange(step));
   ++posted_;
-  if (step + 1 < world_) transport_.wait(kv_exchange(step));
-  if (step + 1 == world_) result_slot_ = grad_recv(step);
+  if (step + 1 < steps_) transport_.wait(kv_exchange(step));
+  if (step + 1 == steps_) result_slot_ = grad_recv(step);
 }
 
 void RingBackward::finish() {
-  if (world_ > 1) transport_.wait(Exchange{Channel::kGradKV, world_ - 1, -1, grad_recv(world_ - 1)});
+  if (steps_ > 1) {
+    transport_.wait(Exchange{Channel::kGradKV, steps_ - 1, -1, grad_recv(steps_ - 1), 1 - steps_});
+  }
 }
 
 void RingBackward::run() {
-  for (int step = 0; step < world_; ++step) {
+  for (int step = 0; step < steps_; ++step) {
     begin_step(step);
     compute_step(step);
     end_step(step);

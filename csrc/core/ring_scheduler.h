@@ -7,6 +7,8 @@
 //           computes its contribution to the block in hand, adds the partial sum that r-1 sent at
 //           the end of step t-1, and sends the sum to r+1. After step world-1 one more hop brings
 //           every block's dK/dV home: world hops. dQ stays local (inside BlockOps).
+// Truncated ring: when no rank needs K/V from further than k ranks back (a causal sliding window
+// over contiguous shards), the ring runs k+1 steps only and the last dK/dV hop jumps back k ranks.
 // Each step is split into phases (begin, compute, end; finish after the last step) so that a
 // single thread can drive several virtual ranks in lockstep over an in-memory transport.
 #pragma once
@@ -30,12 +32,13 @@ constexpr int kCount = 7;
 enum class Channel : int { kKV = 0, kGradKV = 1 };
 const char* channel_name(Channel channel);
 
-// One ring exchange: send `send_slot` to rank+1 and receive `recv_slot` from rank-1.
+// One ring exchange: send `send_slot` to rank+offset and receive `recv_slot` from rank-offset.
 struct Exchange {
   Channel channel;
   int step;  // the ring step at whose start (K/V) or end (dK/dV) the exchange is posted
   int send_slot;
   int recv_slot;
+  int offset = 1;  // 1 around the ring; the final dK/dV hop of a truncated ring goes back
 };
 
 class Transport {
@@ -46,6 +49,7 @@ class Transport {
   // Starts the exchange without blocking.
   virtual void post(const Exchange& exchange) = 0;
   // Blocks until both halves of a posted exchange completed; throws RingTimeoutError on deadline.
+  // The exchange is identified by (channel, step).
   virtual void wait(const Exchange& exchange) = 0;
 };
 
@@ -78,10 +82,24 @@ inline int mod(int a, int n) { return ((a % n) + n) % n; }
 // Rank whose K/V a rank holds at `step`.
 inline int source_at(int rank, int world, int step) { return mod(rank - step, world); }
 
+// Steps the ring must run so that every rank sees every block it needs: 1 + the largest step at
+// which some rank needs the block in hand. needed(rank, source) must be the same on every rank.
+template <typename Needed>
+int steps_needed(int world, Needed needed) {
+  int steps = 1;
+  for (int rank = 0; rank < world; ++rank) {
+    for (int step = steps; step < world; ++step) {
+      if (needed(rank, source_at(rank, world, step))) steps = step + 1;
+    }
+  }
+  return steps;
+}
+
 class RingForward {
  public:
-  RingForward(Transport& transport, BlockOps& ops);
-  int num_steps() const { return world_; }
+  // num_steps: from steps_needed (world when <= 0).
+  RingForward(Transport& transport, BlockOps& ops, int num_steps = 0);
+  int num_steps() const { return steps_; }
   void begin_step(int step);    // post the K/V exchange for step+1
   void compute_step(int step);  // attend to the block in hand (unless skipped)
   void end_step(int step);      // wait for the K/V of step+1
@@ -97,14 +115,15 @@ class RingForward {
   BlockOps& ops_;
   int rank_;
   int world_;
+  int steps_;
   int computed_ = 0;
   int posted_ = 0;
 };
 
 class RingBackward {
  public:
-  RingBackward(Transport& transport, BlockOps& ops);
-  int num_steps() const { return world_; }
+  RingBackward(Transport& transport, BlockOps& ops, int num_steps = 0);
+  int num_steps() const { return steps_; }
   void begin_step(int step);
   void compute_step(int step);
   void end_step(int step);
@@ -125,6 +144,7 @@ class RingBackward {
   BlockOps& ops_;
   int rank_;
   int world_;
+  int steps_;
   int send_slot_ = -1;    // slot holding the dK/dV sum to send at the end of the current step
   int result_slot_ = -1;
   int computed_ = 0;

@@ -1,92 +1,192 @@
-// CPU block attention, flash-attention style: per (query tile, key tile) one BLAS GEMM for the
-// scores, the softmax fused in between (vectorised with at::vec), one GEMM for P V (forward) or
-// four for the gradients (backward). Tiles are classified from their position ranges
-// (core/mask.h): skipped tiles are never computed, full tiles carry no per-element mask work.
+// CPU block attention, flash-attention style, on our own register-blocked GEMM micro-kernels
+// (block_attn_cpu_tiles.inc): per (query tile, key tile) the scores S = scale * Q K^T (the row
+// maxima come out of the same pass on full tiles), the online softmax, and O += P V (forward), or
+// the five products of the gradients (backward). Tiles are classified from the rows' bounds and
+// the keys' positions (core/mask.h): skipped tiles cost nothing, full tiles carry no per-element
+// mask work, partial tiles mask with vector compares of the key positions.
 //
-// Operands whose rows are not already contiguous per head (row stride != headdim, e.g. the usual
-// (batch, seq, heads, headdim) layout) or not of the accumulator type are first repacked once per
-// call into head-major (batch, heads, seq, headdim) acc_t copies: GEMMs on dense tiles run ~20%
-// faster than on strided ones, and a repack per tile would be paid once per tile pair.
+// Instruction sets: the tile kernels are compiled three times (portable, AVX2+FMA, AVX-512) in
+// this one file, the vector ones inside `#pragma GCC target` regions, and the best one the CPU
+// supports is picked at the first call (env RING_ATTN_CPU_KERNEL=generic|avx2|avx512 caps it). The
+// rest of the file is compiled for the build's baseline, so the library runs on any x86-64 and is
+// fast where AVX-512 is available.
+//
+// Layouts per call (copies are O(seq * headdim), paid once per call, never per tile):
+//   K (and V in backward) as K^T packed in panels of kPanel keys (Tiles::kPanel): panel p of head
+//     (b, h) is a dense headdim x kPanel block, zero beyond the last key, so the score micro-kernel
+//     streams it contiguously from L1.
+//   Operands read as rows (Q, V, dout, K in backward) are used in place when they are already of
+//     the accumulator type and their headdim is a multiple of the vector width, else converted to
+//     head-major accumulator-type copies with headdim zero-padded to that multiple (bf16/fp16
+//     inputs always take this path: all arithmetic is fp32).
+//
+// Determinism: every output element is written by exactly one task, and tasks compute in a fixed
+// order, so results are bitwise reproducible from run to run at a given thread count. (Backward
+// splits the keys of a head over tasks when there are few heads per thread; the dq partials of the
+// splits are then added in split order, so dq can differ in the last bits between thread counts.)
 #include "cpu/block_attn_cpu.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "core/mask.h"
 #include "core/merge.h"
-#include "cpu/blas.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define RA_CPU_X86 1
+#include <immintrin.h>
+#else
+#define RA_CPU_X86 0
+#endif
 
 // ATen's at::parallel_for is a header template: with the OpenMP backend it only runs in parallel
 // when this file itself is compiled with OpenMP (-fopenmp, CMake's OpenMP::OpenMP_CXX).
-// GCC flags the _mm512_undefined_*() inside ATen's AVX-512 vec code once it is inlined here
-// (false positives, torch itself builds with -Wno-maybe-uninitialized).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #warning "block_attn_cpu.cpp built without -fopenmp: the CPU kernels will run single-threaded"
 #endif
 
+#define RA_VI inline __attribute__((always_inline))
+
 namespace ring_attn {
 namespace cpu {
 
-// Dispatch on the input dtype: scalar_t is the element type of q/k/v/dout, acc_t the type of the
-// accumulators (out_acc, lse, delta, dq/dk/dv) and of all tile arithmetic. bf16/fp16 would map to
-// (c10::BFloat16, float) / (c10::Half, float); head_rows() already converts when the types differ.
-#define RA_CPU_DTYPE_SWITCH(DTYPE, SCALAR_T, ACC_T, ...)                          \
-  [&] {                                                                          \
-    switch (DTYPE) {                                                             \
-      case ::ring_attn::DType::kFloat32: {                                       \
-        using SCALAR_T = float;                                                  \
-        using ACC_T = float;                                                     \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      case ::ring_attn::DType::kFloat64: {                                       \
-        using SCALAR_T = double;                                                 \
-        using ACC_T = double;                                                    \
-        return __VA_ARGS__();                                                    \
-      }                                                                          \
-      default:                                                                   \
-        TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", \
-                    static_cast<int>(DTYPE));                                    \
-    }                                                                            \
-  }()
+// ---- the tile kernels, once per instruction set ----------------------------------------------
+
+namespace generic {
+#include "cpu/block_attn_cpu_tiles.inc"
+}  // namespace generic
+
+#if RA_CPU_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace avx2 {
+#define RA_TILES_AVX2 1
+#include "cpu/block_attn_cpu_tiles.inc"
+#undef RA_TILES_AVX2
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#endif
+namespace avx512 {
+#define RA_TILES_AVX512 1
+#include "cpu/block_attn_cpu_tiles.inc"
+#undef RA_TILES_AVX512
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // RA_CPU_X86
 
 namespace {
 
-// Tile sizes (rows of the query tile, columns of the key tile). The score tile (kBlockQ x
-// kBlockK floats, 512 KiB) plus the operand tiles stay in a 2 MiB L2.
-constexpr int64_t kBlockQ = 256;
-constexpr int64_t kBlockK = 512;
-constexpr int64_t kScorePad = 16;  // ld of score tiles = kBlockK + pad (avoids 4K aliasing)
-constexpr int64_t kMinBlockQ = 64;
-// With more than one thread, aim for at least this many tasks per thread (dynamic scheduling then
-// evens out uneven task costs).
-constexpr int64_t kTasksPerThread = 4;
+// ---- instruction set and tuning ------------------------------------------------------------
+
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa() {
+#if RA_CPU_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kGeneric;
+}
+
+Isa active_isa() {
+  static const Isa isa = [] {
+    Isa best = best_isa();
+    if (const char* env = std::getenv("RING_ATTN_CPU_KERNEL")) {
+      const std::string s(env);
+      Isa want = best;
+      if (s == "generic" || s == "scalar") want = Isa::kGeneric;
+      else if (s == "avx2") want = Isa::kAvx2;
+      else if (s == "avx512") want = Isa::kAvx512;
+      if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+    }
+    return best;
+  }();
+  return isa;
+}
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
-// Scratch memory: per-thread, grow-only, 64-byte aligned arenas that live until the thread exits.
-// Allocating per call would pay page faults on every call (large blocks are mmap'ed and unmapped
-// by malloc), which the ring repeats once per step. Slot kTileSlot holds a worker's tile scratch;
-// the other slots hold the per-call buffers of the calling thread (which is also worker 0).
-enum ScratchSlot : int { kTileSlot = 0, kPackSlot0 = 1, kDqSlot = 5, kNumSlots = 6 };
+// Tile sizes: query rows x keys per tile (key tiles are multiples of 64, the widest panel), and
+// the depth of the P V / gradient GEMM chunks. The defaults keep a tile's K^T and V panels
+// (keys x headdim) and its score rows within L2 and each micro-kernel's B panel within L1.
+// RING_ATTN_CPU_TILES="fwd_q,fwd_k,bwd_q,bwd_k,kc" overrides them (tuning only).
+struct Tuning {
+  int64_t fwd_q = 64, fwd_k = 256, bwd_q = 64, bwd_k = 256, kc = 128;
+};
 
-inline void* thread_scratch(int slot, size_t bytes) {
+const Tuning& tuning() {
+  static const Tuning t = [] {
+    Tuning t;
+    if (const char* env = std::getenv("RING_ATTN_CPU_TILES")) {
+      long v[5];
+      if (std::sscanf(env, "%ld,%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3], &v[4]) == 5 &&
+          std::min({v[0], v[1], v[2], v[3], v[4]}) > 0) {
+        t = Tuning{v[0], round_up(v[1], 64), v[2], round_up(v[3], 64), v[4]};
+      }
+    }
+    return t;
+  }();
+  return t;
+}
+
+constexpr int64_t kScorePad = 16;  // ld of score tiles = key tile + pad (avoids 4K aliasing)
+constexpr int64_t kMinBlockQ = 16;
+// With more than one thread, aim for at least this many forward tasks per thread (dynamic
+// scheduling then evens out uneven task costs).
+constexpr int64_t kTasksPerThread = 4;
+
+// ---- scratch memory ------------------------------------------------------------------------
+
+// Per-thread, grow-only, 64-byte aligned arenas that live until the thread exits. Allocating per
+// call would pay page faults on every call (large blocks are mmap'ed and unmapped by malloc), which
+// the ring repeats once per step. Slot kTileSlot holds a worker's tile scratch; the other slots
+// hold the per-call buffers of the calling thread (which is also worker 0).
+enum ScratchSlot : int {
+  kTileSlot = 0,
+  kPackQ = 1,
+  kPackK = 2,
+  kPackV = 3,
+  kPackO = 4,
+  kPackKRows = 5,
+  kDqSlot = 6,
+  kNumSlots = 7
+};
+
+void* thread_scratch(int slot, size_t bytes) {
   struct Free {
     void operator()(void* p) const { std::free(p); }
   };
@@ -127,8 +227,10 @@ class Carver {
   size_t off_ = 0;
 };
 
-// The rows of every (batch, head) of a (batch, seq, heads, headdim) operand as BLAS operands:
-// row r of (b, h) at ptr(b, h) + r * ld, unit stride along headdim.
+// ---- operand layouts -----------------------------------------------------------------------
+
+// The rows of every (batch, head) of a (batch, seq, heads, headdim) operand: row r of (b, h) at
+// ptr(b, h) + r * ld, unit stride along headdim, `width` readable columns (>= headdim, zero beyond).
 template <typename T>
 struct HeadRows {
   const T* base;
@@ -136,43 +238,121 @@ struct HeadRows {
   const T* ptr(int64_t b, int64_t h) const { return base + b * batch_stride + h * head_stride; }
 };
 
-// x as HeadRows<acc_t>: x itself when its rows are dense per head and already acc_t, else a
-// head-major (batch, heads, seq, headdim) acc_t copy in the calling thread's scratch `slot`.
-// (bf16/fp16 inputs will always take the converting path.)
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t x) {
+  return static_cast<acc_t>(x);
+}
+
+// x as HeadRows<acc_t> of `width` columns: x itself when it is already acc_t, width == D and its
+// rows are dense per head (row stride D), else a head-major (batch, heads, seq, width) acc_t copy
+// (zero-padded) in the calling thread's `slot`. Rows of the usual (batch, seq, heads, headdim)
+// layout are heads * headdim apart: read in place, a tile's rows would fall into a fraction of the
+// L1 sets (4 KB aliasing) and the GEMMs run ~25% slower.
 template <typename scalar_t, typename acc_t>
 HeadRows<acc_t> head_rows(const scalar_t* x, const Strides& st, int64_t B, int64_t S, int64_t Hn,
-                          int64_t D, int slot) {
+                          int64_t D, int64_t width, int slot) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (S <= 1 || st.row == D) return {x, st.batch, st.head, D};
+    if (width == D && (S <= 1 || st.row == D)) return {x, st.batch, st.head, D};
   }
-  acc_t* dst = static_cast<acc_t*>(thread_scratch(slot, sizeof(acc_t) * B * Hn * S * D));
+  acc_t* dst = static_cast<acc_t*>(thread_scratch(slot, sizeof(acc_t) * B * Hn * S * width));
   const int64_t rows = B * Hn * S;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / width), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r % S, bh = r / S, b = bh / Hn, h = bh % Hn;
       const scalar_t* src = x + b * st.batch + i * st.row + h * st.head;
-      acc_t* out = dst + r * D;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        std::memcpy(out, src, sizeof(acc_t) * D);
-      } else {
-        for (int64_t c = 0; c < D; ++c) out[c] = static_cast<acc_t>(src[c]);
-      }
+      acc_t* out = dst + r * width;
+      for (int64_t c = 0; c < D; ++c) out[c] = to_acc<acc_t>(src[c]);
+      for (int64_t c = D; c < width; ++c) out[c] = acc_t(0);
     }
   });
-  return {dst, Hn * S * D, S * D, D};
+  return {dst, Hn * S * width, S * width, width};
+}
+
+// x^T packed in panels of `panel` rows: for head (b, h), panel j (rows [j * panel, (j + 1) * panel))
+// is a dense D x panel block at base + (b * Hn + h) * head_stride + j * D * panel; rows beyond S are
+// zero. Returns base; head_stride = cdiv(S, panel) * D * panel.
+template <typename scalar_t, typename acc_t>
+const acc_t* pack_panels(const scalar_t* x, const Strides& st, int64_t B, int64_t S, int64_t Hn,
+                         int64_t D, int64_t panel, int slot) {
+  const int64_t np = cdiv(S, panel);
+  const int64_t head_stride = np * D * panel;
+  acc_t* dst = static_cast<acc_t*>(thread_scratch(slot, sizeof(acc_t) * B * Hn * head_stride));
+  at::parallel_for(0, B * Hn * np, std::max<int64_t>(1, 8192 / (D * panel)), [&](int64_t t0,
+                                                                                 int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t % np, bh = t / np, b = bh / Hn, h = bh % Hn;
+      acc_t* out = dst + bh * head_stride + j * D * panel;
+      const int64_t r0 = j * panel, nr = std::min(panel, S - r0);
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const scalar_t* src = x + b * st.batch + (r0 + rr) * st.row + h * st.head;
+        for (int64_t c = 0; c < D; ++c) out[c * panel + rr] = to_acc<acc_t>(src[c]);
+      }
+      for (int64_t rr = nr; rr < panel; ++rr)
+        for (int64_t c = 0; c < D; ++c) out[c * panel + rr] = acc_t(0);
+    }
+  });
+  return dst;
+}
+
+// ---- masks -----------------------------------------------------------------------------------
+
+// Per query row its visible key positions (mask.h row_bounds), and per query tile of `block` rows
+// its TileBounds.
+struct RowMasks {
+  std::vector<int32_t> bounds;  // 2 * Sq: (lo, hi) clamped to int32, (1, 0) for an empty row
+  std::vector<TileBounds> tiles;
+};
+
+RowMasks row_masks(const MaskSpec& mask, const int32_t* q_pos, const int32_t* q_seg, int64_t Sq,
+                   int64_t block) {
+  RowMasks r;
+  r.bounds.resize(static_cast<size_t>(2 * Sq));
+  r.tiles.assign(static_cast<size_t>(cdiv(Sq, block)), empty_tile_bounds());
+  for (int64_t i = 0; i < Sq; ++i) {
+    const PositionRange seg =
+        q_seg ? PositionRange{q_seg[2 * i], q_seg[2 * i + 1]} : unbounded_range();
+    const PositionRange row = row_bounds(mask, q_pos[i], seg);
+    add_row(r.tiles[static_cast<size_t>(i / block)], row);
+    if (row.empty()) {
+      r.bounds[2 * i] = 1;
+      r.bounds[2 * i + 1] = 0;
+    } else {
+      r.bounds[2 * i] = static_cast<int32_t>(std::clamp<int64_t>(row.lo, INT32_MIN, INT32_MAX));
+      r.bounds[2 * i + 1] = static_cast<int32_t>(std::clamp<int64_t>(row.hi, INT32_MIN, INT32_MAX));
+    }
+  }
+  return r;
+}
+
+// kinds[qt * nkt + kt] for every (query tile, key tile).
+std::vector<TileKind> tile_kinds(const std::vector<TileBounds>& qb, const int32_t* k_pos,
+                                 int64_t Sk, int64_t block) {
+  const int64_t nqt = static_cast<int64_t>(qb.size()), nkt = cdiv(Sk, block);
+  std::vector<TileKind> kinds(static_cast<size_t>(nqt * nkt));
+  for (int64_t kt = 0; kt < nkt; ++kt) {
+    const int64_t k0 = kt * block;
+    const PositionRange kr = range_of(k_pos, k0, std::min(Sk, k0 + block));
+    for (int64_t qt = 0; qt < nqt; ++qt) kinds[qt * nkt + kt] = classify_tile(qb[qt], kr);
+  }
+  return kinds;
+}
+
+// ---- threads ---------------------------------------------------------------------------------
+
+int64_t available_threads() {
+  return at::in_parallel_region() ? 1 : std::max<int>(at::get_num_threads(), 1);
 }
 
 // Runs f(task, scratch) for task in [0, ntasks) on at::parallel_for threads, handing out tasks
 // dynamically in increasing order (callers put the heaviest first). Each thread builds its own
-// scratch with make_scratch() and runs BLAS single-threaded.
+// scratch with make_scratch(). Every task owns its outputs, so the handout order never changes
+// a result.
 template <typename MakeScratch, typename F>
 void parallel_tasks(int64_t ntasks, MakeScratch&& make_scratch, F&& f) {
   if (ntasks <= 0) return;
-  const int64_t nthreads =
-      at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), ntasks);
+  const int64_t nthreads = std::min<int64_t>(available_threads(), ntasks);
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
-    blas::ScopedSingleThreadBlas single_thread_blas;
     auto scratch = make_scratch();
     for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) f(t, scratch);
   };
@@ -181,134 +361,6 @@ void parallel_tasks(int64_t ntasks, MakeScratch&& make_scratch, F&& f) {
   } else {
     at::parallel_for(0, nthreads, 1, worker);
   }
-}
-
-int64_t available_threads() {
-  return at::in_parallel_region() ? 1 : std::max<int>(at::get_num_threads(), 1);
-}
-
-std::vector<PositionRange> tile_ranges(const int32_t* pos, int64_t len, int64_t block) {
-  std::vector<PositionRange> r(static_cast<size_t>(cdiv(len, block)));
-  for (size_t t = 0; t < r.size(); ++t) {
-    const int64_t b = static_cast<int64_t>(t) * block;
-    r[t] = range_of(pos, b, std::min(len, b + block));
-  }
-  return r;
-}
-
-// Masks the invisible entries of a partial tile's score rows to -inf.
-template <typename acc_t>
-void apply_mask(const MaskSpec& mask, const int32_t* q_pos, const int32_t* k_pos, int64_t nq,
-                int64_t nk, acc_t* s, int64_t lds) {
-  const acc_t ninf = neg_inf<acc_t>();
-  for (int64_t i = 0; i < nq; ++i) {
-    const int64_t qp = q_pos[i];
-    acc_t* row = s + i * lds;
-    for (int64_t j = 0; j < nk; ++j) {
-      if (!is_visible(mask, qp, k_pos[j])) row[j] = ninf;
-    }
-  }
-}
-
-// Max of a score row. Plain max instructions (clamp_min), 4 independent chains; NaN scores are not
-// expected (they would poison the output anyway).
-template <typename acc_t>
-acc_t row_max(const acc_t* s, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const acc_t ninf = neg_inf<acc_t>();
-  Vec m0(ninf), m1(ninf), m2(ninf), m3(ninf);
-  int64_t j = 0;
-  for (; j + 4 * W <= n; j += 4 * W) {
-    m0 = at::vec::clamp_min(m0, Vec::loadu(s + j));
-    m1 = at::vec::clamp_min(m1, Vec::loadu(s + j + W));
-    m2 = at::vec::clamp_min(m2, Vec::loadu(s + j + 2 * W));
-    m3 = at::vec::clamp_min(m3, Vec::loadu(s + j + 3 * W));
-  }
-  for (; j + W <= n; j += W) m0 = at::vec::clamp_min(m0, Vec::loadu(s + j));
-  m0 = at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
-  acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::clamp_min(a, b); }, m0);
-  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
-
-// s[j] = exp(s[j] - m) in place (m finite), returns the row sum.
-template <typename acc_t>
-acc_t exp_row_sum(acc_t* s, int64_t n, acc_t m) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec vm(m);
-  Vec sum0(acc_t(0)), sum1(acc_t(0));
-  int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W) {
-    const Vec e0 = (Vec::loadu(s + j) - vm).exp_u20();
-    const Vec e1 = (Vec::loadu(s + j + W) - vm).exp_u20();
-    e0.store(s + j);
-    e1.store(s + j + W);
-    sum0 = sum0 + e0;
-    sum1 = sum1 + e1;
-  }
-  for (; j + W <= n; j += W) {
-    const Vec e = (Vec::loadu(s + j) - vm).exp_u20();
-    e.store(s + j);
-    sum0 = sum0 + e;
-  }
-  if (j < n) {
-    const int64_t c = n - j;
-    const Vec x = Vec::set(Vec(neg_inf<acc_t>()), Vec::loadu(s + j, c), c);
-    const Vec e = (x - vm).exp_u20();
-    e.store(s + j, c);
-    sum1 = sum1 + e;
-  }
-  sum0 = sum0 + sum1;
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum0);
-}
-
-// s[j] = exp(s[j] - m) in place (m finite), no sum.
-template <typename acc_t>
-void exp_row(acc_t* s, int64_t n, acc_t m) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec vm(m);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) (Vec::loadu(s + j) - vm).exp_u20().store(s + j);
-  if (j < n) {
-    const int64_t c = n - j;
-    const Vec x = Vec::set(Vec(neg_inf<acc_t>()), Vec::loadu(s + j, c), c);
-    (x - vm).exp_u20().store(s + j, c);
-  }
-}
-
-template <typename acc_t>
-void scale_row(acc_t* x, int64_t n, acc_t f) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec vf(f);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) (Vec::loadu(x + j) * vf).store(x + j);
-  for (; j < n; ++j) x[j] *= f;
-}
-
-// ds[j] = p[j] * (dp[j] - delta), written over dp.
-template <typename acc_t>
-void ds_row(const acc_t* p, acc_t* dp, int64_t n, acc_t delta) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec vd(delta);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) (Vec::loadu(p + j) * (Vec::loadu(dp + j) - vd)).store(dp + j);
-  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
-}
-
-// dst[c] += src[c]
-template <typename acc_t>
-void add_row(acc_t* dst, const acc_t* src, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  int64_t j = 0;
-  for (; j + W <= n; j += W) (Vec::loadu(dst + j) + Vec::loadu(src + j)).store(dst + j);
-  for (; j < n; ++j) dst[j] += src[j];
 }
 
 void check_shape(const BlockShape& s) {
@@ -323,133 +375,124 @@ void check_shape(const BlockShape& s) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <typename scalar_t, typename acc_t>
+template <class Tl, typename scalar_t>
 void fwd_impl(const BlockFwdParams& p) {
+  using acc_t = typename Tl::T;
+  constexpr int64_t W = Tl::W;
   const BlockShape& sh = p.shape;
   const int64_t B = sh.batch, Sq = sh.seqlen_q, Sk = sh.seqlen_k, H = sh.nheads, D = sh.headdim;
   const int64_t Hkv = sh.nheads_kv, group = H / Hkv;
   if (B == 0 || Sq == 0 || Sk == 0) return;  // nothing visible: the state is unchanged
 
+  const Tuning& tu = tuning();
+  const int64_t Dp = round_up(D, W);
   // Smaller query tiles when there would be too few tasks to keep every thread busy.
   const int64_t nthreads = available_threads();
-  int64_t BQ = kBlockQ;
+  int64_t BQ = tu.fwd_q;
   while (nthreads > 1 && BQ > kMinBlockQ && cdiv(Sq, BQ) * B * H < kTasksPerThread * nthreads)
     BQ /= 2;
-  const int64_t BK = kBlockK, LDS = kBlockK + kScorePad;
+  const int64_t BK = tu.fwd_k, LDS = BK + kScorePad;
   const int64_t nqt = cdiv(Sq, BQ), nkt = cdiv(Sk, BK);
-  const std::vector<PositionRange> qr = tile_ranges(p.q_pos, Sq, BQ);
-  const std::vector<PositionRange> kr = tile_ranges(p.k_pos, Sk, BK);
+  const RowMasks rm = row_masks(p.mask, p.q_pos, p.q_seg, Sq, BQ);
+  const std::vector<TileKind> kinds = tile_kinds(rm.tiles, p.k_pos, Sk, BK);
 
-  // Query tiles with at least one non-skipped key tile; the others keep their state untouched.
+  // Query tiles with at least one non-skipped key tile, the heaviest first; the others keep
+  // their state untouched.
+  std::vector<int64_t> work(static_cast<size_t>(nqt), 0);
   std::vector<int64_t> live_qt;
-  for (int64_t qt = nqt - 1; qt >= 0; --qt) {  // late tiles first: the heavy ones under causal
-    for (int64_t kt = 0; kt < nkt; ++kt) {
-      if (classify_tile(p.mask, qr[qt], kr[kt]) != TileKind::kSkip) {
-        live_qt.push_back(qt);
-        break;
-      }
-    }
+  for (int64_t qt = 0; qt < nqt; ++qt) {
+    for (int64_t kt = 0; kt < nkt; ++kt) work[qt] += kinds[qt * nkt + kt] != TileKind::kSkip;
+    if (work[qt] > 0) live_qt.push_back(qt);
   }
   if (live_qt.empty()) return;
+  std::stable_sort(live_qt.begin(), live_qt.end(),
+                   [&](int64_t a, int64_t b) { return work[a] > work[b]; });
 
   using In = const scalar_t*;
-  const auto Qr = head_rows<scalar_t, acc_t>(In(p.q), p.q_strides, B, Sq, H, D, kPackSlot0);
-  const auto Kr = head_rows<scalar_t, acc_t>(In(p.k), p.k_strides, B, Sk, Hkv, D, kPackSlot0 + 1);
-  const auto Vr = head_rows<scalar_t, acc_t>(In(p.v), p.v_strides, B, Sk, Hkv, D, kPackSlot0 + 2);
+  const auto Qr = head_rows<scalar_t, acc_t>(In(p.q), p.q_strides, B, Sq, H, D, D, kPackQ);
+  const acc_t* Kt =
+      pack_panels<scalar_t, acc_t>(In(p.k), p.k_strides, B, Sk, Hkv, D, Tl::kPanel, kPackK);
+  const int64_t kt_head = cdiv(Sk, Tl::kPanel) * D * Tl::kPanel;
+  const auto Vr = head_rows<scalar_t, acc_t>(In(p.v), p.v_strides, B, Sk, Hkv, D, Dp, kPackV);
 
   auto* out = static_cast<acc_t*>(p.out_acc);
   auto* lse = static_cast<acc_t*>(p.lse);
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
   const acc_t ninf = neg_inf<acc_t>();
+  const int64_t kc = tu.kc;
 
   struct Scratch {
-    acc_t* s;
-    acc_t* acc;
-    OnlineRow<acc_t>* st;
+    acc_t *s, *rowmax, *o, *m, *l;
   };
   auto make_scratch = [&] {
-    const size_t bytes = Carver::bytes_for<acc_t>(BQ * LDS) + Carver::bytes_for<acc_t>(BQ * D) +
-                         Carver::bytes_for<OnlineRow<acc_t>>(BQ);
+    const size_t bytes = Carver::bytes_for<acc_t>(BQ * LDS) + Carver::bytes_for<acc_t>(BQ * W) +
+                         Carver::bytes_for<acc_t>(BQ * Dp) + 2 * Carver::bytes_for<acc_t>(BQ);
     Carver c(kTileSlot, bytes);
     Scratch ws;
     ws.s = c.take<acc_t>(BQ * LDS);
-    ws.acc = c.take<acc_t>(BQ * D);
-    ws.st = c.take<OnlineRow<acc_t>>(BQ);
+    ws.rowmax = c.take<acc_t>(BQ * W);
+    ws.o = c.take<acc_t>(BQ * Dp);
+    ws.m = c.take<acc_t>(BQ);
+    ws.l = c.take<acc_t>(BQ);
     return ws;
   };
 
-  const int64_t nbh = B * H;
-  parallel_tasks(static_cast<int64_t>(live_qt.size()) * nbh, make_scratch, [&](int64_t task,
-                                                                               Scratch& ws) {
-    const int64_t qt = live_qt[task / nbh];
-    const int64_t bh = task % nbh;
+  // Tasks of one head run back to back (its K^T and V panels stay warm in L2), heaviest first.
+  const int64_t nlive = static_cast<int64_t>(live_qt.size());
+  parallel_tasks(nlive * B * H, make_scratch, [&](int64_t task, Scratch& ws) {
+    const int64_t qt = live_qt[task % nlive];
+    const int64_t bh = task / nlive;
     const int64_t b = bh / H, h = bh % H, hk = h / group;
     const int64_t q0 = qt * BQ, nq = std::min(BQ, Sq - q0);
     acc_t* S = ws.s;
-    acc_t* acc = ws.acc;
-    OnlineRow<acc_t>* st = ws.st;
+    acc_t* O = ws.o;
 
-    // Prologue: load the running state (o, lse) as acc = o, m = lse, l = 1.
+    // Prologue: the running state (o, lse) as O = o, m = lse, l = 1 (l = 0, O = 0 when empty).
     acc_t* out_base =
         out + b * p.out_strides.batch + q0 * p.out_strides.row + h * p.out_strides.head;
     acc_t* lse_base = lse + b * p.lse_batch_stride + h * p.lse_head_stride + q0;
     for (int64_t i = 0; i < nq; ++i) {
-      st[i] = OnlineRow<acc_t>::from_lse(lse_base[i]);
-      if (st[i].l > acc_t(0)) {
-        std::memcpy(acc + i * D, out_base + i * p.out_strides.row, sizeof(acc_t) * D);
+      const OnlineRow<acc_t> st = OnlineRow<acc_t>::from_lse(lse_base[i]);
+      ws.m[i] = st.m;
+      ws.l[i] = st.l;
+      acc_t* o = O + i * Dp;
+      if (st.l > acc_t(0)) {
+        std::memcpy(o, out_base + i * p.out_strides.row, sizeof(acc_t) * D);
+        std::fill(o + D, o + Dp, acc_t(0));
       } else {
-        std::fill(acc + i * D, acc + (i + 1) * D, acc_t(0));
+        std::fill(o, o + Dp, acc_t(0));
       }
     }
 
     const acc_t* Q = Qr.ptr(b, h) + q0 * Qr.ld;
-    const acc_t* K_head = Kr.ptr(b, hk);
+    const acc_t* Kt_head = Kt + (b * Hkv + hk) * kt_head;
     const acc_t* V_head = Vr.ptr(b, hk);
 
     for (int64_t kt = 0; kt < nkt; ++kt) {
-      const TileKind kind = classify_tile(p.mask, qr[qt], kr[kt]);
+      const TileKind kind = kinds[qt * nkt + kt];
       if (kind == TileKind::kSkip) continue;
-      const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0);
-
-      // S = scale * Q K^T
-      blas::gemm<acc_t>(false, true, nq, nk, D, scale, Q, Qr.ld, K_head + k0 * Kr.ld, Kr.ld,
-                        acc_t(0), S, LDS);
+      const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0), nkp = round_up(nk, W);
+      // Row maxima from the score pass where every computed column is a visible key.
+      acc_t* rowmax = kind == TileKind::kFull && nk == nkp ? ws.rowmax : nullptr;
+      Tl::scores(nq, nkp, D, scale, Q, Qr.ld, Kt_head + k0 * D, S, LDS, rowmax);
       if (kind == TileKind::kPartial)
-        apply_mask(p.mask, p.q_pos + q0, p.k_pos + k0, nq, nk, S, LDS);
-
-      // Online softmax: P = exp(S - m'), l = l * factor + rowsum(P), acc *= factor.
-      bool any_row = false;
-      for (int64_t i = 0; i < nq; ++i) {
-        acc_t* s = S + i * LDS;
-        const acc_t mx = row_max(s, nk);
-        if (mx == ninf) {  // nothing visible in this row of the tile: P row = 0, state unchanged
-          std::fill(s, s + nk, acc_t(0));
-          continue;
-        }
-        any_row = true;
-        const acc_t factor = st[i].rescale_for(mx);
-        st[i].l += exp_row_sum(s, nk, st[i].m);
-        if (factor == acc_t(0)) {
-          std::fill(acc + i * D, acc + (i + 1) * D, acc_t(0));
-        } else if (factor != acc_t(1)) {
-          scale_row(acc + i * D, D, factor);
-        }
-      }
-      if (!any_row) continue;
-
-      // acc += P V
-      blas::gemm<acc_t>(false, false, nq, D, nk, acc_t(1), S, LDS, V_head + k0 * Vr.ld, Vr.ld,
-                        acc_t(1), acc, D);
+        Tl::mask(S, LDS, nq, nk, rm.bounds.data() + 2 * q0, p.k_pos + k0);
+      if (!Tl::fwd_softmax(S, LDS, nq, nk, rowmax, ws.m, ws.l, O, Dp, Dp)) continue;
+      // O += P V
+      Tl::gemm_nn(nq, Dp, nk, acc_t(1), S, LDS, V_head + k0 * Vr.ld, Vr.ld, 1, O, Dp, true,
+                  nullptr, kc);
     }
 
-    // Epilogue: store the normalised output and lse.
+    // Epilogue: the normalised output and lse.
     for (int64_t i = 0; i < nq; ++i) {
-      const acc_t inv_l = st[i].inv_l();
+      const OnlineRow<acc_t> st{ws.m[i], ws.l[i]};
+      const acc_t inv_l = st.inv_l();
       acc_t* o = out_base + i * p.out_strides.row;
-      const acc_t* a = acc + i * D;
+      const acc_t* a = O + i * Dp;
       for (int64_t c = 0; c < D; ++c) o[c] = a[c] * inv_l;
-      lse_base[i] = st[i].lse();
+      lse_base[i] = st.lse();
     }
+    (void)ninf;
   });
 }
 
@@ -457,23 +500,27 @@ void fwd_impl(const BlockFwdParams& p) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-template <typename scalar_t, typename acc_t>
+template <class Tl, typename scalar_t>
 void bwd_impl(const BlockBwdParams& p) {
+  using acc_t = typename Tl::T;
+  constexpr int64_t W = Tl::W;
   const BlockShape& sh = p.shape;
   const int64_t B = sh.batch, Sq = sh.seqlen_q, Sk = sh.seqlen_k, H = sh.nheads, D = sh.headdim;
   const int64_t Hkv = sh.nheads_kv, group = H / Hkv;
   if (B == 0 || Sq == 0 || Sk == 0) return;
 
-  const int64_t BQ = kBlockQ, BK = kBlockK, LDS = kBlockK + kScorePad;
+  const Tuning& tu = tuning();
+  const int64_t Dp = round_up(D, W);
+  const int64_t BQ = tu.bwd_q, BK = tu.bwd_k, LDS = BK + kScorePad;
   const int64_t nqt = cdiv(Sq, BQ), nkt = cdiv(Sk, BK);
-  const std::vector<PositionRange> qr = tile_ranges(p.q_pos, Sq, BQ);
-  const std::vector<PositionRange> kr = tile_ranges(p.k_pos, Sk, BK);
+  const RowMasks rm = row_masks(p.mask, p.q_pos, p.q_seg, Sq, BQ);
+  const std::vector<TileKind> kinds = tile_kinds(rm.tiles, p.k_pos, Sk, BK);
 
   // Key tiles that meet at least one query tile.
   std::vector<int64_t> live_kt;
   for (int64_t kt = 0; kt < nkt; ++kt) {
     for (int64_t qt = 0; qt < nqt; ++qt) {
-      if (classify_tile(p.mask, qr[qt], kr[kt]) != TileKind::kSkip) {
+      if (kinds[qt * nkt + kt] != TileKind::kSkip) {
         live_kt.push_back(kt);
         break;
       }
@@ -483,10 +530,14 @@ void bwd_impl(const BlockBwdParams& p) {
   const int64_t nlive = static_cast<int64_t>(live_kt.size());
 
   using In = const scalar_t*;
-  const auto Qr = head_rows<scalar_t, acc_t>(In(p.q), p.q_strides, B, Sq, H, D, kPackSlot0);
-  const auto Or = head_rows<scalar_t, acc_t>(In(p.dout), p.dout_strides, B, Sq, H, D, kPackSlot0 + 3);
-  const auto Kr = head_rows<scalar_t, acc_t>(In(p.k), p.k_strides, B, Sk, Hkv, D, kPackSlot0 + 1);
-  const auto Vr = head_rows<scalar_t, acc_t>(In(p.v), p.v_strides, B, Sk, Hkv, D, kPackSlot0 + 2);
+  const auto Qr = head_rows<scalar_t, acc_t>(In(p.q), p.q_strides, B, Sq, H, D, Dp, kPackQ);
+  const auto Or = head_rows<scalar_t, acc_t>(In(p.dout), p.dout_strides, B, Sq, H, D, Dp, kPackO);
+  const auto Kr = head_rows<scalar_t, acc_t>(In(p.k), p.k_strides, B, Sk, Hkv, D, Dp, kPackKRows);
+  const acc_t* Kt =
+      pack_panels<scalar_t, acc_t>(In(p.k), p.k_strides, B, Sk, Hkv, D, Tl::kPanel, kPackK);
+  const acc_t* Vt =
+      pack_panels<scalar_t, acc_t>(In(p.v), p.v_strides, B, Sk, Hkv, D, Tl::kPanel, kPackV);
+  const int64_t kt_head = cdiv(Sk, Tl::kPanel) * D * Tl::kPanel;
 
   const auto* lse = static_cast<const acc_t*>(p.lse);
   const auto* delta = static_cast<const acc_t*>(p.delta);
@@ -494,19 +545,19 @@ void bwd_impl(const BlockBwdParams& p) {
   auto* dk = static_cast<acc_t*>(p.dk_acc);
   auto* dv = static_cast<acc_t*>(p.dv_acc);
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
-  const acc_t ninf = neg_inf<acc_t>();
+  const int64_t kc = tu.kc;
 
   // Tasks own (batch, kv head, key split): the dk/dv rows of a task are disjoint from every other
   // task's. Each task accumulates dq of its query heads into a private dense partial (one per
-  // split, all zero-initialised) that is added into dq_acc at the end; dk/dv of a key tile build up
-  // in a dense tile scratch and are added into dk_acc/dv_acc once per key tile.
+  // split, zero-initialised) that is added into dq_acc at the end, in split order; dk/dv of a key
+  // tile build up in a dense tile scratch and are added into dk_acc/dv_acc once per key tile.
   // Key splits cost a dq partial (the size of dq) each: split only until every thread has two
   // tasks (enough for dynamic scheduling to even out odd unit counts).
   const int64_t units = B * Hkv;
   const int64_t nthreads = available_threads();
   const int64_t nsplit =
       nthreads <= 1 ? 1 : std::min(nlive, std::max<int64_t>(1, cdiv(2 * nthreads, units)));
-  const int64_t dq_task_elems = group * Sq * D;
+  const int64_t dq_task_elems = group * Sq * Dp;
   auto* const dq_part = static_cast<acc_t*>(
       thread_scratch(kDqSlot, sizeof(acc_t) * units * nsplit * dq_task_elems));
 
@@ -515,13 +566,13 @@ void bwd_impl(const BlockBwdParams& p) {
   };
   auto make_scratch = [&] {
     const size_t bytes =
-        2 * Carver::bytes_for<acc_t>(BQ * LDS) + 2 * Carver::bytes_for<acc_t>(BK * D);
+        2 * Carver::bytes_for<acc_t>(BQ * LDS) + 2 * Carver::bytes_for<acc_t>(BK * Dp);
     Carver c(kTileSlot, bytes);
     Scratch ws;
     ws.s = c.take<acc_t>(BQ * LDS);
     ws.dp = c.take<acc_t>(BQ * LDS);
-    ws.dk = c.take<acc_t>(BK * D);
-    ws.dv = c.take<acc_t>(BK * D);
+    ws.dk = c.take<acc_t>(BK * Dp);
+    ws.dv = c.take<acc_t>(BK * Dp);
     return ws;
   };
 
@@ -535,96 +586,135 @@ void bwd_impl(const BlockBwdParams& p) {
     acc_t* dq_task = dq_part + task * dq_task_elems;
     std::memset(dq_task, 0, sizeof(acc_t) * dq_task_elems);
 
+    const acc_t* Kt_head = Kt + (b * Hkv + hk) * kt_head;
+    const acc_t* Vt_head = Vt + (b * Hkv + hk) * kt_head;
     const acc_t* K_head = Kr.ptr(b, hk);
-    const acc_t* V_head = Vr.ptr(b, hk);
 
     for (int64_t li = split; li < nlive; li += nsplit) {
       const int64_t kt = live_kt[li];
-      const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0);
+      const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0), nkp = round_up(nk, W);
+      const acc_t* Kt_tile = Kt_head + k0 * D;
+      const acc_t* Vt_tile = Vt_head + k0 * D;
       const acc_t* K = K_head + k0 * Kr.ld;
-      const acc_t* V = V_head + k0 * Vr.ld;
-      acc_t beta_kv = acc_t(0);  // the first GEMM into dKt/dVt overwrites it
+      bool first = true;  // the first products into dKt/dVt overwrite them
 
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
         const acc_t* lse_h = lse + b * p.row_stat_batch_stride + h * p.row_stat_head_stride;
         const acc_t* delta_h = delta + b * p.row_stat_batch_stride + h * p.row_stat_head_stride;
-        acc_t* dq_h = dq_task + g * Sq * D;
+        acc_t* dq_h = dq_task + g * Sq * Dp;
         const acc_t* Q_h = Qr.ptr(b, h);
         const acc_t* dO_h = Or.ptr(b, h);
 
         for (int64_t qt = 0; qt < nqt; ++qt) {
-          const TileKind kind = classify_tile(p.mask, qr[qt], kr[kt]);
+          const TileKind kind = kinds[qt * nkt + kt];
           if (kind == TileKind::kSkip) continue;
           const int64_t q0 = qt * BQ, nq = std::min(BQ, Sq - q0);
           const acc_t* Q = Q_h + q0 * Qr.ld;
           const acc_t* dO = dO_h + q0 * Or.ld;
 
           // P = exp(scale * Q K^T - lse); 0 where masked and on rows that saw nothing (lse -inf).
-          blas::gemm<acc_t>(false, true, nq, nk, D, scale, Q, Qr.ld, K, Kr.ld, acc_t(0), S, LDS);
+          Tl::scores(nq, nkp, D, scale, Q, Qr.ld, Kt_tile, S, LDS, nullptr);
           if (kind == TileKind::kPartial)
-            apply_mask(p.mask, p.q_pos + q0, p.k_pos + k0, nq, nk, S, LDS);
-          for (int64_t i = 0; i < nq; ++i) {
-            acc_t* s = S + i * LDS;
-            const acc_t l = lse_h[q0 + i];
-            if (l == ninf) {
-              std::fill(s, s + nk, acc_t(0));
-            } else {
-              exp_row(s, nk, l);
-            }
-          }
+            Tl::mask(S, LDS, nq, nk, rm.bounds.data() + 2 * q0, p.k_pos + k0);
+          Tl::bwd_probs(S, LDS, nq, nk, lse_h + q0);
           // dV += P^T dO
-          blas::gemm<acc_t>(true, false, nk, D, nq, acc_t(1), S, LDS, dO, Or.ld, beta_kv, dVt, D);
-          // dP = dO V^T
-          blas::gemm<acc_t>(false, true, nq, nk, D, acc_t(1), dO, Or.ld, V, Vr.ld, acc_t(0), dP,
-                            LDS);
-          // dS = P * (dP - delta)
-          for (int64_t i = 0; i < nq; ++i) ds_row(S + i * LDS, dP + i * LDS, nk, delta_h[q0 + i]);
-          // dQ += scale * dS K
-          blas::gemm<acc_t>(false, false, nq, D, nk, scale, dP, LDS, K, Kr.ld, acc_t(1),
-                            dq_h + q0 * D, D);
-          // dK += scale * dS^T Q
-          blas::gemm<acc_t>(true, false, nk, D, nq, scale, dP, LDS, Q, Qr.ld, beta_kv, dKt, D);
-          beta_kv = acc_t(1);
+          Tl::gemm_tn(nk, Dp, nq, acc_t(1), S, LDS, dO, Or.ld, 1, dVt, Dp, !first, nullptr, kc);
+          // dP = dO V^T;  dS = scale * P * (dP - delta)
+          Tl::scores(nq, nkp, D, acc_t(1), dO, Or.ld, Vt_tile, dP, LDS, nullptr);
+          Tl::bwd_ds(S, dP, LDS, nq, nk, delta_h + q0, scale);
+          // dQ += dS K
+          Tl::gemm_nn(nq, Dp, nk, acc_t(1), dP, LDS, K, Kr.ld, 1, dq_h + q0 * Dp, Dp, true,
+                      nullptr, kc);
+          // dK += dS^T Q
+          Tl::gemm_tn(nk, Dp, nq, acc_t(1), dP, LDS, Q, Qr.ld, 1, dKt, Dp, !first, nullptr, kc);
+          first = false;
         }
       }
-      if (beta_kv == acc_t(0)) continue;  // no query tile met this key tile in this kv group
+      if (first) continue;  // no query tile met this key tile in this kv group
       // dk_acc/dv_acc rows of this key tile += the tile's dK/dV.
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t r = k0 + j;
-        add_row(dk + b * p.dk_strides.batch + r * p.dk_strides.row + hk * p.dk_strides.head,
-                dKt + j * D, D);
-        add_row(dv + b * p.dv_strides.batch + r * p.dv_strides.row + hk * p.dv_strides.head,
-                dVt + j * D, D);
+        acc_t* dkr = dk + b * p.dk_strides.batch + r * p.dk_strides.row + hk * p.dk_strides.head;
+        acc_t* dvr = dv + b * p.dv_strides.batch + r * p.dv_strides.row + hk * p.dv_strides.head;
+        const acc_t* sk = dKt + j * Dp;
+        const acc_t* sv = dVt + j * Dp;
+        for (int64_t c = 0; c < D; ++c) dkr[c] += sk[c];
+        for (int64_t c = 0; c < D; ++c) dvr[c] += sv[c];
       }
     }
   });
 
-  // dq_acc += the dq partials of all splits.
+  // dq_acc += the dq partials of all splits, in split order.
   const int64_t rows = B * H * Sq;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / Dp), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r % Sq, bh = r / Sq, b = bh / H, h = bh % H;
       const int64_t hk = h / group, g = h % group;
       acc_t* dst = dq + b * p.dq_strides.batch + i * p.dq_strides.row + h * p.dq_strides.head;
       for (int64_t s = 0; s < nsplit; ++s) {
         const int64_t task = (b * Hkv + hk) * nsplit + s;
-        add_row(dst, dq_part + task * dq_task_elems + (g * Sq + i) * D, D);
+        const acc_t* src = dq_part + task * dq_task_elems + (g * Sq + i) * Dp;
+        for (int64_t c = 0; c < D; ++c) dst[c] += src[c];
       }
     }
   });
+}
+
+// ---- dispatch --------------------------------------------------------------------------------
+
+template <template <typename> class Tl>
+void fwd_dtype(const BlockFwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return fwd_impl<Tl<float>, float>(p);
+    case DType::kFloat64: return fwd_impl<Tl<double>, double>(p);
+    case DType::kBFloat16: return fwd_impl<Tl<float>, c10::BFloat16>(p);
+    case DType::kFloat16: return fwd_impl<Tl<float>, c10::Half>(p);
+  }
+  TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
+}
+
+template <template <typename> class Tl>
+void bwd_dtype(const BlockBwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return bwd_impl<Tl<float>, float>(p);
+    case DType::kFloat64: return bwd_impl<Tl<double>, double>(p);
+    case DType::kBFloat16: return bwd_impl<Tl<float>, c10::BFloat16>(p);
+    case DType::kFloat16: return bwd_impl<Tl<float>, c10::Half>(p);
+  }
+  TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
 }
 
 }  // namespace
 
 void block_attn_fwd(const BlockFwdParams& p) {
   check_shape(p.shape);
-  RA_CPU_DTYPE_SWITCH(p.dtype, scalar_t, acc_t, [&] { fwd_impl<scalar_t, acc_t>(p); });
+  switch (active_isa()) {
+#if RA_CPU_X86
+    case Isa::kAvx512: return fwd_dtype<avx512::Tiles>(p);
+    case Isa::kAvx2: return fwd_dtype<avx2::Tiles>(p);
+#endif
+    default: return fwd_dtype<generic::Tiles>(p);
+  }
 }
 
 void block_attn_bwd(const BlockBwdParams& p) {
   check_shape(p.shape);
-  RA_CPU_DTYPE_SWITCH(p.dtype, scalar_t, acc_t, [&] { bwd_impl<scalar_t, acc_t>(p); });
+  switch (active_isa()) {
+#if RA_CPU_X86
+    case Isa::kAvx512: return bwd_dtype<avx512::Tiles>(p);
+    case Isa::kAvx2: return bwd_dtype<avx2::Tiles>(p);
+#endif
+    default: return bwd_dtype<generic::Tiles>(p);
+  }
+}
+
+const char* cpu_kernel_isa() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
 }
 
 }  // namespace cpu

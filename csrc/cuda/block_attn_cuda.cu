@@ -38,6 +38,26 @@ int block_bwd(const BlockBwdParams& p, void* stream) {
 
 const char* error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
 
+std::string device_pointer_error(const void* ptr, const char* name) {
+  if (ptr == nullptr) return {};
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return std::string(name) + ": " + cudaGetErrorString(err);
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+    return std::string(name) + " is not in CUDA device memory (all tensors must be on the GPU)";
+  }
+  int device = -1;
+  cudaGetDevice(&device);
+  if (attr.type == cudaMemoryTypeDevice && attr.device != device) {
+    return std::string(name) + " is on cuda:" + std::to_string(attr.device) +
+           " but the kernel runs on cuda:" + std::to_string(device);
+  }
+  return {};
+}
+
 std::string build_info() {
   int runtime = 0;
   cudaRuntimeGetVersion(&runtime);

@@ -63,6 +63,9 @@ int block_fwd(const FwdArgs& args, void* stream);
 int block_bwd(const BlockBwdParams& p, void* stream);
 // The CUDA runtime's description of an error code returned above.
 const char* error_string(int error);
+// Empty when `ptr` (null: nothing to check) is device or managed memory of the current device;
+// otherwise a message naming `name`.
+std::string device_pointer_error(const void* ptr, const char* name);
 // "archs=80;90 nvcc=13.0 runtime=13000 devices=1" (devices: cudaGetDeviceCount, or the error).
 std::string build_info();
 #endif

@@ -14,9 +14,11 @@
 //   adds it to dq_acc with fp32 atomics. dK/dV are added to dk_acc/dv_acc at the end (atomics when
 //   several query heads share the K/V head).
 //
-// Masking: tiles are classified from the min/max positions of their rows and columns
-// (core/mask.h classify_tile, range_of): skipped tiles are never loaded, full tiles evaluate no
-// per-element mask, partial tiles and tiles with out-of-range keys evaluate is_visible per element.
+// Masking (core/mask.h, the same code as the CPU kernels): a query tile's rows are summarised by
+// tile_bounds (windows, packed sequences via q_seg, causal), a key tile by range_of, and
+// classify_tile decides skip / full / partial; skipped tiles are never loaded, full tiles evaluate
+// no per-element mask, partial tiles and tiles with out-of-range keys evaluate is_visible against
+// each row's row_bounds. Rows that see nothing keep out = 0 and lse = -inf (never -inf - -inf).
 // Out-of-range rows and head-dim columns beyond the real head dim are zero-filled in shared memory
 // and never stored.
 #pragma once
@@ -94,20 +96,64 @@ RA_DEV PositionRange warp_range(const int32_t* pos, int begin, int end, int lane
   return r;
 }
 
+// Bounds of query rows [begin, end) (core/mask.h tile_bounds on a slice per lane, then a
+// butterfly reduction): every lane returns the same TileBounds.
+RA_DEV TileBounds warp_tile_bounds(const MaskSpec& mask, const int32_t* q_pos,
+                                   const int32_t* q_seg, int begin, int end, int lane) {
+  const int n = end - begin;
+  const int per = (n + 31) / 32;
+  TileBounds t = tile_bounds(mask, q_pos, q_seg, begin + imin(lane * per, n),
+                             begin + imin(lane * per + per, n));
+  RA_UNROLL
+  for (int off = 16; off > 0; off /= 2) {
+    const int64_t min_lo = shfl_xor(t.min_lo, off), max_lo = shfl_xor(t.max_lo, off);
+    const int64_t min_hi = shfl_xor(t.min_hi, off), max_hi = shfl_xor(t.max_hi, off);
+    const int any_empty = shfl_xor(static_cast<int>(t.any_empty_row), off);
+    t.min_lo = min_lo < t.min_lo ? min_lo : t.min_lo;
+    t.max_lo = max_lo > t.max_lo ? max_lo : t.max_lo;
+    t.min_hi = min_hi < t.min_hi ? min_hi : t.min_hi;
+    t.max_hi = max_hi > t.max_hi ? max_hi : t.max_hi;
+    t.any_empty_row = t.any_empty_row || any_empty != 0;
+  }
+  return t;
+}
+
+// The keys query row i sees (core/mask.h row_bounds); an empty range for rows out of range.
+RA_DEV PositionRange query_bounds(const MaskSpec& mask, const int32_t* q_pos, const int32_t* q_seg,
+                                  int i, int len) {
+  if (i >= len) return PositionRange{1, 0};
+  const PositionRange seg =
+      q_seg ? PositionRange{q_seg[2 * i], q_seg[2 * i + 1]} : unbounded_range();
+  return row_bounds(mask, q_pos[i], seg);
+}
+
 struct LiveTile {
   int index;  // -1: none left
   TileKind kind;
 };
 
-// The first tile t' >= t of `pos` (tiles of `block` tokens, `len` in all) that is not skipped
-// against the fixed range (the query range when fixed_is_q, else the key range). Warp-uniform,
-// and the same in every warp.
-RA_DEV LiveTile next_live(const MaskSpec& mask, const PositionRange& fixed, bool fixed_is_q,
-                          const int32_t* pos, int len, int block, int t, int lane) {
+// Forward: the first key tile t' >= t (tiles of `block` keys, `len` in all) not skipped by the
+// query tile's bounds. Warp-uniform, and the same in every warp.
+RA_DEV LiveTile next_live_keys(const TileBounds& q, const int32_t* k_pos, int len, int block, int t,
+                               int lane) {
   const int ntiles = (len + block - 1) / block;
   for (; t < ntiles; ++t) {
-    const PositionRange r = warp_range(pos, t * block, imin(t * block + block, len), lane);
-    const TileKind kind = fixed_is_q ? classify_tile(mask, fixed, r) : classify_tile(mask, r, fixed);
+    const PositionRange k = warp_range(k_pos, t * block, imin(t * block + block, len), lane);
+    const TileKind kind = classify_tile(q, k);
+    if (kind != TileKind::kSkip) return {t, kind};
+  }
+  return {-1, TileKind::kSkip};
+}
+
+// Backward: the first query tile t' >= t (tiles of `block` rows, `len` in all) that sees some key
+// of the range `k`. Warp-uniform, and the same in every warp.
+RA_DEV LiveTile next_live_queries(const MaskSpec& mask, const int32_t* q_pos, const int32_t* q_seg,
+                                  int len, int block, const PositionRange& k, int t, int lane) {
+  const int ntiles = (len + block - 1) / block;
+  for (; t < ntiles; ++t) {
+    const TileBounds q =
+        warp_tile_bounds(mask, q_pos, q_seg, t * block, imin(t * block + block, len), lane);
+    const TileKind kind = classify_tile(q, k);
     if (kind != TileKind::kSkip) return {t, kind};
   }
   return {-1, TileKind::kSkip};
@@ -189,8 +235,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   const float scale = static_cast<float>(p.softmax_scale);
   const float ninf = neg_inf_f();
 
-  const PositionRange q_range = warp_range(p.q_pos, q0, imin(q0 + kBM, Sq), lane);
-  LiveTile cur = next_live(p.mask, q_range, true, p.k_pos, Sk, kBN, 0, lane);
+  const TileBounds q_bounds = warp_tile_bounds(p.mask, p.q_pos, p.q_seg, q0, imin(q0 + kBM, Sq), lane);
+  LiveTile cur = next_live_keys(q_bounds, p.k_pos, Sk, kBN, 0, lane);
   if (cur.index < 0) return;  // nothing visible: the running state is unchanged
 
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
@@ -209,14 +255,14 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   float* gO = static_cast<float*>(p.out_acc) + b * p.out_strides.batch + h * p.out_strides.head;
   float* gL = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
   int row[2];
-  int64_t qpos[2];
+  PositionRange seen[2];  // the keys each row sees
   OnlineRow<float> st[2];
   float acc[kNbO][4];
   RA_UNROLL
   for (int r = 0; r < 2; ++r) {
     row[r] = q0 + warp * 16 + g + 8 * r;
     const bool valid = row[r] < Sq;
-    qpos[r] = valid ? p.q_pos[row[r]] : 0;
+    seen[r] = query_bounds(p.mask, p.q_pos, p.q_seg, row[r], Sq);
     st[r] = OnlineRow<float>::from_lse(args.merge && valid ? gL[row[r]] : ninf);
     const bool load = st[r].l > 0.f;  // acc = o when the state has seen something, else 0
     const float* o = gO + static_cast<int64_t>(load ? row[r] : 0) * p.out_strides.row;
@@ -238,7 +284,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
       RA_UNROLL
       for (int kc = 0; kc < kKcQK; ++kc) load_a<kStride>(qf[kc], sQ, warp * 16, kc * 16, lane);
     }
-    const LiveTile nxt = next_live(p.mask, q_range, true, p.k_pos, Sk, kBN, cur.index + 1, lane);
+    const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
     if (nxt.index >= 0) {
       load_rows<kBN, kD, kStride, kNT>(sK + (stage ^ 1) * kBN * kStride, gK, p.k_strides.row,
                                        nxt.index * kBN, Sk, d, tid);
@@ -276,7 +322,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
         const int64_t kpos = need_mask && in_range ? p.k_pos[key] : 0;
         RA_UNROLL
         for (int r = 0; r < 2; ++r) {
-          const bool visible = !need_mask || (in_range && is_visible(p.mask, qpos[r], kpos));
+          const bool visible = !need_mask || (in_range && is_visible(seen[r], kpos));
           s[nb][2 * r + e] = visible ? s[nb][2 * r + e] * scale : ninf;
         }
       }
@@ -401,7 +447,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
   const float scale = static_cast<float>(p.softmax_scale);
 
   const PositionRange k_range = warp_range(p.k_pos, k0, imin(k0 + kBN, Sk), lane);
-  LiveTile cur = next_live(p.mask, k_range, false, p.q_pos, Sq, kBM, 0, lane);
+  LiveTile cur = next_live_queries(p.mask, p.q_pos, p.q_seg, Sq, kBM, k_range, 0, lane);
   if (cur.index < 0) return;  // no query sees these keys: nothing to add
 
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
@@ -450,7 +496,8 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
   for (;;) {
     cp_async_wait<0>();
     sync_threads();  // query tile `cur` is in stage `stage`; every warp is done with the last tile
-    const LiveTile nxt = next_live(p.mask, k_range, false, p.q_pos, Sq, kBM, cur.index + 1, lane);
+    const LiveTile nxt =
+        next_live_queries(p.mask, p.q_pos, p.q_seg, Sq, kBM, k_range, cur.index + 1, lane);
     if (nxt.index >= 0) {
       load_rows<kBM, kD, kStride, kNT>(sQ + (stage ^ 1) * kBM * kStride, gQ, p.q_strides.row,
                                        nxt.index * kBM, Sq, d, tid);
@@ -467,49 +514,60 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
     const int m0 = cur.index * kBM;
     const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
 
-    // S^T = K Q^T and dP^T = V dO^T (rows: this warp's 16 keys; columns: the tile's queries)
-    float s[kNbQ][4], dp[kNbQ][4];
+    // S^T = K Q^T (rows: this warp's 16 keys; columns: the tile's queries), then in place
+    // P^T = exp(scale S^T - lse), 0 where masked. Element (nb, 2r + e) is key row r, query
+    // m0 + nb*8 + 2*t4 + e.
+    float s[kNbQ][4];
     RA_UNROLL
-    for (int nb = 0; nb < kNbQ; ++nb) {
-      RA_UNROLL
-      for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
-    }
+    for (int nb = 0; nb < kNbQ; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
     RA_UNROLL
     for (int kc = 0; kc < kKcD; ++kc) {
-      uint32_t ka[4], va[4];
+      uint32_t ka[4];
       load_a<kStride>(ka, sK, warp * 16, kc * 16, lane);
-      load_a<kStride>(va, sV, warp * 16, kc * 16, lane);
       RA_UNROLL
       for (int j = 0; j < kBM / 16; ++j) {
-        uint32_t qb[4], ob[4];
+        uint32_t qb[4];
         load_b_nk<kStride>(qb, tQ, j * 16, kc * 16, lane);
-        load_b_nk<kStride>(ob, tdO, j * 16, kc * 16, lane);
         mma_16816<kBF16>(s[2 * j], ka, qb[0], qb[1]);
         mma_16816<kBF16>(s[2 * j + 1], ka, qb[2], qb[3]);
-        mma_16816<kBF16>(dp[2 * j], va, ob[0], ob[1]);
-        mma_16816<kBF16>(dp[2 * j + 1], va, ob[2], ob[3]);
       }
     }
-
-    // P^T = exp(scale S^T - lse) (0 where masked) and dS^T = P^T (dP^T - delta), in place.
-    // Element (nb, 2r + e) is key row r, query m0 + nb*8 + 2*t4 + e.
     RA_UNROLL
     for (int nb = 0; nb < kNbQ; ++nb) {
       RA_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int qc = nb * 8 + t4 * 2 + e;
-        const float l = tL[qc], dl = tD[qc];
-        const bool q_in_range = m0 + qc < Sq;
-        const int64_t qpos = need_mask && q_in_range ? p.q_pos[m0 + qc] : 0;
+        const float l = tL[qc];
+        const PositionRange seen =
+            need_mask ? query_bounds(p.mask, p.q_pos, p.q_seg, m0 + qc, Sq) : PositionRange{1, 0};
         RA_UNROLL
         for (int r = 0; r < 2; ++r) {
-          const bool visible =
-              !need_mask || (key[r] < Sk && q_in_range && is_visible(p.mask, qpos, kpos[r]));
-          const float pe = visible ? fast_exp(s[nb][2 * r + e] * scale - l) : 0.f;
-          s[nb][2 * r + e] = pe;
-          dp[nb][2 * r + e] = pe * (dp[nb][2 * r + e] - dl);
+          const bool visible = !need_mask || (key[r] < Sk && is_visible(seen, kpos[r]));
+          s[nb][2 * r + e] = visible ? fast_exp(s[nb][2 * r + e] * scale - l) : 0.f;
         }
       }
+    }
+
+    // dP^T = V dO^T, then in place dS^T = P^T (dP^T - delta).
+    float dp[kNbQ][4];
+    RA_UNROLL
+    for (int nb = 0; nb < kNbQ; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
+    RA_UNROLL
+    for (int kc = 0; kc < kKcD; ++kc) {
+      uint32_t va[4];
+      load_a<kStride>(va, sV, warp * 16, kc * 16, lane);
+      RA_UNROLL
+      for (int j = 0; j < kBM / 16; ++j) {
+        uint32_t ob[4];
+        load_b_nk<kStride>(ob, tdO, j * 16, kc * 16, lane);
+        mma_16816<kBF16>(dp[2 * j], va, ob[0], ob[1]);
+        mma_16816<kBF16>(dp[2 * j + 1], va, ob[2], ob[3]);
+      }
+    }
+    RA_UNROLL
+    for (int nb = 0; nb < kNbQ; ++nb) {
+      RA_UNROLL
+      for (int i = 0; i < 4; ++i) dp[nb][i] = s[nb][i] * (dp[nb][i] - tD[nb * 8 + t4 * 2 + i % 2]);
     }
 
     // dV += P^T dO, dK += dS^T Q (unscaled; scaled once at the end); dS^T to smem for dQ.

@@ -1,0 +1,124 @@
+// The implementations of the op schemas (ops.cpp) for one device, given its block kernels:
+//     struct CpuDevice { static constexpr BlockKernels kKernels{...}; };
+//     TORCH_LIBRARY_IMPL(ring_attention, CPU, m) { register_ring_ops<CpuDevice>(m); }
+// Every device shares validation, agreement, buffers, transports and the schedule (ring_ops.h).
+#pragma once
+
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "bindings/ring_ops.h"
+#include "bindings/tensor_params.h"
+
+namespace ring_attn {
+
+inline RingOptions ring_options(const std::optional<at::Tensor>& cu_seqlens,
+                                c10::string_view group_name, bool causal, double softmax_scale,
+                                int64_t window_left, int64_t window_right,
+                                c10::string_view layout) {
+  RingOptions options;
+  options.group_name = std::string(group_name);
+  options.causal = causal;
+  options.softmax_scale = softmax_scale;
+  options.window_left = window_left;
+  options.window_right = window_right;
+  options.layout = std::string(layout);
+  if (cu_seqlens) options.cu_seqlens = *cu_seqlens;
+  return options;
+}
+
+inline MaskSpec mask_spec(bool causal, int64_t window_left, int64_t window_right) {
+  MaskSpec mask;
+  mask.causal = causal;
+  mask.window_left = window_left;
+  mask.window_right = window_right;
+  return mask;
+}
+
+template <typename Device>
+struct RingOpImpls {
+  static std::tuple<at::Tensor, at::Tensor> ring_fwd(
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const std::optional<at::Tensor>& cu_seqlens, c10::string_view group_name, bool causal,
+      double softmax_scale, int64_t window_left, int64_t window_right, c10::string_view layout) {
+    c10::DeviceGuard guard(q.device());
+    return ring_forward(Device::kKernels, q, k, v,
+                        ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
+                                     window_right, layout));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd(
+      const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens,
+      c10::string_view group_name, bool causal, double softmax_scale, int64_t window_left,
+      int64_t window_right, c10::string_view layout) {
+    c10::DeviceGuard guard(q.device());
+    return ring_backward(Device::kKernels, dout, q, k, v, out, lse,
+                         ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
+                                      window_right, layout));
+  }
+
+  static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_fwd(
+      at::TensorList qs, at::TensorList ks, at::TensorList vs,
+      const std::optional<at::Tensor>& cu_seqlens, bool causal, double softmax_scale,
+      int64_t window_left, int64_t window_right, c10::string_view layout) {
+    TORCH_CHECK_VALUE(!qs.empty(), "LocalRing: at least one virtual rank is needed");
+    c10::DeviceGuard guard(qs[0].device());
+    return local_ring_forward(Device::kKernels, qs.vec(), ks.vec(), vs.vec(),
+                              ring_options(cu_seqlens, "", causal, softmax_scale, window_left,
+                                           window_right, layout));
+  }
+
+  static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+  local_ring_bwd(at::TensorList douts, at::TensorList qs, at::TensorList ks, at::TensorList vs,
+                 at::TensorList outs, at::TensorList lses,
+                 const std::optional<at::Tensor>& cu_seqlens, bool causal, double softmax_scale,
+                 int64_t window_left, int64_t window_right, c10::string_view layout) {
+    TORCH_CHECK_VALUE(!qs.empty(), "LocalRing: at least one virtual rank is needed");
+    c10::DeviceGuard guard(qs[0].device());
+    return local_ring_backward(Device::kKernels, douts.vec(), qs.vec(), ks.vec(), vs.vec(),
+                               outs.vec(), lses.vec(),
+                               ring_options(cu_seqlens, "", causal, softmax_scale, window_left,
+                                            window_right, layout));
+  }
+
+  static void block_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& q_pos, const at::Tensor& k_pos,
+                        const std::optional<at::Tensor>& q_seg, at::Tensor& out_acc,
+                        at::Tensor& lse, bool causal, int64_t window_left, int64_t window_right,
+                        double softmax_scale) {
+    c10::DeviceGuard guard(q.device());
+    Device::kKernels.fwd(make_fwd_params(q, k, v, q_pos, k_pos, q_seg.value_or(at::Tensor()),
+                                         out_acc, lse,
+                                         mask_spec(causal, window_left, window_right),
+                                         softmax_scale));
+  }
+
+  static void block_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& q_pos, const at::Tensor& k_pos,
+                        const std::optional<at::Tensor>& q_seg, const at::Tensor& lse,
+                        const at::Tensor& delta, at::Tensor& dq_acc, at::Tensor& dk_acc,
+                        at::Tensor& dv_acc, bool causal, int64_t window_left,
+                        int64_t window_right, double softmax_scale) {
+    c10::DeviceGuard guard(q.device());
+    Device::kKernels.bwd(make_bwd_params(dout, q, k, v, q_pos, k_pos, q_seg.value_or(at::Tensor()),
+                                         lse, delta, dq_acc, dk_acc, dv_acc,
+                                         mask_spec(causal, window_left, window_right),
+                                         softmax_scale));
+  }
+};
+
+template <typename Device>
+void register_ring_ops(torch::Library& m) {
+  using Impl = RingOpImpls<Device>;
+  m.impl("ring_fwd", &Impl::ring_fwd);
+  m.impl("ring_bwd", &Impl::ring_bwd);
+  m.impl("local_ring_fwd", &Impl::local_ring_fwd);
+  m.impl("local_ring_bwd", &Impl::local_ring_bwd);
+  m.impl("block_fwd", &Impl::block_fwd);
+  m.impl("block_bwd", &Impl::block_bwd);
+}
+
+}  // namespace ring_attn

@@ -1,0 +1,245 @@
+// A CPU emulation of the few CUDA features the block kernels use, so that their bodies
+// (csrc/cuda/block_attn_kernel.cuh, compiled with RA_CUDA_EMULATE) run and are checked on a machine
+// without a GPU. Every CUDA thread is a std::thread; a CTA's threads share a barrier
+// (__syncthreads) and each warp has a barrier and an exchange area for its collective instructions:
+//   mma.sync m16n8k16 and ldmatrix(.trans) follow the fragment layouts of the PTX ISA;
+//   cp.async copies are deferred until the issuing thread waits for their group (so reading a tile
+//   before cp.async.wait_group + barrier reads stale data), and every copy and ldmatrix checks
+//   alignment and shared-memory bounds;
+//   shared memory starts filled with 0xFF bytes (NaN as bf16/fp16/fp32), so reading what nobody
+//   wrote shows up as NaN.
+// A violation prints a message and aborts. This tests index math, masking, merging and
+// synchronisation structure; it says nothing about speed, and real-hardware races that the
+// emulated timing does not hit are left to compute-sanitizer on a GPU (scripts/gpu_check.sh).
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace ring_attn {
+namespace cuda {
+namespace emu {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "CUDA emulation: %s\n", what);
+  std::abort();
+}
+
+struct Warp {
+  std::barrier<> bar{32};
+  uint64_t slot[32][8];
+};
+
+struct Cta {
+  explicit Cta(int nthreads) : bar(nthreads) {
+    for (int w = 0; w < nthreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  }
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  int block[3] = {0, 0, 0};
+  char* smem = nullptr;
+  size_t smem_bytes = 0;
+};
+
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
+struct Thread {
+  Cta* cta;
+  int tid;
+  std::vector<std::vector<PendingCopy>> committed;
+  std::vector<PendingCopy> open;
+};
+
+inline thread_local Thread* tls = nullptr;
+
+inline int thread_idx() { return tls->tid; }
+inline int block_idx(int i) { return tls->cta->block[i]; }
+inline void sync_threads() { tls->cta->bar.arrive_and_wait(); }
+inline Warp& warp() { return *tls->cta->warps[tls->tid / 32]; }
+inline int lane() { return tls->tid % 32; }
+
+inline void check_smem(const void* p, size_t bytes, const char* what) {
+  const char* c = static_cast<const char*>(p);
+  const Cta& cta = *tls->cta;
+  if (c < cta.smem || c + bytes > cta.smem + cta.smem_bytes) fail(what);
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail(what);
+}
+
+template <typename T>
+T shfl_xor(T v, int mask) {
+  static_assert(sizeof(T) <= 8, "shuffle width");
+  Warp& w = warp();
+  const int l = lane();
+  std::memcpy(&w.slot[l][0], &v, sizeof(T));
+  w.bar.arrive_and_wait();
+  T out;
+  std::memcpy(&out, &w.slot[l ^ mask][0], sizeof(T));
+  w.bar.arrive_and_wait();
+  return out;
+}
+
+// ---- 16-bit floats (round to nearest even) ------------------------------------------------------
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_fp16(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+inline float fp16_to_float(uint16_t u) {
+  _Float16 h;
+  std::memcpy(&h, &u, 2);
+  return static_cast<float>(h);
+}
+template <bool kBF16>
+inline uint16_t from_float(float f) { return kBF16 ? float_to_bf16(f) : float_to_fp16(f); }
+template <bool kBF16>
+inline float to_float(uint16_t h) { return kBF16 ? bf16_to_float(h) : fp16_to_float(h); }
+
+template <bool kBF16>
+inline uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(from_float<kBF16>(lo)) |
+         (static_cast<uint32_t>(from_float<kBF16>(hi)) << 16);
+}
+
+// ---- mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} -------------------------------------------
+template <bool kBF16>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  Warp& w = warp();
+  const int l = lane();
+  for (int i = 0; i < 4; ++i) w.slot[l][i] = a[i];
+  w.slot[l][4] = b0;
+  w.slot[l][5] = b1;
+  w.bar.arrive_and_wait();
+  auto elem = [&](int ln, int reg, int k) {
+    const uint32_t v = static_cast<uint32_t>(w.slot[ln][reg]);
+    return to_float<kBF16>(static_cast<uint16_t>(k % 2 ? v >> 16 : v & 0xffffu));
+  };
+  // A (r, k): lane 4 * (r % 8) + (k % 8) / 2, register (r / 8) + 2 * (k / 8)
+  // B (k, n): lane 4 * n + (k % 8) / 2, register 4 + k / 8
+  const int g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i / 2), n = 2 * t + i % 2;
+    double acc = d[i];
+    for (int k = 0; k < 16; ++k) {
+      acc += static_cast<double>(elem(4 * (r % 8) + (k % 8) / 2, r / 8 + 2 * (k / 8), k)) *
+             elem(4 * n + (k % 8) / 2, 4 + k / 8, k);
+    }
+    d[i] = static_cast<float>(acc);
+  }
+  w.bar.arrive_and_wait();
+}
+
+// ---- ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 ---------------------------------------------
+inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans) {
+  check_smem(row, 16, "ldmatrix row address out of shared memory or not 16-byte aligned");
+  Warp& w = warp();
+  const int l = lane();
+  std::memcpy(&w.slot[l][0], &row, sizeof(row));
+  w.bar.arrive_and_wait();
+  auto row_of = [&](int ln) {
+    const uint16_t* p;
+    std::memcpy(&p, &w.slot[ln][0], sizeof(p));
+    return p;
+  };
+  const int g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const uint16_t* p = row_of(8 * i + g);
+      lo = p[2 * t];
+      hi = p[2 * t + 1];
+    } else {
+      lo = row_of(8 * i + 2 * t)[g];
+      hi = row_of(8 * i + 2 * t + 1)[g];
+    }
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  w.bar.arrive_and_wait();
+}
+
+// ---- cp.async ----------------------------------------------------------------------------------
+inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+  check_smem(smem, 16, "cp.async destination out of shared memory or not 16-byte aligned");
+  if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) fail("cp.async source not 16-byte aligned");
+  tls->open.push_back({smem, gmem, valid});
+}
+inline void cp_async_commit() {
+  tls->committed.push_back(std::move(tls->open));
+  tls->open.clear();
+}
+inline void cp_async_wait(int n) {
+  auto& groups = tls->committed;
+  while (static_cast<int>(groups.size()) > n) {
+    for (const PendingCopy& c : groups.front()) {
+      if (c.valid) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+    groups.erase(groups.begin());
+  }
+}
+
+inline void atomic_add(float* p, float v) { std::atomic_ref<float>(*p).fetch_add(v); }
+
+// Runs body(smem) for every CTA of a (gx, gy, gz) grid of `nthreads` threads, one CTA at a time.
+template <typename Body>
+void launch(int gx, int gy, int gz, int nthreads, size_t smem_bytes, Body&& body) {
+  std::vector<uint64_t> smem((smem_bytes + 7) / 8 + 2);
+  for (int z = 0; z < gz; ++z) {
+    for (int y = 0; y < gy; ++y) {
+      for (int x = 0; x < gx; ++x) {
+        Cta cta(nthreads);
+        cta.block[0] = x;
+        cta.block[1] = y;
+        cta.block[2] = z;
+        char* base = reinterpret_cast<char*>(smem.data());
+        base += (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16;
+        std::memset(base, 0xff, smem_bytes);
+        cta.smem = base;
+        cta.smem_bytes = smem_bytes;
+        std::vector<std::thread> threads;
+        for (int tid = 0; tid < nthreads; ++tid) {
+          threads.emplace_back([&cta, &body, tid] {
+            Thread t{&cta, tid, {}, {}};
+            tls = &t;
+            body(cta.smem);
+            if (!t.open.empty() || !t.committed.empty()) fail("thread exited with cp.async in flight");
+            tls = nullptr;
+          });
+        }
+        for (auto& th : threads) th.join();
+      }
+    }
+  }
+}
+
+}  // namespace emu
+}  // namespace cuda
+}  // namespace ring_attn

@@ -1,0 +1,392 @@
+// The CUDA block kernels' bodies run on the CPU under emulation (emu_runtime.h), against a float64
+// reference computed from the same bf16/fp16-rounded inputs. Covers both dtypes, every head-dim
+// bucket (and a padded head dim), GQA, query/key tails, every mask kind of
+// tests/test_block_kernel.py, strided (head-major) inputs, the fused merge over several key blocks
+// (including a block nobody sees) and += accumulation of the gradients.
+// Exit status 0 when every case passes. Usage: test_cuda_emu [case-name-substring]
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/block_attn_kernel.cuh"
+#include "cuda/static_switch.h"
+
+using namespace ring_attn;
+using namespace ring_attn::cuda;
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+struct Case {
+  std::string name;
+  bool bf16;
+  int B, Sq, Sk, H, Hkv, D;
+  std::string mask;
+  bool head_major;   // q, k, v, dout stored as (batch, heads, seq, headdim)
+  int fwd_splits;    // key blocks merged one after another by block_fwd
+  double scale;
+};
+
+// A (batch, seq, heads, headdim) operand: 16-bit storage and its exact float values.
+struct Operand {
+  int B, S, H, D;
+  Strides st;
+  std::vector<uint16_t> bits;
+  std::vector<float> vals;
+  int64_t at(int b, int s, int h, int d) const { return b * st.batch + s * st.row + h * st.head + d; }
+};
+
+Operand make_operand(std::mt19937_64& rng, bool bf16, int B, int S, int H, int D, bool head_major) {
+  Operand o{B, S, H, D, {}, {}, {}};
+  o.st = head_major ? Strides{int64_t(H) * S * D, D, int64_t(S) * D}
+                    : Strides{int64_t(S) * H * D, int64_t(H) * D, D};
+  const size_t n = size_t(B) * S * H * D;
+  o.bits.resize(n);
+  o.vals.resize(n);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (size_t i = 0; i < n; ++i) {
+    const float x = nd(rng);
+    o.bits[i] = bf16 ? emu::float_to_bf16(x) : emu::float_to_fp16(x);
+    o.vals[i] = bf16 ? emu::bf16_to_float(o.bits[i]) : emu::fp16_to_float(o.bits[i]);
+  }
+  return o;
+}
+
+// The mask, q/k positions and (packed) q_seg of a named mask case; the first ones as in
+// tests/test_block_kernel.py.
+MaskSpec mask_positions(const std::string& mask, int sq, int sk, std::vector<int32_t>& qp,
+                        std::vector<int32_t>& kp, std::vector<int32_t>& qseg,
+                        std::mt19937_64& rng) {
+  MaskSpec m;
+  m.causal = true;
+  qp.resize(sq);
+  kp.resize(sk);
+  qseg.clear();
+  for (int i = 0; i < sq; ++i) qp[i] = i;
+  for (int j = 0; j < sk; ++j) kp[j] = j;
+  if (mask == "none") {
+    m.causal = false;
+  } else if (mask == "full") {
+    for (auto& x : qp) x += sk;
+  } else if (mask == "diagonal") {
+  } else if (mask == "partial") {
+    for (auto& x : qp) x = 2 * x + 1;
+    for (auto& x : kp) x = 3 * x;
+  } else if (mask == "skipped") {
+    for (auto& x : kp) x += sq;
+  } else if (mask == "masked_rows") {
+    for (auto& x : kp) x += (sq + 1) / 2;
+  } else if (mask == "random") {
+    std::vector<int32_t> perm(sq + sk);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::copy(perm.begin(), perm.begin() + sq, qp.begin());
+    std::copy(perm.begin() + sq, perm.end(), kp.begin());
+  } else if (mask == "window") {  // sliding window, causal
+    m.window_left = 20;
+  } else if (mask == "window2") {  // two-sided window, not causal
+    m.causal = false;
+    m.window_left = 15;
+    m.window_right = 7;
+  } else if (mask == "packed") {  // sequences [0, 30), [30, 55), [55, ...); the last 3 rows pad
+    const int bounds[] = {0, 30, 55, std::max(sq, sk)};
+    qseg.resize(2 * sq);
+    for (int i = 0; i < sq; ++i) {
+      int s = 0;
+      while (i >= bounds[s + 1]) ++s;
+      qseg[2 * i] = bounds[s];
+      qseg[2 * i + 1] = bounds[s + 1] - 1;
+      if (i >= sq - 3) {
+        qseg[2 * i] = 1;
+        qseg[2 * i + 1] = 0;
+      }
+    }
+  } else {
+    std::fprintf(stderr, "unknown mask %s\n", mask.c_str());
+    std::exit(2);
+  }
+  return m;
+}
+
+// Visibility written out independently of core/mask.h.
+bool ref_visible(const MaskSpec& m, const std::vector<int32_t>& qseg, int i, int64_t q, int64_t k) {
+  if (!qseg.empty() && (k < qseg[2 * i] || k > qseg[2 * i + 1])) return false;
+  if (m.causal && k > q) return false;
+  if (m.window_left >= 0 && k < q - m.window_left) return false;
+  if (m.window_right >= 0 && k > q + m.window_right) return false;
+  return true;
+}
+
+struct Reference {
+  std::vector<double> out, lse, dq, dk, dv;  // out/dq (B,Sq,H,D), lse (B,H,Sq), dk/dv (B,Sk,Hkv,D)
+};
+
+Reference reference(const Case& c, const Operand& q, const Operand& k, const Operand& v,
+                    const Operand& dout, const MaskSpec& mask, const std::vector<int32_t>& qp,
+                    const std::vector<int32_t>& kp, const std::vector<int32_t>& qseg) {
+  const int B = c.B, Sq = c.Sq, Sk = c.Sk, H = c.H, D = c.D, Hkv = c.Hkv, G = H / Hkv;
+  Reference r;
+  r.out.assign(size_t(B) * Sq * H * D, 0.0);
+  r.lse.assign(size_t(B) * H * Sq, -kInf);
+  r.dq.assign(size_t(B) * Sq * H * D, 0.0);
+  r.dk.assign(size_t(B) * Sk * Hkv * D, 0.0);
+  r.dv.assign(size_t(B) * Sk * Hkv * D, 0.0);
+  std::vector<double> s(Sk), p(Sk);
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      const int hk = h / G;
+      for (int i = 0; i < Sq; ++i) {
+        double m = -kInf;
+        for (int j = 0; j < Sk; ++j) {
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += double(q.vals[q.at(b, i, h, d)]) * k.vals[k.at(b, j, hk, d)];
+          s[j] = ref_visible(mask, qseg, i, qp[i], kp[j]) ? c.scale * dot : -kInf;
+          m = std::max(m, s[j]);
+        }
+        if (m == -kInf) continue;  // out 0, lse -inf, no gradient
+        double l = 0;
+        for (int j = 0; j < Sk; ++j) l += std::exp(s[j] - m);
+        const double lse = m + std::log(l);
+        r.lse[(size_t(b) * H + h) * Sq + i] = lse;
+        double* o = &r.out[((size_t(b) * Sq + i) * H + h) * D];
+        for (int j = 0; j < Sk; ++j) {
+          p[j] = std::exp(s[j] - lse);
+          for (int d = 0; d < D; ++d) o[d] += p[j] * v.vals[v.at(b, j, hk, d)];
+        }
+        double delta = 0;
+        for (int d = 0; d < D; ++d) delta += double(dout.vals[dout.at(b, i, h, d)]) * o[d];
+        for (int j = 0; j < Sk; ++j) {
+          if (p[j] == 0) continue;
+          double dp = 0;
+          for (int d = 0; d < D; ++d) dp += double(dout.vals[dout.at(b, i, h, d)]) * v.vals[v.at(b, j, hk, d)];
+          const double ds = p[j] * (dp - delta);
+          for (int d = 0; d < D; ++d) {
+            r.dq[((size_t(b) * Sq + i) * H + h) * D + d] += c.scale * ds * k.vals[k.at(b, j, hk, d)];
+            r.dk[((size_t(b) * Sk + j) * Hkv + hk) * D + d] += c.scale * ds * q.vals[q.at(b, i, h, d)];
+            r.dv[((size_t(b) * Sk + j) * Hkv + hk) * D + d] += p[j] * dout.vals[dout.at(b, i, h, d)];
+          }
+        }
+      }
+    }
+  }
+  return r;
+}
+
+void run_fwd(const FwdArgs& a) {
+  const BlockShape& s = a.p.shape;
+  if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
+  DTYPE_SWITCH(a.p.dtype, kBF16, [&] {
+    HEADDIM_SWITCH(s.headdim, kD, [&] {
+      using Kt = FwdTraits<kBF16, kD>;
+      emu::launch((s.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM, s.nheads, s.batch, Kt::kNThreads,
+                  Kt::kSmemBytes, [&](char* smem) { block_fwd_body<Kt>(a, smem); });
+    });
+  });
+}
+
+void run_bwd(const BlockBwdParams& p) {
+  const BlockShape& s = p.shape;
+  if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
+  DTYPE_SWITCH(p.dtype, kBF16, [&] {
+    HEADDIM_SWITCH(s.headdim, kD, [&] {
+      using Kt = BwdTraits<kBF16, kD>;
+      emu::launch((s.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN, s.nheads, s.batch, Kt::kNThreads,
+                  Kt::kSmemBytes, [&](char* smem) { block_bwd_body<Kt>(p, smem); });
+    });
+  });
+}
+
+// max |got - want| / max(1, max |want|) over finite want; inf entries must match exactly.
+double max_err(const std::vector<float>& got, const std::vector<double>& want, bool* ok) {
+  double scale = 1, err = 0;
+  for (double w : want) {
+    if (std::isfinite(w)) scale = std::max(scale, std::abs(w));
+  }
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (std::isnan(got[i])) {
+      *ok = false;
+      return kInf;
+    }
+    if (!std::isfinite(want[i])) {
+      if (double(got[i]) != want[i]) *ok = false;
+      continue;
+    }
+    err = std::max(err, std::abs(double(got[i]) - want[i]));
+  }
+  return err / scale;
+}
+
+bool run_case(const Case& c) {
+  std::mt19937_64 rng(std::hash<std::string>{}(c.name));
+  const int B = c.B, Sq = c.Sq, Sk = c.Sk, H = c.H, Hkv = c.Hkv, D = c.D;
+  Operand q = make_operand(rng, c.bf16, B, Sq, H, D, c.head_major);
+  Operand k = make_operand(rng, c.bf16, B, Sk, Hkv, D, c.head_major);
+  Operand v = make_operand(rng, c.bf16, B, Sk, Hkv, D, c.head_major);
+  Operand dout = make_operand(rng, c.bf16, B, Sq, H, D, c.head_major);
+  std::vector<int32_t> qp, kp, qseg;
+  const MaskSpec mask = mask_positions(c.mask, Sq, Sk, qp, kp, qseg, rng);
+  const Reference ref = reference(c, q, k, v, dout, mask, qp, kp, qseg);
+  const int32_t* q_seg = qseg.empty() ? nullptr : qseg.data();
+
+  // Forward over c.fwd_splits key blocks into one running state; an invisible block (positions
+  // beyond every query, for causal masks) is merged first and last and must change nothing.
+  std::vector<float> out(size_t(B) * Sq * H * D, 0.f);
+  std::vector<float> lse(size_t(B) * H * Sq, -std::numeric_limits<float>::infinity());
+  const Strides out_st{int64_t(Sq) * H * D, int64_t(H) * D, D};
+  auto fwd_block = [&](int lo, int hi, const int32_t* kpos) {
+    FwdArgs a{};
+    BlockFwdParams& p = a.p;
+    p.shape = BlockShape{B, Sq, hi - lo, H, Hkv, D};
+    p.dtype = c.bf16 ? DType::kBFloat16 : DType::kFloat16;
+    p.q = q.bits.data();
+    p.k = k.bits.data() + lo * k.st.row;
+    p.v = v.bits.data() + lo * v.st.row;
+    p.q_strides = q.st;
+    p.k_strides = k.st;
+    p.v_strides = v.st;
+    p.q_pos = qp.data();
+    p.k_pos = kpos;
+    p.q_seg = q_seg;
+    p.mask = mask;
+    p.softmax_scale = c.scale;
+    p.out_acc = out.data();
+    p.out_strides = out_st;
+    p.lse = lse.data();
+    p.lse_batch_stride = int64_t(H) * Sq;
+    p.lse_head_stride = Sq;
+    a.merge = true;
+    run_fwd(a);
+  };
+  std::vector<int32_t> far_kp(Sk, std::numeric_limits<int32_t>::max() / 2);
+  if (mask.causal) fwd_block(0, Sk, far_kp.data());
+  for (int s = 0; s < c.fwd_splits; ++s) {
+    const int lo = int(int64_t(Sk) * s / c.fwd_splits), hi = int(int64_t(Sk) * (s + 1) / c.fwd_splits);
+    fwd_block(lo, hi, kp.data() + lo);
+  }
+  if (mask.causal) fwd_block(0, Sk, far_kp.data());
+
+  bool ok = true;
+  const double e_out = max_err(out, ref.out, &ok);
+  const double e_lse = max_err(lse, ref.lse, &ok);
+  // Rows that saw nothing: exactly out 0 and lse -inf (checked by max_err for lse; out here).
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < Sq; ++i)
+        if (std::isinf(ref.lse[(size_t(b) * H + h) * Sq + i]))
+          for (int d = 0; d < D; ++d)
+            if (out[((size_t(b) * Sq + i) * H + h) * D + d] != 0.f) ok = false;
+
+  // Backward with the kernel's own out and lse, into accumulators that already hold values.
+  std::vector<float> delta(size_t(B) * H * Sq, 0.f);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < Sq; ++i) {
+        double s = 0;
+        for (int d = 0; d < D; ++d)
+          s += double(dout.vals[dout.at(b, i, h, d)]) * out[((size_t(b) * Sq + i) * H + h) * D + d];
+        delta[(size_t(b) * H + h) * Sq + i] = float(s);
+      }
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto init = [&](size_t n) {
+    std::vector<float> x(n);
+    for (auto& e : x) e = nd(rng);
+    return x;
+  };
+  const std::vector<float> dq0 = init(size_t(B) * Sq * H * D), dk0 = init(size_t(B) * Sk * Hkv * D),
+                           dv0 = init(size_t(B) * Sk * Hkv * D);
+  std::vector<float> dq = dq0, dk = dk0, dv = dv0;
+  BlockBwdParams p{};
+  p.shape = BlockShape{B, Sq, Sk, H, Hkv, D};
+  p.dtype = c.bf16 ? DType::kBFloat16 : DType::kFloat16;
+  p.q = q.bits.data();
+  p.k = k.bits.data();
+  p.v = v.bits.data();
+  p.dout = dout.bits.data();
+  p.q_strides = q.st;
+  p.k_strides = k.st;
+  p.v_strides = v.st;
+  p.dout_strides = dout.st;
+  p.q_pos = qp.data();
+  p.k_pos = kp.data();
+  p.q_seg = q_seg;
+  p.mask = mask;
+  p.softmax_scale = c.scale;
+  p.lse = lse.data();
+  p.delta = delta.data();
+  p.row_stat_batch_stride = int64_t(H) * Sq;
+  p.row_stat_head_stride = Sq;
+  p.dq_acc = dq.data();
+  p.dk_acc = dk.data();
+  p.dv_acc = dv.data();
+  p.dq_strides = out_st;
+  p.dk_strides = Strides{int64_t(Sk) * Hkv * D, int64_t(Hkv) * D, D};
+  p.dv_strides = p.dk_strides;
+  run_bwd(p);
+  for (size_t i = 0; i < dq.size(); ++i) dq[i] -= dq0[i];
+  for (size_t i = 0; i < dk.size(); ++i) dk[i] -= dk0[i];
+  for (size_t i = 0; i < dv.size(); ++i) dv[i] -= dv0[i];
+  const double e_dq = max_err(dq, ref.dq, &ok), e_dk = max_err(dk, ref.dk, &ok),
+               e_dv = max_err(dv, ref.dv, &ok);
+
+  // P and dS are rounded to 16 bits before their GEMMs (as in FlashAttention): relative errors of
+  // a few 2^-8 (bf16) or 2^-11 (fp16); a wrong index or mask gives O(0.1..1).
+  const double tol_out = c.bf16 ? 2e-2 : 4e-3, tol_lse = 1e-3, tol_grad = c.bf16 ? 4e-2 : 8e-3;
+  ok = ok && e_out <= tol_out && e_lse <= tol_lse && e_dq <= tol_grad && e_dk <= tol_grad &&
+       e_dv <= tol_grad;
+  std::printf("%-4s %-44s out %.1e lse %.1e dq %.1e dk %.1e dv %.1e\n", ok ? "ok" : "FAIL",
+              c.name.c_str(), e_out, e_lse, e_dq, e_dk, e_dv);
+  return ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string filter = argc > 1 ? argv[1] : "";
+  std::vector<Case> cases;
+  auto add = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
+                 bool head_major = false, int splits = 1, double scale = 0.0) {
+    Case c{"", bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale > 0 ? scale : 1.0 / std::sqrt(D)};
+    c.name = std::string(bf16 ? "bf16" : "fp16") + " b" + std::to_string(B) + " sq" +
+             std::to_string(Sq) + " sk" + std::to_string(Sk) + " h" + std::to_string(H) + "/" +
+             std::to_string(Hkv) + " d" + std::to_string(D) + " " + mask +
+             (head_major ? " head-major" : "") + (splits > 1 ? " split" + std::to_string(splits) : "");
+    cases.push_back(c);
+  };
+  // Every mask kind, tails on both sides (70 = 64 + 6 query rows, 100 keys), GQA.
+  for (const char* mask : {"none", "full", "diagonal", "partial", "skipped", "masked_rows", "random"}) {
+    add(true, 1, 70, 100, 2, 1, 64, mask);
+  }
+  add(false, 1, 70, 100, 2, 1, 64, "partial");
+  // Head-dim buckets 32, 96, 128 and a padded head dim (40 -> 64), fp16 and bf16.
+  add(true, 1, 33, 65, 2, 2, 32, "diagonal");
+  add(false, 1, 65, 33, 2, 2, 96, "random");
+  add(false, 2, 40, 72, 2, 1, 128, "masked_rows");
+  add(true, 1, 17, 130, 3, 1, 128, "partial");
+  add(true, 1, 50, 40, 2, 2, 40, "none");
+  // Sliding windows (one- and two-sided) and packed sequences with pad rows.
+  add(true, 1, 130, 130, 2, 1, 64, "window");
+  add(false, 1, 70, 100, 2, 2, 32, "window2");
+  add(true, 1, 70, 100, 2, 1, 64, "packed");
+  add(false, 1, 100, 70, 2, 2, 128, "packed", false, 2);
+  // Single rows/keys, head-major strides, a merge over three key blocks and MQA.
+  add(true, 1, 1, 1, 1, 1, 64, "none");
+  add(true, 1, 1, 129, 2, 1, 64, "diagonal");
+  add(true, 2, 45, 90, 4, 2, 64, "random", /*head_major=*/true);
+  add(true, 1, 96, 150, 2, 1, 64, "partial", false, /*splits=*/3, 0.3);
+  add(false, 1, 64, 64, 4, 1, 128, "diagonal", false, 2);
+
+  int failed = 0, run = 0;
+  for (const Case& c : cases) {
+    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    ++run;
+    failed += !run_case(c);
+  }
+  std::printf("%d of %d cases passed\n", run - failed, run);
+  return failed ? 1 : 0;
+}

@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""A small case for compute-sanitizer (memcheck, racecheck): the CUDA block kernels on tails,
+partial/packed masks, GQA, both dtypes, head dims 64 and 128 (and a padded 40), merged twice, then
+the backward. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own
+allocation and out-of-bounds accesses are caught. Exit status 0 when it ran (the sanitizer
+reports errors through its own exit code)."""
+import sys
+
+import torch
+
+import ring_attention as ra
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 0
+    torch.manual_seed(0)
+    cases = [(torch.bfloat16, 64, 70, 100, 4, 2, "causal"), (torch.float16, 128, 65, 33, 2, 1, "window"),
+             (torch.bfloat16, 40, 33, 129, 2, 2, "packed"), (torch.bfloat16, 128, 130, 70, 2, 2, "none")]
+    for dtype, d, sq, sk, h, hk, kind in cases:
+        q, dout = (torch.randn(2, sq, h, d, device="cuda", dtype=dtype) for _ in range(2))
+        k, v = (torch.randn(2, sk, hk, d, device="cuda", dtype=dtype) for _ in range(2))
+        q_pos = torch.arange(sq, device="cuda", dtype=torch.int32) + (sk - sq)
+        k_pos = torch.arange(sk, device="cuda", dtype=torch.int32)
+        q_seg = None
+        if kind == "packed":
+            q_seg = torch.stack([q_pos // 40 * 40, q_pos // 40 * 40 + 39], dim=1).int().contiguous()
+            q_seg[-3:, 0], q_seg[-3:, 1] = 1, 0
+        mask = dict(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, causal=kind != "none",
+                    window_left=17 if kind == "window" else -1, window_right=-1, softmax_scale=d ** -0.5)
+        out = torch.zeros(2, sq, h, d, device="cuda")
+        lse = torch.full((2, h, sq), float("-inf"), device="cuda")
+        for half in (slice(0, sk // 2), slice(sk // 2, sk)):
+            ra.ops.block_fwd(q=q, k=k[:, half].contiguous(), v=v[:, half].contiguous(), out_acc=out,
+                             lse=lse, **dict(mask, k_pos=k_pos[half].contiguous()))
+        delta = (dout.float() * out).sum(-1).transpose(1, 2).contiguous()
+        dq, dk, dv = torch.zeros_like(out), torch.zeros(k.shape, device="cuda"), torch.zeros(v.shape, device="cuda")
+        ra.ops.block_bwd(dout=dout, q=q, k=k, v=v, lse=lse, delta=delta, dq_acc=dq, dk_acc=dk, dv_acc=dv,
+                         **mask)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+        print(f"ok {dtype} d={d} sq={sq} sk={sk} {kind}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# One-command check of the CUDA half on a machine with one GPU and no network:
+#
+#   scripts/gpu_check.sh OUTDIR [--quick]
+#
+# Stages (each under its own `timeout`; a stage whose tool is missing is skipped with a message;
+# the summary is written whatever happens):
+#   env        GPU, driver, torch, nvcc, cmake, compute-sanitizer versions
+#   build      CMake + Ninja against this machine's torch (python3), RING_ATTN_CUDA=ON, archs from
+#              RING_ATTN_CUDA_ARCHS (default 9.0), MAX_JOBS jobs (default 16), ptxas -v in the log;
+#              _C.so goes to the source tree's ring_attention/ (the build dir: build/gpu-check/)
+#   ctest      C++ tests, including the emulated kernels (test_cuda_emu)
+#   import     import ring_attention; torch.ops.ring_attention.cuda_build_info()
+#   tests      pytest tests/gpu (junit XML in OUTDIR)
+#   memcheck   compute-sanitizer --tool memcheck  on scripts/cuda_sanitize_case.py
+#   racecheck  compute-sanitizer --tool racecheck on the same (skipped with --quick)
+#   bench      scripts/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
+#              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
+# Writes OUTDIR/summary.md (stage table + benchmark table), OUTDIR/<stage>.log, OUTDIR/bench.json,
+# OUTDIR/bench.md, OUTDIR/gpu_tests.xml. Installs nothing. Exit status: 0 when every stage that ran
+# passed. Budget: full <= 8 min, --quick <= 4 min on one H100 (build included).
+set -u
+
+if [ $# -lt 1 ]; then
+  echo "usage: $0 OUTDIR [--quick]" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+QUICK=0
+[ "${2:-}" = "--quick" ] && QUICK=1
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+PY=${PYTHON:-python3}
+JOBS=${MAX_JOBS:-16}
+ARCHS=${RING_ATTN_CUDA_ARCHS:-9.0}
+BUILD=${RING_ATTN_GPU_BUILD_DIR:-$ROOT/build/gpu-check}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$PATH:$CUDA_HOME/bin"
+
+SUMMARY="$OUT/summary.md"
+STAGES="$OUT/stages.tmp"
+: > "$STAGES"
+FAILED=0
+START_ALL=$(date +%s)
+
+# stage NAME CAP_SECONDS COMMAND...  (output to OUTDIR/NAME.log)
+stage() {
+  local name=$1 cap=$2
+  shift 2
+  local t0 rc status
+  t0=$(date +%s)
+  echo "== $name (cap ${cap}s)"
+  timeout --kill-after=15 "$cap" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    status=pass
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    status="TIMEOUT (${cap}s)"
+    FAILED=1
+  else
+    status="FAIL (exit $rc)"
+    FAILED=1
+  fi
+  echo "   $status in $(( $(date +%s) - t0 )) s; log: $OUT/$name.log"
+  tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
+  echo "| $name | $status | $(( $(date +%s) - t0 )) s | $name.log |" >> "$STAGES"
+  return $rc
+}
+
+skip() {
+  echo "== $1: skipped: $2"
+  echo "| $1 | skipped: $2 | - | - |" >> "$STAGES"
+}
+
+write_summary() {
+  {
+    echo "# gpu_check $( [ $QUICK = 1 ] && echo '--quick' ) ($(date -u +%FT%TZ), $(( $(date +%s) - START_ALL )) s)"
+    echo
+    echo "| stage | result | time | log |"
+    echo "|---|---|---|---|"
+    cat "$STAGES"
+    echo
+    if [ -f "$OUT/build.log" ]; then
+      echo "ptxas (registers, spills) of the kernels:"
+      echo '```'
+      grep -E "Compiling entry function|Used [0-9]+ registers|bytes spill" "$OUT/build.log" |
+        grep -E "block_(fwd|bwd)_kernel|registers|spill" | sed 's/^ *ptxas info *: *//' | head -n 80
+      echo '```'
+      echo
+    fi
+    [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+  } > "$SUMMARY"
+}
+trap write_summary EXIT
+
+# ---- env -------------------------------------------------------------------------------------
+stage env 60 bash -c "
+  nvidia-smi || echo 'nvidia-smi: not found'
+  $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no device\")'
+  command -v nvcc && nvcc --version | tail -n 2
+  command -v cmake && cmake --version | head -n 1
+  command -v ninja && ninja --version
+  command -v compute-sanitizer || echo 'compute-sanitizer: not found'
+"
+
+# ---- build -----------------------------------------------------------------------------------
+# A cmake >= 3.26 (CMakeLists.txt's minimum): the one on PATH, next to python3, or python3 -m cmake.
+cmake_ok() {
+  local v
+  v=$($1 --version 2> /dev/null | head -n 1 | grep -oE "[0-9]+\.[0-9]+" | head -n 1)
+  [ -n "$v" ] && [ "$(printf '%s\n3.26\n' "$v" | sort -V | head -n 1)" = "3.26" ]
+}
+CMAKE=""
+for c in "$(command -v cmake)" "$(dirname "$(command -v "$PY")")/cmake" "$PY -m cmake"; do
+  if [ -n "${c// /}" ] && cmake_ok "$c"; then CMAKE=$c; break; fi
+done
+GEN=()
+command -v ninja > /dev/null && GEN=(-G Ninja)
+BUILT=0
+if [ -z "$CMAKE" ]; then
+  skip build "no cmake >= 3.26 found (PATH, next to $PY, or $PY -m cmake)"
+else
+  if stage build 420 bash -c "
+      set -e
+      export RING_ATTN_CUDA_ARCHS='$ARCHS' RING_ATTN_CUDA_FLAGS='-Xptxas=-v'
+      $CMAKE -S '$ROOT' -B '$BUILD' ${GEN[*]:-} -DPython3_EXECUTABLE=\$(command -v $PY) \
+        -DRING_ATTN_CUDA=ON -DRING_ATTN_CUDA_ARCHS='$ARCHS' -DCMAKE_BUILD_TYPE=Release \
+        -DRING_ATTN_BUILD_TESTS=ON -DRING_ATTN_BUILD_BENCHMARKS=OFF
+      time $CMAKE --build '$BUILD' -j $JOBS
+    "; then
+    BUILT=1
+  fi
+fi
+
+if [ $BUILT = 1 ]; then
+  if command -v ctest > /dev/null; then
+    stage ctest 180 bash -c "cd '$BUILD' && ctest --output-on-failure"
+  else
+    skip ctest "ctest not found"
+  fi
+else
+  skip ctest "no build"
+fi
+
+# ---- python: import, tests ---------------------------------------------------------------------
+if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_attention.cuda_build_info())"; then
+  if "$PY" -c "import pytest" 2> /dev/null; then
+    if [ $QUICK = 1 ]; then
+      stage tests 150 "$PY" -m pytest -q tests/gpu -k "bfloat16 or world_one or local_ring" \
+        --junitxml="$OUT/gpu_tests.xml"
+    else
+      stage tests 240 "$PY" -m pytest -q tests/gpu --junitxml="$OUT/gpu_tests.xml"
+    fi
+  else
+    skip tests "pytest not installed"
+  fi
+
+  # ---- compute-sanitizer -----------------------------------------------------------------------
+  SAN=$(command -v compute-sanitizer || true)
+  [ -z "$SAN" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && SAN="$CUDA_HOME/bin/compute-sanitizer"
+  if [ -z "$SAN" ]; then
+    skip memcheck "compute-sanitizer not found"
+    skip racecheck "compute-sanitizer not found"
+  else
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    stage memcheck 150 "$SAN" --tool memcheck --error-exitcode 3 "$PY" scripts/cuda_sanitize_case.py
+    if [ $QUICK = 1 ]; then
+      skip racecheck "--quick"
+    else
+      stage racecheck 180 "$SAN" --tool racecheck --racecheck-report all --error-exitcode 3 \
+        "$PY" scripts/cuda_sanitize_case.py
+    fi
+    unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  fi
+
+  # ---- benchmark -------------------------------------------------------------------------------
+  if [ $QUICK = 1 ]; then
+    stage bench 90 "$PY" scripts/bench_cuda.py --out "$OUT" --quick
+  else
+    stage bench 240 "$PY" scripts/bench_cuda.py --out "$OUT"
+  fi
+else
+  for s in tests memcheck racecheck bench; do skip $s "ring_attention does not import"; done
+fi
+
+echo "summary: $SUMMARY"
+exit $FAILED

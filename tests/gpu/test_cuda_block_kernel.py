@@ -1,0 +1,120 @@
+"""The CUDA block ops (block_fwd / block_bwd) against the float64 reference, FlashAttention's rule
+(gpu_cases.py). The same cases run on the CPU in tests/test_cuda_build.py."""
+import pytest
+import torch
+
+import gpu_cases as gc
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", gc.MASKS)
+@pytest.mark.parametrize("sq,sk", gc.LENGTHS)
+def test_block_mask_cases(sq, sk, mask, dtype):
+    """Every mask kind for block lengths 1, 7, 97, 128, 200, 333 (tails, sq != sk)."""
+    gc.check_block("cuda", dtype, sq, sk, 4, 2, 64, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,heads_kv", gc.GQA)
+@pytest.mark.parametrize("headdim", gc.HEADDIMS)
+def test_block_headdims_and_gqa(headdim, heads, heads_kv, dtype):
+    gc.check_block("cuda", dtype, 97, 200, heads, heads_kv, headdim, "partial")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "partial", "masked_rows", "random", "window", "packed"])
+def test_block_fwd_merges_key_blocks(mask, dtype):
+    gc.check_merge_order("cuda", dtype, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "partial", "masked_rows", "random", "window2"])
+def test_block_bwd_accumulates_over_key_blocks(mask, dtype):
+    gc.check_bwd_accumulates("cuda", dtype, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_precision_does_not_decay_with_merges(dtype):
+    """Mean error after 8 merges <= 1.2 x the error of one block (fp32 running state)."""
+    err_one, err_merged = gc.merge_errors("cuda", dtype)
+    assert err_merged <= 1.2 * err_one, (err_one, err_merged)
+
+
+def test_unmerged_forward_is_plain_attention():
+    """_cuda_block_fwd(merge=False) ignores the incoming state (the merge-cost benchmark's twin)."""
+    q, k, v, _ = gc.random_inputs(1, 1, 70, 90, 2, 1, 64, torch.bfloat16)
+    c = gc.mask_case("diagonal", 70, 90, 1)
+    want, want_lse = gc.block_fwd("cuda", q, [(k, v, c["k_pos"])], c, 0.125)
+    got, got_lse = gc.block_fwd("cuda", q, [(k, v, c["k_pos"]), (k, v, c["k_pos"])], c, 0.125,
+                                merge=False)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_lse, want_lse)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "sliced"])
+def test_block_ops_strided_inputs(kind):
+    """Strided q, k, v, dout with 16-byte aligned rows give the contiguous results."""
+    q, k, v, dout = gc.random_inputs(2, 2, 50, 70, 4, 2, 64, torch.bfloat16)
+    c = gc.mask_case("random", 50, 70, 2)
+
+    def strided(t):
+        if kind == "transposed":
+            return t.transpose(1, 2).contiguous().transpose(1, 2)
+        b, s, h, d = t.shape
+        wide = t.new_zeros(b, 2 * s, 2 * h, d)
+        wide[:, 1::2, ::2] = t
+        return wide[:, 1::2, ::2]
+
+    want = gc.block_fwd("cuda", q, [(k, v, c["k_pos"])], c, 0.3)
+    got = gc.block_fwd("cuda", strided(q), [(strided(k), strided(v), c["k_pos"])], c, 0.3)
+    torch.testing.assert_close(got, want)
+    want_g = gc.block_bwd("cuda", dout, q, k, v, c, *want, 0.3)
+    got_g = gc.block_bwd("cuda", strided(dout), strided(q), strided(k), strided(v), c, *want, 0.3)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # dq atomics: order may differ
+
+
+def test_rejects_unsupported_inputs():
+    """fp32/fp64, head dims that are not multiples of 8 or above 128, misaligned rows, and tensors
+    on different devices raise ValueError."""
+    import ring_attention as ra
+    q = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    for bad, message in [(q.float(), "not supported on CUDA"), (q[..., :60], "not supported on CUDA"),
+                         (torch.zeros(1, 8, 2, 256, device="cuda", dtype=torch.bfloat16),
+                          "not supported on CUDA")]:
+        with pytest.raises(ValueError, match=message):
+            ra.ring_attn_func(bad, bad[:, :, :1], bad[:, :, :1])
+    pos = torch.arange(8, dtype=torch.int32)
+    out = torch.zeros(1, 8, 2, 64, device="cuda")
+    lse = torch.full((1, 2, 8), float("-inf"), device="cuda")
+    with pytest.raises(ValueError, match="not in CUDA device memory"):
+        ra.ops.block_fwd(q=q, k=q, v=q, q_pos=pos, k_pos=pos.cuda(), q_seg=None, out_acc=out,
+                         lse=lse, causal=True, window_left=-1, window_right=-1, softmax_scale=0.1)
+    odd = torch.zeros(1, 8, 2, 68, device="cuda", dtype=torch.bfloat16)[..., 2:66]
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        ra.ops.block_fwd(q=odd, k=q, v=q, q_pos=pos.cuda(), k_pos=pos.cuda(), q_seg=None,
+                         out_acc=out, lse=lse, causal=True, window_left=-1, window_right=-1,
+                         softmax_scale=0.1)
+
+
+def test_opcheck_block_ops():
+    """torch.library.opcheck on the CUDA block ops (schemas, mutation annotations, fake kernels)."""
+    import ring_attention as ra
+    q, k, v, dout = (t.cuda() for t in gc.random_inputs(5, 2, 40, 30, 4, 2, 64, torch.bfloat16))
+    pos_q = torch.arange(40, dtype=torch.int32, device="cuda")
+    pos_k = torch.arange(30, dtype=torch.int32, device="cuda")
+    out = torch.zeros(q.shape, device="cuda")
+    lse = torch.full((2, 4, 40), float("-inf"), device="cuda")
+    mask = dict(causal=True, window_left=-1, window_right=-1, softmax_scale=0.3)
+    torch.library.opcheck(ra.ops.block_fwd.default, (q, k, v, pos_q, pos_k, None, out, lse),
+                          mask)
+    delta = (dout.float() * out).sum(-1).transpose(1, 2).contiguous()
+    accs = [torch.zeros(t.shape, device="cuda") for t in (q, k, v)]
+    torch.library.opcheck(ra.ops.block_bwd.default,
+                          (dout, q, k, v, pos_q, pos_k, None, lse, delta, *accs), mask,
+                          # dq/dk/dv use fp32 atomics: repeated runs may differ in the last bits
+                          test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,243 @@
+"""Sliding windows, packed variable-length sequences, low precision and determinism.
+
+The reference materialises the visible-pair mask in float64 from first principles: same sequence,
+causal, and |window| relations of in-sequence positions; it never uses the library's positions.
+"""
+import itertools
+import random
+
+import pytest
+import torch
+
+import ring_attention as ra
+from ring_attention.testing import LocalRing
+from ring_cases import assert_close, randn, seed_of
+
+LAYOUTS = ["contiguous", "zigzag", "striped"]
+
+
+def visible_mask(seq_ids, offsets, causal, window):
+    """(T, T) bool: query i sees key j (same sequence, causal, window over in-sequence offsets)."""
+    left, right = window
+    same = seq_ids.view(-1, 1) == seq_ids.view(1, -1)
+    rel = offsets.view(1, -1) - offsets.view(-1, 1)  # key offset - query offset
+    visible = same
+    if causal:
+        visible = visible & (rel <= 0)
+    if left >= 0:
+        visible = visible & (rel >= -left)
+    if right >= 0:
+        visible = visible & (rel <= right)
+    return visible
+
+
+def masked_reference(q, k, v, dout, visible, scale):
+    """Float64 (out, lse, dq, dk, dv) of attention over packed tokens (T, heads, d) under `visible`;
+    rows that see nothing get out 0 and lse -inf."""
+    q, k, v = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = scale * torch.einsum("qhd,khd->hqk", q, kk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = torch.einsum("hqk,khd->qhd", probs, vv)
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(torch.float64))
+    return (out.detach(), lse.detach(), *grads)
+
+
+def packed_inputs(seed, seqlens, heads, heads_kv, headdim, dtype):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(seqlens)
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+    seq_ids = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
+    offsets = torch.arange(total) - cu[:-1].long()[seq_ids]
+    q = randn(g, total, heads, headdim, dtype=dtype)
+    k = randn(g, total, heads_kv, headdim, dtype=dtype)
+    v = randn(g, total, heads_kv, headdim, dtype=dtype)
+    dout = randn(g, total, heads, headdim, dtype=dtype)
+    return cu, seq_ids, offsets, q, k, v, dout
+
+
+def local_varlen(world, layout, cu, q, k, v, dout, **kwargs):
+    """(out, lse, dq, dk, dv) of LocalRing varlen unsharded to packed order, plus raw shards."""
+    ring = LocalRing(world)
+    shards = [ring.shard_varlen(t, cu, layout=layout) for t in (q, k, v, dout)]
+    for t in itertools.chain(*shards[:3]):
+        t.requires_grad_()
+    outs, lses = ring.ring_attn_varlen_func(*shards[:3], cu, layout=layout, return_lse=True, **kwargs)
+    grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
+    gathered = [ring.unshard_varlen(outs, cu, layout=layout),
+                ring.unshard_varlen([l.transpose(0, 1) for l in lses], cu, layout=layout).transpose(0, 1)]
+    for i in range(3):
+        gathered.append(ring.unshard_varlen(grads[i * world:(i + 1) * world], cu, layout=layout))
+    return gathered, outs, lses, grads
+
+
+# ---- windows on the dense API ----------------------------------------------------------------
+
+WINDOWS = [(True, (3, -1)), (True, (0, 0)), (True, (5, 0)), (False, (2, 4)), (False, (-1, 1)),
+           (False, (6, -1))]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal,window", WINDOWS, ids=[f"{'c' if c else 'f'}{w}" for c, w in WINDOWS])
+def test_window_matches_reference(world, layout, causal, window):
+    seqlen = 6 * world
+    cu, seq_ids, offsets, q, k, v, dout = packed_inputs(seed_of("window", world, layout, causal, window),
+                                                        [seqlen], 4, 2, 16, torch.float64)
+    expected = masked_reference(q, k, v, dout, visible_mask(seq_ids, offsets, causal, window), 0.25)
+    ring = LocalRing(world)
+    shards = [ring.shard(t.unsqueeze(0), layout=layout) for t in (q, k, v, dout)]
+    for t in itertools.chain(*shards[:3]):
+        t.requires_grad_()
+    outs, lses = ring.ring_attn_func(*shards[:3], causal=causal, window_size=window, layout=layout,
+                                     softmax_scale=0.25, return_lse=True)
+    grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
+    got = [ring.unshard(outs, layout=layout)[0], ring.unshard(lses, layout=layout, dim=2)[0]]
+    got += [ring.unshard(grads[i * world:(i + 1) * world], layout=layout)[0] for i in range(3)]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        assert_close(a, b, name)
+
+
+def test_narrow_causal_window_skips_hops():
+    """Contiguous layout, causal window of 1/8 of the sequence on 4 ranks: each rank needs K/V
+    only from itself and the rank before it, so the ring runs 2 steps: 1 K/V hop per rank forward;
+    backward 1 K/V hop and 2 dK/dV hops; rank 0 computes 1 block, the others 2."""
+    world, local = 4, 16
+    seqlen = world * local
+    cu, seq_ids, offsets, q, k, v, dout = packed_inputs(7, [seqlen], 2, 2, 16, torch.float64)
+    window = (seqlen // 8, -1)
+    ring = LocalRing(world)
+    shards = [ring.shard(t.unsqueeze(0)) for t in (q, k, v, dout)]
+    for t in itertools.chain(*shards[:3]):
+        t.requires_grad_()
+    outs = ring.ring_attn_func(*shards[:3], causal=True, window_size=window)
+    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": world}
+    grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
+    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": 3 * world}
+    expected = masked_reference(q, k, v, dout, visible_mask(seq_ids, offsets, True, window), 16 ** -0.5)
+    assert_close(ring.unshard(outs)[0], expected[0], "out")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(ring.unshard(grads[i * world:(i + 1) * world])[0], expected[2 + i], name)
+
+
+# ---- packed variable-length sequences --------------------------------------------------------
+
+def random_seqlens(seed, world):
+    """Lengths including 1, lengths not divisible by 2*world, one long among short ones."""
+    rng = random.Random(seed)
+    lengths = [1, rng.randint(2, 2 * world + 3), 1, rng.randint(5 * world, 9 * world)]
+    lengths += [rng.randint(1, 7) for _ in range(rng.randint(0, 3))]
+    rng.shuffle(lengths)
+    return lengths
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (4, 0)),
+                                           (False, (3, 2))], ids=["full", "causal", "cwin", "win"])
+def test_varlen_matches_reference(world, layout, causal, window):
+    seed = seed_of("varlen", world, layout, causal, window)
+    seqlens = random_seqlens(seed, world)
+    cu, seq_ids, offsets, q, k, v, dout = packed_inputs(seed, seqlens, 4, 2, 16, torch.float64)
+    expected = masked_reference(q, k, v, dout, visible_mask(seq_ids, offsets, causal, window), 0.3)
+    got, outs, lses, grads = local_varlen(world, layout, cu, q, k, v, dout, causal=causal,
+                                          window_size=window, softmax_scale=0.3)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        assert_close(a, b, f"{name} (seqlens {seqlens})")
+    # Pad tokens: zero output, lse -inf, no gradient.
+    for rank in range(world):
+        pad = ra.varlen_positions(cu, layout, rank, world)[1] < 0
+        assert torch.equal(outs[rank][pad], torch.zeros_like(outs[rank][pad]))
+        assert torch.isneginf(lses[rank][:, pad]).all()
+        for i in range(3):
+            g = grads[i * world + rank][pad]
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_varlen_shard_balances_tokens():
+    """Every rank gets the same number of tokens; unshard_varlen(shard_varlen(x)) == x."""
+    cu = torch.tensor([0, 1, 8, 9, 40], dtype=torch.int32)
+    x = torch.randn(40, 3, 2)
+    for world, layout in itertools.product([1, 2, 3, 4], LAYOUTS):
+        ring = LocalRing(world)
+        shards = ring.shard_varlen(x, cu, layout=layout)
+        assert len({s.shape[0] for s in shards}) == 1
+        assert torch.equal(ring.unshard_varlen(shards, cu, layout=layout), x)
+
+
+# ---- low precision and determinism -----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_does_not_decay_with_ring_size(dtype):
+    """Mean |error| vs float64 at world size 4 <= 1.2x world size 1 (fp32 accumulation across
+    tiles and hops: the ring adds merges, not roundings)."""
+    seqlen = 256
+    cu, seq_ids, offsets, q, k, v, dout = packed_inputs(11, [seqlen], 4, 2, 64, torch.float64)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    expected = masked_reference(q, k, v, dout, visible_mask(seq_ids, offsets, True, (-1, -1)), 0.125)
+    errors = {}
+    for world in (1, 4):
+        ring = LocalRing(world)
+        shards = [ring.shard(t.unsqueeze(0), layout="zigzag") for t in (q, k, v)]
+        outs = ring.ring_attn_func(*shards, causal=True, layout="zigzag", softmax_scale=0.125)
+        out = ring.unshard(outs, layout="zigzag")[0]
+        assert out.dtype == dtype
+        errors[world] = (out.double() - expected[0]).abs().mean().item()
+    assert errors[4] <= 1.2 * errors[1], errors
+
+
+def test_cpu_results_are_bitwise_deterministic():
+    """Forward and backward twice, with 2 threads: identical bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seqlens = [37, 1, 90, 12]
+        cu, _, _, q, k, v, dout = packed_inputs(3, seqlens, 4, 1, 32, torch.float32)
+        runs = [local_varlen(3, "zigzag", cu, q, k, v, dout, causal=True)[0] for _ in range(2)]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+        dense = []
+        for _ in range(2):
+            qq, kk, vv = (t.unsqueeze(0).clone().requires_grad_() for t in (q, k, v))
+            out = ra.ring_attn_func(qq, kk, vv, causal=True, deterministic=True)
+            out.backward(dout.unsqueeze(0))
+            dense.append([out.detach(), qq.grad, kk.grad, vv.grad])
+        for a, b in zip(*dense):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---- across processes (gloo) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(__import__("ring_cases").VARLEN_INVALID))
+def test_bad_cu_seqlens_raises_on_every_rank(rank_pool, kind):
+    from ring_cases import VARLEN_INVALID, check_varlen_rejected
+    messages = rank_pool(3).run(check_varlen_rejected, kind, (1,))
+    assert len(set(messages)) == 1, messages
+    assert VARLEN_INVALID[kind][1] in messages[0], messages[0]
+    if kind != "differs":
+        assert "rank 1: " in messages[0], messages[0]
+
+
+@pytest.mark.parametrize("world,layout,causal,window", [
+    (2, "zigzag", True, (-1, -1)), (3, "contiguous", True, (5, 0)), (4, "striped", False, (3, 3))])
+def test_varlen_gloo_ring_equals_local_ring(rank_pool, world, layout, causal, window):
+    """The gloo ring and LocalRing agree bit for bit on packed sequences with windows."""
+    from ring_cases import varlen_ring_results
+    seqlens = random_seqlens(seed_of("gloo-varlen", world), world)
+    seed = seed_of("gloo-varlen-data", world, layout)
+    results = rank_pool(world).run(varlen_ring_results, layout, causal, window, seqlens, seed)
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed)
+    total = int(cu[-1])
+    q, dout, k, v = [randn(g, total, 4, 16) for _ in range(2)] + [randn(g, total, 2, 16) for _ in range(2)]
+    _, outs, lses, grads = local_varlen(world, layout, cu, q, k, v, dout, causal=causal, window_size=window)
+    for rank, (tensors, stats) in enumerate(results):
+        local = [outs[rank], lses[rank]] + [grads[i * world + rank] for i in range(3)]
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), tensors, local):
+            assert torch.equal(a, b.detach()), f"rank {rank} {name}"
+        assert stats["steps"] <= world
