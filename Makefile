@@ -13,7 +13,7 @@ setup: $(VENV)/.ready
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q torch==$(TORCH_VERSION) "cmake>=3.26" ninja pytest numpy
+	$(VPY) -m pip install -q torch==$(TORCH_VERSION) "cmake>=3.26" ninja pytest numpy matplotlib tqdm transformers
 	# make the source tree importable from anywhere in the venv (the build puts _C.so in it)
 	echo "$(CURDIR)" > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/ring_attention_dev.pth"
 	touch $@

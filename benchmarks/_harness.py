@@ -48,16 +48,53 @@ def median_time(fn, iters: int, warmup: int, sync=None) -> float:
     return statistics.median(times)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
+def median_times_interleaved(fns: dict, iters: int, warmup: int, sync=None) -> dict:
+    """Median wall time (s) of each fn in `fns` (name -> fn), timed side by side: every iteration
+    runs each fn once in turn (`sync`, e.g. a barrier, before each timed call), so load changes
+    from elsewhere on the machine hit all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _cpuinfo_field(name: str):
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "date": date.today().isoformat()}
+    return None
+
+
+def core_peak_gflops(fma_units: int = 2) -> float:
+    """One core's fp32 peak in GFLOP/s: 32 FLOP/cycle per AVX-512 FMA unit (16 lanes x 2), 16 with
+    AVX2 only, times `fma_units`, at the clock /proc/cpuinfo reports ("cpu MHz")."""
+    flags = (_cpuinfo_field("flags") or "").split()
+    per_unit = 32 if "avx512f" in flags else 16
+    mhz = float(_cpuinfo_field("cpu MHz") or 0.0)
+    return per_unit * fma_units * mhz / 1e3
+
+
+def machine() -> dict:
+    cpu = _cpuinfo_field("model name") or platform.processor() or "unknown"
+    flags = (_cpuinfo_field("flags") or "").split()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "date": date.today().isoformat(),
+            "cpu_mhz": float(_cpuinfo_field("cpu MHz") or 0.0), "avx512f": "avx512f" in flags,
+            "loadavg": load}
 
 
 def print_table(rows: list, columns: list) -> None:
@@ -65,6 +102,13 @@ def print_table(rows: list, columns: list) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(str(r[c]).rjust(w) for c, w in zip(columns, widths)))
+
+
+def markdown_table(rows: list, columns: list) -> str:
+    """The rows as a GitHub-flavoured markdown table (numbers right-aligned)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -5,7 +5,14 @@ import torch.distributed as dist
 
 
 def resolve(group) -> Tuple[Optional[dist.ProcessGroup], int, int]:
-    """Returns (group, rank, world_size); (None, 0, 1) when torch.distributed is not initialised."""
+    """Returns (group, rank, world_size); (None, 0, 1) when torch.distributed is not initialised.
+
+    ``group``: a ProcessGroup, a 1-D DeviceMesh (e.g. ``mesh["cp"]``) or None (the default group).
+    """
+    if hasattr(group, "get_group") and hasattr(group, "ndim"):  # a DeviceMesh
+        if group.ndim != 1:
+            raise ValueError(f"ring_attention: a DeviceMesh group must be 1-D (e.g. mesh['cp']), got {group.ndim}-D")
+        group = group.get_group()
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("ring_attention: a group was given but torch.distributed is not initialised")

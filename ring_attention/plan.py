@@ -1,6 +1,8 @@
 """A picture of the ring schedule: which (rank, step) block pairs are computed, and how much work.
 
     python -m ring_attention.plan --world 4 --layout zigzag --causal --out plan.png
+    python -m ring_attention.plan --world 4 --layout contiguous --causal --window 32 0
+    python -m ring_attention.plan --world 4 --layout zigzag --causal --seqlens 100,7,1,300
 
 For every ring step and rank it classifies the block pair (this rank's queries against the K/V
 that started on rank (rank - step) mod world) as full, partial (some pairs masked: the diagonal)
@@ -14,7 +16,7 @@ from typing import List
 
 import torch
 
-from .layouts import LAYOUTS, positions
+from .layouts import LAYOUTS, positions, varlen_positions
 
 FULL, PARTIAL, SKIP = "full", "partial", "skip"
 
@@ -35,6 +37,11 @@ class Plan:
     causal: bool
     local_len: int
     blocks: List[Block]
+    window: tuple = (-1, -1)
+
+    def steps(self) -> int:
+        """Ring steps needed: 1 + the last step at which some rank computes something."""
+        return 1 + max(b.step for b in self.blocks if b.kind != SKIP)
 
     def work_per_rank(self) -> List[float]:
         totals = [0.0] * self.world
@@ -49,29 +56,55 @@ class Plan:
         return max(work) / mean if mean > 0 else 1.0
 
 
-def make_plan(world: int, layout: str, causal: bool, local_len: int) -> Plan:
-    """Classifies every (rank, step) block pair by counting visible pairs from global positions."""
+def _tokens(world, layout, local_len, seqlens):
+    """Per rank: (positions, sequence id) of its tokens; sequence id -1 marks a pad token."""
+    if seqlens is None:
+        return [(positions(layout, r, world, local_len), torch.zeros(local_len, dtype=torch.int64))
+                for r in range(world)]
+    cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_of = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
+    out = []
+    for r in range(world):
+        pos, src = varlen_positions(cu, layout, r, world)
+        out.append((pos, torch.where(src >= 0, seq_of[src.clamp(min=0)], torch.full_like(src, -1))))
+    return out
+
+
+def make_plan(world: int, layout: str, causal: bool, local_len: int = 64, window=(-1, -1),
+              seqlens=None) -> Plan:
+    """Classifies every (rank, step) block pair by counting visible (query, key) pairs from global
+    positions: causal, ``window=(left, right)`` (-1 unbounded) and, with ``seqlens``, packed
+    sequences (split by shard_varlen; local_len is then derived)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
-    pos = [positions(layout, r, world, local_len) for r in range(world)]
+    tokens = _tokens(world, layout, local_len, seqlens)
+    local_len = tokens[0][0].numel()
+    left, right = window
     blocks = []
     for rank in range(world):
+        q_pos, q_seq = tokens[rank]
         for step in range(world):
             source = (rank - step) % world
+            k_pos, k_seq = tokens[source]
+            rel = k_pos.view(1, -1) - q_pos.view(-1, 1)
+            visible = (q_seq.view(-1, 1) == k_seq.view(1, -1)) & (q_seq.view(-1, 1) >= 0)
             if causal:
-                visible = int((pos[source].view(1, -1) <= pos[rank].view(-1, 1)).sum())
-            else:
-                visible = local_len * local_len
-            total = local_len * local_len
-            kind = SKIP if visible == 0 else FULL if visible == total else PARTIAL
-            blocks.append(Block(rank, step, source, kind, visible / total))
-    return Plan(world, layout, causal, local_len, blocks)
+                visible &= rel <= 0
+            if left >= 0:
+                visible &= rel >= -left
+            if right >= 0:
+                visible &= rel <= right
+            count, total = int(visible.sum()), max(1, local_len * local_len)
+            kind = SKIP if count == 0 else FULL if count == total else PARTIAL
+            blocks.append(Block(rank, step, source, kind, count / total))
+    return Plan(world, layout, causal, local_len, blocks, tuple(window))
 
 
 def format_table(plan: Plan) -> str:
     symbol = {FULL: "#", PARTIAL: "/", SKIP: "."}
+    window = "" if plan.window == (-1, -1) else f", window {plan.window}"
     lines = [f"ring schedule: world {plan.world}, layout {plan.layout}, "
-             f"{'causal' if plan.causal else 'non-causal'}, {plan.local_len} tokens per rank",
+             f"{'causal' if plan.causal else 'non-causal'}{window}, {plan.local_len} tokens per rank",
              "  # full   / partial (work = visible fraction)   . skipped",
              "rank | " + " ".join(f"step {t:<5}" for t in range(plan.world)) + " | work"]
     work = plan.work_per_rank()
@@ -80,7 +113,7 @@ def format_table(plan: Plan) -> str:
         for b in (b for b in plan.blocks if b.rank == rank):
             cells.append(f"{symbol[b.kind]} {b.work:4.2f}<{b.source}".ljust(10))
         lines.append(f"{rank:>4} | " + " ".join(cells) + f" | {work[rank]:.2f}")
-    lines.append(f"imbalance (max/mean work): {plan.imbalance():.3f}")
+    lines.append(f"imbalance (max/mean work): {plan.imbalance():.3f}; ring steps needed: {plan.steps()} of {plan.world}")
     return "\n".join(lines)
 
 
@@ -120,9 +153,13 @@ def main(argv=None) -> int:
     p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--local-len", type=int, default=64, help="tokens per rank")
+    p.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"),
+                   help="sliding window (-1: unbounded)")
+    p.add_argument("--seqlens", help="packed sequence lengths, comma-separated (varlen)")
     p.add_argument("--out", help="PNG to draw (needs matplotlib)")
     args = p.parse_args(argv)
-    plan = make_plan(args.world, args.layout, args.causal, args.local_len)
+    seqlens = [int(n) for n in args.seqlens.split(",")] if args.seqlens else None
+    plan = make_plan(args.world, args.layout, args.causal, args.local_len, tuple(args.window), seqlens)
     print(format_table(plan))
     if args.out:
         draw(plan, args.out)

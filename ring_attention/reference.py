@@ -7,13 +7,16 @@ import torch
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                         softmax_scale: Optional[float] = None,
                         q_positions: Optional[torch.Tensor] = None,
-                        k_positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                        k_positions: Optional[torch.Tensor] = None,
+                        mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Materialised attention in float64.
 
     q: (batch, sq, heads, d); k, v: (batch, sk, heads_kv, d), heads % heads_kv == 0.
     Positions (sq,) and (sk,) default to flash-attention's bottom-right alignment
     (q_positions = arange(sq) + sk - sq, k_positions = arange(sk)); causal hides keys whose
-    position exceeds the query's. Returns (out (batch, sq, heads, d), lse (batch, heads, sq)),
+    position exceeds the query's. ``mask``: an optional (sq, sk) boolean tensor of the visible
+    (query, key) pairs (windows, packed sequences, ...), combined with ``causal`` when both are
+    given. Returns (out (batch, sq, heads, d), lse (batch, heads, sq)),
     both float64; a row with no visible key gets out 0 and lse -inf. Differentiable.
     """
     sq, sk, heads, heads_kv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
@@ -29,6 +32,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     if causal:
         visible = k_positions.view(1, -1).to(q.device) <= q_positions.view(-1, 1).to(q.device)
         scores = scores.masked_fill(~visible, float("-inf"))
+    if mask is not None:
+        if mask.shape != (sq, sk) or mask.dtype != torch.bool:
+            raise ValueError(f"attention_reference: mask must be a ({sq}, {sk}) bool tensor, got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # exp(scores - lse) with fully masked rows (lse = -inf) giving 0 instead of NaN
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)

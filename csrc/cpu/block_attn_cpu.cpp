@@ -145,7 +145,7 @@ int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 // (keys x headdim) and its score rows within L2 and each micro-kernel's B panel within L1.
 // RING_ATTN_CPU_TILES="fwd_q,fwd_k,bwd_q,bwd_k,kc" overrides them (tuning only).
 struct Tuning {
-  int64_t fwd_q = 64, fwd_k = 256, bwd_q = 64, bwd_k = 256, kc = 128;
+  int64_t fwd_q = 128, fwd_k = 256, bwd_q = 64, bwd_k = 256, kc = 128;
 };
 
 const Tuning& tuning() {
@@ -155,7 +155,8 @@ const Tuning& tuning() {
       long v[5];
       if (std::sscanf(env, "%ld,%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3], &v[4]) == 5 &&
           std::min({v[0], v[1], v[2], v[3], v[4]}) > 0) {
-        t = Tuning{v[0], round_up(v[1], 64), v[2], round_up(v[3], 64), v[4]};
+        t = Tuning{round_up(v[0], 32), round_up(v[1], 64), round_up(v[2], 32), round_up(v[3], 64),
+                   v[4]};
       }
     }
     return t;
@@ -164,7 +165,6 @@ const Tuning& tuning() {
 }
 
 constexpr int64_t kScorePad = 16;  // ld of score tiles = key tile + pad (avoids 4K aliasing)
-constexpr int64_t kMinBlockQ = 16;
 // With more than one thread, aim for at least this many forward tasks per thread (dynamic
 // scheduling then evens out uneven task costs).
 constexpr int64_t kTasksPerThread = 4;
@@ -296,23 +296,37 @@ const acc_t* pack_panels(const scalar_t* x, const Strides& st, int64_t B, int64_
 
 // ---- masks -----------------------------------------------------------------------------------
 
-// Per query row its visible key positions (mask.h row_bounds), and per query tile of `block` rows
-// its TileBounds.
-struct RowMasks {
-  std::vector<int32_t> bounds;  // 2 * Sq: (lo, hi) clamped to int32, (1, 0) for an empty row
-  std::vector<TileBounds> tiles;
+// Partial tiles are worked in sub-tiles of kSubRows query rows x kSubCols keys: each row group
+// computes only the hull of its non-skipped key blocks, and masks only when one of them is not
+// full. On the causal diagonal this halves the partial tiles' work; for windows and packed
+// sequences it confines the work to the band. kSubCols is a multiple of every panel width.
+constexpr int64_t kSubRows = 32;
+constexpr int64_t kSubCols = 64;
+
+// Everything the tile loops need to know about the mask, computed once per call.
+struct MaskPlan {
+  std::vector<int32_t> bounds;      // 2 * Sq: per row (lo, hi) clamped to int32, (1, 0) if empty
+  std::vector<TileBounds> tiles;    // per query tile
+  std::vector<TileBounds> subs;     // per kSubRows query rows
+  std::vector<PositionRange> keys;  // per kSubCols keys: min/max position
+  std::vector<TileKind> kinds;      // per (query tile, key tile): kinds[qt * nkt + kt]
+  int64_t nkt = 0;
+  TileKind kind(int64_t qt, int64_t kt) const { return kinds[qt * nkt + kt]; }
 };
 
-RowMasks row_masks(const MaskSpec& mask, const int32_t* q_pos, const int32_t* q_seg, int64_t Sq,
-                   int64_t block) {
-  RowMasks r;
+// block_q: a multiple of kSubRows; block_k: a multiple of kSubCols.
+MaskPlan mask_plan(const MaskSpec& mask, const int32_t* q_pos, const int32_t* q_seg, int64_t Sq,
+                   const int32_t* k_pos, int64_t Sk, int64_t block_q, int64_t block_k) {
+  MaskPlan r;
   r.bounds.resize(static_cast<size_t>(2 * Sq));
-  r.tiles.assign(static_cast<size_t>(cdiv(Sq, block)), empty_tile_bounds());
+  r.tiles.assign(static_cast<size_t>(cdiv(Sq, block_q)), empty_tile_bounds());
+  r.subs.assign(static_cast<size_t>(cdiv(Sq, kSubRows)), empty_tile_bounds());
   for (int64_t i = 0; i < Sq; ++i) {
     const PositionRange seg =
         q_seg ? PositionRange{q_seg[2 * i], q_seg[2 * i + 1]} : unbounded_range();
     const PositionRange row = row_bounds(mask, q_pos[i], seg);
-    add_row(r.tiles[static_cast<size_t>(i / block)], row);
+    add_row(r.tiles[static_cast<size_t>(i / block_q)], row);
+    add_row(r.subs[static_cast<size_t>(i / kSubRows)], row);
     if (row.empty()) {
       r.bounds[2 * i] = 1;
       r.bounds[2 * i + 1] = 0;
@@ -321,20 +335,49 @@ RowMasks row_masks(const MaskSpec& mask, const int32_t* q_pos, const int32_t* q_
       r.bounds[2 * i + 1] = static_cast<int32_t>(std::clamp<int64_t>(row.hi, INT32_MIN, INT32_MAX));
     }
   }
+  const int64_t ncb = cdiv(Sk, kSubCols);
+  r.keys.resize(static_cast<size_t>(ncb));
+  for (int64_t cb = 0; cb < ncb; ++cb)
+    r.keys[cb] = range_of(k_pos, cb * kSubCols, std::min(Sk, (cb + 1) * kSubCols));
+  const int64_t nqt = static_cast<int64_t>(r.tiles.size());
+  r.nkt = cdiv(Sk, block_k);
+  r.kinds.resize(static_cast<size_t>(nqt * r.nkt));
+  for (int64_t kt = 0; kt < r.nkt; ++kt) {
+    const PositionRange kr = range_of(k_pos, kt * block_k, std::min(Sk, (kt + 1) * block_k));
+    for (int64_t qt = 0; qt < nqt; ++qt) r.kinds[qt * r.nkt + kt] = classify_tile(r.tiles[qt], kr);
+  }
   return r;
 }
 
-// kinds[qt * nkt + kt] for every (query tile, key tile).
-std::vector<TileKind> tile_kinds(const std::vector<TileBounds>& qb, const int32_t* k_pos,
-                                 int64_t Sk, int64_t block) {
-  const int64_t nqt = static_cast<int64_t>(qb.size()), nkt = cdiv(Sk, block);
-  std::vector<TileKind> kinds(static_cast<size_t>(nqt * nkt));
-  for (int64_t kt = 0; kt < nkt; ++kt) {
-    const int64_t k0 = kt * block;
-    const PositionRange kr = range_of(k_pos, k0, std::min(Sk, k0 + block));
-    for (int64_t qt = 0; qt < nqt; ++qt) kinds[qt * nkt + kt] = classify_tile(qb[qt], kr);
+// One row group of a partial tile: rows [r0, r0 + nr) and columns [c0, c1) of the tile (the hull
+// of its non-skipped key blocks); mask: some of those blocks are not full.
+struct SubTile {
+  int64_t r0, nr, c0, c1;
+  bool mask;
+};
+
+// The row groups of the partial tile at (q0, k0) of nq x nk that see any key; returns their count.
+int64_t plan_partial(const MaskPlan& mp, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
+                     SubTile* out) {
+  int64_t n = 0;
+  for (int64_t r0 = 0; r0 < nq; r0 += kSubRows) {
+    const TileBounds& tb = mp.subs[static_cast<size_t>((q0 + r0) / kSubRows)];
+    int64_t c0 = -1, c1 = -1;
+    bool mask = false;
+    for (int64_t c = 0; c < nk; c += kSubCols) {
+      const TileKind kind = classify_tile(tb, mp.keys[static_cast<size_t>((k0 + c) / kSubCols)]);
+      if (kind == TileKind::kSkip) continue;
+      if (c0 < 0) c0 = c;
+      c1 = std::min(nk, c + kSubCols);
+      mask |= kind == TileKind::kPartial;
+    }
+    if (c0 < 0) continue;
+    // A skipped block inside the hull is computed too, and then needs the mask.
+    for (int64_t c = c0; c < c1 && !mask; c += kSubCols)
+      mask = classify_tile(tb, mp.keys[static_cast<size_t>((k0 + c) / kSubCols)]) != TileKind::kFull;
+    out[n++] = SubTile{r0, std::min(kSubRows, nq - r0), c0, c1, mask};
   }
-  return kinds;
+  return n;
 }
 
 // ---- threads ---------------------------------------------------------------------------------
@@ -389,19 +432,18 @@ void fwd_impl(const BlockFwdParams& p) {
   // Smaller query tiles when there would be too few tasks to keep every thread busy.
   const int64_t nthreads = available_threads();
   int64_t BQ = tu.fwd_q;
-  while (nthreads > 1 && BQ > kMinBlockQ && cdiv(Sq, BQ) * B * H < kTasksPerThread * nthreads)
-    BQ /= 2;
+  while (nthreads > 1 && BQ > kSubRows && cdiv(Sq, BQ) * B * H < kTasksPerThread * nthreads)
+    BQ = round_up(BQ / 2, kSubRows);
   const int64_t BK = tu.fwd_k, LDS = BK + kScorePad;
   const int64_t nqt = cdiv(Sq, BQ), nkt = cdiv(Sk, BK);
-  const RowMasks rm = row_masks(p.mask, p.q_pos, p.q_seg, Sq, BQ);
-  const std::vector<TileKind> kinds = tile_kinds(rm.tiles, p.k_pos, Sk, BK);
+  const MaskPlan mp = mask_plan(p.mask, p.q_pos, p.q_seg, Sq, p.k_pos, Sk, BQ, BK);
 
   // Query tiles with at least one non-skipped key tile, the heaviest first; the others keep
   // their state untouched.
   std::vector<int64_t> work(static_cast<size_t>(nqt), 0);
   std::vector<int64_t> live_qt;
   for (int64_t qt = 0; qt < nqt; ++qt) {
-    for (int64_t kt = 0; kt < nkt; ++kt) work[qt] += kinds[qt * nkt + kt] != TileKind::kSkip;
+    for (int64_t kt = 0; kt < nkt; ++kt) work[qt] += mp.kind(qt, kt) != TileKind::kSkip;
     if (work[qt] > 0) live_qt.push_back(qt);
   }
   if (live_qt.empty()) return;
@@ -418,15 +460,16 @@ void fwd_impl(const BlockFwdParams& p) {
   auto* out = static_cast<acc_t*>(p.out_acc);
   auto* lse = static_cast<acc_t*>(p.lse);
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
-  const acc_t ninf = neg_inf<acc_t>();
   const int64_t kc = tu.kc;
 
   struct Scratch {
     acc_t *s, *rowmax, *o, *m, *l;
+    SubTile* sub;
   };
   auto make_scratch = [&] {
     const size_t bytes = Carver::bytes_for<acc_t>(BQ * LDS) + Carver::bytes_for<acc_t>(BQ * W) +
-                         Carver::bytes_for<acc_t>(BQ * Dp) + 2 * Carver::bytes_for<acc_t>(BQ);
+                         Carver::bytes_for<acc_t>(BQ * Dp) + 2 * Carver::bytes_for<acc_t>(BQ) +
+                         Carver::bytes_for<SubTile>(cdiv(BQ, kSubRows));
     Carver c(kTileSlot, bytes);
     Scratch ws;
     ws.s = c.take<acc_t>(BQ * LDS);
@@ -434,6 +477,7 @@ void fwd_impl(const BlockFwdParams& p) {
     ws.o = c.take<acc_t>(BQ * Dp);
     ws.m = c.take<acc_t>(BQ);
     ws.l = c.take<acc_t>(BQ);
+    ws.sub = c.take<SubTile>(cdiv(BQ, kSubRows));
     return ws;
   };
 
@@ -468,19 +512,36 @@ void fwd_impl(const BlockFwdParams& p) {
     const acc_t* Kt_head = Kt + (b * Hkv + hk) * kt_head;
     const acc_t* V_head = Vr.ptr(b, hk);
 
+    // One block of rows [r0, r0 + nr) x columns [c0, c1) of the tile at key k0: scores, mask,
+    // online softmax, O += P V. Row maxima come out of the score pass when every computed column
+    // is a visible key.
+    auto block = [&](int64_t k0, int64_t r0, int64_t nr, int64_t c0, int64_t c1, bool masked) {
+      const int64_t ncol = c1 - c0, ncolp = round_up(ncol, W);
+      acc_t* Sb = S + r0 * LDS + c0;
+      acc_t* rowmax = !masked && ncol == ncolp ? ws.rowmax : nullptr;
+      Tl::scores(nr, ncolp, D, scale, Q + r0 * Qr.ld, Qr.ld, Kt_head + (k0 + c0) * D, Sb, LDS,
+                 rowmax);
+      if (masked)
+        Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
+      if (!Tl::fwd_softmax(Sb, LDS, nr, ncol, rowmax, ws.m + r0, ws.l + r0, O + r0 * Dp, Dp, Dp))
+        return;
+      Tl::gemm_nn(nr, Dp, ncol, acc_t(1), Sb, LDS, V_head + (k0 + c0) * Vr.ld, Vr.ld, 1,
+                  O + r0 * Dp, Dp, true, nullptr, kc);
+    };
+
     for (int64_t kt = 0; kt < nkt; ++kt) {
-      const TileKind kind = kinds[qt * nkt + kt];
+      const TileKind kind = mp.kind(qt, kt);
       if (kind == TileKind::kSkip) continue;
-      const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0), nkp = round_up(nk, W);
-      // Row maxima from the score pass where every computed column is a visible key.
-      acc_t* rowmax = kind == TileKind::kFull && nk == nkp ? ws.rowmax : nullptr;
-      Tl::scores(nq, nkp, D, scale, Q, Qr.ld, Kt_head + k0 * D, S, LDS, rowmax);
-      if (kind == TileKind::kPartial)
-        Tl::mask(S, LDS, nq, nk, rm.bounds.data() + 2 * q0, p.k_pos + k0);
-      if (!Tl::fwd_softmax(S, LDS, nq, nk, rowmax, ws.m, ws.l, O, Dp, Dp)) continue;
-      // O += P V
-      Tl::gemm_nn(nq, Dp, nk, acc_t(1), S, LDS, V_head + k0 * Vr.ld, Vr.ld, 1, O, Dp, true,
-                  nullptr, kc);
+      const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0);
+      if (kind == TileKind::kFull) {
+        block(k0, 0, nq, 0, nk, false);
+      } else {
+        const int64_t nsub = plan_partial(mp, q0, nq, k0, nk, ws.sub);
+        for (int64_t g = 0; g < nsub; ++g) {
+          const SubTile& st = ws.sub[g];
+          block(k0, st.r0, st.nr, st.c0, st.c1, st.mask);
+        }
+      }
     }
 
     // Epilogue: the normalised output and lse.
@@ -492,7 +553,6 @@ void fwd_impl(const BlockFwdParams& p) {
       for (int64_t c = 0; c < D; ++c) o[c] = a[c] * inv_l;
       lse_base[i] = st.lse();
     }
-    (void)ninf;
   });
 }
 
@@ -513,14 +573,13 @@ void bwd_impl(const BlockBwdParams& p) {
   const int64_t Dp = round_up(D, W);
   const int64_t BQ = tu.bwd_q, BK = tu.bwd_k, LDS = BK + kScorePad;
   const int64_t nqt = cdiv(Sq, BQ), nkt = cdiv(Sk, BK);
-  const RowMasks rm = row_masks(p.mask, p.q_pos, p.q_seg, Sq, BQ);
-  const std::vector<TileKind> kinds = tile_kinds(rm.tiles, p.k_pos, Sk, BK);
+  const MaskPlan mp = mask_plan(p.mask, p.q_pos, p.q_seg, Sq, p.k_pos, Sk, BQ, BK);
 
   // Key tiles that meet at least one query tile.
   std::vector<int64_t> live_kt;
   for (int64_t kt = 0; kt < nkt; ++kt) {
     for (int64_t qt = 0; qt < nqt; ++qt) {
-      if (kinds[qt * nkt + kt] != TileKind::kSkip) {
+      if (mp.kind(qt, kt) != TileKind::kSkip) {
         live_kt.push_back(kt);
         break;
       }
@@ -563,16 +622,19 @@ void bwd_impl(const BlockBwdParams& p) {
 
   struct Scratch {
     acc_t *s, *dp, *dk, *dv;
+    SubTile* sub;
   };
   auto make_scratch = [&] {
-    const size_t bytes =
-        2 * Carver::bytes_for<acc_t>(BQ * LDS) + 2 * Carver::bytes_for<acc_t>(BK * Dp);
+    const size_t bytes = 2 * Carver::bytes_for<acc_t>(BQ * LDS) +
+                         2 * Carver::bytes_for<acc_t>(BK * Dp) +
+                         Carver::bytes_for<SubTile>(cdiv(BQ, kSubRows));
     Carver c(kTileSlot, bytes);
     Scratch ws;
     ws.s = c.take<acc_t>(BQ * LDS);
     ws.dp = c.take<acc_t>(BQ * LDS);
     ws.dk = c.take<acc_t>(BK * Dp);
     ws.dv = c.take<acc_t>(BK * Dp);
+    ws.sub = c.take<SubTile>(cdiv(BQ, kSubRows));
     return ws;
   };
 
@@ -592,11 +654,9 @@ void bwd_impl(const BlockBwdParams& p) {
 
     for (int64_t li = split; li < nlive; li += nsplit) {
       const int64_t kt = live_kt[li];
-      const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0), nkp = round_up(nk, W);
-      const acc_t* Kt_tile = Kt_head + k0 * D;
-      const acc_t* Vt_tile = Vt_head + k0 * D;
+      const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0);
       const acc_t* K = K_head + k0 * Kr.ld;
-      bool first = true;  // the first products into dKt/dVt overwrite them
+      bool touched = false;
 
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
@@ -607,31 +667,52 @@ void bwd_impl(const BlockBwdParams& p) {
         const acc_t* dO_h = Or.ptr(b, h);
 
         for (int64_t qt = 0; qt < nqt; ++qt) {
-          const TileKind kind = kinds[qt * nkt + kt];
+          const TileKind kind = mp.kind(qt, kt);
           if (kind == TileKind::kSkip) continue;
           const int64_t q0 = qt * BQ, nq = std::min(BQ, Sq - q0);
           const acc_t* Q = Q_h + q0 * Qr.ld;
           const acc_t* dO = dO_h + q0 * Or.ld;
-
-          // P = exp(scale * Q K^T - lse); 0 where masked and on rows that saw nothing (lse -inf).
-          Tl::scores(nq, nkp, D, scale, Q, Qr.ld, Kt_tile, S, LDS, nullptr);
-          if (kind == TileKind::kPartial)
-            Tl::mask(S, LDS, nq, nk, rm.bounds.data() + 2 * q0, p.k_pos + k0);
-          Tl::bwd_probs(S, LDS, nq, nk, lse_h + q0);
-          // dV += P^T dO
-          Tl::gemm_tn(nk, Dp, nq, acc_t(1), S, LDS, dO, Or.ld, 1, dVt, Dp, !first, nullptr, kc);
-          // dP = dO V^T;  dS = scale * P * (dP - delta)
-          Tl::scores(nq, nkp, D, acc_t(1), dO, Or.ld, Vt_tile, dP, LDS, nullptr);
-          Tl::bwd_ds(S, dP, LDS, nq, nk, delta_h + q0, scale);
-          // dQ += dS K
-          Tl::gemm_nn(nq, Dp, nk, acc_t(1), dP, LDS, K, Kr.ld, 1, dq_h + q0 * Dp, Dp, true,
-                      nullptr, kc);
-          // dK += dS^T Q
-          Tl::gemm_tn(nk, Dp, nq, acc_t(1), dP, LDS, Q, Qr.ld, 1, dKt, Dp, !first, nullptr, kc);
-          first = false;
+          int64_t nsub = 1;
+          if (kind == TileKind::kFull) {
+            ws.sub[0] = SubTile{0, nq, 0, nk, false};
+          } else {
+            nsub = plan_partial(mp, q0, nq, k0, nk, ws.sub);
+            if (nsub == 0) continue;
+          }
+          if (!touched) {  // dK/dV of this key tile start at zero
+            std::memset(dKt, 0, sizeof(acc_t) * nk * Dp);
+            std::memset(dVt, 0, sizeof(acc_t) * nk * Dp);
+            touched = true;
+          }
+          for (int64_t gi = 0; gi < nsub; ++gi) {
+            const SubTile& st = ws.sub[gi];
+            const int64_t r0 = st.r0, nr = st.nr, c0 = st.c0, ncol = st.c1 - st.c0;
+            const int64_t ncolp = round_up(ncol, W);
+            acc_t* Sb = S + r0 * LDS + c0;
+            acc_t* dPb = dP + r0 * LDS + c0;
+            const acc_t* Qb = Q + r0 * Qr.ld;
+            const acc_t* dOb = dO + r0 * Or.ld;
+            // P = exp(scale * Q K^T - lse); 0 where masked and on rows that saw nothing.
+            Tl::scores(nr, ncolp, D, scale, Qb, Qr.ld, Kt_head + (k0 + c0) * D, Sb, LDS, nullptr);
+            if (st.mask)
+              Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
+            Tl::bwd_probs(Sb, LDS, nr, ncol, lse_h + q0 + r0);
+            // dP = dO V^T;  dS = scale * P * (dP - delta)
+            Tl::scores(nr, ncolp, D, acc_t(1), dOb, Or.ld, Vt_head + (k0 + c0) * D, dPb, LDS,
+                       nullptr);
+            Tl::bwd_ds(Sb, dPb, LDS, nr, ncol, delta_h + q0 + r0, scale);
+            // dQ += dS K
+            Tl::gemm_nn(nr, Dp, ncol, acc_t(1), dPb, LDS, K + c0 * Kr.ld, Kr.ld, 1,
+                        dq_h + (q0 + r0) * Dp, Dp, true, nullptr, kc);
+            // dV += P^T dO;  dK += dS^T Q
+            Tl::gemm_tn(ncol, Dp, nr, acc_t(1), Sb, LDS, dOb, Or.ld, 1, dVt + c0 * Dp, Dp, true,
+                        nullptr, kc);
+            Tl::gemm_tn(ncol, Dp, nr, acc_t(1), dPb, LDS, Qb, Qr.ld, 1, dKt + c0 * Dp, Dp, true,
+                        nullptr, kc);
+          }
         }
       }
-      if (first) continue;  // no query tile met this key tile in this kv group
+      if (!touched) continue;  // no query tile met this key tile in this kv group
       // dk_acc/dv_acc rows of this key tile += the tile's dK/dV.
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t r = k0 + j;

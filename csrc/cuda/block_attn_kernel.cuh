@@ -50,6 +50,9 @@ struct FwdTraits {
   static constexpr int kBlockM = 16 * kNWarps;  // query rows per CTA
   static constexpr int kBlockN = 64;            // keys per tile
   static constexpr int kStride = kHeadDim + 8;  // smem row pitch (elements): conflict-free ldmatrix
+  // Q as MMA fragments in registers for the whole kernel (else re-read from smem per key tile):
+  // for larger head dims the registers are needed for the output accumulator.
+  static constexpr bool kQInRegs = kHeadDim <= 64;
   static constexpr int kSmemElems = kBlockM * kStride + 4 * kBlockN * kStride;  // Q, 2 x (K, V)
   static constexpr int kSmemBytes = kSmemElems * 2;
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "head dim bucket");
@@ -275,14 +278,16 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
     }
   }
 
-  uint32_t qf[kKcQK][4];
+  uint32_t qf[Kt::kQInRegs ? kKcQK : 1][4];
   int stage = 0;
   for (bool first = true;; first = false) {
     cp_async_wait<0>();
     sync_threads();  // tile `cur` is in stage `stage`; every warp is done with the other stage
-    if (first) {
-      RA_UNROLL
-      for (int kc = 0; kc < kKcQK; ++kc) load_a<kStride>(qf[kc], sQ, warp * 16, kc * 16, lane);
+    if constexpr (Kt::kQInRegs) {
+      if (first) {
+        RA_UNROLL
+        for (int kc = 0; kc < kKcQK; ++kc) load_a<kStride>(qf[kc], sQ, warp * 16, kc * 16, lane);
+      }
     }
     const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
     if (nxt.index >= 0) {
@@ -302,12 +307,14 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
     for (int nb = 0; nb < kNbS; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
     RA_UNROLL
     for (int kc = 0; kc < kKcQK; ++kc) {
+      uint32_t(&qa)[4] = qf[Kt::kQInRegs ? kc : 0];
+      if constexpr (!Kt::kQInRegs) load_a<kStride>(qa, sQ, warp * 16, kc * 16, lane);
       RA_UNROLL
       for (int j = 0; j < kBN / 16; ++j) {
         uint32_t kb[4];
         load_b_nk<kStride>(kb, tK, j * 16, kc * 16, lane);
-        mma_16816<kBF16>(s[2 * j], qf[kc], kb[0], kb[1]);
-        mma_16816<kBF16>(s[2 * j + 1], qf[kc], kb[2], kb[3]);
+        mma_16816<kBF16>(s[2 * j], qa, kb[0], kb[1]);
+        mma_16816<kBF16>(s[2 * j + 1], qa, kb[2], kb[3]);
       }
     }
 
@@ -595,9 +602,14 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
     sync_threads();  // dS^T of every warp is in smem
 
     // dQ[m0 + wm*16 .., wd*kDW ..] += scale * dS K  (fp32 atomics)
-    uint32_t dsa[kKcK][4];
-    RA_UNROLL
-    for (int kc = 0; kc < kKcK; ++kc) load_a_trans<kStrideS>(dsa[kc], sdS, kc * 16, wm * 16, lane);
+    // dS^T fragments: loaded once per tile for d = 128 (fewer spills), per head-dim chunk below
+    // (fewer registers) otherwise; ptxas -v picked this.
+    constexpr bool kCacheDs = kD > 96;
+    uint32_t dsc[kCacheDs ? kKcK : 1][4];
+    if constexpr (kCacheDs) {
+      RA_UNROLL
+      for (int kc = 0; kc < kKcK; ++kc) load_a_trans<kStrideS>(dsc[kc], sdS, kc * 16, wm * 16, lane);
+    }
     const int qrow0 = m0 + wm * 16 + g;
     RA_UNROLL
     for (int dc = 0; dc < kDW / 16; ++dc) {
@@ -606,9 +618,11 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
       RA_UNROLL
       for (int kc = 0; kc < kKcK; ++kc) {
         uint32_t kb[4];
+        uint32_t(&dsa)[4] = dsc[kCacheDs ? kc : 0];
+        if constexpr (!kCacheDs) load_a_trans<kStrideS>(dsa, sdS, kc * 16, wm * 16, lane);
         load_b_kn<kStride>(kb, sK, kc * 16, c0, lane);
-        mma_16816<kBF16>(a2[0], dsa[kc], kb[0], kb[1]);
-        mma_16816<kBF16>(a2[1], dsa[kc], kb[2], kb[3]);
+        mma_16816<kBF16>(a2[0], dsa, kb[0], kb[1]);
+        mma_16816<kBF16>(a2[1], dsa, kb[2], kb[3]);
       }
       RA_UNROLL
       for (int n = 0; n < 2; ++n) {

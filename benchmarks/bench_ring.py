@@ -1,0 +1,468 @@
+"""Our ring attention vs PyTorch's ring attention vs single-process ATen SDPA, on CPU ranks over gloo.
+
+Implementations (1 thread per rank, each rank a spawned process):
+  ours   ring_attention.ring_attn_func; (batch, seq, heads, dim) shards; layout "zigzag" for causal,
+         "contiguous" otherwise.
+  torch  PyTorch's private ring, torch.distributed.tensor.experimental._context_parallel:
+         _templated_ring_attention / _templated_ring_attention_backward called directly with ATen's
+         CPU flash op (aten._scaled_dot_product_flash_attention_for_cpu[_backward]) over the gloo
+         world group; (batch, heads, seq, dim) shards. Causal runs with their load balancing on
+         (_cp_options.enable_load_balance, shards from _HeadTailLoadBalancer: rank r holds chunks r
+         and 2*world-1-r, the same tokens as our zigzag); non-causal with it off (contiguous shards).
+         Their default rotate method (all-gather of K/V) unless --torch-rotate alltoall.
+         (The public context_parallel() does not run on CPU.)
+  sdpa   torch.nn.functional.scaled_dot_product_attention on the whole sequence in one process
+         (1 thread): the single-process baseline and the reference every result is checked against.
+
+Times: per rank the median of --iters calls (barrier before each), the implementations of one
+configuration timed side by side (interleaved); a row reports the slowest rank's median.
+fwd: forward only (no autograd); fwd+bwd: forward then backward with a random output gradient.
+FLOPs: forward 4*b*s^2*h*d (half for causal), backward 2.5x forward. %peak: GFLOP/s per rank over
+one core's fp32 AVX-512 peak (32 FLOP/cycle per FMA unit x 2 units x the /proc/cpuinfo clock).
+eff: ring efficiency T1 / (world * Tw) of the same implementation (needs world 1 in --worlds).
+Checks, as max |a - b| / max |b| over the output (and dq, dk, dv for fwd+bwd), by global token
+position: "err ours/torch/sdpa" each implementation against the reference (fp32 SDPA on the same
+inputs: the sdpa result itself for fp32, an extra fp32 run for bf16), within the tolerance (fp32
+1e-4, bf16 2e-2); "err cross" the worst of ours vs sdpa, torch vs sdpa and ours vs torch, within
+twice it. A row outside them is marked FAIL (naming the pairs) and the exit status is 1.
+
+Default sweep: the headline points (8K tokens, worlds 1 and 2, fp32 and bf16, causal and not, fwd
+and fwd+bwd), a few minutes. --full: worlds 1,2,4 x 2K-16K, about an hour on 2 cores (world 4
+oversubscribes a 2-core machine). --quick: a tiny smoke test.
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
+
+IMPLS = ("ours", "torch", "sdpa")
+TOL = {"float32": 1e-4, "bfloat16": 2e-2}
+MODES = ("fwd", "fwd+bwd")
+# checked pairs: each implementation against the fp32 reference (within TOL), and against each other
+# (within 2 * TOL: two results each within TOL of the reference)
+REF_PAIRS = (("ours", "ref"), ("torch", "ref"), ("sdpa", "ref"))
+CROSS_PAIRS = (("ours", "sdpa"), ("torch", "sdpa"), ("ours", "torch"))
+PAIRS = REF_PAIRS + CROSS_PAIRS
+
+
+def _configs(args):
+    return [(dt, s, c) for dt in args.dtypes for s in args.seqlens for c in args.causal]
+
+
+def _key(dtype, seqlen, causal):
+    return f"{dtype}-{seqlen}-{'causal' if causal else 'full'}"
+
+
+def _full_inputs(spec, dtype, seqlen):
+    """q, k, v, dout over the whole sequence, (batch, seq, heads, dim), identical on every rank."""
+    gen = torch.Generator().manual_seed(1234 + seqlen)
+    shape = (spec["batch"], seqlen, spec["heads"], spec["headdim"])
+    return [torch.randn(shape, generator=gen).to(getattr(torch, dtype)) for _ in range(4)]
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:160]
+
+
+# ----------------------------------------------------------------------------------------------
+# The three implementations. Each builder returns (positions, {mode: fn}, results) where fn runs
+# one timed call and leaves the latest out/grads in `results`, as (batch, seq_local, heads, dim).
+# ----------------------------------------------------------------------------------------------
+
+def _build_ours(rank, world, full, causal):
+    import ring_attention as ra
+    layout = "zigzag" if causal else "contiguous"
+    q, k, v, dout = (ra.shard(t, layout=layout).contiguous() for t in full)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    res = {}
+
+    def fwd():
+        with torch.no_grad():
+            res["out"] = ra.ring_attn_func(q, k, v, causal=causal, layout=layout)
+
+    def fwd_bwd():
+        qg.grad = kg.grad = vg.grad = None
+        out = ra.ring_attn_func(qg, kg, vg, causal=causal, layout=layout)
+        out.backward(dout)
+        res.update(out=out.detach(), dq=qg.grad, dk=kg.grad, dv=vg.grad)
+
+    pos = ra.positions(layout, rank, world, q.shape[1])
+    return pos, {"fwd": fwd, "fwd+bwd": fwd_bwd}, res
+
+
+def _torch_cp():
+    from torch.distributed.tensor.experimental._context_parallel import _attention as cp
+    from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
+    return cp, _HeadTailLoadBalancer
+
+
+def _build_torch(rank, world, full, causal, rotate):
+    cp, HeadTail = _torch_cp()
+    aten = torch.ops.aten
+    seqlen = full[0].shape[1]
+    local = seqlen // world
+    if causal:  # their load-balanced layout, as context_parallel() would shard it
+        order = HeadTail(seqlen, world, "cpu")._generate_indices()[0].long()
+        pos = order[rank * local:(rank + 1) * local]
+    else:
+        pos = torch.arange(rank * local, (rank + 1) * local)
+    q, k, v, dout = (t.index_select(1, pos).transpose(1, 2).contiguous() for t in full)  # (b, h, s, d)
+    group = dist.group.WORLD
+    res = {}
+
+    def options():
+        # Global options of their module: load balancing must be on exactly for causal.
+        cp._cp_options.enable_load_balance = bool(causal)
+        cp._cp_options.rotate_method = (cp._RotateMethod.ALL_TO_ALL if rotate == "alltoall"
+                                        else cp._RotateMethod.ALL_GATHER)
+
+    def forward():
+        options()
+        out, lse = cp._templated_ring_attention(
+            group, 2, aten._scaled_dot_product_flash_attention_for_cpu.default,
+            query=q, key=k, value=v, is_causal=causal, dropout_p=0.0, scale=None)[:2]
+        return out, lse
+
+    def fwd():
+        res["out"] = forward()[0].transpose(1, 2)
+
+    def fwd_bwd():
+        out, lse = forward()
+        dq, dk, dv = cp._templated_ring_attention_backward(
+            group, 2, aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+            grad_out=dout, grad_out_name="grad_out", query=q, key=k, value=v, out=out,
+            logsumexp=lse, is_causal=causal, dropout_p=0.0, scale=None)[:3]
+        res.update(out=out.transpose(1, 2), dq=dq.transpose(1, 2), dk=dk.transpose(1, 2),
+                   dv=dv.transpose(1, 2))
+
+    return pos, {"fwd": fwd, "fwd+bwd": fwd_bwd}, res
+
+
+def _build_sdpa(full, causal):
+    q, k, v, dout = (t.transpose(1, 2).contiguous() for t in full)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    res = {}
+
+    def fwd():
+        with torch.no_grad():
+            res["out"] = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
+
+    def fwd_bwd():
+        qg.grad = kg.grad = vg.grad = None
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+        out.backward(dout)
+        res.update(out=out.detach().transpose(1, 2), dq=qg.grad.transpose(1, 2),
+                   dk=kg.grad.transpose(1, 2), dv=vg.grad.transpose(1, 2))
+
+    return torch.arange(full[0].shape[1]), {"fwd": fwd, "fwd+bwd": fwd_bwd}, res
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _compare(results: dict, positions: dict, pairs) -> dict:
+    """Worst relative error per (a, b) pair over the tensors both hold, by global position."""
+    errs = {}
+    for a, b in pairs:
+        ra, rb = results.get(a), results.get(b)
+        if not ra or not rb:
+            continue
+        pa, pb = positions[a], positions[b]
+        # b may cover the whole sequence (the sdpa reference) or the same tokens as a
+        idx = pa if len(pb) != len(pa) else torch.argsort(pb)[torch.argsort(torch.argsort(pa))]
+        if len(pb) == len(pa) and not torch.equal(pb[idx], pa):
+            raise AssertionError(f"{a} and {b} hold different tokens")
+        names = [n for n in ("out", "dq", "dk", "dv") if n in ra and n in rb]
+        errs[f"{a}~{b}"] = max(_rel_err(ra[n], rb[n].index_select(1, idx)) for n in names)
+    return errs
+
+
+def _worker(rank, world, configs, spec, refdir, with_rings, with_sdpa):
+    """Runs every configuration on this rank; returns {key: {"times": {mode: {impl: s}},
+    "errors": {mode: {pair: err}}, "na": {impl: reason}}}."""
+    from tqdm import tqdm
+    torch.manual_seed(0)
+    sync = dist.barrier if world > 1 else None
+    out = {}
+    bar = tqdm(total=len(configs) * len(spec["modes"]), desc=f"world {world}", unit="run",
+               disable=rank != 0 or not spec["progress"], leave=True, dynamic_ncols=True)
+    for dtype, seqlen, causal in configs:
+        key = _key(dtype, seqlen, causal)
+        full = _full_inputs(spec, dtype, seqlen)
+        entry = {"times": {}, "errors": {}, "na": {}}
+        builds = {}
+        if with_rings:
+            for impl, build in (("ours", lambda: _build_ours(rank, world, full, causal)),
+                                ("torch", lambda: _build_torch(rank, world, full, causal, spec["torch_rotate"]))):
+                try:
+                    builds[impl] = build()
+                except Exception as e:  # noqa: BLE001 (symmetric on every rank)
+                    entry["na"][impl] = _short(e)
+        if with_sdpa:
+            builds["sdpa"] = _build_sdpa(full, causal)
+        ref_path = os.path.join(refdir, key + ".pt")
+        for mode in spec["modes"]:
+            fns = {}
+            for impl, (_, mode_fns, _) in builds.items():
+                if impl in entry["na"]:
+                    continue
+                if sync:
+                    sync()
+                try:  # first call doubles as a support check (e.g. bf16 "not supported")
+                    mode_fns[mode]()
+                    fns[impl] = mode_fns[mode]
+                except Exception as e:  # noqa: BLE001
+                    entry["na"][impl] = _short(e)
+                    if os.environ.get("BENCH_RING_TRACE"):
+                        traceback.print_exc()
+            # the support-check call above counts as the first warmup call
+            entry["times"][mode] = h.median_times_interleaved(fns, spec["iters"], max(spec["warmup"] - 1, 0), sync)
+            results = {impl: dict(builds[impl][2]) for impl in fns}
+            positions = {impl: builds[impl][0] for impl in fns}
+            if mode == "fwd":  # the fwd fns only refresh "out"
+                results = {i: {"out": r["out"]} for i, r in results.items()}
+            if "sdpa" in results:
+                if dtype == "float32":
+                    results["ref"] = results["sdpa"]
+                else:  # the reference: fp32 SDPA on the same (bf16-rounded) inputs
+                    _, ref_fns, ref_res = _build_sdpa([t.float() for t in full], causal)
+                    ref_fns[mode]()
+                    results["ref"] = {n: t.to(torch.float32) for n, t in ref_res.items() if n in results["sdpa"]}
+                torch.save({"sdpa": results["sdpa"], "ref": results["ref"]}, ref_path + "." + mode)
+            elif os.path.exists(ref_path + "." + mode):
+                results.update(torch.load(ref_path + "." + mode))
+            for name in ("sdpa", "ref"):
+                positions.setdefault(name, torch.arange(seqlen))
+            entry["errors"][mode] = _compare(results, positions, PAIRS)
+            bar.update(1)
+        out[key] = entry
+        del builds, full
+    bar.close()
+    return out
+
+
+def _flops(spec, seqlen, causal, mode):
+    f = 4 * spec["batch"] * seqlen ** 2 * spec["heads"] * spec["headdim"] * (0.5 if causal else 1.0)
+    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def _fmt_ms(t):
+    return "n/a" if t is None else f"{t * 1e3:.1f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--worlds", type=ints, default=None, help="world sizes (default 1,2; --full 1,2,4)")
+    p.add_argument("--seqlens", type=ints, default=None, help="total tokens (default 8192; --full 2K-16K)")
+    p.add_argument("--dtypes", type=strs, default=["float32", "bfloat16"])
+    p.add_argument("--modes", type=strs, default=list(MODES))
+    p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--torch-rotate", choices=["allgather", "alltoall"], default="allgather",
+                   help="PyTorch's K/V rotate method (their default: allgather)")
+    p.add_argument("--json", default="bench_out/ring.json")
+    p.add_argument("--png", default="bench_out/ring.png")
+    p.add_argument("--md", default=None, help="also write the table as markdown to this file")
+    p.add_argument("--full", action="store_true", help="worlds 1,2,4 x seqlens 2048..16384 (long)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke sweep")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    if args.quick:
+        args.worlds = args.worlds or [1, 2]
+        args.seqlens = args.seqlens or [256]
+        args.iters, args.warmup = min(args.iters, 2), 0
+    elif args.full:
+        args.worlds = args.worlds or [1, 2, 4]
+        args.seqlens = args.seqlens or [2048, 4096, 8192, 16384]
+    args.worlds = args.worlds or [1, 2]
+    args.seqlens = args.seqlens or [8192]
+    args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
+    for d in args.dtypes:
+        if d not in TOL:
+            p.error(f"unsupported dtype {d!r} (float32, bfloat16)")
+    for m in args.modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r} (fwd, fwd+bwd)")
+    for w in args.worlds:
+        for s in args.seqlens:
+            if s % (2 * w):
+                p.error(f"seqlen {s} is not divisible by 2*world ({2 * w})")
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    spec = {"batch": args.batch, "heads": args.heads, "headdim": args.headdim, "iters": args.iters,
+            "warmup": args.warmup, "modes": args.modes, "torch_rotate": args.torch_rotate,
+            "progress": not args.no_progress}
+    configs = _configs(args)
+    peak = h.core_peak_gflops()
+    mach = h.machine()
+    print(f"{mach['cpu']}, {mach['cores']} cores, {mach['cpu_mhz']:.0f} MHz, torch {mach['torch']}, "
+          f"load average {mach['loadavg']}; one core's fp32 peak {peak:.1f} GFLOP/s")
+
+    per_world = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ring_") as refdir:
+        # World 1 first: it computes the single-process SDPA reference the others are checked against.
+        per_world[1] = h.run_ranks(1, _worker, configs, spec, refdir, 1 in args.worlds, True)
+        for w in args.worlds:
+            if w != 1:
+                per_world[w] = h.run_ranks(w, _worker, configs, spec, refdir, True, False)
+
+    rows, raw = [], []
+    failed = False
+    for dtype, seqlen, causal in configs:
+        key = _key(dtype, seqlen, causal)
+        for mode in args.modes:
+            sdpa_t = per_world[1][0][key]["times"][mode].get("sdpa")
+            t1 = {}
+            for w in args.worlds:
+                ranks = [r[key] for r in per_world[w]]
+                na = ranks[0]["na"]
+                t = {i: max(r["times"][mode][i] for r in ranks) if i in ranks[0]["times"][mode] else None
+                     for i in ("ours", "torch")}
+                if w == 1:
+                    t1 = t
+                errs = {}
+                for r in ranks:
+                    for pair, e in r["errors"][mode].items():
+                        errs[pair] = max(errs.get(pair, 0.0), e)
+                tol = TOL[dtype]
+                bad = [pr for pr, e in errs.items()
+                       if not e <= (tol if pr.endswith("~ref") else 2 * tol)]  # NaN fails too
+                ok = bool(errs) and not bad
+                failed |= bool(errs) and not ok
+                cross = [errs[f"{a}~{b}"] for a, b in CROSS_PAIRS if f"{a}~{b}" in errs]
+                fmt_err = lambda pr: f"{errs[pr]:.1e}" if pr in errs else "n/a"  # noqa: E731
+                fl = _flops(spec, seqlen, causal, mode)
+                eff = {i: (t1[i] / (w * t[i]) if t1.get(i) and t[i] else None) for i in ("ours", "torch")}
+                rows.append({
+                    "dtype": {"float32": "fp32", "bfloat16": "bf16"}[dtype], "seq": seqlen,
+                    "mask": "causal" if causal else "full", "mode": mode, "world": w,
+                    "ours ms": _fmt_ms(t["ours"]), "torch ms": _fmt_ms(t["torch"]), "sdpa ms": _fmt_ms(sdpa_t),
+                    "torch/ours": f"{t['torch'] / t['ours']:.2f}x" if t["ours"] and t["torch"] else "n/a",
+                    "ours GF/s": f"{fl / t['ours'] / 1e9:.1f}" if t["ours"] else "n/a",
+                    "ours %pk": f"{100 * fl / (w * t['ours']) / 1e9 / peak:.0f}%" if t["ours"] else "n/a",
+                    "torch GF/s": f"{fl / t['torch'] / 1e9:.1f}" if t["torch"] else "n/a",
+                    "sdpa GF/s": f"{fl / sdpa_t / 1e9:.1f}" if sdpa_t else "n/a",
+                    "ours eff": f"{eff['ours']:.3f}" if eff["ours"] else "-",
+                    "torch eff": f"{eff['torch']:.3f}" if eff["torch"] else "-",
+                    "err ours": fmt_err("ours~ref"), "err torch": fmt_err("torch~ref"),
+                    "err sdpa": fmt_err("sdpa~ref"), "err cross": f"{max(cross):.1e}" if cross else "n/a",
+                    "check": ("ok" if ok else "FAIL " + ",".join(bad)) if errs else "n/a",
+                })
+                raw.append({"dtype": dtype, "seqlen": seqlen, "causal": causal, "mode": mode, "world": w,
+                            "ms": {"ours": t["ours"] and t["ours"] * 1e3, "torch": t["torch"] and t["torch"] * 1e3,
+                                   "sdpa": sdpa_t and sdpa_t * 1e3},
+                            "per_rank_ms": {i: [r["times"][mode].get(i, float("nan")) * 1e3 for r in ranks]
+                                            for i in ("ours", "torch")},
+                            "gflops": fl / 1e9, "efficiency": eff, "errors": errs, "tolerance": TOL[dtype],
+                            "check": rows[-1]["check"], "na": na})
+                for impl, why in na.items():
+                    print(f"note: {impl} n/a for {key} {mode} world {w}: {why}")
+
+    print(f"\nRing attention on CPU over gloo: batch {args.batch}, {args.heads} heads, dim {args.headdim}, "
+          f"1 thread per rank, median of {args.iters} (slowest rank); sdpa = one process, 1 thread; "
+          f"torch rotate = {args.torch_rotate}; %pk of {peak:.1f} GFLOP/s per core")
+    h.print_table(rows, list(rows[0].keys()))
+    if args.md:
+        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+        with open(args.md, "w") as f:
+            f.write(h.markdown_table(rows, list(rows[0].keys())))
+        print(f"wrote {args.md}")
+    mach["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    h.write_json(args.json, {"machine": mach, "core_peak_gflops": peak,
+                             "args": {k: v for k, v in vars(args).items()}, "rows": raw})
+    if args.png:
+        _plot(raw, args, mach, args.png)
+    if failed:
+        print("FAIL: some results disagree beyond tolerance", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _plot(raw, args, mach, path):
+    """One panel per (mode, causal): ms vs sequence length per implementation, world and dtype
+    (grouped bars when the sweep has a single sequence length)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(m, c) for m in args.modes for c in args.causal]
+    fig, axes = plt.subplots(len(args.modes), len(args.causal), squeeze=False,
+                             figsize=(5.5 * len(args.causal), 3.8 * len(args.modes)))
+    colors = {"ours": "tab:blue", "torch": "tab:orange", "sdpa": "tab:green"}
+    markers = {1: "o", 2: "s", 4: "^", 8: "D"}
+    styles = {"float32": "-", "bfloat16": "--"}
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    lines = [("sdpa", 1)] + [(i, w) for i in ("ours", "torch") for w in args.worlds]
+    bars = len(args.seqlens) == 1
+    for (mode, causal), ax in zip(panels, axes.flat):
+        if bars:
+            groups = [(d, w) for d in args.dtypes for w in args.worlds]
+            width = 0.8 / 3
+            for gi, (dtype, w) in enumerate(groups):
+                for ii, impl in enumerate(IMPLS):
+                    r = next((r for r in raw if r["mode"] == mode and r["causal"] == causal
+                              and r["dtype"] == dtype and r["world"] == w), None)
+                    ms = r and r["ms"][impl]
+                    if ms and not (impl == "sdpa" and w != 1):
+                        ax.bar(gi + (ii - 1) * width, ms, width, color=colors[impl],
+                               label=impl if gi == 0 or (impl == "sdpa" and w == 1) else None)
+                        ax.annotate(f"{ms:.3g}", (gi + (ii - 1) * width, ms), ha="center", va="bottom",
+                                    fontsize=7)
+            ax.set_xticks(range(len(groups)), [f"{short[d]}\n{w} rank{'s' if w > 1 else ''}" for d, w in groups])
+            ax.set_xlabel(f"{args.seqlens[0]} tokens")
+        else:
+            for dtype in args.dtypes:
+                sel = [r for r in raw if r["mode"] == mode and r["causal"] == causal and r["dtype"] == dtype]
+                for impl, w in lines:
+                    pts = sorted((r["seqlen"], r["ms"][impl]) for r in sel if r["world"] == w and r["ms"][impl])
+                    if pts:
+                        ax.plot([x for x, _ in pts], [y for _, y in pts], styles[dtype],
+                                marker=markers.get(w, "x"), color=colors[impl],
+                                label=impl + ("" if impl == "sdpa" else f" x{w}") + f" {short[dtype]}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(args.seqlens, [f"{s // 1024}K" if s >= 1024 else str(s) for s in args.seqlens])
+            ax.set_xlabel("total sequence length (tokens)")
+        ax.set_ylabel("ms (slowest rank's median)")
+        ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for hd, lb in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lb, hd)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
+               ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"Ring attention on CPU over gloo, 1 thread per rank, batch {args.batch}, {args.heads} heads, "
+                 f"dim {args.headdim}\n{mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, {mach['date']}",
+                 fontsize=9)
+    rows_of_legend = math.ceil(len(handles) / 6)
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * rows_of_legend, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
