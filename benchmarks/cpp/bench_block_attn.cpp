@@ -153,14 +153,15 @@ Result run_len(const bench::Options& opt, int64_t L) {
     std::fill(dk.begin(), dk.end(), T(0));
     std::fill(dv.begin(), dv.end(), T(0));
   };
-  const double bwd_ms = time_ms(opt, [&] { cpu::block_attn_bwd(bp); }, reset_grads);
+  const double bwd_ms =
+      opt.run_bwd ? time_ms(opt, [&] { cpu::block_attn_bwd(bp); }, reset_grads) : 0.0;
 
   double visible = 0;
   for (int64_t i = 0; i < L; ++i) visible += opt.causal ? double(i + 1) : double(L);
   const double fwd_flop = 4.0 * B * H * visible * D;
-  Result r{L, fwd_ms, fwd_flop / (fwd_ms * 1e6), bwd_ms, 2.5 * fwd_flop / (bwd_ms * 1e6), 0.0,
-           false, true};
-  if (!opt.check) return r;
+  Result r{L, fwd_ms, fwd_flop / (fwd_ms * 1e6), bwd_ms,
+           opt.run_bwd ? 2.5 * fwd_flop / (bwd_ms * 1e6) : 0.0, 0.0, false, true};
+  if (!opt.check || !opt.run_bwd) return r;
 
   // Clean backward result for the check.
   reset_grads();

@@ -5,7 +5,7 @@
 //   -d/--headdim D  -H/--heads H    -K/--kv-heads HKV   -B/--batch B
 //   --causal 0|1    --dtype float32|float64             -t/--threads T
 //   --clock wall|cpu (cpu: process CPU time, steadier on a loaded machine at 1 thread)
-//   --stat median|min
+//   --stat median|min  --fwd-only 0|1
 //   --json PATH     -h/--help
 // Header-only; benchmarks may add their own options by handling them before calling parse().
 #pragma once
@@ -36,6 +36,7 @@ struct Options {
   int threads = 0;  // 0: leave the runtime default
   bool cpu_clock = false;  // time with the process CPU clock instead of the wall clock
   bool stat_min = false;   // report the fastest iteration instead of the median
+  bool run_bwd = true;     // --fwd-only 1: time the forward only (profiling)
   std::string json;
 
   int nheads_kv() const { return kv_heads > 0 ? kv_heads : heads; }
@@ -91,6 +92,7 @@ inline void print_usage(const char* prog, const char* extra = nullptr) {
       "  -t, --threads T      intra-op threads (0: runtime default)        [0]\n"
       "      --clock C        wall | cpu (process CPU time)                [wall]\n"
       "      --stat S         median | min over the timed iterations       [median]\n"
+      "      --fwd-only 0|1   skip the backward (no check of it)           [0]\n"
       "      --json PATH      also write the results as JSON\n"
       "  -h, --help\n"
       "%s",
@@ -160,6 +162,8 @@ inline Options parse(int argc, char** argv, Unknown&& unknown, const char* extra
         std::exit(2);
       }
       o.stat_min = c == "min";
+    } else if (a == "--fwd-only") {
+      o.run_bwd = std::atoi(need()) == 0;
     } else if (a == "--json") {
       o.json = need();
     } else {

@@ -164,6 +164,8 @@ const Tuning& tuning() {
   return t;
 }
 
+constexpr double kLog2e = 1.44269504088896340736;
+constexpr double kLn2 = 0.693147180559945309417;
 constexpr int64_t kScorePad = 16;  // ld of score tiles = key tile + pad (avoids 4K aliasing)
 // With more than one thread, aim for at least this many forward tasks per thread (dynamic
 // scheduling then evens out uneven task costs).
@@ -459,7 +461,9 @@ void fwd_impl(const BlockFwdParams& p) {
 
   auto* out = static_cast<acc_t*>(p.out_acc);
   auto* lse = static_cast<acc_t*>(p.lse);
-  const acc_t scale = static_cast<acc_t>(p.softmax_scale);
+  // The softmax runs in base 2: scores come out of the GEMM as log2(e) * scale * q.k, the running
+  // max m is in those units, and lse = ln(2) * (m + log2(l)).
+  const acc_t scale2 = static_cast<acc_t>(p.softmax_scale * kLog2e);
   const int64_t kc = tu.kc;
 
   struct Scratch {
@@ -491,13 +495,14 @@ void fwd_impl(const BlockFwdParams& p) {
     acc_t* S = ws.s;
     acc_t* O = ws.o;
 
-    // Prologue: the running state (o, lse) as O = o, m = lse, l = 1 (l = 0, O = 0 when empty).
+    // Prologue: the running state (o, lse) as O = o, m = log2(e) * lse, l = 1 (l = 0, O = 0
+    // when empty).
     acc_t* out_base =
         out + b * p.out_strides.batch + q0 * p.out_strides.row + h * p.out_strides.head;
     acc_t* lse_base = lse + b * p.lse_batch_stride + h * p.lse_head_stride + q0;
     for (int64_t i = 0; i < nq; ++i) {
       const OnlineRow<acc_t> st = OnlineRow<acc_t>::from_lse(lse_base[i]);
-      ws.m[i] = st.m;
+      ws.m[i] = st.l > acc_t(0) ? st.m * acc_t(kLog2e) : st.m;
       ws.l[i] = st.l;
       acc_t* o = O + i * Dp;
       if (st.l > acc_t(0)) {
@@ -519,7 +524,7 @@ void fwd_impl(const BlockFwdParams& p) {
       const int64_t ncol = c1 - c0, ncolp = round_up(ncol, W);
       acc_t* Sb = S + r0 * LDS + c0;
       acc_t* rowmax = !masked && ncol == ncolp ? ws.rowmax : nullptr;
-      Tl::scores(nr, ncolp, D, scale, Q + r0 * Qr.ld, Qr.ld, Kt_head + (k0 + c0) * D, Sb, LDS,
+      Tl::scores(nr, ncolp, D, scale2, Q + r0 * Qr.ld, Qr.ld, Kt_head + (k0 + c0) * D, Sb, LDS,
                  rowmax);
       if (masked)
         Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
@@ -546,12 +551,12 @@ void fwd_impl(const BlockFwdParams& p) {
 
     // Epilogue: the normalised output and lse.
     for (int64_t i = 0; i < nq; ++i) {
-      const OnlineRow<acc_t> st{ws.m[i], ws.l[i]};
-      const acc_t inv_l = st.inv_l();
+      const acc_t l = ws.l[i];
+      const acc_t inv_l = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
       acc_t* o = out_base + i * p.out_strides.row;
       const acc_t* a = O + i * Dp;
       for (int64_t c = 0; c < D; ++c) o[c] = a[c] * inv_l;
-      lse_base[i] = st.lse();
+      lse_base[i] = l > acc_t(0) ? acc_t(kLn2) * (ws.m[i] + std::log2(l)) : neg_inf<acc_t>();
     }
   });
 }
@@ -604,6 +609,7 @@ void bwd_impl(const BlockBwdParams& p) {
   auto* dk = static_cast<acc_t*>(p.dk_acc);
   auto* dv = static_cast<acc_t*>(p.dv_acc);
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
+  const acc_t scale2 = static_cast<acc_t>(p.softmax_scale * kLog2e);  // base-2 scores, see fwd
   const int64_t kc = tu.kc;
 
   // Tasks own (batch, kv head, key split): the dk/dv rows of a task are disjoint from every other
@@ -692,8 +698,9 @@ void bwd_impl(const BlockBwdParams& p) {
             acc_t* dPb = dP + r0 * LDS + c0;
             const acc_t* Qb = Q + r0 * Qr.ld;
             const acc_t* dOb = dO + r0 * Or.ld;
-            // P = exp(scale * Q K^T - lse); 0 where masked and on rows that saw nothing.
-            Tl::scores(nr, ncolp, D, scale, Qb, Qr.ld, Kt_head + (k0 + c0) * D, Sb, LDS, nullptr);
+            // P = exp(scale * Q K^T - lse) = 2^(scale2 * Q K^T - log2(e) * lse); 0 where masked
+            // and on rows that saw nothing.
+            Tl::scores(nr, ncolp, D, scale2, Qb, Qr.ld, Kt_head + (k0 + c0) * D, Sb, LDS, nullptr);
             if (st.mask)
               Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
             Tl::bwd_probs(Sb, LDS, nr, ncol, lse_h + q0 + r0);
