@@ -9,7 +9,8 @@
 #   build      CMake + Ninja against this machine's torch (python3), RING_ATTN_CUDA=ON, archs from
 #              RING_ATTN_CUDA_ARCHS (default 9.0), MAX_JOBS jobs (default 16), ptxas -v in the log;
 #              _C.so goes to the source tree's ring_attention/ (the build dir: build/gpu-check/)
-#   ctest      C++ tests, including the emulated kernels (test_cuda_emu)
+#   ctest      C++ tests: the emulated kernels (test_cuda_emu) and the CUDA microbenchmark's check
+#              (bench_block_attn_cuda against a float64 host reference)
 #   import     import ring_attention; torch.ops.ring_attention.cuda_build_info()
 #   tests      pytest tests/gpu (junit XML in OUTDIR)
 #   memcheck   compute-sanitizer --tool memcheck  on scripts/cuda_sanitize_case.py
@@ -128,7 +129,7 @@ else
       export RING_ATTN_CUDA_ARCHS='$ARCHS' RING_ATTN_CUDA_FLAGS='-Xptxas=-v'
       $CMAKE -S '$ROOT' -B '$BUILD' ${GEN[*]:-} -DPython3_EXECUTABLE=\$(command -v $PY) \
         -DRING_ATTN_CUDA=ON -DRING_ATTN_CUDA_ARCHS='$ARCHS' -DCMAKE_BUILD_TYPE=Release \
-        -DRING_ATTN_BUILD_TESTS=ON -DRING_ATTN_BUILD_BENCHMARKS=OFF
+        -DRING_ATTN_BUILD_TESTS=ON -DRING_ATTN_BUILD_BENCHMARKS=ON
       time $CMAKE --build '$BUILD' -j $JOBS
     "; then
     BUILT=1

@@ -106,10 +106,6 @@ std::string validate_local(const RingCall& call) {
     return "ring_attn_varlen_func: q, k and v must be 3-D (tokens_local, heads, headdim); got q " +
            shape_str(q) + ", k " + shape_str(k) + ", v " + shape_str(v);
   }
-  if (varlen && q.is_cuda()) {
-    return "packed sequences (ring_attn_varlen_func) are not supported on CUDA yet; use the dense "
-           "ring_attn_func, or CPU tensors";
-  }
   if (varlen) {
     // The same checks as the dense call, on the (1, tokens_local, heads, headdim) view.
     const at::Tensor q4 = q.unsqueeze(0), k4 = k.unsqueeze(0), v4 = v.unsqueeze(0);

@@ -61,6 +61,13 @@
 #warning "block_attn_cpu.cpp built without -fopenmp: the CPU kernels will run single-threaded"
 #endif
 
+// GCC flags the _mm512_undefined_*() inside its own AVX-512 intrinsics (e.g. _mm512_reduce_max_pd)
+// once they are inlined here: false positives.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #define RA_VI inline __attribute__((always_inline))
 
 namespace ring_attn {
@@ -528,7 +535,8 @@ void fwd_impl(const BlockFwdParams& p) {
                  rowmax);
       if (masked)
         Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
-      if (!Tl::fwd_softmax(Sb, LDS, nr, ncol, rowmax, ws.m + r0, ws.l + r0, O + r0 * Dp, Dp, Dp))
+      if (!Tl::fwd_softmax(Sb, LDS, nr, ncol, rowmax, masked, ws.m + r0, ws.l + r0, O + r0 * Dp,
+                           Dp, Dp))
         return;
       Tl::gemm_nn(nr, Dp, ncol, acc_t(1), Sb, LDS, V_head + (k0 + c0) * Vr.ld, Vr.ld, 1,
                   O + r0 * Dp, Dp, true, nullptr, kc);
@@ -703,7 +711,7 @@ void bwd_impl(const BlockBwdParams& p) {
             Tl::scores(nr, ncolp, D, scale2, Qb, Qr.ld, Kt_head + (k0 + c0) * D, Sb, LDS, nullptr);
             if (st.mask)
               Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
-            Tl::bwd_probs(Sb, LDS, nr, ncol, lse_h + q0 + r0);
+            Tl::bwd_probs(Sb, LDS, nr, ncol, lse_h + q0 + r0, st.mask);
             // dP = dO V^T;  dS = scale * P * (dP - delta)
             Tl::scores(nr, ncolp, D, acc_t(1), dOb, Or.ld, Vt_head + (k0 + c0) * D, dPb, LDS,
                        nullptr);

@@ -240,7 +240,19 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
 
   const TileBounds q_bounds = warp_tile_bounds(p.mask, p.q_pos, p.q_seg, q0, imin(q0 + kBM, Sq), lane);
   LiveTile cur = next_live_keys(q_bounds, p.k_pos, Sk, kBN, 0, lane);
-  if (cur.index < 0) return;  // nothing visible: the running state is unchanged
+  float* gO = static_cast<float*>(p.out_acc) + b * p.out_strides.batch + h * p.out_strides.head;
+  float* gL = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+  if (cur.index < 0) {
+    // Nothing visible: the running state is unchanged (with merge off: the empty state).
+    if (!args.merge) {
+      for (int i = tid; i < kBM * d; i += Kt::kNThreads) {
+        const int r = q0 + i / d;
+        if (r < Sq) gO[static_cast<int64_t>(r) * p.out_strides.row + i % d] = 0.f;
+      }
+      if (tid < kBM && q0 + tid < Sq) gL[q0 + tid] = ninf;
+    }
+    return;
+  }
 
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sK = sQ + kBM * kStride;      // stage s at sK + s * kBN * kStride
@@ -255,8 +267,6 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   cp_async_commit();
 
   // Prologue (overlaps the copies): this thread's rows are r = 0: warp*16 + g, r = 1: + 8.
-  float* gO = static_cast<float*>(p.out_acc) + b * p.out_strides.batch + h * p.out_strides.head;
-  float* gL = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
   int row[2];
   PositionRange seen[2];  // the keys each row sees
   OnlineRow<float> st[2];
