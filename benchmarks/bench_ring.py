@@ -12,7 +12,7 @@ Implementations (1 thread per rank, each rank a spawned process):
          Their default rotate method (all-gather of K/V) unless --torch-rotate alltoall.
          (The public context_parallel() does not run on CPU.)
   sdpa   torch.nn.functional.scaled_dot_product_attention on the whole sequence in one process
-         (1 thread): the single-process baseline and the reference every result is checked against.
+         (1 thread): the single-process baseline.
 
 Times: per rank the median of --iters calls (barrier before each), the implementations of one
 configuration timed side by side (interleaved); a row reports the slowest rank's median.
@@ -22,13 +22,15 @@ one core's fp32 AVX-512 peak (32 FLOP/cycle per FMA unit x 2 units x the /proc/c
 eff: ring efficiency T1 / (world * Tw) of the same implementation (needs world 1 in --worlds).
 Checks, as max |a - b| / max |b| over the output (and dq, dk, dv for fwd+bwd), by global token
 position: "err ours/torch/sdpa" each implementation against the reference (fp32 SDPA on the same
-inputs: the sdpa result itself for fp32, an extra fp32 run for bf16), within the tolerance (fp32
-1e-4, bf16 2e-2); "err cross" the worst of ours vs sdpa, torch vs sdpa and ours vs torch, within
-twice it. A row outside them is marked FAIL (naming the pairs) and the exit status is 1.
+inputs: the sdpa result itself for fp32, an extra fp32 run for bf16); "err cross" the worst of ours
+vs sdpa, torch vs sdpa and ours vs torch. Tolerance (fp32 1e-4, bf16 2e-2) for ours vs the
+reference, twice it for PyTorch's results vs the reference and for the cross pairs (ATen's own bf16
+flash backward reaches ~2e-2 at 16K tokens). A row outside them is marked FAIL (naming the pairs)
+and the exit status is 1.
 
 Default sweep: the headline points (8K tokens, worlds 1 and 2, fp32 and bf16, causal and not, fwd
-and fwd+bwd), a few minutes. --full: worlds 1,2,4 x 2K-16K, about an hour on 2 cores (world 4
-oversubscribes a 2-core machine). --quick: a tiny smoke test.
+and fwd+bwd), about 8 minutes on 2 cores. --full: worlds 1,2,4 x 2K,4K,8K,16K, 40-60 minutes (add
+--iters 3 to shorten; world 4 oversubscribes a 2-core machine). --quick: a tiny smoke test (~20 s).
 """
 import argparse
 import math
@@ -47,8 +49,7 @@ import _harness as h  # noqa: E402
 IMPLS = ("ours", "torch", "sdpa")
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 MODES = ("fwd", "fwd+bwd")
-# checked pairs: each implementation against the fp32 reference (within TOL), and against each other
-# (within 2 * TOL: two results each within TOL of the reference)
+# checked pairs: each implementation against the fp32 reference, and against each other; limits in _limit
 REF_PAIRS = (("ours", "ref"), ("torch", "ref"), ("sdpa", "ref"))
 CROSS_PAIRS = (("ours", "sdpa"), ("torch", "sdpa"), ("ours", "torch"))
 PAIRS = REF_PAIRS + CROSS_PAIRS
@@ -255,6 +256,12 @@ def _worker(rank, world, configs, spec, refdir, with_rings, with_sdpa):
     return out
 
 
+def _limit(pair: str, tol: float) -> float:
+    """ours vs the reference must be within tol; PyTorch's results vs the reference and every cross
+    pair within 2 * tol (ATen's bf16 flash backward alone reaches ~2e-2 max-relative at 16K tokens)."""
+    return tol if pair == "ours~ref" else 2 * tol
+
+
 def _flops(spec, seqlen, causal, mode):
     f = 4 * spec["batch"] * seqlen ** 2 * spec["heads"] * spec["headdim"] * (0.5 if causal else 1.0)
     return f * (3.5 if mode == "fwd+bwd" else 1.0)
@@ -348,8 +355,7 @@ def main(argv=None) -> int:
                     for pair, e in r["errors"][mode].items():
                         errs[pair] = max(errs.get(pair, 0.0), e)
                 tol = TOL[dtype]
-                bad = [pr for pr, e in errs.items()
-                       if not e <= (tol if pr.endswith("~ref") else 2 * tol)]  # NaN fails too
+                bad = [pr for pr, e in errs.items() if not e <= _limit(pr, tol)]  # NaN fails too
                 ok = bool(errs) and not bad
                 failed |= bool(errs) and not ok
                 cross = [errs[f"{a}~{b}"] for a, b in CROSS_PAIRS if f"{a}~{b}" in errs]
@@ -427,8 +433,8 @@ def _plot(raw, args, mach, path):
                     if ms and not (impl == "sdpa" and w != 1):
                         ax.bar(gi + (ii - 1) * width, ms, width, color=colors[impl],
                                label=impl if gi == 0 or (impl == "sdpa" and w == 1) else None)
-                        ax.annotate(f"{ms:.3g}", (gi + (ii - 1) * width, ms), ha="center", va="bottom",
-                                    fontsize=7)
+                        ax.annotate(f"{ms:.0f}" if ms >= 10 else f"{ms:.2g}", (gi + (ii - 1) * width, ms),
+                                    ha="center", va="bottom", fontsize=6)
             ax.set_xticks(range(len(groups)), [f"{short[d]}\n{w} rank{'s' if w > 1 else ''}" for d, w in groups])
             ax.set_xlabel(f"{args.seqlens[0]} tokens")
         else:

@@ -15,10 +15,12 @@
 #   tests      pytest tests/gpu (junit XML in OUTDIR)
 #   memcheck   compute-sanitizer --tool memcheck  on scripts/cuda_sanitize_case.py
 #   racecheck  compute-sanitizer --tool racecheck on the same (skipped with --quick)
+#   overlap    scripts/overlap_check.py: LocalRing, 4 virtual ranks, 8K tokens/rank, bf16, d=128, vs
+#              its kernels alone (overhead <= 5%) and its exchanges alone (hidden fraction)
 #   bench      scripts/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
 # Writes OUTDIR/summary.md (stage table + benchmark table), OUTDIR/<stage>.log, OUTDIR/bench.json,
-# OUTDIR/bench.md, OUTDIR/gpu_tests.xml. Installs nothing. Exit status: 0 when every stage that ran
+# OUTDIR/bench.md, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs nothing. Exit status: 0 when every stage that ran
 # passed. Budget: full <= 8 min, --quick <= 4 min on one H100 (build included).
 set -u
 
@@ -177,6 +179,9 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     unset PYTORCH_NO_CUDA_MEMORY_CACHING
   fi
 
+  # ---- overlap: LocalRing (4 ranks, 8K/rank, bf16, d=128) vs its kernels alone: overhead <= 5% ----
+  stage overlap 90 "$PY" scripts/overlap_check.py --out "$OUT"
+
   # ---- benchmark -------------------------------------------------------------------------------
   if [ $QUICK = 1 ]; then
     stage bench 90 "$PY" scripts/bench_cuda.py --out "$OUT" --quick
@@ -184,7 +189,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     stage bench 240 "$PY" scripts/bench_cuda.py --out "$OUT"
   fi
 else
-  for s in tests memcheck racecheck bench; do skip $s "ring_attention does not import"; done
+  for s in tests memcheck racecheck overlap bench; do skip $s "ring_attention does not import"; done
 fi
 
 echo "summary: $SUMMARY"

@@ -90,9 +90,39 @@ def test_block_mask_cases(sq, sk, mask, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,heads_kv", [(1, 1), (2, 2), (4, 2), (4, 1)])
-@pytest.mark.parametrize("headdim", [16, 32, 48, 64, 80, 96, 128])
+@pytest.mark.parametrize("headdim", [1, 3, 16, 32, 48, 64, 80, 96, 128, 200])
 def test_block_headdims_and_gqa(headdim, heads, heads_kv, dtype):
     check_block(97, 128, heads, heads_kv, headdim, "partial", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "full", "diagonal", "partial", "masked_rows", "random"])
+@pytest.mark.parametrize("sq,sk", [(300, 700), (520, 260)])
+def test_block_multi_tile(sq, sk, mask, dtype):
+    """Blocks of several kernel tiles (query tiles of 64/128 rows, key tiles of 256 keys): skipped,
+    full and partial tiles side by side, partial tiles worked in sub-tiles, ragged last tiles."""
+    check_block(sq, sk, 2, 1, 64, mask, dtype, scale=0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("headdim", [40, 64])
+def test_block_low_precision_inputs(headdim, dtype):
+    """bf16/fp16 q, k, v, dout: fp32 accumulators, as accurate as for fp32 inputs (the inputs
+    convert exactly; see test_cpu_kernel_features.py for the low-precision tolerance rules)."""
+    sq, sk = 97, 300
+    seed = seed_of("low-precision-block", headdim, str(dtype))
+    q, k, v, dout = random_qkv(seed, 2, sq, sk, 4, 2, headdim, dtype)
+    causal, q_pos, k_pos = mask_positions("partial", sq, sk, seed)
+    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, causal=causal, softmax_scale=0.2,
+                                             q_positions=q_pos, k_positions=k_pos)
+    out, lse = block_fwd(q, [(k, v, k_pos)], q_pos, causal, 0.2)
+    assert out.dtype == lse.dtype == torch.float32
+    assert_close(out, ref_out, "out")
+    assert_close(lse, ref_lse, "lse")
+    zeros = [torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v)]
+    grads = block_bwd(dout, q, k, v, q_pos, k_pos, out, lse, causal, 0.2, zeros)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(got, want, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

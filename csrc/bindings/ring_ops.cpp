@@ -11,6 +11,12 @@
 #include "bindings/agreement.h"
 #include "bindings/tensor_params.h"
 #include "comm/c10d_transport.h"
+#if defined(RING_ATTN_WITH_NCCL)
+#include "comm/nccl_transport.h"
+#endif
+#if defined(RING_ATTN_WITH_CUDA)
+#include <nvtx3/nvToolsExt.h>  // header-only; a no-op unless a profiler is attached
+#endif
 #include "core/layout.h"
 #include "core/ring_scheduler.h"
 
@@ -34,6 +40,8 @@ bool ring_check_enabled() {
 namespace {
 
 thread_local RingStats g_last_stats;
+
+enum class TransportKind { kC10d, kNccl };
 
 template <typename Schedule>
 void record_stats(const std::vector<Schedule>& schedules) {
@@ -131,6 +139,20 @@ struct RingContext {
   }
 };
 
+// An NVTX range around one ring step's block computation (CUDA builds; shows in Nsight Systems).
+struct StepRange {
+#if defined(RING_ATTN_WITH_CUDA)
+  StepRange(const char* what, int source) {
+    const std::string name = std::string("ring step: ") + what + " block of rank " +
+                             std::to_string(source);
+    nvtxRangePushA(name.c_str());
+  }
+  ~StepRange() { nvtxRangePop(); }
+#else
+  StepRange(const char*, int) {}
+#endif
+};
+
 // BlockOps over tensors: slots hold packed K/V (input dtype) or packed dK/dV (accumulator dtype).
 class TensorBlockOps final : public BlockOps {
  public:
@@ -146,6 +168,7 @@ class TensorBlockOps final : public BlockOps {
   bool is_needed(int source) const override { return ring_.needs(ring_.rank, source); }
 
   void forward(int kv_slot, int source) override {
+    StepRange range("forward", source);
     const at::Tensor& kv = slots_.at(kv_slot);
     kernels_.fwd(make_fwd_params(q, kv[0], kv[1], q_pos(), ring_.positions_of(source, q.device()),
                                  ring_.segments_of_rank(q.device()), out_acc, lse, ring_.mask,
@@ -153,6 +176,7 @@ class TensorBlockOps final : public BlockOps {
   }
 
   void backward(int kv_slot, int source, int grad_slot) override {
+    StepRange range("backward", source);
     const at::Tensor& kv = slots_.at(kv_slot);
     at::Tensor& grad = slots_.at(grad_slot);
     grad.zero_();
@@ -254,9 +278,35 @@ struct RankBackward {
   }
 };
 
+// RING_ATTN_TRANSPORT: auto (default) | c10d | nccl. Decided from the environment and the tensors
+// only, so every rank decides alike and raises alike, before any communication. auto picks c10d
+// until the NCCL transport has passed its multi-GPU tests.
+TransportKind transport_kind(const at::Tensor& sample) {
+  const char* env = std::getenv("RING_ATTN_TRANSPORT");
+  const std::string value = (env == nullptr || *env == '\0') ? "auto" : env;
+  TORCH_CHECK_VALUE(value == "auto" || value == "c10d" || value == "nccl",
+                    "RING_ATTN_TRANSPORT must be auto, c10d or nccl, got '", value, "'");
+  if (value != "nccl") return TransportKind::kC10d;
+#if defined(RING_ATTN_WITH_NCCL)
+  TORCH_CHECK_VALUE(sample.is_cuda(), "RING_ATTN_TRANSPORT=nccl needs CUDA tensors, got ",
+                    sample.device(), " tensors (use auto or c10d, e.g. with a gloo group)");
+  return TransportKind::kNccl;
+#else
+  (void)sample;
+  TORCH_CHECK_VALUE(false, "RING_ATTN_TRANSPORT=nccl: this build of ring_attention has no NCCL "
+                    "transport (built without CUDA or without the nvidia-nccl wheel); use auto or c10d");
+  return TransportKind::kC10d;
+#endif
+}
+
 std::unique_ptr<Transport> group_transport(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                                           const std::vector<at::Tensor>& slots) {
+                                           const std::vector<at::Tensor>& slots,
+                                           TransportKind kind) {
   if (!group || group->getSize() == 1) return std::make_unique<SoloTransport>();
+#if defined(RING_ATTN_WITH_NCCL)
+  if (kind == TransportKind::kNccl) return make_nccl_transport(group, slots, ring_timeout_seconds());
+#endif
+  (void)kind;
   return std::make_unique<C10dTransport>(group, slots, ring_timeout_seconds());
 }
 
@@ -344,6 +394,7 @@ RingStats last_ring_stats() { return g_last_stats; }
 std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& v,
                                                 const RingOptions& options) {
+  const TransportKind kind = transport_kind(q);  // before any communication
   const auto group = resolve_group(options.group_name);
   agree_or_throw(RingCall{q, k, v, options.layout, options.causal, options.softmax_scale,
                           options.window_left, options.window_right, options.cu_seqlens,
@@ -352,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, con
   const at::Tensor qb = as_batch(q, options);
   RankForward rank(kernels, rank_of(group), world_of(group), qb, as_batch(k, options),
                    as_batch(v, options), options);
-  auto transport = group_transport(group, rank.slots);
+  auto transport = group_transport(group, rank.slots, kind);
   std::vector<RingForward> schedule{RingForward(*transport, rank.ops, rank.ring.steps)};
   schedule[0].run();
   record_stats(schedule);
@@ -364,11 +415,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const RingOptions& options) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
+  const TransportKind kind = transport_kind(q);  // before any communication
   const auto group = resolve_group(options.group_name);
   RankBackward rank(kernels, rank_of(group), world_of(group), as_batch(dout, options),
                     as_batch(q, options), as_batch(k, options), as_batch(v, options),
                     as_batch(out, options), as_batch(lse, options), options);
-  auto transport = group_transport(group, rank.slots);
+  auto transport = group_transport(group, rank.slots, kind);
   std::vector<RingBackward> schedule{RingBackward(*transport, rank.ops, rank.ring.steps)};
   schedule[0].run();
   record_stats(schedule);

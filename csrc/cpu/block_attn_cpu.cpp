@@ -147,12 +147,14 @@ Isa active_isa() {
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
-// Tile sizes: query rows x keys per tile (key tiles are multiples of 64, the widest panel), and
-// the depth of the P V / gradient GEMM chunks. The defaults keep a tile's K^T and V panels
-// (keys x headdim) and its score rows within L2 and each micro-kernel's B panel within L1.
+// Tile sizes: query rows x keys per tile (query tiles are multiples of 32 rows, key tiles of 64
+// keys: see kSubRows, kSubCols), and the depth of the P V / gradient GEMM chunks. A key tile's K^T
+// and V panels stay in L2 and each micro-kernel's B panel in L1. The forward takes taller query
+// tiles when no mask restricts the pairs (every tile full: a K/V tile then serves more rows) and
+// shorter ones otherwise (less work on the partial tiles of the diagonal or band).
 // RING_ATTN_CPU_TILES="fwd_q,fwd_k,bwd_q,bwd_k,kc" overrides them (tuning only).
 struct Tuning {
-  int64_t fwd_q = 128, fwd_k = 256, bwd_q = 64, bwd_k = 256, kc = 128;
+  int64_t fwd_q = 128, fwd_q_unmasked = 256, fwd_k = 256, bwd_q = 64, bwd_k = 256, kc = 128;
 };
 
 const Tuning& tuning() {
@@ -162,8 +164,8 @@ const Tuning& tuning() {
       long v[5];
       if (std::sscanf(env, "%ld,%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3], &v[4]) == 5 &&
           std::min({v[0], v[1], v[2], v[3], v[4]}) > 0) {
-        t = Tuning{round_up(v[0], 32), round_up(v[1], 64), round_up(v[2], 32), round_up(v[3], 64),
-                   v[4]};
+        t = Tuning{round_up(v[0], 32), round_up(v[0], 32), round_up(v[1], 64), round_up(v[2], 32),
+                   round_up(v[3], 64), v[4]};
       }
     }
     return t;
@@ -264,14 +266,19 @@ HeadRows<acc_t> head_rows(const scalar_t* x, const Strides& st, int64_t B, int64
     if (width == D && (S <= 1 || st.row == D)) return {x, st.batch, st.head, D};
   }
   acc_t* dst = static_cast<acc_t*>(thread_scratch(slot, sizeof(acc_t) * B * Hn * S * width));
-  const int64_t rows = B * Hn * S;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / width), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t i = r % S, bh = r / S, b = bh / Hn, h = bh % Hn;
-      const scalar_t* src = x + b * st.batch + i * st.row + h * st.head;
-      acc_t* out = dst + r * width;
-      for (int64_t c = 0; c < D; ++c) out[c] = to_acc<acc_t>(src[c]);
-      for (int64_t c = D; c < width; ++c) out[c] = acc_t(0);
+  at::parallel_for(0, B * Hn, 1, [&](int64_t bh0, int64_t bh1) {
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / Hn, h = bh % Hn;
+      const scalar_t* src = x + b * st.batch + h * st.head;
+      acc_t* out = dst + bh * S * width;
+      for (int64_t i = 0; i < S; ++i, src += st.row, out += width) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          std::memcpy(out, src, sizeof(acc_t) * D);
+        } else {
+          for (int64_t c = 0; c < D; ++c) out[c] = to_acc<acc_t>(src[c]);
+        }
+        if (width > D) std::memset(out + D, 0, sizeof(acc_t) * (width - D));
+      }
     }
   });
   return {dst, Hn * S * width, S * width, width};
@@ -292,12 +299,12 @@ const acc_t* pack_panels(const scalar_t* x, const Strides& st, int64_t B, int64_
       const int64_t j = t % np, bh = t / np, b = bh / Hn, h = bh % Hn;
       acc_t* out = dst + bh * head_stride + j * D * panel;
       const int64_t r0 = j * panel, nr = std::min(panel, S - r0);
-      for (int64_t rr = 0; rr < nr; ++rr) {
-        const scalar_t* src = x + b * st.batch + (r0 + rr) * st.row + h * st.head;
-        for (int64_t c = 0; c < D; ++c) out[c * panel + rr] = to_acc<acc_t>(src[c]);
+      const scalar_t* src = x + b * st.batch + r0 * st.row + h * st.head;
+      // Column by column: contiguous stores, the panel's source rows stay in L1.
+      for (int64_t c = 0; c < D; ++c, out += panel) {
+        for (int64_t rr = 0; rr < nr; ++rr) out[rr] = to_acc<acc_t>(src[rr * st.row + c]);
+        for (int64_t rr = nr; rr < panel; ++rr) out[rr] = acc_t(0);
       }
-      for (int64_t rr = nr; rr < panel; ++rr)
-        for (int64_t c = 0; c < D; ++c) out[c * panel + rr] = acc_t(0);
     }
   });
   return dst;
@@ -440,7 +447,9 @@ void fwd_impl(const BlockFwdParams& p) {
   const int64_t Dp = round_up(D, W);
   // Smaller query tiles when there would be too few tasks to keep every thread busy.
   const int64_t nthreads = available_threads();
-  int64_t BQ = tu.fwd_q;
+  const bool unmasked = !p.mask.causal && p.mask.window_left < 0 && p.mask.window_right < 0 &&
+                        p.q_seg == nullptr;
+  int64_t BQ = unmasked ? tu.fwd_q_unmasked : tu.fwd_q;
   while (nthreads > 1 && BQ > kSubRows && cdiv(Sq, BQ) * B * H < kTasksPerThread * nthreads)
     BQ = round_up(BQ / 2, kSubRows);
   const int64_t BK = tu.fwd_k, LDS = BK + kScorePad;
@@ -719,11 +728,33 @@ void bwd_impl(const BlockBwdParams& p) {
             // dQ += dS K
             Tl::gemm_nn(nr, Dp, ncol, acc_t(1), dPb, LDS, K + c0 * Kr.ld, Kr.ld, 1,
                         dq_h + (q0 + r0) * Dp, Dp, true, nullptr, kc);
-            // dV += P^T dO;  dK += dS^T Q
-            Tl::gemm_tn(ncol, Dp, nr, acc_t(1), Sb, LDS, dOb, Or.ld, 1, dVt + c0 * Dp, Dp, true,
-                        nullptr, kc);
-            Tl::gemm_tn(ncol, Dp, nr, acc_t(1), dPb, LDS, Qb, Qr.ld, 1, dKt + c0 * Dp, Dp, true,
-                        nullptr, kc);
+          }
+          // dV += P^T dO;  dK += dS^T Q. Per block of kSubCols keys over the rows of the row groups
+          // that computed it (all of them on a full tile); P and dS of a row group in between that
+          // did not (possible only for unsorted positions) are zeroed first.
+          for (int64_t c = 0; c < nk; c += kSubCols) {
+            int64_t first = -1, last = -1;
+            for (int64_t gi = 0; gi < nsub; ++gi) {
+              if (ws.sub[gi].c0 <= c && c < ws.sub[gi].c1) {
+                if (first < 0) first = gi;
+                last = gi;
+              }
+            }
+            if (first < 0) continue;
+            const int64_t ncol = std::min(kSubCols, nk - c);
+            for (int64_t gi = first + 1; gi < last; ++gi) {
+              const SubTile& st = ws.sub[gi];
+              if (st.c0 <= c && c < st.c1) continue;
+              for (int64_t i = st.r0; i < st.r0 + st.nr; ++i) {
+                std::fill(S + i * LDS + c, S + i * LDS + c + ncol, acc_t(0));
+                std::fill(dP + i * LDS + c, dP + i * LDS + c + ncol, acc_t(0));
+              }
+            }
+            const int64_t r0 = ws.sub[first].r0, nr = ws.sub[last].r0 + ws.sub[last].nr - r0;
+            Tl::gemm_tn(ncol, Dp, nr, acc_t(1), S + r0 * LDS + c, LDS, dO + r0 * Or.ld, Or.ld, 1,
+                        dVt + c * Dp, Dp, true, nullptr, kc);
+            Tl::gemm_tn(ncol, Dp, nr, acc_t(1), dP + r0 * LDS + c, LDS, Q + r0 * Qr.ld, Qr.ld, 1,
+                        dKt + c * Dp, Dp, true, nullptr, kc);
           }
         }
       }

@@ -1,0 +1,343 @@
+// NCCL ring transport: see nccl_transport.h for the stream/event protocol and the watchdog.
+#include "comm/nccl_transport.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <nvtx3/nvToolsExt.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <list>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+
+namespace ring_attn {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+#define RA_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                         \
+    const cudaError_t _err = (expr);                                                           \
+    TORCH_CHECK(_err == cudaSuccess, "ring attention (NCCL transport): ", #expr, ": ",         \
+                cudaGetErrorString(_err));                                                     \
+  } while (0)
+
+#define RA_NCCL_CHECK(expr)                                                                   \
+  do {                                                                                         \
+    const ncclResult_t _res = (expr);                                                          \
+    TORCH_CHECK(_res == ncclSuccess, "ring attention (NCCL transport): ", #expr, ": ",         \
+                ncclGetErrorString(_res));                                                     \
+  } while (0)
+
+// One NCCL communicator per (process group, device). Once aborted it stays in the cache, so every
+// later ring call over the group raises the error instead of hanging or creating a new one.
+struct Communicator {
+  c10::intrusive_ptr<c10d::ProcessGroup> group;  // keeps the cache key's address alive
+  ncclComm_t comm = nullptr;
+  int rank = 0;
+  int world = 1;
+  int device = 0;
+  std::mutex mutex;
+  std::atomic<bool> failed{false};
+  // What failed (for RingTimeoutError or a plain runtime_error).
+  bool timed_out = false;
+  double timeout_s = 0;
+  int step = 0;
+  Channel channel = Channel::kKV;
+  int peer = 0;
+  std::string error;
+
+  void fail_timeout(double seconds, int step_, Channel channel_, int peer_) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (failed) return;
+      failed = timed_out = true;
+      timeout_s = seconds;
+      step = step_;
+      channel = channel_;
+      peer = peer_;
+    }
+    ncclCommAbort(comm);  // releases the kernels stuck in the exchange
+  }
+
+  void fail_async(const std::string& what) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (failed) return;
+      failed = true;
+      error = what;
+    }
+    ncclCommAbort(comm);
+  }
+
+  // Raises the recorded failure on the calling (host) thread.
+  void check() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!failed) return;
+    if (timed_out) throw RingTimeoutError(timeout_s, step, channel, /*receiving=*/true, peer);
+    throw std::runtime_error("ring attention (NCCL transport): rank " + std::to_string(rank) +
+                             ": the communicator failed and was aborted: " + error);
+  }
+};
+
+// One exchange in flight: its events and what to say if it never completes.
+struct Pending {
+  std::shared_ptr<Communicator> comm;
+  cudaEvent_t ready = nullptr;
+  cudaEvent_t done = nullptr;
+  int step = 0;
+  Channel channel = Channel::kKV;
+  int peer = 0;  // the rank received from
+  double timeout_s = 0;
+  std::atomic<bool> finished{false};
+  Clock::time_point started;  // when `ready` was first seen complete (watchdog only)
+  bool started_known = false;
+
+  ~Pending() {
+    if (ready) cudaEventDestroy(ready);  // released by the runtime once the event completes
+    if (done) cudaEventDestroy(done);
+  }
+};
+
+// Polls the events of outstanding exchanges; never synchronises a stream. Lives (and its thread
+// runs) for the process lifetime.
+class Watchdog {
+ public:
+  static Watchdog& get() {
+    static Watchdog* instance = new Watchdog();  // never destroyed: its thread is detached
+    return *instance;
+  }
+
+  void add(std::shared_ptr<Pending> pending) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      pending_.push_back(std::move(pending));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  Watchdog() { std::thread([this] { loop(); }).detach(); }
+
+  void loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      cv_.wait(lock, [this] { return !pending_.empty(); });
+      const auto now = Clock::now();
+      for (auto it = pending_.begin(); it != pending_.end();) {
+        Pending& p = **it;
+        if (p.finished || p.comm->failed) {
+          it = pending_.erase(it);
+          continue;
+        }
+        c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.comm->device));
+        if (cudaEventQuery(p.done) == cudaSuccess) {
+          p.finished = true;
+          it = pending_.erase(it);
+          continue;
+        }
+        ncclResult_t async = ncclSuccess;
+        if (ncclCommGetAsyncError(p.comm->comm, &async) == ncclSuccess && async != ncclSuccess &&
+            async != ncclInProgress) {
+          p.comm->fail_async(ncclGetErrorString(async));
+          it = pending_.erase(it);
+          continue;
+        }
+        if (!p.started_known && cudaEventQuery(p.ready) == cudaSuccess) {
+          p.started_known = true;  // the deadline counts from when the exchange could start
+          p.started = now;
+        }
+        if (p.started_known && p.timeout_s > 0 &&
+            std::chrono::duration<double>(now - p.started).count() > p.timeout_s) {
+          p.comm->fail_timeout(p.timeout_s, p.step, p.channel, p.peer);
+          it = pending_.erase(it);
+          continue;
+        }
+        ++it;
+      }
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      lock.lock();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::list<std::shared_ptr<Pending>> pending_;
+};
+
+// The dedicated communication stream of a device (created once, never destroyed).
+cudaStream_t comm_stream(int device) {
+  static std::mutex mutex;
+  static std::map<int, cudaStream_t> streams;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find(device);
+  if (it != streams.end()) return it->second;
+  int low = 0, high = 0;
+  RA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&low, &high));
+  cudaStream_t stream = nullptr;
+  RA_CUDA_CHECK(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, high));
+  streams[device] = stream;
+  return stream;
+}
+
+// The group's communicator on `device`, created collectively on first use: every rank of the group
+// must call this (they do: the transport choice is the same on every rank).
+std::shared_ptr<Communicator> communicator(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                           int device) {
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::pair<const void*, int>, std::shared_ptr<Communicator>>();
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<const void*>(group.get()), device);
+  auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  RA_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device).stream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "ring attention (NCCL transport): the NCCL communicator of this process group does "
+              "not exist yet and cannot be created during CUDA graph capture; run one ring call "
+              "before capturing");
+
+  auto c = std::make_shared<Communicator>();
+  c->group = group;
+  c->rank = group->getRank();
+  c->world = group->getSize();
+  c->device = device;
+  // Rank 0's unique id travels through the user's group: a CUDA tensor for an NCCL group, a CPU
+  // tensor for any other backend.
+  const bool nccl_group = group->getBackendType() == c10d::ProcessGroup::BackendType::NCCL;
+  at::Tensor id = at::zeros({NCCL_UNIQUE_ID_BYTES}, at::TensorOptions().dtype(at::kByte));
+  if (c->rank == 0) {
+    ncclUniqueId unique;
+    RA_NCCL_CHECK(ncclGetUniqueId(&unique));
+    std::memcpy(id.data_ptr(), &unique, sizeof(unique));
+  }
+  std::vector<at::Tensor> tensors{nccl_group ? id.to(at::Device(at::kCUDA, device)) : id};
+  c10d::BroadcastOptions options;
+  options.rootRank = 0;
+  group->broadcast(tensors, options)->wait();
+  const at::Tensor host = tensors[0].cpu();
+  ncclUniqueId unique;
+  std::memcpy(&unique, host.data_ptr(), sizeof(unique));
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  RA_NCCL_CHECK(ncclCommInitRank(&c->comm, c->world, unique, c->rank));
+  (*cache)[key] = c;
+  return c;
+}
+
+// Slot tensors whose exchanges never completed stay alive for the process lifetime: an aborted
+// or late kernel may still touch them.
+void keep_alive(const at::Tensor& t) {
+  static std::mutex mutex;
+  static auto* graveyard = new std::vector<at::Tensor>();
+  std::lock_guard<std::mutex> lock(mutex);
+  graveyard->push_back(t);
+}
+
+class NcclTransport final : public Transport {
+ public:
+  NcclTransport(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                const std::vector<at::Tensor>& slots, double timeout_s)
+      : slots_(slots), timeout_s_(timeout_s) {
+    const at::Tensor& own = slots.at(slot::kOwnKV);
+    TORCH_CHECK_VALUE(own.is_cuda(), "RING_ATTN_TRANSPORT=nccl needs CUDA tensors");
+    device_ = own.get_device();
+    comm_ = communicator(group, device_);
+    comm_->check();
+    compute_ = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
+    stream_ = comm_stream(device_);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    RA_CUDA_CHECK(cudaStreamIsCapturing(compute_, &capture));
+    capturing_ = capture != cudaStreamCaptureStatusNone;
+  }
+
+  ~NcclTransport() override {
+    for (auto& [key, entry] : pending_) {  // only after an error
+      keep_alive(entry.send);
+      keep_alive(entry.recv);
+    }
+  }
+
+  int rank() const override { return comm_->rank; }
+  int world_size() const override { return comm_->world; }
+
+  void post(const Exchange& x) override {
+    comm_->check();
+    const at::Tensor& send = slots_.at(x.send_slot);
+    const at::Tensor& recv = slots_.at(x.recv_slot);
+    const size_t bytes = send.numel() * send.element_size();
+    TORCH_CHECK(bytes == static_cast<size_t>(recv.numel() * recv.element_size()) &&
+                    send.is_contiguous() && recv.is_contiguous(),
+                "ring attention (NCCL transport): internal error, mismatched slots");
+    const int next = mod(comm_->rank + x.offset, comm_->world);
+    const int prev = mod(comm_->rank - x.offset, comm_->world);
+    const std::string name = std::string("ring exchange ") + channel_name(x.channel) + " step " +
+                             std::to_string(x.step);
+    nvtxRangePushA(name.c_str());
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    auto p = std::make_shared<Pending>();
+    p->comm = comm_;
+    p->step = x.step;
+    p->channel = x.channel;
+    p->peer = prev;
+    p->timeout_s = timeout_s_;
+    RA_CUDA_CHECK(cudaEventCreateWithFlags(&p->ready, cudaEventDisableTiming));
+    RA_CUDA_CHECK(cudaEventCreateWithFlags(&p->done, cudaEventDisableTiming));
+    // ready: send buffer written, receive buffer consumed (all earlier compute-stream work).
+    RA_CUDA_CHECK(cudaEventRecord(p->ready, compute_));
+    RA_CUDA_CHECK(cudaStreamWaitEvent(stream_, p->ready, 0));
+    RA_NCCL_CHECK(ncclGroupStart());
+    RA_NCCL_CHECK(ncclSend(send.data_ptr(), bytes, ncclUint8, next, comm_->comm, stream_));
+    RA_NCCL_CHECK(ncclRecv(recv.data_ptr(), bytes, ncclUint8, prev, comm_->comm, stream_));
+    RA_NCCL_CHECK(ncclGroupEnd());
+    RA_CUDA_CHECK(cudaEventRecord(p->done, stream_));
+    nvtxRangePop();
+    if (!capturing_ && timeout_s_ > 0) Watchdog::get().add(p);
+    pending_[{static_cast<int>(x.channel), x.step}] = Entry{p, send, recv};
+  }
+
+  void wait(const Exchange& x) override {
+    comm_->check();
+    auto it = pending_.find({static_cast<int>(x.channel), x.step});
+    TORCH_CHECK(it != pending_.end(), "ring attention: internal error, waiting for an exchange (",
+                channel_name(x.channel), ", step ", x.step, ") that was never posted");
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    // The compute stream (not the host) waits for the received buffer.
+    RA_CUDA_CHECK(cudaStreamWaitEvent(compute_, it->second.pending->done, 0));
+    pending_.erase(it);
+  }
+
+ private:
+  struct Entry {
+    std::shared_ptr<Pending> pending;
+    at::Tensor send;
+    at::Tensor recv;
+  };
+  const std::vector<at::Tensor>& slots_;
+  double timeout_s_;
+  int device_ = 0;
+  bool capturing_ = false;
+  std::shared_ptr<Communicator> comm_;
+  cudaStream_t compute_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  std::map<std::pair<int, int>, Entry> pending_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> make_nccl_transport(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                               const std::vector<at::Tensor>& slots,
+                                               double timeout_s) {
+  return std::make_unique<NcclTransport>(group, slots, timeout_s);
+}
+
+}  // namespace ring_attn
