@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import time
@@ -83,6 +84,27 @@ def core_peak_gflops(fma_units: int = 2) -> float:
     per_unit = 32 if "avx512f" in flags else 16
     mhz = float(_cpuinfo_field("cpu MHz") or 0.0)
     return per_unit * fma_units * mhz / 1e3
+
+
+def cpu_snapshot() -> tuple:
+    """(wall s, machine busy CPU s from /proc/stat, this process's + its reaped children's CPU s)."""
+    busy = float("nan")
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]
+        busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    except (OSError, ValueError):
+        pass
+    own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for a in ("ru_utime", "ru_stime"))
+    return time.perf_counter(), busy, own
+
+
+def foreign_load(start: tuple, end: tuple) -> float:
+    """Average number of cores other programs kept busy between two cpu_snapshot()s (needs this
+    process's children to have been reaped, as run_ranks does)."""
+    wall = end[0] - start[0]
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall) if wall > 0 else float("nan")
 
 
 def machine() -> dict:

@@ -14,8 +14,11 @@ Implementations (1 thread per rank, each rank a spawned process):
   sdpa   torch.nn.functional.scaled_dot_product_attention on the whole sequence in one process
          (1 thread): the single-process baseline.
 
-Times: per rank the median of --iters calls (barrier before each), the implementations of one
-configuration timed side by side (interleaved); a row reports the slowest rank's median.
+Times: one set of max(worlds) spawned ranks runs everything: world w on ranks 0..w-1 (a subgroup),
+sdpa on rank 0. Each iteration runs every (implementation, world) once in turn, a barrier of all
+ranks before each call (ranks outside the world wait in it, idle), so ratios and efficiencies
+compare calls made seconds apart, not separate runs. A row reports the slowest rank's median of
+--iters calls. The run also reports how many cores other programs kept busy meanwhile.
 fwd: forward only (no autograd); fwd+bwd: forward then backward with a random output gradient.
 FLOPs: forward 4*b*s^2*h*d (half for causal), backward 2.5x forward. %peak: GFLOP/s per rank over
 one core's fp32 AVX-512 peak (32 FLOP/cycle per FMA unit x 2 units x the /proc/cpuinfo clock).
@@ -29,14 +32,16 @@ flash backward reaches ~2e-2 at 16K tokens). A row outside them is marked FAIL (
 and the exit status is 1.
 
 Default sweep: the headline points (8K tokens, worlds 1 and 2, fp32 and bf16, causal and not, fwd
-and fwd+bwd), about 8 minutes on 2 cores. --full: worlds 1,2,4 x 2K,4K,8K,16K, 40-60 minutes (add
+and fwd+bwd), about 5 minutes on 2 cores. --full: worlds 1,2,4 x 2K,4K,8K,16K, 40-60 minutes (add
 --iters 3 to shorten; world 4 oversubscribes a 2-core machine). --quick: a tiny smoke test (~20 s).
 """
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
+import time
 import traceback
 
 import torch
@@ -80,20 +85,20 @@ def _short(e: BaseException) -> str:
 # one timed call and leaves the latest out/grads in `results`, as (batch, seq_local, heads, dim).
 # ----------------------------------------------------------------------------------------------
 
-def _build_ours(rank, world, full, causal):
+def _build_ours(rank, world, group, full, causal):
     import ring_attention as ra
     layout = "zigzag" if causal else "contiguous"
-    q, k, v, dout = (ra.shard(t, layout=layout).contiguous() for t in full)
+    q, k, v, dout = (ra.shard(t, group=group, layout=layout).contiguous() for t in full)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     res = {}
 
     def fwd():
         with torch.no_grad():
-            res["out"] = ra.ring_attn_func(q, k, v, causal=causal, layout=layout)
+            res["out"] = ra.ring_attn_func(q, k, v, causal=causal, layout=layout, group=group)
 
     def fwd_bwd():
         qg.grad = kg.grad = vg.grad = None
-        out = ra.ring_attn_func(qg, kg, vg, causal=causal, layout=layout)
+        out = ra.ring_attn_func(qg, kg, vg, causal=causal, layout=layout, group=group)
         out.backward(dout)
         res.update(out=out.detach(), dq=qg.grad, dk=kg.grad, dv=vg.grad)
 
@@ -107,7 +112,7 @@ def _torch_cp():
     return cp, _HeadTailLoadBalancer
 
 
-def _build_torch(rank, world, full, causal, rotate):
+def _build_torch(rank, world, group, full, causal, rotate):
     cp, HeadTail = _torch_cp()
     aten = torch.ops.aten
     seqlen = full[0].shape[1]
@@ -118,7 +123,6 @@ def _build_torch(rank, world, full, causal, rotate):
     else:
         pos = torch.arange(rank * local, (rank + 1) * local)
     q, k, v, dout = (t.index_select(1, pos).transpose(1, 2).contiguous() for t in full)  # (b, h, s, d)
-    group = dist.group.WORLD
     res = {}
 
     def options():
@@ -192,63 +196,101 @@ def _compare(results: dict, positions: dict, pairs) -> dict:
     return errs
 
 
-def _worker(rank, world, configs, spec, refdir, with_rings, with_sdpa):
-    """Runs every configuration on this rank; returns {key: {"times": {mode: {impl: s}},
-    "errors": {mode: {pair: err}}, "na": {impl: reason}}}."""
+def _run_mode(fns: dict, iters: int, warmup: int) -> dict:
+    """Times the entries of `fns` ((impl, world) -> fn, or None where this rank sits that one out)
+    side by side: every iteration runs each entry once in turn, a barrier of all ranks before each.
+    Returns this rank's median seconds per entry it ran."""
+    times = {k: [] for k, fn in fns.items() if fn is not None}
+    for it in range(warmup + iters):
+        for k, fn in fns.items():
+            dist.barrier()
+            if fn is None:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            if it >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def _worker(rank, nranks, configs, spec, refdir, worlds):
+    """All implementations and world sizes in one set of `nranks` processes: world w runs on ranks
+    0..w-1 (a subgroup), sdpa on rank 0, all timed side by side. Returns, per configuration key,
+    {"times": {mode: {"impl@w": s}}, "errors": {mode: {"w": {pair: err}}}, "na": {"impl@w": reason}}
+    for what this rank took part in."""
     from tqdm import tqdm
     torch.manual_seed(0)
-    sync = dist.barrier if world > 1 else None
+    groups = {w: dist.group.WORLD if w == nranks else dist.new_group(list(range(w))) for w in sorted(worlds)}
     out = {}
-    bar = tqdm(total=len(configs) * len(spec["modes"]), desc=f"world {world}", unit="run",
+    bar = tqdm(total=len(configs) * len(spec["modes"]), desc=f"ranks {nranks}", unit="run",
                disable=rank != 0 or not spec["progress"], leave=True, dynamic_ncols=True)
     for dtype, seqlen, causal in configs:
         key = _key(dtype, seqlen, causal)
         full = _full_inputs(spec, dtype, seqlen)
         entry = {"times": {}, "errors": {}, "na": {}}
-        builds = {}
-        if with_rings:
-            for impl, build in (("ours", lambda: _build_ours(rank, world, full, causal)),
-                                ("torch", lambda: _build_torch(rank, world, full, causal, spec["torch_rotate"]))):
-                try:
-                    builds[impl] = build()
-                except Exception as e:  # noqa: BLE001 (symmetric on every rank)
-                    entry["na"][impl] = _short(e)
-        if with_sdpa:
-            builds["sdpa"] = _build_sdpa(full, causal)
+        builds = {}  # (impl, w) -> (positions, {mode: fn}, results), or None: not on this rank
+        for w in worlds:
+            for impl, build in (("ours", lambda: _build_ours(rank, w, groups[w], full, causal)),
+                                ("torch", lambda: _build_torch(rank, w, groups[w], full, causal,
+                                                               spec["torch_rotate"]))):
+                builds[(impl, w)] = None
+                if rank < w:
+                    try:
+                        builds[(impl, w)] = build()
+                    except Exception as e:  # noqa: BLE001 (symmetric on the group's ranks)
+                        entry["na"][f"{impl}@{w}"] = _short(e)
+        builds[("sdpa", 1)] = _build_sdpa(full, causal) if rank == 0 else None
         ref_path = os.path.join(refdir, key + ".pt")
         for mode in spec["modes"]:
-            fns = {}
-            for impl, (_, mode_fns, _) in builds.items():
-                if impl in entry["na"]:
+            # first call of each: a support check (e.g. bf16 "not supported") and the first warmup
+            for (impl, w), b in builds.items():
+                dist.barrier()
+                if b is None or f"{impl}@{w}" in entry["na"]:
                     continue
-                if sync:
-                    sync()
-                try:  # first call doubles as a support check (e.g. bf16 "not supported")
-                    mode_fns[mode]()
-                    fns[impl] = mode_fns[mode]
+                try:
+                    b[1][mode]()
                 except Exception as e:  # noqa: BLE001
-                    entry["na"][impl] = _short(e)
+                    entry["na"][f"{impl}@{w}"] = _short(e)
                     if os.environ.get("BENCH_RING_TRACE"):
                         traceback.print_exc()
-            # the support-check call above counts as the first warmup call
-            entry["times"][mode] = h.median_times_interleaved(fns, spec["iters"], max(spec["warmup"] - 1, 0), sync)
-            results = {impl: dict(builds[impl][2]) for impl in fns}
-            positions = {impl: builds[impl][0] for impl in fns}
-            if mode == "fwd":  # the fwd fns only refresh "out"
-                results = {i: {"out": r["out"]} for i, r in results.items()}
-            if "sdpa" in results:
+            gathered = [None] * nranks
+            dist.all_gather_object(gathered, entry["na"])
+            for na in gathered:
+                entry["na"].update(na)
+            fns = {k: (b[1][mode] if b is not None else None) for k, b in builds.items()
+                   if f"{k[0]}@{k[1]}" not in entry["na"]}
+            medians = _run_mode(fns, spec["iters"], max(spec["warmup"] - 1, 0))
+            entry["times"][mode] = {f"{i}@{w}": t for (i, w), t in medians.items()}
+
+            # checks, on the results of the last timed calls
+            held = {k: b for k, b in builds.items() if b is not None and k in medians}
+            if ("sdpa", 1) in held:
+                sdpa = dict(held[("sdpa", 1)][2])
+                if mode == "fwd":
+                    sdpa = {"out": sdpa["out"]}
                 if dtype == "float32":
-                    results["ref"] = results["sdpa"]
+                    ref = sdpa
                 else:  # the reference: fp32 SDPA on the same (bf16-rounded) inputs
                     _, ref_fns, ref_res = _build_sdpa([t.float() for t in full], causal)
                     ref_fns[mode]()
-                    results["ref"] = {n: t.to(torch.float32) for n, t in ref_res.items() if n in results["sdpa"]}
-                torch.save({"sdpa": results["sdpa"], "ref": results["ref"]}, ref_path + "." + mode)
-            elif os.path.exists(ref_path + "." + mode):
-                results.update(torch.load(ref_path + "." + mode))
-            for name in ("sdpa", "ref"):
-                positions.setdefault(name, torch.arange(seqlen))
-            entry["errors"][mode] = _compare(results, positions, PAIRS)
+                    ref = {n: t for n, t in ref_res.items() if n in sdpa}
+                torch.save({"sdpa": sdpa, "ref": ref}, ref_path)
+            dist.barrier()
+            saved = torch.load(ref_path) if os.path.exists(ref_path) else {}
+            entry["errors"][mode] = {}
+            for w in worlds:
+                if rank >= w:
+                    continue
+                results, positions = dict(saved), {n: torch.arange(seqlen) for n in saved}
+                for impl in ("ours", "torch"):
+                    if (impl, w) in held:
+                        pos, _, res = held[(impl, w)]
+                        results[impl] = {n: t for n, t in res.items() if mode != "fwd" or n == "out"}
+                        positions[impl] = pos
+                entry["errors"][mode][str(w)] = _compare(results, positions, PAIRS)
+            dist.barrier()
+            if rank == 0 and os.path.exists(ref_path):
+                os.remove(ref_path)
             bar.update(1)
         out[key] = entry
         del builds, full
@@ -328,31 +370,31 @@ def main(argv=None) -> int:
     print(f"{mach['cpu']}, {mach['cores']} cores, {mach['cpu_mhz']:.0f} MHz, torch {mach['torch']}, "
           f"load average {mach['loadavg']}; one core's fp32 peak {peak:.1f} GFLOP/s")
 
-    per_world = {}
+    nranks = max(args.worlds)
     with tempfile.TemporaryDirectory(prefix="bench_ring_") as refdir:
-        # World 1 first: it computes the single-process SDPA reference the others are checked against.
-        per_world[1] = h.run_ranks(1, _worker, configs, spec, refdir, 1 in args.worlds, True)
-        for w in args.worlds:
-            if w != 1:
-                per_world[w] = h.run_ranks(w, _worker, configs, spec, refdir, True, False)
+        t0 = h.cpu_snapshot()
+        per_rank = h.run_ranks(nranks, _worker, configs, spec, refdir, sorted(args.worlds))
+        foreign = h.foreign_load(t0, h.cpu_snapshot())
+    print(f"CPU used by other programs during the run: {foreign:.2f} cores on average"
+          + ("  <- numbers disturbed" if foreign > 0.1 else ""))
 
     rows, raw = [], []
     failed = False
     for dtype, seqlen, causal in configs:
         key = _key(dtype, seqlen, causal)
         for mode in args.modes:
-            sdpa_t = per_world[1][0][key]["times"][mode].get("sdpa")
+            sdpa_t = per_rank[0][key]["times"][mode].get("sdpa@1")
             t1 = {}
-            for w in args.worlds:
-                ranks = [r[key] for r in per_world[w]]
-                na = ranks[0]["na"]
-                t = {i: max(r["times"][mode][i] for r in ranks) if i in ranks[0]["times"][mode] else None
-                     for i in ("ours", "torch")}
+            for w in sorted(args.worlds):
+                ranks = [r[key] for r in per_rank[:w]]
+                na = {k: v for k, v in ranks[0]["na"].items() if k.endswith(f"@{w}") or k == "sdpa@1"}
+                t = {i: max(r["times"][mode][f"{i}@{w}"] for r in ranks)
+                     if f"{i}@{w}" in ranks[0]["times"][mode] else None for i in ("ours", "torch")}
                 if w == 1:
                     t1 = t
                 errs = {}
                 for r in ranks:
-                    for pair, e in r["errors"][mode].items():
+                    for pair, e in r["errors"][mode].get(str(w), {}).items():
                         errs[pair] = max(errs.get(pair, 0.0), e)
                 tol = TOL[dtype]
                 bad = [pr for pr, e in errs.items() if not e <= _limit(pr, tol)]  # NaN fails too
@@ -380,8 +422,8 @@ def main(argv=None) -> int:
                 raw.append({"dtype": dtype, "seqlen": seqlen, "causal": causal, "mode": mode, "world": w,
                             "ms": {"ours": t["ours"] and t["ours"] * 1e3, "torch": t["torch"] and t["torch"] * 1e3,
                                    "sdpa": sdpa_t and sdpa_t * 1e3},
-                            "per_rank_ms": {i: [r["times"][mode].get(i, float("nan")) * 1e3 for r in ranks]
-                                            for i in ("ours", "torch")},
+                            "per_rank_ms": {i: [r["times"][mode].get(f"{i}@{w}", float("nan")) * 1e3
+                                                for r in ranks] for i in ("ours", "torch")},
                             "gflops": fl / 1e9, "efficiency": eff, "errors": errs, "tolerance": TOL[dtype],
                             "check": rows[-1]["check"], "na": na})
                 for impl, why in na.items():
@@ -397,6 +439,7 @@ def main(argv=None) -> int:
             f.write(h.markdown_table(rows, list(rows[0].keys())))
         print(f"wrote {args.md}")
     mach["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    mach["foreign_cores_busy"] = round(foreign, 3)
     h.write_json(args.json, {"machine": mach, "core_peak_gflops": peak,
                              "args": {k: v for k, v in vars(args).items()}, "rows": raw})
     if args.png:

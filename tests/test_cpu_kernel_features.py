@@ -143,18 +143,28 @@ def test_packed_sequences_with_pads(left, right, causal, dtype):
     check_against_reference(q, k, v, dout, q_pos, k_pos, q_seg, causal, left, right, 0.125)
 
 
-def test_packed_pad_rows_keep_merged_state():
-    """A pad row of a later key block keeps the running state: merging a block that a row cannot
-    see leaves (out, lse) exactly as they were."""
-    q_pos, q_seg = packed([50], 14, 200)
+def test_rows_that_see_nothing_keep_merged_state():
+    """Merging a block into the running state leaves the rows that see none of its keys exactly as
+    they were (bit for bit), also when other rows of the same tile do see keys: here the second
+    block holds keys of the first sequence only, so the second sequence and the pad rows keep their
+    state."""
+    q_pos, q_seg = packed([30, 20], 14, 200)
     seed = seed_of("packed-merge")
-    q, k, v, _ = random_qkv(seed, 1, 64, 64, 2, 2, 32, torch.float32)
-    out, lse = run_fwd(q, k, v, q_pos, torch.arange(64), q_seg, True, -1, -1, 0.2)
+    q, k, v, _ = random_qkv(seed, 1, 64, 50, 2, 2, 32, torch.float32)
+    k2, v2 = torch.randn(2, 1, 30, 2, 32, generator=torch.Generator().manual_seed(seed))
+    out, lse = run_fwd(q, k, v, q_pos, torch.arange(50), q_seg, True, -1, -1, 0.2)
     out2, lse2 = out.clone(), lse.clone()
-    k_pos_far = torch.arange(64) + 1000  # in no query's sequence
-    ra.ops.block_fwd(q, k, v, q_pos.int(), k_pos_far.int(), q_seg, out2, lse2, True, -1, -1, 0.2)
-    assert torch.equal(out, out2) and torch.equal(lse, lse2)
-    assert torch.all(lse[:, :, 50:] == NEG_INF) and torch.all(out[:, 50:] == 0)
+    ra.ops.block_fwd(q, k2, v2, q_pos.int(), torch.arange(30).int(), q_seg, out2, lse2, True, -1, -1,
+                     0.2)
+    assert torch.equal(out[:, 30:], out2[:, 30:]) and torch.equal(lse[:, :, 30:], lse2[:, :, 30:])
+    assert not torch.equal(out[:, :30], out2[:, :30])
+    assert torch.all(lse2[:, :, 50:] == NEG_INF) and torch.all(out2[:, 50:] == 0)
+    # and the merged state is attention over both blocks
+    mask = visible_mask(q_pos, torch.cat([torch.arange(50), torch.arange(30)]), True, -1, -1, q_seg)
+    ref_out, ref_lse = ra.attention_reference(q, torch.cat([k, k2], 1), torch.cat([v, v2], 1),
+                                              softmax_scale=0.2, mask=mask)
+    assert_close(out2, ref_out, "out")
+    assert_close(lse2, ref_lse, "lse")
 
 
 # ---- bf16 / fp16 -------------------------------------------------------------------------------

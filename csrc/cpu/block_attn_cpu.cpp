@@ -1,9 +1,11 @@
 // CPU block attention, flash-attention style, on our own register-blocked GEMM micro-kernels
 // (block_attn_cpu_tiles.inc): per (query tile, key tile) the scores S = scale * Q K^T (the row
-// maxima come out of the same pass on full tiles), the online softmax, and O += P V (forward), or
-// the five products of the gradients (backward). Tiles are classified from the rows' bounds and
-// the keys' positions (core/mask.h): skipped tiles cost nothing, full tiles carry no per-element
-// mask work, partial tiles mask with vector compares of the key positions.
+// maxima come out of the same pass on full tiles), the online softmax (base 2), and O += P V
+// (forward), or the five products of the gradients (backward). Tiles are classified once per call
+// from the rows' bounds and the keys' positions (core/mask.h): skipped tiles cost nothing, full
+// tiles carry no per-element mask work, partial tiles (the causal diagonal, window edges,
+// sequence boundaries) are worked in sub-tiles of 32 rows x 64 keys, each computing only the keys
+// its rows may see and masking with vector compares of the key positions only where needed.
 //
 // Instruction sets: the tile kernels are compiled three times (portable, AVX2+FMA, AVX-512) in
 // this one file, the vector ones inside `#pragma GCC target` regions, and the best one the CPU
@@ -16,9 +18,9 @@
 //     (b, h) is a dense headdim x kPanel block, zero beyond the last key, so the score micro-kernel
 //     streams it contiguously from L1.
 //   Operands read as rows (Q, V, dout, K in backward) are used in place when they are already of
-//     the accumulator type and their headdim is a multiple of the vector width, else converted to
-//     head-major accumulator-type copies with headdim zero-padded to that multiple (bf16/fp16
-//     inputs always take this path: all arithmetic is fp32).
+//     the accumulator type, dense per head (row stride = headdim) and their headdim is a multiple
+//     of the vector width; else they are copied head-major in the accumulator type, headdim
+//     zero-padded to that multiple (bf16/fp16 inputs always are: all arithmetic is fp32).
 //
 // Determinism: every output element is written by exactly one task, and tasks compute in a fixed
 // order, so results are bitwise reproducible from run to run at a given thread count. (Backward
@@ -36,11 +38,11 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <numeric>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -484,11 +486,13 @@ void fwd_impl(const BlockFwdParams& p) {
 
   struct Scratch {
     acc_t *s, *rowmax, *o, *m, *l;
+    uint8_t* seen;
     SubTile* sub;
   };
   auto make_scratch = [&] {
     const size_t bytes = Carver::bytes_for<acc_t>(BQ * LDS) + Carver::bytes_for<acc_t>(BQ * W) +
                          Carver::bytes_for<acc_t>(BQ * Dp) + 2 * Carver::bytes_for<acc_t>(BQ) +
+                         Carver::bytes_for<uint8_t>(BQ) +
                          Carver::bytes_for<SubTile>(cdiv(BQ, kSubRows));
     Carver c(kTileSlot, bytes);
     Scratch ws;
@@ -497,6 +501,7 @@ void fwd_impl(const BlockFwdParams& p) {
     ws.o = c.take<acc_t>(BQ * Dp);
     ws.m = c.take<acc_t>(BQ);
     ws.l = c.take<acc_t>(BQ);
+    ws.seen = c.take<uint8_t>(BQ);
     ws.sub = c.take<SubTile>(cdiv(BQ, kSubRows));
     return ws;
   };
@@ -520,6 +525,7 @@ void fwd_impl(const BlockFwdParams& p) {
       const OnlineRow<acc_t> st = OnlineRow<acc_t>::from_lse(lse_base[i]);
       ws.m[i] = st.l > acc_t(0) ? st.m * acc_t(kLog2e) : st.m;
       ws.l[i] = st.l;
+      ws.seen[i] = 0;
       acc_t* o = O + i * Dp;
       if (st.l > acc_t(0)) {
         std::memcpy(o, out_base + i * p.out_strides.row, sizeof(acc_t) * D);
@@ -544,17 +550,29 @@ void fwd_impl(const BlockFwdParams& p) {
                  rowmax);
       if (masked)
         Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
-      if (!Tl::fwd_softmax(Sb, LDS, nr, ncol, rowmax, masked, ws.m + r0, ws.l + r0, O + r0 * Dp,
-                           Dp, Dp))
+      if (!Tl::fwd_softmax(Sb, LDS, nr, ncol, rowmax, masked, ws.m + r0, ws.l + r0, ws.seen + r0,
+                           O + r0 * Dp, Dp, Dp))
         return;
       Tl::gemm_nn(nr, Dp, ncol, acc_t(1), Sb, LDS, V_head + (k0 + c0) * Vr.ld, Vr.ld, 1,
                   O + r0 * Dp, Dp, true, nullptr, kc);
     };
 
+    int64_t last_kt = -1;
+    for (int64_t kt = 0; kt < nkt; ++kt)
+      if (mp.kind(qt, kt) != TileKind::kSkip) last_kt = kt;
     for (int64_t kt = 0; kt < nkt; ++kt) {
       const TileKind kind = mp.kind(qt, kt);
       if (kind == TileKind::kSkip) continue;
       const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0);
+      if (kt == last_kt) {
+        // The epilogue writes the output rows: fetch their lines now, while the last tile runs
+        // (the rows are heads * headdim apart, so the hardware prefetchers do not).
+        for (int64_t i = 0; i < nq; ++i) {
+          const char* o = reinterpret_cast<const char*>(out_base + i * p.out_strides.row);
+          for (int64_t c = 0; c < static_cast<int64_t>(sizeof(acc_t)) * D; c += 64)
+            __builtin_prefetch(o + c, 1, 3);
+        }
+      }
       if (kind == TileKind::kFull) {
         block(k0, 0, nq, 0, nk, false);
       } else {
@@ -566,8 +584,10 @@ void fwd_impl(const BlockFwdParams& p) {
       }
     }
 
-    // Epilogue: the normalised output and lse.
+    // Epilogue: the normalised output and lse of the rows that saw a key (the others keep their
+    // state bit for bit).
     for (int64_t i = 0; i < nq; ++i) {
+      if (!ws.seen[i]) continue;
       const acc_t l = ws.l[i];
       const acc_t inv_l = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
       acc_t* o = out_base + i * p.out_strides.row;
