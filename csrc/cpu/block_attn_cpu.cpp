@@ -274,6 +274,12 @@ HeadRows<acc_t> head_rows(const scalar_t* x, const Strides& st, int64_t B, int64
       const scalar_t* src = x + b * st.batch + h * st.head;
       acc_t* out = dst + bh * S * width;
       for (int64_t i = 0; i < S; ++i, src += st.row, out += width) {
+        // Source rows are heads * headdim apart: fetch ahead, the prefetchers do not.
+        if (i + 8 < S) {
+          const char* ahead = reinterpret_cast<const char*>(src + 8 * st.row);
+          for (int64_t c = 0; c < static_cast<int64_t>(sizeof(scalar_t)) * D; c += 64)
+            __builtin_prefetch(ahead + c, 0, 3);
+        }
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           std::memcpy(out, src, sizeof(acc_t) * D);
         } else {
@@ -297,11 +303,27 @@ const acc_t* pack_panels(const scalar_t* x, const Strides& st, int64_t B, int64_
   acc_t* dst = static_cast<acc_t*>(thread_scratch(slot, sizeof(acc_t) * B * Hn * head_stride));
   at::parallel_for(0, B * Hn * np, std::max<int64_t>(1, 8192 / (D * panel)), [&](int64_t t0,
                                                                                  int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
+    // Source rows of panel t: rows [r0, r0 + nr) of head (b, h).
+    auto source = [&](int64_t t, int64_t* nr) {
       const int64_t j = t % np, bh = t / np, b = bh / Hn, h = bh % Hn;
+      const int64_t r0 = j * panel;
+      *nr = std::min(panel, S - r0);
+      return x + b * st.batch + r0 * st.row + h * st.head;
+    };
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t % np, bh = t / np;
       acc_t* out = dst + bh * head_stride + j * D * panel;
-      const int64_t r0 = j * panel, nr = std::min(panel, S - r0);
-      const scalar_t* src = x + b * st.batch + r0 * st.row + h * st.head;
+      int64_t nr;
+      const scalar_t* src = source(t, &nr);
+      if (t + 1 < t1) {  // fetch the next panel's rows (heads * headdim apart) while this one runs
+        int64_t nr_next;
+        const scalar_t* next = source(t + 1, &nr_next);
+        for (int64_t rr = 0; rr < nr_next; ++rr) {
+          const char* row = reinterpret_cast<const char*>(next + rr * st.row);
+          for (int64_t c = 0; c < static_cast<int64_t>(sizeof(scalar_t)) * D; c += 64)
+            __builtin_prefetch(row + c, 0, 3);
+        }
+      }
       // Column by column: contiguous stores, the panel's source rows stay in L1.
       for (int64_t c = 0; c < D; ++c, out += panel) {
         for (int64_t rr = 0; rr < nr; ++rr) out[rr] = to_acc<acc_t>(src[rr * st.row + c]);
@@ -396,6 +418,19 @@ int64_t plan_partial(const MaskPlan& mp, int64_t q0, int64_t nq, int64_t k0, int
     out[n++] = SubTile{r0, std::min(kSubRows, nq - r0), c0, c1, mask};
   }
   return n;
+}
+
+// Fetches rows [0, n) of a strided (row stride ld) matrix of `width` elements per row into the
+// cache for writing. For the accumulator rows a task writes last: they are heads * headdim apart,
+// which the hardware prefetchers do not follow, and their write-allocate misses would otherwise
+// stall the final stores.
+template <typename T>
+void prefetch_rows_for_write(const T* base, int64_t ld, int64_t n, int64_t width) {
+  for (int64_t i = 0; i < n; ++i) {
+    const char* row = reinterpret_cast<const char*>(base + i * ld);
+    for (int64_t c = 0; c < static_cast<int64_t>(sizeof(T)) * width; c += 64)
+      __builtin_prefetch(row + c, 1, 3);
+  }
 }
 
 // ---- threads ---------------------------------------------------------------------------------
@@ -564,15 +599,8 @@ void fwd_impl(const BlockFwdParams& p) {
       const TileKind kind = mp.kind(qt, kt);
       if (kind == TileKind::kSkip) continue;
       const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0);
-      if (kt == last_kt) {
-        // The epilogue writes the output rows: fetch their lines now, while the last tile runs
-        // (the rows are heads * headdim apart, so the hardware prefetchers do not).
-        for (int64_t i = 0; i < nq; ++i) {
-          const char* o = reinterpret_cast<const char*>(out_base + i * p.out_strides.row);
-          for (int64_t c = 0; c < static_cast<int64_t>(sizeof(acc_t)) * D; c += 64)
-            __builtin_prefetch(o + c, 1, 3);
-        }
-      }
+      // The epilogue writes the output rows: fetch them while the last tile runs.
+      if (kt == last_kt) prefetch_rows_for_write(out_base, p.out_strides.row, nq, D);
       if (kind == TileKind::kFull) {
         block(k0, 0, nq, 0, nk, false);
       } else {
@@ -700,6 +728,9 @@ void bwd_impl(const BlockBwdParams& p) {
       const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0);
       const acc_t* K = K_head + k0 * Kr.ld;
       bool touched = false;
+      int64_t last_qt = -1;  // the last query tile to meet this key tile
+      for (int64_t qt = 0; qt < nqt; ++qt)
+        if (mp.kind(qt, kt) != TileKind::kSkip) last_qt = qt;
 
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
@@ -726,6 +757,14 @@ void bwd_impl(const BlockBwdParams& p) {
             std::memset(dKt, 0, sizeof(acc_t) * nk * Dp);
             std::memset(dVt, 0, sizeof(acc_t) * nk * Dp);
             touched = true;
+          }
+          if (g == group - 1 && qt == last_qt) {  // dk_acc/dv_acc rows are updated next
+            prefetch_rows_for_write(dk + b * p.dk_strides.batch + k0 * p.dk_strides.row +
+                                        hk * p.dk_strides.head,
+                                    p.dk_strides.row, nk, D);
+            prefetch_rows_for_write(dv + b * p.dv_strides.batch + k0 * p.dv_strides.row +
+                                        hk * p.dv_strides.head,
+                                    p.dv_strides.row, nk, D);
           }
           for (int64_t gi = 0; gi < nsub; ++gi) {
             const SubTile& st = ws.sub[gi];
@@ -799,6 +838,7 @@ void bwd_impl(const BlockBwdParams& p) {
       const int64_t i = r % Sq, bh = r / Sq, b = bh / H, h = bh % H;
       const int64_t hk = h / group, g = h % group;
       acc_t* dst = dq + b * p.dq_strides.batch + i * p.dq_strides.row + h * p.dq_strides.head;
+      if (i + 8 < Sq) prefetch_rows_for_write(dst + 8 * p.dq_strides.row, p.dq_strides.row, 1, D);
       for (int64_t s = 0; s < nsplit; ++s) {
         const int64_t task = (b * Hkv + hk) * nsplit + s;
         const acc_t* src = dq_part + task * dq_task_elems + (g * Sq + i) * Dp;
