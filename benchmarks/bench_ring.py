@@ -32,7 +32,7 @@ flash backward reaches ~2e-2 at 16K tokens). A row outside them is marked FAIL (
 and the exit status is 1.
 
 Default sweep: the headline points (8K tokens, worlds 1 and 2, fp32 and bf16, causal and not, fwd
-and fwd+bwd), about 5 minutes on 2 cores. --full: worlds 1,2,4 x 2K,4K,8K,16K, 40-60 minutes (add
+and fwd+bwd), about 5 minutes on 2 cores. --full: worlds 1,2,4 x 2K,4K,8K,16K, 35-60 minutes (add
 --iters 3 to shorten; world 4 oversubscribes a 2-core machine). --quick: a tiny smoke test (~20 s).
 """
 import argparse
