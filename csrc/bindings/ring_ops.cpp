@@ -379,6 +379,17 @@ class LocalTransport final : public Transport {
   const std::vector<at::Tensor>& slots_;
 };
 
+// Every virtual rank's schedule, phase by phase: all begin a step, then all compute, then all end.
+template <typename Schedule>
+void run_lockstep(std::vector<Schedule>& schedules) {
+  const int steps = schedules[0].num_steps();
+  for (int step = 0; step < steps; ++step) {
+    for (auto& s : schedules) s.begin_step(step);
+    for (auto& s : schedules) s.compute_step(step);
+    for (auto& s : schedules) s.end_step(step);
+  }
+}
+
 void check_local_ring_lists(size_t world, std::initializer_list<size_t> sizes) {
   TORCH_CHECK_VALUE(world >= 1, "LocalRing: at least one virtual rank is needed");
   for (size_t n : sizes) {
@@ -453,12 +464,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_forward(
     transports.push_back(std::make_unique<LocalTransport>(hub, r, ranks[r]->slots));
     schedules.emplace_back(*transports[r], ranks[r]->ops, ranks[r]->ring.steps);
   }
-  const int steps = schedules[0].num_steps();
-  for (int step = 0; step < steps; ++step) {
-    for (auto& s : schedules) s.begin_step(step);
-    for (auto& s : schedules) s.compute_step(step);
-    for (auto& s : schedules) s.end_step(step);
-  }
+  run_lockstep(schedules);
   hub.check_drained();
   record_stats(schedules);
   std::vector<at::Tensor> outs, lses;
@@ -489,12 +495,7 @@ local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& 
     transports.push_back(std::make_unique<LocalTransport>(hub, r, ranks[r]->slots));
     schedules.emplace_back(*transports[r], ranks[r]->ops, ranks[r]->ring.steps);
   }
-  const int steps = schedules[0].num_steps();
-  for (int step = 0; step < steps; ++step) {
-    for (auto& s : schedules) s.begin_step(step);
-    for (auto& s : schedules) s.compute_step(step);
-    for (auto& s : schedules) s.end_step(step);
-  }
+  run_lockstep(schedules);
   for (auto& s : schedules) s.finish();
   hub.check_drained();
   record_stats(schedules);
