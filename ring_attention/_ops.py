@@ -39,7 +39,7 @@ def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, windo
 
 @torch.library.register_fake("ring_attention::ring_bwd")
 def _ring_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, group_name, causal, softmax_scale,
-                   window_left, window_right, layout):
+                   window_left, window_right, layout, deterministic=False):
     return tuple(_like((q, k, v)))
 
 
@@ -51,7 +51,7 @@ def _local_ring_fwd_fake(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_l
 
 @torch.library.register_fake("ring_attention::local_ring_bwd")
 def _local_ring_bwd_fake(douts, qs, ks, vs, outs, lses, cu_seqlens, causal, softmax_scale,
-                         window_left, window_right, layout):
+                         window_left, window_right, layout, deterministic=False):
     return _like(qs), _like(ks), _like(vs)
 
 
@@ -63,5 +63,5 @@ def _block_fwd_fake(q, k, v, q_pos, k_pos, q_seg, out_acc, lse, causal, window_l
 
 @torch.library.register_fake("ring_attention::block_bwd")
 def _block_bwd_fake(dout, q, k, v, q_pos, k_pos, q_seg, lse, delta, dq_acc, dk_acc, dv_acc, causal,
-                    window_left, window_right, softmax_scale):
+                    window_left, window_right, softmax_scale, deterministic=False):
     return None

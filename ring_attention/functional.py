@@ -10,19 +10,26 @@ from ._ops import ops
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, group_name: str, causal: bool, softmax_scale: float,
-                window_left: int, window_right: int, layout: str):
+                window_left: int, window_right: int, layout: str, deterministic: bool):
         args = (cu_seqlens, group_name, causal, softmax_scale, window_left, window_right, layout)
         out, lse = ops.ring_fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring_args = args
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args,
+                                  deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _deterministic(deterministic: bool) -> bool:
+    """The keyword, or torch.use_deterministic_algorithms(True)."""
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
 
 
 def _window(window_size) -> Tuple[int, int]:
@@ -57,13 +64,15 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     position: ``causal`` hides later keys, ``window_size=(left, right)`` limits a query at
     position i to keys in [i - left, i + right] (-1: unbounded). Returns out like q, or (out, lse)
     with lse (batch, nheads, seqlen_local) in float32 (float64 for float64 inputs), natural log,
-    not differentiable. ``deterministic`` is accepted for API parity: the CPU path is always
-    bitwise deterministic. Invalid or mismatched inputs raise ValueError on every rank.
+    not differentiable. ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``)
+    makes the CUDA backward atomic-free and bitwise reproducible, at some speed; the CPU path is
+    always bitwise deterministic. Invalid or mismatched inputs raise ValueError on every rank.
     """
     group, _, _ = _group.resolve(group)
     left, right = _window(window_size)
     out, lse = _RingAttention.apply(q, k, v, None, _group.group_name(group), bool(causal),
-                                    _default_scale(q, softmax_scale), left, right, layout)
+                                    _default_scale(q, softmax_scale), left, right, layout,
+                                    _deterministic(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -80,11 +89,13 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (num_seqs + 1,), the global boundaries of the packed, unpadded batch, identical on every rank
     (checked). Pad tokens that shard_varlen inserted attend to nothing, get output 0 and LSE -inf,
     and receive no gradient. Returns out like q, or (out, lse) with lse (nheads, tokens_local).
+    ``deterministic`` as for ``ring_attn_func``.
     """
     group, _, _ = _group.resolve(group)
     left, right = _window(window_size)
     out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), bool(causal),
-                                    _default_scale(q, softmax_scale), left, right, layout)
+                                    _default_scale(q, softmax_scale), left, right, layout,
+                                    _deterministic(deterministic))
     return (out, lse) if return_lse else out
 
 

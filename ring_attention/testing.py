@@ -10,18 +10,18 @@ from typing import List, Optional, Sequence
 import torch
 
 from ._ops import ops
-from .functional import _default_scale, _window
+from .functional import _default_scale, _deterministic, _window
 
 
 class _LocalRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, world: int, cu_seqlens, causal: bool, softmax_scale: float, window: tuple, layout: str,
-                *tensors):
+                deterministic: bool, *tensors):
         qs, ks, vs = tensors[:world], tensors[world:2 * world], tensors[2 * world:]
         args = (cu_seqlens, causal, softmax_scale, *window, layout)
         outs, lses = ops.local_ring_fwd(list(qs), list(ks), list(vs), *args)
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
-        ctx.world, ctx.ring_args = world, args
+        ctx.world, ctx.ring_args, ctx.deterministic = world, args, deterministic
         ctx.mark_non_differentiable(*lses)
         return (*outs, *lses)
 
@@ -31,8 +31,9 @@ class _LocalRingAttention(torch.autograd.Function):
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (list(saved[i * world:(i + 1) * world]) for i in range(5))
         douts = [g if g is not None else torch.zeros_like(o) for g, o in zip(grads[:world], outs)]
-        dqs, dks, dvs = ops.local_ring_bwd(douts, qs, ks, vs, outs, lses, *ctx.ring_args)
-        return (None, None, None, None, None, None, *dqs, *dks, *dvs)
+        dqs, dks, dvs = ops.local_ring_bwd(douts, qs, ks, vs, outs, lses, *ctx.ring_args,
+                                           deterministic=ctx.deterministic)
+        return (None, None, None, None, None, None, None, *dqs, *dks, *dvs)
 
 
 class LocalRing:
@@ -47,23 +48,27 @@ class LocalRing:
     def ring_attn_func(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
                        vs: Sequence[torch.Tensor], *, causal: bool = False,
                        softmax_scale: Optional[float] = None, window_size=(-1, -1),
-                       layout: str = "contiguous", return_lse: bool = False):
+                       layout: str = "contiguous", return_lse: bool = False, deterministic: bool = False):
         """Ring attention of every virtual rank's shard.
 
         qs, ks, vs: one shard per virtual rank, shapes as for ``ring_attn_func``. Returns the list
         of outputs, or (outputs, lses). Gradients flow back to every shard.
         """
-        return self._run(qs, ks, vs, None, causal, softmax_scale, window_size, layout, return_lse)
+        return self._run(qs, ks, vs, None, causal, softmax_scale, window_size, layout, return_lse,
+                         deterministic)
 
     def ring_attn_varlen_func(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
                               vs: Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *,
                               causal: bool = False, softmax_scale: Optional[float] = None,
-                              window_size=(-1, -1), layout: str = "contiguous", return_lse: bool = False):
+                              window_size=(-1, -1), layout: str = "contiguous", return_lse: bool = False,
+                              deterministic: bool = False):
         """Packed sequences as ``ring_attn_varlen_func``: one (tokens_local, heads, headdim) shard
         per virtual rank, as made by ``shard_varlen``."""
-        return self._run(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse)
+        return self._run(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse,
+                         deterministic)
 
-    def _run(self, qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse):
+    def _run(self, qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse,
+             deterministic):
         world = self.world_size
         for name, shards in (("qs", qs), ("ks", ks), ("vs", vs)):
             if len(shards) != world:
@@ -72,7 +77,8 @@ class LocalRing:
                 if t.device.type != self.device.type:
                     raise ValueError(f"LocalRing on {self.device}: {name} has a tensor on {t.device}")
         results = _LocalRingAttention.apply(world, cu_seqlens, bool(causal), _default_scale(qs[0], softmax_scale),
-                                            _window(window_size), layout, *qs, *ks, *vs)
+                                            _window(window_size), layout, _deterministic(deterministic),
+                                            *qs, *ks, *vs)
         outs: List[torch.Tensor] = list(results[:world])
         lses: List[torch.Tensor] = list(results[world:])
         return (outs, lses) if return_lse else outs

@@ -6,6 +6,7 @@ For each (head dim, total length, causal): bf16, batch x seqlen = 16K tokens, he
   ring block_fwd          the fused kernel (prologue load + online softmax + merge epilogue)
   ring block_fwd nomerge  the same kernel with the merge off (_cuda_block_fwd(merge=False))
   ring block_bwd          the backward kernel (given lse and delta, as the ring calls it)
+  ring block_bwd determ.  the same with deterministic=True (no atomics; a separate dQ kernel)
   ring op fwd / bwd       ring_fwd / ring_bwd at world size 1 (buffers, delta, casts included)
   sdpa flash / cudnn      F.scaled_dot_product_attention forward, and its backward alone
 TFLOP/s: forward 4 b s^2 h d (half for causal), backward 2.5x that. The merge overhead is
@@ -98,6 +99,9 @@ def bench_config(d, s, causal, dtype=torch.bfloat16):
     bwd = lambda: ra.ops.block_bwd(dout=dout, q=q, k=k, v=v, lse=final_lse, delta=delta, dq_acc=dq,
                                    dk_acc=dk, dv_acc=dv, **mask)
     add("ring block_bwd", "bwd", time_ms(bwd), flops_bwd)
+    bwd_det = lambda: ra.ops.block_bwd(dout=dout, q=q, k=k, v=v, lse=final_lse, delta=delta,
+                                       dq_acc=dq, dk_acc=dk, dv_acc=dv, deterministic=True, **mask)
+    add("ring block_bwd deterministic", "bwd", time_ms(bwd_det), flops_bwd)
 
     held = {}
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A small case for compute-sanitizer (memcheck, racecheck): the CUDA block kernels on tails,
 partial/packed masks, GQA, both dtypes, head dims 64 and 128 (and a padded 40), merged twice, then
-the backward. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own
-allocation and out-of-bounds accesses are caught. Exit status 0 when it ran (the sanitizer
+the backward, with atomics and deterministic. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that
+every tensor is its own allocation and out-of-bounds accesses are caught. Exit status 0 when it ran (the sanitizer
 reports errors through its own exit code)."""
 import sys
 
@@ -35,11 +35,13 @@ def main():
             ra.ops.block_fwd(q=q, k=k[:, half].contiguous(), v=v[:, half].contiguous(), out_acc=out,
                              lse=lse, **dict(mask, k_pos=k_pos[half].contiguous()))
         delta = (dout.float() * out).sum(-1).transpose(1, 2).contiguous()
-        dq, dk, dv = torch.zeros_like(out), torch.zeros(k.shape, device="cuda"), torch.zeros(v.shape, device="cuda")
-        ra.ops.block_bwd(dout=dout, q=q, k=k, v=v, lse=lse, delta=delta, dq_acc=dq, dk_acc=dk, dv_acc=dv,
-                         **mask)
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+        for deterministic in (False, True):  # atomics; the atomic-free dQ kernel
+            dq, dk, dv = (torch.zeros_like(out), torch.zeros(k.shape, device="cuda"),
+                          torch.zeros(v.shape, device="cuda"))
+            ra.ops.block_bwd(dout=dout, q=q, k=k, v=v, lse=lse, delta=delta, dq_acc=dq, dk_acc=dk,
+                             dv_acc=dv, deterministic=deterministic, **mask)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
         print(f"ok {dtype} d={d} sq={sq} sk={sk} {kind}")
     return 0
 

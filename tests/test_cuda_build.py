@@ -127,6 +127,12 @@ def test_cpu_block_bwd_accumulates_over_key_blocks(mask):
     gc.check_bwd_accumulates("cpu", CPU_DTYPE, mask)
 
 
+@pytest.mark.parametrize("mask", ["none", "partial", "packed"])
+def test_cpu_block_bwd_deterministic(mask):
+    require_cpu_mask(mask)
+    gc.check_deterministic_bwd("cpu", CPU_DTYPE, mask, heads=4, heads_kv=1)
+
+
 def test_cpu_precision_does_not_decay_with_merges():
     """The CPU computes in fp32 from the rounded inputs, so both errors are rounding noise of
     ~1e-7: a floor of 1e-6 keeps the ratio check meaningful without flaking."""
@@ -139,6 +145,12 @@ def test_cpu_precision_does_not_decay_with_merges():
                                           (3, "striped")])
 def test_cpu_ring(world, layout, causal):
     gc.check_ring("cpu", CPU_DTYPE, world, layout, causal, local_len=32)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_cpu_ring_deterministic(world):
+    gc.check_ring("cpu", CPU_DTYPE, world, "zigzag", True, heads=4, heads_kv=1, local_len=32,
+                  deterministic=True)
 
 
 def test_cpu_ring_window_and_mqa():

@@ -241,3 +241,16 @@ def test_varlen_gloo_ring_equals_local_ring(rank_pool, world, layout, causal, wi
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), tensors, local):
             assert torch.equal(a, b.detach()), f"rank {rank} {name}"
         assert stats["steps"] <= world
+
+
+def test_deterministic_follows_torch_setting():
+    """torch.use_deterministic_algorithms(True) turns the deterministic backward on by itself."""
+    from ring_attention.functional import _deterministic
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert _deterministic(False)
+        torch.use_deterministic_algorithms(False)
+        assert not _deterministic(False) and _deterministic(True)
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -17,7 +17,7 @@ namespace ring_attn {
 inline RingOptions ring_options(const std::optional<at::Tensor>& cu_seqlens,
                                 c10::string_view group_name, bool causal, double softmax_scale,
                                 int64_t window_left, int64_t window_right,
-                                c10::string_view layout) {
+                                c10::string_view layout, bool deterministic = false) {
   RingOptions options;
   options.group_name = std::string(group_name);
   options.causal = causal;
@@ -25,6 +25,7 @@ inline RingOptions ring_options(const std::optional<at::Tensor>& cu_seqlens,
   options.window_left = window_left;
   options.window_right = window_right;
   options.layout = std::string(layout);
+  options.deterministic = deterministic;
   if (cu_seqlens) options.cu_seqlens = *cu_seqlens;
   return options;
 }
@@ -53,11 +54,11 @@ struct RingOpImpls {
       const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens,
       c10::string_view group_name, bool causal, double softmax_scale, int64_t window_left,
-      int64_t window_right, c10::string_view layout) {
+      int64_t window_right, c10::string_view layout, bool deterministic) {
     c10::DeviceGuard guard(q.device());
     return ring_backward(Device::kKernels, dout, q, k, v, out, lse,
                          ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
-                                      window_right, layout));
+                                      window_right, layout, deterministic));
   }
 
   static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_fwd(
@@ -75,13 +76,14 @@ struct RingOpImpls {
   local_ring_bwd(at::TensorList douts, at::TensorList qs, at::TensorList ks, at::TensorList vs,
                  at::TensorList outs, at::TensorList lses,
                  const std::optional<at::Tensor>& cu_seqlens, bool causal, double softmax_scale,
-                 int64_t window_left, int64_t window_right, c10::string_view layout) {
+                 int64_t window_left, int64_t window_right, c10::string_view layout,
+                 bool deterministic) {
     TORCH_CHECK_VALUE(!qs.empty(), "LocalRing: at least one virtual rank is needed");
     c10::DeviceGuard guard(qs[0].device());
     return local_ring_backward(Device::kKernels, douts.vec(), qs.vec(), ks.vec(), vs.vec(),
                                outs.vec(), lses.vec(),
                                ring_options(cu_seqlens, "", causal, softmax_scale, window_left,
-                                            window_right, layout));
+                                            window_right, layout, deterministic));
   }
 
   static void block_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -101,12 +103,15 @@ struct RingOpImpls {
                         const std::optional<at::Tensor>& q_seg, const at::Tensor& lse,
                         const at::Tensor& delta, at::Tensor& dq_acc, at::Tensor& dk_acc,
                         at::Tensor& dv_acc, bool causal, int64_t window_left,
-                        int64_t window_right, double softmax_scale) {
+                        int64_t window_right, double softmax_scale, bool deterministic) {
     c10::DeviceGuard guard(q.device());
-    Device::kKernels.bwd(make_bwd_params(dout, q, k, v, q_pos, k_pos, q_seg.value_or(at::Tensor()),
-                                         lse, delta, dq_acc, dk_acc, dv_acc,
-                                         mask_spec(causal, window_left, window_right),
-                                         softmax_scale));
+    BlockBwdParams params = make_bwd_params(dout, q, k, v, q_pos, k_pos,
+                                            q_seg.value_or(at::Tensor()), lse, delta, dq_acc,
+                                            dk_acc, dv_acc,
+                                            mask_spec(causal, window_left, window_right),
+                                            softmax_scale);
+    params.deterministic = deterministic;
+    Device::kKernels.bwd(params);
   }
 };
 

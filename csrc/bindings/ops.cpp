@@ -19,17 +19,19 @@ TORCH_LIBRARY(ring_attention, m) {
   // Returns out (like q) and lse (batch, heads, seqlen_local) in the accumulator dtype.
   m.def("ring_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str group_name, bool causal, "
         "float softmax_scale, int window_left, int window_right, str layout) -> (Tensor, Tensor)");
-  // Returns dq, dk, dv (like q, k, v) given the forward's out and lse.
+  // Returns dq, dk, dv (like q, k, v) given the forward's out and lse. deterministic: no atomics
+  // in the CUDA kernels (the CPU kernels are always deterministic).
   m.def("ring_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? cu_seqlens, str group_name, bool causal, float softmax_scale, int window_left, "
-        "int window_right, str layout) -> (Tensor, Tensor, Tensor)");
+        "int window_right, str layout, bool deterministic=False) -> (Tensor, Tensor, Tensor)");
   // The same ring over len(qs) virtual ranks in this process (LocalRing): one shard per rank.
   m.def("local_ring_fwd(Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor? cu_seqlens, bool causal, "
         "float softmax_scale, int window_left, int window_right, str layout) "
         "-> (Tensor[], Tensor[])");
   m.def("local_ring_bwd(Tensor[] douts, Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor[] outs, "
         "Tensor[] lses, Tensor? cu_seqlens, bool causal, float softmax_scale, int window_left, "
-        "int window_right, str layout) -> (Tensor[], Tensor[], Tensor[])");
+        "int window_right, str layout, bool deterministic=False) "
+        "-> (Tensor[], Tensor[], Tensor[])");
   // One block pair, merged into the running (out_acc, lse); positions are int32 global positions,
   // q_seg the packed sequences' (seqlen_q, 2) int32 ranges (core/mask.h).
   m.def("block_fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor? q_seg, "
@@ -38,8 +40,8 @@ TORCH_LIBRARY(ring_attention, m) {
   // One block pair's gradients, accumulated (+=) into dq_acc, dk_acc, dv_acc.
   m.def("block_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, "
         "Tensor? q_seg, Tensor lse, Tensor delta, Tensor(a!) dq_acc, Tensor(b!) dk_acc, "
-        "Tensor(c!) dv_acc, bool causal, int window_left, int window_right, float softmax_scale) "
-        "-> ()");
+        "Tensor(c!) dv_acc, bool causal, int window_left, int window_right, float softmax_scale, "
+        "bool deterministic=False) -> ()");
 }
 
 // What the last ring call of this thread did: [steps, blocks computed, exchanges posted].

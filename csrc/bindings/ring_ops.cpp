@@ -164,6 +164,7 @@ class TensorBlockOps final : public BlockOps {
   at::Tensor q, out_acc, lse;
   // Backward state.
   at::Tensor dout, delta, dq_acc;
+  bool deterministic = false;
 
   bool is_needed(int source) const override { return ring_.needs(ring_.rank, source); }
 
@@ -180,10 +181,12 @@ class TensorBlockOps final : public BlockOps {
     const at::Tensor& kv = slots_.at(kv_slot);
     at::Tensor& grad = slots_.at(grad_slot);
     grad.zero_();
-    kernels_.bwd(make_bwd_params(dout, q, kv[0], kv[1], q_pos(),
-                                 ring_.positions_of(source, q.device()),
-                                 ring_.segments_of_rank(q.device()), lse, delta, dq_acc, grad[0],
-                                 grad[1], ring_.mask, scale_));
+    BlockBwdParams params = make_bwd_params(dout, q, kv[0], kv[1], q_pos(),
+                                            ring_.positions_of(source, q.device()),
+                                            ring_.segments_of_rank(q.device()), lse, delta,
+                                            dq_acc, grad[0], grad[1], ring_.mask, scale_);
+    params.deterministic = deterministic;
+    kernels_.bwd(params);
   }
 
   void zero_grad(int grad_slot) override { slots_.at(grad_slot).zero_(); }
@@ -251,6 +254,7 @@ struct RankBackward {
                const at::Tensor& out, const at::Tensor& lse, const RingOptions& options)
       : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
     const at::ScalarType acc = acc_dtype(q.scalar_type());
+    ops.deterministic = options.deterministic;
     slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
     for (int i = 0; i < std::min(2, ring.steps - 1); ++i) {
       slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);

@@ -26,6 +26,7 @@ struct RingOptions {
   int64_t window_right = -1;
   std::string layout = "contiguous";
   at::Tensor cu_seqlens;  // packed sequences: int32 (num_seqs + 1,) global boundaries, or undefined
+  bool deterministic = false;  // backward: no atomics in the CUDA kernels
 };
 
 // Returns (out, lse): out like q, lse (batch, heads, seqlen_local) in the accumulator dtype; with

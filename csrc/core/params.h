@@ -77,6 +77,9 @@ struct BlockBwdParams {
   void* dk_acc;
   void* dv_acc;
   Strides dq_strides, dk_strides, dv_strides;
+  // CUDA: accumulate without atomics, so results are bitwise reproducible (slower). The CPU
+  // kernels are always deterministic and ignore it.
+  bool deterministic;
 };
 
 }  // namespace ring_attn

@@ -13,6 +13,11 @@
 //   dS^T goes to shared memory, and after a barrier each warp computes a slice of dQ = dS K and
 //   adds it to dq_acc with fp32 atomics. dK/dV are added to dk_acc/dv_acc at the end (atomics when
 //   several query heads share the K/V head).
+// Deterministic backward (params.deterministic, kDeterministic): no atomics, so the sums run in a fixed order. The
+//   backward kernel runs one CTA per K/V head that takes the group's query heads in turn (dK/dV
+//   summed in registers) and skips dQ; a second kernel, one CTA per (query tile, head, batch) as in
+//   the forward, recomputes P and dS per key tile and owns its dQ rows. Costs about one more
+//   pass of Q K^T and dO V^T.
 //
 // Masking (core/mask.h, the same code as the CPU kernels): a query tile's rows are summarised by
 // tile_bounds (windows, packed sequences via q_seg, causal), a key tile by range_of, and
@@ -74,6 +79,22 @@ struct BwdTraits {
   static constexpr int kSmemBytes = kSmemElems * 2 + 4 * kBlockM * 4;
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "head dim bucket");
   static_assert((kSmemElems * 2) % 16 == 0, "float tail alignment");
+};
+
+// Deterministic dQ (block_dq_body): one CTA per (query tile, head, batch) as in the forward.
+template <bool kBF16_, int kHeadDim_>
+struct DqTraits {
+  static constexpr bool kBF16 = kBF16_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = 32 * kNWarps;
+  static constexpr int kBlockM = 16 * kNWarps;  // query rows per CTA
+  static constexpr int kBlockN = 64;            // keys per tile
+  static constexpr int kStride = kHeadDim + 8;
+  // Q, dO, 2 x (K, V)
+  static constexpr int kSmemElems = 2 * kBlockM * kStride + 4 * kBlockN * kStride;
+  static constexpr int kSmemBytes = kSmemElems * 2;
+  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "head dim bucket");
 };
 
 RA_DEV int imin(int a, int b) { return a < b ? a : b; }
@@ -441,7 +462,7 @@ RA_DEV void load_row_stats(float* sL, float* sD, const float* gL, const float* g
   }
 }
 
-template <typename Kt>
+template <typename Kt, bool kDeterministic>
 RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
   constexpr bool kBF16 = Kt::kBF16;
   constexpr int kD = Kt::kHeadDim, kBM = Kt::kBlockM, kBN = Kt::kBlockN;
@@ -457,15 +478,21 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
   static_assert(kDW % 16 == 0, "dQ slice");
 
   const int tid = thread_idx(), warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int k0 = block_idx_x() * kBN, h = block_idx_y(), b = block_idx_z();
+  const int k0 = block_idx_x() * kBN, b = block_idx_z();
   const int Sq = p.shape.seqlen_q, Sk = p.shape.seqlen_k, d = p.shape.headdim;
   const int group = p.shape.nheads / p.shape.nheads_kv;
-  const int hk = h / group;
+  // Atomic mode: one CTA per query head h (grid y = nheads). Deterministic mode: one CTA per K/V
+  // head (grid y = nheads_kv) runs the group's query heads in turn, so dK/dV are summed in a fixed
+  // order in registers, and leaves dQ to block_dq_body.
+  const int hk = kDeterministic ? block_idx_y() : block_idx_y() / group;
+  const int h_begin = kDeterministic ? hk * group : block_idx_y();
+  const int h_end = kDeterministic ? h_begin + group : h_begin + 1;
   const float scale = static_cast<float>(p.softmax_scale);
 
   const PositionRange k_range = warp_range(p.k_pos, k0, imin(k0 + kBN, Sk), lane);
-  LiveTile cur = next_live_queries(p.mask, p.q_pos, p.q_seg, Sq, kBM, k_range, 0, lane);
-  if (cur.index < 0) return;  // no query sees these keys: nothing to add
+  // The mask does not depend on the head: every head's first live query tile is this one.
+  const LiveTile first = next_live_queries(p.mask, p.q_pos, p.q_seg, Sq, kBM, k_range, 0, lane);
+  if (first.index < 0) return;  // no query sees these keys: nothing to add
 
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sV = sK + kBN * kStride;
@@ -475,20 +502,27 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
   float* sL = reinterpret_cast<float*>(sdS + kBN * kStrideS);  // stage s at sL + s * kBM
   float* sD = sL + 2 * kBM;
 
-  const uint16_t* gQ = static_cast<const uint16_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-  const uint16_t* gdO = static_cast<const uint16_t*>(p.dout) + b * p.dout_strides.batch + h * p.dout_strides.head;
   const uint16_t* gK = static_cast<const uint16_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
   const uint16_t* gV = static_cast<const uint16_t*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
-  const int64_t stat_off = b * p.row_stat_batch_stride + h * p.row_stat_head_stride;
-  const float* gL = static_cast<const float*>(p.lse) + stat_off;
-  const float* gD = static_cast<const float*>(p.delta) + stat_off;
-
+  // Query tile `tile` of head h into `stage`: Q and dO (one cp.async commit group), lse and delta.
+  auto load_query_tile = [&](int h, int tile, int stage) {
+    const uint16_t* gQ =
+        static_cast<const uint16_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+    const uint16_t* gdO =
+        static_cast<const uint16_t*>(p.dout) + b * p.dout_strides.batch + h * p.dout_strides.head;
+    const int64_t stat_off = b * p.row_stat_batch_stride + h * p.row_stat_head_stride;
+    load_rows<kBM, kD, kStride, kNT>(sQ + stage * kBM * kStride, gQ, p.q_strides.row, tile * kBM,
+                                     Sq, d, tid);
+    load_rows<kBM, kD, kStride, kNT>(sdO + stage * kBM * kStride, gdO, p.dout_strides.row,
+                                     tile * kBM, Sq, d, tid);
+    cp_async_commit();
+    load_row_stats<kBM, kNT>(sL + stage * kBM, sD + stage * kBM,
+                             static_cast<const float*>(p.lse) + stat_off,
+                             static_cast<const float*>(p.delta) + stat_off, tile * kBM, Sq, tid);
+  };
   load_rows<kBN, kD, kStride, kNT>(sK, gK, p.k_strides.row, k0, Sk, d, tid);
   load_rows<kBN, kD, kStride, kNT>(sV, gV, p.v_strides.row, k0, Sk, d, tid);
-  load_rows<kBM, kD, kStride, kNT>(sQ, gQ, p.q_strides.row, cur.index * kBM, Sq, d, tid);
-  load_rows<kBM, kD, kStride, kNT>(sdO, gdO, p.dout_strides.row, cur.index * kBM, Sq, d, tid);
-  cp_async_commit();
-  load_row_stats<kBM, kNT>(sL, sD, gL, gD, cur.index * kBM, Sq, tid);
+  load_query_tile(h_begin, first.index, 0);  // with K/V: one commit group
 
   // This warp's key rows: r = 0: k0 + warp*16 + g, r = 1: + 8.
   int key[2];
@@ -507,157 +541,164 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
 
   // dQ slice of this warp: query rows wm*16.. of a tile, head-dim columns [wd*kDW, +kDW).
   const int wm = warp % kWarpsM, wd = warp / kWarpsM;
-  float* gdQ = static_cast<float*>(p.dq_acc) + b * p.dq_strides.batch + h * p.dq_strides.head;
 
-  int stage = 0;
-  for (;;) {
-    cp_async_wait<0>();
-    sync_threads();  // query tile `cur` is in stage `stage`; every warp is done with the last tile
-    const LiveTile nxt =
-        next_live_queries(p.mask, p.q_pos, p.q_seg, Sq, kBM, k_range, cur.index + 1, lane);
-    if (nxt.index >= 0) {
-      load_rows<kBM, kD, kStride, kNT>(sQ + (stage ^ 1) * kBM * kStride, gQ, p.q_strides.row,
-                                       nxt.index * kBM, Sq, d, tid);
-      load_rows<kBM, kD, kStride, kNT>(sdO + (stage ^ 1) * kBM * kStride, gdO,
-                                       p.dout_strides.row, nxt.index * kBM, Sq, d, tid);
-      cp_async_commit();
-      load_row_stats<kBM, kNT>(sL + (stage ^ 1) * kBM, sD + (stage ^ 1) * kBM, gL, gD,
-                               nxt.index * kBM, Sq, tid);
-    }
-    const uint16_t* tQ = sQ + stage * kBM * kStride;
-    const uint16_t* tdO = sdO + stage * kBM * kStride;
-    const float* tL = sL + stage * kBM;
-    const float* tD = sD + stage * kBM;
-    const int m0 = cur.index * kBM;
-    const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
+  for (int h = h_begin; h < h_end; ++h) {
+    LiveTile cur = first;
+    float* gdQ = static_cast<float*>(p.dq_acc) + b * p.dq_strides.batch + h * p.dq_strides.head;
 
-    // S^T = K Q^T (rows: this warp's 16 keys; columns: the tile's queries), then in place
-    // P^T = exp(scale S^T - lse), 0 where masked. Element (nb, 2r + e) is key row r, query
-    // m0 + nb*8 + 2*t4 + e.
-    float s[kNbQ][4];
-    RA_UNROLL
-    for (int nb = 0; nb < kNbQ; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-    RA_UNROLL
-    for (int kc = 0; kc < kKcD; ++kc) {
-      uint32_t ka[4];
-      load_a<kStride>(ka, sK, warp * 16, kc * 16, lane);
-      RA_UNROLL
-      for (int j = 0; j < kBM / 16; ++j) {
-        uint32_t qb[4];
-        load_b_nk<kStride>(qb, tQ, j * 16, kc * 16, lane);
-        mma_16816<kBF16>(s[2 * j], ka, qb[0], qb[1]);
-        mma_16816<kBF16>(s[2 * j + 1], ka, qb[2], qb[3]);
-      }
+    if (kDeterministic && h != h_begin) {
+      sync_threads();  // every warp is done with head h - 1
+      load_query_tile(h, first.index, 0);
     }
-    RA_UNROLL
-    for (int nb = 0; nb < kNbQ; ++nb) {
+
+    int stage = 0;
+    for (;;) {
+      cp_async_wait<0>();
+      sync_threads();  // query tile `cur` is in stage `stage`; every warp is done with the last tile
+      const LiveTile nxt =
+          next_live_queries(p.mask, p.q_pos, p.q_seg, Sq, kBM, k_range, cur.index + 1, lane);
+      if (nxt.index >= 0) load_query_tile(h, nxt.index, stage ^ 1);
+      const uint16_t* tQ = sQ + stage * kBM * kStride;
+      const uint16_t* tdO = sdO + stage * kBM * kStride;
+      const float* tL = sL + stage * kBM;
+      const float* tD = sD + stage * kBM;
+      const int m0 = cur.index * kBM;
+      const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
+
+      // S^T = K Q^T (rows: this warp's 16 keys; columns: the tile's queries), then in place
+      // P^T = exp(scale S^T - lse), 0 where masked. Element (nb, 2r + e) is key row r, query
+      // m0 + nb*8 + 2*t4 + e.
+      float s[kNbQ][4];
       RA_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int qc = nb * 8 + t4 * 2 + e;
-        const float l = tL[qc];
-        const PositionRange seen =
-            need_mask ? query_bounds(p.mask, p.q_pos, p.q_seg, m0 + qc, Sq) : PositionRange{1, 0};
+      for (int nb = 0; nb < kNbQ; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+      RA_UNROLL
+      for (int kc = 0; kc < kKcD; ++kc) {
+        uint32_t ka[4];
+        load_a<kStride>(ka, sK, warp * 16, kc * 16, lane);
         RA_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const bool visible = !need_mask || (key[r] < Sk && is_visible(seen, kpos[r]));
-          s[nb][2 * r + e] = visible ? fast_exp(s[nb][2 * r + e] * scale - l) : 0.f;
+        for (int j = 0; j < kBM / 16; ++j) {
+          uint32_t qb[4];
+          load_b_nk<kStride>(qb, tQ, j * 16, kc * 16, lane);
+          mma_16816<kBF16>(s[2 * j], ka, qb[0], qb[1]);
+          mma_16816<kBF16>(s[2 * j + 1], ka, qb[2], qb[3]);
         }
       }
-    }
-
-    // dP^T = V dO^T, then in place dS^T = P^T (dP^T - delta).
-    float dp[kNbQ][4];
-    RA_UNROLL
-    for (int nb = 0; nb < kNbQ; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
-    RA_UNROLL
-    for (int kc = 0; kc < kKcD; ++kc) {
-      uint32_t va[4];
-      load_a<kStride>(va, sV, warp * 16, kc * 16, lane);
       RA_UNROLL
-      for (int j = 0; j < kBM / 16; ++j) {
-        uint32_t ob[4];
-        load_b_nk<kStride>(ob, tdO, j * 16, kc * 16, lane);
-        mma_16816<kBF16>(dp[2 * j], va, ob[0], ob[1]);
-        mma_16816<kBF16>(dp[2 * j + 1], va, ob[2], ob[3]);
-      }
-    }
-    RA_UNROLL
-    for (int nb = 0; nb < kNbQ; ++nb) {
-      RA_UNROLL
-      for (int i = 0; i < 4; ++i) dp[nb][i] = s[nb][i] * (dp[nb][i] - tD[nb * 8 + t4 * 2 + i % 2]);
-    }
-
-    // dV += P^T dO, dK += dS^T Q (unscaled; scaled once at the end); dS^T to smem for dQ.
-    RA_UNROLL
-    for (int j = 0; j < kKcQ; ++j) {
-      uint32_t pa[4], da[4];
-      c_to_a<kBF16>(pa, s, j);
-      c_to_a<kBF16>(da, dp, j);
-      uint16_t* ds_row = sdS + (warp * 16 + g) * kStrideS + j * 16 + t4 * 2;
-      *reinterpret_cast<uint32_t*>(ds_row) = da[0];
-      *reinterpret_cast<uint32_t*>(ds_row + 8 * kStrideS) = da[1];
-      *reinterpret_cast<uint32_t*>(ds_row + 8) = da[2];
-      *reinterpret_cast<uint32_t*>(ds_row + 8 * kStrideS + 8) = da[3];
-      RA_UNROLL
-      for (int t = 0; t < kNbD / 2; ++t) {
-        uint32_t ob[4], qb[4];
-        load_b_kn<kStride>(ob, tdO, j * 16, t * 16, lane);
-        load_b_kn<kStride>(qb, tQ, j * 16, t * 16, lane);
-        mma_16816<kBF16>(dv[2 * t], pa, ob[0], ob[1]);
-        mma_16816<kBF16>(dv[2 * t + 1], pa, ob[2], ob[3]);
-        mma_16816<kBF16>(dk[2 * t], da, qb[0], qb[1]);
-        mma_16816<kBF16>(dk[2 * t + 1], da, qb[2], qb[3]);
-      }
-    }
-    sync_threads();  // dS^T of every warp is in smem
-
-    // dQ[m0 + wm*16 .., wd*kDW ..] += scale * dS K  (fp32 atomics)
-    // dS^T fragments: loaded once per tile for d = 128 (fewer spills), per head-dim chunk below
-    // (fewer registers) otherwise; ptxas -v picked this.
-    constexpr bool kCacheDs = kD > 96;
-    uint32_t dsc[kCacheDs ? kKcK : 1][4];
-    if constexpr (kCacheDs) {
-      RA_UNROLL
-      for (int kc = 0; kc < kKcK; ++kc) load_a_trans<kStrideS>(dsc[kc], sdS, kc * 16, wm * 16, lane);
-    }
-    const int qrow0 = m0 + wm * 16 + g;
-    RA_UNROLL
-    for (int dc = 0; dc < kDW / 16; ++dc) {
-      const int c0 = wd * kDW + dc * 16;
-      float a2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      RA_UNROLL
-      for (int kc = 0; kc < kKcK; ++kc) {
-        uint32_t kb[4];
-        uint32_t(&dsa)[4] = dsc[kCacheDs ? kc : 0];
-        if constexpr (!kCacheDs) load_a_trans<kStrideS>(dsa, sdS, kc * 16, wm * 16, lane);
-        load_b_kn<kStride>(kb, sK, kc * 16, c0, lane);
-        mma_16816<kBF16>(a2[0], dsa, kb[0], kb[1]);
-        mma_16816<kBF16>(a2[1], dsa, kb[2], kb[3]);
-      }
-      RA_UNROLL
-      for (int n = 0; n < 2; ++n) {
-        const int c = c0 + n * 8 + t4 * 2;
-        if (c >= d) continue;
+      for (int nb = 0; nb < kNbQ; ++nb) {
         RA_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const int q = qrow0 + 8 * r;
-          if (q >= Sq) continue;
-          float* dst = gdQ + static_cast<int64_t>(q) * p.dq_strides.row + c;
-          atomic_add(dst, a2[n][2 * r] * scale);
-          atomic_add(dst + 1, a2[n][2 * r + 1] * scale);
+        for (int e = 0; e < 2; ++e) {
+          const int qc = nb * 8 + t4 * 2 + e;
+          const float l = tL[qc];
+          const PositionRange seen =
+              need_mask ? query_bounds(p.mask, p.q_pos, p.q_seg, m0 + qc, Sq) : PositionRange{1, 0};
+          RA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const bool visible = !need_mask || (key[r] < Sk && is_visible(seen, kpos[r]));
+            s[nb][2 * r + e] = visible ? fast_exp(s[nb][2 * r + e] * scale - l) : 0.f;
+          }
         }
       }
-    }
 
-    if (nxt.index < 0) break;
-    cur = nxt;
-    stage ^= 1;
+      // dP^T = V dO^T, then in place dS^T = P^T (dP^T - delta).
+      float dp[kNbQ][4];
+      RA_UNROLL
+      for (int nb = 0; nb < kNbQ; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
+      RA_UNROLL
+      for (int kc = 0; kc < kKcD; ++kc) {
+        uint32_t va[4];
+        load_a<kStride>(va, sV, warp * 16, kc * 16, lane);
+        RA_UNROLL
+        for (int j = 0; j < kBM / 16; ++j) {
+          uint32_t ob[4];
+          load_b_nk<kStride>(ob, tdO, j * 16, kc * 16, lane);
+          mma_16816<kBF16>(dp[2 * j], va, ob[0], ob[1]);
+          mma_16816<kBF16>(dp[2 * j + 1], va, ob[2], ob[3]);
+        }
+      }
+      RA_UNROLL
+      for (int nb = 0; nb < kNbQ; ++nb) {
+        RA_UNROLL
+        for (int i = 0; i < 4; ++i) dp[nb][i] = s[nb][i] * (dp[nb][i] - tD[nb * 8 + t4 * 2 + i % 2]);
+      }
+
+      // dV += P^T dO, dK += dS^T Q (unscaled; scaled once at the end); dS^T to smem for dQ.
+      RA_UNROLL
+      for (int j = 0; j < kKcQ; ++j) {
+        uint32_t pa[4], da[4];
+        c_to_a<kBF16>(pa, s, j);
+        c_to_a<kBF16>(da, dp, j);
+        uint16_t* ds_row = sdS + (warp * 16 + g) * kStrideS + j * 16 + t4 * 2;
+        *reinterpret_cast<uint32_t*>(ds_row) = da[0];
+        *reinterpret_cast<uint32_t*>(ds_row + 8 * kStrideS) = da[1];
+        *reinterpret_cast<uint32_t*>(ds_row + 8) = da[2];
+        *reinterpret_cast<uint32_t*>(ds_row + 8 * kStrideS + 8) = da[3];
+        RA_UNROLL
+        for (int t = 0; t < kNbD / 2; ++t) {
+          uint32_t ob[4], qb[4];
+          load_b_kn<kStride>(ob, tdO, j * 16, t * 16, lane);
+          load_b_kn<kStride>(qb, tQ, j * 16, t * 16, lane);
+          mma_16816<kBF16>(dv[2 * t], pa, ob[0], ob[1]);
+          mma_16816<kBF16>(dv[2 * t + 1], pa, ob[2], ob[3]);
+          mma_16816<kBF16>(dk[2 * t], da, qb[0], qb[1]);
+          mma_16816<kBF16>(dk[2 * t + 1], da, qb[2], qb[3]);
+        }
+      }
+      sync_threads();  // dS^T of every warp is in smem
+
+      // dQ[m0 + wm*16 .., wd*kDW ..] += scale * dS K (fp32 atomics); block_dq_body computes dQ
+      // instead when deterministic.
+      if constexpr (!kDeterministic) {
+        // dS^T fragments: loaded once per tile for d = 128 (fewer spills), per head-dim chunk below
+        // (fewer registers) otherwise; ptxas -v picked this.
+        constexpr bool kCacheDs = kD > 96;
+        uint32_t dsc[kCacheDs ? kKcK : 1][4];
+        if constexpr (kCacheDs) {
+          RA_UNROLL
+          for (int kc = 0; kc < kKcK; ++kc) {
+            load_a_trans<kStrideS>(dsc[kc], sdS, kc * 16, wm * 16, lane);
+          }
+        }
+        const int qrow0 = m0 + wm * 16 + g;
+        RA_UNROLL
+        for (int dc = 0; dc < kDW / 16; ++dc) {
+          const int c0 = wd * kDW + dc * 16;
+          float a2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+          RA_UNROLL
+          for (int kc = 0; kc < kKcK; ++kc) {
+            uint32_t kb[4];
+            uint32_t(&dsa)[4] = dsc[kCacheDs ? kc : 0];
+            if constexpr (!kCacheDs) load_a_trans<kStrideS>(dsa, sdS, kc * 16, wm * 16, lane);
+            load_b_kn<kStride>(kb, sK, kc * 16, c0, lane);
+            mma_16816<kBF16>(a2[0], dsa, kb[0], kb[1]);
+            mma_16816<kBF16>(a2[1], dsa, kb[2], kb[3]);
+          }
+          RA_UNROLL
+          for (int n = 0; n < 2; ++n) {
+            const int c = c0 + n * 8 + t4 * 2;
+            if (c >= d) continue;
+            RA_UNROLL
+            for (int r = 0; r < 2; ++r) {
+              const int q = qrow0 + 8 * r;
+              if (q >= Sq) continue;
+              float* dst = gdQ + static_cast<int64_t>(q) * p.dq_strides.row + c;
+              atomic_add(dst, a2[n][2 * r] * scale);
+              atomic_add(dst + 1, a2[n][2 * r + 1] * scale);
+            }
+          }
+        }
+      }
+
+      if (nxt.index < 0) break;
+      cur = nxt;
+      stage ^= 1;
+    }
   }
 
-  // Epilogue: dk_acc += scale * dK, dv_acc += dV (atomics when query heads share the K/V head).
+  // Epilogue: dk_acc += scale * dK, dv_acc += dV (atomics when several CTAs' query heads share the
+  // K/V head).
   float* gdK = static_cast<float*>(p.dk_acc) + b * p.dk_strides.batch + hk * p.dk_strides.head;
   float* gdV = static_cast<float*>(p.dv_acc) + b * p.dv_strides.batch + hk * p.dv_strides.head;
-  const bool shared_kv = group > 1;
+  const bool shared_kv = group > 1 && !kDeterministic;
   RA_UNROLL
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= Sk) continue;
@@ -677,6 +718,166 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
           krow[c + e] += vk;
           vrow[c + e] += vv;
         }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic dQ
+// ---------------------------------------------------------------------------------------------
+
+// dq_acc += scale * dS K for one (query tile, head, batch), with no atomics: the CTA owns its rows
+// and visits the live key tiles in order. Per key tile (keys as MMA columns, as in the forward):
+// S = Q K^T, P = exp(scale S - lse) (0 where masked), dP = dO V^T, dS = P (dP - delta), then
+// dQ += dS K in registers; one read-modify-write of dq_acc at the end.
+template <typename Kt>
+RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
+  constexpr bool kBF16 = Kt::kBF16;
+  constexpr int kD = Kt::kHeadDim, kBM = Kt::kBlockM, kBN = Kt::kBlockN, kStride = Kt::kStride;
+  constexpr int kNT = Kt::kNThreads;
+  constexpr int kNbS = kBN / 8;   // n-blocks of a score row (keys)
+  constexpr int kKcD = kD / 16;   // k-chunks over the head dim (S, dP)
+  constexpr int kNbO = kD / 8;    // n-blocks of a dQ row (head dim)
+  constexpr int kKcK = kBN / 16;  // k-chunks over keys (dS K)
+
+  const int tid = thread_idx(), warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int q0 = block_idx_x() * kBM, h = block_idx_y(), b = block_idx_z();
+  const int Sq = p.shape.seqlen_q, Sk = p.shape.seqlen_k, d = p.shape.headdim;
+  const int hk = h / (p.shape.nheads / p.shape.nheads_kv);
+  const float scale = static_cast<float>(p.softmax_scale);
+
+  const TileBounds q_bounds = warp_tile_bounds(p.mask, p.q_pos, p.q_seg, q0, imin(q0 + kBM, Sq), lane);
+  LiveTile cur = next_live_keys(q_bounds, p.k_pos, Sk, kBN, 0, lane);
+  if (cur.index < 0) return;  // no row sees a key: dQ += 0
+
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sdO = sQ + kBM * kStride;
+  uint16_t* sK = sdO + kBM * kStride;     // stage s at sK + s * kBN * kStride
+  uint16_t* sV = sK + 2 * kBN * kStride;  // likewise
+  const uint16_t* gQ = static_cast<const uint16_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+  const uint16_t* gdO =
+      static_cast<const uint16_t*>(p.dout) + b * p.dout_strides.batch + h * p.dout_strides.head;
+  const uint16_t* gK = static_cast<const uint16_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
+  const uint16_t* gV = static_cast<const uint16_t*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
+  const int64_t stat_off = b * p.row_stat_batch_stride + h * p.row_stat_head_stride;
+  const float* gL = static_cast<const float*>(p.lse) + stat_off;
+  const float* gD = static_cast<const float*>(p.delta) + stat_off;
+  float* gdQ = static_cast<float*>(p.dq_acc) + b * p.dq_strides.batch + h * p.dq_strides.head;
+
+  load_rows<kBM, kD, kStride, kNT>(sQ, gQ, p.q_strides.row, q0, Sq, d, tid);
+  load_rows<kBM, kD, kStride, kNT>(sdO, gdO, p.dout_strides.row, q0, Sq, d, tid);
+  load_rows<kBN, kD, kStride, kNT>(sK, gK, p.k_strides.row, cur.index * kBN, Sk, d, tid);
+  load_rows<kBN, kD, kStride, kNT>(sV, gV, p.v_strides.row, cur.index * kBN, Sk, d, tid);
+  cp_async_commit();
+
+  // This thread's rows r = 0: warp*16 + g, r = 1: + 8. A row out of range or that saw nothing
+  // (lse = -inf) gets lse = +inf, so that p = exp(s - lse) = 0.
+  int row[2];
+  PositionRange seen[2];
+  float lse[2], delta[2];
+  RA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    row[r] = q0 + warp * 16 + g + 8 * r;
+    const bool valid = row[r] < Sq;
+    seen[r] = query_bounds(p.mask, p.q_pos, p.q_seg, row[r], Sq);
+    const float l = valid ? gL[row[r]] : pos_inf_f();
+    lse[r] = l == neg_inf_f() ? pos_inf_f() : l;
+    delta[r] = valid ? gD[row[r]] : 0.f;
+  }
+  float acc[kNbO][4];
+  RA_UNROLL
+  for (int nb = 0; nb < kNbO; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+
+  int stage = 0;
+  for (;;) {
+    cp_async_wait<0>();
+    sync_threads();  // tile `cur` is in stage `stage`; every warp is done with the other stage
+    const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
+    if (nxt.index >= 0) {
+      load_rows<kBN, kD, kStride, kNT>(sK + (stage ^ 1) * kBN * kStride, gK, p.k_strides.row,
+                                       nxt.index * kBN, Sk, d, tid);
+      load_rows<kBN, kD, kStride, kNT>(sV + (stage ^ 1) * kBN * kStride, gV, p.v_strides.row,
+                                       nxt.index * kBN, Sk, d, tid);
+      cp_async_commit();
+    }
+    const uint16_t* tK = sK + stage * kBN * kStride;
+    const uint16_t* tV = sV + stage * kBN * kStride;
+    const int k0 = cur.index * kBN;
+
+    // S = Q K^T and dP = dO V^T (rows: this warp's 16 queries; columns: the tile's keys).
+    float s[kNbS][4], dp[kNbS][4];
+    RA_UNROLL
+    for (int nb = 0; nb < kNbS; ++nb) {
+      RA_UNROLL
+      for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
+    }
+    RA_UNROLL
+    for (int kc = 0; kc < kKcD; ++kc) {
+      uint32_t qa[4], oa[4];
+      load_a<kStride>(qa, sQ, warp * 16, kc * 16, lane);
+      load_a<kStride>(oa, sdO, warp * 16, kc * 16, lane);
+      RA_UNROLL
+      for (int j = 0; j < kBN / 16; ++j) {
+        uint32_t kb[4], vb[4];
+        load_b_nk<kStride>(kb, tK, j * 16, kc * 16, lane);
+        load_b_nk<kStride>(vb, tV, j * 16, kc * 16, lane);
+        mma_16816<kBF16>(s[2 * j], qa, kb[0], kb[1]);
+        mma_16816<kBF16>(s[2 * j + 1], qa, kb[2], kb[3]);
+        mma_16816<kBF16>(dp[2 * j], oa, vb[0], vb[1]);
+        mma_16816<kBF16>(dp[2 * j + 1], oa, vb[2], vb[3]);
+      }
+    }
+
+    // In place: dS = P (dP - delta), P = exp(scale S - lse), 0 where masked. Element (nb, 2r + e)
+    // is row r, key k0 + nb*8 + 2*t4 + e.
+    const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
+    RA_UNROLL
+    for (int nb = 0; nb < kNbS; ++nb) {
+      RA_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int key = k0 + nb * 8 + t4 * 2 + e;
+        const bool in_range = key < Sk;
+        const int64_t kpos = need_mask && in_range ? p.k_pos[key] : 0;
+        RA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const bool visible = !need_mask || (in_range && is_visible(seen[r], kpos));
+          const float pe = visible ? fast_exp(s[nb][2 * r + e] * scale - lse[r]) : 0.f;
+          s[nb][2 * r + e] = pe * (dp[nb][2 * r + e] - delta[r]);
+        }
+      }
+    }
+
+    // dQ += dS K (dS rounded to 16 bits, as P before P V in the forward)
+    RA_UNROLL
+    for (int j = 0; j < kKcK; ++j) {
+      uint32_t da[4];
+      c_to_a<kBF16>(da, s, j);
+      RA_UNROLL
+      for (int t = 0; t < kNbO / 2; ++t) {
+        uint32_t kb[4];
+        load_b_kn<kStride>(kb, tK, j * 16, t * 16, lane);
+        mma_16816<kBF16>(acc[2 * t], da, kb[0], kb[1]);
+        mma_16816<kBF16>(acc[2 * t + 1], da, kb[2], kb[3]);
+      }
+    }
+
+    if (nxt.index < 0) break;
+    cur = nxt;
+    stage ^= 1;
+  }
+
+  // Epilogue: dq_acc += scale * dQ; each element has one owner thread.
+  RA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= Sq) continue;
+    float* dq = gdQ + static_cast<int64_t>(row[r]) * p.dq_strides.row;
+    RA_UNROLL
+    for (int nb = 0; nb < kNbO; ++nb) {
+      const int c = nb * 8 + t4 * 2;
+      if (c < d) {
+        dq[c] += acc[nb][2 * r] * scale;
+        dq[c + 1] += acc[nb][2 * r + 1] * scale;
       }
     }
   }

@@ -158,7 +158,7 @@ def block_fwd(device, q, blocks, c, scale, merge=True):
     return out.cpu(), lse.cpu()
 
 
-def block_bwd(device, dout, q, k, v, c, out, lse, scale, init=None):
+def block_bwd(device, dout, q, k, v, c, out, lse, scale, init=None, deterministic=False):
     """block_bwd on `device` into accumulators holding `init` (default zeros); returns (dq, dk, dv)
     minus `init`, float32 CPU tensors. delta = rowsum(dout * out) as the ring computes it."""
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
@@ -169,7 +169,8 @@ def block_bwd(device, dout, q, k, v, c, out, lse, scale, init=None):
                      q_seg=None if c["q_seg"] is None else c["q_seg"].to(device),
                      lse=lse.to(device), delta=delta.to(device), dq_acc=acc[0], dk_acc=acc[1],
                      dv_acc=acc[2], causal=c["causal"], window_left=c["window_left"],
-                     window_right=c["window_right"], softmax_scale=scale)
+                     window_right=c["window_right"], softmax_scale=scale,
+                     deterministic=deterministic)
     return [a.cpu() - i for a, i in zip(acc, init)]
 
 
@@ -192,6 +193,28 @@ def check_block(device, dtype, sq, sk, heads, heads_kv, headdim, mask, batch=2, 
     grads = block_bwd(device, dout, q, k, v, c, out, lse, scale)
     for name, got, r, lo in zip(("dq", "dk", "dv"), grads, ref[2:], low[2:]):
         assert_fa_rule(name, got, r, lo, dtype)
+
+
+def check_deterministic_bwd(device, dtype, mask, heads=4, heads_kv=2):
+    """block_bwd(deterministic=True) (CUDA: no atomics) meets the float64 reference and gives the
+    same bits on every run, also when adding into accumulators that already hold values."""
+    sq, sk, headdim, scale = 150, 200, 64, 0.3
+    seed = seed_of("deterministic", mask, heads, heads_kv, str(dtype))
+    q, k, v, dout = random_inputs(seed, 2, sq, sk, heads, heads_kv, headdim, dtype)
+    c = mask_case(mask, sq, sk, seed)
+    vis = visible(c)
+    ref = reference(q, k, v, dout, vis, scale, torch.float64)
+    low = reference(q, k, v, dout, vis, scale, dtype)
+    out, lse = block_fwd(device, q, [(k, v, c["k_pos"])], c, scale)
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(t.shape, generator=gen) for t in (q, k, v)]
+    runs = [block_bwd(device, dout, q, k, v, c, out, lse, scale, init=init, deterministic=True)
+            for _ in range(3)]
+    for name, got, r, lo in zip(("dq", "dk", "dv"), runs[0], ref[2:], low[2:]):
+        assert_fa_rule(name, got, r, lo, dtype)
+    for run in runs[1:]:
+        for name, a, b in zip(("dq", "dk", "dv"), runs[0], run):
+            assert torch.equal(a, b), f"{name} differs between deterministic runs"
 
 
 def check_merge_order(device, dtype, mask):
@@ -258,9 +281,10 @@ def merge_errors(device, dtype, nblocks=8, seeds=(0, 1, 2), sq=256, block_keys=1
 
 
 def check_ring(device, dtype, world, layout, causal, window=(-1, -1), heads=4, heads_kv=2,
-               headdim=64, local_len=96, batch=2):
+               headdim=64, local_len=96, batch=2, deterministic=False):
     """The ring (world 1: ring_attn_func; else LocalRing's virtual ranks on `device`) forward and
-    backward against the float64 reference of the full sequence (FA rule)."""
+    backward against the float64 reference of the full sequence (FA rule). With `deterministic`,
+    the backward runs twice and must give the same bits."""
     seqlen = world * local_len
     seed = seed_of("ring", world, layout, causal, window, heads, heads_kv, headdim, str(dtype))
     q, k, v, dout = random_inputs(seed, batch, seqlen, seqlen, heads, heads_kv, headdim, dtype)
@@ -272,19 +296,22 @@ def check_ring(device, dtype, world, layout, causal, window=(-1, -1), heads=4, h
     low = reference(q, k, v, dout, vis, scale, dtype)
 
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    kw = dict(causal=causal, window_size=window, layout=layout, return_lse=True,
+              deterministic=deterministic)
     if world == 1:
-        out, lse = ra.ring_attn_func(*leaves, causal=causal, window_size=window, layout=layout,
-                                     return_lse=True)
-        grads = torch.autograd.grad(out, leaves, dout.to(device))
+        out, lse = ra.ring_attn_func(*leaves, **kw)
     else:
         from ring_attention.testing import LocalRing
         ring = LocalRing(world, device=device)
         shards = [ring.shard(t, layout=layout) for t in leaves]
-        outs, lses = ring.ring_attn_func(*shards, causal=causal, window_size=window, layout=layout,
-                                         return_lse=True)
+        outs, lses = ring.ring_attn_func(*shards, **kw)
         out = ring.unshard(outs, layout=layout)
         lse = ring.unshard(lses, layout=layout, dim=2)
-        grads = torch.autograd.grad(out, leaves, dout.to(device))
+    grads = torch.autograd.grad(out, leaves, dout.to(device), retain_graph=deterministic)
+    if deterministic:
+        again = torch.autograd.grad(out, leaves, dout.to(device))
+        for name, a, b in zip(("dq", "dk", "dv"), grads, again):
+            assert torch.equal(a, b), f"world {world} {layout}: {name} differs between runs"
     assert out.dtype == dtype and lse.dtype == torch.float32
     for name, got, r, lo in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref, low):
         assert_fa_rule(f"world {world} {layout} {name}", got, r, lo, dtype)

@@ -38,6 +38,14 @@ def test_block_bwd_accumulates_over_key_blocks(mask, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "partial", "packed"])
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (4, 1)])
+def test_block_bwd_deterministic(heads, heads_kv, mask, dtype):
+    """deterministic=True: atomic-free dQ kernel and per-K/V-head dK/dV, same bits every run."""
+    gc.check_deterministic_bwd("cuda", dtype, mask, heads, heads_kv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_precision_does_not_decay_with_merges(dtype):
     """Mean error after 8 merges <= 1.2 x the error of one block (fp32 running state)."""
     err_one, err_merged = gc.merge_errors("cuda", dtype)

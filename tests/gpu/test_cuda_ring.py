@@ -23,6 +23,12 @@ def test_local_ring(world, layout, causal):
     gc.check_ring("cuda", torch.bfloat16, world, layout, causal, local_len=64)
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_ring_deterministic(world):
+    gc.check_ring("cuda", torch.bfloat16, world, "zigzag", True, heads=4, heads_kv=1, local_len=64,
+                  deterministic=True)
+
+
 def test_local_ring_window_and_mqa():
     gc.check_ring("cuda", torch.bfloat16, 3, "zigzag", True, window=(50, 0), heads=4, heads_kv=1,
                   headdim=128, local_len=64)

@@ -206,7 +206,12 @@ inline void cp_async_wait(int n) {
   }
 }
 
-inline void atomic_add(float* p, float v) { std::atomic_ref<float>(*p).fetch_add(v); }
+// Every atomic_add of the emulated kernels is counted (the deterministic backward must do none).
+inline std::atomic<int64_t> atomic_adds{0};
+inline void atomic_add(float* p, float v) {
+  atomic_adds.fetch_add(1, std::memory_order_relaxed);
+  std::atomic_ref<float>(*p).fetch_add(v);
+}
 
 // Runs body(smem) for every CTA of a (gx, gy, gz) grid of `nthreads` threads, one CTA at a time.
 template <typename Body>

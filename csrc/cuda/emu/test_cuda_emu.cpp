@@ -190,14 +190,26 @@ void run_fwd(const FwdArgs& a) {
   });
 }
 
+// The grids of launch_template.cuh's run_bwd.
 void run_bwd(const BlockBwdParams& p) {
   const BlockShape& s = p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
   DTYPE_SWITCH(p.dtype, kBF16, [&] {
     HEADDIM_SWITCH(s.headdim, kD, [&] {
       using Kt = BwdTraits<kBF16, kD>;
-      emu::launch((s.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN, s.nheads, s.batch, Kt::kNThreads,
-                  Kt::kSmemBytes, [&](char* smem) { block_bwd_body<Kt>(p, smem); });
+      emu::launch((s.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN,
+                  p.deterministic ? s.nheads_kv : s.nheads, s.batch, Kt::kNThreads,
+                  Kt::kSmemBytes, [&](char* smem) {
+                    if (p.deterministic) {
+                      block_bwd_body<Kt, true>(p, smem);
+                    } else {
+                      block_bwd_body<Kt, false>(p, smem);
+                    }
+                  });
+      if (!p.deterministic) return;
+      using Dt = DqTraits<kBF16, kD>;
+      emu::launch((s.seqlen_q + Dt::kBlockM - 1) / Dt::kBlockM, s.nheads, s.batch, Dt::kNThreads,
+                  Dt::kSmemBytes, [&](char* smem) { block_dq_body<Dt>(p, smem); });
     });
   });
 }
@@ -312,7 +324,7 @@ bool run_case(const Case& c) {
   };
   const std::vector<float> dq0 = init(size_t(B) * Sq * H * D), dk0 = init(size_t(B) * Sk * Hkv * D),
                            dv0 = init(size_t(B) * Sk * Hkv * D);
-  std::vector<float> dq = dq0, dk = dk0, dv = dv0;
+  std::vector<float> dq, dk, dv;
   BlockBwdParams p{};
   p.shape = BlockShape{B, Sq, Sk, H, Hkv, D};
   p.dtype = c.bf16 ? DType::kBFloat16 : DType::kFloat16;
@@ -333,18 +345,31 @@ bool run_case(const Case& c) {
   p.delta = delta.data();
   p.row_stat_batch_stride = int64_t(H) * Sq;
   p.row_stat_head_stride = Sq;
-  p.dq_acc = dq.data();
-  p.dk_acc = dk.data();
-  p.dv_acc = dv.data();
   p.dq_strides = out_st;
   p.dk_strides = Strides{int64_t(Sk) * Hkv * D, int64_t(Hkv) * D, D};
   p.dv_strides = p.dk_strides;
-  run_bwd(p);
-  for (size_t i = 0; i < dq.size(); ++i) dq[i] -= dq0[i];
-  for (size_t i = 0; i < dk.size(); ++i) dk[i] -= dk0[i];
-  for (size_t i = 0; i < dv.size(); ++i) dv[i] -= dv0[i];
-  const double e_dq = max_err(dq, ref.dq, &ok), e_dk = max_err(dk, ref.dk, &ok),
-               e_dv = max_err(dv, ref.dv, &ok);
+  // Both backward modes; the deterministic one must not use a single atomic.
+  double e_dq = 0, e_dk = 0, e_dv = 0;
+  for (bool deterministic : {false, true}) {
+    dq = dq0, dk = dk0, dv = dv0;
+    p.dq_acc = dq.data();
+    p.dk_acc = dk.data();
+    p.dv_acc = dv.data();
+    p.deterministic = deterministic;
+    const int64_t atomics_before = emu::atomic_adds.load();
+    run_bwd(p);
+    if (deterministic && emu::atomic_adds.load() != atomics_before) {
+      std::printf("deterministic backward used %lld atomics\n",
+                  static_cast<long long>(emu::atomic_adds.load() - atomics_before));
+      ok = false;
+    }
+    for (size_t i = 0; i < dq.size(); ++i) dq[i] -= dq0[i];
+    for (size_t i = 0; i < dk.size(); ++i) dk[i] -= dk0[i];
+    for (size_t i = 0; i < dv.size(); ++i) dv[i] -= dv0[i];
+    e_dq = std::max(e_dq, max_err(dq, ref.dq, &ok));
+    e_dk = std::max(e_dk, max_err(dk, ref.dk, &ok));
+    e_dv = std::max(e_dv, max_err(dv, ref.dv, &ok));
+  }
 
   // P and dS are rounded to 16 bits before their GEMMs (as in FlashAttention): relative errors of
   // a few 2^-8 (bf16) or 2^-11 (fp16); a wrong index or mask gives O(0.1..1).

@@ -1,0 +1,37 @@
+"""Smoke runs of the Python benchmarks at tiny sizes: they run, check their own results and write
+the JSON they document. Counts are asserted, never times."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, timeout=240):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_bench_window_truncates_the_ring(tmp_path):
+    out = tmp_path / "window.json"
+    stdout = _run("bench_window.py", "--world", "4", "--seqlen", "256", "--iters", "1", "--warmup", "0",
+                  "--json", str(out))
+    assert "window / full time" in stdout
+    res = json.loads(out.read_text())
+    assert res["window"] == 32
+    full, windowed = res["rows"]
+    # 4 contiguous shards of 64 tokens; a window of 32 reaches back one shard: one hop per rank.
+    assert full["fwd exchanges"] == 12 and windowed["fwd exchanges"] == 4
+    assert full["blocks per rank"] == "1/2/3/4" and windowed["blocks per rank"] == "1/2/2/2"
+    assert res["max_abs_err"] < 1e-5
+
+
+def test_bench_ring_quick_checks_all_implementations(tmp_path):
+    out = tmp_path / "ring.json"
+    _run("bench_ring.py", "--quick", "--no-progress", "--json", str(out), "--png", str(tmp_path / "ring.png"))
+    res = json.loads(out.read_text())
+    assert res["rows"], "no rows written"
+    assert (tmp_path / "ring.png").stat().st_size > 0
