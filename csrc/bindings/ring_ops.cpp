@@ -259,11 +259,13 @@ struct RankBackward {
     for (int i = 0; i < std::min(2, ring.steps - 1); ++i) {
       slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
     }
+    slots[slot::kGradHome] = at::empty_like(slots[slot::kOwnKV], acc);
     for (int i = 0; i < 2; ++i) {
-      // The second accumulator and the receive buffers exist only when dK/dV travel.
-      const bool travel = ring.steps > 1;
-      if (i == 0 || travel) slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
-      if (travel) slots[slot::kGradRecv0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+      // Travelling sums and their receive buffers of steps 1 .. steps-1 (slot i: steps t % 2 == i).
+      if (i == 0 ? ring.steps > 2 : ring.steps > 1) {
+        slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+        slots[slot::kGradRecv0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+      }
     }
     ops.q = unit_last_stride(q);
     ops.dout = unit_last_stride(dout);

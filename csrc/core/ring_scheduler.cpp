@@ -104,12 +104,22 @@ void RingBackward::begin_step(int step) {
 
 void RingBackward::compute_step(int step) {
   const int source = source_at(rank_, world_, step);
-  if (ops_.is_needed(source)) {
+  const bool needed = ops_.is_needed(source);
+  if (step == 0) {  // the own block: its dK/dV stay here
+    if (needed) {
+      ops_.backward(kv_slot(0), source, slot::kGradHome);
+      ++computed_;
+    } else {
+      ops_.zero_grad(slot::kGradHome);
+    }
+    return;
+  }
+  if (needed) {
     ops_.backward(kv_slot(step), source, grad_acc(step));
     send_slot_ = grad_acc(step);
     ++computed_;
-  } else if (step == 0) {
-    ops_.zero_grad(grad_acc(step));
+  } else if (step == 1) {
+    ops_.zero_grad(grad_acc(step));  // the travelling sum starts here, empty
     send_slot_ = grad_acc(step);
   } else {
     send_slot_ = -1;  // nothing added here: pass on what r-1 sent
@@ -117,30 +127,31 @@ void RingBackward::compute_step(int step) {
 }
 
 void RingBackward::end_step(int step) {
-  if (steps_ == 1) {  // nothing travels: this rank's own block only
-    result_slot_ = send_slot_;
-    return;
-  }
   if (step > 0) {
-    // dK/dV sum that r-1 sent at the end of step-1, for the block we hold now.
-    Exchange previous = Exchange{Channel::kGradKV, step - 1, -1, grad_recv(step - 1)};
-    transport_.wait(previous);
-    if (send_slot_ < 0) {
-      send_slot_ = grad_recv(step - 1);
-    } else {
-      ops_.add_grad(send_slot_, grad_recv(step - 1));
+    if (step > 1) {
+      // The travelling sum that r-1 sent at the end of step-1, for the block we hold now.
+      const Exchange previous{Channel::kGradKV, step - 1, -1, grad_recv(step - 1)};
+      transport_.wait(previous);
+      if (send_slot_ < 0) {
+        send_slot_ = grad_recv(step - 1);
+      } else {
+        ops_.add_grad(send_slot_, grad_recv(step - 1));
+      }
     }
+    transport_.post(grad_exchange(step));
+    ++posted_;
   }
-  transport_.post(grad_exchange(step));
-  ++posted_;
   if (step + 1 < steps_) transport_.wait(kv_exchange(step));
-  if (step + 1 == steps_) result_slot_ = grad_recv(step);
 }
 
 void RingBackward::finish() {
   if (steps_ > 1) {
-    transport_.wait(Exchange{Channel::kGradKV, steps_ - 1, -1, grad_recv(steps_ - 1), 1 - steps_});
+    // The other ranks' contributions to our block, brought home by the last hop.
+    const int last = steps_ - 1;
+    transport_.wait(Exchange{Channel::kGradKV, last, -1, grad_recv(last), 1 - steps_});
+    ops_.add_grad(slot::kGradHome, grad_recv(last));
   }
+  result_slot_ = slot::kGradHome;
 }
 
 void RingBackward::run() {

@@ -3,10 +3,13 @@
 // At step t (0 <= t < world) rank r holds the K/V that started on rank (r - t) mod world.
 // Forward : before computing step t, post the exchange that brings step t+1's K/V (send what is in
 //           hand to r+1, receive from r-1): K/V make world-1 hops, double-buffered.
-// Backward: K/V travel as in forward. dK/dV of a block follow one step behind: at step t rank r
-//           computes its contribution to the block in hand, adds the partial sum that r-1 sent at
-//           the end of step t-1, and sends the sum to r+1. After step world-1 one more hop brings
-//           every block's dK/dV home: world hops. dQ stays local (inside BlockOps).
+// Backward: K/V travel as in forward. The own block's dK/dV (step 0) stay home. Every other
+//           block's dK/dV follow it one step behind: at step t >= 1 rank r computes its
+//           contribution to the block in hand, adds the partial sum that r-1 sent at the end of
+//           step t-1 (none at t = 1: the sum starts there), and sends the sum to r+1; after step
+//           world-1 that hop goes to the block's owner instead, which adds it to its home part:
+//           world-1 dK/dV hops (one fewer than sending the own block's part around too). dQ
+//           stays local (inside BlockOps).
 // Truncated ring: when no rank needs K/V from further than k ranks back (a causal sliding window
 // over contiguous shards), the ring runs k+1 steps only and the last dK/dV hop jumps back k ranks.
 // Each step is split into phases (begin, compute, end; finish after the last step) so that a
@@ -26,7 +29,8 @@ constexpr int kOwnKV = 0;
 constexpr int kKVRecv0 = 1;     // kKVRecv0 + (i % 2)
 constexpr int kGradAcc0 = 3;    // kGradAcc0 + (i % 2)
 constexpr int kGradRecv0 = 5;   // kGradRecv0 + (i % 2)
-constexpr int kCount = 7;
+constexpr int kGradHome = 7;    // the own block's dK/dV; the result
+constexpr int kCount = 8;
 }  // namespace slot
 
 enum class Channel : int { kKV = 0, kGradKV = 1 };
@@ -127,7 +131,7 @@ class RingBackward {
   void begin_step(int step);
   void compute_step(int step);
   void end_step(int step);
-  void finish();                                   // wait for this rank's own dK/dV to come home
+  void finish();  // wait for the rest of this rank's own dK/dV to come home, add it
   void run();
   int grad_result_slot() const { return result_slot_; }  // valid after finish()
   int blocks_computed() const { return computed_; }
@@ -145,7 +149,7 @@ class RingBackward {
   int rank_;
   int world_;
   int steps_;
-  int send_slot_ = -1;    // slot holding the dK/dV sum to send at the end of the current step
+  int send_slot_ = -1;  // slot holding the travelling dK/dV sum to send at the end of this step
   int result_slot_ = -1;
   int computed_ = 0;
   int posted_ = 0;
