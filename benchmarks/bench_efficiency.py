@@ -1,7 +1,9 @@
 """Ring efficiency, memory and agreement-check cost on CPU ranks over gloo (1 thread per rank).
 
 Efficiency: the same attention on 1 rank (T1) and on `world` ranks (Tw, slowest rank's median),
-    efficiency = T1 / (world * Tw); 1.0 means the ring adds nothing to the work.
+    efficiency = T1 / (world * Tw); 1.0 means the ring adds nothing to the work. T1 and Tw are
+    timed in the same processes, alternating call by call (rank 0 alone, the others waiting,
+    then every rank), so both see the same machine.
 Memory: each rank's peak resident-memory growth during a forward call.
 Check cost: a call with RING_ATTN_CHECK=1 minus the same call with RING_ATTN_CHECK=0.
 """
@@ -20,23 +22,47 @@ CASES = [("non-causal", False, "contiguous"), ("causal zigzag", True, "zigzag"),
 
 
 def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup):
+    """Per case (fwd, fwd+bwd) medians of T1 (rank 0 alone on the whole sequence, through a group
+    of one, while the other ranks wait) and Tw (every rank on its shard). The two alternate call by
+    call, so drifts in the machine's speed hit both alike."""
+    import statistics
+    import time
+
     import ring_attention as ra
+    solo = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(1, seqlen, heads, headdim, generator=gen) for _ in range(4)]
-    sync = dist.barrier if world > 1 else None
     out = {}
     for name, causal, layout in CASES:
-        q, k, v, dout = (ra.shard(t, layout=layout).contiguous() for t in full)
-        q.requires_grad_(); k.requires_grad_(); v.requires_grad_()
+        local = [ra.shard(t, layout=layout).contiguous() for t in full]
+        whole = [t.clone() for t in full] if rank == 0 else None
 
-        def fwd():
-            with torch.no_grad():
-                ra.ring_attn_func(q, k, v, causal=causal, layout=layout)
+        def call(tensors, group, backward):
+            q, k, v, dout = tensors
+            if not backward:
+                with torch.no_grad():
+                    ra.ring_attn_func(q, k, v, causal=causal, layout=layout, group=group)
+                return
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            ra.ring_attn_func(q, k, v, causal=causal, layout=layout, group=group).backward(dout)
 
-        def fwd_bwd():
-            ra.ring_attn_func(q, k, v, causal=causal, layout=layout).backward(dout)
-
-        out[name] = (h.median_time(fwd, iters, warmup, sync), h.median_time(fwd_bwd, iters, warmup, sync))
+        times = {}
+        for backward in (False, True):
+            t1, tw = [], []
+            for i in range(warmup + iters):
+                dist.barrier()
+                if rank == 0:
+                    t0 = time.perf_counter()
+                    call(whole, solo[0], backward)
+                    if i >= warmup:
+                        t1.append(time.perf_counter() - t0)
+                dist.barrier()
+                t0 = time.perf_counter()
+                call(local, None, backward)
+                if i >= warmup:
+                    tw.append(time.perf_counter() - t0)
+            times[backward] = (statistics.median(t1) if t1 else None, statistics.median(tw))
+        out[name] = times
     return out
 
 
@@ -79,20 +105,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     shape = (args.seqlen, args.heads, args.headdim, args.iters, args.warmup)
-    single = h.run_ranks(1, _time_ring, *shape)[0]
     ring = h.run_ranks(args.world, _time_ring, *shape)
     rows = []
     for name, _, _ in CASES:
         row = {"case": name}
-        for i, phase in enumerate(("fwd", "fwd+bwd")):
-            t1 = single[name][i]
-            tw = max(r[name][i] for r in ring)
+        for backward, phase in ((False, "fwd"), (True, "fwd+bwd")):
+            t1 = ring[0][name][backward][0]
+            tw = max(r[name][backward][1] for r in ring)
             row[f"{phase} T1 ms"] = f"{t1 * 1e3:.1f}"
             row[f"{phase} T{args.world} ms"] = f"{tw * 1e3:.1f}"
             row[f"{phase} eff"] = f"{t1 / (args.world * tw):.3f}"
         rows.append(row)
     print(f"\nRing efficiency, {args.seqlen} tokens, batch 1, {args.heads} heads, dim {args.headdim}, fp32, "
-          f"1 thread per rank, {args.world} ranks vs 1 (median of {args.iters})")
+          f"1 thread per rank, {args.world} ranks vs 1 (medians of {args.iters}, alternating)")
     h.print_table(rows, list(rows[0].keys()))
 
     peaks = h.run_ranks(args.world, _memory, args.memory_seqlen, args.heads, args.headdim)
