@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "bindings/agreement.h"
@@ -15,6 +16,12 @@
 #include "comm/nccl_transport.h"
 #endif
 #if defined(RING_ATTN_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <type_traits>
 #include <nvtx3/nvToolsExt.h>  // header-only; a no-op unless a profiler is attached
 #endif
 #include "core/layout.h"
@@ -319,35 +326,69 @@ std::unique_ptr<Transport> group_transport(const c10::intrusive_ptr<c10d::Proces
 int rank_of(const c10::intrusive_ptr<c10d::ProcessGroup>& group) { return group ? group->getRank() : 0; }
 int world_of(const c10::intrusive_ptr<c10d::ProcessGroup>& group) { return group ? group->getSize() : 1; }
 
+#if defined(RING_ATTN_WITH_CUDA)
+// A CUDA event recorded on `stream` now, destroyed with its last owner.
+using Event = std::shared_ptr<std::remove_pointer_t<cudaEvent_t>>;
+Event record_event(cudaStream_t stream) {
+  cudaEvent_t event = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(event, stream));
+  return Event(event, [](cudaEvent_t e) { cudaEventDestroy(e); });
+}
+void stream_wait(cudaStream_t stream, const Event& event) {
+  C10_CUDA_CHECK(cudaStreamWaitEvent(stream, event.get(), 0));
+}
+#endif
+
 // In-memory exchanges between the virtual ranks of a LocalRing, all driven in lockstep by one
-// thread: a receive copies the previous rank's posted send buffer when it is waited for. The
-// schedule's phases guarantee the sender has posted by then and does not write the buffer until
-// its own wait.
+// thread. A hop's copy (the sender's send slot into the receiver's receive slot) is issued as soon
+// as both ranks have posted the exchange: by the schedule's contract a posted send slot is written
+// and a posted receive slot is free. On CPU the copy runs there and then. On CUDA it runs on the
+// receiver's communication stream after events recorded at both posts, so it overlaps the
+// computation queued behind them; wait() makes the current stream wait for the copies into and
+// out of this rank's slots (never the host).
 class LocalHub {
  public:
-  explicit LocalHub(int world) : posted_(world) {}
+  explicit LocalHub(int world) : posted_(world) {
+#if defined(RING_ATTN_WITH_CUDA)
+    comm_streams_.resize(world);
+#endif
+  }
   int world() const { return static_cast<int>(posted_.size()); }
 
   void post(int rank, const Exchange& x, const std::vector<at::Tensor>& slots) {
-    posted_[rank][key(x)] = Posted{slots.at(x.send_slot), slots.at(x.recv_slot)};
+    Posted& mine = posted_[rank][key(x)];
+    mine.send = slots.at(x.send_slot);
+    mine.recv = slots.at(x.recv_slot);
+#if defined(RING_ATTN_WITH_CUDA)
+    if (mine.send.is_cuda()) {
+      mine.posted = record_event(c10::cuda::getCurrentCUDAStream(mine.send.get_device()).stream());
+    }
+#endif
+    const int prev = mod(rank - x.offset, world()), next = mod(rank + x.offset, world());
+    copy_if_both_posted(prev, rank, x);  // into this rank
+    copy_if_both_posted(rank, next, x);  // out of it (a no-op when already done, e.g. world 1)
   }
 
   void wait(int rank, const Exchange& x) {
     const int prev = mod(rank - x.offset, world());
     auto mine = posted_[rank].find(key(x));
-    auto theirs = posted_[prev].find(key(x));
-    TORCH_CHECK(mine != posted_[rank].end() && theirs != posted_[prev].end(),
+    TORCH_CHECK(mine != posted_[rank].end() && mine->second.copied_in && mine->second.copied_out,
                 "LocalRing: virtual rank ", rank, " waits for ", channel_name(x.channel),
                 " of ring step ", x.step, " that rank ", prev,
                 " never posted: the schedule would deadlock");
-    mine->second.recv.copy_(theirs->second.send);
-    mine->second.received = true;
-    theirs->second.consumed = true;
-    erase_if_done(rank, mine);
-    erase_if_done(prev, theirs);
+#if defined(RING_ATTN_WITH_CUDA)
+    if (mine->second.recv.is_cuda()) {
+      const cudaStream_t stream =
+          c10::cuda::getCurrentCUDAStream(mine->second.recv.get_device()).stream();
+      stream_wait(stream, mine->second.in_done);   // the receive slot is filled
+      stream_wait(stream, mine->second.out_done);  // the send slot may be written again
+    }
+#endif
+    posted_[rank].erase(mine);
   }
 
-  // Every posted exchange was received and consumed.
+  // Every posted exchange was copied and waited for.
   void check_drained() const {
     for (int r = 0; r < world(); ++r) {
       TORCH_CHECK(posted_[r].empty(), "LocalRing: rank ", r, " has ", posted_[r].size(),
@@ -359,14 +400,56 @@ class LocalHub {
   struct Posted {
     at::Tensor send;
     at::Tensor recv;
-    bool received = false;
-    bool consumed = false;
+    bool copied_in = false;   // recv holds the previous rank's send
+    bool copied_out = false;  // send was copied to the next rank
+#if defined(RING_ATTN_WITH_CUDA)
+    Event posted, in_done, out_done;
+#endif
   };
   using Key = std::pair<int, int>;
   static Key key(const Exchange& x) { return {static_cast<int>(x.channel), x.step}; }
-  void erase_if_done(int rank, std::map<Key, Posted>::iterator it) {
-    if (it->second.received && it->second.consumed) posted_[rank].erase(it);
+
+  // sender's send slot -> receiver's receive slot, once both have posted exchange x.
+  void copy_if_both_posted(int sender, int receiver, const Exchange& x) {
+    auto from = posted_[sender].find(key(x));
+    auto to = posted_[receiver].find(key(x));
+    if (from == posted_[sender].end() || to == posted_[receiver].end()) return;
+    Posted& src = from->second;
+    Posted& dst = to->second;
+    if (dst.copied_in) return;
+#if defined(RING_ATTN_WITH_CUDA)
+    if (dst.recv.is_cuda()) {
+      const int device = dst.recv.get_device();
+      const c10::cuda::CUDAStream comm = comm_stream(receiver, device);
+      stream_wait(comm.stream(), src.posted);
+      stream_wait(comm.stream(), dst.posted);
+      {
+        c10::cuda::CUDAStreamGuard guard(comm);
+        dst.recv.copy_(src.send, /*non_blocking=*/true);
+      }
+      const Event done = record_event(comm.stream());
+      dst.in_done = done;
+      src.out_done = done;
+    } else
+#endif
+    {
+      dst.recv.copy_(src.send);
+    }
+    dst.copied_in = true;
+    src.copied_out = true;
   }
+
+#if defined(RING_ATTN_WITH_CUDA)
+  // Virtual rank r's communication stream (from torch's pool, created on first use).
+  c10::cuda::CUDAStream comm_stream(int rank, int device) {
+    if (!comm_streams_[rank]) {
+      comm_streams_[rank] =
+          c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device));
+    }
+    return *comm_streams_[rank];
+  }
+  std::vector<std::optional<c10::cuda::CUDAStream>> comm_streams_;
+#endif
   std::vector<std::map<Key, Posted>> posted_;
 };
 

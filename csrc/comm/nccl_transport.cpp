@@ -10,6 +10,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <list>
 #include <map>
@@ -52,10 +54,11 @@ struct Communicator {
   double timeout_s = 0;
   int step = 0;
   Channel channel = Channel::kKV;
-  int peer = 0;
+  int peer = 0;       // received from
+  int send_peer = 0;  // sent to
   std::string error;
 
-  void fail_timeout(double seconds, int step_, Channel channel_, int peer_) {
+  void fail_timeout(double seconds, int step_, Channel channel_, int peer_, int send_peer_) {
     {
       std::lock_guard<std::mutex> lock(mutex);
       if (failed) return;
@@ -64,8 +67,10 @@ struct Communicator {
       step = step_;
       channel = channel_;
       peer = peer_;
+      send_peer = send_peer_;
     }
     ncclCommAbort(comm);  // releases the kernels stuck in the exchange
+    report();
   }
 
   void fail_async(const std::string& what) {
@@ -76,15 +81,43 @@ struct Communicator {
       error = what;
     }
     ncclCommAbort(comm);
+    report();
   }
 
   // Raises the recorded failure on the calling (host) thread.
   void check() {
     std::lock_guard<std::mutex> lock(mutex);
     if (!failed) return;
-    if (timed_out) throw RingTimeoutError(timeout_s, step, channel, /*receiving=*/true, peer);
+    throw_failure();
+  }
+
+ private:
+  [[noreturn]] void throw_failure() const {
+    if (timed_out) {
+      throw RingTimeoutError(timeout_s, step, channel, /*receiving=*/true, peer, send_peer);
+    }
     throw std::runtime_error("ring attention (NCCL transport): rank " + std::to_string(rank) +
                              ": the communicator failed and was aborted: " + error);
+  }
+
+  // The watchdog notices a failure after the ring call has returned (the host never waits on the
+  // streams), and the outputs of the calls in flight are garbage. So it says so at once on stderr,
+  // and with RING_ATTN_NCCL_ABORT_ON_ERROR=1 ends the process, as torch's NCCL watchdog does;
+  // otherwise the next ring call over this group raises the error.
+  void report() const {
+    std::string message;
+    try {
+      throw_failure();
+    } catch (const std::exception& e) {
+      message = e.what();
+    }
+    std::fprintf(stderr,
+                 "[ring_attention rank %d] %s The outputs of ring calls still in flight on this "
+                 "group are invalid; the next ring call over it raises this error.\n",
+                 rank, message.c_str());
+    std::fflush(stderr);
+    const char* abort_env = std::getenv("RING_ATTN_NCCL_ABORT_ON_ERROR");
+    if (abort_env != nullptr && std::string(abort_env) == "1") std::abort();
   }
 };
 
@@ -95,7 +128,8 @@ struct Pending {
   cudaEvent_t done = nullptr;
   int step = 0;
   Channel channel = Channel::kKV;
-  int peer = 0;  // the rank received from
+  int peer = 0;       // the rank received from
+  int send_peer = 0;  // the rank sent to
   double timeout_s = 0;
   std::atomic<bool> finished{false};
   Clock::time_point started;  // when `ready` was first seen complete (watchdog only)
@@ -157,7 +191,7 @@ class Watchdog {
         }
         if (p.started_known && p.timeout_s > 0 &&
             std::chrono::duration<double>(now - p.started).count() > p.timeout_s) {
-          p.comm->fail_timeout(p.timeout_s, p.step, p.channel, p.peer);
+          p.comm->fail_timeout(p.timeout_s, p.step, p.channel, p.peer, p.send_peer);
           it = pending_.erase(it);
           continue;
         }
@@ -289,6 +323,7 @@ class NcclTransport final : public Transport {
     p->step = x.step;
     p->channel = x.channel;
     p->peer = prev;
+    p->send_peer = next;
     p->timeout_s = timeout_s_;
     RA_CUDA_CHECK(cudaEventCreateWithFlags(&p->ready, cudaEventDisableTiming));
     RA_CUDA_CHECK(cudaEventCreateWithFlags(&p->done, cudaEventDisableTiming));

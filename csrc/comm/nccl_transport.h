@@ -16,9 +16,11 @@
 //
 // Deadlines: a watchdog thread polls the events of outstanding exchanges. An exchange whose `ready`
 // completed more than RING_ATTN_TIMEOUT seconds ago without `done` aborts the communicator
-// (ncclCommAbort, which also releases the stream) and the next post()/wait()/ring call of any
-// transport over that group raises RingTimeoutError on the host thread. NCCL fuses the send and
-// the receive of a hop into one kernel, so the error names the receive from the previous rank.
+// (ncclCommAbort, which also releases the stream), prints the error on stderr at once (the call
+// whose exchange hung has returned already: its outputs are invalid), and the next
+// post()/wait()/ring call of any transport over that group raises RingTimeoutError on the host
+// thread. RING_ATTN_NCCL_ABORT_ON_ERROR=1 ends the process instead, as torch's NCCL watchdog does.
+// NCCL fuses the send and the receive of a hop into one kernel, so the error names both peers.
 // Under CUDA graph capture exchanges carry no deadline (captured events cannot be queried), and
 // the communicator must exist before capture (run one ring call first): creating it communicates.
 #pragma once

@@ -9,24 +9,32 @@ const char* channel_name(Channel channel) {
 }
 
 static std::string timeout_message(double seconds, int step, Channel channel, bool receiving,
-                                   int peer) {
+                                   int peer, int send_peer) {
+  char what[160];
+  if (send_peer >= 0) {  // one fused operation (NCCL): either half may be the stuck one
+    std::snprintf(what, sizeof(what), "exchanging %s (sending to rank %d, receiving from rank %d "
+                  "in one NCCL operation)", channel_name(channel), send_peer, peer);
+  } else {
+    std::snprintf(what, sizeof(what), "%s %s %s rank %d", receiving ? "receiving" : "sending",
+                  channel_name(channel), receiving ? "from" : "to", peer);
+  }
   char buf[512];
   std::snprintf(buf, sizeof(buf),
-                "ring attention: timed out after %.3g s at ring step %d while %s %s %s rank %d "
+                "ring attention: timed out after %.3g s at ring step %d while %s "
                 "(RING_ATTN_TIMEOUT). A peer may have died, diverged or not called the same "
                 "function; the process group may be unusable after this error, as after any "
                 "collective timeout.",
-                seconds, step, receiving ? "receiving" : "sending", channel_name(channel),
-                receiving ? "from" : "to", peer);
+                seconds, step, what);
   return buf;
 }
 
 RingTimeoutError::RingTimeoutError(double seconds, int step_, Channel channel, bool receiving_,
-                                   int peer_)
-    : std::runtime_error(timeout_message(seconds, step_, channel, receiving_, peer_)),
+                                   int peer_, int send_peer_)
+    : std::runtime_error(timeout_message(seconds, step_, channel, receiving_, peer_, send_peer_)),
       step(step_),
       peer(peer_),
-      receiving(receiving_) {}
+      receiving(receiving_),
+      send_peer(send_peer_) {}
 
 // ---------------------------------------------------------------------------------------------
 // Forward

@@ -72,13 +72,17 @@ class BlockOps {
   virtual void add_grad(int dst_slot, int src_slot) = 0;
 };
 
-// Raised when a ring wait passes its deadline.
+// Raised when a ring wait passes its deadline: `receiving` from `peer`, or sending to it. A
+// transport that runs both halves of a hop as one operation (NCCL) passes send_peer >= 0: then
+// `peer` is the rank received from, send_peer the rank sent to, and the message names both.
 class RingTimeoutError : public std::runtime_error {
  public:
-  RingTimeoutError(double seconds, int step, Channel channel, bool receiving, int peer);
+  RingTimeoutError(double seconds, int step, Channel channel, bool receiving, int peer,
+                   int send_peer = -1);
   int step;
   int peer;
   bool receiving;
+  int send_peer;
 };
 
 inline int mod(int a, int n) { return ((a % n) + n) % n; }

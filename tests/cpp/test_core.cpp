@@ -415,6 +415,12 @@ static void test_timeout_message() {
   CHECK(msg.find("receiving K/V from rank 1") != std::string::npos);
   CHECK(msg.find("unusable") != std::string::npos);
   CHECK(e.step == 3 && e.peer == 1 && e.receiving);
+  RingTimeoutError sending(1.0, 0, Channel::kGradKV, false, 2);
+  CHECK(std::string(sending.what()).find("sending dK/dV to rank 2") != std::string::npos);
+  RingTimeoutError fused(1.0, 2, Channel::kKV, true, 3, 1);  // NCCL: one operation per hop
+  const std::string both = fused.what();
+  CHECK(both.find("exchanging K/V (sending to rank 1, receiving from rank 3") != std::string::npos);
+  CHECK(both.find("ring step 2") != std::string::npos && fused.send_peer == 1);
 }
 
 int main() {
