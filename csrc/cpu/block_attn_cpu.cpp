@@ -9,9 +9,11 @@
 //
 // Instruction sets: the tile kernels are compiled three times (portable, AVX2+FMA, AVX-512) in
 // this one file, the vector ones inside `#pragma GCC target` regions, and the best one the CPU
-// supports is picked at the first call (env RING_ATTN_CPU_KERNEL=generic|avx2|avx512 caps it). The
-// rest of the file is compiled for the build's baseline, so the library runs on any x86-64 and is
-// fast where AVX-512 is available.
+// supports is picked at the first call (env RING_ATTN_CPU_KERNEL=generic|avx2|avx512|amx caps it).
+// Where the CPU has AMX-BF16, the forward's two GEMMs run on the AMX tile unit with fp32 operands
+// split into bf16 planes (block_attn_amx.inc; float32 and bfloat16 inputs; "avx512" turns it off).
+// The rest of the file is compiled for the build's baseline, so the library runs on any x86-64 and
+// is fast where AVX-512 is available.
 //
 // Layouts per call (copies are O(seq * headdim), paid once per call, never per tile):
 //   K (and V in backward) as K^T packed in panels of kPanel keys (Tiles::kPanel): panel p of head
@@ -53,6 +55,8 @@
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define RA_CPU_X86 1
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #else
 #define RA_CPU_X86 0
 #endif
@@ -467,11 +471,51 @@ void check_shape(const BlockShape& s) {
               s.nheads_kv, ")");
 }
 
+// ---- AMX ----------------------------------------------------------------------------------------
+
+#if RA_CPU_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma")
+#endif
+namespace amx {
+#include "cpu/block_attn_amx.inc"
+}  // namespace amx
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// AMX is used when the CPU has it (amx-tile, amx-bf16, avx512-bf16), the kernel may use it
+// (RING_ATTN_CPU_KERNEL unset or "amx") and Linux grants this process the tile state.
+bool amx_usable() {
+  static const bool usable = [] {
+    if (const char* env = std::getenv("RING_ATTN_CPU_KERNEL")) {
+      if (*env != '\0' && std::string(env) != "amx") return false;
+    }
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+        !__builtin_cpu_supports("avx512bf16") || best_isa() != Isa::kAvx512)
+      return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+#else
+bool amx_usable() { return false; }
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <class Tl, typename scalar_t>
+// kAmx: the GEMMs run on the AMX tile unit (block_attn_amx.inc; float32 and bfloat16 inputs);
+// everything else (masks, softmax, merge) is Tl's.
+template <class Tl, typename scalar_t, bool kAmx = false>
 void fwd_impl(const BlockFwdParams& p) {
   using acc_t = typename Tl::T;
   constexpr int64_t W = Tl::W;
@@ -505,30 +549,45 @@ void fwd_impl(const BlockFwdParams& p) {
   std::stable_sort(live_qt.begin(), live_qt.end(),
                    [&](int64_t a, int64_t b) { return work[a] > work[b]; });
 
-  using In = const scalar_t*;
-  const auto Qr = head_rows<scalar_t, acc_t>(In(p.q), p.q_strides, B, Sq, H, D, D, kPackQ);
-  const acc_t* Kt =
-      pack_panels<scalar_t, acc_t>(In(p.k), p.k_strides, B, Sk, Hkv, D, Tl::kPanel, kPackK);
-  const int64_t kt_head = cdiv(Sk, Tl::kPanel) * D * Tl::kPanel;
-  const auto Vr = head_rows<scalar_t, acc_t>(In(p.v), p.v_strides, B, Sk, Hkv, D, Dp, kPackV);
-
-  auto* out = static_cast<acc_t*>(p.out_acc);
-  auto* lse = static_cast<acc_t*>(p.lse);
   // The softmax runs in base 2: scores come out of the GEMM as log2(e) * scale * q.k, the running
   // max m is in those units, and lse = ln(2) * (m + log2(l)).
   const acc_t scale2 = static_cast<acc_t>(p.softmax_scale * kLog2e);
   const int64_t kc = tu.kc;
 
+  using In = const scalar_t*;
+  HeadRows<acc_t> Qr{}, Vr{};
+  const acc_t* Kt = nullptr;
+  const int64_t kt_head = cdiv(Sk, Tl::kPanel) * D * Tl::kPanel;
+#if RA_CPU_X86
+  amx::Operands xo{};
+#endif
+  if constexpr (kAmx) {
+#if RA_CPU_X86
+    xo = amx::pack<scalar_t>(p, static_cast<float>(scale2), Dp, kPackQ, kPackK, kPackV);
+#endif
+  } else {
+    Qr = head_rows<scalar_t, acc_t>(In(p.q), p.q_strides, B, Sq, H, D, D, kPackQ);
+    Kt = pack_panels<scalar_t, acc_t>(In(p.k), p.k_strides, B, Sk, Hkv, D, Tl::kPanel, kPackK);
+    Vr = head_rows<scalar_t, acc_t>(In(p.v), p.v_strides, B, Sk, Hkv, D, Dp, kPackV);
+  }
+
+  auto* out = static_cast<acc_t*>(p.out_acc);
+  auto* lse = static_cast<acc_t*>(p.lse);
+  const int64_t LDP = round_up(BK, 32);  // AMX: bf16 planes of P
+
   struct Scratch {
     acc_t *s, *rowmax, *o, *m, *l;
     uint8_t* seen;
     SubTile* sub;
+    uint16_t* p_planes;
   };
   auto make_scratch = [&] {
+    const int64_t p_elems = kAmx ? 2 * BQ * LDP : 0;  // amx::kPPlanes
     const size_t bytes = Carver::bytes_for<acc_t>(BQ * LDS) + Carver::bytes_for<acc_t>(BQ * W) +
                          Carver::bytes_for<acc_t>(BQ * Dp) + 2 * Carver::bytes_for<acc_t>(BQ) +
                          Carver::bytes_for<uint8_t>(BQ) +
-                         Carver::bytes_for<SubTile>(cdiv(BQ, kSubRows));
+                         Carver::bytes_for<SubTile>(cdiv(BQ, kSubRows)) +
+                         Carver::bytes_for<uint16_t>(p_elems);
     Carver c(kTileSlot, bytes);
     Scratch ws;
     ws.s = c.take<acc_t>(BQ * LDS);
@@ -538,6 +597,7 @@ void fwd_impl(const BlockFwdParams& p) {
     ws.l = c.take<acc_t>(BQ);
     ws.seen = c.take<uint8_t>(BQ);
     ws.sub = c.take<SubTile>(cdiv(BQ, kSubRows));
+    ws.p_planes = c.take<uint16_t>(p_elems);
     return ws;
   };
 
@@ -570,31 +630,46 @@ void fwd_impl(const BlockFwdParams& p) {
       }
     }
 
-    const acc_t* Q = Qr.ptr(b, h) + q0 * Qr.ld;
-    const acc_t* Kt_head = Kt + (b * Hkv + hk) * kt_head;
-    const acc_t* V_head = Vr.ptr(b, hk);
-
     // One block of rows [r0, r0 + nr) x columns [c0, c1) of the tile at key k0: scores, mask,
     // online softmax, O += P V. Row maxima come out of the score pass when every computed column
-    // is a visible key.
+    // is a visible key (not with AMX: the tile unit has no max).
     auto block = [&](int64_t k0, int64_t r0, int64_t nr, int64_t c0, int64_t c1, bool masked) {
       const int64_t ncol = c1 - c0, ncolp = round_up(ncol, W);
       acc_t* Sb = S + r0 * LDS + c0;
-      acc_t* rowmax = !masked && ncol == ncolp ? ws.rowmax : nullptr;
-      Tl::scores(nr, ncolp, D, scale2, Q + r0 * Qr.ld, Qr.ld, Kt_head + (k0 + c0) * D, Sb, LDS,
-                 rowmax);
+      acc_t* rowmax = !kAmx && !masked && ncol == ncolp ? ws.rowmax : nullptr;
+      [[maybe_unused]] const int64_t nr16 = round_up(nr, 16);
+      if constexpr (kAmx) {
+#if RA_CPU_X86
+        amx::scores(xo, xo.q_head(b * H + h), xo.k_head(b * Hkv + hk), q0 + r0, nr16, k0 + c0,
+                    ncolp, Sb, LDS);
+#endif
+      } else {
+        Tl::scores(nr, ncolp, D, scale2, Qr.ptr(b, h) + (q0 + r0) * Qr.ld, Qr.ld,
+                   Kt + (b * Hkv + hk) * kt_head + (k0 + c0) * D, Sb, LDS, rowmax);
+      }
       if (masked)
         Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
       if (!Tl::fwd_softmax(Sb, LDS, nr, ncol, rowmax, masked, ws.m + r0, ws.l + r0, ws.seen + r0,
                            O + r0 * Dp, Dp, Dp))
         return;
-      Tl::gemm_nn(nr, Dp, ncol, acc_t(1), Sb, LDS, V_head + (k0 + c0) * Vr.ld, Vr.ld, 1,
-                  O + r0 * Dp, Dp, true, nullptr, kc);
+      if constexpr (kAmx) {
+#if RA_CPU_X86
+        amx::pv(xo, xo.v_head(b * Hkv + hk), Sb, LDS, nr, nr16, k0 + c0, ncol, ws.p_planes, LDP,
+                O + r0 * Dp, Dp);
+#endif
+      } else {
+        const acc_t* V_head = Vr.ptr(b, hk);
+        Tl::gemm_nn(nr, Dp, ncol, acc_t(1), Sb, LDS, V_head + (k0 + c0) * Vr.ld, Vr.ld, 1,
+                    O + r0 * Dp, Dp, true, nullptr, kc);
+      }
     };
 
     int64_t last_kt = -1;
     for (int64_t kt = 0; kt < nkt; ++kt)
       if (mp.kind(qt, kt) != TileKind::kSkip) last_kt = kt;
+#if RA_CPU_X86
+    if constexpr (kAmx) amx::configure();  // per task: the tile state is live only while it runs
+#endif
     for (int64_t kt = 0; kt < nkt; ++kt) {
       const TileKind kind = mp.kind(qt, kt);
       if (kind == TileKind::kSkip) continue;
@@ -611,6 +686,10 @@ void fwd_impl(const BlockFwdParams& p) {
         }
       }
     }
+
+#if RA_CPU_X86
+    if constexpr (kAmx) amx::release();
+#endif
 
     // Epilogue: the normalised output and lse of the rows that saw a key (the others keep their
     // state bit for bit).
@@ -850,12 +929,19 @@ void bwd_impl(const BlockBwdParams& p) {
 
 // ---- dispatch --------------------------------------------------------------------------------
 
+// Head dims up to this take the AMX path (its packing rows live on the stack).
+constexpr int64_t kAmxMaxHeadDim = 512;
+
 template <template <typename> class Tl>
 void fwd_dtype(const BlockFwdParams& p) {
+  const bool amx = Tl<float>::kIsAvx512 && amx_usable() && p.shape.headdim <= kAmxMaxHeadDim;
   switch (p.dtype) {
-    case DType::kFloat32: return fwd_impl<Tl<float>, float>(p);
+    case DType::kFloat32:
+      return amx ? fwd_impl<Tl<float>, float, true>(p) : fwd_impl<Tl<float>, float>(p);
     case DType::kFloat64: return fwd_impl<Tl<double>, double>(p);
-    case DType::kBFloat16: return fwd_impl<Tl<float>, c10::BFloat16>(p);
+    case DType::kBFloat16:
+      return amx ? fwd_impl<Tl<float>, c10::BFloat16, true>(p)
+                 : fwd_impl<Tl<float>, c10::BFloat16>(p);
     case DType::kFloat16: return fwd_impl<Tl<float>, c10::Half>(p);
   }
   TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
@@ -898,7 +984,7 @@ void block_attn_bwd(const BlockBwdParams& p) {
 
 const char* cpu_kernel_isa() {
   switch (active_isa()) {
-    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512: return amx_usable() ? "avx512+amx" : "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "generic";
   }
