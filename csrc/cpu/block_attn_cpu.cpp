@@ -750,16 +750,15 @@ void bwd_impl(const BlockBwdParams& p) {
   const acc_t *Kt = nullptr, *Vt = nullptr;
   const int64_t kt_head = cdiv(Sk, Tl::kPanel) * D * Tl::kPanel;
 #if RA_CPU_X86
-  // AMX operands: Q rows prescaled (scores), dO rows (dP), K and V groups (scores, dP), K pairs
-  // (dQ), Q^T and dO^T (dK^T, dV^T).
+  // AMX operands: Q rows (scores, amx::pack_scores_q), dO rows (dP), K and V groups (scores, dP),
+  // K pairs (dQ), Q^T and dO^T (dK^T, dV^T).
   amx::Packed xq, xo, xk, xv, xk_pairs, xq_t, xo_t;
 #endif
   if constexpr (kAmx) {
 #if RA_CPU_X86
     using amx::Layout;
-    const int in = std::is_same_v<scalar_t, float> ? amx::kMaxPlanes : 1;
-    const float s2 = static_cast<float>(scale2);
-    xq = amx::pack(In(p.q), p.q_strides, B, Sq, H, D, s2, amx::kMaxPlanes, Layout::kRows, kPackQ);
+    constexpr int in = amx::input_planes<scalar_t>();
+    xq = amx::pack_scores_q(In(p.q), p.q_strides, B, Sq, H, D, static_cast<float>(scale2), kPackQ);
     xo = amx::pack(In(p.dout), p.dout_strides, B, Sq, H, D, 1.f, in, Layout::kRows, kPackO);
     xk = amx::pack(In(p.k), p.k_strides, B, Sk, Hkv, D, 1.f, in, Layout::kGroups, kPackK);
     xv = amx::pack(In(p.v), p.v_strides, B, Sk, Hkv, D, 1.f, in, Layout::kGroups, kPackV);
