@@ -238,6 +238,27 @@ RA_DEV void c_to_a(uint32_t (&a)[4], const float (&c)[N][4], int j) {
   a[3] = pack2<kBF16>(c[2 * j + 1][2], c[2 * j + 1][3]);
 }
 
+// acc (16 rows x kNbO * 8 columns, C fragments) += A B for one warp: A (16 x kKc * 16) from the
+// C fragments a (rounded to 16 bits, as FlashAttention rounds P), B rows [0, kKc * 16) of a
+// k-major smem tile (pitch kPitch): O += P V, dQ += dS K.
+template <bool kBF16, int kKc, int kNbO, int kPitch, int kNbA>
+RA_DEV void mma_frags_by_kn(float (&acc)[kNbO][4], const float (&a)[kNbA][4], const uint16_t* b,
+                            int lane) {
+  static_assert(kNbA == 2 * kKc, "A fragments: two n-blocks per k-chunk");
+  RA_UNROLL
+  for (int j = 0; j < kKc; ++j) {
+    uint32_t af[4];
+    c_to_a<kBF16>(af, a, j);
+    RA_UNROLL
+    for (int t = 0; t < kNbO / 2; ++t) {
+      uint32_t bf[4];
+      load_b_kn<kPitch>(bf, b, j * 16, t * 16, lane);
+      mma_16816<kBF16>(acc[2 * t], af, bf[0], bf[1]);
+      mma_16816<kBF16>(acc[2 * t + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -404,18 +425,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
     }
 
     // O += P V
-    RA_UNROLL
-    for (int j = 0; j < kKcPV; ++j) {
-      uint32_t pa[4];
-      c_to_a<kBF16>(pa, s, j);
-      RA_UNROLL
-      for (int t = 0; t < kNbO / 2; ++t) {
-        uint32_t vb[4];
-        load_b_kn<kStride>(vb, tV, j * 16, t * 16, lane);
-        mma_16816<kBF16>(acc[2 * t], pa, vb[0], vb[1]);
-        mma_16816<kBF16>(acc[2 * t + 1], pa, vb[2], vb[3]);
-      }
-    }
+    mma_frags_by_kn<kBF16, kKcPV, kNbO, kStride>(acc, s, tV, lane);
 
     if (nxt.index < 0) break;
     cur = nxt;
@@ -849,18 +859,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
     }
 
     // dQ += dS K (dS rounded to 16 bits, as P before P V in the forward)
-    RA_UNROLL
-    for (int j = 0; j < kKcK; ++j) {
-      uint32_t da[4];
-      c_to_a<kBF16>(da, s, j);
-      RA_UNROLL
-      for (int t = 0; t < kNbO / 2; ++t) {
-        uint32_t kb[4];
-        load_b_kn<kStride>(kb, tK, j * 16, t * 16, lane);
-        mma_16816<kBF16>(acc[2 * t], da, kb[0], kb[1]);
-        mma_16816<kBF16>(acc[2 * t + 1], da, kb[2], kb[3]);
-      }
-    }
+    mma_frags_by_kn<kBF16, kKcK, kNbO, kStride>(acc, s, tK, lane);
 
     if (nxt.index < 0) break;
     cur = nxt;
