@@ -238,6 +238,27 @@ RA_DEV void c_to_a(uint32_t (&a)[4], const float (&c)[N][4], int j) {
   a[3] = pack2<kBF16>(c[2 * j + 1][2], c[2 * j + 1][3]);
 }
 
+// Calls f(nb, i, r, visible) for each score fragment element s[nb][i] of this thread: i = 2r + e
+// is row r (of the two) and key k0 + nb*8 + 2*t4 + e; visible says whether the row sees the key
+// (true throughout when !need_mask, i.e. a full tile with every key in range).
+template <int kNb, typename F>
+RA_DEV void for_each_score(int k0, int Sk, bool need_mask, const PositionRange (&seen)[2],
+                           const int32_t* k_pos, int t4, F&& f) {
+  RA_UNROLL
+  for (int nb = 0; nb < kNb; ++nb) {
+    RA_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int key = k0 + nb * 8 + t4 * 2 + e;
+      const bool in_range = key < Sk;
+      const int64_t kpos = need_mask && in_range ? k_pos[key] : 0;
+      RA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        f(nb, 2 * r + e, r, !need_mask || (in_range && is_visible(seen[r], kpos)));
+      }
+    }
+  }
+}
+
 // acc (16 rows x kNbO * 8 columns, C fragments) += A B for one warp: A (16 x kKc * 16) from the
 // C fragments a (rounded to 16 bits, as FlashAttention rounds P), B rows [0, kKc * 16) of a
 // k-major smem tile (pitch kPitch): O += P V, dQ += dS K.
@@ -370,22 +391,12 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
       }
     }
 
-    // Scale and mask: element (nb, 2r + e) is row r, key k0 + nb*8 + 2*t4 + e.
+    // Scale and mask.
     const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
-    RA_UNROLL
-    for (int nb = 0; nb < kNbS; ++nb) {
-      RA_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int key = k0 + nb * 8 + t4 * 2 + e;
-        const bool in_range = key < Sk;
-        const int64_t kpos = need_mask && in_range ? p.k_pos[key] : 0;
-        RA_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const bool visible = !need_mask || (in_range && is_visible(seen[r], kpos));
-          s[nb][2 * r + e] = visible ? s[nb][2 * r + e] * scale : ninf;
-        }
-      }
-    }
+    for_each_score<kNbS>(k0, Sk, need_mask, seen, p.k_pos, t4,
+                         [&](int nb, int i, int, bool visible) {
+                           s[nb][i] = visible ? s[nb][i] * scale : ninf;
+                         });
 
     // Online softmax (a row's 64 scores live in the 4 lanes of a quad).
     float mx[2] = {ninf, ninf};
@@ -839,24 +850,13 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
       }
     }
 
-    // In place: dS = P (dP - delta), P = exp(scale S - lse), 0 where masked. Element (nb, 2r + e)
-    // is row r, key k0 + nb*8 + 2*t4 + e.
+    // In place: dS = P (dP - delta), P = exp(scale S - lse), 0 where masked.
     const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
-    RA_UNROLL
-    for (int nb = 0; nb < kNbS; ++nb) {
-      RA_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int key = k0 + nb * 8 + t4 * 2 + e;
-        const bool in_range = key < Sk;
-        const int64_t kpos = need_mask && in_range ? p.k_pos[key] : 0;
-        RA_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const bool visible = !need_mask || (in_range && is_visible(seen[r], kpos));
-          const float pe = visible ? fast_exp(s[nb][2 * r + e] * scale - lse[r]) : 0.f;
-          s[nb][2 * r + e] = pe * (dp[nb][2 * r + e] - delta[r]);
-        }
-      }
-    }
+    for_each_score<kNbS>(k0, Sk, need_mask, seen, p.k_pos, t4,
+                         [&](int nb, int i, int r, bool visible) {
+                           const float pe = visible ? fast_exp(s[nb][i] * scale - lse[r]) : 0.f;
+                           s[nb][i] = pe * (dp[nb][i] - delta[r]);
+                         });
 
     // dQ += dS K (dS rounded to 16 bits, as P before P V in the forward)
     mma_frags_by_kn<kBF16, kKcK, kNbO, kStride>(acc, s, tK, lane);
