@@ -60,6 +60,13 @@
 #else
 #define RA_CPU_X86 0
 #endif
+// AMX intrinsics: GCC 11, clang 12.
+#if RA_CPU_X86 && ((defined(__clang__) && __clang_major__ >= 12) || \
+                   (!defined(__clang__) && __GNUC__ >= 11))
+#define RA_CPU_AMX 1
+#else
+#define RA_CPU_AMX 0
+#endif
 
 // ATen's at::parallel_for is a header template: with the OpenMP backend it only runs in parallel
 // when this file itself is compiled with OpenMP (-fopenmp, CMake's OpenMP::OpenMP_CXX).
@@ -475,7 +482,7 @@ void check_shape(const BlockShape& s) {
 
 // ---- AMX ----------------------------------------------------------------------------------------
 
-#if RA_CPU_X86
+#if RA_CPU_AMX
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma"))), apply_to = function)
 #else
@@ -560,11 +567,11 @@ void fwd_impl(const BlockFwdParams& p) {
   HeadRows<acc_t> Qr{}, Vr{};
   const acc_t* Kt = nullptr;
   const int64_t kt_head = cdiv(Sk, Tl::kPanel) * D * Tl::kPanel;
-#if RA_CPU_X86
+#if RA_CPU_AMX
   amx::FwdOperands xo{};
 #endif
   if constexpr (kAmx) {
-#if RA_CPU_X86
+#if RA_CPU_AMX
     xo = amx::pack_fwd<scalar_t>(p, static_cast<float>(scale2), kPackQ, kPackK, kPackV);
 #endif
   } else {
@@ -641,7 +648,7 @@ void fwd_impl(const BlockFwdParams& p) {
       acc_t* rowmax = !kAmx && !masked && ncol == ncolp ? ws.rowmax : nullptr;
       [[maybe_unused]] const int64_t nr16 = round_up(nr, 16);
       if constexpr (kAmx) {
-#if RA_CPU_X86
+#if RA_CPU_AMX
         amx::rows_by_groups(xo.q, xo.q.head(b * H + h), xo.k, xo.k.head(b * Hkv + hk), q0 + r0,
                             nr16, k0 + c0, ncolp, Sb, LDS);
 #endif
@@ -655,7 +662,7 @@ void fwd_impl(const BlockFwdParams& p) {
                            O + r0 * Dp, Dp, Dp))
         return;
       if constexpr (kAmx) {
-#if RA_CPU_X86
+#if RA_CPU_AMX
         amx::split_by_pairs(Sb, LDS, nr, nr16, ncol, amx::kPPlanes, ws.p_planes, LDP, xo.v,
                             xo.v.head(b * Hkv + hk), k0 + c0, O + r0 * Dp, Dp);
 #endif
@@ -669,7 +676,7 @@ void fwd_impl(const BlockFwdParams& p) {
     int64_t last_kt = -1;
     for (int64_t kt = 0; kt < nkt; ++kt)
       if (mp.kind(qt, kt) != TileKind::kSkip) last_kt = kt;
-#if RA_CPU_X86
+#if RA_CPU_AMX
     if constexpr (kAmx) amx::configure();  // per task: the tile state is live only while it runs
 #endif
     for (int64_t kt = 0; kt < nkt; ++kt) {
@@ -689,7 +696,7 @@ void fwd_impl(const BlockFwdParams& p) {
       }
     }
 
-#if RA_CPU_X86
+#if RA_CPU_AMX
     if constexpr (kAmx) amx::release();
 #endif
 
@@ -749,13 +756,13 @@ void bwd_impl(const BlockBwdParams& p) {
   HeadRows<acc_t> Qr{}, Or{}, Kr{};
   const acc_t *Kt = nullptr, *Vt = nullptr;
   const int64_t kt_head = cdiv(Sk, Tl::kPanel) * D * Tl::kPanel;
-#if RA_CPU_X86
+#if RA_CPU_AMX
   // AMX operands: Q rows (scores, amx::pack_scores_q), dO rows (dP), K and V groups (scores, dP),
   // K pairs (dQ), Q^T and dO^T (dK^T, dV^T).
   amx::Packed xq, xo, xk, xv, xk_pairs, xq_t, xo_t;
 #endif
   if constexpr (kAmx) {
-#if RA_CPU_X86
+#if RA_CPU_AMX
     using amx::Layout;
     constexpr int in = amx::input_planes<scalar_t>();
     xq = amx::pack_scores_q(In(p.q), p.q_strides, B, Sq, H, D, static_cast<float>(scale2), kPackQ);
@@ -832,7 +839,7 @@ void bwd_impl(const BlockBwdParams& p) {
 
     const acc_t* Kt_head = Kt + (b * Hkv + hk) * kt_head;
     const acc_t* Vt_head = Vt + (b * Hkv + hk) * kt_head;
-#if RA_CPU_X86
+#if RA_CPU_AMX
     if constexpr (kAmx) amx::configure();  // per task: the tile state is live only while it runs
 #endif
 
@@ -884,7 +891,7 @@ void bwd_impl(const BlockBwdParams& p) {
             // P = exp(scale * Q K^T - lse) = 2^(scale2 * Q K^T - log2(e) * lse); 0 where masked
             // and on rows that saw nothing.
             if constexpr (kAmx) {
-#if RA_CPU_X86
+#if RA_CPU_AMX
               amx::rows_by_groups(xq, xq.head(b * H + h), xk, xk.head(b * Hkv + hk), q0 + r0, nr16,
                                   k0 + c0, ncolp, Sb, LDS);
 #endif
@@ -897,7 +904,7 @@ void bwd_impl(const BlockBwdParams& p) {
             Tl::bwd_probs(Sb, LDS, nr, ncol, lse_h + q0 + r0, st.mask);
             // dP = dO V^T;  dS = scale * P * (dP - delta);  dQ += dS K
             if constexpr (kAmx) {
-#if RA_CPU_X86
+#if RA_CPU_AMX
               amx::rows_by_groups(xo, xo.head(b * H + h), xv, xv.head(b * Hkv + hk), q0 + r0, nr16,
                                   k0 + c0, ncolp, dPb, LDS);
               Tl::bwd_ds(Sb, dPb, LDS, nr, ncol, delta_h + q0 + r0, scale);
@@ -936,7 +943,7 @@ void bwd_impl(const BlockBwdParams& p) {
             }
             const int64_t r0 = ws.sub[first].r0, nr = ws.sub[last].r0 + ws.sub[last].nr - r0;
             if constexpr (kAmx) {
-#if RA_CPU_X86
+#if RA_CPU_AMX
               amx::transposed_by_split(xo_t, xo_t.head(b * H + h), q0 + r0, S + r0 * LDS + c, LDS,
                                        nr, ncol, amx::kPPlanes, ws.x_planes, kSubCols, dVt + c,
                                        BK);
@@ -972,7 +979,7 @@ void bwd_impl(const BlockBwdParams& p) {
         }
       }
     }
-#if RA_CPU_X86
+#if RA_CPU_AMX
     if constexpr (kAmx) amx::release();
 #endif
   });
