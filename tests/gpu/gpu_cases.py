@@ -174,16 +174,22 @@ def block_bwd(device, dout, q, k, v, c, out, lse, scale, init=None, deterministi
     return [a.cpu() - i for a, i in zip(acc, init)]
 
 
+def block_case(seed, batch, sq, sk, heads, heads_kv, headdim, mask, dtype, scale):
+    """A block case: random (q, k, v, dout), its mask case and the float64 and same-precision
+    references (FA rule) -> (q, k, v, dout, c, ref, low)."""
+    q, k, v, dout = random_inputs(seed, batch, sq, sk, heads, heads_kv, headdim, dtype)
+    c = mask_case(mask, sq, sk, seed)
+    vis = visible(c)
+    return (q, k, v, dout, c, reference(q, k, v, dout, vis, scale, torch.float64),
+            reference(q, k, v, dout, vis, scale, dtype))
+
+
 def check_block(device, dtype, sq, sk, heads, heads_kv, headdim, mask, batch=2, scale=0.3):
     """Forward and backward of one block pair against the float64 reference (FA rule), including
     rows that see nothing (out exactly 0, lse -inf, no NaN)."""
     seed = seed_of(sq, sk, heads, heads_kv, headdim, mask, str(dtype))
-    q, k, v, dout = random_inputs(seed, batch, sq, sk, heads, heads_kv, headdim, dtype)
-    c = mask_case(mask, sq, sk, seed)
-    vis = visible(c)
-    ref = reference(q, k, v, dout, vis, scale, torch.float64)
-    low = reference(q, k, v, dout, vis, scale, dtype)
-
+    q, k, v, dout, c, ref, low = block_case(seed, batch, sq, sk, heads, heads_kv, headdim, mask,
+                                            dtype, scale)
     out, lse = block_fwd(device, q, [(k, v, c["k_pos"])], c, scale)
     assert_fa_rule("out", out, ref[0], low[0], dtype)
     assert_fa_rule("lse", lse, ref[1], low[1], dtype)
@@ -200,11 +206,8 @@ def check_deterministic_bwd(device, dtype, mask, heads=4, heads_kv=2):
     same bits on every run, also when adding into accumulators that already hold values."""
     sq, sk, headdim, scale = 150, 200, 64, 0.3
     seed = seed_of("deterministic", mask, heads, heads_kv, str(dtype))
-    q, k, v, dout = random_inputs(seed, 2, sq, sk, heads, heads_kv, headdim, dtype)
-    c = mask_case(mask, sq, sk, seed)
-    vis = visible(c)
-    ref = reference(q, k, v, dout, vis, scale, torch.float64)
-    low = reference(q, k, v, dout, vis, scale, dtype)
+    q, k, v, dout, c, ref, low = block_case(seed, 2, sq, sk, heads, heads_kv, headdim, mask, dtype,
+                                            scale)
     out, lse = block_fwd(device, q, [(k, v, c["k_pos"])], c, scale)
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(t.shape, generator=gen) for t in (q, k, v)]
@@ -220,12 +223,8 @@ def check_deterministic_bwd(device, dtype, mask, heads=4, heads_kv=2):
 def check_merge_order(device, dtype, mask):
     """block_fwd over two key blocks (either order) equals attention over their concatenation."""
     sq, sk1, sk2, scale = 37, 20, 45, 0.25
-    seed = seed_of("merge", mask, str(dtype))
-    q, k, v, _ = random_inputs(seed, 2, sq, sk1 + sk2, 4, 2, 64, dtype)
-    c = mask_case(mask, sq, sk1 + sk2, seed)
-    vis = visible(c)
-    ref = reference(q, k, v, q, vis, scale, torch.float64)
-    low = reference(q, k, v, q, vis, scale, dtype)
+    q, k, v, _, c, ref, low = block_case(seed_of("merge", mask, str(dtype)), 2, sq, sk1 + sk2, 4, 2,
+                                         64, mask, dtype, scale)
     first = (k[:, :sk1], v[:, :sk1], c["k_pos"][:sk1])
     second = (k[:, sk1:], v[:, sk1:], c["k_pos"][sk1:])
     far = (k[:, :sk1], v[:, :sk1], c["k_pos"][:sk1] + 10 ** 6)  # seen by no query when causal
@@ -243,11 +242,7 @@ def check_bwd_accumulates(device, dtype, mask):
     blocks are independent: dq sums over them, dk/dv are each block's slice."""
     sq, sk1, sk2, scale = 33, 16, 57, 0.2
     seed = seed_of("bwd-acc", mask, str(dtype))
-    q, k, v, dout = random_inputs(seed, 2, sq, sk1 + sk2, 4, 1, 64, dtype)
-    c = mask_case(mask, sq, sk1 + sk2, seed)
-    vis = visible(c)
-    ref = reference(q, k, v, dout, vis, scale, torch.float64)
-    low = reference(q, k, v, dout, vis, scale, dtype)
+    q, k, v, dout, c, ref, low = block_case(seed, 2, sq, sk1 + sk2, 4, 1, 64, mask, dtype, scale)
     out, lse = block_fwd(device, q, [(k, v, c["k_pos"])], c, scale)
     g = torch.Generator().manual_seed(seed)
     dq_total = torch.zeros(q.shape, dtype=torch.float32)
