@@ -51,6 +51,18 @@ def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
     return headdim ** -0.5 if headdim > 0 else 1.0
 
 
+def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
+          deterministic):
+    """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
+    them, then the differentiable call."""
+    group, _, _ = _group.resolve(group)
+    left, right = _window(window_size)
+    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), bool(causal),
+                                    _default_scale(q, softmax_scale), left, right, layout,
+                                    _deterministic(deterministic))
+    return (out, lse) if return_lse else out
+
+
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
                    group=None, layout: str = "contiguous", return_lse: bool = False,
@@ -68,12 +80,8 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     makes the CUDA backward atomic-free and bitwise reproducible, at some speed; the CPU path is
     always bitwise deterministic. Invalid or mismatched inputs raise ValueError on every rank.
     """
-    group, _, _ = _group.resolve(group)
-    left, right = _window(window_size)
-    out, lse = _RingAttention.apply(q, k, v, None, _group.group_name(group), bool(causal),
-                                    _default_scale(q, softmax_scale), left, right, layout,
-                                    _deterministic(deterministic))
-    return (out, lse) if return_lse else out
+    return _ring(q, k, v, None, causal, softmax_scale, window_size, group, layout, return_lse,
+                 deterministic)
 
 
 def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -91,12 +99,8 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     and receive no gradient. Returns out like q, or (out, lse) with lse (nheads, tokens_local).
     ``deterministic`` as for ``ring_attn_func``.
     """
-    group, _, _ = _group.resolve(group)
-    left, right = _window(window_size)
-    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), bool(causal),
-                                    _default_scale(q, softmax_scale), left, right, layout,
-                                    _deterministic(deterministic))
-    return (out, lse) if return_lse else out
+    return _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout,
+                 return_lse, deterministic)
 
 
 def last_ring_stats() -> dict:

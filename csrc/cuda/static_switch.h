@@ -24,16 +24,8 @@
   }()
 
 // bf16 -> kBF16 = true, fp16 -> kBF16 = false (other dtypes are rejected before dispatch).
-#define DTYPE_SWITCH(DTYPE, CONST_NAME, ...)                     \
-  [&] {                                                          \
-    if ((DTYPE) == ::ring_attn::DType::kBFloat16) {              \
-      constexpr static bool CONST_NAME = true;                   \
-      return __VA_ARGS__();                                      \
-    } else {                                                     \
-      constexpr static bool CONST_NAME = false;                  \
-      return __VA_ARGS__();                                      \
-    }                                                            \
-  }()
+#define DTYPE_SWITCH(DTYPE, CONST_NAME, ...) \
+  BOOL_SWITCH((DTYPE) == ::ring_attn::DType::kBFloat16, CONST_NAME, __VA_ARGS__)
 
 #define HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...) \
   [&] {                                          \
