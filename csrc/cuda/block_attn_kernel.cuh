@@ -259,6 +259,28 @@ RA_DEV void for_each_score(int k0, int Sk, bool need_mask, const PositionRange (
   }
 }
 
+// c (16 rows x kNb * 8 columns, C fragments) = A B^T for one warp: A rows [a_row0, a_row0 + 16)
+// of a row-major smem tile, B rows [0, kNb * 8) of an n-major smem tile, both kKc * 16 deep
+// (pitch kPitch): S^T = K Q^T, dP^T = V dO^T, S = Q K^T, dP = dO V^T.
+template <bool kBF16, int kKc, int kNb, int kPitch>
+RA_DEV void mma_smem_by_nk(float (&c)[kNb][4], const uint16_t* a, int a_row0, const uint16_t* b,
+                           int lane) {
+  RA_UNROLL
+  for (int nb = 0; nb < kNb; ++nb) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
+  RA_UNROLL
+  for (int kc = 0; kc < kKc; ++kc) {
+    uint32_t af[4];
+    load_a<kPitch>(af, a, a_row0, kc * 16, lane);
+    RA_UNROLL
+    for (int j = 0; j < kNb / 2; ++j) {
+      uint32_t bf[4];
+      load_b_nk<kPitch>(bf, b, j * 16, kc * 16, lane);
+      mma_16816<kBF16>(c[2 * j], af, bf[0], bf[1]);
+      mma_16816<kBF16>(c[2 * j + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
 // acc (16 rows x kNbO * 8 columns, C fragments) += A B for one warp: A (16 x kKc * 16) from the
 // C fragments a (rounded to 16 bits, as FlashAttention rounds P), B rows [0, kKc * 16) of a
 // k-major smem tile (pitch kPitch): O += P V, dQ += dS K.
@@ -590,20 +612,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
       // P^T = exp(scale S^T - lse), 0 where masked. Element (nb, 2r + e) is key row r, query
       // m0 + nb*8 + 2*t4 + e.
       float s[kNbQ][4];
-      RA_UNROLL
-      for (int nb = 0; nb < kNbQ; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-      RA_UNROLL
-      for (int kc = 0; kc < kKcD; ++kc) {
-        uint32_t ka[4];
-        load_a<kStride>(ka, sK, warp * 16, kc * 16, lane);
-        RA_UNROLL
-        for (int j = 0; j < kBM / 16; ++j) {
-          uint32_t qb[4];
-          load_b_nk<kStride>(qb, tQ, j * 16, kc * 16, lane);
-          mma_16816<kBF16>(s[2 * j], ka, qb[0], qb[1]);
-          mma_16816<kBF16>(s[2 * j + 1], ka, qb[2], qb[3]);
-        }
-      }
+      mma_smem_by_nk<kBF16, kKcD, kNbQ, kStride>(s, sK, warp * 16, tQ, lane);
       RA_UNROLL
       for (int nb = 0; nb < kNbQ; ++nb) {
         RA_UNROLL
@@ -622,20 +631,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
 
       // dP^T = V dO^T, then in place dS^T = P^T (dP^T - delta).
       float dp[kNbQ][4];
-      RA_UNROLL
-      for (int nb = 0; nb < kNbQ; ++nb) dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.f;
-      RA_UNROLL
-      for (int kc = 0; kc < kKcD; ++kc) {
-        uint32_t va[4];
-        load_a<kStride>(va, sV, warp * 16, kc * 16, lane);
-        RA_UNROLL
-        for (int j = 0; j < kBM / 16; ++j) {
-          uint32_t ob[4];
-          load_b_nk<kStride>(ob, tdO, j * 16, kc * 16, lane);
-          mma_16816<kBF16>(dp[2 * j], va, ob[0], ob[1]);
-          mma_16816<kBF16>(dp[2 * j + 1], va, ob[2], ob[3]);
-        }
-      }
+      mma_smem_by_nk<kBF16, kKcD, kNbQ, kStride>(dp, sV, warp * 16, tdO, lane);
       RA_UNROLL
       for (int nb = 0; nb < kNbQ; ++nb) {
         RA_UNROLL
@@ -828,27 +824,8 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
 
     // S = Q K^T and dP = dO V^T (rows: this warp's 16 queries; columns: the tile's keys).
     float s[kNbS][4], dp[kNbS][4];
-    RA_UNROLL
-    for (int nb = 0; nb < kNbS; ++nb) {
-      RA_UNROLL
-      for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
-    }
-    RA_UNROLL
-    for (int kc = 0; kc < kKcD; ++kc) {
-      uint32_t qa[4], oa[4];
-      load_a<kStride>(qa, sQ, warp * 16, kc * 16, lane);
-      load_a<kStride>(oa, sdO, warp * 16, kc * 16, lane);
-      RA_UNROLL
-      for (int j = 0; j < kBN / 16; ++j) {
-        uint32_t kb[4], vb[4];
-        load_b_nk<kStride>(kb, tK, j * 16, kc * 16, lane);
-        load_b_nk<kStride>(vb, tV, j * 16, kc * 16, lane);
-        mma_16816<kBF16>(s[2 * j], qa, kb[0], kb[1]);
-        mma_16816<kBF16>(s[2 * j + 1], qa, kb[2], kb[3]);
-        mma_16816<kBF16>(dp[2 * j], oa, vb[0], vb[1]);
-        mma_16816<kBF16>(dp[2 * j + 1], oa, vb[2], vb[3]);
-      }
-    }
+    mma_smem_by_nk<kBF16, kKcD, kNbS, kStride>(s, sQ, warp * 16, tK, lane);
+    mma_smem_by_nk<kBF16, kKcD, kNbS, kStride>(dp, sdO, warp * 16, tV, lane);
 
     // In place: dS = P (dP - delta), P = exp(scale S - lse), 0 where masked.
     const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
