@@ -1006,9 +1006,15 @@ void bwd_impl(const BlockBwdParams& p) {
 // Head dims up to this take the AMX path (its packing rows live on the stack).
 constexpr int64_t kAmxMaxHeadDim = 512;
 
+// Whether the AMX GEMMs pair with the tiles Tl (AVX-512) for this call.
+template <template <typename> class Tl>
+bool use_amx(const BlockShape& s) {
+  return Tl<float>::kIsAvx512 && amx_usable() && s.headdim <= kAmxMaxHeadDim;
+}
+
 template <template <typename> class Tl>
 void fwd_dtype(const BlockFwdParams& p) {
-  const bool amx = Tl<float>::kIsAvx512 && amx_usable() && p.shape.headdim <= kAmxMaxHeadDim;
+  const bool amx = use_amx<Tl>(p.shape);
   switch (p.dtype) {
     case DType::kFloat32:
       return amx ? fwd_impl<Tl<float>, float, true>(p) : fwd_impl<Tl<float>, float>(p);
@@ -1026,7 +1032,7 @@ void fwd_dtype(const BlockFwdParams& p) {
 // 1 thread, non-causal: 270-277 ms against 272-283 ms); with bf16 inputs it is 1.6x faster.
 template <template <typename> class Tl>
 void bwd_dtype(const BlockBwdParams& p) {
-  const bool amx = Tl<float>::kIsAvx512 && amx_usable() && p.shape.headdim <= kAmxMaxHeadDim;
+  const bool amx = use_amx<Tl>(p.shape);
   switch (p.dtype) {
     case DType::kFloat32: return bwd_impl<Tl<float>, float>(p);
     case DType::kFloat64: return bwd_impl<Tl<double>, double>(p);
