@@ -202,6 +202,20 @@ RA_DEV void load_rows(uint16_t* s, const uint16_t* g, int64_t row_stride, int ro
   }
 }
 
+// cp.async of key tile `tile` (kRows keys of K and of V, pitch kStride) into stage `stage` of sK
+// and sV (stage s at + s * kRows * kStride; single-buffered tiles use stage 0); the commit is the
+// caller's.
+template <int kRows, int kHeadDim, int kStride, int kNThreads, typename Params>
+RA_DEV void load_kv_tile(uint16_t* sK, uint16_t* sV, int stage, const uint16_t* gK,
+                         const uint16_t* gV, const Params& p, int tile, int d, int tid) {
+  const int Sk = p.shape.seqlen_k;
+  const int offset = stage * kRows * kStride, row0 = tile * kRows;
+  load_rows<kRows, kHeadDim, kStride, kNThreads>(sK + offset, gK, p.k_strides.row, row0, Sk, d,
+                                                 tid);
+  load_rows<kRows, kHeadDim, kStride, kNThreads>(sV + offset, gV, p.v_strides.row, row0, Sk, d,
+                                                 tid);
+}
+
 // A fragment (16 rows x 16 columns at (row0, col0)) of a row-major smem tile.
 template <int kPitch>
 RA_DEV void load_a(uint32_t (&a)[4], const uint16_t* s, int row0, int col0, int lane) {
@@ -347,8 +361,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   const uint16_t* gV = static_cast<const uint16_t*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
 
   load_rows<kBM, kD, kStride, kNT>(sQ, gQ, p.q_strides.row, q0, Sq, d, tid);
-  load_rows<kBN, kD, kStride, kNT>(sK, gK, p.k_strides.row, cur.index * kBN, Sk, d, tid);
-  load_rows<kBN, kD, kStride, kNT>(sV, gV, p.v_strides.row, cur.index * kBN, Sk, d, tid);
+  load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, 0, gK, gV, p, cur.index, d, tid);
   cp_async_commit();
 
   // Prologue (overlaps the copies): this thread's rows are r = 0: warp*16 + g, r = 1: + 8.
@@ -386,10 +399,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
     }
     const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
     if (nxt.index >= 0) {
-      load_rows<kBN, kD, kStride, kNT>(sK + (stage ^ 1) * kBN * kStride, gK, p.k_strides.row,
-                                       nxt.index * kBN, Sk, d, tid);
-      load_rows<kBN, kD, kStride, kNT>(sV + (stage ^ 1) * kBN * kStride, gV, p.v_strides.row,
-                                       nxt.index * kBN, Sk, d, tid);
+      load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, stage ^ 1, gK, gV, p, nxt.index, d, tid);
       cp_async_commit();
     }
     const uint16_t* tK = sK + stage * kBN * kStride;
@@ -563,8 +573,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
                              static_cast<const float*>(p.lse) + stat_off,
                              static_cast<const float*>(p.delta) + stat_off, tile * kBM, Sq, tid);
   };
-  load_rows<kBN, kD, kStride, kNT>(sK, gK, p.k_strides.row, k0, Sk, d, tid);
-  load_rows<kBN, kD, kStride, kNT>(sV, gV, p.v_strides.row, k0, Sk, d, tid);
+  load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, 0, gK, gV, p, k0 / kBN, d, tid);
   load_query_tile(h_begin, first.index, 0);  // with K/V: one commit group
 
   // This warp's key rows: r = 0: k0 + warp*16 + g, r = 1: + 8.
@@ -784,8 +793,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
 
   load_rows<kBM, kD, kStride, kNT>(sQ, gQ, p.q_strides.row, q0, Sq, d, tid);
   load_rows<kBM, kD, kStride, kNT>(sdO, gdO, p.dout_strides.row, q0, Sq, d, tid);
-  load_rows<kBN, kD, kStride, kNT>(sK, gK, p.k_strides.row, cur.index * kBN, Sk, d, tid);
-  load_rows<kBN, kD, kStride, kNT>(sV, gV, p.v_strides.row, cur.index * kBN, Sk, d, tid);
+  load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, 0, gK, gV, p, cur.index, d, tid);
   cp_async_commit();
 
   // This thread's rows r = 0: warp*16 + g, r = 1: + 8. A row out of range or that saw nothing
@@ -812,10 +820,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
     sync_threads();  // tile `cur` is in stage `stage`; every warp is done with the other stage
     const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
     if (nxt.index >= 0) {
-      load_rows<kBN, kD, kStride, kNT>(sK + (stage ^ 1) * kBN * kStride, gK, p.k_strides.row,
-                                       nxt.index * kBN, Sk, d, tid);
-      load_rows<kBN, kD, kStride, kNT>(sV + (stage ^ 1) * kBN * kStride, gV, p.v_strides.row,
-                                       nxt.index * kBN, Sk, d, tid);
+      load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, stage ^ 1, gK, gV, p, nxt.index, d, tid);
       cp_async_commit();
     }
     const uint16_t* tK = sK + stage * kBN * kStride;
