@@ -1006,42 +1006,56 @@ void bwd_impl(const BlockBwdParams& p) {
 // Head dims up to this take the AMX path (its packing rows live on the stack).
 constexpr int64_t kAmxMaxHeadDim = 512;
 
-// Whether the AMX GEMMs pair with the tiles Tl (AVX-512) for this call.
-template <template <typename> class Tl>
-bool use_amx(const BlockShape& s) {
-  return Tl<float>::kIsAvx512 && amx_usable() && s.headdim <= kAmxMaxHeadDim;
-}
-
 template <template <typename> class Tl>
 void fwd_dtype(const BlockFwdParams& p) {
-  const bool amx = use_amx<Tl>(p.shape);
   switch (p.dtype) {
-    case DType::kFloat32:
-      return amx ? fwd_impl<Tl<float>, float, true>(p) : fwd_impl<Tl<float>, float>(p);
+    case DType::kFloat32: return fwd_impl<Tl<float>, float>(p);
     case DType::kFloat64: return fwd_impl<Tl<double>, double>(p);
-    case DType::kBFloat16:
-      return amx ? fwd_impl<Tl<float>, c10::BFloat16, true>(p)
-                 : fwd_impl<Tl<float>, c10::BFloat16>(p);
+    case DType::kBFloat16: return fwd_impl<Tl<float>, c10::BFloat16>(p);
     case DType::kFloat16: return fwd_impl<Tl<float>, c10::Half>(p);
   }
   TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
 }
 
-// The AMX backward for bfloat16 inputs only: with fp32 inputs its five GEMMs need up to six
-// plane products each, plus splitting P and dS, and it ran no faster than AVX-512 (4K tokens,
-// 1 thread, non-causal: 270-277 ms against 272-283 ms); with bf16 inputs it is 1.6x faster.
 template <template <typename> class Tl>
 void bwd_dtype(const BlockBwdParams& p) {
-  const bool amx = use_amx<Tl>(p.shape);
   switch (p.dtype) {
     case DType::kFloat32: return bwd_impl<Tl<float>, float>(p);
     case DType::kFloat64: return bwd_impl<Tl<double>, double>(p);
-    case DType::kBFloat16:
-      return amx ? bwd_impl<Tl<float>, c10::BFloat16, true>(p)
-                 : bwd_impl<Tl<float>, c10::BFloat16>(p);
+    case DType::kBFloat16: return bwd_impl<Tl<float>, c10::BFloat16>(p);
     case DType::kFloat16: return bwd_impl<Tl<float>, c10::Half>(p);
   }
   TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
+}
+
+// The AVX-512 tiles around AMX GEMMs, where usable, for the dtypes they cover: the forward for
+// float32 and bfloat16; the backward for bfloat16 only (with fp32 inputs its five GEMMs need up
+// to six plane products each, plus splitting P and dS, and it ran no faster than AVX-512: 4K
+// tokens, 1 thread, non-causal, 270-277 ms against 272-283 ms; with bf16 inputs it is 1.6x
+// faster). Returns whether it ran.
+bool amx_fwd(const BlockFwdParams& p) {
+#if RA_CPU_AMX
+  if (!amx_usable() || p.shape.headdim > kAmxMaxHeadDim) return false;
+  switch (p.dtype) {
+    case DType::kFloat32: fwd_impl<avx512::Tiles<float>, float, true>(p); return true;
+    case DType::kBFloat16: fwd_impl<avx512::Tiles<float>, c10::BFloat16, true>(p); return true;
+    default: break;
+  }
+#endif
+  (void)p;
+  return false;
+}
+
+bool amx_bwd(const BlockBwdParams& p) {
+#if RA_CPU_AMX
+  if (!amx_usable() || p.shape.headdim > kAmxMaxHeadDim) return false;
+  if (p.dtype == DType::kBFloat16) {
+    bwd_impl<avx512::Tiles<float>, c10::BFloat16, true>(p);
+    return true;
+  }
+#endif
+  (void)p;
+  return false;
 }
 
 }  // namespace
@@ -1050,7 +1064,9 @@ void block_attn_fwd(const BlockFwdParams& p) {
   check_shape(p.shape);
   switch (active_isa()) {
 #if RA_CPU_X86
-    case Isa::kAvx512: return fwd_dtype<avx512::Tiles>(p);
+    case Isa::kAvx512:
+      if (!amx_fwd(p)) fwd_dtype<avx512::Tiles>(p);
+      return;
     case Isa::kAvx2: return fwd_dtype<avx2::Tiles>(p);
 #endif
     default: return fwd_dtype<generic::Tiles>(p);
@@ -1061,7 +1077,9 @@ void block_attn_bwd(const BlockBwdParams& p) {
   check_shape(p.shape);
   switch (active_isa()) {
 #if RA_CPU_X86
-    case Isa::kAvx512: return bwd_dtype<avx512::Tiles>(p);
+    case Isa::kAvx512:
+      if (!amx_bwd(p)) bwd_dtype<avx512::Tiles>(p);
+      return;
     case Isa::kAvx2: return bwd_dtype<avx2::Tiles>(p);
 #endif
     default: return bwd_dtype<generic::Tiles>(p);
