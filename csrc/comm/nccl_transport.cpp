@@ -92,12 +92,16 @@ struct Communicator {
   }
 
  private:
+  RingTimeoutError timeout_error() const {
+    return RingTimeoutError(timeout_s, step, channel, /*receiving=*/true, peer, send_peer);
+  }
+  std::string abort_message() const {
+    return "ring attention (NCCL transport): rank " + std::to_string(rank) +
+           ": the communicator failed and was aborted: " + error;
+  }
   [[noreturn]] void throw_failure() const {
-    if (timed_out) {
-      throw RingTimeoutError(timeout_s, step, channel, /*receiving=*/true, peer, send_peer);
-    }
-    throw std::runtime_error("ring attention (NCCL transport): rank " + std::to_string(rank) +
-                             ": the communicator failed and was aborted: " + error);
+    if (timed_out) throw timeout_error();
+    throw std::runtime_error(abort_message());
   }
 
   // The watchdog notices a failure after the ring call has returned (the host never waits on the
@@ -105,12 +109,7 @@ struct Communicator {
   // and with RING_ATTN_NCCL_ABORT_ON_ERROR=1 ends the process, as torch's NCCL watchdog does;
   // otherwise the next ring call over this group raises the error.
   void report() const {
-    std::string message;
-    try {
-      throw_failure();
-    } catch (const std::exception& e) {
-      message = e.what();
-    }
+    const std::string message = timed_out ? timeout_error().what() : abort_message();
     std::fprintf(stderr,
                  "[ring_attention rank %d] %s The outputs of ring calls still in flight on this "
                  "group are invalid; the next ring call over it raises this error.\n",
