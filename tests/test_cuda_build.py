@@ -128,3 +128,9 @@ def test_cpu_ring_deterministic(world):
 def test_cpu_ring_window_and_mqa():
     gc.check_ring("cpu", CPU_DTYPE, 3, "zigzag", True, window=(50, 0), heads=4, heads_kv=1,
                   headdim=128, local_len=32)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_cpu_graph_replay_twin(world):
+    """CPU twin of the CUDA graph test: the same static-input pattern, called instead of replayed."""
+    gc.check_graph_replay("cpu", CPU_DTYPE, world)

@@ -6,7 +6,9 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "bindings/agreement.h"
@@ -84,6 +86,34 @@ at::Tensor pack_kv(const at::Tensor& k, const at::Tensor& v, at::ScalarType dtyp
   return packed;
 }
 
+// Device copies of the rings' token positions and sequence ranges, kept across calls and keyed
+// by what determines them (device, layout, world size, rank, local length, cu_seqlens). Once a
+// configuration has run, a ring call copies nothing from host to device: no pageable copy that
+// holds up the host, and the call can be captured in a CUDA graph.
+at::Tensor device_copy(const std::string& key, const at::Tensor& host, const at::Device& device) {
+  constexpr size_t kMaxCopies = 1024;
+  static std::mutex mutex;
+  static std::map<std::string, at::Tensor> copies;
+  const std::string full_key = device.str() + "|" + key;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto it = copies.find(full_key);
+  if (it != copies.end()) return it->second;
+#if defined(RING_ATTN_WITH_CUDA)
+  if (device.is_cuda()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(),
+                                         &capture));
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+                "ring attention: this ring configuration (layout, world size, lengths, cu_seqlens) "
+                "has not run on ", device, " yet, so its token positions would be copied from the "
+                "host during CUDA graph capture; run one call of the same configuration before "
+                "capturing");
+  }
+#endif
+  if (copies.size() >= kMaxCopies) copies.clear();
+  return copies.emplace(full_key, host.to(device)).first->second;
+}
+
 // Everything a rank knows about the ring for one call: every rank's positions (and, for packed
 // sequences, every query's sequence range), which blocks each rank needs, and how many steps the
 // ring runs. All of it is derived from the agreed arguments, so it is the same on every rank.
@@ -108,6 +138,10 @@ struct RingContext {
     mask.window_left = options.window_left;
     mask.window_right = options.window_right;
     const at::Tensor cu = packed ? options.cu_seqlens.cpu().contiguous() : at::Tensor();
+    key = options.layout + "|" + std::to_string(world) + "|" + std::to_string(local_len);
+    for (int64_t i = 0; packed && i < cu.size(0); ++i) {
+      key += "|" + std::to_string(cu.data_ptr<int32_t>()[i]);
+    }
     for (int r = 0; r < world; ++r) {
       positions[r] = at::empty({local_len}, at::kInt);
       int32_t* pos = positions[r].data_ptr<int32_t>();
@@ -131,17 +165,20 @@ struct RingContext {
     return classify_tile(query_bounds[r], key_ranges[source]) != TileKind::kSkip;
   }
 
-  // Positions of `source`'s tokens and this rank's sequence ranges, on `device` (moved once).
+  // Positions of `source`'s tokens and this rank's sequence ranges, on `device`.
   const at::Tensor& positions_of(int source, const at::Device& device) {
-    return on_device(positions[source], device);
+    return on_device(positions[source], "positions|" + std::to_string(source), device);
   }
   at::Tensor segments_of_rank(const at::Device& device) {
-    return packed ? on_device(segments[rank], device) : at::Tensor();
+    return packed ? on_device(segments[rank], "segments|" + std::to_string(rank), device)
+                  : at::Tensor();
   }
 
  private:
-  static const at::Tensor& on_device(at::Tensor& t, const at::Device& device) {
-    if (t.device() != device) t = t.to(device);
+  std::string key;  // what the positions depend on: layout, world size, local length, cu_seqlens
+
+  const at::Tensor& on_device(at::Tensor& t, const std::string& what, const at::Device& device) {
+    if (t.device() != device) t = device_copy(what + "|" + key, t, device);
     return t;
   }
 };

@@ -310,3 +310,54 @@ def check_ring(device, dtype, world, layout, causal, window=(-1, -1), heads=4, h
     assert out.dtype == dtype and lse.dtype == torch.float32
     for name, got, r, lo in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref, low):
         assert_fa_rule(f"world {world} {layout} {name}", got, r, lo, dtype)
+
+
+def check_graph_replay(device, dtype, world, layout="zigzag", local_len=48, heads=4, heads_kv=2,
+                       headdim=64):
+    """The ring's forward and deterministic backward (world 1: ring_attn_func; else LocalRing)
+    captured once in a CUDA graph on "cuda" (called directly on "cpu", the twin), then replayed on
+    fresh inputs copied into the captured ones: each replay gives the bits of an eager call."""
+    from ring_attention.testing import LocalRing
+    ring = LocalRing(world, device=device) if world > 1 else None
+    gen = torch.Generator().manual_seed(seed_of("graph", world, layout, str(dtype)))
+
+    def draw():  # per input: world shards of (1, local_len, heads(_kv), headdim)
+        shape = lambda h: (1, local_len, h, headdim)  # noqa: E731
+        return [[torch.randn(shape(h), generator=gen).to(device, dtype) for _ in range(world)]
+                for h in (heads, heads_kv, heads_kv, heads)]
+
+    def step(q, k, v, dout):
+        leaves = q + k + v
+        kw = dict(causal=True, layout=layout, deterministic=True)
+        outs = ring.ring_attn_func(q, k, v, **kw) if ring else [ra.ring_attn_func(*leaves, **kw)]
+        return [o.detach() for o in outs] + list(torch.autograd.grad(outs, leaves, dout))
+
+    static = draw()
+    leaves = [[t.clone().requires_grad_() for t in group] for group in static[:3]]
+    run = lambda: step(*leaves, static[3])  # noqa: E731
+    if device == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs need
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run()
+
+        def replay():
+            graph.replay()
+            return captured
+    else:
+        replay = run
+    for trial in range(2):
+        fresh = draw()
+        with torch.no_grad():
+            for group, new in zip(leaves + [static[3]], fresh):
+                for t, x in zip(group, new):
+                    t.copy_(x)
+        got = [t.clone() for t in replay()]
+        want = step(*[[t.clone().requires_grad_() for t in group] for group in fresh[:3]], fresh[3])
+        assert len(got) == len(want) == 4 * world
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"world {world} trial {trial}: output {i} differs from eager"
