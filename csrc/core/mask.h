@@ -112,6 +112,32 @@ RA_HD TileKind classify_tile(const MaskSpec& mask, PositionRange q, PositionRang
   return classify_tile(t, k);
 }
 
+// TileBounds in 32 bits, for GPU warps that reduce them with one 32-bit instruction per field
+// (positions are int32; a row's bounds are int64 only through the window offsets and the
+// kNoLimit sentinels). Each field is saturated to int32 and reduced; widen() then returns
+// bounds that classify_tile treats exactly or more conservatively (never a wrong skip or full):
+// the saturation is monotone, so every skip test and the all-empty test are unchanged, and of the
+// two full tests only max_lo == INT32_MAX (a row starting at or beyond the largest position) and
+// min_hi == INT32_MIN could claim too much: widen() moves those out of reach.
+struct TileBounds32 {
+  int32_t min_lo, max_lo, min_hi, max_hi;
+  bool any_empty_row;
+};
+
+RA_HD int32_t saturate_i32(int64_t v) {
+  return v < INT32_MIN ? INT32_MIN : (v > INT32_MAX ? INT32_MAX : static_cast<int32_t>(v));
+}
+
+RA_HD TileBounds32 narrow(const TileBounds& t) {
+  return TileBounds32{saturate_i32(t.min_lo), saturate_i32(t.max_lo), saturate_i32(t.min_hi),
+                      saturate_i32(t.max_hi), t.any_empty_row};
+}
+
+RA_HD TileBounds widen(const TileBounds32& t) {
+  return TileBounds{t.min_lo, t.max_lo == INT32_MAX ? kNoLimit : t.max_lo,
+                    t.min_hi == INT32_MIN ? -kNoLimit : t.min_hi, t.max_hi, t.any_empty_row};
+}
+
 // min/max of pos[begin:end) (positions need not be sorted).
 RA_HD PositionRange range_of(const int32_t* pos, int64_t begin, int64_t end) {
   PositionRange r{kNoLimit, -kNoLimit};

@@ -102,44 +102,34 @@ RA_DEV int imin(int a, int b) { return a < b ? a : b; }
 RA_DEV float neg_inf_f() { return -std::numeric_limits<float>::infinity(); }
 RA_DEV float pos_inf_f() { return std::numeric_limits<float>::infinity(); }
 
-// min/max of pos[begin:end), computed by one warp (range_of on a slice per lane, then a butterfly
-// reduction): every lane returns the same range.
+// min/max of pos[begin:end), computed by one warp (lane i reads positions begin + i + 32j,
+// coalesced, then one 32-bit reduction per end): every lane returns the same range.
 RA_DEV PositionRange warp_range(const int32_t* pos, int begin, int end, int lane) {
-  const int n = end - begin;
-  const int per = (n + 31) / 32;
-  const int lo = begin + imin(lane * per, n);
-  const int hi = begin + imin(lane * per + per, n);
-  PositionRange r = range_of(pos, lo, hi);
-  RA_UNROLL
-  for (int off = 16; off > 0; off /= 2) {
-    const int64_t olo = shfl_xor(r.lo, off);
-    const int64_t ohi = shfl_xor(r.hi, off);
-    r.lo = olo < r.lo ? olo : r.lo;
-    r.hi = ohi > r.hi ? ohi : r.hi;
+  int32_t lo = INT32_MAX, hi = INT32_MIN;
+  for (int i = begin + lane; i < end; i += 32) {
+    const int32_t p = pos[i];
+    lo = p < lo ? p : lo;
+    hi = p > hi ? p : hi;
   }
-  return r;
+  lo = warp_min(lo);
+  hi = warp_max(hi);
+  return lo > hi ? PositionRange{kNoLimit, -kNoLimit} : PositionRange{lo, hi};
 }
 
-// Bounds of query rows [begin, end) (core/mask.h tile_bounds on a slice per lane, then a
-// butterfly reduction): every lane returns the same TileBounds.
+// Bounds of query rows [begin, end) (core/mask.h row_bounds per row, lane i taking rows
+// begin + i + 32j), reduced in 32 bits (core/mask.h TileBounds32: exact, or more conservative at
+// int32's ends): every lane returns the same TileBounds.
 RA_DEV TileBounds warp_tile_bounds(const MaskSpec& mask, const int32_t* q_pos,
                                    const int32_t* q_seg, int begin, int end, int lane) {
-  const int n = end - begin;
-  const int per = (n + 31) / 32;
-  TileBounds t = tile_bounds(mask, q_pos, q_seg, begin + imin(lane * per, n),
-                             begin + imin(lane * per + per, n));
-  RA_UNROLL
-  for (int off = 16; off > 0; off /= 2) {
-    const int64_t min_lo = shfl_xor(t.min_lo, off), max_lo = shfl_xor(t.max_lo, off);
-    const int64_t min_hi = shfl_xor(t.min_hi, off), max_hi = shfl_xor(t.max_hi, off);
-    const int any_empty = shfl_xor(static_cast<int>(t.any_empty_row), off);
-    t.min_lo = min_lo < t.min_lo ? min_lo : t.min_lo;
-    t.max_lo = max_lo > t.max_lo ? max_lo : t.max_lo;
-    t.min_hi = min_hi < t.min_hi ? min_hi : t.min_hi;
-    t.max_hi = max_hi > t.max_hi ? max_hi : t.max_hi;
-    t.any_empty_row = t.any_empty_row || any_empty != 0;
+  TileBounds t = empty_tile_bounds();
+  for (int i = begin + lane; i < end; i += 32) {
+    const PositionRange seg =
+        q_seg ? PositionRange{q_seg[2 * i], q_seg[2 * i + 1]} : unbounded_range();
+    add_row(t, row_bounds(mask, q_pos[i], seg));
   }
-  return t;
+  const TileBounds32 n = narrow(t);
+  return widen(TileBounds32{warp_min(n.min_lo), warp_max(n.max_lo), warp_min(n.min_hi),
+                            warp_max(n.max_hi), warp_any(n.any_empty_row)});
 }
 
 // The keys query row i sees (core/mask.h row_bounds); an empty range for rows out of range.
@@ -389,6 +379,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   uint32_t qf[Kt::kQInRegs ? kKcQK : 1][4];
   int stage = 0;
   for (bool first = true;; first = false) {
+    // The next live tile first: its position loads overlap the wait and the barrier.
+    const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
     cp_async_wait<0>();
     sync_threads();  // tile `cur` is in stage `stage`; every warp is done with the other stage
     if constexpr (Kt::kQInRegs) {
@@ -397,7 +389,6 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
         for (int kc = 0; kc < kKcQK; ++kc) load_a<kStride>(qf[kc], sQ, warp * 16, kc * 16, lane);
       }
     }
-    const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
     if (nxt.index >= 0) {
       load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, stage ^ 1, gK, gV, p, nxt.index, d, tid);
       cp_async_commit();
@@ -816,9 +807,9 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
 
   int stage = 0;
   for (;;) {
+    const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
     cp_async_wait<0>();
     sync_threads();  // tile `cur` is in stage `stage`; every warp is done with the other stage
-    const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
     if (nxt.index >= 0) {
       load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, stage ^ 1, gK, gV, p, nxt.index, d, tid);
       cp_async_commit();

@@ -1,5 +1,5 @@
 // Warp-level building blocks of the CUDA block kernels: tensor-core MMA (mma.sync m16n8k16),
-// ldmatrix, cp.async, shuffles, atomics and packing of fp32 pairs into bf16/fp16.
+// ldmatrix, cp.async, shuffles and reductions, atomics and packing of fp32 pairs into bf16/fp16.
 //
 // Compiled two ways:
 //  * by nvcc for the GPU (inline PTX, sm_80+);
@@ -65,6 +65,39 @@ RA_DEV T shfl_xor(T v, int mask) {
   return emu::shfl_xor(v, mask);
 #else
   return __shfl_xor_sync(0xffffffffu, v, mask);
+#endif
+}
+
+// ---- warp reductions of 32-bit integers (redux.sync on sm_80+): every lane gets the result ------
+RA_DEV int32_t warp_min(int32_t v) {
+#if defined(RA_CUDA_EMULATE)
+  for (int off = 16; off > 0; off /= 2) {
+    const int32_t o = shfl_xor(v, off);
+    v = o < v ? o : v;
+  }
+  return v;
+#else
+  return __reduce_min_sync(0xffffffffu, v);
+#endif
+}
+
+RA_DEV int32_t warp_max(int32_t v) {
+#if defined(RA_CUDA_EMULATE)
+  for (int off = 16; off > 0; off /= 2) {
+    const int32_t o = shfl_xor(v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+#else
+  return __reduce_max_sync(0xffffffffu, v);
+#endif
+}
+
+RA_DEV bool warp_any(bool v) {
+#if defined(RA_CUDA_EMULATE)
+  return warp_max(v ? 1 : 0) != 0;
+#else
+  return __any_sync(0xffffffffu, v) != 0;
 #endif
 }
 

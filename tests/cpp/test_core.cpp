@@ -423,9 +423,55 @@ static void test_timeout_message() {
   CHECK(both.find("ring step 2") != std::string::npos && fused.send_peer == 1);
 }
 
+// TileBounds32 (the GPU warps' 32-bit reduction): chunks of rows narrowed and combined field by
+// field equal the narrowed bounds of all rows, and widen() classifies a tile as the exact bounds
+// do or as partial: never a wrong skip or full, also with windows and positions at int32's ends.
+static void test_tile_bounds_32() {
+  std::mt19937_64 rng(7);
+  int exact = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    const bool extreme = trial % 4 == 0;  // positions near INT32_MAX / 0, windows beyond int32
+    MaskSpec mask;
+    mask.causal = rng() % 2;
+    auto window = [&]() -> int64_t {
+      const int64_t r = static_cast<int64_t>(rng() % 5) - 1;
+      return r < 2 ? r : (extreme ? static_cast<int64_t>(rng() % (int64_t{1} << 40)) : r * 7);
+    };
+    mask.window_left = window();
+    mask.window_right = mask.causal ? -1 : window();
+    const int64_t base = extreme ? INT32_MAX - static_cast<int64_t>(rng() % 64) : rng() % 1000;
+    const int nq = 1 + rng() % 40, nk = 1 + rng() % 40;
+    std::vector<int32_t> q(nq), k(nk);
+    for (auto& p : q) p = static_cast<int32_t>(std::max<int64_t>(0, base - static_cast<int64_t>(rng() % 100)));
+    for (auto& p : k) p = static_cast<int32_t>(std::max<int64_t>(0, base - static_cast<int64_t>(rng() % 100)));
+    const TileBounds whole = tile_bounds(mask, q.data(), nullptr, 0, nq);
+    // the warp's reduction: each lane narrows its chunk of rows; fields combine by min/max/or
+    TileBounds32 reduced = narrow(empty_tile_bounds());
+    for (int begin = 0; begin < nq;) {
+      const int end = std::min<int>(nq, begin + 1 + rng() % 4);
+      const TileBounds32 lane = narrow(tile_bounds(mask, q.data(), nullptr, begin, end));
+      reduced = TileBounds32{std::min(reduced.min_lo, lane.min_lo), std::max(reduced.max_lo, lane.max_lo),
+                             std::min(reduced.min_hi, lane.min_hi), std::max(reduced.max_hi, lane.max_hi),
+                             reduced.any_empty_row || lane.any_empty_row};
+      begin = end;
+    }
+    const TileBounds32 direct = narrow(whole);
+    CHECK(reduced.min_lo == direct.min_lo && reduced.max_lo == direct.max_lo &&
+          reduced.min_hi == direct.min_hi && reduced.max_hi == direct.max_hi &&
+          reduced.any_empty_row == direct.any_empty_row);
+    const PositionRange keys = range_of(k.data(), 0, nk);
+    const TileKind want = classify_tile(whole, keys), got = classify_tile(widen(reduced), keys);
+    CHECK(got == want || got == TileKind::kPartial);
+    exact += got == want;
+    if (!extreme) CHECK(got == want);  // positions and windows well inside int32: no loss
+  }
+  CHECK(exact > 19000);
+}
+
 int main() {
   test_mask_classification();
   test_mask_bounds();
+  test_tile_bounds_32();
   test_merge();
   test_layouts();
   test_forward_schedule();
