@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A small case for compute-sanitizer (memcheck, racecheck): the CUDA block kernels on tails,
 partial/packed masks, GQA, both dtypes, head dims 64 and 128 (and a padded 40), merged twice, then
-the backward, with atomics and deterministic. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that
-every tensor is its own allocation and out-of-bounds accesses are caught. Exit status 0 when it ran (the sanitizer
-reports errors through its own exit code)."""
+the backward, with atomics and deterministic; then a LocalRing of 2 virtual ranks, forward and
+backward. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation and
+out-of-bounds accesses are caught. Exit status 0 when it ran (the sanitizer reports errors through
+its own exit code)."""
 import sys
 
 import torch
@@ -43,6 +44,15 @@ def main():
             torch.cuda.synchronize()
             assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
         print(f"ok {dtype} d={d} sq={sq} sk={sk} {kind}")
+    # The ring on one GPU: LocalRing's side-stream copies between two virtual ranks, both passes.
+    from ring_attention.testing import LocalRing
+    shard = dict(device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    qs, ks, vs = ([torch.randn(1, 48, 2, 64, **shard) for _ in range(2)] for _ in range(3))
+    outs = LocalRing(2, device="cuda").ring_attn_func(qs, ks, vs, causal=True, layout="zigzag")
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(t.grad).all() for t in qs + ks + vs)
+    print("ok LocalRing world 2 zigzag fwd+bwd")
     return 0
 
 

@@ -14,11 +14,15 @@
 #   import     import ring_attention; torch.ops.ring_attention.cuda_build_info()
 #   tests      pytest tests/gpu (junit XML in OUTDIR)
 #   memcheck   compute-sanitizer --tool memcheck  on scripts/cuda_sanitize_case.py
-#   racecheck  compute-sanitizer --tool racecheck on the same (skipped with --quick)
 #   overlap    scripts/overlap_check.py: LocalRing, 4 virtual ranks, 8K tokens/rank, bf16, d=128, vs
 #              its kernels alone (overhead <= 5%) and its exchanges alone (hidden fraction)
 #   bench      scripts/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
+#   ncu        Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of one launch
+#              of each kernel at d=128, 8K tokens, and of SDPA's flash kernels (skipped with --quick)
+#   racecheck  compute-sanitizer --tool racecheck on cuda_sanitize_case.py (skipped with --quick)
+# GPU_CHECK_BUDGET (seconds, default 560): every stage's cap is cut to what is left of it, so the
+# whole check ends inside one call's limit and later stages are skipped rather than killed.
 # Writes OUTDIR/summary.md (stage table + benchmark table), OUTDIR/<stage>.log, OUTDIR/bench.json,
 # OUTDIR/bench.md, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs nothing. Exit status: 0 when every stage that ran
 # passed. Budget: full <= 8 min, --quick <= 4 min on one H100 (build included).
@@ -49,12 +53,20 @@ STAGES="$OUT/stages.tmp"
 FAILED=0
 START_ALL=$(date +%s)
 
-# stage NAME CAP_SECONDS COMMAND...  (output to OUTDIR/NAME.log)
+BUDGET=${GPU_CHECK_BUDGET:-560}
+
+# stage NAME CAP_SECONDS COMMAND...  (output to OUTDIR/NAME.log); the cap is cut to the budget left
 stage() {
   local name=$1 cap=$2
   shift 2
-  local t0 rc status
+  local t0 rc status left
   t0=$(date +%s)
+  left=$(( BUDGET - (t0 - START_ALL) - 5 ))
+  if [ $left -lt 20 ]; then
+    skip "$name" "budget of ${BUDGET}s spent"
+    return 1
+  fi
+  [ $left -lt $cap ] && cap=$left
   echo "== $name (cap ${cap}s)"
   timeout --kill-after=15 "$cap" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
@@ -151,11 +163,13 @@ fi
 # ---- python: import, tests ---------------------------------------------------------------------
 if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_attention.cuda_build_info())"; then
   if "$PY" -c "import pytest" 2> /dev/null; then
+    # A hung test (a ring waiting on itself, say) fails alone when pytest-timeout is there.
+    PYTEST=("$PY" -m pytest -q -p no:cacheprovider --durations=10 --junitxml="$OUT/gpu_tests.xml")
+    "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout=60)
     if [ $QUICK = 1 ]; then
-      stage tests 150 "$PY" -m pytest -q tests/gpu -k "bfloat16 or world_one or local_ring" \
-        --junitxml="$OUT/gpu_tests.xml"
+      stage tests 150 "${PYTEST[@]}" tests/gpu -k "bfloat16 or world_one or local_ring"
     else
-      stage tests 240 "$PY" -m pytest -q tests/gpu --junitxml="$OUT/gpu_tests.xml"
+      stage tests 240 "${PYTEST[@]}" tests/gpu
     fi
   else
     skip tests "pytest not installed"
@@ -164,20 +178,16 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
   # ---- compute-sanitizer -----------------------------------------------------------------------
   SAN=$(command -v compute-sanitizer || true)
   [ -z "$SAN" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && SAN="$CUDA_HOME/bin/compute-sanitizer"
-  if [ -z "$SAN" ]; then
-    skip memcheck "compute-sanitizer not found"
-    skip racecheck "compute-sanitizer not found"
-  else
-    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-    stage memcheck 150 "$SAN" --tool memcheck --error-exitcode 3 "$PY" scripts/cuda_sanitize_case.py
-    if [ $QUICK = 1 ]; then
-      skip racecheck "--quick"
-    else
-      stage racecheck 180 "$SAN" --tool racecheck --racecheck-report all --error-exitcode 3 \
-        "$PY" scripts/cuda_sanitize_case.py
+  # sanitize TOOL CAP: compute-sanitizer on scripts/cuda_sanitize_case.py, torch's caching off
+  sanitize() {
+    if [ -z "$SAN" ]; then
+      skip "$1" "compute-sanitizer not found"
+      return
     fi
-    unset PYTORCH_NO_CUDA_MEMORY_CACHING
-  fi
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage "$1" "$2" "$SAN" --tool "$1" --error-exitcode 3 \
+      $( [ "$1" = racecheck ] && echo --racecheck-report all ) "$PY" scripts/cuda_sanitize_case.py
+  }
+  sanitize memcheck 150
 
   # ---- overlap: LocalRing (4 ranks, 8K/rank, bf16, d=128) vs its kernels alone: overhead <= 5% ----
   stage overlap 90 "$PY" scripts/overlap_check.py --out "$OUT"
@@ -185,11 +195,24 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
   # ---- benchmark -------------------------------------------------------------------------------
   if [ $QUICK = 1 ]; then
     stage bench 90 "$PY" scripts/bench_cuda.py --out "$OUT" --quick
+    skip ncu "--quick"
+    skip racecheck "--quick"
   else
     stage bench 240 "$PY" scripts/bench_cuda.py --out "$OUT"
+    # ---- Nsight Compute: why the kernels run at the speed they do (vs SDPA's flash kernels) -----
+    NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -n 1)
+    if [ -z "$NCU" ]; then
+      skip ncu "ncu not found"
+    else
+      stage ncu 150 "$NCU" --profile-from-start off --kernel-name "regex:block_|flash_" \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
+        "$PY" scripts/ncu_case.py
+    fi
+    sanitize racecheck 180
   fi
 else
-  for s in tests memcheck racecheck overlap bench; do skip $s "ring_attention does not import"; done
+  for s in tests memcheck overlap bench ncu racecheck; do skip $s "ring_attention does not import"; done
 fi
 
 echo "summary: $SUMMARY"
