@@ -54,6 +54,20 @@ def random_qkv(seed, batch, seqlen_q, seqlen_k, heads, heads_kv, headdim, dtype)
     return q, k, v, dout
 
 
+def assert_forward_close(out, expected, v, name="out"):
+    """The forward's out_acc against a float64 `expected`. bf16 inputs: P may be rounded to bf16
+    once before P V (the AMX CPU kernel and the CUDA kernels do, as FlashAttention and ATen do), so
+    |out - expected| <= 2^-8 max|v| plus the fp32 tolerance: out is a combination of v's rows
+    whose weights p / l are each off by at most 2^-9 of themselves. Other dtypes: assert_close."""
+    if v.dtype != torch.bfloat16:
+        return assert_close(out, expected, name)
+    assert out.shape == expected.shape, (name, out.shape, expected.shape)
+    scale = max(1.0, expected.abs().max().item())
+    bound = 2.0 ** -8 * v.float().abs().max().item() + TOL[torch.float32] * scale
+    err = (out.double() - expected.double()).abs().max().item()
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (P rounded to bf16 once)"
+
+
 def assert_close(actual, expected, name):
     """`actual` against a float64 `expected`, with the tolerance of actual's dtype (see above)."""
     tol = TOL[actual.dtype]

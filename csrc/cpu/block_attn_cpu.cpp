@@ -663,7 +663,7 @@ void fwd_impl(const BlockFwdParams& p) {
         return;
       if constexpr (kAmx) {
 #if RA_CPU_AMX
-        amx::split_by_pairs(Sb, LDS, nr, nr16, ncol, amx::kPPlanes, ws.p_planes, LDP, xo.v,
+        amx::split_by_pairs(Sb, LDS, nr, nr16, ncol, amx::fwd_p_planes<scalar_t>(), ws.p_planes, LDP, xo.v,
                             xo.v.head(b * Hkv + hk), k0 + c0, O + r0 * Dp, Dp);
 #endif
       } else {
