@@ -1,6 +1,7 @@
 // Kernel bodies of the CUDA block attention (FlashAttention-2 style, mma.sync m16n8k16).
 //
-// Forward: one CTA per (query tile of kBlockM = 64 rows, head, batch), 4 warps of 16 query rows.
+// Forward: one CTA per (query tile of kBlockM = 128 rows, head, batch), 4 warps of 2 m-tiles of 16
+//   query rows each (every K/V fragment read from shared memory feeds both m-tiles' MMAs).
 //   Q is staged in shared memory once and kept in registers as MMA A fragments; K/V tiles of
 //   kBlockN = 64 keys go through shared memory with cp.async, double buffered (the next live tile
 //   is fetched while the current one is computed). Per tile: S = Q K^T (fp32), scale, mask,
@@ -52,15 +53,20 @@ struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;  // compiled bucket; the real head dim is <= this
   static constexpr int kNWarps = 4;
   static constexpr int kNThreads = 32 * kNWarps;
-  static constexpr int kBlockM = 16 * kNWarps;  // query rows per CTA
-  static constexpr int kBlockN = 64;            // keys per tile
+  // Query m-tiles of 16 rows per warp: each K/V fragment read from shared memory feeds kMTiles
+  // MMAs, and a K/V tile's copy and bookkeeping serve kMTiles x as many rows.
+  static constexpr int kMTiles = 2;
+  static constexpr int kBlockM = 16 * kMTiles * kNWarps;  // query rows per CTA
+  static constexpr int kBlockN = 64;                      // keys per tile
   static constexpr int kStride = kHeadDim + 8;  // smem row pitch (elements): conflict-free ldmatrix
   // Q as MMA fragments in registers for the whole kernel (else re-read from smem per key tile):
   // for larger head dims the registers are needed for the output accumulator.
-  static constexpr bool kQInRegs = kHeadDim <= 64;
-  static constexpr int kSmemElems = kBlockM * kStride + 4 * kBlockN * kStride;  // Q, 2 x (K, V)
-  static constexpr int kSmemBytes = kSmemElems * 2;
+  static constexpr bool kQInRegs = kHeadDim <= 32;
+  // Q, 2 x (K, V) (16-bit elements), then each row's visible key range (two int64).
+  static constexpr int kSmemElems = kBlockM * kStride + 4 * kBlockN * kStride;
+  static constexpr int kSmemBytes = kSmemElems * 2 + kBlockM * 16;
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128, "head dim bucket");
+  static_assert((kSmemElems * 2) % 16 == 0, "row range alignment");
 };
 
 template <bool kBF16_, int kHeadDim_>
@@ -306,6 +312,66 @@ RA_DEV void mma_frags_by_kn(float (&acc)[kNbO][4], const float (&a)[kNbA][4], co
   }
 }
 
+// The forward's two GEMMs over kMT m-tiles of 16 rows per warp: every B fragment loaded from
+// shared memory feeds kMT MMAs. c[mt] = Q K^T for Q rows [a_row0 + 16 mt, + 16) of a row-major
+// smem tile (or Q fragments held in registers, qf), K rows [0, kNb * 8) of an n-major tile.
+template <bool kBF16, int kKc, int kNb, int kPitch, int kMT, bool kAInRegs, int kQf>
+RA_DEV void mma_tiles_by_nk(float (&c)[kMT][kNb][4], const uint16_t* a, int a_row0,
+                            const uint32_t (&qf)[kQf][kKc][4], const uint16_t* b, int lane) {
+  RA_UNROLL
+  for (int mt = 0; mt < kMT; ++mt) {
+    RA_UNROLL
+    for (int nb = 0; nb < kNb; ++nb) c[mt][nb][0] = c[mt][nb][1] = c[mt][nb][2] = c[mt][nb][3] = 0.f;
+  }
+  RA_UNROLL
+  for (int kc = 0; kc < kKc; ++kc) {
+    uint32_t af[kMT][4];
+    RA_UNROLL
+    for (int mt = 0; mt < kMT; ++mt) {
+      if constexpr (kAInRegs) {
+        RA_UNROLL
+        for (int i = 0; i < 4; ++i) af[mt][i] = qf[mt][kc][i];
+      } else {
+        load_a<kPitch>(af[mt], a, a_row0 + 16 * mt, kc * 16, lane);
+      }
+    }
+    RA_UNROLL
+    for (int j = 0; j < kNb / 2; ++j) {
+      uint32_t bf[4];
+      load_b_nk<kPitch>(bf, b, j * 16, kc * 16, lane);
+      RA_UNROLL
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16816<kBF16>(c[mt][2 * j], af[mt], bf[0], bf[1]);
+        mma_16816<kBF16>(c[mt][2 * j + 1], af[mt], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// acc[mt] += P[mt] V over kMT m-tiles: P from C fragments (rounded to 16 bits), V rows
+// [0, kKc * 16) of a k-major smem tile; every V fragment feeds kMT MMAs.
+template <bool kBF16, int kKc, int kNbO, int kPitch, int kMT, int kNbA>
+RA_DEV void mma_tiles_by_kn(float (&acc)[kMT][kNbO][4], const float (&a)[kMT][kNbA][4],
+                            const uint16_t* b, int lane) {
+  static_assert(kNbA == 2 * kKc, "A fragments: two n-blocks per k-chunk");
+  RA_UNROLL
+  for (int j = 0; j < kKc; ++j) {
+    uint32_t af[kMT][4];
+    RA_UNROLL
+    for (int mt = 0; mt < kMT; ++mt) c_to_a<kBF16>(af[mt], a[mt], j);
+    RA_UNROLL
+    for (int t = 0; t < kNbO / 2; ++t) {
+      uint32_t bf[4];
+      load_b_kn<kPitch>(bf, b, j * 16, t * 16, lane);
+      RA_UNROLL
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16816<kBF16>(acc[mt][2 * t], af[mt], bf[0], bf[1]);
+        mma_16816<kBF16>(acc[mt][2 * t + 1], af[mt], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -313,7 +379,7 @@ template <typename Kt>
 RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   constexpr bool kBF16 = Kt::kBF16;
   constexpr int kD = Kt::kHeadDim, kBM = Kt::kBlockM, kBN = Kt::kBlockN, kStride = Kt::kStride;
-  constexpr int kNT = Kt::kNThreads;
+  constexpr int kNT = Kt::kNThreads, kMT = Kt::kMTiles;
   constexpr int kNbS = kBN / 8;   // n-blocks of a score row (keys)
   constexpr int kKcQK = kD / 16;  // k-chunks of Q K^T (head dim)
   constexpr int kNbO = kD / 8;    // n-blocks of an output row (head dim)
@@ -338,7 +404,9 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
         const int r = q0 + i / d;
         if (r < Sq) gO[static_cast<int64_t>(r) * p.out_strides.row + i % d] = 0.f;
       }
-      if (tid < kBM && q0 + tid < Sq) gL[q0 + tid] = ninf;
+      for (int i = tid; i < kBM; i += Kt::kNThreads) {
+        if (q0 + i < Sq) gL[q0 + i] = ninf;
+      }
     }
     return;
   }
@@ -346,6 +414,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sK = sQ + kBM * kStride;      // stage s at sK + s * kBN * kStride
   uint16_t* sV = sK + 2 * kBN * kStride;  // likewise
+  // Row i's visible keys (read by partial tiles only, so they need no registers).
+  PositionRange* sSeen = reinterpret_cast<PositionRange*>(smem_raw + Kt::kSmemElems * 2);
   const uint16_t* gQ = static_cast<const uint16_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
   const uint16_t* gK = static_cast<const uint16_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
   const uint16_t* gV = static_cast<const uint16_t*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
@@ -354,29 +424,32 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, 0, gK, gV, p, cur.index, d, tid);
   cp_async_commit();
 
-  // Prologue (overlaps the copies): this thread's rows are r = 0: warp*16 + g, r = 1: + 8.
-  int row[2];
-  PositionRange seen[2];  // the keys each row sees
-  OnlineRow<float> st[2];
-  float acc[kNbO][4];
+  // Prologue (overlaps the copies): this thread's rows are, per m-tile mt, row0 + 16 mt + g
+  // (r = 0) and + 8 (r = 1), row0 = q0 + 16 kMT warp.
+  const int row0 = q0 + 16 * kMT * warp;
+  OnlineRow<float> st[kMT][2];
+  float acc[kMT][kNbO][4];
   RA_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    row[r] = q0 + warp * 16 + g + 8 * r;
-    const bool valid = row[r] < Sq;
-    seen[r] = query_bounds(p.mask, p.q_pos, p.q_seg, row[r], Sq);
-    st[r] = OnlineRow<float>::from_lse(args.merge && valid ? gL[row[r]] : ninf);
-    const bool load = st[r].l > 0.f;  // acc = o when the state has seen something, else 0
-    const float* o = gO + static_cast<int64_t>(load ? row[r] : 0) * p.out_strides.row;
+  for (int mt = 0; mt < kMT; ++mt) {
     RA_UNROLL
-    for (int nb = 0; nb < kNbO; ++nb) {
-      const int c = nb * 8 + t4 * 2;
-      const bool ld = load && c < d;
-      acc[nb][2 * r] = ld ? o[c] : 0.f;
-      acc[nb][2 * r + 1] = ld ? o[c + 1] : 0.f;
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 16 * mt + g + 8 * r;
+      const bool valid = row < Sq;
+      if (t4 == 0) sSeen[row - q0] = query_bounds(p.mask, p.q_pos, p.q_seg, row, Sq);
+      st[mt][r] = OnlineRow<float>::from_lse(args.merge && valid ? gL[row] : ninf);
+      const bool load = st[mt][r].l > 0.f;  // acc = o when the state has seen something, else 0
+      const float* o = gO + static_cast<int64_t>(load ? row : 0) * p.out_strides.row;
+      RA_UNROLL
+      for (int nb = 0; nb < kNbO; ++nb) {
+        const int c = nb * 8 + t4 * 2;
+        const bool ld = load && c < d;
+        acc[mt][nb][2 * r] = ld ? o[c] : 0.f;
+        acc[mt][nb][2 * r + 1] = ld ? o[c + 1] : 0.f;
+      }
     }
   }
 
-  uint32_t qf[Kt::kQInRegs ? kKcQK : 1][4];
+  uint32_t qf[Kt::kQInRegs ? kMT : 1][kKcQK][4];
   int stage = 0;
   for (bool first = true;; first = false) {
     // The next live tile first: its position loads overlap the wait and the barrier.
@@ -386,7 +459,12 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
     if constexpr (Kt::kQInRegs) {
       if (first) {
         RA_UNROLL
-        for (int kc = 0; kc < kKcQK; ++kc) load_a<kStride>(qf[kc], sQ, warp * 16, kc * 16, lane);
+        for (int mt = 0; mt < kMT; ++mt) {
+          RA_UNROLL
+          for (int kc = 0; kc < kKcQK; ++kc) {
+            load_a<kStride>(qf[mt][kc], sQ, row0 - q0 + 16 * mt, kc * 16, lane);
+          }
+        }
       }
     }
     if (nxt.index >= 0) {
@@ -398,68 +476,74 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
     const int k0 = cur.index * kBN;
 
     // S = Q K^T
-    float s[kNbS][4];
-    RA_UNROLL
-    for (int nb = 0; nb < kNbS; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-    RA_UNROLL
-    for (int kc = 0; kc < kKcQK; ++kc) {
-      uint32_t(&qa)[4] = qf[Kt::kQInRegs ? kc : 0];
-      if constexpr (!Kt::kQInRegs) load_a<kStride>(qa, sQ, warp * 16, kc * 16, lane);
-      RA_UNROLL
-      for (int j = 0; j < kBN / 16; ++j) {
-        uint32_t kb[4];
-        load_b_nk<kStride>(kb, tK, j * 16, kc * 16, lane);
-        mma_16816<kBF16>(s[2 * j], qa, kb[0], kb[1]);
-        mma_16816<kBF16>(s[2 * j + 1], qa, kb[2], kb[3]);
-      }
-    }
+    float s[kMT][kNbS][4];
+    mma_tiles_by_nk<kBF16, kKcQK, kNbS, kStride, kMT, Kt::kQInRegs>(s, sQ, row0 - q0, qf, tK, lane);
 
     // Scale and mask.
     const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
-    for_each_score<kNbS>(k0, Sk, need_mask, seen, p.k_pos, t4,
-                         [&](int nb, int i, int, bool visible) {
-                           s[nb][i] = visible ? s[nb][i] * scale : ninf;
-                         });
-
-    // Online softmax (a row's 64 scores live in the 4 lanes of a quad).
-    float mx[2] = {ninf, ninf};
     RA_UNROLL
-    for (int nb = 0; nb < kNbS; ++nb) {
-      RA_UNROLL
-      for (int r = 0; r < 2; ++r) mx[r] = fmax_f(mx[r], fmax_f(s[nb][2 * r], s[nb][2 * r + 1]));
-    }
-    float factor[2], mref[2], sum[2];
-    RA_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmax_f(mx[r], shfl_xor(mx[r], 1));
-      mx[r] = fmax_f(mx[r], shfl_xor(mx[r], 2));
-      factor[r] = st[r].rescale_for(mx[r]);
-      mref[r] = st[r].m == ninf ? 0.f : st[r].m;  // a row that saw nothing: every p is exp(-inf) = 0
-      sum[r] = 0.f;
-    }
-    RA_UNROLL
-    for (int nb = 0; nb < kNbS; ++nb) {
-      RA_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const float pe = fast_exp(s[nb][i] - mref[i / 2]);
-        s[nb][i] = pe;
-        sum[i / 2] += pe;
+    for (int mt = 0; mt < kMT; ++mt) {
+      if (need_mask) {
+        const int r = row0 - q0 + 16 * mt + g;
+        const PositionRange seen[2] = {sSeen[r], sSeen[r + 8]};
+        for_each_score<kNbS>(k0, Sk, true, seen, p.k_pos, t4,
+                             [&](int nb, int i, int, bool visible) {
+                               s[mt][nb][i] = visible ? s[mt][nb][i] * scale : ninf;
+                             });
+      } else {
+        RA_UNROLL
+        for (int nb = 0; nb < kNbS; ++nb) {
+          RA_UNROLL
+          for (int i = 0; i < 4; ++i) s[mt][nb][i] *= scale;
+        }
       }
     }
+
+    // Online softmax (a row's 64 scores live in the 4 lanes of a quad).
     RA_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      sum[r] += shfl_xor(sum[r], 1);
-      sum[r] += shfl_xor(sum[r], 2);
-      st[r].l += sum[r];
-    }
-    RA_UNROLL
-    for (int nb = 0; nb < kNbO; ++nb) {
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx[2] = {ninf, ninf};
       RA_UNROLL
-      for (int i = 0; i < 4; ++i) acc[nb][i] *= factor[i / 2];
+      for (int nb = 0; nb < kNbS; ++nb) {
+        RA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          mx[r] = fmax_f(mx[r], fmax_f(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+        }
+      }
+      float factor[2], mref[2], sum[2];
+      RA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmax_f(mx[r], shfl_xor(mx[r], 1));
+        mx[r] = fmax_f(mx[r], shfl_xor(mx[r], 2));
+        factor[r] = st[mt][r].rescale_for(mx[r]);
+        // a row that saw nothing: every p is exp(-inf) = 0
+        mref[r] = st[mt][r].m == ninf ? 0.f : st[mt][r].m;
+        sum[r] = 0.f;
+      }
+      RA_UNROLL
+      for (int nb = 0; nb < kNbS; ++nb) {
+        RA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const float pe = fast_exp(s[mt][nb][i] - mref[i / 2]);
+          s[mt][nb][i] = pe;
+          sum[i / 2] += pe;
+        }
+      }
+      RA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        sum[r] += shfl_xor(sum[r], 1);
+        sum[r] += shfl_xor(sum[r], 2);
+        st[mt][r].l += sum[r];
+      }
+      RA_UNROLL
+      for (int nb = 0; nb < kNbO; ++nb) {
+        RA_UNROLL
+        for (int i = 0; i < 4; ++i) acc[mt][nb][i] *= factor[i / 2];
+      }
     }
 
     // O += P V
-    mma_frags_by_kn<kBF16, kKcPV, kNbO, kStride>(acc, s, tV, lane);
+    mma_tiles_by_kn<kBF16, kKcPV, kNbO, kStride, kMT>(acc, s, tV, lane);
 
     if (nxt.index < 0) break;
     cur = nxt;
@@ -468,19 +552,23 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
 
   // Epilogue: o = acc / l, lse = m + log(l) (0 and -inf for a row that saw nothing).
   RA_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= Sq) continue;
-    const float inv_l = st[r].inv_l();
-    float* o = gO + static_cast<int64_t>(row[r]) * p.out_strides.row;
+  for (int mt = 0; mt < kMT; ++mt) {
     RA_UNROLL
-    for (int nb = 0; nb < kNbO; ++nb) {
-      const int c = nb * 8 + t4 * 2;
-      if (c < d) {
-        o[c] = acc[nb][2 * r] * inv_l;
-        o[c + 1] = acc[nb][2 * r + 1] * inv_l;
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 16 * mt + g + 8 * r;
+      if (row >= Sq) continue;
+      const float inv_l = st[mt][r].inv_l();
+      float* o = gO + static_cast<int64_t>(row) * p.out_strides.row;
+      RA_UNROLL
+      for (int nb = 0; nb < kNbO; ++nb) {
+        const int c = nb * 8 + t4 * 2;
+        if (c < d) {
+          o[c] = acc[mt][nb][2 * r] * inv_l;
+          o[c + 1] = acc[mt][nb][2 * r + 1] * inv_l;
+        }
       }
+      if (t4 == 0) gL[row] = st[mt][r].lse();
     }
-    if (t4 == 0) gL[row[r]] = st[r].lse();
   }
 }
 
