@@ -4,6 +4,11 @@ Efficiency: the same attention on 1 rank (T1) and on `world` ranks (Tw, slowest 
     efficiency = T1 / (world * Tw); 1.0 means the ring adds nothing to the work. T1 and Tw are
     timed in the same processes, alternating call by call (rank 0 alone, the others waiting,
     then every rank), so both see the same machine.
+Ceiling: in the same alternation, every rank at once runs just the block kernels of its share
+    (its queries against the whole K/V, with the layout's positions: the same FLOPs and mask as
+    its ring steps) with no exchange and no ring (Tk). T1 / (world * Tk) is what the machine
+    allows when `world` ranks compute side by side (shared caches, memory bandwidth, clocks); a
+    ring cannot beat it.
 Memory: each rank's peak resident-memory growth during a forward call.
 Check cost: a call with RING_ATTN_CHECK=1 minus the same call with RING_ATTN_CHECK=0.
 """
@@ -33,9 +38,24 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup):
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(1, seqlen, heads, headdim, generator=gen) for _ in range(4)]
     out = {}
+    ops, scale = torch.ops.ring_attention, headdim ** -0.5
     for name, causal, layout in CASES:
         local = [ra.shard(t, layout=layout).contiguous() for t in full]
         whole = [t.clone() for t in full] if rank == 0 else None
+        q_pos = ra.positions(layout, rank, world, seqlen // world).int()
+        k_pos = torch.arange(seqlen, dtype=torch.int32)
+
+        def kernels_alone(backward):
+            """This rank's share as bare block kernels: its queries x the whole K/V, no ring."""
+            q, dout = local[0], local[3]
+            acc = torch.zeros(q.shape)
+            lse = torch.full((1, heads, q.shape[1]), float("-inf"))
+            ops.block_fwd(q, full[1], full[2], q_pos, k_pos, None, acc, lse, causal, -1, -1, scale)
+            if backward:
+                delta = (dout * acc).sum(-1).transpose(1, 2).contiguous()
+                dq, dk, dv = (torch.zeros(t.shape) for t in (q, full[1], full[2]))
+                ops.block_bwd(dout, q, full[1], full[2], q_pos, k_pos, None, lse, delta, dq, dk, dv,
+                              causal, -1, -1, scale)
 
         def call(tensors, group, backward):
             q, k, v, dout = tensors
@@ -48,7 +68,7 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup):
 
         times = {}
         for backward in (False, True):
-            t1, tw = [], []
+            t1, tw, tk = [], [], []
             for i in range(warmup + iters):
                 dist.barrier()
                 if rank == 0:
@@ -61,7 +81,13 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup):
                 call(local, None, backward)
                 if i >= warmup:
                     tw.append(time.perf_counter() - t0)
-            times[backward] = (statistics.median(t1) if t1 else None, statistics.median(tw))
+                dist.barrier()
+                t0 = time.perf_counter()
+                kernels_alone(backward)
+                if i >= warmup:
+                    tk.append(time.perf_counter() - t0)
+            times[backward] = (statistics.median(t1) if t1 else None, statistics.median(tw),
+                               statistics.median(tk))
         out[name] = times
     return out
 
@@ -112,12 +138,15 @@ def main(argv=None) -> int:
         for backward, phase in ((False, "fwd"), (True, "fwd+bwd")):
             t1 = ring[0][name][backward][0]
             tw = max(r[name][backward][1] for r in ring)
+            tk = max(r[name][backward][2] for r in ring)
             row[f"{phase} T1 ms"] = f"{t1 * 1e3:.1f}"
             row[f"{phase} T{args.world} ms"] = f"{tw * 1e3:.1f}"
             row[f"{phase} eff"] = f"{t1 / (args.world * tw):.3f}"
+            row[f"{phase} ceiling"] = f"{t1 / (args.world * tk):.3f}"
         rows.append(row)
     print(f"\nRing efficiency, {args.seqlen} tokens, batch 1, {args.heads} heads, dim {args.headdim}, fp32, "
-          f"1 thread per rank, {args.world} ranks vs 1 (medians of {args.iters}, alternating)")
+          f"1 thread per rank, {args.world} ranks vs 1 (medians of {args.iters}, alternating; ceiling: "
+          f"the ranks' block kernels side by side, no ring)")
     h.print_table(rows, list(rows[0].keys()))
 
     peaks = h.run_ranks(args.world, _memory, args.memory_seqlen, args.heads, args.headdim)

@@ -312,6 +312,18 @@ RA_DEV void mma_frags_by_kn(float (&acc)[kNbO][4], const float (&a)[kNbA][4], co
   }
 }
 
+// c[mt][2n] += af[mt] x (bf[0], bf[1]) and c[mt][2n + 1] += af[mt] x (bf[2], bf[3]) for every
+// m-tile mt: one B fragment pair (two n-blocks) feeding kMT MMAs each.
+template <bool kBF16, int kMT, int kN>
+RA_DEV void mma_b_pair(float (&c)[kMT][kN][4], int n, const uint32_t (&af)[kMT][4],
+                       const uint32_t (&bf)[4]) {
+  RA_UNROLL
+  for (int mt = 0; mt < kMT; ++mt) {
+    mma_16816<kBF16>(c[mt][2 * n], af[mt], bf[0], bf[1]);
+    mma_16816<kBF16>(c[mt][2 * n + 1], af[mt], bf[2], bf[3]);
+  }
+}
+
 // The forward's two GEMMs over kMT m-tiles of 16 rows per warp: every B fragment loaded from
 // shared memory feeds kMT MMAs. c[mt] = Q K^T for Q rows [a_row0 + 16 mt, + 16) of a row-major
 // smem tile (or Q fragments held in registers, qf), K rows [0, kNb * 8) of an n-major tile.
@@ -339,11 +351,7 @@ RA_DEV void mma_tiles_by_nk(float (&c)[kMT][kNb][4], const uint16_t* a, int a_ro
     for (int j = 0; j < kNb / 2; ++j) {
       uint32_t bf[4];
       load_b_nk<kPitch>(bf, b, j * 16, kc * 16, lane);
-      RA_UNROLL
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma_16816<kBF16>(c[mt][2 * j], af[mt], bf[0], bf[1]);
-        mma_16816<kBF16>(c[mt][2 * j + 1], af[mt], bf[2], bf[3]);
-      }
+      mma_b_pair<kBF16>(c, j, af, bf);
     }
   }
 }
@@ -363,11 +371,7 @@ RA_DEV void mma_tiles_by_kn(float (&acc)[kMT][kNbO][4], const float (&a)[kMT][kN
     for (int t = 0; t < kNbO / 2; ++t) {
       uint32_t bf[4];
       load_b_kn<kPitch>(bf, b, j * 16, t * 16, lane);
-      RA_UNROLL
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma_16816<kBF16>(acc[mt][2 * t], af[mt], bf[0], bf[1]);
-        mma_16816<kBF16>(acc[mt][2 * t + 1], af[mt], bf[2], bf[3]);
-      }
+      mma_b_pair<kBF16>(acc, t, af, bf);
     }
   }
 }

@@ -69,13 +69,18 @@ RA_DEV T shfl_xor(T v, int mask) {
 }
 
 // ---- warp reductions of 32-bit integers (redux.sync on sm_80+): every lane gets the result ------
+#if defined(RA_CUDA_EMULATE)
+// Butterfly over the warp; pick(a, b) returns the value kept.
+template <typename Pick>
+RA_DEV int32_t warp_reduce(int32_t v, Pick pick) {
+  for (int off = 16; off > 0; off /= 2) v = pick(v, shfl_xor(v, off));
+  return v;
+}
+#endif
+
 RA_DEV int32_t warp_min(int32_t v) {
 #if defined(RA_CUDA_EMULATE)
-  for (int off = 16; off > 0; off /= 2) {
-    const int32_t o = shfl_xor(v, off);
-    v = o < v ? o : v;
-  }
-  return v;
+  return warp_reduce(v, [](int32_t a, int32_t b) { return b < a ? b : a; });
 #else
   return __reduce_min_sync(0xffffffffu, v);
 #endif
@@ -83,11 +88,7 @@ RA_DEV int32_t warp_min(int32_t v) {
 
 RA_DEV int32_t warp_max(int32_t v) {
 #if defined(RA_CUDA_EMULATE)
-  for (int off = 16; off > 0; off /= 2) {
-    const int32_t o = shfl_xor(v, off);
-    v = o > v ? o : v;
-  }
-  return v;
+  return warp_reduce(v, [](int32_t a, int32_t b) { return b > a ? b : a; });
 #else
   return __reduce_max_sync(0xffffffffu, v);
 #endif
