@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <nvtx3/nvToolsExt.h>  // header-only; a no-op unless a profiler is attached
 #endif
+#include "core/bounded_cache.h"
 #include "core/layout.h"
 #include "core/ring_scheduler.h"
 
@@ -87,31 +88,31 @@ at::Tensor pack_kv(const at::Tensor& k, const at::Tensor& v, at::ScalarType dtyp
 }
 
 // Device copies of the rings' token positions and sequence ranges, kept across calls and keyed
-// by what determines them (device, layout, world size, rank, local length, cu_seqlens). Once a
-// configuration has run, a ring call copies nothing from host to device: no pageable copy that
-// holds up the host, and the call can be captured in a CUDA graph.
+// by what determines them (device, layout, world size, rank, local length, cu_seqlens), within
+// 64 MiB (least recently used first). Once a configuration has run, a ring call copies nothing
+// from host to device: no pageable copy that holds up the host, and the call can be captured in
+// a CUDA graph. A copy used under capture is pinned: the graph keeps its address.
 at::Tensor device_copy(const std::string& key, const at::Tensor& host, const at::Device& device) {
-  constexpr size_t kMaxCopies = 1024;
   static std::mutex mutex;
-  static std::map<std::string, at::Tensor> copies;
+  static BoundedCache<at::Tensor> copies(size_t{64} << 20);
   const std::string full_key = device.str() + "|" + key;
-  std::lock_guard<std::mutex> lock(mutex);
-  const auto it = copies.find(full_key);
-  if (it != copies.end()) return it->second;
+  bool capturing = false;
 #if defined(RING_ATTN_WITH_CUDA)
   if (device.is_cuda()) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(),
-                                         &capture));
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
-                "ring attention: this ring configuration (layout, world size, lengths, cu_seqlens) "
-                "has not run on ", device, " yet, so its token positions would be copied from the "
-                "host during CUDA graph capture; run one call of the same configuration before "
-                "capturing");
+                                         &status));
+    capturing = status != cudaStreamCaptureStatusNone;
   }
 #endif
-  if (copies.size() >= kMaxCopies) copies.clear();
-  return copies.emplace(full_key, host.to(device)).first->second;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const at::Tensor* found = copies.find(full_key, capturing)) return *found;
+  TORCH_CHECK(!capturing,
+              "ring attention: this ring configuration (layout, world size, lengths, cu_seqlens) "
+              "has not run on ", device, " yet, so its token positions would be copied from the "
+              "host during CUDA graph capture; run one call of the same configuration before "
+              "capturing");
+  return copies.insert(full_key, host.to(device), host.nbytes(), false);
 }
 
 // Everything a rank knows about the ring for one call: every rank's positions (and, for packed

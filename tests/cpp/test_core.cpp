@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "core/bounded_cache.h"
 #include "core/layout.h"
 #include "core/mask.h"
 #include "core/merge.h"
@@ -468,10 +469,33 @@ static void test_tile_bounds_32() {
   CHECK(exact > 19000);
 }
 
+// BoundedCache (the ring's device copies of positions): least recently used entries go first when
+// over the byte budget, pinned entries never, and the newest entry stays.
+static void test_bounded_cache() {
+  BoundedCache<int> cache(100);
+  cache.insert("a", 1, 40, false);
+  cache.insert("b", 2, 40, false);
+  CHECK(cache.find("a", false) != nullptr);  // a is now more recent than b
+  cache.insert("c", 3, 40, false);           // 120 > 100: b (least recently used) goes
+  CHECK(cache.find("b", false) == nullptr);
+  CHECK(cache.find("a", false) != nullptr && *cache.find("c", false) == 3);
+  CHECK(cache.bytes() == 80 && cache.size() == 2);
+  CHECK(cache.find("a", true) != nullptr);  // pinned, e.g. used in a CUDA graph capture
+  cache.insert("d", 4, 40, false);           // over: c goes (a is pinned), not d
+  CHECK(cache.find("c", false) == nullptr && cache.find("a", false) != nullptr);
+  CHECK(cache.find("d", false) != nullptr && cache.bytes() == 80);
+  cache.insert("e", 5, 200, false);  // larger than the budget: everything unpinned but e goes
+  CHECK(cache.find("d", false) == nullptr && *cache.find("e", false) == 5);
+  CHECK(*cache.find("a", false) == 1 && cache.size() == 2 && cache.bytes() == 240);
+  cache.insert("f", 6, 10, false);  // e, least recently used and unpinned, goes
+  CHECK(cache.find("e", false) == nullptr && cache.size() == 2 && cache.bytes() == 50);
+}
+
 int main() {
   test_mask_classification();
   test_mask_bounds();
   test_tile_bounds_32();
+  test_bounded_cache();
   test_merge();
   test_layouts();
   test_forward_schedule();
