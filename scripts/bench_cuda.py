@@ -4,7 +4,8 @@
 For each (head dim, total length, causal): bf16, batch x seqlen = 16K tokens, heads x headdim =
 2048 (FlashAttention's benchmark shapes). Rows:
   ring block_fwd          the fused kernel (prologue load + online softmax + merge epilogue)
-  ring block_fwd nomerge  the same kernel with the merge off (_cuda_block_fwd(merge=False))
+  ring block_fwd nomerge  the same kernel with the merge off (_cuda_block_fwd(merge=False)); the
+                          two alternate call by call from the same state (merge_pair_ms)
   ring block_bwd          the backward kernel (given lse and delta, as the ring calls it)
   ring block_bwd determ.  the same with deterministic=True (no atomics; a separate dQ kernel)
   ring op fwd / bwd       ring_fwd / ring_bwd at world size 1 (buffers, delta, casts included)
@@ -51,6 +52,27 @@ def time_ms(fn, min_time=0.25, warmup=2):
     return sorted(batches)[1]
 
 
+def merge_pair_ms(merge, nomerge, reps=21, warmup=2):
+    """Medians (ms) of the forward with and without the merge, alternated call by call and timed
+    with CUDA events around each call. Each merging call merges into the state that the no-merge
+    call just before it wrote (one block), so the running state is the same for every timed call
+    and clocks and caches treat the two alike."""
+    for _ in range(warmup):
+        nomerge()
+        merge()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(reps)]
+    for e0, e1, e2 in events:
+        e0.record()
+        nomerge()
+        e1.record()
+        merge()
+        e2.record()
+    torch.cuda.synchronize()
+    t_nomerge = sorted(e0.elapsed_time(e1) for e0, e1, _ in events)[reps // 2]
+    t_merge = sorted(e1.elapsed_time(e2) for _, e1, e2 in events)[reps // 2]
+    return t_merge, t_nomerge
+
+
 def sdpa_backend(name):
     from torch.nn.attention import SDPBackend
     return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
@@ -79,12 +101,7 @@ def bench_config(d, s, causal, dtype=torch.bfloat16):
     fwd = lambda: ra.ops.block_fwd(q=q, k=k, v=v, out_acc=out_acc, lse=lse, **mask)
     fwd_nomerge = lambda: torch.ops.ring_attention._cuda_block_fwd(q=q, k=k, v=v, out_acc=out_acc,
                                                                    lse=lse, **mask, merge=False)
-    # interleave the two merge variants so that clocks and caches treat them alike
-    t_fwd, t_nomerge = [], []
-    for _ in range(3):
-        t_fwd.append(time_ms(fwd))
-        t_nomerge.append(time_ms(fwd_nomerge))
-    t_fwd, t_nomerge = sorted(t_fwd)[1], sorted(t_nomerge)[1]
+    t_fwd, t_nomerge = merge_pair_ms(fwd, fwd_nomerge)
     overhead = (t_fwd - t_nomerge) / t_nomerge * 100
     add("ring block_fwd", "fwd", t_fwd, flops_fwd, f"merge overhead {overhead:+.1f}%")
     add("ring block_fwd nomerge", "fwd", t_nomerge, flops_fwd)
