@@ -647,10 +647,13 @@ void fwd_impl(const BlockFwdParams& p) {
       acc_t* Sb = S + r0 * LDS + c0;
       acc_t* rowmax = !kAmx && !masked && ncol == ncolp ? ws.rowmax : nullptr;
       [[maybe_unused]] const int64_t nr16 = round_up(nr, 16);
+      acc_t score_scale = 1;  // bf16 AMX scores: scaled in the softmax pass (positive scales)
       if constexpr (kAmx) {
 #if RA_CPU_AMX
+        const bool fuse = xo.q.post_scale > 0.f;
+        if (fuse) score_scale = xo.q.post_scale;
         amx::rows_by_groups(xo.q, xo.q.head(b * H + h), xo.k, xo.k.head(b * Hkv + hk), q0 + r0,
-                            nr16, k0 + c0, ncolp, Sb, LDS);
+                            nr16, k0 + c0, ncolp, Sb, LDS, !fuse);
 #endif
       } else {
         Tl::scores(nr, ncolp, D, scale2, Qr.ptr(b, h) + (q0 + r0) * Qr.ld, Qr.ld,
@@ -659,7 +662,7 @@ void fwd_impl(const BlockFwdParams& p) {
       if (masked)
         Tl::mask(Sb, LDS, nr, ncol, mp.bounds.data() + 2 * (q0 + r0), p.k_pos + k0 + c0);
       if (!Tl::fwd_softmax(Sb, LDS, nr, ncol, rowmax, masked, ws.m + r0, ws.l + r0, ws.seen + r0,
-                           O + r0 * Dp, Dp, Dp))
+                           O + r0 * Dp, Dp, Dp, score_scale))
         return;
       if constexpr (kAmx) {
 #if RA_CPU_AMX
