@@ -139,10 +139,7 @@ struct RingContext {
     mask.window_left = options.window_left;
     mask.window_right = options.window_right;
     const at::Tensor cu = packed ? options.cu_seqlens.cpu().contiguous() : at::Tensor();
-    key = options.layout + "|" + std::to_string(world) + "|" + std::to_string(local_len);
-    for (int64_t i = 0; packed && i < cu.size(0); ++i) {
-      key += "|" + std::to_string(cu.data_ptr<int32_t>()[i]);
-    }
+    cu_host = cu;
     for (int r = 0; r < world; ++r) {
       positions[r] = at::empty({local_len}, at::kInt);
       int32_t* pos = positions[r].data_ptr<int32_t>();
@@ -168,18 +165,29 @@ struct RingContext {
 
   // Positions of `source`'s tokens and this rank's sequence ranges, on `device`.
   const at::Tensor& positions_of(int source, const at::Device& device) {
-    return on_device(positions[source], "positions|" + std::to_string(source), device);
+    return on_device(positions[source], "positions", source, device);
   }
   at::Tensor segments_of_rank(const at::Device& device) {
-    return packed ? on_device(segments[rank], "segments|" + std::to_string(rank), device)
-                  : at::Tensor();
+    return packed ? on_device(segments[rank], "segments", rank, device) : at::Tensor();
   }
 
  private:
-  std::string key;  // what the positions depend on: layout, world size, local length, cu_seqlens
+  at::Tensor cu_host;  // packed: cu_seqlens on the host
+  // What the positions depend on (layout, world size, local length, cu_seqlens), built by the
+  // first device copy, so that host-only rings never build it.
+  std::string key;
 
-  const at::Tensor& on_device(at::Tensor& t, const std::string& what, const at::Device& device) {
-    if (t.device() != device) t = device_copy(what + "|" + key, t, device);
+  // t (rank r's `what`), replaced by its device copy on the first call for another device.
+  const at::Tensor& on_device(at::Tensor& t, const char* what, int r, const at::Device& device) {
+    if (t.device() == device) return t;
+    if (key.empty()) {
+      key = std::to_string(static_cast<int>(layout)) + "|" + std::to_string(world) + "|" +
+            std::to_string(local_len);
+      for (int64_t i = 0; packed && i < cu_host.size(0); ++i) {
+        key += "|" + std::to_string(cu_host.data_ptr<int32_t>()[i]);
+      }
+    }
+    t = device_copy(std::string(what) + "|" + std::to_string(r) + "|" + key, t, device);
     return t;
   }
 };
