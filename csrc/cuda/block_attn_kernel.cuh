@@ -212,6 +212,26 @@ RA_DEV void load_kv_tile(uint16_t* sK, uint16_t* sV, int stage, const uint16_t* 
                                                  tid);
 }
 
+// One step of the key-tile pipeline of the forward and dQ kernels (K/V tiles of kRows keys,
+// double-buffered in sK/sV): finds the next live tile after `cur` (its position loads overlap the
+// wait), waits until tile `cur` is in stage `stage` and every warp is done with the other stage,
+// then starts copying the next live tile there. Returns it (index -1: none left).
+template <int kRows, int kHeadDim, int kStride, int kNThreads, typename Params>
+RA_DEV LiveTile kv_pipeline_step(const TileBounds& q_bounds, const Params& p, const LiveTile& cur,
+                                 int stage, uint16_t* sK, uint16_t* sV, const uint16_t* gK,
+                                 const uint16_t* gV, int d, int tid, int lane) {
+  const LiveTile nxt =
+      next_live_keys(q_bounds, p.k_pos, p.shape.seqlen_k, kRows, cur.index + 1, lane);
+  cp_async_wait<0>();
+  sync_threads();
+  if (nxt.index >= 0) {
+    load_kv_tile<kRows, kHeadDim, kStride, kNThreads>(sK, sV, stage ^ 1, gK, gV, p, nxt.index, d,
+                                                      tid);
+    cp_async_commit();
+  }
+  return nxt;
+}
+
 // A fragment (16 rows x 16 columns at (row0, col0)) of a row-major smem tile.
 template <int kPitch>
 RA_DEV void load_a(uint32_t (&a)[4], const uint16_t* s, int row0, int col0, int lane) {
@@ -456,10 +476,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   uint32_t qf[Kt::kQInRegs ? kMT : 1][kKcQK][4];
   int stage = 0;
   for (bool first = true;; first = false) {
-    // The next live tile first: its position loads overlap the wait and the barrier.
-    const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
-    cp_async_wait<0>();
-    sync_threads();  // tile `cur` is in stage `stage`; every warp is done with the other stage
+    const LiveTile nxt =
+        kv_pipeline_step<kBN, kD, kStride, kNT>(q_bounds, p, cur, stage, sK, sV, gK, gV, d, tid, lane);
     if constexpr (Kt::kQInRegs) {
       if (first) {
         RA_UNROLL
@@ -470,10 +488,6 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
           }
         }
       }
-    }
-    if (nxt.index >= 0) {
-      load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, stage ^ 1, gK, gV, p, nxt.index, d, tid);
-      cp_async_commit();
     }
     const uint16_t* tK = sK + stage * kBN * kStride;
     const uint16_t* tV = sV + stage * kBN * kStride;
@@ -899,13 +913,8 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
 
   int stage = 0;
   for (;;) {
-    const LiveTile nxt = next_live_keys(q_bounds, p.k_pos, Sk, kBN, cur.index + 1, lane);
-    cp_async_wait<0>();
-    sync_threads();  // tile `cur` is in stage `stage`; every warp is done with the other stage
-    if (nxt.index >= 0) {
-      load_kv_tile<kBN, kD, kStride, kNT>(sK, sV, stage ^ 1, gK, gV, p, nxt.index, d, tid);
-      cp_async_commit();
-    }
+    const LiveTile nxt =
+        kv_pipeline_step<kBN, kD, kStride, kNT>(q_bounds, p, cur, stage, sK, sV, gK, gV, d, tid, lane);
     const uint16_t* tK = sK + stage * kBN * kStride;
     const uint16_t* tV = sV + stage * kBN * kStride;
     const int k0 = cur.index * kBN;
