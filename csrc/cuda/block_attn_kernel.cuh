@@ -416,6 +416,12 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
   const int hk = h / (p.shape.nheads / p.shape.nheads_kv);
   const float scale = static_cast<float>(p.softmax_scale);
   const float ninf = neg_inf_f();
+  // With scale > 0 the scores stay unscaled until the exponential (max(scale s) = scale max(s)):
+  // the true score is score_unit * s after the mask pass, and p = exp2(s * exp2_mul - m log2(e)).
+  const bool fold_scale = scale > 0.f;
+  const float score_unit = fold_scale ? scale : 1.f;
+  const float mask_mul = fold_scale ? 1.f : scale;
+  const float exp2_mul = score_unit * kLog2eF;
 
   const TileBounds q_bounds = warp_tile_bounds(p.mask, p.q_pos, p.q_seg, q0, imin(q0 + kBM, Sq), lane);
   LiveTile cur = next_live_keys(q_bounds, p.k_pos, Sk, kBN, 0, lane);
@@ -497,7 +503,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
     float s[kMT][kNbS][4];
     mma_tiles_by_nk<kBF16, kKcQK, kNbS, kStride, kMT, Kt::kQInRegs>(s, sQ, row0 - q0, qf, tK, lane);
 
-    // Scale and mask.
+    // Mask (and scale, unless folded into the exponential).
     const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
     RA_UNROLL
     for (int mt = 0; mt < kMT; ++mt) {
@@ -506,9 +512,9 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
         const PositionRange seen[2] = {sSeen[r], sSeen[r + 8]};
         for_each_score<kNbS>(k0, Sk, true, seen, p.k_pos, t4,
                              [&](int nb, int i, int, bool visible) {
-                               s[mt][nb][i] = visible ? s[mt][nb][i] * scale : ninf;
+                               s[mt][nb][i] = visible ? s[mt][nb][i] * mask_mul : ninf;
                              });
-      } else {
+      } else if (!fold_scale) {
         RA_UNROLL
         for (int nb = 0; nb < kNbS; ++nb) {
           RA_UNROLL
@@ -533,16 +539,17 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem_raw) {
       for (int r = 0; r < 2; ++r) {
         mx[r] = fmax_f(mx[r], shfl_xor(mx[r], 1));
         mx[r] = fmax_f(mx[r], shfl_xor(mx[r], 2));
-        factor[r] = st[mt][r].rescale_for(mx[r]);
-        // a row that saw nothing: every p is exp(-inf) = 0
-        mref[r] = st[mt][r].m == ninf ? 0.f : st[mt][r].m;
+        factor[r] = st[mt][r].rescale_for(mx[r] * score_unit);
+        // m log2(e); a row that saw nothing: every p is exp2(-inf) = 0
+        mref[r] = st[mt][r].m == ninf ? 0.f : st[mt][r].m * kLog2eF;
         sum[r] = 0.f;
       }
       RA_UNROLL
       for (int nb = 0; nb < kNbS; ++nb) {
         RA_UNROLL
         for (int i = 0; i < 4; ++i) {
-          const float pe = fast_exp(s[mt][nb][i] - mref[i / 2]);
+          // p = exp(score_unit s - m)
+          const float pe = fast_exp2(fmaf(s[mt][nb][i], exp2_mul, -mref[i / 2]));
           s[mt][nb][i] = pe;
           sum[i / 2] += pe;
         }
@@ -607,7 +614,7 @@ RA_DEV void load_row_stats(float* sL, float* sD, const float* gL, const float* g
       dl = gD[q];
       if (l == neg_inf_f()) l = pos_inf_f();
     }
-    sL[i] = l;
+    sL[i] = l * kLog2eF;  // lse log2(e), the exponentials' unit
     sD[i] = dl;
   }
 }
@@ -638,6 +645,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
   const int h_begin = kDeterministic ? hk * group : block_idx_y();
   const int h_end = kDeterministic ? h_begin + group : h_begin + 1;
   const float scale = static_cast<float>(p.softmax_scale);
+  const float exp2_mul = scale * kLog2eF;  // p = exp(scale s - lse) = exp2(s exp2_mul - lse log2(e))
 
   const PositionRange k_range = warp_range(p.k_pos, k0, imin(k0 + kBN, Sk), lane);
   // The mask does not depend on the head: every head's first live query tile is this one.
@@ -730,7 +738,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem_raw) {
           RA_UNROLL
           for (int r = 0; r < 2; ++r) {
             const bool visible = !need_mask || (key[r] < Sk && is_visible(seen, kpos[r]));
-            s[nb][2 * r + e] = visible ? fast_exp(s[nb][2 * r + e] * scale - l) : 0.f;
+            s[nb][2 * r + e] = visible ? fast_exp2(fmaf(s[nb][2 * r + e], exp2_mul, -l)) : 0.f;
           }
         }
       }
@@ -869,6 +877,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
   const int Sq = p.shape.seqlen_q, Sk = p.shape.seqlen_k, d = p.shape.headdim;
   const int hk = h / (p.shape.nheads / p.shape.nheads_kv);
   const float scale = static_cast<float>(p.softmax_scale);
+  const float exp2_mul = scale * kLog2eF;  // p = exp(scale s - lse) = exp2(s exp2_mul - lse log2(e))
 
   const TileBounds q_bounds = warp_tile_bounds(p.mask, p.q_pos, p.q_seg, q0, imin(q0 + kBM, Sq), lane);
   LiveTile cur = next_live_keys(q_bounds, p.k_pos, Sk, kBN, 0, lane);
@@ -904,7 +913,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
     const bool valid = row[r] < Sq;
     seen[r] = query_bounds(p.mask, p.q_pos, p.q_seg, row[r], Sq);
     const float l = valid ? gL[row[r]] : pos_inf_f();
-    lse[r] = l == neg_inf_f() ? pos_inf_f() : l;
+    lse[r] = (l == neg_inf_f() ? pos_inf_f() : l) * kLog2eF;  // the exponentials' unit
     delta[r] = valid ? gD[row[r]] : 0.f;
   }
   float acc[kNbO][4];
@@ -928,7 +937,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem_raw) {
     const bool need_mask = cur.kind == TileKind::kPartial || k0 + kBN > Sk;
     for_each_score<kNbS>(k0, Sk, need_mask, seen, p.k_pos, t4,
                          [&](int nb, int i, int r, bool visible) {
-                           const float pe = visible ? fast_exp(s[nb][i] * scale - lse[r]) : 0.f;
+                           const float pe = visible ? fast_exp2(fmaf(s[nb][i], exp2_mul, -lse[r])) : 0.f;
                            s[nb][i] = pe * (dp[nb][i] - delta[r]);
                          });
 

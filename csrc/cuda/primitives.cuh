@@ -50,11 +50,18 @@ RA_DEV void sync_threads() { __syncthreads(); }
 #endif
 
 // ---- math -----------------------------------------------------------------------------------
+// Exponentials run in base 2 with log2(e) folded into the argument's FMA:
+// exp(c * s - m) = exp2(s * (c * log2(e)) - m * log2(e)), one FFMA and one ex2 per score.
+constexpr float kLog2eF = 1.44269504088896341f;
 #if defined(RA_CUDA_EMULATE)
-RA_DEV float fast_exp(float x) { return std::exp(x); }
+RA_DEV float fast_exp2(float x) { return std::exp2(x); }
 RA_DEV float fmax_f(float a, float b) { return a > b ? a : b; }
 #else
-RA_DEV float fast_exp(float x) { return __expf(x); }  // exp(-inf) = +0
+RA_DEV float fast_exp2(float x) {  // ex2.approx.ftz: 2^-inf = +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 RA_DEV float fmax_f(float a, float b) { return fmaxf(a, b); }
 #endif
 

@@ -387,12 +387,16 @@ int main(int argc, char** argv) {
   const std::string filter = argc > 1 ? argv[1] : "";
   std::vector<Case> cases;
   auto add = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
-                 bool head_major = false, int splits = 1, double scale = 0.0) {
-    Case c{"", bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale > 0 ? scale : 1.0 / std::sqrt(D)};
+                 bool head_major = false, int splits = 1,
+                 double scale = std::numeric_limits<double>::quiet_NaN()) {
+    const bool default_scale = std::isnan(scale);
+    Case c{"", bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits,
+           default_scale ? 1.0 / std::sqrt(D) : scale};
     c.name = std::string(bf16 ? "bf16" : "fp16") + " b" + std::to_string(B) + " sq" +
              std::to_string(Sq) + " sk" + std::to_string(Sk) + " h" + std::to_string(H) + "/" +
              std::to_string(Hkv) + " d" + std::to_string(D) + " " + mask +
-             (head_major ? " head-major" : "") + (splits > 1 ? " split" + std::to_string(splits) : "");
+             (head_major ? " head-major" : "") + (splits > 1 ? " split" + std::to_string(splits) : "") +
+             (default_scale ? "" : " scale " + std::to_string(scale));
     cases.push_back(c);
   };
   // Every mask kind, tails on both sides (70 = 64 + 6 query rows, 100 keys), GQA.
@@ -417,6 +421,9 @@ int main(int argc, char** argv) {
   add(true, 2, 45, 90, 4, 2, 64, "random", /*head_major=*/true);
   add(true, 1, 96, 150, 2, 1, 64, "partial", false, /*splits=*/3, 0.3);
   add(false, 1, 64, 64, 4, 1, 128, "diagonal", false, 2);
+  // Scales that the forward cannot fold into its exponential (max(c s) != c max(s) for c <= 0).
+  add(true, 1, 70, 100, 2, 1, 64, "partial", false, 2, -0.2);
+  add(false, 1, 33, 65, 2, 2, 32, "none", false, 1, 0.0);
 
   int failed = 0, run = 0;
   for (const Case& c : cases) {
