@@ -26,7 +26,7 @@ CASES = [("non-causal", False, "contiguous"), ("causal zigzag", True, "zigzag"),
          ("causal striped", True, "striped"), ("causal contiguous", True, "contiguous")]
 
 
-def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup):
+def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup, cases):
     """Per case (fwd, fwd+bwd) medians of T1 (rank 0 alone on the whole sequence, through a group
     of one, while the other ranks wait) and Tw (every rank on its shard). The two alternate call by
     call, so drifts in the machine's speed hit both alike."""
@@ -39,7 +39,7 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup):
     full = [torch.randn(1, seqlen, heads, headdim, generator=gen) for _ in range(4)]
     out = {}
     ops, scale = torch.ops.ring_attention, headdim ** -0.5
-    for name, causal, layout in CASES:
+    for name, causal, layout in cases:
         local = [ra.shard(t, layout=layout).contiguous() for t in full]
         whole = [t.clone() for t in full] if rank == 0 else None
         q_pos = ra.positions(layout, rank, world, seqlen // world).int()
@@ -126,14 +126,18 @@ def main(argv=None) -> int:
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--cases", type=lambda v: v.split(","),
+                   default=[name.split()[-1] for name, _, _ in CASES],
+                   help="cases to time (default all: non-causal,zigzag,striped,contiguous)")
     p.add_argument("--memory-seqlen", type=int, default=16384)
     p.add_argument("--json", default="bench_out/efficiency.json")
     args = p.parse_args(argv)
 
-    shape = (args.seqlen, args.heads, args.headdim, args.iters, args.warmup)
+    cases = [c for c in CASES if c[0].split()[-1] in args.cases]
+    shape = (args.seqlen, args.heads, args.headdim, args.iters, args.warmup, cases)
     ring = h.run_ranks(args.world, _time_ring, *shape)
     rows = []
-    for name, _, _ in CASES:
+    for name, _, _ in cases:
         row = {"case": name}
         for backward, phase in ((False, "fwd"), (True, "fwd+bwd")):
             t1 = ring[0][name][backward][0]

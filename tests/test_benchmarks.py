@@ -35,3 +35,15 @@ def test_bench_ring_quick_checks_all_implementations(tmp_path):
     res = json.loads(out.read_text())
     assert res["rows"], "no rows written"
     assert (tmp_path / "ring.png").stat().st_size > 0
+
+
+def test_bench_efficiency_runs_the_chosen_cases(tmp_path):
+    out = tmp_path / "efficiency.json"
+    _run("bench_efficiency.py", "--seqlen", "256", "--iters", "1", "--warmup", "0",
+         "--memory-seqlen", "256", "--cases", "non-causal,zigzag", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert [row["case"] for row in res["efficiency"]] == ["non-causal", "causal zigzag"]
+    for row in res["efficiency"]:
+        for phase in ("fwd", "fwd+bwd"):
+            assert float(row[f"{phase} eff"]) > 0 and float(row[f"{phase} ceiling"]) > 0
+    assert len(res["memory_peak_bytes"]) == 2
