@@ -86,6 +86,14 @@ def core_peak_gflops(fma_units: int = 2) -> float:
     return per_unit * fma_units * mhz / 1e3
 
 
+def measured_peak_gflops(seconds: float = 0.3) -> float:
+    """One core's fp32 FMA rate measured now: independent FMAs on the vector width the CPU kernels
+    use, at the clock the core runs at (turbo included), so the reachable peak; the nominal one
+    (core_peak_gflops) takes /proc/cpuinfo's base clock."""
+    import ring_attention  # noqa: F401  (registers the ops)
+    return float(torch.ops.ring_attention.cpu_fma_peak_gflops(seconds))
+
+
 def cpu_snapshot() -> tuple:
     """(wall s, machine busy CPU s from /proc/stat, this process's + its reaped children's CPU s)."""
     busy = float("nan")

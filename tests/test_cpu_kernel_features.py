@@ -302,8 +302,11 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16):
     q, k, v, dout = random_qkv(8, 2, 97, 301, 2, 2, 64, dtype)
     t.check_against_reference(q, k, v, dout, torch.arange(97) + 150, torch.arange(301), None,
                               False, 40, 40, 0.15)
+print(torch.ops.ring_attention.cpu_kernel_isa(), torch.ops.ring_attention.cpu_fma_peak_gflops(0.05))
 print("ok")
 """
+
+_ISA_ORDER = ["generic", "avx2", "avx512", "avx512+amx"]
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "amx"])
@@ -316,3 +319,8 @@ def test_instruction_sets(isa):
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    # The kernels in use never exceed the cap, and the FMA loop on their vector width ran.
+    used, gflops = result.stdout.split()[-3:-1]
+    cap = {"amx": "avx512+amx"}.get(isa, isa)
+    assert _ISA_ORDER.index(used) <= _ISA_ORDER.index(cap), (isa, used)
+    assert float(gflops) > 0.1

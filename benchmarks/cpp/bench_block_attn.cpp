@@ -285,9 +285,9 @@ int main(int argc, char** argv) {
               opt.batch, opt.heads, opt.nheads_kv(), opt.headdim, int(opt.causal), opt.dtype.c_str(),
               at::get_num_threads());
   std::printf("# %s of %d iters after %d warmup, %s clock, %s kernels; GFLOP/s over visible pairs "
-              "(fwd 4*B*H*V*D, bwd 2.5x)\n",
+              "(fwd 4*B*H*V*D, bwd 2.5x); one core's measured fp32 FMA peak %.1f GFLOP/s\n",
               opt.stat_min ? "min" : "median", opt.iters, opt.warmup, opt.cpu_clock ? "cpu" : "wall",
-              cpu::cpu_kernel_isa());
+              cpu::cpu_kernel_isa(), cpu::fma_peak_gflops(0.2));
   std::printf("%10s %12s %12s %12s %12s %12s %8s\n", "len", "fwd_ms", "fwd_GFLOP/s", "bwd_ms",
               "bwd_GFLOP/s", "max_err", "status");
   std::vector<Result> results;

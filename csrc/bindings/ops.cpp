@@ -50,7 +50,15 @@ std::vector<int64_t> last_ring_stats_op() {
   return {stats.steps, stats.blocks_computed, stats.exchanges_posted};
 }
 
-TORCH_LIBRARY_FRAGMENT(ring_attention, m) { m.def("last_ring_stats() -> int[]", &last_ring_stats_op); }
+// The CPU kernels' instruction set and the calling core's measured fp32 FMA rate (benchmarks).
+std::string cpu_kernel_isa_op() { return cpu::cpu_kernel_isa(); }
+double cpu_fma_peak_gflops_op(double seconds) { return cpu::fma_peak_gflops(seconds); }
+
+TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
+  m.def("last_ring_stats() -> int[]", &last_ring_stats_op);
+  m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa_op);
+  m.def("cpu_fma_peak_gflops(float seconds=0.2) -> float", &cpu_fma_peak_gflops_op);
+}
 
 TORCH_LIBRARY_IMPL(ring_attention, CPU, m) { register_ring_ops<CpuDevice>(m); }
 

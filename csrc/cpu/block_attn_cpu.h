@@ -37,5 +37,9 @@ void block_attn_bwd(const BlockBwdParams& p);
 // "avx512", "avx2" or "generic": the kernels block_attn_fwd/bwd run (decided at the first call).
 const char* cpu_kernel_isa();
 
+// fp32 GFLOP/s of independent FMAs on the vector width the kernels use, run for about `seconds` on
+// the calling thread: the core's reachable peak at the clock it runs at now (benchmarks).
+double fma_peak_gflops(double seconds);
+
 }  // namespace cpu
 }  // namespace ring_attn
