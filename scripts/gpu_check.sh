@@ -18,8 +18,12 @@
 #              its kernels alone (overhead <= 5%) and its exchanges alone (hidden fraction)
 #   bench      scripts/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
+#   merge      scripts/merge_probe.py: the forward from several incoming states (why merging slows
+#              the d=64 forward; OUTDIR/merge_probe.json) (skipped with --quick)
 #   ncu        Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of one launch
 #              of each kernel at d=128, 8K tokens, and of SDPA's flash kernels (skipped with --quick)
+#   ncu-merge  Nsight Compute (warp states, source counters, instructions, memory) of the d=64
+#              forward with and without the merge (skipped with --quick)
 #   racecheck  compute-sanitizer --tool racecheck on cuda_sanitize_case.py (skipped with --quick)
 # GPU_CHECK_BUDGET (seconds, default 560): every stage's cap is cut to what is left of it, so the
 # whole check ends inside one call's limit and later stages are skipped rather than killed.
@@ -195,24 +199,31 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
   # ---- benchmark -------------------------------------------------------------------------------
   if [ $QUICK = 1 ]; then
     stage bench 90 "$PY" scripts/bench_cuda.py --out "$OUT" --quick
+    skip merge "--quick"
     skip ncu "--quick"
+    skip ncu-merge "--quick"
     skip racecheck "--quick"
   else
     stage bench 240 "$PY" scripts/bench_cuda.py --out "$OUT"
+    stage merge 60 "$PY" scripts/merge_probe.py --out "$OUT"
     # ---- Nsight Compute: why the kernels run at the speed they do (vs SDPA's flash kernels) -----
     NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -n 1)
     if [ -z "$NCU" ]; then
       skip ncu "ncu not found"
+      skip ncu-merge "ncu not found"
     else
       stage ncu 150 "$NCU" --profile-from-start off --kernel-name "regex:block_|flash_" \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
         "$PY" scripts/ncu_case.py
+      stage ncu-merge 90 "$NCU" --profile-from-start off --kernel-name "regex:block_fwd" \
+        --section WarpStateStats --section SourceCounters --section InstructionStats \
+        --section MemoryWorkloadAnalysis --section SpeedOfLight "$PY" scripts/merge_probe.py --ncu
     fi
     sanitize racecheck 180
   fi
 else
-  for s in tests memcheck overlap bench ncu racecheck; do skip $s "ring_attention does not import"; done
+  for s in tests memcheck overlap bench merge ncu ncu-merge racecheck; do skip $s "ring_attention does not import"; done
 fi
 
 echo "summary: $SUMMARY"
