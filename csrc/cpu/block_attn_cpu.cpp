@@ -1092,63 +1092,15 @@ void block_attn_bwd(const BlockBwdParams& p) {
 
 // ---- measured FMA throughput ----------------------------------------------------------------
 
-namespace {
-
-// kChains independent FMA chains of one vector each (more than latency x ports, so the FMA units,
-// not the dependency, set the pace); returns the FLOP done. `sink` keeps the chains observable.
-constexpr int kFmaChains = 12;
-
-#if RA_CPU_X86
-__attribute__((target("avx512f"))) double fma_loop_avx512(int64_t iters, float* sink) {
-  __m512 acc[kFmaChains];
-  const __m512 mul = _mm512_set1_ps(0.999999f), add = _mm512_set1_ps(1e-6f);
-  for (int i = 0; i < kFmaChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
-  for (int64_t it = 0; it < iters; ++it) {
-#pragma GCC unroll 12
-    for (int i = 0; i < kFmaChains; ++i) acc[i] = _mm512_fmadd_ps(acc[i], mul, add);
-  }
-  for (int i = 0; i < kFmaChains; ++i) *sink += _mm512_reduce_add_ps(acc[i]);
-  return 2.0 * 16 * kFmaChains * static_cast<double>(iters);
-}
-
-__attribute__((target("avx2,fma"))) double fma_loop_avx2(int64_t iters, float* sink) {
-  __m256 acc[kFmaChains];
-  const __m256 mul = _mm256_set1_ps(0.999999f), add = _mm256_set1_ps(1e-6f);
-  for (int i = 0; i < kFmaChains; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i));
-  for (int64_t it = 0; it < iters; ++it) {
-#pragma GCC unroll 12
-    for (int i = 0; i < kFmaChains; ++i) acc[i] = _mm256_fmadd_ps(acc[i], mul, add);
-  }
-  alignas(32) float lanes[8];
-  for (int i = 0; i < kFmaChains; ++i) {
-    _mm256_store_ps(lanes, acc[i]);
-    for (float x : lanes) *sink += x;
-  }
-  return 2.0 * 8 * kFmaChains * static_cast<double>(iters);
-}
-#endif
-
-double fma_loop_scalar(int64_t iters, float* sink) {
-  float acc[kFmaChains];
-  for (int i = 0; i < kFmaChains; ++i) acc[i] = static_cast<float>(i);
-  for (int64_t it = 0; it < iters; ++it) {
-    for (int i = 0; i < kFmaChains; ++i) acc[i] = acc[i] * 0.999999f + 1e-6f;
-  }
-  for (float x : acc) *sink += x;
-  return 2.0 * kFmaChains * static_cast<double>(iters);
-}
-
-}  // namespace
-
 double fma_peak_gflops(double seconds) {
   float sink = 0.f;
   auto loop = [&](int64_t iters) {
     switch (active_isa()) {
 #if RA_CPU_X86
-      case Isa::kAvx512: return fma_loop_avx512(iters, &sink);
-      case Isa::kAvx2: return fma_loop_avx2(iters, &sink);
+      case Isa::kAvx512: return avx512::fma_loop(iters, &sink);
+      case Isa::kAvx2: return avx2::fma_loop(iters, &sink);
 #endif
-      default: return fma_loop_scalar(iters, &sink);
+      default: return generic::fma_loop(iters, &sink);
     }
   };
   using clock = std::chrono::steady_clock;
