@@ -206,7 +206,10 @@ struct StepRange {
 #endif
 };
 
-// BlockOps over tensors: slots hold packed K/V (input dtype) or packed dK/dV (accumulator dtype).
+// BlockOps over tensors: slots hold packed K/V (input dtype) or packed dK/dV (accumulator dtype),
+// the messages of the ring. Two blocks never travel and are kept apart instead: the own K/V on
+// the CPU (own_k, own_v: the inputs themselves, packed only when they are sent) and the own
+// dK/dV (home_dk, home_dv: the results, so no copy out of a packed buffer).
 class TensorBlockOps final : public BlockOps {
  public:
   TensorBlockOps(const BlockKernels& kernels, RingContext& ring, std::vector<at::Tensor>& slots,
@@ -218,38 +221,59 @@ class TensorBlockOps final : public BlockOps {
   // Backward state.
   at::Tensor dout, delta, dq_acc;
   bool deterministic = false;
+  // Set: the own block's K and V (else slot kOwnKV); the own block's dK and dV (slot kGradHome).
+  at::Tensor own_k, own_v, home_dk, home_dv;
 
   bool is_needed(int source) const override { return ring_.needs(ring_.rank, source); }
 
   void forward(int kv_slot, int source) override {
     StepRange range("forward", source);
-    const at::Tensor& kv = slots_.at(kv_slot);
-    kernels_.fwd(make_fwd_params(q, kv[0], kv[1], q_pos(), ring_.positions_of(source, q.device()),
+    const auto [k, v] = kv_of(kv_slot);
+    kernels_.fwd(make_fwd_params(q, k, v, q_pos(), ring_.positions_of(source, q.device()),
                                  ring_.segments_of_rank(q.device()), out_acc, lse, ring_.mask,
                                  scale_));
   }
 
   void backward(int kv_slot, int source, int grad_slot) override {
     StepRange range("backward", source);
-    const at::Tensor& kv = slots_.at(kv_slot);
-    at::Tensor& grad = slots_.at(grad_slot);
-    grad.zero_();
-    BlockBwdParams params = make_bwd_params(dout, q, kv[0], kv[1], q_pos(),
+    const auto [k, v] = kv_of(kv_slot);
+    zero_grad(grad_slot);
+    const auto [dk, dv] = grad_of(grad_slot);
+    BlockBwdParams params = make_bwd_params(dout, q, k, v, q_pos(),
                                             ring_.positions_of(source, q.device()),
                                             ring_.segments_of_rank(q.device()), lse, delta,
-                                            dq_acc, grad[0], grad[1], ring_.mask, scale_);
+                                            dq_acc, dk, dv, ring_.mask, scale_);
     params.deterministic = deterministic;
     kernels_.bwd(params);
   }
 
-  void zero_grad(int grad_slot) override { slots_.at(grad_slot).zero_(); }
+  void zero_grad(int grad_slot) override {
+    const auto [dk, dv] = grad_of(grad_slot);
+    dk.zero_();
+    dv.zero_();
+  }
 
   void add_grad(int dst_slot, int src_slot) override {
-    slots_.at(dst_slot).add_(slots_.at(src_slot));
+    const auto [dk, dv] = grad_of(dst_slot);
+    const auto [sk, sv] = grad_of(src_slot);
+    dk.add_(sk);
+    dv.add_(sv);
   }
 
  private:
   const at::Tensor& q_pos() { return ring_.positions_of(ring_.rank, q.device()); }
+
+  std::pair<at::Tensor, at::Tensor> kv_of(int kv_slot) const {
+    if (kv_slot == slot::kOwnKV && own_k.defined()) return {own_k, own_v};
+    const at::Tensor& kv = slots_.at(kv_slot);
+    return {kv[0], kv[1]};
+  }
+
+  std::pair<at::Tensor, at::Tensor> grad_of(int grad_slot) const {
+    if (grad_slot == slot::kGradHome) return {home_dk, home_dv};
+    const at::Tensor& grad = slots_.at(grad_slot);
+    return {grad[0], grad[1]};
+  }
 
   const BlockKernels& kernels_;
   RingContext& ring_;
@@ -270,6 +294,21 @@ at::Tensor from_batch(const at::Tensor& t, const RingOptions& options) {
   return options.cu_seqlens.defined() ? t.squeeze(0) : t;
 }
 
+// The own block's K/V: packed into slot kOwnKV (one message per hop) when the ring sends it, and
+// on the CPU read in place by the kernels (which take any strides) rather than from that copy.
+// The receive slots are shaped like the packed block.
+void own_kv(TensorBlockOps& ops, std::vector<at::Tensor>& slots, const at::Tensor& k,
+            const at::Tensor& v, int steps) {
+  if (k.is_cpu()) {
+    ops.own_k = unit_last_stride(k);
+    ops.own_v = unit_last_stride(v);
+  }
+  if (steps > 1 || !k.is_cpu()) slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
+  for (int i = 0; i < std::min(2, steps - 1); ++i) {
+    slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
+  }
+}
+
 // One rank's part of a forward call: its ring view, buffers and block ops. Tensors in batch form.
 struct RankForward {
   RingContext ring;
@@ -280,10 +319,7 @@ struct RankForward {
               const at::Tensor& k, const at::Tensor& v, const RingOptions& options)
       : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
     const at::ScalarType acc = acc_dtype(q.scalar_type());
-    slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
-    for (int i = 0; i < std::min(2, ring.steps - 1); ++i) {
-      slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
-    }
+    own_kv(ops, slots, k, v, ring.steps);
     ops.q = unit_last_stride(q);
     ops.out_acc = at::zeros(q.sizes(), q.options().dtype(acc));
     ops.lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
@@ -308,11 +344,9 @@ struct RankBackward {
       : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
     const at::ScalarType acc = acc_dtype(q.scalar_type());
     ops.deterministic = options.deterministic;
-    slots[slot::kOwnKV] = pack_kv(k, v, k.scalar_type());
-    for (int i = 0; i < std::min(2, ring.steps - 1); ++i) {
-      slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
-    }
-    slots[slot::kGradHome] = at::empty_like(slots[slot::kOwnKV], acc);
+    own_kv(ops, slots, k, v, ring.steps);
+    ops.home_dk = at::empty(k.sizes(), k.options().dtype(acc));
+    ops.home_dv = at::empty(v.sizes(), v.options().dtype(acc));
     for (int i = 0; i < 2; ++i) {
       // Travelling sums and their receive buffers of steps 1 .. steps-1 (slot i: steps t % 2 == i).
       if (i == 0 ? ring.steps > 2 : ring.steps > 1) {
@@ -328,12 +362,9 @@ struct RankBackward {
     ops.dq_acc = at::zeros(q.sizes(), q.options().dtype(acc));
   }
 
-  // (dq, dk, dv) in the input dtypes; dk and dv are copied out of their packed buffer so that the
-  // outputs never alias.
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(int grad_slot, at::ScalarType dtype) const {
-    const at::Tensor& grad_kv = slots.at(grad_slot);
-    return {ops.dq_acc.to(dtype), grad_kv[0].to(dtype, false, /*copy=*/true),
-            grad_kv[1].to(dtype, false, /*copy=*/true)};
+  // (dq, dk, dv) in the input dtypes (separate buffers: the outputs never alias).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(at::ScalarType dtype) const {
+    return {ops.dq_acc.to(dtype), ops.home_dk.to(dtype), ops.home_dv.to(dtype)};
   }
 };
 
@@ -570,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
   std::vector<RingBackward> schedule{RingBackward(*transport, rank.ops, rank.ring.steps)};
   schedule[0].run();
   record_stats(schedule);
-  auto [dq, dk, dv] = rank.result(schedule[0].grad_result_slot(), q.scalar_type());
+  auto [dq, dk, dv] = rank.result(q.scalar_type());
   return {from_batch(dq, options), from_batch(dk, options), from_batch(dv, options)};
 }
 
@@ -636,7 +667,7 @@ local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& 
   record_stats(schedules);
   std::vector<at::Tensor> dqs, dks, dvs;
   for (int r = 0; r < world; ++r) {
-    auto [dq, dk, dv] = ranks[r]->result(schedules[r].grad_result_slot(), qs[r].scalar_type());
+    auto [dq, dk, dv] = ranks[r]->result(qs[r].scalar_type());
     dqs.push_back(from_batch(dq, options));
     dks.push_back(from_batch(dk, options));
     dvs.push_back(from_batch(dv, options));

@@ -159,7 +159,6 @@ void RingBackward::finish() {
     transport_.wait(Exchange{Channel::kGradKV, last, -1, grad_recv(last), 1 - steps_});
     ops_.add_grad(slot::kGradHome, grad_recv(last));
   }
-  result_slot_ = slot::kGradHome;
 }
 
 void RingBackward::run() {

@@ -135,9 +135,8 @@ class RingBackward {
   void begin_step(int step);
   void compute_step(int step);
   void end_step(int step);
-  void finish();  // wait for the rest of this rank's own dK/dV to come home, add it
+  void finish();  // wait for the rest of this rank's own dK/dV to come home, add it (kGradHome)
   void run();
-  int grad_result_slot() const { return result_slot_; }  // valid after finish()
   int blocks_computed() const { return computed_; }
   int exchanges_posted() const { return posted_; }
 
@@ -154,7 +153,6 @@ class RingBackward {
   int world_;
   int steps_;
   int send_slot_ = -1;  // slot holding the travelling dK/dV sum to send at the end of this step
-  int result_slot_ = -1;
   int computed_ = 0;
   int posted_ = 0;
 };

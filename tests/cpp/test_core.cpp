@@ -351,7 +351,7 @@ static void test_backward_schedule() {
       // K/V: W-1 hops; dK/dV: W-1 hops (the own block's part stays home).
       CHECK(world.posts == (w > 1 ? 2 * w * (w - 1) : 0));
       for (int r = 0; r < w; ++r) {
-        const auto& grad = world.ops[r].slots[rings[r].grad_result_slot()];
+        const auto& grad = world.ops[r].slots[slot::kGradHome];
         double want = 0;
         for (int q = 0; q < w; ++q) want += needed(q, r) ? (1 << q) : 0;
         CHECK(grad.size() == 2);
@@ -399,7 +399,7 @@ static void test_truncated_ring() {
       CHECK(back.posts == 2 * w * (steps - 1));
       CHECK(back.mailbox.empty());
       for (int r = 0; r < w; ++r) {
-        const auto& grad = back.ops[r].slots[rings[r].grad_result_slot()];
+        const auto& grad = back.ops[r].slots[slot::kGradHome];
         double want = 0;
         for (int q = 0; q < w; ++q) want += needed(q, r) ? (1 << q) : 0;
         CHECK(grad.size() == 2 && grad[1] == want && grad[0] == r);
