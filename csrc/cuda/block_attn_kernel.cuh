@@ -289,49 +289,6 @@ RA_DEV void for_each_score(int k0, int Sk, bool need_mask, const PositionRange (
   }
 }
 
-// c (16 rows x kNb * 8 columns, C fragments) = A B^T for one warp: A rows [a_row0, a_row0 + 16)
-// of a row-major smem tile, B rows [0, kNb * 8) of an n-major smem tile, both kKc * 16 deep
-// (pitch kPitch): S^T = K Q^T, dP^T = V dO^T, S = Q K^T, dP = dO V^T.
-template <bool kBF16, int kKc, int kNb, int kPitch>
-RA_DEV void mma_smem_by_nk(float (&c)[kNb][4], const uint16_t* a, int a_row0, const uint16_t* b,
-                           int lane) {
-  RA_UNROLL
-  for (int nb = 0; nb < kNb; ++nb) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
-  RA_UNROLL
-  for (int kc = 0; kc < kKc; ++kc) {
-    uint32_t af[4];
-    load_a<kPitch>(af, a, a_row0, kc * 16, lane);
-    RA_UNROLL
-    for (int j = 0; j < kNb / 2; ++j) {
-      uint32_t bf[4];
-      load_b_nk<kPitch>(bf, b, j * 16, kc * 16, lane);
-      mma_16816<kBF16>(c[2 * j], af, bf[0], bf[1]);
-      mma_16816<kBF16>(c[2 * j + 1], af, bf[2], bf[3]);
-    }
-  }
-}
-
-// acc (16 rows x kNbO * 8 columns, C fragments) += A B for one warp: A (16 x kKc * 16) from the
-// C fragments a (rounded to 16 bits, as FlashAttention rounds P), B rows [0, kKc * 16) of a
-// k-major smem tile (pitch kPitch): O += P V, dQ += dS K.
-template <bool kBF16, int kKc, int kNbO, int kPitch, int kNbA>
-RA_DEV void mma_frags_by_kn(float (&acc)[kNbO][4], const float (&a)[kNbA][4], const uint16_t* b,
-                            int lane) {
-  static_assert(kNbA == 2 * kKc, "A fragments: two n-blocks per k-chunk");
-  RA_UNROLL
-  for (int j = 0; j < kKc; ++j) {
-    uint32_t af[4];
-    c_to_a<kBF16>(af, a, j);
-    RA_UNROLL
-    for (int t = 0; t < kNbO / 2; ++t) {
-      uint32_t bf[4];
-      load_b_kn<kPitch>(bf, b, j * 16, t * 16, lane);
-      mma_16816<kBF16>(acc[2 * t], af, bf[0], bf[1]);
-      mma_16816<kBF16>(acc[2 * t + 1], af, bf[2], bf[3]);
-    }
-  }
-}
-
 // c[mt][2n] += af[mt] x (bf[0], bf[1]) and c[mt][2n + 1] += af[mt] x (bf[2], bf[3]) for every
 // m-tile mt: one B fragment pair (two n-blocks) feeding kMT MMAs each.
 template <bool kBF16, int kMT, int kN>
@@ -394,6 +351,27 @@ RA_DEV void mma_tiles_by_kn(float (&acc)[kMT][kNbO][4], const float (&a)[kMT][kN
       mma_b_pair<kBF16>(acc, t, af, bf);
     }
   }
+}
+
+// The one-m-tile forms (kMT = 1) for the backward, whose warps take 16 rows.
+// c (16 rows x kNb * 8 columns) = A B^T: A rows [a_row0, a_row0 + 16) of a row-major smem tile,
+// B rows [0, kNb * 8) of an n-major smem tile: S^T = K Q^T, dP^T = V dO^T, S = Q K^T, dP = dO V^T.
+template <bool kBF16, int kKc, int kNb, int kPitch>
+RA_DEV void mma_smem_by_nk(float (&c)[kNb][4], const uint16_t* a, int a_row0, const uint16_t* b,
+                           int lane) {
+  const uint32_t no_fragments[1][kKc][4] = {};  // A comes from shared memory
+  mma_tiles_by_nk<kBF16, kKc, kNb, kPitch, 1, false>(reinterpret_cast<float(&)[1][kNb][4]>(c), a,
+                                                      a_row0, no_fragments, b, lane);
+}
+
+// acc (16 rows x kNbO * 8 columns) += A B, A from the C fragments a (rounded to 16 bits), B rows
+// [0, kKc * 16) of a k-major smem tile: dQ += dS K.
+template <bool kBF16, int kKc, int kNbO, int kPitch, int kNbA>
+RA_DEV void mma_frags_by_kn(float (&acc)[kNbO][4], const float (&a)[kNbA][4], const uint16_t* b,
+                            int lane) {
+  mma_tiles_by_kn<kBF16, kKc, kNbO, kPitch, 1>(reinterpret_cast<float(&)[1][kNbO][4]>(acc),
+                                               reinterpret_cast<const float(&)[1][kNbA][4]>(a), b,
+                                               lane);
 }
 
 // ---------------------------------------------------------------------------------------------
