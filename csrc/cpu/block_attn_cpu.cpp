@@ -270,6 +270,21 @@ inline acc_t to_acc(scalar_t x) {
   return static_cast<acc_t>(x);
 }
 
+// Fetches rows [0, n) of a strided (row stride ld) matrix, `width` elements per row, into the
+// cache (for writing: kWrite). Rows of the usual (batch, seq, heads, headdim) layout are
+// heads * headdim apart, a stride the hardware prefetchers do not follow: the operand copies fetch
+// their source rows kRowsAhead ahead, and tasks fetch the accumulator rows they write last (whose
+// write-allocate misses would otherwise stall the final stores).
+template <bool kWrite = false, typename T>
+void prefetch_rows(const T* base, int64_t ld, int64_t n, int64_t width) {
+  for (int64_t i = 0; i < n; ++i) {
+    const char* row = reinterpret_cast<const char*>(base + i * ld);
+    for (int64_t c = 0; c < static_cast<int64_t>(sizeof(T)) * width; c += 64)
+      __builtin_prefetch(row + c, kWrite ? 1 : 0, 3);
+  }
+}
+constexpr int64_t kRowsAhead = 8;
+
 // x as HeadRows<acc_t> of `width` columns: x itself when it is already acc_t, width == D and its
 // rows are dense per head (row stride D), else a head-major (batch, heads, seq, width) acc_t copy
 // (zero-padded) in the calling thread's `slot`. Rows of the usual (batch, seq, heads, headdim)
@@ -288,12 +303,7 @@ HeadRows<acc_t> head_rows(const scalar_t* x, const Strides& st, int64_t B, int64
       const scalar_t* src = x + b * st.batch + h * st.head;
       acc_t* out = dst + bh * S * width;
       for (int64_t i = 0; i < S; ++i, src += st.row, out += width) {
-        // Source rows are heads * headdim apart: fetch ahead, the prefetchers do not.
-        if (i + 8 < S) {
-          const char* ahead = reinterpret_cast<const char*>(src + 8 * st.row);
-          for (int64_t c = 0; c < static_cast<int64_t>(sizeof(scalar_t)) * D; c += 64)
-            __builtin_prefetch(ahead + c, 0, 3);
-        }
+        if (i + kRowsAhead < S) prefetch_rows(src + kRowsAhead * st.row, st.row, 1, D);
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           std::memcpy(out, src, sizeof(acc_t) * D);
         } else {
@@ -329,14 +339,10 @@ const acc_t* pack_panels(const scalar_t* x, const Strides& st, int64_t B, int64_
       acc_t* out = dst + bh * head_stride + j * D * panel;
       int64_t nr;
       const scalar_t* src = source(t, &nr);
-      if (t + 1 < t1) {  // fetch the next panel's rows (heads * headdim apart) while this one runs
+      if (t + 1 < t1) {  // fetch the next panel's rows while this one runs
         int64_t nr_next;
         const scalar_t* next = source(t + 1, &nr_next);
-        for (int64_t rr = 0; rr < nr_next; ++rr) {
-          const char* row = reinterpret_cast<const char*>(next + rr * st.row);
-          for (int64_t c = 0; c < static_cast<int64_t>(sizeof(scalar_t)) * D; c += 64)
-            __builtin_prefetch(row + c, 0, 3);
-        }
+        prefetch_rows(next, st.row, nr_next, D);
       }
       // Column by column: contiguous stores, the panel's source rows stay in L1.
       for (int64_t c = 0; c < D; ++c, out += panel) {
@@ -432,19 +438,6 @@ int64_t plan_partial(const MaskPlan& mp, int64_t q0, int64_t nq, int64_t k0, int
     out[n++] = SubTile{r0, std::min(kSubRows, nq - r0), c0, c1, mask};
   }
   return n;
-}
-
-// Fetches rows [0, n) of a strided (row stride ld) matrix of `width` elements per row into the
-// cache for writing. For the accumulator rows a task writes last: they are heads * headdim apart,
-// which the hardware prefetchers do not follow, and their write-allocate misses would otherwise
-// stall the final stores.
-template <typename T>
-void prefetch_rows_for_write(const T* base, int64_t ld, int64_t n, int64_t width) {
-  for (int64_t i = 0; i < n; ++i) {
-    const char* row = reinterpret_cast<const char*>(base + i * ld);
-    for (int64_t c = 0; c < static_cast<int64_t>(sizeof(T)) * width; c += 64)
-      __builtin_prefetch(row + c, 1, 3);
-  }
 }
 
 // ---- threads ---------------------------------------------------------------------------------
@@ -688,7 +681,7 @@ void fwd_impl(const BlockFwdParams& p) {
       if (kind == TileKind::kSkip) continue;
       const int64_t k0 = kt * BK, nk = std::min(BK, Sk - k0);
       // The epilogue writes the output rows: fetch them while the last tile runs.
-      if (kt == last_kt) prefetch_rows_for_write(out_base, p.out_strides.row, nq, D);
+      if (kt == last_kt) prefetch_rows<true>(out_base, p.out_strides.row, nq, D);
       if (kind == TileKind::kFull) {
         block(k0, 0, nq, 0, nk, false);
       } else {
@@ -878,10 +871,10 @@ void bwd_impl(const BlockBwdParams& p) {
             touched = true;
           }
           if (g == group - 1 && qt == last_qt) {  // dk_acc/dv_acc rows are updated next
-            prefetch_rows_for_write(dk + b * p.dk_strides.batch + k0 * p.dk_strides.row +
+            prefetch_rows<true>(dk + b * p.dk_strides.batch + k0 * p.dk_strides.row +
                                         hk * p.dk_strides.head,
                                     p.dk_strides.row, nk, D);
-            prefetch_rows_for_write(dv + b * p.dv_strides.batch + k0 * p.dv_strides.row +
+            prefetch_rows<true>(dv + b * p.dv_strides.batch + k0 * p.dv_strides.row +
                                         hk * p.dv_strides.head,
                                     p.dv_strides.row, nk, D);
           }
@@ -995,7 +988,8 @@ void bwd_impl(const BlockBwdParams& p) {
       const int64_t i = r % Sq, bh = r / Sq, b = bh / H, h = bh % H;
       const int64_t hk = h / group, g = h % group;
       acc_t* dst = dq + b * p.dq_strides.batch + i * p.dq_strides.row + h * p.dq_strides.head;
-      if (i + 8 < Sq) prefetch_rows_for_write(dst + 8 * p.dq_strides.row, p.dq_strides.row, 1, D);
+      if (i + kRowsAhead < Sq)
+        prefetch_rows<true>(dst + kRowsAhead * p.dq_strides.row, p.dq_strides.row, 1, D);
       for (int64_t s = 0; s < nsplit; ++s) {
         const int64_t task = (b * Hkv + hk) * nsplit + s;
         const acc_t* src = dq_part + task * dq_task_elems + (g * SqR + i) * Dp;
