@@ -10,8 +10,9 @@
 // Instruction sets: the tile kernels are compiled three times (portable, AVX2+FMA, AVX-512) in
 // this one file, the vector ones inside `#pragma GCC target` regions, and the best one the CPU
 // supports is picked at the first call (env RING_ATTN_CPU_KERNEL=generic|avx2|avx512|amx caps it).
-// Where the CPU has AMX-BF16, the forward's two GEMMs run on the AMX tile unit with fp32 operands
-// split into bf16 planes (block_attn_amx.inc; float32 and bfloat16 inputs; "avx512" turns it off).
+// Where the CPU has AMX-BF16, the GEMMs (the forward's two, the backward's five) run on the AMX
+// tile unit with fp32 operands split into bf16 planes (block_attn_amx.inc; float32 and bfloat16
+// inputs; "avx512" turns it off).
 // The rest of the file is compiled for the build's baseline, so the library runs on any x86-64 and
 // is fast where AVX-512 is available.
 //
@@ -660,8 +661,8 @@ void fwd_impl(const BlockFwdParams& p) {
         return;
       if constexpr (kAmx) {
 #if RA_CPU_AMX
-        amx::split_by_pairs(Sb, LDS, nr, nr16, ncol, amx::fwd_p_planes<scalar_t>(), ws.p_planes, LDP, xo.v,
-                            xo.v.head(b * Hkv + hk), k0 + c0, O + r0 * Dp, Dp);
+        amx::split_by_pairs(Sb, LDS, nr, nr16, ncol, amx::fwd_p_planes<scalar_t>(), ws.p_planes,
+                            xo.v, xo.v.head(b * Hkv + hk), k0 + c0, O + r0 * Dp, Dp);
 #endif
       } else {
         const acc_t* V_head = Vr.ptr(b, hk);
@@ -905,9 +906,9 @@ void bwd_impl(const BlockBwdParams& p) {
               amx::rows_by_groups(xo, xo.head(b * H + h), xv, xv.head(b * Hkv + hk), q0 + r0, nr16,
                                   k0 + c0, ncolp, dPb, LDS);
               Tl::bwd_ds(Sb, dPb, LDS, nr, ncol, delta_h + q0 + r0, scale);
-              amx::split_by_pairs(dPb, LDS, nr, nr16, ncol, amx::kMaxPlanes, ws.x_planes, LDP,
-                                  xk_pairs, xk_pairs.head(b * Hkv + hk), k0 + c0,
-                                  dq_h + (q0 + r0) * Dp, Dp);
+              amx::split_by_pairs(dPb, LDS, nr, nr16, ncol, amx::kMaxPlanes, ws.x_planes, xk_pairs,
+                                  xk_pairs.head(b * Hkv + hk), k0 + c0, dq_h + (q0 + r0) * Dp,
+                                  Dp);
 #endif
             } else {
               Tl::scores(nr, ncolp, D, acc_t(1), Or.ptr(b, h) + (q0 + r0) * Or.ld, Or.ld,
@@ -1047,9 +1048,10 @@ bool amx_fwd(const BlockFwdParams& p) {
 bool amx_bwd(const BlockBwdParams& p) {
 #if RA_CPU_AMX
   if (!amx_usable() || p.shape.headdim > kAmxMaxHeadDim) return false;
-  if (p.dtype == DType::kBFloat16) {
-    bwd_impl<avx512::Tiles<float>, c10::BFloat16, true>(p);
-    return true;
+  switch (p.dtype) {
+    case DType::kFloat32: bwd_impl<avx512::Tiles<float>, float, true>(p); return true;
+    case DType::kBFloat16: bwd_impl<avx512::Tiles<float>, c10::BFloat16, true>(p); return true;
+    default: break;
   }
 #endif
   (void)p;
