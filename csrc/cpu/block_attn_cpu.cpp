@@ -919,9 +919,11 @@ void bwd_impl(const BlockBwdParams& p) {
             }
           }
           // dV += P^T dO;  dK += dS^T Q. Per block of kSubCols keys over the rows of the row groups
-          // that computed it (all of them on a full tile); P and dS of a row group in between that
-          // did not (possible only for unsorted positions) are zeroed first.
-          for (int64_t c = 0; c < nk; c += kSubCols) {
+          // that computed it (all of them on a full tile, which AMX takes in one block); P and dS
+          // of a row group in between that did not (possible only for unsorted positions) are
+          // zeroed first.
+          const int64_t cstep = kAmx && kind == TileKind::kFull ? nk : kSubCols;
+          for (int64_t c = 0; c < nk; c += cstep) {
             int64_t first = -1, last = -1;
             for (int64_t gi = 0; gi < nsub; ++gi) {
               if (ws.sub[gi].c0 <= c && c < ws.sub[gi].c1) {
@@ -930,7 +932,7 @@ void bwd_impl(const BlockBwdParams& p) {
               }
             }
             if (first < 0) continue;
-            const int64_t ncol = std::min(kSubCols, nk - c);
+            const int64_t ncol = std::min(cstep, nk - c);
             for (int64_t gi = first + 1; gi < last; ++gi) {
               const SubTile& st = ws.sub[gi];
               if (st.c0 <= c && c < st.c1) continue;
@@ -942,12 +944,12 @@ void bwd_impl(const BlockBwdParams& p) {
             const int64_t r0 = ws.sub[first].r0, nr = ws.sub[last].r0 + ws.sub[last].nr - r0;
             if constexpr (kAmx) {
 #if RA_CPU_AMX
+              const int64_t ldk = round_up(cstep, 16);
               amx::transposed_by_split(xo_t, xo_t.head(b * H + h), q0 + r0, S + r0 * LDS + c, LDS,
-                                       nr, ncol, amx::kPPlanes, ws.x_planes, kSubCols, dVt + c,
-                                       BK);
+                                       nr, ncol, amx::kPPlanes, ws.x_planes, ldk, dVt + c, BK);
               amx::transposed_by_split(xq_t, xq_t.head(b * H + h), q0 + r0, dP + r0 * LDS + c,
-                                       LDS, nr, ncol, amx::kMaxPlanes, ws.x_planes, kSubCols,
-                                       dKt + c, BK);
+                                       LDS, nr, ncol, amx::kMaxPlanes, ws.x_planes, ldk, dKt + c,
+                                       BK);
 #endif
             } else {
               Tl::gemm_tn(ncol, Dp, nr, acc_t(1), S + r0 * LDS + c, LDS,
