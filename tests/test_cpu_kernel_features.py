@@ -313,7 +313,8 @@ _ISA_ORDER = ["generic", "avx2", "avx512", "avx512+amx"]
 def test_instruction_sets(isa):
     """Each compiled variant of the kernel (RING_ATTN_CPU_KERNEL caps the one the CPU would pick;
     on a CPU without AVX-512 or AMX those cases run the best available one). "avx512" is AVX-512
-    without the AMX forward GEMMs; "amx" (the default where available) adds them."""
+    without the AMX tile GEMMs; "amx" (the default where available) runs every GEMM, forward and
+    backward, on the tile unit."""
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, RING_ATTN_CPU_KERNEL=isa)
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT.format(tests=tests)], env=env,
