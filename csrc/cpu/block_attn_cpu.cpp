@@ -873,11 +873,11 @@ void bwd_impl(const BlockBwdParams& p) {
           }
           if (g == group - 1 && qt == last_qt) {  // dk_acc/dv_acc rows are updated next
             prefetch_rows<true>(dk + b * p.dk_strides.batch + k0 * p.dk_strides.row +
-                                        hk * p.dk_strides.head,
-                                    p.dk_strides.row, nk, D);
+                                    hk * p.dk_strides.head,
+                                p.dk_strides.row, nk, D);
             prefetch_rows<true>(dv + b * p.dv_strides.batch + k0 * p.dv_strides.row +
-                                        hk * p.dv_strides.head,
-                                    p.dv_strides.row, nk, D);
+                                    hk * p.dv_strides.head,
+                                p.dv_strides.row, nk, D);
           }
           for (int64_t gi = 0; gi < nsub; ++gi) {
             const SubTile& st = ws.sub[gi];
