@@ -14,12 +14,17 @@ backward 3.5x that (the backward is 2.5x the forward: 5 products instead of 2).
     python benchmarks/bench_cpu_vs_sdpa.py --threads 1 --seqlen 4096
 """
 import argparse
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import ring_attention as ra
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
 
 
 def clock(kind):
@@ -52,7 +57,7 @@ def main():
         except (OSError, StopIteration):
             ghz = float("nan")
     nominal = 2 * 16 * 2 * ghz * args.threads  # 2 AVX-512 FMA units x 16 fp32 lanes x 2 FLOP
-    peak = torch.ops.ring_attention.cpu_fma_peak_gflops(0.3) * args.threads  # one core, times threads
+    peak = h.measured_peak_gflops(0.3) * args.threads  # one core, times threads
     print(f"# B={B} H={H} D={D} L={L} {args.dtype} threads={torch.get_num_threads()} "
           f"clock={args.clock} best of {args.rounds} rounds; fp32 peak {peak:.1f} GFLOP/s measured "
           f"(FMA loop, %peak's base), {nominal:.1f} nominal ({ghz:.2f} GHz)")
