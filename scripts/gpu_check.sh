@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command check of the CUDA half on a machine with one GPU and no network:
 #
-#   scripts/gpu_check.sh OUTDIR [--quick]
+#   scripts/gpu_check.sh OUTDIR [--quick] [--bundle]
 #
 # Stages (each under its own `timeout`; a stage whose tool is missing is skipped with a message;
 # the summary is written whatever happens):
@@ -20,6 +20,8 @@
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
 #   merge      scripts/merge_probe.py: the forward from several incoming states (why merging slows
 #              the d=64 forward; OUTDIR/merge_probe.json) (skipped with --quick)
+#   merge-order scripts/merge_order_probe.py: the same two launches timed in several call orders
+#              (OUTDIR/merge_order.json) (skipped with --quick)
 #   ncu        Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of one launch
 #              of each kernel at d=128, 8K tokens, and of SDPA's flash kernels (skipped with --quick)
 #   ncu-merge  Nsight Compute (warp states, source counters, instructions, memory) of the d=64
@@ -30,16 +32,25 @@
 # Writes OUTDIR/summary.md (stage table + benchmark table), OUTDIR/<stage>.log, OUTDIR/bench.json,
 # OUTDIR/bench.md, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs nothing. Exit status: 0 when every stage that ran
 # passed. Budget: full <= 8 min, --quick <= 4 min on one H100 (build included).
+# --bundle: at the end, every file but summary.md goes into OUTDIR/gpu_check.tgz (the device tool
+# brings back only a few files of a run).
 set -u
 
 if [ $# -lt 1 ]; then
-  echo "usage: $0 OUTDIR [--quick]" >&2
+  echo "usage: $0 OUTDIR [--quick] [--bundle]" >&2
   exit 2
 fi
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 QUICK=0
-[ "${2:-}" = "--quick" ] && QUICK=1
+BUNDLE=0
+for arg in "${@:2}"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    --bundle) BUNDLE=1 ;;
+    *) echo "gpu_check: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
@@ -112,6 +123,10 @@ write_summary() {
     fi
     [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
   } > "$SUMMARY"
+  if [ $BUNDLE = 1 ]; then
+    (cd "$OUT" && rm -f stages.tmp && tar czf gpu_check.tgz --exclude gpu_check.tgz --exclude summary.md . &&
+      find . -type f ! -name gpu_check.tgz ! -name summary.md -delete)
+  fi
 }
 trap write_summary EXIT
 
@@ -200,12 +215,14 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
   if [ $QUICK = 1 ]; then
     stage bench 90 "$PY" scripts/bench_cuda.py --out "$OUT" --quick
     skip merge "--quick"
+    skip merge-order "--quick"
     skip ncu "--quick"
     skip ncu-merge "--quick"
     skip racecheck "--quick"
   else
     stage bench 240 "$PY" scripts/bench_cuda.py --out "$OUT"
     stage merge 60 "$PY" scripts/merge_probe.py --out "$OUT"
+    stage merge-order 60 "$PY" scripts/merge_order_probe.py --out "$OUT"
     # ---- Nsight Compute: why the kernels run at the speed they do (vs SDPA's flash kernels) -----
     NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -n 1)
     if [ -z "$NCU" ]; then
@@ -223,7 +240,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     sanitize racecheck 180
   fi
 else
-  for s in tests memcheck overlap bench merge ncu ncu-merge racecheck; do skip $s "ring_attention does not import"; done
+  for s in tests memcheck overlap bench merge merge-order ncu ncu-merge racecheck; do skip $s "ring_attention does not import"; done
 fi
 
 echo "summary: $SUMMARY"
