@@ -9,6 +9,15 @@ Ceiling: in the same alternation, every rank at once runs just the block kernels
     its ring steps) with no exchange and no ring (Tk). T1 / (world * Tk) is what the machine
     allows when `world` ranks compute side by side (shared caches, memory bandwidth, clocks); a
     ring cannot beat it.
+Steps: the same kernels split as the ring splits them (its queries against each rank's K/V block
+    in ring order, merged; the backward adds each block's dK/dV into its own buffers) with no
+    exchange (Ts). Ts - Tk is what splitting the work into ring steps costs; Tw - Ts is what the
+    ring adds on top (its exchanges, on cores that are busy computing, and its bookkeeping).
+Exchange: the ring's transfers alone, every rank at once (Tx): one K|V-sized message to the next
+    rank per hop, world - 1 hops in the forward and 2 (world - 1) more in the backward (K/V, dK/dV).
+Checks: the ring's output against the kernels alone and against the steps (max abs difference
+    below 1e-4), and a hop's received K|V against what the previous rank holds; the exit status is
+    1 when one fails.
 Memory: each rank's peak resident-memory growth during a forward call.
 Check cost: a call with RING_ATTN_CHECK=1 minus the same call with RING_ATTN_CHECK=0.
 """
@@ -56,6 +65,40 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup, cases):
                 dq, dk, dv = (torch.zeros(t.shape) for t in (q, full[1], full[2]))
                 ops.block_bwd(dout, q, full[1], full[2], q_pos, k_pos, None, lse, delta, dq, dk, dv,
                               causal, -1, -1, scale)
+            return acc
+
+        src_pos = [ra.positions(layout, r, world, seqlen // world).int() for r in range(world)]
+        src_kv = [[t.index_select(1, src_pos[r].long()).contiguous() for t in full[1:3]]
+                  for r in range(world)]
+        ring_order = [(rank - step) % world for step in range(world)]
+
+        def steps_alone(backward):
+            """The ring's block kernels, step by step (its queries x each rank's K/V), no exchange."""
+            q, dout = local[0], local[3]
+            acc = torch.zeros(q.shape)
+            lse = torch.full((1, heads, q.shape[1]), float("-inf"))
+            for r in ring_order:
+                ops.block_fwd(q, *src_kv[r], q_pos, src_pos[r], None, acc, lse, causal, -1, -1, scale)
+            if backward:
+                delta = (dout * acc).sum(-1).transpose(1, 2).contiguous()
+                dq = torch.zeros(q.shape)
+                for r in ring_order:
+                    dk, dv = (torch.zeros(t.shape) for t in src_kv[r])
+                    ops.block_bwd(dout, q, *src_kv[r], q_pos, src_pos[r], None, lse, delta, dq, dk,
+                                  dv, causal, -1, -1, scale)
+            return acc
+
+        kv_send = torch.cat([local[1].flatten(), local[2].flatten()])  # K and V in one message
+        kv_recv = torch.empty_like(kv_send)
+
+        def exchanges_alone(backward):
+            """The ring's transfers without its kernels, one K|V-sized message per hop: K/V make
+            world - 1 hops in the forward; the backward adds world - 1 of K/V and world - 1 of dK/dV."""
+            nxt, prv = (rank + 1) % world, (rank - 1) % world
+            for _ in range((world - 1) * (3 if backward else 1)):
+                for req in dist.batch_isend_irecv([dist.P2POp(dist.isend, kv_send, nxt),
+                                                   dist.P2POp(dist.irecv, kv_recv, prv)]):
+                    req.wait()
 
         def call(tensors, group, backward):
             q, k, v, dout = tensors
@@ -66,9 +109,19 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup, cases):
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
             ra.ring_attn_func(q, k, v, causal=causal, layout=layout, group=group).backward(dout)
 
+        # Checks: the kernels alone and split into steps give the ring's output, and a hop delivers
+        # the previous rank's K|V.
+        with torch.no_grad():
+            ring_out = ra.ring_attn_func(*local[:3], causal=causal, layout=layout)
+        exchanges_alone(False)
+        prev_kv = torch.cat([t.flatten() for t in src_kv[(rank - 1) % world]])
+        checks = {"kernels": (kernels_alone(False) - ring_out).abs().max().item(),
+                  "steps": (steps_alone(False) - ring_out).abs().max().item(),
+                  "exchange": (kv_recv - prev_kv).abs().max().item() if world > 1 else 0.0}
+
         times = {}
         for backward in (False, True):
-            t1, tw, tk = [], [], []
+            t1, tw, tk, ts, tx = [], [], [], [], []
             for i in range(warmup + iters):
                 dist.barrier()
                 if rank == 0:
@@ -86,9 +139,19 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup, cases):
                 kernels_alone(backward)
                 if i >= warmup:
                     tk.append(time.perf_counter() - t0)
+                dist.barrier()
+                t0 = time.perf_counter()
+                steps_alone(backward)
+                if i >= warmup:
+                    ts.append(time.perf_counter() - t0)
+                dist.barrier()
+                t0 = time.perf_counter()
+                exchanges_alone(backward)
+                if i >= warmup:
+                    tx.append(time.perf_counter() - t0)
             times[backward] = (statistics.median(t1) if t1 else None, statistics.median(tw),
-                               statistics.median(tk))
-        out[name] = times
+                               statistics.median(tk), statistics.median(ts), statistics.median(tx))
+        out[name] = {"times": times, "checks": checks}
     return out
 
 
@@ -136,22 +199,31 @@ def main(argv=None) -> int:
     cases = [c for c in CASES if c[0].split()[-1] in args.cases]
     shape = (args.seqlen, args.heads, args.headdim, args.iters, args.warmup, cases)
     ring = h.run_ranks(args.world, _time_ring, *shape)
-    rows = []
+    rows, worst = [], {}
     for name, _, _ in cases:
         row = {"case": name}
         for backward, phase in ((False, "fwd"), (True, "fwd+bwd")):
-            t1 = ring[0][name][backward][0]
-            tw = max(r[name][backward][1] for r in ring)
-            tk = max(r[name][backward][2] for r in ring)
+            t1, tw, tk, ts, tx = (ring[0][name]["times"][backward][0],
+                                  *(max(r[name]["times"][backward][j] for r in ring)
+                                    for j in range(1, 5)))
             row[f"{phase} T1 ms"] = f"{t1 * 1e3:.1f}"
             row[f"{phase} T{args.world} ms"] = f"{tw * 1e3:.1f}"
             row[f"{phase} eff"] = f"{t1 / (args.world * tw):.3f}"
             row[f"{phase} ceiling"] = f"{t1 / (args.world * tk):.3f}"
+            row[f"{phase} steps"] = f"{t1 / (args.world * ts):.3f}"
+            row[f"{phase} exch ms"] = f"{tx * 1e3:.1f}"
         rows.append(row)
+        for what in ("kernels", "steps", "exchange"):
+            worst[what] = max(worst.get(what, 0.0), *(r[name]["checks"][what] for r in ring))
     print(f"\nRing efficiency, {args.seqlen} tokens, batch 1, {args.heads} heads, dim {args.headdim}, fp32, "
           f"1 thread per rank, {args.world} ranks vs 1 (medians of {args.iters}, alternating; ceiling: "
-          f"the ranks' block kernels side by side, no ring)")
+          f"the ranks' block kernels side by side, no ring; steps: the same kernels split into the "
+          f"ring's steps, no exchange; exch: the ring's transfers alone)")
     h.print_table(rows, list(rows[0].keys()))
+    ok = worst["kernels"] < 1e-4 and worst["steps"] < 1e-4 and worst["exchange"] == 0
+    print(f"check: max |ring out - kernels alone| {worst['kernels']:.1e}, |ring out - steps| "
+          f"{worst['steps']:.1e} (bound 1e-4), |received - sent K|V| {worst['exchange']:.1e}: "
+          f"{'ok' if ok else 'FAILED'}")
 
     peaks = h.run_ranks(args.world, _memory, args.memory_seqlen, args.heads, args.headdim)
     scores_mb = args.heads * (args.memory_seqlen // args.world) * args.memory_seqlen * 4 / 2 ** 20
@@ -164,8 +236,8 @@ def main(argv=None) -> int:
           f"(call with check {checks[0]['1'] * 1e6:.0f} us, without {checks[0]['0'] * 1e6:.0f} us, tiny input)")
 
     h.write_json(args.json, {"machine": h.machine(), "args": vars(args), "efficiency": rows,
-                             "memory_peak_bytes": peaks, "check_cost_us": cost_us})
-    return 0
+                             "checks": worst, "memory_peak_bytes": peaks, "check_cost_us": cost_us})
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

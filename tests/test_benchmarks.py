@@ -45,5 +45,9 @@ def test_bench_efficiency_runs_the_chosen_cases(tmp_path):
     assert [row["case"] for row in res["efficiency"]] == ["non-causal", "causal zigzag"]
     for row in res["efficiency"]:
         for phase in ("fwd", "fwd+bwd"):
-            assert float(row[f"{phase} eff"]) > 0 and float(row[f"{phase} ceiling"]) > 0
+            for col in ("eff", "ceiling", "steps"):
+                assert float(row[f"{phase} {col}"]) > 0
+            assert float(row[f"{phase} exch ms"]) > 0
+    assert res["checks"]["kernels"] < 1e-4 and res["checks"]["steps"] < 1e-4
+    assert res["checks"]["exchange"] == 0
     assert len(res["memory_peak_bytes"]) == 2
