@@ -121,7 +121,10 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup, cases):
 
         times = {}
         for backward in (False, True):
-            t1, tw, tk, ts, tx = [], [], [], [], []
+            # Each alternation: T1 (rank 0 alone), then every rank at once: Tw, Tk, Ts, Tx.
+            together = [lambda: call(local, None, backward), lambda: kernels_alone(backward),
+                        lambda: steps_alone(backward), lambda: exchanges_alone(backward)]
+            t1, samples = [], [[] for _ in together]
             for i in range(warmup + iters):
                 dist.barrier()
                 if rank == 0:
@@ -129,28 +132,14 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup, cases):
                     call(whole, solo[0], backward)
                     if i >= warmup:
                         t1.append(time.perf_counter() - t0)
-                dist.barrier()
-                t0 = time.perf_counter()
-                call(local, None, backward)
-                if i >= warmup:
-                    tw.append(time.perf_counter() - t0)
-                dist.barrier()
-                t0 = time.perf_counter()
-                kernels_alone(backward)
-                if i >= warmup:
-                    tk.append(time.perf_counter() - t0)
-                dist.barrier()
-                t0 = time.perf_counter()
-                steps_alone(backward)
-                if i >= warmup:
-                    ts.append(time.perf_counter() - t0)
-                dist.barrier()
-                t0 = time.perf_counter()
-                exchanges_alone(backward)
-                if i >= warmup:
-                    tx.append(time.perf_counter() - t0)
-            times[backward] = (statistics.median(t1) if t1 else None, statistics.median(tw),
-                               statistics.median(tk), statistics.median(ts), statistics.median(tx))
+                for fn, sample in zip(together, samples):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    fn()
+                    if i >= warmup:
+                        sample.append(time.perf_counter() - t0)
+            times[backward] = (statistics.median(t1) if t1 else None,
+                               *(statistics.median(sample) for sample in samples))
         out[name] = {"times": times, "checks": checks}
     return out
 

@@ -20,7 +20,7 @@
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
 #   merge      scripts/merge_probe.py: the forward from several incoming states (why merging slows
 #              the d=64 forward; OUTDIR/merge_probe.json) (skipped with --quick)
-#   merge-order scripts/merge_order_probe.py: the same two launches timed in several call orders
+#   merge-order scripts/merge_probe.py --orders: the same two launches timed in several call orders
 #              (OUTDIR/merge_order.json) (skipped with --quick)
 #   ncu        Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of one launch
 #              of each kernel at d=128, 8K tokens, and of SDPA's flash kernels (skipped with --quick)
@@ -222,7 +222,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
   else
     stage bench 240 "$PY" scripts/bench_cuda.py --out "$OUT"
     stage merge 60 "$PY" scripts/merge_probe.py --out "$OUT"
-    stage merge-order 60 "$PY" scripts/merge_order_probe.py --out "$OUT"
+    stage merge-order 60 "$PY" scripts/merge_probe.py --orders --out "$OUT"
     # ---- Nsight Compute: why the kernels run at the speed they do (vs SDPA's flash kernels) -----
     NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -n 1)
     if [ -z "$NCU" ]; then

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Why merging into a loaded state slows the d=64 forward (docs/benchmarks.md, "Second H200 lease"):
-the same block_fwd launch timed from several incoming states, and, with --ncu, one launch of each
-of the two that differ (merge=False and the merge into the block's own result) for Nsight Compute.
+"""Why merging into a loaded state slows the d=64 forward (docs/benchmarks.md, "Second H200 lease"
+and "H100"): the same block_fwd launch timed from several incoming states; with --orders, the
+launches with and without the merge timed in several call orders (is the cost the kernel's or the
+benchmark's?); with --ncu, one launch of each of the two that differ (merge=False and the merge
+into the block's own result) for Nsight Compute.
 
     python3 scripts/merge_probe.py --out OUTDIR                # table + OUTDIR/merge_probe.json
+    python3 scripts/merge_probe.py --orders --out OUTDIR       # table + OUTDIR/merge_order.json
     ncu --profile-from-start off ... python3 scripts/merge_probe.py --ncu
 
 bf16, 16K tokens in all (d=64: 32 heads; d=128: 16 heads), non-causal; medians of CUDA-event
-timings, each call preceded by a copy of its incoming state (not timed). The results of the
-merging calls are checked against the merge of the two states in float64.
+timings. In the states table each call is preceded by a copy of its incoming state (not timed),
+and the results of the merging calls are checked against the merge of the two states in float64.
 """
 import argparse
 import json
@@ -34,7 +37,9 @@ def event_ms(prepare, run, reps):
     return sorted(times)[len(times) // 2]
 
 
-def probe(d, s, reps, ncu):
+def problem(d, s):
+    """Batch, heads, bf16 q, k, v (batch, s, heads, d; 16K tokens and heads * d = 2048 in all),
+    block_fwd's mask arguments (non-causal), and an empty fp32 state (out 0, lse -inf)."""
     b, h = 16384 // s, 2048 // d
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -42,7 +47,12 @@ def probe(d, s, reps, ncu):
     pos = torch.arange(s, device="cuda", dtype=torch.int32)
     mask = dict(q_pos=pos, k_pos=pos, q_seg=None, causal=False, window_left=-1, window_right=-1,
                 softmax_scale=d ** -0.5)
-    out, lse = torch.zeros(b, s, h, d, device="cuda"), torch.full((b, h, s), float("-inf"), device="cuda")
+    state = (torch.zeros(b, s, h, d, device="cuda"), torch.full((b, h, s), float("-inf"), device="cuda"))
+    return b, h, (q, k, v), mask, state
+
+
+def probe(d, s, reps, ncu):
+    b, h, (q, k, v), mask, (out, lse) = problem(d, s)
 
     def launch(merge):
         torch.ops.ring_attention._cuda_block_fwd(q=q, k=k, v=v, out_acc=out, lse=lse, **mask,
@@ -89,11 +99,55 @@ def probe(d, s, reps, ncu):
             "check": {"max_abs_out": err_out, "max_abs_lse": err_lse}}
 
 
+def orders_probe(d, s, reps):
+    """The forward with and without the merge timed in several call orders: alternated call by
+    call (as bench_cuda.py does), with a host synchronisation between calls, each variant alone in
+    a run of calls, and alternated between two separate state buffers; median ms per call of the
+    sequence."""
+    b, h, (q, k, v), mask, state = problem(d, s)
+    states = [state, tuple(t.clone() for t in state)]
+
+    def launch(merge, state=0):
+        out, lse = states[state]
+        return lambda: torch.ops.ring_attention._cuda_block_fwd(q=q, k=k, v=v, out_acc=out, lse=lse,
+                                                                **mask, merge=merge)
+
+    def sequence_ms(calls, sync=False):
+        """Median ms of each call of `calls`, the sequence repeated `reps` times."""
+        for call in calls * 2:
+            call()
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(len(calls) + 1)]
+                  for _ in range(reps)]
+        for row in events:
+            row[0].record()
+            for i, call in enumerate(calls):
+                call()
+                row[i + 1].record()
+                if sync:
+                    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return [sorted(r[i].elapsed_time(r[i + 1]) for r in events)[reps // 2]
+                for i in range(len(calls))]
+
+    orders = {
+        "no merge, merge (alternated)": ([launch(False), launch(True)], False),
+        "no merge, merge (synchronised)": ([launch(False), launch(True)], True),
+        "merge only": ([launch(True)], False),
+        "no merge only": ([launch(False)], False),
+        "merge (state 2), no merge": ([launch(True, 1), launch(False)], False),
+        "no merge (state 2), no merge": ([launch(False, 1), launch(False)], False),
+        "merge (state 2), merge": ([launch(True, 1), launch(True)], False),
+    }
+    return {"headdim": d, "seqlen": s, "batch": b, "heads": h,
+            "ms": {name: sequence_ms(calls, sync) for name, (calls, sync) in orders.items()}}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="folder for merge_probe.json")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--ncu", action="store_true", help="profile the d=64, 16K pair only")
+    p.add_argument("--orders", action="store_true", help="time the call orders instead of the states")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("merge_probe: no CUDA device")
@@ -104,14 +158,20 @@ def main():
         probe(64, 16384, 0, ncu=True)
         print("merge_probe: profiled d=64 16K merge=False and merge into its own result")
         return 0
-    rows = [probe(d, s, args.reps, ncu=False) for d, s in CONFIGS]
+    if args.orders:
+        rows, name = [orders_probe(d, s, args.reps) for d, s in CONFIGS], "merge_order.json"
+    else:
+        rows, name = [probe(d, s, args.reps, ncu=False) for d, s in CONFIGS], "merge_probe.json"
     for r in rows:
-        print(f"d={r['headdim']} seqlen {r['seqlen']} batch {r['batch']} heads {r['heads']}:")
-        for name, ms in r["ms"].items():
-            print(f"  {name:30} {ms:8.3f} ms  {r['vs_no_merge_pct'][name]:+6.1f}%")
+        print(f"d={r['headdim']} seqlen {r['seqlen']} batch {r['batch']} heads {r['heads']} (ms):")
+        for state, ms in r["ms"].items():
+            if args.orders:
+                print(f"  {state:32} " + "  ".join(f"{t:7.3f}" for t in ms))
+            else:
+                print(f"  {state:32} {ms:8.3f}  {r['vs_no_merge_pct'][state]:+6.1f}%")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "merge_probe.json"), "w") as f:
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
     return 0
 
