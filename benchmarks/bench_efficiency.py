@@ -54,38 +54,31 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup, cases):
         q_pos = ra.positions(layout, rank, world, seqlen // world).int()
         k_pos = torch.arange(seqlen, dtype=torch.int32)
 
-        def kernels_alone(backward):
-            """This rank's share as bare block kernels: its queries x the whole K/V, no ring."""
-            q, dout = local[0], local[3]
-            acc = torch.zeros(q.shape)
-            lse = torch.full((1, heads, q.shape[1]), float("-inf"))
-            ops.block_fwd(q, full[1], full[2], q_pos, k_pos, None, acc, lse, causal, -1, -1, scale)
-            if backward:
-                delta = (dout * acc).sum(-1).transpose(1, 2).contiguous()
-                dq, dk, dv = (torch.zeros(t.shape) for t in (q, full[1], full[2]))
-                ops.block_bwd(dout, q, full[1], full[2], q_pos, k_pos, None, lse, delta, dq, dk, dv,
-                              causal, -1, -1, scale)
-            return acc
-
         src_pos = [ra.positions(layout, r, world, seqlen // world).int() for r in range(world)]
         src_kv = [[t.index_select(1, src_pos[r].long()).contiguous() for t in full[1:3]]
                   for r in range(world)]
+        # (k, v, k_pos) blocks: the whole K/V in one call (kernels alone), or each rank's block in
+        # ring order (steps alone).
+        whole_kv = [(full[1], full[2], k_pos)]
         ring_order = [(rank - step) % world for step in range(world)]
+        ring_kv = [(*src_kv[r], src_pos[r]) for r in ring_order]
 
-        def steps_alone(backward):
-            """The ring's block kernels, step by step (its queries x each rank's K/V), no exchange."""
+        def kernels_on(blocks, backward):
+            """This rank's queries against `blocks` as bare block kernels (no ring, no exchange):
+            the forward merged over the blocks, then the backward with one dK/dV pair per block.
+            Returns the forward's output."""
             q, dout = local[0], local[3]
             acc = torch.zeros(q.shape)
             lse = torch.full((1, heads, q.shape[1]), float("-inf"))
-            for r in ring_order:
-                ops.block_fwd(q, *src_kv[r], q_pos, src_pos[r], None, acc, lse, causal, -1, -1, scale)
+            for k, v, pos in blocks:
+                ops.block_fwd(q, k, v, q_pos, pos, None, acc, lse, causal, -1, -1, scale)
             if backward:
                 delta = (dout * acc).sum(-1).transpose(1, 2).contiguous()
                 dq = torch.zeros(q.shape)
-                for r in ring_order:
-                    dk, dv = (torch.zeros(t.shape) for t in src_kv[r])
-                    ops.block_bwd(dout, q, *src_kv[r], q_pos, src_pos[r], None, lse, delta, dq, dk,
-                                  dv, causal, -1, -1, scale)
+                for k, v, pos in blocks:
+                    dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+                    ops.block_bwd(dout, q, k, v, q_pos, pos, None, lse, delta, dq, dk, dv, causal,
+                                  -1, -1, scale)
             return acc
 
         kv_send = torch.cat([local[1].flatten(), local[2].flatten()])  # K and V in one message
@@ -115,15 +108,15 @@ def _time_ring(rank, world, seqlen, heads, headdim, iters, warmup, cases):
             ring_out = ra.ring_attn_func(*local[:3], causal=causal, layout=layout)
         exchanges_alone(False)
         prev_kv = torch.cat([t.flatten() for t in src_kv[(rank - 1) % world]])
-        checks = {"kernels": (kernels_alone(False) - ring_out).abs().max().item(),
-                  "steps": (steps_alone(False) - ring_out).abs().max().item(),
+        checks = {"kernels": (kernels_on(whole_kv, False) - ring_out).abs().max().item(),
+                  "steps": (kernels_on(ring_kv, False) - ring_out).abs().max().item(),
                   "exchange": (kv_recv - prev_kv).abs().max().item() if world > 1 else 0.0}
 
         times = {}
         for backward in (False, True):
             # Each alternation: T1 (rank 0 alone), then every rank at once: Tw, Tk, Ts, Tx.
-            together = [lambda: call(local, None, backward), lambda: kernels_alone(backward),
-                        lambda: steps_alone(backward), lambda: exchanges_alone(backward)]
+            together = [lambda: call(local, None, backward), lambda: kernels_on(whole_kv, backward),
+                        lambda: kernels_on(ring_kv, backward), lambda: exchanges_alone(backward)]
             t1, samples = [], [[] for _ in together]
             for i in range(warmup + iters):
                 dist.barrier()

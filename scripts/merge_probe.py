@@ -144,7 +144,7 @@ def orders_probe(d, s, reps):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="folder for merge_probe.json")
+    p.add_argument("--out", help="folder for merge_probe.json (merge_order.json with --orders)")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--ncu", action="store_true", help="profile the d=64, 16K pair only")
     p.add_argument("--orders", action="store_true", help="time the call orders instead of the states")
