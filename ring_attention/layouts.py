@@ -63,11 +63,43 @@ def _inverse_order(layout: str, world: int, local_len: int) -> torch.Tensor:
     return inverse
 
 
-def _check_same_shape(x: torch.Tensor, group, world: int, what: str) -> None:
-    desc = torch.tensor([x.dim(), *x.shape, *([-1] * (8 - x.dim()))][:9], dtype=torch.int64)
+# Device types in a shard's descriptor (by index), so that every rank can name every rank's device.
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
+
+
+def _agree_on_shards(x: torch.Tensor, group, world: int, what: str, shard_error=None) -> None:
+    """Raises the same ValueError on every rank unless every rank's shard is valid and all have
+    the same shape. Valid: ``shard_error(rank, shape)`` (evaluated by every rank for every rank)
+    returns "" and the group's backend carries tensors of the shard's device.
+
+    One small all-gather on the device the group's backends accept (the CPU for gloo, the GPU for
+    an NCCL-only group), before any data is sent."""
+    from ._ops import ops
+
+    name = _group.group_name(group)
+    collective_device = ops.group_collective_device(name, str(x.device))
+    if not collective_device:  # no rank can take part: every rank raises this alone
+        raise ValueError(f"{what}: {ops.group_device_error(name, str(x.device), False)}, and this "
+                         "process has no device on which the group's backend could agree")
+    device_type = _DEVICE_TYPES.index(x.device.type) if x.device.type in _DEVICE_TYPES else -1
+    desc = torch.tensor([device_type, x.dim(), *x.shape, *([-1] * (8 - x.dim()))][:10],
+                        dtype=torch.int64, device=collective_device)
     gathered = [torch.empty_like(desc) for _ in range(world)]
     dist.all_gather(gathered, desc, group=group)
-    shapes = [tuple(g[1:1 + int(g[0])].tolist()) for g in gathered]
+    shapes, problems = [], []
+    for rank, (rank_device, dims, *sizes) in enumerate(g.cpu().tolist() for g in gathered):
+        shape = tuple(sizes[:dims])
+        shapes.append(shape)
+        device = _DEVICE_TYPES[rank_device] if rank_device >= 0 else None
+        error = shard_error(rank, shape) if shard_error else ""
+        if not error:
+            error = ops.group_device_error(name, device, False) if device else \
+                "its device type is not one the library knows"
+            error = f"x_local is on {device}, but {error}" if error else ""
+        if error:
+            problems.append(f"rank {rank}: {error}")
+    if problems:
+        raise ValueError(f"{what}: invalid shards (every rank raises this):\n  " + "\n  ".join(problems))
     if len(set(shapes)) > 1:
         listing = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
         raise ValueError(f"{what}: ranks hold shards of different shapes ({listing})")
@@ -103,13 +135,20 @@ def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", di
     """
     _check_layout(layout)
     group, rank, world = _group.resolve(group)
-    if layout == "zigzag" and x_local.shape[dim] % 2:
-        raise ValueError(f"layout 'zigzag' needs an even local length, got {x_local.shape[dim]}")
+    dim = dim % x_local.dim()
+
+    def odd_zigzag(_rank, shape):
+        if layout == "zigzag" and shape[dim] % 2:
+            return f"layout 'zigzag' needs an even local length, got {shape[dim]}"
+        return ""
+
     if world == 1:
+        if odd_zigzag(0, x_local.shape):
+            raise ValueError(odd_zigzag(0, x_local.shape))
         return x_local
-    _check_same_shape(x_local, group, world, "unshard")
+    _agree_on_shards(x_local, group, world, "unshard", odd_zigzag)
     order = _inverse_order(layout, world, x_local.shape[dim])
-    return _GatherInOrder.apply(x_local, group, rank, world, dim % x_local.dim(), order)
+    return _GatherInOrder.apply(x_local, group, rank, world, dim, order)
 
 
 # ---- packed variable-length sequences -------------------------------------------------------
@@ -188,12 +227,19 @@ def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, *, group=Non
     Differentiable; the gradient is the sum over ranks of the gradients of the full tensor.
     """
     group, rank, world = _group.resolve(group)
-    expected = varlen_positions(cu_seqlens, layout, rank, world)[1].numel()
-    if x_local.shape[dim] != expected:
-        raise ValueError(f"unshard_varlen: x_local has {x_local.shape[dim]} tokens along dim {dim}, "
-                         f"shard_varlen of these cu_seqlens gives {expected}")
+    dim = dim % x_local.dim()
+    expected = varlen_positions(cu_seqlens, layout, 0, world)[1].numel()  # the same on every rank
+
+    def wrong_length(_rank, shape):
+        if shape[dim] != expected:
+            return (f"x_local has {shape[dim]} tokens along dim {dim}, shard_varlen of these "
+                    f"cu_seqlens gives {expected}")
+        return ""
+
     order = _varlen_order(cu_seqlens, layout, world)
     if world == 1:
+        if wrong_length(0, x_local.shape):
+            raise ValueError(f"unshard_varlen: {wrong_length(0, x_local.shape)}")
         return x_local.index_select(dim, order.to(x_local.device))
-    _check_same_shape(x_local, group, world, "unshard_varlen")
-    return _GatherInOrder.apply(x_local, group, rank, world, dim % x_local.dim(), order)
+    _agree_on_shards(x_local, group, world, "unshard_varlen", wrong_length)
+    return _GatherInOrder.apply(x_local, group, rank, world, dim, order)

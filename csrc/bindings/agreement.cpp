@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "comm/c10d_transport.h"
+#include "comm/group_devices.h"
 #include "cuda/block_attn_cuda.h"  // kMaxHeadDim (plain C++, no CUDA needed)
 
 namespace ring_attn {
@@ -150,6 +151,11 @@ std::string validate_local(const RingCall& call) {
     return "q, k and v must be on the same device; got " + q.device().str() + ", " +
            k.device().str() + ", " + v.device().str();
   }
+  if (!call.transport_error.empty()) {
+    return "q, k and v are on " + q.device().str() + ", but " + call.transport_error +
+           ": use tensors on a device the group's backend carries (CUDA for nccl, CPU for gloo), "
+           "or a group with a backend for both (init_process_group(\"cpu:gloo,cuda:nccl\"))";
+  }
   const at::ScalarType dtype = q.scalar_type();
   if (q.is_cpu() && dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16 &&
       dtype != at::kHalf) {
@@ -264,9 +270,18 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
     return;
   }
   const int rank = group->getRank();
+  const std::optional<at::Device> device = collective_device(*group, call.q.device());
+  if (!device) {  // a CUDA-only group in a process without a CUDA device: no rank can take part
+    const std::string local_error = validate_local(call);
+    TORCH_CHECK_VALUE(local_error.empty(), "ring_attn_func: ", local_error);
+    TORCH_CHECK_VALUE(false, "ring_attn_func: the ranks cannot agree on inputs: ",
+                      collective_device_error(*group, at::Device(at::kCPU)),
+                      " and this process has no CUDA device");
+  }
+  const at::TensorOptions options = at::TensorOptions(at::kLong).device(*device);
   std::vector<std::vector<at::Tensor>> outputs(1);
-  for (int r = 0; r < world; ++r) outputs[0].push_back(at::empty({kDescriptorLen}, at::kLong));
-  std::vector<at::Tensor> inputs{describe(call)};
+  for (int r = 0; r < world; ++r) outputs[0].push_back(at::empty({kDescriptorLen}, options));
+  std::vector<at::Tensor> inputs{describe(call).to(*device)};
   auto work = group->allgather(outputs, inputs);
   if (!wait_with_deadline(work, timeout_s,
                           "ring_attn_func: rank " + std::to_string(rank) +
@@ -277,6 +292,7 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
                 "not call ring attention. The process group may be unusable after this error, as "
                 "after any collective timeout.");
   }
+  for (at::Tensor& descriptor : outputs[0]) descriptor = descriptor.cpu();
   check_descriptors(outputs[0]);
 }
 

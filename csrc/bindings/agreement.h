@@ -29,6 +29,9 @@ struct RingCall {
   int64_t window_right = -1;
   const at::Tensor& cu_seqlens = kNoTensor;  // int32 (num_seqs + 1,) on the CPU, or undefined
   int world = 1;
+  // Why the ring's messages cannot travel on the inputs' device over this group (see
+  // comm/group_devices.h), or empty.
+  std::string transport_error = {};
 
   static const at::Tensor kNoTensor;
 };
@@ -44,7 +47,9 @@ at::Tensor describe(const RingCall& call);
 void check_descriptors(const std::vector<at::Tensor>& descriptors);
 
 // Raises ValueError (on every rank when `group` is set and checking is on) if any rank's input is
-// invalid or the ranks disagree. With check=false only the local verdict is raised, locally.
+// invalid or the ranks disagree. With check=false only the local verdict is raised, locally. The
+// descriptors travel on comm/group_devices.h's collective_device of the group (the CPU for gloo
+// groups, the GPU for NCCL-only groups).
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s);
 

@@ -1,8 +1,10 @@
 // Op schemas (one list, every device) and the CPU implementations.
 // The Python package loads this library with torch.ops.load_library and registers fake kernels.
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/library.h>
 
 #include "bindings/op_impls.h"
+#include "comm/group_devices.h"
 #include "cpu/block_attn_cpu.h"
 
 namespace ring_attn {
@@ -54,8 +56,28 @@ std::vector<int64_t> last_ring_stats_op() {
 std::string cpu_kernel_isa_op() { return cpu::cpu_kernel_isa(); }
 double cpu_fma_peak_gflops_op(double seconds) { return cpu::fma_peak_gflops(seconds); }
 
+// The device of the library's own collectives over the group (comm/group_devices.h), given the
+// device of the inputs: "cpu", "cuda:0", ..., or "" when this process has none.
+std::string group_collective_device_op(c10::string_view group_name, c10::string_view inputs) {
+  const auto group = c10d::resolve_process_group(std::string(group_name));
+  const std::optional<at::Device> device = collective_device(*group, at::Device(std::string(inputs)));
+  return device ? device->str() : "";
+}
+
+// Why the group cannot carry tensors of `device` (in collectives, or point to point), or "".
+std::string group_device_error_op(c10::string_view group_name, c10::string_view device,
+                                  bool point_to_point) {
+  const auto group = c10d::resolve_process_group(std::string(group_name));
+  const at::Device d{std::string(device)};
+  return point_to_point ? p2p_device_error(*group, d) : collective_device_error(*group, d);
+}
+
 TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
   m.def("last_ring_stats() -> int[]", &last_ring_stats_op);
+  m.def("group_collective_device(str group_name, str inputs_device) -> str",
+        &group_collective_device_op);
+  m.def("group_device_error(str group_name, str device, bool point_to_point) -> str",
+        &group_device_error_op);
   m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa_op);
   m.def("cpu_fma_peak_gflops(float seconds=0.2) -> float", &cpu_fma_peak_gflops_op);
 }

@@ -14,6 +14,7 @@
 #include "bindings/agreement.h"
 #include "bindings/tensor_params.h"
 #include "comm/c10d_transport.h"
+#include "comm/group_devices.h"
 #if defined(RING_ATTN_WITH_NCCL)
 #include "comm/nccl_transport.h"
 #endif
@@ -573,10 +574,12 @@ std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, con
                                                 const RingOptions& options) {
   const TransportKind kind = transport_kind(q);  // before any communication
   const auto group = resolve_group(options.group_name);
-  agree_or_throw(RingCall{q, k, v, options.layout, options.causal, options.softmax_scale,
-                          options.window_left, options.window_right, options.cu_seqlens,
-                          world_of(group)},
-                 group, ring_check_enabled(), ring_timeout_seconds());
+  RingCall call{q, k, v, options.layout, options.causal, options.softmax_scale,
+                options.window_left, options.window_right, options.cu_seqlens, world_of(group)};
+  if (call.world > 1 && kind == TransportKind::kC10d) {
+    call.transport_error = p2p_device_error(*group, q.device());
+  }
+  agree_or_throw(call, group, ring_check_enabled(), ring_timeout_seconds());
   const at::Tensor qb = as_batch(q, options);
   RankForward rank(kernels, rank_of(group), world_of(group), qb, as_batch(k, options),
                    as_batch(v, options), options);

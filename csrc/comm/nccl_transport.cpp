@@ -20,6 +20,8 @@
 #include <thread>
 #include <utility>
 
+#include "comm/group_devices.h"
+
 namespace ring_attn {
 namespace {
 
@@ -245,16 +247,17 @@ std::shared_ptr<Communicator> communicator(const c10::intrusive_ptr<c10d::Proces
   c->rank = group->getRank();
   c->world = group->getSize();
   c->device = device;
-  // Rank 0's unique id travels through the user's group: a CUDA tensor for an NCCL group, a CPU
-  // tensor for any other backend.
-  const bool nccl_group = group->getBackendType() == c10d::ProcessGroup::BackendType::NCCL;
+  // Rank 0's unique id travels through the user's group, on the device its backends accept (the
+  // CPU where it has a CPU backend, this GPU for an NCCL-only group).
+  const at::Device cuda_device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+  const at::Device id_device = collective_device(*group, cuda_device).value_or(cuda_device);
   at::Tensor id = at::zeros({NCCL_UNIQUE_ID_BYTES}, at::TensorOptions().dtype(at::kByte));
   if (c->rank == 0) {
     ncclUniqueId unique;
     RA_NCCL_CHECK(ncclGetUniqueId(&unique));
     std::memcpy(id.data_ptr(), &unique, sizeof(unique));
   }
-  std::vector<at::Tensor> tensors{nccl_group ? id.to(at::Device(at::kCUDA, device)) : id};
+  std::vector<at::Tensor> tensors{id.to(id_device)};
   c10d::BroadcastOptions options;
   options.rootRank = 0;
   group->broadcast(tensors, options)->wait();

@@ -1,0 +1,71 @@
+"""Rank functions for the tests of process groups whose backends carry only some devices
+(test_group_devices.py). Without a GPU, "cuda:gloo" stands for an NCCL-only group: a group with
+a backend for CUDA tensors and none for CPU tensors, as init_process_group("nccl") makes."""
+import torch
+import torch.distributed as dist
+
+import ring_attention as ra
+from ring_cases import SMALL_CASE, check_ring, random_qkv, rank_and_world
+
+_GROUPS = {}
+
+
+def group_for(backend):
+    """A subgroup of every rank with backend `backend` (e.g. "cpu:gloo"), created once per pool.
+    Every rank calls this in the same order (new_group is collective)."""
+    if backend not in _GROUPS:
+        _GROUPS[backend] = dist.new_group(backend=backend)
+    return _GROUPS[backend]
+
+
+def device_rules(backend):
+    """What the library decides for a group of `backend`: its collectives' device for CPU inputs
+    ("" when this process has none) and why CPU or CUDA tensors could not travel point to point
+    or in a collective ("" when they can)."""
+    name = group_for(backend).group_name
+    ops = ra.ops
+    return {
+        "collective_device_for_cpu_inputs": ops.group_collective_device(name, "cpu"),
+        "p2p_cpu": ops.group_device_error(name, "cpu", True),
+        "p2p_cuda": ops.group_device_error(name, "cuda:0", True),
+        "collective_cpu": ops.group_device_error(name, "cpu", False),
+        "collective_cuda": ops.group_device_error(name, "cuda:0", False),
+    }
+
+
+def ring_on(backend):
+    """check_ring over a subgroup of `backend` (CPU tensors)."""
+    group = group_for(backend)
+    rank, world = rank_and_world()
+    q, k, v, dout = random_qkv(7, 1, 8 * world, 8 * world, 4, 2, 16, torch.float32)
+    expected = ra.attention_reference(q.double(), k.double(), v.double(), causal=True)[0]
+    local = [ra.shard(t, group=group, layout="zigzag").requires_grad_() for t in (q, k, v)]
+    out = ra.ring_attn_func(*local, causal=True, layout="zigzag", group=group)
+    out.backward(ra.shard(dout, group=group, layout="zigzag"))
+    full = ra.unshard(out.detach(), group=group, layout="zigzag")
+    torch.testing.assert_close(full.double(), expected, rtol=2e-5, atol=2e-5)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in local)
+    return check_ring(dict(SMALL_CASE, layout="striped"))  # and the default group still works
+
+
+def rejected_on(backend, call):
+    """The error `call` ("ring", "unshard" or "unshard_varlen") raises for CPU tensors on a
+    subgroup of `backend`: (type name, message); then proves the default group still usable."""
+    group = group_for(backend)
+    x = torch.randn(1, 8, 2, 16)
+    try:
+        if call == "ring":
+            ra.ring_attn_func(x, x, x, causal=True, group=group)
+        elif call == "unshard":
+            ra.unshard(x, group=group)
+        else:
+            world = dist.get_world_size()
+            cu = torch.tensor([0, 5 * world], dtype=torch.int32)
+            ra.unshard_varlen(x[0], cu, group=group)
+        outcome = ("ok", "")
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        outcome = (type(e).__name__, str(e))
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == dist.get_world_size()
+    return outcome
