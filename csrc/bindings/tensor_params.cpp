@@ -1,5 +1,6 @@
 #include "bindings/tensor_params.h"
 
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 namespace ring_attn {
@@ -11,6 +12,14 @@ DType to_dtype(at::ScalarType type) {
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
     default: TORCH_CHECK_VALUE(false, "ring attention: unsupported dtype ", type);
+  }
+}
+
+Fp32Precision current_fp32_precision() {
+  switch (at::globalContext().float32MatmulPrecision()) {
+    case at::Float32MatmulPrecision::HIGH: return Fp32Precision::kHigh;
+    case at::Float32MatmulPrecision::MEDIUM: return Fp32Precision::kMedium;
+    default: return Fp32Precision::kHighest;
   }
 }
 
@@ -110,6 +119,7 @@ BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const a
   p.q_seg = segments_of(q_seg, q.size(1));
   p.mask = mask;
   p.softmax_scale = softmax_scale;
+  p.fp32_precision = current_fp32_precision();
   p.out_acc = out_acc.data_ptr();
   p.out_strides = strides_of(out_acc);
   p.lse = lse.data_ptr();
@@ -164,6 +174,7 @@ BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, cons
   p.q_seg = segments_of(q_seg, q.size(1));
   p.mask = mask;
   p.softmax_scale = softmax_scale;
+  p.fp32_precision = current_fp32_precision();
   p.lse = lse.data_ptr();
   p.delta = delta.data_ptr();
   p.row_stat_batch_stride = lse.stride(0);

@@ -8,6 +8,8 @@
 namespace ring_attn {
 
 DType to_dtype(at::ScalarType type);
+// torch.get_float32_matmul_precision() of this process (the params' fp32_precision).
+Fp32Precision current_fp32_precision();
 // Accumulator dtype for an input dtype: float64 for float64, else float32.
 at::ScalarType acc_dtype(at::ScalarType type);
 Strides strides_of(const at::Tensor& t);  // t: (batch, seq, heads, headdim), unit headdim stride

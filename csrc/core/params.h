@@ -11,6 +11,14 @@ namespace ring_attn {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
+// How float32 inputs may be multiplied, after torch.get_float32_matmul_precision():
+//   kHighest: in float32 (torch's default);
+//   kHigh:    operands split into three bf16 planes (x = x0 + x1 + x2, about float32's 24 bits;
+//             the CPU's AMX tile unit multiplies bf16 only);
+//   kMedium:  one bf16 plane per operand (bf16 products, float32 accumulation).
+// Other dtypes ignore it; a kernel with no faster path for a setting computes in float32.
+enum class Fp32Precision : int { kHighest = 0, kHigh = 1, kMedium = 2 };
+
 // Strides of a (batch, seq, heads, headdim) tensor.
 struct Strides {
   int64_t batch;
@@ -44,6 +52,7 @@ struct BlockFwdParams {
   const int32_t* q_seg;
   MaskSpec mask;
   double softmax_scale;
+  Fp32Precision fp32_precision = Fp32Precision::kHighest;
   // Running state, read and written: out_acc (batch, seqlen_q, nheads, headdim) normalised output,
   // lse (batch, nheads, seqlen_q) with unit stride on seq. Start: out_acc = 0, lse = -inf.
   void* out_acc;
@@ -66,6 +75,7 @@ struct BlockBwdParams {
   const int32_t* q_seg;  // as in BlockFwdParams
   MaskSpec mask;
   double softmax_scale;
+  Fp32Precision fp32_precision = Fp32Precision::kHighest;
   // Final lse and delta = rowsum(dout * out), both (batch, nheads, seqlen_q) accumulator type.
   const void* lse;
   const void* delta;

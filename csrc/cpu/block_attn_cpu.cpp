@@ -11,8 +11,9 @@
 // this one file, the vector ones inside `#pragma GCC target` regions, and the best one the CPU
 // supports is picked at the first call (env RING_ATTN_CPU_KERNEL=generic|avx2|avx512|amx caps it).
 // Where the CPU has AMX-BF16, the GEMMs (the forward's two, the backward's five) run on the AMX
-// tile unit with fp32 operands split into bf16 planes (block_attn_amx.inc; float32 and bfloat16
-// inputs; "avx512" turns it off).
+// tile unit (block_attn_amx.inc): bfloat16 inputs always, float32 inputs when
+// torch.set_float32_matmul_precision allows it ("high": operands split into three bf16 planes;
+// "medium": one); "avx512" turns it off.
 // The rest of the file is compiled for the build's baseline, so the library runs on any x86-64 and
 // is fast where AVX-512 is available.
 //
@@ -564,6 +565,7 @@ void fwd_impl(const BlockFwdParams& p) {
   const int64_t kt_head = cdiv(Sk, Tl::kPanel) * D * Tl::kPanel;
 #if RA_CPU_AMX
   amx::FwdOperands xo{};
+  const amx::Planes planes = amx::planes_for<scalar_t>(p.fp32_precision);
 #endif
   if constexpr (kAmx) {
 #if RA_CPU_AMX
@@ -586,7 +588,7 @@ void fwd_impl(const BlockFwdParams& p) {
     uint16_t* p_planes;
   };
   auto make_scratch = [&] {
-    const int64_t p_elems = kAmx ? 2 * BQ * LDP : 0;  // amx::kPPlanes
+    const int64_t p_elems = kAmx ? 2 * BQ * LDP : 0;  // at most amx::kPPlanes
     const size_t bytes = Carver::bytes_for<acc_t>(BQ * LDS) + Carver::bytes_for<acc_t>(BQ * W) +
                          Carver::bytes_for<acc_t>(BQ * Dp) + 2 * Carver::bytes_for<acc_t>(BQ) +
                          Carver::bytes_for<uint8_t>(BQ) +
@@ -661,7 +663,7 @@ void fwd_impl(const BlockFwdParams& p) {
         return;
       if constexpr (kAmx) {
 #if RA_CPU_AMX
-        amx::split_by_pairs(Sb, LDS, nr, nr16, ncol, amx::fwd_p_planes<scalar_t>(), ws.p_planes,
+        amx::split_by_pairs(Sb, LDS, nr, nr16, ncol, planes.p_fwd, ws.p_planes,
                             xo.v, xo.v.head(b * Hkv + hk), k0 + c0, O + r0 * Dp, Dp);
 #endif
       } else {
@@ -758,12 +760,14 @@ void bwd_impl(const BlockBwdParams& p) {
   // AMX operands: Q rows (scores, amx::pack_scores_q), dO rows (dP), K and V groups (scores, dP),
   // K pairs (dQ), Q^T and dO^T (dK^T, dV^T).
   amx::Packed xq, xo, xk, xv, xk_pairs, xq_t, xo_t;
+  const amx::Planes planes = amx::planes_for<scalar_t>(p.fp32_precision);
 #endif
   if constexpr (kAmx) {
 #if RA_CPU_AMX
     using amx::Layout;
-    constexpr int in = amx::input_planes<scalar_t>();
-    xq = amx::pack_scores_q(In(p.q), p.q_strides, B, Sq, H, D, static_cast<float>(scale2), kPackQ);
+    const int in = planes.input;
+    xq = amx::pack_scores_q(In(p.q), p.q_strides, B, Sq, H, D, static_cast<float>(scale2), in,
+                            kPackQ);
     xo = amx::pack(In(p.dout), p.dout_strides, B, Sq, H, D, 1.f, in, Layout::kRows, kPackO);
     xk = amx::pack(In(p.k), p.k_strides, B, Sk, Hkv, D, 1.f, in, Layout::kGroups, kPackK);
     xv = amx::pack(In(p.v), p.v_strides, B, Sk, Hkv, D, 1.f, in, Layout::kGroups, kPackV);
@@ -906,7 +910,7 @@ void bwd_impl(const BlockBwdParams& p) {
               amx::rows_by_groups(xo, xo.head(b * H + h), xv, xv.head(b * Hkv + hk), q0 + r0, nr16,
                                   k0 + c0, ncolp, dPb, LDS);
               Tl::bwd_ds(Sb, dPb, LDS, nr, ncol, delta_h + q0 + r0, scale);
-              amx::split_by_pairs(dPb, LDS, nr, nr16, ncol, amx::kMaxPlanes, ws.x_planes, xk_pairs,
+              amx::split_by_pairs(dPb, LDS, nr, nr16, ncol, planes.ds, ws.x_planes, xk_pairs,
                                   xk_pairs.head(b * Hkv + hk), k0 + c0, dq_h + (q0 + r0) * Dp,
                                   Dp);
 #endif
@@ -946,10 +950,9 @@ void bwd_impl(const BlockBwdParams& p) {
 #if RA_CPU_AMX
               const int64_t ldk = round_up(cstep, 16);
               amx::transposed_by_split(xo_t, xo_t.head(b * H + h), q0 + r0, S + r0 * LDS + c, LDS,
-                                       nr, ncol, amx::kPPlanes, ws.x_planes, ldk, dVt + c, BK);
+                                       nr, ncol, planes.p_bwd, ws.x_planes, ldk, dVt + c, BK);
               amx::transposed_by_split(xq_t, xq_t.head(b * H + h), q0 + r0, dP + r0 * LDS + c,
-                                       LDS, nr, ncol, amx::kMaxPlanes, ws.x_planes, ldk, dKt + c,
-                                       BK);
+                                       LDS, nr, ncol, planes.ds, ws.x_planes, ldk, dKt + c, BK);
 #endif
             } else {
               Tl::gemm_tn(ncol, Dp, nr, acc_t(1), S + r0 * LDS + c, LDS,
@@ -1029,16 +1032,18 @@ void bwd_dtype(const BlockBwdParams& p) {
   TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
 }
 
-// The AVX-512 tiles around AMX GEMMs, where usable, for the dtypes they cover: the forward for
-// float32 and bfloat16; the backward for bfloat16 only (with fp32 inputs its five GEMMs need up
-// to six plane products each, plus splitting P and dS, and it ran no faster than AVX-512: 4K
-// tokens, 1 thread, non-causal, 270-277 ms against 272-283 ms; with bf16 inputs it is 1.6x
-// faster). Returns whether it ran.
+// The AVX-512 tiles around AMX GEMMs, where usable, for float32 and bfloat16 inputs, forward
+// and backward; float32 only at Fp32Precision kHigh (three bf16 planes per operand) or kMedium
+// (one), since at kHighest (torch's default) it multiplies in float32 on AVX-512. Returns
+// whether it ran.
 bool amx_fwd(const BlockFwdParams& p) {
 #if RA_CPU_AMX
   if (!amx_usable() || p.shape.headdim > kAmxMaxHeadDim) return false;
   switch (p.dtype) {
-    case DType::kFloat32: fwd_impl<avx512::Tiles<float>, float, true>(p); return true;
+    case DType::kFloat32:
+      if (p.fp32_precision == Fp32Precision::kHighest) return false;
+      fwd_impl<avx512::Tiles<float>, float, true>(p);
+      return true;
     case DType::kBFloat16: fwd_impl<avx512::Tiles<float>, c10::BFloat16, true>(p); return true;
     default: break;
   }
@@ -1051,7 +1056,10 @@ bool amx_bwd(const BlockBwdParams& p) {
 #if RA_CPU_AMX
   if (!amx_usable() || p.shape.headdim > kAmxMaxHeadDim) return false;
   switch (p.dtype) {
-    case DType::kFloat32: bwd_impl<avx512::Tiles<float>, float, true>(p); return true;
+    case DType::kFloat32:
+      if (p.fp32_precision == Fp32Precision::kHighest) return false;
+      bwd_impl<avx512::Tiles<float>, float, true>(p);
+      return true;
     case DType::kBFloat16: bwd_impl<avx512::Tiles<float>, c10::BFloat16, true>(p); return true;
     default: break;
   }
