@@ -130,6 +130,18 @@ def test_cpu_ring_window_and_mqa():
                   headdim=128, local_len=32)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("world,layout", [(1, "contiguous"), (3, "contiguous"), (3, "zigzag"),
+                                          (3, "striped")])
+def test_cpu_varlen_ring(world, layout, causal):
+    gc.check_varlen_ring("cpu", CPU_DTYPE, world, layout, causal)
+
+
+def test_cpu_varlen_ring_window_and_mqa():
+    gc.check_varlen_ring("cpu", torch.float16, 4, "zigzag", True, window=(20, 0), heads=4,
+                         heads_kv=1, headdim=128)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_cpu_graph_replay_twin(world):
     """CPU twin of the CUDA graph test: the same static-input pattern, called instead of replayed."""

@@ -1,11 +1,9 @@
-// The log-sum-exp merge of attention partial results, in the two forms the kernels use.
-//
-// Normalised form (between ring steps): (o, lse) per query row, o = softmax(s) @ v.
-//   lse' = max(lse_a, lse_b) + log1p(exp(min(lse_a, lse_b) - max(lse_a, lse_b)))
-//   o'   = exp(lse_a - lse') * o_a + exp(lse_b - lse') * o_b
-// Online form (inside a kernel, tile by tile): (acc, m, l) with o = acc / l, lse = m + log(l).
-// A row that has seen nothing visible has lse = -inf, o = 0 (m = -inf, l = 0, acc = 0); no formula
-// here ever evaluates -inf - -inf.
+// The log-sum-exp merge of attention partial results, in the online form the kernels use: per
+// query row (acc, m, l) with o = acc / l and lse = m + log(l), tile by tile. Between ring steps the
+// state is normalised (o, lse) and the next kernel resumes from it (OnlineRow::from_lse), so that
+//   lse' = log(exp(lse_a) + exp(lse_b)),  o' = exp(lse_a - lse') * o_a + exp(lse_b - lse') * o_b
+// holds across blocks without a separate merge pass. A row that has seen nothing visible has
+// lse = -inf, o = 0 (m = -inf, l = 0, acc = 0); nothing here ever evaluates -inf - -inf.
 #pragma once
 
 #include <cmath>
@@ -17,23 +15,6 @@ namespace ring_attn {
 
 template <typename T>
 RA_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }
-
-// log(exp(a) + exp(b)), exact for -inf inputs.
-template <typename T>
-RA_HD T merge_lse(T a, T b) {
-  const T hi = a > b ? a : b;
-  const T lo = a > b ? b : a;
-  if (hi == neg_inf<T>()) return hi;
-  return hi + std::log1p(std::exp(lo - hi));
-}
-
-// Weights (w_a, w_b) of two normalised partial outputs in their merge: o' = w_a * o_a + w_b * o_b.
-template <typename T>
-RA_HD void merge_weights(T lse_a, T lse_b, T* w_a, T* w_b) {
-  const T lse = merge_lse(lse_a, lse_b);
-  *w_a = lse_a == neg_inf<T>() ? T(0) : std::exp(lse_a - lse);
-  *w_b = lse_b == neg_inf<T>() ? T(0) : std::exp(lse_b - lse);
-}
 
 // Online softmax state of one query row.
 template <typename T>

@@ -9,6 +9,7 @@ say) does not demand an exact kernel. Any indexing or masking slip errs by O(0.1
 Precision over merges: the mean error after merging 8 key blocks into one running state is at most
 1.2x the mean error of the same keys in one block (fixed seeds).
 """
+import itertools
 import zlib
 
 import torch
@@ -310,6 +311,46 @@ def check_ring(device, dtype, world, layout, causal, window=(-1, -1), heads=4, h
     assert out.dtype == dtype and lse.dtype == torch.float32
     for name, got, r, lo in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref, low):
         assert_fa_rule(f"world {world} {layout} {name}", got, r, lo, dtype)
+
+
+def check_varlen_ring(device, dtype, world, layout, causal, window=(-1, -1),
+                      seqlens=(1, 7, 97, 40), heads=4, heads_kv=2, headdim=64):
+    """Packed sequences (ring_attn_varlen_func at world 1; else LocalRing's virtual ranks on
+    `device`) forward and backward against the float64 reference of the packed batch, in which no
+    query sees a key of another sequence (FA rule). Pads of shard_varlen never surface."""
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+    total = int(cu[-1])
+    seed = seed_of("varlen", world, layout, causal, window, seqlens, heads, heads_kv, str(dtype))
+    q, k, v, dout = (t[0] for t in random_inputs(seed, 1, total, total, heads, heads_kv, headdim, dtype))
+    sequence = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
+    i = torch.arange(total)
+    vis = sequence[:, None] == sequence[None, :]
+    if causal:
+        vis &= i[None, :] <= i[:, None]
+    if window[0] >= 0:
+        vis &= i[None, :] >= i[:, None] - window[0]
+    if window[1] >= 0:
+        vis &= i[None, :] <= i[:, None] + window[1]
+    scale = headdim ** -0.5
+    batched = [t.unsqueeze(0) for t in (q, k, v, dout)]
+    ref = [t[0] for t in reference(*batched, vis, scale, torch.float64)]
+    low = [t[0] for t in reference(*batched, vis, scale, dtype)]
+
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    kw = dict(causal=causal, window_size=window, layout=layout, return_lse=True)
+    if world == 1:
+        out, lse = ra.ring_attn_varlen_func(*leaves, cu, **kw)
+    else:
+        from ring_attention.testing import LocalRing
+        ring = LocalRing(world, device=device)
+        shards = [ring.shard_varlen(t, cu, layout=layout) for t in leaves]
+        outs, lses = ring.ring_attn_varlen_func(*shards, cu, **kw)
+        out = ring.unshard_varlen(outs, cu, layout=layout)
+        lse = ring.unshard_varlen([x.transpose(0, 1) for x in lses], cu, layout=layout).transpose(0, 1)
+    grads = torch.autograd.grad(out, leaves, dout.to(device))
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    for name, got, r, lo in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref, low):
+        assert_fa_rule(f"varlen world {world} {layout} {name}", got, r, lo, dtype)
 
 
 def check_graph_replay(device, dtype, world, layout="zigzag", local_len=48, heads=4, heads_kv=2,

@@ -29,6 +29,18 @@ def test_ring_deterministic(world):
                   deterministic=True)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+@pytest.mark.parametrize("world", [1, 3])
+def test_varlen_ring(world, layout, causal):
+    gc.check_varlen_ring("cuda", torch.bfloat16, world, layout, causal)
+
+
+def test_varlen_ring_window_and_mqa():
+    gc.check_varlen_ring("cuda", torch.float16, 4, "zigzag", True, window=(20, 0), heads=4,
+                         heads_kv=1, headdim=128)
+
+
 def test_local_ring_window_and_mqa():
     gc.check_ring("cuda", torch.bfloat16, 3, "zigzag", True, window=(50, 0), heads=4, heads_kv=1,
                   headdim=128, local_len=64)
