@@ -65,3 +65,15 @@ def test_example_trains_tiny_llama_under_torchrun():
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", result.stdout)]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), result.stdout
+
+
+def test_gpu_example_runs_on_cpu_over_gloo():
+    """CPU twin of tests/gpu/test_nccl_group.py's run of the GPU example: the same script, which
+    falls back to gloo and the CPU without GPUs, checks itself against SDPA on rank 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--standalone", "examples/ring_attn_gpu.py", "--seqlen", "512",
+                             "--heads", "4", "--kv-heads", "2", "--headdim", "64"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1/2 on cpu" in result.stdout and "check against SDPA: ok" in result.stdout, result.stdout
