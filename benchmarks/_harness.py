@@ -19,9 +19,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, threads, fn, args, results):
+def add_fp32_precision_arg(parser) -> None:
+    """--fp32-precision: torch.set_float32_matmul_precision for the run (the CPU kernel follows it
+    for float32 inputs: highest = fp32, high = three bf16 planes on AMX, medium = one)."""
+    parser.add_argument("--fp32-precision", choices=["highest", "high", "medium"], default="highest",
+                        help="float32 matmul precision (torch's default: highest)")
+
+
+def set_fp32_precision(args) -> None:
+    torch.set_float32_matmul_precision(args.fp32_precision)
+
+
+def _entry(rank, world, port, threads, precision, fn, args, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(precision)
     try:
         results[rank] = fn(rank, world, *args)
     finally:
@@ -29,9 +41,11 @@ def _entry(rank, world, port, threads, fn, args, results):
 
 
 def run_ranks(world: int, fn, *args, threads: int = 1):
-    """Runs fn(rank, world, *args) on `world` spawned gloo ranks; returns the per-rank results."""
+    """Runs fn(rank, world, *args) on `world` spawned gloo ranks, with this process's float32
+    matmul precision; returns the per-rank results."""
     results = mp.Manager().dict()
-    mp.spawn(_entry, args=(world, free_port(), threads, fn, args, results), nprocs=world)
+    precision = torch.get_float32_matmul_precision()
+    mp.spawn(_entry, args=(world, free_port(), threads, precision, fn, args, results), nprocs=world)
     return [results[r] for r in range(world)]
 
 
@@ -124,7 +138,7 @@ def machine() -> dict:
         load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "date": date.today().isoformat(),
             "cpu_mhz": float(_cpuinfo_field("cpu MHz") or 0.0), "avx512f": "avx512f" in flags,
-            "loadavg": load}
+            "loadavg": load, "fp32_precision": torch.get_float32_matmul_precision()}
 
 
 def print_table(rows: list, columns: list) -> None:

@@ -43,7 +43,9 @@ def main():
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     p.add_argument("--peak-ghz", type=float, default=None,
                    help="clock for the peak line (default: /proc/cpuinfo's 'cpu MHz')")
+    h.add_fp32_precision_arg(p)
     args = p.parse_args()
+    h.set_fp32_precision(args)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     B, H, D, L = args.batch, args.heads, args.headdim, args.seqlen
@@ -58,7 +60,7 @@ def main():
             ghz = float("nan")
     nominal = 2 * 16 * 2 * ghz * args.threads  # 2 AVX-512 FMA units x 16 fp32 lanes x 2 FLOP
     peak = h.measured_peak_gflops(0.3) * args.threads  # one core, times threads
-    print(f"# B={B} H={H} D={D} L={L} {args.dtype} threads={torch.get_num_threads()} "
+    print(f"# B={B} H={H} D={D} L={L} {args.dtype} (float32 matmul precision {args.fp32_precision}) threads={torch.get_num_threads()} "
           f"clock={args.clock} best of {args.rounds} rounds; fp32 peak {peak:.1f} GFLOP/s measured "
           f"(FMA loop, %peak's base), {nominal:.1f} nominal ({ghz:.2f} GHz)")
 

@@ -176,7 +176,9 @@ def main(argv=None) -> int:
                    help="cases to time (default all: non-causal,zigzag,striped,contiguous)")
     p.add_argument("--memory-seqlen", type=int, default=16384)
     p.add_argument("--json", default="bench_out/efficiency.json")
+    h.add_fp32_precision_arg(p)
     args = p.parse_args(argv)
+    h.set_fp32_precision(args)
 
     cases = [c for c in CASES if c[0].split()[-1] in args.cases]
     shape = (args.seqlen, args.heads, args.headdim, args.iters, args.warmup, cases)
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
         rows.append(row)
         for what in ("kernels", "steps", "exchange"):
             worst[what] = max(worst.get(what, 0.0), *(r[name]["checks"][what] for r in ring))
-    print(f"\nRing efficiency, {args.seqlen} tokens, batch 1, {args.heads} heads, dim {args.headdim}, fp32, "
+    print(f"\nRing efficiency, {args.seqlen} tokens, batch 1, {args.heads} heads, dim {args.headdim}, fp32 ({args.fp32_precision}), "
           f"1 thread per rank, {args.world} ranks vs 1 (medians of {args.iters}, alternating; ceiling: "
           f"the ranks' block kernels side by side, no ring; steps: the same kernels split into the "
           f"ring's steps, no exchange; exch: the ring's transfers alone)")

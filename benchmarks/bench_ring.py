@@ -337,7 +337,9 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="worlds 1,2,4 x seqlens 2048..16384 (long)")
     p.add_argument("--quick", action="store_true", help="tiny smoke sweep")
     p.add_argument("--no-progress", action="store_true")
+    h.add_fp32_precision_arg(p)
     args = p.parse_args(argv)
+    h.set_fp32_precision(args)
 
     if args.quick:
         args.worlds = args.worlds or [1, 2]
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
     nominal, peak = h.core_peak_gflops(), h.measured_peak_gflops()
     mach = h.machine()
     print(f"{mach['cpu']}, {mach['cores']} cores, {mach['cpu_mhz']:.0f} MHz, torch {mach['torch']}, "
-          f"load average {mach['loadavg']}; one core's fp32 peak: {peak:.1f} GFLOP/s measured "
+          f"load average {mach['loadavg']}, float32 matmul precision {mach['fp32_precision']}; one core's fp32 peak: {peak:.1f} GFLOP/s measured "
           f"(FMA loop), {nominal:.1f} nominal")
 
     nranks = max(args.worlds)

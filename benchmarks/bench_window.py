@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default="bench_out/window.json")
+    h.add_fp32_precision_arg(p)
     args = p.parse_args(argv)
+    h.set_fp32_precision(args)
     window = max(1, int(args.seqlen * args.window_fraction))
 
     res = h.run_ranks(args.world, _rank, args.seqlen, args.heads, args.headdim, window, args.iters, args.warmup)

@@ -31,9 +31,11 @@ def test_bench_window_truncates_the_ring(tmp_path):
 
 def test_bench_ring_quick_checks_all_implementations(tmp_path):
     out = tmp_path / "ring.json"
-    _run("bench_ring.py", "--quick", "--no-progress", "--json", str(out), "--png", str(tmp_path / "ring.png"))
+    stdout = _run("bench_ring.py", "--quick", "--no-progress", "--fp32-precision", "high", "--json", str(out),
+                  "--png", str(tmp_path / "ring.png"))
     res = json.loads(out.read_text())
     assert res["rows"], "no rows written"
+    assert res["machine"]["fp32_precision"] == "high" and "precision high" in stdout
     assert (tmp_path / "ring.png").stat().st_size > 0
 
 
