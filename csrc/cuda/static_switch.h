@@ -7,7 +7,7 @@
 //
 // Head dims are rounded up to the next compiled bucket (32, 64, 96, 128); the kernels zero-fill
 // the columns beyond the real head dim, so any multiple of 8 up to kMaxHeadDim runs.
-// The callers check support (block_attn_cuda.h: cuda_support_error) before switching.
+// The callers check support (block_attn_cuda.h: support_error) before switching.
 #pragma once
 
 #include "core/params.h"

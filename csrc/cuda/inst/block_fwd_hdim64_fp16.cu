@@ -1,4 +1,5 @@
-// One instantiation per translation unit (generated pattern; see csrc/cuda/static_switch.h).
+// One kernel instantiation per translation unit, so that the build compiles them in parallel
+// (the dispatch that picks it: csrc/cuda/static_switch.h).
 #include "cuda/launch_template.cuh"
 
 namespace ring_attn {
