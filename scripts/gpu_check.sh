@@ -28,12 +28,12 @@
 #              forward with and without the merge (skipped with --quick)
 #   racecheck  compute-sanitizer --tool racecheck on cuda_sanitize_case.py (skipped with --quick)
 # GPU_CHECK_BUDGET (seconds, default 560): every stage's cap is cut to what is left of it, so the
-# whole check ends inside one call's limit and later stages are skipped rather than killed.
+# whole check ends within that time and later stages are skipped rather than killed.
 # Writes OUTDIR/summary.md (stage table + benchmark table), OUTDIR/<stage>.log, OUTDIR/bench.json,
 # OUTDIR/bench.md, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs nothing. Exit status: 0 when every stage that ran
 # passed. Budget: full <= 8 min, --quick <= 4 min on one H100 (build included).
-# --bundle: at the end, every file but summary.md goes into OUTDIR/gpu_check.tgz (the device tool
-# brings back only a few files of a run).
+# --bundle: at the end, every file but summary.md goes into OUTDIR/gpu_check.tgz (one file to copy
+# back from a remote machine).
 set -u
 
 if [ $# -lt 1 ]; then

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Why merging into a loaded state slows the d=64 forward (docs/benchmarks.md, "Second H200 lease"
-and "H100"): the same block_fwd launch timed from several incoming states; with --orders, the
-launches with and without the merge timed in several call orders (is the cost the kernel's or the
-benchmark's?); with --ncu, one launch of each of the two that differ (merge=False and the merge
-into the block's own result) for Nsight Compute.
+"""Why merging into a loaded state slows the d=64 forward (docs/benchmarks.md, "The fused merge's
+cost (CUDA forward)"): the same block_fwd launch timed from several incoming states; with
+--orders, the launches with and without the merge timed in several call orders (is the cost the
+kernel's or the benchmark's?); with --ncu, one launch of each of the two that differ (merge=False
+and the merge into the block's own result) for Nsight Compute.
 
     python3 scripts/merge_probe.py --out OUTDIR                # table + OUTDIR/merge_probe.json
     python3 scripts/merge_probe.py --orders --out OUTDIR       # table + OUTDIR/merge_order.json
