@@ -1,6 +1,7 @@
 // The bookkeeping of an in-memory transport between the virtual ranks of one process, all driven
 // in lockstep by one thread (run_lockstep in ring_scheduler.h), and each rank's Transport over it:
-// LocalRing's transport (comm/local_transport.h).
+// LocalRing's transport (comm/local_transport.h) and the CPU ring benchmark's
+// (benchmarks/cpp/bench_ring.cpp).
 //
 // A hop of an exchange (the sender's send slot into the receiver's receive slot) may be copied as
 // soon as both ranks have posted that exchange: by the schedule's contract a posted send slot is

@@ -161,7 +161,7 @@ class RingBackward {
 // Drives every virtual rank's schedule from one thread, phase by phase: all ranks begin a step,
 // then all compute it, then all end it; after the last step, backward schedules all finish. Every
 // exchange is then posted by both its ends before either waits for it, so an in-memory transport
-// between the virtual ranks never blocks (LocalRing).
+// between the virtual ranks never blocks (LocalRing, bench_ring).
 template <typename Schedule>
 void run_lockstep(std::vector<Schedule>& schedules) {
   const int steps = schedules.at(0).num_steps();
