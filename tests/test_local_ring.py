@@ -7,7 +7,8 @@ import torch
 
 import ring_attention as ra
 from ring_attention.testing import LocalRing
-from ring_cases import assert_close, random_qkv, reference, ring_results, seed_of
+from cases import assert_close, random_qkv, reference, seed_of, sequence_visible
+from ring_cases import ring_results
 
 LOCAL_LEN = {"contiguous": 7, "striped": 5, "zigzag": 6}
 
@@ -33,7 +34,7 @@ def test_local_ring_matches_reference(world, layout, causal, dtype):
     seqlen = world * LOCAL_LEN[layout]
     q, k, v, dout = random_qkv(seed_of("local", world, layout, causal, str(dtype)), 2, seqlen,
                                seqlen, 4, 2, 16, dtype)
-    expected = reference(q, k, v, dout, causal=causal, softmax_scale=0.3)
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, causal), 0.3)
     ring, per_rank = local_ring_results(world, layout, causal, q, k, v, dout, softmax_scale=0.3)
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
         dim = 2 if name == "lse" else 1
