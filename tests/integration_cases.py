@@ -4,7 +4,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ring_attention as ra
-from ring_cases import assert_close, random_qkv, rank_and_world, reference, seed_of
+from cases import assert_close, random_qkv, reference, seed_of, sequence_visible
+from ring_cases import rank_and_world
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -101,7 +102,7 @@ def mesh_data_and_context_parallel():
     dp = mesh["dp"].get_local_rank()
     cp_group = mesh["cp"]
     q, k, v, dout = random_qkv(seed_of("mesh", dp), 1, 12, 12, 4, 2, 16, torch.float64)
-    expected = reference(q, k, v, dout, causal=True)
+    expected = reference(q, k, v, dout, sequence_visible(12, True))
     local = [ra.shard(t, group=cp_group, layout="zigzag").contiguous() for t in (q, k, v, dout)]
     for t in local[:3]:
         t.requires_grad_()

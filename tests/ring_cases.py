@@ -1,107 +1,21 @@
-"""Shared helpers, and the functions that every rank of a RankPool runs (see dist_pool.py).
+"""The functions that every rank of a RankPool runs (see dist_pool.py), for the ring and layout
+tests; the inputs, reference and tolerances come from cases.py.
 
 Rank functions draw the whole global input from a seed derived from the case, so every rank holds
 the same tensors and computes the float64 reference of the full sequence itself; each rank then
 checks its own shard and raises on a mismatch (the pool reports the traceback).
-
-Tolerances: |actual - reference| <= tol * max(1, max |reference|) + tol * |reference|.
-  float64: 1e-10. The kernels accumulate in float64; the errors are a few ulp times the O(100)
-    additions of a row (observed <= 2e-14), so 1e-10 leaves four orders of magnitude of margin,
-    while any algorithmic slip (a wrong mask element, a lost merge term) is O(1e-2) or larger.
-  float32: 2e-5. Inputs are of unit scale and sums have <= a few hundred terms, so float32
-    accumulation errs by ~sqrt(n) * eps32 * |terms|: observed <= 1.2e-6 for out and lse and
-    <= 5e-6 for gradients of the ring cases. The worst case seen is 1e-5 for dk of a block
-    with a single key, whose exact value is 0: p = 1 and ds = dout.v - dout.out is pure
-    rounding, summed over 256 query rows. Still 2e-5 is far below any real bug.
 """
-import itertools
 import os
 import threading
 import time
-import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import ring_attention as ra
-
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
-
-
-def acc_dtype(dtype):
-    """Accumulator (and lse) dtype of the ops for inputs of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def seed_of(*params):
-    """A deterministic seed from the parameters of a case."""
-    return zlib.crc32(repr(params).encode())
-
-
-def randn(generator, *shape, dtype=torch.float64):
-    """Standard normal values drawn in float64 (so float32 and float64 cases see the same data)."""
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
-
-
-def random_qkv(seed, batch, seqlen_q, seqlen_k, heads, heads_kv, headdim, dtype):
-    """q and dout (batch, seqlen_q, heads, headdim); k, v (batch, seqlen_k, heads_kv, headdim)."""
-    g = torch.Generator().manual_seed(seed)
-    q = randn(g, batch, seqlen_q, heads, headdim, dtype=dtype)
-    k = randn(g, batch, seqlen_k, heads_kv, headdim, dtype=dtype)
-    v = randn(g, batch, seqlen_k, heads_kv, headdim, dtype=dtype)
-    dout = randn(g, batch, seqlen_q, heads, headdim, dtype=dtype)
-    return q, k, v, dout
-
-
-def assert_forward_close(out, expected, v, name="out"):
-    """The forward's out_acc against a float64 `expected`. bf16 inputs: P may be rounded to bf16
-    once before P V (the AMX CPU kernel and the CUDA kernels do, as FlashAttention and ATen do), so
-    |out - expected| <= 2^-8 max|v| plus the fp32 tolerance: out is a combination of v's rows
-    whose weights p / l are each off by at most 2^-9 of themselves. Other dtypes: assert_close."""
-    if v.dtype != torch.bfloat16:
-        return assert_close(out, expected, name)
-    assert out.shape == expected.shape, (name, out.shape, expected.shape)
-    scale = max(1.0, expected.abs().max().item())
-    bound = 2.0 ** -8 * v.float().abs().max().item() + TOL[torch.float32] * scale
-    err = (out.double() - expected.double()).abs().max().item()
-    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (P rounded to bf16 once)"
-
-
-def assert_close(actual, expected, name):
-    """`actual` against a float64 `expected`, with the tolerance of actual's dtype (see above)."""
-    tol = TOL[actual.dtype]
-    finite = expected[torch.isfinite(expected)]
-    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=tol,
-                               atol=tol * scale, msg=lambda m: f"{name}: {m}")
-
-
-def reference(q, k, v, dout, **kwargs):
-    """Float64 (out, lse, dq, dk, dv) of attention_reference for the given inputs."""
-    q, k, v = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
-    out, lse = ra.attention_reference(q, k, v, **kwargs)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.to(torch.float64))
-    return out.detach(), lse.detach(), dq, dk, dv
-
-
-def strided(t, kind):
-    """A view with the values of `t` (batch, seq, heads, headdim) but another memory layout."""
-    if kind == "contiguous":
-        return t.contiguous()
-    if kind == "transposed":  # stored as (batch, heads, seq, headdim)
-        return t.transpose(1, 2).contiguous().transpose(1, 2)
-    if kind == "sliced":  # every other token and head of a larger tensor
-        b, s, h, d = t.shape
-        wide = t.new_zeros(b, 2 * s, 2 * h, d)
-        wide[:, 1::2, ::2] = t
-        return wide[:, 1::2, ::2]
-    if kind == "headdim_strided":  # headdim not unit-stride
-        wide = t.new_zeros(*t.shape, 2)
-        wide[..., 1] = t
-        return wide[..., 1]
-    raise ValueError(kind)
+from cases import (acc_dtype, assert_close, randn, random_packed, random_qkv, reference, seed_of,
+                   sequence_visible, strided)
 
 
 def rank_and_world():
@@ -121,7 +35,7 @@ def check_ring(case):
     seqlen = world * case["local_len"]
     q, k, v, dout = random_qkv(seed_of(world, sorted(case.items(), key=str)), case["batch"], seqlen,
                                seqlen, case["heads"], case["heads_kv"], case["headdim"], dtype)
-    expected = reference(q, k, v, dout, causal=case["causal"], softmax_scale=case["scale"])
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"]), case["scale"])
 
     local = [strided(ra.shard(t, layout=layout), case["memory"]) for t in (q, k, v, dout)]
     for t in local[:3]:
@@ -381,13 +295,10 @@ def check_varlen_rejected(kind, bad_ranks):
 
 
 def varlen_ring_results(layout, causal, window, seqlens, seed):
-    """This rank's (out, lse, dq, dk, dv) of ring_attn_varlen_func on seeded float64 inputs."""
-    rank, world = rank_and_world()
-    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
-    g = torch.Generator().manual_seed(seed)
-    total = int(cu[-1])
-    full = [randn(g, total, 4, 16) for _ in range(2)] + [randn(g, total, 2, 16) for _ in range(2)]
-    q, dout, k, v = (ra.shard_varlen(t, cu, layout=layout) for t in full)
+    """This rank's (out, lse, dq, dk, dv) of ring_attn_varlen_func on the float64 inputs of
+    random_packed(seed, seqlens, 4, 2, 16), and the ring's stats."""
+    cu, *full = random_packed(seed, seqlens, 4, 2, 16, torch.float64)
+    q, k, v, dout = (ra.shard_varlen(t, cu, layout=layout) for t in full)
     for t in (q, k, v):
         t.requires_grad_()
     out, lse = ra.ring_attn_varlen_func(q, k, v, cu, causal=causal, window_size=window,

@@ -1,84 +1,18 @@
 """The block ops (torch.ops.ring_attention.block_fwd / block_bwd) against the float64 reference.
 
-Masks come from explicit global positions; attention_reference gets the same positions.
+Masks come from explicit global positions (the named cases of cases.py); the reference sees the
+pairs that cases.visible derives from the same positions.
 """
 import pytest
 import torch
 
 import ring_attention as ra
-from ring_cases import (acc_dtype, assert_close, assert_forward_close, random_qkv, randn, reference,
-                        seed_of, strided)
+from cases import (MASKS, NEG_INF, acc_dtype, assert_close, assert_forward_close, block_bwd,
+                   block_fwd, block_mask, check_block, check_bwd_accumulates, check_merge_order,
+                   mask_case, random_qkv, reference, seed_of, strided, visible)
 
 DTYPES = [torch.float64, torch.float32]
-NEG_INF = float("-inf")
-
-
-def mask_positions(mask, sq, sk, seed):
-    """(causal, q_positions, k_positions) giving the named mask case."""
-    q, k = torch.arange(sq), torch.arange(sk)
-    if mask == "none":  # non-causal: every pair visible
-        return False, q, k
-    if mask == "full":  # causal, every key before every query
-        return True, q + sk, k
-    if mask == "diagonal":  # same positions: row i sees keys 0..i
-        return True, q, k
-    if mask == "partial":  # interleaved, like striped shards
-        return True, 2 * q + 1, 3 * k
-    if mask == "skipped":  # every key after every query: all rows fully masked
-        return True, q, k + sq
-    if mask == "masked_rows":  # the first half of the rows sees nothing
-        return True, q, k + (sq + 1) // 2
-    if mask == "random":  # unsorted positions, disjoint between q and k
-        perm = torch.randperm(sq + sk, generator=torch.Generator().manual_seed(seed))
-        return True, perm[:sq], perm[sq:]
-    raise ValueError(mask)
-
-
-def block_fwd(q, blocks, q_pos, causal, scale):
-    """Runs block_fwd for each (k, v, k_pos) of `blocks` on one running state; (out_acc, lse)."""
-    b, sq, h, _ = q.shape
-    out = torch.zeros(q.shape, dtype=acc_dtype(q.dtype))
-    lse = torch.full((b, h, sq), NEG_INF, dtype=acc_dtype(q.dtype))
-    for k, v, k_pos in blocks:
-        ra.ops.block_fwd(q, k, v, q_pos.int(), k_pos.int(), None, out, lse, causal, -1, -1, scale)
-    return out, lse
-
-
-def block_bwd(dout, q, k, v, q_pos, k_pos, out, lse, causal, scale, init):
-    """block_bwd into accumulators holding `init` (dq, dk, dv); returns the accumulators."""
-    acc = acc_dtype(q.dtype)
-    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()
-    dq, dk, dv = (t.to(acc).clone() for t in init)
-    ra.ops.block_bwd(dout, q, k, v, q_pos.int(), k_pos.int(), None, lse, delta, dq, dk, dv, causal,
-                     -1, -1, scale)
-    return dq, dk, dv
-
-
-def check_block(sq, sk, heads, heads_kv, headdim, mask, dtype, scale=0.3):
-    """Forward and backward of one block pair against the reference, including masked rows."""
-    seed = seed_of(sq, sk, heads, heads_kv, headdim, mask, str(dtype))
-    q, k, v, dout = random_qkv(seed, 2, sq, sk, heads, heads_kv, headdim, dtype)
-    causal, q_pos, k_pos = mask_positions(mask, sq, sk, seed)
-    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, causal=causal, softmax_scale=scale,
-                                             q_positions=q_pos, k_positions=k_pos)
-
-    out, lse = block_fwd(q, [(k, v, k_pos)], q_pos, causal, scale)
-    assert_close(out, ref_out, "out")
-    assert_close(lse, ref_lse, "lse")
-    masked = torch.isinf(ref_lse)  # (b, h, sq): rows with no visible key
-    assert torch.all(lse[masked] == NEG_INF) and torch.all(torch.isfinite(lse[~masked]))
-    assert torch.all(out.transpose(1, 2)[masked] == 0)
-    assert not out.isnan().any()
-
-    zeros = [torch.zeros_like(t) for t in (q, k, v)]
-    grads = block_bwd(dout, q, k, v, q_pos, k_pos, out.to(dtype), lse, causal, scale, zeros)
-    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert torch.isfinite(got).all(), name
-        assert_close(got, want, name)
-
-
 LENGTHS = [(1, 1), (7, 7), (97, 97), (128, 128), (1, 128), (128, 1), (7, 97), (97, 128), (128, 7)]
-MASKS = ["none", "full", "diagonal", "partial", "skipped", "masked_rows", "random"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -86,14 +20,14 @@ MASKS = ["none", "full", "diagonal", "partial", "skipped", "masked_rows", "rando
 @pytest.mark.parametrize("sq,sk", LENGTHS)
 def test_block_mask_cases(sq, sk, mask, dtype):
     """Every mask case for block lengths 1, 7, 97, 128 (equal and different q/k lengths)."""
-    check_block(sq, sk, 4, 2, 32, mask, dtype)
+    check_block("cpu", dtype, sq, sk, 4, 2, 32, mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,heads_kv", [(1, 1), (2, 2), (4, 2), (4, 1)])
 @pytest.mark.parametrize("headdim", [1, 3, 16, 32, 48, 64, 80, 96, 128, 200])
 def test_block_headdims_and_gqa(headdim, heads, heads_kv, dtype):
-    check_block(97, 128, heads, heads_kv, headdim, "partial", dtype)
+    check_block("cpu", dtype, 97, 128, heads, heads_kv, headdim, "partial")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -102,7 +36,7 @@ def test_block_headdims_and_gqa(headdim, heads, heads_kv, dtype):
 def test_block_multi_tile(sq, sk, mask, dtype):
     """Blocks of several kernel tiles (query tiles of 64/128 rows, key tiles of 256 keys): skipped,
     full and partial tiles side by side, partial tiles worked in sub-tiles, ragged last tiles."""
-    check_block(sq, sk, 2, 1, 64, mask, dtype, scale=0.125)
+    check_block("cpu", dtype, sq, sk, 2, 1, 64, mask, batch=2, scale=0.125)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -114,15 +48,13 @@ def test_block_low_precision_inputs(headdim, dtype):
     sq, sk = 97, 300
     seed = seed_of("low-precision-block", headdim, str(dtype))
     q, k, v, dout = random_qkv(seed, 2, sq, sk, 4, 2, headdim, dtype)
-    causal, q_pos, k_pos = mask_positions("partial", sq, sk, seed)
-    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, causal=causal, softmax_scale=0.2,
-                                             q_positions=q_pos, k_positions=k_pos)
-    out, lse = block_fwd(q, [(k, v, k_pos)], q_pos, causal, 0.2)
+    mask = mask_case("partial", sq, sk, seed)
+    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, visible(**mask), 0.2)
+    out, lse = block_fwd("cpu", q, [(k, v, mask["k_pos"])], mask, 0.2)
     assert out.dtype == lse.dtype == torch.float32
     assert_forward_close(out, ref_out, v)
     assert_close(lse, ref_lse, "lse")
-    zeros = [torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v)]
-    grads = block_bwd(dout, q, k, v, q_pos, k_pos, ref_out.float(), lse, causal, 0.2, zeros)
+    grads = block_bwd("cpu", dout, q, k, v, mask, ref_out.float(), lse, 0.2)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(got, want, name)
 
@@ -131,32 +63,22 @@ def test_block_low_precision_inputs(headdim, dtype):
 @pytest.mark.parametrize("mask", ["none", "partial", "masked_rows", "random"])
 def test_block_fwd_merges_key_blocks(mask, dtype):
     """block_fwd over two key blocks (either order) equals attention over their concatenation."""
-    sq, sk1, sk2 = 37, 20, 29
-    seed = seed_of("merge", mask, str(dtype))
-    q, k, v, _ = random_qkv(seed, 2, sq, sk1 + sk2, 4, 2, 32, dtype)
-    causal, q_pos, k_pos = mask_positions(mask, sq, sk1 + sk2, seed)
-    ref_out, ref_lse = ra.attention_reference(q, k, v, causal=causal, softmax_scale=0.25,
-                                              q_positions=q_pos, k_positions=k_pos)
-    first = (k[:, :sk1], v[:, :sk1], k_pos[:sk1])
-    second = (k[:, sk1:], v[:, sk1:], k_pos[sk1:])
-    for blocks in ([first, second], [second, first]):
-        out, lse = block_fwd(q, blocks, q_pos, causal, 0.25)
-        assert_close(out, ref_out, "out")
-        assert_close(lse, ref_lse, "lse")
+    check_merge_order("cpu", dtype, mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_block_fwd_merge_with_invisible_block(dtype):
     """A key block that no query sees leaves the state untouched, before or after a visible one."""
     sq, sk = 16, 24
-    q, k, v, _ = random_qkv(seed_of("invisible", str(dtype)), 1, sq, 2 * sk, 2, 1, 16, dtype)
-    q_pos, k_pos = torch.arange(sq) + sk, torch.cat([torch.arange(sk), torch.arange(sk) + 100])
-    visible = (k[:, :sk], v[:, :sk], k_pos[:sk])
-    invisible = (k[:, sk:], v[:, sk:], k_pos[sk:])
-    ref_out, ref_lse = ra.attention_reference(q, k[:, :sk], v[:, :sk], causal=True,
-                                              q_positions=q_pos, k_positions=k_pos[:sk])
-    for blocks in ([visible, invisible], [invisible, visible], [invisible, visible, invisible]):
-        out, lse = block_fwd(q, blocks, q_pos, True, 16 ** -0.5)
+    q, k, v, dout = random_qkv(seed_of("invisible", str(dtype)), 1, sq, 2 * sk, 2, 1, 16, dtype)
+    mask = block_mask(torch.arange(sq) + sk, torch.cat([torch.arange(sk), torch.arange(sk) + 100]),
+                      causal=True)
+    assert visible(**mask)[:, :sk].all() and not visible(**mask)[:, sk:].any()
+    seen = (k[:, :sk], v[:, :sk], mask["k_pos"][:sk])
+    unseen = (k[:, sk:], v[:, sk:], mask["k_pos"][sk:])
+    ref_out, ref_lse, *_ = reference(q, k, v, dout, visible(**mask), 16 ** -0.5)
+    for blocks in ([seen, unseen], [unseen, seen], [unseen, seen, unseen]):
+        out, lse = block_fwd("cpu", q, blocks, mask, 16 ** -0.5)
         assert_close(out, ref_out, "out")
         assert_close(lse, ref_lse, "lse")
 
@@ -166,24 +88,7 @@ def test_block_fwd_merge_with_invisible_block(dtype):
 def test_block_bwd_accumulates_over_key_blocks(mask, dtype):
     """block_bwd adds (+=) into its accumulators; with the final lse, the blocks are independent:
     dq sums over key blocks, dk/dv of each block are that block's slice of the full gradient."""
-    sq, sk1, sk2 = 33, 16, 25
-    seed = seed_of("bwd-acc", mask, str(dtype))
-    q, k, v, dout = random_qkv(seed, 2, sq, sk1 + sk2, 4, 1, 32, dtype)
-    causal, q_pos, k_pos = mask_positions(mask, sq, sk1 + sk2, seed)
-    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference(
-        q, k, v, dout, causal=causal, softmax_scale=0.2, q_positions=q_pos, k_positions=k_pos)
-    out, lse = block_fwd(q, [(k, v, k_pos)], q_pos, causal, 0.2)
-
-    g = torch.Generator().manual_seed(seed)
-    dq_init = randn(g, *q.shape)
-    dq = dq_init
-    for lo, hi in ((0, sk1), (sk1, sk1 + sk2)):
-        dk_init, dv_init = randn(g, *k[:, lo:hi].shape), randn(g, *v[:, lo:hi].shape)
-        dq, dk, dv = block_bwd(dout, q, k[:, lo:hi], v[:, lo:hi], q_pos, k_pos[lo:hi],
-                               out.to(dtype), lse, causal, 0.2, (dq, dk_init, dv_init))
-        assert_close(dk, dk_init + ref_dk[:, lo:hi], "dk")
-        assert_close(dv, dv_init + ref_dv[:, lo:hi], "dv")
-    assert_close(dq, dq_init + ref_dq, "dq")
+    check_bwd_accumulates("cpu", dtype, mask)
 
 
 @pytest.mark.parametrize("kind", ["transposed", "sliced"])
@@ -192,16 +97,14 @@ def test_block_ops_non_contiguous_inputs(kind):
     sq, sk = 19, 23
     seed = seed_of("strided-block", kind)
     q, k, v, dout = random_qkv(seed, 2, sq, sk, 4, 2, 32, torch.float64)
-    causal, q_pos, k_pos = mask_positions("random", sq, sk, seed)
-    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, causal=causal, softmax_scale=0.3,
-                                             q_positions=q_pos, k_positions=k_pos)
+    mask = mask_case("random", sq, sk, seed)
+    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, visible(**mask), 0.3)
     qs, ks, vs, douts = (strided(t, kind) for t in (q, k, v, dout))
     assert not any(t.is_contiguous() for t in (qs, ks, vs, douts))
-    out, lse = block_fwd(qs, [(ks, vs, k_pos)], q_pos, causal, 0.3)
+    out, lse = block_fwd("cpu", qs, [(ks, vs, mask["k_pos"])], mask, 0.3)
     assert_close(out, ref_out, "out")
     assert_close(lse, ref_lse, "lse")
-    zeros = [torch.zeros_like(t) for t in (q, k, v)]
-    grads = block_bwd(douts, qs, ks, vs, q_pos, k_pos, strided(out, kind), lse, causal, 0.3, zeros)
+    grads = block_bwd("cpu", douts, qs, ks, vs, mask, strided(out, kind), lse, 0.3)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(got, want, name)
 

@@ -2,8 +2,8 @@
 bitwise determinism, and every instruction-set variant of the kernel.
 
 The ops (torch.ops.ring_attention.block_fwd / block_bwd) are checked against the float64
-attention_reference given an explicit visible mask, built here independently of the kernel from the
-mask contract of csrc/core/mask.h: a query at position i of a sequence spanning [seg_lo, seg_hi] sees
+reference of the pairs that cases.visible derives, independently of the kernel, from the mask
+contract of csrc/core/mask.h: a query at position i of a sequence spanning [seg_lo, seg_hi] sees
 the keys at positions [max(seg_lo, i - left), min(seg_hi, causal ? i : +inf, i + right)] (-1:
 unbounded), a pad query (empty segment) sees nothing.
 
@@ -18,66 +18,29 @@ import pytest
 import torch
 
 import ring_attention as ra
-from ring_cases import acc_dtype, assert_close, assert_forward_close, random_qkv, reference, seed_of
-
-NEG_INF = float("-inf")
-
-
-def visible_mask(q_pos, k_pos, causal, left, right, q_seg=None):
-    """(sq, sk) bool: the pairs a query sees (see the module docstring)."""
-    q = q_pos.to(torch.int64).view(-1, 1)
-    k = k_pos.to(torch.int64).view(1, -1)
-    big = 1 << 40
-    lo = torch.full_like(q, -big)
-    hi = torch.full_like(q, big)
-    if q_seg is not None:
-        lo = q_seg[:, :1].to(torch.int64)
-        hi = q_seg[:, 1:].to(torch.int64)
-    if left >= 0:
-        lo = torch.maximum(lo, q - left)
-    if causal:
-        hi = torch.minimum(hi, q)
-    if right >= 0:
-        hi = torch.minimum(hi, q + right)
-    return (lo <= k) & (k <= hi)
-
-
-def run_fwd(q, k, v, q_pos, k_pos, q_seg, causal, left, right, scale):
-    b, sq, h, _ = q.shape
-    out = torch.zeros(q.shape, dtype=acc_dtype(q.dtype))
-    lse = torch.full((b, h, sq), NEG_INF, dtype=acc_dtype(q.dtype))
-    ra.ops.block_fwd(q, k, v, q_pos.int(), k_pos.int(), q_seg, out, lse, causal, left, right, scale)
-    return out, lse
-
-
-def run_bwd(dout, q, k, v, q_pos, k_pos, q_seg, out, lse, causal, left, right, scale):
-    acc = acc_dtype(q.dtype)
-    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()
-    dq, dk, dv = (torch.zeros(t.shape, dtype=acc) for t in (q, k, v))
-    ra.ops.block_bwd(dout, q, k, v, q_pos.int(), k_pos.int(), q_seg, lse, delta, dq, dk, dv, causal,
-                     left, right, scale)
-    return dq, dk, dv
+from cases import (NEG_INF, assert_close, assert_forward_close, block_bwd, block_fwd, block_mask,
+                   random_qkv, reference, seed_of, sequence_ranges, visible)
 
 
 def check_against_reference(q, k, v, dout, q_pos, k_pos, q_seg, causal, left, right, scale):
     """Forward and backward of the block ops against the float64 reference with the same mask."""
-    mask = visible_mask(q_pos, k_pos, causal, left, right, q_seg)
-    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, softmax_scale=scale, mask=mask)
-    out, lse = run_fwd(q, k, v, q_pos, k_pos, q_seg, causal, left, right, scale)
+    mask = block_mask(q_pos, k_pos, causal, left, right, q_seg)
+    seen = visible(**mask)
+    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, seen, scale)
+    out, lse = block_fwd("cpu", q, [(k, v, k_pos)], mask, scale)
     assert_forward_close(out, ref_out, v)
     assert_close(lse, ref_lse, "lse")
-    empty = ~mask.any(1)  # rows that see nothing: exactly out 0, lse -inf
+    empty = ~seen.any(1)  # rows that see nothing: exactly out 0, lse -inf
     assert torch.all(lse[:, :, empty] == NEG_INF)
     assert torch.all(out[:, empty] == 0)
     # delta from the reference output in the accumulator dtype: the backward kernel alone, whose
     # gradients are then fp32-accurate for bf16/fp16 inputs too
-    grads = run_bwd(dout, q, k, v, q_pos, k_pos, q_seg, ref_out.to(out.dtype), lse, causal, left,
-                    right, scale)
+    grads = block_bwd("cpu", dout, q, k, v, mask, ref_out.to(out.dtype), lse, scale)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert torch.isfinite(got).all(), name
         assert_close(got, want, name)
     assert torch.all(grads[0][:, empty] == 0)  # no gradient into rows that see nothing
-    unseen = ~mask.any(0)  # keys no query sees
+    unseen = ~seen.any(0)  # keys no query sees
     assert torch.all(grads[1][:, unseen] == 0) and torch.all(grads[2][:, unseen] == 0)
     return out, lse, grads
 
@@ -119,14 +82,9 @@ def test_windows_strided_positions(left, right, causal):
 def packed(lengths, pads, pad_base):
     """Positions and q_seg of sequences of `lengths` packed back to back, then `pads` pad tokens
     (empty segment (1, 0), positions from pad_base: outside every sequence)."""
-    pos, seg, start = [], [], 0
-    for n in lengths:
-        pos += range(start, start + n)
-        seg += [(start, start + n - 1)] * n
-        start += n
-    pos += range(pad_base, pad_base + pads)
-    seg += [(1, 0)] * pads
-    return torch.tensor(pos, dtype=torch.int32), torch.tensor(seg, dtype=torch.int32).view(-1, 2)
+    positions = torch.cat([torch.arange(sum(lengths)), torch.arange(pad_base, pad_base + pads)])
+    pad_ranges = torch.tensor([[1, 0]], dtype=torch.int32).expand(pads, 2)
+    return positions.int(), torch.cat([sequence_ranges(lengths), pad_ranges])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -152,39 +110,23 @@ def test_rows_that_see_nothing_keep_merged_state():
     state."""
     q_pos, q_seg = packed([30, 20], 14, 200)
     seed = seed_of("packed-merge")
-    q, k, v, _ = random_qkv(seed, 1, 64, 50, 2, 2, 32, torch.float32)
+    q, k, v, dout = random_qkv(seed, 1, 64, 50, 2, 2, 32, torch.float32)
     k2, v2 = torch.randn(2, 1, 30, 2, 32, generator=torch.Generator().manual_seed(seed))
-    out, lse = run_fwd(q, k, v, q_pos, torch.arange(50), q_seg, True, -1, -1, 0.2)
-    out2, lse2 = out.clone(), lse.clone()
-    ra.ops.block_fwd(q, k2, v2, q_pos.int(), torch.arange(30).int(), q_seg, out2, lse2, True, -1, -1,
-                     0.2)
+    both = block_mask(q_pos, torch.cat([torch.arange(50), torch.arange(30)]), True, q_seg=q_seg)
+    first, second = (k, v, both["k_pos"][:50]), (k2, v2, both["k_pos"][50:])
+    out, lse = block_fwd("cpu", q, [first], both, 0.2)
+    out2, lse2 = block_fwd("cpu", q, [first, second], both, 0.2)
     assert torch.equal(out[:, 30:], out2[:, 30:]) and torch.equal(lse[:, :, 30:], lse2[:, :, 30:])
     assert not torch.equal(out[:, :30], out2[:, :30])
     assert torch.all(lse2[:, :, 50:] == NEG_INF) and torch.all(out2[:, 50:] == 0)
     # and the merged state is attention over both blocks
-    mask = visible_mask(q_pos, torch.cat([torch.arange(50), torch.arange(30)]), True, -1, -1, q_seg)
-    ref_out, ref_lse = ra.attention_reference(q, torch.cat([k, k2], 1), torch.cat([v, v2], 1),
-                                              softmax_scale=0.2, mask=mask)
+    ref_out, ref_lse, *_ = reference(q, torch.cat([k, k2], 1), torch.cat([v, v2], 1), dout,
+                                     visible(**both), 0.2)
     assert_close(out2, ref_out, "out")
     assert_close(lse2, ref_lse, "lse")
 
 
 # ---- bf16 / fp16 -------------------------------------------------------------------------------
-
-def low_precision_reference(q, k, v, dout, mask, scale):
-    """The same attention as plain PyTorch ops in the inputs' dtype (every op's result rounded to
-    it), like flash-attention's attention_ref(upcast=False): (out, dq, dk, dv) in that dtype."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    group = q.shape[2] // k.shape[2]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    kt = kt.repeat_interleave(group, dim=1)
-    vt = vt.repeat_interleave(group, dim=1)
-    scores = (qt @ kt.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, NEG_INF)
-    out = (torch.softmax(scores, dim=-1) @ vt).transpose(1, 2)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    return out.detach(), dq, dk, dv
-
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
@@ -196,45 +138,45 @@ def test_low_precision_inputs(dtype, left, right, causal):
 
     Tolerances, two rules:
     1. The accumulators (out_acc, lse, dq/dk/dv, all fp32) against the float64 reference of the same
-       (low-precision-valued) inputs, with the float32 tolerance of ring_cases (2e-5 relative to the
+       (low-precision-valued) inputs, with the float32 tolerance of cases.py (2e-5 relative to the
        largest reference value): the inputs convert to fp32 exactly and everything after is fp32
        arithmetic, so the only error is fp32 rounding, as for fp32 inputs. One exception, bounded:
        with bf16 inputs the AMX forward rounds P to bf16 once before P V (as FlashAttention, ATen and
-       our CUDA kernels do), so out_acc is within 2^-8 max|v| (ring_cases.assert_forward_close);
+       our CUDA kernels do), so out_acc is within 2^-8 max|v| (cases.assert_forward_close);
        lse and the backward (given delta) stay fp32-accurate. A kernel that rounded scores or dS, or
        rounded P more than once, would fail these.
     2. Flash-attention's rule for what a caller gets back in the input dtype (out and gradients
        rounded once to it, delta from the rounded out, as the ring does): the max error vs float64
        is at most 2x the max error of the same attention computed by plain PyTorch ops in that
-       dtype (low_precision_reference). Observed: ours is dominated by the final rounding (half an
+       dtype (cases.reference in that dtype, softmax form). Observed: ours is dominated by the final rounding (half an
        ulp) and is 0.2x-0.65x of PyTorch's, whose every intermediate (scores, P, P V) is rounded.
     """
     sq, sk = 150, 300
     seed = seed_of("low-precision", str(dtype), left, right, causal)
     q, k, v, dout = random_qkv(seed, 1, sq, sk, 4, 2, 64, dtype)
-    q_pos, k_pos = torch.arange(sq) + 150, torch.arange(sk)
-    mask = visible_mask(q_pos, k_pos, causal, left, right)
+    mask = block_mask(torch.arange(sq) + 150, torch.arange(sk), causal, left, right)
     scale = 0.125
-    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, softmax_scale=scale, mask=mask)
+    ref_out, ref_lse, *ref_grads = reference(q, k, v, dout, visible(**mask), scale)
 
     # Rule 1: fp32 accumulators, fp32 accuracy (bf16 out: within P's rounding, see
     # assert_forward_close).
-    out, lse = run_fwd(q, k, v, q_pos, k_pos, None, causal, left, right, scale)
+    out, lse = block_fwd("cpu", q, [(k, v, mask["k_pos"])], mask, scale)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert_forward_close(out, ref_out, v)
     assert_close(lse, ref_lse, "lse")
     delta_out = ref_out.float()  # fp32 delta: the backward kernel's gradients are fp32-accurate
-    grads = run_bwd(dout, q, k, v, q_pos, k_pos, None, delta_out, lse, causal, left, right, scale)
+    grads = block_bwd("cpu", dout, q, k, v, mask, delta_out, lse, scale)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert got.dtype == torch.float32
         assert_close(got, want, name)
 
     # Rule 2: results rounded to the input dtype vs plain low-precision PyTorch.
     out_lp = out.to(dtype)
-    grads_lp = run_bwd(dout, q, k, v, q_pos, k_pos, None, out_lp, lse, causal, left, right, scale)
-    pt = low_precision_reference(q, k, v, dout, mask, scale)
+    grads_lp = block_bwd("cpu", dout, q, k, v, mask, out_lp, lse, scale)
+    pt_out, _, *pt_grads = reference(q, k, v, dout, visible(**mask), scale, dtype, softmax=True)
     ours = (out_lp, *(g.to(dtype) for g in grads_lp))
-    for name, got, base, want in zip(("out", "dq", "dk", "dv"), ours, pt, (ref_out, *ref_grads)):
+    for name, got, base, want in zip(("out", "dq", "dk", "dv"), ours, (pt_out, *pt_grads),
+                                     (ref_out, *ref_grads)):
         err = (got.double() - want).abs().max().item()
         err_pt = (base.double() - want).abs().max().item()
         assert err <= 2 * err_pt, (name, err, err_pt)
@@ -259,12 +201,12 @@ def test_deterministic(threads, nthreads, dtype):
     sq = sk = 1000
     seed = seed_of("determinism", nthreads, str(dtype))
     q, k, v, dout = random_qkv(seed, 1, sq, sk, 2, 1, 64, dtype)
-    q_pos, k_pos = torch.arange(sq), torch.arange(sk)
-    q_seg = packed([400, 560], 40, 5000)[1]
+    mask = block_mask(torch.arange(sq), torch.arange(sk), True, 300, -1,
+                      q_seg=packed([400, 560], 40, 5000)[1])
     runs = []
     for _ in range(3):
-        out, lse = run_fwd(q, k, v, q_pos, k_pos, q_seg, True, 300, -1, 0.125)
-        grads = run_bwd(dout, q, k, v, q_pos, k_pos, q_seg, out.to(dtype), lse, True, 300, -1, 0.125)
+        out, lse = block_fwd("cpu", q, [(k, v, mask["k_pos"])], mask, 0.125)
+        grads = block_bwd("cpu", dout, q, k, v, mask, out.to(dtype), lse, 0.125)
         runs.append((out, lse, *grads))
     for again in runs[1:]:
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), runs[0], again):
@@ -292,7 +234,7 @@ import sys, torch
 sys.path[:0] = [{tests!r}]
 import ring_attention as ra
 import test_cpu_kernel_features as t
-from ring_cases import random_qkv
+from cases import random_qkv
 torch.set_num_threads(2)
 for dtype in (torch.float32, torch.float64, torch.bfloat16):
     q_pos, q_seg = t.packed([90, 1, 150], 19, 400)

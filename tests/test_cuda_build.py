@@ -4,8 +4,8 @@
 - without a driver, a call that reaches the CUDA kernels raises a clean Python error, and
   importing the package works;
 - the shared case list of tests/gpu/gpu_cases.py (masks, lengths, head dims, GQA, merges,
-  accumulation, precision over merges, the ring over virtual ranks) passes on the CPU path under
-  the same FlashAttention rule, so the list itself stays exercised.
+  accumulation, precision over merges, the ring over virtual ranks; built on tests/cases.py)
+  passes on the CPU path under the same FlashAttention rule, so the list itself stays exercised.
 """
 import os
 import shutil

@@ -7,7 +7,9 @@ import torch
 
 import ring_attention as ra
 from ring_attention.testing import LocalRing
-from ring_cases import assert_close, random_qkv, reference, ring_results, seed_of
+from cases import (acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of,
+                   sequence_visible)
+from ring_cases import ring_results
 
 LOCAL_LEN = {"contiguous": 7, "striped": 5, "zigzag": 6}
 
@@ -33,7 +35,7 @@ def test_local_ring_matches_reference(world, layout, causal, dtype):
     seqlen = world * LOCAL_LEN[layout]
     q, k, v, dout = random_qkv(seed_of("local", world, layout, causal, str(dtype)), 2, seqlen,
                                seqlen, 4, 2, 16, dtype)
-    expected = reference(q, k, v, dout, causal=causal, softmax_scale=0.3)
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, causal), 0.3)
     ring, per_rank = local_ring_results(world, layout, causal, q, k, v, dout, softmax_scale=0.3)
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
         dim = 2 if name == "lse" else 1
@@ -66,3 +68,32 @@ def test_local_ring_rejects_mismatched_shards():
         ring.ring_attn_func(q, k, k)
     with pytest.raises(ValueError, match="needs 3 shards"):
         ring.ring_attn_func(q[:2], k, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_opcheck_local_ring_ops(causal, dtype):
+    """torch.library.opcheck on local_ring_fwd and local_ring_bwd: three virtual ranks, zigzag
+    shards, a window."""
+    shards = [random_qkv(seed_of("opcheck-local", rank, str(dtype)), 2, 6, 6, 4, 2, 16, dtype)
+              for rank in range(3)]
+    qs, ks, vs, douts = (list(per_rank) for per_rank in zip(*shards))
+    fwd_args = (qs, ks, vs, None, causal, 0.3, 3, -1 if causal else 2, "zigzag")
+    torch.library.opcheck(ra.ops.local_ring_fwd.default, fwd_args)
+    outs, lses = ra.ops.local_ring_fwd(*fwd_args)
+    assert [lse.dtype for lse in lses] == [acc_dtype(dtype)] * 3
+    torch.library.opcheck(ra.ops.local_ring_bwd.default, (douts, qs, ks, vs, outs, lses,
+                                                          *fwd_args[3:]))
+
+
+def test_opcheck_local_ring_ops_packed_sequences():
+    """The same for packed sequences (cu_seqlens): 3-D shards, lse (heads, tokens)."""
+    cu, *packed = random_packed(seed_of("opcheck-local-packed"), [5, 1, 13], 4, 2, 16,
+                                torch.float64)
+    qs, ks, vs, douts = (LocalRing(3).shard_varlen(t, cu, layout="zigzag") for t in packed)
+    fwd_args = (qs, ks, vs, cu, True, 0.25, -1, -1, "zigzag")
+    torch.library.opcheck(ra.ops.local_ring_fwd.default, fwd_args)
+    outs, lses = ra.ops.local_ring_fwd(*fwd_args)
+    assert [lse.shape for lse in lses] == [(4, shard.shape[0]) for shard in qs]
+    torch.library.opcheck(ra.ops.local_ring_bwd.default, (douts, qs, ks, vs, outs, lses,
+                                                          *fwd_args[3:]))

@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from ring_cases import check_ring, seed_of
+from cases import seed_of
+from ring_cases import check_ring
 
 WORLDS = [1, 2, 3, 4]
 LAYOUTS = ["contiguous", "zigzag", "striped"]

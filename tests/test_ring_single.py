@@ -4,15 +4,16 @@ import torch
 
 import ring_attention as ra
 import ring_cases
-from ring_cases import acc_dtype, check_ring, random_qkv
+from cases import acc_dtype, random_qkv, seed_of
+from ring_cases import check_ring
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("heads,heads_kv,scale", [(2, 2, None), (4, 2, 0.7), (3, 1, None)])
 def test_gradcheck(heads, heads_kv, scale, causal):
     """Float64 gradcheck of ring_attn_func (q, k, v) at world size 1."""
-    q, k, v, _ = random_qkv(ring_cases.seed_of("gradcheck", heads, heads_kv), 1, 5, 5, heads,
-                            heads_kv, 8, torch.float64)
+    q, k, v, _ = random_qkv(seed_of("gradcheck", heads, heads_kv), 1, 5, 5, heads, heads_kv, 8,
+                            torch.float64)
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(
         lambda q, k, v: ra.ring_attn_func(q, k, v, causal=causal, softmax_scale=scale), inputs)

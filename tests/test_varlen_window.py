@@ -1,7 +1,7 @@
 """Sliding windows, packed variable-length sequences, low precision and determinism.
 
-The reference materialises the visible-pair mask in float64 from first principles: same sequence,
-causal, and |window| relations of in-sequence positions; it never uses the library's positions.
+The reference sees the pairs that cases.sequence_visible derives from first principles (same
+sequence, causal, window over global positions); it never uses the library's positions.
 """
 import itertools
 import random
@@ -11,52 +11,9 @@ import torch
 
 import ring_attention as ra
 from ring_attention.testing import LocalRing
-from ring_cases import assert_close, randn, seed_of
+from cases import assert_close, random_packed, reference, seed_of, sequence_visible
 
 LAYOUTS = ["contiguous", "zigzag", "striped"]
-
-
-def visible_mask(seq_ids, offsets, causal, window):
-    """(T, T) bool: query i sees key j (same sequence, causal, window over in-sequence offsets)."""
-    left, right = window
-    same = seq_ids.view(-1, 1) == seq_ids.view(1, -1)
-    rel = offsets.view(1, -1) - offsets.view(-1, 1)  # key offset - query offset
-    visible = same
-    if causal:
-        visible = visible & (rel <= 0)
-    if left >= 0:
-        visible = visible & (rel >= -left)
-    if right >= 0:
-        visible = visible & (rel <= right)
-    return visible
-
-
-def masked_reference(q, k, v, dout, visible, scale):
-    """Float64 (out, lse, dq, dk, dv) of attention over packed tokens (T, heads, d) under `visible`;
-    rows that see nothing get out 0 and lse -inf."""
-    q, k, v = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = scale * torch.einsum("qhd,khd->hqk", q, kk)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
-    out = torch.einsum("hqk,khd->qhd", probs, vv)
-    grads = torch.autograd.grad(out, (q, k, v), dout.to(torch.float64))
-    return (out.detach(), lse.detach(), *grads)
-
-
-def packed_inputs(seed, seqlens, heads, heads_kv, headdim, dtype):
-    g = torch.Generator().manual_seed(seed)
-    total = sum(seqlens)
-    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
-    seq_ids = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
-    offsets = torch.arange(total) - cu[:-1].long()[seq_ids]
-    q = randn(g, total, heads, headdim, dtype=dtype)
-    k = randn(g, total, heads_kv, headdim, dtype=dtype)
-    v = randn(g, total, heads_kv, headdim, dtype=dtype)
-    dout = randn(g, total, heads, headdim, dtype=dtype)
-    return cu, seq_ids, offsets, q, k, v, dout
 
 
 def local_varlen(world, layout, cu, q, k, v, dout, **kwargs):
@@ -85,9 +42,9 @@ WINDOWS = [(True, (3, -1)), (True, (0, 0)), (True, (5, 0)), (False, (2, 4)), (Fa
 @pytest.mark.parametrize("causal,window", WINDOWS, ids=[f"{'c' if c else 'f'}{w}" for c, w in WINDOWS])
 def test_window_matches_reference(world, layout, causal, window):
     seqlen = 6 * world
-    cu, seq_ids, offsets, q, k, v, dout = packed_inputs(seed_of("window", world, layout, causal, window),
-                                                        [seqlen], 4, 2, 16, torch.float64)
-    expected = masked_reference(q, k, v, dout, visible_mask(seq_ids, offsets, causal, window), 0.25)
+    cu, q, k, v, dout = random_packed(seed_of("window", world, layout, causal, window), [seqlen], 4,
+                                      2, 16, torch.float64)
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, causal, window), 0.25)
     ring = LocalRing(world)
     shards = [ring.shard(t.unsqueeze(0), layout=layout) for t in (q, k, v, dout)]
     for t in itertools.chain(*shards[:3]):
@@ -108,7 +65,7 @@ def test_narrow_causal_window_skips_hops():
     block, the others 2."""
     world, local = 4, 16
     seqlen = world * local
-    cu, seq_ids, offsets, q, k, v, dout = packed_inputs(7, [seqlen], 2, 2, 16, torch.float64)
+    cu, q, k, v, dout = random_packed(7, [seqlen], 2, 2, 16, torch.float64)
     window = (seqlen // 8, -1)
     ring = LocalRing(world)
     shards = [ring.shard(t.unsqueeze(0)) for t in (q, k, v, dout)]
@@ -118,7 +75,7 @@ def test_narrow_causal_window_skips_hops():
     assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": world}
     grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
     assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": 2 * world}
-    expected = masked_reference(q, k, v, dout, visible_mask(seq_ids, offsets, True, window), 16 ** -0.5)
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, True, window))
     assert_close(ring.unshard(outs)[0], expected[0], "out")
     for i, name in enumerate(("dq", "dk", "dv")):
         assert_close(ring.unshard(grads[i * world:(i + 1) * world])[0], expected[2 + i], name)
@@ -142,8 +99,8 @@ def random_seqlens(seed, world):
 def test_varlen_matches_reference(world, layout, causal, window):
     seed = seed_of("varlen", world, layout, causal, window)
     seqlens = random_seqlens(seed, world)
-    cu, seq_ids, offsets, q, k, v, dout = packed_inputs(seed, seqlens, 4, 2, 16, torch.float64)
-    expected = masked_reference(q, k, v, dout, visible_mask(seq_ids, offsets, causal, window), 0.3)
+    cu, q, k, v, dout = random_packed(seed, seqlens, 4, 2, 16, torch.float64)
+    expected = reference(q, k, v, dout, sequence_visible(seqlens, causal, window), 0.3)
     got, outs, lses, grads = local_varlen(world, layout, cu, q, k, v, dout, causal=causal,
                                           window_size=window, softmax_scale=0.3)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
@@ -176,9 +133,9 @@ def test_low_precision_does_not_decay_with_ring_size(dtype):
     """Mean |error| vs float64 at world size 4 <= 1.2x world size 1 (fp32 accumulation across
     tiles and hops: the ring adds merges, not roundings)."""
     seqlen = 256
-    cu, seq_ids, offsets, q, k, v, dout = packed_inputs(11, [seqlen], 4, 2, 64, torch.float64)
+    cu, q, k, v, dout = random_packed(11, [seqlen], 4, 2, 64, torch.float64)
     q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
-    expected = masked_reference(q, k, v, dout, visible_mask(seq_ids, offsets, True, (-1, -1)), 0.125)
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, True), 0.125)
     errors = {}
     for world in (1, 4):
         ring = LocalRing(world)
@@ -196,7 +153,7 @@ def test_cpu_results_are_bitwise_deterministic():
     torch.set_num_threads(2)
     try:
         seqlens = [37, 1, 90, 12]
-        cu, _, _, q, k, v, dout = packed_inputs(3, seqlens, 4, 1, 32, torch.float32)
+        cu, q, k, v, dout = random_packed(3, seqlens, 4, 1, 32, torch.float32)
         runs = [local_varlen(3, "zigzag", cu, q, k, v, dout, causal=True)[0] for _ in range(2)]
         for a, b in zip(*runs):
             assert torch.equal(a, b)
@@ -232,10 +189,7 @@ def test_varlen_gloo_ring_equals_local_ring(rank_pool, world, layout, causal, wi
     seqlens = random_seqlens(seed_of("gloo-varlen", world), world)
     seed = seed_of("gloo-varlen-data", world, layout)
     results = rank_pool(world).run(varlen_ring_results, layout, causal, window, seqlens, seed)
-    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
-    g = torch.Generator().manual_seed(seed)
-    total = int(cu[-1])
-    q, dout, k, v = [randn(g, total, 4, 16) for _ in range(2)] + [randn(g, total, 2, 16) for _ in range(2)]
+    cu, q, k, v, dout = random_packed(seed, seqlens, 4, 2, 16, torch.float64)
     _, outs, lses, grads = local_varlen(world, layout, cu, q, k, v, dout, causal=causal, window_size=window)
     for rank, (tensors, stats) in enumerate(results):
         local = [outs[rank], lses[rank]] + [grads[i * world + rank] for i in range(3)]

@@ -5,7 +5,8 @@ import os
 import torch
 
 import ring_attention as ra
-from ring_cases import SMALL_CASE, check_ring, random_qkv, rank_and_world
+from cases import random_qkv
+from ring_cases import SMALL_CASE, check_ring, rank_and_world
 
 
 def with_transport(value, fn, *args):

@@ -7,13 +7,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <functional>
 #include <limits>
 #include <random>
-#include <time.h>
 #include <string>
 #include <vector>
 
@@ -31,37 +29,20 @@ struct Result {
   bool checked, ok;
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Milliseconds on the wall clock, or of process CPU time (opt.cpu_clock).
-double now_ms(bool cpu_clock) {
-  if (cpu_clock) {
-    timespec ts{};
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-  }
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 template <typename F>
 double time_ms(const bench::Options& opt, F&& f, std::function<void()> reset = nullptr) {
   for (int i = 0; i < opt.warmup; ++i) {
     if (reset) reset();
     f();
   }
-  std::vector<double> t;
+  std::vector<double> samples;
   for (int i = 0; i < opt.iters; ++i) {
     if (reset) reset();
-    const double t0 = now_ms(opt.cpu_clock);
+    const double start = bench::now_ms(opt.cpu_clock);
     f();
-    t.push_back(now_ms(opt.cpu_clock) - t0);
+    samples.push_back(bench::now_ms(opt.cpu_clock) - start);
   }
-  return opt.stat_min ? *std::min_element(t.begin(), t.end()) : median(t);
+  return bench::summary(samples, opt.stat_min);
 }
 
 // Rows (or columns) to check: all when n is small, else a spread sample with both ends.

@@ -8,8 +8,13 @@
 //   --stat median|min  --fwd-only 0|1
 //   --json PATH     -h/--help
 // Header-only; benchmarks may add their own options by handling them before calling parse().
+// Also the timing helpers the benchmarks share (now_ms, summary).
 #pragma once
 
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -185,6 +190,25 @@ inline Options parse(int argc, char** argv, Unknown&& unknown, const char* extra
 
 inline Options parse(int argc, char** argv) {
   return parse(argc, argv, [](const char*, const char*) { return 0; });
+}
+
+// Milliseconds on the wall clock, or of process CPU time (--clock cpu).
+inline double now_ms(bool cpu_clock) {
+  if (cpu_clock) {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  }
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// The median of the timed iterations, or their minimum (--stat min).
+inline double summary(std::vector<double> samples, bool stat_min) {
+  std::sort(samples.begin(), samples.end());
+  const size_t n = samples.size();
+  if (stat_min) return samples.front();
+  return n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]);
 }
 
 }  // namespace bench

@@ -1,33 +1,41 @@
-// Ring attention microbenchmark on the CPU: W virtual ranks in this process run the ring schedule
-// (core/ring_scheduler.h) over an in-memory transport whose exchanges are memcpys on a helper
-// thread, overlapped with the block kernels (csrc/cpu) on the calling thread, as the real ring
-// overlaps its transport with compute. nccl-tests style CLI (bench_cli.h) plus -W/--world.
+// Ring attention microbenchmark on the CPU: the library's own ring for W virtual ranks in this
+// process. Each rank runs the core scheduler (core/ring_scheduler.h) over the tensor block ops and
+// buffers of a ring call (bindings/tensor_block_ops.h) with the CPU kernels (csrc/cpu), all ranks
+// driven in lockstep from this thread as LocalRing drives them (run_lockstep). The transport is in
+// memory (core/local_exchanges.h): each hop is a memcpy on a helper thread, overlapped with the
+// kernels on this thread, as a real transport overlaps its exchanges with compute.
+// nccl-tests style CLI (bench_cli.h) plus -W/--world.
 //
 // Lengths are tokens per rank (contiguous layout: rank r holds tokens [r*L, (r+1)*L)). For each
 // length it reports, forward and backward:
 //   step_ms     ring time / ring steps (all W ranks' work of a step)
-//   compute_ms  the same steps' kernels alone, per step
-//   xchg_ms     the same steps' exchanges alone, per step
+//   compute_ms  the same ring whose exchanges move nothing: the kernels alone, per step
+//   xchg_ms     the same ring whose blocks compute nothing: the exchanges alone, per step
 //   hidden      fraction of the exchange time hidden under compute:
 //               clamp((compute + exchange - ring) / exchange, 0, 1)
-// -c 1 checks every rank's out, lse, dq, dk, dv against a world-size-1 run of the same data
-// through the same kernels (relative max error; exit status 1 when above the tolerance).
+// -c 1 checks every rank's out, lse, dq, dk, dv against the same data at world size 1 in float64
+// (relative max error; exit status 1 when above the tolerance).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
-#include <functional>
-#include <limits>
+#include <deque>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "bench_cli.h"
-#include "bindings/tensor_params.h"
+#include "bindings/tensor_block_ops.h"
+#include "core/local_exchanges.h"
 #include "core/ring_scheduler.h"
 #include "cpu/block_attn_cpu.h"
 
@@ -35,181 +43,239 @@ using namespace ring_attn;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
+const BlockKernels kCpuKernels{&cpu::block_attn_fwd, &cpu::block_attn_bwd};
 
-// Copies of whole tensors (same shape, contiguous) on the exchange thread: raw memcpy, so that it
-// never enters the intra-op thread pool the kernels use.
-struct Copy {
-  at::Tensor dst, src;
+// Runs memcpys on one helper thread, in the order they were queued: never in the intra-op thread
+// pool that the kernels use.
+class CopyThread {
+ public:
+  CopyThread() : thread_([this] { run(); }) {}
+  ~CopyThread() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_one();
+    thread_.join();
+  }
+
+  // Queues a copy of `bytes` bytes; the future is ready once it is done.
+  std::shared_future<void> copy(void* dst, const void* src, size_t bytes) {
+    std::packaged_task<void()> task([=] { std::memcpy(dst, src, bytes); });
+    std::shared_future<void> done = task.get_future().share();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(std::move(task));
+    }
+    wake_.notify_one();
+    return done;
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      std::packaged_task<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        task = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      task();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::packaged_task<void()>> queue_;
+  bool stopping_ = false;
+  std::thread thread_;  // last: starts once the members it uses exist
 };
-void run_copies(const std::vector<Copy>& copies) {
-  for (const Copy& c : copies) std::memcpy(c.dst.data_ptr(), c.src.data_ptr(), c.src.nbytes());
+
+// What a rank's post of an exchange leaves for the copies and the wait.
+struct PostedSlots {
+  at::Tensor send, recv;
+  std::shared_future<void> in_done, out_done;  // the copies into recv and out of send
+};
+
+// In-memory exchanges between the virtual ranks, copied on the helper thread.
+class CopyThreadHub {
+ public:
+  explicit CopyThreadHub(int world) : exchanges_(world) {}
+  int world() const { return exchanges_.world(); }
+
+  void post(int rank, const Exchange& exchange, const std::vector<at::Tensor>& slots) {
+    PostedSlots mine;
+    mine.send = slots.at(exchange.send_slot);
+    mine.recv = slots.at(exchange.recv_slot);
+    exchanges_.post(rank, exchange, std::move(mine),
+                    [this](PostedSlots& from, PostedSlots& to, int /*receiver*/) {
+                      const std::shared_future<void> done =
+                          copier_.copy(to.recv.data_ptr(), from.send.data_ptr(), from.send.nbytes());
+                      to.in_done = done;
+                      from.out_done = done;
+                    });
+  }
+
+  void wait(int rank, const Exchange& exchange) {
+    const auto done = exchanges_.complete(rank, exchange);
+    if (!done) throw std::logic_error("bench_ring: a wait for an exchange that was never posted");
+    done->posted.in_done.wait();
+    done->posted.out_done.wait();
+  }
+
+ private:
+  LocalExchanges<PostedSlots> exchanges_;
+  CopyThread copier_;
+};
+
+using CopyThreadTransport = HubTransport<CopyThreadHub, std::vector<at::Tensor>>;
+
+// Exchanges that move nothing (the kernels alone; world size 1).
+class NoExchange final : public Transport {
+ public:
+  NoExchange(int rank, int world) : rank_(rank), world_(world) {}
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_; }
+  void post(const Exchange&) override {}
+  void wait(const Exchange&) override {}
+
+ private:
+  int rank_, world_;
+};
+
+// Blocks that compute nothing (the exchanges alone).
+class NoCompute final : public BlockOps {
+ public:
+  bool is_needed(int) const override { return true; }
+  void forward(int, int) override {}
+  void backward(int, int, int) override {}
+  void zero_grad(int) override {}
+  void add_grad(int, int) override {}
+};
+
+enum class Mode { kRing, kComputeOnly, kExchangeOnly };
+
+// The receive slots hold what a hop would have brought (the own K/V; zero dK/dV), for a ring whose
+// exchanges move nothing.
+void fill_receive_slots(std::vector<at::Tensor>& slots) {
+  for (int i = slot::kKVRecv0; i < slot::kKVRecv0 + 2; ++i) {
+    if (slots[i].defined()) slots[i].copy_(slots[slot::kOwnKV]);
+  }
+  for (int i = slot::kGradAcc0; i < slot::kGradHome; ++i) {
+    if (slots[i].defined()) slots[i].zero_();
+  }
 }
 
-// What a run measures: total ring time, kernels alone, exchanges alone (milliseconds).
-struct Timing {
+// One ring pass of every rank (RankForward with RingForward, or RankBackward with RingBackward);
+// returns its milliseconds. The ranks are built before the clock starts.
+template <typename Schedule, typename Rank>
+double run_ring(std::vector<std::unique_ptr<Rank>>& ranks, Mode mode, bool cpu_clock) {
+  const int world = static_cast<int>(ranks.size());
+  CopyThreadHub hub(world);
+  NoCompute no_compute;
+  std::vector<std::unique_ptr<Transport>> transports;
+  std::vector<Schedule> schedules;
+  for (int r = 0; r < world; ++r) {
+    if (mode == Mode::kComputeOnly) {
+      fill_receive_slots(ranks[r]->slots);
+      transports.push_back(std::make_unique<NoExchange>(r, world));
+    } else {
+      transports.push_back(std::make_unique<CopyThreadTransport>(hub, r, ranks[r]->slots));
+    }
+    BlockOps& ops = mode == Mode::kExchangeOnly ? static_cast<BlockOps&>(no_compute)
+                                                : ranks[r]->ops;
+    schedules.emplace_back(*transports[r], ops, ranks[r]->ring.steps);
+  }
+  const double start = bench::now_ms(cpu_clock);
+  run_lockstep(schedules);
+  return bench::now_ms(cpu_clock) - start;
+}
+
+// Every rank's shard of the whole inputs (contiguous layout) and its results.
+struct Shards {
+  std::vector<at::Tensor> q, k, v, dout;
+  std::vector<at::Tensor> out, lse, dq, dk, dv;  // of the last ring pass (Mode::kRing)
+
+  Shards(const std::vector<at::Tensor>& whole, int world)
+      : out(world), lse(world), dq(world), dk(world), dv(world) {
+    const int64_t local_len = whole[0].size(1) / world;
+    for (int r = 0; r < world; ++r) {
+      std::vector<at::Tensor>* parts[] = {&q, &k, &v, &dout};
+      for (int i = 0; i < 4; ++i) {
+        parts[i]->push_back(whole[i].narrow(1, r * local_len, local_len).contiguous());
+      }
+    }
+  }
+  int world() const { return static_cast<int>(q.size()); }
+
+  // Times one forward pass.
+  double forward(const RingOptions& options, Mode mode, bool cpu_clock) {
+    std::vector<std::unique_ptr<RankForward>> ranks;
+    for (int r = 0; r < world(); ++r) {
+      ranks.push_back(
+          std::make_unique<RankForward>(kCpuKernels, r, world(), q[r], k[r], v[r], options));
+    }
+    const double ms = run_ring<RingForward>(ranks, mode, cpu_clock);
+    for (int r = 0; mode == Mode::kRing && r < world(); ++r) {
+      std::tie(out[r], lse[r]) = ranks[r]->result(q[r].scalar_type());
+    }
+    return ms;
+  }
+
+  // Times one backward pass of the last ring forward.
+  double backward(const RingOptions& options, Mode mode, bool cpu_clock) {
+    std::vector<std::unique_ptr<RankBackward>> ranks;
+    for (int r = 0; r < world(); ++r) {
+      ranks.push_back(std::make_unique<RankBackward>(kCpuKernels, r, world(), dout[r], q[r], k[r],
+                                                     v[r], out[r], lse[r], options));
+    }
+    const double ms = run_ring<RingBackward>(ranks, mode, cpu_clock);
+    for (int r = 0; mode == Mode::kRing && r < world(); ++r) {
+      std::tie(dq[r], dk[r], dv[r]) = ranks[r]->result(q[r].scalar_type());
+    }
+    return ms;
+  }
+};
+
+// max |got - want| / max(1, max |want|) over the entries where `want` is finite.
+double relative_error(const at::Tensor& got, const at::Tensor& want) {
+  const at::Tensor got64 = got.to(at::kDouble), want64 = want.to(at::kDouble);
+  const at::Tensor finite = at::isfinite(want64);
+  const double scale = std::max(1.0, at::where(finite, want64.abs(), 0.0).max().item<double>());
+  return at::where(finite, (got64 - want64).abs(), 0.0).max().item<double>() / scale;
+}
+
+// The largest relative error of the ring's results against `reference` (world size 1).
+double max_error(const Shards& ring, const Shards& reference, bool with_backward) {
+  const int64_t local_len = ring.q[0].size(1);
+  double error = 0;
+  for (int r = 0; r < ring.world(); ++r) {
+    const int64_t first = r * local_len;
+    auto rank_part = [&](const at::Tensor& whole, int dim) {
+      return whole.narrow(dim, first, local_len);
+    };
+    error = std::max(error, relative_error(ring.out[r], rank_part(reference.out[0], 1)));
+    error = std::max(error, relative_error(ring.lse[r], rank_part(reference.lse[0], 2)));
+    if (with_backward) {
+      error = std::max(error, relative_error(ring.dq[r], rank_part(reference.dq[0], 1)));
+      error = std::max(error, relative_error(ring.dk[r], rank_part(reference.dk[0], 1)));
+      error = std::max(error, relative_error(ring.dv[r], rank_part(reference.dv[0], 1)));
+    }
+  }
+  return error;
+}
+
+// Per-step milliseconds (median or min over the timed iterations) of the three modes.
+struct StepTimes {
   double ring = 0, compute = 0, exchange = 0;
-};
 
-struct Ring {
-  int W;
-  int64_t B, L, H, Hkv, D;
-  bool causal;
-  double scale;
-  at::ScalarType dtype;
-  std::vector<at::Tensor> q, kv, dout, pos;  // per rank; kv packed (2, B, L, Hkv, D)
-  // Forward state and results.
-  std::vector<at::Tensor> out, lse, delta;
-  // Double buffers.
-  std::vector<at::Tensor> kv_buf[2], grad[2], grad_recv, dq;
-
-  bool needed(int r, int s) const { return !causal || s <= r; }
-  int source(int r, int t) const { return mod(r - t, W); }
-  const at::Tensor& kv_at(int r, int t) const { return t == 0 ? kv[r] : kv_buf[t % 2][r]; }
-
-  void alloc() {
-    for (int i = 0; i < 2; ++i) {
-      kv_buf[i].resize(W);
-      grad[i].resize(W);
-    }
-    grad_recv.resize(W);
-    out.resize(W);
-    lse.resize(W);
-    delta.resize(W);
-    dq.resize(W);
-    const at::ScalarType acc = acc_dtype(dtype);
-    for (int r = 0; r < W; ++r) {
-      for (int i = 0; i < 2; ++i) {
-        kv_buf[i][r] = at::empty_like(kv[r]);
-        grad[i][r] = at::empty_like(kv[r], acc);
-      }
-      grad_recv[r] = at::empty_like(kv[r], acc);
-    }
-  }
-
-  // K/V exchange bringing step t+1's block: rank r receives what r-1 holds at step t.
-  std::vector<Copy> kv_copies(int t) const {
-    std::vector<Copy> c;
-    for (int r = 0; r < W; ++r) c.push_back({kv_buf[(t + 1) % 2][r], kv_at(mod(r - 1, W), t)});
-    return c;
-  }
-  // dK/dV exchange during step t: rank r receives the sum r-1 finished at step t-1.
-  std::vector<Copy> grad_copies(int t) const {
-    std::vector<Copy> c;
-    for (int r = 0; r < W; ++r) c.push_back({grad_recv[r], grad[(t - 1) % 2][mod(r - 1, W)]});
-    return c;
-  }
-
-  // Runs one ring pass. mode: 0 = ring (exchange overlapped with compute), 1 = compute only,
-  // 2 = exchange only. Returns the elapsed milliseconds.
-  double forward(int mode) {
-    const at::ScalarType acc = acc_dtype(dtype);
-    for (int r = 0; r < W; ++r) {
-      out[r] = at::zeros({B, L, H, D}, q[r].options().dtype(acc));
-      lse[r] = at::full({B, H, L}, -std::numeric_limits<double>::infinity(),
-                        q[r].options().dtype(acc));
-    }
-    const auto t0 = Clock::now();
-    for (int t = 0; t < W; ++t) {
-      std::thread xchg;
-      if (t + 1 < W && mode != 1) xchg = std::thread(run_copies, kv_copies(t));
-      if (mode != 2) {
-        for (int r = 0; r < W; ++r) {
-          const int s = source(r, t);
-          if (!needed(r, s)) continue;
-          const at::Tensor& b = kv_at(r, t);
-          cpu::block_attn_fwd(make_fwd_params(q[r], b[0], b[1], pos[r], pos[s], out[r], lse[r],
-                                              causal, scale));
-        }
-      }
-      if (xchg.joinable()) xchg.join();
-    }
-    return ms_since(t0);
-  }
-
-  double backward(int mode) {
-    const at::ScalarType acc = acc_dtype(dtype);
-    for (int r = 0; r < W; ++r) {
-      dq[r] = at::zeros({B, L, H, D}, q[r].options().dtype(acc));
-      delta[r] = (dout[r].to(acc) * out[r]).sum(-1).transpose(1, 2).contiguous();
-    }
-    const auto t0 = Clock::now();
-    for (int t = 0; t < W; ++t) {
-      std::thread xchg;
-      if (mode != 1) {
-        std::vector<Copy> copies;
-        if (t + 1 < W) copies = kv_copies(t);
-        if (t > 0) {
-          auto g = grad_copies(t);
-          copies.insert(copies.end(), g.begin(), g.end());
-        }
-        xchg = std::thread(run_copies, std::move(copies));
-      }
-      if (mode != 2) {
-        for (int r = 0; r < W; ++r) {
-          at::Tensor& g = grad[t % 2][r];
-          g.zero_();
-          const int s = source(r, t);
-          if (!needed(r, s)) continue;
-          const at::Tensor& b = kv_at(r, t);
-          cpu::block_attn_bwd(make_bwd_params(dout[r], q[r], b[0], b[1], pos[r], pos[s], lse[r],
-                                              delta[r], dq[r], g[0], g[1], causal, scale));
-        }
-      }
-      if (xchg.joinable()) xchg.join();
-      if (t > 0 && mode != 2) {
-        for (int r = 0; r < W; ++r) grad[t % 2][r].add_(grad_recv[r]);
-      }
-    }
-    // The last hop brings every block's dK/dV home.
-    if (mode != 1) run_copies(grad_copies(W));
-    if (mode == 1) {  // keep the result usable for checks: nothing travelled
-      for (int r = 0; r < W; ++r) grad_recv[r].copy_(grad[(W - 1) % 2][r]);
-    }
-    return ms_since(t0);
+  double hidden() const {
+    if (exchange <= 0) return 1.0;
+    return std::clamp((compute + exchange - ring) / exchange, 0.0, 1.0);
   }
 };
-
-Ring make_ring(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& dout, int W, bool causal, double scale) {
-  Ring ring;
-  ring.W = W;
-  ring.B = q.size(0);
-  ring.L = q.size(1) / W;
-  ring.H = q.size(2);
-  ring.Hkv = k.size(2);
-  ring.D = q.size(3);
-  ring.causal = causal;
-  ring.scale = scale;
-  ring.dtype = q.scalar_type();
-  for (int r = 0; r < W; ++r) {
-    const int64_t a = r * ring.L;
-    ring.q.push_back(q.narrow(1, a, ring.L).contiguous());
-    ring.dout.push_back(dout.narrow(1, a, ring.L).contiguous());
-    at::Tensor kv = at::empty({2, ring.B, ring.L, ring.Hkv, ring.D}, k.options());
-    kv[0].copy_(k.narrow(1, a, ring.L));
-    kv[1].copy_(v.narrow(1, a, ring.L));
-    ring.kv.push_back(kv);
-    ring.pos.push_back(at::arange(a, a + ring.L, at::kInt));
-  }
-  ring.alloc();
-  return ring;
-}
-
-double rel_err(const at::Tensor& got, const at::Tensor& want) {
-  const at::Tensor g = got.to(at::kDouble), w = want.to(at::kDouble);
-  const at::Tensor finite = at::isfinite(w);
-  const double scale = std::max(1.0, at::where(finite, w.abs(), 0.0).max().item<double>());
-  return at::where(finite, (g - w).abs(), 0.0).max().item<double>() / scale;
-}
-
-double median_or_min(std::vector<double> v, bool use_min) {
-  std::sort(v.begin(), v.end());
-  return use_min ? v.front() : v[v.size() / 2];
-}
 
 }  // namespace
 
@@ -218,8 +284,8 @@ int main(int argc, char** argv) {
   const bench::Options opt = bench::parse(
       argc, argv,
       [&](const char* name, const char* value) {
-        const std::string n = name;
-        if ((n == "-W" || n == "--world") && value) {
+        const std::string option = name;
+        if ((option == "-W" || option == "--world") && value) {
           world = std::atoi(value);
           return 2;
         }
@@ -232,7 +298,10 @@ int main(int argc, char** argv) {
   }
   if (opt.threads > 0) at::set_num_threads(opt.threads);
   const at::ScalarType dtype = opt.dtype == "float64" ? at::kDouble : at::kFloat;
-  const double tol = dtype == at::kDouble ? 1e-10 : 2e-4;
+  const double tolerance = dtype == at::kDouble ? 1e-10 : 2e-4;
+  RingOptions options;
+  options.causal = opt.causal;
+  options.softmax_scale = 1.0 / std::sqrt(static_cast<double>(opt.headdim));
 
   std::printf("# bench_ring: world %d, batch %d, heads %d/%d, headdim %d, %s, %s, %d threads, "
               "kernel %s\n",
@@ -243,72 +312,69 @@ int main(int argc, char** argv) {
               "hidden", "max_err");
   bool ok = true;
   std::string json = "[";
-  for (const int64_t L : opt.lengths()) {
-    at::manual_seed(L);
-    const int64_t S = L * world;
-    const auto options = at::TensorOptions().dtype(dtype);
-    at::Tensor q = at::randn({opt.batch, S, opt.heads, opt.headdim}, options);
-    at::Tensor k = at::randn({opt.batch, S, opt.nheads_kv(), opt.headdim}, options);
-    at::Tensor v = at::randn({opt.batch, S, opt.nheads_kv(), opt.headdim}, options);
-    at::Tensor dout = at::randn({opt.batch, S, opt.heads, opt.headdim}, options);
-    const double scale = 1.0 / std::sqrt(static_cast<double>(opt.headdim));
-    Ring ring = make_ring(q, k, v, dout, world, opt.causal, scale);
-
-    Timing fwd, bwd;
-    std::vector<double> samples[6];
-    for (int it = 0; it < opt.warmup + opt.iters; ++it) {
-      const double values[6] = {ring.forward(0), ring.forward(1), ring.forward(2),
-                                opt.run_bwd ? (ring.forward(0), ring.backward(0)) : 0.0,
-                                opt.run_bwd ? ring.backward(1) : 0.0,
-                                opt.run_bwd ? ring.backward(2) : 0.0};
-      if (it >= opt.warmup) {
-        for (int i = 0; i < 6; ++i) samples[i].push_back(values[i]);
-      }
+  for (const int64_t local_len : opt.lengths()) {
+    at::manual_seed(local_len);
+    const int64_t seqlen = local_len * world;
+    const auto tensor_options = at::TensorOptions().dtype(dtype);
+    const int64_t heads[] = {opt.heads, opt.nheads_kv(), opt.nheads_kv(), opt.heads};
+    std::vector<at::Tensor> whole;  // q, k, v, dout
+    for (const int64_t tensor_heads : heads) {
+      whole.push_back(at::randn({opt.batch, seqlen, tensor_heads, opt.headdim}, tensor_options));
     }
-    double m[6];
-    for (int i = 0; i < 6; ++i) m[i] = median_or_min(samples[i], opt.stat_min) / world;
-    auto hidden = [](double ring_ms, double comp, double xchg) {
-      if (xchg <= 0) return 1.0;
-      return std::clamp((comp + xchg - ring_ms) / xchg, 0.0, 1.0);
-    };
+    Shards ring(whole, world);  // its results: those of the last timed ring passes
+    ring.forward(options, Mode::kRing, opt.cpu_clock);  // out and lse for the backward passes
 
-    double err = 0;
-    if (opt.check) {
-      ring.forward(0);
-      if (opt.run_bwd) ring.backward(0);
-      Ring solo = make_ring(q, k, v, dout, 1, opt.causal, scale);
-      solo.forward(1);
-      if (opt.run_bwd) solo.backward(1);
-      for (int r = 0; r < world; ++r) {
-        const int64_t a = r * L;
-        err = std::max(err, rel_err(ring.out[r], solo.out[0].narrow(1, a, L)));
-        err = std::max(err, rel_err(ring.lse[r], solo.lse[0].narrow(2, a, L)));
-        if (opt.run_bwd) {
-          err = std::max(err, rel_err(ring.dq[r], solo.dq[0].narrow(1, a, L)));
-          // Rank r's own dK/dV came home in grad_recv[r].
-          err = std::max(err, rel_err(ring.grad_recv[r], solo.grad_recv[0].narrow(2, a, L)));
+    const Mode modes[] = {Mode::kRing, Mode::kComputeOnly, Mode::kExchangeOnly};
+    std::vector<double> samples[2][3];  // [forward, backward][mode]
+    for (int iter = 0; iter < opt.warmup + opt.iters; ++iter) {
+      for (int mode = 0; mode < 3; ++mode) {
+        const double fwd_ms = ring.forward(options, modes[mode], opt.cpu_clock);
+        const double bwd_ms =
+            opt.run_bwd ? ring.backward(options, modes[mode], opt.cpu_clock) : 0.0;
+        if (iter >= opt.warmup) {
+          samples[0][mode].push_back(fwd_ms);
+          samples[1][mode].push_back(bwd_ms);
         }
       }
-      if (!(err <= tol)) ok = false;
+    }
+    const int steps = RingContext(0, world, options, local_len).steps;
+    auto step_times = [&](int pass) {
+      auto per_step = [&](int mode) {
+        return bench::summary(samples[pass][mode], opt.stat_min) / steps;
+      };
+      return StepTimes{per_step(0), per_step(1), per_step(2)};
+    };
+    const StepTimes fwd = step_times(0), bwd = step_times(1);
+
+    double error = 0;
+    if (opt.check) {
+      std::vector<at::Tensor> whole64;
+      for (const at::Tensor& t : whole) whole64.push_back(t.to(at::kDouble));
+      Shards reference(whole64, 1);
+      reference.forward(options, Mode::kRing, false);
+      if (opt.run_bwd) reference.backward(options, Mode::kRing, false);
+      error = max_error(ring, reference, opt.run_bwd);
+      if (!(error <= tolerance)) ok = false;
     }
     std::printf("  %8lld %5d | %9.3f %10.3f %9.3f %7.3f | %9.3f %10.3f %9.3f %7.3f | %9.2e%s\n",
-                static_cast<long long>(L), world, m[0], m[1], m[2], hidden(m[0], m[1], m[2]),
-                m[3], m[4], m[5], opt.run_bwd ? hidden(m[3], m[4], m[5]) : 0.0, err,
-                opt.check ? (err <= tol ? "" : "  FAIL") : "  (unchecked)");
-    char buf[512];
-    std::snprintf(buf, sizeof(buf),
-                  "%s{\"len_per_rank\": %lld, \"world\": %d, \"fwd_step_ms\": %.6f, "
+                static_cast<long long>(local_len), steps, fwd.ring, fwd.compute, fwd.exchange,
+                fwd.hidden(), bwd.ring, bwd.compute, bwd.exchange,
+                opt.run_bwd ? bwd.hidden() : 0.0, error,
+                opt.check ? (error <= tolerance ? "" : "  FAIL") : "  (unchecked)");
+    char line[512];
+    std::snprintf(line, sizeof(line),
+                  "%s{\"len_per_rank\": %lld, \"world\": %d, \"steps\": %d, \"fwd_step_ms\": %.6f, "
                   "\"fwd_compute_ms\": %.6f, \"fwd_exchange_ms\": %.6f, \"bwd_step_ms\": %.6f, "
                   "\"bwd_compute_ms\": %.6f, \"bwd_exchange_ms\": %.6f, \"max_err\": %.3e}",
-                  json.size() > 1 ? ", " : "", static_cast<long long>(L), world, m[0], m[1], m[2],
-                  m[3], m[4], m[5], err);
-    json += buf;
+                  json.size() > 1 ? ", " : "", static_cast<long long>(local_len), world, steps,
+                  fwd.ring, fwd.compute, fwd.exchange, bwd.ring, bwd.compute, bwd.exchange, error);
+    json += line;
   }
   json += "]\n";
   if (!opt.json.empty()) {
-    if (FILE* f = std::fopen(opt.json.c_str(), "w")) {
-      std::fputs(json.c_str(), f);
-      std::fclose(f);
+    if (FILE* file = std::fopen(opt.json.c_str(), "w")) {
+      std::fputs(json.c_str(), file);
+      std::fclose(file);
     }
   }
   std::printf("# %s\n", opt.check ? (ok ? "check passed" : "CHECK FAILED") : "no check");

@@ -4,30 +4,13 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <string>
 #include <tuple>
 #include <vector>
 
-#include "core/params.h"
+#include "bindings/ring_context.h"      // RingOptions
+#include "bindings/tensor_block_ops.h"  // BlockKernels
 
 namespace ring_attn {
-
-struct BlockKernels {
-  void (*fwd)(const BlockFwdParams&);
-  void (*bwd)(const BlockBwdParams&);
-};
-
-// Everything of a ring call but the tensors.
-struct RingOptions {
-  std::string group_name;  // process group registered under this name; "" = world size 1
-  bool causal = false;
-  double softmax_scale = 1.0;
-  int64_t window_left = -1;  // -1: unbounded
-  int64_t window_right = -1;
-  std::string layout = "contiguous";
-  at::Tensor cu_seqlens;  // packed sequences: int32 (num_seqs + 1,) global boundaries, or undefined
-  bool deterministic = false;  // backward: no atomics in the CUDA kernels
-};
 
 // Returns (out, lse): out like q, lse (batch, heads, seqlen_local) in the accumulator dtype; with
 // cu_seqlens q is (tokens_local, heads, headdim) and lse (heads, tokens_local).
@@ -62,8 +45,8 @@ struct RingStats {
 };
 RingStats last_ring_stats();
 
-// RING_ATTN_TIMEOUT in seconds (default 300; <= 0 waits forever) and RING_ATTN_CHECK (default 1).
-double ring_timeout_seconds();
+// RING_ATTN_CHECK (default 1): whether the ranks agree on the arguments before the ring
+// (agreement.h).
 bool ring_check_enabled();
 
 }  // namespace ring_attn

@@ -88,13 +88,27 @@ static const int32_t* segments_of(const at::Tensor& q_seg, int64_t len) {
   return q_seg.data_ptr<int32_t>();
 }
 
-BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& q_pos, const at::Tensor& k_pos,
-                               const at::Tensor& out_acc, const at::Tensor& lse, bool causal,
-                               double softmax_scale) {
-  MaskSpec mask;
-  mask.causal = causal;
-  return make_fwd_params(q, k, v, q_pos, k_pos, at::Tensor(), out_acc, lse, mask, softmax_scale);
+// The fields the forward and backward params share: q, k, v and their strides...
+template <typename Params>
+static void set_qkv(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_strides = strides_of(q);
+  p.k_strides = strides_of(k);
+  p.v_strides = strides_of(v);
+}
+
+// ... and the mask (positions, packed sequences' ranges), scale and fp32 precision.
+template <typename Params>
+static void set_mask(Params& p, const at::Tensor& q_pos, const at::Tensor& k_pos,
+                     const at::Tensor& q_seg, const MaskSpec& mask, double softmax_scale) {
+  p.q_pos = q_pos.data_ptr<int32_t>();
+  p.k_pos = k_pos.data_ptr<int32_t>();
+  p.q_seg = segments_of(q_seg, q_pos.size(0));
+  p.mask = mask;
+  p.softmax_scale = softmax_scale;
+  p.fp32_precision = current_fp32_precision();
 }
 
 BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -108,36 +122,14 @@ BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const a
   check_positions(k_pos, k.size(1), "k_pos");
   check_like(out_acc, q, acc_dtype(q.scalar_type()), "out_acc");
   check_row_stats(lse, q, "lse");
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_strides = strides_of(q);
-  p.k_strides = strides_of(k);
-  p.v_strides = strides_of(v);
-  p.q_pos = q_pos.data_ptr<int32_t>();
-  p.k_pos = k_pos.data_ptr<int32_t>();
-  p.q_seg = segments_of(q_seg, q.size(1));
-  p.mask = mask;
-  p.softmax_scale = softmax_scale;
-  p.fp32_precision = current_fp32_precision();
+  set_qkv(p, q, k, v);
+  set_mask(p, q_pos, k_pos, q_seg, mask, softmax_scale);
   p.out_acc = out_acc.data_ptr();
   p.out_strides = strides_of(out_acc);
   p.lse = lse.data_ptr();
   p.lse_batch_stride = lse.stride(0);
   p.lse_head_stride = lse.stride(1);
   return p;
-}
-
-BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& q_pos,
-                               const at::Tensor& k_pos, const at::Tensor& lse,
-                               const at::Tensor& delta, const at::Tensor& dq_acc,
-                               const at::Tensor& dk_acc, const at::Tensor& dv_acc, bool causal,
-                               double softmax_scale) {
-  MaskSpec mask;
-  mask.causal = causal;
-  return make_bwd_params(dout, q, k, v, q_pos, k_pos, at::Tensor(), lse, delta, dq_acc, dk_acc,
-                         dv_acc, mask, softmax_scale);
 }
 
 BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -161,20 +153,10 @@ BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, cons
   check_like(dq_acc, q, acc, "dq_acc");
   check_like(dk_acc, k, acc, "dk_acc");
   check_like(dv_acc, v, acc, "dv_acc");
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  set_qkv(p, q, k, v);
   p.dout = dout.data_ptr();
-  p.q_strides = strides_of(q);
-  p.k_strides = strides_of(k);
-  p.v_strides = strides_of(v);
   p.dout_strides = strides_of(dout);
-  p.q_pos = q_pos.data_ptr<int32_t>();
-  p.k_pos = k_pos.data_ptr<int32_t>();
-  p.q_seg = segments_of(q_seg, q.size(1));
-  p.mask = mask;
-  p.softmax_scale = softmax_scale;
-  p.fp32_precision = current_fp32_precision();
+  set_mask(p, q_pos, k_pos, q_seg, mask, softmax_scale);
   p.lse = lse.data_ptr();
   p.delta = delta.data_ptr();
   p.row_stat_batch_stride = lse.stride(0);

@@ -21,11 +21,6 @@ BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& q_pos, const at::Tensor& k_pos,
                                const at::Tensor& q_seg, const at::Tensor& out_acc,
                                const at::Tensor& lse, const MaskSpec& mask, double softmax_scale);
-// One unpacked sequence, causal or not, no window.
-BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& q_pos, const at::Tensor& k_pos,
-                               const at::Tensor& out_acc, const at::Tensor& lse, bool causal,
-                               double softmax_scale);
 
 // dout like q; lse, delta: (b, h, sq) accumulator dtype; dq_acc like q, dk_acc/dv_acc like k.
 BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -34,12 +29,6 @@ BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, cons
                                const at::Tensor& lse, const at::Tensor& delta,
                                const at::Tensor& dq_acc, const at::Tensor& dk_acc,
                                const at::Tensor& dv_acc, const MaskSpec& mask,
-                               double softmax_scale);
-BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& q_pos,
-                               const at::Tensor& k_pos, const at::Tensor& lse,
-                               const at::Tensor& delta, const at::Tensor& dq_acc,
-                               const at::Tensor& dk_acc, const at::Tensor& dv_acc, bool causal,
                                double softmax_scale);
 
 }  // namespace ring_attn

@@ -18,6 +18,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace ring_attn {
 
@@ -156,5 +157,22 @@ class RingBackward {
   int computed_ = 0;
   int posted_ = 0;
 };
+
+// Drives every virtual rank's schedule from one thread, phase by phase: all ranks begin a step,
+// then all compute it, then all end it; after the last step, backward schedules all finish. Every
+// exchange is then posted by both its ends before either waits for it, so an in-memory transport
+// between the virtual ranks never blocks (LocalRing, bench_ring).
+template <typename Schedule>
+void run_lockstep(std::vector<Schedule>& schedules) {
+  const int steps = schedules.at(0).num_steps();
+  for (int step = 0; step < steps; ++step) {
+    for (Schedule& schedule : schedules) schedule.begin_step(step);
+    for (Schedule& schedule : schedules) schedule.compute_step(step);
+    for (Schedule& schedule : schedules) schedule.end_step(step);
+  }
+  if constexpr (requires(Schedule& schedule) { schedule.finish(); }) {
+    for (Schedule& schedule : schedules) schedule.finish();
+  }
+}
 
 }  // namespace ring_attn

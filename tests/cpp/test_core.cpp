@@ -1,5 +1,6 @@
-// Unit tests of csrc/core (no torch): mask classification, merge math, layouts, and the ring
-// scheduler driven in lockstep for several virtual ranks over an in-memory transport.
+// Unit tests of csrc/core (no torch): mask classification, merge math, layouts, the ring
+// scheduler driven in lockstep for several virtual ranks over an in-memory transport, and the
+// bookkeeping of the library's in-memory transports (local_exchanges.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -13,6 +14,7 @@
 
 #include "core/bounded_cache.h"
 #include "core/layout.h"
+#include "core/local_exchanges.h"
 #include "core/mask.h"
 #include "core/merge.h"
 #include "core/ring_scheduler.h"
@@ -288,14 +290,12 @@ void FakeOps::add_grad(int dst, int src) {
   slots[dst][1] += slots[src][1];
 }
 
-static void run_forward(World& world) {
-  std::vector<RingForward> rings;
-  for (int r = 0; r < world.size; ++r) rings.emplace_back(world.transports[r], world.ops[r]);
-  for (int step = 0; step < world.size; ++step) {
-    for (auto& ring : rings) ring.begin_step(step);
-    for (auto& ring : rings) ring.compute_step(step);
-    for (auto& ring : rings) ring.end_step(step);
-  }
+// Every rank's schedule of the given kind over `world`, run in lockstep (core's run_lockstep).
+template <typename Schedule>
+static void run_ring(World& world, int steps = 0) {
+  std::vector<Schedule> rings;
+  for (int r = 0; r < world.size; ++r) rings.emplace_back(world.transports[r], world.ops[r], steps);
+  run_lockstep(rings);
 }
 
 static void test_forward_schedule() {
@@ -303,7 +303,7 @@ static void test_forward_schedule() {
     for (bool causal : {false, true}) {
       auto needed = [causal](int rank, int source) { return !causal || source <= rank; };
       World world(w, needed);
-      run_forward(world);
+      run_ring<RingForward>(world);
       CHECK(world.posts == w * (w - 1));  // K/V make W-1 hops
       for (int r = 0; r < w; ++r) {
         std::vector<int> want;
@@ -328,14 +328,7 @@ static void test_backward_schedule() {
         return source == rank || source == mod(rank + 1, w);
       };
       World world(w, needed);
-      std::vector<RingBackward> rings;
-      for (int r = 0; r < w; ++r) rings.emplace_back(world.transports[r], world.ops[r]);
-      for (int step = 0; step < w; ++step) {
-        for (auto& ring : rings) ring.begin_step(step);
-        for (auto& ring : rings) ring.compute_step(step);
-        for (auto& ring : rings) ring.end_step(step);
-      }
-      for (auto& ring : rings) ring.finish();
+      run_ring<RingBackward>(world);
       // K/V: W-1 hops; dK/dV: W-1 hops (the own block's part stays home).
       CHECK(world.posts == (w > 1 ? 2 * w * (w - 1) : 0));
       for (int r = 0; r < w; ++r) {
@@ -361,13 +354,7 @@ static void test_truncated_ring() {
       const int steps = steps_needed(w, needed);
       CHECK(steps == (w == 1 ? 1 : std::min(k + 1, w)));
       World world(w, needed);
-      std::vector<RingForward> fwd;
-      for (int r = 0; r < w; ++r) fwd.emplace_back(world.transports[r], world.ops[r], steps);
-      for (int step = 0; step < steps; ++step) {
-        for (auto& ring : fwd) ring.begin_step(step);
-        for (auto& ring : fwd) ring.compute_step(step);
-        for (auto& ring : fwd) ring.end_step(step);
-      }
+      run_ring<RingForward>(world, steps);
       CHECK(world.posts == w * (steps - 1));
       for (int r = 0; r < w; ++r) {
         std::vector<int> want;
@@ -376,14 +363,7 @@ static void test_truncated_ring() {
       }
 
       World back(w, needed);
-      std::vector<RingBackward> rings;
-      for (int r = 0; r < w; ++r) rings.emplace_back(back.transports[r], back.ops[r], steps);
-      for (int step = 0; step < steps; ++step) {
-        for (auto& ring : rings) ring.begin_step(step);
-        for (auto& ring : rings) ring.compute_step(step);
-        for (auto& ring : rings) ring.end_step(step);
-      }
-      for (auto& ring : rings) ring.finish();
+      run_ring<RingBackward>(back, steps);
       CHECK(back.posts == 2 * w * (steps - 1));
       CHECK(back.mailbox.empty());
       for (int r = 0; r < w; ++r) {
@@ -395,6 +375,55 @@ static void test_truncated_ring() {
       }
     }
   }
+}
+
+// LocalExchanges (the in-memory transports' bookkeeping): a hop is copied exactly once, as soon as
+// both its ends have posted, also for the backward jumps of a truncated ring and at world size 1;
+// a wait completes only once both hops of its exchange were copied.
+static void test_local_exchanges() {
+  struct Posted {
+    int send = -1;  // the posting rank's message
+    int recv = -1;  // what arrived in its receive slot
+  };
+  for (int world = 1; world <= 5; ++world) {
+    for (int offset : {1, 1 - world, 2 - world}) {
+      if (world > 1 && mod(offset, world) == 0) continue;  // not a hop between ranks
+      LocalExchanges<Posted> exchanges(world);
+      const Exchange exchange{Channel::kGradKV, 2, slot::kGradAcc0, slot::kGradRecv0, offset};
+      std::vector<int> copies_into(world, 0);
+      auto copy = [&](Posted& from, Posted& to, int receiver) {
+        to.recv = from.send;
+        ++copies_into[receiver];
+      };
+      for (int rank = 0; rank < world; ++rank) {
+        exchanges.post(rank, exchange, Posted{100 + rank}, copy);
+        const int receiver = mod(rank + offset, world);
+        // Copied so far: every hop whose both ends have posted (ranks 0..rank).
+        for (int r = 0; r < world; ++r) {
+          const int sender = mod(r - offset, world);
+          CHECK(copies_into[r] == (r <= rank && sender <= rank ? 1 : 0));
+        }
+        if (rank + 1 < world && receiver > rank) {
+          CHECK(!exchanges.complete(rank, exchange));  // its hop out is still to be copied
+        }
+      }
+      for (int rank = 0; rank < world; ++rank) {
+        CHECK(exchanges.pending(rank) == 1);
+        const auto done = exchanges.complete(rank, exchange);
+        CHECK(done && done->posted.recv == 100 + mod(rank - offset, world));
+        CHECK(exchanges.pending(rank) == 0);
+        CHECK(!exchanges.complete(rank, exchange));  // completed once only
+      }
+    }
+  }
+  // Exchanges are told apart by (channel, step): a K/V post does not complete a dK/dV one.
+  LocalExchanges<Posted> exchanges(2);
+  auto ignore = [](Posted&, Posted&, int) {};
+  exchanges.post(0, Exchange{Channel::kKV, 0, slot::kOwnKV, slot::kKVRecv0}, Posted{}, ignore);
+  exchanges.post(1, Exchange{Channel::kGradKV, 0, slot::kGradAcc0, slot::kGradRecv0}, Posted{},
+                 ignore);
+  CHECK(!exchanges.complete(0, Exchange{Channel::kKV, 0, slot::kOwnKV, slot::kKVRecv0}));
+  CHECK(exchanges.pending(0) == 1 && exchanges.pending(1) == 1);
 }
 
 static void test_timeout_message() {
@@ -489,6 +518,7 @@ int main() {
   test_forward_schedule();
   test_backward_schedule();
   test_truncated_ring();
+  test_local_exchanges();
   test_timeout_message();
   std::printf("test_core: %d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

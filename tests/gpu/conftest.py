@@ -1,5 +1,7 @@
-"""tests/gpu: the CUDA kernels on a GPU (skipped without one); gpu_cases.py is importable here."""
+"""tests/gpu: the CUDA kernels on a GPU (skipped without one); gpu_cases.py and the cases it builds
+on (tests/cases.py) are importable here."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]

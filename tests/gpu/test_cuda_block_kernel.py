@@ -54,11 +54,11 @@ def test_precision_does_not_decay_with_merges(dtype):
 
 def test_unmerged_forward_is_plain_attention():
     """_cuda_block_fwd(merge=False) ignores the incoming state (the merge-cost benchmark's twin)."""
-    q, k, v, _ = gc.random_inputs(1, 1, 70, 90, 2, 1, 64, torch.bfloat16)
-    c = gc.mask_case("diagonal", 70, 90, 1)
-    want, want_lse = gc.block_fwd("cuda", q, [(k, v, c["k_pos"])], c, 0.125)
-    got, got_lse = gc.block_fwd("cuda", q, [(k, v, c["k_pos"]), (k, v, c["k_pos"])], c, 0.125,
-                                merge=False)
+    q, k, v, _ = gc.random_qkv(1, 1, 70, 90, 2, 1, 64, torch.bfloat16)
+    mask = gc.mask_case("diagonal", 70, 90, 1)
+    want, want_lse = gc.block_fwd("cuda", q, [(k, v, mask["k_pos"])], mask, 0.125)
+    got, got_lse = gc.block_fwd("cuda", q, [(k, v, mask["k_pos"]), (k, v, mask["k_pos"])], mask,
+                                0.125, merge=False)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_lse, want_lse)
 
@@ -66,22 +66,14 @@ def test_unmerged_forward_is_plain_attention():
 @pytest.mark.parametrize("kind", ["transposed", "sliced"])
 def test_block_ops_strided_inputs(kind):
     """Strided q, k, v, dout with 16-byte aligned rows give the contiguous results."""
-    q, k, v, dout = gc.random_inputs(2, 2, 50, 70, 4, 2, 64, torch.bfloat16)
-    c = gc.mask_case("random", 50, 70, 2)
-
-    def strided(t):
-        if kind == "transposed":
-            return t.transpose(1, 2).contiguous().transpose(1, 2)
-        b, s, h, d = t.shape
-        wide = t.new_zeros(b, 2 * s, 2 * h, d)
-        wide[:, 1::2, ::2] = t
-        return wide[:, 1::2, ::2]
-
-    want = gc.block_fwd("cuda", q, [(k, v, c["k_pos"])], c, 0.3)
-    got = gc.block_fwd("cuda", strided(q), [(strided(k), strided(v), c["k_pos"])], c, 0.3)
+    q, k, v, dout = gc.random_qkv(2, 2, 50, 70, 4, 2, 64, torch.bfloat16)
+    mask = gc.mask_case("random", 50, 70, 2)
+    qs, ks, vs, douts = (gc.strided(t, kind) for t in (q, k, v, dout))
+    want = gc.block_fwd("cuda", q, [(k, v, mask["k_pos"])], mask, 0.3)
+    got = gc.block_fwd("cuda", qs, [(ks, vs, mask["k_pos"])], mask, 0.3)
     torch.testing.assert_close(got, want)
-    want_g = gc.block_bwd("cuda", dout, q, k, v, c, *want, 0.3)
-    got_g = gc.block_bwd("cuda", strided(dout), strided(q), strided(k), strided(v), c, *want, 0.3)
+    want_g = gc.block_bwd("cuda", dout, q, k, v, mask, *want, 0.3)
+    got_g = gc.block_bwd("cuda", douts, qs, ks, vs, mask, *want, 0.3)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # dq atomics: order may differ
 
@@ -112,7 +104,7 @@ def test_rejects_unsupported_inputs():
 def test_opcheck_block_ops():
     """torch.library.opcheck on the CUDA block ops (schemas, mutation annotations, fake kernels)."""
     import ring_attention as ra
-    q, k, v, dout = (t.cuda() for t in gc.random_inputs(5, 2, 40, 30, 4, 2, 64, torch.bfloat16))
+    q, k, v, dout = (t.cuda() for t in gc.random_qkv(5, 2, 40, 30, 4, 2, 64, torch.bfloat16))
     pos_q = torch.arange(40, dtype=torch.int32, device="cuda")
     pos_k = torch.arange(30, dtype=torch.int32, device="cuda")
     out = torch.zeros(q.shape, device="cuda")

@@ -50,12 +50,11 @@ def test_nccl_matches_c10d_and_reference(nccl_group, layout, causal):
     dtype, heads, heads_kv, headdim, local_len = torch.bfloat16, 4, 2, 128, 256
     seqlen = WORLD * local_len
     seed = gc.seed_of("nccl", WORLD, layout, causal)
-    q, k, v, dout = gc.random_inputs(seed, 2, seqlen, seqlen, heads, heads_kv, headdim, dtype)
-    c = gc.mask_case("diagonal" if causal else "none", seqlen, seqlen, seed)
-    vis = gc.visible(c)
+    q, k, v, dout = gc.random_qkv(seed, 2, seqlen, seqlen, heads, heads_kv, headdim, dtype)
+    seen = gc.sequence_visible(seqlen, causal)
     scale = headdim ** -0.5
-    ref = gc.reference(q, k, v, dout, vis, scale, torch.float64)
-    low = gc.reference(q, k, v, dout, vis, scale, dtype)
+    ref = gc.reference(q, k, v, dout, seen, scale)
+    low = gc.reference(q, k, v, dout, seen, scale, dtype)
 
     nccl = run_ring("nccl", q, k, v, dout, layout, causal)
     c10d = run_ring("c10d", q, k, v, dout, layout, causal)

@@ -1,0 +1,153 @@
+#include "bindings/tensor_block_ops.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+
+#include "bindings/tensor_params.h"
+
+#if defined(RING_ATTN_WITH_CUDA)
+#include <nvtx3/nvToolsExt.h>  // header-only; a no-op unless a profiler is attached
+#endif
+
+namespace ring_attn {
+
+namespace {
+
+// An NVTX range around one ring step's block computation (CUDA builds; shows in Nsight Systems).
+struct StepRange {
+#if defined(RING_ATTN_WITH_CUDA)
+  StepRange(const char* what, int source) {
+    const std::string name = std::string("ring step: ") + what + " block of rank " +
+                             std::to_string(source);
+    nvtxRangePushA(name.c_str());
+  }
+  ~StepRange() { nvtxRangePop(); }
+#else
+  StepRange(const char*, int) {}
+#endif
+};
+
+// The K/V of a block packed as (2, batch, seqlen, heads_kv, headdim): one message per hop.
+at::Tensor pack_kv(const at::Tensor& k, const at::Tensor& v) {
+  at::Tensor packed = at::empty({2, k.size(0), k.size(1), k.size(2), k.size(3)}, k.options());
+  packed[0].copy_(k);
+  packed[1].copy_(v);
+  return packed;
+}
+
+// Headdim must have unit stride for the kernels; anything else is copied once.
+at::Tensor unit_last_stride(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+// The own block's K/V: packed into slot kOwnKV (one message per hop) when the ring sends it, and
+// on the CPU read in place by the kernels (which take any strides) rather than from that copy.
+// The receive slots are shaped like the packed block.
+void set_own_kv(TensorBlockOps& ops, std::vector<at::Tensor>& slots, const at::Tensor& k,
+                const at::Tensor& v, int steps) {
+  if (k.is_cpu()) {
+    ops.own_k = unit_last_stride(k);
+    ops.own_v = unit_last_stride(v);
+  }
+  if (steps > 1 || !k.is_cpu()) slots[slot::kOwnKV] = pack_kv(k, v);
+  for (int i = 0; i < std::min(2, steps - 1); ++i) {
+    slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
+  }
+}
+
+}  // namespace
+
+void TensorBlockOps::forward(int kv_slot, int source) {
+  StepRange range("forward", source);
+  const auto [k, v] = kv_of(kv_slot);
+  kernels_.fwd(make_fwd_params(q, k, v, query_positions(), ring_.positions_of(source, q.device()),
+                               ring_.segments_of_rank(q.device()), out_acc, lse, ring_.mask,
+                               scale_));
+}
+
+void TensorBlockOps::backward(int kv_slot, int source, int grad_slot) {
+  StepRange range("backward", source);
+  const auto [k, v] = kv_of(kv_slot);
+  zero_grad(grad_slot);
+  const auto [dk, dv] = grad_of(grad_slot);
+  BlockBwdParams params = make_bwd_params(dout, q, k, v, query_positions(),
+                                          ring_.positions_of(source, q.device()),
+                                          ring_.segments_of_rank(q.device()), lse, delta, dq_acc,
+                                          dk, dv, ring_.mask, scale_);
+  params.deterministic = deterministic;
+  kernels_.bwd(params);
+}
+
+void TensorBlockOps::zero_grad(int grad_slot) {
+  const auto [dk, dv] = grad_of(grad_slot);
+  dk.zero_();
+  dv.zero_();
+}
+
+void TensorBlockOps::add_grad(int dst_slot, int src_slot) {
+  const auto [dst_dk, dst_dv] = grad_of(dst_slot);
+  const auto [src_dk, src_dv] = grad_of(src_slot);
+  dst_dk.add_(src_dk);
+  dst_dv.add_(src_dv);
+}
+
+std::pair<at::Tensor, at::Tensor> TensorBlockOps::kv_of(int kv_slot) const {
+  if (kv_slot == slot::kOwnKV && own_k.defined()) return {own_k, own_v};
+  const at::Tensor& kv = slots_.at(kv_slot);
+  return {kv[0], kv[1]};
+}
+
+std::pair<at::Tensor, at::Tensor> TensorBlockOps::grad_of(int grad_slot) const {
+  if (grad_slot == slot::kGradHome) return {home_dk, home_dv};
+  const at::Tensor& grad = slots_.at(grad_slot);
+  return {grad[0], grad[1]};
+}
+
+RankForward::RankForward(const BlockKernels& kernels, int rank, int world, const at::Tensor& q,
+                         const at::Tensor& k, const at::Tensor& v, const RingOptions& options)
+    : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
+  const at::ScalarType acc = acc_dtype(q.scalar_type());
+  set_own_kv(ops, slots, k, v, ring.steps);
+  ops.q = unit_last_stride(q);
+  ops.out_acc = at::zeros(q.sizes(), q.options().dtype(acc));
+  ops.lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
+                     q.options().dtype(acc));
+}
+
+std::tuple<at::Tensor, at::Tensor> RankForward::result(at::ScalarType dtype) const {
+  return {ops.out_acc.to(dtype), ops.lse};
+}
+
+RankBackward::RankBackward(const BlockKernels& kernels, int rank, int world,
+                           const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                           const RingOptions& options)
+    : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
+  const at::ScalarType acc = acc_dtype(q.scalar_type());
+  ops.deterministic = options.deterministic;
+  set_own_kv(ops, slots, k, v, ring.steps);
+  ops.home_dk = at::empty(k.sizes(), k.options().dtype(acc));
+  ops.home_dv = at::empty(v.sizes(), v.options().dtype(acc));
+  for (int i = 0; i < 2; ++i) {
+    // Travelling sums and their receive buffers of steps 1 .. steps-1 (slot i: steps t % 2 == i).
+    if (i == 0 ? ring.steps > 2 : ring.steps > 1) {
+      slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+      slots[slot::kGradRecv0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+    }
+  }
+  ops.q = unit_last_stride(q);
+  ops.dout = unit_last_stride(dout);
+  ops.lse = lse;
+  // delta = (dout * out).sum(-1), as (batch, heads, seqlen) like lse
+  ops.delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous();
+  ops.dq_acc = at::zeros(q.sizes(), q.options().dtype(acc));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> RankBackward::result(at::ScalarType dtype) const {
+  return {ops.dq_acc.to(dtype), ops.home_dk.to(dtype), ops.home_dv.to(dtype)};
+}
+
+}  // namespace ring_attn
