@@ -2,7 +2,7 @@
 // (csrc/cuda/block_attn_kernel.cuh, compiled with RA_CUDA_EMULATE) run and are checked on a machine
 // without a GPU. Every CUDA thread is a std::thread; a CTA's threads share a barrier
 // (__syncthreads) and each warp has a barrier and an exchange area for its collective instructions:
-//   mma.sync m16n8k16 and ldmatrix(.trans) follow the fragment layouts of the PTX ISA;
+//   mma.sync m16n8k16, ldmatrix(.trans) and stmatrix follow the fragment layouts of the PTX ISA;
 //   cp.async copies are deferred until the issuing thread waits for their group (so reading a tile
 //   before cp.async.wait_group + barrier reads stale data), and every copy and ldmatrix checks
 //   alignment and shared-memory bounds;
@@ -23,6 +23,11 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+// CUDA's vector types that the kernels use.
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 namespace ring_attn {
 namespace cuda {
@@ -52,6 +57,7 @@ struct Cta {
 struct PendingCopy {
   void* dst;
   const void* src;
+  int bytes;
   bool valid;
 };
 
@@ -70,11 +76,12 @@ inline void sync_threads() { tls->cta->bar.arrive_and_wait(); }
 inline Warp& warp() { return *tls->cta->warps[tls->tid / 32]; }
 inline int lane() { return tls->tid % 32; }
 
+// An access of `bytes` bytes must lie in the CTA's shared memory and be aligned to its size.
 inline void check_smem(const void* p, size_t bytes, const char* what) {
   const char* c = static_cast<const char*>(p);
   const Cta& cta = *tls->cta;
   if (c < cta.smem || c + bytes > cta.smem + cta.smem_bytes) fail(what);
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail(what);
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail(what);
 }
 
 template <typename T>
@@ -86,6 +93,17 @@ T shfl_xor(T v, int mask) {
   w.bar.arrive_and_wait();
   T out;
   std::memcpy(&out, &w.slot[l ^ mask][0], sizeof(T));
+  w.bar.arrive_and_wait();
+  return out;
+}
+
+inline uint32_t ballot(bool v) {
+  Warp& w = warp();
+  const int l = lane();
+  w.slot[l][0] = v ? 1 : 0;
+  w.bar.arrive_and_wait();
+  uint32_t out = 0;
+  for (int i = 0; i < 32; ++i) out |= static_cast<uint32_t>(w.slot[i][0] & 1u) << i;
   w.bar.arrive_and_wait();
   return out;
 }
@@ -182,11 +200,38 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans) {
   w.bar.arrive_and_wait();
 }
 
+// ---- stmatrix.sync.aligned.m8n8.x4.shared.b16 ------------------------------------------------------
+inline void stmatrix_x4(const uint32_t (&r)[4], uint16_t* row) {
+  check_smem(row, 16, "stmatrix row address out of shared memory or not 16-byte aligned");
+  Warp& w = warp();
+  const int l = lane();
+  std::memcpy(&w.slot[l][0], &row, sizeof(row));
+  for (int i = 0; i < 4; ++i) w.slot[l][1 + i] = r[i];
+  w.bar.arrive_and_wait();
+  // Lane l writes row l % 8 of matrix l / 8: column pair t comes from lane 4 * (l % 8) + t.
+  uint16_t* p;
+  std::memcpy(&p, &w.slot[l][0], sizeof(p));
+  const int i = l / 8, g = l % 8;
+  for (int t = 0; t < 4; ++t) {
+    const uint32_t v = static_cast<uint32_t>(w.slot[4 * g + t][1 + i]);
+    p[2 * t] = static_cast<uint16_t>(v & 0xffffu);
+    p[2 * t + 1] = static_cast<uint16_t>(v >> 16);
+  }
+  w.bar.arrive_and_wait();
+}
+
 // ---- cp.async ----------------------------------------------------------------------------------
-inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   check_smem(smem, 16, "cp.async destination out of shared memory or not 16-byte aligned");
+  if (src_bytes != 0 && src_bytes != 16) fail("cp.async source size other than 0 or 16");
+  const bool valid = src_bytes == 16;
   if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) fail("cp.async source not 16-byte aligned");
-  tls->open.push_back({smem, gmem, valid});
+  tls->open.push_back({smem, gmem, 16, valid});
+}
+inline void cp_async_4(void* smem, const void* gmem, bool valid) {
+  check_smem(smem, 4, "cp.async destination out of shared memory or not 4-byte aligned");
+  if (valid && reinterpret_cast<uintptr_t>(gmem) % 4 != 0) fail("cp.async source not 4-byte aligned");
+  tls->open.push_back({smem, gmem, 4, valid});
 }
 inline void cp_async_commit() {
   tls->committed.push_back(std::move(tls->open));
@@ -197,20 +242,22 @@ inline void cp_async_wait(int n) {
   while (static_cast<int>(groups.size()) > n) {
     for (const PendingCopy& c : groups.front()) {
       if (c.valid) {
-        std::memcpy(c.dst, c.src, 16);
+        std::memcpy(c.dst, c.src, c.bytes);
       } else {
-        std::memset(c.dst, 0, 16);
+        std::memset(c.dst, 0, c.bytes);
       }
     }
     groups.erase(groups.begin());
   }
 }
 
-// Every atomic_add of the emulated kernels is counted (the deterministic backward must do none).
+// Every reduction instruction of the emulated kernels is counted (the deterministic backward must
+// issue none). A vector reduction (sm_90) must be aligned to its width, as on the GPU.
 inline std::atomic<int64_t> atomic_adds{0};
-inline void atomic_add(float* p, float v) {
-  atomic_adds.fetch_add(1, std::memory_order_relaxed);
-  std::atomic_ref<float>(*p).fetch_add(v);
+inline void red_add(float* p, const float* v, int n, bool vector) {
+  if (vector && reinterpret_cast<uintptr_t>(p) % (4 * n) != 0) fail("vector reduction not aligned");
+  atomic_adds.fetch_add(vector ? 1 : n, std::memory_order_relaxed);
+  for (int i = 0; i < n; ++i) std::atomic_ref<float>(p[i]).fetch_add(v[i]);
 }
 
 // Runs body(smem) for every CTA of a (gx, gy, gz) grid of `nthreads` threads, one CTA at a time.

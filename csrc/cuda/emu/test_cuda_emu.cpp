@@ -13,7 +13,9 @@
 #include <string>
 #include <vector>
 
-#include "cuda/block_attn_kernel.cuh"
+#include "cuda/bwd_kernel.cuh"
+#include "cuda/dq_kernel.cuh"
+#include "cuda/fwd_kernel.cuh"
 #include "cuda/static_switch.h"
 
 using namespace ring_attn;
