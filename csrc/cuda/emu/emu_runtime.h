@@ -38,9 +38,13 @@ namespace emu {
   std::abort();
 }
 
+// A warp's exchange area for its collective instructions: each collective writes its lanes'
+// operands into one of two slot sets, meets the warp at one barrier and reads them back. The sets
+// alternate, so a lane that runs ahead to the next collective writes the set nobody reads any
+// more (every lane has passed this collective's barrier, hence finished reading the other set).
 struct Warp {
   std::barrier<> bar{32};
-  uint64_t slot[32][8];
+  uint64_t slot[2][32][8];
 };
 
 struct Cta {
@@ -64,6 +68,7 @@ struct PendingCopy {
 struct Thread {
   Cta* cta;
   int tid;
+  int collectives;  // warp collectives this thread has run (its slot set: the parity)
   std::vector<std::vector<PendingCopy>> committed;
   std::vector<PendingCopy> open;
 };
@@ -75,6 +80,8 @@ inline int block_idx(int i) { return tls->cta->block[i]; }
 inline void sync_threads() { tls->cta->bar.arrive_and_wait(); }
 inline Warp& warp() { return *tls->cta->warps[tls->tid / 32]; }
 inline int lane() { return tls->tid % 32; }
+// The slot set of this thread's next collective.
+inline uint64_t (&slots())[32][8] { return warp().slot[tls->collectives++ % 2]; }
 
 // An access of `bytes` bytes must lie in the CTA's shared memory and be aligned to its size.
 inline void check_smem(const void* p, size_t bytes, const char* what) {
@@ -88,23 +95,23 @@ template <typename T>
 T shfl_xor(T v, int mask) {
   static_assert(sizeof(T) <= 8, "shuffle width");
   Warp& w = warp();
+  auto& slot = slots();
   const int l = lane();
-  std::memcpy(&w.slot[l][0], &v, sizeof(T));
+  std::memcpy(&slot[l][0], &v, sizeof(T));
   w.bar.arrive_and_wait();
   T out;
-  std::memcpy(&out, &w.slot[l ^ mask][0], sizeof(T));
-  w.bar.arrive_and_wait();
+  std::memcpy(&out, &slot[l ^ mask][0], sizeof(T));
   return out;
 }
 
 inline uint32_t ballot(bool v) {
   Warp& w = warp();
+  auto& slot = slots();
   const int l = lane();
-  w.slot[l][0] = v ? 1 : 0;
+  slot[l][0] = v ? 1 : 0;
   w.bar.arrive_and_wait();
   uint32_t out = 0;
-  for (int i = 0; i < 32; ++i) out |= static_cast<uint32_t>(w.slot[i][0] & 1u) << i;
-  w.bar.arrive_and_wait();
+  for (int i = 0; i < 32; ++i) out |= static_cast<uint32_t>(slot[i][0] & 1u) << i;
   return out;
 }
 
@@ -148,13 +155,14 @@ inline uint32_t pack2(float lo, float hi) {
 template <bool kBF16>
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   Warp& w = warp();
+  auto& slot = slots();
   const int l = lane();
-  for (int i = 0; i < 4; ++i) w.slot[l][i] = a[i];
-  w.slot[l][4] = b0;
-  w.slot[l][5] = b1;
+  for (int i = 0; i < 4; ++i) slot[l][i] = a[i];
+  slot[l][4] = b0;
+  slot[l][5] = b1;
   w.bar.arrive_and_wait();
   auto elem = [&](int ln, int reg, int k) {
-    const uint32_t v = static_cast<uint32_t>(w.slot[ln][reg]);
+    const uint32_t v = static_cast<uint32_t>(slot[ln][reg]);
     return to_float<kBF16>(static_cast<uint16_t>(k % 2 ? v >> 16 : v & 0xffffu));
   };
   // A (r, k): lane 4 * (r % 8) + (k % 8) / 2, register (r / 8) + 2 * (k / 8)
@@ -169,19 +177,19 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
     }
     d[i] = static_cast<float>(acc);
   }
-  w.bar.arrive_and_wait();
 }
 
 // ---- ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 ---------------------------------------------
 inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans) {
   check_smem(row, 16, "ldmatrix row address out of shared memory or not 16-byte aligned");
   Warp& w = warp();
+  auto& slot = slots();
   const int l = lane();
-  std::memcpy(&w.slot[l][0], &row, sizeof(row));
+  std::memcpy(&slot[l][0], &row, sizeof(row));
   w.bar.arrive_and_wait();
   auto row_of = [&](int ln) {
     const uint16_t* p;
-    std::memcpy(&p, &w.slot[ln][0], sizeof(p));
+    std::memcpy(&p, &slot[ln][0], sizeof(p));
     return p;
   };
   const int g = l / 4, t = l % 4;
@@ -197,27 +205,26 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans) {
     }
     r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
-  w.bar.arrive_and_wait();
 }
 
 // ---- stmatrix.sync.aligned.m8n8.x4.shared.b16 ------------------------------------------------------
 inline void stmatrix_x4(const uint32_t (&r)[4], uint16_t* row) {
   check_smem(row, 16, "stmatrix row address out of shared memory or not 16-byte aligned");
   Warp& w = warp();
+  auto& slot = slots();
   const int l = lane();
-  std::memcpy(&w.slot[l][0], &row, sizeof(row));
-  for (int i = 0; i < 4; ++i) w.slot[l][1 + i] = r[i];
+  std::memcpy(&slot[l][0], &row, sizeof(row));
+  for (int i = 0; i < 4; ++i) slot[l][1 + i] = r[i];
   w.bar.arrive_and_wait();
   // Lane l writes row l % 8 of matrix l / 8: column pair t comes from lane 4 * (l % 8) + t.
   uint16_t* p;
-  std::memcpy(&p, &w.slot[l][0], sizeof(p));
+  std::memcpy(&p, &slot[l][0], sizeof(p));
   const int i = l / 8, g = l % 8;
   for (int t = 0; t < 4; ++t) {
-    const uint32_t v = static_cast<uint32_t>(w.slot[4 * g + t][1 + i]);
+    const uint32_t v = static_cast<uint32_t>(slot[4 * g + t][1 + i]);
     p[2 * t] = static_cast<uint16_t>(v & 0xffffu);
     p[2 * t + 1] = static_cast<uint16_t>(v >> 16);
   }
-  w.bar.arrive_and_wait();
 }
 
 // ---- cp.async ----------------------------------------------------------------------------------
@@ -279,7 +286,7 @@ void launch(int gx, int gy, int gz, int nthreads, size_t smem_bytes, Body&& body
         std::vector<std::thread> threads;
         for (int tid = 0; tid < nthreads; ++tid) {
           threads.emplace_back([&cta, &body, tid] {
-            Thread t{&cta, tid, {}, {}};
+            Thread t{&cta, tid, 0, {}, {}};
             tls = &t;
             body(cta.smem);
             if (!t.open.empty() || !t.committed.empty()) fail("thread exited with cp.async in flight");
