@@ -7,8 +7,8 @@
 //             softmax in registers (core/merge.h OnlineRow), P rounded to 16 bits, O += P V
 //   epilogue  o = acc / l, lse = m + log(l)
 // K/V tiles are double buffered: the next live tile's cp.async is issued right after the barrier
-// that starts a tile, with per-thread offsets computed once (tile_copy.cuh). A partial tile's key
-// positions come along into shared memory, so the loop reads no global memory.
+// that starts a tile, each thread's offsets derived from its index at each copy (tile_copy.cuh). A
+// partial tile's key positions come along into shared memory, so the loop reads no global memory.
 // Rows that see nothing keep out = 0 and lse = -inf (never -inf - -inf).
 #pragma once
 
@@ -31,6 +31,15 @@ namespace cuda {
 RA_DEV float neg_inf_f() { return -std::numeric_limits<float>::infinity(); }
 RA_DEV float pos_inf_f() { return std::numeric_limits<float>::infinity(); }
 
+// The CTA's constants that the main loop needs once per tile: they wait in shared memory rather
+// than in registers across the loop, whose accumulators (S and O: 192 of 255 registers per thread
+// at d = 64 and 128) leave no room for them.
+struct FwdConsts {
+  const uint16_t* k;  // the CTA's (batch, K/V head) slices of K and V
+  const uint16_t* v;
+  float mask_mul;     // applied to the scores by the mask pass (1 when the scale is folded)
+};
+
 template <typename Kt>
 RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
   constexpr bool kBF16 = Kt::kBF16;
@@ -40,6 +49,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
   constexpr int kKcQK = kD / 16;  // k-chunks of Q K^T (head dim)
   constexpr int kNbO = kD / 8;    // n-blocks of an output row (head dim)
   constexpr int kKcPV = kBN / 16; // k-chunks of P V (keys)
+  static_assert(sizeof(FwdConsts) <= 32, "FwdTraits::kOffConsts region");
 
   const BlockFwdParams& p = args.p;
   using QCopy = TileCopy<kBM, kD, kStride, kNT>;   // query rows (Q, dO)
@@ -82,21 +92,28 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
       cta_row_bounds<kNT>(p.mask, p.q_pos, p.q_seg, q0, kBM, Sq, sRows, scratch, tid);
 
   static_assert(kBN <= kNT, "one key position per thread");
+  FwdConsts* sConsts = reinterpret_cast<FwdConsts*>(smem + Kt::kOffConsts);
+  if (tid == 0) *sConsts = FwdConsts{gK, gV, mask_mul};  // read after build_key_tiles' barriers
   // Copy of the tile of table entry `e` into stage `stage`, and its keys' positions.
   auto issue_tile = [&](int w0, uint16_t e, int stage) {
+    // kConstsInSmem: the bases from shared memory and the thread index read again, so that no
+    // register holds them across the main loop (kernel_traits.cuh)
+    const uint16_t* k_base = Kt::kConstsInSmem ? sConsts->k : gK;
+    const uint16_t* v_base = Kt::kConstsInSmem ? sConsts->v : gV;
+    const int ct = Kt::kConstsInSmem ? thread_idx_reread() : tid;
     const int k0 = (w0 + entry_tile(e)) * kBN;
     uint16_t* tK = sK + stage * kBN * kStride;
     uint16_t* tV = sV + stage * kBN * kStride;
     if (k0 + kBN <= Sk) {
-      KvCopy::issue(tK, gK + k0 * p.k_strides.row, p.k_strides.row, d, tid);
-      KvCopy::issue(tV, gV + k0 * p.v_strides.row, p.v_strides.row, d, tid);
+      KvCopy::issue(tK, k_base + k0 * p.k_strides.row, p.k_strides.row, d, ct);
+      KvCopy::issue(tV, v_base + k0 * p.v_strides.row, p.v_strides.row, d, ct);
     } else {
-      KvCopy::template issue<true>(tK, gK + k0 * p.k_strides.row, p.k_strides.row, d, tid, Sk - k0);
-      KvCopy::template issue<true>(tV, gV + k0 * p.v_strides.row, p.v_strides.row, d, tid, Sk - k0);
+      KvCopy::template issue<true>(tK, k_base + k0 * p.k_strides.row, p.k_strides.row, d, ct, Sk - k0);
+      KvCopy::template issue<true>(tV, v_base + k0 * p.v_strides.row, p.v_strides.row, d, ct, Sk - k0);
     }
-    if (tid < kBN) {  // key positions (read by partial tiles only; copied for all, no branch)
-      const bool in = k0 + tid < Sk;
-      cp_async_4(sKpos + stage * kBN + tid, p.k_pos + (in ? k0 + tid : 0), in);
+    if (ct < kBN) {  // key positions (read by partial tiles only; copied for all, no branch)
+      const bool in = k0 + ct < Sk;
+      cp_async_4(sKpos + stage * kBN + ct, p.k_pos + (in ? k0 + ct : 0), in);
     }
     cp_async_commit();
   };
@@ -157,6 +174,10 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
       // unless folded into the exponential; online softmax; O += P V. Full tiles (with the scale
       // folded) take the kMasked = false copy, which evaluates no mask.
       auto tile = [&]<bool kMasked>() {
+        // kRederivePlace: this thread's lane and rows derived again rather than held across the
+        // main loop (kernel_traits.cuh); the names shadow the kernel's
+        const int me = Kt::kRederivePlace ? thread_idx_reread() : tid, lane = me % 32;
+        const int row0 = 16 * kMT * (me / 32), g = lane / 4, t4 = lane % 4;
         const uint16_t* tK = sK + stage * kBN * kStride;
         const uint16_t* tV = sV + stage * kBN * kStride;
         float s[kMT][kNbS][4];
@@ -168,21 +189,30 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
                                                                              0, lane);
         }
         if constexpr (kMasked) {
+          // Key by key: each key position is read once and used for all the thread's 2 kMT rows,
+          // so only the rows' bounds stay in registers.
           const int k0 = (w0 + entry_tile(e)) * kBN;
           const int32_t* kpos = sKpos + stage * kBN;
+          const float mul = Kt::kConstsInSmem ? sConsts->mask_mul : mask_mul;
+          PositionRange32 seen[kMT][2];
           RA_UNROLL
           for (int mt = 0; mt < kMT; ++mt) {
-            const PositionRange32 seen[2] = {sRows[row0 + 16 * mt + g], sRows[row0 + 16 * mt + g + 8]};
+            seen[mt][0] = sRows[row0 + 16 * mt + g];
+            seen[mt][1] = sRows[row0 + 16 * mt + g + 8];
+          }
+          RA_UNROLL
+          for (int nb = 0; nb < kNbS; ++nb) {
             RA_UNROLL
-            for (int nb = 0; nb < kNbS; ++nb) {
+            for (int e2 = 0; e2 < 2; ++e2) {
+              const int kl = nb * 8 + t4 * 2 + e2;
+              const bool in = k0 + kl < Sk;
+              const int32_t kp = kpos[kl];
               RA_UNROLL
-              for (int e2 = 0; e2 < 2; ++e2) {
-                const int kl = nb * 8 + t4 * 2 + e2;
-                const bool in = k0 + kl < Sk;
+              for (int mt = 0; mt < kMT; ++mt) {
                 RA_UNROLL
                 for (int r = 0; r < 2; ++r) {
                   float& x = s[mt][nb][2 * r + e2];
-                  x = in && is_visible(seen[r], kpos[kl]) ? x * mask_mul : ninf;
+                  x = in && is_visible(seen[mt][r], kp) ? x * mul : ninf;
                 }
               }
             }

@@ -36,10 +36,17 @@ struct FwdTraits {
   static constexpr int kStride = kHeadDim + 8;
   // Q as MMA fragments in registers for the whole kernel (else re-read from smem per key tile).
   static constexpr bool kQInRegs = kHeadDim <= 32;
+  // Register pressure: the S and O accumulators take 192 of a thread's 255 registers at d = 64 and
+  // 128, so the main loop keeps few values across tiles. kConstsInSmem: the K/V base pointers and
+  // the mask's multiplier wait in shared memory (fwd_kernel.cuh FwdConsts) and the copies derive
+  // their places from the thread index read again; kRederivePlace: each tile derives the thread's
+  // lane and rows again. Chosen per bucket so that no main loop spills (scripts/sass_budget.py).
+  static constexpr bool kConstsInSmem = kHeadDim <= 64;
+  static constexpr bool kRederivePlace = kHeadDim == 64 || kHeadDim == 128;
   // Q; K and V, two stages each; the key positions of a tile, two stages; the rows' bounds; each
   // thread's online-softmax state (m and l of its 2 kMTiles rows: between key tiles they wait in
   // shared memory, the registers are the output accumulator's); the tile table; the CTA reduction
-  // scratch.
+  // scratch; the CTA's constants that the loop reads once per tile (fwd_kernel.cuh FwdConsts).
   static constexpr int kOffQ = 0;
   static constexpr int kOffK = kOffQ + align16(kBlockM * kStride * 2);
   static constexpr int kOffV = kOffK + 2 * align16(kBlockN * kStride * 2);
@@ -48,7 +55,8 @@ struct FwdTraits {
   static constexpr int kOffRowState = kOffRows + align16(kBlockM * 8);
   static constexpr int kOffTable = kOffRowState + align16(kNThreads * 4 * kMTiles * 4);
   static constexpr int kOffScratch = kOffTable + align16(kTableTiles * 2);
-  static constexpr int kSmemBytes = kOffScratch + align16(4 * (5 * kNWarps + 1));
+  static constexpr int kOffConsts = kOffScratch + align16(4 * (5 * kNWarps + 1));
+  static constexpr int kSmemBytes = kOffConsts + 32;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket");
 };
 

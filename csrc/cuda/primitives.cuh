@@ -58,12 +58,21 @@ RA_DEV int block_idx_x() { return emu::block_idx(0); }
 RA_DEV int block_idx_y() { return emu::block_idx(1); }
 RA_DEV int block_idx_z() { return emu::block_idx(2); }
 RA_DEV void sync_threads() { emu::sync_threads(); }
+RA_DEV int thread_idx_reread() { return emu::thread_idx(); }
 #else
 RA_DEV int thread_idx() { return static_cast<int>(threadIdx.x); }
 RA_DEV int block_idx_x() { return static_cast<int>(blockIdx.x); }
 RA_DEV int block_idx_y() { return static_cast<int>(blockIdx.y); }
 RA_DEV int block_idx_z() { return static_cast<int>(blockIdx.z); }
 RA_DEV void sync_threads() { __syncthreads(); }
+// The thread index read from its special register at each call: the compiler can neither hoist it
+// nor what is derived from it out of a loop, so a loop that needs a thread's place can derive it
+// again (a few integer instructions) instead of holding it in registers.
+RA_DEV int thread_idx_reread() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
 #endif
 
 // ---- math -----------------------------------------------------------------------------------

@@ -108,6 +108,10 @@ MUTANTS = [
            "const int src_bytes = c < d ? 16 : 0;", "const int src_bytes = 16;",
            "tile copy: columns past a padded head dim (40 in the 64 bucket) copied, not zeroed",
            ("sq50 sk40 h2/2 d40 none",)),
+    Mutant("consts-v-is-k", "cuda/fwd_kernel.cuh",
+           "*sConsts = FwdConsts{gK, gV, mask_mul};", "*sConsts = FwdConsts{gK, gK, mask_mul};",
+           "forward, d <= 64: the V base kept in shared memory is K's",
+           ("sq70 sk100 h2/1 d64 none",)),
     Mutant("sm80-store-swapped", "cuda/warp_mma.cuh",
            "*reinterpret_cast<uint32_t*>(p + 8 * kPitch) = a[1];\n"
            "        *reinterpret_cast<uint32_t*>(p + 8) = a[2];",
