@@ -1,5 +1,5 @@
 // A CPU emulation of the few CUDA features the block kernels use, so that their bodies
-// (csrc/cuda/block_attn_kernel.cuh, compiled with RA_CUDA_EMULATE) run and are checked on a machine
+// (csrc/cuda/*_kernel.cuh, compiled with RA_CUDA_EMULATE) run and are checked on a machine
 // without a GPU. Every CUDA thread is a std::thread; a CTA's threads share a barrier
 // (__syncthreads) and each warp has a barrier and an exchange area for its collective instructions:
 //   mma.sync m16n8k16, ldmatrix(.trans) and stmatrix follow the fragment layouts of the PTX ISA;
