@@ -25,8 +25,8 @@ void check_support(DType dtype, const BlockShape& shape) {
 }
 
 void check_aligned(const void* ptr, const Strides& st, int batch, int seqlen, int heads,
-                   const char* name) {
-  const std::string error = cuda::alignment_error(ptr, st, batch, seqlen, heads, name);
+                   const char* name, int elem_bytes = 2) {
+  const std::string error = cuda::alignment_error(ptr, st, batch, seqlen, heads, name, elem_bytes);
   TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
 }
 
@@ -66,6 +66,9 @@ void bwd_kernel(const BlockBwdParams& p) {
   check_aligned(p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, "dout");
   check_aligned(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, "k");
   check_aligned(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, "v");
+  check_aligned(p.dq_acc, p.dq_strides, s.batch, s.seqlen_q, s.nheads, "dq_acc", 4);
+  check_aligned(p.dk_acc, p.dk_strides, s.batch, s.seqlen_k, s.nheads_kv, "dk_acc", 4);
+  check_aligned(p.dv_acc, p.dv_strides, s.batch, s.seqlen_k, s.nheads_kv, "dv_acc", 4);
   check_on_device({{p.q, "q"}, {p.k, "k"}, {p.v, "v"}, {p.dout, "dout"}, {p.q_pos, "q_pos"},
                    {p.k_pos, "k_pos"}, {p.q_seg, "q_seg"}, {p.lse, "lse"}, {p.delta, "delta"},
                    {p.dq_acc, "dq_acc"}, {p.dk_acc, "dk_acc"}, {p.dv_acc, "dv_acc"}});

@@ -138,6 +138,23 @@ RA_HD TileBounds widen(const TileBounds32& t) {
                     t.min_hi == INT32_MIN ? -kNoLimit : t.min_hi, t.max_hi, t.any_empty_row};
 }
 
+// One row's bounds in 32 bits, for GPU kernels that test int32 key positions element by element.
+// Exact for every int32 key: saturating lo and hi to int32 changes no comparison with an int32,
+// and an empty row stays empty (lo = INT32_MAX > hi = INT32_MIN) where saturation would close it.
+struct PositionRange32 {
+  int32_t lo;
+  int32_t hi;
+};
+
+RA_HD PositionRange32 narrow(const PositionRange& r) {
+  if (r.empty()) return PositionRange32{INT32_MAX, INT32_MIN};
+  return PositionRange32{saturate_i32(r.lo), saturate_i32(r.hi)};
+}
+
+RA_HD bool is_visible(const PositionRange32& bounds, int32_t k_pos) {
+  return bounds.lo <= k_pos && k_pos <= bounds.hi;
+}
+
 // min/max of pos[begin:end) (positions need not be sorted).
 RA_HD PositionRange range_of(const int32_t* pos, int64_t begin, int64_t end) {
   PositionRange r{kNoLimit, -kNoLimit};

@@ -5,7 +5,8 @@
 //   block_bwd accumulates (+=) dq, dk, dv in fp32 given the FINAL lse and delta = rowsum(dout*out).
 // dtypes: bf16 and fp16 (fp32 accumulation). Head dims: multiples of 8 up to kMaxHeadDim.
 // Rows: 16-byte aligned (q, k, v, dout pointers and their batch/row/head strides multiples of 8
-// elements). Launches on `stream`; returns the launch's cudaError_t (no synchronisation).
+// elements; dq_acc, dk_acc, dv_acc multiples of 4). Launches on `stream`; returns the launch's
+// cudaError_t (no synchronisation).
 //
 // This header is plain C++ (no torch, no CUDA headers): the bindings and the CPU emulation test
 // include it.
@@ -18,7 +19,7 @@
 namespace ring_attn {
 namespace cuda {
 
-constexpr int kMaxHeadDim = 128;
+constexpr int kMaxHeadDim = 256;
 
 // The forward launch: merge = false skips the prologue (starts from o = 0, lse = -inf) and so
 // computes the plain attention of the block; used to time what the fused merge costs.
@@ -44,17 +45,19 @@ inline std::string support_error(DType dtype, const BlockShape& s) {
   return {};
 }
 
-// Empty when a (batch, seq, heads, headdim) operand of `s` with strides `st` at `ptr` has
-// 16-byte aligned rows (sizes of 1 ignore their stride).
+// Empty when a (batch, seq, heads, headdim) operand with strides `st` (in elements of elem_bytes
+// bytes) at `ptr` has 16-byte aligned rows (sizes of 1 ignore their stride). The kernels need it of
+// q, k, v, dout (16-byte copies) and of the fp32 gradient accumulators (vector reductions).
 inline std::string alignment_error(const void* ptr, const Strides& st, int batch, int seqlen,
-                                   int heads, const char* name) {
+                                   int heads, const char* name, int elem_bytes = 2) {
+  const int64_t per16 = 16 / elem_bytes;
   const bool ok = reinterpret_cast<uintptr_t>(ptr) % 16 == 0 &&
-                  (batch <= 1 || st.batch % 8 == 0) && (seqlen <= 1 || st.row % 8 == 0) &&
-                  (heads <= 1 || st.head % 8 == 0);
+                  (batch <= 1 || st.batch % per16 == 0) && (seqlen <= 1 || st.row % per16 == 0) &&
+                  (heads <= 1 || st.head % per16 == 0);
   if (ok) return {};
   return std::string("the CUDA kernels need 16-byte aligned rows: ") + name +
-         " must start on a 16-byte boundary with batch/seq/head strides that are multiples of 8 "
-         "elements (call .contiguous())";
+         " must start on a 16-byte boundary with batch/seq/head strides that are multiples of " +
+         std::to_string(per16) + " elements (call .contiguous())";
 }
 
 #if !defined(RA_CUDA_EMULATE)

@@ -4,7 +4,9 @@
 
 #include <cuda_runtime_api.h>
 
-#include "cuda/block_attn_kernel.cuh"
+#include "cuda/bwd_kernel.cuh"
+#include "cuda/dq_kernel.cuh"
+#include "cuda/fwd_kernel.cuh"
 
 namespace ring_attn {
 namespace cuda {

@@ -1,5 +1,6 @@
 // Warp-level building blocks of the CUDA block kernels: tensor-core MMA (mma.sync m16n8k16),
-// ldmatrix, cp.async, shuffles and reductions, atomics and packing of fp32 pairs into bf16/fp16.
+// ldmatrix / stmatrix, cp.async, shuffles and reductions, vector reductions into global memory and
+// packing of fp32 pairs into bf16/fp16.
 //
 // Compiled two ways:
 //  * by nvcc for the GPU (inline PTX, sm_80+);
@@ -16,6 +17,10 @@
 // A 32-bit register holds two 16-bit elements, the lower column (or k) in the low half.
 // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; register i of lane (4g + t)
 // receives row g, columns 2t..2t+1 of matrix i (with .trans: rows 2t..2t+1, column g).
+// stmatrix.x4 (sm_90) is its inverse: register i of lane (4g + t) goes to row g, columns 2t..2t+1.
+//
+// kSm90: whether the code is compiled for sm_90 or newer (stmatrix, red.global.add.v4.f32); the
+// emulator takes the sm_90 path unless RA_EMU_SM80 is defined.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +39,18 @@
 namespace ring_attn {
 namespace cuda {
 
+#if defined(RA_CUDA_EMULATE)
+#if defined(RA_EMU_SM80)
+constexpr bool kSm90 = false;
+#else
+constexpr bool kSm90 = true;
+#endif
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kSm90 = true;
+#else
+constexpr bool kSm90 = false;
+#endif
+
 // ---- thread and block indices ---------------------------------------------------------------
 #if defined(RA_CUDA_EMULATE)
 RA_DEV int thread_idx() { return emu::thread_idx(); }
@@ -41,12 +58,21 @@ RA_DEV int block_idx_x() { return emu::block_idx(0); }
 RA_DEV int block_idx_y() { return emu::block_idx(1); }
 RA_DEV int block_idx_z() { return emu::block_idx(2); }
 RA_DEV void sync_threads() { emu::sync_threads(); }
+RA_DEV int thread_idx_reread() { return emu::thread_idx(); }
 #else
 RA_DEV int thread_idx() { return static_cast<int>(threadIdx.x); }
 RA_DEV int block_idx_x() { return static_cast<int>(blockIdx.x); }
 RA_DEV int block_idx_y() { return static_cast<int>(blockIdx.y); }
 RA_DEV int block_idx_z() { return static_cast<int>(blockIdx.z); }
 RA_DEV void sync_threads() { __syncthreads(); }
+// The thread index read from its special register at each call: the compiler can neither hoist it
+// nor what is derived from it out of a loop, so a loop that needs a thread's place can derive it
+// again (a few integer instructions) instead of holding it in registers.
+RA_DEV int thread_idx_reread() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
 #endif
 
 // ---- math -----------------------------------------------------------------------------------
@@ -106,6 +132,23 @@ RA_DEV bool warp_any(bool v) {
   return warp_max(v ? 1 : 0) != 0;
 #else
   return __any_sync(0xffffffffu, v) != 0;
+#endif
+}
+
+// Bit i: lane i's v. Every lane gets the same mask.
+RA_DEV uint32_t warp_ballot(bool v) {
+#if defined(RA_CUDA_EMULATE)
+  return emu::ballot(v);
+#else
+  return __ballot_sync(0xffffffffu, v);
+#endif
+}
+
+RA_DEV int popcount(uint32_t v) {
+#if defined(RA_CUDA_EMULATE)
+  return __builtin_popcount(v);
+#else
+  return __popc(v);
 #endif
 }
 
@@ -173,16 +216,43 @@ RA_DEV void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* smem_row) {
 #endif
 }
 
-// ---- asynchronous global -> shared copies -------------------------------------------------------
-// 16 bytes; when !valid the destination is zero-filled and nothing is read (src must still be a
-// valid address).
-RA_DEV void cp_async_16(void* smem, const void* gmem, bool valid) {
+// Inverse of ldmatrix_x4 (sm_90 and newer): this lane supplies the address of row (lane % 8) of
+// matrix (lane / 8) and register i of lane (4g + t) holds row g, columns 2t..2t+1 of matrix i.
+RA_DEV void stmatrix_x4(const uint32_t (&r)[4], uint16_t* smem_row) {
 #if defined(RA_CUDA_EMULATE)
-  emu::cp_async_16(smem, gmem, valid);
+  emu::stmatrix_x4(r, smem_row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#else
+  __trap();  // callers check kSm90
+#endif
+}
+
+// ---- asynchronous global -> shared copies -------------------------------------------------------
+// 16 bytes, of which the first src_bytes (0 or 16) are read and the rest zero-filled (src must
+// still be a valid address).
+RA_DEV void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+#if defined(RA_CUDA_EMULATE)
+  emu::cp_async_16(smem, gmem, src_bytes);
 #else
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(bytes)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+#endif
+}
+
+// 4 bytes (one int32 or float); when !valid the destination is zero-filled and nothing is read.
+RA_DEV void cp_async_4(void* smem, const void* gmem, bool valid) {
+#if defined(RA_CUDA_EMULATE)
+  emu::cp_async_4(smem, gmem, valid);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(gmem), "r"(bytes)
                : "memory");
 #endif
 }
@@ -206,11 +276,24 @@ RA_DEV void cp_async_wait() {
 }
 
 // ---- fp32 accumulation into global memory ----------------------------------------------------------
-RA_DEV void atomic_add(float* p, float v) {
+// p[0..N) += v[0..N) as one reduction (no return value): red.global.add.v{2,4}.f32 on sm_90, N
+// scalar reductions before. p must be 4N-byte aligned.
+template <int N>
+RA_DEV void red_add(float* p, const float (&v)[N]) {
+  static_assert(N == 1 || N == 2 || N == 4, "reduction width");
 #if defined(RA_CUDA_EMULATE)
-  emu::atomic_add(p, v);
+  emu::red_add(p, v, N, kSm90);
 #else
-  atomicAdd(p, v);
+  if constexpr (kSm90 && N == 4) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1,%2,%3,%4};\n" ::"l"(p), "f"(v[0]), "f"(v[1]),
+                 "f"(v[2]), "f"(v[3])
+                 : "memory");
+  } else if constexpr (kSm90 && N == 2) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1,%2};\n" ::"l"(p), "f"(v[0]), "f"(v[1])
+                 : "memory");
+  } else {
+    for (int i = 0; i < N; ++i) atomicAdd(p + i, v[i]);
+  }
 #endif
 }
 

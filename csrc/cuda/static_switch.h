@@ -5,8 +5,8 @@
 //   HEADDIM_SWITCH(p.shape.headdim, kHeadDim, [&] { ... });
 //   BOOL_SWITCH(flag, kFlag, [&] { ... });
 //
-// Head dims are rounded up to the next compiled bucket (32, 64, 96, 128); the kernels zero-fill
-// the columns beyond the real head dim, so any multiple of 8 up to kMaxHeadDim runs.
+// Head dims are rounded up to the next compiled bucket (32, 64, 96, 128, 256); the kernels
+// zero-fill the columns beyond the real head dim, so any multiple of 8 up to kMaxHeadDim runs.
 // The callers check support (block_attn_cuda.h: support_error) before switching.
 #pragma once
 
@@ -38,8 +38,11 @@
     } else if ((HEADDIM) <= 96) {                \
       constexpr static int CONST_NAME = 96;      \
       return __VA_ARGS__();                      \
-    } else {                                     \
+    } else if ((HEADDIM) <= 128) {               \
       constexpr static int CONST_NAME = 128;     \
+      return __VA_ARGS__();                      \
+    } else {                                     \
+      constexpr static int CONST_NAME = 256;     \
       return __VA_ARGS__();                      \
     }                                            \
   }()

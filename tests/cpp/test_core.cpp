@@ -444,6 +444,7 @@ static void test_timeout_message() {
 // TileBounds32 (the GPU warps' 32-bit reduction): chunks of rows narrowed and combined field by
 // field equal the narrowed bounds of all rows, and widen() classifies a tile as the exact bounds
 // do or as partial: never a wrong skip or full, also with windows and positions at int32's ends.
+// A row's narrowed bounds (PositionRange32) see exactly the int32 keys its bounds see.
 static void test_tile_bounds_32() {
   std::mt19937_64 rng(7);
   int exact = 0;
@@ -478,6 +479,13 @@ static void test_tile_bounds_32() {
           reduced.min_hi == direct.min_hi && reduced.max_hi == direct.max_hi &&
           reduced.any_empty_row == direct.any_empty_row);
     const PositionRange keys = range_of(k.data(), 0, nk);
+    // one row's bounds narrowed (the GPU kernels' per-element mask): the same visibility
+    for (int i = 0; i < nq; ++i) {
+      const PositionRange row = row_bounds(mask, q[i], unbounded_range());
+      for (int j = 0; j < nk; ++j) CHECK(is_visible(narrow(row), k[j]) == is_visible(row, k[j]));
+      const PositionRange empty{row.hi + 1, row.hi};  // saturation must not close an empty row
+      for (int j = 0; j < nk; ++j) CHECK(!is_visible(narrow(empty), k[j]));
+    }
     const TileKind want = classify_tile(whole, keys), got = classify_tile(widen(reduced), keys);
     CHECK(got == want || got == TileKind::kPartial);
     exact += got == want;

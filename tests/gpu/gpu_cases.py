@@ -15,7 +15,7 @@ from cases import (MASKS, assert_fa_rule, block_bwd, block_case, block_fwd,  # n
 
 LENGTHS = [(1, 1), (7, 7), (97, 97), (128, 128), (1, 128), (128, 1), (7, 97), (97, 128), (128, 7),
            (200, 333)]
-HEADDIMS = [32, 40, 64, 96, 128]          # 40 runs padded in the 64 bucket on CUDA
+HEADDIMS = [32, 40, 64, 96, 128, 256]     # 40 runs padded in the 64 bucket on CUDA
 GQA = [(1, 1), (2, 2), (4, 2), (4, 1)]    # (heads, heads_kv)
 
 

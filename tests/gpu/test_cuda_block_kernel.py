@@ -79,12 +79,12 @@ def test_block_ops_strided_inputs(kind):
 
 
 def test_rejects_unsupported_inputs():
-    """fp32/fp64, head dims that are not multiples of 8 or above 128, misaligned rows, and tensors
-    on different devices raise ValueError."""
+    """fp32/fp64, head dims that are not multiples of 8 or above 256, misaligned rows (inputs and
+    fp32 accumulators), and tensors on different devices raise ValueError."""
     import ring_attention as ra
     q = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
     for bad, message in [(q.float(), "not supported on CUDA"), (q[..., :60], "not supported on CUDA"),
-                         (torch.zeros(1, 8, 2, 256, device="cuda", dtype=torch.bfloat16),
+                         (torch.zeros(1, 8, 2, 264, device="cuda", dtype=torch.bfloat16),
                           "not supported on CUDA")]:
         with pytest.raises(ValueError, match=message):
             ra.ring_attn_func(bad, bad[:, :, :1], bad[:, :, :1])
@@ -99,6 +99,13 @@ def test_rejects_unsupported_inputs():
         ra.ops.block_fwd(q=odd, k=q, v=q, q_pos=pos.cuda(), k_pos=pos.cuda(), q_seg=None,
                          out_acc=out, lse=lse, causal=True, window_left=-1, window_right=-1,
                          softmax_scale=0.1)
+    odd_acc = torch.zeros(1, 8, 2, 66, device="cuda")[..., 1:65]  # fp32 rows 4 bytes off
+    delta = torch.zeros(1, 2, 8, device="cuda")
+    with pytest.raises(ValueError, match="16-byte aligned rows: dq_acc"):
+        ra.ops.block_bwd(dout=q, q=q, k=q, v=q, q_pos=pos.cuda(), k_pos=pos.cuda(), q_seg=None,
+                         lse=lse, delta=delta, dq_acc=odd_acc, dk_acc=out.clone(),
+                         dv_acc=out.clone(), causal=True, window_left=-1, window_right=-1,
+                         softmax_scale=0.1, deterministic=False)
 
 
 def test_opcheck_block_ops():

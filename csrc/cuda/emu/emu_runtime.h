@@ -1,8 +1,8 @@
 // A CPU emulation of the few CUDA features the block kernels use, so that their bodies
-// (csrc/cuda/block_attn_kernel.cuh, compiled with RA_CUDA_EMULATE) run and are checked on a machine
+// (csrc/cuda/*_kernel.cuh, compiled with RA_CUDA_EMULATE) run and are checked on a machine
 // without a GPU. Every CUDA thread is a std::thread; a CTA's threads share a barrier
 // (__syncthreads) and each warp has a barrier and an exchange area for its collective instructions:
-//   mma.sync m16n8k16 and ldmatrix(.trans) follow the fragment layouts of the PTX ISA;
+//   mma.sync m16n8k16, ldmatrix(.trans) and stmatrix follow the fragment layouts of the PTX ISA;
 //   cp.async copies are deferred until the issuing thread waits for their group (so reading a tile
 //   before cp.async.wait_group + barrier reads stale data), and every copy and ldmatrix checks
 //   alignment and shared-memory bounds;
@@ -24,6 +24,11 @@
 #include <thread>
 #include <vector>
 
+// CUDA's vector types that the kernels use.
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
 namespace ring_attn {
 namespace cuda {
 namespace emu {
@@ -33,9 +38,13 @@ namespace emu {
   std::abort();
 }
 
+// A warp's exchange area for its collective instructions: each collective writes its lanes'
+// operands into one of two slot sets, meets the warp at one barrier and reads them back. The sets
+// alternate, so a lane that runs ahead to the next collective writes the set nobody reads any
+// more (every lane has passed this collective's barrier, hence finished reading the other set).
 struct Warp {
   std::barrier<> bar{32};
-  uint64_t slot[32][8];
+  uint64_t slot[2][32][8];
 };
 
 struct Cta {
@@ -52,12 +61,14 @@ struct Cta {
 struct PendingCopy {
   void* dst;
   const void* src;
+  int bytes;
   bool valid;
 };
 
 struct Thread {
   Cta* cta;
   int tid;
+  int collectives;  // warp collectives this thread has run (its slot set: the parity)
   std::vector<std::vector<PendingCopy>> committed;
   std::vector<PendingCopy> open;
 };
@@ -69,24 +80,38 @@ inline int block_idx(int i) { return tls->cta->block[i]; }
 inline void sync_threads() { tls->cta->bar.arrive_and_wait(); }
 inline Warp& warp() { return *tls->cta->warps[tls->tid / 32]; }
 inline int lane() { return tls->tid % 32; }
+// The slot set of this thread's next collective.
+inline uint64_t (&slots())[32][8] { return warp().slot[tls->collectives++ % 2]; }
 
+// An access of `bytes` bytes must lie in the CTA's shared memory and be aligned to its size.
 inline void check_smem(const void* p, size_t bytes, const char* what) {
   const char* c = static_cast<const char*>(p);
   const Cta& cta = *tls->cta;
   if (c < cta.smem || c + bytes > cta.smem + cta.smem_bytes) fail(what);
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail(what);
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail(what);
 }
 
 template <typename T>
 T shfl_xor(T v, int mask) {
   static_assert(sizeof(T) <= 8, "shuffle width");
   Warp& w = warp();
+  auto& slot = slots();
   const int l = lane();
-  std::memcpy(&w.slot[l][0], &v, sizeof(T));
+  std::memcpy(&slot[l][0], &v, sizeof(T));
   w.bar.arrive_and_wait();
   T out;
-  std::memcpy(&out, &w.slot[l ^ mask][0], sizeof(T));
+  std::memcpy(&out, &slot[l ^ mask][0], sizeof(T));
+  return out;
+}
+
+inline uint32_t ballot(bool v) {
+  Warp& w = warp();
+  auto& slot = slots();
+  const int l = lane();
+  slot[l][0] = v ? 1 : 0;
   w.bar.arrive_and_wait();
+  uint32_t out = 0;
+  for (int i = 0; i < 32; ++i) out |= static_cast<uint32_t>(slot[i][0] & 1u) << i;
   return out;
 }
 
@@ -130,13 +155,14 @@ inline uint32_t pack2(float lo, float hi) {
 template <bool kBF16>
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   Warp& w = warp();
+  auto& slot = slots();
   const int l = lane();
-  for (int i = 0; i < 4; ++i) w.slot[l][i] = a[i];
-  w.slot[l][4] = b0;
-  w.slot[l][5] = b1;
+  for (int i = 0; i < 4; ++i) slot[l][i] = a[i];
+  slot[l][4] = b0;
+  slot[l][5] = b1;
   w.bar.arrive_and_wait();
   auto elem = [&](int ln, int reg, int k) {
-    const uint32_t v = static_cast<uint32_t>(w.slot[ln][reg]);
+    const uint32_t v = static_cast<uint32_t>(slot[ln][reg]);
     return to_float<kBF16>(static_cast<uint16_t>(k % 2 ? v >> 16 : v & 0xffffu));
   };
   // A (r, k): lane 4 * (r % 8) + (k % 8) / 2, register (r / 8) + 2 * (k / 8)
@@ -151,19 +177,19 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
     }
     d[i] = static_cast<float>(acc);
   }
-  w.bar.arrive_and_wait();
 }
 
 // ---- ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 ---------------------------------------------
 inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans) {
   check_smem(row, 16, "ldmatrix row address out of shared memory or not 16-byte aligned");
   Warp& w = warp();
+  auto& slot = slots();
   const int l = lane();
-  std::memcpy(&w.slot[l][0], &row, sizeof(row));
+  std::memcpy(&slot[l][0], &row, sizeof(row));
   w.bar.arrive_and_wait();
   auto row_of = [&](int ln) {
     const uint16_t* p;
-    std::memcpy(&p, &w.slot[ln][0], sizeof(p));
+    std::memcpy(&p, &slot[ln][0], sizeof(p));
     return p;
   };
   const int g = l / 4, t = l % 4;
@@ -179,14 +205,40 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row, bool trans) {
     }
     r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
+}
+
+// ---- stmatrix.sync.aligned.m8n8.x4.shared.b16 ------------------------------------------------------
+inline void stmatrix_x4(const uint32_t (&r)[4], uint16_t* row) {
+  check_smem(row, 16, "stmatrix row address out of shared memory or not 16-byte aligned");
+  Warp& w = warp();
+  auto& slot = slots();
+  const int l = lane();
+  std::memcpy(&slot[l][0], &row, sizeof(row));
+  for (int i = 0; i < 4; ++i) slot[l][1 + i] = r[i];
   w.bar.arrive_and_wait();
+  // Lane l writes row l % 8 of matrix l / 8: column pair t comes from lane 4 * (l % 8) + t.
+  uint16_t* p;
+  std::memcpy(&p, &slot[l][0], sizeof(p));
+  const int i = l / 8, g = l % 8;
+  for (int t = 0; t < 4; ++t) {
+    const uint32_t v = static_cast<uint32_t>(slot[4 * g + t][1 + i]);
+    p[2 * t] = static_cast<uint16_t>(v & 0xffffu);
+    p[2 * t + 1] = static_cast<uint16_t>(v >> 16);
+  }
 }
 
 // ---- cp.async ----------------------------------------------------------------------------------
-inline void cp_async_16(void* smem, const void* gmem, bool valid) {
+inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   check_smem(smem, 16, "cp.async destination out of shared memory or not 16-byte aligned");
+  if (src_bytes != 0 && src_bytes != 16) fail("cp.async source size other than 0 or 16");
+  const bool valid = src_bytes == 16;
   if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) fail("cp.async source not 16-byte aligned");
-  tls->open.push_back({smem, gmem, valid});
+  tls->open.push_back({smem, gmem, 16, valid});
+}
+inline void cp_async_4(void* smem, const void* gmem, bool valid) {
+  check_smem(smem, 4, "cp.async destination out of shared memory or not 4-byte aligned");
+  if (valid && reinterpret_cast<uintptr_t>(gmem) % 4 != 0) fail("cp.async source not 4-byte aligned");
+  tls->open.push_back({smem, gmem, 4, valid});
 }
 inline void cp_async_commit() {
   tls->committed.push_back(std::move(tls->open));
@@ -197,20 +249,22 @@ inline void cp_async_wait(int n) {
   while (static_cast<int>(groups.size()) > n) {
     for (const PendingCopy& c : groups.front()) {
       if (c.valid) {
-        std::memcpy(c.dst, c.src, 16);
+        std::memcpy(c.dst, c.src, c.bytes);
       } else {
-        std::memset(c.dst, 0, 16);
+        std::memset(c.dst, 0, c.bytes);
       }
     }
     groups.erase(groups.begin());
   }
 }
 
-// Every atomic_add of the emulated kernels is counted (the deterministic backward must do none).
+// Every reduction instruction of the emulated kernels is counted (the deterministic backward must
+// issue none). A vector reduction (sm_90) must be aligned to its width, as on the GPU.
 inline std::atomic<int64_t> atomic_adds{0};
-inline void atomic_add(float* p, float v) {
-  atomic_adds.fetch_add(1, std::memory_order_relaxed);
-  std::atomic_ref<float>(*p).fetch_add(v);
+inline void red_add(float* p, const float* v, int n, bool vector) {
+  if (vector && reinterpret_cast<uintptr_t>(p) % (4 * n) != 0) fail("vector reduction not aligned");
+  atomic_adds.fetch_add(vector ? 1 : n, std::memory_order_relaxed);
+  for (int i = 0; i < n; ++i) std::atomic_ref<float>(p[i]).fetch_add(v[i]);
 }
 
 // Runs body(smem) for every CTA of a (gx, gy, gz) grid of `nthreads` threads, one CTA at a time.
@@ -232,7 +286,7 @@ void launch(int gx, int gy, int gz, int nthreads, size_t smem_bytes, Body&& body
         std::vector<std::thread> threads;
         for (int tid = 0; tid < nthreads; ++tid) {
           threads.emplace_back([&cta, &body, tid] {
-            Thread t{&cta, tid, {}, {}};
+            Thread t{&cta, tid, 0, {}, {}};
             tls = &t;
             body(cta.smem);
             if (!t.open.empty() || !t.committed.empty()) fail("thread exited with cp.async in flight");

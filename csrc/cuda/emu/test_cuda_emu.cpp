@@ -1,9 +1,17 @@
-// The CUDA block kernels' bodies run on the CPU under emulation (emu_runtime.h), against a float64
-// reference computed from the same bf16/fp16-rounded inputs. Covers both dtypes, every head-dim
-// bucket (and a padded head dim), GQA, query/key tails, every mask kind of
-// tests/test_block_kernel.py, strided (head-major) inputs, the fused merge over several key blocks
-// (including a block nobody sees) and += accumulation of the gradients.
-// Exit status 0 when every case passes. Usage: test_cuda_emu [case-name-substring]
+// The CUDA block kernels' bodies (forward, backward with reductions, deterministic backward and
+// dQ) run on the CPU under emulation (emu_runtime.h), against a float64 reference computed from the
+// same bf16/fp16-rounded inputs. Covers both dtypes, every head-dim bucket (32 .. 256, and padded
+// head dims), GQA and MQA, lengths 1, 7, 97 and more than one tile or stage per CTA with tails on
+// both sides, every mask kind of tests/test_block_kernel.py (causal, windows, packed sequences
+// with pad rows), strided (head-major) inputs, the fused merge over several key blocks (including
+// a block nobody sees), += accumulation of the gradients, and a deterministic backward that uses
+// no reduction and gives the same bits when run again. The case list is checked to cover every
+// head-dim bucket and, at d = 64, 128 and 256, each dtype with causal, sliding-window and packed
+// (pad rows) masks.
+// Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
+// ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
+// Exit status 0 when every case passes. Usage: test_cuda_emu [case-name-substring ...] (the cases
+// whose names contain any of them; all without).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -13,7 +21,9 @@
 #include <string>
 #include <vector>
 
-#include "cuda/block_attn_kernel.cuh"
+#include "cuda/bwd_kernel.cuh"
+#include "cuda/dq_kernel.cuh"
+#include "cuda/fwd_kernel.cuh"
 #include "cuda/static_switch.h"
 
 using namespace ring_attn;
@@ -348,7 +358,8 @@ bool run_case(const Case& c) {
   p.dq_strides = out_st;
   p.dk_strides = Strides{int64_t(Sk) * Hkv * D, int64_t(Hkv) * D, D};
   p.dv_strides = p.dk_strides;
-  // Both backward modes; the deterministic one must not use a single atomic.
+  // Both backward modes; the deterministic one must not use a single reduction, and run again
+  // from the same accumulators it must give the same bits.
   double e_dq = 0, e_dk = 0, e_dv = 0;
   for (bool deterministic : {false, true}) {
     dq = dq0, dk = dk0, dv = dv0;
@@ -362,6 +373,18 @@ bool run_case(const Case& c) {
       std::printf("deterministic backward used %lld atomics\n",
                   static_cast<long long>(emu::atomic_adds.load() - atomics_before));
       ok = false;
+    }
+    if (deterministic) {
+      std::vector<float> dq2 = dq0, dk2 = dk0, dv2 = dv0;
+      BlockBwdParams again = p;
+      again.dq_acc = dq2.data();
+      again.dk_acc = dk2.data();
+      again.dv_acc = dv2.data();
+      run_bwd(again);
+      if (dq2 != dq || dk2 != dk || dv2 != dv) {
+        std::printf("deterministic backward: a second run gave other bits\n");
+        ok = false;
+      }
     }
     for (size_t i = 0; i < dq.size(); ++i) dq[i] -= dq0[i];
     for (size_t i = 0; i < dk.size(); ++i) dk[i] -= dk0[i];
@@ -381,10 +404,23 @@ bool run_case(const Case& c) {
   return ok;
 }
 
+// The compiled head-dim bucket of a head dim (static_switch.h) and the kind of a named mask.
+int headdim_bucket(int d) {
+  int bucket = 0;
+  HEADDIM_SWITCH(d, kD, [&] { bucket = kD; });
+  return bucket;
+}
+
+std::string mask_kind(const std::string& mask) {
+  if (mask == "window" || mask == "window2") return "window";
+  if (mask == "packed") return "packed";
+  return mask == "none" ? "none" : "causal";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string filter = argc > 1 ? argv[1] : "";
+  const std::vector<std::string> filters(argv + 1, argv + argc);
   std::vector<Case> cases;
   auto add = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
                  bool head_major = false, int splits = 1,
@@ -404,33 +440,78 @@ int main(int argc, char** argv) {
     add(true, 1, 70, 100, 2, 1, 64, mask);
   }
   add(false, 1, 70, 100, 2, 1, 64, "partial");
-  // Head-dim buckets 32, 96, 128 and a padded head dim (40 -> 64), fp16 and bf16.
+  // Head-dim buckets 32, 96, 128, 256 and padded head dims (40 -> 64, 200 -> 256), both dtypes.
   add(true, 1, 33, 65, 2, 2, 32, "diagonal");
   add(false, 1, 65, 33, 2, 2, 96, "random");
   add(false, 2, 40, 72, 2, 1, 128, "masked_rows");
   add(true, 1, 17, 130, 3, 1, 128, "partial");
   add(true, 1, 50, 40, 2, 2, 40, "none");
+  add(true, 1, 70, 100, 2, 1, 256, "partial");
+  add(false, 1, 97, 97, 2, 2, 256, "window");
+  add(true, 1, 40, 70, 2, 1, 200, "packed");
+  // Lengths 1, 7, 97 at d = 128, several tiles and stages per CTA (200 query rows: 4 backward
+  // stages; 300 keys: 3 tiles of 128), GQA and MQA.
+  add(true, 1, 7, 97, 4, 2, 128, "diagonal");
+  add(false, 1, 97, 7, 4, 1, 128, "none");
+  add(true, 1, 1, 97, 2, 2, 128, "window2");
+  add(false, 1, 200, 300, 4, 2, 128, "diagonal");
+  add(true, 1, 200, 300, 2, 1, 64, "window");
+  add(true, 1, 150, 97, 2, 1, 128, "packed");
   // Sliding windows (one- and two-sided) and packed sequences with pad rows.
   add(true, 1, 130, 130, 2, 1, 64, "window");
   add(false, 1, 70, 100, 2, 2, 32, "window2");
   add(true, 1, 70, 100, 2, 1, 64, "packed");
   add(false, 1, 100, 70, 2, 2, 128, "packed", false, 2);
+  add(false, 1, 70, 100, 2, 1, 64, "window");
+  add(false, 1, 70, 100, 2, 2, 64, "packed");
+  add(false, 1, 97, 130, 2, 1, 128, "window2");
+  add(true, 1, 70, 100, 2, 2, 256, "window2");
+  add(false, 1, 70, 100, 2, 1, 256, "packed");
   // Single rows/keys, head-major strides, a merge over three key blocks and MQA.
   add(true, 1, 1, 1, 1, 1, 64, "none");
   add(true, 1, 1, 129, 2, 1, 64, "diagonal");
   add(true, 2, 45, 90, 4, 2, 64, "random", /*head_major=*/true);
   add(true, 1, 96, 150, 2, 1, 64, "partial", false, /*splits=*/3, 0.3);
   add(false, 1, 64, 64, 4, 1, 128, "diagonal", false, 2);
+  add(false, 1, 70, 90, 2, 1, 256, "diagonal", false, 2);
   // Scales that the forward cannot fold into its exponential (max(c s) != c max(s) for c <= 0).
   add(true, 1, 70, 100, 2, 1, 64, "partial", false, 2, -0.2);
   add(false, 1, 33, 65, 2, 2, 32, "none", false, 1, 0.0);
 
+  // The list covers every head-dim bucket, and at d = 64, 128 and 256 each dtype with a causal
+  // mask, a sliding window and packed sequences with pad rows (every case runs the forward, both
+  // backward modes and the deterministic dQ kernel).
+  int missing = 0;
+  auto covered = [&](auto&& pred) { return std::any_of(cases.begin(), cases.end(), pred); };
+  for (int bucket : {32, 64, 96, 128, 256}) {
+    if (!covered([&](const Case& c) { return headdim_bucket(c.D) == bucket; })) {
+      std::printf("coverage: no case in the d%d bucket\n", bucket);
+      ++missing;
+    }
+  }
+  for (int bucket : {64, 128, 256}) {
+    for (bool bf16 : {true, false}) {
+      for (const char* kind : {"causal", "window", "packed"}) {
+        if (!covered([&](const Case& c) {
+              return headdim_bucket(c.D) == bucket && c.bf16 == bf16 && mask_kind(c.mask) == kind;
+            })) {
+          std::printf("coverage: no %s case at d%d %s\n", kind, bucket, bf16 ? "bf16" : "fp16");
+          ++missing;
+        }
+      }
+    }
+  }
+
   int failed = 0, run = 0;
   for (const Case& c : cases) {
-    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    if (!filters.empty() && std::none_of(filters.begin(), filters.end(), [&](const std::string& f) {
+          return c.name.find(f) != std::string::npos;
+        })) {
+      continue;
+    }
     ++run;
     failed += !run_case(c);
   }
   std::printf("%d of %d cases passed\n", run - failed, run);
-  return failed ? 1 : 0;
+  return failed || missing ? 1 : 0;
 }

@@ -1,0 +1,84 @@
+// Copies between global memory and the kernels' shared-memory tiles; each thread's place in a
+// tile (a row, a column chunk) follows from its index, one pointer add per chunk:
+//   TileCopy:   a kRows x d 16-bit tile (rows of one (batch, head)) into smem with cp.async;
+//   TileReduce: a kRows x d fp32 smem tile added into global rows with vector reductions.
+// Thread `tid` owns one column chunk and rows r0 + i * kRowStep (i < kPasses). Columns at or
+// beyond the real head dim d are zero-filled (copy) or skipped (reduce).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/primitives.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace ring_attn {
+namespace cuda {
+
+constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
+
+template <int kRows, int kHeadDim, int kStride, int kNThreads>
+struct TileCopy {
+  // 16-byte chunks of a row, rounded up to a power of two so that a thread keeps its column (the
+  // chunks beyond the bucket, d = 96, idle).
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kChunksP = pow2_at_least(kChunks);
+  static constexpr int kRowStep = kNThreads / kChunksP;
+  static constexpr int kPasses = kRows / kRowStep;
+  static_assert(kNThreads % kChunksP == 0 && kRows % kRowStep == 0, "copy layout");
+
+  // Rows [0, kRows) of the tile whose first row is at g (kChecked: only rows < rows exist, the rest
+  // is zero-filled). Thread `tid` copies the chunks (row tid / kChunksP + i kRowStep, column
+  // (tid % kChunksP) * 8); d: the real head dim (columns beyond it are zero-filled from an
+  // address in range). Everything per thread is derived from tid here, so that no register holds
+  // it across the caller's loop.
+  template <bool kChecked = false>
+  RA_DEV static void issue(uint16_t* s, const uint16_t* g, int64_t row_stride, int d, int tid,
+                           int rows = kRows) {
+    const int row0 = tid / kChunksP, c = (tid % kChunksP) * 8;
+    if (kChunksP != kChunks && c >= kHeadDim) return;
+    const int src_bytes = c < d ? 16 : 0;
+    const uint16_t* src = g + row0 * row_stride + (c < d ? c : 0);
+    uint16_t* dst = s + row0 * kStride + c;
+    RA_UNROLL
+    for (int i = 0; i < kPasses; ++i) {
+      const bool in = !kChecked || row0 + i * kRowStep < rows;
+      cp_async_16(dst + i * kRowStep * kStride, in ? src : g, in ? src_bytes : 0);
+      src += kRowStep * row_stride;
+    }
+  }
+};
+
+// Adds a kRows x d fp32 smem tile (pitch kPitch floats) into global rows: four columns per
+// reduction (red.global.add.v4.f32 on sm_90). Global rows must be 16-byte aligned.
+template <int kRows, int kHeadDim, int kPitch, int kNThreads>
+struct TileReduce {
+  static constexpr int kChunks = kHeadDim / 4;
+  static constexpr int kChunksP = pow2_at_least(kChunks);
+  static constexpr int kRowStep = kNThreads / kChunksP;
+  static constexpr int kPasses = kRows / kRowStep;
+  static_assert(kNThreads % kChunksP == 0 && kRows % kRowStep == 0, "reduce layout");
+
+  // g[r] += s[r] for the tile's rows r (kChecked: only rows r < rows), global row 0 at g. Thread
+  // `tid` adds the chunks (row tid / kChunksP + i kRowStep, column (tid % kChunksP) * 4) that lie
+  // in the real head dim d.
+  template <bool kChecked = false>
+  RA_DEV static void add(float* g, int64_t row_stride, const float* s, int d, int tid,
+                         int rows = kRows) {
+    const int row0 = tid / kChunksP, col = (tid % kChunksP) * 4;
+    if (col >= d) return;
+    float* dst = g + row0 * row_stride + col;
+    RA_UNROLL
+    for (int i = 0; i < kPasses; ++i) {
+      if (!kChecked || row0 + i * kRowStep < rows) {
+        const float4 v =
+            *reinterpret_cast<const float4*>(s + (row0 + i * kRowStep) * kPitch + col);
+        const float vals[4] = {v.x, v.y, v.z, v.w};
+        red_add<4>(dst, vals);
+      }
+      dst += kRowStep * row_stride;
+    }
+  }
+};
+
+}  // namespace cuda
+}  // namespace ring_attn
