@@ -34,10 +34,10 @@ test-py: build
 test: test-cpp test-py
 
 demo: build
-	$(VPY) -m ring_attention.demo
+	$(VPY) examples/demo.py
 
 bench: build
-	$(VPY) benchmarks/bench_efficiency.py
+	$(VPY) benchmarks/ring/bench_efficiency.py
 
 clean:
 	rm -rf $(BUILD) ring_attention/_C.so

@@ -14,13 +14,13 @@
 #   import     import ring_attention; torch.ops.ring_attention.cuda_build_info()
 #   tests      pytest tests/gpu (junit XML in OUTDIR)
 #   memcheck   compute-sanitizer --tool memcheck  on scripts/cuda_sanitize_case.py
-#   overlap    scripts/overlap_check.py: LocalRing, 4 virtual ranks, 8K tokens/rank, bf16, d=128, vs
+#   overlap    benchmarks/ring/overlap_gpu.py: LocalRing, 4 virtual ranks, 8K tokens/rank, bf16, d=128, vs
 #              its kernels alone (overhead <= 5%) and its exchanges alone (hidden fraction)
-#   bench      scripts/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
+#   bench      benchmarks/kernels/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
-#   merge      scripts/merge_probe.py: the forward from several incoming states (why merging slows
+#   merge      benchmarks/kernels/merge_probe.py: the forward from several incoming states (why merging slows
 #              the d=64 forward; OUTDIR/merge_probe.json) (skipped with --quick)
-#   merge-order scripts/merge_probe.py --orders: the same two launches timed in several call orders
+#   merge-order benchmarks/kernels/merge_probe.py --orders: the same two launches timed in several call orders
 #              (OUTDIR/merge_order.json) (skipped with --quick)
 #   ncu        Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of one launch
 #              of each kernel at d=128, 8K tokens, and of SDPA's flash kernels (skipped with --quick)
@@ -209,20 +209,20 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
   sanitize memcheck 150
 
   # ---- overlap: LocalRing (4 ranks, 8K/rank, bf16, d=128) vs its kernels alone: overhead <= 5% ----
-  stage overlap 90 "$PY" scripts/overlap_check.py --out "$OUT"
+  stage overlap 90 "$PY" benchmarks/ring/overlap_gpu.py --json "$OUT/overlap.json"
 
   # ---- benchmark -------------------------------------------------------------------------------
   if [ $QUICK = 1 ]; then
-    stage bench 90 "$PY" scripts/bench_cuda.py --out "$OUT" --quick
+    stage bench 90 "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench.json" --quick
     skip merge "--quick"
     skip merge-order "--quick"
     skip ncu "--quick"
     skip ncu-merge "--quick"
     skip racecheck "--quick"
   else
-    stage bench 240 "$PY" scripts/bench_cuda.py --out "$OUT"
-    stage merge 60 "$PY" scripts/merge_probe.py --out "$OUT"
-    stage merge-order 60 "$PY" scripts/merge_probe.py --orders --out "$OUT"
+    stage bench 240 "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench.json"
+    stage merge 60 "$PY" benchmarks/kernels/merge_probe.py --json "$OUT/merge_probe.json"
+    stage merge-order 60 "$PY" benchmarks/kernels/merge_probe.py --orders --json "$OUT/merge_order.json"
     # ---- Nsight Compute: why the kernels run at the speed they do (vs SDPA's flash kernels) -----
     NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -n 1)
     if [ -z "$NCU" ]; then
@@ -235,7 +235,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
         "$PY" scripts/ncu_case.py
       stage ncu-merge 90 "$NCU" --profile-from-start off --kernel-name "regex:block_fwd" \
         --section WarpStateStats --section SourceCounters --section InstructionStats \
-        --section MemoryWorkloadAnalysis --section SpeedOfLight "$PY" scripts/merge_probe.py --ncu
+        --section MemoryWorkloadAnalysis --section SpeedOfLight "$PY" benchmarks/kernels/merge_probe.py --ncu
     fi
     sanitize racecheck 180
   fi

@@ -9,7 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script, *args, timeout=240):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *args]
+    """Runs `script` (a path from the repository root) and returns its stdout; it must exit 0."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
@@ -17,7 +18,7 @@ def _run(script, *args, timeout=240):
 
 def test_bench_window_truncates_the_ring(tmp_path):
     out = tmp_path / "window.json"
-    stdout = _run("bench_window.py", "--world", "4", "--seqlen", "256", "--iters", "1", "--warmup", "0",
+    stdout = _run("benchmarks/ring/bench_window.py", "--world", "4", "--seqlen", "256", "--iters", "1", "--warmup", "0",
                   "--json", str(out))
     assert "window / full time" in stdout
     res = json.loads(out.read_text())
@@ -31,7 +32,7 @@ def test_bench_window_truncates_the_ring(tmp_path):
 
 def test_bench_ring_quick_checks_all_implementations(tmp_path):
     out = tmp_path / "ring.json"
-    stdout = _run("bench_ring.py", "--quick", "--no-progress", "--fp32-precision", "high", "--json", str(out),
+    stdout = _run("benchmarks/ring/bench_ring.py", "--quick", "--no-progress", "--fp32-precision", "high", "--json", str(out),
                   "--png", str(tmp_path / "ring.png"))
     res = json.loads(out.read_text())
     assert res["rows"], "no rows written"
@@ -41,7 +42,7 @@ def test_bench_ring_quick_checks_all_implementations(tmp_path):
 
 def test_bench_efficiency_runs_the_chosen_cases(tmp_path):
     out = tmp_path / "efficiency.json"
-    _run("bench_efficiency.py", "--seqlen", "256", "--iters", "1", "--warmup", "0",
+    _run("benchmarks/ring/bench_efficiency.py", "--seqlen", "256", "--iters", "1", "--warmup", "0",
          "--memory-seqlen", "256", "--cases", "non-causal,zigzag", "--json", str(out))
     res = json.loads(out.read_text())
     assert [row["case"] for row in res["efficiency"]] == ["non-causal", "causal zigzag"]
@@ -50,6 +51,34 @@ def test_bench_efficiency_runs_the_chosen_cases(tmp_path):
             for col in ("eff", "ceiling", "steps"):
                 assert float(row[f"{phase} {col}"]) > 0
             assert float(row[f"{phase} exch ms"]) > 0
+            assert 0 <= float(row[f"{phase} hidden"]) <= 1
     assert res["checks"]["kernels"] < 1e-4 and res["checks"]["steps"] < 1e-4
     assert res["checks"]["exchange"] == 0
     assert len(res["memory_peak_bytes"]) == 2
+
+
+def test_bench_cpu_vs_sdpa_checks_against_sdpa(tmp_path):
+    out = tmp_path / "cpu_vs_sdpa.json"
+    stdout = _run("benchmarks/kernels/bench_cpu_vs_sdpa.py", "--seqlen", "97", "--heads", "2", "--iters", "1",
+                  "--warmup", "0", "--json", str(out))
+    assert "check: ring vs sdpa" in stdout and "ok" in stdout
+    res = json.loads(out.read_text())
+    assert [r["case"] for r in res["rows"]] == ["non-causal fwd", "non-causal fwd+bwd", "causal fwd",
+                                               "causal fwd+bwd"]
+    assert res["max_rel_err"] < 1e-4 and res["machine"]["fp32_precision"] == "highest"
+
+
+def test_demo_runs_and_passes_its_check():
+    stdout = _run("examples/demo.py", "--world", "2", "--seqlen", "196")
+    assert stdout.rstrip().endswith("PASS")
+    assert stdout.count("\n   0 ") + stdout.count("\n   1 ") == 2  # one row per rank
+
+
+def test_hidden_fraction_is_the_clamped_overlap():
+    sys.path.insert(0, ROOT)
+    from benchmarks import harness as h
+    assert h.hidden_fraction(ring=10.0, compute=10.0, exchange=2.0) == 1.0   # all hidden
+    assert h.hidden_fraction(ring=12.0, compute=10.0, exchange=2.0) == 0.0   # none hidden
+    assert abs(h.hidden_fraction(ring=11.5, compute=10.0, exchange=2.0) - 0.25) < 1e-12
+    assert h.hidden_fraction(ring=13.0, compute=10.0, exchange=2.0) == 0.0   # clamped
+    assert h.hidden_fraction(ring=1.0, compute=1.0, exchange=0.0) == 1.0     # nothing to hide

@@ -1,4 +1,4 @@
-"""Static instruction budget of the CUDA kernels' main loops (scripts/sass_budget.py), from the
+"""Static instruction budget of the CUDA kernels' main loops (benchmarks/kernels/sass_budget.py), from the
 sm_90 SASS of the built extension, beside FlashAttention-2's kernels in torch's libtorch_cuda.so.
 
 Asserted at d = 128, bf16 and fp16, per HMMA-equivalent in one steady-state iteration of the main
@@ -7,7 +7,7 @@ loop: every backward kernel (dK/dV with atomic dQ, deterministic dK/dV, determin
 deterministic kernels). Every kernel of every head-dim bucket: no spill loads or stores and no
 global loads in its main loop. The analyser must reproduce FA2's own figures (3.13 backward,
 4.75 forward at d = 128) within 0.05, so that a change in how it counts cannot pass for a kernel
-change. d = 64 and d = 256 are reported (the table is printed; `python scripts/sass_budget.py`
+change. d = 64 and d = 256 are reported (the table is printed; `python benchmarks/kernels/sass_budget.py`
 gives it, `--json` writes it) with only the spill and global-load rules asserted.
 
 Skipped only when the extension was built without its CUDA half (or without sm_90), or when no
@@ -24,7 +24,7 @@ import torch
 import ring_attention._ops as ops
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("sass_budget", ROOT / "scripts" / "sass_budget.py")
+_spec = importlib.util.spec_from_file_location("sass_budget", ROOT / "benchmarks" / "kernels" / "sass_budget.py")
 sb = importlib.util.module_from_spec(_spec)
 sys.modules["sass_budget"] = sb
 _spec.loader.exec_module(sb)

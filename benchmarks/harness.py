@@ -1,4 +1,11 @@
-"""Shared helpers for the Python benchmarks: spawning gloo ranks, timing, tables and JSON."""
+"""What every Python benchmark shares: its command line, spawning gloo ranks, timing, the hidden
+fraction of an exchange, memory probes, the machine record, tables and JSON.
+
+A script in benchmarks/<group>/ imports it after putting the repository root on sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import harness as h
+"""
+import argparse
 import json
 import os
 import platform
@@ -7,6 +14,7 @@ import socket
 import statistics
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,6 +25,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def parser(doc: str, *, json_default: str, iters: int = 5, warmup: int = 1) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: --iters and --warmup (timed and untimed calls
+    per point), --json (where the results go) and --fp32-precision; scripts add their own sizes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=iters, help="timed calls per point (medians reported)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed calls before timing")
+    p.add_argument("--json", default=json_default, help="write the results here")
+    add_fp32_precision_arg(p)
+    return p
 
 
 def add_fp32_precision_arg(parser) -> None:
@@ -79,6 +98,38 @@ def median_times_interleaved(fns: dict, iters: int, warmup: int, sync=None) -> d
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def hidden_fraction(ring: float, compute: float, exchange: float) -> float:
+    """The fraction of the exchange time the ring hides under compute, the one overlap metric of
+    every benchmark (Python, C++ and GPU):
+        hidden = clamp((compute + exchange - ring) / exchange, 0, 1)
+    with `ring` the time of the ring, `compute` its kernels alone and `exchange` its transfers alone."""
+    if exchange <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (compute + exchange - ring) / exchange))
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    return _status_kib("VmRSS") * 1024
+
+
+def reset_peak_rss() -> None:
+    """Resets the kernel's peak-RSS counter (VmHWM) to the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the last reset_peak_rss()."""
+    return _status_kib("VmHWM") * 1024
 
 
 def _cpuinfo_field(name: str):

@@ -3,18 +3,18 @@ backward, 4 virtual ranks, 8K tokens per rank, bf16, d=128, non-causal, against 
 same block kernels run alone, and the K/V (dK/dV) exchanges run alone.
 
     overhead = ring / kernels - 1                         must be <= 5% (exit status 1 otherwise)
-    hidden   = clamp((kernels + exchanges - ring) / exchanges, 0, 1)
-    timeline = the fraction of the exchange copies' GPU time that ran while a kernel of another
+    hidden   = clamp((kernels + exchanges - ring) / exchanges, 0, 1)   (harness.hidden_fraction,
+               the overlap metric of every benchmark)
+    timeline = a confirmation of `hidden` from a trace: the fraction of the exchange copies' GPU time that ran while a kernel of another
                stream was running, read off a torch.profiler trace of one ring call
 
 LocalRing copies each exchange on the receiver's communication stream as soon as both virtual
 ranks have posted it, and the compute stream waits for that copy only where it uses the slot, so a
 copy can run beside the kernels of the step in hand; on one GPU both share its SMs and memory
 bandwidth, so `hidden` is a lower bound of what separate GPUs would hide. Overlap across GPUs is
-measured by tests/gpu/test_ring_nccl.py's machine (NCCL transport). Writes OUTDIR/overlap.json
-when --out is given.
+measured by tests/gpu/test_ring_nccl.py's machine (NCCL transport). The ring's forward output is
+checked against its kernels' (exit status 1 when off). Writes --json.
 """
-import argparse
 import json
 import os
 import sys
@@ -24,10 +24,14 @@ import torch
 
 import ring_attention  # noqa: F401  (loads the ops)
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import harness as h  # noqa: E402
+
 OPS = torch.ops.ring_attention
 
 
-def timed(fn, iters=5, warmup=2):
+def median_ms(fn, iters, warmup):
+    """Median CUDA-event milliseconds of fn() over `iters` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -68,10 +72,10 @@ def timeline_hidden(fn):
     if not copies:
         return 0.0, 0, 0.0
     total = sum(c1 - c0 for c0, c1, _ in copies)
-    return hidden_fraction(kernels, copies), len(copies), total / len(copies) / 1000
+    return kernel_covered_fraction(kernels, copies), len(copies), total / len(copies) / 1000
 
 
-def hidden_fraction(kernels, copies):
+def kernel_covered_fraction(kernels, copies):
     """Fraction of the copies' time (start, end, stream) covered by kernels of other streams."""
     total = hidden = 0.0
     for c0, c1, stream in copies:
@@ -89,16 +93,15 @@ def hidden_fraction(kernels, copies):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = h.parser(__doc__, json_default="bench_out/overlap_gpu.json", warmup=2)
     parser.add_argument("--world", type=int, default=4)
     parser.add_argument("--len", type=int, default=8192)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--headdim", type=int, default=128)
     parser.add_argument("--max-overhead", type=float, default=0.05)
-    parser.add_argument("--out", default=None)
     a = parser.parse_args()
     if not torch.cuda.is_available():
-        print("overlap_check: no GPU, skipped")
+        print("overlap_gpu: no GPU, nothing to time")
         return 0
     W, L, H, D = a.world, a.len, a.heads, a.headdim
     dev, dt = "cuda", torch.bfloat16
@@ -152,14 +155,21 @@ def main():
             for r in range(W):
                 grad_recv[r].copy_(grad[(r - 1) % W])
 
-    report = {"world": W, "len_per_rank": L, "heads": H, "headdim": D, "dtype": "bfloat16"}
-    ok = True
+    # Check: the ring's output is its block kernels' output (bf16 inputs, fp32 states).
+    kernels_fwd()
+    error = max((out_acc[r] - outs[r].float()).abs().max().item() for r in range(W))
+    ok = error <= 2e-2
+    print(f"check: max |ring out - kernels alone| {error:.1e} (bound 2e-2): {'ok' if ok else 'FAILED'}")
+
+    timed = lambda fn: median_ms(fn, a.iters, a.warmup)  # noqa: E731
+    report = {"machine": h.machine(), "device": torch.cuda.get_device_name(), "max_abs_err": error,
+              "world": W, "len_per_rank": L, "heads": H, "headdim": D, "dtype": "bfloat16"}
     for name, ring, kern, xchg in (("fwd", ring_fwd, kernels_fwd, exchanges_fwd),
                                    ("bwd", ring_bwd, kernels_bwd, exchanges_bwd)):
         t_ring, t_kern, t_x = timed(ring), timed(kern), timed(xchg)
         overhead = t_ring / t_kern - 1
         hops = (W - 1) if name == "fwd" else (2 * W - 1)
-        hidden = min(1.0, max(0.0, (t_kern + t_x - t_ring) / t_x)) if t_x > 0 else 1.0
+        hidden = h.hidden_fraction(t_ring, t_kern, t_x)
         seen_hidden, ncopies, copy_ms = timeline_hidden(ring)
         report[name] = dict(ring_ms=t_ring, kernels_ms=t_kern, exchanges_ms=t_x,
                             exchange_ms_per_hop=t_x / hops, overhead=overhead, hidden=hidden,
@@ -172,9 +182,7 @@ def main():
               f"(<= {a.max_overhead * 100:.0f}%: {'pass' if passed else 'FAIL'}); "
               f"hidden {hidden * 100:.0f}% of each exchange; timeline: {ncopies} copies of "
               f"{copy_ms:.3f} ms, {seen_hidden * 100:.0f}% of their time beside a kernel")
-    if a.out:
-        with open(f"{a.out}/overlap.json", "w") as f:
-            json.dump(report, f, indent=1)
+    h.write_json(a.json, report)
     return 0 if ok else 1
 
 

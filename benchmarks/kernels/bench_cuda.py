@@ -12,11 +12,12 @@ For each (head dim, total length, causal): bf16, batch x seqlen = 16K tokens, he
   sdpa flash / cudnn      F.scaled_dot_product_attention forward, and its backward alone
 TFLOP/s: forward 4 b s^2 h d (half for causal), backward 2.5x that. The merge overhead is
 (fwd - fwd nomerge) / fwd nomerge. Also checks our output against SDPA's (max abs difference).
-Writes OUT/bench.json and OUT/bench.md after every configuration, so a timeout keeps what is done.
+Writes --json and the same table as markdown beside it (.md) after every configuration, so a
+timeout keeps what is done. --iters: the alternated merge/no-merge calls; the other rows take the
+median of 3 batches of calls of about 0.08 s each.
 
-usage: bench_cuda.py --out DIR [--quick] [--headdims 64,128] [--seqlens 4096,8192,16384]
+usage: bench_cuda.py [--json PATH] [--quick] [--headdims 64,128] [--seqlens 4096,8192,16384]
 """
-import argparse
 import json
 import math
 import sys
@@ -28,8 +29,11 @@ import torch.nn.functional as F
 
 import ring_attention as ra
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import harness as h  # noqa: E402
 
-def time_ms(fn, min_time=0.25, warmup=2):
+
+def time_ms(fn, warmup, min_time=0.25):
     """Median of 3 batches of calls, each batch long enough to take min_time/3 seconds."""
     for _ in range(warmup):
         fn()
@@ -52,7 +56,7 @@ def time_ms(fn, min_time=0.25, warmup=2):
     return sorted(batches)[1]
 
 
-def merge_pair_ms(merge, nomerge, reps=21, warmup=2):
+def merge_pair_ms(merge, nomerge, reps, warmup):
     """Medians (ms) of the forward with and without the merge, alternated call by call and timed
     with CUDA events around each call. Each merging call merges into the state that the no-merge
     call just before it wrote (one block), so the running state is the same for every timed call
@@ -78,7 +82,7 @@ def sdpa_backend(name):
     return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
 
 
-def bench_config(d, s, causal, dtype=torch.bfloat16):
+def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16):
     from torch.nn.attention import sdpa_kernel
     b, h = max(1, 16384 // s), max(1, 2048 // d)
     flops_fwd = 4.0 * b * s * s * h * d / (2 if causal else 1)
@@ -101,7 +105,7 @@ def bench_config(d, s, causal, dtype=torch.bfloat16):
     fwd = lambda: ra.ops.block_fwd(q=q, k=k, v=v, out_acc=out_acc, lse=lse, **mask)
     fwd_nomerge = lambda: torch.ops.ring_attention._cuda_block_fwd(q=q, k=k, v=v, out_acc=out_acc,
                                                                    lse=lse, **mask, merge=False)
-    t_fwd, t_nomerge = merge_pair_ms(fwd, fwd_nomerge)
+    t_fwd, t_nomerge = merge_pair_ms(fwd, fwd_nomerge, iters, warmup)
     overhead = (t_fwd - t_nomerge) / t_nomerge * 100
     add("ring block_fwd", "fwd", t_fwd, flops_fwd, f"merge overhead {overhead:+.1f}%")
     add("ring block_fwd nomerge", "fwd", t_nomerge, flops_fwd)
@@ -115,21 +119,21 @@ def bench_config(d, s, causal, dtype=torch.bfloat16):
     dq, dk, dv = (torch.zeros(b, s, h, d, device="cuda") for _ in range(3))
     bwd = lambda: ra.ops.block_bwd(dout=dout, q=q, k=k, v=v, lse=final_lse, delta=delta, dq_acc=dq,
                                    dk_acc=dk, dv_acc=dv, **mask)
-    add("ring block_bwd", "bwd", time_ms(bwd), flops_bwd)
+    add("ring block_bwd", "bwd", time_ms(bwd, warmup), flops_bwd)
     bwd_det = lambda: ra.ops.block_bwd(dout=dout, q=q, k=k, v=v, lse=final_lse, delta=delta,
                                        dq_acc=dq, dk_acc=dk, dv_acc=dv, deterministic=True, **mask)
-    add("ring block_bwd deterministic", "bwd", time_ms(bwd_det), flops_bwd)
+    add("ring block_bwd deterministic", "bwd", time_ms(bwd_det, warmup), flops_bwd)
 
     held = {}
 
     def op_fwd():
         held["out"] = ra.ops.ring_fwd(q, k, v, None, "", causal, scale, -1, -1, "contiguous")
 
-    add("ring op (world 1)", "fwd", time_ms(op_fwd), flops_fwd)
+    add("ring op (world 1)", "fwd", time_ms(op_fwd, warmup), flops_fwd)
     o, l = held.pop("out")
     op_bwd = lambda: ra.ops.ring_bwd(dout, q, k, v, o, l, None, "", causal, scale, -1, -1,
                                      "contiguous")
-    add("ring op (world 1)", "bwd", time_ms(op_bwd), flops_bwd)
+    add("ring op (world 1)", "bwd", time_ms(op_bwd, warmup), flops_bwd)
     del o, l
 
     qt, kt, vt, dt = (t.transpose(1, 2).detach() for t in (q, k, v, dout))
@@ -138,12 +142,12 @@ def bench_config(d, s, causal, dtype=torch.bfloat16):
             leaves = [t.clone().requires_grad_() for t in (qt, kt, vt)]
             with sdpa_kernel(sdpa_backend(name)):
                 run = lambda: F.scaled_dot_product_attention(*leaves, is_causal=causal, scale=scale)
-                t = time_ms(run)
+                t = time_ms(run, warmup)
                 ref = run()
                 diff = (ref.transpose(1, 2).float() - ours.float()).abs().max().item()
                 add(f"sdpa {name}", "fwd", t, flops_fwd, f"max |ours - sdpa| {diff:.2e}")
                 grad = lambda: torch.autograd.grad(ref, leaves, dt, retain_graph=True)
-                add(f"sdpa {name}", "bwd", time_ms(grad), flops_bwd)
+                add(f"sdpa {name}", "bwd", time_ms(grad, warmup), flops_bwd)
             del ref
         except Exception as e:  # backend unavailable for this shape/GPU/torch
             add(f"sdpa {name}", "fwd", None, flops_fwd, f"unsupported: {str(e).splitlines()[0][:120]}")
@@ -168,8 +172,7 @@ def markdown(rows, device):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap = h.parser(__doc__, json_default="bench_out/cuda.json", iters=21, warmup=2)
     ap.add_argument("--quick", action="store_true", help="d=128, 8K tokens, non-causal only")
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--seqlens", default="4096,8192,16384")
@@ -177,8 +180,8 @@ def main():
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device, nothing to time")
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.quick:
         configs = [(128, 8192, False)]
     else:
@@ -188,11 +191,10 @@ def main():
     rows = []
     for d, s, causal in configs:
         t0 = time.time()
-        rows += bench_config(d, s, causal)
+        rows += bench_config(d, s, causal, args.iters, args.warmup)
         print(f"d={d} s={s} causal={causal}: {time.time() - t0:.1f} s", flush=True)
-        (out / "bench.json").write_text(json.dumps(dict(device=device, torch=torch.__version__,
-                                                        rows=rows), indent=1))
-        (out / "bench.md").write_text(markdown(rows, device))
+        out.write_text(json.dumps(dict(machine=h.machine(), device=device, rows=rows), indent=1))
+        out.with_suffix(".md").write_text(markdown(rows, device))
         torch.cuda.empty_cache()
     print(markdown(rows, device))
     return 0

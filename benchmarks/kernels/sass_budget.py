@@ -2,7 +2,7 @@
 """Static instruction budget of the CUDA block kernels' main loops, from their sm_90 SASS, beside
 FlashAttention-2's kernels in torch's own libtorch_cuda.so.
 
-    scripts/sass_budget.py [--so ring_attention/_C.so] [--json OUT] [--no-fa2]
+    benchmarks/kernels/sass_budget.py [--so ring_attention/_C.so] [--json OUT] [--no-fa2]
 
 For each kernel: disassemble it (cuobjdump -sass, the copy in triton's wheel unless --cuobjdump),
 split it into basic blocks, find the natural loops (back edge u -> h with h dominating u) and take

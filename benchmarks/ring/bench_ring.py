@@ -37,7 +37,6 @@ Default sweep: the headline points (8K tokens, worlds 1 and 2, fp32 and bf16, ca
 and fwd+bwd), about 5 minutes on 2 cores. --full: worlds 1,2,4 x 2K,4K,8K,16K, 35-60 minutes (add
 --iters 3 to shorten; world 4 oversubscribes a 2-core machine). --quick: a tiny smoke test (~20 s).
 """
-import argparse
 import math
 import os
 import statistics
@@ -50,8 +49,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _harness as h  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import harness as h  # noqa: E402
 
 IMPLS = ("ours", "torch", "sdpa")
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -316,7 +315,7 @@ def _fmt_ms(t):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.parser(__doc__, json_default="bench_out/ring.json")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--worlds", type=ints, default=None, help="world sizes (default 1,2; --full 1,2,4)")
@@ -327,17 +326,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--headdim", type=int, default=64)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--torch-rotate", choices=["allgather", "alltoall"], default="allgather",
                    help="PyTorch's K/V rotate method (their default: allgather)")
-    p.add_argument("--json", default="bench_out/ring.json")
     p.add_argument("--png", default="bench_out/ring.png")
     p.add_argument("--md", default=None, help="also write the table as markdown to this file")
     p.add_argument("--full", action="store_true", help="worlds 1,2,4 x seqlens 2048..16384 (long)")
     p.add_argument("--quick", action="store_true", help="tiny smoke sweep")
     p.add_argument("--no-progress", action="store_true")
-    h.add_fp32_precision_arg(p)
     args = p.parse_args(argv)
     h.set_fp32_precision(args)
 

@@ -1,11 +1,10 @@
-"""The main job: `make demo`.
+"""The main job: `make demo` (python examples/demo.py).
 
 4 CPU ranks over gloo run a 32K-token causal zigzag ring attention forward and backward, and rank 0
 checks the result against single-process attention (ATen SDPA on the full sequence).
 """
 import argparse
 import os
-import socket
 import sys
 import time
 
@@ -13,11 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import harness as h  # noqa: E402  (free ports, memory probes)
 
 
 def _inputs(args):
@@ -46,7 +42,6 @@ def _worker(rank, world, port, args, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     import ring_attention as ra
-    from ring_attention.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     q, k, v, dout = _inputs(args)
     ql, kl, vl = (ra.shard(t, layout=args.layout).contiguous().requires_grad_() for t in (q, k, v))
@@ -56,14 +51,14 @@ def _worker(rank, world, port, args, results):
     ra.ring_attn_func(ql[:, :2], kl[:, :2], vl[:, :2], causal=args.causal, layout=args.layout).sum().backward()
     ql.grad = kl.grad = vl.grad = None
     dist.barrier()
-    base = rss_bytes()
-    reset_peak_rss()
+    base = h.rss_bytes()
+    h.reset_peak_rss()
     t0 = time.perf_counter()
     out = ra.ring_attn_func(ql, kl, vl, causal=args.causal, layout=args.layout)
     t1 = time.perf_counter()
     out.backward(dl)
     t2 = time.perf_counter()
-    peak = peak_rss_bytes() - base
+    peak = h.peak_rss_bytes() - base
     results[rank] = (ql.shape[1], t1 - t0, t2 - t1, peak)
 
     full = [ra.unshard(t, layout=args.layout) for t in (out.detach(), ql.grad, kl.grad, vl.grad)]
@@ -96,7 +91,7 @@ def main(argv=None) -> int:
           f"{'causal' if args.causal else 'non-causal'}, layout {args.layout}, batch {args.batch}, "
           f"{args.heads} heads ({args.kv_heads} K/V heads), head dim {args.headdim}, float32")
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(args.world, _free_port(), args, results), nprocs=args.world)
+    mp.spawn(_worker, args=(args.world, h.free_port(), args, results), nprocs=args.world)
 
     scores_mb = args.batch * args.heads * args.seqlen ** 2 * 4 / 2 ** 20
     print(f"\n{'rank':>4} {'tokens':>7} {'forward s':>10} {'backward s':>11} {'peak MB':>8}")

@@ -5,20 +5,21 @@ cost (CUDA forward)"): the same block_fwd launch timed from several incoming sta
 kernel's or the benchmark's?); with --ncu, one launch of each of the two that differ (merge=False
 and the merge into the block's own result) for Nsight Compute.
 
-    python3 scripts/merge_probe.py --out OUTDIR                # table + OUTDIR/merge_probe.json
-    python3 scripts/merge_probe.py --orders --out OUTDIR       # table + OUTDIR/merge_order.json
-    ncu --profile-from-start off ... python3 scripts/merge_probe.py --ncu
+    python3 benchmarks/kernels/merge_probe.py --json OUT/merge_probe.json
+    python3 benchmarks/kernels/merge_probe.py --orders --json OUT/merge_order.json
+    ncu --profile-from-start off ... python3 benchmarks/kernels/merge_probe.py --ncu
 
 bf16, 16K tokens in all (d=64: 32 heads; d=128: 16 heads), non-causal; medians of CUDA-event
 timings. In the states table each call is preceded by a copy of its incoming state (not timed),
 and the results of the merging calls are checked against the merge of the two states in float64.
 """
-import argparse
-import json
 import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import harness as h  # noqa: E402
 
 CONFIGS = [(64, 16384), (64, 4096), (128, 16384)]  # (headdim, seqlen); batch = 16K / seqlen
 
@@ -40,19 +41,19 @@ def event_ms(prepare, run, reps):
 def problem(d, s):
     """Batch, heads, bf16 q, k, v (batch, s, heads, d; 16K tokens and heads * d = 2048 in all),
     block_fwd's mask arguments (non-causal), and an empty fp32 state (out 0, lse -inf)."""
-    b, h = 16384 // s, 2048 // d
+    b, heads = 16384 // s, 2048 // d
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = (torch.randn(b, s, heads, d, device="cuda", dtype=torch.bfloat16, generator=g)
                for _ in range(3))
     pos = torch.arange(s, device="cuda", dtype=torch.int32)
     mask = dict(q_pos=pos, k_pos=pos, q_seg=None, causal=False, window_left=-1, window_right=-1,
                 softmax_scale=d ** -0.5)
-    state = (torch.zeros(b, s, h, d, device="cuda"), torch.full((b, h, s), float("-inf"), device="cuda"))
-    return b, h, (q, k, v), mask, state
+    state = (torch.zeros(b, s, heads, d, device="cuda"), torch.full((b, heads, s), float("-inf"), device="cuda"))
+    return b, heads, (q, k, v), mask, state
 
 
 def probe(d, s, reps, ncu):
-    b, h, (q, k, v), mask, (out, lse) = problem(d, s)
+    b, heads, (q, k, v), mask, (out, lse) = problem(d, s)
 
     def launch(merge):
         torch.ops.ring_attention._cuda_block_fwd(q=q, k=k, v=v, out_acc=out, lse=lse, **mask,
@@ -94,7 +95,7 @@ def probe(d, s, reps, ncu):
     times = {name: event_ms(prepare(name), lambda m=st[2]: launch(m), reps)
              for name, st in states.items()}
     base = times["merge=False"]
-    return {"headdim": d, "seqlen": s, "batch": b, "heads": h, "ms": times,
+    return {"headdim": d, "seqlen": s, "batch": b, "heads": heads, "ms": times,
             "vs_no_merge_pct": {n: (t / base - 1) * 100 for n, t in times.items()},
             "check": {"max_abs_out": err_out, "max_abs_lse": err_lse}}
 
@@ -104,7 +105,7 @@ def orders_probe(d, s, reps):
     call (as bench_cuda.py does), with a host synchronisation between calls, each variant alone in
     a run of calls, and alternated between two separate state buffers; median ms per call of the
     sequence."""
-    b, h, (q, k, v), mask, state = problem(d, s)
+    b, heads, (q, k, v), mask, state = problem(d, s)
     states = [state, tuple(t.clone() for t in state)]
 
     def launch(merge, state=0):
@@ -138,14 +139,12 @@ def orders_probe(d, s, reps):
         "no merge (state 2), no merge": ([launch(False, 1), launch(False)], False),
         "merge (state 2), merge": ([launch(True, 1), launch(True)], False),
     }
-    return {"headdim": d, "seqlen": s, "batch": b, "heads": h,
+    return {"headdim": d, "seqlen": s, "batch": b, "heads": heads,
             "ms": {name: sequence_ms(calls, sync) for name, (calls, sync) in orders.items()}}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="folder for merge_probe.json (merge_order.json with --orders)")
-    p.add_argument("--reps", type=int, default=15)
+    p = h.parser(__doc__, json_default="bench_out/merge_probe.json", iters=15)
     p.add_argument("--ncu", action="store_true", help="profile the d=64, 16K pair only")
     p.add_argument("--orders", action="store_true", help="time the call orders instead of the states")
     args = p.parse_args()
@@ -159,9 +158,9 @@ def main():
         print("merge_probe: profiled d=64 16K merge=False and merge into its own result")
         return 0
     if args.orders:
-        rows, name = [orders_probe(d, s, args.reps) for d, s in CONFIGS], "merge_order.json"
+        rows = [orders_probe(d, s, args.iters) for d, s in CONFIGS]
     else:
-        rows, name = [probe(d, s, args.reps, ncu=False) for d, s in CONFIGS], "merge_probe.json"
+        rows = [probe(d, s, args.iters, ncu=False) for d, s in CONFIGS]
     for r in rows:
         print(f"d={r['headdim']} seqlen {r['seqlen']} batch {r['batch']} heads {r['heads']} (ms):")
         for state, ms in r["ms"].items():
@@ -169,10 +168,7 @@ def main():
                 print(f"  {state:32} " + "  ".join(f"{t:7.3f}" for t in ms))
             else:
                 print(f"  {state:32} {ms:8.3f}  {r['vs_no_merge_pct'][state]:+6.1f}%")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, name), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    h.write_json(args.json, {"machine": h.machine(), "device": torch.cuda.get_device_name(), "rows": rows})
     return 0
 
 

@@ -7,15 +7,14 @@ The two variants are timed side by side (interleaved, a barrier before each call
 is its slowest rank's. Each rank also reports the steps, blocks and exchanges of its last call,
 and the windowed output is checked against a float64 reference of the whole sequence.
 """
-import argparse
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _harness as h  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import harness as h  # noqa: E402
 
 
 def _rank(rank, world, seqlen, heads, headdim, window, iters, warmup):
@@ -56,17 +55,13 @@ def _rank(rank, world, seqlen, heads, headdim, window, iters, warmup):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.parser(__doc__, json_default="bench_out/window.json")
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=8192)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--window-fraction", type=float, default=1 / 8,
                    help="left window as a fraction of the global sequence length")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--json", default="bench_out/window.json")
-    h.add_fp32_precision_arg(p)
     args = p.parse_args(argv)
     h.set_fp32_precision(args)
     window = max(1, int(args.seqlen * args.window_fraction))
