@@ -10,18 +10,19 @@ from typing import List, Optional, Sequence
 import torch
 
 from ._ops import ops
-from .functional import _default_scale, _deterministic, _window
+from .functional import _default_scale, _deterministic, _kv_exchange, _window
 
 
 class _LocalRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, world: int, cu_seqlens, causal: bool, softmax_scale: float, window: tuple, layout: str,
-                deterministic: bool, *tensors):
+                deterministic: bool, kv_exchange: str, *tensors):
         qs, ks, vs = tensors[:world], tensors[world:2 * world], tensors[2 * world:]
         args = (cu_seqlens, causal, softmax_scale, *window, layout)
-        outs, lses = ops.local_ring_fwd(list(qs), list(ks), list(vs), *args)
+        outs, lses = ops.local_ring_fwd(list(qs), list(ks), list(vs), *args, kv_exchange=kv_exchange)
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
         ctx.world, ctx.ring_args, ctx.deterministic = world, args, deterministic
+        ctx.kv_exchange = kv_exchange
         ctx.mark_non_differentiable(*lses)
         return (*outs, *lses)
 
@@ -32,8 +33,8 @@ class _LocalRingAttention(torch.autograd.Function):
         qs, ks, vs, outs, lses = (list(saved[i * world:(i + 1) * world]) for i in range(5))
         douts = [g if g is not None else torch.zeros_like(o) for g, o in zip(grads[:world], outs)]
         dqs, dks, dvs = ops.local_ring_bwd(douts, qs, ks, vs, outs, lses, *ctx.ring_args,
-                                           deterministic=ctx.deterministic)
-        return (None, None, None, None, None, None, None, *dqs, *dks, *dvs)
+                                           deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange)
+        return (None, None, None, None, None, None, None, None, *dqs, *dks, *dvs)
 
 
 class LocalRing:
@@ -48,27 +49,28 @@ class LocalRing:
     def ring_attn_func(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
                        vs: Sequence[torch.Tensor], *, causal: bool = False,
                        softmax_scale: Optional[float] = None, window_size=(-1, -1),
-                       layout: str = "contiguous", return_lse: bool = False, deterministic: bool = False):
+                       layout: str = "contiguous", return_lse: bool = False, deterministic: bool = False,
+                       kv_exchange: str = "ring"):
         """Ring attention of every virtual rank's shard.
 
         qs, ks, vs: one shard per virtual rank, shapes as for ``ring_attn_func``. Returns the list
         of outputs, or (outputs, lses). Gradients flow back to every shard.
         """
         return self._run(qs, ks, vs, None, causal, softmax_scale, window_size, layout, return_lse,
-                         deterministic)
+                         deterministic, kv_exchange)
 
     def ring_attn_varlen_func(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
                               vs: Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *,
                               causal: bool = False, softmax_scale: Optional[float] = None,
                               window_size=(-1, -1), layout: str = "contiguous", return_lse: bool = False,
-                              deterministic: bool = False):
+                              deterministic: bool = False, kv_exchange: str = "ring"):
         """Packed sequences as ``ring_attn_varlen_func``: one (tokens_local, heads, headdim) shard
         per virtual rank, as made by ``shard_varlen``."""
         return self._run(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse,
-                         deterministic)
+                         deterministic, kv_exchange)
 
     def _run(self, qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse,
-             deterministic):
+             deterministic, kv_exchange):
         world = self.world_size
         for name, shards in (("qs", qs), ("ks", ks), ("vs", vs)):
             if len(shards) != world:
@@ -78,7 +80,7 @@ class LocalRing:
                     raise ValueError(f"LocalRing on {self.device}: {name} has a tensor on {t.device}")
         results = _LocalRingAttention.apply(world, cu_seqlens, bool(causal), _default_scale(qs[0], softmax_scale),
                                             _window(window_size), layout, _deterministic(deterministic),
-                                            *qs, *ks, *vs)
+                                            _kv_exchange(kv_exchange), *qs, *ks, *vs)
         outs: List[torch.Tensor] = list(results[:world])
         lses: List[torch.Tensor] = list(results[world:])
         return (outs, lses) if return_lse else outs

@@ -28,20 +28,25 @@ def check_ring(case):
     """ring_attn_func forward and backward on this rank's shard against the float64 reference.
 
     case: dict with layout, causal, dtype, local_len, batch, heads, heads_kv, headdim, scale
-    (None: default) and memory ("contiguous" or a `strided` kind for the local q, k, v, dout).
+    (None: default) and memory ("contiguous" or a `strided` kind for the local q, k, v, dout);
+    optionally window, kv_exchange and deterministic.
     """
     rank, world = rank_and_world()
     layout, dtype = case["layout"], case["dtype"]
+    window = case.get("window", (-1, -1))
     seqlen = world * case["local_len"]
     q, k, v, dout = random_qkv(seed_of(world, sorted(case.items(), key=str)), case["batch"], seqlen,
                                seqlen, case["heads"], case["heads_kv"], case["headdim"], dtype)
-    expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"]), case["scale"])
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window),
+                         case["scale"])
 
     local = [strided(ra.shard(t, layout=layout), case["memory"]) for t in (q, k, v, dout)]
     for t in local[:3]:
         t.requires_grad_()
     out, lse = ra.ring_attn_func(*local[:3], causal=case["causal"], softmax_scale=case["scale"],
-                                 layout=layout, return_lse=True)
+                                 layout=layout, return_lse=True, window_size=window,
+                                 kv_exchange=case.get("kv_exchange", "ring"),
+                                 deterministic=case.get("deterministic", False))
     assert out.dtype == dtype and lse.dtype == acc_dtype(dtype), (out.dtype, lse.dtype)
     assert not lse.requires_grad
     grads = torch.autograd.grad(out, local[:3], local[3])
@@ -121,6 +126,14 @@ def _other_window(q, k, v, kw):
     return q, k, v, {**kw, "window_size": (3, 0)}
 
 
+def _bad_kv_exchange(q, k, v, kw):
+    return q, k, v, {**kw, "kv_exchange": "tree"}
+
+
+def _other_kv_exchange(q, k, v, kw):
+    return q, k, v, {**kw, "kv_exchange": "allgather"}
+
+
 # kind: (how the inputs of a "bad" rank change, what the error message must say)
 INVALID_INPUTS = {
     "q_3d": (_bad_q3d, "must be 4-D"),
@@ -134,6 +147,7 @@ INVALID_INPUTS = {
     "window_not_a_pair": (_bad_window_type, "window_size values must be >= 0, or -1"),
     "zigzag_odd_length": (_bad_zigzag_odd, "layout 'zigzag' needs an even local sequence length"),
     "unknown_layout": (_bad_layout, "unknown layout 'diagonal'"),
+    "unknown_kv_exchange": (_bad_kv_exchange, "unknown kv_exchange 'tree'"),
 }
 DISAGREEMENTS = {
     "seqlen": (_other_seqlen, "ranks disagree on the local sequence length"),
@@ -142,6 +156,7 @@ DISAGREEMENTS = {
     "softmax_scale": (_other_scale, "ranks disagree on the softmax_scale"),
     "dtype": (_other_dtype, "ranks disagree on the dtype"),
     "window": (_other_window, "ranks disagree on the window_size[0] (left)"),
+    "kv_exchange": (_other_kv_exchange, "ranks disagree on the kv_exchange"),
 }
 
 
@@ -254,16 +269,17 @@ def sleeping_on(rank_to_sleep, seconds):
     return rank
 
 
-def ring_results(layout, causal, local_len, seed):
-    """This rank's (out, lse, dq, dk, dv) of ring_attn_func on seeded float64 inputs, for
-    comparing the gloo ring with LocalRing bit for bit."""
+def ring_results(layout, causal, local_len, seed, kv_exchange="ring", dtype=torch.float64):
+    """This rank's (out, lse, dq, dk, dv) of ring_attn_func on seeded inputs, for comparing the
+    gloo ring with LocalRing bit for bit, or one kv_exchange with another."""
     rank, world = rank_and_world()
     seqlen = world * local_len
-    q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, 4, 2, 16, torch.float64)
+    q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, 4, 2, 16, dtype)
     local = [ra.shard(t, layout=layout).contiguous() for t in (q, k, v, dout)]
     for t in local[:3]:
         t.requires_grad_()
-    out, lse = ra.ring_attn_func(*local[:3], causal=causal, layout=layout, return_lse=True)
+    out, lse = ra.ring_attn_func(*local[:3], causal=causal, layout=layout, return_lse=True,
+                                 kv_exchange=kv_exchange)
     grads = torch.autograd.grad(out, local[:3], local[3])
     return [t.detach() for t in (out, lse, *grads)]
 
@@ -294,7 +310,7 @@ def check_varlen_rejected(kind, bad_ranks):
     return str(error.value)
 
 
-def varlen_ring_results(layout, causal, window, seqlens, seed):
+def varlen_ring_results(layout, causal, window, seqlens, seed, kv_exchange="ring"):
     """This rank's (out, lse, dq, dk, dv) of ring_attn_varlen_func on the float64 inputs of
     random_packed(seed, seqlens, 4, 2, 16), and the ring's stats."""
     cu, *full = random_packed(seed, seqlens, 4, 2, 16, torch.float64)
@@ -302,6 +318,6 @@ def varlen_ring_results(layout, causal, window, seqlens, seed):
     for t in (q, k, v):
         t.requires_grad_()
     out, lse = ra.ring_attn_varlen_func(q, k, v, cu, causal=causal, window_size=window,
-                                        layout=layout, return_lse=True)
+                                        layout=layout, return_lse=True, kv_exchange=kv_exchange)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     return [t.detach() for t in (out, lse, *grads)], ra.last_ring_stats()

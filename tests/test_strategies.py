@@ -1,0 +1,136 @@
+"""Strategies of exchanging K/V: kv_exchange="allgather" against the float64 reference and
+against the ring, over gloo (1-4 ranks) and LocalRing, dense and packed, with windows and GQA."""
+import itertools
+
+import pytest
+import torch
+
+import ring_attention as ra
+from ring_attention.testing import LocalRing
+from cases import acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of
+from ring_cases import check_ring, ring_results, varlen_ring_results
+from test_varlen_window import local_varlen, random_seqlens
+
+LOCAL_LENGTHS = {"contiguous": [1, 7], "striped": [1, 7], "zigzag": [2, 6]}
+# (batch, heads, heads_kv, headdim, softmax_scale, window): MHA, GQA down to one K/V head.
+SHAPES = [(1, 4, 2, 16, None, (-1, -1)), (2, 4, 1, 32, 0.3, (3, 0)), (1, 2, 2, 8, None, (2, 5)),
+          (2, 3, 1, 24, 1.7, (-1, -1))]
+
+
+def allgather_params():
+    params = []
+    for world, layout, causal in itertools.product([1, 2, 3, 4], LOCAL_LENGTHS, [False, True]):
+        local_len = LOCAL_LENGTHS[layout][(world + causal) % 2]
+        batch, heads, heads_kv, headdim, scale, window = SHAPES[seed_of(world, layout, causal) % 4]
+        if causal and window[1] > 0:
+            window = (window[0], 0)
+        dtype = torch.float64 if (world + len(layout)) % 2 else torch.float32
+        case = dict(layout=layout, causal=causal, dtype=dtype, local_len=local_len, batch=batch,
+                    heads=heads, heads_kv=heads_kv, headdim=headdim, scale=scale,
+                    memory="contiguous", window=window, kv_exchange="allgather",
+                    deterministic=world % 2 == 0)
+        case_id = (f"w{world}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}"
+                   f"-L{local_len}-h{heads}/{heads_kv}-win{window[0]},{window[1]}")
+        params.append(pytest.param(world, case, id=case_id))
+    return params
+
+
+@pytest.mark.parametrize("world,case", allgather_params())
+def test_allgather_matches_reference(rank_pool, world, case):
+    rank_pool(world).run(check_ring, case)
+
+
+@pytest.mark.parametrize("world,layout,causal", [(2, "zigzag", True), (3, "contiguous", True),
+                                                 (4, "striped", False)])
+def test_allgather_agrees_with_ring(rank_pool, world, layout, causal):
+    """float32: the two exchanges give the same out and lse (the same merges in the same order)
+    and the same gradients within float32 rounding (dK/dV are summed in another order)."""
+    seed = seed_of("allgather-vs-ring", world, layout)
+    ring = rank_pool(world).run(ring_results, layout, causal, 6, seed, "ring", torch.float32)
+    gathered = rank_pool(world).run(ring_results, layout, causal, 6, seed, "allgather",
+                                    torch.float32)
+    for rank in range(world):
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ring[rank], gathered[rank]):
+            if name in ("out", "lse", "dq"):
+                assert torch.equal(a, b), f"rank {rank} {name}"
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+@pytest.mark.parametrize("world,layout,causal,window", [
+    (2, "zigzag", True, (-1, -1)), (3, "contiguous", True, (5, 0)), (4, "striped", False, (3, 3))])
+def test_allgather_packed_sequences(rank_pool, world, layout, causal, window):
+    """Packed sequences with windows: LocalRing's all-gather against the float64 reference, and
+    the gloo all-gather against LocalRing's."""
+    seqlens = random_seqlens(seed_of("allgather-varlen", world), world)
+    seed = seed_of("allgather-varlen-data", world, layout)
+    cu, q, k, v, dout = random_packed(seed, seqlens, 4, 2, 16, torch.float64)
+    from cases import sequence_visible
+    expected = reference(q, k, v, dout, sequence_visible(seqlens, causal, window))
+    local, outs, lses, grads = local_varlen(world, layout, cu, q, k, v, dout, causal=causal,
+                                            window_size=window, kv_exchange="allgather")
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), local, expected):
+        assert_close(got, want, name)
+    results = rank_pool(world).run(varlen_ring_results, layout, causal, window, seqlens, seed,
+                                   "allgather")
+    for rank, (tensors, stats) in enumerate(results):
+        mine = [outs[rank], lses[rank]] + [grads[i * world + rank] for i in range(3)]
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), tensors, mine):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+        assert stats["steps"] == 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_local_ring_allgather_matches_reference(world, layout):
+    """LocalRing, causal, GQA with one K/V head, float32 and float64."""
+    from cases import sequence_visible
+    for dtype in (torch.float64, torch.float32):
+        seqlen = world * 6
+        q, k, v, dout = random_qkv(seed_of("local-allgather", world, layout, str(dtype)), 2,
+                                   seqlen, seqlen, 4, 1, 16, dtype)
+        expected = reference(q, k, v, dout, sequence_visible(seqlen, True), None)
+        ring = LocalRing(world)
+        shards = [ring.shard(t, layout=layout) for t in (q, k, v, dout)]
+        for t in itertools.chain(*shards[:3]):
+            t.requires_grad_()
+        outs, lses = ring.ring_attn_func(*shards[:3], causal=True, layout=layout,
+                                         return_lse=True, kv_exchange="allgather")
+        grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
+        got = [ring.unshard(outs, layout=layout), ring.unshard(lses, layout=layout, dim=2)]
+        got += [ring.unshard(list(grads[i * world:(i + 1) * world]), layout=layout)
+                for i in range(3)]
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+            assert a.dtype == (acc_dtype(dtype) if name == "lse" else dtype)
+            assert_close(a, b, name)
+
+
+def test_opcheck_allgather_ops():
+    """torch.library.opcheck on ring_fwd/ring_bwd (world size 1) and local_ring_fwd/bwd (three
+    virtual ranks) with kv_exchange="allgather"."""
+    q, k, v, dout = random_qkv(seed_of("opcheck-allgather"), 2, 6, 6, 4, 2, 16, torch.float32)
+    fwd_args = (q, k, v, None, "", True, 0.3, 3, -1, "zigzag")
+    torch.library.opcheck(ra.ops.ring_fwd.default, fwd_args, {"kv_exchange": "allgather"})
+    out, lse = ra.ops.ring_fwd(*fwd_args, kv_exchange="allgather")
+    torch.library.opcheck(ra.ops.ring_bwd.default, (dout, q, k, v, out, lse, *fwd_args[3:]),
+                          {"kv_exchange": "allgather"})
+    shards = [random_qkv(seed_of("opcheck-allgather", r), 2, 6, 6, 4, 2, 16, torch.float64)
+              for r in range(3)]
+    qs, ks, vs, douts = (list(per_rank) for per_rank in zip(*shards))
+    fwd_args = (qs, ks, vs, None, False, 0.3, 3, 2, "striped")
+    torch.library.opcheck(ra.ops.local_ring_fwd.default, fwd_args, {"kv_exchange": "allgather"})
+    outs, lses = ra.ops.local_ring_fwd(*fwd_args, kv_exchange="allgather")
+    torch.library.opcheck(ra.ops.local_ring_bwd.default,
+                          (douts, qs, ks, vs, outs, lses, *fwd_args[3:]),
+                          {"kv_exchange": "allgather"})
+
+
+def test_unknown_kv_exchange_raises_locally():
+    q, k, v, _ = random_qkv(seed_of("bad-exchange"), 1, 4, 4, 2, 1, 16, torch.float32)
+    for bad in ("tree", None, 3):
+        with pytest.raises(ValueError, match="unknown kv_exchange"):
+            ra.ring_attn_func(q, k, v, kv_exchange=bad)
+    with pytest.raises(ValueError, match="unknown kv_exchange 'tree'"):
+        LocalRing(2).ring_attn_func([q, q], [k, k], [v, v], kv_exchange="tree")
