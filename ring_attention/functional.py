@@ -3,7 +3,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import _group
+from . import _group, ulysses
 from ._ops import ops
 
 
@@ -59,21 +59,26 @@ def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
 
 
 def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
-          deterministic, kv_exchange):
+          deterministic, kv_exchange, ulysses_group):
     """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
-    them, then the differentiable call."""
+    them, then the differentiable call (inside Ulysses' all-to-all with a ulysses_group)."""
     group, _, _ = _group.resolve(group)
     left, right = _window(window_size)
-    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), bool(causal),
-                                    _default_scale(q, softmax_scale), left, right, layout,
-                                    _deterministic(deterministic), _kv_exchange(kv_exchange))
+    args = (cu_seqlens, _group.group_name(group), bool(causal), _default_scale(q, softmax_scale),
+            left, right, layout, _deterministic(deterministic), _kv_exchange(kv_exchange))
+    if ulysses_group is None:
+        out, lse = _RingAttention.apply(q, k, v, *args)
+    else:
+        out, lse = ulysses.attention(q, k, v, cu_seqlens, group, ulysses_group, layout,
+                                     _kv_exchange(kv_exchange),
+                                     lambda *qkv: _RingAttention.apply(*qkv, *args), return_lse)
     return (out, lse) if return_lse else out
 
 
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
                    group=None, layout: str = "contiguous", return_lse: bool = False,
-                   deterministic: bool = False, kv_exchange: str = "ring"):
+                   deterministic: bool = False, kv_exchange: str = "ring", ulysses_group=None):
     """Exact attention of this rank's queries against the whole sharded sequence.
 
     q: (batch, seqlen_local, nheads, headdim); k, v: (batch, seqlen_local, nheads_kv, headdim) with
@@ -86,11 +91,14 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     not differentiable. ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``)
     makes the CUDA backward atomic-free and bitwise reproducible, at some speed; the CPU path is
     always bitwise deterministic. ``kv_exchange``: "ring" passes K/V around the ring, "allgather"
-    gathers every rank's K/V once (backward: dK/dV reduce-scattered). Invalid or mismatched
-    inputs raise ValueError on every rank.
+    gathers every rank's K/V once (backward: dK/dV reduce-scattered). ``ulysses_group`` (a
+    ProcessGroup or 1-D DeviceMesh of U ranks) adds an all-to-all over heads inside it: the
+    sequence is spread over the U x R grid of ``ulysses_group`` and ``group`` as ``shard(...,
+    ulysses_group=...)`` spreads it, and nheads must divide by U. Invalid or mismatched inputs
+    raise ValueError on every rank.
     """
     return _ring(q, k, v, None, causal, softmax_scale, window_size, group, layout, return_lse,
-                 deterministic, kv_exchange)
+                 deterministic, kv_exchange, ulysses_group)
 
 
 def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -98,7 +106,8 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           softmax_scale: Optional[float] = None,
                           window_size: Sequence[int] = (-1, -1), group=None,
                           layout: str = "contiguous", return_lse: bool = False,
-                          deterministic: bool = False, kv_exchange: str = "ring"):
+                          deterministic: bool = False, kv_exchange: str = "ring",
+                          ulysses_group=None):
     """Ring attention over packed variable-length sequences; attention never crosses a boundary.
 
     q: (tokens_local, nheads, headdim); k, v: (tokens_local, nheads_kv, headdim), this rank's part
@@ -106,10 +115,11 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (num_seqs + 1,), the global boundaries of the packed, unpadded batch, identical on every rank
     (checked). Pad tokens that shard_varlen inserted attend to nothing, get output 0 and LSE -inf,
     and receive no gradient. Returns out like q, or (out, lse) with lse (nheads, tokens_local).
-    ``deterministic`` and ``kv_exchange`` as for ``ring_attn_func``.
+    ``deterministic``, ``kv_exchange`` and ``ulysses_group`` as for ``ring_attn_func`` (shards
+    from ``shard_varlen(..., ulysses_group=...)``).
     """
     return _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout,
-                 return_lse, deterministic, kv_exchange)
+                 return_lse, deterministic, kv_exchange, ulysses_group)
 
 
 def last_ring_stats() -> dict:

@@ -321,3 +321,85 @@ def varlen_ring_results(layout, causal, window, seqlens, seed, kv_exchange="ring
                                         layout=layout, return_lse=True, kv_exchange=kv_exchange)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     return [t.detach() for t in (out, lse, *grads)], ra.last_ring_stats()
+
+
+# ---- Ulysses x ring grids ----------------------------------------------------------------------
+
+_GRIDS = {}
+
+
+def grid_groups(ulysses, ring):
+    """(group, ulysses_group) of this rank in a U x R grid of the pool's U * R ranks: the ranks of
+    one ulysses_group are consecutive (global rank = ring rank * U + Ulysses rank). Made once per
+    grid (every rank creates every subgroup, in the same order)."""
+    if (ulysses, ring) not in _GRIDS:
+        rows = [list(range(r * ulysses, (r + 1) * ulysses)) for r in range(ring)]
+        columns = [list(range(u, ulysses * ring, ulysses)) for u in range(ulysses)]
+        ulysses_group, _ = dist.new_subgroups_by_enumeration(rows, backend="gloo")
+        group, _ = dist.new_subgroups_by_enumeration(columns, backend="gloo")
+        _GRIDS[(ulysses, ring)] = (group, ulysses_group)
+    return _GRIDS[(ulysses, ring)]
+
+
+def check_ulysses(case):
+    """ring_attn_func (or, with case["seqlens"], ring_attn_varlen_func) over a U x R grid against
+    the float64 reference, forward and backward; unshard (unshard_varlen) restores the full
+    tensors. case: ulysses, ring, layout, causal, window, kv_exchange, dtype, local_len (dense:
+    tokens per rank), heads, heads_kv, headdim, seqlens (packed) or None."""
+    group, ulysses_group = grid_groups(case["ulysses"], case["ring"])
+    grid = dict(group=group, ulysses_group=ulysses_group, layout=case["layout"])
+    dtype, window = case["dtype"], case["window"]
+    seed = seed_of("ulysses", sorted(case.items(), key=str))
+    if case["seqlens"]:
+        cu, q, k, v, dout = random_packed(seed, case["seqlens"], case["heads"], case["heads_kv"],
+                                          case["headdim"], dtype)
+        expected = reference(q, k, v, dout, sequence_visible(case["seqlens"], case["causal"], window))
+        local = [ra.shard_varlen(t, cu, **grid) for t in (q, k, v, dout)]
+        gather = lambda t, dim=0: ra.unshard_varlen(t, cu, dim=dim, **grid)  # noqa: E731
+        attend = lambda *qkv, **kw: ra.ring_attn_varlen_func(*qkv, cu, **kw)  # noqa: E731
+        lse_dim = 1
+    else:
+        seqlen = case["ulysses"] * case["ring"] * case["local_len"]
+        q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, case["heads"], case["heads_kv"],
+                                   case["headdim"], dtype)
+        expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window))
+        local = [ra.shard(t, **grid) for t in (q, k, v, dout)]
+        gather = lambda t, dim=1: ra.unshard(t, dim=dim, **grid)  # noqa: E731
+        attend = ra.ring_attn_func
+        lse_dim = 2
+    for t in local[:3]:
+        t.requires_grad_()
+    out, lse = attend(*local[:3], causal=case["causal"], window_size=window, return_lse=True,
+                      kv_exchange=case["kv_exchange"], **grid)
+    assert out.shape == local[0].shape and out.dtype == dtype
+    grads = torch.autograd.grad(out, local[:3], local[3])
+    got = [gather(out), gather(lse, lse_dim), *(gather(g) for g in grads)]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        assert_close(a, b, f"rank {dist.get_rank()} {name}")
+    return True
+
+
+def check_ulysses_rejected(kind):
+    """Every rank of a 2 x 2 grid raises the same ValueError for `kind`; then a valid call works.
+    Returns the message."""
+    rank = dist.get_rank()
+    group, ulysses_group = grid_groups(2, 2)
+    q, k, v, _ = random_qkv(seed_of("ulysses-bad", rank), 1, 4, 4, 4, 2, 16, torch.float32)
+    kwargs = dict(group=group, ulysses_group=ulysses_group, causal=True)
+    if kind == "heads_not_divisible":  # 6 heads, U = 2 divides; rank 3 has 3 heads
+        q, k, v = (t[:, :, :3] if rank == 3 else t for t in (q, k, v))
+        k, v = k[:, :, :1], v[:, :, :1]
+    elif kind == "kv_exchange_disagrees":
+        kwargs["kv_exchange"] = "allgather" if rank == 0 else "ring"
+    elif kind == "unknown_kv_exchange":
+        kwargs["kv_exchange"] = "tree" if rank == 2 else "ring"
+    elif kind == "not_a_grid":  # the same ranks as group and as ulysses_group
+        kwargs["group"] = ulysses_group
+    elif kind == "seqlen_disagrees":
+        q, k, v = (t[:, :2] if rank == 1 else t for t in (q, k, v))
+    with pytest.raises(ValueError) as error:
+        ra.ring_attn_func(q, k, v, **kwargs)
+    q, k, v, _ = random_qkv(seed_of("ulysses-good"), 1, 4, 4, 4, 2, 16, torch.float32)
+    out = ra.ring_attn_func(q, k, v, group=group, ulysses_group=ulysses_group, causal=True)
+    assert torch.isfinite(out).all()
+    return str(error.value)

@@ -8,7 +8,8 @@ import torch
 import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of
-from ring_cases import check_ring, ring_results, varlen_ring_results
+from ring_cases import (check_ring, check_ulysses, check_ulysses_rejected, ring_results,
+                        varlen_ring_results)
 from test_varlen_window import local_varlen, random_seqlens
 
 LOCAL_LENGTHS = {"contiguous": [1, 7], "striped": [1, 7], "zigzag": [2, 6]}
@@ -134,3 +135,46 @@ def test_unknown_kv_exchange_raises_locally():
             ra.ring_attn_func(q, k, v, kv_exchange=bad)
     with pytest.raises(ValueError, match="unknown kv_exchange 'tree'"):
         LocalRing(2).ring_attn_func([q, q], [k, k], [v, v], kv_exchange="tree")
+
+
+# ---- Ulysses: all-to-all over heads inside ulysses_group, composed with group ------------------
+
+def ulysses_params():
+    params = []
+    # (U, R, layout, causal, window, kv_exchange, dtype, local_len, heads, heads_kv, seqlens)
+    for grid, layout, causal, window, exchange, dtype, local_len, heads, heads_kv, seqlens in [
+            ((2, 1), "contiguous", True, (-1, -1), "ring", torch.float64, 7, 4, 1, None),
+            ((2, 1), "zigzag", True, (5, 0), "allgather", torch.float32, 4, 6, 3, None),
+            ((2, 1), "striped", False, (-1, -1), "ring", torch.float64, 1, 2, 2, [5, 1, 6]),
+            ((4, 1), "zigzag", True, (-1, -1), "ring", torch.float32, 2, 8, 2, None),
+            ((4, 1), "contiguous", True, (-1, -1), "allgather", torch.float64, 3, 4, 1, None),
+            ((4, 1), "contiguous", True, (3, 0), "ring", torch.float64, 1, 4, 2, [7, 1, 5]),
+            ((2, 2), "zigzag", True, (-1, -1), "ring", torch.float64, 4, 4, 1, None),
+            ((2, 2), "striped", False, (2, 3), "allgather", torch.float32, 5, 6, 2, None),
+            ((2, 2), "contiguous", True, (-1, -1), "allgather", torch.float64, 1, 4, 2, [9, 2, 4]),
+            ((1, 4), "zigzag", True, (-1, -1), "ring", torch.float32, 6, 4, 2, None),
+            ((1, 4), "contiguous", False, (-1, -1), "allgather", torch.float64, 7, 3, 1, None)]:
+        case = dict(ulysses=grid[0], ring=grid[1], layout=layout, causal=causal, window=window,
+                    kv_exchange=exchange, dtype=dtype, local_len=local_len, heads=heads,
+                    heads_kv=heads_kv, headdim=16, seqlens=seqlens)
+        case_id = (f"U{grid[0]}xR{grid[1]}-{layout}-{'causal' if causal else 'full'}-{exchange}"
+                   f"-h{heads}/{heads_kv}-{'packed' if seqlens else f'L{local_len}'}")
+        params.append(pytest.param(case, id=case_id))
+    return params
+
+
+@pytest.mark.parametrize("case", ulysses_params())
+def test_ulysses_matches_reference(rank_pool, case):
+    rank_pool(case["ulysses"] * case["ring"]).run(check_ulysses, case)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("heads_not_divisible", "must be divisible by the size of the ulysses_group (2)"),
+    ("kv_exchange_disagrees", "disagree on the kv_exchange"),
+    ("unknown_kv_exchange", "unknown kv_exchange 'tree'"),
+    ("not_a_grid", "disagree on the rank in the ring group"),
+    ("seqlen_disagrees", "disagree on the local tokens"),
+])
+def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
+    messages = rank_pool(4).run(check_ulysses_rejected, kind)
+    assert all(message in m for m in messages), messages
