@@ -403,3 +403,26 @@ def check_ulysses_rejected(kind):
     out = ra.ring_attn_func(q, k, v, group=group, ulysses_group=ulysses_group, causal=True)
     assert torch.isfinite(out).all()
     return str(error.value)
+
+
+def bytes_sent(ulysses, ring, kv_exchange, heads, heads_kv, local_len):
+    """What this rank sent in one causal zigzag call (float32, batch 2, head dim 16) over a U x R
+    grid (U = 1: the default group): per direction, (bytes the K/V exchange sent, its messages,
+    bytes the Ulysses all-to-alls sent)."""
+    from ring_attention.ulysses import all_to_all_bytes_sent
+    group, ulysses_group = grid_groups(ulysses, ring) if ulysses > 1 else (None, None)
+    q, k, v, dout = random_qkv(seed_of("bytes", dist.get_rank()), 2, local_len, local_len, heads,
+                               heads_kv, 16, torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    sent = {}
+    before = all_to_all_bytes_sent()
+    out = ra.ring_attn_func(q, k, v, causal=True, layout="zigzag", group=group,
+                            ulysses_group=ulysses_group, kv_exchange=kv_exchange)
+    stats = ra.last_ring_stats()
+    sent["fwd"] = (stats["bytes_sent"], stats["messages_sent"], all_to_all_bytes_sent() - before)
+    before = all_to_all_bytes_sent()
+    torch.autograd.grad(out, (q, k, v), dout)
+    stats = ra.last_ring_stats()
+    sent["bwd"] = (stats["bytes_sent"], stats["messages_sent"], all_to_all_bytes_sent() - before)
+    return sent

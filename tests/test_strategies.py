@@ -1,6 +1,9 @@
 """Strategies of exchanging K/V: kv_exchange="allgather" against the float64 reference and
 against the ring, over gloo (1-4 ranks) and LocalRing, dense and packed, with windows and GQA."""
 import itertools
+import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,8 +11,8 @@ import torch
 import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of
-from ring_cases import (check_ring, check_ulysses, check_ulysses_rejected, ring_results,
-                        varlen_ring_results)
+from ring_cases import (bytes_sent, check_ring, check_ulysses, check_ulysses_rejected,
+                        ring_results, varlen_ring_results)
 from test_varlen_window import local_varlen, random_seqlens
 
 LOCAL_LENGTHS = {"contiguous": [1, 7], "striped": [1, 7], "zigzag": [2, 6]}
@@ -178,3 +181,55 @@ def test_ulysses_matches_reference(rank_pool, case):
 def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     messages = rank_pool(4).run(check_ulysses_rejected, kind)
     assert all(message in m for m in messages), messages
+
+
+# ---- bytes each rank sends ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("ulysses,ring,heads,heads_kv", [
+    (1, 2, 4, 2), (1, 3, 4, 1), (1, 4, 4, 1), (2, 1, 4, 1), (2, 2, 4, 2), (4, 1, 8, 2),
+    (2, 2, 6, 3)], ids=lambda p: str(p))
+@pytest.mark.parametrize("kv_exchange", ["ring", "allgather"])
+def test_bytes_sent_per_rank(rank_pool, ulysses, ring, heads, heads_kv, kv_exchange):
+    """Every rank sends, per call, what the formulas say: K/V blocks of 2 * L * hk' * d float32
+    (hk' = lcm(U, hk) when U does not divide hk, U * L tokens of hk' / U heads per ring-group
+    block), R - 1 of them forward and R - 1 plus as many float32 dK/dV backward, for the ring and
+    the all-gather alike (causal zigzag needs every ring step); Ulysses adds (U - 1) / U of
+    q, k, v and out (dout, dq, dk, dv). ring_attention.strategies.cost says the same."""
+    from ring_attention.strategies import cost
+    local_len, batch, headdim, elem = 4, 2, 16, 4
+    heads_kv_ex = heads_kv if heads_kv % ulysses == 0 else math.lcm(heads_kv, ulysses)
+    block = 2 * batch * local_len * heads_kv_ex * headdim * elem
+    all_to_all = (ulysses - 1) * batch * local_len * headdim * elem * (2 * heads + 2 * heads_kv_ex)
+    all_to_all //= ulysses
+    expected = {"fwd": ((ring - 1) * block, ring - 1, all_to_all),
+                "bwd": (2 * (ring - 1) * block, 2 * (ring - 1), all_to_all)}
+    results = rank_pool(ulysses * ring).run(bytes_sent, ulysses, ring, kv_exchange, heads,
+                                            heads_kv, local_len)
+    for rank, sent in enumerate(results):
+        assert {k: tuple(v) for k, v in sent.items()} == expected, f"rank {rank}: {sent}"
+    planned = cost(kv_exchange, ulysses * ring, ulysses, heads, heads_kv, headdim,
+                   ulysses * ring * local_len, batch=batch, elem_bytes=elem)
+    assert (planned.fwd_bytes, planned.bwd_bytes) == (
+        expected["fwd"][0] + all_to_all, expected["bwd"][0] + all_to_all)
+
+
+def test_plan_prints_strategies_and_picks_the_fewest_bytes():
+    """python -m ring_attention.plan --strategies: one row per strategy with the bytes of
+    ring_attention.strategies.cost, and the pick marked. With 8 K/V heads of 32 on 8 ranks,
+    Ulysses over 2 ranks sends less than the plain ring (the ring runs over 4 ranks only)."""
+    from ring_attention.strategies import cost
+    args = ["--world", "8", "--ulysses", "2", "--heads", "32", "--heads-kv", "8",
+            "--headdim", "128", "--seqlen", "65536"]
+    printed = subprocess.run([sys.executable, "-m", "ring_attention.plan", "--strategies", *args],
+                             check=True, capture_output=True, text=True).stdout
+    rows = {line.split("|")[0].strip(): line for line in printed.splitlines() if "|" in line}
+    for name, u in (("ring", 1), ("allgather", 1), ("ring + ulysses", 2),
+                    ("allgather + ulysses", 2)):
+        row = next(line for key, line in rows.items() if key.startswith(name) and
+                   key.split()[-2] == str(u))
+        planned = cost(name.split()[0], 8, u, 32, 8, 128, 65536)
+        assert f"{planned.fwd_bytes:,}" in row and f"{planned.bwd_bytes:,}" in row, row
+    picked = [line for line in printed.splitlines() if line.endswith("<- pick")]
+    assert len(picked) == 1 and picked[0].startswith("ring + ulysses"), printed
+    assert cost("ring", 8, 2, 32, 8, 128, 65536).total_bytes < cost("ring", 8, 1, 32, 8, 128,
+                                                                      65536).total_bytes
