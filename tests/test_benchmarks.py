@@ -53,3 +53,17 @@ def test_bench_efficiency_runs_the_chosen_cases(tmp_path):
     assert res["checks"]["kernels"] < 1e-4 and res["checks"]["steps"] < 1e-4
     assert res["checks"]["exchange"] == 0
     assert len(res["memory_peak_bytes"]) == 2
+
+
+def test_bench_strategies_checks_same_work(tmp_path):
+    out = tmp_path / "strategies.json"
+    stdout = _run("bench_strategies.py", "--worlds", "2", "--seqlen", "64", "--iters", "1",
+                  "--warmup", "0", "--json", str(out))
+    assert "allgather + U2" in stdout
+    res = json.loads(out.read_text())
+    assert [row["strategy"] for row in res["rows"]] == ["ring", "allgather", "ring + U2",
+                                                        "allgather + U2"]
+    assert all(row["check"] == "ok" for row in res["rows"])
+    # 64 tokens, 2 K/V heads of 64 float32 on 2 ranks: one 32 KiB K/V block forward, it and its
+    # dK/dV backward; ring and all-gather send the same.
+    assert [row["MB sent / rank"] for row in res["rows"][:2]] == [round(3 * 32768 / 2**20, 2)] * 2
