@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--json", default="benchmarks/results/strategies.json")
+    p.add_argument("--json", default="bench_out/strategies.json")
     args = p.parse_args(argv)
     start = h.cpu_snapshot()
     rows, failed = [], False
