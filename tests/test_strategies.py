@@ -233,3 +233,41 @@ def test_plan_prints_strategies_and_picks_the_fewest_bytes():
     assert len(picked) == 1 and picked[0].startswith("ring + ulysses"), printed
     assert cost("ring", 8, 2, 32, 8, 128, 65536).total_bytes < cost("ring", 8, 1, 32, 8, 128,
                                                                       65536).total_bytes
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (4, 1), (2, 2), (1, 4)], ids=str)
+@pytest.mark.parametrize("kv_exchange", ["ring", "allgather"])
+def test_local_ring_grid_matches_reference(ulysses, ring, kv_exchange):
+    """LocalRing(U * R, ulysses_size=U): dense zigzag with one K/V head, and packed sequences with
+    a window and 2 K/V heads of 6 (repeated to lcm(U, 2) when U = 4), forward and backward."""
+    from cases import sequence_visible
+    grid = LocalRing(ulysses * ring, ulysses_size=ulysses)
+    seqlen = ulysses * ring * 4
+    dense = random_qkv(seed_of("grid", ulysses, ring), 2, seqlen, seqlen, 4, 1, 16, torch.float64)
+    seqlens = [7, 1, 12]
+    cu, *packed = random_packed(seed_of("grid-packed", ulysses, ring), seqlens, 8 if ulysses == 4
+                                else 6, 2, 16, torch.float64)
+    for full, layout, window, visible in (
+            (dense, "zigzag", (-1, -1), sequence_visible(seqlen, True)),
+            (packed, "contiguous", (5, 0), sequence_visible(seqlens, True, (5, 0)))):
+        expected = reference(*full, visible)
+        if full is packed:
+            shards = [grid.shard_varlen(t, cu, layout=layout) for t in full]
+            gather = lambda ts, dim=0: grid.unshard_varlen(ts, cu, layout=layout, dim=dim)  # noqa: E731
+            attend = lambda *qkv, **kw: grid.ring_attn_varlen_func(*qkv, cu, **kw)  # noqa: E731
+            lse_dim = 1
+        else:
+            shards = [grid.shard(t, layout=layout) for t in full]
+            gather = lambda ts, dim=1: grid.unshard(ts, layout=layout, dim=dim)  # noqa: E731
+            attend, lse_dim = grid.ring_attn_func, 2
+        leaves = list(itertools.chain(*shards[:3]))
+        for t in leaves:
+            t.requires_grad_()
+        outs, lses = attend(*shards[:3], causal=True, window_size=window, layout=layout,
+                            return_lse=True, kv_exchange=kv_exchange)
+        grads = torch.autograd.grad(outs, leaves, shards[3])
+        world = ulysses * ring
+        got = [gather(outs), gather(lses, lse_dim)]
+        got += [gather(list(grads[i * world:(i + 1) * world])) for i in range(3)]
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+            assert_close(a, b, f"{layout} {name}")
