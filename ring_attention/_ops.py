@@ -30,7 +30,7 @@ def _like(tensors):
 
 @torch.library.register_fake("ring_attention::ring_fwd")
 def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, window_left, window_right,
-                   layout):
+                   layout, kv_exchange="ring"):
     dims = 3 if cu_seqlens is not None else 4
     if q.dim() != dims or k.dim() != dims or v.dim() != dims:
         raise ValueError(f"ring attention: q, k and v must be {dims}-D")
@@ -39,19 +39,20 @@ def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, windo
 
 @torch.library.register_fake("ring_attention::ring_bwd")
 def _ring_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, group_name, causal, softmax_scale,
-                   window_left, window_right, layout, deterministic=False):
+                   window_left, window_right, layout, deterministic=False, kv_exchange="ring"):
     return tuple(_like((q, k, v)))
 
 
 @torch.library.register_fake("ring_attention::local_ring_fwd")
 def _local_ring_fwd_fake(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_left, window_right,
-                         layout):
+                         layout, kv_exchange="ring"):
     return _like(qs), [_lse_like(q) for q in qs]
 
 
 @torch.library.register_fake("ring_attention::local_ring_bwd")
 def _local_ring_bwd_fake(douts, qs, ks, vs, outs, lses, cu_seqlens, causal, softmax_scale,
-                         window_left, window_right, layout, deterministic=False):
+                         window_left, window_right, layout, deterministic=False,
+                         kv_exchange="ring"):
     return _like(qs), _like(ks), _like(vs)
 
 

@@ -3,19 +3,20 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import _group
+from . import _group, ulysses
 from ._ops import ops
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, group_name: str, causal: bool, softmax_scale: float,
-                window_left: int, window_right: int, layout: str, deterministic: bool):
+                window_left: int, window_right: int, layout: str, deterministic: bool,
+                kv_exchange: str):
         args = (cu_seqlens, group_name, causal, softmax_scale, window_left, window_right, layout)
-        out, lse = ops.ring_fwd(q, k, v, *args)
+        out, lse = ops.ring_fwd(q, k, v, *args, kv_exchange=kv_exchange)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring_args = args
-        ctx.deterministic = deterministic
+        ctx.deterministic, ctx.kv_exchange = deterministic, kv_exchange
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -23,8 +24,8 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args,
-                                  deterministic=ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+                                  deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def _deterministic(deterministic: bool) -> bool:
@@ -44,6 +45,12 @@ def _window(window_size) -> Tuple[int, int]:
         return -2, -2
 
 
+def _kv_exchange(kv_exchange) -> str:
+    """The keyword as the ops take it; anything but a str becomes a name the ops reject on every
+    rank."""
+    return kv_exchange if isinstance(kv_exchange, str) else repr(kv_exchange)
+
+
 def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
     if softmax_scale is not None:
         return float(softmax_scale)
@@ -52,21 +59,26 @@ def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
 
 
 def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
-          deterministic):
+          deterministic, kv_exchange, ulysses_group):
     """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
-    them, then the differentiable call."""
+    them, then the differentiable call (inside Ulysses' all-to-all with a ulysses_group)."""
     group, _, _ = _group.resolve(group)
     left, right = _window(window_size)
-    out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), bool(causal),
-                                    _default_scale(q, softmax_scale), left, right, layout,
-                                    _deterministic(deterministic))
+    args = (cu_seqlens, _group.group_name(group), bool(causal), _default_scale(q, softmax_scale),
+            left, right, layout, _deterministic(deterministic), _kv_exchange(kv_exchange))
+    if ulysses_group is None:
+        out, lse = _RingAttention.apply(q, k, v, *args)
+    else:
+        out, lse = ulysses.attention(q, k, v, cu_seqlens, group, ulysses_group, layout,
+                                     _kv_exchange(kv_exchange),
+                                     lambda *qkv: _RingAttention.apply(*qkv, *args), return_lse)
     return (out, lse) if return_lse else out
 
 
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
                    group=None, layout: str = "contiguous", return_lse: bool = False,
-                   deterministic: bool = False):
+                   deterministic: bool = False, kv_exchange: str = "ring", ulysses_group=None):
     """Exact attention of this rank's queries against the whole sharded sequence.
 
     q: (batch, seqlen_local, nheads, headdim); k, v: (batch, seqlen_local, nheads_kv, headdim) with
@@ -78,10 +90,15 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     with lse (batch, nheads, seqlen_local) in float32 (float64 for float64 inputs), natural log,
     not differentiable. ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``)
     makes the CUDA backward atomic-free and bitwise reproducible, at some speed; the CPU path is
-    always bitwise deterministic. Invalid or mismatched inputs raise ValueError on every rank.
+    always bitwise deterministic. ``kv_exchange``: "ring" passes K/V around the ring, "allgather"
+    gathers every rank's K/V once (backward: dK/dV reduce-scattered). ``ulysses_group`` (a
+    ProcessGroup or 1-D DeviceMesh of U ranks) adds an all-to-all over heads inside it: the
+    sequence is spread over the U x R grid of ``ulysses_group`` and ``group`` as ``shard(...,
+    ulysses_group=...)`` spreads it, and nheads must divide by U. Invalid or mismatched inputs
+    raise ValueError on every rank.
     """
     return _ring(q, k, v, None, causal, softmax_scale, window_size, group, layout, return_lse,
-                 deterministic)
+                 deterministic, kv_exchange, ulysses_group)
 
 
 def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -89,7 +106,8 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           softmax_scale: Optional[float] = None,
                           window_size: Sequence[int] = (-1, -1), group=None,
                           layout: str = "contiguous", return_lse: bool = False,
-                          deterministic: bool = False):
+                          deterministic: bool = False, kv_exchange: str = "ring",
+                          ulysses_group=None):
     """Ring attention over packed variable-length sequences; attention never crosses a boundary.
 
     q: (tokens_local, nheads, headdim); k, v: (tokens_local, nheads_kv, headdim), this rank's part
@@ -97,14 +115,18 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (num_seqs + 1,), the global boundaries of the packed, unpadded batch, identical on every rank
     (checked). Pad tokens that shard_varlen inserted attend to nothing, get output 0 and LSE -inf,
     and receive no gradient. Returns out like q, or (out, lse) with lse (nheads, tokens_local).
-    ``deterministic`` as for ``ring_attn_func``.
+    ``deterministic``, ``kv_exchange`` and ``ulysses_group`` as for ``ring_attn_func`` (shards
+    from ``shard_varlen(..., ulysses_group=...)``).
     """
     return _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout,
-                 return_lse, deterministic)
+                 return_lse, deterministic, kv_exchange, ulysses_group)
 
 
 def last_ring_stats() -> dict:
-    """What this thread's last ring call did on this rank: ring steps, blocks computed (blocks
-    wholly hidden by the mask are skipped) and exchanges posted (K/V and dK/dV hops)."""
-    steps, blocks, exchanges = ops.last_ring_stats()
-    return {"steps": steps, "blocks_computed": blocks, "exchanges_posted": exchanges}
+    """What this thread's last ring call (forward or backward) did on this rank: schedule steps,
+    blocks computed (blocks wholly hidden by the mask are skipped), exchanges posted (K/V and
+    dK/dV hops, or collectives), and the bytes and messages this rank sent: a hop sends its
+    message, an all-gather or reduce-scatter (world - 1) blocks."""
+    steps, blocks, exchanges, sent, messages = ops.last_ring_stats()
+    return {"steps": steps, "blocks_computed": blocks, "exchanges_posted": exchanges,
+            "bytes_sent": sent, "messages_sent": messages}

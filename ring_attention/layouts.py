@@ -42,17 +42,38 @@ def _local_len(total: int, world: int, layout: str) -> int:
     return total // world
 
 
-def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1,
+          ulysses_group=None) -> torch.Tensor:
     """This rank's part of the full tensor ``x`` (same on every rank) along ``dim``.
 
-    (batch, S, ...) -> (batch, S / world, ...) for dim=1. Differentiable (a local gather).
+    (batch, S, ...) -> (batch, S / world, ...) for dim=1. With a ``ulysses_group`` of U ranks,
+    this rank's ring shard (S / world tokens, in layout order) is split contiguously into U parts
+    and the part of this rank's Ulysses rank is returned. Differentiable (a local gather).
     """
     _check_layout(layout)
     _, rank, world = _group.resolve(group)
-    local_len = _local_len(x.shape[dim], world, layout)
+    _, u_rank, u_world = _ulysses(ulysses_group)
+    local_len = _local_len(x.shape[dim], world * u_world, layout) * u_world
     if layout == "contiguous":
-        return x.narrow(dim, rank * local_len, local_len)
-    return x.index_select(dim, positions(layout, rank, world, local_len).to(x.device))
+        ring_shard = x.narrow(dim, rank * local_len, local_len)
+    else:
+        ring_shard = x.index_select(dim, positions(layout, rank, world, local_len).to(x.device))
+    return ring_shard.narrow(dim, u_rank * (local_len // u_world), local_len // u_world)
+
+
+def _ulysses(ulysses_group):
+    """(group, rank, size) of a ulysses_group; (None, 0, 1) without one."""
+    return _group.resolve(ulysses_group) if ulysses_group is not None else (None, 0, 1)
+
+
+def _gather_ulysses(x_local, ulysses_group, dim, what):
+    """The ring shard: every Ulysses rank's part concatenated along dim, differentiably."""
+    group, rank, world = _ulysses(ulysses_group)
+    if world == 1:
+        return x_local
+    _agree_on_shards(x_local, group, world, what)
+    order = torch.arange(world * x_local.shape[dim])
+    return _GatherInOrder.apply(x_local, group, rank, world, dim, order)
 
 
 def _inverse_order(layout: str, world: int, local_len: int) -> torch.Tensor:
@@ -128,14 +149,17 @@ class _GatherInOrder(torch.autograd.Function):
         return grad_cat.narrow(dim, rank * local_len, local_len), None, None, None, None, None
 
 
-def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """Gathers every rank's shard and restores global order along ``dim``: the inverse of ``shard``.
+def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1,
+            ulysses_group=None) -> torch.Tensor:
+    """Gathers every rank's shard and restores global order along ``dim``: the inverse of ``shard``
+    (with the same ``ulysses_group``).
 
     Differentiable; the gradient is the sum over ranks of the gradients of the full tensor.
     """
     _check_layout(layout)
     group, rank, world = _group.resolve(group)
     dim = dim % x_local.dim()
+    x_local = _gather_ulysses(x_local, ulysses_group, dim, "unshard")
 
     def odd_zigzag(_rank, shape):
         if layout == "zigzag" and shape[dim] % 2:
@@ -186,15 +210,25 @@ def varlen_positions(cu_seqlens: torch.Tensor, layout: str, rank: int, world: in
 
 
 def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None, layout: str = "contiguous",
-                 dim: int = 0) -> torch.Tensor:
+                 dim: int = 0, ulysses_group=None) -> torch.Tensor:
     """This rank's part of the packed tensor ``x`` (tokens along ``dim``, cu_seqlens[-1] of them).
 
     Every sequence is split by the layout on its own (zigzag per sequence balances causal work);
     sequences whose length does not divide are padded with zeros inside the library, so every rank
-    gets the same number of tokens. Differentiable.
+    gets the same number of tokens. With a ``ulysses_group`` of U ranks, this rank's ring shard is
+    padded at its end to a multiple of U and split contiguously into U parts. Differentiable.
     """
     _, rank, world = _group.resolve(group)
-    return _padded_source(x, cu_seqlens, layout, rank, world, dim)
+    _, u_rank, u_world = _ulysses(ulysses_group)
+    ring_shard = _padded_source(x, cu_seqlens, layout, rank, world, dim)
+    if u_world == 1:
+        return ring_shard
+    dim = dim % x.dim()
+    part = -(-ring_shard.shape[dim] // u_world)
+    pad_shape = list(ring_shard.shape)
+    pad_shape[dim] = part * u_world - ring_shard.shape[dim]
+    ring_shard = torch.cat([ring_shard, ring_shard.new_zeros(pad_shape)], dim=dim)
+    return ring_shard.narrow(dim, u_rank * part, part)
 
 
 def _padded_source(x, cu_seqlens, layout, rank, world, dim):
@@ -221,14 +255,18 @@ def _varlen_order(cu_seqlens, layout, world):
 
 
 def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None,
-                   layout: str = "contiguous", dim: int = 0) -> torch.Tensor:
-    """The full packed tensor in the original order, pads removed: the inverse of shard_varlen.
+                   layout: str = "contiguous", dim: int = 0, ulysses_group=None) -> torch.Tensor:
+    """The full packed tensor in the original order, pads removed: the inverse of shard_varlen
+    (with the same ``ulysses_group``).
 
     Differentiable; the gradient is the sum over ranks of the gradients of the full tensor.
     """
     group, rank, world = _group.resolve(group)
     dim = dim % x_local.dim()
     expected = varlen_positions(cu_seqlens, layout, 0, world)[1].numel()  # the same on every rank
+    if ulysses_group is not None:  # the ring shard, without the pad that made it divide by U
+        ring_shard = _gather_ulysses(x_local, ulysses_group, dim, "unshard_varlen")
+        x_local = ring_shard.narrow(dim, 0, min(expected, ring_shard.shape[dim]))
 
     def wrong_length(_rank, shape):
         if shape[dim] != expected:

@@ -3,11 +3,16 @@
     python -m ring_attention.plan --world 4 --layout zigzag --causal --out plan.png
     python -m ring_attention.plan --world 4 --layout contiguous --causal --window 32 0
     python -m ring_attention.plan --world 4 --layout zigzag --causal --seqlens 100,7,1,300
+    python -m ring_attention.plan --strategies --world 8 --ulysses 2 --heads 32 --heads-kv 8 \
+        --headdim 128 --seqlen 65536
 
 For every ring step and rank it classifies the block pair (this rank's queries against the K/V
 that started on rank (rank - step) mod world) as full, partial (some pairs masked: the diagonal)
 or skipped, counts the visible (query, key) pairs as the work, prints the table and the imbalance
-(max / mean work over ranks), and draws it when --out is given (needs matplotlib).
+(max / mean work over ranks), and draws it when --out is given (needs matplotlib). With
+--strategies it prints instead what each way of exchanging K/V (ring, allgather, each with and
+without Ulysses over --ulysses ranks) sends per rank and call, and which it would pick
+(ring_attention/strategies.py).
 """
 import argparse
 import sys
@@ -157,7 +162,24 @@ def main(argv=None) -> int:
                    help="sliding window (-1: unbounded)")
     p.add_argument("--seqlens", help="packed sequence lengths, comma-separated (varlen)")
     p.add_argument("--out", help="PNG to draw (needs matplotlib)")
+    p.add_argument("--strategies", action="store_true", help="bytes and messages per strategy")
+    p.add_argument("--ulysses", type=int, default=1, help="--strategies: Ulysses group size U")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--heads-kv", type=int, default=8)
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=65536, help="--strategies: global tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--elem-bytes", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
     args = p.parse_args(argv)
+    if args.strategies:
+        from .strategies import costs, format_costs
+        print(f"per rank and call: world {args.world}, {args.heads} heads, {args.heads_kv} K/V "
+              f"heads, head dim {args.headdim}, {args.seqlen} tokens, batch {args.batch}, "
+              f"{args.elem_bytes}-byte elements")
+        print(format_costs(costs(args.world, args.ulysses, args.heads, args.heads_kv,
+                                 args.headdim, args.seqlen, batch=args.batch,
+                                 elem_bytes=args.elem_bytes)))
+        return 0
     seqlens = [int(n) for n in args.seqlens.split(",")] if args.seqlens else None
     plan = make_plan(args.world, args.layout, args.causal, args.local_len, tuple(args.window), seqlens)
     print(format_table(plan))

@@ -19,12 +19,16 @@ def tiny_llama(seed):
     return LlamaForCausalLM(config).float()
 
 
-def llama_matches_single_process(layout, seqlen):
+def llama_matches_single_process(layout, seqlen, ulysses=1, kv_exchange="ring"):
     """The tiny Llama with attn_implementation="ring_attention" on sharded inputs against the same
-    model on the whole sequence in this process: unsharded logits, summed loss, summed gradients."""
+    model on the whole sequence in this process: unsharded logits, summed loss, summed gradients.
+    ulysses > 1: over a ulysses x (world / ulysses) grid (ring_cases.grid_groups)."""
     from ring_attention.integrations import transformers as ra_hf
+    from ring_cases import grid_groups
     rank, world = rank_and_world()
-    ra_hf.register(layout=layout)
+    group, ulysses_group = grid_groups(ulysses, world // ulysses) if ulysses > 1 else (None, None)
+    grid = dict(group=group, layout=layout, ulysses_group=ulysses_group)
+    ra_hf.register(kv_exchange=kv_exchange, **grid)
     reference_model = tiny_llama(0)
     reference_model.config._attn_implementation = "eager"
     ring_model = tiny_llama(0)
@@ -36,12 +40,12 @@ def llama_matches_single_process(layout, seqlen):
     loss_ref = F.cross_entropy(logits_ref[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum")
     loss_ref.backward()
 
-    ids, pos, labels = ra_hf.shard_inputs(input_ids, labels=input_ids, layout=layout)
+    ids, pos, labels = ra_hf.shard_inputs(input_ids, labels=input_ids, **grid)
     logits = ring_model(input_ids=ids, position_ids=pos, use_cache=False).logits
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
     loss.backward()
 
-    torch.testing.assert_close(ra.unshard(logits.detach(), layout=layout), logits_ref.detach(), **FP32_TOL)
+    torch.testing.assert_close(ra.unshard(logits.detach(), **grid), logits_ref.detach(), **FP32_TOL)
     total = loss.detach().clone()
     dist.all_reduce(total)
     torch.testing.assert_close(total, loss_ref.detach(), rtol=1e-5, atol=1e-4)

@@ -28,20 +28,25 @@ def check_ring(case):
     """ring_attn_func forward and backward on this rank's shard against the float64 reference.
 
     case: dict with layout, causal, dtype, local_len, batch, heads, heads_kv, headdim, scale
-    (None: default) and memory ("contiguous" or a `strided` kind for the local q, k, v, dout).
+    (None: default) and memory ("contiguous" or a `strided` kind for the local q, k, v, dout);
+    optionally window, kv_exchange and deterministic.
     """
     rank, world = rank_and_world()
     layout, dtype = case["layout"], case["dtype"]
+    window = case.get("window", (-1, -1))
     seqlen = world * case["local_len"]
     q, k, v, dout = random_qkv(seed_of(world, sorted(case.items(), key=str)), case["batch"], seqlen,
                                seqlen, case["heads"], case["heads_kv"], case["headdim"], dtype)
-    expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"]), case["scale"])
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window),
+                         case["scale"])
 
     local = [strided(ra.shard(t, layout=layout), case["memory"]) for t in (q, k, v, dout)]
     for t in local[:3]:
         t.requires_grad_()
     out, lse = ra.ring_attn_func(*local[:3], causal=case["causal"], softmax_scale=case["scale"],
-                                 layout=layout, return_lse=True)
+                                 layout=layout, return_lse=True, window_size=window,
+                                 kv_exchange=case.get("kv_exchange", "ring"),
+                                 deterministic=case.get("deterministic", False))
     assert out.dtype == dtype and lse.dtype == acc_dtype(dtype), (out.dtype, lse.dtype)
     assert not lse.requires_grad
     grads = torch.autograd.grad(out, local[:3], local[3])
@@ -121,6 +126,14 @@ def _other_window(q, k, v, kw):
     return q, k, v, {**kw, "window_size": (3, 0)}
 
 
+def _bad_kv_exchange(q, k, v, kw):
+    return q, k, v, {**kw, "kv_exchange": "tree"}
+
+
+def _other_kv_exchange(q, k, v, kw):
+    return q, k, v, {**kw, "kv_exchange": "allgather"}
+
+
 # kind: (how the inputs of a "bad" rank change, what the error message must say)
 INVALID_INPUTS = {
     "q_3d": (_bad_q3d, "must be 4-D"),
@@ -134,6 +147,7 @@ INVALID_INPUTS = {
     "window_not_a_pair": (_bad_window_type, "window_size values must be >= 0, or -1"),
     "zigzag_odd_length": (_bad_zigzag_odd, "layout 'zigzag' needs an even local sequence length"),
     "unknown_layout": (_bad_layout, "unknown layout 'diagonal'"),
+    "unknown_kv_exchange": (_bad_kv_exchange, "unknown kv_exchange 'tree'"),
 }
 DISAGREEMENTS = {
     "seqlen": (_other_seqlen, "ranks disagree on the local sequence length"),
@@ -142,6 +156,7 @@ DISAGREEMENTS = {
     "softmax_scale": (_other_scale, "ranks disagree on the softmax_scale"),
     "dtype": (_other_dtype, "ranks disagree on the dtype"),
     "window": (_other_window, "ranks disagree on the window_size[0] (left)"),
+    "kv_exchange": (_other_kv_exchange, "ranks disagree on the kv_exchange"),
 }
 
 
@@ -254,16 +269,17 @@ def sleeping_on(rank_to_sleep, seconds):
     return rank
 
 
-def ring_results(layout, causal, local_len, seed):
-    """This rank's (out, lse, dq, dk, dv) of ring_attn_func on seeded float64 inputs, for
-    comparing the gloo ring with LocalRing bit for bit."""
+def ring_results(layout, causal, local_len, seed, kv_exchange="ring", dtype=torch.float64):
+    """This rank's (out, lse, dq, dk, dv) of ring_attn_func on seeded inputs, for comparing the
+    gloo ring with LocalRing bit for bit, or one kv_exchange with another."""
     rank, world = rank_and_world()
     seqlen = world * local_len
-    q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, 4, 2, 16, torch.float64)
+    q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, 4, 2, 16, dtype)
     local = [ra.shard(t, layout=layout).contiguous() for t in (q, k, v, dout)]
     for t in local[:3]:
         t.requires_grad_()
-    out, lse = ra.ring_attn_func(*local[:3], causal=causal, layout=layout, return_lse=True)
+    out, lse = ra.ring_attn_func(*local[:3], causal=causal, layout=layout, return_lse=True,
+                                 kv_exchange=kv_exchange)
     grads = torch.autograd.grad(out, local[:3], local[3])
     return [t.detach() for t in (out, lse, *grads)]
 
@@ -294,7 +310,7 @@ def check_varlen_rejected(kind, bad_ranks):
     return str(error.value)
 
 
-def varlen_ring_results(layout, causal, window, seqlens, seed):
+def varlen_ring_results(layout, causal, window, seqlens, seed, kv_exchange="ring"):
     """This rank's (out, lse, dq, dk, dv) of ring_attn_varlen_func on the float64 inputs of
     random_packed(seed, seqlens, 4, 2, 16), and the ring's stats."""
     cu, *full = random_packed(seed, seqlens, 4, 2, 16, torch.float64)
@@ -302,6 +318,111 @@ def varlen_ring_results(layout, causal, window, seqlens, seed):
     for t in (q, k, v):
         t.requires_grad_()
     out, lse = ra.ring_attn_varlen_func(q, k, v, cu, causal=causal, window_size=window,
-                                        layout=layout, return_lse=True)
+                                        layout=layout, return_lse=True, kv_exchange=kv_exchange)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     return [t.detach() for t in (out, lse, *grads)], ra.last_ring_stats()
+
+
+# ---- Ulysses x ring grids ----------------------------------------------------------------------
+
+_GRIDS = {}
+
+
+def grid_groups(ulysses, ring):
+    """(group, ulysses_group) of this rank in a U x R grid of the pool's U * R ranks: the ranks of
+    one ulysses_group are consecutive (global rank = ring rank * U + Ulysses rank). Made once per
+    grid (every rank creates every subgroup, in the same order)."""
+    if (ulysses, ring) not in _GRIDS:
+        rows = [list(range(r * ulysses, (r + 1) * ulysses)) for r in range(ring)]
+        columns = [list(range(u, ulysses * ring, ulysses)) for u in range(ulysses)]
+        ulysses_group, _ = dist.new_subgroups_by_enumeration(rows, backend="gloo")
+        group, _ = dist.new_subgroups_by_enumeration(columns, backend="gloo")
+        _GRIDS[(ulysses, ring)] = (group, ulysses_group)
+    return _GRIDS[(ulysses, ring)]
+
+
+def check_ulysses(case):
+    """ring_attn_func (or, with case["seqlens"], ring_attn_varlen_func) over a U x R grid against
+    the float64 reference, forward and backward; unshard (unshard_varlen) restores the full
+    tensors. case: ulysses, ring, layout, causal, window, kv_exchange, dtype, local_len (dense:
+    tokens per rank), heads, heads_kv, headdim, seqlens (packed) or None."""
+    group, ulysses_group = grid_groups(case["ulysses"], case["ring"])
+    grid = dict(group=group, ulysses_group=ulysses_group, layout=case["layout"])
+    dtype, window = case["dtype"], case["window"]
+    seed = seed_of("ulysses", sorted(case.items(), key=str))
+    if case["seqlens"]:
+        cu, q, k, v, dout = random_packed(seed, case["seqlens"], case["heads"], case["heads_kv"],
+                                          case["headdim"], dtype)
+        expected = reference(q, k, v, dout, sequence_visible(case["seqlens"], case["causal"], window))
+        local = [ra.shard_varlen(t, cu, **grid) for t in (q, k, v, dout)]
+        gather = lambda t, dim=0: ra.unshard_varlen(t, cu, dim=dim, **grid)  # noqa: E731
+        attend = lambda *qkv, **kw: ra.ring_attn_varlen_func(*qkv, cu, **kw)  # noqa: E731
+        lse_dim = 1
+    else:
+        seqlen = case["ulysses"] * case["ring"] * case["local_len"]
+        q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, case["heads"], case["heads_kv"],
+                                   case["headdim"], dtype)
+        expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window))
+        local = [ra.shard(t, **grid) for t in (q, k, v, dout)]
+        gather = lambda t, dim=1: ra.unshard(t, dim=dim, **grid)  # noqa: E731
+        attend = ra.ring_attn_func
+        lse_dim = 2
+    for t in local[:3]:
+        t.requires_grad_()
+    out, lse = attend(*local[:3], causal=case["causal"], window_size=window, return_lse=True,
+                      kv_exchange=case["kv_exchange"], **grid)
+    assert out.shape == local[0].shape and out.dtype == dtype
+    grads = torch.autograd.grad(out, local[:3], local[3])
+    got = [gather(out), gather(lse, lse_dim), *(gather(g) for g in grads)]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        assert_close(a, b, f"rank {dist.get_rank()} {name}")
+    return True
+
+
+def check_ulysses_rejected(kind):
+    """Every rank of a 2 x 2 grid raises the same ValueError for `kind`; then a valid call works.
+    Returns the message."""
+    rank = dist.get_rank()
+    group, ulysses_group = grid_groups(2, 2)
+    q, k, v, _ = random_qkv(seed_of("ulysses-bad", rank), 1, 4, 4, 4, 2, 16, torch.float32)
+    kwargs = dict(group=group, ulysses_group=ulysses_group, causal=True)
+    if kind == "heads_not_divisible":  # 6 heads, U = 2 divides; rank 3 has 3 heads
+        q, k, v = (t[:, :, :3] if rank == 3 else t for t in (q, k, v))
+        k, v = k[:, :, :1], v[:, :, :1]
+    elif kind == "kv_exchange_disagrees":
+        kwargs["kv_exchange"] = "allgather" if rank == 0 else "ring"
+    elif kind == "unknown_kv_exchange":
+        kwargs["kv_exchange"] = "tree" if rank == 2 else "ring"
+    elif kind == "not_a_grid":  # the same ranks as group and as ulysses_group
+        kwargs["group"] = ulysses_group
+    elif kind == "seqlen_disagrees":
+        q, k, v = (t[:, :2] if rank == 1 else t for t in (q, k, v))
+    with pytest.raises(ValueError) as error:
+        ra.ring_attn_func(q, k, v, **kwargs)
+    q, k, v, _ = random_qkv(seed_of("ulysses-good"), 1, 4, 4, 4, 2, 16, torch.float32)
+    out = ra.ring_attn_func(q, k, v, group=group, ulysses_group=ulysses_group, causal=True)
+    assert torch.isfinite(out).all()
+    return str(error.value)
+
+
+def bytes_sent(ulysses, ring, kv_exchange, heads, heads_kv, local_len):
+    """What this rank sent in one causal zigzag call (float32, batch 2, head dim 16) over a U x R
+    grid (U = 1: the default group): per direction, (bytes the K/V exchange sent, its messages,
+    bytes the Ulysses all-to-alls sent)."""
+    from ring_attention.ulysses import all_to_all_bytes_sent
+    group, ulysses_group = grid_groups(ulysses, ring) if ulysses > 1 else (None, None)
+    q, k, v, dout = random_qkv(seed_of("bytes", dist.get_rank()), 2, local_len, local_len, heads,
+                               heads_kv, 16, torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    sent = {}
+    before = all_to_all_bytes_sent()
+    out = ra.ring_attn_func(q, k, v, causal=True, layout="zigzag", group=group,
+                            ulysses_group=ulysses_group, kv_exchange=kv_exchange)
+    stats = ra.last_ring_stats()
+    sent["fwd"] = (stats["bytes_sent"], stats["messages_sent"], all_to_all_bytes_sent() - before)
+    before = all_to_all_bytes_sent()
+    torch.autograd.grad(out, (q, k, v), dout)
+    stats = ra.last_ring_stats()
+    sent["bwd"] = (stats["bytes_sent"], stats["messages_sent"], all_to_all_bytes_sent() - before)
+    return sent

@@ -82,3 +82,17 @@ def test_hidden_fraction_is_the_clamped_overlap():
     assert abs(h.hidden_fraction(ring=11.5, compute=10.0, exchange=2.0) - 0.25) < 1e-12
     assert h.hidden_fraction(ring=13.0, compute=10.0, exchange=2.0) == 0.0   # clamped
     assert h.hidden_fraction(ring=1.0, compute=1.0, exchange=0.0) == 1.0     # nothing to hide
+
+
+def test_bench_strategies_checks_same_work(tmp_path):
+    out = tmp_path / "strategies.json"
+    stdout = _run("benchmarks/strategies/bench_strategies.py", "--worlds", "2", "--seqlen", "64", "--iters", "1",
+                  "--warmup", "0", "--json", str(out))
+    assert "allgather + U2" in stdout
+    res = json.loads(out.read_text())
+    assert [row["strategy"] for row in res["rows"]] == ["ring", "allgather", "ring + U2",
+                                                        "allgather + U2"]
+    assert all(row["check"] == "ok" for row in res["rows"])
+    # 64 tokens, 2 K/V heads of 64 float32 on 2 ranks: one 32 KiB K/V block forward, it and its
+    # dK/dV backward; ring and all-gather send the same.
+    assert [row["MB sent / rank"] for row in res["rows"][:2]] == [round(3 * 32768 / 2**20, 2)] * 2

@@ -37,6 +37,7 @@ def test_disagreeing_ranks_raise_on_every_rank(rank_pool, kind):
     values = {
         "seqlen": ("8", "6"), "causal": ("True", "False"), "layout": ("contiguous", "striped"),
         "softmax_scale": ("0.25", "0.5"), "dtype": ("Float", "Double"), "window": ("-1", "3"),
+        "kv_exchange": ("ring", "allgather"),
     }[kind]
     assert f"rank 0: {values[0]}, rank 1: {values[1]}, rank 2: {values[0]}" in message, message
 

@@ -11,6 +11,13 @@ def test_transformers_llama_matches_single_process(rank_pool, world):
     assert len(set(losses)) == 1  # every rank saw the same summed loss
 
 
+def test_transformers_llama_ulysses_allgather(rank_pool):
+    """A 2 x 2 grid: Ulysses over heads, the all-gather of K/V over the ring group."""
+    losses = rank_pool(4).run(cases.llama_matches_single_process, "zigzag", 32, 2, "allgather",
+                              timeout=180)
+    assert len(set(losses)) == 1
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_torch_compile_fullgraph_matches_eager(rank_pool, layout, varlen):

@@ -71,10 +71,13 @@ def test_narrow_causal_window_skips_hops():
     shards = [ring.shard(t.unsqueeze(0)) for t in (q, k, v, dout)]
     for t in itertools.chain(*shards[:3]):
         t.requires_grad_()
+    hop = 2 * local * 2 * 16 * 8  # one packed float64 K/V (or dK/dV) block in bytes
     outs = ring.ring_attn_func(*shards[:3], causal=True, window_size=window)
-    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": world}
+    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": world,
+                                    "bytes_sent": world * hop, "messages_sent": world}
     grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
-    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": 2 * world}
+    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": 2 * world,
+                                    "bytes_sent": 2 * world * hop, "messages_sent": 2 * world}
     expected = reference(q, k, v, dout, sequence_visible(seqlen, True, window))
     assert_close(ring.unshard(outs)[0], expected[0], "out")
     for i, name in enumerate(("dq", "dk", "dv")):

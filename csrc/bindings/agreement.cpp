@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "comm/c10d_transport.h"
+#include "core/allgather_scheduler.h"
 #include "comm/group_devices.h"
 #include "cuda/block_attn_cuda.h"  // kMaxHeadDim (plain C++, no CUDA needed)
 
@@ -17,7 +18,7 @@ namespace {
 // Descriptor layout: kFields int64 fields, then a NUL-padded message of kMessageBytes.
 enum Field : int {
   kBatch = 0, kSeqlen, kHeads, kHeadsKV, kHeadDim, kDType, kDevice, kLayout, kCausal, kScale,
-  kWindowLeft, kWindowRight, kNumSeqs, kSeqlensHash, kHasError, kFields
+  kWindowLeft, kWindowRight, kNumSeqs, kSeqlensHash, kKVExchange, kHasError, kFields
 };
 constexpr int kMessageBytes = 384;
 constexpr int kDescriptorLen = kFields + kMessageBytes / 8;
@@ -38,6 +39,7 @@ const char* field_name(int field) {
     case kWindowRight: return "window_size[1] (right)";
     case kNumSeqs: return "number of packed sequences (cu_seqlens)";
     case kSeqlensHash: return "cu_seqlens";
+    case kKVExchange: return "kv_exchange";
     default: return "?";
   }
 }
@@ -55,6 +57,7 @@ std::string field_value(int field, int64_t value) {
     case kLayout: return value < 0 ? "unknown" : layout_name(static_cast<Layout>(value));
     case kCausal: return value ? "True" : "False";
     case kSeqlensHash: return "hash " + std::to_string(value);
+    case kKVExchange: return kv_exchange_name(static_cast<KVExchange>(value));
     case kScale: {
       double d;
       std::memcpy(&d, &value, sizeof(d));
@@ -99,6 +102,10 @@ static std::string validate_varlen(const RingCall& call, Layout layout) {
 }
 
 std::string validate_local(const RingCall& call) {
+  KVExchange exchange;
+  if (!parse_kv_exchange(call.kv_exchange, &exchange)) {
+    return "unknown kv_exchange '" + call.kv_exchange + "' (expected 'ring' or 'allgather')";
+  }
   const at::Tensor& q = call.q;
   const at::Tensor& k = call.k;
   const at::Tensor& v = call.v;
@@ -211,6 +218,9 @@ at::Tensor describe(const RingCall& call) {
     std::memcpy(&d[kScale], &call.softmax_scale, sizeof(double));
     d[kWindowLeft] = call.window_left;
     d[kWindowRight] = call.window_right;
+    KVExchange exchange;
+    parse_kv_exchange(call.kv_exchange, &exchange);
+    d[kKVExchange] = static_cast<int64_t>(exchange);
     if (call.cu_seqlens.defined()) {
       const at::Tensor host = call.cu_seqlens.cpu().contiguous();
       d[kNumSeqs] = host.size(0) - 1;

@@ -1,7 +1,7 @@
 // Input validation and the ranks' agreement, in one small collective before the first send.
 //
 // Each rank checks its own inputs and writes a descriptor (shapes, dtype, device, layout, causal,
-// scale) plus its verdict (an error message or nothing). The ranks all-gather the descriptors; if
+// scale, kv_exchange) plus its verdict (an error message or nothing). The ranks all-gather the descriptors; if
 // any rank's input is invalid or the ranks disagree, EVERY rank raises the same ValueError naming
 // the ranks and the problem, so no rank is left waiting in the ring.
 #pragma once
@@ -32,6 +32,7 @@ struct RingCall {
   // Why the ring's messages cannot travel on the inputs' device over this group (see
   // comm/group_devices.h), or empty.
   std::string transport_error = {};
+  std::string kv_exchange = "ring";  // "ring" | "allgather"
 
   static const at::Tensor kNoTensor;
 };

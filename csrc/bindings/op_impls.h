@@ -17,7 +17,8 @@ namespace ring_attn {
 inline RingOptions ring_options(const std::optional<at::Tensor>& cu_seqlens,
                                 c10::string_view group_name, bool causal, double softmax_scale,
                                 int64_t window_left, int64_t window_right,
-                                c10::string_view layout, bool deterministic = false) {
+                                c10::string_view layout, bool deterministic = false,
+                                c10::string_view kv_exchange = "ring") {
   RingOptions options;
   options.group_name = std::string(group_name);
   options.causal = causal;
@@ -26,6 +27,7 @@ inline RingOptions ring_options(const std::optional<at::Tensor>& cu_seqlens,
   options.window_right = window_right;
   options.layout = std::string(layout);
   options.deterministic = deterministic;
+  options.kv_exchange = std::string(kv_exchange);
   if (cu_seqlens) options.cu_seqlens = *cu_seqlens;
   return options;
 }
@@ -43,33 +45,36 @@ struct RingOpImpls {
   static std::tuple<at::Tensor, at::Tensor> ring_fwd(
       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const std::optional<at::Tensor>& cu_seqlens, c10::string_view group_name, bool causal,
-      double softmax_scale, int64_t window_left, int64_t window_right, c10::string_view layout) {
+      double softmax_scale, int64_t window_left, int64_t window_right, c10::string_view layout,
+      c10::string_view kv_exchange) {
     c10::DeviceGuard guard(q.device());
     return ring_forward(Device::kKernels, q, k, v,
                         ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
-                                     window_right, layout));
+                                     window_right, layout, false, kv_exchange));
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd(
       const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens,
       c10::string_view group_name, bool causal, double softmax_scale, int64_t window_left,
-      int64_t window_right, c10::string_view layout, bool deterministic) {
+      int64_t window_right, c10::string_view layout, bool deterministic,
+      c10::string_view kv_exchange) {
     c10::DeviceGuard guard(q.device());
     return ring_backward(Device::kKernels, dout, q, k, v, out, lse,
                          ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
-                                      window_right, layout, deterministic));
+                                      window_right, layout, deterministic, kv_exchange));
   }
 
   static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_fwd(
       at::TensorList qs, at::TensorList ks, at::TensorList vs,
       const std::optional<at::Tensor>& cu_seqlens, bool causal, double softmax_scale,
-      int64_t window_left, int64_t window_right, c10::string_view layout) {
+      int64_t window_left, int64_t window_right, c10::string_view layout,
+      c10::string_view kv_exchange) {
     TORCH_CHECK_VALUE(!qs.empty(), "LocalRing: at least one virtual rank is needed");
     c10::DeviceGuard guard(qs[0].device());
     return local_ring_forward(Device::kKernels, qs.vec(), ks.vec(), vs.vec(),
                               ring_options(cu_seqlens, "", causal, softmax_scale, window_left,
-                                           window_right, layout));
+                                           window_right, layout, false, kv_exchange));
   }
 
   static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
@@ -77,13 +82,13 @@ struct RingOpImpls {
                  at::TensorList outs, at::TensorList lses,
                  const std::optional<at::Tensor>& cu_seqlens, bool causal, double softmax_scale,
                  int64_t window_left, int64_t window_right, c10::string_view layout,
-                 bool deterministic) {
+                 bool deterministic, c10::string_view kv_exchange) {
     TORCH_CHECK_VALUE(!qs.empty(), "LocalRing: at least one virtual rank is needed");
     c10::DeviceGuard guard(qs[0].device());
     return local_ring_backward(Device::kKernels, douts.vec(), qs.vec(), ks.vec(), vs.vec(),
                                outs.vec(), lses.vec(),
                                ring_options(cu_seqlens, "", causal, softmax_scale, window_left,
-                                            window_right, layout, deterministic));
+                                            window_right, layout, deterministic, kv_exchange));
   }
 
   static void block_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -17,22 +17,25 @@ struct CpuDevice {
 // headdim); with cu_seqlens (packed sequences, int32 (num_seqs + 1,) global boundaries) q is
 // (tokens_local, heads, headdim) and lse (heads, tokens_local). window_left/right: -1 unbounded.
 TORCH_LIBRARY(ring_attention, m) {
-  // Ring attention over the process group registered as `group_name` ("" = world size 1).
+  // Ring attention over the process group registered as `group_name` ("" = world size 1), K/V
+  // exchanged by `kv_exchange`: "ring" (passed around the ring) or "allgather" (gathered once).
   // Returns out (like q) and lse (batch, heads, seqlen_local) in the accumulator dtype.
   m.def("ring_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str group_name, bool causal, "
-        "float softmax_scale, int window_left, int window_right, str layout) -> (Tensor, Tensor)");
+        "float softmax_scale, int window_left, int window_right, str layout, "
+        "str kv_exchange=\"ring\") -> (Tensor, Tensor)");
   // Returns dq, dk, dv (like q, k, v) given the forward's out and lse. deterministic: no atomics
   // in the CUDA kernels (the CPU kernels are always deterministic).
   m.def("ring_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? cu_seqlens, str group_name, bool causal, float softmax_scale, int window_left, "
-        "int window_right, str layout, bool deterministic=False) -> (Tensor, Tensor, Tensor)");
+        "int window_right, str layout, bool deterministic=False, str kv_exchange=\"ring\") "
+        "-> (Tensor, Tensor, Tensor)");
   // The same ring over len(qs) virtual ranks in this process (LocalRing): one shard per rank.
   m.def("local_ring_fwd(Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor? cu_seqlens, bool causal, "
-        "float softmax_scale, int window_left, int window_right, str layout) "
-        "-> (Tensor[], Tensor[])");
+        "float softmax_scale, int window_left, int window_right, str layout, "
+        "str kv_exchange=\"ring\") -> (Tensor[], Tensor[])");
   m.def("local_ring_bwd(Tensor[] douts, Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor[] outs, "
         "Tensor[] lses, Tensor? cu_seqlens, bool causal, float softmax_scale, int window_left, "
-        "int window_right, str layout, bool deterministic=False) "
+        "int window_right, str layout, bool deterministic=False, str kv_exchange=\"ring\") "
         "-> (Tensor[], Tensor[], Tensor[])");
   // One block pair, merged into the running (out_acc, lse); positions are int32 global positions,
   // q_seg the packed sequences' (seqlen_q, 2) int32 ranges (core/mask.h).
@@ -46,10 +49,12 @@ TORCH_LIBRARY(ring_attention, m) {
         "bool deterministic=False) -> ()");
 }
 
-// What the last ring call of this thread did: [steps, blocks computed, exchanges posted].
+// What the last ring call of this thread did: [steps, blocks computed, exchanges posted, bytes
+// sent, messages sent].
 std::vector<int64_t> last_ring_stats_op() {
   const RingStats stats = last_ring_stats();
-  return {stats.steps, stats.blocks_computed, stats.exchanges_posted};
+  return {stats.steps, stats.blocks_computed, stats.exchanges_posted, stats.bytes_sent,
+          stats.messages_sent};
 }
 
 // The CPU kernels' instruction set and the calling core's measured fp32 FMA rate (benchmarks).

@@ -57,6 +57,7 @@ RingContext::RingContext(int rank_, int world_, const RingOptions& options, int6
     : rank(rank_), world(world_), local_len(local_len_), packed(options.cu_seqlens.defined()),
       positions(world_), segments(world_), query_bounds(world_), key_ranges(world_) {
   parse_layout(options.layout, &layout);
+  parse_kv_exchange(options.kv_exchange, &kv_exchange);
   mask.causal = options.causal;
   mask.window_left = options.window_left;
   mask.window_right = options.window_right;

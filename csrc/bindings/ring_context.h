@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/allgather_scheduler.h"
 #include "core/layout.h"
 #include "core/mask.h"
 
@@ -22,6 +23,7 @@ struct RingOptions {
   int64_t window_left = -1;  // -1: unbounded
   int64_t window_right = -1;
   std::string layout = "contiguous";
+  std::string kv_exchange = "ring";  // "ring" | "allgather" (core/allgather_scheduler.h)
   at::Tensor cu_seqlens;  // packed sequences: int32 (num_seqs + 1,) global boundaries, or undefined
   bool deterministic = false;  // backward: no atomics in the CUDA kernels
 };
@@ -30,6 +32,7 @@ struct RingContext {
   int rank;
   int world;
   Layout layout = Layout::kContiguous;
+  KVExchange kv_exchange = KVExchange::kRing;
   MaskSpec mask;
   int64_t local_len;
   bool packed;                           // packed variable-length sequences
@@ -37,7 +40,7 @@ struct RingContext {
   std::vector<at::Tensor> segments;      // per rank, int32 (local_len, 2) when packed
   std::vector<TileBounds> query_bounds;  // per rank: its queries' visible-key bounds
   std::vector<PositionRange> key_ranges; // per rank: its keys' positions
-  int steps;
+  int steps;  // of the ring schedule
 
   RingContext(int rank, int world, const RingOptions& options, int64_t local_len);
 

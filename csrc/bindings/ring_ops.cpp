@@ -9,9 +9,11 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bindings/agreement.h"
+#include "bindings/counting_transport.h"
 #include "bindings/transport_select.h"
 #include "comm/group_devices.h"
 #include "comm/local_transport.h"
@@ -28,20 +30,52 @@ namespace {
 thread_local RingStats g_last_stats;
 
 template <typename Schedule>
-void record_stats(const std::vector<Schedule>& schedules) {
+void record_stats(const std::vector<Schedule>& schedules,
+                  const std::vector<std::unique_ptr<CountingTransport>>& transports) {
   RingStats stats;
-  for (const Schedule& schedule : schedules) {
-    stats.steps = schedule.num_steps();
-    stats.blocks_computed += schedule.blocks_computed();
-    stats.exchanges_posted += schedule.exchanges_posted();
+  for (size_t r = 0; r < schedules.size(); ++r) {
+    stats.steps = schedules[r].num_steps();
+    stats.blocks_computed += schedules[r].blocks_computed();
+    stats.exchanges_posted += schedules[r].exchanges_posted();
+    stats.bytes_sent += transports[r]->bytes_sent();
+    stats.messages_sent += transports[r]->messages_sent();
   }
   g_last_stats = stats;
 }
 
+// The schedule of one rank: the ring's runs ring.steps steps.
+template <typename Schedule>
+Schedule make_schedule(Transport& transport, BlockOps& ops, const RingContext& ring) {
+  if constexpr (std::is_constructible_v<Schedule, Transport&, BlockOps&, int>) {
+    return Schedule(transport, ops, ring.steps);
+  } else {
+    return Schedule(transport, ops);
+  }
+}
+
+// Calls run.template operator()<Schedule>() with the schedule of `exchange`.
+template <typename RingSchedule, typename GatherSchedule, typename Run>
+auto with_schedule(KVExchange exchange, Run&& run) {
+  if (exchange == KVExchange::kAllGather) return run.template operator()<GatherSchedule>();
+  return run.template operator()<RingSchedule>();
+}
+
+// Runs one rank's schedule over `transport` (counted) and records its stats.
+template <typename Schedule, typename Rank>
+void run_rank(Rank& rank, Transport& transport) {
+  std::vector<std::unique_ptr<CountingTransport>> counted;
+  counted.push_back(std::make_unique<CountingTransport>(transport, rank.slots));
+  std::vector<Schedule> schedule{make_schedule<Schedule>(*counted[0], rank.ops, rank.ring)};
+  schedule[0].run();
+  record_stats(schedule, counted);
+}
+
 RingCall ring_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const RingOptions& options, int world) {
-  return RingCall{q, k, v, options.layout, options.causal, options.softmax_scale,
-                  options.window_left, options.window_right, options.cu_seqlens, world};
+  RingCall call{q, k, v, options.layout, options.causal, options.softmax_scale,
+                options.window_left, options.window_right, options.cu_seqlens, world};
+  call.kv_exchange = options.kv_exchange;
+  return call;
 }
 
 // Packed sequences are one (1, tokens, heads, headdim) batch to the kernels.
@@ -60,23 +94,31 @@ void check_local_ring_lists(size_t world, std::initializer_list<size_t> sizes) {
   }
 }
 
-// Runs `world` virtual ranks (make_rank(r): a RankForward or RankBackward) of one ring call in
+// Runs `world` virtual ranks (make_rank(r): a RankForward or RankBackward) of one call in
 // lockstep over a LocalHub and returns them, holding their results.
 template <typename Schedule, typename MakeRank>
 auto run_local_ring(int world, MakeRank&& make_rank) {
   LocalHub hub(world);
   std::vector<decltype(make_rank(0))> ranks;
   std::vector<std::unique_ptr<LocalTransport>> transports;
+  std::vector<std::unique_ptr<CountingTransport>> counted;
   std::vector<Schedule> schedules;
   for (int r = 0; r < world; ++r) {
     ranks.push_back(make_rank(r));
     transports.push_back(std::make_unique<LocalTransport>(hub, r, ranks[r]->slots));
-    schedules.emplace_back(*transports[r], ranks[r]->ops, ranks[r]->ring.steps);
+    counted.push_back(std::make_unique<CountingTransport>(*transports[r], ranks[r]->slots));
+    schedules.push_back(make_schedule<Schedule>(*counted[r], ranks[r]->ops, ranks[r]->ring));
   }
   run_lockstep(schedules);
   hub.check_drained();
-  record_stats(schedules);
+  record_stats(schedules, counted);
   return ranks;
+}
+
+KVExchange kv_exchange_of(const RingOptions& options) {
+  KVExchange exchange = KVExchange::kRing;
+  parse_kv_exchange(options.kv_exchange, &exchange);  // validated before
+  return exchange;
 }
 
 }  // namespace
@@ -96,9 +138,9 @@ std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, con
   RankForward rank(kernels, rank_of(group), world_of(group), as_batch(q, options),
                    as_batch(k, options), as_batch(v, options), options);
   auto transport = group_transport(group, rank.slots, kind);
-  std::vector<RingForward> schedule{RingForward(*transport, rank.ops, rank.ring.steps)};
-  schedule[0].run();
-  record_stats(schedule);
+  with_schedule<RingForward, AllGatherForward>(rank.ring.kv_exchange, [&]<typename Schedule>() {
+    run_rank<Schedule>(rank, *transport);
+  });
   auto [out, lse] = rank.result(q.scalar_type());
   return {from_batch(out, options), from_batch(lse, options)};
 }
@@ -113,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
                     as_batch(q, options), as_batch(k, options), as_batch(v, options),
                     as_batch(out, options), as_batch(lse, options), options);
   auto transport = group_transport(group, rank.slots, kind);
-  std::vector<RingBackward> schedule{RingBackward(*transport, rank.ops, rank.ring.steps)};
-  schedule[0].run();
-  record_stats(schedule);
+  with_schedule<RingBackward, AllGatherBackward>(rank.ring.kv_exchange, [&]<typename Schedule>() {
+    run_rank<Schedule>(rank, *transport);
+  });
   auto [dq, dk, dv] = rank.result(q.scalar_type());
   return {from_batch(dq, options), from_batch(dk, options), from_batch(dv, options)};
 }
@@ -131,11 +173,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_forward(
     descriptors.push_back(describe(ring_call(qs[r], ks[r], vs[r], options, world)));
   }
   check_descriptors(descriptors);
-  const auto ranks = run_local_ring<RingForward>(world, [&](int r) {
-    return std::make_unique<RankForward>(kernels, r, world, as_batch(qs[r], options),
-                                         as_batch(ks[r], options), as_batch(vs[r], options),
-                                         options);
-  });
+  const auto ranks = with_schedule<RingForward, AllGatherForward>(
+      kv_exchange_of(options), [&]<typename Schedule>() {
+        return run_local_ring<Schedule>(world, [&](int r) {
+          return std::make_unique<RankForward>(kernels, r, world, as_batch(qs[r], options),
+                                               as_batch(ks[r], options), as_batch(vs[r], options),
+                                               options);
+        });
+      });
   std::vector<at::Tensor> outs, lses;
   for (int r = 0; r < world; ++r) {
     auto [out, lse] = ranks[r]->result(qs[r].scalar_type());
@@ -152,12 +197,15 @@ local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& 
                     const std::vector<at::Tensor>& lses, const RingOptions& options) {
   const int world = static_cast<int>(qs.size());
   check_local_ring_lists(qs.size(), {douts.size(), ks.size(), vs.size(), outs.size(), lses.size()});
-  const auto ranks = run_local_ring<RingBackward>(world, [&](int r) {
-    return std::make_unique<RankBackward>(
-        kernels, r, world, as_batch(douts[r], options), as_batch(qs[r], options),
-        as_batch(ks[r], options), as_batch(vs[r], options), as_batch(outs[r], options),
-        as_batch(lses[r], options), options);
-  });
+  const auto ranks = with_schedule<RingBackward, AllGatherBackward>(
+      kv_exchange_of(options), [&]<typename Schedule>() {
+        return run_local_ring<Schedule>(world, [&](int r) {
+          return std::make_unique<RankBackward>(
+              kernels, r, world, as_batch(douts[r], options), as_batch(qs[r], options),
+              as_batch(ks[r], options), as_batch(vs[r], options), as_batch(outs[r], options),
+              as_batch(lses[r], options), options);
+        });
+      });
   std::vector<at::Tensor> dqs, dks, dvs;
   for (int r = 0; r < world; ++r) {
     auto [dq, dk, dv] = ranks[r]->result(qs[r].scalar_type());

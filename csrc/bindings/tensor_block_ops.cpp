@@ -43,17 +43,25 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
-// The own block's K/V: packed into slot kOwnKV (one message per hop) when the ring sends it, and
-// on the CPU read in place by the kernels (which take any strides) rather than from that copy.
-// The receive slots are shaped like the packed block.
+// The own block's K/V: packed into slot kOwnKV (one message per hop) when it is sent, and on the
+// CPU read in place by the kernels (which take any strides) rather than from that copy. The ring's
+// receive slots are shaped like the packed block; the all-gather's kAllKV holds every rank's.
 void set_own_kv(TensorBlockOps& ops, std::vector<at::Tensor>& slots, const at::Tensor& k,
-                const at::Tensor& v, int steps) {
+                const at::Tensor& v, const RingContext& ring) {
+  const bool gather = ring.kv_exchange == KVExchange::kAllGather && ring.world > 1;
+  const bool sent = gather || ring.steps > 1;
   if (k.is_cpu()) {
     ops.own_k = unit_last_stride(k);
     ops.own_v = unit_last_stride(v);
   }
-  if (steps > 1 || !k.is_cpu()) slots[slot::kOwnKV] = pack_kv(k, v);
-  for (int i = 0; i < std::min(2, steps - 1); ++i) {
+  if (sent || !k.is_cpu()) slots[slot::kOwnKV] = pack_kv(k, v);
+  if (gather) {
+    std::vector<int64_t> all_shape{ring.world};
+    for (int64_t size : slots[slot::kOwnKV].sizes()) all_shape.push_back(size);
+    slots[slot::kAllKV] = at::empty(all_shape, k.options());
+    return;
+  }
+  for (int i = 0; i < std::min(2, ring.steps - 1); ++i) {
     slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
   }
 }
@@ -62,7 +70,7 @@ void set_own_kv(TensorBlockOps& ops, std::vector<at::Tensor>& slots, const at::T
 
 void TensorBlockOps::forward(int kv_slot, int source) {
   StepRange range("forward", source);
-  const auto [k, v] = kv_of(kv_slot);
+  const auto [k, v] = kv_of(kv_slot, source);
   kernels_.fwd(make_fwd_params(q, k, v, query_positions(), ring_.positions_of(source, q.device()),
                                ring_.segments_of_rank(q.device()), out_acc, lse, ring_.mask,
                                scale_));
@@ -70,9 +78,10 @@ void TensorBlockOps::forward(int kv_slot, int source) {
 
 void TensorBlockOps::backward(int kv_slot, int source, int grad_slot) {
   StepRange range("backward", source);
-  const auto [k, v] = kv_of(kv_slot);
-  zero_grad(grad_slot);
-  const auto [dk, dv] = grad_of(grad_slot);
+  const auto [k, v] = kv_of(kv_slot, source);
+  const auto [dk, dv] = grad_of(grad_slot, source);
+  dk.zero_();
+  dv.zero_();
   BlockBwdParams params = make_bwd_params(dout, q, k, v, query_positions(),
                                           ring_.positions_of(source, q.device()),
                                           ring_.segments_of_rank(q.device()), lse, delta, dq_acc,
@@ -82,27 +91,31 @@ void TensorBlockOps::backward(int kv_slot, int source, int grad_slot) {
 }
 
 void TensorBlockOps::zero_grad(int grad_slot) {
-  const auto [dk, dv] = grad_of(grad_slot);
-  dk.zero_();
-  dv.zero_();
+  if (grad_slot == slot::kGradHome) {
+    home_dk.zero_();
+    home_dv.zero_();
+  } else {
+    slots_.at(grad_slot).zero_();
+  }
 }
 
 void TensorBlockOps::add_grad(int dst_slot, int src_slot) {
-  const auto [dst_dk, dst_dv] = grad_of(dst_slot);
-  const auto [src_dk, src_dv] = grad_of(src_slot);
+  const auto [dst_dk, dst_dv] = grad_of(dst_slot, ring_.rank);
+  const auto [src_dk, src_dv] = grad_of(src_slot, ring_.rank);
   dst_dk.add_(src_dk);
   dst_dv.add_(src_dv);
 }
 
-std::pair<at::Tensor, at::Tensor> TensorBlockOps::kv_of(int kv_slot) const {
+std::pair<at::Tensor, at::Tensor> TensorBlockOps::kv_of(int kv_slot, int source) const {
   if (kv_slot == slot::kOwnKV && own_k.defined()) return {own_k, own_v};
-  const at::Tensor& kv = slots_.at(kv_slot);
+  const at::Tensor& kv = kv_slot == slot::kAllKV ? slots_.at(kv_slot)[source] : slots_.at(kv_slot);
   return {kv[0], kv[1]};
 }
 
-std::pair<at::Tensor, at::Tensor> TensorBlockOps::grad_of(int grad_slot) const {
+std::pair<at::Tensor, at::Tensor> TensorBlockOps::grad_of(int grad_slot, int source) const {
   if (grad_slot == slot::kGradHome) return {home_dk, home_dv};
-  const at::Tensor& grad = slots_.at(grad_slot);
+  const at::Tensor& grad =
+      grad_slot == slot::kAllGrad ? slots_.at(grad_slot)[source] : slots_.at(grad_slot);
   return {grad[0], grad[1]};
 }
 
@@ -110,7 +123,7 @@ RankForward::RankForward(const BlockKernels& kernels, int rank, int world, const
                          const at::Tensor& k, const at::Tensor& v, const RingOptions& options)
     : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
   const at::ScalarType acc = acc_dtype(q.scalar_type());
-  set_own_kv(ops, slots, k, v, ring.steps);
+  set_own_kv(ops, slots, k, v, ring);
   ops.q = unit_last_stride(q);
   ops.out_acc = at::zeros(q.sizes(), q.options().dtype(acc));
   ops.lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
@@ -128,10 +141,15 @@ RankBackward::RankBackward(const BlockKernels& kernels, int rank, int world,
     : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
   const at::ScalarType acc = acc_dtype(q.scalar_type());
   ops.deterministic = options.deterministic;
-  set_own_kv(ops, slots, k, v, ring.steps);
+  set_own_kv(ops, slots, k, v, ring);
   ops.home_dk = at::empty(k.sizes(), k.options().dtype(acc));
   ops.home_dv = at::empty(v.sizes(), v.options().dtype(acc));
-  for (int i = 0; i < 2; ++i) {
+  if (ring.kv_exchange == KVExchange::kAllGather && ring.world > 1) {
+    // This rank's contributions to every block, and its own block's sum over ranks.
+    slots[slot::kAllGrad] = at::empty_like(slots[slot::kAllKV], acc);
+    slots[slot::kGradRecv0] = at::empty_like(slots[slot::kOwnKV], acc);
+  }
+  for (int i = 0; i < 2 && ring.kv_exchange == KVExchange::kRing; ++i) {
     // Travelling sums and their receive buffers of steps 1 .. steps-1 (slot i: steps t % 2 == i).
     if (i == 0 ? ring.steps > 2 : ring.steps > 1) {
       slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);

@@ -1,7 +1,8 @@
 // The ring's BlockOps over tensors, and one rank's buffers for a forward or backward call.
 //
 // Slots hold packed K/V (input dtype) or packed dK/dV (accumulator dtype), the messages of the
-// ring: (2, batch, seqlen, heads_kv, headdim), one message per hop. Two blocks never travel and
+// ring: (2, batch, seqlen, heads_kv, headdim), one message per hop; the all-gather's slots
+// (kAllKV, kAllGrad) hold every rank's block: (world, 2, batch, seqlen, heads_kv, headdim). Two blocks never travel and
 // are kept apart instead: the own K/V on the CPU (own_k, own_v: the inputs themselves, packed
 // only when they are sent) and the own dK/dV (home_dk, home_dv: the results, so no copy out of a
 // packed buffer).
@@ -47,8 +48,9 @@ class TensorBlockOps final : public BlockOps {
 
  private:
   const at::Tensor& query_positions() { return ring_.positions_of(ring_.rank, q.device()); }
-  std::pair<at::Tensor, at::Tensor> kv_of(int kv_slot) const;
-  std::pair<at::Tensor, at::Tensor> grad_of(int grad_slot) const;
+  // K and V (dK and dV) of block `source` in a slot.
+  std::pair<at::Tensor, at::Tensor> kv_of(int kv_slot, int source) const;
+  std::pair<at::Tensor, at::Tensor> grad_of(int grad_slot, int source) const;
 
   const BlockKernels& kernels_;
   RingContext& ring_;

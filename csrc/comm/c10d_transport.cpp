@@ -44,6 +44,7 @@ C10dTransport::~C10dTransport() {
     if (pending.send) abandon(pending.send);
     if (pending.recv) abandon(pending.recv);
   }
+  for (auto& [kind, work] : collectives_) abandon(work);
 }
 
 static int exchange_tag(const Exchange& exchange) {
@@ -91,6 +92,36 @@ void C10dTransport::wait(const Exchange& exchange) {
                            mod(rank_ + exchange.offset, world_));
   }
   pending_.erase(it);
+}
+
+void C10dTransport::post_collective(const Collective& collective) {
+  // Flat: the backends concatenate the ranks' parts along dim 0.
+  at::Tensor send = slots_.at(collective.send_slot).view(-1);
+  at::Tensor recv = slots_.at(collective.recv_slot).view(-1);
+  const std::string what = std::string("ring attention: rank ") + std::to_string(rank_) +
+                           " failed to start the " + collective_name(collective.kind);
+  try {
+    collectives_[static_cast<int>(collective.kind)] =
+        collective.kind == CollectiveKind::kAllGather
+            ? group_->all_gather_single(recv, send)
+            : group_->reduce_scatter_single(recv, send);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(what + ": " + e.what());
+  }
+}
+
+void C10dTransport::wait_collective(const Collective& collective) {
+  auto it = collectives_.find(static_cast<int>(collective.kind));
+  TORCH_CHECK(it != collectives_.end(), "ring attention: internal error, waiting for the ",
+              collective_name(collective.kind), " that was never posted");
+  const std::string what = std::string("ring attention: rank ") + std::to_string(rank_) +
+                           " failed in the " + collective_name(collective.kind);
+  if (!wait_with_deadline(it->second, timeout_s_, what)) {
+    TORCH_CHECK(false, what, ": timed out after ", timeout_s_, " s (RING_ATTN_TIMEOUT). A peer "
+                "may have died, diverged or not called the same function; the process group may "
+                "be unusable after this error, as after any collective timeout.");
+  }
+  collectives_.erase(it);
 }
 
 }  // namespace ring_attn

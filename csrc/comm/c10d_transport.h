@@ -1,6 +1,7 @@
 // Ring transport over any torch c10d::ProcessGroup (gloo on CPU; NCCL groups work too).
 // Each exchange is one send to rank+1 and one recv from rank-1, tagged by (step, channel) so that
-// the K/V and dK/dV rings never match each other's messages. Every wait has a deadline.
+// the K/V and dK/dV rings never match each other's messages; collectives are the group's own.
+// Every wait has a deadline.
 #pragma once
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -32,6 +33,9 @@ class C10dTransport final : public Transport {
   int world_size() const override { return world_; }
   void post(const Exchange& exchange) override;
   void wait(const Exchange& exchange) override;  // identifies the exchange by (channel, step)
+  // all_gather_single / reduce_scatter_single (sum) over the group.
+  void post_collective(const Collective& collective) override;
+  void wait_collective(const Collective& collective) override;
 
  private:
   // "ring attention: rank R failed at ring step S receiving K/V from rank P"
@@ -47,6 +51,7 @@ class C10dTransport final : public Transport {
   int rank_;
   int world_;
   std::map<std::pair<int, int>, Pending> pending_;
+  std::map<int, c10::intrusive_ptr<c10d::Work>> collectives_;  // by kind
 };
 
 }  // namespace ring_attn

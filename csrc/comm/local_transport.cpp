@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <map>
 #include <optional>
 
 #include "core/local_exchanges.h"
@@ -89,6 +90,9 @@ struct LocalHub::State {
   std::vector<std::optional<c10::cuda::CUDAStream>> comm_streams;
 #endif
   LocalExchanges<PostedSlots> exchanges;
+  // Per collective kind: every rank's (send, recv) once posted, and which ranks still wait.
+  std::map<int, std::vector<PostedSlots>> collective_slots;
+  std::map<int, std::vector<bool>> collective_waiting;
 };
 
 LocalHub::LocalHub(int world) : state_(std::make_unique<State>(world)) {}
@@ -123,11 +127,57 @@ void LocalHub::wait(int rank, const Exchange& exchange) {
 #endif
 }
 
+void LocalHub::post_collective(int rank, const Collective& collective,
+                               const std::vector<at::Tensor>& slots) {
+  const int kind = static_cast<int>(collective.kind);
+  auto& posted = state_->collective_slots[kind];
+  auto& waiting = state_->collective_waiting[kind];
+  if (posted.empty()) {
+    posted.resize(world());
+    waiting.assign(world(), false);
+  }
+  TORCH_CHECK(!waiting[rank] && !posted[rank].send.defined(), "LocalRing: virtual rank ", rank,
+              " posted the ", collective_name(collective.kind), " twice");
+  posted[rank].send = slots.at(collective.send_slot);
+  posted[rank].recv = slots.at(collective.recv_slot);
+  waiting[rank] = true;
+  for (const PostedSlots& p : posted) {
+    if (!p.send.defined()) return;
+  }
+  // Every rank has posted: run it.
+  for (int r = 0; r < world(); ++r) {
+    if (collective.kind == CollectiveKind::kAllGather) {
+      for (int source = 0; source < world(); ++source) posted[r].recv[source].copy_(posted[source].send);
+    } else {
+      posted[r].recv.copy_(posted[0].send[r]);
+      for (int source = 1; source < world(); ++source) posted[r].recv.add_(posted[source].send[r]);
+    }
+  }
+  for (PostedSlots& p : posted) p = PostedSlots{};
+}
+
+void LocalHub::wait_collective(int rank, const Collective& collective) {
+  const int kind = static_cast<int>(collective.kind);
+  auto& posted = state_->collective_slots[kind];
+  auto& waiting = state_->collective_waiting[kind];
+  const bool done = !waiting.empty() && waiting[rank] && !posted[rank].send.defined();
+  TORCH_CHECK(done, "LocalRing: virtual rank ", rank, " waits for the ",
+              collective_name(collective.kind), " before every rank posted it: the schedule "
+              "would deadlock");
+  waiting[rank] = false;
+}
+
 void LocalHub::check_drained() const {
   for (int rank = 0; rank < world(); ++rank) {
     const size_t pending = state_->exchanges.pending(rank);
     TORCH_CHECK(pending == 0, "LocalRing: rank ", rank, " has ", pending,
                 " exchanges that never completed");
+  }
+  for (const auto& [kind, waiting] : state_->collective_waiting) {
+    for (int rank = 0; rank < world(); ++rank) {
+      TORCH_CHECK(!waiting[rank], "LocalRing: rank ", rank, " never waited for the ",
+                  collective_name(static_cast<CollectiveKind>(kind)));
+    }
   }
 }
 

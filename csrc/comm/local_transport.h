@@ -25,6 +25,10 @@ class LocalHub {
   // `slots`: the posting rank's tensors by scheduler slot.
   void post(int rank, const Exchange& exchange, const std::vector<at::Tensor>& slots);
   void wait(int rank, const Exchange& exchange);
+  // Collectives run on the current stream once every rank has posted them, summing in rank order.
+  void post_collective(int rank, const Collective& collective,
+                       const std::vector<at::Tensor>& slots);
+  void wait_collective(int rank, const Collective& collective);
   // Raises unless every posted exchange was copied and waited for.
   void check_drained() const;
 

@@ -343,14 +343,49 @@ class NcclTransport final : public Transport {
   }
 
   void wait(const Exchange& x) override {
+    wait_for({static_cast<int>(x.channel), x.step}, channel_name(x.channel));
+  }
+
+  // ncclAllGather / ncclReduceScatter (sum) on the communication stream, with the same events and
+  // deadline as an exchange; a timeout names the ring neighbours of NCCL's ring algorithm.
+  void post_collective(const Collective& c) override {
     comm_->check();
-    auto it = pending_.find({static_cast<int>(x.channel), x.step});
-    TORCH_CHECK(it != pending_.end(), "ring attention: internal error, waiting for an exchange (",
-                channel_name(x.channel), ", step ", x.step, ") that was never posted");
+    const at::Tensor& send = slots_.at(c.send_slot);
+    const at::Tensor& recv = slots_.at(c.recv_slot);
+    TORCH_CHECK(send.is_contiguous() && recv.is_contiguous(),
+                "ring attention (NCCL transport): internal error, non-contiguous slots");
+    const bool gather = c.kind == CollectiveKind::kAllGather;
+    nvtxRangePushA(collective_name(c.kind));
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-    // The compute stream (not the host) waits for the received buffer.
-    RA_CUDA_CHECK(cudaStreamWaitEvent(compute_, it->second.pending->done, 0));
-    pending_.erase(it);
+    auto p = std::make_shared<Pending>();
+    p->comm = comm_;
+    p->step = 0;
+    p->channel = gather ? Channel::kKV : Channel::kGradKV;
+    p->peer = mod(comm_->rank - 1, comm_->world);
+    p->send_peer = mod(comm_->rank + 1, comm_->world);
+    p->timeout_s = timeout_s_;
+    RA_CUDA_CHECK(cudaEventCreateWithFlags(&p->ready, cudaEventDisableTiming));
+    RA_CUDA_CHECK(cudaEventCreateWithFlags(&p->done, cudaEventDisableTiming));
+    RA_CUDA_CHECK(cudaEventRecord(p->ready, compute_));
+    RA_CUDA_CHECK(cudaStreamWaitEvent(stream_, p->ready, 0));
+    if (gather) {
+      RA_NCCL_CHECK(ncclAllGather(send.data_ptr(), recv.data_ptr(), send.nbytes(), ncclUint8,
+                                  comm_->comm, stream_));
+    } else {
+      TORCH_CHECK(send.numel() == recv.numel() * comm_->world,
+                  "ring attention (NCCL transport): internal error, mismatched slots");
+      const ncclDataType_t type = recv.scalar_type() == at::kDouble ? ncclFloat64 : ncclFloat32;
+      RA_NCCL_CHECK(ncclReduceScatter(send.data_ptr(), recv.data_ptr(), recv.numel(), type,
+                                      ncclSum, comm_->comm, stream_));
+    }
+    RA_CUDA_CHECK(cudaEventRecord(p->done, stream_));
+    nvtxRangePop();
+    if (!capturing_ && timeout_s_ > 0) Watchdog::get().add(p);
+    pending_[collective_key(c)] = Entry{p, send, recv};
+  }
+
+  void wait_collective(const Collective& c) override {
+    wait_for(collective_key(c), collective_name(c.kind));
   }
 
  private:
@@ -359,6 +394,22 @@ class NcclTransport final : public Transport {
     at::Tensor send;
     at::Tensor recv;
   };
+  // Collectives are keyed apart from the exchanges' (channel, step).
+  static std::pair<int, int> collective_key(const Collective& c) {
+    return {2 + static_cast<int>(c.kind), 0};
+  }
+
+  void wait_for(const std::pair<int, int>& key, const char* what) {
+    comm_->check();
+    auto it = pending_.find(key);
+    TORCH_CHECK(it != pending_.end(), "ring attention: internal error, waiting for ", what,
+                " (step ", key.second, ") that was never posted");
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    // The compute stream (not the host) waits for the received buffer.
+    RA_CUDA_CHECK(cudaStreamWaitEvent(compute_, it->second.pending->done, 0));
+    pending_.erase(it);
+  }
+
   const std::vector<at::Tensor>& slots_;
   double timeout_s_;
   int device_ = 0;

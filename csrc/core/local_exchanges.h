@@ -88,6 +88,22 @@ class HubTransport final : public Transport {
   int world_size() const override { return hub_.world(); }
   void post(const Exchange& exchange) override { hub_.post(rank_, exchange, slots_); }
   void wait(const Exchange& exchange) override { hub_.wait(rank_, exchange); }
+  // Collectives where the hub has them (post_collective(rank, collective, slots) and
+  // wait_collective(rank, collective)).
+  void post_collective(const Collective& collective) override {
+    if constexpr (requires { hub_.post_collective(rank_, collective, slots_); }) {
+      hub_.post_collective(rank_, collective, slots_);
+    } else {
+      Transport::post_collective(collective);
+    }
+  }
+  void wait_collective(const Collective& collective) override {
+    if constexpr (requires { hub_.wait_collective(rank_, collective); }) {
+      hub_.wait_collective(rank_, collective);
+    } else {
+      Transport::wait_collective(collective);
+    }
+  }
 
  private:
   Hub& hub_;

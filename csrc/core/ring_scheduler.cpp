@@ -8,6 +8,20 @@ const char* channel_name(Channel channel) {
   return channel == Channel::kKV ? "K/V" : "dK/dV";
 }
 
+const char* collective_name(CollectiveKind kind) {
+  return kind == CollectiveKind::kAllGather ? "all-gather of K/V" : "reduce-scatter of dK/dV";
+}
+
+void Transport::post_collective(const Collective& collective) {
+  throw std::logic_error(std::string("ring attention: this transport has no ") +
+                         collective_name(collective.kind));
+}
+
+void Transport::wait_collective(const Collective& collective) {
+  throw std::logic_error(std::string("ring attention: this transport has no ") +
+                         collective_name(collective.kind));
+}
+
 static std::string timeout_message(double seconds, int step, Channel channel, bool receiving,
                                    int peer, int send_peer) {
   char what[160];

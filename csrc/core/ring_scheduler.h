@@ -31,7 +31,11 @@ constexpr int kKVRecv0 = 1;     // kKVRecv0 + (i % 2)
 constexpr int kGradAcc0 = 3;    // kGradAcc0 + (i % 2)
 constexpr int kGradRecv0 = 5;   // kGradRecv0 + (i % 2)
 constexpr int kGradHome = 7;    // the own block's dK/dV; the result
-constexpr int kCount = 8;
+// All-gather exchange: every rank's K/V, (world, 2, ...): block `source` at index source; and
+// this rank's dK/dV contributions to every block, laid out alike (accumulator dtype).
+constexpr int kAllKV = 8;
+constexpr int kAllGrad = 9;
+constexpr int kCount = 10;
 }  // namespace slot
 
 enum class Channel : int { kKV = 0, kGradKV = 1 };
@@ -46,6 +50,18 @@ struct Exchange {
   int offset = 1;  // 1 around the ring; the final dK/dV hop of a truncated ring goes back
 };
 
+// One collective over every rank of a transport.
+//   kAllGather:     recv[r] = rank r's send, for every rank r (recv: (world, *send.shape)).
+//   kReduceScatter: recv = sum over ranks r of rank r's send[rank] (send: (world, *recv.shape)).
+enum class CollectiveKind : int { kAllGather = 0, kReduceScatter = 1 };
+const char* collective_name(CollectiveKind kind);
+
+struct Collective {
+  CollectiveKind kind;
+  int send_slot;
+  int recv_slot;
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -56,6 +72,10 @@ class Transport {
   // Blocks until both halves of a posted exchange completed; throws RingTimeoutError on deadline.
   // The exchange is identified by (channel, step).
   virtual void wait(const Exchange& exchange) = 0;
+  // Starts a collective without blocking; every rank posts the same collectives in the same order.
+  virtual void post_collective(const Collective& collective);
+  // Blocks until this rank's part of the collective completed (identified by its kind).
+  virtual void wait_collective(const Collective& collective);
 };
 
 class BlockOps {
@@ -64,11 +84,12 @@ class BlockOps {
   // False when the mask hides every (local query, key of `source`) pair: the block is skipped.
   virtual bool is_needed(int source) const = 0;
   // Attends the local queries to the K/V in `kv_slot` (which started on `source`) and merges.
+  // In the all-rank slots (kAllKV, kAllGrad) a block is the entry `source`.
   virtual void forward(int kv_slot, int source) = 0;
   // Writes this rank's dK/dV contribution for the K/V in `kv_slot` into `grad_slot` (overwriting)
   // and accumulates dQ locally.
   virtual void backward(int kv_slot, int source, int grad_slot) = 0;
-  virtual void zero_grad(int grad_slot) = 0;
+  virtual void zero_grad(int grad_slot) = 0;  // the whole slot
   // grad[dst] += grad[src]
   virtual void add_grad(int dst_slot, int src_slot) = 0;
 };

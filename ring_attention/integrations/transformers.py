@@ -20,9 +20,11 @@ from ..layouts import shard
 ATTN_IMPLEMENTATION = "ring_attention"
 
 
-def register(*, group=None, layout: str = "zigzag") -> None:
+def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
+             ulysses_group=None) -> None:
     """Registers the attention implementation "ring_attention" over ``group`` (a ProcessGroup, a
-    1-D DeviceMesh or None for the default group) with inputs sharded in ``layout``."""
+    1-D DeviceMesh or None for the default group) with inputs sharded in ``layout``;
+    ``kv_exchange`` and ``ulysses_group`` as for ``ring_attn_func``."""
     from transformers import AttentionInterface
 
     def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -44,28 +46,31 @@ def register(*, group=None, layout: str = "zigzag") -> None:
         window = (sliding - 1, 0 if causal else sliding - 1) if sliding else (-1, -1)
         out = ring_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                              causal=bool(causal), softmax_scale=scaling, window_size=window,
-                             group=group, layout=layout)
+                             group=group, layout=layout, kv_exchange=kv_exchange,
+                             ulysses_group=ulysses_group)
         return out, None
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, ring_attention_forward)
 
 
 def shard_inputs(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                 labels: Optional[torch.Tensor] = None, *, group=None, layout: str = "zigzag"):
+                 labels: Optional[torch.Tensor] = None, *, group=None, layout: str = "zigzag",
+                 ulysses_group=None):
     """This rank's (input_ids, position_ids, labels) of a full (batch, seq) batch.
 
     position_ids are the global positions of the local tokens (default arange(seq)), so rotary
     embeddings stay right. labels are shifted for next-token prediction over the GLOBAL sequence
     before sharding (the label of a local token is the token at the next global position; the last
     global position gets -100), so that cross_entropy(local_logits, local_labels, reduction="sum")
-    summed over ranks is the full-sequence loss. labels is None when not given.
+    summed over ranks is the full-sequence loss. labels is None when not given. With a
+    ``ulysses_group`` the tokens are spread over its grid with ``group`` as ``shard`` does.
     """
+    grid = dict(group=group, layout=layout, dim=1, ulysses_group=ulysses_group)
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     local_labels = None
     if labels is not None:
         shifted = torch.full_like(labels, -100)
         shifted[:, :-1] = labels[:, 1:]
-        local_labels = shard(shifted, group=group, layout=layout, dim=1)
-    return (shard(input_ids, group=group, layout=layout, dim=1),
-            shard(position_ids, group=group, layout=layout, dim=1), local_labels)
+        local_labels = shard(shifted, **grid)
+    return shard(input_ids, **grid), shard(position_ids, **grid), local_labels

@@ -17,6 +17,7 @@
 #include "core/local_exchanges.h"
 #include "core/mask.h"
 #include "core/merge.h"
+#include "core/allgather_scheduler.h"
 #include "core/ring_scheduler.h"
 
 using namespace ring_attn;
@@ -189,6 +190,8 @@ class LocalTransport final : public Transport {
   int world_size() const override;
   void post(const Exchange& x) override;
   void wait(const Exchange& x) override;
+  void post_collective(const Collective& c) override;
+  void wait_collective(const Collective& c) override;
   std::map<std::pair<int, int>, Exchange> posted;
   std::set<int> busy_slots;  // slots in flight: must not be written by compute
 
@@ -219,6 +222,7 @@ struct World {
   std::vector<LocalTransport> transports;
   std::vector<FakeOps> ops;
   std::map<std::tuple<int, int, int>, std::vector<double>> mailbox;  // (receiver, channel, step)
+  std::map<int, std::vector<int>> collective_posts;  // kind -> ranks that posted, in order
   int posts = 0;
   World(int n, std::function<bool(int, int)> needed_) : size(n), needed(std::move(needed_)) {
     for (int r = 0; r < n; ++r) {
@@ -261,24 +265,74 @@ void LocalTransport::wait(const Exchange& x) {
   posted.erase(key);
 }
 
+// Collectives run once every rank has posted: an all-gather fills each rank's (world,) slot
+// with every rank's id; a reduce-scatter gives rank r {r, sum over ranks of their entry r}.
+void LocalTransport::post_collective(const Collective& c) {
+  const int kind = static_cast<int>(c.kind);
+  CHECK(busy_slots.count(c.send_slot) == 0 && busy_slots.count(c.recv_slot) == 0);
+  busy_slots.insert(c.send_slot);
+  busy_slots.insert(c.recv_slot);
+  auto& ranks = world_.collective_posts[kind];
+  ranks.push_back(rank_);
+  ++world_.posts;
+  if (static_cast<int>(ranks.size()) != world_.size) return;
+  for (int r = 0; r < world_.size; ++r) {
+    std::vector<double> result;
+    if (c.kind == CollectiveKind::kAllGather) {
+      for (int s = 0; s < world_.size; ++s) result.push_back(world_.ops[s].slots.at(c.send_slot).at(0));
+    } else {
+      result = {static_cast<double>(r), 0.0};
+      for (int s = 0; s < world_.size; ++s) result[1] += world_.ops[s].slots.at(c.send_slot).at(r);
+    }
+    world_.ops[r].slots.at(c.recv_slot) = result;
+  }
+}
+
+void LocalTransport::wait_collective(const Collective& c) {
+  const auto& ranks = world_.collective_posts[static_cast<int>(c.kind)];
+  CHECK(static_cast<int>(ranks.size()) == world_.size);  // else this wait would hang
+  busy_slots.erase(c.send_slot);
+  busy_slots.erase(c.recv_slot);
+}
+
 bool FakeOps::is_needed(int source) const { return world_.needed(rank_, source); }
 
 void FakeOps::forward(int kv_slot, int source) {
-  CHECK(slots[kv_slot].size() == 1 && slots[kv_slot][0] == source);  // right block, right step
+  if (kv_slot == slot::kAllKV) {  // every rank's block, gathered
+    CHECK(world_.transports[rank_].busy_slots.count(kv_slot) == 0);
+    CHECK(static_cast<int>(slots[kv_slot].size()) == world_.size && slots[kv_slot][source] == source);
+  } else {
+    CHECK(slots[kv_slot].size() == 1 && slots[kv_slot][0] == source);  // right block, right step
+  }
   seen.push_back(source);
 }
 
 // Grad buffers carry one entry per rank: contribution of rank r to a block is 1 << r.
+// The all-gather's dK/dV slot holds one entry per block instead.
 void FakeOps::backward(int kv_slot, int source, int grad_slot) {
-  CHECK(slots[kv_slot].size() == 1 && slots[kv_slot][0] == source);
+  if (kv_slot == slot::kAllKV) {
+    CHECK(world_.transports[rank_].busy_slots.count(kv_slot) == 0);
+    CHECK(static_cast<int>(slots[kv_slot].size()) == world_.size && slots[kv_slot][source] == source);
+  } else {
+    CHECK(slots[kv_slot].size() == 1 && slots[kv_slot][0] == source);
+  }
   CHECK(world_.transports[rank_].busy_slots.count(grad_slot) == 0);
   seen.push_back(source);
-  slots[grad_slot] = {static_cast<double>(source), static_cast<double>(1 << rank_)};
+  if (grad_slot == slot::kAllGrad) {
+    CHECK(static_cast<int>(slots[grad_slot].size()) == world_.size && slots[grad_slot][source] == 0);
+    slots[grad_slot][source] = static_cast<double>(1 << rank_);
+  } else {
+    slots[grad_slot] = {static_cast<double>(source), static_cast<double>(1 << rank_)};
+  }
 }
 
 void FakeOps::zero_grad(int grad_slot) {
   CHECK(world_.transports[rank_].busy_slots.count(grad_slot) == 0);
-  slots[grad_slot] = {-1.0, 0.0};
+  if (grad_slot == slot::kAllGrad) {
+    slots[grad_slot] = std::vector<double>(world_.size, 0.0);
+  } else {
+    slots[grad_slot] = {-1.0, 0.0};
+  }
 }
 
 void FakeOps::add_grad(int dst, int src) {
@@ -375,6 +429,52 @@ static void test_truncated_ring() {
       }
     }
   }
+}
+
+// The all-gather schedule: forward attends to the own block, then the others in the ring's order;
+// backward's reduce-scatter brings every block's dK/dV home with each needing rank's contribution
+// exactly once. One collective of each kind per rank and call, none at world size 1.
+static void test_allgather_schedule() {
+  for (int w = 1; w <= 5; ++w) {
+    for (int pattern = 0; pattern < 3; ++pattern) {
+      auto needed = [pattern, w](int rank, int source) {
+        if (pattern == 0) return true;
+        if (pattern == 1) return source <= rank;
+        return source == mod(rank + 1, w);  // not even the own block
+      };
+      World world(w, needed);
+      std::vector<AllGatherForward> forward;
+      for (int r = 0; r < w; ++r) forward.emplace_back(world.transports[r], world.ops[r]);
+      run_lockstep(forward);
+      CHECK(world.posts == (w > 1 ? w : 0));
+      for (int r = 0; r < w; ++r) {
+        std::vector<int> want;
+        for (int t = 0; t < w; ++t) {
+          if (needed(r, mod(r - t, w))) want.push_back(mod(r - t, w));
+        }
+        CHECK(world.ops[r].seen == want);
+        CHECK(forward[r].blocks_computed() == static_cast<int>(want.size()));
+        CHECK(world.transports[r].busy_slots.empty());
+      }
+
+      World back(w, needed);
+      std::vector<AllGatherBackward> backward;
+      for (int r = 0; r < w; ++r) backward.emplace_back(back.transports[r], back.ops[r]);
+      run_lockstep(backward);
+      CHECK(back.posts == (w > 1 ? 2 * w : 0));
+      for (int r = 0; r < w; ++r) {
+        const auto& grad = back.ops[r].slots[slot::kGradHome];
+        double want = 0;
+        for (int q = 0; q < w; ++q) want += needed(q, r) ? (1 << q) : 0;
+        CHECK(grad.size() == 2 && grad[1] == want && (grad[0] == r || grad[0] == -1.0));
+        CHECK(back.transports[r].busy_slots.empty());
+      }
+    }
+  }
+  KVExchange exchange;
+  CHECK(parse_kv_exchange("allgather", &exchange) && exchange == KVExchange::kAllGather);
+  CHECK(parse_kv_exchange("ring", &exchange) && exchange == KVExchange::kRing);
+  CHECK(!parse_kv_exchange("Ring", &exchange) && !parse_kv_exchange("", &exchange));
 }
 
 // LocalExchanges (the in-memory transports' bookkeeping): a hop is copied exactly once, as soon as
@@ -526,6 +626,7 @@ int main() {
   test_forward_schedule();
   test_backward_schedule();
   test_truncated_ring();
+  test_allgather_schedule();
   test_local_exchanges();
   test_timeout_message();
   std::printf("test_core: %d checks, %d failed\n", g_checks, g_failures);
