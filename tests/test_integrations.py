@@ -7,8 +7,22 @@ import integration_cases as cases
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_transformers_llama_matches_single_process(rank_pool, world):
-    losses = rank_pool(world).run(cases.llama_matches_single_process, "zigzag", 8 * world, timeout=180)
-    assert len(set(losses)) == 1  # every rank saw the same summed loss
+    results = rank_pool(world).run(cases.model_matches_single_process, "llama", "zigzag", 8 * world,
+                                   timeout=180)
+    assert len(set(loss for loss, _ in results)) == 1  # every rank saw the same summed loss
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_transformers_sliding_window_matches_single_process(rank_pool, world, layout, family):
+    """Sliding-window layers (every layer, or mixed with full layers by layer_types) equal the
+    eager model; with contiguous shards of 8 tokens a window-5 layer needs one hop only."""
+    results = rank_pool(world).run(cases.model_matches_single_process, family, layout, 8 * world,
+                                   timeout=180)
+    assert len(set(loss for loss, _ in results)) == 1
+    if family == "mistral" and layout == "contiguous":
+        assert {steps for _, steps in results} == {2}
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
