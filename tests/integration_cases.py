@@ -74,7 +74,8 @@ def model_matches_single_process(family, layout, seqlen):
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
     loss.backward()
 
-    torch.testing.assert_close(ra.unshard(logits.detach(), layout=layout), logits_ref.detach(), **FP32_TOL)
+    full = ra_hf.unshard_outputs(logits.detach(), layout=layout)  # unpacked rows: unshard
+    torch.testing.assert_close(full, logits_ref.detach(), **FP32_TOL)
     total = loss.detach().clone()
     dist.all_reduce(total)
     torch.testing.assert_close(total, loss_ref.detach(), rtol=1e-5, atol=1e-4)
@@ -82,6 +83,64 @@ def model_matches_single_process(family, layout, seqlen):
     with torch.no_grad():
         ring_model(input_ids=ids, position_ids=pos, use_cache=False)
     return total.item(), ra.last_ring_stats()["steps"]
+
+
+def packed_matches_documents(family, layout, lengths):
+    """One packed row of documents (position_ids restarting at 0) through shard_inputs, the ring
+    model and unshard_outputs against every document run alone through the eager model: logits
+    at every real token, the summed loss over ranks and the parameter gradients."""
+    from ring_attention.integrations import transformers as ra_hf
+    rank, world = rank_and_world()
+    ra_hf.register(layout=layout)
+    reference_model, ring_model = _model_pair(family, ra_hf.ATTN_IMPLEMENTATION)
+
+    g = torch.Generator().manual_seed(seed_of("packed", family, world, layout, lengths))
+    docs = [torch.randint(0, 128, (1, n), generator=g) for n in lengths]
+    logits_ref, loss_ref = [], 0.0
+    for doc in docs:
+        logits_doc = reference_model(input_ids=doc, use_cache=False).logits
+        loss_ref = loss_ref + F.cross_entropy(logits_doc[0, :-1], doc[0, 1:], reduction="sum")
+        logits_ref.append(logits_doc.detach())
+    loss_ref.backward()
+
+    input_ids = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    ids, pos, labels = ra_hf.shard_inputs(input_ids, position_ids, input_ids, layout=layout)
+    logits = ring_model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+    loss.backward()
+
+    full = ra_hf.unshard_outputs(logits.detach(), position_ids, layout=layout)
+    torch.testing.assert_close(full, torch.cat(logits_ref, dim=1), **FP32_TOL)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, loss_ref.detach(), rtol=1e-5, atol=1e-4)
+    _assert_grads_summed_over_ranks(ring_model, reference_model)
+    return total.item()
+
+
+def packed_disagreement_raises():
+    """Ranks whose packed rows differ, and packed rows of batch 2, raise ValueError on every rank;
+    the group stays usable."""
+    from ring_attention.integrations import transformers as ra_hf
+    rank, world = rank_and_world()
+    input_ids = torch.zeros(1, 12, dtype=torch.int64)
+    split = 4 + rank  # a different first document on every rank
+    position_ids = torch.cat([torch.arange(split), torch.arange(12 - split)]).unsqueeze(0)
+    errors = []
+    try:
+        ra_hf.shard_inputs(input_ids, position_ids)
+    except ValueError as e:
+        errors.append(str(e))
+    try:
+        ra_hf.shard_inputs(input_ids.expand(2, 12), position_ids.expand(2, 12))
+    except ValueError as e:
+        errors.append(str(e))
+    assert len(errors) == 2 and "disagree" in errors[0] and "batch 1" in errors[1], errors
+    ones = torch.ones(1)
+    dist.all_reduce(ones)
+    assert ones.item() == world
+    return errors[0]
 
 
 class _AttentionBlock(torch.nn.Module):

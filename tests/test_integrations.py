@@ -25,6 +25,21 @@ def test_transformers_sliding_window_matches_single_process(rank_pool, world, la
         assert {steps for _, steps in results} == {2}
 
 
+@pytest.mark.parametrize("family,layout,world", [("llama", "zigzag", 2), ("llama", "contiguous", 3),
+                                                 ("mistral", "zigzag", 4), ("qwen3", "striped", 2)])
+def test_transformers_packed_documents_match_each_alone(rank_pool, family, layout, world):
+    """Packed rows (position_ids restarting at 0): documents of lengths 1 to 23, one longer than
+    a rank's share, never see each other."""
+    losses = rank_pool(world).run(cases.packed_matches_documents, family, layout, (7, 1, 23, 2, 9),
+                                  timeout=180)
+    assert len(set(losses)) == 1
+
+
+def test_transformers_packed_disagreement_raises_everywhere(rank_pool):
+    messages = rank_pool(3).run(cases.packed_disagreement_raises)
+    assert len(set(messages)) == 1  # the same message on every rank
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_torch_compile_fullgraph_matches_eager(rank_pool, layout, varlen):
