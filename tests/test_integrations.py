@@ -26,7 +26,8 @@ def test_transformers_sliding_window_matches_single_process(rank_pool, world, la
 
 
 @pytest.mark.parametrize("family,layout,world", [("llama", "zigzag", 2), ("llama", "contiguous", 3),
-                                                 ("mistral", "zigzag", 4), ("qwen3", "striped", 2)])
+                                                 ("mistral", "zigzag", 4), ("qwen3", "striped", 2),
+                                                 ("mistral", "packed", 3)])
 def test_transformers_packed_documents_match_each_alone(rank_pool, family, layout, world):
     """Packed rows (position_ids restarting at 0): documents of lengths 1 to 23, one longer than
     a rank's share, never see each other."""
