@@ -84,7 +84,7 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     q: (batch, seqlen_local, nheads, headdim); k, v: (batch, seqlen_local, nheads_kv, headdim) with
     nheads % nheads_kv == 0. Every rank of ``group`` (default: the default group; world size 1
     when torch.distributed is not initialised) calls this with its shard in ``layout``
-    ("contiguous", "zigzag" or "striped", as produced by ``shard``). Masks are by global token
+    ("contiguous", "zigzag", "striped" or "packed", as produced by ``shard``). Masks are by global token
     position: ``causal`` hides later keys, ``window_size=(left, right)`` limits a query at
     position i to keys in [i - left, i + right] (-1: unbounded). Returns out like q, or (out, lse)
     with lse (batch, nheads, seqlen_local) in float32 (float64 for float64 inputs), natural log,

@@ -4,13 +4,15 @@ Layouts of S = world * L tokens:
   contiguous: rank r holds [r*L, (r+1)*L)
   zigzag:     2*world chunks; rank r holds chunk r then chunk 2*world-1-r (balanced causal work)
   striped:    rank r holds r, r+world, r+2*world, ...
+  packed:     as contiguous; packed sequences (shard_varlen) are split as one stream, so short
+              sequences stay on one rank
 """
 import torch
 import torch.distributed as dist
 
 from . import _group
 
-LAYOUTS = ("contiguous", "zigzag", "striped")
+LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
 
 
 def _check_layout(layout: str) -> None:
@@ -22,7 +24,7 @@ def positions(layout: str, rank: int, world: int, local_len: int) -> torch.Tenso
     """Global positions (int64, (local_len,)) of ``rank``'s tokens, in local order."""
     _check_layout(layout)
     i = torch.arange(local_len)
-    if layout == "contiguous":
+    if layout in ("contiguous", "packed"):
         return rank * local_len + i
     if layout == "striped":
         return rank + i * world
@@ -54,7 +56,7 @@ def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int =
     _, rank, world = _group.resolve(group)
     _, u_rank, u_world = _ulysses(ulysses_group)
     local_len = _local_len(x.shape[dim], world * u_world, layout) * u_world
-    if layout == "contiguous":
+    if layout in ("contiguous", "packed"):
         ring_shard = x.narrow(dim, rank * local_len, local_len)
     else:
         ring_shard = x.index_select(dim, positions(layout, rank, world, local_len).to(x.device))
@@ -191,11 +193,17 @@ def varlen_positions(cu_seqlens: torch.Tensor, layout: str, rank: int, world: in
     """This rank's tokens of a packed batch split by ``shard_varlen``.
 
     Each sequence is padded to a multiple of world (2 * world for zigzag) and split by the layout
-    on its own. Returns (positions, source): int64 (tokens_local,) positions in the padded packed
-    stream, and the index of each token in the unpadded packed tensor (-1 for a pad token).
+    on its own; the packed layout instead splits the whole packed stream into world contiguous
+    parts, padded at its end. Returns (positions, source): int64 (tokens_local,) positions in the
+    padded packed stream, and the index of each token in the unpadded packed tensor (-1 for a pad
+    token).
     """
     _check_layout(layout)
     cu = _check_cu_seqlens(cu_seqlens)
+    if layout == "packed":
+        local_len = -(-cu[-1] // world)
+        pos = rank * local_len + torch.arange(local_len)
+        return pos, torch.where(pos < cu[-1], pos, torch.full_like(pos, -1))
     parts = 2 * world if layout == "zigzag" else world
     pos, src, start = [], [], 0
     for begin, end in zip(cu, cu[1:]):
@@ -215,8 +223,11 @@ def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None, layou
 
     Every sequence is split by the layout on its own (zigzag per sequence balances causal work);
     sequences whose length does not divide are padded with zeros inside the library, so every rank
-    gets the same number of tokens. With a ``ulysses_group`` of U ranks, this rank's ring shard is
-    padded at its end to a multiple of U and split contiguously into U parts. Differentiable.
+    gets the same number of tokens. The packed layout splits the packed stream as a whole into
+    world equal contiguous parts (zeros at the end): short sequences stay on one rank and the ring
+    makes only the steps the sequences crossing ranks need. With a ``ulysses_group`` of U ranks,
+    this rank's ring shard is padded at its end to a multiple of U and split contiguously into U
+    parts. Differentiable.
     """
     _, rank, world = _group.resolve(group)
     _, u_rank, u_world = _ulysses(ulysses_group)

@@ -10,31 +10,64 @@ from ring_cases import rank_and_world
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def tiny_llama(seed):
-    """A 2-layer random Llama (hidden 64, 4 heads, 2 KV heads) in float32, built from a config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+
+
+def tiny_model(family, seed):
+    """A small random float32 causal LM of a transformers family built from a config. Windowed
+    families: "mistral" (every layer sliding, window 5), "qwen3" and "gemma3" (layer_types mixing
+    sliding layers, window 3 or 6, with full ones)."""
+    import transformers as tf
+    if family == "llama":
+        model_class, config = tf.LlamaForCausalLM, tf.LlamaConfig(**TINY)
+    elif family == "mistral":
+        model_class, config = tf.MistralForCausalLM, tf.MistralConfig(**TINY, sliding_window=5)
+    elif family == "qwen3":
+        model_class, config = tf.Qwen3ForCausalLM, tf.Qwen3Config(
+            **{**TINY, "num_hidden_layers": 3}, use_sliding_window=True, sliding_window=3,
+            max_window_layers=0, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    elif family == "gemma3":
+        model_class, config = tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(
+            **{**TINY, "num_hidden_layers": 3}, sliding_window=6, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    else:
+        raise ValueError(family)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).float()
+    return model_class(config).float()
 
 
-def llama_matches_single_process(layout, seqlen, ulysses=1, kv_exchange="ring"):
-    """The tiny Llama with attn_implementation="ring_attention" on sharded inputs against the same
-    model on the whole sequence in this process: unsharded logits, summed loss, summed gradients.
-    ulysses > 1: over a ulysses x (world / ulysses) grid (ring_cases.grid_groups)."""
+def _model_pair(family, implementation):
+    """The same random model twice: eager attention, and ``implementation``."""
+    reference_model = tiny_model(family, 0)
+    reference_model.config._attn_implementation = "eager"
+    ring_model = tiny_model(family, 0)
+    ring_model.config._attn_implementation = implementation
+    return reference_model, ring_model
+
+
+def _assert_grads_summed_over_ranks(ring_model, reference_model):
+    for (name, p), p_ref in zip(ring_model.named_parameters(), reference_model.parameters()):
+        grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange="ring"):
+    """A tiny model of ``family`` with attn_implementation="ring_attention" on sharded inputs
+    against the same model with eager attention on the whole sequence in this process: unsharded
+    logits, summed loss, summed gradients. ulysses > 1: over a ulysses x (world / ulysses) grid
+    (ring_cases.grid_groups). Returns the summed loss and the ring steps of a no-grad forward's
+    last layer."""
     from ring_attention.integrations import transformers as ra_hf
     from ring_cases import grid_groups
     rank, world = rank_and_world()
     group, ulysses_group = grid_groups(ulysses, world // ulysses) if ulysses > 1 else (None, None)
     grid = dict(group=group, layout=layout, ulysses_group=ulysses_group)
     ra_hf.register(kv_exchange=kv_exchange, **grid)
-    reference_model = tiny_llama(0)
-    reference_model.config._attn_implementation = "eager"
-    ring_model = tiny_llama(0)
-    ring_model.config._attn_implementation = ra_hf.ATTN_IMPLEMENTATION
+    reference_model, ring_model = _model_pair(family, ra_hf.ATTN_IMPLEMENTATION)
 
-    g = torch.Generator().manual_seed(seed_of("llama", world, layout))
+    g = torch.Generator().manual_seed(seed_of(family, world, layout))
     input_ids = torch.randint(0, 128, (2, seqlen), generator=g)
     logits_ref = reference_model(input_ids=input_ids, use_cache=False).logits
     loss_ref = F.cross_entropy(logits_ref[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum")
@@ -45,15 +78,73 @@ def llama_matches_single_process(layout, seqlen, ulysses=1, kv_exchange="ring"):
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
     loss.backward()
 
-    torch.testing.assert_close(ra.unshard(logits.detach(), **grid), logits_ref.detach(), **FP32_TOL)
+    full = ra_hf.unshard_outputs(logits.detach(), **grid)  # unpacked rows: unshard
+    torch.testing.assert_close(full, logits_ref.detach(), **FP32_TOL)
     total = loss.detach().clone()
     dist.all_reduce(total)
     torch.testing.assert_close(total, loss_ref.detach(), rtol=1e-5, atol=1e-4)
-    for (name, p), p_ref in zip(ring_model.named_parameters(), reference_model.parameters()):
-        grad = p.grad.clone()
-        dist.all_reduce(grad)
-        torch.testing.assert_close(grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    _assert_grads_summed_over_ranks(ring_model, reference_model)
+    with torch.no_grad():
+        ring_model(input_ids=ids, position_ids=pos, use_cache=False)
+    return total.item(), ra.last_ring_stats()["steps"]
+
+
+def packed_matches_documents(family, layout, lengths):
+    """One packed row of documents (position_ids restarting at 0) through shard_inputs, the ring
+    model and unshard_outputs against every document run alone through the eager model: logits
+    at every real token, the summed loss over ranks and the parameter gradients."""
+    from ring_attention.integrations import transformers as ra_hf
+    rank, world = rank_and_world()
+    ra_hf.register(layout=layout)
+    reference_model, ring_model = _model_pair(family, ra_hf.ATTN_IMPLEMENTATION)
+
+    g = torch.Generator().manual_seed(seed_of("packed", family, world, layout, lengths))
+    docs = [torch.randint(0, 128, (1, n), generator=g) for n in lengths]
+    logits_ref, loss_ref = [], 0.0
+    for doc in docs:
+        logits_doc = reference_model(input_ids=doc, use_cache=False).logits
+        loss_ref = loss_ref + F.cross_entropy(logits_doc[0, :-1], doc[0, 1:], reduction="sum")
+        logits_ref.append(logits_doc.detach())
+    loss_ref.backward()
+
+    input_ids = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    ids, pos, labels = ra_hf.shard_inputs(input_ids, position_ids, input_ids, layout=layout)
+    logits = ring_model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+    loss.backward()
+
+    full = ra_hf.unshard_outputs(logits.detach(), position_ids, layout=layout)
+    torch.testing.assert_close(full, torch.cat(logits_ref, dim=1), **FP32_TOL)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, loss_ref.detach(), rtol=1e-5, atol=1e-4)
+    _assert_grads_summed_over_ranks(ring_model, reference_model)
     return total.item()
+
+
+def packed_disagreement_raises():
+    """Ranks whose packed rows differ, and packed rows of batch 2, raise ValueError on every rank;
+    the group stays usable."""
+    from ring_attention.integrations import transformers as ra_hf
+    rank, world = rank_and_world()
+    input_ids = torch.zeros(1, 12, dtype=torch.int64)
+    split = 4 + rank  # a different first document on every rank
+    position_ids = torch.cat([torch.arange(split), torch.arange(12 - split)]).unsqueeze(0)
+    errors = []
+    try:
+        ra_hf.shard_inputs(input_ids, position_ids)
+    except ValueError as e:
+        errors.append(str(e))
+    try:
+        ra_hf.shard_inputs(input_ids.expand(2, 12), position_ids.expand(2, 12))
+    except ValueError as e:
+        errors.append(str(e))
+    assert len(errors) == 2 and "disagree" in errors[0] and "batch 1" in errors[1], errors
+    ones = torch.ones(1)
+    dist.all_reduce(ones)
+    assert ones.item() == world
+    return errors[0]
 
 
 class _AttentionBlock(torch.nn.Module):

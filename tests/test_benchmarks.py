@@ -96,3 +96,19 @@ def test_bench_strategies_checks_same_work(tmp_path):
     # 64 tokens, 2 K/V heads of 64 float32 on 2 ranks: one 32 KiB K/V block forward, it and its
     # dK/dV backward; ring and all-gather send the same.
     assert [row["MB sent / rank"] for row in res["rows"][:2]] == [round(3 * 32768 / 2**20, 2)] * 2
+
+
+def test_bench_packed_checks_and_counts(tmp_path):
+    out = tmp_path / "packed.json"
+    stdout = _run("benchmarks/strategies/bench_packed.py", "--worlds", "2", "--total", "1024", "--min-len", "16", "--max-len",
+                  "512", "--iters", "1", "--warmup", "0", "--json", str(out))
+    assert "max |err| between variants" in stdout
+    res = json.loads(out.read_text())
+    assert sum(res["lengths"]) == 1024 and res["max_abs_err"] < 1e-5
+    rows = {row["variant"]: row for row in res["rows"]}
+    # Two ranks: zigzag computes every document on both ranks, both blocks each; the packed
+    # stream crosses one rank boundary (one more block); one device per document sends nothing.
+    assert rows["zigzag"]["fwd blocks"] == 4 and rows["zigzag"]["steps"] == 2
+    assert rows["packed"]["fwd blocks"] <= 3
+    assert float(rows["packed"]["fwd MB sent"]) <= float(rows["zigzag"]["fwd MB sent"])
+    assert rows["per-document"]["fwd blocks"] == 2 and float(rows["per-document"]["fwd+bwd MB sent"]) == 0

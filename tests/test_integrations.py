@@ -7,13 +7,43 @@ import integration_cases as cases
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_transformers_llama_matches_single_process(rank_pool, world):
-    losses = rank_pool(world).run(cases.llama_matches_single_process, "zigzag", 8 * world, timeout=180)
-    assert len(set(losses)) == 1  # every rank saw the same summed loss
+    results = rank_pool(world).run(cases.model_matches_single_process, "llama", "zigzag", 8 * world,
+                                   timeout=180)
+    assert len(set(loss for loss, _ in results)) == 1  # every rank saw the same summed loss
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_transformers_sliding_window_matches_single_process(rank_pool, world, layout, family):
+    """Sliding-window layers (every layer, or mixed with full layers by layer_types) equal the
+    eager model; with contiguous shards of 8 tokens a window-5 layer needs one hop only."""
+    results = rank_pool(world).run(cases.model_matches_single_process, family, layout, 8 * world,
+                                   timeout=180)
+    assert len(set(loss for loss, _ in results)) == 1
+    if family == "mistral" and layout == "contiguous":
+        assert {steps for _, steps in results} == {2}
+
+
+@pytest.mark.parametrize("family,layout,world", [("llama", "zigzag", 2), ("llama", "contiguous", 3),
+                                                 ("mistral", "zigzag", 4), ("qwen3", "striped", 2),
+                                                 ("mistral", "packed", 3)])
+def test_transformers_packed_documents_match_each_alone(rank_pool, family, layout, world):
+    """Packed rows (position_ids restarting at 0): documents of lengths 1 to 23, one longer than
+    a rank's share, never see each other."""
+    losses = rank_pool(world).run(cases.packed_matches_documents, family, layout, (7, 1, 23, 2, 9),
+                                  timeout=180)
+    assert len(set(losses)) == 1
+
+
+def test_transformers_packed_disagreement_raises_everywhere(rank_pool):
+    messages = rank_pool(3).run(cases.packed_disagreement_raises)
+    assert len(set(messages)) == 1  # the same message on every rank
 
 
 def test_transformers_llama_ulysses_allgather(rank_pool):
     """A 2 x 2 grid: Ulysses over heads, the all-gather of K/V over the ring group."""
-    losses = rank_pool(4).run(cases.llama_matches_single_process, "zigzag", 32, 2, "allgather",
+    losses = rank_pool(4).run(cases.model_matches_single_process, "llama", "zigzag", 32, 2, "allgather",
                               timeout=180)
     assert len(set(losses)) == 1
 

@@ -13,7 +13,7 @@ import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import assert_close, random_packed, reference, seed_of, sequence_visible
 
-LAYOUTS = ["contiguous", "zigzag", "striped"]
+LAYOUTS = ["contiguous", "zigzag", "striped", "packed"]
 
 
 def local_varlen(world, layout, cu, q, k, v, dout, **kwargs):
@@ -118,6 +118,49 @@ def test_varlen_matches_reference(world, layout, causal, window):
             assert torch.equal(g, torch.zeros_like(g))
 
 
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (300, 0))],
+                         ids=["causal", "full", "cwin"])
+def test_long_packed_batch_every_layout(causal, window):
+    """A packed batch of 1 to ~1500-token documents (one longer than a rank's share) at world 3,
+    every layout, forward and backward against the float64 reference."""
+    rng = random.Random(seed_of("long-packed", causal, window))
+    seqlens = [1, rng.randint(900, 1500), 7, rng.randint(2, 97), 1, rng.randint(100, 400)]
+    cu, q, k, v, dout = random_packed(rng.randint(0, 1 << 30), seqlens, 2, 1, 16, torch.float64)
+    expected = reference(q, k, v, dout, sequence_visible(seqlens, causal, window))
+    for layout in LAYOUTS:
+        got = local_varlen(3, layout, cu, q, k, v, dout, causal=causal, window_size=window)[0]
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+            assert_close(a, b, f"{layout} {name} (seqlens {seqlens})")
+
+
+def packed_stats(seqlens, world, causal):
+    """last_ring_stats() of a LocalRing forward, then of its backward, over the packed layout."""
+    cu, q, k, v, _ = random_packed(seed_of("packed-stats", seqlens), seqlens, 2, 1, 8, torch.float64)
+    ring = LocalRing(world)
+    shards = [[t.requires_grad_() for t in ring.shard_varlen(x, cu, layout="packed")] for x in (q, k, v)]
+    outs = ring.ring_attn_varlen_func(*shards, cu, layout="packed", causal=causal)
+    forward = ra.last_ring_stats()
+    torch.stack(outs).sum().backward()
+    return forward, ra.last_ring_stats()
+
+
+def test_packed_layout_makes_only_needed_hops():
+    """Packed layout on 4 ranks: documents that never cross a rank boundary need no hop at all
+    (one step, every rank one block); a document crossing one boundary needs one step more (the
+    ring makes one K/V hop per rank forward, one K/V and one dK/dV hop backward); one document
+    over every rank needs the whole causal ring (zigzag would have made it too)."""
+    world = 4  # 10 tokens per rank below
+    fwd, bwd = packed_stats([3, 7, 10, 1, 9, 5, 5], world, causal=True)
+    assert fwd == {"steps": 1, "blocks_computed": world, "exchanges_posted": 0}
+    assert bwd == {"steps": 1, "blocks_computed": world, "exchanges_posted": 0}
+    fwd, bwd = packed_stats([3, 7, 10, 4, 12, 4], world, causal=True)  # [24, 36) crosses 30
+    assert fwd == {"steps": 2, "blocks_computed": world + 1, "exchanges_posted": world}
+    assert bwd == {"steps": 2, "blocks_computed": world + 1, "exchanges_posted": 2 * world}
+    fwd, _ = packed_stats([40], world, causal=True)
+    assert fwd == {"steps": world, "blocks_computed": world * (world + 1) // 2,
+                   "exchanges_posted": world * (world - 1)}
+
+
 def test_varlen_shard_balances_tokens():
     """Every rank gets the same number of tokens; unshard_varlen(shard_varlen(x)) == x."""
     cu = torch.tensor([0, 1, 8, 9, 40], dtype=torch.int32)
@@ -185,7 +228,8 @@ def test_bad_cu_seqlens_raises_on_every_rank(rank_pool, kind):
 
 
 @pytest.mark.parametrize("world,layout,causal,window", [
-    (2, "zigzag", True, (-1, -1)), (3, "contiguous", True, (5, 0)), (4, "striped", False, (3, 3))])
+    (2, "zigzag", True, (-1, -1)), (3, "contiguous", True, (5, 0)), (4, "striped", False, (3, 3)),
+    (3, "packed", True, (-1, -1)), (4, "packed", False, (4, 2))])
 def test_varlen_gloo_ring_equals_local_ring(rank_pool, world, layout, causal, window):
     """The gloo ring and LocalRing agree bit for bit on packed sequences with windows."""
     from ring_cases import varlen_ring_results

@@ -180,7 +180,7 @@ std::string validate_local(const RingCall& call) {
   }
   Layout layout;
   if (!parse_layout(call.layout, &layout)) {
-    return "unknown layout '" + call.layout + "' (expected 'contiguous', 'zigzag' or 'striped')";
+    return "unknown layout '" + call.layout + "' (expected 'contiguous', 'zigzag', 'striped' or 'packed')";
   }
   std::string len_error = check_local_len(layout, q.size(1));
   if (!len_error.empty()) return len_error;

@@ -2,6 +2,8 @@
 //   contiguous: rank r holds [r*L, (r+1)*L)
 //   zigzag    : 2*world equal chunks of C = L/2; rank r holds chunk r then chunk 2*world-1-r
 //   striped   : rank r holds r, r+world, r+2*world, ...
+//   packed    : as contiguous for one sequence; packed sequences are not split one by one but as
+//               one stream (see below), so short sequences stay on one rank
 // In every layout a rank's positions increase along its local sequence.
 #pragma once
 
@@ -12,9 +14,9 @@
 
 namespace ring_attn {
 
-enum class Layout : int { kContiguous = 0, kZigzag = 1, kStriped = 2 };
+enum class Layout : int { kContiguous = 0, kZigzag = 1, kStriped = 2, kPacked = 3 };
 
-// Parses "contiguous" | "zigzag" | "striped"; false for anything else.
+// Parses "contiguous" | "zigzag" | "striped" | "packed"; false for anything else.
 bool parse_layout(const std::string& name, Layout* out);
 const char* layout_name(Layout layout);
 
@@ -28,6 +30,7 @@ RA_HD int64_t layout_position(Layout layout, int rank, int world, int64_t local_
     case Layout::kStriped:
       return rank + i * world;
     case Layout::kContiguous:
+    case Layout::kPacked:
     default:
       return rank * local_len + i;
   }
@@ -44,6 +47,10 @@ std::string check_local_len(Layout layout, int64_t local_len);
 // P_i / world tokens of every sequence, in order, split inside the sequence by the layout. A
 // token's position is its offset in the padded packed stream: sequence i occupies
 // [S_i, S_i + P_i) with S_i = sum of P_j for j < i, its real tokens [S_i, S_i + n_i).
+// The packed layout instead splits the packed stream itself: N = cu_seqlens[num_seqs] tokens
+// padded at the end to world * L, L = ceil(N / world); rank r holds positions [r*L, (r+1)*L), a
+// token's position is its index in the packed batch, sequence i is [cu_seqlens[i],
+// cu_seqlens[i+1]) and the pads are [N, world * L).
 int64_t layout_parts(Layout layout, int world);
 int64_t varlen_local_len(Layout layout, int world, const int32_t* cu_seqlens, int64_t num_seqs);
 
