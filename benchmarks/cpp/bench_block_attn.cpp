@@ -4,7 +4,9 @@
 // (query, key) pairs (L*L, or L*(L+1)/2 causal).
 // With -c 1 the results are checked against a float64 reference computed here (all rows for
 // L <= 512, else 64 sampled rows/key columns); the exit status is 1 on a mismatch.
+// --dtype bfloat16: bf16 q, k, v, dout with fp32 out, lse and gradients (the kernels' contract).
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -58,7 +60,8 @@ std::vector<int64_t> sample(int64_t n) {
   return s;
 }
 
-template <typename T>
+// T: the dtype of q, k, v, dout; Acc: of out, lse, delta and the gradients.
+template <typename T, typename Acc>
 Result run_len(const bench::Options& opt, int64_t L) {
   const int64_t B = opt.batch, H = opt.heads, Hkv = opt.nheads_kv(), D = opt.headdim;
   const int64_t G = H / Hkv;
@@ -69,18 +72,20 @@ Result run_len(const bench::Options& opt, int64_t L) {
   std::normal_distribution<double> nd(0.0, 1.0);
   auto randn = [&](int64_t n) {
     std::vector<T> x(static_cast<size_t>(n));
-    for (auto& e : x) e = static_cast<T>(nd(rng));
+    for (auto& e : x) e = static_cast<T>(static_cast<Acc>(nd(rng)));
     return x;
   };
   // q, dout, out: (B, L, H, D); k, v, dk, dv: (B, L, Hkv, D); lse, delta: (B, H, L)
   std::vector<T> q = randn(B * L * H * D), k = randn(B * L * Hkv * D), v = randn(B * L * Hkv * D),
                  dout = randn(B * L * H * D);
-  std::vector<T> out(B * L * H * D), lse(B * H * L), delta(B * H * L);
-  std::vector<T> dq(B * L * H * D), dk(B * L * Hkv * D), dv(B * L * Hkv * D);
+  std::vector<Acc> out(B * L * H * D), lse(B * H * L), delta(B * H * L);
+  std::vector<Acc> dq(B * L * H * D), dk(B * L * Hkv * D), dv(B * L * Hkv * D);
   std::vector<int32_t> pos(static_cast<size_t>(L));
   for (int64_t i = 0; i < L; ++i) pos[i] = static_cast<int32_t>(i);
 
-  const DType dt = std::is_same<T, float>::value ? DType::kFloat32 : DType::kFloat64;
+  const DType dt = std::is_same<T, double>::value     ? DType::kFloat64
+                   : std::is_same<T, c10::BFloat16>::value ? DType::kBFloat16
+                                                         : DType::kFloat32;
   const BlockShape shape{static_cast<int>(B), static_cast<int>(L), static_cast<int>(L),
                          static_cast<int>(H), static_cast<int>(Hkv), static_cast<int>(D)};
   const Strides sq{L * H * D, H * D, D}, skv{L * Hkv * D, Hkv * D, D};
@@ -99,8 +104,8 @@ Result run_len(const bench::Options& opt, int64_t L) {
   fp.lse = lse.data(); fp.lse_batch_stride = H * L; fp.lse_head_stride = L;
 
   auto reset_state = [&] {
-    std::fill(out.begin(), out.end(), T(0));
-    std::fill(lse.begin(), lse.end(), static_cast<T>(ninf));
+    std::fill(out.begin(), out.end(), Acc(0));
+    std::fill(lse.begin(), lse.end(), static_cast<Acc>(ninf));
   };
   const double fwd_ms = time_ms(opt, [&] { cpu::block_attn_fwd(fp); }, reset_state);
   reset_state();
@@ -113,7 +118,7 @@ Result run_len(const bench::Options& opt, int64_t L) {
         double s = 0;
         const int64_t o = ((b * L + i) * H + h) * D;
         for (int64_t c = 0; c < D; ++c) s += double(dout[o + c]) * double(out[o + c]);
-        delta[(b * H + h) * L + i] = static_cast<T>(s);
+        delta[(b * H + h) * L + i] = static_cast<Acc>(s);
       }
 
   BlockBwdParams bp{};
@@ -130,9 +135,9 @@ Result run_len(const bench::Options& opt, int64_t L) {
   bp.dq_strides = sq; bp.dk_strides = skv; bp.dv_strides = skv;
 
   auto reset_grads = [&] {
-    std::fill(dq.begin(), dq.end(), T(0));
-    std::fill(dk.begin(), dk.end(), T(0));
-    std::fill(dv.begin(), dv.end(), T(0));
+    std::fill(dq.begin(), dq.end(), Acc(0));
+    std::fill(dk.begin(), dk.end(), Acc(0));
+    std::fill(dv.begin(), dv.end(), Acc(0));
   };
   const double bwd_ms =
       opt.run_bwd ? time_ms(opt, [&] { cpu::block_attn_bwd(bp); }, reset_grads) : 0.0;
@@ -152,7 +157,7 @@ Result run_len(const bench::Options& opt, int64_t L) {
   // reference takes the kernel's inputs lse and delta as given (that is its contract).
   auto qv = [&](int64_t b, int64_t i, int64_t h) { return &q[((b * L + i) * H + h) * D]; };
   auto dov = [&](int64_t b, int64_t i, int64_t h) { return &dout[((b * L + i) * H + h) * D]; };
-  auto kvp = [&](const std::vector<T>& x, int64_t b, int64_t j, int64_t hk) {
+  auto kvp = [&](const auto& x, int64_t b, int64_t j, int64_t hk) {
     return &x[((b * L + j) * Hkv + hk) * D];
   };
   auto dot = [&](const T* a, const T* b) {
@@ -185,7 +190,7 @@ Result run_len(const bench::Options& opt, int64_t L) {
           for (int64_t c = 0; c < D; ++c) o[c] += e * double(vj[c]);
         }
         const double lse_ref = l > 0 ? m + std::log(l) : ninf;
-        const T* oo = &out[((b * L + i) * H + h) * D];
+        const Acc* oo = &out[((b * L + i) * H + h) * D];
         for (int64_t c = 0; c < D; ++c) {
           const double ref = l > 0 ? o[c] / l : 0.0;
           err_o = std::max(err_o, std::abs(double(oo[c]) - ref));
@@ -206,7 +211,7 @@ Result run_len(const bench::Options& opt, int64_t L) {
             for (int64_t c = 0; c < D; ++c) g[c] += scale * pij * (dpij - di) * double(kj[c]);
           }
         }
-        const T* dqi = &dq[((b * L + i) * H + h) * D];
+        const Acc* dqi = &dq[((b * L + i) * H + h) * D];
         for (int64_t c = 0; c < D; ++c) {
           err_dq = std::max(err_dq, std::abs(double(dqi[c]) - g[c]));
           ref_dq = std::max(ref_dq, std::abs(g[c]));
@@ -235,8 +240,8 @@ Result run_len(const bench::Options& opt, int64_t L) {
               gk[c] += scale * dsij * double(qi[c]);
             }
           }
-        const T* dkj = kvp(dk, b, j, hk);
-        const T* dvj = kvp(dv, b, j, hk);
+        const Acc* dkj = kvp(dk, b, j, hk);
+        const Acc* dvj = kvp(dv, b, j, hk);
         for (int64_t c = 0; c < D; ++c) {
           err_dk = std::max(err_dk, std::abs(double(dkj[c]) - gk[c]));
           ref_dk = std::max(ref_dk, std::abs(gk[c]));
@@ -247,10 +252,13 @@ Result run_len(const bench::Options& opt, int64_t L) {
   auto rel = [](double e, double r) { return e / std::max(r, 1e-12); };
   r.max_err = std::max({rel(err_o, ref_o), err_lse, rel(err_dq, ref_dq), rel(err_dk, ref_dk),
                         rel(err_dv, ref_dv)});
-  for (const std::vector<T>* x : {&out, &dq, &dk, &dv})
-    for (const T e : *x)
+  for (const std::vector<Acc>* x : {&out, &dq, &dk, &dv})
+    for (const Acc e : *x)
       if (!std::isfinite(e)) r.max_err = std::numeric_limits<double>::quiet_NaN();
-  const double tol = std::is_same<T, float>::value ? 2e-4 : 1e-10;
+  // bf16: the kernels round P and dS to bf16 for their products.
+  const double tol = std::is_same<T, double>::value ? 1e-10
+                     : std::is_same<T, float>::value ? 2e-4
+                                                     : 2e-2;
   r.checked = true;
   r.ok = r.max_err <= tol;  // false for NaN
   return r;
@@ -274,7 +282,9 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   bool all_ok = true;
   for (int64_t L : opt.lengths()) {
-    const Result r = opt.dtype == "float64" ? run_len<double>(opt, L) : run_len<float>(opt, L);
+    const Result r = opt.dtype == "float64"    ? run_len<double, double>(opt, L)
+                     : opt.dtype == "bfloat16" ? run_len<c10::BFloat16, float>(opt, L)
+                                               : run_len<float, float>(opt, L);
     results.push_back(r);
     all_ok &= r.ok;
     std::printf("%10lld %12.3f %12.2f %12.3f %12.2f %12.3e %8s\n", static_cast<long long>(r.len),

@@ -3,7 +3,7 @@
 //                                                         N accepts K/M suffixes, 1K = 1024)
 //   -n/--iters N    -w/--warmup N   -c/--check 0|1
 //   -d/--headdim D  -H/--heads H    -K/--kv-heads HKV   -B/--batch B
-//   --causal 0|1    --dtype float32|float64             -t/--threads T
+//   --causal 0|1    --dtype float32|float64|bfloat16    -t/--threads T
 //   --clock wall|cpu (cpu: process CPU time, steadier on a loaded machine at 1 thread)
 //   --stat median|min  --fwd-only 0|1
 //   --json PATH     -h/--help
@@ -93,7 +93,7 @@ inline void print_usage(const char* prog, const char* extra = nullptr) {
       "  -K, --kv-heads HKV   key/value heads (0: = heads)                 [0]\n"
       "  -B, --batch B        batch size                                   [1]\n"
       "      --causal 0|1     causal mask                                  [0]\n"
-      "      --dtype T        float32 | float64                            [float32]\n"
+      "      --dtype T        float32 | float64 | bfloat16                 [float32]\n"
       "  -t, --threads T      intra-op threads (0: runtime default)        [0]\n"
       "      --clock C        wall | cpu (process CPU time)                [wall]\n"
       "      --stat S         median | min over the timed iterations       [median]\n"
@@ -147,8 +147,9 @@ inline Options parse(int argc, char** argv, Unknown&& unknown, const char* extra
       o.causal = std::atoi(need()) != 0;
     } else if (a == "--dtype") {
       o.dtype = need();
-      if (o.dtype != "float32" && o.dtype != "float64") {
-        std::fprintf(stderr, "--dtype must be float32 or float64, got %s\n", o.dtype.c_str());
+      if (o.dtype != "float32" && o.dtype != "float64" && o.dtype != "bfloat16") {
+        std::fprintf(stderr, "--dtype must be float32, float64 or bfloat16, got %s\n",
+                     o.dtype.c_str());
         std::exit(2);
       }
     } else if (a == "-t" || a == "--threads") {

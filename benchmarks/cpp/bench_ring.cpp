@@ -296,6 +296,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--world must be >= 1\n");
     return 2;
   }
+  if (opt.dtype == "bfloat16") {
+    std::fprintf(stderr, "bench_ring: --dtype must be float32 or float64\n");
+    return 2;
+  }
   if (opt.threads > 0) at::set_num_threads(opt.threads);
   const at::ScalarType dtype = opt.dtype == "float64" ? at::kDouble : at::kFloat;
   const double tolerance = dtype == at::kDouble ? 1e-10 : 2e-4;

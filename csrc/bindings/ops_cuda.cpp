@@ -8,7 +8,7 @@
 //   _cuda_block_fwd(<block_fwd's arguments>, bool merge) -> ()
 //                                  block_fwd with the fused merge switchable off (merge = False
 //                                  ignores the incoming state: plain attention of the block), to time
-//                                  what the merge costs (scripts/bench_cuda.py).
+//                                  what the merge costs (benchmarks/kernels/bench_cuda.py).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

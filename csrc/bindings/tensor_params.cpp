@@ -89,8 +89,8 @@ static const int32_t* segments_of(const at::Tensor& q_seg, int64_t len) {
 }
 
 // The fields the forward and backward params share: q, k, v and their strides...
-template <typename Params>
-static void set_qkv(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+static void set_qkv(BlockParams& p, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -100,8 +100,7 @@ static void set_qkv(Params& p, const at::Tensor& q, const at::Tensor& k, const a
 }
 
 // ... and the mask (positions, packed sequences' ranges), scale and fp32 precision.
-template <typename Params>
-static void set_mask(Params& p, const at::Tensor& q_pos, const at::Tensor& k_pos,
+static void set_mask(BlockParams& p, const at::Tensor& q_pos, const at::Tensor& k_pos,
                      const at::Tensor& q_seg, const MaskSpec& mask, double softmax_scale) {
   p.q_pos = q_pos.data_ptr<int32_t>();
   p.k_pos = k_pos.data_ptr<int32_t>();

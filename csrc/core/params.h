@@ -38,9 +38,11 @@ struct BlockShape {
   int headdim;
 };
 
-struct BlockFwdParams {
+// What the forward and the backward of a block share: the shape, q, k, v and the mask (as
+// FlashAttention's Qkv_params under Flash_fwd_params / Flash_bwd_params).
+struct BlockParams {
   BlockShape shape;
-  DType dtype;  // of q, k, v
+  DType dtype;  // of q, k, v (and dout)
   const void* q;
   const void* k;
   const void* v;
@@ -53,6 +55,9 @@ struct BlockFwdParams {
   MaskSpec mask;
   double softmax_scale;
   Fp32Precision fp32_precision = Fp32Precision::kHighest;
+};
+
+struct BlockFwdParams : BlockParams {
   // Running state, read and written: out_acc (batch, seqlen_q, nheads, headdim) normalised output,
   // lse (batch, nheads, seqlen_q) with unit stride on seq. Start: out_acc = 0, lse = -inf.
   void* out_acc;
@@ -62,20 +67,9 @@ struct BlockFwdParams {
   int64_t lse_head_stride;
 };
 
-struct BlockBwdParams {
-  BlockShape shape;
-  DType dtype;  // of q, k, v, dout
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* dout;  // (batch, seqlen_q, nheads, headdim)
-  Strides q_strides, k_strides, v_strides, dout_strides;
-  const int32_t* q_pos;
-  const int32_t* k_pos;
-  const int32_t* q_seg;  // as in BlockFwdParams
-  MaskSpec mask;
-  double softmax_scale;
-  Fp32Precision fp32_precision = Fp32Precision::kHighest;
+struct BlockBwdParams : BlockParams {
+  const void* dout;  // (batch, seqlen_q, nheads, headdim), dtype
+  Strides dout_strides;
   // Final lse and delta = rowsum(dout * out), both (batch, nheads, seqlen_q) accumulator type.
   const void* lse;
   const void* delta;

@@ -35,13 +35,14 @@ namespace cuda {
 // that its p = exp(s - lse) = 0.
 RA_DEV float lse_exp2_unit(float lse) { return lse == neg_inf_f() ? pos_inf_f() : lse * kLog2eF; }
 
-template <typename Kt, bool kDeterministic>
+template <typename Traits, bool kDeterministic>
 RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
-  constexpr bool kBF16 = Kt::kBF16;
-  constexpr int kD = Kt::kHeadDim, kBM = Kt::kBlockM, kBN = Kt::kBlockN, kNT = Kt::kNThreads;
-  constexpr int kStride = Kt::kStride, kStrideP = Kt::kStrideP, kStrideDq = Kt::kStrideDq;
-  constexpr int kSdpMt = Kt::kSdpMTiles, kSdpRows = 16 * kSdpMt;
-  constexpr int kDkvCols = Kt::kDkvCols, kDqMt = Kt::kDqMTiles, kDqCols = Kt::kDqCols;
+  constexpr bool kBF16 = Traits::kBF16;
+  constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kNT = Traits::kNThreads, kStride = Traits::kStride;
+  constexpr int kStrideP = Traits::kStrideP, kStrideDq = Traits::kStrideDq;
+  constexpr int kSdpMt = Traits::kSdpMTiles, kSdpRows = 16 * kSdpMt;
+  constexpr int kDkvCols = Traits::kDkvCols, kDqMt = Traits::kDqMTiles, kDqCols = Traits::kDqCols;
 
   using QCopy = TileCopy<kBM, kD, kStride, kNT>;   // query rows (Q, dO)
   using KvCopy = TileCopy<kBN, kD, kStride, kNT>;  // key rows (K, V)
@@ -58,18 +59,18 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
   const float scale = static_cast<float>(p.softmax_scale);
   const float exp2_mul = scale * kLog2eF;  // p = exp2(s exp2_mul - lse log2(e))
 
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + Kt::kOffK);
-  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + Kt::kOffV);
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Kt::kOffQ);  // stage s at + s * kTileBytes
-  uint16_t* sdO = reinterpret_cast<uint16_t*>(smem + Kt::kOffDo);
-  uint16_t* sP = reinterpret_cast<uint16_t*>(smem + Kt::kOffP);
-  uint16_t* sdS = reinterpret_cast<uint16_t*>(smem + Kt::kOffDs);
-  float* sDq = reinterpret_cast<float*>(smem + Kt::kOffDq);  // in place of P and dS
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + Traits::kOffK);
+  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + Traits::kOffV);
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Traits::kOffQ);  // stage s at + s * kTileBytes
+  uint16_t* sdO = reinterpret_cast<uint16_t*>(smem + Traits::kOffDo);
+  uint16_t* sP = reinterpret_cast<uint16_t*>(smem + Traits::kOffP);
+  uint16_t* sdS = reinterpret_cast<uint16_t*>(smem + Traits::kOffDs);
+  float* sDq = reinterpret_cast<float*>(smem + Traits::kOffDq);  // in place of P and dS
   // Row data of stage s at + s * kRowWords: lse, delta, q_pos [kBM], q_seg [kBM][2].
-  int32_t* sRowData = reinterpret_cast<int32_t*>(smem + Kt::kOffRowData);
-  int32_t* sKpos = reinterpret_cast<int32_t*>(smem + Kt::kOffKpos);
-  uint16_t* sTable = reinterpret_cast<uint16_t*>(smem + Kt::kOffTable);
-  int32_t* scratch = reinterpret_cast<int32_t*>(smem + Kt::kOffScratch);
+  int32_t* sRowData = reinterpret_cast<int32_t*>(smem + Traits::kOffRowData);
+  int32_t* sKpos = reinterpret_cast<int32_t*>(smem + Traits::kOffKpos);
+  uint16_t* sTable = reinterpret_cast<uint16_t*>(smem + Traits::kOffTable);
+  int32_t* scratch = reinterpret_cast<int32_t*>(smem + Traits::kOffScratch);
 
   // The CTA's keys: K and V, their positions and range.
   const uint16_t* gK = static_cast<const uint16_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
@@ -83,9 +84,10 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
 
   // Warp layouts (kernel_traits.cuh): S/dP rows sm0.. x keys sn0..; dK/dV keys kn0.. x columns
   // kc0..; dQ rows qm0.. x columns qc0...
-  const int sm0 = (warp % Kt::kSdpWarpsM) * kSdpRows, sn0 = (warp / Kt::kSdpWarpsM) * 32;
-  const int kn0 = (warp % Kt::kDkvWarpsN) * 32, kc0 = (warp / Kt::kDkvWarpsN) * kDkvCols;
-  const int qm0 = (warp % Kt::kDqWarpsM) * 16 * kDqMt, qc0 = (warp / Kt::kDqWarpsM) * kDqCols;
+  const int sm0 = (warp % Traits::kSdpWarpsM) * kSdpRows, sn0 = (warp / Traits::kSdpWarpsM) * 32;
+  const int kn0 = (warp % Traits::kDkvWarpsN) * 32, kc0 = (warp / Traits::kDkvWarpsN) * kDkvCols;
+  const int qm0 = (warp % Traits::kDqWarpsM) * 16 * kDqMt;
+  const int qc0 = (warp / Traits::kDqWarpsM) * kDqCols;
 
   float dk[2][kDkvCols / 8][4], dv[2][kDkvCols / 8][4];
   zero(dk);
@@ -110,7 +112,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
     static_assert(kNT == 4 * kBM, "row data: a thread per word of lse, delta, q_pos, q_seg");
     // Q and the row data of stage m0 into buffers qb / sb; dO apart.
     auto issue_q = [&](int m0, int qb, int sb) {
-      uint16_t* tQ = sQ + qb * Kt::kTileBytes / 2;
+      uint16_t* tQ = sQ + qb * Traits::kTileBytes / 2;
       if (m0 + kBM <= Sq) {
         QCopy::issue(tQ, gQ + m0 * p.q_strides.row, p.q_strides.row, d, tid);
       } else {
@@ -118,7 +120,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
       }
       const int part = tid / kBM, row = m0 + tid % kBM;
       const bool in = row < Sq;
-      int32_t* dst = sRowData + sb * Kt::kRowWords + tid;
+      int32_t* dst = sRowData + sb * Traits::kRowWords + tid;
       if (part < 3) {
         const int32_t* src = part == 0   ? reinterpret_cast<const int32_t*>(gL)
                              : part == 1 ? reinterpret_cast<const int32_t*>(gD)
@@ -163,12 +165,12 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
         auto first_row = [&](int j) { return (w0 + entry_tile(sTable[j])) * kBM; };
         const int m0 = first_row(i);
         const bool partial = entry_partial(sTable[i]);
-        const int sb = i & 1, qb = Kt::kQStages == 2 ? sb : 0;
-        if (Kt::kQStages == 2 && i + 1 < n) {
+        const int sb = i & 1, qb = Traits::kQStages == 2 ? sb : 0;
+        if (Traits::kQStages == 2 && i + 1 < n) {
           issue_q(first_row(i + 1), qb ^ 1, sb ^ 1);
           cp_async_commit();
         }
-        const uint16_t* tQ = sQ + qb * Kt::kTileBytes / 2;
+        const uint16_t* tQ = sQ + qb * Traits::kTileBytes / 2;
 
         // S = Q K^T and dP = dO V^T: rows sm0.. (queries) x keys sn0.. of this warp.
         float s[kSdpMt][4][4], dp[kSdpMt][4][4];
@@ -179,7 +181,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
 
         // P and dS = scale P (dP - delta), in place; 0 where a partial stage's row does not see a
         // key (kMasked: the mask is evaluated at all).
-        const int32_t* rows = sRowData + sb * Kt::kRowWords;
+        const int32_t* rows = sRowData + sb * Traits::kRowWords;
         auto p_and_ds = [&]<bool kMasked>() {
           RA_UNROLL
           for (int mt = 0; mt < kSdpMt; ++mt) {
@@ -231,13 +233,13 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
         }
         sync_threads();  // every warp is done with P, dS, dO (and a single-buffered Q)
         if (i + 1 < n) {
-          if (Kt::kQStages == 1) issue_q(first_row(i + 1), 0, sb ^ 1);
+          if (Traits::kQStages == 1) issue_q(first_row(i + 1), 0, sb ^ 1);
           issue_do(first_row(i + 1));
           cp_async_commit();
         }
 
         if constexpr (!kDeterministic) {
-          if constexpr (Kt::kDqStaging) {
+          if constexpr (Traits::kDqStaging) {
             RA_UNROLL
             for (int mt = 0; mt < kDqMt; ++mt) {
               RA_UNROLL

@@ -20,11 +20,12 @@
 namespace ring_attn {
 namespace cuda {
 
-template <typename Kt>
+template <typename Traits>
 RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem) {
-  constexpr bool kBF16 = Kt::kBF16;
-  constexpr int kD = Kt::kHeadDim, kBM = Kt::kBlockM, kBN = Kt::kBlockN, kStride = Kt::kStride;
-  constexpr int kNT = Kt::kNThreads;
+  constexpr bool kBF16 = Traits::kBF16;
+  constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kStride = Traits::kStride;
+  constexpr int kNT = Traits::kNThreads;
   constexpr int kNbS = kBN / 8;   // n-blocks of a score row (keys)
   constexpr int kKcD = kD / 16;   // k-chunks over the head dim (S, dP)
   constexpr int kNbO = kD / 8;    // n-blocks of a dQ row (head dim)
@@ -40,14 +41,15 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem) {
   const float scale = static_cast<float>(p.softmax_scale);
   const float exp2_mul = scale * kLog2eF;  // p = exp2(s exp2_mul - lse log2(e))
 
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Kt::kOffQ);
-  uint16_t* sdO = reinterpret_cast<uint16_t*>(smem + Kt::kOffDo);
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + Kt::kOffK);  // stage s at + s * kBN * kStride
-  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + Kt::kOffV);
-  int32_t* sKpos = reinterpret_cast<int32_t*>(smem + Kt::kOffKpos);  // stage s at + s * kBN
-  PositionRange32* sRows = reinterpret_cast<PositionRange32*>(smem + Kt::kOffRows);
-  uint16_t* sTable = reinterpret_cast<uint16_t*>(smem + Kt::kOffTable);
-  int32_t* scratch = reinterpret_cast<int32_t*>(smem + Kt::kOffScratch);
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Traits::kOffQ);
+  uint16_t* sdO = reinterpret_cast<uint16_t*>(smem + Traits::kOffDo);
+  // stage s at + s * kBN * kStride
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + Traits::kOffK);
+  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + Traits::kOffV);
+  int32_t* sKpos = reinterpret_cast<int32_t*>(smem + Traits::kOffKpos);  // stage s at + s * kBN
+  PositionRange32* sRows = reinterpret_cast<PositionRange32*>(smem + Traits::kOffRows);
+  uint16_t* sTable = reinterpret_cast<uint16_t*>(smem + Traits::kOffTable);
+  int32_t* scratch = reinterpret_cast<int32_t*>(smem + Traits::kOffScratch);
 
   const uint16_t* gQ = static_cast<const uint16_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
   const uint16_t* gdO =

@@ -40,11 +40,12 @@ struct FwdConsts {
   float mask_mul;     // applied to the scores by the mask pass (1 when the scale is folded)
 };
 
-template <typename Kt>
+template <typename Traits>
 RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
-  constexpr bool kBF16 = Kt::kBF16;
-  constexpr int kD = Kt::kHeadDim, kBM = Kt::kBlockM, kBN = Kt::kBlockN, kStride = Kt::kStride;
-  constexpr int kNT = Kt::kNThreads, kMT = Kt::kMTiles;
+  constexpr bool kBF16 = Traits::kBF16;
+  constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kStride = Traits::kStride;
+  constexpr int kNT = Traits::kNThreads, kMT = Traits::kMTiles;
   constexpr int kNbS = kBN / 8;   // n-blocks of a score row (keys)
   constexpr int kKcQK = kD / 16;  // k-chunks of Q K^T (head dim)
   constexpr int kNbO = kD / 8;    // n-blocks of an output row (head dim)
@@ -68,17 +69,18 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
   const float mask_mul = fold_scale ? 1.f : scale;
   const float exp2_mul = score_unit * kLog2eF;
 
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Kt::kOffQ);
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + Kt::kOffK);  // stage s at + s * kBN * kStride
-  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + Kt::kOffV);
-  int32_t* sKpos = reinterpret_cast<int32_t*>(smem + Kt::kOffKpos);  // stage s at + s * kBN
-  PositionRange32* sRows = reinterpret_cast<PositionRange32*>(smem + Kt::kOffRows);
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Traits::kOffQ);
+  // stage s at + s * kBN * kStride
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + Traits::kOffK);
+  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + Traits::kOffV);
+  int32_t* sKpos = reinterpret_cast<int32_t*>(smem + Traits::kOffKpos);  // stage s at + s * kBN
+  PositionRange32* sRows = reinterpret_cast<PositionRange32*>(smem + Traits::kOffRows);
   // This thread's softmax state, index 2 mt + r: l (summed per lane: the quad's sum is taken at
   // the end) and m.
-  float* sL = reinterpret_cast<float*>(smem + Kt::kOffRowState) + tid * 4 * kMT;
+  float* sL = reinterpret_cast<float*>(smem + Traits::kOffRowState) + tid * 4 * kMT;
   float* sM = sL + 2 * kMT;
-  uint16_t* sTable = reinterpret_cast<uint16_t*>(smem + Kt::kOffTable);
-  int32_t* scratch = reinterpret_cast<int32_t*>(smem + Kt::kOffScratch);
+  uint16_t* sTable = reinterpret_cast<uint16_t*>(smem + Traits::kOffTable);
+  int32_t* scratch = reinterpret_cast<int32_t*>(smem + Traits::kOffScratch);
 
   const uint16_t* gQ = static_cast<const uint16_t*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
   const uint16_t* gK = static_cast<const uint16_t*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
@@ -92,15 +94,15 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
       cta_row_bounds<kNT>(p.mask, p.q_pos, p.q_seg, q0, kBM, Sq, sRows, scratch, tid);
 
   static_assert(kBN <= kNT, "one key position per thread");
-  FwdConsts* sConsts = reinterpret_cast<FwdConsts*>(smem + Kt::kOffConsts);
+  FwdConsts* sConsts = reinterpret_cast<FwdConsts*>(smem + Traits::kOffConsts);
   if (tid == 0) *sConsts = FwdConsts{gK, gV, mask_mul};  // read after build_key_tiles' barriers
   // Copy of the tile of table entry `e` into stage `stage`, and its keys' positions.
   auto issue_tile = [&](int w0, uint16_t e, int stage) {
     // kConstsInSmem: the bases from shared memory and the thread index read again, so that no
     // register holds them across the main loop (kernel_traits.cuh)
-    const uint16_t* k_base = Kt::kConstsInSmem ? sConsts->k : gK;
-    const uint16_t* v_base = Kt::kConstsInSmem ? sConsts->v : gV;
-    const int ct = Kt::kConstsInSmem ? thread_idx_reread() : tid;
+    const uint16_t* k_base = Traits::kConstsInSmem ? sConsts->k : gK;
+    const uint16_t* v_base = Traits::kConstsInSmem ? sConsts->v : gV;
+    const int ct = Traits::kConstsInSmem ? thread_idx_reread() : tid;
     const int k0 = (w0 + entry_tile(e)) * kBN;
     uint16_t* tK = sK + stage * kBN * kStride;
     uint16_t* tV = sV + stage * kBN * kStride;
@@ -122,7 +124,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
   const int row0 = 16 * kMT * warp;  // in the CTA's tile
   OnlineRow<float> st[kMT][2];
   float acc[kMT][kNbO][4];
-  uint32_t qf[Kt::kQInRegs ? kMT : 1][kKcQK][4];
+  uint32_t qf[Traits::kQInRegs ? kMT : 1][kKcQK][4];
   bool started = false;
 
   const int ntiles = (Sk + kBN - 1) / kBN;
@@ -160,7 +162,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
       const uint16_t e = sTable[i];
       const int stage = i & 1;
       if (i + 1 < n) issue_tile(w0, sTable[i + 1], stage ^ 1);
-      if constexpr (Kt::kQInRegs) {
+      if constexpr (Traits::kQInRegs) {
         if (!started) {
           RA_UNROLL
           for (int mt = 0; mt < kMT; ++mt) {
@@ -176,13 +178,13 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
       auto tile = [&]<bool kMasked>() {
         // kRederivePlace: this thread's lane and rows derived again rather than held across the
         // main loop (kernel_traits.cuh); the names shadow the kernel's
-        const int me = Kt::kRederivePlace ? thread_idx_reread() : tid, lane = me % 32;
+        const int me = Traits::kRederivePlace ? thread_idx_reread() : tid, lane = me % 32;
         const int row0 = 16 * kMT * (me / 32), g = lane / 4, t4 = lane % 4;
         const uint16_t* tK = sK + stage * kBN * kStride;
         const uint16_t* tV = sV + stage * kBN * kStride;
         float s[kMT][kNbS][4];
         zero(s);
-        if constexpr (Kt::kQInRegs) {
+        if constexpr (Traits::kQInRegs) {
           warp_gemm_reg_a<kBF16, kMT, kNbS, kKcQK, false, kStride>(s, qf, tK, 0, 0, lane);
         } else {
           warp_gemm<kBF16, kMT, kNbS, kKcQK, false, kStride, false, kStride>(s, sQ, row0, 0, tK, 0,
@@ -193,7 +195,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
           // so only the rows' bounds stay in registers.
           const int k0 = (w0 + entry_tile(e)) * kBN;
           const int32_t* kpos = sKpos + stage * kBN;
-          const float mul = Kt::kConstsInSmem ? sConsts->mask_mul : mask_mul;
+          const float mul = Traits::kConstsInSmem ? sConsts->mask_mul : mask_mul;
           PositionRange32 seen[kMT][2];
           RA_UNROLL
           for (int mt = 0; mt < kMT; ++mt) {

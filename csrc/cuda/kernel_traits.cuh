@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "core/rounding.h"
 
 namespace ring_attn {
 namespace cuda {
@@ -17,30 +18,43 @@ namespace cuda {
 // Entries of a per-CTA tile table (tile_table.cuh) built at a time: a window of this many tiles.
 constexpr int kTableTiles = 1024;
 
-constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
+constexpr int align16(int bytes) { return round_up(bytes, 16); }
+
+// What every kernel's traits have: the compiled (dtype, head-dim bucket), the CTA's warps, the
+// row pitch of the 16-bit tiles in shared memory, and the sizes of the regions every kernel
+// keeps (the tile table and the CTA reduction scratch). The derived traits name these with
+// `using Base::...` (FlashAttention's Flash_kernel_traits pattern).
+template <bool kBF16_, int kHeadDim_, int kNWarps_>
+struct KernelTraitsBase {
+  static constexpr bool kBF16 = kBF16_;
+  static constexpr int kHeadDim = kHeadDim_;  // compiled bucket; the real head dim is <= this
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = 32 * kNWarps;
+  static constexpr int kStride = kHeadDim + 8;
+  static constexpr int kTableBytes = align16(kTableTiles * 2);
+  static constexpr int kScratchBytes = align16(4 * (5 * kNWarps + 1));
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket");
+};
 
 // Forward (block_fwd_body): one CTA per (query tile of kBlockM rows, head, batch), 4 warps of
 // kMTiles m-tiles of 16 rows, so that each K/V fragment read from shared memory feeds kMTiles MMAs.
 // K/V tiles of kBlockN keys are double buffered.
 template <bool kBF16_, int kHeadDim_>
-struct FwdTraits {
-  static constexpr bool kBF16 = kBF16_;
-  static constexpr int kHeadDim = kHeadDim_;  // compiled bucket; the real head dim is <= this
-  static constexpr int kNWarps = 4;
-  static constexpr int kNThreads = 32 * kNWarps;
+struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
+  using Base = KernelTraitsBase<kBF16_, kHeadDim_, 4>;
+  using Base::kHeadDim, Base::kNWarps, Base::kNThreads, Base::kStride;
   // 32 rows per warp, except at d = 256 where the output accumulator (16 x 256 fp32 per m-tile)
   // leaves registers for one m-tile only.
   static constexpr int kMTiles = kHeadDim > 128 ? 1 : 2;
   static constexpr int kBlockM = 16 * kMTiles * kNWarps;
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : (kHeadDim <= 128 ? 64 : 32);
-  static constexpr int kStride = kHeadDim + 8;
   // Q as MMA fragments in registers for the whole kernel (else re-read from smem per key tile).
   static constexpr bool kQInRegs = kHeadDim <= 32;
   // Register pressure: the S and O accumulators take 192 of a thread's 255 registers at d = 64 and
   // 128, so the main loop keeps few values across tiles. kConstsInSmem: the K/V base pointers and
   // the mask's multiplier wait in shared memory (fwd_kernel.cuh FwdConsts) and the copies derive
   // their places from the thread index read again; kRederivePlace: each tile derives the thread's
-  // lane and rows again. Chosen per bucket so that no main loop spills (scripts/sass_budget.py).
+  // lane and rows again. Chosen per bucket so that no main loop spills (benchmarks/kernels/sass_budget.py).
   static constexpr bool kConstsInSmem = kHeadDim <= 64;
   static constexpr bool kRederivePlace = kHeadDim == 64 || kHeadDim == 128;
   // Q; K and V, two stages each; the key positions of a tile, two stages; the rows' bounds; each
@@ -54,10 +68,9 @@ struct FwdTraits {
   static constexpr int kOffRows = kOffKpos + 2 * align16(kBlockN * 4);
   static constexpr int kOffRowState = kOffRows + align16(kBlockM * 8);
   static constexpr int kOffTable = kOffRowState + align16(kNThreads * 4 * kMTiles * 4);
-  static constexpr int kOffScratch = kOffTable + align16(kTableTiles * 2);
-  static constexpr int kOffConsts = kOffScratch + align16(4 * (5 * kNWarps + 1));
+  static constexpr int kOffScratch = kOffTable + Base::kTableBytes;
+  static constexpr int kOffConsts = kOffScratch + Base::kScratchBytes;
   static constexpr int kSmemBytes = kOffConsts + 32;
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket");
 };
 
 // Backward (block_bwd_body): one CTA per (key tile of kBlockN keys, head, batch), 8 warps; query
@@ -72,14 +85,11 @@ struct FwdTraits {
 // vector reductions) takes the place of P and dS once dQ has been computed, and at d = 256 there is
 // none (dQ is reduced from registers).
 template <bool kBF16_, int kHeadDim_>
-struct BwdTraits {
-  static constexpr bool kBF16 = kBF16_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kNWarps = 8;
-  static constexpr int kNThreads = 32 * kNWarps;
+struct BwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 8> {
+  using Base = KernelTraitsBase<kBF16_, kHeadDim_, 8>;
+  using Base::kHeadDim, Base::kNWarps, Base::kNThreads, Base::kStride;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per CTA
   static constexpr int kBlockM = 64;                          // query rows per stage
-  static constexpr int kStride = kHeadDim + 8;
   static constexpr int kStrideP = kBlockN + 8;    // P, dS (queries x keys)
   static constexpr int kStrideDq = kHeadDim + 8;  // dQ staging, fp32
   static constexpr int kQStages = kHeadDim <= 128 ? 2 : 1;
@@ -107,9 +117,8 @@ struct BwdTraits {
   static constexpr int kOffRowData = kOffDs + kPBytes;
   static constexpr int kOffKpos = kOffRowData + align16(2 * kRowWords * 4);
   static constexpr int kOffTable = kOffKpos + align16(kBlockN * 4);
-  static constexpr int kOffScratch = kOffTable + align16(kTableTiles * 2);
-  static constexpr int kSmemBytes = kOffScratch + align16(4 * (5 * kNWarps + 1));
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket");
+  static constexpr int kOffScratch = kOffTable + Base::kTableBytes;
+  static constexpr int kSmemBytes = kOffScratch + Base::kScratchBytes;
   static_assert(kSdpMTiles >= 1 && kDqMTiles >= 1, "warp layout");
   static_assert(kDkvCols % 16 == 0 && kDqCols % 16 == 0, "warp column slices of 16");
   static_assert(!kDqStaging || kBlockM * kStrideDq * 4 <= 2 * kPBytes, "dQ staging size");
@@ -118,14 +127,11 @@ struct BwdTraits {
 // Deterministic dQ (block_dq_body): one CTA per (query tile of kBlockM rows, head, batch), 4 warps
 // of 16 rows; K/V tiles of kBlockN keys, double buffered.
 template <bool kBF16_, int kHeadDim_>
-struct DqTraits {
-  static constexpr bool kBF16 = kBF16_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kNWarps = 4;
-  static constexpr int kNThreads = 32 * kNWarps;
+struct DqTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
+  using Base = KernelTraitsBase<kBF16_, kHeadDim_, 4>;
+  using Base::kHeadDim, Base::kNWarps, Base::kStride;
   static constexpr int kBlockM = 16 * kNWarps;
   static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;
-  static constexpr int kStride = kHeadDim + 8;
   // Q, dO; K and V, two stages each; key positions of a partial tile, two stages; the rows' bounds;
   // the tile table; scratch.
   static constexpr int kOffQ = 0;
@@ -135,9 +141,8 @@ struct DqTraits {
   static constexpr int kOffKpos = kOffV + 2 * align16(kBlockN * kStride * 2);
   static constexpr int kOffRows = kOffKpos + 2 * align16(kBlockN * 4);
   static constexpr int kOffTable = kOffRows + align16(kBlockM * 8);
-  static constexpr int kOffScratch = kOffTable + align16(kTableTiles * 2);
-  static constexpr int kSmemBytes = kOffScratch + align16(4 * (5 * kNWarps + 1));
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket");
+  static constexpr int kOffScratch = kOffTable + Base::kTableBytes;
+  static constexpr int kSmemBytes = kOffScratch + Base::kScratchBytes;
 };
 
 }  // namespace cuda

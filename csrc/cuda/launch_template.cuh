@@ -11,22 +11,22 @@
 namespace ring_attn {
 namespace cuda {
 
-template <typename Kt>
-__global__ void __launch_bounds__(Kt::kNThreads, 1) block_fwd_kernel(const FwdArgs args) {
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) block_fwd_kernel(const FwdArgs args) {
   extern __shared__ __align__(16) char smem[];
-  block_fwd_body<Kt>(args, smem);
+  block_fwd_body<Traits>(args, smem);
 }
 
-template <typename Kt, bool kDeterministic>
-__global__ void __launch_bounds__(Kt::kNThreads, 1) block_bwd_kernel(const BlockBwdParams p) {
+template <typename Traits, bool kDeterministic>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) block_bwd_kernel(const BlockBwdParams p) {
   extern __shared__ __align__(16) char smem[];
-  block_bwd_body<Kt, kDeterministic>(p, smem);
+  block_bwd_body<Traits, kDeterministic>(p, smem);
 }
 
-template <typename Kt>
-__global__ void __launch_bounds__(Kt::kNThreads, 1) block_dq_kernel(const BlockBwdParams p) {
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) block_dq_kernel(const BlockBwdParams p) {
   extern __shared__ __align__(16) char smem[];
-  block_dq_body<Kt>(p, smem);
+  block_dq_body<Traits>(p, smem);
 }
 
 template <typename Kernel>
@@ -37,12 +37,12 @@ cudaError_t set_smem(Kernel kernel, int bytes) {
 
 template <bool kBF16, int kHeadDim>
 cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream) {
-  using Kt = FwdTraits<kBF16, kHeadDim>;
+  using Traits = FwdTraits<kBF16, kHeadDim>;
   const BlockShape& s = args.p.shape;
-  const dim3 grid((s.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM, s.nheads, s.batch);
-  cudaError_t err = set_smem(block_fwd_kernel<Kt>, Kt::kSmemBytes);
+  const dim3 grid(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch);
+  cudaError_t err = set_smem(block_fwd_kernel<Traits>, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  block_fwd_kernel<Kt><<<grid, Kt::kNThreads, Kt::kSmemBytes, stream>>>(args);
+  block_fwd_kernel<Traits><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -50,26 +50,27 @@ cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream) {
 // tile, K/V head, batch), then the dQ kernel, one CTA per (query tile, head, batch).
 template <bool kBF16, int kHeadDim>
 cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
-  using Kt = BwdTraits<kBF16, kHeadDim>;
+  using Traits = BwdTraits<kBF16, kHeadDim>;
   const BlockShape& s = p.shape;
-  const dim3 grid((s.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN,
-                  p.deterministic ? s.nheads_kv : s.nheads, s.batch);
+  const dim3 grid(cdiv(s.seqlen_k, Traits::kBlockN), p.deterministic ? s.nheads_kv : s.nheads,
+                  s.batch);
   if (!p.deterministic) {
-    cudaError_t err = set_smem(block_bwd_kernel<Kt, false>, Kt::kSmemBytes);
+    cudaError_t err = set_smem(block_bwd_kernel<Traits, false>, Traits::kSmemBytes);
     if (err != cudaSuccess) return err;
-    block_bwd_kernel<Kt, false><<<grid, Kt::kNThreads, Kt::kSmemBytes, stream>>>(p);
+    block_bwd_kernel<Traits, false><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
     return cudaGetLastError();
   }
-  cudaError_t err = set_smem(block_bwd_kernel<Kt, true>, Kt::kSmemBytes);
+  cudaError_t err = set_smem(block_bwd_kernel<Traits, true>, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  block_bwd_kernel<Kt, true><<<grid, Kt::kNThreads, Kt::kSmemBytes, stream>>>(p);
+  block_bwd_kernel<Traits, true><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  using Dt = DqTraits<kBF16, kHeadDim>;
-  const dim3 dq_grid((s.seqlen_q + Dt::kBlockM - 1) / Dt::kBlockM, s.nheads, s.batch);
-  err = set_smem(block_dq_kernel<Dt>, Dt::kSmemBytes);
+  using DqKernelTraits = DqTraits<kBF16, kHeadDim>;
+  const dim3 dq_grid(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch);
+  err = set_smem(block_dq_kernel<DqKernelTraits>, DqKernelTraits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  block_dq_kernel<Dt><<<dq_grid, Dt::kNThreads, Dt::kSmemBytes, stream>>>(p);
+  block_dq_kernel<DqKernelTraits>
+      <<<dq_grid, DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

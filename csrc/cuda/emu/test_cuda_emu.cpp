@@ -193,9 +193,9 @@ void run_fwd(const FwdArgs& a) {
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
   DTYPE_SWITCH(a.p.dtype, kBF16, [&] {
     HEADDIM_SWITCH(s.headdim, kD, [&] {
-      using Kt = FwdTraits<kBF16, kD>;
-      emu::launch((s.seqlen_q + Kt::kBlockM - 1) / Kt::kBlockM, s.nheads, s.batch, Kt::kNThreads,
-                  Kt::kSmemBytes, [&](char* smem) { block_fwd_body<Kt>(a, smem); });
+      using Traits = FwdTraits<kBF16, kD>;
+      emu::launch(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch, Traits::kNThreads,
+                  Traits::kSmemBytes, [&](char* smem) { block_fwd_body<Traits>(a, smem); });
     });
   });
 }
@@ -206,20 +206,20 @@ void run_bwd(const BlockBwdParams& p) {
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
   DTYPE_SWITCH(p.dtype, kBF16, [&] {
     HEADDIM_SWITCH(s.headdim, kD, [&] {
-      using Kt = BwdTraits<kBF16, kD>;
-      emu::launch((s.seqlen_k + Kt::kBlockN - 1) / Kt::kBlockN,
-                  p.deterministic ? s.nheads_kv : s.nheads, s.batch, Kt::kNThreads,
-                  Kt::kSmemBytes, [&](char* smem) {
+      using Traits = BwdTraits<kBF16, kD>;
+      emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), p.deterministic ? s.nheads_kv : s.nheads,
+                  s.batch, Traits::kNThreads, Traits::kSmemBytes, [&](char* smem) {
                     if (p.deterministic) {
-                      block_bwd_body<Kt, true>(p, smem);
+                      block_bwd_body<Traits, true>(p, smem);
                     } else {
-                      block_bwd_body<Kt, false>(p, smem);
+                      block_bwd_body<Traits, false>(p, smem);
                     }
                   });
       if (!p.deterministic) return;
-      using Dt = DqTraits<kBF16, kD>;
-      emu::launch((s.seqlen_q + Dt::kBlockM - 1) / Dt::kBlockM, s.nheads, s.batch, Dt::kNThreads,
-                  Dt::kSmemBytes, [&](char* smem) { block_dq_body<Dt>(p, smem); });
+      using DqKernelTraits = DqTraits<kBF16, kD>;
+      emu::launch(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch,
+                  DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes,
+                  [&](char* smem) { block_dq_body<DqKernelTraits>(p, smem); });
     });
   });
 }
