@@ -89,13 +89,17 @@ def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange=
     return total.item(), ra.last_ring_stats()["steps"]
 
 
-def packed_matches_documents(family, layout, lengths):
+def packed_matches_documents(family, layout, lengths, ulysses=1, kv_exchange="ring"):
     """One packed row of documents (position_ids restarting at 0) through shard_inputs, the ring
     model and unshard_outputs against every document run alone through the eager model: logits
-    at every real token, the summed loss over ranks and the parameter gradients."""
+    at every real token, the summed loss over ranks and the parameter gradients. ulysses > 1:
+    over a ulysses x (world / ulysses) grid (ring_cases.grid_groups)."""
     from ring_attention.integrations import transformers as ra_hf
+    from ring_cases import grid_groups
     rank, world = rank_and_world()
-    ra_hf.register(layout=layout)
+    group, ulysses_group = grid_groups(ulysses, world // ulysses) if ulysses > 1 else (None, None)
+    grid = dict(group=group, layout=layout, ulysses_group=ulysses_group)
+    ra_hf.register(kv_exchange=kv_exchange, **grid)
     reference_model, ring_model = _model_pair(family, ra_hf.ATTN_IMPLEMENTATION)
 
     g = torch.Generator().manual_seed(seed_of("packed", family, world, layout, lengths))
@@ -109,12 +113,12 @@ def packed_matches_documents(family, layout, lengths):
 
     input_ids = torch.cat(docs, dim=1)
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    ids, pos, labels = ra_hf.shard_inputs(input_ids, position_ids, input_ids, layout=layout)
+    ids, pos, labels = ra_hf.shard_inputs(input_ids, position_ids, input_ids, **grid)
     logits = ring_model(input_ids=ids, position_ids=pos, use_cache=False).logits
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
     loss.backward()
 
-    full = ra_hf.unshard_outputs(logits.detach(), position_ids, layout=layout)
+    full = ra_hf.unshard_outputs(logits.detach(), position_ids, **grid)
     torch.testing.assert_close(full, torch.cat(logits_ref, dim=1), **FP32_TOL)
     total = loss.detach().clone()
     dist.all_reduce(total)

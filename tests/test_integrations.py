@@ -41,6 +41,13 @@ def test_transformers_packed_disagreement_raises_everywhere(rank_pool):
     assert len(set(messages)) == 1  # the same message on every rank
 
 
+def test_transformers_packed_documents_on_a_ulysses_grid(rank_pool):
+    """Packed documents on a 2 x 2 grid: Ulysses over heads, the all-gather over the ring group."""
+    losses = rank_pool(4).run(cases.packed_matches_documents, "llama", "zigzag", (7, 1, 23, 2, 9), 2,
+                              "allgather", timeout=180)
+    assert len(set(losses)) == 1
+
+
 def test_transformers_llama_ulysses_allgather(rank_pool):
     """A 2 x 2 grid: Ulysses over heads, the all-gather of K/V over the ring group."""
     losses = rank_pool(4).run(cases.model_matches_single_process, "llama", "zigzag", 32, 2, "allgather",
