@@ -16,8 +16,7 @@ import torch.distributed as dist
 
 from . import _group
 from .layouts import _check_cu_seqlens, varlen_positions
-
-KV_EXCHANGES = ("ring", "allgather")
+from .strategies import KV_EXCHANGES
 _COUNTS = threading.local()
 _MESSAGE_BYTES = 384
 

@@ -154,25 +154,26 @@ def packed_disagreement_raises():
 class _AttentionBlock(torch.nn.Module):
     """A projection, ring attention and an output projection: what a compiled model contains."""
 
-    def __init__(self, layout, varlen):
+    def __init__(self, layout, varlen, kv_exchange="ring"):
         super().__init__()
         torch.manual_seed(0)
         self.proj = torch.nn.Linear(16, 16, dtype=torch.float64)
-        self.layout, self.varlen = layout, varlen
+        self.layout, self.varlen, self.kv_exchange = layout, varlen, kv_exchange
 
     def forward(self, q, k, v, cu_seqlens=None):
+        kw = dict(causal=True, layout=self.layout, kv_exchange=self.kv_exchange)
         if self.varlen:
-            out = ra.ring_attn_varlen_func(self.proj(q), k, v, cu_seqlens, causal=True, layout=self.layout)
+            out = ra.ring_attn_varlen_func(self.proj(q), k, v, cu_seqlens, **kw)
         else:
-            out = ra.ring_attn_func(self.proj(q), k, v, causal=True, window_size=(9, 0), layout=self.layout)
+            out = ra.ring_attn_func(self.proj(q), k, v, window_size=(9, 0), **kw)
         return self.proj(out).tanh()
 
 
-def compiled_matches_eager(layout, varlen):
+def compiled_matches_eager(layout, varlen, kv_exchange="ring"):
     """torch.compile(fullgraph=True) of a module calling the ring equals eager, forward and backward."""
     rank, world = rank_and_world()
     torch._dynamo.reset()
-    module = _AttentionBlock(layout, varlen)
+    module = _AttentionBlock(layout, varlen, kv_exchange)
     if varlen:
         cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32)
         g = torch.Generator().manual_seed(1)

@@ -61,6 +61,12 @@ def test_torch_compile_fullgraph_matches_eager(rank_pool, layout, varlen):
     assert all(rank_pool(2).run(cases.compiled_matches_eager, layout, varlen, timeout=300))
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_torch_compile_fullgraph_allgather(rank_pool, varlen):
+    assert all(rank_pool(2).run(cases.compiled_matches_eager, "zigzag", varlen, "allgather",
+                                timeout=300))
+
+
 def test_device_mesh_dp_times_cp(rank_pool):
     assert sorted(rank_pool(4).run(cases.mesh_data_and_context_parallel)) == [0, 0, 1, 1]
 
