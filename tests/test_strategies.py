@@ -63,7 +63,8 @@ def test_allgather_agrees_with_ring(rank_pool, world, layout, causal):
 
 
 @pytest.mark.parametrize("world,layout,causal,window", [
-    (2, "zigzag", True, (-1, -1)), (3, "contiguous", True, (5, 0)), (4, "striped", False, (3, 3))])
+    (2, "zigzag", True, (-1, -1)), (3, "contiguous", True, (5, 0)), (4, "striped", False, (3, 3)),
+    (3, "packed", True, (-1, -1)), (2, "packed", False, (4, 0))])
 def test_allgather_packed_sequences(rank_pool, world, layout, causal, window):
     """Packed sequences with windows: LocalRing's all-gather against the float64 reference, and
     the gloo all-gather against LocalRing's."""
@@ -155,6 +156,8 @@ def ulysses_params():
             ((2, 2), "zigzag", True, (-1, -1), "ring", torch.float64, 4, 4, 1, None),
             ((2, 2), "striped", False, (2, 3), "allgather", torch.float32, 5, 6, 2, None),
             ((2, 2), "contiguous", True, (-1, -1), "allgather", torch.float64, 1, 4, 2, [9, 2, 4]),
+            ((2, 2), "packed", True, (-1, -1), "ring", torch.float64, 1, 4, 2, [9, 2, 4]),
+            ((2, 1), "packed", True, (3, 0), "allgather", torch.float64, 1, 4, 1, [5, 1, 6]),
             ((1, 4), "zigzag", True, (-1, -1), "ring", torch.float32, 6, 4, 2, None),
             ((1, 4), "contiguous", False, (-1, -1), "allgather", torch.float64, 7, 3, 1, None)]:
         case = dict(ulysses=grid[0], ring=grid[1], layout=layout, causal=causal, window=window,
