@@ -72,21 +72,8 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem) {
 
   static_assert(kBN <= kNT, "one key position per thread");
   auto issue_tile = [&](int w0, uint16_t e, int stage) {
-    const int k0 = (w0 + entry_tile(e)) * kBN;
-    uint16_t* tK = sK + stage * kBN * kStride;
-    uint16_t* tV = sV + stage * kBN * kStride;
-    if (k0 + kBN <= Sk) {
-      KvCopy::issue(tK, gK + k0 * p.k_strides.row, p.k_strides.row, d, tid);
-      KvCopy::issue(tV, gV + k0 * p.v_strides.row, p.v_strides.row, d, tid);
-    } else {
-      KvCopy::template issue<true>(tK, gK + k0 * p.k_strides.row, p.k_strides.row, d, tid, Sk - k0);
-      KvCopy::template issue<true>(tV, gV + k0 * p.v_strides.row, p.v_strides.row, d, tid, Sk - k0);
-    }
-    if (tid < kBN) {  // key positions (read by partial tiles only; copied for all, no branch)
-      const bool in = k0 + tid < Sk;
-      cp_async_4(sKpos + stage * kBN + tid, p.k_pos + (in ? k0 + tid : 0), in);
-    }
-    cp_async_commit();
+    KvCopy::issue_key_tile(sK + stage * kBN * kStride, sV + stage * kBN * kStride,
+                           sKpos + stage * kBN, gK, gV, p, (w0 + entry_tile(e)) * kBN, Sk, d, tid);
   };
 
   // This thread's rows: warp*16 + g (r = 0) and + 8 (r = 1) of the tile. A row out of range or

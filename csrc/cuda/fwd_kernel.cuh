@@ -103,21 +103,9 @@ RA_DEV void block_fwd_body(const FwdArgs& args, char* smem) {
     const uint16_t* k_base = Traits::kConstsInSmem ? sConsts->k : gK;
     const uint16_t* v_base = Traits::kConstsInSmem ? sConsts->v : gV;
     const int ct = Traits::kConstsInSmem ? thread_idx_reread() : tid;
-    const int k0 = (w0 + entry_tile(e)) * kBN;
-    uint16_t* tK = sK + stage * kBN * kStride;
-    uint16_t* tV = sV + stage * kBN * kStride;
-    if (k0 + kBN <= Sk) {
-      KvCopy::issue(tK, k_base + k0 * p.k_strides.row, p.k_strides.row, d, ct);
-      KvCopy::issue(tV, v_base + k0 * p.v_strides.row, p.v_strides.row, d, ct);
-    } else {
-      KvCopy::template issue<true>(tK, k_base + k0 * p.k_strides.row, p.k_strides.row, d, ct, Sk - k0);
-      KvCopy::template issue<true>(tV, v_base + k0 * p.v_strides.row, p.v_strides.row, d, ct, Sk - k0);
-    }
-    if (ct < kBN) {  // key positions (read by partial tiles only; copied for all, no branch)
-      const bool in = k0 + ct < Sk;
-      cp_async_4(sKpos + stage * kBN + ct, p.k_pos + (in ? k0 + ct : 0), in);
-    }
-    cp_async_commit();
+    KvCopy::issue_key_tile(sK + stage * kBN * kStride, sV + stage * kBN * kStride,
+                           sKpos + stage * kBN, k_base, v_base, p, (w0 + entry_tile(e)) * kBN, Sk,
+                           d, ct);
   };
 
   // This thread's rows are, per m-tile mt, row0 + 16 mt + g (r = 0) and + 8 (r = 1).

@@ -46,6 +46,29 @@ struct TileCopy {
       src += kRowStep * row_stride;
     }
   }
+
+  // One key tile into a pipeline stage, as the forward and the deterministic dQ kernel load it:
+  // K and V rows [k0, k0 + kRows) (rows past sk zero-filled) into tk and tv, and their positions
+  // into tk_pos (thread t < kRows copies position k0 + t; a row past sk copies position 0, which
+  // only a partial tile, masked, could read). Commits one cp.async group. p: the kernel's
+  // arguments (k_strides, v_strides, k_pos).
+  template <class Args>
+  RA_DEV static void issue_key_tile(uint16_t* tk, uint16_t* tv, int32_t* tk_pos,
+                                    const uint16_t* k_base, const uint16_t* v_base, const Args& p,
+                                    int k0, int sk, int d, int tid) {
+    if (k0 + kRows <= sk) {
+      issue(tk, k_base + k0 * p.k_strides.row, p.k_strides.row, d, tid);
+      issue(tv, v_base + k0 * p.v_strides.row, p.v_strides.row, d, tid);
+    } else {
+      issue<true>(tk, k_base + k0 * p.k_strides.row, p.k_strides.row, d, tid, sk - k0);
+      issue<true>(tv, v_base + k0 * p.v_strides.row, p.v_strides.row, d, tid, sk - k0);
+    }
+    if (tid < kRows) {  // key positions (read by partial tiles only; copied for all, no branch)
+      const bool in = k0 + tid < sk;
+      cp_async_4(tk_pos + tid, p.k_pos + (in ? k0 + tid : 0), in);
+    }
+    cp_async_commit();
+  }
 };
 
 // Adds a kRows x d fp32 smem tile (pitch kPitch floats) into global rows: four columns per
