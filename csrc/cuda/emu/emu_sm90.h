@@ -20,8 +20,8 @@
 // wgmma never waited for.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
-#include <limits>
 
 #include "cuda/emu/emu_runtime.h"
 #include "cuda/sm90_layout.h"
@@ -87,8 +87,11 @@ inline TensorMap make_tensor_map_2d(const void* base, int elem_bytes, int64_t in
   if (swizzle == TmaSwizzle::k128B && box_inner * elem_bytes != 128) {
     fail("tensor map: a 128-byte swizzled box row must be 128 bytes");
   }
-  return TensorMap{static_cast<const char*>(base), elem_bytes, {inner, outer}, row_stride_bytes,
-                   {box_inner, box_outer},         swizzle};
+  TensorMap t{
+      static_cast<const char*>(base), elem_bytes, {inner, outer}, row_stride_bytes, {}, swizzle};
+  t.box[0] = box_inner;
+  t.box[1] = box_outer;
+  return t;
 }
 
 // ---- mbarriers ---------------------------------------------------------------------------------
@@ -273,6 +276,9 @@ inline void wgmma_run(const WgmmaOp& op, size_t group, size_t index) {
   const int w = lt / 32, g = (lt % 32) / 4, q = lt % 4;
   for (int x = wg0; x < wg0 + 128; ++x) {
     const Thread& o = *cta.threads[x];
+    if (o.wgmma_committed[group].size() != t.wgmma_committed[group].size()) {
+      fail("the threads of a warpgroup commit different numbers of wgmma operations");
+    }
     const WgmmaOp& p = o.wgmma_committed[group][index];
     if (p.n != op.n || p.bf16 != op.bf16 || p.a_in_regs != op.a_in_regs || p.desc_b != op.desc_b ||
         p.trans_b != op.trans_b ||
@@ -306,6 +312,7 @@ inline void wgmma_run(const WgmmaOp& op, size_t group, size_t index) {
 
 inline void wgmma_wait(int n) {
   Thread& t = *tls;
+  if (t.cta->threads.size() % 128 != 0) fail("wgmma in a CTA that is not whole warpgroups");
   std::barrier<>& wg = *t.cta->warpgroups[t.tid / 128];
   wg.arrive_and_wait();  // every thread of the warpgroup has issued what it waits for
   const size_t groups = t.wgmma_committed.size();
