@@ -8,6 +8,8 @@
 //   alignment and shared-memory bounds;
 //   shared memory starts filled with 0xFF bytes (NaN as bf16/fp16/fp32), so reading what nobody
 //   wrote shows up as NaN.
+// The sm_90a instructions (wgmma, TMA, mbarriers, named barriers) are emulated in emu_sm90.h on the
+// per-CTA and per-thread state declared here.
 // A violation prints a message and aborts. This tests index math, masking, merging and
 // synchronisation structure; it says nothing about speed, and real-hardware races that the
 // emulated timing does not hit are left to compute-sanitizer on a GPU (scripts/gpu_check.sh).
@@ -16,11 +18,16 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -47,15 +54,64 @@ struct Warp {
   uint64_t slot[2][32][8];
 };
 
+// An mbarrier (sm_90) in its current phase: arrivals still expected, transaction bytes still
+// expected (may run negative while loads complete before their expect_tx) and the TMA loads that
+// complete on it, deferred until a thread waits for the barrier.
+struct Mbarrier {
+  struct Load {
+    std::function<void()> copy;
+    int64_t bytes;
+  };
+  int count = 0;
+  int pending = 0;
+  int64_t tx = 0;
+  int phase = 0;
+  bool async_visible = false;  // a fence.proxy.async followed the init
+  std::vector<Load> loads;
+};
+
+// A named barrier (bar.sync / bar.arrive): threads arrived in the current generation.
+struct NamedBarrier {
+  int expected = 0;
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Thread;
+
 struct Cta {
   explicit Cta(int nthreads) : bar(nthreads) {
     for (int w = 0; w < nthreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+    for (int g = 0; g < nthreads / 128; ++g) {
+      warpgroups.push_back(std::make_unique<std::barrier<>>(128));
+    }
   }
   std::barrier<> bar;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<std::unique_ptr<std::barrier<>>> warpgroups;
   int block[3] = {0, 0, 0};
   char* smem = nullptr;
   size_t smem_bytes = 0;
+  // sm_90a state. async_view: shared memory as the async proxy (wgmma operand reads) sees it: TMA
+  // loads write both views, generic stores reach it at a fence.proxy.async.
+  std::vector<char> async_view;
+  std::mutex sm90_mutex;  // guards everything below and async_view
+  std::condition_variable sm90_cv;
+  std::map<uintptr_t, Mbarrier> mbarriers;  // by shared-memory offset
+  NamedBarrier named[16];
+  std::vector<Thread*> threads;  // by thread index, for the warpgroup-collective wgmma
+};
+
+// One wgmma.mma_async of a thread, run when its group is waited for.
+struct WgmmaOp {
+  int n;
+  bool bf16;
+  bool a_in_regs;
+  uint64_t desc_a, desc_b;
+  bool trans_a, trans_b;
+  uint32_t a_regs[4];  // the register A operand as issued
+  float* d;
+  bool scale_d;
 };
 
 struct PendingCopy {
@@ -66,11 +122,18 @@ struct PendingCopy {
 };
 
 struct Thread {
-  Cta* cta;
-  int tid;
-  int collectives;  // warp collectives this thread has run (its slot set: the parity)
+  Cta* cta = nullptr;
+  int tid = 0;
+  int collectives = 0;  // warp collectives this thread has run (its slot set: the parity)
   std::vector<std::vector<PendingCopy>> committed;
   std::vector<PendingCopy> open;
+  // wgmma: whether a wgmma.fence came since the last wait, the uncommitted and committed
+  // operations, and the true value of each accumulator an operation in flight writes (the
+  // registers themselves hold NaN until the wait).
+  bool wgmma_fenced = false;
+  std::vector<WgmmaOp> wgmma_open;
+  std::deque<std::vector<WgmmaOp>> wgmma_committed;
+  std::map<float*, std::vector<float>> wgmma_acc;
 };
 
 inline thread_local Thread* tls = nullptr;
@@ -283,17 +346,35 @@ void launch(int gx, int gy, int gz, int nthreads, size_t smem_bytes, Body&& body
         std::memset(base, 0xff, smem_bytes);
         cta.smem = base;
         cta.smem_bytes = smem_bytes;
+        cta.async_view.assign(smem_bytes, static_cast<char>(0xff));
+        cta.threads.assign(nthreads, nullptr);
         std::vector<std::thread> threads;
         for (int tid = 0; tid < nthreads; ++tid) {
           threads.emplace_back([&cta, &body, tid] {
-            Thread t{&cta, tid, 0, {}, {}};
+            Thread t;
+            t.cta = &cta;
+            t.tid = tid;
+            cta.threads[tid] = &t;
             tls = &t;
             body(cta.smem);
             if (!t.open.empty() || !t.committed.empty()) fail("thread exited with cp.async in flight");
+            if (!t.wgmma_open.empty() || !t.wgmma_committed.empty()) {
+              fail("thread exited with wgmma.mma_async not waited for");
+            }
             tls = nullptr;
           });
         }
         for (auto& th : threads) th.join();
+        for (const auto& [offset, mbar] : cta.mbarriers) {
+          if (!mbar.loads.empty()) {
+            fail("CTA exited with a TMA load whose mbarrier nobody waited for");
+          }
+        }
+        for (const NamedBarrier& nb : cta.named) {
+          if (nb.arrived != 0) {
+            fail("CTA exited with threads arrived at an incomplete named barrier");
+          }
+        }
       }
     }
   }
