@@ -38,6 +38,17 @@ def parser(doc: str, *, json_default: str, iters: int = 5, warmup: int = 1) -> a
     return p
 
 
+def add_shape_args(parser, *, seqlen: int, heads: int = 4, headdim: int = 64,
+                   world: int = None) -> None:
+    """--seqlen (tokens of the whole sequence), --heads and --headdim, and --world (ranks) when a
+    default is given."""
+    if world is not None:
+        parser.add_argument("--world", type=int, default=world, help="ranks")
+    parser.add_argument("--seqlen", type=int, default=seqlen, help="tokens of the whole sequence")
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--headdim", type=int, default=headdim)
+
+
 def add_fp32_precision_arg(parser) -> None:
     """--fp32-precision: torch.set_float32_matmul_precision for the run (the CPU kernel follows it
     for float32 inputs: highest = fp32, high = three bf16 planes on AMX, medium = one)."""

@@ -24,6 +24,15 @@ def rank_and_world():
     return 0, 1
 
 
+def ring_param(world, detail, **case):
+    """pytest.param(world, case) for check_ring, with the id
+    w{world}-{layout}-{causal|full}-{dtype}-L{local_len}-h{heads}/{heads_kv}-{detail}."""
+    case.setdefault("memory", "contiguous")
+    case_id = (f"w{world}-{case['layout']}-{'causal' if case['causal'] else 'full'}-"
+               f"{str(case['dtype'])[6:]}-L{case['local_len']}-h{case['heads']}/{case['heads_kv']}")
+    return pytest.param(world, case, id=f"{case_id}-{detail}")
+
+
 def check_ring(case):
     """ring_attn_func forward and backward on this rank's shard against the float64 reference.
 
@@ -62,101 +71,48 @@ SMALL_CASE = dict(layout="contiguous", causal=True, dtype=torch.float32, local_l
                   heads=4, heads_kv=2, headdim=16, scale=None, memory="contiguous")
 
 
-def _bad_q3d(q, k, v, kw):
-    return q[0], k, v, kw
+def _with(**changes):
+    """A change of the call that keeps q, k and v and overrides keyword arguments."""
+    return lambda q, k, v, kw: (q, k, v, {**kw, **changes})
 
 
-def _bad_headdim(q, k, v, kw):
-    return q, k[..., :8], v[..., :8], kw
-
-
-def _bad_heads(q, k, v, kw):
-    return q[:, :, :3], k, v, kw
-
-
-def _bad_dtype_mismatch(q, k, v, kw):
-    return q, k.double(), v, kw
-
-
-def _bad_int_dtype(q, k, v, kw):
-    return q.int(), k.int(), v.int(), kw
-
-
-def _bad_window_negative(q, k, v, kw):
-    return q, k, v, {**kw, "window_size": (-3, -1)}
-
-
-def _bad_window_causal_right(q, k, v, kw):
-    return q, k, v, {**kw, "window_size": (4, 2)}
-
-
-def _bad_window_type(q, k, v, kw):
-    return q, k, v, {**kw, "window_size": 5}
-
-
-def _bad_zigzag_odd(q, k, v, kw):
-    return q[:, :7], k[:, :7], v[:, :7], {**kw, "layout": "zigzag"}
-
-
-def _bad_layout(q, k, v, kw):
-    return q, k, v, {**kw, "layout": "diagonal"}
-
-
-def _other_seqlen(q, k, v, kw):
-    return q[:, :6], k[:, :6], v[:, :6], kw
-
-
-def _other_causal(q, k, v, kw):
-    return q, k, v, {**kw, "causal": False}
-
-
-def _other_layout(q, k, v, kw):
-    return q, k, v, {**kw, "layout": "striped"}
-
-
-def _other_scale(q, k, v, kw):
-    return q, k, v, {**kw, "softmax_scale": 0.5}
-
-
-def _other_dtype(q, k, v, kw):
-    return q.double(), k.double(), v.double(), kw
-
-
-def _other_window(q, k, v, kw):
-    return q, k, v, {**kw, "window_size": (3, 0)}
-
-
-def _bad_kv_exchange(q, k, v, kw):
-    return q, k, v, {**kw, "kv_exchange": "tree"}
-
-
-def _other_kv_exchange(q, k, v, kw):
-    return q, k, v, {**kw, "kv_exchange": "allgather"}
+def _tensors(change):
+    """A change of the call that maps q, k and v by change(q, k, v) and keeps the arguments."""
+    return lambda q, k, v, kw: (*change(q, k, v), kw)
 
 
 # kind: (how the inputs of a "bad" rank change, what the error message must say)
 INVALID_INPUTS = {
-    "q_3d": (_bad_q3d, "must be 4-D"),
-    "headdim_mismatch": (_bad_headdim, "head dimension mismatch: q has 16, k/v have 8"),
+    "q_3d": (_tensors(lambda q, k, v: (q[0], k, v)), "must be 4-D"),
+    "headdim_mismatch": (_tensors(lambda q, k, v: (q, k[..., :8], v[..., :8])),
+                         "head dimension mismatch: q has 16, k/v have 8"),
     "heads_not_divisible": (
-        _bad_heads, "number of query heads (3) must be a multiple of the number of K/V heads (2)"),
-    "dtype_mismatch": (_bad_dtype_mismatch, "q, k and v must have the same dtype"),
-    "int_dtype": (_bad_int_dtype, "dtype Int is not supported on CPU"),
-    "window_negative": (_bad_window_negative, "window_size values must be >= 0, or -1"),
-    "window_causal_right": (_bad_window_causal_right, "with causal=True the right window must be -1 or 0"),
-    "window_not_a_pair": (_bad_window_type, "window_size values must be >= 0, or -1"),
-    "zigzag_odd_length": (_bad_zigzag_odd, "layout 'zigzag' needs an even local sequence length"),
-    "unknown_layout": (_bad_layout, "unknown layout 'diagonal'"),
-    "unknown_kv_exchange": (_bad_kv_exchange, "unknown kv_exchange 'tree'"),
+        _tensors(lambda q, k, v: (q[:, :, :3], k, v)),
+        "number of query heads (3) must be a multiple of the number of K/V heads (2)"),
+    "dtype_mismatch": (_tensors(lambda q, k, v: (q, k.double(), v)),
+                       "q, k and v must have the same dtype"),
+    "int_dtype": (_tensors(lambda q, k, v: (q.int(), k.int(), v.int())),
+                  "dtype Int is not supported on CPU"),
+    "window_negative": (_with(window_size=(-3, -1)), "window_size values must be >= 0, or -1"),
+    "window_causal_right": (_with(window_size=(4, 2)),
+                            "with causal=True the right window must be -1 or 0"),
+    "window_not_a_pair": (_with(window_size=5), "window_size values must be >= 0, or -1"),
+    "zigzag_odd_length": (
+        lambda q, k, v, kw: (q[:, :7], k[:, :7], v[:, :7], {**kw, "layout": "zigzag"}),
+        "layout 'zigzag' needs an even local sequence length"),
+    "unknown_layout": (_with(layout="diagonal"), "unknown layout 'diagonal'"),
+    "unknown_kv_exchange": (_with(kv_exchange="tree"), "unknown kv_exchange 'tree'"),
 }
 DISAGREEMENTS = {
-    "seqlen": (_other_seqlen, "ranks disagree on the local sequence length"),
-    "causal": (_other_causal, "ranks disagree on the causal"),
-    "layout": (_other_layout, "ranks disagree on the layout"),
-    "softmax_scale": (_other_scale, "ranks disagree on the softmax_scale"),
-    "dtype": (_other_dtype, "ranks disagree on the dtype"),
-    "window": (_other_window, "ranks disagree on the window_size[0] (left)"),
-    "kv_exchange": (_other_kv_exchange, "ranks disagree on the kv_exchange"),
+    "seqlen": (_tensors(lambda q, k, v: (q[:, :6], k[:, :6], v[:, :6])),
+               "ranks disagree on the local sequence length"),
+    "causal": (_with(causal=False), "ranks disagree on the causal"),
+    "layout": (_with(layout="striped"), "ranks disagree on the layout"),
+    "softmax_scale": (_with(softmax_scale=0.5), "ranks disagree on the softmax_scale"),
+    "dtype": (_tensors(lambda q, k, v: (q.double(), k.double(), v.double())),
+              "ranks disagree on the dtype"),
+    "window": (_with(window_size=(3, 0)), "ranks disagree on the window_size[0] (left)"),
+    "kv_exchange": (_with(kv_exchange="allgather"), "ranks disagree on the kv_exchange"),
 }
 
 

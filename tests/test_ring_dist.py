@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cases import seed_of
-from ring_cases import check_ring
+from ring_cases import check_ring, ring_param
 
 WORLDS = [1, 2, 3, 4]
 LAYOUTS = ["contiguous", "zigzag", "striped"]
@@ -25,12 +25,9 @@ def ring_params():
             # The shape varies with the case, so that every combination meets several shapes.
             batch, heads, heads_kv, headdim, scale = SHAPES[
                 seed_of(world, layout, causal, str(dtype), local_len) % len(SHAPES)]
-            case = dict(layout=layout, causal=causal, dtype=dtype, local_len=local_len,
-                        batch=batch, heads=heads, heads_kv=heads_kv, headdim=headdim, scale=scale,
-                        memory="contiguous")
-            case_id = (f"w{world}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}"
-                       f"-L{local_len}-h{heads}/{heads_kv}-d{headdim}")
-            params.append(pytest.param(world, case, id=case_id))
+            params.append(ring_param(world, f"d{headdim}", layout=layout, causal=causal,
+                                     dtype=dtype, local_len=local_len, batch=batch, heads=heads,
+                                     heads_kv=heads_kv, headdim=headdim, scale=scale))
     return params
 
 

@@ -12,7 +12,7 @@ import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of
 from ring_cases import (bytes_sent, check_ring, check_ulysses, check_ulysses_rejected,
-                        ring_results, varlen_ring_results)
+                        ring_param, ring_results, varlen_ring_results)
 from test_varlen_window import local_varlen, random_seqlens
 
 LOCAL_LENGTHS = {"contiguous": [1, 7], "striped": [1, 7], "zigzag": [2, 6]}
@@ -29,13 +29,11 @@ def allgather_params():
         if causal and window[1] > 0:
             window = (window[0], 0)
         dtype = torch.float64 if (world + len(layout)) % 2 else torch.float32
-        case = dict(layout=layout, causal=causal, dtype=dtype, local_len=local_len, batch=batch,
-                    heads=heads, heads_kv=heads_kv, headdim=headdim, scale=scale,
-                    memory="contiguous", window=window, kv_exchange="allgather",
-                    deterministic=world % 2 == 0)
-        case_id = (f"w{world}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}"
-                   f"-L{local_len}-h{heads}/{heads_kv}-win{window[0]},{window[1]}")
-        params.append(pytest.param(world, case, id=case_id))
+        params.append(ring_param(world, f"win{window[0]},{window[1]}", layout=layout,
+                                 causal=causal, dtype=dtype, local_len=local_len, batch=batch,
+                                 heads=heads, heads_kv=heads_kv, headdim=headdim, scale=scale,
+                                 window=window, kv_exchange="allgather",
+                                 deterministic=world % 2 == 0))
     return params
 
 

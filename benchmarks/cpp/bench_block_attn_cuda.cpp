@@ -91,6 +91,14 @@ double time_ms(int warmup, int iters, F&& f) {
   return t[t.size() / 2];
 }
 
+// Exits with the kernel's message when a launch returned an error code.
+void exit_on_launch_error(const char* what, int error) {
+  if (error != 0) {
+    std::fprintf(stderr, "%s launch: %s\n", what, cuda::error_string(error));
+    std::exit(1);
+  }
+}
+
 std::vector<int64_t> sample(int64_t n) {
   std::vector<int64_t> s;
   const int64_t m = std::min<int64_t>(n, 24);
@@ -159,11 +167,7 @@ Result run_len(const bench::Options& opt, bool bf16, int64_t L) {
     std::exit(2);
   }
   auto launch_fwd = [&](bool merge) {
-    const int e = cuda::block_fwd(cuda::FwdArgs{fp, merge}, nullptr);
-    if (e != 0) {
-      std::fprintf(stderr, "forward launch: %s\n", cuda::error_string(e));
-      std::exit(1);
-    }
+    exit_on_launch_error("forward", cuda::block_fwd(cuda::FwdArgs{fp, merge}, nullptr));
   };
 
   Result r{};
@@ -186,21 +190,9 @@ Result run_len(const bench::Options& opt, bool bf16, int64_t L) {
       }
   float* d_delta = device_copy(delta);
   BlockBwdParams bp{};
-  bp.shape = fp.shape;
-  bp.dtype = fp.dtype;
-  bp.q = q;
-  bp.k = k;
-  bp.v = v;
+  static_cast<BlockParams&>(bp) = fp;  // shape, q, k, v, positions, mask, scale
   bp.dout = dout;
-  bp.q_strides = sq;
-  bp.k_strides = sk;
-  bp.v_strides = sk;
   bp.dout_strides = sq;
-  bp.q_pos = d_pos;
-  bp.k_pos = d_pos;
-  bp.q_seg = nullptr;
-  bp.mask = fp.mask;
-  bp.softmax_scale = scale;
   bp.lse = lse;
   bp.delta = d_delta;
   bp.row_stat_batch_stride = fp.lse_batch_stride;
@@ -211,13 +203,7 @@ Result run_len(const bench::Options& opt, bool bf16, int64_t L) {
   bp.dq_strides = sq;
   bp.dk_strides = sk;
   bp.dv_strides = sk;
-  auto launch_bwd = [&] {
-    const int e = cuda::block_bwd(bp, nullptr);
-    if (e != 0) {
-      std::fprintf(stderr, "backward launch: %s\n", cuda::error_string(e));
-      std::exit(1);
-    }
-  };
+  auto launch_bwd = [&] { exit_on_launch_error("backward", cuda::block_bwd(bp, nullptr)); };
   r.bwd_ms = time_ms(opt.warmup, opt.iters, launch_bwd);
 
   r.ok = true;

@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -77,6 +78,18 @@ inline int64_t parse_size(const char* s) {
     }
   }
   return static_cast<int64_t>(v * static_cast<double>(mult));
+}
+
+// value when it is one of choices; otherwise exits with status 2, naming the option and the choices.
+inline std::string one_of(const char* option, const std::string& value,
+                          std::initializer_list<const char*> choices) {
+  std::string listed;
+  for (const char* choice : choices) {
+    if (value == choice) return value;
+    listed += (listed.empty() ? "" : ", ") + std::string(choice);
+  }
+  std::fprintf(stderr, "%s must be one of %s; got %s\n", option, listed.c_str(), value.c_str());
+  std::exit(2);
 }
 
 inline void print_usage(const char* prog, const char* extra = nullptr) {
@@ -146,28 +159,13 @@ inline Options parse(int argc, char** argv, Unknown&& unknown, const char* extra
     } else if (a == "--causal") {
       o.causal = std::atoi(need()) != 0;
     } else if (a == "--dtype") {
-      o.dtype = need();
-      if (o.dtype != "float32" && o.dtype != "float64" && o.dtype != "bfloat16") {
-        std::fprintf(stderr, "--dtype must be float32, float64 or bfloat16, got %s\n",
-                     o.dtype.c_str());
-        std::exit(2);
-      }
+      o.dtype = one_of("--dtype", need(), {"float32", "float64", "bfloat16"});
     } else if (a == "-t" || a == "--threads") {
       o.threads = std::atoi(need());
     } else if (a == "--clock") {
-      const std::string c = need();
-      if (c != "wall" && c != "cpu") {
-        std::fprintf(stderr, "--clock must be wall or cpu, got %s\n", c.c_str());
-        std::exit(2);
-      }
-      o.cpu_clock = c == "cpu";
+      o.cpu_clock = one_of("--clock", need(), {"wall", "cpu"}) == "cpu";
     } else if (a == "--stat") {
-      const std::string c = need();
-      if (c != "median" && c != "min") {
-        std::fprintf(stderr, "--stat must be median or min, got %s\n", c.c_str());
-        std::exit(2);
-      }
-      o.stat_min = c == "min";
+      o.stat_min = one_of("--stat", need(), {"median", "min"}) == "min";
     } else if (a == "--fwd-only") {
       o.run_bwd = std::atoi(need()) == 0;
     } else if (a == "--json") {

@@ -31,13 +31,30 @@ def _relative_error(ours, theirs) -> float:
                for a, b in zip(ours, theirs))
 
 
+def _fwd_and_fwd_bwd(attention, inputs, dout):
+    """Two closures over attention(q, k, v): the forward without grad, and the forward and
+    backward (returns out, dq, dk, dv) on leaf copies of inputs."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+
+    def fwd():
+        with torch.no_grad():
+            return attention(*inputs)
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        out = attention(*leaves)
+        out.backward(dout)
+        return (out.detach(), *(t.grad for t in leaves))
+
+    return fwd, fwd_bwd
+
+
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/cpu_vs_sdpa.json")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--headdim", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=4096)
+    h.add_shape_args(p, seqlen=4096)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     h.set_fp32_precision(args)
@@ -58,31 +75,11 @@ def main(argv=None) -> int:
     for causal in (False, True):
         pairs = L * L if not causal else L * (L + 1) / 2
         fwd_flop = 4 * B * H * pairs * D
-        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-        qs, ks, vs = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-        dos = dout.transpose(1, 2).contiguous()
-
-        def ring_fwd():
-            with torch.no_grad():
-                return ra.ring_attn_func(q, k, v, causal=causal)
-
-        def ring_fwd_bwd():
-            for t in (qr, kr, vr):
-                t.grad = None
-            out = ra.ring_attn_func(qr, kr, vr, causal=causal)
-            out.backward(dout)
-            return out.detach(), qr.grad, kr.grad, vr.grad
-
-        def sdpa_fwd():
-            with torch.no_grad():
-                return F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-
-        def sdpa_fwd_bwd():
-            for t in (qs, ks, vs):
-                t.grad = None
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-            out.backward(dos)
-            return out.detach(), qs.grad, ks.grad, vs.grad
+        ring_fwd, ring_fwd_bwd = _fwd_and_fwd_bwd(
+            lambda *qkv: ra.ring_attn_func(*qkv, causal=causal), (q, k, v), dout)
+        sdpa_fwd, sdpa_fwd_bwd = _fwd_and_fwd_bwd(
+            lambda *qkv: F.scaled_dot_product_attention(*qkv, is_causal=causal),
+            [t.transpose(1, 2).contiguous() for t in (q, k, v)], dout.transpose(1, 2).contiguous())
 
         bshd = lambda t: t.transpose(1, 2)  # noqa: E731  (batch, heads, seq, d) -> (batch, seq, heads, d)
         error = max(_relative_error([ring_fwd()], [bshd(sdpa_fwd())]),

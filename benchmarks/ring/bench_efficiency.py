@@ -165,10 +165,7 @@ def _check_cost(rank, world, iters):
 
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/efficiency.json")
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--seqlen", type=int, default=8192)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--headdim", type=int, default=64)
+    h.add_shape_args(p, world=2, seqlen=8192)
     p.add_argument("--cases", type=lambda v: v.split(","),
                    default=[name.split()[-1] for name, _, _ in CASES],
                    help="cases to time (default all: non-causal,zigzag,striped,contiguous)")

@@ -56,10 +56,7 @@ def _rank(rank, world, seqlen, heads, headdim, window, iters, warmup):
 
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/window.json")
-    p.add_argument("--world", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=8192)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--headdim", type=int, default=64)
+    h.add_shape_args(p, world=4, seqlen=8192)
     p.add_argument("--window-fraction", type=float, default=1 / 8,
                    help="left window as a fraction of the global sequence length")
     args = p.parse_args(argv)

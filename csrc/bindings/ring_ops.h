@@ -36,15 +36,13 @@ local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& 
                     const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& outs,
                     const std::vector<at::Tensor>& lses, const RingOptions& options);
 
-// What the last ring call of this thread did (this rank; summed over virtual ranks for LocalRing):
-// schedule steps, blocks computed, exchanges posted (K/V and dK/dV hops, or collectives), and the
-// bytes and messages sent (bindings/counting_transport.h).
+// What the last ring call of this thread did (this rank; summed over virtual ranks for LocalRing).
 struct RingStats {
-  int64_t steps = 0;
-  int64_t blocks_computed = 0;
-  int64_t exchanges_posted = 0;
-  int64_t bytes_sent = 0;
-  int64_t messages_sent = 0;
+  int64_t steps = 0;             // schedule steps
+  int64_t blocks_computed = 0;   // block kernel calls (blocks the mask hides are skipped)
+  int64_t exchanges_posted = 0;  // K/V and dK/dV hops, or collectives
+  int64_t bytes_sent = 0;        // payload (bindings/counting_transport.h)
+  int64_t messages_sent = 0;     // sends (a collective counts world - 1)
 };
 RingStats last_ring_stats();
 

@@ -88,15 +88,19 @@ static const int32_t* segments_of(const at::Tensor& q_seg, int64_t len) {
   return q_seg.data_ptr<int32_t>();
 }
 
+// One (batch, seq, heads, headdim) operand: its data pointer and strides.
+template <typename Pointer>
+static void set_operand(Pointer& data, Strides& strides, const at::Tensor& t) {
+  data = t.data_ptr();
+  strides = strides_of(t);
+}
+
 // The fields the forward and backward params share: q, k, v and their strides...
 static void set_qkv(BlockParams& p, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v) {
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_strides = strides_of(q);
-  p.k_strides = strides_of(k);
-  p.v_strides = strides_of(v);
+  set_operand(p.q, p.q_strides, q);
+  set_operand(p.k, p.k_strides, k);
+  set_operand(p.v, p.v_strides, v);
 }
 
 // ... and the mask (positions, packed sequences' ranges), scale and fp32 precision.
@@ -123,8 +127,7 @@ BlockFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const a
   check_row_stats(lse, q, "lse");
   set_qkv(p, q, k, v);
   set_mask(p, q_pos, k_pos, q_seg, mask, softmax_scale);
-  p.out_acc = out_acc.data_ptr();
-  p.out_strides = strides_of(out_acc);
+  set_operand(p.out_acc, p.out_strides, out_acc);
   p.lse = lse.data_ptr();
   p.lse_batch_stride = lse.stride(0);
   p.lse_head_stride = lse.stride(1);
@@ -153,19 +156,15 @@ BlockBwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, cons
   check_like(dk_acc, k, acc, "dk_acc");
   check_like(dv_acc, v, acc, "dv_acc");
   set_qkv(p, q, k, v);
-  p.dout = dout.data_ptr();
-  p.dout_strides = strides_of(dout);
+  set_operand(p.dout, p.dout_strides, dout);
   set_mask(p, q_pos, k_pos, q_seg, mask, softmax_scale);
   p.lse = lse.data_ptr();
   p.delta = delta.data_ptr();
   p.row_stat_batch_stride = lse.stride(0);
   p.row_stat_head_stride = lse.stride(1);
-  p.dq_acc = dq_acc.data_ptr();
-  p.dk_acc = dk_acc.data_ptr();
-  p.dv_acc = dv_acc.data_ptr();
-  p.dq_strides = strides_of(dq_acc);
-  p.dk_strides = strides_of(dk_acc);
-  p.dv_strides = strides_of(dv_acc);
+  set_operand(p.dq_acc, p.dq_strides, dq_acc);
+  set_operand(p.dk_acc, p.dk_strides, dk_acc);
+  set_operand(p.dv_acc, p.dv_strides, dv_acc);
   return p;
 }
 

@@ -27,19 +27,15 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-#define RA_CUDA_CHECK(expr)                                                                   \
+// Raises with the failing call and the library's message unless expr returned `ok`.
+#define RA_STATUS_CHECK(expr, ok, message_of)                                                 \
   do {                                                                                         \
-    const cudaError_t _err = (expr);                                                           \
-    TORCH_CHECK(_err == cudaSuccess, "ring attention (NCCL transport): ", #expr, ": ",         \
-                cudaGetErrorString(_err));                                                     \
+    const auto _status = (expr);                                                               \
+    TORCH_CHECK(_status == ok, "ring attention (NCCL transport): ", #expr, ": ",               \
+                message_of(_status));                                                          \
   } while (0)
-
-#define RA_NCCL_CHECK(expr)                                                                   \
-  do {                                                                                         \
-    const ncclResult_t _res = (expr);                                                          \
-    TORCH_CHECK(_res == ncclSuccess, "ring attention (NCCL transport): ", #expr, ": ",         \
-                ncclGetErrorString(_res));                                                     \
-  } while (0)
+#define RA_CUDA_CHECK(expr) RA_STATUS_CHECK(expr, cudaSuccess, cudaGetErrorString)
+#define RA_NCCL_CHECK(expr) RA_STATUS_CHECK(expr, ncclSuccess, ncclGetErrorString)
 
 // One NCCL communicator per (process group, device). Once aborted it stays in the cache, so every
 // later ring call over the group raises the error instead of hanging or creating a new one.

@@ -24,18 +24,18 @@ const Collective kScatterGrad{CollectiveKind::kReduceScatter, slot::kAllGrad, sl
 
 }  // namespace
 
-// ---------------------------------------------------------------------------------------------
-// Forward
-
-AllGatherForward::AllGatherForward(Transport& transport, BlockOps& ops)
+AllGatherSchedule::AllGatherSchedule(Transport& transport, BlockOps& ops)
     : transport_(transport), ops_(ops), rank_(transport.rank()), world_(transport.world_size()) {}
 
-void AllGatherForward::begin_step(int) {
+void AllGatherSchedule::begin_step(int) {
   if (world_ > 1) {
     transport_.post_collective(kGatherKV);
     ++posted_;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Forward
 
 void AllGatherForward::compute_step(int) {
   if (ops_.is_needed(rank_)) {
@@ -61,16 +61,6 @@ void AllGatherForward::run() {
 
 // ---------------------------------------------------------------------------------------------
 // Backward
-
-AllGatherBackward::AllGatherBackward(Transport& transport, BlockOps& ops)
-    : transport_(transport), ops_(ops), rank_(transport.rank()), world_(transport.world_size()) {}
-
-void AllGatherBackward::begin_step(int) {
-  if (world_ > 1) {
-    transport_.post_collective(kGatherKV);
-    ++posted_;
-  }
-}
 
 void AllGatherBackward::compute_step(int) {
   const bool own_needed = ops_.is_needed(rank_);

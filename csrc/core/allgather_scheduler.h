@@ -24,18 +24,17 @@ enum class KVExchange : int { kRing = 0, kAllGather = 1 };
 bool parse_kv_exchange(const std::string& name, KVExchange* out);  // "ring" | "allgather"
 const char* kv_exchange_name(KVExchange exchange);
 
-class AllGatherForward {
+// What both directions share: one step that starts with the all-gather of every rank's K/V.
+class AllGatherSchedule {
  public:
-  AllGatherForward(Transport& transport, BlockOps& ops);
   int num_steps() const { return 1; }
-  void begin_step(int step);    // post the all-gather
-  void compute_step(int step);  // own block, wait, the others
-  void end_step(int) {}
-  void run();
+  void begin_step(int step);  // post the all-gather
   int blocks_computed() const { return computed_; }
   int exchanges_posted() const { return posted_; }
 
- private:
+ protected:
+  AllGatherSchedule(Transport& transport, BlockOps& ops);
+
   Transport& transport_;
   BlockOps& ops_;
   int rank_;
@@ -44,25 +43,21 @@ class AllGatherForward {
   int posted_ = 0;
 };
 
-class AllGatherBackward {
+class AllGatherForward : public AllGatherSchedule {
  public:
-  AllGatherBackward(Transport& transport, BlockOps& ops);
-  int num_steps() const { return 1; }
-  void begin_step(int step);    // post the all-gather
+  AllGatherForward(Transport& transport, BlockOps& ops) : AllGatherSchedule(transport, ops) {}
+  void compute_step(int step);  // own block, wait, the others
+  void end_step(int) {}
+  void run();
+};
+
+class AllGatherBackward : public AllGatherSchedule {
+ public:
+  AllGatherBackward(Transport& transport, BlockOps& ops) : AllGatherSchedule(transport, ops) {}
   void compute_step(int step);  // every needed block's dK/dV contribution into kAllGrad
   void end_step(int step);      // post the reduce-scatter
   void finish();                // wait for it: kGradHome = this rank's block's summed dK/dV
   void run();
-  int blocks_computed() const { return computed_; }
-  int exchanges_posted() const { return posted_; }
-
- private:
-  Transport& transport_;
-  BlockOps& ops_;
-  int rank_;
-  int world_;
-  int computed_ = 0;
-  int posted_ = 0;
 };
 
 }  // namespace ring_attn

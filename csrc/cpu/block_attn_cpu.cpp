@@ -446,50 +446,59 @@ void bwd_impl(const BlockBwdParams& p) {
 
 // ---- dispatch --------------------------------------------------------------------------------
 
+// The forward and the backward pass as the dispatch runs them: on the vector GEMMs of one
+// instruction set's TileOps, or on the AMX GEMMs (with AVX-512 tiles around them).
+struct ForwardPass {
+  template <class TileOps, typename scalar_t>
+  static void on_vector_units(const BlockFwdParams& p) {
+    fwd_impl<TileOps, scalar_t, VectorFwdGemms<TileOps, scalar_t>>(p);
+  }
+#if RA_CPU_AMX
+  template <typename scalar_t>
+  static void on_amx(const BlockFwdParams& p) {
+    fwd_impl<avx512::Tiles<float>, scalar_t, AmxFwdGemms<scalar_t>>(p);
+  }
+#endif
+};
+
+struct BackwardPass {
+  template <class TileOps, typename scalar_t>
+  static void on_vector_units(const BlockBwdParams& p) {
+    bwd_impl<TileOps, scalar_t, VectorBwdGemms<TileOps, scalar_t>>(p);
+  }
+#if RA_CPU_AMX
+  template <typename scalar_t>
+  static void on_amx(const BlockBwdParams& p) {
+    bwd_impl<avx512::Tiles<float>, scalar_t, AmxBwdGemms<scalar_t>>(p);
+  }
+#endif
+};
+
 // The vector GEMMs of TileOps = Tiles<acc_t> of one instruction set, per input dtype.
-template <template <typename> class Tiles>
-void fwd_dtype(const BlockFwdParams& p) {
+template <template <typename> class Tiles, class Pass, class Params>
+void run_on_vector_units(const Params& p) {
   switch (p.dtype) {
-    case DType::kFloat32:
-      return fwd_impl<Tiles<float>, float, VectorFwdGemms<Tiles<float>, float>>(p);
-    case DType::kFloat64:
-      return fwd_impl<Tiles<double>, double, VectorFwdGemms<Tiles<double>, double>>(p);
-    case DType::kBFloat16:
-      return fwd_impl<Tiles<float>, c10::BFloat16, VectorFwdGemms<Tiles<float>, c10::BFloat16>>(p);
-    case DType::kFloat16:
-      return fwd_impl<Tiles<float>, c10::Half, VectorFwdGemms<Tiles<float>, c10::Half>>(p);
+    case DType::kFloat32: return Pass::template on_vector_units<Tiles<float>, float>(p);
+    case DType::kFloat64: return Pass::template on_vector_units<Tiles<double>, double>(p);
+    case DType::kBFloat16: return Pass::template on_vector_units<Tiles<float>, c10::BFloat16>(p);
+    case DType::kFloat16: return Pass::template on_vector_units<Tiles<float>, c10::Half>(p);
   }
   TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
 }
 
-template <template <typename> class Tiles>
-void bwd_dtype(const BlockBwdParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return bwd_impl<Tiles<float>, float, VectorBwdGemms<Tiles<float>, float>>(p);
-    case DType::kFloat64:
-      return bwd_impl<Tiles<double>, double, VectorBwdGemms<Tiles<double>, double>>(p);
-    case DType::kBFloat16:
-      return bwd_impl<Tiles<float>, c10::BFloat16, VectorBwdGemms<Tiles<float>, c10::BFloat16>>(p);
-    case DType::kFloat16:
-      return bwd_impl<Tiles<float>, c10::Half, VectorBwdGemms<Tiles<float>, c10::Half>>(p);
-  }
-  TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
-}
-
-// The AVX-512 tiles around AMX GEMMs, where usable, for float32 and bfloat16 inputs; float32 only
-// at Fp32Precision kHigh (three bf16 planes per operand) or kMedium (one), since at kHighest
-// (torch's default) it multiplies in float32 on AVX-512. Returns whether it ran.
-template <template <typename> class Impl, class Params>
-bool run_amx(const Params& p) {
+// The AMX GEMMs, where usable, for float32 and bfloat16 inputs; float32 only at Fp32Precision
+// kHigh (three bf16 planes per operand) or kMedium (one), since at kHighest (torch's default) it
+// multiplies in float32 on AVX-512. Returns whether it ran.
+template <class Pass, class Params>
+bool run_on_amx(const Params& p) {
 #if RA_CPU_AMX
   if (!amx_usable() || p.shape.headdim > kAmxMaxHeadDim) return false;
   switch (p.dtype) {
     case DType::kFloat32:
       if (p.fp32_precision == Fp32Precision::kHighest) return false;
-      Impl<float>::run(p);
+      Pass::template on_amx<float>(p);
       return true;
-    case DType::kBFloat16: Impl<c10::BFloat16>::run(p); return true;
+    case DType::kBFloat16: Pass::template on_amx<c10::BFloat16>(p); return true;
     default: break;
   }
 #endif
@@ -497,53 +506,26 @@ bool run_amx(const Params& p) {
   return false;
 }
 
-#if RA_CPU_AMX
-template <typename scalar_t>
-struct AmxFwd {
-  static void run(const BlockFwdParams& p) {
-    fwd_impl<avx512::Tiles<float>, scalar_t, AmxFwdGemms<scalar_t>>(p);
-  }
-};
-template <typename scalar_t>
-struct AmxBwd {
-  static void run(const BlockBwdParams& p) {
-    bwd_impl<avx512::Tiles<float>, scalar_t, AmxBwdGemms<scalar_t>>(p);
-  }
-};
-#else
-template <typename>
-struct AmxFwd;
-template <typename>
-struct AmxBwd;
+// One pass on the best instruction set this CPU has (isa.h).
+template <class Pass, class Params>
+void run_pass(const Params& p) {
+  check_shape(p.shape);
+  switch (active_isa()) {
+#if RA_CPU_X86
+    case Isa::kAvx512:
+      if (!run_on_amx<Pass>(p)) run_on_vector_units<avx512::Tiles, Pass>(p);
+      return;
+    case Isa::kAvx2: return run_on_vector_units<avx2::Tiles, Pass>(p);
 #endif
+    default: return run_on_vector_units<generic::Tiles, Pass>(p);
+  }
+}
 
 }  // namespace
 
-void block_attn_fwd(const BlockFwdParams& p) {
-  check_shape(p.shape);
-  switch (active_isa()) {
-#if RA_CPU_X86
-    case Isa::kAvx512:
-      if (!run_amx<AmxFwd>(p)) fwd_dtype<avx512::Tiles>(p);
-      return;
-    case Isa::kAvx2: return fwd_dtype<avx2::Tiles>(p);
-#endif
-    default: return fwd_dtype<generic::Tiles>(p);
-  }
-}
+void block_attn_fwd(const BlockFwdParams& p) { run_pass<ForwardPass>(p); }
 
-void block_attn_bwd(const BlockBwdParams& p) {
-  check_shape(p.shape);
-  switch (active_isa()) {
-#if RA_CPU_X86
-    case Isa::kAvx512:
-      if (!run_amx<AmxBwd>(p)) bwd_dtype<avx512::Tiles>(p);
-      return;
-    case Isa::kAvx2: return bwd_dtype<avx2::Tiles>(p);
-#endif
-    default: return bwd_dtype<generic::Tiles>(p);
-  }
-}
+void block_attn_bwd(const BlockBwdParams& p) { run_pass<BackwardPass>(p); }
 
 // ---- measured FMA throughput ----------------------------------------------------------------
 

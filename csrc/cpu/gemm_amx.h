@@ -41,11 +41,21 @@ constexpr int64_t kAmxMaxHeadDim = 512;
 
 // The AMX backends' common parts. The tile state is live only while a task runs: configured at
 // its start, released at its end.
-struct AmxGemmsBase {
+// Both hold the heads and the bf16 planes the inputs and P / dS are split into.
+class AmxGemmsBase {
+ public:
+  using acc_t = float;
   static constexpr bool kScoresGiveRowMax = false;  // the tile unit has no max
   static constexpr int64_t kRowAlign = 16;          // tiles of 16 rows
   void begin_task() const { amx::configure(); }
   void end_task() const { amx::release(); }
+
+ protected:
+  AmxGemmsBase(const BlockShape& shape, amx::Planes planes)
+      : nheads_(shape.nheads), nheads_kv_(shape.nheads_kv), planes_(planes) {}
+
+  int64_t nheads_, nheads_kv_;
+  amx::Planes planes_;
 };
 
 // Forward: Q rows, K groups and V pairs (block_attn_amx.inc Layout); P is split into
@@ -53,7 +63,6 @@ struct AmxGemmsBase {
 template <typename scalar_t>
 class AmxFwdGemms : public AmxGemmsBase {
  public:
-  using acc_t = float;
   static constexpr bool kGradTilesTransposed = false;
   static constexpr bool kFullTileOneBlock = false;
   static int64_t plane_elems(int64_t block_q, int64_t block_k) {
@@ -61,9 +70,7 @@ class AmxFwdGemms : public AmxGemmsBase {
   }
 
   AmxFwdGemms(const BlockFwdParams& p, float scale2, const Tuning&)
-      : nheads_(p.shape.nheads),
-        nheads_kv_(p.shape.nheads_kv),
-        planes_(amx::planes_for<scalar_t>(p.fp32_precision)),
+      : AmxGemmsBase(p.shape, amx::planes_for<scalar_t>(p.fp32_precision)),
         operands_(amx::pack_fwd<scalar_t>(p, scale2, kPackQ, kPackK, kPackV)) {}
 
   // bf16 inputs: S comes out unscaled and the softmax applies the scale (returned) on the fly.
@@ -83,8 +90,6 @@ class AmxFwdGemms : public AmxGemmsBase {
   }
 
  private:
-  int64_t nheads_, nheads_kv_;
-  amx::Planes planes_;
   amx::FwdOperands operands_;
 };
 
@@ -94,7 +99,6 @@ class AmxFwdGemms : public AmxGemmsBase {
 template <typename scalar_t>
 class AmxBwdGemms : public AmxGemmsBase {
  public:
-  using acc_t = float;
   static constexpr bool kGradTilesTransposed = true;
   static constexpr bool kFullTileOneBlock = true;
   // The bf16 planes of dS rows (dQ) or of P / dS row pairs (dV^T, dK^T), one at a time.
@@ -104,10 +108,8 @@ class AmxBwdGemms : public AmxGemmsBase {
   }
 
   AmxBwdGemms(const BlockBwdParams& p, float scale2, const Tuning& tuning)
-      : nheads_(p.shape.nheads),
-        nheads_kv_(p.shape.nheads_kv),
-        block_k_(tuning.bwd_k),
-        planes_(amx::planes_for<scalar_t>(p.fp32_precision)) {
+      : AmxGemmsBase(p.shape, amx::planes_for<scalar_t>(p.fp32_precision)),
+        block_k_(tuning.bwd_k) {
     using amx::Layout;
     using In = const scalar_t*;
     const BlockShape& sh = p.shape;
@@ -161,8 +163,7 @@ class AmxBwdGemms : public AmxGemmsBase {
   }
 
  private:
-  int64_t nheads_, nheads_kv_, block_k_;
-  amx::Planes planes_;
+  int64_t block_k_;
   amx::Packed q_rows_, dout_rows_, k_groups_, v_groups_, k_pairs_, q_transposed_,
       dout_transposed_;
 };

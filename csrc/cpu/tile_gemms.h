@@ -32,9 +32,11 @@
 namespace ring_attn {
 namespace cpu {
 
-// The vector backends' common parts: the tile kernels, the padded head dim and the GEMM depth.
+// The vector backends' common parts: the interface's constants, the score scale, the head dim
+// (padded to the vector width) and the GEMM depth.
 template <class TileOps>
-struct VectorGemmsBase {
+class VectorGemmsBase {
+ public:
   using acc_t = typename TileOps::T;
   static constexpr bool kScoresGiveRowMax = true;
   static constexpr int64_t kRowAlign = 1;
@@ -43,19 +45,29 @@ struct VectorGemmsBase {
   static int64_t plane_elems(int64_t, int64_t) { return 0; }
   void begin_task() const {}
   void end_task() const {}
+
+ protected:
+  VectorGemmsBase(const BlockShape& shape, acc_t scale2, const Tuning& tuning)
+      : scale2_(scale2),
+        headdim_(shape.headdim),
+        padded_headdim_(round_up<int64_t>(shape.headdim, TileOps::W)),
+        nheads_kv_(shape.nheads_kv),
+        depth_chunk_(tuning.kc) {}
+
+  acc_t scale2_;
+  int64_t headdim_, padded_headdim_, nheads_kv_, depth_chunk_;
 };
 
 template <class TileOps, typename scalar_t>
 class VectorFwdGemms : public VectorGemmsBase<TileOps> {
+  using Base = VectorGemmsBase<TileOps>;
+  using Base::scale2_, Base::headdim_, Base::padded_headdim_, Base::nheads_kv_, Base::depth_chunk_;
+
  public:
   using acc_t = typename TileOps::T;
 
   VectorFwdGemms(const BlockFwdParams& p, acc_t scale2, const Tuning& tuning)
-      : scale2_(scale2),
-        headdim_(p.shape.headdim),
-        padded_headdim_(round_up<int64_t>(p.shape.headdim, TileOps::W)),
-        nheads_kv_(p.shape.nheads_kv),
-        depth_chunk_(tuning.kc) {
+      : Base(p.shape, scale2, tuning) {
     const BlockShape& sh = p.shape;
     using In = const scalar_t*;
     q_rows_ = head_rows<scalar_t, acc_t>(In(p.q), p.q_strides, sh.batch, sh.seqlen_q, sh.nheads,
@@ -85,8 +97,6 @@ class VectorFwdGemms : public VectorGemmsBase<TileOps> {
   }
 
  private:
-  acc_t scale2_;
-  int64_t headdim_, padded_headdim_, nheads_kv_, depth_chunk_;
   HeadRows<acc_t> q_rows_{}, v_rows_{};
   const acc_t* k_transposed_ = nullptr;  // K^T in panels (operand_layout.h pack_panels)
   int64_t k_head_stride_ = 0;
@@ -94,15 +104,14 @@ class VectorFwdGemms : public VectorGemmsBase<TileOps> {
 
 template <class TileOps, typename scalar_t>
 class VectorBwdGemms : public VectorGemmsBase<TileOps> {
+  using Base = VectorGemmsBase<TileOps>;
+  using Base::scale2_, Base::headdim_, Base::padded_headdim_, Base::nheads_kv_, Base::depth_chunk_;
+
  public:
   using acc_t = typename TileOps::T;
 
   VectorBwdGemms(const BlockBwdParams& p, acc_t scale2, const Tuning& tuning)
-      : scale2_(scale2),
-        headdim_(p.shape.headdim),
-        padded_headdim_(round_up<int64_t>(p.shape.headdim, TileOps::W)),
-        nheads_kv_(p.shape.nheads_kv),
-        depth_chunk_(tuning.kc) {
+      : Base(p.shape, scale2, tuning) {
     const BlockShape& sh = p.shape;
     const int64_t B = sh.batch, Sq = sh.seqlen_q, Sk = sh.seqlen_k, H = sh.nheads;
     const int64_t D = headdim_, Dp = padded_headdim_, Hkv = nheads_kv_;
@@ -156,8 +165,6 @@ class VectorBwdGemms : public VectorGemmsBase<TileOps> {
     return x + (b * nheads_kv_ + hk) * kv_head_stride_;
   }
 
-  acc_t scale2_;
-  int64_t headdim_, padded_headdim_, nheads_kv_, depth_chunk_;
   HeadRows<acc_t> q_rows_{}, dout_rows_{}, k_rows_{};
   const acc_t* k_transposed_ = nullptr;  // K^T and V^T in panels (operand_layout.h pack_panels)
   const acc_t* v_transposed_ = nullptr;

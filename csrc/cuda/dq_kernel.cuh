@@ -31,6 +31,9 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem) {
   constexpr int kNbO = kD / 8;    // n-blocks of a dQ row (head dim)
   constexpr int kKcK = kBN / 16;  // k-chunks over keys (dS K)
 
+  // This preamble has the forward kernel's shape (its tile copies, the thread's lanes, the CTA's
+  // query tile and heads); each kernel spells out its own so that what its main loop keeps in
+  // registers reads in one place.
   using QCopy = TileCopy<kBM, kD, kStride, kNT>;   // query rows (Q, dO)
   using KvCopy = TileCopy<kBN, kD, kStride, kNT>;  // key rows (K, V)
 
@@ -41,6 +44,8 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, char* smem) {
   const float scale = static_cast<float>(p.softmax_scale);
   const float exp2_mul = scale * kLog2eF;  // p = exp2(s exp2_mul - lse log2(e))
 
+  // The regions of this kernel's shared-memory plan (kernel_traits.cuh), one cast each as in the
+  // other kernels.
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Traits::kOffQ);
   uint16_t* sdO = reinterpret_cast<uint16_t*>(smem + Traits::kOffDo);
   // stage s at + s * kBN * kStride

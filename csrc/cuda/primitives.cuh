@@ -176,43 +176,35 @@ RA_DEV void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 #if defined(RA_CUDA_EMULATE)
   emu::mma_16816<kBF16>(d, a, b0, b1);
 #else
+#define RA_MMA_16816(TY)                                                                       \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, "         \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                       \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
   if constexpr (kBF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    RA_MMA_16816("bf16");
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    RA_MMA_16816("f16");
   }
+#undef RA_MMA_16816
 #endif
 }
 
-// Four 8x8 b16 matrices from shared memory; this lane supplies the address of row (lane % 8) of
-// matrix (lane / 8).
+// Four 8x8 b16 matrices from shared memory (kTrans: each transposed); this lane supplies the
+// address of row (lane % 8) of matrix (lane / 8).
+template <bool kTrans = false>
 RA_DEV void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* smem_row) {
 #if defined(RA_CUDA_EMULATE)
-  emu::ldmatrix_x4(r, smem_row, false);
+  emu::ldmatrix_x4(r, smem_row, kTrans);
 #else
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-#endif
-}
-
-RA_DEV void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* smem_row) {
-#if defined(RA_CUDA_EMULATE)
-  emu::ldmatrix_x4(r, smem_row, true);
-#else
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
 #endif
 }
 

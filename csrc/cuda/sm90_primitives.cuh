@@ -275,6 +275,15 @@ RA_DEV void wgmma_wait() {
                : DOPS                                                                           \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),                       \
                  "r"(static_cast<int>(scale_d)), "n"(static_cast<int>(kTransB)))
+// WGMMA(N, type, accumulator operands) for the template's N (64, 128, 256) and kBF16.
+#define RA_WGMMA_FOR_N_AND_TYPE(WGMMA)                                                     \
+  if constexpr (N == 64) {                                                                  \
+    if constexpr (kBF16) WGMMA(64, "bf16", RA_F32(0)); else WGMMA(64, "f16", RA_F32(0));    \
+  } else if constexpr (N == 128) {                                                          \
+    if constexpr (kBF16) WGMMA(128, "bf16", RA_F64(0)); else WGMMA(128, "f16", RA_F64(0));  \
+  } else {                                                                                  \
+    if constexpr (kBF16) WGMMA(256, "bf16", RA_F128(0)); else WGMMA(256, "f16", RA_F128(0)); \
+  }
 #endif
 // clang-format on
 
@@ -286,22 +295,7 @@ RA_DEV void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool s
   emu::WgmmaOp op{N, kBF16, false, desc_a, desc_b, kTransA, kTransB, {0, 0, 0, 0}, d, scale_d};
   emu::wgmma_issue(op);
 #elif defined(RA_SM90A)
-  if constexpr (N == 64) {
-    if constexpr (kBF16)
-      RA_WGMMA_SS(64, "bf16", RA_F32(0));
-    else
-      RA_WGMMA_SS(64, "f16", RA_F32(0));
-  } else if constexpr (N == 128) {
-    if constexpr (kBF16)
-      RA_WGMMA_SS(128, "bf16", RA_F64(0));
-    else
-      RA_WGMMA_SS(128, "f16", RA_F64(0));
-  } else {
-    if constexpr (kBF16)
-      RA_WGMMA_SS(256, "bf16", RA_F128(0));
-    else
-      RA_WGMMA_SS(256, "f16", RA_F128(0));
-  }
+  RA_WGMMA_FOR_N_AND_TYPE(RA_WGMMA_SS);
 #else
   __trap();
 #endif
@@ -315,22 +309,7 @@ RA_DEV void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
   emu::WgmmaOp op{N, kBF16, true, 0, desc_b, false, kTransB, {a[0], a[1], a[2], a[3]}, d, scale_d};
   emu::wgmma_issue(op);
 #elif defined(RA_SM90A)
-  if constexpr (N == 64) {
-    if constexpr (kBF16)
-      RA_WGMMA_RS(64, "bf16", RA_F32(0));
-    else
-      RA_WGMMA_RS(64, "f16", RA_F32(0));
-  } else if constexpr (N == 128) {
-    if constexpr (kBF16)
-      RA_WGMMA_RS(128, "bf16", RA_F64(0));
-    else
-      RA_WGMMA_RS(128, "f16", RA_F64(0));
-  } else {
-    if constexpr (kBF16)
-      RA_WGMMA_RS(256, "bf16", RA_F128(0));
-    else
-      RA_WGMMA_RS(256, "f16", RA_F128(0));
-  }
+  RA_WGMMA_FOR_N_AND_TYPE(RA_WGMMA_RS);
 #else
   __trap();
 #endif

@@ -16,15 +16,22 @@ namespace cuda {
 
 constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 
-template <int kRows, int kHeadDim, int kStride, int kNThreads>
-struct TileCopy {
-  // 16-byte chunks of a row, rounded up to a power of two so that a thread keeps its column (the
-  // chunks beyond the bucket, d = 96, idle).
-  static constexpr int kChunks = kHeadDim / 8;
+// How kNThreads threads share a tile of kRows rows of kChunks chunks each: the chunks of a row
+// are rounded up to a power of two (kChunksP; the chunks beyond kChunks idle) so that a thread
+// keeps its column; thread tid takes column tid % kChunksP of rows tid / kChunksP + i kRowStep for
+// i < kPasses.
+template <int kRows, int kChunksPerRow, int kNThreads>
+struct ChunkedRows {
+  static constexpr int kChunks = kChunksPerRow;
   static constexpr int kChunksP = pow2_at_least(kChunks);
   static constexpr int kRowStep = kNThreads / kChunksP;
   static constexpr int kPasses = kRows / kRowStep;
-  static_assert(kNThreads % kChunksP == 0 && kRows % kRowStep == 0, "copy layout");
+  static_assert(kNThreads % kChunksP == 0 && kRows % kRowStep == 0, "tile thread layout");
+};
+
+template <int kRows, int kHeadDim, int kStride, int kNThreads>
+struct TileCopy {
+  using Rows = ChunkedRows<kRows, kHeadDim / 8, kNThreads>;  // 16-byte chunks (8 halves)
 
   // Rows [0, kRows) of the tile whose first row is at g (kChecked: only rows < rows exist, the rest
   // is zero-filled). Thread `tid` copies the chunks (row tid / kChunksP + i kRowStep, column
@@ -34,16 +41,16 @@ struct TileCopy {
   template <bool kChecked = false>
   RA_DEV static void issue(uint16_t* s, const uint16_t* g, int64_t row_stride, int d, int tid,
                            int rows = kRows) {
-    const int row0 = tid / kChunksP, c = (tid % kChunksP) * 8;
-    if (kChunksP != kChunks && c >= kHeadDim) return;
+    const int row0 = tid / Rows::kChunksP, c = (tid % Rows::kChunksP) * 8;
+    if (Rows::kChunksP != Rows::kChunks && c >= kHeadDim) return;
     const int src_bytes = c < d ? 16 : 0;
     const uint16_t* src = g + row0 * row_stride + (c < d ? c : 0);
     uint16_t* dst = s + row0 * kStride + c;
     RA_UNROLL
-    for (int i = 0; i < kPasses; ++i) {
-      const bool in = !kChecked || row0 + i * kRowStep < rows;
-      cp_async_16(dst + i * kRowStep * kStride, in ? src : g, in ? src_bytes : 0);
-      src += kRowStep * row_stride;
+    for (int i = 0; i < Rows::kPasses; ++i) {
+      const bool in = !kChecked || row0 + i * Rows::kRowStep < rows;
+      cp_async_16(dst + i * Rows::kRowStep * kStride, in ? src : g, in ? src_bytes : 0);
+      src += Rows::kRowStep * row_stride;
     }
   }
 
@@ -75,11 +82,7 @@ struct TileCopy {
 // reduction (red.global.add.v4.f32 on sm_90). Global rows must be 16-byte aligned.
 template <int kRows, int kHeadDim, int kPitch, int kNThreads>
 struct TileReduce {
-  static constexpr int kChunks = kHeadDim / 4;
-  static constexpr int kChunksP = pow2_at_least(kChunks);
-  static constexpr int kRowStep = kNThreads / kChunksP;
-  static constexpr int kPasses = kRows / kRowStep;
-  static_assert(kNThreads % kChunksP == 0 && kRows % kRowStep == 0, "reduce layout");
+  using Rows = ChunkedRows<kRows, kHeadDim / 4, kNThreads>;  // four floats a chunk
 
   // g[r] += s[r] for the tile's rows r (kChecked: only rows r < rows), global row 0 at g. Thread
   // `tid` adds the chunks (row tid / kChunksP + i kRowStep, column (tid % kChunksP) * 4) that lie
@@ -87,18 +90,18 @@ struct TileReduce {
   template <bool kChecked = false>
   RA_DEV static void add(float* g, int64_t row_stride, const float* s, int d, int tid,
                          int rows = kRows) {
-    const int row0 = tid / kChunksP, col = (tid % kChunksP) * 4;
+    const int row0 = tid / Rows::kChunksP, col = (tid % Rows::kChunksP) * 4;
     if (col >= d) return;
     float* dst = g + row0 * row_stride + col;
     RA_UNROLL
-    for (int i = 0; i < kPasses; ++i) {
-      if (!kChecked || row0 + i * kRowStep < rows) {
+    for (int i = 0; i < Rows::kPasses; ++i) {
+      if (!kChecked || row0 + i * Rows::kRowStep < rows) {
         const float4 v =
-            *reinterpret_cast<const float4*>(s + (row0 + i * kRowStep) * kPitch + col);
+            *reinterpret_cast<const float4*>(s + (row0 + i * Rows::kRowStep) * kPitch + col);
         const float vals[4] = {v.x, v.y, v.z, v.w};
         red_add<4>(dst, vals);
       }
-      dst += kRowStep * row_stride;
+      dst += Rows::kRowStep * row_stride;
     }
   }
 };

@@ -28,7 +28,7 @@ RA_DEV void load_a(uint32_t (&a)[4], const uint16_t* s, int row0, int col0, int 
 // A fragment (rows m0..m0+15, k k0..k0+15) of a k-major tile (A^T stored row-major).
 template <int kPitch>
 RA_DEV void load_a_trans(uint32_t (&a)[4], const uint16_t* s, int k0, int m0, int lane) {
-  ldmatrix_x4_trans(a, s + (k0 + (lane / 16) * 8 + (lane % 8)) * kPitch + m0 + ((lane / 8) % 2) * 8);
+  ldmatrix_x4<true>(a, s + (k0 + (lane / 16) * 8 + (lane % 8)) * kPitch + m0 + ((lane / 8) % 2) * 8);
 }
 
 // B fragments of n-blocks n0 (b[0], b[1]) and n0 + 8 (b[2], b[3]), k from k0, of a row-major
@@ -41,7 +41,7 @@ RA_DEV void load_b_nk(uint32_t (&b)[4], const uint16_t* s, int n0, int k0, int l
 // The same from a k-major tile, as V in P V.
 template <int kPitch>
 RA_DEV void load_b_kn(uint32_t (&b)[4], const uint16_t* s, int k0, int n0, int lane) {
-  ldmatrix_x4_trans(b, s + (k0 + ((lane / 8) % 2) * 8 + (lane % 8)) * kPitch + n0 + (lane / 16) * 8);
+  ldmatrix_x4<true>(b, s + (k0 + ((lane / 8) % 2) * 8 + (lane % 8)) * kPitch + n0 + (lane / 16) * 8);
 }
 
 // The A fragment of a 16 x 16 block (columns 16j..16j+15) from the C fragments c[2j], c[2j+1],
@@ -75,6 +75,23 @@ RA_DEV void mma_b_pair(float (&c)[kMt][kNb][4], int j, const uint32_t (&a)[kMt][
   }
 }
 
+// c[mt][0 .. kNb) += a[mt] B for one k-chunk of 16: B rows b_k.. (k) and columns b_n0.. (n) of sb,
+// row-major (kBKMajor: k-major), loaded one fragment pair at a time.
+template <bool kBF16, bool kBKMajor, int kPitchB, int kMt, int kNb>
+RA_DEV void mma_k_chunk(float (&c)[kMt][kNb][4], const uint32_t (&a)[kMt][4], const uint16_t* sb,
+                        int b_n0, int b_k, int lane) {
+  RA_UNROLL
+  for (int j = 0; j < kNb / 2; ++j) {
+    uint32_t b[4];
+    if constexpr (kBKMajor) {
+      load_b_kn<kPitchB>(b, sb, b_k, b_n0 + 16 * j, lane);
+    } else {
+      load_b_nk<kPitchB>(b, sb, b_n0 + 16 * j, b_k, lane);
+    }
+    mma_b_pair<kBF16>(c, j, a, b);
+  }
+}
+
 // c (kMt m-tiles x kNb n-blocks) += A B over kKc k-chunks of 16, both from shared memory:
 //   A: rows a_m0.., k a_k0.. of sa, row-major (kATrans: k-major);
 //   B: n b_n0.., k b_k0.. of sb, row-major (kBKMajor: k-major).
@@ -94,16 +111,7 @@ RA_DEV void warp_gemm(float (&c)[kMt][kNb][4], const uint16_t* sa, int a_m0, int
         load_a<kPitchA>(a[mt], sa, a_m0 + 16 * mt, a_k0 + 16 * kc, lane);
       }
     }
-    RA_UNROLL
-    for (int j = 0; j < kNb / 2; ++j) {
-      uint32_t b[4];
-      if constexpr (kBKMajor) {
-        load_b_kn<kPitchB>(b, sb, b_k0 + 16 * kc, b_n0 + 16 * j, lane);
-      } else {
-        load_b_nk<kPitchB>(b, sb, b_n0 + 16 * j, b_k0 + 16 * kc, lane);
-      }
-      mma_b_pair<kBF16>(c, j, a, b);
-    }
+    mma_k_chunk<kBF16, kBKMajor, kPitchB>(c, a, sb, b_n0, b_k0 + 16 * kc, lane);
   }
 }
 
@@ -119,16 +127,7 @@ RA_DEV void warp_gemm_reg_a(float (&c)[kMt][kNb][4], const uint32_t (&a)[kMt][kK
       RA_UNROLL
       for (int i = 0; i < 4; ++i) ak[mt][i] = a[mt][kc][i];
     }
-    RA_UNROLL
-    for (int j = 0; j < kNb / 2; ++j) {
-      uint32_t b[4];
-      if constexpr (kBKMajor) {
-        load_b_kn<kPitchB>(b, sb, b_k0 + 16 * kc, b_n0 + 16 * j, lane);
-      } else {
-        load_b_nk<kPitchB>(b, sb, b_n0 + 16 * j, b_k0 + 16 * kc, lane);
-      }
-      mma_b_pair<kBF16>(c, j, ak, b);
-    }
+    mma_k_chunk<kBF16, kBKMajor, kPitchB>(c, ak, sb, b_n0, b_k0 + 16 * kc, lane);
   }
 }
 
@@ -143,12 +142,7 @@ RA_DEV void warp_gemm_frag_a(float (&acc)[kMt][kNb][4], const float (&a)[kMt][kN
     uint32_t ak[kMt][4];
     RA_UNROLL
     for (int mt = 0; mt < kMt; ++mt) c_to_a<kBF16>(ak[mt], a[mt], kc);
-    RA_UNROLL
-    for (int j = 0; j < kNb / 2; ++j) {
-      uint32_t b[4];
-      load_b_kn<kPitchB>(b, sb, b_k0 + 16 * kc, b_n0 + 16 * j, lane);
-      mma_b_pair<kBF16>(acc, j, ak, b);
-    }
+    mma_k_chunk<kBF16, true, kPitchB>(acc, ak, sb, b_n0, b_k0 + 16 * kc, lane);
   }
 }
 

@@ -24,21 +24,15 @@
 #include <string>
 #include <vector>
 
+#include "cuda/emu/test_check.h"
 #include "cuda/sm90_primitives.cuh"
 
 using namespace ring_attn::cuda;
 using namespace ring_attn::cuda::sm90;
+using ring_attn::emu_test::check;
+using ring_attn::emu_test::g_failures;
 
 namespace {
-
-int g_failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    ++g_failures;
-  }
-}
 
 std::mt19937_64 g_rng(20251206);
 
@@ -417,27 +411,29 @@ void test_hazards() {
   for (float x : d) nan_unfenced += std::isnan(x);
   check(nan_unfenced == 128 * 32, "wgmma read generic stores that no fence.proxy.async published");
 
-  check(aborts_with("without a wgmma.fence",
-                    [&] {
-                      SingleGemm o;
-                      o.wgmma_fence = false;
-                      single_gemm(o, a, b, early, d);
-                    }),
-        "wgmma without wgmma.fence not caught");
-  check(aborts_with("wgmma.mma_async not waited for",
-                    [&] {
-                      SingleGemm o;
-                      o.wait = false;
-                      single_gemm(o, a, b, early, d);
-                    }),
-        "wgmma never waited for not caught");
-  check(aborts_with("written while a wgmma was in flight",
-                    [&] {
-                      SingleGemm o;
-                      o.write_in_flight = true;
-                      single_gemm(o, a, b, early, d);
-                    }),
-        "accumulator written in flight not caught");
+  // Each misuse of a single wgmma, and the abort message the emulator must give for it.
+  struct Misuse {
+    const char* abort_message;
+    void (*break_sequence)(SingleGemm&);
+    const char* failure;
+  };
+  const Misuse misuses[] = {
+      {"without a wgmma.fence", [](SingleGemm& o) { o.wgmma_fence = false; },
+       "wgmma without wgmma.fence not caught"},
+      {"wgmma.mma_async not waited for", [](SingleGemm& o) { o.wait = false; },
+       "wgmma never waited for not caught"},
+      {"written while a wgmma was in flight", [](SingleGemm& o) { o.write_in_flight = true; },
+       "accumulator written in flight not caught"},
+  };
+  for (const Misuse& misuse : misuses) {
+    check(aborts_with(misuse.abort_message,
+                      [&] {
+                        SingleGemm o;
+                        misuse.break_sequence(o);
+                        single_gemm(o, a, b, early, d);
+                      }),
+          misuse.failure);
+  }
 
   // TMA loads: never waited for, expect_tx off by 16 bytes, mbarrier init not fenced.
   const Tensor2d t = random_tensor(8, 64, 64);

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cuda/emu/test_check.h"
 #include "cuda/sm90_layout.h"
 
 #if defined(RA_TEST_WITH_CUTE)
@@ -22,17 +23,10 @@
 #endif
 
 using namespace ring_attn::cuda::sm90;
+using ring_attn::emu_test::check;
+using ring_attn::emu_test::g_failures;
 
 namespace {
-
-int g_failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    ++g_failures;
-  }
-}
 
 // The byte address of 16-bit element (mn, k) of a K-major tile (rows mn of 64-k column blocks
 // of mn_rows x 128 bytes, 8-row groups 1024 bytes apart: SBO 1024) through the descriptor of the
