@@ -9,6 +9,9 @@ def resolve(group) -> Tuple[Optional[dist.ProcessGroup], int, int]:
 
     ``group``: a ProcessGroup, a 1-D DeviceMesh (e.g. ``mesh["cp"]``) or None (the default group).
     """
+    if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        # Its registered members only: what torch.compile traces of a ProcessGroup.
+        return group, group.rank(), group.size()
     if hasattr(group, "get_group") and hasattr(group, "ndim"):  # a DeviceMesh
         if group.ndim != 1:
             raise ValueError(f"ring_attention: a DeviceMesh group must be 1-D (e.g. mesh['cp']), got {group.ndim}-D")

@@ -1,4 +1,5 @@
 """Loads the compiled ops (``torch.ops.ring_attention.*``) and registers their fake kernels."""
+import math
 from pathlib import Path
 
 import torch
@@ -41,6 +42,45 @@ def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, windo
 def _ring_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, group_name, causal, softmax_scale,
                    window_left, window_right, layout, deterministic=False, kv_exchange="ring"):
     return tuple(_like((q, k, v)))
+
+
+def _group_size(group_name: str) -> int:
+    """Size of the process group registered as group_name ("": 1)."""
+    if not group_name:
+        return 1
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(group_name).size()
+
+
+@torch.library.register_fake("ring_attention::ulysses_fwd")
+def _ulysses_fwd_fake(q, k, v, cu_seqlens, group_name, ulysses_group_name, causal, softmax_scale,
+                      window_left, window_right, layout, kv_exchange="ring", return_lse=False):
+    dims = 3 if cu_seqlens is not None else 4
+    if q.dim() != dims or k.dim() != dims or v.dim() != dims:
+        raise ValueError(f"ring attention: q, k and v must be {dims}-D")
+    size = _group_size(ulysses_group_name)
+    heads, heads_kv = q.shape[-2], k.shape[-2]
+    tokens = q.shape[-3] * size
+    heads_kv_ex = math.lcm(size, heads_kv) // size if heads_kv else 0
+
+    def exchanged(t, heads_ex):  # (batch, U * L, heads_ex, d), packed without batch
+        return t.new_empty((*t.shape[:-3], tokens, heads_ex, t.shape[-1]))
+
+    q_heads = exchanged(q, heads // size)
+    lse = _lse_like(q) if return_lse else q.new_empty((0,), dtype=acc_dtype(q.dtype))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, q_heads,
+            exchanged(k, heads_kv_ex), exchanged(v, heads_kv_ex), torch.empty_like(q_heads),
+            _lse_like(q_heads))
+
+
+@torch.library.register_fake("ring_attention::ulysses_bwd")
+def _ulysses_bwd_fake(dout, q_heads, k_heads, v_heads, out_heads, lse_heads, cu_seqlens,
+                      group_name, ulysses_group_name, causal, softmax_scale, window_left,
+                      window_right, layout, heads_kv, deterministic=False, kv_exchange="ring"):
+    kv_shape = (*dout.shape[:-2], heads_kv, dout.shape[-1])
+    return (torch.empty_like(dout, memory_format=torch.contiguous_format, dtype=q_heads.dtype),
+            dout.new_empty(kv_shape, dtype=k_heads.dtype),
+            dout.new_empty(kv_shape, dtype=v_heads.dtype))
 
 
 @torch.library.register_fake("ring_attention::local_ring_fwd")

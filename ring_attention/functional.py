@@ -61,17 +61,17 @@ def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
 def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
           deterministic, kv_exchange, ulysses_group):
     """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
-    them, then the differentiable call (inside Ulysses' all-to-all with a ulysses_group)."""
+    them, then the differentiable call (the Ulysses op with a ulysses_group)."""
     group, _, _ = _group.resolve(group)
     left, right = _window(window_size)
-    args = (cu_seqlens, _group.group_name(group), bool(causal), _default_scale(q, softmax_scale),
-            left, right, layout, _deterministic(deterministic), _kv_exchange(kv_exchange))
+    args = (bool(causal), _default_scale(q, softmax_scale), left, right, layout,
+            _deterministic(deterministic), _kv_exchange(kv_exchange))
     if ulysses_group is None:
-        out, lse = _RingAttention.apply(q, k, v, *args)
+        out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), *args)
     else:
-        out, lse = ulysses.attention(q, k, v, cu_seqlens, group, ulysses_group, layout,
-                                     _kv_exchange(kv_exchange),
-                                     lambda *qkv: _RingAttention.apply(*qkv, *args), return_lse)
+        ulysses_group, _, _ = _group.resolve(ulysses_group)
+        out, lse = ulysses.attention(q, k, v, cu_seqlens, _group.group_name(group),
+                                     _group.group_name(ulysses_group), *args, bool(return_lse))
     return (out, lse) if return_lse else out
 
 

@@ -217,6 +217,11 @@ def varlen_positions(cu_seqlens: torch.Tensor, layout: str, rank: int, world: in
     return torch.cat(pos) if pos else empty, torch.cat(src) if src else empty
 
 
+def _ring_tokens(cu_seqlens, layout, ring_world):
+    """Tokens of one rank's ring shard of a packed batch (shard_varlen over ring_world ranks)."""
+    return varlen_positions(cu_seqlens, layout, 0, ring_world)[0].numel()
+
+
 def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None, layout: str = "contiguous",
                  dim: int = 0, ulysses_group=None) -> torch.Tensor:
     """This rank's part of the packed tensor ``x`` (tokens along ``dim``, cu_seqlens[-1] of them).

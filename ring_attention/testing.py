@@ -101,7 +101,7 @@ class LocalRing:
         """The U x R grid: per Ulysses rank u, a ring of R ranks over head chunk u of every ring
         shard (the in-memory all-to-all: concatenations of slices), then the output back."""
         import math
-        from .ulysses import _ring_tokens
+        from .layouts import _ring_tokens
         size, ring = self.ulysses_size, self.world_size // self.ulysses_size
         for name, shards in (("qs", qs), ("ks", ks), ("vs", vs)):
             if len(shards) != self.world_size:
@@ -176,7 +176,7 @@ class LocalRing:
                        layout: str = "contiguous", dim: int = 0) -> torch.Tensor:
         """The packed tensor in original order from every virtual rank's part, pads removed."""
         from .layouts import _varlen_order
-        from .ulysses import _ring_tokens
+        from .layouts import _ring_tokens
         ring = self.world_size // self.ulysses_size
         dim = dim % shards[0].dim()
         ring_shards = self._join(shards, dim, _ring_tokens(cu_seqlens, layout, ring))

@@ -154,14 +154,16 @@ def packed_disagreement_raises():
 class _AttentionBlock(torch.nn.Module):
     """A projection, ring attention and an output projection: what a compiled model contains."""
 
-    def __init__(self, layout, varlen, kv_exchange="ring"):
+    def __init__(self, layout, varlen, kv_exchange="ring", group=None, ulysses_group=None):
         super().__init__()
         torch.manual_seed(0)
         self.proj = torch.nn.Linear(16, 16, dtype=torch.float64)
         self.layout, self.varlen, self.kv_exchange = layout, varlen, kv_exchange
+        self.group, self.ulysses_group = group, ulysses_group
 
     def forward(self, q, k, v, cu_seqlens=None):
-        kw = dict(causal=True, layout=self.layout, kv_exchange=self.kv_exchange)
+        kw = dict(causal=True, layout=self.layout, kv_exchange=self.kv_exchange, group=self.group,
+                  ulysses_group=self.ulysses_group)
         if self.varlen:
             out = ra.ring_attn_varlen_func(self.proj(q), k, v, cu_seqlens, **kw)
         else:
@@ -169,19 +171,27 @@ class _AttentionBlock(torch.nn.Module):
         return self.proj(out).tanh()
 
 
-def compiled_matches_eager(layout, varlen, kv_exchange="ring"):
-    """torch.compile(fullgraph=True) of a module calling the ring equals eager, forward and backward."""
+def compiled_matches_eager(layout, varlen, kv_exchange="ring", ulysses=1):
+    """torch.compile(fullgraph=True) of a module calling the ring equals eager, forward and backward.
+    ulysses > 1: over a ulysses x (world / ulysses) grid (ring_cases.grid_groups), with one K/V
+    head of 4 query heads (repeated to U inside the op)."""
+    from ring_cases import grid_groups
     rank, world = rank_and_world()
     torch._dynamo.reset()
-    module = _AttentionBlock(layout, varlen, kv_exchange)
+    group, ulysses_group = grid_groups(ulysses, world // ulysses) if ulysses > 1 else (None, None)
+    grid = dict(group=group, layout=layout, ulysses_group=ulysses_group)
+    module = _AttentionBlock(layout, varlen, kv_exchange, group, ulysses_group)
+    heads_kv = 1 if ulysses > 1 else 2
     if varlen:
         cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32)
         g = torch.Generator().manual_seed(1)
-        full = [torch.randn(19, 4, 16, generator=g, dtype=torch.float64) for _ in range(3)]
-        inputs = [ra.shard_varlen(t, cu, layout=layout) for t in full] + [cu]
+        full = [torch.randn(19, 4 if i == 0 else heads_kv, 16, generator=g, dtype=torch.float64)
+                for i in range(3)]
+        inputs = [ra.shard_varlen(t, cu, **grid) for t in full] + [cu]
     else:
-        q, k, v, _ = random_qkv(seed_of("compile", layout), 2, 8 * world, 8 * world, 4, 2, 16, torch.float64)
-        inputs = [ra.shard(t, layout=layout).contiguous() for t in (q, k, v)]
+        q, k, v, _ = random_qkv(seed_of("compile", layout), 2, 8 * world, 8 * world, 4, heads_kv,
+                                16, torch.float64)
+        inputs = [ra.shard(t, **grid).contiguous() for t in (q, k, v)]
     results = []
     for fn in (module, torch.compile(module, fullgraph=True)):
         leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]

@@ -353,6 +353,12 @@ def check_ulysses_rejected(kind):
         kwargs["group"] = ulysses_group
     elif kind == "seqlen_disagrees":
         q, k, v = (t[:, :2] if rank == 1 else t for t in (q, k, v))
+    elif kind == "window_disagrees_in_ulysses_group":  # ranks 0 and 1 form one ulysses_group
+        kwargs["window_size"] = (3, 0) if rank == 1 else (-1, -1)
+    elif kind == "causal_disagrees_in_group":  # each ulysses_group agrees, the ring groups do not
+        kwargs["causal"] = rank < 2
+    elif kind == "bad_window":
+        kwargs["window_size"] = (-5, 0) if rank == 3 else (-1, -1)
     with pytest.raises(ValueError) as error:
         ra.ring_attn_func(q, k, v, **kwargs)
     q, k, v, _ = random_qkv(seed_of("ulysses-good"), 1, 4, 4, 4, 2, 16, torch.float32)
@@ -382,3 +388,28 @@ def bytes_sent(ulysses, ring, kv_exchange, heads, heads_kv, local_len):
     stats = ra.last_ring_stats()
     sent["bwd"] = (stats["bytes_sent"], stats["messages_sent"], all_to_all_bytes_sent() - before)
     return sent
+
+
+def opcheck_ulysses_ops(ulysses, ring, varlen):
+    """torch.library.opcheck on ulysses_fwd and ulysses_bwd over a U x R grid (float64, causal
+    zigzag with a window, one K/V head repeated to U; varlen: packed sequences)."""
+    group, ulysses_group = grid_groups(ulysses, ring)
+    grid = dict(group=group, ulysses_group=ulysses_group, layout="zigzag")
+    seed = seed_of("opcheck-ulysses", ulysses, ring, varlen)
+    if varlen:
+        cu, *full = random_packed(seed, [5, 1, 6], 4, 1, 16, torch.float64)
+        q, k, v, dout = (ra.shard_varlen(t, cu, **grid) for t in full)
+    else:
+        cu = None
+        full = random_qkv(seed, 2, 4 * ulysses * ring, 4 * ulysses * ring, 4, 1, 16, torch.float64)
+        q, k, v, dout = (ra.shard(t, **grid) for t in full)
+    fwd_args = (q, k, v, cu, group.group_name, ulysses_group.group_name, True, 0.3, 3, 0, "zigzag")
+    for kwargs in ({"kv_exchange": "allgather"}, {"return_lse": True}):
+        torch.library.opcheck(ra.ops.ulysses_fwd.default, fwd_args, kwargs)
+    out, lse, *exchanged = ra.ops.ulysses_fwd(*fwd_args, return_lse=True)
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    assert out.shape == q.shape and lse.shape == lse_shape
+    torch.library.opcheck(ra.ops.ulysses_bwd.default,
+                          (dout, *exchanged, *fwd_args[3:], k.shape[-2]),
+                          {"deterministic": True})
+    return True

@@ -67,6 +67,14 @@ def test_torch_compile_fullgraph_allgather(rank_pool, varlen):
                                 timeout=300))
 
 
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (2, 2)], ids=lambda n: str(n))
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_torch_compile_fullgraph_ulysses(rank_pool, ulysses, ring, varlen):
+    """A ulysses_group traces: its all-to-alls are inside the op (U x R grids on gloo ranks)."""
+    assert all(rank_pool(ulysses * ring).run(cases.compiled_matches_eager, "zigzag", varlen, "ring",
+                                             ulysses, timeout=300))
+
+
 def test_device_mesh_dp_times_cp(rank_pool):
     assert sorted(rank_pool(4).run(cases.mesh_data_and_context_parallel)) == [0, 0, 1, 1]
 

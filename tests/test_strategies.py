@@ -12,7 +12,7 @@ import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of
 from ring_cases import (bytes_sent, check_ring, check_ulysses, check_ulysses_rejected,
-                        ring_param, ring_results, varlen_ring_results)
+                        opcheck_ulysses_ops, ring_param, ring_results, varlen_ring_results)
 from test_varlen_window import local_varlen, random_seqlens
 
 LOCAL_LENGTHS = {"contiguous": [1, 7], "striped": [1, 7], "zigzag": [2, 6]}
@@ -178,10 +178,22 @@ def test_ulysses_matches_reference(rank_pool, case):
     ("unknown_kv_exchange", "unknown kv_exchange 'tree'"),
     ("not_a_grid", "disagree on the rank in the ring group"),
     ("seqlen_disagrees", "disagree on the local tokens"),
+    ("window_disagrees_in_ulysses_group",
+     "ranks of one ulysses_group disagree on the window_size[0] (left)"),
+    ("causal_disagrees_in_group", "ranks of one group disagree on the causal"),
+    ("bad_window", "rank (ring 1, ulysses 1): window_size values must be >= 0"),
 ])
 def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     messages = rank_pool(4).run(check_ulysses_rejected, kind)
     assert all(message in m for m in messages), messages
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (2, 2)], ids=str)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_opcheck_ulysses_ops(rank_pool, ulysses, ring, varlen):
+    """torch.library.opcheck on ulysses_fwd/ulysses_bwd with a ulysses_group on gloo ranks."""
+    assert all(rank_pool(ulysses * ring).run(opcheck_ulysses_ops, ulysses, ring, varlen,
+                                             timeout=300))
 
 
 # ---- bytes each rank sends ---------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <sstream>
 
 #include "comm/c10d_transport.h"
@@ -69,13 +70,50 @@ std::string field_value(int field, int64_t value) {
   }
 }
 
+// Marks the descriptor `d` as carrying `error` (its message truncated to kMessageBytes - 1).
+void write_error(int64_t* d, const std::string& error) {
+  d[kHasError] = 1;
+  std::memset(d + kFields, 0, kMessageBytes);
+  std::strncpy(reinterpret_cast<char*>(d + kFields), error.c_str(), kMessageBytes - 1);
+}
+
+std::string message_of(const int64_t* d) {
+  const char* text = reinterpret_cast<const char*>(d + kFields);
+  return std::string(text, strnlen(text, kMessageBytes));
+}
+
+// Every rank's `descriptor` (int64, on the CPU) over `group`, gathered on the group's collective
+// device; raises on a deadline.
+std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
+                                               c10d::ProcessGroup& group,
+                                               const at::Device& device, double timeout_s) {
+  const at::TensorOptions options = at::TensorOptions(at::kLong).device(device);
+  std::vector<std::vector<at::Tensor>> outputs(1);
+  for (int r = 0; r < group.getSize(); ++r) {
+    outputs[0].push_back(at::empty({descriptor.numel()}, options));
+  }
+  std::vector<at::Tensor> inputs{descriptor.to(device)};
+  auto work = group.allgather(outputs, inputs);
+  const int rank = group.getRank();
+  if (!wait_with_deadline(work, timeout_s,
+                          "ring_attn_func: rank " + std::to_string(rank) +
+                              " failed while agreeing on inputs with the other ranks")) {
+    abandon(work);
+    TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
+                " s (RING_ATTN_TIMEOUT) agreeing on inputs with the other ranks: some rank did "
+                "not call ring attention. The process group may be unusable after this error, as "
+                "after any collective timeout.");
+  }
+  for (at::Tensor& gathered : outputs[0]) gathered = gathered.cpu();
+  return outputs[0];
+}
+
 }  // namespace
 
 const at::Tensor RingCall::kNoTensor;
 
-// Packed sequences: the problem with cu_seqlens or the shard's length, or empty.
-static std::string validate_varlen(const RingCall& call, Layout layout) {
-  const at::Tensor& cu = call.cu_seqlens;
+// The problem with the boundaries cu_seqlens, or empty.
+static std::string cu_seqlens_error(const at::Tensor& cu) {
   if (cu.scalar_type() != at::kInt || cu.dim() != 1 || cu.size(0) < 2) {
     return std::string("cu_seqlens must be a 1-D int32 tensor of num_seqs + 1 >= 2 boundaries; got ") +
            c10::toString(cu.scalar_type()) + " of shape " + shape_str(cu);
@@ -90,6 +128,16 @@ static std::string validate_varlen(const RingCall& call, Layout layout) {
              std::to_string(b[i - 1]);
     }
   }
+  return {};
+}
+
+// Packed sequences: the problem with cu_seqlens or the shard's length, or empty.
+static std::string validate_varlen(const RingCall& call, Layout layout) {
+  const at::Tensor& cu = call.cu_seqlens;
+  const std::string error = cu_seqlens_error(cu);
+  if (!error.empty()) return error;
+  const at::Tensor host = cu.cpu().contiguous();
+  const int32_t* b = host.data_ptr<int32_t>();
   const int64_t expected = varlen_local_len(layout, call.world, b, host.size(0) - 1);
   if (call.q.size(0) != expected) {
     return "q has " + std::to_string(call.q.size(0)) + " tokens, but shard_varlen of cu_seqlens (" +
@@ -234,8 +282,7 @@ at::Tensor describe(const RingCall& call) {
       d[kNumSeqs] = -1;
     }
   } else {
-    d[kHasError] = 1;
-    std::strncpy(reinterpret_cast<char*>(d + kFields), local_error.c_str(), kMessageBytes - 1);
+    write_error(d, local_error);
   }
   return descriptor;
 }
@@ -279,7 +326,6 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
     TORCH_CHECK_VALUE(local_error.empty(), "ring_attn_func: ", local_error);
     return;
   }
-  const int rank = group->getRank();
   const std::optional<at::Device> device = collective_device(*group, call.q.device());
   if (!device) {  // a CUDA-only group in a process without a CUDA device: no rank can take part
     const std::string local_error = validate_local(call);
@@ -288,22 +334,238 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
                       collective_device_error(*group, at::Device(at::kCPU)),
                       " and this process has no CUDA device");
   }
-  const at::TensorOptions options = at::TensorOptions(at::kLong).device(*device);
-  std::vector<std::vector<at::Tensor>> outputs(1);
-  for (int r = 0; r < world; ++r) outputs[0].push_back(at::empty({kDescriptorLen}, options));
-  std::vector<at::Tensor> inputs{describe(call).to(*device)};
-  auto work = group->allgather(outputs, inputs);
-  if (!wait_with_deadline(work, timeout_s,
-                          "ring_attn_func: rank " + std::to_string(rank) +
-                              " failed while agreeing on inputs with the other ranks")) {
-    abandon(work);
-    TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
-                " s (RING_ATTN_TIMEOUT) agreeing on inputs with the other ranks: some rank did "
-                "not call ring attention. The process group may be unusable after this error, as "
-                "after any collective timeout.");
+  check_descriptors(all_gather_descriptors(describe(call), *group, *device, timeout_s));
+}
+
+// ---- the U x R grid of Ulysses ---------------------------------------------------------------
+
+namespace {
+
+// Grid descriptor: kGridFields int64 fields of the call before the all-to-all and of the rank's
+// place in the grid, then the descriptor of the ring call on the exchanged tensors (whose message
+// carries the rank's verdict).
+enum GridField : int {
+  kGridDims = 0, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
+  kGridKVExchange, kGridUlyssesSize, kGridRingSize, kGridRingRank, kGridUlyssesRank, kGridFields
+};
+
+const char* grid_field_name(int field) {
+  switch (field) {
+    case kGridDims: return "q dims";
+    case kGridBatch: return "batch";
+    case kGridTokens: return "local tokens";
+    case kGridHeads: return "number of query heads";
+    case kGridHeadsKV: return "number of K/V heads";
+    case kGridHeadDim: return "head dimension";
+    case kGridDType: return "dtype";
+    case kGridKVExchange: return "kv_exchange";
+    case kGridUlyssesSize: return "Ulysses group size";
+    case kGridRingSize: return "ring group size";
+    case kGridRingRank: return "rank in the ring group";
+    case kGridUlyssesRank: return "rank in the ulysses_group";
+    default: return "?";
   }
-  for (at::Tensor& descriptor : outputs[0]) descriptor = descriptor.cpu();
-  check_descriptors(outputs[0]);
+}
+
+std::string grid_field_value(int field, int64_t value) {
+  if (field == kGridDType) return c10::toString(static_cast<at::ScalarType>(value));
+  if (field == kGridKVExchange) return kv_exchange_name(static_cast<KVExchange>(value));
+  return std::to_string(value);
+}
+
+// A tensor of `shape` with t's dtype and device, all of it one element (the shape is what the
+// checks read).
+at::Tensor shaped_like(const at::Tensor& t, at::IntArrayRef shape) {
+  return at::empty({1}, t.options()).expand(shape);
+}
+
+// What is wrong with this rank's call on the grid, or empty; `exchanged` is then the ring call on
+// the tensors the all-to-all gives this rank (shapes only).
+std::string grid_local_error(const RingCall& call, const UlyssesGrid& grid,
+                             std::vector<at::Tensor>& exchanged) {
+  const at::Tensor& q = call.q;
+  const at::Tensor& k = call.k;
+  const at::Tensor& v = call.v;
+  const bool varlen = call.cu_seqlens.defined();
+  const int64_t dims = varlen ? 3 : 4;
+  if (q.dim() != dims || k.dim() != dims || v.dim() != dims || k.sizes() != v.sizes() ||
+      q.sizes().slice(0, dims - 2) != k.sizes().slice(0, dims - 2) || q.size(-1) != k.size(-1)) {
+    return "q, k and v must be " + std::to_string(dims) +
+           "-D with matching tokens and head dimension; got q " + shape_str(q) + ", k " +
+           shape_str(k) + ", v " + shape_str(v);
+  }
+  KVExchange exchange;
+  if (!parse_kv_exchange(call.kv_exchange, &exchange)) {
+    return "unknown kv_exchange '" + call.kv_exchange + "' (expected 'ring' or 'allgather')";
+  }
+  const int64_t heads = q.size(-2), heads_kv = k.size(-2);
+  const int size = grid.ulysses_size;
+  if (heads_kv == 0 || heads % heads_kv != 0) {
+    return "the number of query heads (" + std::to_string(heads) +
+           ") must be a multiple of the number of K/V heads (" + std::to_string(heads_kv) + ")";
+  }
+  if (heads % size != 0) {
+    return "the number of query heads (" + std::to_string(heads) +
+           ") must be divisible by the size of the ulysses_group (" + std::to_string(size) + ")";
+  }
+  if (grid.ulysses) {
+    const std::string device_error = collective_device_error(*grid.ulysses, q.device());
+    if (!device_error.empty()) {
+      return "q, k and v are on " + q.device().str() + ", but the ulysses_group cannot exchange "
+             "them: " + device_error;
+    }
+  }
+  std::vector<int64_t> q_shape = q.sizes().vec(), kv_shape = k.sizes().vec();
+  if (varlen) {
+    const std::string error = cu_seqlens_error(call.cu_seqlens);
+    if (!error.empty()) return error;
+    Layout layout;
+    if (!parse_layout(call.layout, &layout)) {
+      return "unknown layout '" + call.layout +
+             "' (expected 'contiguous', 'zigzag', 'striped' or 'packed')";
+    }
+    const int64_t ring_tokens = ulysses_ring_tokens(call.cu_seqlens, layout, grid.ring_size);
+    const int64_t expected = (ring_tokens + size - 1) / size;
+    if (q.size(0) != expected) {
+      return "q has " + std::to_string(q.size(0)) + " tokens, but shard_varlen with this "
+             "ulysses_group gives " + std::to_string(expected) + " per rank";
+    }
+    q_shape[0] = kv_shape[0] = ring_tokens;
+  } else {
+    q_shape[1] *= size;
+    kv_shape[1] *= size;
+  }
+  q_shape[dims - 2] = heads / size;
+  kv_shape[dims - 2] = ulysses_heads_kv(heads_kv, size);
+  exchanged = {shaped_like(q, q_shape), shaped_like(k, kv_shape), shaped_like(v, kv_shape)};
+  return validate_local(RingCall{exchanged[0], exchanged[1], exchanged[2], call.layout,
+                                 call.causal, call.softmax_scale, call.window_left,
+                                 call.window_right, call.cu_seqlens, grid.ring_size,
+                                 call.transport_error, call.kv_exchange});
+}
+
+at::Tensor describe_grid(const RingCall& call, const UlyssesGrid& grid) {
+  at::Tensor descriptor = at::zeros({kGridFields + kDescriptorLen}, at::kLong);
+  int64_t* d = descriptor.data_ptr<int64_t>();
+  const at::Tensor& q = call.q;
+  const int64_t tokens_dim = call.cu_seqlens.defined() ? 0 : 1;
+  d[kGridDims] = q.dim();
+  d[kGridBatch] = tokens_dim && q.dim() > 0 ? q.size(0) : 1;
+  d[kGridTokens] = q.dim() > tokens_dim ? q.size(tokens_dim) : 0;
+  d[kGridHeads] = q.dim() >= 2 ? q.size(-2) : 0;
+  d[kGridHeadsKV] = call.k.dim() >= 2 ? call.k.size(-2) : 0;
+  d[kGridHeadDim] = q.dim() >= 1 ? q.size(-1) : 0;
+  d[kGridDType] = static_cast<int64_t>(q.scalar_type());
+  KVExchange exchange;
+  d[kGridKVExchange] = parse_kv_exchange(call.kv_exchange, &exchange)
+                           ? static_cast<int64_t>(exchange) : -1;
+  d[kGridUlyssesSize] = grid.ulysses_size;
+  d[kGridRingSize] = grid.ring_size;
+  d[kGridRingRank] = grid.ring_rank;
+  d[kGridUlyssesRank] = grid.ulysses_rank;
+  std::vector<at::Tensor> exchanged;
+  const std::string error = grid_local_error(call, grid, exchanged);
+  if (error.empty()) {
+    const at::Tensor ring = describe(RingCall{exchanged[0], exchanged[1], exchanged[2],
+                                              call.layout, call.causal, call.softmax_scale,
+                                              call.window_left, call.window_right,
+                                              call.cu_seqlens, grid.ring_size,
+                                              call.transport_error, call.kv_exchange});
+    std::memcpy(d + kGridFields, ring.data_ptr<int64_t>(), kDescriptorLen * sizeof(int64_t));
+  } else {
+    write_error(d + kGridFields, error);
+  }
+  return descriptor;
+}
+
+std::string grid_rank_name(const int64_t* d) {
+  return "rank (ring " + std::to_string(d[kGridRingRank]) + ", ulysses " +
+         std::to_string(d[kGridUlyssesRank]) + ")";
+}
+
+// The first rank's error (after its place in the grid with `name_rank`), or a disagreement on a
+// grid field in `agreed` or on a field of the exchanged call, or "". `what` names the group.
+std::string first_grid_error(const std::vector<at::Tensor>& all, std::vector<int> agreed,
+                             const char* what, bool name_rank) {
+  for (const at::Tensor& descriptor : all) {
+    const int64_t* d = descriptor.data_ptr<int64_t>();
+    if ((d + kGridFields)[kHasError]) {
+      return name_rank ? grid_rank_name(d) + ": " + message_of(d + kGridFields)
+                       : message_of(d + kGridFields);
+    }
+  }
+  for (int field = 0; field < kHasError; ++field) agreed.push_back(kGridFields + field);
+  for (int field : agreed) {
+    bool same = true;
+    for (const at::Tensor& descriptor : all) {
+      same &= descriptor.data_ptr<int64_t>()[field] == all[0].data_ptr<int64_t>()[field];
+    }
+    if (same) continue;
+    std::ostringstream listing;
+    for (size_t r = 0; r < all.size(); ++r) {
+      const int64_t* d = all[r].data_ptr<int64_t>();
+      listing << (r ? ", " : "") << grid_rank_name(d) << ": "
+              << (field < kGridFields ? grid_field_value(field, d[field])
+                                      : field_value(field - kGridFields, d[field]));
+    }
+    const char* name = field < kGridFields ? grid_field_name(field)
+                                           : field_name(field - kGridFields);
+    return std::string("ranks of one ") + what + " disagree on the " + name + " (" +
+           listing.str() + ")";
+  }
+  return {};
+}
+
+// Every rank's descriptor over `group` (only this rank's without one).
+std::vector<at::Tensor> gather_grid(const at::Tensor& descriptor,
+                                    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                    const at::Tensor& q, double timeout_s) {
+  if (!group || group->getSize() == 1) return {descriptor};
+  const std::optional<at::Device> device = collective_device(*group, q.device());
+  TORCH_CHECK_VALUE(device, "ring_attn_func: the ranks cannot agree on inputs: ",
+                    collective_device_error(*group, at::Device(at::kCPU)),
+                    " and this process has no CUDA device");
+  return all_gather_descriptors(descriptor, *group, *device, timeout_s);
+}
+
+}  // namespace
+
+int64_t ulysses_heads_kv(int64_t heads_kv, int ulysses_size) {
+  return std::lcm(heads_kv, static_cast<int64_t>(ulysses_size)) / ulysses_size;
+}
+
+int64_t ulysses_ring_tokens(const at::Tensor& cu_seqlens, Layout layout, int ring_size) {
+  const at::Tensor host = cu_seqlens.cpu().contiguous();
+  return varlen_local_len(layout, ring_size, host.data_ptr<int32_t>(), host.size(0) - 1);
+}
+
+void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool check,
+                            double timeout_s) {
+  at::Tensor mine = describe_grid(call, grid);
+  int64_t* d = mine.data_ptr<int64_t>();
+  if (!check) {
+    TORCH_CHECK_VALUE(!(d + kGridFields)[kHasError], "ring_attn_func: ",
+                      message_of(d + kGridFields));
+    return;
+  }
+  // The ranks of one ulysses_group share the inputs' shapes, the kv_exchange, the ring call's
+  // arguments, R and their rank in the ring group.
+  std::string error = first_grid_error(
+      gather_grid(mine, grid.ulysses, call.q, timeout_s),
+      {kGridDims, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
+       kGridKVExchange, kGridRingSize, kGridRingRank},
+      "ulysses_group", true);
+  if (grid.ring_size > 1) {  // every rank of a ring group learns its ulysses_groups' verdicts
+    if (error.empty()) {
+      (d + kGridFields)[kHasError] = 0;
+    } else {
+      write_error(d + kGridFields, error);
+    }
+    error = first_grid_error(gather_grid(mine, grid.ring, call.q, timeout_s),
+                             {kGridUlyssesSize, kGridUlyssesRank}, "group", false);
+  }
+  TORCH_CHECK_VALUE(error.empty(),
+                    "ring_attn_func: invalid input or groups (every rank raises this): ", error);
 }
 
 }  // namespace ring_attn

@@ -54,4 +54,34 @@ void check_descriptors(const std::vector<at::Tensor>& descriptors);
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s);
 
+// A rank's place in a U x R grid: its ulysses_group of U ranks and its ring group of R ranks (a
+// null group: size 1).
+struct UlyssesGrid {
+  c10::intrusive_ptr<c10d::ProcessGroup> ulysses;
+  c10::intrusive_ptr<c10d::ProcessGroup> ring;
+  int ulysses_rank = 0;
+  int ulysses_size = 1;
+  int ring_rank = 0;
+  int ring_size = 1;
+};
+
+// The K/V heads a rank holds after the all-to-all over U ranks: lcm(U, heads_kv) / U (K/V heads
+// are repeated to lcm(U, heads_kv) so that every rank holds whole GQA groups).
+int64_t ulysses_heads_kv(int64_t heads_kv, int ulysses_size);
+
+// Tokens of one rank's ring shard of the packed batch `cu_seqlens` (int32 global boundaries) over
+// `ring_size` ranks: what the all-to-all over a ulysses_group gathers, without the pad that made
+// it divide by U.
+int64_t ulysses_ring_tokens(const at::Tensor& cu_seqlens, Layout layout, int ring_size);
+
+// Raises the same ValueError on every rank of the grid unless every rank's inputs are valid (as
+// the ring over the exchanged tensors sees them, too), the ranks of each ulysses_group agree on
+// them, and the groups form a U x R grid: every rank of a ulysses_group has the same rank in its
+// ring group, every rank of a ring group the same rank in its ulysses_group. `call`: this rank's
+// inputs before the all-to-all, world = R. Two small all-gathers (over the ulysses_group, then the
+// ring group) before anything else is sent; with check=false only the local verdict is raised,
+// locally.
+void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool check,
+                            double timeout_s);
+
 }  // namespace ring_attn

@@ -11,6 +11,7 @@
 
 #include "bindings/ring_ops.h"
 #include "bindings/tensor_params.h"
+#include "bindings/ulysses_ops.h"
 
 namespace ring_attn {
 
@@ -63,6 +64,36 @@ struct RingOpImpls {
     return ring_backward(Device::kKernels, dout, q, k, v, out, lse,
                          ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
                                       window_right, layout, deterministic, kv_exchange));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    at::Tensor>
+  ulysses_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const std::optional<at::Tensor>& cu_seqlens, c10::string_view group_name,
+              c10::string_view ulysses_group_name, bool causal, double softmax_scale,
+              int64_t window_left, int64_t window_right, c10::string_view layout,
+              c10::string_view kv_exchange, bool return_lse) {
+    c10::DeviceGuard guard(q.device());
+    return ulysses_forward(Device::kKernels, q, k, v,
+                           ring_options(cu_seqlens, group_name, causal, softmax_scale,
+                                        window_left, window_right, layout, false, kv_exchange),
+                           std::string(ulysses_group_name), return_lse);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_bwd(
+      const at::Tensor& dout, const at::Tensor& q_heads, const at::Tensor& k_heads,
+      const at::Tensor& v_heads, const at::Tensor& out_heads, const at::Tensor& lse_heads,
+      const std::optional<at::Tensor>& cu_seqlens, c10::string_view group_name,
+      c10::string_view ulysses_group_name, bool causal, double softmax_scale, int64_t window_left,
+      int64_t window_right, c10::string_view layout, int64_t heads_kv, bool deterministic,
+      c10::string_view kv_exchange) {
+    c10::DeviceGuard guard(q_heads.device());
+    return ulysses_backward(Device::kKernels, dout, q_heads, k_heads, v_heads, out_heads,
+                            lse_heads,
+                            ring_options(cu_seqlens, group_name, causal, softmax_scale,
+                                         window_left, window_right, layout, deterministic,
+                                         kv_exchange),
+                            std::string(ulysses_group_name), heads_kv);
   }
 
   static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_fwd(
@@ -125,6 +156,8 @@ void register_ring_ops(torch::Library& m) {
   using Impl = RingOpImpls<Device>;
   m.impl("ring_fwd", &Impl::ring_fwd);
   m.impl("ring_bwd", &Impl::ring_bwd);
+  m.impl("ulysses_fwd", &Impl::ulysses_fwd);
+  m.impl("ulysses_bwd", &Impl::ulysses_bwd);
   m.impl("local_ring_fwd", &Impl::local_ring_fwd);
   m.impl("local_ring_bwd", &Impl::local_ring_bwd);
   m.impl("block_fwd", &Impl::block_fwd);

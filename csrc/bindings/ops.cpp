@@ -29,6 +29,21 @@ TORCH_LIBRARY(ring_attention, m) {
         "Tensor? cu_seqlens, str group_name, bool causal, float softmax_scale, int window_left, "
         "int window_right, str layout, bool deterministic=False, str kv_exchange=\"ring\") "
         "-> (Tensor, Tensor, Tensor)");
+  // Ulysses (bindings/ulysses_ops.h): the all-to-all over heads inside the process group
+  // registered as `ulysses_group_name` (U ranks) around the same ring over `group_name`, after
+  // the U x R grid's ranks agree. Returns out (like q), lse (as ring_fwd's, or an empty tensor
+  // unless return_lse) and the exchanged tensors the backward takes: q_heads, k_heads, v_heads,
+  // out_heads, lse_heads (U * L tokens of heads / U and lcm(U, heads_kv) / U heads).
+  m.def("ulysses_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str group_name, "
+        "str ulysses_group_name, bool causal, float softmax_scale, int window_left, "
+        "int window_right, str layout, str kv_exchange=\"ring\", bool return_lse=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns dq, dk, dv (like q, k, v of the forward, which had heads_kv K/V heads).
+  m.def("ulysses_bwd(Tensor dout, Tensor q_heads, Tensor k_heads, Tensor v_heads, "
+        "Tensor out_heads, Tensor lse_heads, Tensor? cu_seqlens, str group_name, "
+        "str ulysses_group_name, bool causal, float softmax_scale, int window_left, "
+        "int window_right, str layout, int heads_kv, bool deterministic=False, "
+        "str kv_exchange=\"ring\") -> (Tensor, Tensor, Tensor)");
   // The same ring over len(qs) virtual ranks in this process (LocalRing): one shard per rank.
   m.def("local_ring_fwd(Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor? cu_seqlens, bool causal, "
         "float softmax_scale, int window_left, int window_right, str layout, "
@@ -57,6 +72,9 @@ std::vector<int64_t> last_ring_stats_op() {
           stats.messages_sent};
 }
 
+// Bytes this thread has sent in Ulysses all-to-alls so far.
+int64_t all_to_all_bytes_sent_op() { return all_to_all_bytes_sent(); }
+
 // The CPU kernels' instruction set and the calling core's measured fp32 FMA rate (benchmarks).
 std::string cpu_kernel_isa_op() { return cpu::cpu_kernel_isa(); }
 double cpu_fma_peak_gflops_op(double seconds) { return cpu::fma_peak_gflops(seconds); }
@@ -79,6 +97,7 @@ std::string group_device_error_op(c10::string_view group_name, c10::string_view 
 
 TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
   m.def("last_ring_stats() -> int[]", &last_ring_stats_op);
+  m.def("all_to_all_bytes_sent() -> int", &all_to_all_bytes_sent_op);
   m.def("group_collective_device(str group_name, str inputs_device) -> str",
         &group_collective_device_op);
   m.def("group_device_error(str group_name, str device, bool point_to_point) -> str",
