@@ -37,8 +37,8 @@ local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& 
                     const std::vector<at::Tensor>& lses, const RingOptions& options);
 
 // What the last ring call of this thread did (this rank; summed over virtual ranks for LocalRing):
-// schedule steps, blocks computed, exchanges posted (K/V and dK/dV hops, or collectives), and the
-// bytes and messages sent (bindings/counting_transport.h).
+// schedule steps, blocks computed, exchanges posted (the K/V and dK/dV hops sent, or
+// collectives), and the bytes and messages sent (bindings/counting_transport.h).
 struct RingStats {
   int64_t steps = 0;
   int64_t blocks_computed = 0;
