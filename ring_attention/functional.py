@@ -124,9 +124,10 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def last_ring_stats() -> dict:
     """What this thread's last ring call (forward or backward) did on this rank: schedule steps,
-    blocks computed (blocks wholly hidden by the mask are skipped), exchanges posted (K/V and
-    dK/dV hops, or collectives), and the bytes and messages this rank sent: a hop sends its
-    message, an all-gather or reduce-scatter (world - 1) blocks."""
+    blocks computed (blocks wholly hidden by the mask are skipped), exchanges posted (the K/V and
+    dK/dV hops this rank sent: a block travels only as far as some rank needs it; or
+    collectives), and the bytes and messages this rank sent: a hop sends its message, an
+    all-gather or reduce-scatter (world - 1) blocks. LocalRing sums them over its ranks."""
     steps, blocks, exchanges, sent, messages = ops.last_ring_stats()
     return {"steps": steps, "blocks_computed": blocks, "exchanges_posted": exchanges,
             "bytes_sent": sent, "messages_sent": messages}

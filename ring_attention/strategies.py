@@ -5,8 +5,9 @@ h query heads, hk K/V heads (hk' = lcm(U, hk) when U does not divide hk, else hk
 e the input's element size and a the accumulator's (4 bytes; 8 for float64). A K/V block of the
 ring group holds U * L tokens of hk' / U heads: KV = 2 b L hk' d e bytes, its dK/dV G = 2 b L hk' d a.
 
-  ring      forward (T - 1) KV in T - 1 messages (T = R ring steps, fewer for a truncated
-            ring); backward (T - 1) (KV + G) in 2 (T - 1) messages. K/V memory: 3 KV.
+  ring      forward (T - 1) KV in T - 1 messages (T = R ring steps, fewer when a window stops the
+            ring early; ranks whose K/V no rank that far round needs send less still); backward
+            (T - 1) (KV + G) in 2 (T - 1) messages. K/V memory: 3 KV.
   allgather forward (R - 1) KV in R - 1 messages (one all-gather); backward (R - 1) (KV + G) in
             2 (R - 1) messages (an all-gather and a reduce-scatter). K/V memory: R KV, and R G
             for the backward's dK/dV contributions.
@@ -40,7 +41,7 @@ def cost(kv_exchange: str, world: int, ulysses: int, heads: int, heads_kv: int, 
          seqlen: int, batch: int = 1, elem_bytes: int = 2, acc_bytes: int = 4,
          ring_steps: int = 0) -> Cost:
     """Bytes and messages per rank of one call (see the module docstring); ring_steps: the ring's
-    steps when truncated by a window (0: R)."""
+    steps when a window stops it early (0: R)."""
     if kv_exchange not in KV_EXCHANGES:
         raise ValueError(f"unknown kv_exchange {kv_exchange!r}")
     if world % ulysses or heads % ulysses or seqlen % world:

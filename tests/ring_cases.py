@@ -266,17 +266,24 @@ def check_varlen_rejected(kind, bad_ranks):
     return str(error.value)
 
 
-def varlen_ring_results(layout, causal, window, seqlens, seed, kv_exchange="ring"):
+def varlen_ring_stats(layout, causal, window, seqlens, seed, kv_exchange="ring"):
     """This rank's (out, lse, dq, dk, dv) of ring_attn_varlen_func on the float64 inputs of
-    random_packed(seed, seqlens, 4, 2, 16), and the ring's stats."""
+    random_packed(seed, seqlens, 4, 2, 16), the ring's stats of the forward and of the backward."""
     cu, *full = random_packed(seed, seqlens, 4, 2, 16, torch.float64)
     q, k, v, dout = (ra.shard_varlen(t, cu, layout=layout) for t in full)
     for t in (q, k, v):
         t.requires_grad_()
     out, lse = ra.ring_attn_varlen_func(q, k, v, cu, causal=causal, window_size=window,
                                         layout=layout, return_lse=True, kv_exchange=kv_exchange)
+    forward = ra.last_ring_stats()
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    return [t.detach() for t in (out, lse, *grads)], ra.last_ring_stats()
+    return [t.detach() for t in (out, lse, *grads)], forward, ra.last_ring_stats()
+
+
+def varlen_ring_results(layout, causal, window, seqlens, seed, kv_exchange="ring"):
+    """This rank's (out, lse, dq, dk, dv) of varlen_ring_stats, and the backward's stats."""
+    tensors, _, backward = varlen_ring_stats(layout, causal, window, seqlens, seed, kv_exchange)
+    return tensors, backward
 
 
 # ---- Ulysses x ring grids ----------------------------------------------------------------------

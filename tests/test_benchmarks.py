@@ -24,8 +24,9 @@ def test_bench_window_truncates_the_ring(tmp_path):
     res = json.loads(out.read_text())
     assert res["window"] == 32
     full, windowed = res["rows"]
-    # 4 contiguous shards of 64 tokens; a window of 32 reaches back one shard: one hop per rank.
-    assert full["fwd exchanges"] == 12 and windowed["fwd exchanges"] == 4
+    # 4 contiguous shards of 64 tokens: causal, block j travels to the 3 - j ranks after it (6
+    # hops); a window of 32 reaches back one shard: one hop per block but the last rank's.
+    assert full["fwd exchanges"] == 6 and windowed["fwd exchanges"] == 3
     assert full["blocks per rank"] == "1/2/3/4" and windowed["blocks per rank"] == "1/2/2/2"
     assert res["max_abs_err"] < 1e-5
 

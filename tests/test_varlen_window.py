@@ -60,9 +60,9 @@ def test_window_matches_reference(world, layout, causal, window):
 
 def test_narrow_causal_window_skips_hops():
     """Contiguous layout, causal window of 1/8 of the sequence on 4 ranks: each rank needs K/V
-    only from itself and the rank before it, so the ring runs 2 steps: 1 K/V hop per rank forward;
-    backward 1 K/V hop and 1 dK/dV hop (the own block's dK/dV stay home); rank 0 computes 1
-    block, the others 2."""
+    only from itself and the rank before it, so the ring runs 2 steps: every block but the last
+    rank's (which no rank needs: no wrap-around) makes 1 K/V hop forward; backward 1 K/V hop and
+    1 dK/dV hop home (the own block's dK/dV stay home); rank 0 computes 1 block, the others 2."""
     world, local = 4, 16
     seqlen = world * local
     cu, q, k, v, dout = random_packed(7, [seqlen], 2, 2, 16, torch.float64)
@@ -73,11 +73,12 @@ def test_narrow_causal_window_skips_hops():
         t.requires_grad_()
     hop = 2 * local * 2 * 16 * 8  # one packed float64 K/V (or dK/dV) block in bytes
     outs = ring.ring_attn_func(*shards[:3], causal=True, window_size=window)
-    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": world,
-                                    "bytes_sent": world * hop, "messages_sent": world}
+    hops = world - 1
+    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": hops,
+                                    "bytes_sent": hops * hop, "messages_sent": hops}
     grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
-    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": 2 * world,
-                                    "bytes_sent": 2 * world * hop, "messages_sent": 2 * world}
+    assert ra.last_ring_stats() == {"steps": 2, "blocks_computed": 7, "exchanges_posted": 2 * hops,
+                                    "bytes_sent": 2 * hops * hop, "messages_sent": 2 * hops}
     expected = reference(q, k, v, dout, sequence_visible(seqlen, True, window))
     assert_close(ring.unshard(outs)[0], expected[0], "out")
     for i, name in enumerate(("dq", "dk", "dv")):
@@ -148,19 +149,99 @@ def packed_stats(seqlens, world, causal):
 
 def test_packed_layout_makes_only_needed_hops():
     """Packed layout on 4 ranks: documents that never cross a rank boundary need no hop at all
-    (one step, every rank one block); a document crossing one boundary needs one step more (the
-    ring makes one K/V hop per rank forward, one K/V and one dK/dV hop backward); one document
-    over every rank needs the whole causal ring (zigzag would have made it too)."""
+    (one step, every rank one block); a document crossing one boundary needs one step more and
+    one hop of its first rank's K/V forward (backward that K/V hop and one dK/dV hop home); one
+    document over every rank needs the causal ring: block j travels to the 3 - j ranks after it,
+    6 hops (zigzag would have made 12)."""
     world = 4  # 10 tokens per rank below
     fwd, bwd = packed_stats([3, 7, 10, 1, 9, 5, 5], world, causal=True)
     assert fwd == {"steps": 1, "blocks_computed": world, "exchanges_posted": 0}
     assert bwd == {"steps": 1, "blocks_computed": world, "exchanges_posted": 0}
     fwd, bwd = packed_stats([3, 7, 10, 4, 12, 4], world, causal=True)  # [24, 36) crosses 30
-    assert fwd == {"steps": 2, "blocks_computed": world + 1, "exchanges_posted": world}
-    assert bwd == {"steps": 2, "blocks_computed": world + 1, "exchanges_posted": 2 * world}
-    fwd, _ = packed_stats([40], world, causal=True)
+    assert fwd == {"steps": 2, "blocks_computed": world + 1, "exchanges_posted": 1}
+    assert bwd == {"steps": 2, "blocks_computed": world + 1, "exchanges_posted": 2}
+    fwd, bwd = packed_stats([40], world, causal=True)
     assert fwd == {"steps": world, "blocks_computed": world * (world + 1) // 2,
-                   "exchanges_posted": world * (world - 1)}
+                   "exchanges_posted": world * (world - 1) // 2}
+    assert bwd["exchanges_posted"] == world * (world - 1)
+
+
+def packed_needs(seqlens, world):
+    """The (rank, source) pairs of distinct ranks whose tokens share a document, under the packed
+    layout (the token stream split into world equal contiguous parts): rank's queries may see
+    source's keys (causal: when source < rank)."""
+    per = sum(seqlens) // world
+    pairs, start = set(), 0
+    for length in seqlens:
+        first, last = start // per, (start + length - 1) // per
+        pairs |= {(r, s) for r in range(first, last + 1) for s in range(first, last + 1) if r != s}
+        start += length
+    return pairs
+
+
+def hop_messages(pairs, world, causal):
+    """How far each block's K/V must travel round the ring (to the farthest rank ahead of it that
+    needs it) and the messages each rank then sends: (reach, K/V messages, dK/dV messages). Block
+    j's K/V leave ranks j .. j+reach-1; its dK/dV sum leaves ranks j+1 .. j+reach (the last hop
+    home to j)."""
+    reach = [0] * world
+    for rank, source in pairs:
+        if source < rank or not causal:
+            reach[source] = max(reach[source], (rank - source) % world)
+    kv = [sum(0 <= (r - j) % world < reach[j] for j in range(world)) for r in range(world)]
+    grad = [sum(1 <= (r - j) % world <= reach[j] for j in range(world)) for r in range(world)]
+    return reach, kv, grad
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_packed_sends_only_needed_hops(rank_pool, causal):
+    """Packed layout on 4 ranks, one document crossing one rank boundary (ranks 2 and 3): LocalRing
+    matches the float64 reference forward and backward, the gloo ring matches LocalRing bit for
+    bit, and each rank sends exactly the bytes of the hops the documents need: causal, block 2's
+    K/V one hop to rank 3 and its dK/dV one hop home; non-causal also block 3's K/V the 3 hops
+    round the ring to rank 2 and its dK/dV back."""
+    world, seqlens = 4, [3, 7, 10, 4, 12, 4]  # 10 tokens per rank; [24, 36) crosses 30
+    pairs = packed_needs(seqlens, world)
+    reach, kv, grad = hop_messages(pairs, world, causal)
+    assert reach == ([0, 0, 1, 0] if causal else [0, 0, 1, 3])
+    per, heads_kv, headdim = sum(seqlens) // world, 2, 16
+    block = 2 * per * heads_kv * headdim * 8  # one rank's packed float64 K/V, or dK/dV
+    seed = seed_of("packed-hops", causal)
+    cu, q, k, v, dout = random_packed(seed, seqlens, 4, heads_kv, headdim, torch.float64)
+    expected = reference(q, k, v, dout, sequence_visible(seqlens, causal, (-1, -1)))
+
+    ring = LocalRing(world)
+    shards = [ring.shard_varlen(t, cu, layout="packed") for t in (q, k, v, dout)]
+    assert all(shard.shape[0] == per for shard in shards[0])
+    for t in itertools.chain(*shards[:3]):
+        t.requires_grad_()
+    outs, lses = ring.ring_attn_varlen_func(*shards[:3], cu, layout="packed", causal=causal,
+                                            return_lse=True)
+    blocks = world + sum(1 for r, s in pairs if s < r or not causal)
+    assert ra.last_ring_stats() == {
+        "steps": 1 + max(reach), "blocks_computed": blocks, "exchanges_posted": sum(kv),
+        "bytes_sent": sum(kv) * block, "messages_sent": sum(kv)}
+    grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
+    sent = sum(kv) + sum(grad)
+    assert ra.last_ring_stats() == {
+        "steps": 1 + max(reach), "blocks_computed": blocks, "exchanges_posted": sent,
+        "bytes_sent": sent * block, "messages_sent": sent}
+    got = [ring.unshard_varlen(outs, cu, layout="packed"),
+           ring.unshard_varlen([l.transpose(0, 1) for l in lses], cu, layout="packed").transpose(0, 1)]
+    got += [ring.unshard_varlen(grads[i * world:(i + 1) * world], cu, layout="packed")
+            for i in range(3)]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        assert_close(a, b, name)
+
+    from ring_cases import varlen_ring_stats
+    results = rank_pool(world).run(varlen_ring_stats, "packed", causal, (-1, -1), seqlens, seed)
+    for rank, (tensors, forward, backward) in enumerate(results):
+        local = [outs[rank], lses[rank]] + [grads[i * world + rank] for i in range(3)]
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), tensors, local):
+            assert torch.equal(a, b.detach()), f"rank {rank} {name}"
+        assert (forward["bytes_sent"], forward["messages_sent"]) == (kv[rank] * block, kv[rank])
+        assert (backward["bytes_sent"], backward["messages_sent"]) == (
+            (kv[rank] + grad[rank]) * block, kv[rank] + grad[rank]), f"rank {rank}"
 
 
 def test_varlen_shard_balances_tokens():

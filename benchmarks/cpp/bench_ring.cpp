@@ -107,8 +107,8 @@ class CopyThreadHub {
 
   void post(int rank, const Exchange& exchange, const std::vector<at::Tensor>& slots) {
     PostedSlots mine;
-    mine.send = slots.at(exchange.send_slot);
-    mine.recv = slots.at(exchange.recv_slot);
+    if (exchange.sends()) mine.send = slots.at(exchange.send_slot);
+    if (exchange.receives()) mine.recv = slots.at(exchange.recv_slot);
     exchanges_.post(rank, exchange, std::move(mine),
                     [this](PostedSlots& from, PostedSlots& to, int /*receiver*/) {
                       const std::shared_future<void> done =
@@ -121,8 +121,8 @@ class CopyThreadHub {
   void wait(int rank, const Exchange& exchange) {
     const auto done = exchanges_.complete(rank, exchange);
     if (!done) throw std::logic_error("bench_ring: a wait for an exchange that was never posted");
-    done->posted.in_done.wait();
-    done->posted.out_done.wait();
+    if (done->receives) done->posted.in_done.wait();
+    if (done->sends) done->posted.out_done.wait();
   }
 
  private:
@@ -145,25 +145,32 @@ class NoExchange final : public Transport {
   int rank_, world_;
 };
 
-// Blocks that compute nothing (the exchanges alone).
+// Blocks that compute nothing (the exchanges alone), needed as in the rank's ring.
 class NoCompute final : public BlockOps {
  public:
-  bool is_needed(int) const override { return true; }
+  explicit NoCompute(const RingContext& ring) : ring_(ring) {}  // `ring` must outlive this
+  bool is_needed(int source) const override { return ring_.needs(ring_.rank, source); }
   void forward(int, int) override {}
   void backward(int, int, int) override {}
   void zero_grad(int) override {}
   void add_grad(int, int) override {}
+
+ private:
+  const RingContext& ring_;
 };
 
 enum class Mode { kRing, kComputeOnly, kExchangeOnly };
 
 // The receive slots hold what a hop would have brought (the own K/V; zero dK/dV), for a ring whose
 // exchanges move nothing.
-void fill_receive_slots(std::vector<at::Tensor>& slots) {
+void fill_receive_slots(std::vector<at::Tensor>& slots, const TensorBlockOps& ops) {
   for (int i = slot::kKVRecv0; i < slot::kKVRecv0 + 2; ++i) {
-    if (slots[i].defined()) slots[i].copy_(slots[slot::kOwnKV]);
+    if (!slots[i].defined()) continue;
+    slots[i][0].copy_(ops.own_k);
+    slots[i][1].copy_(ops.own_v);
   }
-  for (int i = slot::kGradAcc0; i < slot::kGradHome; ++i) {
+  for (int i : {slot::kGradAcc0, slot::kGradAcc0 + 1, slot::kGradRecv0, slot::kGradRecv0 + 1,
+                slot::kGradHomeRecv}) {
     if (slots[i].defined()) slots[i].zero_();
   }
 }
@@ -174,19 +181,20 @@ template <typename Schedule, typename Rank>
 double run_ring(std::vector<std::unique_ptr<Rank>>& ranks, Mode mode, bool cpu_clock) {
   const int world = static_cast<int>(ranks.size());
   CopyThreadHub hub(world);
-  NoCompute no_compute;
+  std::vector<std::unique_ptr<NoCompute>> no_compute;
   std::vector<std::unique_ptr<Transport>> transports;
   std::vector<Schedule> schedules;
   for (int r = 0; r < world; ++r) {
     if (mode == Mode::kComputeOnly) {
-      fill_receive_slots(ranks[r]->slots);
+      fill_receive_slots(ranks[r]->slots, ranks[r]->ops);
       transports.push_back(std::make_unique<NoExchange>(r, world));
     } else {
       transports.push_back(std::make_unique<CopyThreadTransport>(hub, r, ranks[r]->slots));
     }
-    BlockOps& ops = mode == Mode::kExchangeOnly ? static_cast<BlockOps&>(no_compute)
+    no_compute.push_back(std::make_unique<NoCompute>(ranks[r]->ring));
+    BlockOps& ops = mode == Mode::kExchangeOnly ? static_cast<BlockOps&>(*no_compute[r])
                                                 : ranks[r]->ops;
-    schedules.emplace_back(*transports[r], ops, ranks[r]->ring.steps);
+    schedules.emplace_back(*transports[r], ops, ranks[r]->ring.reaches);
   }
   const double start = bench::now_ms(cpu_clock);
   run_lockstep(schedules);

@@ -2,7 +2,8 @@
 attention, contiguous layout, on CPU ranks over gloo (1 thread per rank).
 
 With a causal window and the contiguous layout, rank r needs K/V only from the ranks just before
-it, so the ring is truncated: fewer hops and fewer blocks, not only fewer FLOPs inside a block.
+it, so each block travels only to the ranks just after it and the ring stops early: fewer hops and
+fewer blocks, not only fewer FLOPs inside a block.
 The two variants are timed side by side (interleaved, a barrier before each call); a call's time
 is its slowest rank's. Each rank also reports the steps, blocks and exchanges of its last call,
 and the windowed output is checked against a float64 reference of the whole sequence.

@@ -4,13 +4,13 @@ document, causal, on CPU ranks over gloo (1 thread per rank).
 Document lengths are drawn from a long-tailed distribution (Pareto, from --min-len to --max-len
 tokens, most short) until --total tokens. Three ways to run the same packed batch:
   packed        ring_attn_varlen_func(layout="packed"): the stream split into world contiguous
-                parts; short documents stay on one rank, the ring runs only the steps needed
+                parts; short documents stay on one rank, the ring makes only the hops needed
   zigzag        ring_attn_varlen_func(layout="zigzag"): every document split over every rank
   per-document  every document whole on one rank (documents dealt to ranks by causal work, the
                 largest first), attention over a one-rank group: no communication at all
 A call's time is its slowest rank's (median of --iters, variants interleaved, a barrier before
-each call). Bytes are those the ring sends (K/V messages in the input dtype, dK/dV in float32),
-summed over ranks; blocks are the (rank, source) block pairs computed, summed over ranks. The
+each call). Bytes are those the ring sends (last_ring_stats: K/V messages in the input dtype,
+dK/dV in float32), summed over ranks; blocks are the (rank, source) block pairs computed, summed over ranks. The
 three outputs are checked against each other on every token and against a float64 reference on
 the documents of up to 2048 tokens.
 """
@@ -90,7 +90,6 @@ def _rank(rank, world, lengths, heads, headdim, iters, warmup):
         stats[(name, "fwd")] = ra.last_ring_stats()
         fwd_bwd()
         stats[(name, "bwd")] = ra.last_ring_stats()  # the backward ring's counts
-        stats[name] = {"tokens_local": local[0].shape[0]}
     times = h.median_times_interleaved(fns, iters, warmup, dist.barrier)
     gathered = {layout: ra.unshard_varlen(outs[layout], cu, layout=layout) for layout in ("packed", "zigzag")}
     return {"times": times, "stats": stats, "docs": mine,
@@ -119,16 +118,11 @@ def check(lengths, heads, headdim, res) -> float:
     return err
 
 
-def rows_of(world, res, heads, headdim):
+def rows_of(world, res):
     rows = []
     for name in VARIANTS:
-        tokens = res[0]["stats"][name]["tokens_local"]  # the same on every rank for the two rings
-        kv_bytes = 2 * tokens * heads * headdim * 4
-        grad_bytes = 2 * tokens * heads * headdim * 4
-        fwd_x = sum(r["stats"][(name, "fwd")]["exchanges_posted"] for r in res)
-        bwd_x = sum(r["stats"][(name, "bwd")]["exchanges_posted"] for r in res)
-        fwd_mb = fwd_x * kv_bytes / 1e6
-        bwd_mb = bwd_x // 2 * (kv_bytes + grad_bytes) / 1e6  # a K/V and a dK/dV hop per step
+        fwd_mb = sum(r["stats"][(name, "fwd")]["bytes_sent"] for r in res) / 1e6
+        bwd_mb = sum(r["stats"][(name, "bwd")]["bytes_sent"] for r in res) / 1e6
         rows.append({
             "world": world, "variant": name,
             "fwd ms": f"{max(r['times'][(name, 'fwd')] for r in res) * 1e3:.1f}",
@@ -162,7 +156,7 @@ def main(argv=None) -> int:
     for world in worlds:
         res = h.run_ranks(world, _rank, lengths, args.heads, args.headdim, args.iters, args.warmup)
         err = max(err, check(lengths, args.heads, args.headdim, res))
-        rows += rows_of(world, res, args.heads, args.headdim)
+        rows += rows_of(world, res)
     load = h.foreign_load(start, h.cpu_snapshot())
     if err > 1e-4:
         raise SystemExit(f"the variants' outputs differ from each other or from float64 by {err:.2e}")

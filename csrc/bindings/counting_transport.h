@@ -1,5 +1,5 @@
-// A Transport that forwards to another and counts what this rank sends: an exchange sends its
-// send slot (one message); an all-gather sends the own block to each other rank, and a
+// A Transport that forwards to another and counts what this rank sends: an exchange with a send
+// half sends its send slot (one message); an all-gather sends the own block to each other rank, and a
 // reduce-scatter each other rank its share of the send slot, (world - 1) * the received size
 // (world - 1 messages each). These are the volumes of a ring or direct algorithm, whatever the
 // backend does inside a collective.
@@ -23,6 +23,7 @@ class CountingTransport final : public Transport {
   int world_size() const override { return inner_.world_size(); }
   void post(const Exchange& exchange) override {
     inner_.post(exchange);
+    if (!exchange.sends()) return;
     bytes_ += static_cast<int64_t>(slots_.at(exchange.send_slot).nbytes());
     ++messages_;
   }

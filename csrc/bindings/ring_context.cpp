@@ -78,7 +78,8 @@ RingContext::RingContext(int rank_, int world_, const RingOptions& options, int6
     query_bounds[r] = tile_bounds(mask, rank_positions, rank_segments, 0, local_len);
     key_ranges[r] = range_of(rank_positions, 0, local_len);
   }
-  steps = steps_needed(world, [this](int r, int source) { return needs(r, source); });
+  reaches = block_reaches(world, [this](int r, int source) { return needs(r, source); });
+  steps = ring_steps(reaches);
 }
 
 bool RingContext::needs(int query_rank, int source) const {

@@ -1,6 +1,6 @@
 // One ring call as every rank sees it: the call's options, every rank's token positions (and,
-// for packed sequences, every query's sequence range), which blocks each rank needs and how many
-// steps the ring runs. All of it is derived from the agreed arguments, so it is the same on every
+// for packed sequences, every query's sequence range), which blocks each rank needs, how far each
+// block travels and how many steps the ring runs. All of it is derived from the agreed arguments, so it is the same on every
 // rank.
 #pragma once
 
@@ -40,7 +40,8 @@ struct RingContext {
   std::vector<at::Tensor> segments;      // per rank, int32 (local_len, 2) when packed
   std::vector<TileBounds> query_bounds;  // per rank: its queries' visible-key bounds
   std::vector<PositionRange> key_ranges; // per rank: its keys' positions
-  int steps;  // of the ring schedule
+  std::vector<int> reaches;  // per block: how many hops it travels (core/ring_scheduler.h)
+  int steps;                 // of the ring schedule: 1 + the largest reach
 
   RingContext(int rank, int world, const RingOptions& options, int64_t local_len);
 

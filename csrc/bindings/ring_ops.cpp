@@ -43,11 +43,11 @@ void record_stats(const std::vector<Schedule>& schedules,
   g_last_stats = stats;
 }
 
-// The schedule of one rank: the ring's runs ring.steps steps.
+// The schedule of one rank: the ring's blocks travel ring.reaches.
 template <typename Schedule>
 Schedule make_schedule(Transport& transport, BlockOps& ops, const RingContext& ring) {
-  if constexpr (std::is_constructible_v<Schedule, Transport&, BlockOps&, int>) {
-    return Schedule(transport, ops, ring.steps);
+  if constexpr (std::is_constructible_v<Schedule, Transport&, BlockOps&, std::vector<int>>) {
+    return Schedule(transport, ops, ring.reaches);
   } else {
     return Schedule(transport, ops);
   }

@@ -40,7 +40,7 @@ local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& 
 struct RingStats {
   int64_t steps = 0;             // schedule steps
   int64_t blocks_computed = 0;   // block kernel calls (blocks the mask hides are skipped)
-  int64_t exchanges_posted = 0;  // K/V and dK/dV hops, or collectives
+  int64_t exchanges_posted = 0;  // the K/V and dK/dV hops sent, or collectives
   int64_t bytes_sent = 0;        // payload (bindings/counting_transport.h)
   int64_t messages_sent = 0;     // sends (a collective counts world - 1)
 };

@@ -30,9 +30,15 @@ struct StepRange {
 #endif
 };
 
-// The K/V of a block packed as (2, batch, seqlen, heads_kv, headdim): one message per hop.
+// An uninitialised buffer for one block's K/V (or dK/dV) packed as (2, batch, seqlen, heads_kv,
+// headdim), the shape of one hop's message, in `dtype`.
+at::Tensor empty_packed(const at::Tensor& k, at::ScalarType dtype) {
+  return at::empty({2, k.size(0), k.size(1), k.size(2), k.size(3)}, k.options().dtype(dtype));
+}
+
+// The K/V of a block packed: one message per hop.
 at::Tensor pack_kv(const at::Tensor& k, const at::Tensor& v) {
-  at::Tensor packed = at::empty({2, k.size(0), k.size(1), k.size(2), k.size(3)}, k.options());
+  at::Tensor packed = empty_packed(k, k.scalar_type());
   packed[0].copy_(k);
   packed[1].copy_(v);
   return packed;
@@ -49,7 +55,7 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
 void set_own_kv(TensorBlockOps& ops, std::vector<at::Tensor>& slots, const at::Tensor& k,
                 const at::Tensor& v, const RingContext& ring) {
   const bool gather = ring.kv_exchange == KVExchange::kAllGather && ring.world > 1;
-  const bool sent = gather || ring.steps > 1;
+  const bool sent = gather || ring.reaches[ring.rank] > 0;
   if (k.is_cpu()) {
     ops.own_k = unit_last_stride(k);
     ops.own_v = unit_last_stride(v);
@@ -62,7 +68,7 @@ void set_own_kv(TensorBlockOps& ops, std::vector<at::Tensor>& slots, const at::T
     return;
   }
   for (int i = 0; i < std::min(2, ring.steps - 1); ++i) {
-    slots[slot::kKVRecv0 + i] = at::empty_like(slots[slot::kOwnKV]);
+    slots[slot::kKVRecv0 + i] = empty_packed(k, k.scalar_type());
   }
 }
 
@@ -147,14 +153,21 @@ RankBackward::RankBackward(const BlockKernels& kernels, int rank, int world,
   if (ring.kv_exchange == KVExchange::kAllGather && ring.world > 1) {
     // This rank's contributions to every block, and its own block's sum over ranks.
     slots[slot::kAllGrad] = at::empty_like(slots[slot::kAllKV], acc);
-    slots[slot::kGradRecv0] = at::empty_like(slots[slot::kOwnKV], acc);
+    slots[slot::kGradRecv0] = empty_packed(k, acc);
   }
   for (int i = 0; i < 2 && ring.kv_exchange == KVExchange::kRing; ++i) {
-    // Travelling sums and their receive buffers of steps 1 .. steps-1 (slot i: steps t % 2 == i).
+    // Travelling sums of steps 1 .. steps-1 and their receive buffers of steps 1 .. steps-2 (slot
+    // i: steps t % 2 == i).
     if (i == 0 ? ring.steps > 2 : ring.steps > 1) {
-      slots[slot::kGradAcc0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
-      slots[slot::kGradRecv0 + i] = at::empty_like(slots[slot::kOwnKV], acc);
+      slots[slot::kGradAcc0 + i] = empty_packed(k, acc);
     }
+    if (i == 0 ? ring.steps > 3 : ring.steps > 2) {
+      slots[slot::kGradRecv0 + i] = empty_packed(k, acc);
+    }
+  }
+  if (ring.kv_exchange == KVExchange::kRing && ring.reaches[ring.rank] > 0) {
+    // The other ranks' sum for the own block, brought home.
+    slots[slot::kGradHomeRecv] = empty_packed(k, acc);
   }
   ops.q = unit_last_stride(q);
   ops.dout = unit_last_stride(dout);

@@ -48,7 +48,7 @@ C10dTransport::~C10dTransport() {
 }
 
 static int exchange_tag(const Exchange& exchange) {
-  return exchange.step * 2 + static_cast<int>(exchange.channel);
+  return exchange.step * kChannelCount + static_cast<int>(exchange.channel);
 }
 
 std::string C10dTransport::describe(const Exchange& exchange, bool receiving) const {
@@ -60,21 +60,25 @@ std::string C10dTransport::describe(const Exchange& exchange, bool receiving) co
 
 void C10dTransport::post(const Exchange& exchange) {
   const int tag = exchange_tag(exchange);
-  std::vector<at::Tensor> send{slots_.at(exchange.send_slot)};
-  std::vector<at::Tensor> recv{slots_.at(exchange.recv_slot)};
   Pending pending;
   // Post the receive first: a peer's send can then land directly. A dead peer can fail the
   // posting itself.
-  try {
-    pending.recv = group_->recv(recv, mod(rank_ - exchange.offset, world_), tag);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(describe(exchange, true) + ": " + e.what());
+  if (exchange.receives()) {
+    std::vector<at::Tensor> recv{slots_.at(exchange.recv_slot)};
+    try {
+      pending.recv = group_->recv(recv, mod(rank_ - exchange.offset, world_), tag);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(describe(exchange, true) + ": " + e.what());
+    }
   }
-  try {
-    pending.send = group_->send(send, mod(rank_ + exchange.offset, world_), tag);
-  } catch (const std::exception& e) {
-    abandon(pending.recv);
-    throw std::runtime_error(describe(exchange, false) + ": " + e.what());
+  if (exchange.sends()) {
+    std::vector<at::Tensor> send{slots_.at(exchange.send_slot)};
+    try {
+      pending.send = group_->send(send, mod(rank_ + exchange.offset, world_), tag);
+    } catch (const std::exception& e) {
+      if (pending.recv) abandon(pending.recv);
+      throw std::runtime_error(describe(exchange, false) + ": " + e.what());
+    }
   }
   pending_[{static_cast<int>(exchange.channel), exchange.step}] = std::move(pending);
 }
@@ -83,11 +87,13 @@ void C10dTransport::wait(const Exchange& exchange) {
   auto it = pending_.find({static_cast<int>(exchange.channel), exchange.step});
   TORCH_CHECK(it != pending_.end(), "ring attention: internal error, waiting for an exchange (",
               channel_name(exchange.channel), ", step ", exchange.step, ") that was never posted");
-  if (!wait_with_deadline(it->second.recv, timeout_s_, describe(exchange, true))) {
+  if (it->second.recv &&
+      !wait_with_deadline(it->second.recv, timeout_s_, describe(exchange, true))) {
     throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, true,
                            mod(rank_ - exchange.offset, world_));
   }
-  if (!wait_with_deadline(it->second.send, timeout_s_, describe(exchange, false))) {
+  if (it->second.send &&
+      !wait_with_deadline(it->second.send, timeout_s_, describe(exchange, false))) {
     throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, false,
                            mod(rank_ + exchange.offset, world_));
   }

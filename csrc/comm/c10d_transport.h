@@ -1,6 +1,7 @@
 // Ring transport over any torch c10d::ProcessGroup (gloo on CPU; NCCL groups work too).
-// Each exchange is one send to rank+1 and one recv from rank-1, tagged by (step, channel) so that
-// the K/V and dK/dV rings never match each other's messages; collectives are the group's own.
+// Each exchange is a send to rank+offset and/or a recv from rank-offset, tagged by (step, channel)
+// so that the K/V and dK/dV rings never match each other's messages; collectives are the group's
+// own.
 // Every wait has a deadline.
 #pragma once
 
@@ -41,7 +42,7 @@ class C10dTransport final : public Transport {
   // "ring attention: rank R failed at ring step S receiving K/V from rank P"
   std::string describe(const Exchange& exchange, bool receiving) const;
 
-  struct Pending {
+  struct Pending {  // a half the exchange does not have stays empty
     c10::intrusive_ptr<c10d::Work> send;
     c10::intrusive_ptr<c10d::Work> recv;
   };

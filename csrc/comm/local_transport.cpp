@@ -4,6 +4,7 @@
 
 #include <map>
 #include <optional>
+#include <string>
 
 #include "core/local_exchanges.h"
 
@@ -37,7 +38,8 @@ cudaStream_t current_stream(const at::Tensor& on_device) {
 }
 #endif
 
-// What a rank's post of an exchange leaves for the copies and the wait.
+// What a rank's post of an exchange leaves for the copies and the wait (a half the exchange does
+// not have stays undefined).
 struct PostedSlots {
   at::Tensor send;
   at::Tensor recv;
@@ -102,10 +104,11 @@ int LocalHub::world() const { return state_->exchanges.world(); }
 
 void LocalHub::post(int rank, const Exchange& exchange, const std::vector<at::Tensor>& slots) {
   PostedSlots mine;
-  mine.send = slots.at(exchange.send_slot);
-  mine.recv = slots.at(exchange.recv_slot);
+  if (exchange.sends()) mine.send = slots.at(exchange.send_slot);
+  if (exchange.receives()) mine.recv = slots.at(exchange.recv_slot);
 #if defined(RING_ATTN_WITH_CUDA)
-  if (mine.send.is_cuda()) mine.posted = record_event(current_stream(mine.send));
+  const at::Tensor& either = exchange.sends() ? mine.send : mine.recv;
+  if (either.is_cuda()) mine.posted = record_event(current_stream(either));
 #endif
   state_->exchanges.post(rank, exchange, std::move(mine),
                          [this](PostedSlots& from, PostedSlots& to, int receiver) {
@@ -115,14 +118,25 @@ void LocalHub::post(int rank, const Exchange& exchange, const std::vector<at::Te
 
 void LocalHub::wait(int rank, const Exchange& exchange) {
   const auto done = state_->exchanges.complete(rank, exchange);
-  TORCH_CHECK(done.has_value(), "LocalRing: virtual rank ", rank, " waits for ",
-              channel_name(exchange.channel), " of ring step ", exchange.step, " that rank ",
-              mod(rank - exchange.offset, world()), " never posted: the schedule would deadlock");
+  if (!done.has_value()) {
+    // The peer of a half that did not complete: the sender for a receive, else the receiver.
+    const int peer = mod(rank + (exchange.receives() ? -exchange.offset : exchange.offset), world());
+    TORCH_CHECK(false, "LocalRing: virtual rank ", rank, " waits for ",
+                channel_name(exchange.channel), " of ring step ", exchange.step,
+                exchange.receives() ? " from" : " to", " rank ", peer,
+                exchange.receives() && exchange.sends()
+                    ? " (or sending to rank " +
+                          std::to_string(mod(rank + exchange.offset, world())) + ")"
+                    : std::string(),
+                ", which never posted its end: the schedule would deadlock");
+  }
 #if defined(RING_ATTN_WITH_CUDA)
-  if (done->posted.recv.is_cuda()) {
-    const cudaStream_t stream = current_stream(done->posted.recv);
-    stream_wait(stream, done->posted.in_done);   // the receive slot is filled
-    stream_wait(stream, done->posted.out_done);  // the send slot may be written again
+  const PostedSlots& mine = done->posted;
+  const at::Tensor& either = done->receives ? mine.recv : mine.send;
+  if (either.is_cuda()) {
+    const cudaStream_t stream = current_stream(either);
+    if (done->receives) stream_wait(stream, mine.in_done);   // the receive slot is filled
+    if (done->sends) stream_wait(stream, mine.out_done);     // the send slot may be written again
   }
 #endif
 }

@@ -52,11 +52,13 @@ struct Communicator {
   double timeout_s = 0;
   int step = 0;
   Channel channel = Channel::kKV;
-  int peer = 0;       // received from
-  int send_peer = 0;  // sent to
+  bool receiving = true;  // the hop has a receive half: `peer` is the rank received from
+  int peer = 0;           // received from, or sent to for a send alone
+  int send_peer = 0;      // sent to when the hop has both halves, else -1
   std::string error;
 
-  void fail_timeout(double seconds, int step_, Channel channel_, int peer_, int send_peer_) {
+  void fail_timeout(double seconds, int step_, Channel channel_, bool receiving_, int peer_,
+                    int send_peer_) {
     {
       std::lock_guard<std::mutex> lock(mutex);
       if (failed) return;
@@ -64,6 +66,7 @@ struct Communicator {
       timeout_s = seconds;
       step = step_;
       channel = channel_;
+      receiving = receiving_;
       peer = peer_;
       send_peer = send_peer_;
     }
@@ -91,7 +94,7 @@ struct Communicator {
 
  private:
   RingTimeoutError timeout_error() const {
-    return RingTimeoutError(timeout_s, step, channel, /*receiving=*/true, peer, send_peer);
+    return RingTimeoutError(timeout_s, step, channel, receiving, peer, send_peer);
   }
   std::string abort_message() const {
     return "ring attention (NCCL transport): rank " + std::to_string(rank) +
@@ -125,8 +128,9 @@ struct Pending {
   cudaEvent_t done = nullptr;
   int step = 0;
   Channel channel = Channel::kKV;
-  int peer = 0;       // the rank received from
-  int send_peer = 0;  // the rank sent to
+  bool receiving = true;  // as in Communicator
+  int peer = 0;
+  int send_peer = 0;
   double timeout_s = 0;
   std::atomic<bool> finished{false};
   Clock::time_point started;  // when `ready` was first seen complete (watchdog only)
@@ -188,7 +192,7 @@ class Watchdog {
         }
         if (p.started_known && p.timeout_s > 0 &&
             std::chrono::duration<double>(now - p.started).count() > p.timeout_s) {
-          p.comm->fail_timeout(p.timeout_s, p.step, p.channel, p.peer, p.send_peer);
+          p.comm->fail_timeout(p.timeout_s, p.step, p.channel, p.receiving, p.peer, p.send_peer);
           it = pending_.erase(it);
           continue;
         }
@@ -304,11 +308,11 @@ class NcclTransport final : public Transport {
 
   void post(const Exchange& x) override {
     comm_->check();
-    const at::Tensor& send = slots_.at(x.send_slot);
-    const at::Tensor& recv = slots_.at(x.recv_slot);
-    const size_t bytes = send.numel() * send.element_size();
-    TORCH_CHECK(bytes == static_cast<size_t>(recv.numel() * recv.element_size()) &&
-                    send.is_contiguous() && recv.is_contiguous(),
+    // A half the exchange does not have is an undefined tensor.
+    const at::Tensor send = x.sends() ? slots_.at(x.send_slot) : at::Tensor();
+    const at::Tensor recv = x.receives() ? slots_.at(x.recv_slot) : at::Tensor();
+    TORCH_CHECK((!x.sends() || send.is_contiguous()) && (!x.receives() || recv.is_contiguous()) &&
+                    (!x.sends() || !x.receives() || send.nbytes() == recv.nbytes()),
                 "ring attention (NCCL transport): internal error, mismatched slots");
     const int next = mod(comm_->rank + x.offset, comm_->world);
     const int prev = mod(comm_->rank - x.offset, comm_->world);
@@ -320,8 +324,9 @@ class NcclTransport final : public Transport {
     p->comm = comm_;
     p->step = x.step;
     p->channel = x.channel;
-    p->peer = prev;
-    p->send_peer = next;
+    p->receiving = x.receives();
+    p->peer = x.receives() ? prev : next;
+    p->send_peer = x.sends() && x.receives() ? next : -1;
     p->timeout_s = timeout_s_;
     RA_CUDA_CHECK(cudaEventCreateWithFlags(&p->ready, cudaEventDisableTiming));
     RA_CUDA_CHECK(cudaEventCreateWithFlags(&p->done, cudaEventDisableTiming));
@@ -329,8 +334,12 @@ class NcclTransport final : public Transport {
     RA_CUDA_CHECK(cudaEventRecord(p->ready, compute_));
     RA_CUDA_CHECK(cudaStreamWaitEvent(stream_, p->ready, 0));
     RA_NCCL_CHECK(ncclGroupStart());
-    RA_NCCL_CHECK(ncclSend(send.data_ptr(), bytes, ncclUint8, next, comm_->comm, stream_));
-    RA_NCCL_CHECK(ncclRecv(recv.data_ptr(), bytes, ncclUint8, prev, comm_->comm, stream_));
+    if (x.sends()) {
+      RA_NCCL_CHECK(ncclSend(send.data_ptr(), send.nbytes(), ncclUint8, next, comm_->comm, stream_));
+    }
+    if (x.receives()) {
+      RA_NCCL_CHECK(ncclRecv(recv.data_ptr(), recv.nbytes(), ncclUint8, prev, comm_->comm, stream_));
+    }
     RA_NCCL_CHECK(ncclGroupEnd());
     RA_CUDA_CHECK(cudaEventRecord(p->done, stream_));
     nvtxRangePop();
@@ -392,7 +401,7 @@ class NcclTransport final : public Transport {
   };
   // Collectives are keyed apart from the exchanges' (channel, step).
   static std::pair<int, int> collective_key(const Collective& c) {
-    return {2 + static_cast<int>(c.kind), 0};
+    return {kChannelCount + static_cast<int>(c.kind), 0};
   }
 
   void wait_for(const std::pair<int, int>& key, const char* what) {

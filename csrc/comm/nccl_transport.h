@@ -9,6 +9,9 @@
 //   compute stream: ... kernels --record(ready)-->                 --wait(done)--> kernels using recv
 //   comm stream   :               --wait(ready)--> ncclGroupStart; ncclSend(next); ncclRecv(prev);
 //                                                  ncclGroupEnd --record(done)-->
+// (ncclSend or ncclRecv only where the exchange has only that half). NCCL pairs the sends and
+// receives between two ranks in the order they are issued (no tags): every rank posts its
+// exchanges in the same (step, channel) order, so each hop's send meets its receive.
 // `ready` is recorded on the compute stream when the exchange is posted: the send buffer is written
 // and the receive buffer's previous contents consumed (the slot's 'consumed' event) by then. wait()
 // makes the compute stream wait on `done` and never blocks the host. The send buffer is not
@@ -20,7 +23,8 @@
 // whose exchange hung has returned already: its outputs are invalid), and the next
 // post()/wait()/ring call of any transport over that group raises RingTimeoutError on the host
 // thread. RING_ATTN_NCCL_ABORT_ON_ERROR=1 ends the process instead, as torch's NCCL watchdog does.
-// NCCL fuses the send and the receive of a hop into one kernel, so the error names both peers.
+// NCCL fuses the send and the receive of an exchange into one kernel, so the error of an exchange
+// with both halves names both peers.
 // Under CUDA graph capture exchanges carry no deadline (captured events cannot be queried), and
 // the communicator must exist before capture (run one ring call first): creating it communicates.
 #pragma once

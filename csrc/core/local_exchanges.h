@@ -4,10 +4,11 @@
 // (benchmarks/cpp/bench_ring.cpp).
 //
 // A hop of an exchange (the sender's send slot into the receiver's receive slot) may be copied as
-// soon as both ranks have posted that exchange: by the schedule's contract a posted send slot is
-// written and a posted receive slot is free. The transport keeps a `Posted` value per posted
-// exchange (its slots' memory, events, ...) and does the copying itself; this class matches the
-// posts and tracks which hops were copied.
+// soon as both ranks have posted that exchange, the sender with a send half and the receiver with
+// a receive half: by the schedule's contract a posted send slot is written and a posted receive
+// slot is free. The transport keeps a `Posted` value per posted exchange (its slots' memory,
+// events, ...) and does the copying itself; this class matches the posts and tracks which hops
+// were copied.
 #pragma once
 
 #include <map>
@@ -24,8 +25,10 @@ class LocalExchanges {
  public:
   struct Entry {
     Posted posted;
-    bool copied_in = false;   // the receive slot holds the previous rank's send
-    bool copied_out = false;  // the send slot was copied to the next rank
+    bool sends = false;       // the exchange has a send half
+    bool receives = false;    // and a receive half
+    bool copied_in = false;   // the receive slot holds the sender's send
+    bool copied_out = false;  // the send slot was copied to the receiver
   };
 
   explicit LocalExchanges(int world) : entries_(world) {}
@@ -36,16 +39,19 @@ class LocalExchanges {
   // out of it (the same hop at world size 1, copied once).
   template <typename Copy>
   void post(int rank, const Exchange& exchange, Posted posted, Copy&& copy) {
-    entries_[rank][key(exchange)] = Entry{std::move(posted)};
+    entries_[rank][key(exchange)] =
+        Entry{std::move(posted), exchange.sends(), exchange.receives()};
     copy_if_both_posted(mod(rank - exchange.offset, world()), rank, exchange, copy);
     copy_if_both_posted(rank, mod(rank + exchange.offset, world()), exchange, copy);
   }
 
-  // Removes and returns `rank`'s entry of `exchange` once both its hops were copied; nothing
-  // when it was never posted or a peer never posted it (a wait for it would deadlock).
+  // Removes and returns `rank`'s entry of `exchange` once the hops of its halves were copied;
+  // nothing when it was never posted or a peer never posted its end (a wait would deadlock).
   std::optional<Entry> complete(int rank, const Exchange& exchange) {
     const auto it = entries_[rank].find(key(exchange));
-    if (it == entries_[rank].end() || !it->second.copied_in || !it->second.copied_out) {
+    if (it == entries_[rank].end()) return std::nullopt;
+    const Entry& entry = it->second;
+    if ((entry.receives && !entry.copied_in) || (entry.sends && !entry.copied_out)) {
       return std::nullopt;
     }
     std::optional<Entry> done(std::move(it->second));
@@ -67,7 +73,7 @@ class LocalExchanges {
     const auto from = entries_[sender].find(key(exchange));
     const auto to = entries_[receiver].find(key(exchange));
     if (from == entries_[sender].end() || to == entries_[receiver].end()) return;
-    if (to->second.copied_in) return;
+    if (!from->second.sends || !to->second.receives || to->second.copied_in) return;
     copy(from->second.posted, to->second.posted, receiver);
     to->second.copied_in = true;
     from->second.copied_out = true;

@@ -1,11 +1,13 @@
 #include "ring_scheduler.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <utility>
 
 namespace ring_attn {
 
 const char* channel_name(Channel channel) {
-  return channel == Channel::kKV ? "K/V" : "dK/dV";
+  return channel == Channel::kKV ? "K/V" : "dK/dV";  // kGradHome: the same data, sent home
 }
 
 const char* collective_name(CollectiveKind kind) {
@@ -51,46 +53,88 @@ RingTimeoutError::RingTimeoutError(double seconds, int step_, Channel channel, b
       send_peer(send_peer_) {}
 
 // ---------------------------------------------------------------------------------------------
+// Route
+
+int ring_steps(const std::vector<int>& reaches) {
+  int steps = 1;
+  for (int reach : reaches) steps = std::max(steps, reach + 1);
+  return steps;
+}
+
+static std::vector<int> checked_reaches(std::vector<int> reaches, int world) {
+  if (reaches.empty()) return std::vector<int>(world, world - 1);
+  if (static_cast<int>(reaches.size()) != world) {
+    throw std::invalid_argument("ring attention: one reach per rank is needed");
+  }
+  for (int reach : reaches) {
+    if (reach < 0 || reach >= world) {
+      throw std::invalid_argument("ring attention: a block cannot travel past the ring");
+    }
+  }
+  return reaches;
+}
+
+RingRoute::RingRoute(int rank, int world, std::vector<int> reaches)
+    : rank_(rank),
+      world_(world),
+      reaches_(checked_reaches(std::move(reaches), world)),
+      steps_(ring_steps(reaches_)) {}
+
+Exchange RingRoute::kv_exchange(int step) const {
+  const bool sends = reach(source(step)) > step;
+  const bool receives = reach(source(step + 1)) > step;
+  return Exchange{Channel::kKV, step, sends ? kv_slot(step) : slot::kNone,
+                  receives ? kv_slot(step + 1) : slot::kNone};
+}
+
+// Posts `exchange` unless it has no half; counts a send half in `hops_sent`.
+static void post_halves(Transport& transport, const Exchange& exchange, int& hops_sent) {
+  if (!exchange.sends() && !exchange.receives()) return;
+  transport.post(exchange);
+  hops_sent += exchange.sends();
+}
+
+static void wait_halves(Transport& transport, const Exchange& exchange) {
+  if (exchange.sends() || exchange.receives()) transport.wait(exchange);
+}
+
+// A rank computes on the block of `step` only if it holds it; it never needs one it does not hold
+// (see ring_scheduler.h), which a mismatched `needed` would break.
+static bool compute_here(const RingRoute& route, const BlockOps& ops, int step) {
+  const bool needed = ops.is_needed(route.source(step));
+  if (needed && !route.holds(step)) {
+    throw std::logic_error("ring attention: internal error, rank " + std::to_string(route.rank()) +
+                           " needs the block of rank " + std::to_string(route.source(step)) +
+                           " that does not travel to it");
+  }
+  return needed;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward
 
-static int checked_steps(int num_steps, int world) {
-  if (num_steps <= 0) return world;
-  if (num_steps > world) throw std::invalid_argument("ring attention: more steps than ranks");
-  return num_steps;
-}
-
-RingForward::RingForward(Transport& transport, BlockOps& ops, int num_steps)
+RingForward::RingForward(Transport& transport, BlockOps& ops, std::vector<int> reaches)
     : transport_(transport),
       ops_(ops),
-      rank_(transport.rank()),
-      world_(transport.world_size()),
-      steps_(checked_steps(num_steps, world_)) {}
-
-Exchange RingForward::kv_exchange(int step) const {
-  return Exchange{Channel::kKV, step, kv_slot(step), kv_slot(step + 1)};
-}
+      route_(transport.rank(), transport.world_size(), std::move(reaches)) {}
 
 void RingForward::begin_step(int step) {
-  if (step + 1 < steps_) {
-    transport_.post(kv_exchange(step));
-    ++posted_;
-  }
+  if (step + 1 < route_.steps()) post_halves(transport_, route_.kv_exchange(step), posted_);
 }
 
 void RingForward::compute_step(int step) {
-  const int source = source_at(rank_, world_, step);
-  if (ops_.is_needed(source)) {
-    ops_.forward(kv_slot(step), source);
+  if (compute_here(route_, ops_, step)) {
+    ops_.forward(RingRoute::kv_slot(step), route_.source(step));
     ++computed_;
   }
 }
 
 void RingForward::end_step(int step) {
-  if (step + 1 < steps_) transport_.wait(kv_exchange(step));
+  if (step + 1 < route_.steps()) wait_halves(transport_, route_.kv_exchange(step));
 }
 
 void RingForward::run() {
-  for (int step = 0; step < steps_; ++step) {
+  for (int step = 0; step < route_.steps(); ++step) {
     begin_step(step);
     compute_step(step);
     end_step(step);
@@ -100,36 +144,35 @@ void RingForward::run() {
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-RingBackward::RingBackward(Transport& transport, BlockOps& ops, int num_steps)
+RingBackward::RingBackward(Transport& transport, BlockOps& ops, std::vector<int> reaches)
     : transport_(transport),
       ops_(ops),
-      rank_(transport.rank()),
-      world_(transport.world_size()),
-      steps_(checked_steps(num_steps, world_)) {}
+      route_(transport.rank(), transport.world_size(), std::move(reaches)) {}
 
-Exchange RingBackward::kv_exchange(int step) const {
-  return Exchange{Channel::kKV, step, kv_slot(step), kv_slot(step + 1)};
+Exchange RingBackward::travel_exchange(int step) const {
+  const bool sends = route_.reach(route_.source(step)) > step;
+  const bool receives = route_.reach(route_.source(step + 1)) > step;
+  return Exchange{Channel::kGradKV, step, sends ? send_slot_ : slot::kNone,
+                  receives ? grad_recv(step) : slot::kNone, 1};
 }
 
-Exchange RingBackward::grad_exchange(int step) const {
-  // The last hop brings each block's dK/dV home: steps_-1 ranks back (one forward in a full ring).
-  const int offset = step + 1 == steps_ ? 1 - steps_ : 1;
-  return Exchange{Channel::kGradKV, step, send_slot_, grad_recv(step), offset};
+Exchange RingBackward::home_exchange(int step) const {
+  const bool sends = route_.reach(route_.source(step)) == step;
+  const bool receives = route_.reach(route_.rank()) == step;
+  return Exchange{Channel::kGradHome, step, sends ? send_slot_ : slot::kNone,
+                  receives ? slot::kGradHomeRecv : slot::kNone, -step};
 }
 
 void RingBackward::begin_step(int step) {
-  if (step + 1 < steps_) {
-    transport_.post(kv_exchange(step));
-    ++posted_;
-  }
+  if (step + 1 < route_.steps()) post_halves(transport_, route_.kv_exchange(step), posted_);
 }
 
 void RingBackward::compute_step(int step) {
-  const int source = source_at(rank_, world_, step);
-  const bool needed = ops_.is_needed(source);
+  const int source = route_.source(step);
+  const bool needed = compute_here(route_, ops_, step);
   if (step == 0) {  // the own block: its dK/dV stay here
     if (needed) {
-      ops_.backward(kv_slot(0), source, slot::kGradHome);
+      ops_.backward(RingRoute::kv_slot(0), source, slot::kGradHome);
       ++computed_;
     } else {
       ops_.zero_grad(slot::kGradHome);
@@ -137,46 +180,48 @@ void RingBackward::compute_step(int step) {
     return;
   }
   if (needed) {
-    ops_.backward(kv_slot(step), source, grad_acc(step));
+    ops_.backward(RingRoute::kv_slot(step), source, grad_acc(step));
     send_slot_ = grad_acc(step);
     ++computed_;
-  } else if (step == 1) {
+  } else if (step == 1 && route_.holds(step)) {
     ops_.zero_grad(grad_acc(step));  // the travelling sum starts here, empty
     send_slot_ = grad_acc(step);
   } else {
-    send_slot_ = -1;  // nothing added here: pass on what r-1 sent
+    send_slot_ = slot::kNone;  // nothing added here: pass on what r-1 sent (if anything)
   }
+}
+
+void RingBackward::complete_grad_exchanges() {
+  for (const Exchange& exchange : grad_in_flight_) {
+    transport_.wait(exchange);
+    if (!exchange.receives()) continue;
+    if (exchange.channel == Channel::kGradHome) {
+      ops_.add_grad(slot::kGradHome, exchange.recv_slot);
+    } else if (send_slot_ == slot::kNone) {  // the sum of the block in hand, from r-1
+      send_slot_ = exchange.recv_slot;
+    } else {
+      ops_.add_grad(send_slot_, exchange.recv_slot);
+    }
+  }
+  grad_in_flight_.clear();
 }
 
 void RingBackward::end_step(int step) {
   if (step > 0) {
-    if (step > 1) {
-      // The travelling sum that r-1 sent at the end of step-1, for the block we hold now.
-      const Exchange previous{Channel::kGradKV, step - 1, -1, grad_recv(step - 1)};
-      transport_.wait(previous);
-      if (send_slot_ < 0) {
-        send_slot_ = grad_recv(step - 1);
-      } else {
-        ops_.add_grad(send_slot_, grad_recv(step - 1));
-      }
+    complete_grad_exchanges();
+    for (const Exchange& exchange : {travel_exchange(step), home_exchange(step)}) {
+      if (!exchange.sends() && !exchange.receives()) continue;
+      post_halves(transport_, exchange, posted_);
+      grad_in_flight_.push_back(exchange);
     }
-    transport_.post(grad_exchange(step));
-    ++posted_;
   }
-  if (step + 1 < steps_) transport_.wait(kv_exchange(step));
+  if (step + 1 < route_.steps()) wait_halves(transport_, route_.kv_exchange(step));
 }
 
-void RingBackward::finish() {
-  if (steps_ > 1) {
-    // The other ranks' contributions to our block, brought home by the last hop.
-    const int last = steps_ - 1;
-    transport_.wait(Exchange{Channel::kGradKV, last, -1, grad_recv(last), 1 - steps_});
-    ops_.add_grad(slot::kGradHome, grad_recv(last));
-  }
-}
+void RingBackward::finish() { complete_grad_exchanges(); }
 
 void RingBackward::run() {
-  for (int step = 0; step < steps_; ++step) {
+  for (int step = 0; step < route_.steps(); ++step) {
     begin_step(step);
     compute_step(step);
     end_step(step);

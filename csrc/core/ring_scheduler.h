@@ -1,17 +1,30 @@
 // The ring schedule: one loop for every device, over two interfaces.
 //
-// At step t (0 <= t < world) rank r holds the K/V that started on rank (r - t) mod world.
-// Forward : before computing step t, post the exchange that brings step t+1's K/V (send what is in
-//           hand to r+1, receive from r-1): K/V make world-1 hops, double-buffered.
-// Backward: K/V travel as in forward. The own block's dK/dV (step 0) stay home. Every other
-//           block's dK/dV follow it one step behind: at step t >= 1 rank r computes its
-//           contribution to the block in hand, adds the partial sum that r-1 sent at the end of
-//           step t-1 (none at t = 1: the sum starts there), and sends the sum to r+1; after step
-//           world-1 that hop goes to the block's owner instead, which adds it to its home part:
-//           world-1 dK/dV hops (one fewer than sending the own block's part around too). dQ
-//           stays local (inside BlockOps).
-// Truncated ring: when no rank needs K/V from further than k ranks back (a causal sliding window
-// over contiguous shards), the ring runs k+1 steps only and the last dK/dV hop jumps back k ranks.
+// At step t (0 <= t < steps) rank r works on the K/V block that started on rank (r - t) mod world,
+// if that block came this far. Each block travels only as far as some rank needs it: block j's
+// reach d_j is the largest s in 1..world-1 such that rank (j + s) mod world needs block j (0 when
+// no other rank does), and block j makes the d_j hops j -> j+1 -> ... -> j+d_j. The ring runs
+// steps = 1 + max_j d_j steps; every rank agrees on every reach (they derive from the call's agreed
+// arguments), so both ends of a hop know of it.
+// Forward : before computing step t, post the exchange that brings step t+1's K/V: rank r sends
+//           the block in hand, j = r-t, to r+1 iff d_j >= t+1, and receives block r-1-t from r-1
+//           iff d_{r-1-t} >= t+1 (either half, both or neither: then nothing is posted).
+//           Double-buffered. Forward hops: sum_j d_j.
+// Backward: K/V travel as in forward. The own block's dK/dV (step 0) stay home. Block j's dK/dV
+//           follow it one step behind: at step t in 1..d_j rank j+t computes its contribution (if
+//           it needs the block), adds the partial sum that j+t-1 sent at the end of step t-1
+//           (none at t = 1: the sum starts there), and at the end of step t sends the sum on to
+//           j+t+1 if t < d_j (channel kGradKV), or home to j, d_j ranks back, if t == d_j
+//           (channel kGradHome: at one step a rank may receive a travelling sum from r-1 and its
+//           own block's sum from r+d_r). The owner adds its home sum once that exchange completed
+//           (end of step d_j+1, or finish). Every exchange posted at the end of step t completes
+//           at the end of step t+1 (or in finish), before its buffers are written again: double
+//           buffering. Backward hops: 2 * sum_j d_j (K/V and dK/dV). dQ stays local (inside
+//           BlockOps).
+// A rank that receives no block for step t holds none then, and needs none: if it needed block
+// r-t, the definition of the reach gives d_{r-t} >= t, so the block would have come.
+// A full ring (every rank needs every block) is the special case d_j = world-1: world-1 hops of
+// K/V per block and world-1 of dK/dV, the last of which jumps back home.
 // Each step is split into phases (begin, compute, end; finish after the last step) so that a
 // single thread can drive several virtual ranks in lockstep over an in-memory transport.
 #pragma once
@@ -26,28 +39,36 @@ namespace ring_attn {
 // block packed together; grad slots hold dK and dV of one block packed the same way (accumulator
 // dtype).
 namespace slot {
+constexpr int kNone = -1;       // no slot: the exchange has no such half
 constexpr int kOwnKV = 0;
 constexpr int kKVRecv0 = 1;     // kKVRecv0 + (i % 2)
 constexpr int kGradAcc0 = 3;    // kGradAcc0 + (i % 2)
 constexpr int kGradRecv0 = 5;   // kGradRecv0 + (i % 2)
 constexpr int kGradHome = 7;    // the own block's dK/dV; the result
+constexpr int kGradHomeRecv = 8;  // the other ranks' sum for the own block, brought home
 // All-gather exchange: every rank's K/V, (world, 2, ...): block `source` at index source; and
 // this rank's dK/dV contributions to every block, laid out alike (accumulator dtype).
-constexpr int kAllKV = 8;
-constexpr int kAllGrad = 9;
-constexpr int kCount = 10;
+constexpr int kAllKV = 9;
+constexpr int kAllGrad = 10;
+constexpr int kCount = 11;
 }  // namespace slot
 
-enum class Channel : int { kKV = 0, kGradKV = 1 };
+// kKV: K/V to the next rank; kGradKV: travelling dK/dV sums to the next rank; kGradHome: finished
+// dK/dV sums back to their owner. An exchange is identified by (channel, step).
+enum class Channel : int { kKV = 0, kGradKV = 1, kGradHome = 2 };
+constexpr int kChannelCount = 3;
 const char* channel_name(Channel channel);
 
 // One ring exchange: send `send_slot` to rank+offset and receive `recv_slot` from rank-offset.
+// Either half may be absent (slot::kNone); an exchange with neither half is never posted.
 struct Exchange {
   Channel channel;
   int step;  // the ring step at whose start (K/V) or end (dK/dV) the exchange is posted
   int send_slot;
   int recv_slot;
-  int offset = 1;  // 1 around the ring; the final dK/dV hop of a truncated ring goes back
+  int offset = 1;  // 1 around the ring; -step for the dK/dV hops home (kGradHome)
+  bool sends() const { return send_slot != slot::kNone; }
+  bool receives() const { return recv_slot != slot::kNone; }
 };
 
 // One collective over every rank of a transport.
@@ -67,9 +88,9 @@ class Transport {
   virtual ~Transport() = default;
   virtual int rank() const = 0;
   virtual int world_size() const = 0;
-  // Starts the exchange without blocking.
+  // Starts the halves the exchange has (at least one) without blocking.
   virtual void post(const Exchange& exchange) = 0;
-  // Blocks until both halves of a posted exchange completed; throws RingTimeoutError on deadline.
+  // Blocks until the halves of a posted exchange completed; throws RingTimeoutError on deadline.
   // The exchange is identified by (channel, step).
   virtual void wait(const Exchange& exchange) = 0;
   // Starts a collective without blocking; every rank posts the same collectives in the same order.
@@ -112,69 +133,102 @@ inline int mod(int a, int n) { return ((a % n) + n) % n; }
 // Rank whose K/V a rank holds at `step`.
 inline int source_at(int rank, int world, int step) { return mod(rank - step, world); }
 
-// Steps the ring must run so that every rank sees every block it needs: 1 + the largest step at
-// which some rank needs the block in hand. needed(rank, source) must be the same on every rank.
+// How far each block travels: reaches[j] = the largest s in 1..world-1 such that
+// needed((j + s) mod world, j), 0 when no other rank needs block j. needed(rank, source) must be
+// the same on every rank.
 template <typename Needed>
-int steps_needed(int world, Needed needed) {
-  int steps = 1;
-  for (int rank = 0; rank < world; ++rank) {
-    for (int step = steps; step < world; ++step) {
-      if (needed(rank, source_at(rank, world, step))) steps = step + 1;
+std::vector<int> block_reaches(int world, Needed needed) {
+  std::vector<int> reaches(world, 0);
+  for (int block = 0; block < world; ++block) {
+    for (int s = world - 1; s >= 1; --s) {
+      if (needed(mod(block + s, world), block)) {
+        reaches[block] = s;
+        break;
+      }
     }
   }
-  return steps;
+  return reaches;
 }
+
+// Steps of a ring whose blocks travel `reaches`: 1 + the largest reach.
+int ring_steps(const std::vector<int>& reaches);
+
+// Which block a rank holds at each step and the K/V exchanges that move the blocks, from every
+// block's reach (block_reaches; empty: the full ring, every block reaches world-1).
+class RingRoute {
+ public:
+  RingRoute(int rank, int world, std::vector<int> reaches);
+  int rank() const { return rank_; }
+  int steps() const { return steps_; }
+  int reach(int block) const { return reaches_[block]; }
+  // The block of `step`: the one that started on rank-step.
+  int source(int step) const { return source_at(rank_, world_, step); }
+  // Whether that block came this far.
+  bool holds(int step) const { return step == 0 || reach(source(step)) >= step; }
+  static int kv_slot(int step) { return step == 0 ? slot::kOwnKV : slot::kKVRecv0 + (step - 1) % 2; }
+  // Posted at the start of `step` (< steps-1): the block in hand on to rank+1, step+1's block in.
+  Exchange kv_exchange(int step) const;
+
+ private:
+  int rank_;
+  int world_;
+  std::vector<int> reaches_;
+  int steps_;
+};
 
 class RingForward {
  public:
-  // num_steps: from steps_needed (world when <= 0).
-  RingForward(Transport& transport, BlockOps& ops, int num_steps = 0);
-  int num_steps() const { return steps_; }
+  // reaches: from block_reaches (empty: the full ring).
+  RingForward(Transport& transport, BlockOps& ops, std::vector<int> reaches = {});
+  int num_steps() const { return route_.steps(); }
   void begin_step(int step);    // post the K/V exchange for step+1
   void compute_step(int step);  // attend to the block in hand (unless skipped)
   void end_step(int step);      // wait for the K/V of step+1
   void run();
   int blocks_computed() const { return computed_; }
+  // Hops this rank sent (exchanges posted with a send half).
   int exchanges_posted() const { return posted_; }
 
  private:
-  static int kv_slot(int step) { return step == 0 ? slot::kOwnKV : slot::kKVRecv0 + (step - 1) % 2; }
-  Exchange kv_exchange(int step) const;
-
   Transport& transport_;
   BlockOps& ops_;
-  int rank_;
-  int world_;
-  int steps_;
+  RingRoute route_;
   int computed_ = 0;
   int posted_ = 0;
 };
 
 class RingBackward {
  public:
-  RingBackward(Transport& transport, BlockOps& ops, int num_steps = 0);
-  int num_steps() const { return steps_; }
-  void begin_step(int step);
-  void compute_step(int step);
-  void end_step(int step);
-  void finish();  // wait for the rest of this rank's own dK/dV to come home, add it (kGradHome)
+  // reaches: from block_reaches (empty: the full ring).
+  RingBackward(Transport& transport, BlockOps& ops, std::vector<int> reaches = {});
+  int num_steps() const { return route_.steps(); }
+  void begin_step(int step);    // post the K/V exchange for step+1
+  void compute_step(int step);  // this rank's dK/dV contribution to the block in hand
+  void end_step(int step);      // take in the sums of step-1's dK/dV hops, post this step's
+  void finish();  // wait for the last dK/dV hops; the own block's sum home into kGradHome
   void run();
   int blocks_computed() const { return computed_; }
+  // Hops this rank sent (exchanges posted with a send half).
   int exchanges_posted() const { return posted_; }
 
  private:
-  static int kv_slot(int step) { return step == 0 ? slot::kOwnKV : slot::kKVRecv0 + (step - 1) % 2; }
   static int grad_acc(int step) { return slot::kGradAcc0 + step % 2; }
   static int grad_recv(int step) { return slot::kGradRecv0 + step % 2; }
-  Exchange kv_exchange(int step) const;
-  Exchange grad_exchange(int step) const;
+  // Posted at the end of `step` (>= 1): the sum for the block in hand on to rank+1, and the sum
+  // for block rank-1-step in from rank-1.
+  Exchange travel_exchange(int step) const;
+  // Posted at the end of `step` (>= 1): the finished sum for the block in hand home to its owner
+  // (rank-step), and this rank's own block's sum in from rank+step.
+  Exchange home_exchange(int step) const;
+  // Waits for the dK/dV exchanges posted at the end of the previous step and adds what they
+  // brought: a travelling sum into the one to send on, a home sum into kGradHome.
+  void complete_grad_exchanges();
 
   Transport& transport_;
   BlockOps& ops_;
-  int rank_;
-  int world_;
-  int steps_;
-  int send_slot_ = -1;  // slot holding the travelling dK/dV sum to send at the end of this step
+  RingRoute route_;
+  int send_slot_ = slot::kNone;  // the travelling dK/dV sum to send at the end of this step
+  std::vector<Exchange> grad_in_flight_;  // dK/dV exchanges posted at the end of the last step
   int computed_ = 0;
   int posted_ = 0;
 };

@@ -221,10 +221,13 @@ struct World {
   std::function<bool(int rank, int source)> needed;
   std::vector<LocalTransport> transports;
   std::vector<FakeOps> ops;
-  std::map<std::tuple<int, int, int>, std::vector<double>> mailbox;  // (receiver, channel, step)
+  // (receiver, channel, step) -> (sender, message)
+  std::map<std::tuple<int, int, int>, std::pair<int, std::vector<double>>> mailbox;
   std::map<int, std::vector<int>> collective_posts;  // kind -> ranks that posted, in order
-  int posts = 0;
-  World(int n, std::function<bool(int, int)> needed_) : size(n), needed(std::move(needed_)) {
+  int posts = 0;  // hops sent (exchanges with a send half) and collectives
+  std::vector<std::set<int>> kv_arrivals;  // per block: the ranks its K/V were received on
+  World(int n, std::function<bool(int, int)> needed_)
+      : size(n), needed(std::move(needed_)), kv_arrivals(n) {
     for (int r = 0; r < n; ++r) {
       transports.emplace_back(*this, r);
       ops.emplace_back(*this, r);
@@ -238,14 +241,18 @@ int LocalTransport::world_size() const { return world_.size; }
 void LocalTransport::post(const Exchange& x) {
   const auto key = std::make_pair(static_cast<int>(x.channel), x.step);
   CHECK(posted.count(key) == 0);
+  CHECK(x.sends() || x.receives());  // an empty exchange is never posted
   CHECK(x.send_slot != x.recv_slot);
   CHECK(busy_slots.count(x.send_slot) == 0 && busy_slots.count(x.recv_slot) == 0);
-  busy_slots.insert(x.send_slot);
-  busy_slots.insert(x.recv_slot);
+  CHECK(mod(x.offset, world_.size) != 0);  // a hop goes to another rank
   posted[key] = x;
+  if (x.receives()) busy_slots.insert(x.recv_slot);
+  if (!x.sends()) return;
+  busy_slots.insert(x.send_slot);
   // The message is what the send buffer holds now; busy_slots checks nobody writes it in flight.
-  world_.mailbox[{mod(rank_ + x.offset, world_.size), key.first, key.second}] =
-      world_.ops[rank_].slots.at(x.send_slot);
+  const auto address = std::make_tuple(mod(rank_ + x.offset, world_.size), key.first, key.second);
+  CHECK(world_.mailbox.count(address) == 0);  // one message per (receiver, channel, step)
+  world_.mailbox[address] = {rank_, world_.ops[rank_].slots.at(x.send_slot)};
   ++world_.posts;
 }
 
@@ -254,14 +261,20 @@ void LocalTransport::wait(const Exchange& x) {
   CHECK(posted.count(key) == 1);
   if (posted.count(key) == 0) return;
   const Exchange mine = posted[key];
-  const auto mail = world_.mailbox.find({rank_, key.first, key.second});
-  CHECK(mail != world_.mailbox.end());  // else this wait would hang: the peer never sent
-  if (mail != world_.mailbox.end()) {
-    world_.ops[rank_].slots.at(mine.recv_slot) = mail->second;
-    world_.mailbox.erase(mail);
+  if (mine.receives()) {
+    const auto mail = world_.mailbox.find({rank_, key.first, key.second});
+    CHECK(mail != world_.mailbox.end());  // else this wait would hang: the peer never sent
+    if (mail != world_.mailbox.end()) {
+      CHECK(mail->second.first == mod(rank_ - mine.offset, world_.size));  // from the right peer
+      world_.ops[rank_].slots.at(mine.recv_slot) = mail->second.second;
+      if (mine.channel == Channel::kKV) {
+        world_.kv_arrivals.at(static_cast<int>(mail->second.second.at(0))).insert(rank_);
+      }
+      world_.mailbox.erase(mail);
+    }
+    busy_slots.erase(mine.recv_slot);
   }
-  busy_slots.erase(mine.recv_slot);
-  busy_slots.erase(mine.send_slot);
+  if (mine.sends()) busy_slots.erase(mine.send_slot);
   posted.erase(key);
 }
 
@@ -344,12 +357,16 @@ void FakeOps::add_grad(int dst, int src) {
   slots[dst][1] += slots[src][1];
 }
 
-// Every rank's schedule of the given kind over `world`, run in lockstep (core's run_lockstep).
+// Every rank's schedule of the given kind over `world`, run in lockstep (core's run_lockstep), its
+// blocks travelling `reaches` (empty: the full ring). Returns the hops the schedules counted.
 template <typename Schedule>
-static void run_ring(World& world, int steps = 0) {
+static int run_ring(World& world, const std::vector<int>& reaches = {}) {
   std::vector<Schedule> rings;
-  for (int r = 0; r < world.size; ++r) rings.emplace_back(world.transports[r], world.ops[r], steps);
+  for (int r = 0; r < world.size; ++r) rings.emplace_back(world.transports[r], world.ops[r], reaches);
   run_lockstep(rings);
+  int hops = 0;
+  for (const Schedule& ring : rings) hops += ring.exchanges_posted();
+  return hops;
 }
 
 static void test_forward_schedule() {
@@ -398,36 +415,116 @@ static void test_backward_schedule() {
   }
 }
 
-// Truncated ring: every rank needs only the blocks of the k ranks before it (a causal sliding
-// window over contiguous shards, no wrap-around). The ring runs k+1 steps, the final dK/dV hop
-// jumps back k ranks, and every block's gradient still comes home complete.
-static void test_truncated_ring() {
+// The reach of every block by its definition: the farthest rank ahead of it that needs it.
+static std::vector<int> reaches_by_definition(int w, const std::function<bool(int, int)>& needed) {
+  std::vector<int> reaches(w, 0);
+  for (int rank = 0; rank < w; ++rank) {
+    for (int block = 0; block < w; ++block) {
+      const int ahead = mod(rank - block, w);
+      if (ahead > 0 && needed(rank, block)) reaches[block] = std::max(reaches[block], ahead);
+    }
+  }
+  return reaches;
+}
+
+// The ring with every block travelling only as far as needed: forward, every rank attends to
+// exactly the blocks it needs, in ring order, and each block's K/V arrive on exactly the d_j ranks
+// after its owner (sum_j d_j hops in all, each message from the right peer); backward, 2 sum_j d_j
+// hops and every block's dK/dV come home with each needing rank's contribution exactly once. The
+// fake transport checks that no wait would block in lockstep and no buffer is written in flight.
+static void check_block_reaches(int w, const std::function<bool(int, int)>& needed) {
+  const std::vector<int> reaches = block_reaches(w, needed);
+  CHECK(reaches == reaches_by_definition(w, needed));
+  int hops = 0;
+  for (int reach : reaches) hops += reach;
+  const int steps = ring_steps(reaches);
+  CHECK(steps == 1 + *std::max_element(reaches.begin(), reaches.end()));
+
+  World world(w, needed);
+  CHECK(run_ring<RingForward>(world, reaches) == hops);
+  CHECK(world.posts == hops);
+  CHECK(world.mailbox.empty());
+  for (int r = 0; r < w; ++r) {
+    std::vector<int> want;
+    for (int t = 0; t < w; ++t) {
+      if (needed(r, mod(r - t, w))) want.push_back(mod(r - t, w));
+    }
+    CHECK(world.ops[r].seen == want);
+    std::set<int> route;
+    for (int s = 1; s <= reaches[r]; ++s) route.insert(mod(r + s, w));
+    CHECK(world.kv_arrivals[r] == route);
+    CHECK(world.transports[r].busy_slots.empty() && world.transports[r].posted.empty());
+  }
+
+  World back(w, needed);
+  CHECK(run_ring<RingBackward>(back, reaches) == 2 * hops);
+  CHECK(back.posts == 2 * hops);
+  CHECK(back.mailbox.empty());
+  for (int r = 0; r < w; ++r) {
+    const auto& grad = back.ops[r].slots[slot::kGradHome];
+    double want = 0;
+    for (int q = 0; q < w; ++q) want += needed(q, r) ? (1 << q) : 0;
+    CHECK(grad.size() == 2 && grad[1] == want && (grad[0] == r || grad[0] == -1.0));
+    CHECK(back.transports[r].busy_slots.empty() && back.transports[r].posted.empty());
+  }
+}
+
+static void test_block_reaches() {
+  // Causal sliding windows over contiguous shards: rank r needs ranks r-k .. r (no wrap-around):
+  // block j travels min(k, w-1-j) hops.
   for (int w = 1; w <= 6; ++w) {
     for (int k = 0; k < w; ++k) {
       auto needed = [k](int rank, int source) { return source <= rank && source >= rank - k; };
-      const int steps = steps_needed(w, needed);
-      CHECK(steps == (w == 1 ? 1 : std::min(k + 1, w)));
-      World world(w, needed);
-      run_ring<RingForward>(world, steps);
-      CHECK(world.posts == w * (steps - 1));
-      for (int r = 0; r < w; ++r) {
-        std::vector<int> want;
-        for (int s = r; s >= 0 && s >= r - k; --s) want.push_back(s);
-        CHECK(world.ops[r].seen == want);
-      }
-
-      World back(w, needed);
-      run_ring<RingBackward>(back, steps);
-      CHECK(back.posts == 2 * w * (steps - 1));
-      CHECK(back.mailbox.empty());
-      for (int r = 0; r < w; ++r) {
-        const auto& grad = back.ops[r].slots[slot::kGradHome];
-        double want = 0;
-        for (int q = 0; q < w; ++q) want += needed(q, r) ? (1 << q) : 0;
-        CHECK(grad.size() == 2 && grad[1] == want && grad[0] == r);
-        CHECK(back.transports[r].busy_slots.empty());
+      const std::vector<int> reaches = block_reaches(w, needed);
+      for (int j = 0; j < w; ++j) CHECK(reaches[j] == std::min(k, w - 1 - j));
+      CHECK(ring_steps(reaches) == std::min(k + 1, w));
+      check_block_reaches(w, needed);
+    }
+  }
+  // Windows that wrap around (striped-like needs): rank r needs r-a .. r+b mod w.
+  for (int w = 2; w <= 6; ++w) {
+    for (int a = 0; a < w; ++a) {
+      for (int b = 0; a + b < w; ++b) {
+        check_block_reaches(w, [a, b, w](int rank, int source) {
+          const int ahead = mod(rank - source, w);
+          return ahead <= a || ahead >= w - b;
+        });
       }
     }
+  }
+  // Packed documents over contiguous shards of l tokens: rank r needs block s when a document has
+  // tokens on both (causal: s <= r). E.g. one document over ranks 0 and 1 and short ones elsewhere:
+  // only block 0 travels, one hop.
+  std::mt19937 rng(99);
+  for (int trial = 0; trial < 300; ++trial) {
+    const int w = 1 + rng() % 6, l = 1 + rng() % 8;
+    const bool causal = rng() % 4 != 0;
+    std::vector<int> doc_of(w * l);  // document id of each token
+    for (int token = 0, doc = 0; token < w * l; ++token) {
+      if (token > 0 && rng() % (1 + rng() % (2 * l)) == 0) ++doc;
+      doc_of[token] = doc;
+    }
+    auto needed = [doc_of, l, causal](int rank, int source) {
+      if (causal && source > rank) return false;
+      for (int i = 0; i < l; ++i) {
+        for (int j = 0; j < l; ++j) {
+          if (doc_of[rank * l + i] == doc_of[source * l + j]) return true;
+        }
+      }
+      return false;
+    };
+    check_block_reaches(w, needed);
+  }
+  auto one_crossing = [](int rank, int source) { return source == rank || (rank == 1 && source == 0); };
+  CHECK(block_reaches(4, one_crossing) == (std::vector<int>{1, 0, 0, 0}));
+  check_block_reaches(4, one_crossing);
+  // Random needs, the own block needed or not.
+  for (int trial = 0; trial < 500; ++trial) {
+    const int w = 1 + rng() % 7;
+    std::vector<char> matrix(w * w);
+    const int density = 1 + rng() % 5;
+    for (char& m : matrix) m = rng() % density == 0;
+    check_block_reaches(w, [matrix, w](int rank, int source) { return matrix[rank * w + source] != 0; });
   }
 }
 
@@ -478,7 +575,7 @@ static void test_allgather_schedule() {
 }
 
 // LocalExchanges (the in-memory transports' bookkeeping): a hop is copied exactly once, as soon as
-// both its ends have posted, also for the backward jumps of a truncated ring and at world size 1;
+// both its ends have posted, also for the dK/dV hops home (offsets back) and at world size 1;
 // a wait completes only once both hops of its exchange were copied.
 static void test_local_exchanges() {
   struct Posted {
@@ -524,6 +621,27 @@ static void test_local_exchanges() {
                  ignore);
   CHECK(!exchanges.complete(0, Exchange{Channel::kKV, 0, slot::kOwnKV, slot::kKVRecv0}));
   CHECK(exchanges.pending(0) == 1 && exchanges.pending(1) == 1);
+
+  // Half exchanges: a send alone and a receive alone complete once their hop was copied; a
+  // receive whose sender posted no send half never completes (its wait would deadlock).
+  LocalExchanges<Posted> halves(3);
+  int copies = 0;
+  auto copy = [&](Posted& from, Posted& to, int) {
+    to.recv = from.send;
+    ++copies;
+  };
+  const Exchange send_only{Channel::kGradHome, 1, slot::kGradAcc0, slot::kNone, 1};
+  const Exchange receive_only{Channel::kGradHome, 1, slot::kNone, slot::kGradHomeRecv, 1};
+  halves.post(1, receive_only, Posted{}, copy);
+  CHECK(copies == 0 && !halves.complete(1, receive_only));
+  halves.post(0, send_only, Posted{7}, copy);  // 0 -> 1
+  CHECK(copies == 1);
+  halves.post(2, receive_only, Posted{}, copy);  // from 1, which sends nothing
+  CHECK(copies == 1);
+  const auto received = halves.complete(1, receive_only);
+  CHECK(received && received->posted.recv == 7);
+  CHECK(halves.complete(0, send_only).has_value());
+  CHECK(!halves.complete(2, receive_only) && halves.pending(2) == 1);
 }
 
 static void test_timeout_message() {
@@ -625,7 +743,7 @@ int main() {
   test_layouts();
   test_forward_schedule();
   test_backward_schedule();
-  test_truncated_ring();
+  test_block_reaches();
   test_allgather_schedule();
   test_local_exchanges();
   test_timeout_message();
