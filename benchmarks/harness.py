@@ -1,5 +1,6 @@
-"""What every Python benchmark shares: its command line, spawning gloo ranks, timing, the hidden
-fraction of an exchange, memory probes, the machine record, tables and JSON.
+"""What every Python benchmark shares: its command line, spawning gloo ranks (or the device of a
+LocalRing), timing, the hidden fraction of an exchange, memory probes, the machine record, tables
+and JSON.
 
 A script in benchmarks/<group>/ imports it after putting the repository root on sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -12,6 +13,7 @@ import platform
 import resource
 import socket
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -58,6 +60,47 @@ def add_fp32_precision_arg(parser) -> None:
 
 def set_fp32_precision(args) -> None:
     torch.set_float32_matmul_precision(args.fp32_precision)
+
+
+def _local_ring_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"LocalRing runs on cpu or cuda, not {name}")
+    return device
+
+
+def add_local_ring_arg(parser) -> None:
+    """--local-ring DEVICE ("cuda", "cuda:N" or "cpu"): every world size as virtual ranks of one
+    LocalRing on DEVICE instead of spawned gloo CPU ranks."""
+    parser.add_argument("--local-ring", metavar="DEVICE", type=_local_ring_device, default=None,
+                        help="run each world size as virtual ranks of one LocalRing on DEVICE "
+                             "(cuda or cpu) instead of spawned gloo ranks")
+
+
+def local_ring_sync(device: torch.device):
+    """The sync callable of timed calls on `device`: torch.cuda.synchronize on CUDA, None on CPU.
+    Exits with status 2 and a message when `device` is CUDA and no GPU is present."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        print(f"--local-ring {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
+              f"False); run on a machine with a GPU, or use --local-ring cpu", file=sys.stderr)
+        raise SystemExit(2)
+    return lambda: torch.cuda.synchronize(device)
+
+
+def device_record(device) -> dict:
+    """Where the ranks ran, for the JSON: "gloo cpu" (device None) or "LocalRing <device>", with
+    the GPU's name on CUDA."""
+    if device is None:
+        return {"device": "gloo cpu"}
+    record = {"device": f"LocalRing {device.type}"}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
 
 
 def _entry(rank, world, port, threads, precision, fn, args, results):
@@ -109,6 +152,21 @@ def median_times_interleaved(fns: dict, iters: int, warmup: int, sync=None) -> d
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_times_synced(fns: dict, iters: int, warmup: int, sync=None) -> dict:
+    """median_times_interleaved of fns that run on one device: `sync` (e.g. torch.cuda.synchronize)
+    before each timed call and at its end, so that the time counts the device's queued work."""
+    if sync is None:
+        return median_times_interleaved(fns, iters, warmup)
+
+    def synced(fn):
+        def call():
+            fn()
+            sync()
+        return call
+
+    return median_times_interleaved({name: synced(fn) for name, fn in fns.items()}, iters, warmup, sync)
 
 
 def hidden_fraction(ring: float, compute: float, exchange: float) -> float:

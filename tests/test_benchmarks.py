@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -113,3 +116,66 @@ def test_bench_packed_checks_and_counts(tmp_path):
     assert rows["packed"]["fwd blocks"] <= 3
     assert float(rows["packed"]["fwd MB sent"]) <= float(rows["zigzag"]["fwd MB sent"])
     assert rows["per-document"]["fwd blocks"] == 2 and float(rows["per-document"]["fwd+bwd MB sent"]) == 0
+
+
+def test_bench_strategies_local_ring_checks_same_work(tmp_path):
+    out = tmp_path / "strategies.json"
+    stdout = _run("benchmarks/strategies/bench_strategies.py", "--local-ring", "cpu", "--worlds", "2,4",
+                  "--seqlen", "64", "--iters", "1", "--warmup", "0", "--json", str(out))
+    assert "MB sent / rank (total / W)" in stdout and "FAIL" not in stdout
+    res = json.loads(out.read_text())
+    assert res["device"] == "LocalRing cpu" and res["args"]["local_ring"] == "cpu"
+    assert [(row["world"], row["strategy"]) for row in res["rows"]] == [
+        (2, "ring"), (2, "allgather"), (2, "ring + U2"), (2, "allgather + U2"),
+        (4, "ring"), (4, "allgather"), (4, "ring + U2"), (4, "allgather + U2"), (4, "ulysses U4")]
+    assert all(row["device"] == "LocalRing cpu" and row["check"] == "ok" for row in res["rows"])
+    # 64 tokens, 8 heads and 2 K/V heads of 64 float32, causal zigzag: the ring sends its K/V
+    # block forward, it and its dK/dV backward, W - 1 hops each; the all-gather the same. Ulysses
+    # U sends (U - 1) / U of q, k, v, out forward and dout, dq, dk, dv backward (K/V heads repeated
+    # to lcm(U, 2)); its ring of W / U ranks carries U times the tokens and 1/U of the K/V heads.
+    def kv_block(tokens, heads_kv):
+        return 2 * tokens * heads_kv * 64 * 4
+
+    def all_to_all(tokens, ulysses, repeat=1):
+        return 4 * (tokens * 8 + repeat * tokens * 2) * 64 * 4 // ulysses * (ulysses - 1)
+
+    expected = {(2, "ring"): 3 * kv_block(32, 2), (2, "ring + U2"): all_to_all(32, 2),
+                (4, "ring"): 9 * kv_block(16, 2),
+                (4, "ring + U2"): 3 * kv_block(32, 1) + all_to_all(16, 2),
+                (4, "ulysses U4"): all_to_all(16, 4, repeat=2)}
+    expected.update({(w, name.replace("ring", "allgather")): b for (w, name), b in expected.items()
+                     if name != "ulysses U4"})
+    for row in res["rows"]:
+        mb = round(expected[row["world"], row["strategy"]] / 2**20, 2)
+        assert row["MB sent / rank (total / W)"] == mb, row
+
+
+def test_bench_packed_local_ring_checks_and_counts(tmp_path):
+    out = tmp_path / "packed.json"
+    stdout = _run("benchmarks/strategies/bench_packed.py", "--local-ring", "cpu", "--worlds", "2,4",
+                  "--total", "1024", "--min-len", "16", "--max-len", "512", "--iters", "1", "--warmup", "0",
+                  "--json", str(out))
+    assert "LocalRing on cpu" in stdout and "max |err| between variants" in stdout
+    res = json.loads(out.read_text())
+    assert res["device"] == "LocalRing cpu" and res["max_abs_err"] < 1e-5
+    assert all(row["device"] == "LocalRing cpu" for row in res["rows"])
+    rows = {(row["world"], row["variant"]): row for row in res["rows"]}
+    # As over gloo ranks: zigzag computes every document on every rank, every block pair; the
+    # packed stream crosses W - 1 rank boundaries; one device per document sends nothing.
+    for world in (2, 4):
+        zigzag, packed, alone = (rows[world, v] for v in ("zigzag", "packed", "per-document"))
+        assert zigzag["fwd blocks"] == world * world and zigzag["steps"] == world
+        assert world < packed["fwd blocks"] <= 2 * world - 1
+        assert 0 < float(packed["fwd MB sent"]) < float(zigzag["fwd MB sent"])
+        # backward: the K/V again, and their dK/dV (float32, as large) back
+        assert abs(float(zigzag["fwd+bwd MB sent"]) - 3 * float(zigzag["fwd MB sent"])) < 0.02
+        assert alone["fwd blocks"] == world and float(alone["fwd+bwd MB sent"]) == 0
+
+
+def test_local_ring_cuda_without_a_gpu_exits_2():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for script in ("benchmarks/strategies/bench_strategies.py", "benchmarks/strategies/bench_packed.py"):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, script), "--local-ring", "cuda"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "no CUDA GPU" in done.stderr, done.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Packed documents: the `packed` layout against `zigzag` per document and against one device per
-document, causal, on CPU ranks over gloo (1 thread per rank).
+document, causal, on CPU ranks over gloo (1 thread per rank) or as the virtual ranks of one
+LocalRing on one GPU.
 
 Document lengths are drawn from a long-tailed distribution (Pareto, from --min-len to --max-len
 tokens, most short) until --total tokens. Three ways to run the same packed batch:
@@ -12,7 +13,17 @@ A call's time is its slowest rank's (median of --iters, variants interleaved, a 
 each call). Bytes are those the ring sends (last_ring_stats: K/V messages in the input dtype,
 dK/dV in float32), summed over ranks; blocks are the (rank, source) block pairs computed, summed over ranks. The
 three outputs are checked against each other on every token and against a float64 reference on
-the documents of up to 2048 tokens.
+the documents of up to 2048 tokens (within 1e-4 in float32).
+
+--local-ring DEVICE runs each world size as `world` virtual ranks of one LocalRing on DEVICE in
+this process instead (per-document: each virtual rank's documents as a LocalRing of one rank):
+    python benchmarks/strategies/bench_packed.py --local-ring cuda
+The virtual ranks run in turn, so a time is the whole batch's on the one device (on CUDA
+synchronized before each call and at its end). Bytes and blocks are summed over the virtual
+ranks as over gloo ranks (LocalRing's last_ring_stats() sums them), and the checks are the same.
+The CUDA kernels take bfloat16 and float16 only: on cuda --dtype defaults to bfloat16 (check
+tolerance 5e-2; float16 1e-2). --local-ring cpu runs the same on one CPU thread. With DEVICE cuda
+and no GPU the script exits with status 2.
 """
 import os
 import random
@@ -26,6 +37,8 @@ from benchmarks import harness as h  # noqa: E402
 
 VARIANTS = ("packed", "zigzag", "per-document")
 CHECKED_LEN = 2048
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def long_tailed_lengths(total, min_len, max_len, seed):
@@ -49,18 +62,19 @@ def deal(lengths, world):
     return [sorted(d) for d in docs]
 
 
-def full_inputs(lengths, heads, headdim):
+def full_inputs(lengths, heads, headdim, dtype=torch.float32):
+    """q, k, v, dout of the packed batch: (tokens, heads, headdim) in `dtype`, on the CPU."""
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(sum(lengths), heads, headdim, generator=gen) for _ in range(4)]
+    return [torch.randn(sum(lengths), heads, headdim, generator=gen).to(dtype) for _ in range(4)]
 
 
 def cu_of(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _rank(rank, world, lengths, heads, headdim, iters, warmup):
+def _rank(rank, world, lengths, heads, headdim, iters, warmup, dtype):
     import ring_attention as ra
-    q, k, v, dout = full_inputs(lengths, heads, headdim)
+    q, k, v, dout = full_inputs(lengths, heads, headdim, dtype)
     cu = cu_of(lengths)
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     mine = deal(lengths, world)[rank]
@@ -96,20 +110,92 @@ def _rank(rank, world, lengths, heads, headdim, iters, warmup):
             "outs": {**(gathered if rank == 0 else {}), "per-document": outs["per-document"]}}
 
 
-def check(lengths, heads, headdim, res) -> float:
-    """Max |difference| between the variants on every token and against float64 on the documents
-    of up to CHECKED_LEN tokens."""
+def _summed(per_part):
+    """The ring counts of several ranks (or rings): steps the most, blocks and bytes the sum."""
+    return {"steps": max(s["steps"] for s in per_part),
+            "blocks_computed": sum(s["blocks_computed"] for s in per_part),
+            "bytes_sent": sum(s["bytes_sent"] for s in per_part)}
+
+
+def _gloo(world, lengths, args):
+    """Every variant on `world` spawned gloo ranks: {"times": (variant, phase) -> the slowest
+    rank's median, "stats": (variant, phase) -> counts summed over ranks, "docs": every rank's
+    documents, "outs": packed and zigzag outputs in global order, per-document every rank's}."""
+    res = h.run_ranks(world, _rank, lengths, args.heads, args.headdim, args.iters, args.warmup,
+                      DTYPES[args.dtype])
+    return {"times": {key: max(r["times"][key] for r in res) for key in res[0]["times"]},
+            "stats": {key: _summed([r["stats"][key] for r in res]) for key in res[0]["stats"]},
+            "docs": [r["docs"] for r in res],
+            "outs": {**{layout: res[0]["outs"][layout] for layout in ("packed", "zigzag")},
+                     "per-document": [r["outs"]["per-document"] for r in res]}}
+
+
+def _local_ring(world, lengths, args, device, sync):
+    """Every variant on `world` virtual ranks of one LocalRing on `device`, as _gloo returns them,
+    with times of the whole batch on the device (all virtual ranks in turn)."""
+    import ring_attention as ra
+    from ring_attention.testing import LocalRing
+    q, k, v, dout = (t.to(device) for t in full_inputs(lengths, args.heads, args.headdim,
+                                                        DTYPES[args.dtype]))
+    cu = cu_of(lengths)
+    ring, single = LocalRing(world, str(device)), LocalRing(1, str(device))
+    docs = deal(lengths, world)
+    # variant -> its rings: (LocalRing, [qs, ks, vs, douts], cu_seqlens, layout)
+    setups = {layout: [(ring, [ring.shard_varlen(t, cu, layout=layout) for t in (q, k, v, dout)],
+                        cu, layout)] for layout in ("packed", "zigzag")}
+    setups["per-document"] = []
+    for mine in docs:
+        spans = [(int(cu[i]), int(cu[i + 1])) for i in mine]
+        own = [[torch.cat([t[a:b] for a, b in spans])] for t in (q, k, v, dout)]
+        setups["per-document"].append((single, own, cu_of([b - a for a, b in spans]), "contiguous"))
+
+    fns, stats, outs = {}, {}, {}
+    for name, rings in setups.items():
+        leaves = [[[t.clone().requires_grad_() for t in shards] for shards in local[:3]]
+                  for _, local, _, _ in rings]
+
+        def fwd(rings=rings, leaves=leaves):
+            with torch.no_grad():
+                return [r.ring_attn_varlen_func(*qkv, c, causal=True, layout=layout)
+                        for (r, _, c, layout), qkv in zip(rings, leaves)]
+
+        def fwd_bwd(rings=rings, leaves=leaves):
+            for (r, local, c, layout), qkv in zip(rings, leaves):
+                torch.autograd.backward(r.ring_attn_varlen_func(*qkv, c, causal=True, layout=layout),
+                                        local[3])
+
+        fns[(name, "fwd")], fns[(name, "fwd+bwd")] = fwd, fwd_bwd
+        counted = {"fwd": [], "bwd": []}
+        outs[name] = []
+        for (r, local, c, layout), qkv in zip(rings, leaves):  # one call of each ring, counted
+            got = r.ring_attn_varlen_func(*qkv, c, causal=True, layout=layout)
+            counted["fwd"].append(ra.last_ring_stats())
+            torch.autograd.backward(got, local[3])
+            counted["bwd"].append(ra.last_ring_stats())
+            outs[name].append([t.detach() for t in got])
+        for phase, per_ring in counted.items():
+            stats[(name, phase)] = _summed(per_ring)
+    times = h.median_times_synced(fns, args.iters, args.warmup, sync)
+    return {"times": times, "stats": stats, "docs": docs,
+            "outs": {**{layout: ring.unshard_varlen(outs[layout][0], cu, layout=layout).cpu()
+                        for layout in ("packed", "zigzag")},
+                     "per-document": [got[0].cpu() for got in outs["per-document"]]}}
+
+
+def check(lengths, heads, headdim, res, dtype=torch.float32) -> float:
+    """Max |difference| between the variants on every token and against float64 (of the inputs
+    in `dtype`) on the documents of up to CHECKED_LEN tokens."""
     from ring_attention.reference import attention_reference
-    q, k, v, _ = full_inputs(lengths, heads, headdim)
+    q, k, v, _ = full_inputs(lengths, heads, headdim, dtype)
     cu = cu_of(lengths).tolist()
     per_doc = torch.empty_like(q)
-    for r in res:
+    for mine, got in zip(res["docs"], res["outs"]["per-document"]):
         offset = 0
-        for i in r["docs"]:
+        for i in mine:
             n = lengths[i]
-            per_doc[cu[i]:cu[i + 1]] = r["outs"]["per-document"][offset:offset + n]
+            per_doc[cu[i]:cu[i + 1]] = got[offset:offset + n]
             offset += n
-    err = max((res[0]["outs"][layout] - per_doc).abs().max().item() for layout in ("packed", "zigzag"))
+    err = max((res["outs"][layout] - per_doc).abs().max().item() for layout in ("packed", "zigzag"))
     for i, n in enumerate(lengths):
         if n <= CHECKED_LEN:
             a, b = cu[i], cu[i + 1]
@@ -118,17 +204,17 @@ def check(lengths, heads, headdim, res) -> float:
     return err
 
 
-def rows_of(world, res):
+def rows_of(world, res, device="gloo cpu"):
     rows = []
     for name in VARIANTS:
-        fwd_mb = sum(r["stats"][(name, "fwd")]["bytes_sent"] for r in res) / 1e6
-        bwd_mb = sum(r["stats"][(name, "bwd")]["bytes_sent"] for r in res) / 1e6
+        fwd, bwd = res["stats"][(name, "fwd")], res["stats"][(name, "bwd")]
+        fwd_mb, bwd_mb = fwd["bytes_sent"] / 1e6, bwd["bytes_sent"] / 1e6
         rows.append({
-            "world": world, "variant": name,
-            "fwd ms": f"{max(r['times'][(name, 'fwd')] for r in res) * 1e3:.1f}",
-            "fwd+bwd ms": f"{max(r['times'][(name, 'fwd+bwd')] for r in res) * 1e3:.1f}",
-            "steps": max(r["stats"][(name, "fwd")]["steps"] for r in res),
-            "fwd blocks": sum(r["stats"][(name, "fwd")]["blocks_computed"] for r in res),
+            "world": world, "variant": name, "device": device,
+            "fwd ms": f"{res['times'][(name, 'fwd')] * 1e3:.1f}",
+            "fwd+bwd ms": f"{res['times'][(name, 'fwd+bwd')] * 1e3:.1f}",
+            "steps": fwd["steps"],
+            "fwd blocks": fwd["blocks_computed"],
             "fwd MB sent": f"{fwd_mb:.2f}",
             "fwd+bwd MB sent": f"{fwd_mb + bwd_mb:.2f}",
         })
@@ -144,8 +230,20 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="float32, or bfloat16 with --local-ring cuda (its kernels' dtypes)")
+    h.add_local_ring_arg(p)
     args = p.parse_args(argv)
+    device = args.local_ring
+    sync = h.local_ring_sync(device) if device is not None else None
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device is not None and device.type == "cuda" else "float32"
+    if device is not None and device.type == "cuda" and args.dtype == "float32":
+        p.error("--local-ring cuda: the CUDA kernels take bfloat16 or float16, not float32")
+    if device is not None and device.type == "cpu":
+        torch.set_num_threads(1)  # the virtual ranks in turn on one core, as a gloo rank runs
     h.set_fp32_precision(args)
+    where = h.device_record(device)
     lengths = long_tailed_lengths(args.total, args.min_len, args.max_len, args.seed)
     worlds = [int(w) for w in args.worlds.split(",")]
     if len(lengths) < max(worlds):
@@ -154,21 +252,28 @@ def main(argv=None) -> int:
     rows, err = [], 0.0
     start = h.cpu_snapshot()
     for world in worlds:
-        res = h.run_ranks(world, _rank, lengths, args.heads, args.headdim, args.iters, args.warmup)
-        err = max(err, check(lengths, args.heads, args.headdim, res))
-        rows += rows_of(world, res)
+        res = (_gloo(world, lengths, args) if device is None
+               else _local_ring(world, lengths, args, device, sync))
+        err = max(err, check(lengths, args.heads, args.headdim, res, DTYPES[args.dtype]))
+        rows += rows_of(world, res, where["device"])
     load = h.foreign_load(start, h.cpu_snapshot())
-    if err > 1e-4:
+    tol = TOL[DTYPES[args.dtype]]
+    if err > tol:
         raise SystemExit(f"the variants' outputs differ from each other or from float64 by {err:.2e}")
 
     short = sum(n <= 512 for n in lengths)
+    timing = ("1 thread per rank (slowest rank, median of {}, interleaved)" if device is None else
+              f"LocalRing on {device}, {torch.get_num_threads()} CPU threads (all virtual ranks in "
+              "turn, median of {}, interleaved)").format(args.iters)
     print(f"\n{len(lengths)} causal documents, {args.total} tokens (lengths {min(lengths)}..{max(lengths)}, "
-          f"{short} of at most 512), {args.heads} heads, dim {args.headdim}, fp32, 1 thread per rank "
-          f"(slowest rank, median of {args.iters}, interleaved); other programs kept {load:.1f} cores busy")
+          f"{short} of at most 512), {args.heads} heads, dim {args.headdim}, {args.dtype}, {timing}; "
+          f"MB sent and blocks summed over ranks; other programs kept {load:.1f} cores busy")
     h.print_table(rows, list(rows[0].keys()))
-    print(f"max |err| between variants and vs float64: {err:.1e}")
-    h.write_json(args.json, {"machine": h.machine(), "args": vars(args), "lengths": lengths, "rows": rows,
-                             "max_abs_err": err, "foreign_load_cores": load})
+    print(f"max |err| between variants and vs float64: {err:.1e} (check within {tol:g}: ok)")
+    h.write_json(args.json, {"machine": h.machine(), **where,
+                             "args": {**vars(args), "local_ring": None if device is None else str(device)},
+                             "lengths": lengths, "rows": rows, "max_abs_err": err,
+                             "foreign_load_cores": load})
     return 0
 
 

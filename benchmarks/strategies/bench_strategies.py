@@ -1,6 +1,8 @@
-"""The strategies of exchanging K/V side by side, on CPU ranks over gloo.
+"""The strategies of exchanging K/V side by side, on CPU ranks over gloo or as the virtual ranks
+of one LocalRing on one GPU.
 
-Strategies (ring_attention.ring_attn_func, causal, zigzag, float32, 1 thread per rank):
+Strategies (ring_attention.ring_attn_func, causal, zigzag, float32 unless --dtype, 1 thread per
+rank):
   ring              kv_exchange="ring" over all ranks
   allgather         kv_exchange="allgather" over all ranks
   ring + U2         ulysses_group of 2 ranks, the ring over world / 2
@@ -11,10 +13,23 @@ Each world size is one set of spawned ranks; every iteration runs each strategy 
 (forward then backward with a random output gradient), a barrier before each, so that load from
 elsewhere on the machine hits them alike. A row is the slowest rank's median of --iters calls.
 Same-work check: every strategy computes the same out, dq, dk and dv (max |a - ring| / max |ring|
-within 1e-4, by global token) from the same attention blocks (the ring and the all-gather compute
+within 1e-4 in float32, by global token) from the same attention blocks (the ring and the all-gather compute
 the same number of blocks); the bytes each rank sent come from last_ring_stats() and the Ulysses
-all-to-all count. A failed check marks the row FAIL and the exit status is 1.
+all-to-all count (MB sent / rank: the most any rank sent). A failed check marks the row FAIL and
+the exit status is 1.
+
+--local-ring DEVICE runs each world size as `world` virtual ranks of one LocalRing on DEVICE
+(Ulysses strategies as LocalRing(world, DEVICE, ulysses_size=U)) in this process instead:
+    python benchmarks/strategies/bench_strategies.py --local-ring cuda
+The virtual ranks run in turn, so a row is the median time of the whole call on the one device
+(on CUDA synchronized before each call and at its end). The CUDA kernels take bfloat16 and
+float16 only: on cuda --dtype defaults to bfloat16 (same-work tolerance 2e-2; float16 4e-3). The
+same-work check is the same; LocalRing's last_ring_stats() sums over its virtual ranks and its
+all-to-all runs in memory (counted as the gloo ranks count it), so MB sent / rank (total / W) is
+the bytes all ranks sent over W. --local-ring cpu runs the same on one CPU thread. With DEVICE
+cuda and no GPU the script exits with status 2.
 """
+import math
 import os
 import sys
 
@@ -24,7 +39,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks import harness as h  # noqa: E402
 
-TOL = 1e-4
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _strategies(world):
@@ -47,14 +63,21 @@ def _grid(rank, world, ulysses):
     return group, ulysses_group
 
 
-def _rank(rank, world, args):
-    import ring_attention as ra
-    from ring_attention.ulysses import all_to_all_bytes_sent
+def _inputs(args):
+    """q, dout (batch, seqlen, heads, headdim) and k, v (batch, seqlen, heads_kv, headdim) in
+    --dtype, on the CPU: (q, k, v, dout)."""
     g = torch.Generator().manual_seed(0)
     shape = (args.batch, args.seqlen)
     q = torch.randn(*shape, args.heads, args.headdim, generator=g)
     k, v = (torch.randn(*shape, args.heads_kv, args.headdim, generator=g) for _ in range(2))
     dout = torch.randn(*shape, args.heads, args.headdim, generator=g)
+    return [t.to(DTYPES[args.dtype]) for t in (q, k, v, dout)]
+
+
+def _rank(rank, world, args):
+    import ring_attention as ra
+    from ring_attention.ulysses import all_to_all_bytes_sent
+    q, k, v, dout = _inputs(args)
     calls, grids, results, sent = {}, {}, {}, {}
     for name, (ulysses, exchange) in _strategies(world).items():
         group, ulysses_group = _grid(rank, world, ulysses)
@@ -80,6 +103,63 @@ def _rank(rank, world, args):
             "results": {n: [t for t in r] for n, r in results.items()} if rank == 0 else None}
 
 
+def _gloo(world, args):
+    """Every strategy on `world` spawned gloo ranks: name -> {"time": the slowest rank's median,
+    "bytes": the most any rank sent, "blocks": blocks computed per rank, "results": out, dq, dk,
+    dv in global order}."""
+    per_rank = h.run_ranks(world, _rank, args)
+    return {name: {"time": max(r["times"][name] for r in per_rank),
+                   "bytes": max(r["sent"][name][0] for r in per_rank),
+                   "blocks": [r["sent"][name][1] for r in per_rank],
+                   "results": per_rank[0]["results"][name]} for name in _strategies(world)}
+
+
+def _all_to_all_bytes(q, k, ulysses):
+    """Bytes one rank's Ulysses all-to-alls send in a forward and backward (no lse), as
+    all_to_all_bytes_sent() counts them over gloo: (U - 1) / U of q, k and v (K/V heads repeated
+    to lcm(U, heads_kv)) and out forward, of dout, dq, dk and dv backward; q, k: the rank's shards."""
+    if ulysses == 1:
+        return 0
+    repeat = ulysses // math.gcd(ulysses, k.shape[-2])
+    return 4 * (q.nbytes // ulysses + repeat * k.nbytes // ulysses) * (ulysses - 1)
+
+
+def _local_ring(world, args, device, sync):
+    """Every strategy on `world` virtual ranks of one LocalRing on `device`: as _gloo, with "time"
+    the median of the whole call, "bytes" the total over the virtual ranks / world and "blocks"
+    the total."""
+    import ring_attention as ra
+    from ring_attention.testing import LocalRing
+    full = [t.to(device) for t in _inputs(args)]
+    calls, rings, shards = {}, {}, {}
+    for name, (ulysses, exchange) in _strategies(world).items():
+        rings[name] = LocalRing(world, str(device), ulysses_size=ulysses)
+        shards[name] = [[s.contiguous() for s in rings[name].shard(t, layout="zigzag")] for t in full]
+
+        def call(ring=rings[name], local=shards[name], exchange=exchange):
+            leaves = [[s.clone().requires_grad_() for s in part] for part in local[:3]]
+            outs = ring.ring_attn_func(*leaves, causal=True, layout="zigzag", kv_exchange=exchange)
+            fwd = ra.last_ring_stats()
+            grads = torch.autograd.grad(outs, [t for part in leaves for t in part], local[3])
+            return outs, grads, fwd, ra.last_ring_stats()
+
+        calls[name] = call
+    times = h.median_times_synced(calls, args.iters, args.warmup, sync)
+    strategies = {}
+    for name, (ulysses, _) in _strategies(world).items():  # one more call of each, counted and checked
+        outs, grads, fwd, bwd = calls[name]()
+        # The U head chunks run as U rings of world / U ranks, alike; the stats hold the last one's.
+        ring_bytes = ulysses * (fwd["bytes_sent"] + bwd["bytes_sent"])
+        q, k = shards[name][0][0], shards[name][1][0]
+        total = ring_bytes + world * _all_to_all_bytes(q, k, ulysses)
+        parts = [outs] + [grads[i * world:(i + 1) * world] for i in range(3)]
+        strategies[name] = {
+            "time": times[name], "bytes": total / world,
+            "blocks": ulysses * (fwd["blocks_computed"] + bwd["blocks_computed"]),
+            "results": [rings[name].unshard([t.detach() for t in part], layout="zigzag").cpu() for part in parts]}
+    return strategies
+
+
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/strategies.json")
     p.add_argument("--worlds", default="2,4")
@@ -88,32 +168,49 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--heads-kv", type=int, default=2)
     p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="float32, or bfloat16 with --local-ring cuda (its kernels' dtypes)")
+    h.add_local_ring_arg(p)
     args = p.parse_args(argv)
+    device = args.local_ring
+    sync = h.local_ring_sync(device) if device is not None else None
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device is not None and device.type == "cuda" else "float32"
+    if device is not None and device.type == "cuda" and args.dtype == "float32":
+        p.error("--local-ring cuda: the CUDA kernels take bfloat16 or float16, not float32")
+    tol = TOL[DTYPES[args.dtype]]
+    if device is not None and device.type == "cpu":
+        torch.set_num_threads(1)  # the virtual ranks in turn on one core, as a gloo rank runs
     h.set_fp32_precision(args)
+    where = h.device_record(device)
+    bytes_column = "MB sent / rank" if device is None else "MB sent / rank (total / W)"
     start = h.cpu_snapshot()
     rows, failed = [], False
     for world in (int(w) for w in args.worlds.split(",")):
-        per_rank = h.run_ranks(world, _rank, args)
-        baseline = per_rank[0]["results"]["ring"]
-        for name in _strategies(world):
+        strategies = _gloo(world, args) if device is None else _local_ring(world, args, device, sync)
+        ring = strategies["ring"]
+        for name, s in strategies.items():
             worst = max(float((a - b).abs().max() / b.abs().max())
-                        for a, b in zip(per_rank[0]["results"][name], baseline))
-            blocks = [r["sent"][name][1] for r in per_rank]
-            ok = worst < TOL and (name not in ("ring", "allgather") or
-                                  blocks == [r["sent"]["ring"][1] for r in per_rank])
+                        for a, b in zip(s["results"], ring["results"]))
+            ok = worst < tol and (name not in ("ring", "allgather") or s["blocks"] == ring["blocks"])
             failed |= not ok
-            rows.append({"world": world, "strategy": name,
-                         "fwd+bwd ms": round(1e3 * max(r["times"][name] for r in per_rank), 1),
-                         "MB sent / rank": round(max(r["sent"][name][0] for r in per_rank) / 2**20, 2),
+            rows.append({"world": world, "strategy": name, "device": where["device"],
+                         "fwd+bwd ms": round(1e3 * s["time"], 1),
+                         bytes_column: round(s["bytes"] / 2**20, 2),
                          "max err vs ring": f"{worst:.1e}", "check": "ok" if ok else "FAIL"})
     load = h.foreign_load(start, h.cpu_snapshot())
-    columns = ["world", "strategy", "fwd+bwd ms", "MB sent / rank", "max err vs ring", "check"]
-    print(f"causal zigzag float32, {args.seqlen} tokens, batch {args.batch}, {args.heads} heads, "
-          f"{args.heads_kv} K/V heads, head dim {args.headdim}; median of {args.iters}; "
+    columns = ["world", "strategy", "device", "fwd+bwd ms", bytes_column, "max err vs ring", "check"]
+    timing = (f"slowest rank, median of {args.iters}; MB sent / rank: the most any rank sent"
+              if device is None else
+              f"LocalRing on {device} ({torch.get_num_threads()} CPU threads), median of "
+              f"{args.iters} calls of all ranks in turn; MB sent / rank: total / W")
+    print(f"causal zigzag {args.dtype}, {args.seqlen} tokens, batch {args.batch}, {args.heads} heads, "
+          f"{args.heads_kv} K/V heads, head dim {args.headdim}; {timing}; "
           f"other programs kept {load:.1f} cores busy")
     h.print_table(rows, columns)
-    h.write_json(args.json, {"machine": h.machine(), "args": vars(args), "foreign_load": load,
-                             "rows": rows})
+    h.write_json(args.json, {"machine": h.machine(), **where,
+                             "args": {**vars(args), "local_ring": None if device is None else str(device)},
+                             "foreign_load": load, "rows": rows})
     return 1 if failed else 0
 
 
