@@ -142,20 +142,16 @@ Result run_len(const bench::Options& opt, bool bf16, int64_t L) {
   float* dv = device_copy(std::vector<float>(nk, 0.f));
 
   const Strides sq{int64_t(L) * H * D, int64_t(H) * D, D}, sk{int64_t(L) * Hkv * D, int64_t(Hkv) * D, D};
+  // q, k and v self-attention over positions 0 .. L-1, the forward's and the backward's.
+  const BlockParams attention{.shape = BlockShape{B, int(L), int(L), H, Hkv, D},
+                              .dtype = bf16 ? DType::kBFloat16 : DType::kFloat16,
+                              .q = q, .k = k, .v = v,
+                              .q_strides = sq, .k_strides = sk, .v_strides = sk,
+                              .q_pos = d_pos, .k_pos = d_pos, .q_seg = nullptr,
+                              .mask = MaskSpec{.causal = opt.causal},
+                              .softmax_scale = scale};
   BlockFwdParams fp{};
-  fp.shape = BlockShape{B, int(L), int(L), H, Hkv, D};
-  fp.dtype = bf16 ? DType::kBFloat16 : DType::kFloat16;
-  fp.q = q;
-  fp.k = k;
-  fp.v = v;
-  fp.q_strides = sq;
-  fp.k_strides = sk;
-  fp.v_strides = sk;
-  fp.q_pos = d_pos;
-  fp.k_pos = d_pos;
-  fp.q_seg = nullptr;
-  fp.mask.causal = opt.causal;
-  fp.softmax_scale = scale;
+  static_cast<BlockParams&>(fp) = attention;
   fp.out_acc = out;
   fp.out_strides = sq;
   fp.lse = lse;
@@ -190,7 +186,7 @@ Result run_len(const bench::Options& opt, bool bf16, int64_t L) {
       }
   float* d_delta = device_copy(delta);
   BlockBwdParams bp{};
-  static_cast<BlockParams&>(bp) = fp;  // shape, q, k, v, positions, mask, scale
+  static_cast<BlockParams&>(bp) = attention;
   bp.dout = dout;
   bp.dout_strides = sq;
   bp.lse = lse;

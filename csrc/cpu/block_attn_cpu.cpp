@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/mask.h"
@@ -446,42 +447,41 @@ void bwd_impl(const BlockBwdParams& p) {
 
 // ---- dispatch --------------------------------------------------------------------------------
 
-// The forward and the backward pass as the dispatch runs them: on the vector GEMMs of one
-// instruction set's TileOps, or on the AMX GEMMs (with AVX-512 tiles around them).
-struct ForwardPass {
-  template <class TileOps, typename scalar_t>
-  static void on_vector_units(const BlockFwdParams& p) {
-    fwd_impl<TileOps, scalar_t, VectorFwdGemms<TileOps, scalar_t>>(p);
-  }
-#if RA_CPU_AMX
-  template <typename scalar_t>
-  static void on_amx(const BlockFwdParams& p) {
-    fwd_impl<avx512::Tiles<float>, scalar_t, AmxFwdGemms<scalar_t>>(p);
-  }
-#endif
-};
+// The forward (Params = BlockFwdParams) or the backward pass as the dispatch runs it: on the
+// vector GEMMs of one instruction set's TileOps, or on the AMX GEMMs (AVX-512 tiles around them).
+template <class Params>
+struct Pass {
+  static constexpr bool kForward = std::is_same_v<Params, BlockFwdParams>;
 
-struct BackwardPass {
   template <class TileOps, typename scalar_t>
-  static void on_vector_units(const BlockBwdParams& p) {
-    bwd_impl<TileOps, scalar_t, VectorBwdGemms<TileOps, scalar_t>>(p);
+  static void on_vector_units(const Params& p) {
+    if constexpr (kForward) {
+      fwd_impl<TileOps, scalar_t, VectorFwdGemms<TileOps, scalar_t>>(p);
+    } else {
+      bwd_impl<TileOps, scalar_t, VectorBwdGemms<TileOps, scalar_t>>(p);
+    }
   }
 #if RA_CPU_AMX
   template <typename scalar_t>
-  static void on_amx(const BlockBwdParams& p) {
-    bwd_impl<avx512::Tiles<float>, scalar_t, AmxBwdGemms<scalar_t>>(p);
+  static void on_amx(const Params& p) {
+    if constexpr (kForward) {
+      fwd_impl<avx512::Tiles<float>, scalar_t, AmxFwdGemms<scalar_t>>(p);
+    } else {
+      bwd_impl<avx512::Tiles<float>, scalar_t, AmxBwdGemms<scalar_t>>(p);
+    }
   }
 #endif
 };
 
 // The vector GEMMs of TileOps = Tiles<acc_t> of one instruction set, per input dtype.
-template <template <typename> class Tiles, class Pass, class Params>
+template <template <typename> class Tiles, class Params>
 void run_on_vector_units(const Params& p) {
+  using P = Pass<Params>;
   switch (p.dtype) {
-    case DType::kFloat32: return Pass::template on_vector_units<Tiles<float>, float>(p);
-    case DType::kFloat64: return Pass::template on_vector_units<Tiles<double>, double>(p);
-    case DType::kBFloat16: return Pass::template on_vector_units<Tiles<float>, c10::BFloat16>(p);
-    case DType::kFloat16: return Pass::template on_vector_units<Tiles<float>, c10::Half>(p);
+    case DType::kFloat32: return P::template on_vector_units<Tiles<float>, float>(p);
+    case DType::kFloat64: return P::template on_vector_units<Tiles<double>, double>(p);
+    case DType::kBFloat16: return P::template on_vector_units<Tiles<float>, c10::BFloat16>(p);
+    case DType::kFloat16: return P::template on_vector_units<Tiles<float>, c10::Half>(p);
   }
   TORCH_CHECK(false, "ring_attn cpu block attention: unsupported dtype ", static_cast<int>(p.dtype));
 }
@@ -489,16 +489,17 @@ void run_on_vector_units(const Params& p) {
 // The AMX GEMMs, where usable, for float32 and bfloat16 inputs; float32 only at Fp32Precision
 // kHigh (three bf16 planes per operand) or kMedium (one), since at kHighest (torch's default) it
 // multiplies in float32 on AVX-512. Returns whether it ran.
-template <class Pass, class Params>
+template <class Params>
 bool run_on_amx(const Params& p) {
 #if RA_CPU_AMX
+  using P = Pass<Params>;
   if (!amx_usable() || p.shape.headdim > kAmxMaxHeadDim) return false;
   switch (p.dtype) {
     case DType::kFloat32:
       if (p.fp32_precision == Fp32Precision::kHighest) return false;
-      Pass::template on_amx<float>(p);
+      P::template on_amx<float>(p);
       return true;
-    case DType::kBFloat16: Pass::template on_amx<c10::BFloat16>(p); return true;
+    case DType::kBFloat16: P::template on_amx<c10::BFloat16>(p); return true;
     default: break;
   }
 #endif
@@ -507,25 +508,25 @@ bool run_on_amx(const Params& p) {
 }
 
 // One pass on the best instruction set this CPU has (isa.h).
-template <class Pass, class Params>
+template <class Params>
 void run_pass(const Params& p) {
   check_shape(p.shape);
   switch (active_isa()) {
 #if RA_CPU_X86
     case Isa::kAvx512:
-      if (!run_on_amx<Pass>(p)) run_on_vector_units<avx512::Tiles, Pass>(p);
+      if (!run_on_amx(p)) run_on_vector_units<avx512::Tiles>(p);
       return;
-    case Isa::kAvx2: return run_on_vector_units<avx2::Tiles, Pass>(p);
+    case Isa::kAvx2: return run_on_vector_units<avx2::Tiles>(p);
 #endif
-    default: return run_on_vector_units<generic::Tiles, Pass>(p);
+    default: return run_on_vector_units<generic::Tiles>(p);
   }
 }
 
 }  // namespace
 
-void block_attn_fwd(const BlockFwdParams& p) { run_pass<ForwardPass>(p); }
+void block_attn_fwd(const BlockFwdParams& p) { run_pass(p); }
 
-void block_attn_bwd(const BlockBwdParams& p) { run_pass<BackwardPass>(p); }
+void block_attn_bwd(const BlockBwdParams& p) { run_pass(p); }
 
 // ---- measured FMA throughput ----------------------------------------------------------------
 

@@ -102,6 +102,8 @@ class VectorFwdGemms : public VectorGemmsBase<TileOps> {
   int64_t k_head_stride_ = 0;
 };
 
+// Its head is VectorFwdGemms': a class template sees its base's members only through
+// using-declarations.
 template <class TileOps, typename scalar_t>
 class VectorBwdGemms : public VectorGemmsBase<TileOps> {
   using Base = VectorGemmsBase<TileOps>;
