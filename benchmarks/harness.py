@@ -72,12 +72,32 @@ def _local_ring_device(name: str) -> torch.device:
     return device
 
 
-def add_local_ring_arg(parser) -> None:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_local_ring_args(parser) -> None:
     """--local-ring DEVICE ("cuda", "cuda:N" or "cpu"): every world size as virtual ranks of one
-    LocalRing on DEVICE instead of spawned gloo CPU ranks."""
+    LocalRing on DEVICE instead of spawned gloo CPU ranks; --dtype of the inputs."""
     parser.add_argument("--local-ring", metavar="DEVICE", type=_local_ring_device, default=None,
                         help="run each world size as virtual ranks of one LocalRing on DEVICE "
                              "(cuda or cpu) instead of spawned gloo ranks")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="float32, or bfloat16 with --local-ring cuda (its kernels' dtypes)")
+
+
+def local_ring_setup(parser, args):
+    """(device, sync) of --local-ring (None, None for gloo ranks); sets --dtype's default
+    (bfloat16 on CUDA, else float32), rejects float32 on CUDA, and runs the virtual ranks of a CPU
+    LocalRing on one thread, as a gloo rank runs."""
+    device = args.local_ring
+    on_cuda = device is not None and device.type == "cuda"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if on_cuda else "float32"
+    if on_cuda and args.dtype == "float32":
+        parser.error("--local-ring cuda: the CUDA kernels take bfloat16 or float16, not float32")
+    if device is not None and device.type == "cpu":
+        torch.set_num_threads(1)
+    return device, (local_ring_sync(device) if device is not None else None)
 
 
 def local_ring_sync(device: torch.device):

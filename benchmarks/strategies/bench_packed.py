@@ -38,7 +38,6 @@ from benchmarks import harness as h  # noqa: E402
 VARIANTS = ("packed", "zigzag", "per-document")
 CHECKED_LEN = 2048
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def long_tailed_lengths(total, min_len, max_len, seed):
@@ -122,7 +121,7 @@ def _gloo(world, lengths, args):
     rank's median, "stats": (variant, phase) -> counts summed over ranks, "docs": every rank's
     documents, "outs": packed and zigzag outputs in global order, per-document every rank's}."""
     res = h.run_ranks(world, _rank, lengths, args.heads, args.headdim, args.iters, args.warmup,
-                      DTYPES[args.dtype])
+                      h.DTYPES[args.dtype])
     return {"times": {key: max(r["times"][key] for r in res) for key in res[0]["times"]},
             "stats": {key: _summed([r["stats"][key] for r in res]) for key in res[0]["stats"]},
             "docs": [r["docs"] for r in res],
@@ -136,7 +135,7 @@ def _local_ring(world, lengths, args, device, sync):
     import ring_attention as ra
     from ring_attention.testing import LocalRing
     q, k, v, dout = (t.to(device) for t in full_inputs(lengths, args.heads, args.headdim,
-                                                        DTYPES[args.dtype]))
+                                                        h.DTYPES[args.dtype]))
     cu = cu_of(lengths)
     ring, single = LocalRing(world, str(device)), LocalRing(1, str(device))
     docs = deal(lengths, world)
@@ -230,18 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="float32, or bfloat16 with --local-ring cuda (its kernels' dtypes)")
-    h.add_local_ring_arg(p)
+    h.add_local_ring_args(p)
     args = p.parse_args(argv)
-    device = args.local_ring
-    sync = h.local_ring_sync(device) if device is not None else None
-    if args.dtype is None:
-        args.dtype = "bfloat16" if device is not None and device.type == "cuda" else "float32"
-    if device is not None and device.type == "cuda" and args.dtype == "float32":
-        p.error("--local-ring cuda: the CUDA kernels take bfloat16 or float16, not float32")
-    if device is not None and device.type == "cpu":
-        torch.set_num_threads(1)  # the virtual ranks in turn on one core, as a gloo rank runs
+    device, sync = h.local_ring_setup(p, args)
     h.set_fp32_precision(args)
     where = h.device_record(device)
     lengths = long_tailed_lengths(args.total, args.min_len, args.max_len, args.seed)
@@ -254,10 +244,10 @@ def main(argv=None) -> int:
     for world in worlds:
         res = (_gloo(world, lengths, args) if device is None
                else _local_ring(world, lengths, args, device, sync))
-        err = max(err, check(lengths, args.heads, args.headdim, res, DTYPES[args.dtype]))
+        err = max(err, check(lengths, args.heads, args.headdim, res, h.DTYPES[args.dtype]))
         rows += rows_of(world, res, where["device"])
     load = h.foreign_load(start, h.cpu_snapshot())
-    tol = TOL[DTYPES[args.dtype]]
+    tol = TOL[h.DTYPES[args.dtype]]
     if err > tol:
         raise SystemExit(f"the variants' outputs differ from each other or from float64 by {err:.2e}")
 

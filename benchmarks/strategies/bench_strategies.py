@@ -40,7 +40,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from benchmarks import harness as h  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _strategies(world):
@@ -71,7 +70,7 @@ def _inputs(args):
     q = torch.randn(*shape, args.heads, args.headdim, generator=g)
     k, v = (torch.randn(*shape, args.heads_kv, args.headdim, generator=g) for _ in range(2))
     dout = torch.randn(*shape, args.heads, args.headdim, generator=g)
-    return [t.to(DTYPES[args.dtype]) for t in (q, k, v, dout)]
+    return [t.to(h.DTYPES[args.dtype]) for t in (q, k, v, dout)]
 
 
 def _rank(rank, world, args):
@@ -168,19 +167,10 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--heads-kv", type=int, default=2)
     p.add_argument("--headdim", type=int, default=64)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="float32, or bfloat16 with --local-ring cuda (its kernels' dtypes)")
-    h.add_local_ring_arg(p)
+    h.add_local_ring_args(p)
     args = p.parse_args(argv)
-    device = args.local_ring
-    sync = h.local_ring_sync(device) if device is not None else None
-    if args.dtype is None:
-        args.dtype = "bfloat16" if device is not None and device.type == "cuda" else "float32"
-    if device is not None and device.type == "cuda" and args.dtype == "float32":
-        p.error("--local-ring cuda: the CUDA kernels take bfloat16 or float16, not float32")
-    tol = TOL[DTYPES[args.dtype]]
-    if device is not None and device.type == "cpu":
-        torch.set_num_threads(1)  # the virtual ranks in turn on one core, as a gloo rank runs
+    device, sync = h.local_ring_setup(p, args)
+    tol = TOL[h.DTYPES[args.dtype]]
     h.set_fp32_precision(args)
     where = h.device_record(device)
     bytes_column = "MB sent / rank" if device is None else "MB sent / rank (total / W)"

@@ -234,6 +234,8 @@ void fwd_impl(const BlockFwdParams& p) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
+// It opens as fwd_impl does (the sizes, the early exit when a block is empty): each pass names
+// its own sizes so that its task loops read alone.
 template <class TileOps, typename scalar_t, class Gemms>
 void bwd_impl(const BlockBwdParams& p) {
   using acc_t = typename TileOps::T;
