@@ -13,12 +13,14 @@
 //     S = Q K^T by wgmma (both operands in shared memory, 128-byte swizzle); partial tiles only:
 //     -inf where a row does not see a key (and the scale, unless folded into the exponential);
 //     online softmax in registers, P rounded to 16 bits in the register-A fragment of wgmma;
-//     O += P V by wgmma (P from registers, V MN-major in shared memory); then one arrival per
-//     warp on the stage's empty mbarrier.
+//     O += P V by wgmma (P from registers, V MN-major in shared memory; in the last tile its rows
+//     past the keys zeroed first); then one arrival per warp on the stage's empty mbarrier.
 //   prologue  the rows' bounds into shared memory (cta_row_bounds, all warpgroups); consumers:
 //             acc = o, m = lse, l = 1 from the state when merging (else the empty state)
 //   epilogue  o = acc / l, lse = m + log(l); rows that see nothing: out 0, lse -inf
-// K/V go through kStages stages. Operands are read as 2-D matrices (sm90_fwd_geometry.h).
+// K/V go through kStages stages. Operands are read as 2-D matrices (sm90_fwd_geometry.h), so the
+// boxes of a sequence's last tiles also hold the rows that follow it: Q rows past Sq are never
+// stored, K columns past Sk are masked, V rows past Sk are zeroed.
 #pragma once
 
 #include <cstdint>
@@ -224,8 +226,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
     wgmma_commit();
     wgmma_wait<0>();
 
+    const int k0 = static_cast<int>(e >> 1) * kBN;
     if (e & 1u) {  // partial: -inf where a row does not see a key, or a key lies past Sk
-      const int k0 = static_cast<int>(e >> 1) * kBN;
       const int32_t* kpos = sKpos + stage * kBN;
       RA_UNROLL
       for (int nb = 0; nb < kBN / 8; ++nb) {
@@ -282,6 +284,23 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
         const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
         pa[kc][j] = pack2<kBF16>(s[i], s[i + 1]);
       }
+    }
+    if (k0 + kBN > Sk) {
+      // The last tile: its V rows past Sk hold what follows the sequence in memory (any bits);
+      // zeroed, so that their p = 0 adds exactly nothing. Generic stores by the first consumer
+      // warpgroup, published to wgmma by fence.proxy.async before either warpgroup reads V.
+      if (wg == 0) {
+        char* v = sV + stage * Traits::kKvBytes;
+        constexpr int kChunks = Traits::kColBlocks * 8;  // 16-byte chunks of a key's row
+        for (int i = tid; i < (kBN - (Sk - k0)) * kChunks; i += 128) {
+          const int row = Sk - k0 + i / kChunks, block = (i / 8) % Traits::kColBlocks;
+          float4 zero;
+          zero.x = zero.y = zero.z = zero.w = 0.f;
+          *reinterpret_cast<float4*>(v + block * kBN * 128 + row * 128 + (i % 8) * 16) = zero;
+        }
+        fence_proxy_async();
+      }
+      named_sync(1, kConsumerThreads);
     }
     // O += P V: V (keys x head dim) is the MN-major B operand, 64-column blocks LBO apart.
     wgmma_fence();

@@ -131,6 +131,12 @@ MUTANTS = [
            "const int i = 4 * (2 * kc + j % 2) + 2 * (j / 2);",
            "Hopper forward: P packed into the register-A fragment with rows and key halves swapped",
            ("sm90a fp16 b1 sq200 sk300 h2/2 d64 window",)),
+    Mutant("sm90-tail-fence-dropped", "cuda/sm90_fwd_kernel.cuh",
+           "        fence_proxy_async();\n      }\n      named_sync(1, kConsumerThreads);",
+           "      }\n      named_sync(1, kConsumerThreads);",
+           "Hopper forward: the zeroed V rows past the keys not published to wgmma "
+           "(fence.proxy.async dropped; NaN rows follow the sequence)",
+           ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
     Mutant("sm80-store-swapped", "cuda/warp_mma.cuh",
            "*reinterpret_cast<uint32_t*>(p + 8 * kPitch) = a[1];\n"
            "        *reinterpret_cast<uint32_t*>(p + 8) = a[2];",
