@@ -73,6 +73,20 @@ def test_cuda_call_without_driver_raises_clean_error():
     assert torch.isfinite(lse).all()
 
 
+def test_unknown_cuda_kernel_choice_raises(monkeypatch):
+    if not _has_cuda_kernel("block_fwd"):
+        pytest.skip("CUDA half not built")
+    monkeypatch.setenv("RING_ATTN_CUDA_KERNEL", "sm100")
+    q = torch.zeros(1, 8, 2, 64, dtype=CPU_DTYPE)
+    pos = torch.arange(8, dtype=torch.int32)
+    out = torch.zeros(1, 8, 2, 64)
+    lse = torch.full((1, 2, 8), float("-inf"))
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(ValueError, match="RING_ATTN_CUDA_KERNEL must be auto, sm80 or sm90a"):
+        ra.ops.block_fwd.default.redispatch(cuda_only, q, q, q, pos, pos, None, out, lse, True, -1,
+                                            -1, 0.125)
+
+
 # ---- the shared case list on the CPU (a subset of the lengths and head-dim x GQA grid, for time) --
 CPU_LENGTHS = [(1, 1), (7, 97), (128, 1), (97, 128), (200, 333)]
 assert all(sizes in gc.LENGTHS for sizes in CPU_LENGTHS)

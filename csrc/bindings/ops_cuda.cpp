@@ -22,6 +22,9 @@ namespace {
 void check_support(DType dtype, const BlockShape& shape) {
   const std::string error = cuda::support_error(dtype, shape);
   TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
+  cuda::KernelChoice choice;
+  const std::string choice_error = cuda::kernel_choice(&choice);
+  TORCH_CHECK_VALUE(choice_error.empty(), "ring attention: ", choice_error);
 }
 
 void check_aligned(const void* ptr, const Strides& st, int batch, int seqlen, int heads,

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "cuda/sm90_fwd_geometry.h"
 #include "cuda/static_switch.h"
 
 #ifndef RING_ATTN_CUDA_ARCHS_STR
@@ -18,10 +19,48 @@ cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream);
 template <bool kBF16, int kHeadDim>
 cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream);
 
+namespace sm90 {
+template <bool kBF16, int kHeadDim>
+cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream);
+}  // namespace sm90
+
+namespace {
+
+// RING_ATTN_CUDA_KERNEL=sm90a and a launch the Hopper forward runs: a compute capability 9.0
+// device, head dim 64 or 128, operands that its 2-D TMA loads read (sm90_fwd_geometry.h).
+bool runs_sm90a_fwd(const FwdArgs& args) {
+  KernelChoice choice;
+  if (!kernel_choice(&choice).empty() || choice != KernelChoice::kSm90a) return false;
+  const BlockFwdParams& p = args.p;
+  const BlockShape& s = p.shape;
+  if (s.headdim != 64 && s.headdim != 128) return false;
+  if (!sm90::operand_fits(p.q_strides, s.batch, s.seqlen_q, s.nheads, s.headdim) ||
+      !sm90::operand_fits(p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, s.headdim) ||
+      !sm90::operand_fits(p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, s.headdim)) {
+    return false;
+  }
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
+
+}  // namespace
+
 int block_fwd(const FwdArgs& args, void* stream) {
   const BlockShape& s = args.p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return cudaSuccess;
   auto st = static_cast<cudaStream_t>(stream);
+  if (runs_sm90a_fwd(args)) {
+    return DTYPE_SWITCH(args.p.dtype, kBF16, [&] {
+      return s.headdim == 64 ? sm90::run_fwd<kBF16, 64>(args, st)
+                             : sm90::run_fwd<kBF16, 128>(args, st);
+    });
+  }
   return DTYPE_SWITCH(args.p.dtype, kBF16, [&] {
     return HEADDIM_SWITCH(s.headdim, kHeadDim, [&] { return run_fwd<kBF16, kHeadDim>(args, st); });
   });

@@ -12,6 +12,7 @@
 // include it.
 #pragma once
 
+#include <cstdlib>
 #include <string>
 
 #include "core/params.h"
@@ -27,6 +28,29 @@ struct FwdArgs {
   BlockFwdParams p;
   bool merge;
 };
+
+// RING_ATTN_CUDA_KERNEL (read at every call): which forward kernel runs on the GPU.
+//   auto, sm80 (or unset): the mma.sync kernels everywhere;
+//   sm90a: the Hopper forward (sm90_fwd_kernel.cuh) on devices of compute capability 9.0 for
+//          bf16/fp16 at head dims 64 and 128 (other shapes, devices and the backward: mma.sync).
+enum class KernelChoice { kAuto, kSm80, kSm90a };
+
+// Sets *choice from the environment; a message for the user when the value is unknown.
+inline std::string kernel_choice(KernelChoice* choice) {
+  const char* env = std::getenv("RING_ATTN_CUDA_KERNEL");
+  const std::string v = env ? env : "";
+  if (v.empty() || v == "auto") {
+    *choice = KernelChoice::kAuto;
+  } else if (v == "sm80") {
+    *choice = KernelChoice::kSm80;
+  } else if (v == "sm90a") {
+    *choice = KernelChoice::kSm90a;
+  } else {
+    *choice = KernelChoice::kAuto;
+    return "RING_ATTN_CUDA_KERNEL must be auto, sm80 or sm90a, got '" + v + "'";
+  }
+  return {};
+}
 
 // Empty when the CUDA kernels support these params; otherwise a message for the user.
 inline std::string support_error(DType dtype, const BlockShape& s) {

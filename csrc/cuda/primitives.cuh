@@ -91,6 +91,16 @@ RA_DEV float fast_exp2(float x) {  // ex2.approx.ftz: 2^-inf = +0
 RA_DEV float fmax_f(float a, float b) { return fmaxf(a, b); }
 #endif
 
+// ---- warp barrier -------------------------------------------------------------------------------
+// The warp's lanes meet here; their shared-memory writes before it are visible to each other after.
+RA_DEV void sync_warp() {
+#if defined(RA_CUDA_EMULATE)
+  emu::warp().bar.arrive_and_wait();
+#else
+  __syncwarp();
+#endif
+}
+
 // ---- shuffles ---------------------------------------------------------------------------------
 template <typename T>
 RA_DEV T shfl_xor(T v, int mask) {

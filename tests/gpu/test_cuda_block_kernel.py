@@ -19,6 +19,24 @@ def test_block_mask_cases(sq, sk, mask, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("mask", gc.MASKS)
+@pytest.mark.parametrize("sq,sk", [(1, 1), (7, 97), (97, 128), (200, 333)])
+def test_block_sm90a_forward(sq, sk, mask, headdim, dtype, monkeypatch):
+    """RING_ATTN_CUDA_KERNEL=sm90a: the Hopper forward on compute capability 9.0 (elsewhere the
+    mma.sync kernels), against the same reference."""
+    monkeypatch.setenv("RING_ATTN_CUDA_KERNEL", "sm90a")
+    gc.check_block("cuda", dtype, sq, sk, 4, 2, headdim, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "partial", "window", "packed"])
+def test_block_sm90a_forward_merges_key_blocks(mask, dtype, monkeypatch):
+    monkeypatch.setenv("RING_ATTN_CUDA_KERNEL", "sm90a")
+    gc.check_merge_order("cuda", dtype, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,heads_kv", gc.GQA)
 @pytest.mark.parametrize("headdim", gc.HEADDIMS)
 def test_block_headdims_and_gqa(headdim, heads, heads_kv, dtype):

@@ -12,7 +12,8 @@ the list is kept in step with the code.
 
 Without --ci or --only, every mutant runs (about 20 s of compiling each). `make test` runs the
 representative subset marked `ci` (--ci: one mutant each for the tile table, the mask, the copy
-pipeline, the fragment layouts, the determinism check and the d = 256 reduction path), so that
+pipeline, the fragment layouts, the determinism check, the d = 256 reduction path and the Hopper
+forward's mbarrier pipeline), so that
 the test suite stays short; run the whole list after changing the kernels.
 
 Exit status 0 when every mutant run is caught.
@@ -112,6 +113,30 @@ MUTANTS = [
            "*sConsts = FwdConsts{gK, gV, mask_mul};", "*sConsts = FwdConsts{gK, gK, mask_mul};",
            "forward, d <= 64: the V base kept in shared memory is K's",
            ("sq70 sk100 h2/1 d64 none",)),
+    Mutant("sm90-full-wait-dropped", "cuda/sm90_fwd_kernel.cuh",
+           "    mbar_wait(full + stage, (it / kStages) & 1);\n", "",
+           "Hopper forward: a stage read without waiting for its full mbarrier (TMA not landed)",
+           ("sm90a bf16 b1 sq200 sk300 h2/1 d64 window",), ci=True),
+    Mutant("sm90-full-parity", "cuda/sm90_fwd_kernel.cuh",
+           "mbar_wait(full + stage, (it / kStages) & 1);",
+           "mbar_wait(full + stage, (it / kStages + 1) & 1);",
+           "Hopper forward: consumers wait for the wrong phase of a stage's full mbarrier",
+           ("sm90a fp16 b1 sq200 sk600 h4/2 d128 diagonal",)),
+    Mutant("sm90-stage-not-released", "cuda/sm90_fwd_kernel.cuh",
+           "if (lane == 0) mbar_arrive(empty + stage);", "",
+           "Hopper forward: consumers never arrive on a stage's empty mbarrier (producer hangs)",
+           ("sm90a fp16 b1 sq200 sk600 h4/2 d128 diagonal",)),
+    Mutant("sm90-p-fragment", "cuda/sm90_fwd_kernel.cuh",
+           "const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);",
+           "const int i = 4 * (2 * kc + j % 2) + 2 * (j / 2);",
+           "Hopper forward: P packed into the register-A fragment with rows and key halves swapped",
+           ("sm90a fp16 b1 sq200 sk300 h2/2 d64 window",)),
+    Mutant("sm90-tail-fence-dropped", "cuda/sm90_fwd_kernel.cuh",
+           "        fence_proxy_async();\n      }\n      named_sync(1, kConsumerThreads);",
+           "      }\n      named_sync(1, kConsumerThreads);",
+           "Hopper forward: the zeroed V rows past the keys not published to wgmma "
+           "(fence.proxy.async dropped; NaN rows follow the sequence)",
+           ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
     Mutant("sm80-store-swapped", "cuda/warp_mma.cuh",
            "*reinterpret_cast<uint32_t*>(p + 8 * kPitch) = a[1];\n"
            "        *reinterpret_cast<uint32_t*>(p + 8) = a[2];",

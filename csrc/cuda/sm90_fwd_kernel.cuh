@@ -1,0 +1,339 @@
+// Hopper forward kernel body (sm_90a): one CTA per (query tile of 128 rows, head, batch) merges
+// its rows' attention over one K/V block into the running fp32 state, as block_fwd_body
+// (fwd_kernel.cuh) does, with warp-specialised warpgroups:
+//
+//   producer warpgroup (registers lowered by setmaxnreg; its first warp works, the others exit)
+//     TMA-loads Q once, then walks the key tiles in order: classifies each from the rows' bounds
+//     and the keys' positions (core/mask.h classify_tile, as tile_table.cuh) and skips the
+//     invisible ones; for a live tile it waits for a free stage (empty mbarrier), writes the
+//     tile's entry (tile << 1 | partial) and, for a partial tile, its keys' positions into the
+//     stage, and TMA-loads K and V there (full mbarrier, expect_tx). After the last tile it
+//     writes the end entry into the next stage and arrives on its full mbarrier.
+//   two consumer warpgroups of 64 query rows (registers raised by setmaxnreg), per stage:
+//     S = Q K^T by wgmma (both operands in shared memory, 128-byte swizzle); partial tiles only:
+//     -inf where a row does not see a key (and the scale, unless folded into the exponential);
+//     online softmax in registers, P rounded to 16 bits in the register-A fragment of wgmma;
+//     O += P V by wgmma (P from registers, V MN-major in shared memory; in the last tile its rows
+//     past the keys zeroed first); then one arrival per warp on the stage's empty mbarrier.
+//   prologue  the rows' bounds into shared memory (cta_row_bounds, all warpgroups); consumers:
+//             acc = o, m = lse, l = 1 from the state when merging (else the empty state)
+//   epilogue  o = acc / l, lse = m + log(l); rows that see nothing: out 0, lse -inf
+// K/V go through kStages stages. Operands are read as 2-D matrices (sm90_fwd_geometry.h), so the
+// boxes of a sequence's last tiles also hold the rows that follow it: Q rows past Sq are never
+// stored, K columns past Sk are masked, V rows past Sk are zeroed.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "core/mask.h"
+#include "core/merge.h"
+#include "core/params.h"
+#include "cuda/block_attn_cuda.h"
+#include "cuda/primitives.cuh"
+#include "cuda/sm90_fwd_geometry.h"
+#include "cuda/sm90_primitives.cuh"
+#include "cuda/tile_table.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace ring_attn {
+namespace cuda {
+namespace sm90 {
+
+// Shapes and the shared-memory layout (offsets from a 1024-byte aligned base; 16-bit tiles are
+// stored as 64-column blocks of rows x 128 bytes, 128-byte swizzled, as the TMA boxes land).
+template <bool kBF16_, int kHeadDim_>
+struct FwdTraits {
+  static constexpr bool kBF16 = kBF16_;
+  static constexpr int kHeadDim = kHeadDim_;  // exactly the operands' head dim
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
+  static constexpr int kBlockM = 64 * kConsumerWarpgroups;
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kKvBytes = kBlockN * kHeadDim * 2;  // one K or V stage
+  static constexpr int kOffQ = 0;
+  static constexpr int kOffK = kOffQ + kQBytes;
+  static constexpr int kOffV = kOffK + kStages * kKvBytes;
+  static constexpr int kOffKpos = kOffV + kStages * kKvBytes;
+  static constexpr int kOffRows = kOffKpos + kStages * kBlockN * 4;
+  static constexpr int kOffEntry = kOffRows + kBlockM * 8;
+  static constexpr int kOffBars = kOffEntry + 16 * kStages;  // full[kStages], empty[kStages], q
+  static constexpr int kOffScratch = kOffBars + 8 * (2 * kStages + 1);
+  static constexpr int kScratchBytes = 4 * (5 * (kNThreads / 32) + 1);
+  // The dynamic shared memory to ask for: the layout plus the alignment of its base.
+  static constexpr int kSmemBytes = kOffScratch + kScratchBytes + kSwizzleAtomBytes;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "Hopper forward head dims");
+  static_assert(kOffK % kSwizzleAtomBytes == 0 && kKvBytes % kSwizzleAtomBytes == 0, "alignment");
+  static_assert(kOffBars % 8 == 0, "mbarrier alignment");
+};
+
+// The tensor maps of Q, K and V: matrices of sm90_fwd_geometry.h read in boxes of 64 columns x
+// 128 rows with the 128-byte swizzle. A kernel parameter (__grid_constant__) on the device.
+struct FwdMaps {
+  TensorMap q, k, v;
+};
+
+constexpr uint32_t kEndEntry = 0xffffffffu;  // no more tiles
+
+RA_DEV float neg_inf_f32() { return -std::numeric_limits<float>::infinity(); }
+
+template <typename Traits>
+RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_unaligned) {
+  constexpr bool kBF16 = Traits::kBF16;
+  constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kStages = Traits::kStages, kNT = Traits::kNThreads;
+  constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
+
+  const BlockFwdParams& p = args.p;
+  const int tid = thread_idx();
+  const int q0 = block_idx_x() * kBM, h = block_idx_y(), b = block_idx_z();
+  const int Sq = p.shape.seqlen_q, Sk = p.shape.seqlen_k;
+  const int hk = h / (p.shape.nheads / p.shape.nheads_kv);
+  const float scale = static_cast<float>(p.softmax_scale);
+  // With scale > 0 the scores stay unscaled until the exponential (max(scale s) = scale max(s));
+  // otherwise the mask pass applies it and every live tile is partial.
+  const bool fold_scale = scale > 0.f;
+
+  // The layout's base: the first 1024-byte aligned shared-memory address.
+  const uint32_t misalign = smem_address(smem_unaligned) % kSwizzleAtomBytes;
+  char* smem = smem_unaligned + (misalign ? kSwizzleAtomBytes - misalign : 0);
+  char* sQ = smem + Traits::kOffQ;
+  char* sK = smem + Traits::kOffK;  // stage s at + s * kKvBytes
+  char* sV = smem + Traits::kOffV;
+  int32_t* sKpos = reinterpret_cast<int32_t*>(smem + Traits::kOffKpos);  // stage s at + s * kBN
+  PositionRange32* sRows = reinterpret_cast<PositionRange32*>(smem + Traits::kOffRows);
+  volatile uint32_t* sEntry = reinterpret_cast<volatile uint32_t*>(smem + Traits::kOffEntry);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Traits::kOffBars);
+  uint64_t* empty = full + kStages;
+  uint64_t* q_bar = empty + kStages;
+  int32_t* scratch = reinterpret_cast<int32_t*>(smem + Traits::kOffScratch);
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, kConsumerThreads / 32);
+    }
+    mbar_init(q_bar, 1);
+    fence_proxy_async();  // the inits, before TMA completes on them
+  }
+  // Ends with a barrier: the mbarriers and the rows' bounds are ready for every warp.
+  const TileBounds q_bounds =
+      cta_row_bounds<kNT>(p.mask, p.q_pos, p.q_seg, q0, kBM, Sq, sRows, scratch, tid);
+
+  if (tid >= kConsumerThreads) {
+    // ---- producer ----
+    setmaxnreg_dec<Traits::kProducerRegs>();
+    if (tid >= kConsumerThreads + 32) return;
+    const int lane = tid % 32;
+    if (lane == 0) {
+      const OperandOrigin qo = operand_origin(p.q_strides, b, h);
+      mbar_arrive_expect_tx(q_bar, Traits::kQBytes);
+      for (int j = 0; j < Traits::kColBlocks; ++j) {
+        sm90::tma_load_2d(sQ + j * kBM * 128, &maps.q, q_bar, qo.col + 64 * j, qo.row + q0);
+      }
+    }
+    const OperandOrigin ko = operand_origin(p.k_strides, b, hk);
+    const OperandOrigin vo = operand_origin(p.v_strides, b, hk);
+    const int ntiles = (Sk + kBN - 1) / kBN;
+    int it = 0;  // live tiles issued
+    for (int t = 0; t < ntiles; ++t) {
+      const int k0 = t * kBN, k1 = imin(k0 + kBN, Sk);
+      TileKind kind = classify_tile(q_bounds, warp_range(p.k_pos, k0, k1, lane));
+      if (kind == TileKind::kSkip) continue;
+      const bool partial = kind == TileKind::kPartial || !fold_scale || k0 + kBN > Sk;
+      const int stage = it % kStages;
+      if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
+      if (partial) {
+        for (int i = lane; i < kBN; i += 32) sKpos[stage * kBN + i] = k0 + i < Sk ? p.k_pos[k0 + i] : 0;
+      }
+      sync_warp();  // the positions are written before lane 0's arrival publishes them
+      if (lane == 0) {
+        sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
+        mbar_arrive_expect_tx(full + stage, 2 * Traits::kKvBytes);
+        for (int j = 0; j < Traits::kColBlocks; ++j) {
+          sm90::tma_load_2d(sK + stage * Traits::kKvBytes + j * kBN * 128, &maps.k, full + stage,
+                      ko.col + 64 * j, ko.row + k0);
+          sm90::tma_load_2d(sV + stage * Traits::kKvBytes + j * kBN * 128, &maps.v, full + stage,
+                      vo.col + 64 * j, vo.row + k0);
+        }
+      }
+      ++it;
+    }
+    const int stage = it % kStages;
+    if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
+    if (lane == 0) {
+      sEntry[stage] = kEndEntry;
+      mbar_arrive(full + stage);
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup wg takes rows 64 wg .. 64 wg + 63 of the tile ----
+  setmaxnreg_inc<Traits::kConsumerRegs>();
+  const int wg = tid / 128, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int row0 = 64 * wg + 16 * ((tid % 128) / 32) + g;  // this thread's rows: row0, row0 + 8
+  const float ninf = neg_inf_f32();
+  const float score_unit = fold_scale ? scale : 1.f;
+  const float mask_mul = fold_scale ? 1.f : scale;
+  const float exp2_mul = score_unit * kLog2eF;
+  float* gO = static_cast<float*>(p.out_acc) + b * p.out_strides.batch + h * p.out_strides.head;
+  float* gL = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+
+  // Accumulator register i of a m64nNk16 fragment: row row0 + 8 ((i / 2) % 2), column
+  // 8 (i / 4) + 2 t4 + i % 2 (sm90_primitives.cuh).
+  float o[kD / 2];
+  float m[2], l[2];  // l summed per lane (the quad's sum at the end)
+  for (int r = 0; r < 2; ++r) {
+    const int row = q0 + row0 + 8 * r;
+    const float lse = args.merge && row < Sq ? gL[row] : ninf;
+    m[r] = lse;
+    const bool load = lse != ninf;
+    l[r] = load && t4 == 0 ? 1.f : 0.f;  // the state's l = 1 counted once per quad
+    const float* src = gO + static_cast<int64_t>(load ? row : 0) * p.out_strides.row;
+    RA_UNROLL
+    for (int nb = 0; nb < kD / 8; ++nb) {
+      const int c = 8 * nb + 2 * t4;
+      o[4 * nb + 2 * r] = load ? src[c] : 0.f;
+      o[4 * nb + 2 * r + 1] = load ? src[c + 1] : 0.f;
+    }
+  }
+  const PositionRange32 seen[2] = {sRows[row0], sRows[row0 + 8]};
+
+  mbar_wait(q_bar, 0);
+  for (int it = 0;; ++it) {
+    const int stage = it % kStages;
+    mbar_wait(full + stage, (it / kStages) & 1);
+    const uint32_t e = sEntry[stage];
+    if (e == kEndEntry) break;
+    const char* tK = sK + stage * Traits::kKvBytes;
+    const char* tV = sV + stage * Traits::kKvBytes;
+
+    // S = Q K^T: k16 steps over the head dim, both operands K-major.
+    float s[kBN / 2];
+    wgmma_fence();
+    RA_UNROLL
+    for (int kc = 0; kc < kD / 16; ++kc) {
+      const uint64_t dq =
+          smem_desc(sQ + (kc / 4) * kBM * 128 + 64 * wg * 128 + (kc % 4) * 32, 16, 1024);
+      const uint64_t dk = smem_desc(tK + (kc / 4) * kBN * 128 + (kc % 4) * 32, 16, 1024);
+      wgmma_ss<kBF16, kBN, false, false>(s, dq, dk, kc > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    const int k0 = static_cast<int>(e >> 1) * kBN;
+    if (e & 1u) {  // partial: -inf where a row does not see a key, or a key lies past Sk
+      const int32_t* kpos = sKpos + stage * kBN;
+      RA_UNROLL
+      for (int nb = 0; nb < kBN / 8; ++nb) {
+        RA_UNROLL
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int kl = 8 * nb + 2 * t4 + e2;
+          const bool in = k0 + kl < Sk;
+          const int32_t kp = kpos[kl];
+          RA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            float& x = s[4 * nb + 2 * r + e2];
+            x = in && is_visible(seen[r], kp) ? x * mask_mul : ninf;
+          }
+        }
+      }
+    }
+
+    // Online softmax (a row's scores live in the 4 lanes of a quad):
+    //   m' = max(m, max_j s_j), acc *= exp(m - m'), l = l exp(m - m') + sum_j exp(s_j - m').
+    float mref[2], factor[2], sum[2] = {0.f, 0.f};
+    RA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      float mx = ninf;
+      RA_UNROLL
+      for (int nb = 0; nb < kBN / 8; ++nb) {
+        mx = fmax_f(mx, fmax_f(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]));
+      }
+      mx = fmax_f(mx, shfl_xor(mx, 1));
+      mx = fmax_f(mx, shfl_xor(mx, 2));
+      const float m_new = fmax_f(m[r], mx * score_unit);
+      // m' log2(e); a row that has seen nothing: 0, so that every p is exp2(-inf) = 0
+      mref[r] = m_new == ninf ? 0.f : m_new * kLog2eF;
+      factor[r] = fast_exp2(fmaf(m[r], kLog2eF, -mref[r]));  // 0 when m = -inf
+      m[r] = m_new;
+    }
+    RA_UNROLL
+    for (int i = 0; i < kBN / 2; ++i) {
+      const float pe = fast_exp2(fmaf(s[i], exp2_mul, -mref[(i / 2) % 2]));
+      s[i] = pe;
+      sum[(i / 2) % 2] += pe;
+    }
+    RA_UNROLL
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * factor[r] + sum[r];
+    RA_UNROLL
+    for (int i = 0; i < kD / 2; ++i) o[i] *= factor[(i / 2) % 2];
+
+    // P (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
+    // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
+    uint32_t pa[kBN / 16][4];
+    RA_UNROLL
+    for (int kc = 0; kc < kBN / 16; ++kc) {
+      RA_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
+        pa[kc][j] = pack2<kBF16>(s[i], s[i + 1]);
+      }
+    }
+    if (k0 + kBN > Sk) {
+      // The last tile: its V rows past Sk hold what follows the sequence in memory (any bits);
+      // zeroed, so that their p = 0 adds exactly nothing. Generic stores by the first consumer
+      // warpgroup, published to wgmma by fence.proxy.async before either warpgroup reads V.
+      if (wg == 0) {
+        char* v = sV + stage * Traits::kKvBytes;
+        constexpr int kChunks = Traits::kColBlocks * 8;  // 16-byte chunks of a key's row
+        for (int i = tid; i < (kBN - (Sk - k0)) * kChunks; i += 128) {
+          const int row = Sk - k0 + i / kChunks, block = (i / 8) % Traits::kColBlocks;
+          float4 zero;
+          zero.x = zero.y = zero.z = zero.w = 0.f;
+          *reinterpret_cast<float4*>(v + block * kBN * 128 + row * 128 + (i % 8) * 16) = zero;
+        }
+        fence_proxy_async();
+      }
+      named_sync(1, kConsumerThreads);
+    }
+    // O += P V: V (keys x head dim) is the MN-major B operand, 64-column blocks LBO apart.
+    wgmma_fence();
+    RA_UNROLL
+    for (int kc = 0; kc < kBN / 16; ++kc) {
+      const uint64_t dv = smem_desc(tV + kc * 16 * 128, kBN * 128, 1024);
+      wgmma_rs<kBF16, kD, true>(o, pa[kc], dv, true);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+  }
+
+  // Epilogue: o = acc / l, lse = m + log(l) (0 and -inf for a row that saw nothing).
+  RA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    l[r] += shfl_xor(l[r], 1);
+    l[r] += shfl_xor(l[r], 2);
+    const int row = q0 + row0 + 8 * r;
+    if (row >= Sq) continue;
+    const OnlineRow<float> st{m[r], l[r]};
+    const float inv_l = st.inv_l();
+    float* dst = gO + static_cast<int64_t>(row) * p.out_strides.row;
+    RA_UNROLL
+    for (int nb = 0; nb < kD / 8; ++nb) {
+      const int c = 8 * nb + 2 * t4;
+      dst[c] = o[4 * nb + 2 * r] * inv_l;
+      dst[c + 1] = o[4 * nb + 2 * r + 1] * inv_l;
+    }
+    if (t4 == 0) gL[row] = st.lse();
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ring_attn
