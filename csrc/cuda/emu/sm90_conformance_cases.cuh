@@ -189,7 +189,7 @@ constexpr int kTmaThreads = 128;
 constexpr int kTmaSmemBytes = 2 * kBoxBytes + 8;
 constexpr int kTmaOutWords = 2 * kBoxBytes / 4 + 2;  // the boxes, then try_wait(0), try_wait(1)
 constexpr uint16_t kPitchPadding = 0xeeee;          // between a row's end and the next row
-constexpr long kMaxPolls = 1L << 24;                 // a wait that does not end is a mismatch
+constexpr uint64_t kWaitLimitNs = 2000000000;       // a wait that does not end is a mismatch
 
 // The tensor: element (r, c) = r * kTmaCols + c + 1 (no zero: the out-of-bounds fill shows).
 inline std::vector<uint16_t> tma_tensor() {
@@ -202,12 +202,22 @@ inline std::vector<uint16_t> tma_tensor() {
   return t;
 }
 
-// Waits for phase `parity` of bar, giving up after kMaxPolls polls; whether it completed.
+// Waits for phase `parity` of bar for at most kWaitLimitNs; whether it completed.
 RA_DEV bool bounded_wait(uint64_t* bar, int parity) {
-  for (long i = 0; i < kMaxPolls; ++i) {
-    if (sm90::mbar_try_wait(bar, parity)) return true;
+#if defined(RA_CUDA_EMULATE)
+  const emu::Deadline deadline;
+  while (!sm90::mbar_try_wait(bar, parity)) {
+    if (deadline.passed()) return false;
   }
-  return false;
+#else
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(start));
+  while (!sm90::mbar_try_wait(bar, parity)) {
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+    if (now - start > kWaitLimitNs) return false;
+  }
+#endif
+  return true;
 }
 
 // Copies `bytes` bytes of shared memory to out, 16 per thread and step.

@@ -77,6 +77,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s [--write FILE]\n", argv[0]);
     return 2;
   }
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each case's line as soon as it is known
   std::vector<std::vector<uint8_t>> results;
   bool ok = true;
   for (const Case& c : kCases) {

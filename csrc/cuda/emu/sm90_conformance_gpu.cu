@@ -172,6 +172,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s FILE (from sm90_conformance_emu --write FILE)\n", argv[0]);
     return 2;
   }
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each case's line as soon as it is known
   const std::vector<std::vector<uint8_t>> expected = read_results(argv[1]);
   if (expected.empty()) {
     std::fprintf(stderr, "%s: not the emulator's results of these cases\n", argv[1]);
