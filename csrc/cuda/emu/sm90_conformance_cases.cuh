@@ -153,8 +153,9 @@ RA_DEV void wgmma_case(const uint16_t* a, const uint16_t* b, float* out, char* s
       const uint64_t desc_b = sm90::smem_desc(smem + kBOffset + s * 16 * 128, kK * 128, 1024);
       sm90::wgmma_rs<kBF16, N, true>(d, ra[s], desc_b, s > 0);
     } else {
-      sm90::wgmma_ss<kBF16, N, false, false>(d, sm90::smem_desc(smem + s * 32, 16, 1024),
-                                       sm90::smem_desc(smem + kBOffset + s * 32, 16, 1024), s > 0);
+      const uint64_t desc_a = sm90::smem_desc(smem + s * 32, 16, 1024);
+      const uint64_t desc_b = sm90::smem_desc(smem + kBOffset + s * 32, 16, 1024);
+      sm90::wgmma_ss<kBF16, N, false, false>(d, desc_a, desc_b, s > 0);
     }
   }
   sm90::wgmma_commit();

@@ -21,7 +21,7 @@ template <bool kBF16, int N, bool kRegA>
 std::vector<uint8_t> run_wgmma() {
   const std::vector<uint16_t> a = operand_bits(0, 64, kBF16), b = operand_bits(1, N, kBF16);
   std::vector<float> out(wgmma_out_floats(N));
-  emu::launch(1, 1, 1, kWgmmaThreads, wgmma_smem_bytes(N) + 1024, [&](char* smem) {
+  emu::launch(1, 1, 1, kWgmmaThreads, wgmma_smem_bytes(N), [&](char* smem) {
     wgmma_case<kBF16, N, kRegA>(a.data(), b.data(), out.data(), smem);
   });
   return as_bytes(out.data(), out.size() * 4);
