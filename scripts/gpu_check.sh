@@ -9,6 +9,13 @@
 #   build      CMake + Ninja against this machine's torch (python3), RING_ATTN_CUDA=ON, archs from
 #              RING_ATTN_CUDA_ARCHS (default 9.0), MAX_JOBS jobs (default 16), ptxas -v in the log;
 #              _C.so goes to the source tree's ring_attention/ (the build dir: build/gpu-check/)
+#   conformance the emulator against the card, first on any GPU (compute capability 9.x; skipped
+#              elsewhere): sm90_conformance_emu writes the emulated results of each sm_90a primitive
+#              the kernels use (wgmma m64nNk16 at N = 64/128/256, bf16 and fp16, shared and register
+#              A; a 128-byte-swizzled TMA load of boxes past the tensor's edges; the forward's
+#              setmaxnreg / named-barrier / mbarrier pipeline) to OUTDIR/sm90_conformance_emu.bin and
+#              sm90_conformance_gpu runs the same cases on the GPU and compares the bytes (one line
+#              per case: OK, or MISMATCH and the first differing word); cap 120 s
 #   ctest      C++ tests: the emulated kernels (test_cuda_emu) and the CUDA microbenchmark's check
 #              (bench_block_attn_cuda against a float64 host reference)
 #   import     import ring_attention; torch.ops.ring_attention.cuda_build_info()
@@ -18,6 +25,8 @@
 #              its kernels alone (overhead <= 5%) and its exchanges alone (hidden fraction)
 #   bench      benchmarks/kernels/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
+#   bench-sm90a the same forward rows with RING_ATTN_CUDA_KERNEL=sm90a (the Hopper forward), beside
+#              the bench stage's (OUTDIR/bench_sm90a.json; compute capability 9.0 only)
 #   merge      benchmarks/kernels/merge_probe.py: the forward from several incoming states (why merging slows
 #              the d=64 forward; OUTDIR/merge_probe.json) (skipped with --quick)
 #   merge-order benchmarks/kernels/merge_probe.py --orders: the same two launches timed in several call orders
@@ -29,8 +38,8 @@
 #   racecheck  compute-sanitizer --tool racecheck on cuda_sanitize_case.py (skipped with --quick)
 # GPU_CHECK_BUDGET (seconds, default 560): every stage's cap is cut to what is left of it, so the
 # whole check ends within that time and later stages are skipped rather than killed.
-# Writes OUTDIR/summary.md (stage table + benchmark table), OUTDIR/<stage>.log, OUTDIR/bench.json,
-# OUTDIR/bench.md, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs nothing. Exit status: 0 when every stage that ran
+# Writes OUTDIR/summary.md (stage table + benchmark tables), OUTDIR/<stage>.log, OUTDIR/bench.json,
+# OUTDIR/bench.md, OUTDIR/bench_sm90a.json, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs nothing. Exit status: 0 when every stage that ran
 # passed. Budget: full <= 8 min, --quick <= 4 min on one H100 (build included).
 # --bundle: at the end, every file but summary.md goes into OUTDIR/gpu_check.tgz (one file to copy
 # back from a remote machine).
@@ -122,6 +131,7 @@ write_summary() {
       echo
     fi
     [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+    [ -f "$OUT/bench_sm90a.md" ] && echo && cat "$OUT/bench_sm90a.md"
   } > "$SUMMARY"
   if [ $BUNDLE = 1 ]; then
     (cd "$OUT" && rm -f stages.tmp && tar czf gpu_check.tgz --exclude gpu_check.tgz --exclude summary.md . &&
@@ -169,6 +179,23 @@ else
   fi
 fi
 
+# The GPU's compute capability (e.g. 9.0), empty when unknown.
+CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2> /dev/null | head -n 1 | tr -d ' ')
+[ -z "$CC" ] && CC=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2> /dev/null)
+
+# ---- conformance: the emulator's sm_90a primitives against the card, before anything is timed --
+if [ $BUILT = 0 ]; then
+  skip conformance "no build"
+elif [[ "$CC" != 9.* ]]; then
+  skip conformance "compute capability '${CC:-unknown}' is not 9.x"
+else
+  stage conformance 120 bash -c "
+    set -e
+    '$BUILD/sm90_conformance_emu' --write '$OUT/sm90_conformance_emu.bin'
+    '$BUILD/sm90_conformance_gpu' '$OUT/sm90_conformance_emu.bin'
+  "
+fi
+
 if [ $BUILT = 1 ]; then
   if command -v ctest > /dev/null; then
     stage ctest 180 bash -c "cd '$BUILD' && ctest --output-on-failure"
@@ -212,8 +239,18 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
   stage overlap 90 "$PY" benchmarks/ring/overlap_gpu.py --json "$OUT/overlap.json"
 
   # ---- benchmark -------------------------------------------------------------------------------
+  # bench_sm90a CAP [ARGS]: the bench stage's forward rows with the Hopper forward
+  bench_sm90a() {
+    if [ "$CC" != 9.0 ]; then
+      skip bench-sm90a "compute capability '${CC:-unknown}' is not 9.0"
+      return
+    fi
+    stage bench-sm90a "$1" "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench_sm90a.json" \
+      --kernel sm90a --forward-only "${@:2}"
+  }
   if [ $QUICK = 1 ]; then
     stage bench 90 "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench.json" --quick
+    bench_sm90a 60 --quick
     skip merge "--quick"
     skip merge-order "--quick"
     skip ncu "--quick"
@@ -221,6 +258,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     skip racecheck "--quick"
   else
     stage bench 240 "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench.json"
+    bench_sm90a 90
     stage merge 60 "$PY" benchmarks/kernels/merge_probe.py --json "$OUT/merge_probe.json"
     stage merge-order 60 "$PY" benchmarks/kernels/merge_probe.py --orders --json "$OUT/merge_order.json"
     # ---- Nsight Compute: why the kernels run at the speed they do (vs SDPA's flash kernels) -----
@@ -240,7 +278,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     sanitize racecheck 180
   fi
 else
-  for s in tests memcheck overlap bench merge merge-order ncu ncu-merge racecheck; do skip $s "ring_attention does not import"; done
+  for s in tests memcheck overlap bench bench-sm90a merge merge-order ncu ncu-merge racecheck; do skip $s "ring_attention does not import"; done
 fi
 
 echo "summary: $SUMMARY"

@@ -47,13 +47,18 @@ def test_cpu_isa_rejects_unknown_values(tmp_path):
 
 
 def test_cuda_emulator_test_is_built_without_nvcc(tmp_path):
-    """test_cuda_emu needs a host compiler only: it is a target and a ctest even with CUDA off."""
+    """test_cuda_emu and the conformance check's emulator half need a host compiler only: they are
+    targets and ctests even with CUDA off; the conformance check's device half is not."""
     result = configure(tmp_path, "-DRING_ATTN_CUDA=OFF")
     assert result.returncode == 0, result.stderr
-    assert "build test_cuda_emu:" in (tmp_path / "build.ninja").read_text()
+    ninja = (tmp_path / "build.ninja").read_text()
+    assert "build test_cuda_emu:" in ninja
+    assert "build sm90_conformance_emu:" in ninja
+    assert "sm90_conformance_gpu" not in ninja
     listed = subprocess.run([str(CMAKE.with_name("ctest")), "-N"], cwd=tmp_path, capture_output=True,
                             text=True, check=True).stdout
     assert "test_cuda_emu" in listed, listed
+    assert "sm90_conformance_emu" in listed, listed
 
 
 @pytest.mark.skipif(not torch.version.cuda, reason="a CPU-only torch never builds the CUDA half")

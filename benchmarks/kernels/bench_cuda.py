@@ -13,13 +13,16 @@ For each (head dim, total length, causal): bf16, batch x seqlen = 16K tokens, he
 TFLOP/s: forward 4 b s^2 h d (half for causal), backward 2.5x that. The merge overhead is
 (fwd - fwd nomerge) / fwd nomerge. Also checks our output against SDPA's (max abs difference).
 Writes --json and the same table as markdown beside it (.md) after every configuration, so a
-timeout keeps what is done. --iters: the alternated merge/no-merge calls; the other rows take the
+timeout keeps what is done. --kernel sets RING_ATTN_CUDA_KERNEL for the run (sm90a: the Hopper
+forward on compute capability 9.0); --forward-only times the block_fwd rows alone. --iters: the alternated merge/no-merge calls; the other rows take the
 median of 3 batches of calls of about 0.08 s each.
 
 usage: bench_cuda.py [--json PATH] [--quick] [--headdims 64,128] [--seqlens 4096,8192,16384]
+                     [--kernel auto|sm80|sm90a] [--forward-only]
 """
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,7 +85,7 @@ def sdpa_backend(name):
     return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
 
 
-def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16):
+def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16, forward_only=False):
     from torch.nn.attention import sdpa_kernel
     b, h = max(1, 16384 // s), max(1, 2048 // d)
     flops_fwd = 4.0 * b * s * s * h * d / (2 if causal else 1)
@@ -109,6 +112,8 @@ def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16):
     overhead = (t_fwd - t_nomerge) / t_nomerge * 100
     add("ring block_fwd", "fwd", t_fwd, flops_fwd, f"merge overhead {overhead:+.1f}%")
     add("ring block_fwd nomerge", "fwd", t_nomerge, flops_fwd)
+    if forward_only:
+        return rows
 
     out_acc.zero_()
     lse.fill_(float("-inf"))
@@ -154,8 +159,9 @@ def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16):
     return rows
 
 
-def markdown(rows, device):
-    lines = [f"# CUDA block kernels vs torch SDPA ({device}, bf16, 16K tokens, h*d = 2048)", "",
+def markdown(rows, device, kernel):
+    lines = [f"# CUDA block kernels vs torch SDPA ({device}, bf16, 16K tokens, h*d = 2048, "
+             f"RING_ATTN_CUDA_KERNEL={kernel})", "",
              "| d | seqlen | batch | heads | causal | impl | dir | ms | TFLOP/s | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -176,7 +182,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="d=128, 8K tokens, non-causal only")
     ap.add_argument("--headdims", default="64,128")
     ap.add_argument("--seqlens", default="4096,8192,16384")
+    ap.add_argument("--kernel", choices=("auto", "sm80", "sm90a"),
+                    help="RING_ATTN_CUDA_KERNEL for the run (default: the environment's)")
+    ap.add_argument("--forward-only", action="store_true", help="the block_fwd rows alone")
     args = ap.parse_args()
+    if args.kernel:
+        os.environ["RING_ATTN_CUDA_KERNEL"] = args.kernel
+    kernel = os.environ.get("RING_ATTN_CUDA_KERNEL", "auto") or "auto"
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device, nothing to time")
         return 0
@@ -191,12 +203,13 @@ def main():
     rows = []
     for d, s, causal in configs:
         t0 = time.time()
-        rows += bench_config(d, s, causal, args.iters, args.warmup)
+        rows += bench_config(d, s, causal, args.iters, args.warmup, forward_only=args.forward_only)
         print(f"d={d} s={s} causal={causal}: {time.time() - t0:.1f} s", flush=True)
-        out.write_text(json.dumps(dict(machine=h.machine(), device=device, rows=rows), indent=1))
-        out.with_suffix(".md").write_text(markdown(rows, device))
+        out.write_text(json.dumps(dict(machine=h.machine(), device=device, kernel=kernel, rows=rows),
+                                  indent=1))
+        out.with_suffix(".md").write_text(markdown(rows, device, kernel))
         torch.cuda.empty_cache()
-    print(markdown(rows, device))
+    print(markdown(rows, device, kernel))
     return 0
 
 

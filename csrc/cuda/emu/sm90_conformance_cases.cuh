@@ -1,0 +1,385 @@
+// The conformance cases of the sm_90a primitives (sm90_primitives.cuh): each primitive the Hopper
+// kernels use, run once on fixed inputs, its raw results (accumulator registers in fragment order,
+// shared-memory bytes after a TMA load) written to an output buffer. The same bodies run under
+// the emulator (sm90_conformance_emu.cpp, which also checks them against a plain host reference)
+// and on an sm_90a device (sm90_conformance_gpu.cu, which compares its bytes with the
+// emulator's), so a difference between the emulator and the card shows up as differing bytes.
+//
+// Cases:
+//   wgmma_ss / wgmma_rs  bf16 and fp16, N = 64, 128, 256: D = A[:, 0:16] B[:, 0:16].T, then
+//     D += A[:, 16:32] B[:, 16:32].T (one commit group), A (64 x 32) and B (N x 32) written to
+//     128-byte-swizzled shared memory with generic stores and fence.proxy.async; ss: both operands
+//     K-major from shared memory (the forward's S = Q K^T), rs: A from registers and B MN-major
+//     (the forward's O += P V). Inputs are k * 2^e (|k| <= 15, |e| <= 2), so every sum is exact
+//     in float whatever the order of the additions: the bytes must match exactly.
+//   tma_oob  two 128-byte-swizzled TMA boxes of 16 rows x 64 bf16 columns of a 37 x 100 tensor
+//     (row pitch 112): one straddling the tensor's end (columns 64.., rows 30..), one its start
+//     (columns -24.., rows -5..): out-of-bounds elements read as zero; then the mbarrier's phase
+//     parity (try_wait on parity 0 and 1).
+//   pipeline  the forward's warp specialisation: a producer warpgroup (setmaxnreg.dec) issues the
+//     TMA load and arrives at a named barrier, two consumer warpgroups (setmaxnreg.inc) sync on it
+//     and wait on the mbarrier; the box's bytes.
+// The Hopper kernels issue no bulk reductions, so there is no case for them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda/sm90_primitives.cuh"
+#include "cuda/warp_mma.cuh"  // RA_UNROLL
+
+namespace ring_attn {
+namespace cuda {
+namespace sm90 {
+namespace conformance {
+
+enum class Kind { kWgmmaSS, kWgmmaRS, kTma, kPipeline };
+
+struct Case {
+  const char* name;
+  Kind kind;
+  bool bf16;
+  int n;  // wgmma N
+};
+
+inline constexpr Case kCases[] = {
+    {"wgmma_ss bf16 n64", Kind::kWgmmaSS, true, 64},
+    {"wgmma_ss bf16 n128", Kind::kWgmmaSS, true, 128},
+    {"wgmma_ss bf16 n256", Kind::kWgmmaSS, true, 256},
+    {"wgmma_ss fp16 n64", Kind::kWgmmaSS, false, 64},
+    {"wgmma_ss fp16 n128", Kind::kWgmmaSS, false, 128},
+    {"wgmma_ss fp16 n256", Kind::kWgmmaSS, false, 256},
+    {"wgmma_rs bf16 n64", Kind::kWgmmaRS, true, 64},
+    {"wgmma_rs bf16 n128", Kind::kWgmmaRS, true, 128},
+    {"wgmma_rs bf16 n256", Kind::kWgmmaRS, true, 256},
+    {"wgmma_rs fp16 n64", Kind::kWgmmaRS, false, 64},
+    {"wgmma_rs fp16 n128", Kind::kWgmmaRS, false, 128},
+    {"wgmma_rs fp16 n256", Kind::kWgmmaRS, false, 256},
+    {"tma_oob swizzle128", Kind::kTma, true, 0},
+    {"pipeline setmaxnreg named_barrier", Kind::kPipeline, true, 0},
+};
+
+// ---- wgmma -------------------------------------------------------------------------------------
+constexpr int kK = 32;             // two k16 steps
+constexpr int kBOffset = 64 * 128;  // B's tile after A's (64 rows of 128 bytes)
+constexpr int kWgmmaThreads = 128;
+
+constexpr int wgmma_smem_bytes(int n) { return kBOffset + n * 128; }
+constexpr int wgmma_out_floats(int n) { return kWgmmaThreads * n / 2; }
+
+// The value of element i of operand `which` (0: A, 1: B): k * 2^e, k in -15..15, e in -2..2.
+inline float operand_value(int which, int i) {
+  uint32_t h = static_cast<uint32_t>(i) * 2654435761u + static_cast<uint32_t>(which) * 40503u;
+  h ^= h >> 15;
+  h *= 2246822519u;
+  h ^= h >> 13;
+  const int k = static_cast<int>(h % 31u) - 15, e = static_cast<int>((h / 31u) % 5u) - 2;
+  return static_cast<float>(k) * std::ldexp(1.0f, e);
+}
+
+// The 16-bit pattern of v, exact for the operand values above.
+inline uint16_t bits16(float v, bool bf16) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if (bf16) return static_cast<uint16_t>(u >> 16);
+  if (v == 0.0f) return static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const int exponent = static_cast<int>((u >> 23) & 0xffu) - 127 + 15;
+  const uint32_t mantissa = (u & 0x7fffffu) >> 13;
+  return static_cast<uint16_t>(sign | static_cast<uint32_t>(exponent) << 10 | mantissa);
+}
+
+// Operand `which` (A: 64 x kK, B: n x kK, row-major) as values and as 16-bit patterns.
+inline std::vector<float> operand_values(int which, int rows) {
+  std::vector<float> v(static_cast<size_t>(rows) * kK);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = operand_value(which, static_cast<int>(i));
+  return v;
+}
+inline std::vector<uint16_t> operand_bits(int which, int rows, bool bf16) {
+  const std::vector<float> v = operand_values(which, rows);
+  std::vector<uint16_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) b[i] = bits16(v[i], bf16);
+  return b;
+}
+
+// Byte offsets in the 128-byte-swizzled tiles (the TMA box layout: chunk c of row r at chunk
+// c ^ (r % 8)), written from the layout rather than from the descriptor decoding under test.
+// K-major (rows of 64 k): element (mn, k).
+RA_DEV uint32_t k_major_offset(int mn, int k) {
+  return swizzle128(static_cast<uint32_t>((mn % 8) * 128 + (mn / 8) * 1024 + k * 2));
+}
+// MN-major (rows of 64 mn, column blocks of kK rows): element (mn, k).
+RA_DEV uint32_t mn_major_offset(int mn, int k) {
+  return swizzle128(static_cast<uint32_t>((k % 8) * 128 + (k / 8) * 1024 + (mn / 64) * kK * 128 +
+                                          (mn % 64) * 2));
+}
+
+// One warpgroup: out[tid * N / 2 + i] = accumulator register i of thread tid.
+// a: 64 x kK, b: N x kK (row-major 16-bit patterns); smem: wgmma_smem_bytes(N), 1024-aligned.
+template <bool kBF16, int N, bool kRegA>
+RA_DEV void wgmma_case(const uint16_t* a, const uint16_t* b, float* out, char* smem) {
+  const int tid = thread_idx();
+  uint16_t* sa = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* sb = reinterpret_cast<uint16_t*>(smem + kBOffset);
+  for (int i = tid; i < 64 * kK; i += kWgmmaThreads) sa[k_major_offset(i / kK, i % kK) / 2] = a[i];
+  for (int i = tid; i < N * kK; i += kWgmmaThreads) {
+    const uint32_t off = kRegA ? mn_major_offset(i / kK, i % kK) : k_major_offset(i / kK, i % kK);
+    sb[off / 2] = b[i];
+  }
+  sm90::fence_proxy_async();
+  sync_threads();
+  float d[N / 2];
+  RA_UNROLL
+  for (int i = 0; i < N / 2; ++i) d[i] = 1000.0f;  // scale_d false must discard these
+  const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+  uint32_t ra[2][4];
+  RA_UNROLL
+  for (int s = 0; s < 2; ++s) {
+    RA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const int row = 16 * w + g + 8 * (j % 2), k = 16 * s + 2 * q + 8 * (j / 2);
+      ra[s][j] = static_cast<uint32_t>(a[row * kK + k]) |
+                 static_cast<uint32_t>(a[row * kK + k + 1]) << 16;
+    }
+  }
+  sm90::wgmma_fence();
+  RA_UNROLL
+  for (int s = 0; s < 2; ++s) {
+    if constexpr (kRegA) {
+      const uint64_t desc_b = sm90::smem_desc(smem + kBOffset + s * 16 * 128, kK * 128, 1024);
+      sm90::wgmma_rs<kBF16, N, true>(d, ra[s], desc_b, s > 0);
+    } else {
+      const uint64_t desc_a = sm90::smem_desc(smem + s * 32, 16, 1024);
+      const uint64_t desc_b = sm90::smem_desc(smem + kBOffset + s * 32, 16, 1024);
+      sm90::wgmma_ss<kBF16, N, false, false>(d, desc_a, desc_b, s > 0);
+    }
+  }
+  sm90::wgmma_commit();
+  sm90::wgmma_wait<0>();
+  RA_UNROLL
+  for (int i = 0; i < N / 2; ++i) out[tid * (N / 2) + i] = d[i];
+}
+
+// The host reference of wgmma_case: float(A B^T) in fragment order.
+inline std::vector<float> wgmma_reference(int n) {
+  const std::vector<float> a = operand_values(0, 64), b = operand_values(1, n);
+  std::vector<float> out(wgmma_out_floats(n));
+  for (int t = 0; t < kWgmmaThreads; ++t) {
+    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
+    for (int i = 0; i < n / 2; ++i) {
+      const int row = 16 * w + g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * q + i % 2;
+      double sum = 0.0;
+      for (int k = 0; k < kK; ++k) sum += double(a[row * kK + k]) * b[col * kK + k];
+      out[t * (n / 2) + i] = static_cast<float>(sum);
+    }
+  }
+  return out;
+}
+
+// ---- TMA ----------------------------------------------------------------------------------------
+constexpr int kTmaCols = 100, kTmaRows = 37, kTmaPitch = 112;  // elements
+constexpr int kBoxCols = 64, kBoxRows = 16, kBoxBytes = kBoxCols * kBoxRows * 2;
+// The first column and row of box b (0: across the tensor's end, 1: across its start).
+RA_HOST_DEVICE constexpr int box_col(int b) { return b == 0 ? 64 : -24; }
+RA_HOST_DEVICE constexpr int box_row(int b) { return b == 0 ? 30 : -5; }
+constexpr int kTmaThreads = 128;
+constexpr int kTmaSmemBytes = 2 * kBoxBytes + 8;
+constexpr int kTmaOutWords = 2 * kBoxBytes / 4 + 2;  // the boxes, then try_wait(0), try_wait(1)
+constexpr uint16_t kPitchPadding = 0xeeee;          // between a row's end and the next row
+constexpr uint64_t kWaitLimitNs = 2000000000;       // a wait that does not end is a mismatch
+
+// The tensor: element (r, c) = r * kTmaCols + c + 1 (no zero: the out-of-bounds fill shows).
+inline std::vector<uint16_t> tma_tensor() {
+  std::vector<uint16_t> t(static_cast<size_t>(kTmaRows) * kTmaPitch, kPitchPadding);
+  for (int r = 0; r < kTmaRows; ++r) {
+    for (int c = 0; c < kTmaCols; ++c) {
+      t[r * kTmaPitch + c] = static_cast<uint16_t>(r * kTmaCols + c + 1);
+    }
+  }
+  return t;
+}
+
+// Waits for phase `parity` of bar for at most kWaitLimitNs; whether it completed.
+RA_DEV bool bounded_wait(uint64_t* bar, int parity) {
+#if defined(RA_CUDA_EMULATE)
+  const emu::Deadline deadline;
+  while (!sm90::mbar_try_wait(bar, parity)) {
+    if (deadline.passed()) return false;
+  }
+#else
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(start));
+  while (!sm90::mbar_try_wait(bar, parity)) {
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+    if (now - start > kWaitLimitNs) return false;
+  }
+#endif
+  return true;
+}
+
+// Copies `bytes` bytes of shared memory to out, 16 per thread and step.
+RA_DEV void copy_out(const char* smem, uint32_t* out, int bytes, int tid, int nthreads) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(smem);
+  for (int i = tid; i < bytes / 16; i += nthreads) {
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = words[4 * i + j];
+  }
+}
+
+// kTmaThreads threads: out[0 .. kTmaOutWords) (box bytes; 0 in the flags when a wait never ends).
+RA_DEV void tma_case(const TensorMap* map, uint32_t* out, char* smem) {
+  const int tid = thread_idx();
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + 2 * kBoxBytes);
+  if (tid == 0) {
+    sm90::mbar_init(bar, 1);
+    sm90::fence_proxy_async();
+  }
+  sync_threads();
+  if (tid == 0) {
+    sm90::mbar_arrive_expect_tx(bar, 2 * kBoxBytes);
+    RA_UNROLL
+    for (int b = 0; b < 2; ++b) {
+      sm90::tma_load_2d(smem + b * kBoxBytes, map, bar, box_col(b), box_row(b));
+    }
+  }
+  const bool done = bounded_wait(bar, 0);
+  copy_out(smem, out, 2 * kBoxBytes, tid, kTmaThreads);
+  sync_threads();
+  if (tid == 0) {
+    out[2 * kBoxBytes / 4] = done && sm90::mbar_try_wait(bar, 0) ? 1u : 0u;
+    out[2 * kBoxBytes / 4 + 1] = done && sm90::mbar_try_wait(bar, 1) ? 1u : 0u;
+  }
+}
+
+// The forward's warpgroups: consumers 0 and 1, the producer last.
+constexpr int kPipelineThreads = 384;
+constexpr int kPipelineSmemBytes = kBoxBytes + 8;
+constexpr int kPipelineOutWords = kBoxBytes / 4 + 1;  // the first box's bytes, then completion
+
+RA_DEV void pipeline_case(const TensorMap* map, uint32_t* out, char* smem) {
+  const int tid = thread_idx();
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + kBoxBytes);
+  if (tid == 0) {
+    sm90::mbar_init(bar, 1);
+    sm90::fence_proxy_async();
+  }
+  sync_threads();
+  if (tid >= 256) {
+    sm90::setmaxnreg_dec<40>();
+    if (tid == 256) {
+      sm90::mbar_arrive_expect_tx(bar, kBoxBytes);
+      sm90::tma_load_2d(smem, map, bar, box_col(0), box_row(0));
+    }
+    sm90::named_arrive(1, kPipelineThreads);
+    return;
+  }
+  sm90::setmaxnreg_inc<232>();
+  sm90::named_sync(1, kPipelineThreads);
+  const bool done = bounded_wait(bar, 0);
+  copy_out(smem, out, kBoxBytes, tid, 256);
+  if (tid == 0) out[kBoxBytes / 4] = done ? 1u : 0u;
+}
+
+// The host reference of box b: the swizzled box's shared-memory bytes, zero outside the tensor.
+inline std::vector<uint16_t> tma_box_reference(int b) {
+  const std::vector<uint16_t> t = tma_tensor();
+  std::vector<uint16_t> box(kBoxBytes / 2);
+  for (int r = 0; r < kBoxRows; ++r) {
+    for (int e = 0; e < kBoxCols; ++e) {
+      const int x = box_col(b) + e, y = box_row(b) + r;
+      const bool inside = x >= 0 && x < kTmaCols && y >= 0 && y < kTmaRows;
+      const uint32_t offset = swizzle128(static_cast<uint32_t>(r * 128 + e * 2));
+      box[offset / 2] = inside ? t[y * kTmaPitch + x] : 0;
+    }
+  }
+  return box;
+}
+
+// ---- results ------------------------------------------------------------------------------------
+inline std::vector<uint8_t> as_bytes(const void* p, size_t bytes) {
+  const uint8_t* c = static_cast<const uint8_t*>(p);
+  return std::vector<uint8_t>(c, c + bytes);
+}
+
+// The reference bytes of case c.
+inline std::vector<uint8_t> reference_bytes(const Case& c) {
+  if (c.kind == Kind::kWgmmaSS || c.kind == Kind::kWgmmaRS) {
+    const std::vector<float> d = wgmma_reference(c.n);
+    return as_bytes(d.data(), d.size() * 4);
+  }
+  std::vector<uint16_t> box = tma_box_reference(0);
+  std::vector<uint8_t> out = as_bytes(box.data(), kBoxBytes);
+  std::vector<uint32_t> flags = {1u};
+  if (c.kind == Kind::kTma) {
+    box = tma_box_reference(1);
+    const std::vector<uint8_t> second = as_bytes(box.data(), kBoxBytes);
+    out.insert(out.end(), second.begin(), second.end());
+    flags = {1u, 0u};
+  }
+  const std::vector<uint8_t> f = as_bytes(flags.data(), flags.size() * 4);
+  out.insert(out.end(), f.begin(), f.end());
+  return out;
+}
+
+// Prints "name: OK" or "name: MISMATCH at word i (got, expected)"; whether they match.
+inline bool report(const char* name, const std::vector<uint8_t>& got,
+                   const std::vector<uint8_t>& expected, const char* expected_name) {
+  if (got.size() != expected.size()) {
+    std::printf("%-36s MISMATCH: %zu bytes, %s has %zu\n", name, got.size(), expected_name,
+                expected.size());
+    return false;
+  }
+  for (size_t i = 0; i + 4 <= got.size(); i += 4) {
+    if (std::memcmp(got.data() + i, expected.data() + i, 4) != 0) {
+      uint32_t g, e;
+      std::memcpy(&g, got.data() + i, 4);
+      std::memcpy(&e, expected.data() + i, 4);
+      std::printf("%-36s MISMATCH at 32-bit word %zu: 0x%08x, %s 0x%08x\n", name, i / 4, g,
+                  expected_name, e);
+      return false;
+    }
+  }
+  std::printf("%-36s OK (%zu bytes)\n", name, got.size());
+  return true;
+}
+
+// The results file: per case, a line "name<TAB>byte count" and then the bytes.
+inline bool write_results(const char* path, const std::vector<std::vector<uint8_t>>& results) {
+  FILE* f = std::fopen(path, "wb");
+  if (f == nullptr) return false;
+  bool ok = true;
+  for (size_t i = 0; i < results.size(); ++i) {
+    ok &= std::fprintf(f, "%s\t%zu\n", kCases[i].name, results[i].size()) > 0;
+    ok &= std::fwrite(results[i].data(), 1, results[i].size(), f) == results[i].size();
+  }
+  return std::fclose(f) == 0 && ok;
+}
+
+// The results file's bytes of each case of kCases, in order; empty when the file does not hold
+// exactly those cases.
+inline std::vector<std::vector<uint8_t>> read_results(const char* path) {
+  std::vector<std::vector<uint8_t>> results;
+  FILE* f = std::fopen(path, "rb");
+  if (f == nullptr) return results;
+  for (const Case& c : kCases) {
+    char line[128];
+    if (std::fgets(line, sizeof line, f) == nullptr) break;
+    const std::string s(line);
+    const size_t tab = s.find('\t');
+    if (tab == std::string::npos || s.substr(0, tab) != c.name) break;
+    std::vector<uint8_t> bytes(std::stoul(s.substr(tab + 1)));
+    if (std::fread(bytes.data(), 1, bytes.size(), f) != bytes.size()) break;
+    results.push_back(std::move(bytes));
+  }
+  std::fclose(f);
+  if (results.size() != sizeof kCases / sizeof kCases[0]) results.clear();
+  return results;
+}
+
+}  // namespace conformance
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ring_attn

@@ -1,0 +1,92 @@
+// The emulator half of the sm_90a conformance check (sm90_conformance_cases.cuh): runs every case
+// under the emulator, checks its bytes against the plain host reference (wgmma: float(A B^T) in
+// fragment order; TMA: the row-major box, zero outside the tensor, 128-byte swizzled) and, with
+// --write FILE, writes them for sm90_conformance_gpu to compare the device's bytes with.
+//
+//   sm90_conformance_emu [--write FILE]
+//
+// Prints one line per case; exit status 0 when every case matches its reference.
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "cuda/emu/sm90_conformance_cases.cuh"
+
+using namespace ring_attn::cuda;
+using namespace ring_attn::cuda::sm90::conformance;
+
+namespace {
+
+template <bool kBF16, int N, bool kRegA>
+std::vector<uint8_t> run_wgmma() {
+  const std::vector<uint16_t> a = operand_bits(0, 64, kBF16), b = operand_bits(1, N, kBF16);
+  std::vector<float> out(wgmma_out_floats(N));
+  emu::launch(1, 1, 1, kWgmmaThreads, wgmma_smem_bytes(N), [&](char* smem) {
+    wgmma_case<kBF16, N, kRegA>(a.data(), b.data(), out.data(), smem);
+  });
+  return as_bytes(out.data(), out.size() * 4);
+}
+
+template <bool kRegA>
+std::vector<uint8_t> run_wgmma(bool bf16, int n) {
+  if (bf16) {
+    return n == 64 ? run_wgmma<true, 64, kRegA>() : n == 128 ? run_wgmma<true, 128, kRegA>()
+                                                              : run_wgmma<true, 256, kRegA>();
+  }
+  return n == 64 ? run_wgmma<false, 64, kRegA>() : n == 128 ? run_wgmma<false, 128, kRegA>()
+                                                             : run_wgmma<false, 256, kRegA>();
+}
+
+std::vector<uint8_t> run_tma(bool pipeline) {
+  const std::vector<uint16_t> tensor = tma_tensor();
+  const emu::TensorMap map =
+      emu::make_tensor_map_2d(tensor.data(), 2, kTmaCols, kTmaRows, int64_t(kTmaPitch) * 2,
+                              kBoxCols, kBoxRows, emu::TmaSwizzle::k128B);
+  std::vector<uint32_t> out(pipeline ? kPipelineOutWords : kTmaOutWords);
+  if (pipeline) {
+    emu::launch(1, 1, 1, kPipelineThreads, kPipelineSmemBytes,
+                [&](char* smem) { pipeline_case(&map, out.data(), smem); });
+  } else {
+    emu::launch(1, 1, 1, kTmaThreads, kTmaSmemBytes,
+                [&](char* smem) { tma_case(&map, out.data(), smem); });
+  }
+  return as_bytes(out.data(), out.size() * 4);
+}
+
+std::vector<uint8_t> run_case(const Case& c) {
+  switch (c.kind) {
+    case Kind::kWgmmaSS:
+      return run_wgmma<false>(c.bf16, c.n);
+    case Kind::kWgmmaRS:
+      return run_wgmma<true>(c.bf16, c.n);
+    case Kind::kTma:
+      return run_tma(false);
+    case Kind::kPipeline:
+      return run_tma(true);
+  }
+  return {};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* write_path = nullptr;
+  if (argc == 3 && std::strcmp(argv[1], "--write") == 0) {
+    write_path = argv[2];
+  } else if (argc != 1) {
+    std::fprintf(stderr, "usage: %s [--write FILE]\n", argv[0]);
+    return 2;
+  }
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each case's line as soon as it is known
+  std::vector<std::vector<uint8_t>> results;
+  bool ok = true;
+  for (const Case& c : kCases) {
+    results.push_back(run_case(c));
+    ok &= report(c.name, results.back(), reference_bytes(c), "reference");
+  }
+  if (write_path != nullptr && !write_results(write_path, results)) {
+    std::fprintf(stderr, "cannot write %s\n", write_path);
+    return 1;
+  }
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,199 @@
+// The device half of the sm_90a conformance check (sm90_conformance_cases.cuh): runs every case
+// once on the GPU and compares its bytes with the emulator's (sm90_conformance_emu --write FILE).
+//
+//   sm90_conformance_gpu FILE
+//
+// Prints one line per case (name, OK or MISMATCH with the first differing 32-bit word). Exit
+// status 0 when every case matches, 1 on a mismatch or a CUDA error, 77 (skipped) when the
+// device is not of compute capability 9.x, 2 on a bad FILE.
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdio>
+#include <vector>
+
+#include "cuda/emu/sm90_conformance_cases.cuh"
+
+namespace ring_attn {
+namespace cuda {
+namespace sm90 {
+namespace conformance {
+
+template <bool kBF16, int N, bool kRegA>
+__global__ void __launch_bounds__(kWgmmaThreads, 1)
+    wgmma_kernel(const uint16_t* a, const uint16_t* b, float* out) {
+  extern __shared__ __align__(1024) char smem[];
+  wgmma_case<kBF16, N, kRegA>(a, b, out, smem);
+}
+
+__global__ void __launch_bounds__(kTmaThreads, 1)
+    tma_kernel(const __grid_constant__ CUtensorMap map, uint32_t* out) {
+  extern __shared__ __align__(1024) char smem[];
+  tma_case(&map, out, smem);
+}
+
+__global__ void __launch_bounds__(kPipelineThreads, 1)
+    pipeline_kernel(const __grid_constant__ CUtensorMap map, uint32_t* out) {
+  extern __shared__ __align__(1024) char smem[];
+  pipeline_case(&map, out, smem);
+}
+
+namespace {
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+bool check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) std::printf("CUDA error in %s: %s\n", what, cudaGetErrorString(e));
+  return e == cudaSuccess;
+}
+
+// Copies host data to a new device buffer.
+template <typename T>
+T* to_device(const std::vector<T>& v) {
+  void* p = nullptr;
+  if (!check(cudaMalloc(&p, v.size() * sizeof(T)), "cudaMalloc")) return nullptr;
+  if (!check(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy"))
+    return nullptr;
+  return static_cast<T*>(p);
+}
+
+// Runs launch(device output buffer of `bytes` bytes) and returns the buffer's bytes (empty on a
+// CUDA error).
+template <typename Launch>
+std::vector<uint8_t> run(size_t bytes, Launch&& launch) {
+  void* out = nullptr;
+  std::vector<uint8_t> host(bytes);
+  bool ok = check(cudaMalloc(&out, bytes), "cudaMalloc") &&
+            check(cudaMemset(out, 0xff, bytes), "cudaMemset");
+  if (ok) {
+    launch(out);
+    ok = check(cudaGetLastError(), "launch") && check(cudaDeviceSynchronize(), "kernel") &&
+         check(cudaMemcpy(host.data(), out, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  }
+  cudaFree(out);
+  return ok ? host : std::vector<uint8_t>{};
+}
+
+template <bool kBF16, int N, bool kRegA>
+std::vector<uint8_t> run_wgmma() {
+  uint16_t* a = to_device(operand_bits(0, 64, kBF16));
+  uint16_t* b = to_device(operand_bits(1, N, kBF16));
+  std::vector<uint8_t> r;
+  if (a != nullptr && b != nullptr) {
+    r = run(wgmma_out_floats(N) * 4, [&](void* out) {
+      wgmma_kernel<kBF16, N, kRegA><<<1, kWgmmaThreads, wgmma_smem_bytes(N)>>>(
+          a, b, static_cast<float*>(out));
+    });
+  }
+  cudaFree(a);
+  cudaFree(b);
+  return r;
+}
+
+template <bool kRegA>
+std::vector<uint8_t> run_wgmma(bool bf16, int n) {
+  if (bf16) {
+    return n == 64 ? run_wgmma<true, 64, kRegA>() : n == 128 ? run_wgmma<true, 128, kRegA>()
+                                                              : run_wgmma<true, 256, kRegA>();
+  }
+  return n == 64 ? run_wgmma<false, 64, kRegA>() : n == 128 ? run_wgmma<false, 128, kRegA>()
+                                                             : run_wgmma<false, 256, kRegA>();
+}
+
+// The TMA cases' tensor map: bf16, 128-byte swizzle, zero fill out of bounds (as the forward's).
+bool make_map(CUtensorMap* map, const uint16_t* tensor) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (!check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                              cudaEnableDefault, &found),
+             "cudaGetDriverEntryPointByVersion") ||
+      found != cudaDriverEntryPointSuccess) {
+    std::printf("cuTensorMapEncodeTiled not found\n");
+    return false;
+  }
+  const cuuint64_t dims[2] = {kTmaCols, kTmaRows};
+  const cuuint64_t row_stride[1] = {kTmaPitch * 2};
+  const cuuint32_t box[2] = {kBoxCols, kBoxRows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = reinterpret_cast<EncodeTiled>(fn)(
+      map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(tensor), dims, row_stride,
+      box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) std::printf("cuTensorMapEncodeTiled failed (%d)\n", static_cast<int>(r));
+  return r == CUDA_SUCCESS;
+}
+
+std::vector<uint8_t> run_tma(bool pipeline) {
+  uint16_t* tensor = to_device(tma_tensor());
+  CUtensorMap map;
+  std::vector<uint8_t> r;
+  if (tensor != nullptr && make_map(&map, tensor)) {
+    if (pipeline) {
+      r = run(kPipelineOutWords * 4, [&](void* out) {
+        pipeline_kernel<<<1, kPipelineThreads, kPipelineSmemBytes>>>(map,
+                                                                     static_cast<uint32_t*>(out));
+      });
+    } else {
+      r = run(kTmaOutWords * 4, [&](void* out) {
+        tma_kernel<<<1, kTmaThreads, kTmaSmemBytes>>>(map, static_cast<uint32_t*>(out));
+      });
+    }
+  }
+  cudaFree(tensor);
+  return r;
+}
+
+std::vector<uint8_t> run_case(const Case& c) {
+  switch (c.kind) {
+    case Kind::kWgmmaSS:
+      return run_wgmma<false>(c.bf16, c.n);
+    case Kind::kWgmmaRS:
+      return run_wgmma<true>(c.bf16, c.n);
+    case Kind::kTma:
+      return run_tma(false);
+    case Kind::kPipeline:
+      return run_tma(true);
+  }
+  return {};
+}
+
+}  // namespace
+}  // namespace conformance
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ring_attn
+
+int main(int argc, char** argv) {
+  using namespace ring_attn::cuda::sm90::conformance;
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s FILE (from sm90_conformance_emu --write FILE)\n", argv[0]);
+    return 2;
+  }
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each case's line as soon as it is known
+  const std::vector<std::vector<uint8_t>> expected = read_results(argv[1]);
+  if (expected.empty()) {
+    std::fprintf(stderr, "%s: not the emulator's results of these cases\n", argv[1]);
+    return 2;
+  }
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+    std::printf("no CUDA device: skipped\n");
+    return 77;
+  }
+  if (prop.major != 9) {
+    std::printf("%s is compute capability %d.%d, not 9.x: skipped\n", prop.name, prop.major,
+                prop.minor);
+    return 77;
+  }
+  std::printf("%s (compute capability %d.%d) against the emulator (%s)\n", prop.name, prop.major,
+              prop.minor, argv[1]);
+  bool ok = true;
+  size_t i = 0;
+  for (const Case& c : kCases) {
+    ok &= report(c.name, run_case(c), expected[i++], "emulator");
+  }
+  return ok ? 0 : 1;
+}
