@@ -553,7 +553,8 @@ int main(int argc, char** argv) {
   // merges over several key blocks; a scale that cannot be folded into the exponential. Rows of
   // NaN follow every sequence (make_operand's gap).
   auto add_sm90a = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
-                       bool head_major = false, int splits = 1, double scale = std::numeric_limits<double>::quiet_NaN()) {
+                       bool head_major = false, int splits = 1,
+                       double scale = std::numeric_limits<double>::quiet_NaN()) {
     add(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, /*sm90a=*/true);
   };
   add_sm90a(true, 1, 1, 97, 2, 2, 128, "window2");
