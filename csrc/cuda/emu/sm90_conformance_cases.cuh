@@ -379,6 +379,35 @@ inline std::vector<std::vector<uint8_t>> read_results(const char* path) {
   return results;
 }
 
+// The bytes of case c, from Runner::template wgmma<kBF16, N, kRegA>() and Runner::tma(pipeline),
+// which run the bodies above under the emulator or on the device.
+template <class Runner, bool kRegA>
+std::vector<uint8_t> run_wgmma_case(bool bf16, int n) {
+  if (bf16) {
+    return n == 64    ? Runner::template wgmma<true, 64, kRegA>()
+           : n == 128 ? Runner::template wgmma<true, 128, kRegA>()
+                      : Runner::template wgmma<true, 256, kRegA>();
+  }
+  return n == 64    ? Runner::template wgmma<false, 64, kRegA>()
+         : n == 128 ? Runner::template wgmma<false, 128, kRegA>()
+                    : Runner::template wgmma<false, 256, kRegA>();
+}
+
+template <class Runner>
+std::vector<uint8_t> run_case(const Case& c) {
+  switch (c.kind) {
+    case Kind::kWgmmaSS:
+      return run_wgmma_case<Runner, false>(c.bf16, c.n);
+    case Kind::kWgmmaRS:
+      return run_wgmma_case<Runner, true>(c.bf16, c.n);
+    case Kind::kTma:
+      return Runner::tma(false);
+    case Kind::kPipeline:
+      return Runner::tma(true);
+  }
+  return {};
+}
+
 }  // namespace conformance
 }  // namespace sm90
 }  // namespace cuda

@@ -27,16 +27,6 @@ std::vector<uint8_t> run_wgmma() {
   return as_bytes(out.data(), out.size() * 4);
 }
 
-template <bool kRegA>
-std::vector<uint8_t> run_wgmma(bool bf16, int n) {
-  if (bf16) {
-    return n == 64 ? run_wgmma<true, 64, kRegA>() : n == 128 ? run_wgmma<true, 128, kRegA>()
-                                                              : run_wgmma<true, 256, kRegA>();
-  }
-  return n == 64 ? run_wgmma<false, 64, kRegA>() : n == 128 ? run_wgmma<false, 128, kRegA>()
-                                                             : run_wgmma<false, 256, kRegA>();
-}
-
 std::vector<uint8_t> run_tma(bool pipeline) {
   const std::vector<uint16_t> tensor = tma_tensor();
   const emu::TensorMap map =
@@ -53,19 +43,12 @@ std::vector<uint8_t> run_tma(bool pipeline) {
   return as_bytes(out.data(), out.size() * 4);
 }
 
-std::vector<uint8_t> run_case(const Case& c) {
-  switch (c.kind) {
-    case Kind::kWgmmaSS:
-      return run_wgmma<false>(c.bf16, c.n);
-    case Kind::kWgmmaRS:
-      return run_wgmma<true>(c.bf16, c.n);
-    case Kind::kTma:
-      return run_tma(false);
-    case Kind::kPipeline:
-      return run_tma(true);
-  }
-  return {};
-}
+// This program's runner of the shared cases.
+struct Emulator {
+  template <bool kBF16, int N, bool kRegA>
+  static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kRegA>(); }
+  static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
+};
 
 }  // namespace
 
@@ -81,7 +64,7 @@ int main(int argc, char** argv) {
   std::vector<std::vector<uint8_t>> results;
   bool ok = true;
   for (const Case& c : kCases) {
-    results.push_back(run_case(c));
+    results.push_back(run_case<Emulator>(c));
     ok &= report(c.name, results.back(), reference_bytes(c), "reference");
   }
   if (write_path != nullptr && !write_results(write_path, results)) {

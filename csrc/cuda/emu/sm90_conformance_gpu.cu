@@ -93,16 +93,6 @@ std::vector<uint8_t> run_wgmma() {
   return r;
 }
 
-template <bool kRegA>
-std::vector<uint8_t> run_wgmma(bool bf16, int n) {
-  if (bf16) {
-    return n == 64 ? run_wgmma<true, 64, kRegA>() : n == 128 ? run_wgmma<true, 128, kRegA>()
-                                                              : run_wgmma<true, 256, kRegA>();
-  }
-  return n == 64 ? run_wgmma<false, 64, kRegA>() : n == 128 ? run_wgmma<false, 128, kRegA>()
-                                                             : run_wgmma<false, 256, kRegA>();
-}
-
 // The TMA cases' tensor map: bf16, 128-byte swizzle, zero fill out of bounds (as the forward's).
 bool make_map(CUtensorMap* map, const uint16_t* tensor) {
   void* fn = nullptr;
@@ -146,19 +136,12 @@ std::vector<uint8_t> run_tma(bool pipeline) {
   return r;
 }
 
-std::vector<uint8_t> run_case(const Case& c) {
-  switch (c.kind) {
-    case Kind::kWgmmaSS:
-      return run_wgmma<false>(c.bf16, c.n);
-    case Kind::kWgmmaRS:
-      return run_wgmma<true>(c.bf16, c.n);
-    case Kind::kTma:
-      return run_tma(false);
-    case Kind::kPipeline:
-      return run_tma(true);
-  }
-  return {};
-}
+// This program's runner of the shared cases.
+struct Device {
+  template <bool kBF16, int N, bool kRegA>
+  static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kRegA>(); }
+  static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
+};
 
 }  // namespace
 }  // namespace conformance
@@ -193,7 +176,7 @@ int main(int argc, char** argv) {
   bool ok = true;
   size_t i = 0;
   for (const Case& c : kCases) {
-    ok &= report(c.name, run_case(c), expected[i++], "emulator");
+    ok &= report(c.name, run_case<Device>(c), expected[i++], "emulator");
   }
   return ok ? 0 : 1;
 }
