@@ -551,7 +551,8 @@ int main(int argc, char** argv) {
   // rows) and key tiles (128 keys) with tails, so that each of the two stages is reused; GQA and
   // MQA; causal, windows, packed sequences with pad rows, all keys invisible; head-major strides;
   // merges over several key blocks; a scale that cannot be folded into the exponential. Rows of
-  // NaN follow every sequence (make_operand's gap).
+  // NaN follow every sequence (make_operand's gap). A case table like the one above: one line a
+  // case, so the two lists share their shape.
   auto add_sm90a = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
                        bool head_major = false, int splits = 1,
                        double scale = std::numeric_limits<double>::quiet_NaN()) {
