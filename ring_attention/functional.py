@@ -127,7 +127,9 @@ def last_ring_stats() -> dict:
     blocks computed (blocks wholly hidden by the mask are skipped), exchanges posted (the K/V and
     dK/dV hops this rank sent: a block travels only as far as some rank needs it; or
     collectives), and the bytes and messages this rank sent: a hop sends its message, an
-    all-gather or reduce-scatter (world - 1) blocks. LocalRing sums them over its ranks."""
+    all-gather or reduce-scatter (world - 1) blocks. LocalRing sums them over its ranks; on a
+    U x R grid (ulysses_size > 1) over the R ranks of one head chunk's ring (the U rings are
+    alike, and the in-memory all-to-all is not counted)."""
     steps, blocks, exchanges, sent, messages = ops.last_ring_stats()
     return {"steps": steps, "blocks_computed": blocks, "exchanges_posted": exchanges,
             "bytes_sent": sent, "messages_sent": messages}
