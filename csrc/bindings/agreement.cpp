@@ -94,16 +94,9 @@ std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
   }
   std::vector<at::Tensor> inputs{descriptor.to(device)};
   auto work = group.allgather(outputs, inputs);
-  const int rank = group.getRank();
-  if (!wait_with_deadline(work, timeout_s,
-                          "ring_attn_func: rank " + std::to_string(rank) +
-                              " failed while agreeing on inputs with the other ranks")) {
-    abandon(work);
-    TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
-                " s (RING_ATTN_TIMEOUT) agreeing on inputs with the other ranks: some rank did "
-                "not call ring attention. The process group may be unusable after this error, as "
-                "after any collective timeout.");
-  }
+  wait_or_raise(work, timeout_s, group.getRank(),
+                "while agreeing on inputs with the other ranks",
+                ": some rank did not call ring attention");
   for (at::Tensor& gathered : outputs[0]) gathered = gathered.cpu();
   return outputs[0];
 }

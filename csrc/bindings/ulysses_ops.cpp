@@ -27,16 +27,8 @@ at::Tensor all_to_all(const at::Tensor& parts,
   if (size == 1) return output.copy_(input);
   std::vector<int64_t> equal_splits;
   auto work = group->all_to_all_single(output, input, equal_splits, equal_splits);
-  const int rank = group->getRank();
-  const double timeout_s = ring_timeout_seconds();
-  if (!wait_with_deadline(work, timeout_s,
-                          "ring_attn_func: rank " + std::to_string(rank) +
-                              " failed in the all-to-all over the ulysses_group")) {
-    abandon(work);
-    TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
-                " s (RING_ATTN_TIMEOUT) in the all-to-all over the ulysses_group. The process "
-                "group may be unusable after this error, as after any collective timeout.");
-  }
+  wait_or_raise(work, ring_timeout_seconds(), group->getRank(),
+                "in the all-to-all over the ulysses_group");
   g_all_to_all_bytes += input.nbytes() / size * (size - 1);
   return output;
 }

@@ -24,6 +24,18 @@ bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeo
   }
 }
 
+void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s, int rank,
+                   const std::string& doing, const std::string& why) {
+  if (wait_with_deadline(work, timeout_s,
+                         "ring_attn_func: rank " + std::to_string(rank) + " failed " + doing)) {
+    return;
+  }
+  abandon(work);
+  TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
+              " s (RING_ATTN_TIMEOUT) ", doing, why, ". The process group may be unusable after "
+              "this error, as after any collective timeout.");
+}
+
 void abandon(const c10::intrusive_ptr<c10d::Work>& work) {
   static std::mutex mutex;
   static auto* graveyard = new std::vector<c10::intrusive_ptr<c10d::Work>>();  // never freed
