@@ -2,10 +2,8 @@
 // and V, and the launcher, instantiated for bf16 and fp16 at head dims 64 and 128. Compiled for
 // sm_90a only; block_attn_cuda.cu launches it on devices of compute capability 9.0 when
 // RING_ATTN_CUDA_KERNEL=sm90a.
-#include <cuda.h>
-#include <cuda_runtime_api.h>
-
 #include "cuda/sm90_fwd_kernel.cuh"
+#include "cuda/sm90_tensor_map.h"
 
 namespace ring_attn {
 namespace cuda {
@@ -20,44 +18,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
 namespace {
 
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// cuTensorMapEncodeTiled from the driver (through the runtime: no link against libcuda).
-EncodeTiled encode_tiled() {
-  static const EncodeTiled fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return static_cast<EncodeTiled>(nullptr);
-    }
-    return reinterpret_cast<EncodeTiled>(f);
-  }();
-  return fn;
-}
-
-// The operand's matrix (sm90_fwd_geometry.h) in boxes of 64 columns x `box_rows` rows, 128-byte
-// swizzled.
+// The operand's matrix (sm90_fwd_geometry.h) in boxes of 64 columns x `box_rows` rows.
 cudaError_t make_map(CUtensorMap* map, const void* base, const Strides& st, int batch, int seqlen,
                      int heads, bool bf16, int box_rows) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return cudaErrorNotSupported;
   const OperandMatrix m = operand_matrix(st, batch, seqlen, heads);
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(m.cols), static_cast<cuuint64_t>(m.rows)};
-  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(m.cols) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode(
-      map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
-      const_cast<void*>(base), dims, row_stride, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return make_tensor_map_2d(map, base, bf16, static_cast<uint64_t>(m.cols),
+                            static_cast<uint64_t>(m.rows), static_cast<uint64_t>(m.cols) * 2, 64,
+                            static_cast<uint32_t>(box_rows));
 }
 
 }  // namespace

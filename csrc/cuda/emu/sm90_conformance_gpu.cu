@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/emu/sm90_conformance_cases.cuh"
+#include "cuda/sm90_tensor_map.h"
 
 namespace ring_attn {
 namespace cuda {
@@ -39,11 +40,6 @@ __global__ void __launch_bounds__(kPipelineThreads, 1)
 }
 
 namespace {
-
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
 bool check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) std::printf("CUDA error in %s: %s\n", what, cudaGetErrorString(e));
@@ -93,27 +89,11 @@ std::vector<uint8_t> run_wgmma() {
   return r;
 }
 
-// The TMA cases' tensor map: bf16, 128-byte swizzle, zero fill out of bounds (as the forward's).
+// The TMA cases' tensor map: bf16, 128-byte swizzle, zero fill out of bounds (the forward's).
 bool make_map(CUtensorMap* map, const uint16_t* tensor) {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  if (!check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                              cudaEnableDefault, &found),
-             "cudaGetDriverEntryPointByVersion") ||
-      found != cudaDriverEntryPointSuccess) {
-    std::printf("cuTensorMapEncodeTiled not found\n");
-    return false;
-  }
-  const cuuint64_t dims[2] = {kTmaCols, kTmaRows};
-  const cuuint64_t row_stride[1] = {kTmaPitch * 2};
-  const cuuint32_t box[2] = {kBoxCols, kBoxRows};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = reinterpret_cast<EncodeTiled>(fn)(
-      map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(tensor), dims, row_stride,
-      box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) std::printf("cuTensorMapEncodeTiled failed (%d)\n", static_cast<int>(r));
-  return r == CUDA_SUCCESS;
+  return check(make_tensor_map_2d(map, tensor, true, kTmaCols, kTmaRows, kTmaPitch * 2, kBoxCols,
+                                  kBoxRows),
+               "the TMA cases' tensor map (cuTensorMapEncodeTiled)");
 }
 
 std::vector<uint8_t> run_tma(bool pipeline) {
