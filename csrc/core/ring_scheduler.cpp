@@ -81,17 +81,16 @@ RingRoute::RingRoute(int rank, int world, std::vector<int> reaches)
       steps_(ring_steps(reaches_)) {}
 
 Exchange RingRoute::kv_exchange(int step) const {
-  const bool sends = reach(source(step)) > step;
-  const bool receives = reach(source(step + 1)) > step;
-  return Exchange{Channel::kKV, step, sends ? kv_slot(step) : slot::kNone,
-                  receives ? kv_slot(step + 1) : slot::kNone};
+  return Exchange{Channel::kKV, step, passes_on(step) ? kv_slot(step) : slot::kNone,
+                  takes_in(step) ? kv_slot(step + 1) : slot::kNone};
 }
 
-// Posts `exchange` unless it has no half; counts a send half in `hops_sent`.
-static void post_halves(Transport& transport, const Exchange& exchange, int& hops_sent) {
-  if (!exchange.sends() && !exchange.receives()) return;
+// Posts `exchange` unless it has no half (then returns false); counts a send half in `hops_sent`.
+static bool post_halves(Transport& transport, const Exchange& exchange, int& hops_sent) {
+  if (!exchange.sends() && !exchange.receives()) return false;
   transport.post(exchange);
   hops_sent += exchange.sends();
+  return true;
 }
 
 static void wait_halves(Transport& transport, const Exchange& exchange) {
@@ -150,10 +149,8 @@ RingBackward::RingBackward(Transport& transport, BlockOps& ops, std::vector<int>
       route_(transport.rank(), transport.world_size(), std::move(reaches)) {}
 
 Exchange RingBackward::travel_exchange(int step) const {
-  const bool sends = route_.reach(route_.source(step)) > step;
-  const bool receives = route_.reach(route_.source(step + 1)) > step;
-  return Exchange{Channel::kGradKV, step, sends ? send_slot_ : slot::kNone,
-                  receives ? grad_recv(step) : slot::kNone, 1};
+  return Exchange{Channel::kGradKV, step, route_.passes_on(step) ? send_slot_ : slot::kNone,
+                  route_.takes_in(step) ? grad_recv(step) : slot::kNone, 1};
 }
 
 Exchange RingBackward::home_exchange(int step) const {
@@ -210,9 +207,7 @@ void RingBackward::end_step(int step) {
   if (step > 0) {
     complete_grad_exchanges();
     for (const Exchange& exchange : {travel_exchange(step), home_exchange(step)}) {
-      if (!exchange.sends() && !exchange.receives()) continue;
-      post_halves(transport_, exchange, posted_);
-      grad_in_flight_.push_back(exchange);
+      if (post_halves(transport_, exchange, posted_)) grad_in_flight_.push_back(exchange);
     }
   }
   if (step + 1 < route_.steps()) wait_halves(transport_, route_.kv_exchange(step));

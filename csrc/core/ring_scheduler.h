@@ -165,6 +165,10 @@ class RingRoute {
   int source(int step) const { return source_at(rank_, world_, step); }
   // Whether that block came this far.
   bool holds(int step) const { return step == 0 || reach(source(step)) >= step; }
+  // Whether the block of `step` goes on to rank+1 after it, and whether step+1's block comes in
+  // from rank-1: the halves of the step's hop, for K/V and the travelling dK/dV sums alike.
+  bool passes_on(int step) const { return reach(source(step)) > step; }
+  bool takes_in(int step) const { return reach(source(step + 1)) > step; }
   static int kv_slot(int step) { return step == 0 ? slot::kOwnKV : slot::kKVRecv0 + (step - 1) % 2; }
   // Posted at the start of `step` (< steps-1): the block in hand on to rank+1, step+1's block in.
   Exchange kv_exchange(int step) const;
