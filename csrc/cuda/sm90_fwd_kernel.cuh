@@ -18,9 +18,9 @@
 //   prologue  the rows' bounds into shared memory (cta_row_bounds, all warpgroups); consumers:
 //             acc = o, m = lse, l = 1 from the state when merging (else the empty state)
 //   epilogue  o = acc / l, lse = m + log(l); rows that see nothing: out 0, lse -inf
-// K/V go through kStages stages. Operands are read as 2-D matrices (sm90_fwd_geometry.h), so the
-// boxes of a sequence's last tiles also hold the rows that follow it: Q rows past Sq are never
-// stored, K columns past Sk are masked, V rows past Sk are zeroed.
+// K/V go through kStages stages of kBlockN keys. Operands are read as 2-D matrices
+// (sm90_fwd_geometry.h), so the boxes of a sequence's last tiles also hold the rows that follow
+// it: Q rows past Sq are never stored, K columns past Sk are masked, V rows past Sk are zeroed.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +36,13 @@
 #include "cuda/tile_table.cuh"
 #include "cuda/warp_mma.cuh"
 
+// A loop that nvcc keeps rolled.
+#if defined(RA_CUDA_EMULATE)
+#define RA_ROLLED
+#else
+#define RA_ROLLED _Pragma("unroll 1")
+#endif
+
 namespace ring_attn {
 namespace cuda {
 namespace sm90 {
@@ -49,7 +56,9 @@ struct FwdTraits {
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
-  static constexpr int kBlockN = 128;
+  // Keys per tile: 64 at d = 256, where Q (64 KiB) and two stages of 128 keys of K and V would
+  // not fit in the shared memory of a CTA.
+  static constexpr int kBlockN = kHeadDim == 256 ? 64 : 128;
   static constexpr int kStages = 2;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
   static constexpr int kProducerRegs = 40;
@@ -67,13 +76,15 @@ struct FwdTraits {
   static constexpr int kScratchBytes = 4 * (5 * (kNThreads / 32) + 1);
   // The dynamic shared memory to ask for: the layout plus the alignment of its base.
   static constexpr int kSmemBytes = kOffScratch + kScratchBytes + kSwizzleAtomBytes;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "Hopper forward head dims");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "Hopper forward head dims");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of a CTA");
   static_assert(kOffK % kSwizzleAtomBytes == 0 && kKvBytes % kSwizzleAtomBytes == 0, "alignment");
   static_assert(kOffBars % 8 == 0, "mbarrier alignment");
 };
 
 // The tensor maps of Q, K and V: matrices of sm90_fwd_geometry.h read in boxes of 64 columns x
-// 128 rows with the 128-byte swizzle. A kernel parameter (__grid_constant__) on the device.
+// kBlockM (Q) or kBlockN (K, V) rows with the 128-byte swizzle. A kernel parameter
+// (__grid_constant__) on the device.
 struct FwdMaps {
   TensorMap q, k, v;
 };
@@ -155,6 +166,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       if (lane == 0) {
         sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
         mbar_arrive_expect_tx(full + stage, 2 * Traits::kKvBytes);
+        RA_ROLLED  // unrolled, the boxes' coordinates would outgrow the producer's registers
         for (int j = 0; j < Traits::kColBlocks; ++j) {
           sm90::tma_load_2d(sK + stage * Traits::kKvBytes + j * kBN * 128, &maps.k, full + stage,
                       ko.col + 64 * j, ko.row + k0);
