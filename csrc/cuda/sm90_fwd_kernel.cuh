@@ -6,9 +6,10 @@
 //     TMA-loads Q once, then walks the key tiles in order: classifies each from the rows' bounds
 //     and the keys' positions (core/mask.h classify_tile, as tile_table.cuh) and skips the
 //     invisible ones; for a live tile it waits for a free stage (empty mbarrier), writes the
-//     tile's entry (tile << 1 | partial) and, for a partial tile, its keys' positions into the
-//     stage, and TMA-loads K and V there (full mbarrier, expect_tx). After the last tile it
-//     writes the end entry into the next stage and arrives on its full mbarrier.
+//     tile's entry (tile << 2 | tail << 1 | partial; tail: the tile reaches past Sk) and, for a
+//     partial tile, its keys' positions into the stage, and TMA-loads K and V there (full
+//     mbarrier, expect_tx). After the last tile it writes the end entry into the next stage and
+//     arrives on its full mbarrier.
 //   two consumer warpgroups of 64 query rows (registers raised by setmaxnreg), per stage:
 //     S = Q K^T by wgmma (both operands in shared memory, 128-byte swizzle); partial tiles only:
 //     -inf where a row does not see a key (and the scale, unless folded into the exponential);
@@ -56,9 +57,10 @@ struct FwdTraits {
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
-  // Keys per tile: 64 at d = 256, where Q (64 KiB) and two stages of 128 keys of K and V would
-  // not fit in the shared memory of a CTA.
-  static constexpr int kBlockN = kHeadDim == 256 ? 64 : 128;
+  // Keys per tile: 128; 256 at d = 64, so that the fixed costs of a tile (waits, descriptors,
+  // the softmax's row reductions) spread over twice the work; 64 at d = 256, where Q (64 KiB) and
+  // two stages of 128 keys of K and V would not fit in the shared memory of a CTA.
+  static constexpr int kBlockN = kHeadDim == 64 ? 256 : kHeadDim == 128 ? 128 : 64;
   static constexpr int kStages = 2;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
   static constexpr int kProducerRegs = 40;
@@ -156,7 +158,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       const int k0 = t * kBN, k1 = imin(k0 + kBN, Sk);
       TileKind kind = classify_tile(q_bounds, warp_range(p.k_pos, k0, k1, lane));
       if (kind == TileKind::kSkip) continue;
-      const bool partial = kind == TileKind::kPartial || !fold_scale || k0 + kBN > Sk;
+      const bool tail = k0 + kBN > Sk;
+      const bool partial = kind == TileKind::kPartial || !fold_scale || tail;
       const int stage = it % kStages;
       if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
       if (partial) {
@@ -164,7 +167,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       }
       sync_warp();  // the positions are written before lane 0's arrival publishes them
       if (lane == 0) {
-        sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
+        sEntry[stage] = static_cast<uint32_t>(t) << 2 | (tail ? 2u : 0u) | (partial ? 1u : 0u);
         mbar_arrive_expect_tx(full + stage, 2 * Traits::kKvBytes);
         RA_ROLLED  // unrolled, the boxes' coordinates would outgrow the producer's registers
         for (int j = 0; j < Traits::kColBlocks; ++j) {
@@ -187,8 +190,9 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
 
   // ---- consumers: warpgroup wg takes rows 64 wg .. 64 wg + 63 of the tile ----
   setmaxnreg_inc<Traits::kConsumerRegs>();
-  const int wg = tid / 128, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int row0 = 64 * wg + 16 * ((tid % 128) / 32) + g;  // this thread's rows: row0, row0 + 8
+  const int wg = warpgroup_idx(), lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  // This thread's rows: row0 and row0 + 8, row0 = 64 wg + 16 (warp in the warpgroup) + g.
+  const int row0 = 16 * (tid / 32) + g;
   const float ninf = neg_inf_f32();
   const float score_unit = fold_scale ? scale : 1.f;
   const float mask_mul = fold_scale ? 1.f : scale;
@@ -216,29 +220,34 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
   }
   const PositionRange32 seen[2] = {sRows[row0], sRows[row0 + 8]};
 
+  // The operands' descriptors at their first k16 step of stage 0; other steps and stages lie a
+  // constant offset further (desc_advance: one add each).
+  const uint64_t dq0 = smem_desc(sQ + 64 * wg * 128, 16, 1024);
+  const uint64_t dk0 = smem_desc(sK, 16, 1024);
+  const uint64_t dv0 = smem_desc(sV, kBN * 128, 1024);
+
   mbar_wait(q_bar, 0);
   for (int it = 0;; ++it) {
     const int stage = it % kStages;
     mbar_wait(full + stage, (it / kStages) & 1);
     const uint32_t e = sEntry[stage];
     if (e == kEndEntry) break;
-    const char* tK = sK + stage * Traits::kKvBytes;
-    const char* tV = sV + stage * Traits::kKvBytes;
+    const uint64_t dk_stage = desc_advance(dk0, stage * Traits::kKvBytes);
+    const uint64_t dv_stage = desc_advance(dv0, stage * Traits::kKvBytes);
 
     // S = Q K^T: k16 steps over the head dim, both operands K-major.
     float s[kBN / 2];
     wgmma_fence();
     RA_UNROLL
     for (int kc = 0; kc < kD / 16; ++kc) {
-      const uint64_t dq =
-          smem_desc(sQ + (kc / 4) * kBM * 128 + 64 * wg * 128 + (kc % 4) * 32, 16, 1024);
-      const uint64_t dk = smem_desc(tK + (kc / 4) * kBN * 128 + (kc % 4) * 32, 16, 1024);
+      const uint64_t dq = desc_advance(dq0, (kc / 4) * kBM * 128 + (kc % 4) * 32);
+      const uint64_t dk = desc_advance(dk_stage, (kc / 4) * kBN * 128 + (kc % 4) * 32);
       wgmma_ss<kBF16, kBN, false, false>(s, dq, dk, kc > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
 
-    const int k0 = static_cast<int>(e >> 1) * kBN;
+    const int k0 = static_cast<int>(e >> 2) * kBN;
     if (e & 1u) {  // partial: -inf where a row does not see a key, or a key lies past Sk
       const int32_t* kpos = sKpos + stage * kBN;
       RA_UNROLL
@@ -262,9 +271,9 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
     float mref[2], factor[2], sum[2] = {0.f, 0.f};
     RA_UNROLL
     for (int r = 0; r < 2; ++r) {
-      float mx = ninf;
+      float mx = fmax_f(s[2 * r], s[2 * r + 1]);
       RA_UNROLL
-      for (int nb = 0; nb < kBN / 8; ++nb) {
+      for (int nb = 1; nb < kBN / 8; ++nb) {
         mx = fmax_f(mx, fmax_f(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]));
       }
       mx = fmax_f(mx, shfl_xor(mx, 1));
@@ -297,8 +306,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
         pa[kc][j] = pack2<kBF16>(s[i], s[i + 1]);
       }
     }
-    if (k0 + kBN > Sk) {
-      // The last tile: its V rows past Sk hold what follows the sequence in memory (any bits);
+    if (e & 2u) {
+      // The tail tile: its V rows past Sk hold what follows the sequence in memory (any bits);
       // zeroed, so that their p = 0 adds exactly nothing. Generic stores by the first consumer
       // warpgroup, published to wgmma by fence.proxy.async before either warpgroup reads V.
       if (wg == 0) {
@@ -318,7 +327,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
     wgmma_fence();
     RA_UNROLL
     for (int kc = 0; kc < kBN / 16; ++kc) {
-      const uint64_t dv = smem_desc(tV + kc * 16 * 128, kBN * 128, 1024);
+      const uint64_t dv = desc_advance(dv_stage, kc * 16 * 128);
       wgmma_rs<kBF16, kD, true>(o, pa[kc], dv, true);
     }
     wgmma_commit();

@@ -552,11 +552,11 @@ int main(int argc, char** argv) {
   add(false, 1, 33, 65, 2, 2, 32, "none", false, 1, 0.0);
 
   // The Hopper forward (d = 64, 128 and 256, both dtypes): lengths 1, 7, 97; several query tiles
-  // (128 rows) and key tiles (128 keys, 64 at d = 256) with tails, so that each of the two stages
-  // is reused; GQA and MQA; causal, windows, packed sequences with pad rows, all keys invisible;
-  // head-major strides; merges over several key blocks; a scale that cannot be folded into the
-  // exponential. Rows of NaN follow every sequence (make_operand's gap). A case table like the
-  // one above: one line a case, so the two lists share their shape.
+  // (128 rows) and key tiles (256 keys at d = 64, 128 at d = 128, 64 at d = 256) with tails, so
+  // that each of the two stages is reused; GQA and MQA; causal, windows, packed sequences with
+  // pad rows, all keys invisible; head-major strides; merges over several key blocks; a scale
+  // that cannot be folded into the exponential. Rows of NaN follow every sequence (make_operand's
+  // gap). A case table like the one above: one line a case, so the two lists share their shape.
   auto add_sm90a = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
                        bool head_major = false, int splits = 1,
                        double scale = std::numeric_limits<double>::quiet_NaN()) {
@@ -582,6 +582,7 @@ int main(int argc, char** argv) {
   add_sm90a(true, 1, 96, 400, 2, 1, 64, "partial", false, /*splits=*/3, 0.3);
   add_sm90a(false, 1, 64, 300, 4, 1, 128, "diagonal", false, 2);
   add_sm90a(true, 1, 70, 260, 2, 1, 128, "partial", false, 2, -0.2);
+  add_sm90a(true, 1, 130, 600, 2, 1, 64, "none");
   // d = 256 (key tiles of 64): three key tiles with a tail, two query tiles, GQA and MQA, a merge.
   add_sm90a(true, 1, 70, 150, 4, 2, 256, "diagonal");
   add_sm90a(false, 1, 97, 130, 2, 1, 256, "diagonal", false, 2);
