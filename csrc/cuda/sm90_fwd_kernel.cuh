@@ -16,6 +16,11 @@
 //     online softmax in registers, P rounded to 16 bits in the register-A fragment of wgmma;
 //     O += P V by wgmma (P from registers, V MN-major in shared memory; in the last tile its rows
 //     past the keys zeroed first); then one arrival per warp on the stage's empty mbarrier.
+//     With kOverlap (d = 128, 256) a tile's S = Q K^T is issued first and the previous tile's
+//     P V behind it, so that the P V runs during this tile's softmax: wgmma_wait<1> before the
+//     scores are read, wgmma_wait<0> before o is rescaled and that tile's stage released. The
+//     two warpgroups take turns to issue their wgmma (named barriers), so that one's softmax
+//     runs while the other's products do.
 //   prologue  the rows' bounds into shared memory (cta_row_bounds, all warpgroups); consumers:
 //             acc = o, m = lse, l = 1 from the state when merging (else the empty state)
 //   epilogue  o = acc / l, lse = m + log(l); rows that see nothing: out 0, lse -inf
@@ -62,6 +67,10 @@ struct FwdTraits {
   // two stages of 128 keys of K and V would not fit in the shared memory of a CTA.
   static constexpr int kBlockN = kHeadDim == 64 ? 256 : kHeadDim == 128 ? 128 : 64;
   static constexpr int kStages = 2;
+  // The consumers issue S = Q K^T of a tile before the P V of the one before, so that P V runs
+  // during the softmax: P of one tile and S of the next in registers at once, which the 256-key
+  // tiles of d = 64 (192 registers for the pair) leave no room for.
+  static constexpr bool kOverlap = kHeadDim != 64;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
@@ -226,17 +235,41 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
   const uint64_t dk0 = smem_desc(sK, 16, 1024);
   const uint64_t dv0 = smem_desc(sV, kBN * 128, 1024);
 
-  mbar_wait(q_bar, 0);
-  for (int it = 0;; ++it) {
+  // O += P V for the tile in `stage` (P in pa), one wgmma group: V (keys x head dim) is the
+  // MN-major B operand, 64-column blocks LBO apart.
+  uint32_t pa[kBN / 16][4];
+  auto issue_pv = [&](int stage) {
+    const uint64_t dv_stage = desc_advance(dv0, stage * Traits::kKvBytes);
+    RA_UNROLL
+    for (int kc = 0; kc < kBN / 16; ++kc) {
+      wgmma_rs<kBF16, kD, true>(o, pa[kc], desc_advance(dv_stage, kc * 16 * 128), true);
+    }
+    wgmma_commit();
+  };
+  // A stage is released once every wgmma that reads it has completed: one arrival per warp.
+  auto release = [&](int stage) {
+    if (lane == 0) mbar_arrive(empty + stage);
+  };
+  // The warpgroups take turns to issue their wgmma (named barrier 2 + wg: the other's turn has
+  // ended), so that one's softmax runs while the other's products do. Warpgroup 0 starts.
+  auto wait_turn = [&] { named_sync(2 + wg, kConsumerThreads); };
+  auto end_turn = [&] { named_arrive(3 - wg, kConsumerThreads); };
+
+  // One live tile, the it-th: false at the end entry. kPvInFlight: the P V of the tile before,
+  // in `held`, is issued behind this tile's S and completes during its softmax (kOverlap, every
+  // tile but the first); otherwise this tile's own P V follows its softmax (without kOverlap).
+  int held = -1;  // kOverlap: the stage of the last tile, its P in pa, its P V not yet issued
+  auto tile = [&]<bool kPvInFlight>(int it) {
     const int stage = it % kStages;
     mbar_wait(full + stage, (it / kStages) & 1);
     const uint32_t e = sEntry[stage];
-    if (e == kEndEntry) break;
+    if (e == kEndEntry) return false;
     const uint64_t dk_stage = desc_advance(dk0, stage * Traits::kKvBytes);
-    const uint64_t dv_stage = desc_advance(dv0, stage * Traits::kKvBytes);
 
-    // S = Q K^T: k16 steps over the head dim, both operands K-major.
+    // S = Q K^T: k16 steps over the head dim, both operands K-major. With kOverlap the previous
+    // tile's P V follows as a second group, which runs during this tile's softmax.
     float s[kBN / 2];
+    wait_turn();
     wgmma_fence();
     RA_UNROLL
     for (int kc = 0; kc < kD / 16; ++kc) {
@@ -245,7 +278,13 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       wgmma_ss<kBF16, kBN, false, false>(s, dq, dk, kc > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    if constexpr (kPvInFlight) issue_pv(held);
+    end_turn();
+    if constexpr (kPvInFlight) {
+      wgmma_wait<1>();  // S is in (groups complete in order); the P V may still run
+    } else {
+      wgmma_wait<0>();
+    }
 
     const int k0 = static_cast<int>(e >> 2) * kBN;
     if (e & 1u) {  // partial: -inf where a row does not see a key, or a key lies past Sk
@@ -290,6 +329,10 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       s[i] = pe;
       sum[(i / 2) % 2] += pe;
     }
+    if constexpr (kPvInFlight) {
+      wgmma_wait<0>();  // the previous tile's P V is done: o may be rescaled, pa rewritten
+      release(held);
+    }
     RA_UNROLL
     for (int r = 0; r < 2; ++r) l[r] = l[r] * factor[r] + sum[r];
     RA_UNROLL
@@ -297,7 +340,6 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
 
     // P (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
     // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
-    uint32_t pa[kBN / 16][4];
     RA_UNROLL
     for (int kc = 0; kc < kBN / 16; ++kc) {
       RA_UNROLL
@@ -323,17 +365,32 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       }
       named_sync(1, kConsumerThreads);
     }
-    // O += P V: V (keys x head dim) is the MN-major B operand, 64-column blocks LBO apart.
-    wgmma_fence();
-    RA_UNROLL
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      const uint64_t dv = desc_advance(dv_stage, kc * 16 * 128);
-      wgmma_rs<kBF16, kD, true>(o, pa[kc], dv, true);
+    if constexpr (Traits::kOverlap) {
+      held = stage;
+    } else {
+      wgmma_fence();
+      issue_pv(stage);
+      wgmma_wait<0>();
+      release(stage);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+    return true;
+  };
+
+  mbar_wait(q_bar, 0);
+  if (wg == 1) end_turn();
+  if (tile.template operator()<false>(0)) {
+    for (int it = 1; tile.template operator()<Traits::kOverlap>(it); ++it) {
+    }
   }
+  if (held >= 0) {  // the last tile's P V
+    wait_turn();
+    wgmma_fence();
+    issue_pv(held);
+    end_turn();
+    wgmma_wait<0>();
+    release(held);
+  }
+  if (wg == 0) wait_turn();  // takes the other warpgroup's last end_turn
 
   // Epilogue: o = acc / l, lse = m + log(l) (0 and -inf for a row that saw nothing).
   RA_UNROLL
