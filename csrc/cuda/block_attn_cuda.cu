@@ -27,13 +27,13 @@ cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream);
 namespace {
 
 // RING_ATTN_CUDA_KERNEL=sm90a and a launch the Hopper forward runs: a compute capability 9.0
-// device, head dim 64 or 128, operands that its 2-D TMA loads read (sm90_fwd_geometry.h).
+// device, head dim 64, 128 or 256, operands that its 2-D TMA loads read (sm90_fwd_geometry.h).
 bool runs_sm90a_fwd(const FwdArgs& args) {
   KernelChoice choice;
   if (!kernel_choice(&choice).empty() || choice != KernelChoice::kSm90a) return false;
   const BlockFwdParams& p = args.p;
   const BlockShape& s = p.shape;
-  if (s.headdim != 64 && s.headdim != 128) return false;
+  if (s.headdim != 64 && s.headdim != 128 && s.headdim != 256) return false;
   if (!sm90::operand_fits(p.q_strides, s.batch, s.seqlen_q, s.nheads, s.headdim) ||
       !sm90::operand_fits(p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, s.headdim) ||
       !sm90::operand_fits(p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, s.headdim)) {
@@ -57,8 +57,14 @@ int block_fwd(const FwdArgs& args, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   if (runs_sm90a_fwd(args)) {
     return DTYPE_SWITCH(args.p.dtype, kBF16, [&] {
-      return s.headdim == 64 ? sm90::run_fwd<kBF16, 64>(args, st)
-                             : sm90::run_fwd<kBF16, 128>(args, st);
+      switch (s.headdim) {
+        case 64:
+          return sm90::run_fwd<kBF16, 64>(args, st);
+        case 128:
+          return sm90::run_fwd<kBF16, 128>(args, st);
+        default:
+          return sm90::run_fwd<kBF16, 256>(args, st);
+      }
     });
   }
   return DTYPE_SWITCH(args.p.dtype, kBF16, [&] {

@@ -1,6 +1,6 @@
 // The Hopper forward (sm90_fwd_kernel.cuh): its __global__ entry point, the tensor maps of Q, K
-// and V, and the launcher, instantiated for bf16 and fp16 at head dims 64 and 128. Compiled for
-// sm_90a only; block_attn_cuda.cu launches it on devices of compute capability 9.0 when
+// and V, and the launcher, instantiated for bf16 and fp16 at head dims 64, 128 and 256. Compiled
+// for sm_90a only; block_attn_cuda.cu launches it on devices of compute capability 9.0 when
 // RING_ATTN_CUDA_KERNEL=sm90a.
 #include "cuda/sm90_fwd_kernel.cuh"
 #include "cuda/sm90_tensor_map.h"
@@ -58,6 +58,8 @@ template cudaError_t run_fwd<true, 64>(const FwdArgs&, cudaStream_t);
 template cudaError_t run_fwd<false, 64>(const FwdArgs&, cudaStream_t);
 template cudaError_t run_fwd<true, 128>(const FwdArgs&, cudaStream_t);
 template cudaError_t run_fwd<false, 128>(const FwdArgs&, cudaStream_t);
+template cudaError_t run_fwd<true, 256>(const FwdArgs&, cudaStream_t);
+template cudaError_t run_fwd<false, 256>(const FwdArgs&, cudaStream_t);
 
 }  // namespace sm90
 }  // namespace cuda

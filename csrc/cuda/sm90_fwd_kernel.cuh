@@ -6,21 +6,27 @@
 //     TMA-loads Q once, then walks the key tiles in order: classifies each from the rows' bounds
 //     and the keys' positions (core/mask.h classify_tile, as tile_table.cuh) and skips the
 //     invisible ones; for a live tile it waits for a free stage (empty mbarrier), writes the
-//     tile's entry (tile << 1 | partial) and, for a partial tile, its keys' positions into the
-//     stage, and TMA-loads K and V there (full mbarrier, expect_tx). After the last tile it
-//     writes the end entry into the next stage and arrives on its full mbarrier.
+//     tile's entry (tile << 2 | tail << 1 | partial; tail: the tile reaches past Sk) and, for a
+//     partial tile, its keys' positions into the stage, and TMA-loads K and V there (full
+//     mbarrier, expect_tx). After the last tile it writes the end entry into the next stage and
+//     arrives on its full mbarrier.
 //   two consumer warpgroups of 64 query rows (registers raised by setmaxnreg), per stage:
 //     S = Q K^T by wgmma (both operands in shared memory, 128-byte swizzle); partial tiles only:
 //     -inf where a row does not see a key (and the scale, unless folded into the exponential);
 //     online softmax in registers, P rounded to 16 bits in the register-A fragment of wgmma;
 //     O += P V by wgmma (P from registers, V MN-major in shared memory; in the last tile its rows
 //     past the keys zeroed first); then one arrival per warp on the stage's empty mbarrier.
+//     With kOverlap (d = 128, 256) a tile's S = Q K^T is issued first and the previous tile's
+//     P V behind it, so that the P V runs during this tile's softmax: wgmma_wait<1> before the
+//     scores are read, wgmma_wait<0> before o is rescaled and that tile's stage released. The
+//     two warpgroups take turns to issue their wgmma (named barriers), so that one's softmax
+//     runs while the other's products do.
 //   prologue  the rows' bounds into shared memory (cta_row_bounds, all warpgroups); consumers:
 //             acc = o, m = lse, l = 1 from the state when merging (else the empty state)
 //   epilogue  o = acc / l, lse = m + log(l); rows that see nothing: out 0, lse -inf
-// K/V go through kStages stages. Operands are read as 2-D matrices (sm90_fwd_geometry.h), so the
-// boxes of a sequence's last tiles also hold the rows that follow it: Q rows past Sq are never
-// stored, K columns past Sk are masked, V rows past Sk are zeroed.
+// K/V go through kStages stages of kBlockN keys. Operands are read as 2-D matrices
+// (sm90_fwd_geometry.h), so the boxes of a sequence's last tiles also hold the rows that follow
+// it: Q rows past Sq are never stored, K columns past Sk are masked, V rows past Sk are zeroed.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +42,13 @@
 #include "cuda/tile_table.cuh"
 #include "cuda/warp_mma.cuh"
 
+// A loop that nvcc keeps rolled.
+#if defined(RA_CUDA_EMULATE)
+#define RA_ROLLED
+#else
+#define RA_ROLLED _Pragma("unroll 1")
+#endif
+
 namespace ring_attn {
 namespace cuda {
 namespace sm90 {
@@ -49,8 +62,15 @@ struct FwdTraits {
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
-  static constexpr int kBlockN = 128;
+  // Keys per tile: 128; 256 at d = 64, so that the fixed costs of a tile (waits, descriptors,
+  // the softmax's row reductions) spread over twice the work; 64 at d = 256, where Q (64 KiB) and
+  // two stages of 128 keys of K and V would not fit in the shared memory of a CTA.
+  static constexpr int kBlockN = kHeadDim == 64 ? 256 : kHeadDim == 128 ? 128 : 64;
   static constexpr int kStages = 2;
+  // The consumers issue S = Q K^T of a tile before the P V of the one before, so that P V runs
+  // during the softmax: P of one tile and S of the next in registers at once, which the 256-key
+  // tiles of d = 64 (192 registers for the pair) leave no room for.
+  static constexpr bool kOverlap = kHeadDim != 64;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
@@ -67,13 +87,15 @@ struct FwdTraits {
   static constexpr int kScratchBytes = 4 * (5 * (kNThreads / 32) + 1);
   // The dynamic shared memory to ask for: the layout plus the alignment of its base.
   static constexpr int kSmemBytes = kOffScratch + kScratchBytes + kSwizzleAtomBytes;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "Hopper forward head dims");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "Hopper forward head dims");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of a CTA");
   static_assert(kOffK % kSwizzleAtomBytes == 0 && kKvBytes % kSwizzleAtomBytes == 0, "alignment");
   static_assert(kOffBars % 8 == 0, "mbarrier alignment");
 };
 
 // The tensor maps of Q, K and V: matrices of sm90_fwd_geometry.h read in boxes of 64 columns x
-// 128 rows with the 128-byte swizzle. A kernel parameter (__grid_constant__) on the device.
+// kBlockM (Q) or kBlockN (K, V) rows with the 128-byte swizzle. A kernel parameter
+// (__grid_constant__) on the device.
 struct FwdMaps {
   TensorMap q, k, v;
 };
@@ -145,7 +167,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       const int k0 = t * kBN, k1 = imin(k0 + kBN, Sk);
       TileKind kind = classify_tile(q_bounds, warp_range(p.k_pos, k0, k1, lane));
       if (kind == TileKind::kSkip) continue;
-      const bool partial = kind == TileKind::kPartial || !fold_scale || k0 + kBN > Sk;
+      const bool tail = k0 + kBN > Sk;
+      const bool partial = kind == TileKind::kPartial || !fold_scale || tail;
       const int stage = it % kStages;
       if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
       if (partial) {
@@ -153,8 +176,9 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       }
       sync_warp();  // the positions are written before lane 0's arrival publishes them
       if (lane == 0) {
-        sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
+        sEntry[stage] = static_cast<uint32_t>(t) << 2 | (tail ? 2u : 0u) | (partial ? 1u : 0u);
         mbar_arrive_expect_tx(full + stage, 2 * Traits::kKvBytes);
+        RA_ROLLED  // unrolled, the boxes' coordinates would outgrow the producer's registers
         for (int j = 0; j < Traits::kColBlocks; ++j) {
           sm90::tma_load_2d(sK + stage * Traits::kKvBytes + j * kBN * 128, &maps.k, full + stage,
                       ko.col + 64 * j, ko.row + k0);
@@ -175,8 +199,9 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
 
   // ---- consumers: warpgroup wg takes rows 64 wg .. 64 wg + 63 of the tile ----
   setmaxnreg_inc<Traits::kConsumerRegs>();
-  const int wg = tid / 128, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int row0 = 64 * wg + 16 * ((tid % 128) / 32) + g;  // this thread's rows: row0, row0 + 8
+  const int wg = warpgroup_idx(), lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  // This thread's rows: row0 and row0 + 8, row0 = 64 wg + 16 (warp in the warpgroup) + g.
+  const int row0 = 16 * (tid / 32) + g;
   const float ninf = neg_inf_f32();
   const float score_unit = fold_scale ? scale : 1.f;
   const float mask_mul = fold_scale ? 1.f : scale;
@@ -204,29 +229,64 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
   }
   const PositionRange32 seen[2] = {sRows[row0], sRows[row0 + 8]};
 
-  mbar_wait(q_bar, 0);
-  for (int it = 0;; ++it) {
+  // The operands' descriptors at their first k16 step of stage 0; other steps and stages lie a
+  // constant offset further (desc_advance: one add each).
+  const uint64_t dq0 = smem_desc(sQ + 64 * wg * 128, 16, 1024);
+  const uint64_t dk0 = smem_desc(sK, 16, 1024);
+  const uint64_t dv0 = smem_desc(sV, kBN * 128, 1024);
+
+  // O += P V for the tile in `stage` (P in pa), one wgmma group: V (keys x head dim) is the
+  // MN-major B operand, 64-column blocks LBO apart.
+  uint32_t pa[kBN / 16][4];
+  auto issue_pv = [&](int stage) {
+    const uint64_t dv_stage = desc_advance(dv0, stage * Traits::kKvBytes);
+    RA_UNROLL
+    for (int kc = 0; kc < kBN / 16; ++kc) {
+      wgmma_rs<kBF16, kD, true>(o, pa[kc], desc_advance(dv_stage, kc * 16 * 128), true);
+    }
+    wgmma_commit();
+  };
+  // A stage is released once every wgmma that reads it has completed: one arrival per warp.
+  auto release = [&](int stage) {
+    if (lane == 0) mbar_arrive(empty + stage);
+  };
+  // The warpgroups take turns to issue their wgmma (named barrier 2 + wg: the other's turn has
+  // ended), so that one's softmax runs while the other's products do. Warpgroup 0 starts.
+  auto wait_turn = [&] { named_sync(2 + wg, kConsumerThreads); };
+  auto end_turn = [&] { named_arrive(3 - wg, kConsumerThreads); };
+
+  // One live tile, the it-th: false at the end entry. kPvInFlight: the P V of the tile before,
+  // in `held`, is issued behind this tile's S and completes during its softmax (kOverlap, every
+  // tile but the first); otherwise this tile's own P V follows its softmax (without kOverlap).
+  int held = -1;  // kOverlap: the stage of the last tile, its P in pa, its P V not yet issued
+  auto tile = [&]<bool kPvInFlight>(int it) {
     const int stage = it % kStages;
     mbar_wait(full + stage, (it / kStages) & 1);
     const uint32_t e = sEntry[stage];
-    if (e == kEndEntry) break;
-    const char* tK = sK + stage * Traits::kKvBytes;
-    const char* tV = sV + stage * Traits::kKvBytes;
+    if (e == kEndEntry) return false;
+    const uint64_t dk_stage = desc_advance(dk0, stage * Traits::kKvBytes);
 
-    // S = Q K^T: k16 steps over the head dim, both operands K-major.
+    // S = Q K^T: k16 steps over the head dim, both operands K-major. With kOverlap the previous
+    // tile's P V follows as a second group, which runs during this tile's softmax.
     float s[kBN / 2];
+    wait_turn();
     wgmma_fence();
     RA_UNROLL
     for (int kc = 0; kc < kD / 16; ++kc) {
-      const uint64_t dq =
-          smem_desc(sQ + (kc / 4) * kBM * 128 + 64 * wg * 128 + (kc % 4) * 32, 16, 1024);
-      const uint64_t dk = smem_desc(tK + (kc / 4) * kBN * 128 + (kc % 4) * 32, 16, 1024);
+      const uint64_t dq = desc_advance(dq0, (kc / 4) * kBM * 128 + (kc % 4) * 32);
+      const uint64_t dk = desc_advance(dk_stage, (kc / 4) * kBN * 128 + (kc % 4) * 32);
       wgmma_ss<kBF16, kBN, false, false>(s, dq, dk, kc > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    if constexpr (kPvInFlight) issue_pv(held);
+    end_turn();
+    if constexpr (kPvInFlight) {
+      wgmma_wait<1>();  // S is in (groups complete in order); the P V may still run
+    } else {
+      wgmma_wait<0>();
+    }
 
-    const int k0 = static_cast<int>(e >> 1) * kBN;
+    const int k0 = static_cast<int>(e >> 2) * kBN;
     if (e & 1u) {  // partial: -inf where a row does not see a key, or a key lies past Sk
       const int32_t* kpos = sKpos + stage * kBN;
       RA_UNROLL
@@ -250,9 +310,9 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
     float mref[2], factor[2], sum[2] = {0.f, 0.f};
     RA_UNROLL
     for (int r = 0; r < 2; ++r) {
-      float mx = ninf;
+      float mx = fmax_f(s[2 * r], s[2 * r + 1]);
       RA_UNROLL
-      for (int nb = 0; nb < kBN / 8; ++nb) {
+      for (int nb = 1; nb < kBN / 8; ++nb) {
         mx = fmax_f(mx, fmax_f(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]));
       }
       mx = fmax_f(mx, shfl_xor(mx, 1));
@@ -269,6 +329,10 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       s[i] = pe;
       sum[(i / 2) % 2] += pe;
     }
+    if constexpr (kPvInFlight) {
+      wgmma_wait<0>();  // the previous tile's P V is done: o may be rescaled, pa rewritten
+      release(held);
+    }
     RA_UNROLL
     for (int r = 0; r < 2; ++r) l[r] = l[r] * factor[r] + sum[r];
     RA_UNROLL
@@ -276,7 +340,6 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
 
     // P (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
     // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
-    uint32_t pa[kBN / 16][4];
     RA_UNROLL
     for (int kc = 0; kc < kBN / 16; ++kc) {
       RA_UNROLL
@@ -285,8 +348,8 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
         pa[kc][j] = pack2<kBF16>(s[i], s[i + 1]);
       }
     }
-    if (k0 + kBN > Sk) {
-      // The last tile: its V rows past Sk hold what follows the sequence in memory (any bits);
+    if (e & 2u) {
+      // The tail tile: its V rows past Sk hold what follows the sequence in memory (any bits);
       // zeroed, so that their p = 0 adds exactly nothing. Generic stores by the first consumer
       // warpgroup, published to wgmma by fence.proxy.async before either warpgroup reads V.
       if (wg == 0) {
@@ -302,17 +365,32 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       }
       named_sync(1, kConsumerThreads);
     }
-    // O += P V: V (keys x head dim) is the MN-major B operand, 64-column blocks LBO apart.
-    wgmma_fence();
-    RA_UNROLL
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      const uint64_t dv = smem_desc(tV + kc * 16 * 128, kBN * 128, 1024);
-      wgmma_rs<kBF16, kD, true>(o, pa[kc], dv, true);
+    if constexpr (Traits::kOverlap) {
+      held = stage;
+    } else {
+      wgmma_fence();
+      issue_pv(stage);
+      wgmma_wait<0>();
+      release(stage);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+    return true;
+  };
+
+  mbar_wait(q_bar, 0);
+  if (wg == 1) end_turn();
+  if (tile.template operator()<false>(0)) {
+    for (int it = 1; tile.template operator()<Traits::kOverlap>(it); ++it) {
+    }
   }
+  if (held >= 0) {  // the last tile's P V
+    wait_turn();
+    wgmma_fence();
+    issue_pv(held);
+    end_turn();
+    wgmma_wait<0>();
+    release(held);
+  }
+  if (wg == 0) wait_turn();  // takes the other warpgroup's last end_turn
 
   // Epilogue: o = acc / l, lse = m + log(l) (0 and -inf for a row that saw nothing).
   RA_UNROLL

@@ -49,6 +49,13 @@ RA_HOST_DEVICE constexpr uint64_t make_smem_desc(uint32_t addr, uint32_t lbo, ui
          static_cast<uint64_t>(kLayoutSwizzle128) << 62;
 }
 
+// Descriptor d with its start address `bytes` further (a 16-byte multiple): one 32-bit add, as
+// shared-memory addresses stay below 256 KiB and so within the start address field.
+RA_HOST_DEVICE constexpr uint64_t desc_advance(uint64_t d, uint32_t bytes) {
+  const uint32_t low = static_cast<uint32_t>(d) + (bytes >> 4);
+  return (d & 0xffffffff00000000ull) | low;
+}
+
 // The fields of a descriptor, in bytes where they are addresses or offsets.
 RA_HOST_DEVICE constexpr uint32_t desc_start(uint64_t d) {
   return static_cast<uint32_t>(d & 0x3fffu) << 4;

@@ -179,6 +179,17 @@ RA_DEV void named_arrive(int id, int nthreads) {
 #endif
 }
 
+// ---- warpgroups ---------------------------------------------------------------------------------
+// This thread's warpgroup (thread index / 128), read from lane 0: the compiler then knows it to be
+// the same across the warp and keeps what derives from it (descriptors) in uniform registers.
+RA_DEV int warpgroup_idx() {
+#if defined(RA_CUDA_EMULATE)
+  return thread_idx() / 128;
+#else
+  return __shfl_sync(0xffffffffu, thread_idx() / 128, 0);
+#endif
+}
+
 // ---- register reallocation between warpgroups (no-ops under emulation) -------------------------
 template <int kRegs>
 RA_DEV void setmaxnreg_inc() {

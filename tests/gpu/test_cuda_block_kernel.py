@@ -19,7 +19,7 @@ def test_block_mask_cases(sq, sk, mask, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("mask", gc.MASKS)
 @pytest.mark.parametrize("sq,sk", [(1, 1), (7, 97), (97, 128), (200, 333)])
 def test_block_sm90a_forward(sq, sk, mask, headdim, dtype, monkeypatch):

@@ -12,8 +12,8 @@ the list is kept in step with the code.
 
 Without --ci or --only, every mutant runs (about 20 s of compiling each). `make test` runs the
 representative subset marked `ci` (--ci: one mutant each for the tile table, the mask, the copy
-pipeline, the fragment layouts, the determinism check, the d = 256 reduction path and the Hopper
-forward's mbarrier pipeline), so that
+pipeline, the fragment layouts, the determinism check, the d = 256 reduction path, the Hopper
+forward's mbarrier pipeline and its overlapped wgmma waits), so that
 the test suite stays short; run the whole list after changing the kernels.
 
 Exit status 0 when every mutant run is caught.
@@ -137,6 +137,17 @@ MUTANTS = [
            "Hopper forward: the zeroed V rows past the keys not published to wgmma "
            "(fence.proxy.async dropped; NaN rows follow the sequence)",
            ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
+    Mutant("sm90-pv-wait-short", "cuda/sm90_fwd_kernel.cuh",
+           "      wgmma_wait<0>();  // the previous tile's P V is done",
+           "      wgmma_wait<1>();  // the previous tile's P V is done",
+           "Hopper forward, overlapped: o rescaled (and the stage released) while the previous "
+           "tile's P V may still run",
+           ("sm90a fp16 b1 sq200 sk600 h4/2 d128 diagonal",), ci=True),
+    Mutant("sm90-turns-unbalanced", "cuda/sm90_fwd_kernel.cuh",
+           "  if (wg == 0) wait_turn();", "",
+           "Hopper forward: the second warpgroup's last end of turn never taken (a named barrier "
+           "left incomplete at exit)",
+           ("sm90a bf16 b1 sq70 sk150 h4/2 d256 diagonal",)),
     Mutant("sm80-store-swapped", "cuda/warp_mma.cuh",
            "*reinterpret_cast<uint32_t*>(p + 8 * kPitch) = a[1];\n"
            "        *reinterpret_cast<uint32_t*>(p + 8) = a[2];",

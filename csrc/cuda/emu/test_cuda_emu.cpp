@@ -8,8 +8,8 @@
 // no reduction and gives the same bits when run again. The case list is checked to cover every
 // head-dim bucket and, at d = 64, 128 and 256, each dtype with causal, sliding-window and packed
 // (pad rows) masks. The Hopper forward (sm90_fwd_kernel.cuh: TMA, mbarriers, wgmma, emulated by
-// emu_sm90.h) runs the "sm90a" cases, forward only, at d = 64 and 128, checked to cover each dtype
-// with causal, sliding-window and packed masks.
+// emu_sm90.h) runs the "sm90a" cases, forward only, at d = 64, 128 and 256, checked to cover each
+// dtype with causal, sliding-window and packed masks.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
 // ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
 // Exit status 0 when every case passes. Usage: test_cuda_emu [case-name-substring ...] (the cases
@@ -217,13 +217,14 @@ void run_fwd(const FwdArgs& a) {
 }
 
 // The Hopper forward, with tensor maps of Q, K and V as the dispatch builds them
-// (sm90_fwd_geometry.h). Head dims 64 and 128.
+// (sm90_fwd_geometry.h, sm90_fwd.cu). Head dims 64, 128 and 256.
 void run_fwd_sm90(const FwdArgs& a) {
   const BlockShape& s = a.p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
-  auto map = [](const void* base, const Strides& st, int batch, int seqlen, int heads) {
+  auto map = [](const void* base, const Strides& st, int batch, int seqlen, int heads,
+                int box_rows) {
     const sm90::OperandMatrix m = sm90::operand_matrix(st, batch, seqlen, heads);
-    return emu::make_tensor_map_2d(base, 2, m.cols, m.rows, m.cols * 2, 64, 128,
+    return emu::make_tensor_map_2d(base, 2, m.cols, m.rows, m.cols * 2, 64, box_rows,
                                    emu::TmaSwizzle::k128B);
   };
   const BlockFwdParams& p = a.p;
@@ -235,12 +236,13 @@ void run_fwd_sm90(const FwdArgs& a) {
       std::exit(2);
     }
   }
-  const sm90::FwdMaps maps{map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads),
-                           map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv),
-                           map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv)};
   DTYPE_SWITCH(p.dtype, kBF16, [&] {
     auto launch = [&]<int kD>() {
       using Traits = sm90::FwdTraits<kBF16, kD>;
+      const sm90::FwdMaps maps{
+          map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, Traits::kBlockM),
+          map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, Traits::kBlockN),
+          map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, Traits::kBlockN)};
       emu::launch(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch, Traits::kNThreads,
                   Traits::kSmemBytes,
                   [&](char* smem) { sm90::block_fwd_body<Traits>(a, maps, smem); });
@@ -249,8 +251,10 @@ void run_fwd_sm90(const FwdArgs& a) {
       launch.template operator()<64>();
     } else if (s.headdim == 128) {
       launch.template operator()<128>();
+    } else if (s.headdim == 256) {
+      launch.template operator()<256>();
     } else {
-      std::fprintf(stderr, "the Hopper forward has head dims 64 and 128\n");
+      std::fprintf(stderr, "the Hopper forward has head dims 64, 128 and 256\n");
       std::exit(2);
     }
   });
@@ -547,12 +551,12 @@ int main(int argc, char** argv) {
   add(true, 1, 70, 100, 2, 1, 64, "partial", false, 2, -0.2);
   add(false, 1, 33, 65, 2, 2, 32, "none", false, 1, 0.0);
 
-  // The Hopper forward (d = 64 and 128, both dtypes): lengths 1, 7, 97; several query tiles (128
-  // rows) and key tiles (128 keys) with tails, so that each of the two stages is reused; GQA and
-  // MQA; causal, windows, packed sequences with pad rows, all keys invisible; head-major strides;
-  // merges over several key blocks; a scale that cannot be folded into the exponential. Rows of
-  // NaN follow every sequence (make_operand's gap). A case table like the one above: one line a
-  // case, so the two lists share their shape.
+  // The Hopper forward (d = 64, 128 and 256, both dtypes): lengths 1, 7, 97; several query tiles
+  // (128 rows) and key tiles (256 keys at d = 64, 128 at d = 128, 64 at d = 256) with tails, so
+  // that each of the two stages is reused; GQA and MQA; causal, windows, packed sequences with
+  // pad rows, all keys invisible; head-major strides; merges over several key blocks; a scale
+  // that cannot be folded into the exponential. Rows of NaN follow every sequence (make_operand's
+  // gap). A case table like the one above: one line a case, so the two lists share their shape.
   auto add_sm90a = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
                        bool head_major = false, int splits = 1,
                        double scale = std::numeric_limits<double>::quiet_NaN()) {
@@ -578,6 +582,14 @@ int main(int argc, char** argv) {
   add_sm90a(true, 1, 96, 400, 2, 1, 64, "partial", false, /*splits=*/3, 0.3);
   add_sm90a(false, 1, 64, 300, 4, 1, 128, "diagonal", false, 2);
   add_sm90a(true, 1, 70, 260, 2, 1, 128, "partial", false, 2, -0.2);
+  add_sm90a(true, 1, 130, 600, 2, 1, 64, "none");
+  // d = 256 (key tiles of 64): three key tiles with a tail, two query tiles, GQA and MQA, a merge.
+  add_sm90a(true, 1, 70, 150, 4, 2, 256, "diagonal");
+  add_sm90a(false, 1, 97, 130, 2, 1, 256, "diagonal", false, 2);
+  add_sm90a(true, 1, 33, 200, 2, 1, 256, "window");
+  add_sm90a(false, 1, 45, 100, 4, 2, 256, "window2");
+  add_sm90a(true, 1, 60, 90, 2, 1, 256, "packed");
+  add_sm90a(false, 1, 150, 97, 2, 1, 256, "packed");
 
   // The list covers every head-dim bucket, and at d = 64, 128 and 256 each dtype with a causal
   // mask, a sliding window and packed sequences with pad rows (every case runs the forward, both
@@ -605,9 +617,9 @@ int main(int argc, char** argv) {
     }
   }
 
-  // The Hopper forward's cases: each dtype at d = 64 and 128 with a causal mask, a sliding window
-  // and packed sequences with pad rows.
-  for (int d : {64, 128}) {
+  // The Hopper forward's cases: each dtype at d = 64, 128 and 256 with a causal mask, a sliding
+  // window and packed sequences with pad rows.
+  for (int d : {64, 128, 256}) {
     for (bool bf16 : {true, false}) {
       for (const char* kind : {"causal", "window", "packed"}) {
         if (!std::any_of(cases.begin(), cases.end(), [&](const Case& c) {

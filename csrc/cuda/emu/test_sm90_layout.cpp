@@ -73,6 +73,16 @@ void test_documented() {
   check(desc_start(d) == 0x3fff0 && desc_lbo(d) == 0x12340 && desc_sbo(d) == 0x2a0 &&
             desc_base_offset(d) == 0 && desc_layout(d) == kLayoutSwizzle128,
         "descriptor fields do not round-trip");
+  // A descriptor moved on by desc_advance is the one made at the later address.
+  for (uint32_t start : {0x0u, 0x4000u, 0x1fc00u}) {
+    for (uint32_t bytes : {0x20u, 0x2000u, 0x18000u}) {
+      check(desc_advance(make_smem_desc(start, 16, 1024), bytes) ==
+                    make_smem_desc(start + bytes, 16, 1024) &&
+                desc_advance(make_smem_desc(start, 0x8000, 1024), bytes) ==
+                    make_smem_desc(start + bytes, 0x8000, 1024),
+            "desc_advance vs make_smem_desc at " + std::to_string(start + bytes));
+    }
+  }
 
   // Byte addresses of elements of those tiles through cute::make_smem_ptr (CuTe's interleaved
   // MN-major tile: 64-mn blocks 1024 bytes apart, 8-k groups 2048).
