@@ -12,8 +12,8 @@ the list is kept in step with the code.
 
 Without --ci or --only, every mutant runs (about 20 s of compiling each). `make test` runs the
 representative subset marked `ci` (--ci: one mutant each for the tile table, the mask, the copy
-pipeline, the fragment layouts, the determinism check, the d = 256 reduction path and the Hopper
-forward's mbarrier pipeline), so that
+pipeline, the fragment layouts, the determinism check, the d = 256 reduction path, the Hopper
+forward's mbarrier pipeline and the Hopper dK/dV's partial tiles), so that
 the test suite stays short; run the whole list after changing the kernels.
 
 Exit status 0 when every mutant run is caught.
@@ -135,6 +135,26 @@ MUTANTS = [
            "        fence_proxy_async();\n      }\n      named_sync(1, kConsumerThreads);",
            "      }\n      named_sync(1, kConsumerThreads);",
            "Hopper forward: the zeroed V rows past the keys not published to wgmma "
+           "(fence.proxy.async dropped; NaN rows follow the sequence)",
+           ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
+    Mutant("sm90-bwd-empty-parity", "cuda/sm90_bwd_kernel.cuh",
+           "        if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);",
+           "        if (it >= kStages) mbar_wait(empty + stage, (it / kStages) & 1);",
+           "Hopper dK/dV: the producer waits for the wrong phase of a stage's empty mbarrier "
+           "(refills a stage still being read)",
+           ("sm90a bf16 b1 sq130 sk260 h2/1 d128 window",)),
+    Mutant("sm90-bwd-delta-dropped", "cuda/sm90_bwd_kernel.cuh",
+           "dp[i] = s[i] * fmaf(dp[i], scale, -delta_s[col]);", "dp[i] = s[i] * dp[i] * scale;",
+           "Hopper dK/dV: dS = scale P dP, delta not subtracted",
+           ("sm90a fp16 b1 sq70 sk100 h2/2 d64 packed",)),
+    Mutant("sm90-bwd-partial-as-full", "cuda/sm90_bwd_kernel.cuh",
+           "const bool partial = kind == TileKind::kPartial;", "const bool partial = false;",
+           "Hopper dK/dV: a partial query tile treated as full (its mask skipped)",
+           ("sm90a fp16 b1 sq7 sk97 h4/2 d64 diagonal",), ci=True),
+    Mutant("sm90-bwd-tail-fence-dropped", "cuda/sm90_bwd_kernel.cuh",
+           "          fence_proxy_async();\n          sync_warp();  // every lane's zeros",
+           "          sync_warp();  // every lane's zeros",
+           "Hopper dK/dV: the zeroed Q and dO rows past Sq not published to wgmma "
            "(fence.proxy.async dropped; NaN rows follow the sequence)",
            ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
     Mutant("sm80-store-swapped", "cuda/warp_mma.cuh",

@@ -7,8 +7,10 @@
 // a block nobody sees), += accumulation of the gradients, and a deterministic backward that uses
 // no reduction and gives the same bits when run again. The case list is checked to cover every
 // head-dim bucket and, at d = 64, 128 and 256, each dtype with causal, sliding-window and packed
-// (pad rows) masks. The Hopper forward (sm90_fwd_kernel.cuh: TMA, mbarriers, wgmma, emulated by
-// emu_sm90.h) runs the "sm90a" cases, forward only, at d = 64 and 128, checked to cover each dtype
+// (pad rows) masks. The Hopper kernels (sm90_fwd_kernel.cuh, sm90_bwd_kernel.cuh: TMA, mbarriers,
+// wgmma, emulated by emu_sm90.h) run the "sm90a" cases at d = 64 and 128: the forward, then the
+// backward as block_attn_cuda.cu runs it (the Hopper dK/dV kernel and the deterministic dQ kernel)
+// in both modes, which must use no reduction and give the same bits; checked to cover each dtype
 // with causal, sliding-window and packed masks.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
 // ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
@@ -26,6 +28,7 @@
 #include "cuda/bwd_kernel.cuh"
 #include "cuda/dq_kernel.cuh"
 #include "cuda/fwd_kernel.cuh"
+#include "cuda/sm90_bwd_kernel.cuh"
 #include "cuda/sm90_fwd_kernel.cuh"
 #include "cuda/static_switch.h"
 
@@ -44,7 +47,8 @@ struct Case {
   bool head_major;   // q, k, v, dout stored as (batch, heads, seq, headdim)
   int fwd_splits;    // key blocks merged one after another by block_fwd
   double scale;
-  bool sm90a;        // the Hopper forward (sm90_fwd_kernel.cuh); the forward only
+  bool sm90a;        // the Hopper kernels (sm90_fwd_kernel.cuh, sm90_bwd_kernel.cuh)
+  bool forward_only = false;
 };
 
 // A (batch, seq, heads, headdim) operand: 16-bit storage and its exact float values.
@@ -216,31 +220,32 @@ void run_fwd(const FwdArgs& a) {
   });
 }
 
-// The Hopper forward, with tensor maps of Q, K and V as the dispatch builds them
-// (sm90_fwd_geometry.h). Head dims 64 and 128.
+// The tensor map of a (batch, seq, heads, headdim) operand as the Hopper launchers build it
+// (sm90_fwd_geometry.h), in boxes of 64 columns x box_rows rows; exits on a layout they do not
+// read.
+emu::TensorMap sm90_map(const void* base, const Strides& st, int batch, int seqlen, int heads,
+                        int headdim, int box_rows) {
+  if (!sm90::operand_fits(st, batch, seqlen, heads, headdim)) {
+    std::fprintf(stderr, "operand layout the Hopper kernels do not read\n");
+    std::exit(2);
+  }
+  const sm90::OperandMatrix m = sm90::operand_matrix(st, batch, seqlen, heads);
+  return emu::make_tensor_map_2d(base, 2, m.cols, m.rows, m.cols * 2, 64, box_rows,
+                                 emu::TmaSwizzle::k128B);
+}
+
+// The Hopper forward as block_attn_cuda.cu launches it. Head dims 64 and 128.
 void run_fwd_sm90(const FwdArgs& a) {
   const BlockShape& s = a.p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
-  auto map = [](const void* base, const Strides& st, int batch, int seqlen, int heads) {
-    const sm90::OperandMatrix m = sm90::operand_matrix(st, batch, seqlen, heads);
-    return emu::make_tensor_map_2d(base, 2, m.cols, m.rows, m.cols * 2, 64, 128,
-                                   emu::TmaSwizzle::k128B);
-  };
   const BlockFwdParams& p = a.p;
-  for (const Strides* st : {&p.q_strides, &p.k_strides, &p.v_strides}) {
-    const bool q = st == &p.q_strides;
-    if (!sm90::operand_fits(*st, s.batch, q ? s.seqlen_q : s.seqlen_k, q ? s.nheads : s.nheads_kv,
-                            s.headdim)) {
-      std::fprintf(stderr, "operand layout the Hopper forward does not read\n");
-      std::exit(2);
-    }
-  }
-  const sm90::FwdMaps maps{map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads),
-                           map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv),
-                           map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv)};
   DTYPE_SWITCH(p.dtype, kBF16, [&] {
     auto launch = [&]<int kD>() {
       using Traits = sm90::FwdTraits<kBF16, kD>;
+      const sm90::FwdMaps maps{
+          sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM),
+          sm90_map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
+          sm90_map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN)};
       emu::launch(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch, Traits::kNThreads,
                   Traits::kSmemBytes,
                   [&](char* smem) { sm90::block_fwd_body<Traits>(a, maps, smem); });
@@ -251,6 +256,38 @@ void run_fwd_sm90(const FwdArgs& a) {
       launch.template operator()<128>();
     } else {
       std::fprintf(stderr, "the Hopper forward has head dims 64 and 128\n");
+      std::exit(2);
+    }
+  });
+}
+
+// The Hopper backward as block_attn_cuda.cu launches it: the dK/dV kernel (sm90_bwd_kernel.cuh),
+// then the deterministic dQ kernel, in both modes. Head dims 64 and 128.
+void run_bwd_sm90(const BlockBwdParams& p) {
+  const BlockShape& s = p.shape;
+  if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
+  DTYPE_SWITCH(p.dtype, kBF16, [&] {
+    auto launch = [&]<int kD>() {
+      using Traits = sm90::DkdvTraits<kBF16, kD>;
+      const sm90::DkdvMaps maps{
+          sm90_map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
+          sm90_map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
+          sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM),
+          sm90_map(p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM)};
+      emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), s.nheads_kv, s.batch, Traits::kNThreads,
+                  Traits::kSmemBytes,
+                  [&](char* smem) { sm90::block_dkdv_body<Traits>(p, maps, smem); });
+      using DqKernelTraits = DqTraits<kBF16, kD>;
+      emu::launch(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch,
+                  DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes,
+                  [&](char* smem) { block_dq_body<DqKernelTraits>(p, smem); });
+    };
+    if (s.headdim == 64) {
+      launch.template operator()<64>();
+    } else if (s.headdim == 128) {
+      launch.template operator()<128>();
+    } else {
+      std::fprintf(stderr, "the Hopper backward has head dims 64 and 128\n");
       std::exit(2);
     }
   });
@@ -303,7 +340,7 @@ double max_err(const std::vector<float>& got, const std::vector<double>& want, b
 bool run_case(const Case& c) {
   std::mt19937_64 rng(std::hash<std::string>{}(c.name));
   const int B = c.B, Sq = c.Sq, Sk = c.Sk, H = c.H, Hkv = c.Hkv, D = c.D;
-  // The Hopper forward's TMA boxes reach past a sequence into the rows that follow it: NaN there.
+  // The Hopper kernels' TMA boxes reach past a sequence into the rows that follow it: NaN there.
   const int gap = c.sm90a ? 5 : 0;
   Operand q = make_operand(rng, c.bf16, B, Sq, H, D, c.head_major, gap);
   Operand k = make_operand(rng, c.bf16, B, Sk, Hkv, D, c.head_major, gap);
@@ -379,7 +416,7 @@ bool run_case(const Case& c) {
             if (out[((size_t(b) * Sq + i) * H + h) * D + d] != 0.f) ok = false;
 
   const double tol_out = c.bf16 ? 2e-2 : 4e-3, tol_lse = 1e-3;
-  if (c.sm90a) {
+  if (c.forward_only) {
     ok = ok && e_out <= tol_out && e_lse <= tol_lse;
     std::printf("%-4s %-44s out %.1e lse %.1e\n", ok ? "ok" : "FAIL", c.name.c_str(), e_out, e_lse);
     return ok;
@@ -427,9 +464,11 @@ bool run_case(const Case& c) {
   p.dq_strides = out_st;
   p.dk_strides = Strides{int64_t(Sk) * Hkv * D, int64_t(Hkv) * D, D};
   p.dv_strides = p.dk_strides;
-  // Both backward modes; the deterministic one must not use a single reduction, and run again
-  // from the same accumulators it must give the same bits.
+  // Both backward modes; the deterministic one (and the Hopper backward in either mode) must not
+  // use a single reduction, and run again from the same accumulators it must give the same bits
+  // (the Hopper backward: the second mode gives the first one's bits).
   double e_dq = 0, e_dk = 0, e_dv = 0;
+  std::vector<float> first_dq, first_dk, first_dv;
   for (bool deterministic : {false, true}) {
     dq = dq0, dk = dk0, dv = dv0;
     p.dq_acc = dq.data();
@@ -437,19 +476,27 @@ bool run_case(const Case& c) {
     p.dv_acc = dv.data();
     p.deterministic = deterministic;
     const int64_t atomics_before = emu::atomic_adds.load();
-    run_bwd(p);
-    if (deterministic && emu::atomic_adds.load() != atomics_before) {
+    const auto bwd = c.sm90a ? run_bwd_sm90 : run_bwd;
+    bwd(p);
+    if ((deterministic || c.sm90a) && emu::atomic_adds.load() != atomics_before) {
       std::printf("deterministic backward used %lld atomics\n",
                   static_cast<long long>(emu::atomic_adds.load() - atomics_before));
       ok = false;
     }
-    if (deterministic) {
+    if (c.sm90a && !deterministic) {
+      first_dq = dq, first_dk = dk, first_dv = dv;
+    } else if (c.sm90a) {
+      if (first_dq != dq || first_dk != dk || first_dv != dv) {
+        std::printf("Hopper backward: the two modes gave other bits\n");
+        ok = false;
+      }
+    } else if (deterministic) {
       std::vector<float> dq2 = dq0, dk2 = dk0, dv2 = dv0;
       BlockBwdParams again = p;
       again.dq_acc = dq2.data();
       again.dk_acc = dk2.data();
       again.dv_acc = dv2.data();
-      run_bwd(again);
+      bwd(again);
       if (dq2 != dq || dk2 != dk || dv2 != dv) {
         std::printf("deterministic backward: a second run gave other bits\n");
         ok = false;
@@ -547,8 +594,9 @@ int main(int argc, char** argv) {
   add(true, 1, 70, 100, 2, 1, 64, "partial", false, 2, -0.2);
   add(false, 1, 33, 65, 2, 2, 32, "none", false, 1, 0.0);
 
-  // The Hopper forward (d = 64 and 128, both dtypes): lengths 1, 7, 97; several query tiles (128
-  // rows) and key tiles (128 keys) with tails, so that each of the two stages is reused; GQA and
+  // The Hopper kernels (d = 64 and 128, both dtypes): lengths 1, 7, 97; several query tiles (128
+  // rows forward, 64 backward) and key tiles (128 keys) with tails, so that each of the two stages
+  // is reused (backward: by the query heads of a GQA group in turn too); GQA and
   // MQA; causal, windows, packed sequences with pad rows, all keys invisible; head-major strides;
   // merges over several key blocks; a scale that cannot be folded into the exponential. Rows of
   // NaN follow every sequence (make_operand's gap). A case table like the one above: one line a
@@ -563,6 +611,7 @@ int main(int argc, char** argv) {
   add_sm90a(false, 1, 7, 97, 4, 2, 64, "diagonal");
   add_sm90a(true, 1, 97, 7, 4, 1, 128, "none");
   add_sm90a(false, 1, 200, 600, 4, 2, 128, "diagonal");
+  cases.back().forward_only = true;  // the longest case: the backward's emulator time spared
   add_sm90a(true, 1, 200, 300, 2, 1, 64, "window");
   add_sm90a(false, 1, 200, 300, 2, 2, 64, "window");
   add_sm90a(true, 1, 150, 97, 2, 1, 128, "packed");
@@ -605,13 +654,13 @@ int main(int argc, char** argv) {
     }
   }
 
-  // The Hopper forward's cases: each dtype at d = 64 and 128 with a causal mask, a sliding window
-  // and packed sequences with pad rows.
+  // The Hopper kernels' cases (forward and backward): each dtype at d = 64 and 128 with a causal
+  // mask, a sliding window and packed sequences with pad rows.
   for (int d : {64, 128}) {
     for (bool bf16 : {true, false}) {
       for (const char* kind : {"causal", "window", "packed"}) {
         if (!std::any_of(cases.begin(), cases.end(), [&](const Case& c) {
-              return c.sm90a && c.D == d && c.bf16 == bf16 && mask_kind(c.mask) == kind;
+              return c.sm90a && !c.forward_only && c.D == d && c.bf16 == bf16 && mask_kind(c.mask) == kind;
             })) {
           std::printf("coverage: no sm90a %s case at d%d %s\n", kind, d, bf16 ? "bf16" : "fp16");
           ++missing;
