@@ -18,14 +18,12 @@ template <bool kBF16, int kHeadDim>
 cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream);
 template <bool kBF16, int kHeadDim>
 cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream);
-template <bool kBF16, int kHeadDim>
-cudaError_t run_dq(const BlockBwdParams& p, cudaStream_t stream);
 
 namespace sm90 {
 template <bool kBF16, int kHeadDim>
 cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream);
 template <bool kBF16, int kHeadDim>
-cudaError_t run_dkdv(const BlockBwdParams& p, cudaStream_t stream);
+cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream);
 }  // namespace sm90
 
 namespace {
@@ -73,15 +71,11 @@ int block_bwd(const BlockBwdParams& p, void* stream) {
   const BlockShape& s = p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return cudaSuccess;
   auto st = static_cast<cudaStream_t>(stream);
-  // The Hopper dK/dV kernel (dO read by TMA too), then the deterministic dQ kernel: no
-  // reductions in either mode.
+  // The Hopper dK/dV and dQ kernels (dO read by TMA too): no reductions in either mode.
   if (runs_sm90a(p) &&
       sm90::operand_fits(p.dout_strides, s.batch, s.seqlen_q, s.nheads, s.headdim)) {
     return DTYPE_SWITCH(p.dtype, kBF16, [&] {
-      const cudaError_t err = s.headdim == 64 ? sm90::run_dkdv<kBF16, 64>(p, st)
-                                              : sm90::run_dkdv<kBF16, 128>(p, st);
-      if (err != cudaSuccess) return err;
-      return s.headdim == 64 ? run_dq<kBF16, 64>(p, st) : run_dq<kBF16, 128>(p, st);
+      return s.headdim == 64 ? sm90::run_bwd<kBF16, 64>(p, st) : sm90::run_bwd<kBF16, 128>(p, st);
     });
   }
   return DTYPE_SWITCH(p.dtype, kBF16, [&] {

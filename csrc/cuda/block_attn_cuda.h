@@ -31,9 +31,9 @@ struct FwdArgs {
 
 // RING_ATTN_CUDA_KERNEL (read at every call): which kernels run on the GPU.
 //   auto, sm80 (or unset): the mma.sync kernels everywhere;
-//   sm90a: the Hopper forward and dK/dV kernels (sm90_fwd_kernel.cuh, sm90_bwd_kernel.cuh; dQ by
-//          the deterministic mma.sync dQ kernel) on devices of compute capability 9.0 for bf16/fp16
-//          at head dims 64 and 128 (other shapes and devices: mma.sync).
+//   sm90a: the Hopper forward and backward (sm90_fwd_kernel.cuh; sm90_bwd_kernel.cuh dK/dV,
+//          sm90_dq_kernel.cuh dQ) on devices of compute capability 9.0 for bf16/fp16 at head dims
+//          64 and 128 (other shapes and devices: mma.sync).
 enum class KernelChoice { kAuto, kSm80, kSm90a };
 
 // Sets *choice from the environment; a message for the user when the value is unknown.

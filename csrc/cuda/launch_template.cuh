@@ -46,20 +46,8 @@ cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The deterministic dQ kernel: one CTA per (query tile, head, batch).
-template <bool kBF16, int kHeadDim>
-cudaError_t run_dq(const BlockBwdParams& p, cudaStream_t stream) {
-  using Traits = DqTraits<kBF16, kHeadDim>;
-  const BlockShape& s = p.shape;
-  const dim3 grid(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch);
-  const cudaError_t err = set_smem(block_dq_kernel<Traits>, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  block_dq_kernel<Traits><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
 // Atomic mode: one backward CTA per (key tile, query head, batch). Deterministic: one per (key
-// tile, K/V head, batch), then the dQ kernel.
+// tile, K/V head, batch), then the dQ kernel, one CTA per (query tile, head, batch).
 template <bool kBF16, int kHeadDim>
 cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
   using Traits = BwdTraits<kBF16, kHeadDim>;
@@ -77,7 +65,13 @@ cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
   block_bwd_kernel<Traits, true><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return run_dq<kBF16, kHeadDim>(p, stream);
+  using DqKernelTraits = DqTraits<kBF16, kHeadDim>;
+  const dim3 dq_grid(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch);
+  err = set_smem(block_dq_kernel<DqKernelTraits>, DqKernelTraits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  block_dq_kernel<DqKernelTraits>
+      <<<dq_grid, DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

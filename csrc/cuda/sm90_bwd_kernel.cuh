@@ -24,9 +24,9 @@
 //     mbarrier.
 //   epilogue  dk_acc += dK, dv_acc += dV for the keys below Sk: the CTA owns its rows, so the
 //             sums need no reduction and run in a fixed order (deterministic in both modes).
-// dQ is left to block_dq_body (dq_kernel.cuh). Q and dO go through kStages stages. Operands are
-// read as 2-D matrices (sm90_fwd_geometry.h), so the boxes of a sequence's last tiles also hold
-// the rows that follow it: keys past Sk only reach their own rows of dK and dV, never stored;
+// dQ is left to block_dq_body (sm90_dq_kernel.cuh). Q and dO go through kStages stages. Operands
+// are read as 2-D matrices (sm90_fwd_geometry.h), so the boxes of a sequence's last tiles also
+// hold the rows that follow it: keys past Sk only reach their own rows of dK and dV, never stored;
 // query rows past Sq are zeroed in the stage and get lse = inf, so that their s and dp are 0 and
 // p and ds exactly 0.
 #pragma once
@@ -86,6 +86,19 @@ struct DkdvTraits {
 struct DkdvMaps {
   TensorMap k, v, q, dout;
 };
+
+// Zeroes rows `first` .. kRows - 1 of a 16-bit tile of kColBlocks 64-column blocks (kRows x 128
+// bytes each, swizzled: whole rows, so the swizzle does not matter), one warp's generic stores.
+template <int kRows, int kColBlocks>
+RA_DEV void zero_tile_rows(char* tile, int first, int lane) {
+  constexpr int kChunks = kColBlocks * 8;  // 16-byte chunks of a row
+  for (int i = lane; i < (kRows - first) * kChunks; i += 32) {
+    const int row = first + i / kChunks, block = (i / 8) % kColBlocks;
+    float4 zero;
+    zero.x = zero.y = zero.z = zero.w = 0.f;
+    *reinterpret_cast<float4*>(tile + block * kRows * 128 + row * 128 + (i % 8) * 16) = zero;
+  }
+}
 
 template <typename Traits>
 RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char* smem_unaligned) {
@@ -192,15 +205,8 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
         if (tail) {
           // Rows past Sq hold what follows the sequence in memory (any bits): zeroed once landed.
           mbar_wait(tail_bar, tails++ & 1);
-          constexpr int kChunks = Traits::kColBlocks * 8;  // 16-byte chunks of a row
-          for (int i = lane; i < (m0 + kBM - m1) * kChunks; i += 32) {
-            const int row = m1 - m0 + i / kChunks, block = (i / 8) % Traits::kColBlocks;
-            const int off = block * kBM * 128 + row * 128 + (i % 8) * 16;
-            float4 zero;
-            zero.x = zero.y = zero.z = zero.w = 0.f;
-            *reinterpret_cast<float4*>(tQ + off) = zero;
-            *reinterpret_cast<float4*>(tdO + off) = zero;
-          }
+          zero_tile_rows<kBM, Traits::kColBlocks>(tQ, m1 - m0, lane);
+          zero_tile_rows<kBM, Traits::kColBlocks>(tdO, m1 - m0, lane);
           fence_proxy_async();
           sync_warp();  // every lane's zeros are published before lane 0's arrival
           if (lane == 0) mbar_arrive(full + stage);

@@ -157,6 +157,14 @@ MUTANTS = [
            "Hopper dK/dV: the zeroed Q and dO rows past Sq not published to wgmma "
            "(fence.proxy.async dropped; NaN rows follow the sequence)",
            ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
+    Mutant("sm90-dq-mask-dropped", "cuda/sm90_dq_kernel.cuh",
+           "    if (e & 1u) {\n      const int32_t* kpos", "    if (false) {\n      const int32_t* kpos",
+           "Hopper dQ: partial key tiles computed without their mask",
+           ("sm90a fp16 b1 sq7 sk97 h4/2 d64 diagonal",)),
+    Mutant("sm90-dq-tail-v-not-zeroed", "cuda/sm90_dq_kernel.cuh",
+           "        zero_tile_rows<kBN, Traits::kColBlocks>(tV, k1 - k0, lane);\n", "",
+           "Hopper dQ: the V rows past Sk not zeroed (NaN rows follow the sequence reach dS)",
+           ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
     Mutant("sm80-store-swapped", "cuda/warp_mma.cuh",
            "*reinterpret_cast<uint32_t*>(p + 8 * kPitch) = a[1];\n"
            "        *reinterpret_cast<uint32_t*>(p + 8) = a[2];",

@@ -9,8 +9,8 @@
 // head-dim bucket and, at d = 64, 128 and 256, each dtype with causal, sliding-window and packed
 // (pad rows) masks. The Hopper kernels (sm90_fwd_kernel.cuh, sm90_bwd_kernel.cuh: TMA, mbarriers,
 // wgmma, emulated by emu_sm90.h) run the "sm90a" cases at d = 64 and 128: the forward, then the
-// backward as block_attn_cuda.cu runs it (the Hopper dK/dV kernel and the deterministic dQ kernel)
-// in both modes, which must use no reduction and give the same bits; checked to cover each dtype
+// backward as block_attn_cuda.cu runs it (the Hopper dK/dV and dQ kernels, sm90_dq_kernel.cuh) in
+// both modes, which must use no reduction and give the same bits; checked to cover each dtype
 // with causal, sliding-window and packed masks.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
 // ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
@@ -29,6 +29,7 @@
 #include "cuda/dq_kernel.cuh"
 #include "cuda/fwd_kernel.cuh"
 #include "cuda/sm90_bwd_kernel.cuh"
+#include "cuda/sm90_dq_kernel.cuh"
 #include "cuda/sm90_fwd_kernel.cuh"
 #include "cuda/static_switch.h"
 
@@ -261,8 +262,8 @@ void run_fwd_sm90(const FwdArgs& a) {
   });
 }
 
-// The Hopper backward as block_attn_cuda.cu launches it: the dK/dV kernel (sm90_bwd_kernel.cuh),
-// then the deterministic dQ kernel, in both modes. Head dims 64 and 128.
+// The Hopper backward as block_attn_cuda.cu launches it, in both modes: the dK/dV kernel
+// (sm90_bwd_kernel.cuh), then the dQ kernel (sm90_dq_kernel.cuh). Head dims 64 and 128.
 void run_bwd_sm90(const BlockBwdParams& p) {
   const BlockShape& s = p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
@@ -277,10 +278,15 @@ void run_bwd_sm90(const BlockBwdParams& p) {
       emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), s.nheads_kv, s.batch, Traits::kNThreads,
                   Traits::kSmemBytes,
                   [&](char* smem) { sm90::block_dkdv_body<Traits>(p, maps, smem); });
-      using DqKernelTraits = DqTraits<kBF16, kD>;
+      using DqKernelTraits = sm90::DqTraits<kBF16, kD>;
+      const sm90::DqMaps dq_maps{
+          sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, DqKernelTraits::kBlockM),
+          sm90_map(p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kD,
+                   DqKernelTraits::kBlockM),
+          maps.k, maps.v};
       emu::launch(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch,
                   DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes,
-                  [&](char* smem) { block_dq_body<DqKernelTraits>(p, smem); });
+                  [&](char* smem) { sm90::block_dq_body<DqKernelTraits>(p, dq_maps, smem); });
     };
     if (s.headdim == 64) {
       launch.template operator()<64>();

@@ -5,6 +5,5 @@
 namespace ring_attn {
 namespace cuda {
 template cudaError_t run_bwd<true, 128>(const BlockBwdParams&, cudaStream_t);
-template cudaError_t run_dq<true, 128>(const BlockBwdParams&, cudaStream_t);
 }  // namespace cuda
 }  // namespace ring_attn

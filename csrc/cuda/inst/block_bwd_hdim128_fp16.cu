@@ -5,6 +5,5 @@
 namespace ring_attn {
 namespace cuda {
 template cudaError_t run_bwd<false, 128>(const BlockBwdParams&, cudaStream_t);
-template cudaError_t run_dq<false, 128>(const BlockBwdParams&, cudaStream_t);
 }  // namespace cuda
 }  // namespace ring_attn
