@@ -14,7 +14,7 @@ TFLOP/s: forward 4 b s^2 h d (half for causal), backward 2.5x that. The merge ov
 (fwd - fwd nomerge) / fwd nomerge. Also checks our output against SDPA's (max abs difference).
 Writes --json and the same table as markdown beside it (.md) after every configuration, so a
 timeout keeps what is done. --kernel sets RING_ATTN_CUDA_KERNEL for the run (sm90a: the Hopper
-forward on compute capability 9.0); --forward-only times the block_fwd rows alone. --iters: the alternated merge/no-merge calls; the other rows take the
+forward and backward on compute capability 9.0); --forward-only times the block_fwd rows alone. --iters: the alternated merge/no-merge calls; the other rows take the
 median of 3 batches of calls of about 0.08 s each.
 
 usage: bench_cuda.py [--json PATH] [--quick] [--headdims 64,128] [--seqlens 4096,8192,16384]

@@ -22,16 +22,18 @@ cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream);
 namespace sm90 {
 template <bool kBF16, int kHeadDim>
 cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream);
+template <bool kBF16, int kHeadDim>
+cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream);
 }  // namespace sm90
 
 namespace {
 
-// RING_ATTN_CUDA_KERNEL=sm90a and a launch the Hopper forward runs: a compute capability 9.0
-// device, head dim 64, 128 or 256, operands that its 2-D TMA loads read (sm90_fwd_geometry.h).
-bool runs_sm90a_fwd(const FwdArgs& args) {
+// RING_ATTN_CUDA_KERNEL=sm90a and a launch the Hopper kernels may run: a compute capability 9.0
+// device, head dim 64, 128 or 256 (the forward's), q, k and v that their 2-D TMA loads read
+// (sm90_fwd_geometry.h).
+bool runs_sm90a(const BlockParams& p) {
   KernelChoice choice;
   if (!kernel_choice(&choice).empty() || choice != KernelChoice::kSm90a) return false;
-  const BlockFwdParams& p = args.p;
   const BlockShape& s = p.shape;
   if (s.headdim != 64 && s.headdim != 128 && s.headdim != 256) return false;
   if (!sm90::operand_fits(p.q_strides, s.batch, s.seqlen_q, s.nheads, s.headdim) ||
@@ -55,7 +57,7 @@ int block_fwd(const FwdArgs& args, void* stream) {
   const BlockShape& s = args.p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return cudaSuccess;
   auto st = static_cast<cudaStream_t>(stream);
-  if (runs_sm90a_fwd(args)) {
+  if (runs_sm90a(args.p)) {
     return DTYPE_SWITCH(args.p.dtype, kBF16, [&] {
       switch (s.headdim) {
         case 64:
@@ -76,6 +78,14 @@ int block_bwd(const BlockBwdParams& p, void* stream) {
   const BlockShape& s = p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return cudaSuccess;
   auto st = static_cast<cudaStream_t>(stream);
+  // The Hopper dK/dV and dQ kernels (head dims 64 and 128; dO read by TMA too): no reductions
+  // in either mode.
+  if (s.headdim != 256 && runs_sm90a(p) &&
+      sm90::operand_fits(p.dout_strides, s.batch, s.seqlen_q, s.nheads, s.headdim)) {
+    return DTYPE_SWITCH(p.dtype, kBF16, [&] {
+      return s.headdim == 64 ? sm90::run_bwd<kBF16, 64>(p, st) : sm90::run_bwd<kBF16, 128>(p, st);
+    });
+  }
   return DTYPE_SWITCH(p.dtype, kBF16, [&] {
     return HEADDIM_SWITCH(s.headdim, kHeadDim, [&] { return run_bwd<kBF16, kHeadDim>(p, st); });
   });

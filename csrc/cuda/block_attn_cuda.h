@@ -29,11 +29,12 @@ struct FwdArgs {
   bool merge;
 };
 
-// RING_ATTN_CUDA_KERNEL (read at every call): which forward kernel runs on the GPU.
+// RING_ATTN_CUDA_KERNEL (read at every call): which kernels run on the GPU.
 //   auto, sm80 (or unset): the mma.sync kernels everywhere;
-//   sm90a: the Hopper forward (sm90_fwd_kernel.cuh) on devices of compute capability 9.0 for
-//          bf16/fp16 at head dims 64, 128 and 256 (other shapes, devices and the backward:
-//          mma.sync).
+//   sm90a: on devices of compute capability 9.0, for bf16/fp16, the Hopper forward
+//          (sm90_fwd_kernel.cuh) at head dims 64, 128 and 256 and the Hopper backward
+//          (sm90_bwd_kernel.cuh dK/dV, sm90_dq_kernel.cuh dQ) at head dims 64 and 128 (other
+//          shapes and devices: mma.sync).
 enum class KernelChoice { kAuto, kSm80, kSm90a };
 
 // Sets *choice from the environment; a message for the user when the value is unknown.

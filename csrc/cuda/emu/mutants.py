@@ -13,7 +13,8 @@ the list is kept in step with the code.
 Without --ci or --only, every mutant runs (about 20 s of compiling each). `make test` runs the
 representative subset marked `ci` (--ci: one mutant each for the tile table, the mask, the copy
 pipeline, the fragment layouts, the determinism check, the d = 256 reduction path, the Hopper
-forward's mbarrier pipeline and its overlapped wgmma waits), so that
+forward's mbarrier pipeline and its overlapped wgmma waits, the Hopper dK/dV's partial
+tiles), so that
 the test suite stays short; run the whole list after changing the kernels.
 
 Exit status 0 when every mutant run is caught.
@@ -148,6 +149,34 @@ MUTANTS = [
            "Hopper forward: the second warpgroup's last end of turn never taken (a named barrier "
            "left incomplete at exit)",
            ("sm90a bf16 b1 sq70 sk150 h4/2 d256 diagonal",)),
+    Mutant("sm90-bwd-empty-parity", "cuda/sm90_bwd_kernel.cuh",
+           "        if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);",
+           "        if (it >= kStages) mbar_wait(empty + stage, (it / kStages) & 1);",
+           "Hopper dK/dV: the producer waits for the wrong phase of a stage's empty mbarrier "
+           "(refills a stage still being read)",
+           ("sm90a bf16 b1 sq130 sk260 h2/1 d128 window",)),
+    Mutant("sm90-bwd-delta-dropped", "cuda/sm90_bwd_kernel.cuh",
+           "dp[i] = s[i] * fmaf(dp[i], scale, -delta_s[col]);", "dp[i] = s[i] * dp[i] * scale;",
+           "Hopper dK/dV: dS = scale P dP, delta not subtracted",
+           ("sm90a fp16 b1 sq70 sk100 h2/2 d64 packed",)),
+    Mutant("sm90-bwd-partial-as-full", "cuda/sm90_bwd_kernel.cuh",
+           "const bool partial = kind == TileKind::kPartial;", "const bool partial = false;",
+           "Hopper dK/dV: a partial query tile treated as full (its mask skipped)",
+           ("sm90a fp16 b1 sq7 sk97 h4/2 d64 diagonal",), ci=True),
+    Mutant("sm90-bwd-tail-fence-dropped", "cuda/sm90_bwd_kernel.cuh",
+           "          fence_proxy_async();\n          sync_warp();  // every lane's zeros",
+           "          sync_warp();  // every lane's zeros",
+           "Hopper dK/dV: the zeroed Q and dO rows past Sq not published to wgmma "
+           "(fence.proxy.async dropped; NaN rows follow the sequence)",
+           ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
+    Mutant("sm90-dq-mask-dropped", "cuda/sm90_dq_kernel.cuh",
+           "    if (e & 1u) {\n      const int32_t* kpos", "    if (false) {\n      const int32_t* kpos",
+           "Hopper dQ: partial key tiles computed without their mask",
+           ("sm90a fp16 b1 sq7 sk97 h4/2 d64 diagonal",)),
+    Mutant("sm90-dq-tail-v-not-zeroed", "cuda/sm90_dq_kernel.cuh",
+           "        zero_tile_rows<kBN, Traits::kColBlocks>(tV, k1 - k0, lane);\n", "",
+           "Hopper dQ: the V rows past Sk not zeroed (NaN rows follow the sequence reach dS)",
+           ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
     Mutant("sm80-store-swapped", "cuda/warp_mma.cuh",
            "*reinterpret_cast<uint32_t*>(p + 8 * kPitch) = a[1];\n"
            "        *reinterpret_cast<uint32_t*>(p + 8) = a[2];",

@@ -7,9 +7,11 @@
 // a block nobody sees), += accumulation of the gradients, and a deterministic backward that uses
 // no reduction and gives the same bits when run again. The case list is checked to cover every
 // head-dim bucket and, at d = 64, 128 and 256, each dtype with causal, sliding-window and packed
-// (pad rows) masks. The Hopper forward (sm90_fwd_kernel.cuh: TMA, mbarriers, wgmma, emulated by
-// emu_sm90.h) runs the "sm90a" cases, forward only, at d = 64, 128 and 256, checked to cover each
-// dtype with causal, sliding-window and packed masks.
+// (pad rows) masks. The Hopper kernels (sm90_fwd_kernel.cuh, sm90_bwd_kernel.cuh: TMA, mbarriers,
+// wgmma, emulated by emu_sm90.h) run the "sm90a" cases: the forward at d = 64, 128 and 256, then
+// the backward as block_attn_cuda.cu runs it (at d = 64 and 128 the Hopper dK/dV and dQ kernels,
+// sm90_dq_kernel.cuh, one path for both modes, which must use no reduction; at d = 256 the mma.sync
+// kernels); checked to cover each dtype with causal, sliding-window and packed masks.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
 // ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
 // Exit status 0 when every case passes. Usage: test_cuda_emu [case-name-substring ...] (the cases
@@ -26,6 +28,8 @@
 #include "cuda/bwd_kernel.cuh"
 #include "cuda/dq_kernel.cuh"
 #include "cuda/fwd_kernel.cuh"
+#include "cuda/sm90_bwd_kernel.cuh"
+#include "cuda/sm90_dq_kernel.cuh"
 #include "cuda/sm90_fwd_kernel.cuh"
 #include "cuda/static_switch.h"
 
@@ -44,7 +48,7 @@ struct Case {
   bool head_major;   // q, k, v, dout stored as (batch, heads, seq, headdim)
   int fwd_splits;    // key blocks merged one after another by block_fwd
   double scale;
-  bool sm90a;        // the Hopper forward (sm90_fwd_kernel.cuh); the forward only
+  bool sm90a;        // the Hopper kernels (sm90_*_kernel.cuh)
 };
 
 // A (batch, seq, heads, headdim) operand: 16-bit storage and its exact float values.
@@ -216,33 +220,32 @@ void run_fwd(const FwdArgs& a) {
   });
 }
 
-// The Hopper forward, with tensor maps of Q, K and V as the dispatch builds them
-// (sm90_fwd_geometry.h, sm90_fwd.cu). Head dims 64, 128 and 256.
+// The tensor map of a (batch, seq, heads, headdim) operand as the Hopper launchers build it
+// (sm90_fwd_geometry.h), in boxes of 64 columns x box_rows rows; exits on a layout they do not
+// read.
+emu::TensorMap sm90_map(const void* base, const Strides& st, int batch, int seqlen, int heads,
+                        int headdim, int box_rows) {
+  if (!sm90::operand_fits(st, batch, seqlen, heads, headdim)) {
+    std::fprintf(stderr, "operand layout the Hopper kernels do not read\n");
+    std::exit(2);
+  }
+  const sm90::OperandMatrix m = sm90::operand_matrix(st, batch, seqlen, heads);
+  return emu::make_tensor_map_2d(base, 2, m.cols, m.rows, m.cols * 2, 64, box_rows,
+                                 emu::TmaSwizzle::k128B);
+}
+
+// The Hopper forward as block_attn_cuda.cu launches it. Head dims 64, 128 and 256.
 void run_fwd_sm90(const FwdArgs& a) {
   const BlockShape& s = a.p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
-  auto map = [](const void* base, const Strides& st, int batch, int seqlen, int heads,
-                int box_rows) {
-    const sm90::OperandMatrix m = sm90::operand_matrix(st, batch, seqlen, heads);
-    return emu::make_tensor_map_2d(base, 2, m.cols, m.rows, m.cols * 2, 64, box_rows,
-                                   emu::TmaSwizzle::k128B);
-  };
   const BlockFwdParams& p = a.p;
-  for (const Strides* st : {&p.q_strides, &p.k_strides, &p.v_strides}) {
-    const bool q = st == &p.q_strides;
-    if (!sm90::operand_fits(*st, s.batch, q ? s.seqlen_q : s.seqlen_k, q ? s.nheads : s.nheads_kv,
-                            s.headdim)) {
-      std::fprintf(stderr, "operand layout the Hopper forward does not read\n");
-      std::exit(2);
-    }
-  }
   DTYPE_SWITCH(p.dtype, kBF16, [&] {
     auto launch = [&]<int kD>() {
       using Traits = sm90::FwdTraits<kBF16, kD>;
       const sm90::FwdMaps maps{
-          map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, Traits::kBlockM),
-          map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, Traits::kBlockN),
-          map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, Traits::kBlockN)};
+          sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM),
+          sm90_map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
+          sm90_map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN)};
       emu::launch(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch, Traits::kNThreads,
                   Traits::kSmemBytes,
                   [&](char* smem) { sm90::block_fwd_body<Traits>(a, maps, smem); });
@@ -255,6 +258,43 @@ void run_fwd_sm90(const FwdArgs& a) {
       launch.template operator()<256>();
     } else {
       std::fprintf(stderr, "the Hopper forward has head dims 64, 128 and 256\n");
+      std::exit(2);
+    }
+  });
+}
+
+// The Hopper backward as block_attn_cuda.cu launches it, in both modes: the dK/dV kernel
+// (sm90_bwd_kernel.cuh), then the dQ kernel (sm90_dq_kernel.cuh). Head dims 64 and 128.
+void run_bwd_sm90(const BlockBwdParams& p) {
+  const BlockShape& s = p.shape;
+  if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
+  DTYPE_SWITCH(p.dtype, kBF16, [&] {
+    auto launch = [&]<int kD>() {
+      using Traits = sm90::DkdvTraits<kBF16, kD>;
+      const sm90::DkdvMaps maps{
+          sm90_map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
+          sm90_map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
+          sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM),
+          sm90_map(p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM)};
+      emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), s.nheads_kv, s.batch, Traits::kNThreads,
+                  Traits::kSmemBytes,
+                  [&](char* smem) { sm90::block_dkdv_body<Traits>(p, maps, smem); });
+      using DqKernelTraits = sm90::DqTraits<kBF16, kD>;
+      const sm90::DqMaps dq_maps{
+          sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, DqKernelTraits::kBlockM),
+          sm90_map(p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kD,
+                   DqKernelTraits::kBlockM),
+          maps.k, maps.v};
+      emu::launch(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch,
+                  DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes,
+                  [&](char* smem) { sm90::block_dq_body<DqKernelTraits>(p, dq_maps, smem); });
+    };
+    if (s.headdim == 64) {
+      launch.template operator()<64>();
+    } else if (s.headdim == 128) {
+      launch.template operator()<128>();
+    } else {
+      std::fprintf(stderr, "the Hopper backward has head dims 64 and 128\n");
       std::exit(2);
     }
   });
@@ -307,7 +347,7 @@ double max_err(const std::vector<float>& got, const std::vector<double>& want, b
 bool run_case(const Case& c) {
   std::mt19937_64 rng(std::hash<std::string>{}(c.name));
   const int B = c.B, Sq = c.Sq, Sk = c.Sk, H = c.H, Hkv = c.Hkv, D = c.D;
-  // The Hopper forward's TMA boxes reach past a sequence into the rows that follow it: NaN there.
+  // The Hopper kernels' TMA boxes reach past a sequence into the rows that follow it: NaN there.
   const int gap = c.sm90a ? 5 : 0;
   Operand q = make_operand(rng, c.bf16, B, Sq, H, D, c.head_major, gap);
   Operand k = make_operand(rng, c.bf16, B, Sk, Hkv, D, c.head_major, gap);
@@ -383,11 +423,6 @@ bool run_case(const Case& c) {
             if (out[((size_t(b) * Sq + i) * H + h) * D + d] != 0.f) ok = false;
 
   const double tol_out = c.bf16 ? 2e-2 : 4e-3, tol_lse = 1e-3;
-  if (c.sm90a) {
-    ok = ok && e_out <= tol_out && e_lse <= tol_lse;
-    std::printf("%-4s %-44s out %.1e lse %.1e\n", ok ? "ok" : "FAIL", c.name.c_str(), e_out, e_lse);
-    return ok;
-  }
 
   // Backward with the kernel's own out and lse, into accumulators that already hold values.
   std::vector<float> delta(size_t(B) * H * Sq, 0.f);
@@ -432,18 +467,24 @@ bool run_case(const Case& c) {
   p.dk_strides = Strides{int64_t(Sk) * Hkv * D, int64_t(Hkv) * D, D};
   p.dv_strides = p.dk_strides;
   // Both backward modes; the deterministic one must not use a single reduction, and run again
-  // from the same accumulators it must give the same bits.
+  // from the same accumulators it must give the same bits. The Hopper backward (d = 64 and 128;
+  // at d = 256 the dispatch runs mma.sync) has one path for both modes (block_attn_cuda.cu): run
+  // once, in the mode where the mma.sync kernels reduce, it must use no reduction either (every
+  // sum in a fixed order).
+  const bool hopper_bwd = c.sm90a && D != 256;
   double e_dq = 0, e_dk = 0, e_dv = 0;
   for (bool deterministic : {false, true}) {
+    if (hopper_bwd && deterministic) break;
     dq = dq0, dk = dk0, dv = dv0;
     p.dq_acc = dq.data();
     p.dk_acc = dk.data();
     p.dv_acc = dv.data();
     p.deterministic = deterministic;
     const int64_t atomics_before = emu::atomic_adds.load();
-    run_bwd(p);
-    if (deterministic && emu::atomic_adds.load() != atomics_before) {
-      std::printf("deterministic backward used %lld atomics\n",
+    const auto bwd = hopper_bwd ? run_bwd_sm90 : run_bwd;
+    bwd(p);
+    if ((deterministic || hopper_bwd) && emu::atomic_adds.load() != atomics_before) {
+      std::printf("%s backward used %lld atomics\n", hopper_bwd ? "Hopper" : "deterministic",
                   static_cast<long long>(emu::atomic_adds.load() - atomics_before));
       ok = false;
     }
@@ -453,7 +494,7 @@ bool run_case(const Case& c) {
       again.dq_acc = dq2.data();
       again.dk_acc = dk2.data();
       again.dv_acc = dv2.data();
-      run_bwd(again);
+      bwd(again);
       if (dq2 != dq || dk2 != dk || dv2 != dv) {
         std::printf("deterministic backward: a second run gave other bits\n");
         ok = false;
@@ -551,12 +592,14 @@ int main(int argc, char** argv) {
   add(true, 1, 70, 100, 2, 1, 64, "partial", false, 2, -0.2);
   add(false, 1, 33, 65, 2, 2, 32, "none", false, 1, 0.0);
 
-  // The Hopper forward (d = 64, 128 and 256, both dtypes): lengths 1, 7, 97; several query tiles
-  // (128 rows) and key tiles (256 keys at d = 64, 128 at d = 128, 64 at d = 256) with tails, so
-  // that each of the two stages is reused; GQA and MQA; causal, windows, packed sequences with
-  // pad rows, all keys invisible; head-major strides; merges over several key blocks; a scale
-  // that cannot be folded into the exponential. Rows of NaN follow every sequence (make_operand's
-  // gap). A case table like the one above: one line a case, so the two lists share their shape.
+  // The Hopper kernels (both dtypes; the forward at d = 64, 128 and 256, the backward at 64 and
+  // 128): lengths 1, 7, 97; several query tiles (128 rows forward, 64 backward) and key tiles
+  // (forward: 256 keys at d = 64, 128 at d = 128, 64 at d = 256; backward: 128) with tails, so that
+  // each of the two stages is reused (backward: by the query heads of a GQA group in turn too); GQA
+  // and MQA; causal, windows, packed sequences with pad rows, all keys invisible; head-major
+  // strides; merges over several key blocks; a scale that cannot be folded into the exponential.
+  // Rows of NaN follow every sequence (make_operand's gap). A case table like the one above: one
+  // line a case, so the two lists share their shape.
   auto add_sm90a = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
                        bool head_major = false, int splits = 1,
                        double scale = std::numeric_limits<double>::quiet_NaN()) {
@@ -617,8 +660,8 @@ int main(int argc, char** argv) {
     }
   }
 
-  // The Hopper forward's cases: each dtype at d = 64, 128 and 256 with a causal mask, a sliding
-  // window and packed sequences with pad rows.
+  // The Hopper kernels' cases: each dtype at d = 64, 128 and 256 with a causal mask, a sliding
+  // window and packed sequences with pad rows (the backward's at d = 64 and 128).
   for (int d : {64, 128, 256}) {
     for (bool bf16 : {true, false}) {
       for (const char* kind : {"causal", "window", "packed"}) {

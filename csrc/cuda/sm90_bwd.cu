@@ -1,0 +1,101 @@
+// The Hopper backward: the dK/dV kernel (sm90_bwd_kernel.cuh) and the dQ kernel
+// (sm90_dq_kernel.cuh), their __global__ entry points, tensor maps and launcher, instantiated for
+// bf16 and fp16 at head dims 64 and 128. Compiled for sm_90a only; block_attn_cuda.cu launches it
+// on devices of compute capability 9.0 when RING_ATTN_CUDA_KERNEL=sm90a.
+#include "cuda/sm90_bwd_kernel.cuh"
+#include "cuda/sm90_dq_kernel.cuh"
+#include "cuda/sm90_tensor_map.h"
+
+namespace ring_attn {
+namespace cuda {
+namespace sm90 {
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    block_dkdv_kernel(const BlockBwdParams p, const __grid_constant__ DkdvMaps maps) {
+  extern __shared__ __align__(1024) char smem[];
+  block_dkdv_body<Traits>(p, maps, smem);
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    block_dq_kernel(const BlockBwdParams p, const __grid_constant__ DqMaps maps) {
+  extern __shared__ __align__(1024) char smem[];
+  block_dq_body<Traits>(p, maps, smem);
+}
+
+namespace {
+
+// The operand's matrix (sm90_fwd_geometry.h) in boxes of 64 columns x `box_rows` rows.
+cudaError_t make_map(CUtensorMap* map, const void* base, const Strides& st, int batch, int seqlen,
+                     int heads, bool bf16, int box_rows) {
+  const OperandMatrix m = operand_matrix(st, batch, seqlen, heads);
+  return make_tensor_map_2d(map, base, bf16, static_cast<uint64_t>(m.cols),
+                            static_cast<uint64_t>(m.rows), static_cast<uint64_t>(m.cols) * 2, 64,
+                            static_cast<uint32_t>(box_rows));
+}
+
+}  // namespace
+
+// Grids: dK/dV one CTA per (key tile, K/V head, batch), dQ one per (query tile, head, batch); no
+// reductions, so the backward is deterministic in both modes.
+template <bool kBF16, int kHeadDim>
+cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
+  using Traits = DkdvTraits<kBF16, kHeadDim>;
+  using DqKernelTraits = DqTraits<kBF16, kHeadDim>;
+  const BlockShape& s = p.shape;
+  static_assert(Traits::kBlockN == DqKernelTraits::kBlockN, "one K and one V map for both kernels");
+  DkdvMaps maps;
+  DqMaps dq_maps;
+  cudaError_t err =
+      make_map(&maps.k, p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kBF16, Traits::kBlockN);
+  if (err == cudaSuccess) {
+    err = make_map(&maps.v, p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kBF16,
+                   Traits::kBlockN);
+  }
+  if (err == cudaSuccess) {
+    err = make_map(&maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
+                   Traits::kBlockM);
+  }
+  if (err == cudaSuccess) {
+    err = make_map(&maps.dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
+                   Traits::kBlockM);
+  }
+  if (err == cudaSuccess) {
+    err = make_map(&dq_maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
+                   DqKernelTraits::kBlockM);
+  }
+  if (err == cudaSuccess) {
+    err = make_map(&dq_maps.dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
+                   DqKernelTraits::kBlockM);
+  }
+  if (err != cudaSuccess) return err;
+  dq_maps.k = maps.k;
+  dq_maps.v = maps.v;
+  err = cudaFuncSetAttribute(block_dkdv_kernel<Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Traits::kSmemBytes);
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(block_dq_kernel<DqKernelTraits>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               DqKernelTraits::kSmemBytes);
+  }
+  if (err != cudaSuccess) return err;
+  const dim3 grid((s.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, s.nheads_kv, s.batch);
+  block_dkdv_kernel<Traits><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, maps);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const dim3 dq_grid((s.seqlen_q + DqKernelTraits::kBlockM - 1) / DqKernelTraits::kBlockM,
+                     s.nheads, s.batch);
+  block_dq_kernel<DqKernelTraits>
+      <<<dq_grid, DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes, stream>>>(p, dq_maps);
+  return cudaGetLastError();
+}
+
+template cudaError_t run_bwd<true, 64>(const BlockBwdParams&, cudaStream_t);
+template cudaError_t run_bwd<false, 64>(const BlockBwdParams&, cudaStream_t);
+template cudaError_t run_bwd<true, 128>(const BlockBwdParams&, cudaStream_t);
+template cudaError_t run_bwd<false, 128>(const BlockBwdParams&, cudaStream_t);
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ring_attn

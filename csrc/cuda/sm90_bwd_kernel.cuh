@@ -1,0 +1,340 @@
+// Hopper dK/dV kernel body (sm_90a): one CTA per (key tile of 128 keys, K/V head, batch) adds its
+// keys' gradients over every query row of the K/V head's query heads (GQA group) to dk_acc and
+// dv_acc, as block_bwd_body (bwd_kernel.cuh) does in its deterministic mode, with
+// warp-specialised warpgroups. Keys are wgmma's M dimension, so every product is transposed:
+//
+//   producer warpgroup (registers lowered by setmaxnreg; its first warp works, the others exit)
+//     TMA-loads K and V once, then walks the query tiles of 64 rows in order: classifies each
+//     from its rows' bounds and the keys' positions (core/mask.h classify_tile, as tile_table.cuh)
+//     and skips the invisible ones; for a live tile, for each query head of the group in turn, it
+//     waits for a free stage (empty mbarrier), writes the rows' lse (in exp2 units), scale delta
+//     and, for a partial tile, their bounds into the stage, then the entry (tile << 1 | partial),
+//     and TMA-loads Q and dO there (full mbarrier, expect_tx). The last query tile's loads
+//     complete on the tail mbarrier instead: the producer waits for them, zeroes the rows past Sq
+//     (generic stores, published to wgmma by fence.proxy.async) and then arrives on the full
+//     mbarrier. After the last tile it writes the end entry into the next stage and arrives on
+//     its full mbarrier.
+//   two consumer warpgroups of 64 keys (registers raised by setmaxnreg), per stage:
+//     S^T = K Q^T, dP^T = V dO^T by wgmma (both operands in shared memory, 128-byte swizzle);
+//     P^T = exp(scale S^T - lse)                  (partial tiles only: 0 where a row does not
+//                                                   see a key)
+//     dS^T = scale P^T (dP^T - delta)             (the softmax scale applied here, once)
+//     dV += P^T dO, dK += dS^T Q by wgmma (P^T, dS^T rounded to 16 bits in the register-A
+//     fragment; dO, Q MN-major in shared memory); then one arrival per warp on the stage's empty
+//     mbarrier.
+//   epilogue  dk_acc += dK, dv_acc += dV for the keys below Sk: the CTA owns its rows, so the
+//             sums need no reduction and run in a fixed order (deterministic in both modes).
+// dQ is left to block_dq_body (sm90_dq_kernel.cuh). Q and dO go through kStages stages. Operands
+// are read as 2-D matrices (sm90_fwd_geometry.h), so the boxes of a sequence's last tiles also
+// hold the rows that follow it: keys past Sk only reach their own rows of dK and dV, never stored;
+// query rows past Sq are zeroed in the stage and get lse = inf, so that their s and dp are 0 and
+// p and ds exactly 0.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "core/mask.h"
+#include "core/params.h"
+#include "cuda/bwd_kernel.cuh"
+#include "cuda/primitives.cuh"
+#include "cuda/sm90_fwd_geometry.h"
+#include "cuda/sm90_fwd_kernel.cuh"
+#include "cuda/sm90_primitives.cuh"
+#include "cuda/tile_table.cuh"
+
+namespace ring_attn {
+namespace cuda {
+namespace sm90 {
+
+// Shapes and the shared-memory layout (offsets from a 1024-byte aligned base; 16-bit tiles are
+// stored as 64-column blocks of rows x 128 bytes, 128-byte swizzled, as the TMA boxes land).
+template <bool kBF16_, int kHeadDim_>
+struct DkdvTraits {
+  static constexpr bool kBF16 = kBF16_;
+  static constexpr int kHeadDim = kHeadDim_;  // exactly the operands' head dim
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
+  static constexpr int kBlockN = 64 * kConsumerWarpgroups;           // keys
+  static constexpr int kBlockM = 64;                                 // query rows of a stage
+  static constexpr int kStages = 2;
+  static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kKvBytes = kBlockN * kHeadDim * 2;  // K or V
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;   // one Q or dO stage
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKvBytes;
+  static constexpr int kOffQ = kOffV + kKvBytes;
+  static constexpr int kOffDo = kOffQ + kStages * kQBytes;
+  static constexpr int kOffLse = kOffDo + kStages * kQBytes;  // stage s at + s * kBlockM floats
+  static constexpr int kOffDelta = kOffLse + kStages * kBlockM * 4;
+  static constexpr int kOffRows = kOffDelta + kStages * kBlockM * 4;
+  static constexpr int kOffEntry = kOffRows + kStages * kBlockM * 8;
+  // full[kStages], empty[kStages], kv, tail
+  static constexpr int kOffBars = kOffEntry + 8 * kStages;
+  static constexpr int kBarBytes = 8 * (2 * kStages + 2);
+  // The dynamic shared memory to ask for: the layout plus the alignment of its base.
+  static constexpr int kSmemBytes = kOffBars + kBarBytes + kSwizzleAtomBytes;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "Hopper backward head dims");
+  static_assert(kQBytes % kSwizzleAtomBytes == 0 && kKvBytes % kSwizzleAtomBytes == 0, "alignment");
+  static_assert(kOffBars % 8 == 0, "mbarrier alignment");
+};
+
+// The tensor maps of K, V (boxes of 64 columns x kBlockN rows), Q and dO (64 x kBlockM), all
+// with the 128-byte swizzle. A kernel parameter (__grid_constant__) on the device.
+struct DkdvMaps {
+  TensorMap k, v, q, dout;
+};
+
+// Zeroes rows `first` .. kRows - 1 of a 16-bit tile of kColBlocks 64-column blocks (kRows x 128
+// bytes each, swizzled: whole rows, so the swizzle does not matter), one warp's generic stores.
+template <int kRows, int kColBlocks>
+RA_DEV void zero_tile_rows(char* tile, int first, int lane) {
+  constexpr int kChunks = kColBlocks * 8;  // 16-byte chunks of a row
+  for (int i = lane; i < (kRows - first) * kChunks; i += 32) {
+    const int row = first + i / kChunks, block = (i / 8) % kColBlocks;
+    float4 zero;
+    zero.x = zero.y = zero.z = zero.w = 0.f;
+    *reinterpret_cast<float4*>(tile + block * kRows * 128 + row * 128 + (i % 8) * 16) = zero;
+  }
+}
+
+template <typename Traits>
+RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char* smem_unaligned) {
+  constexpr bool kBF16 = Traits::kBF16;
+  constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
+
+  const int tid = thread_idx();
+  const int k0 = block_idx_x() * kBN, hk = block_idx_y(), b = block_idx_z();
+  const int Sq = p.shape.seqlen_q, Sk = p.shape.seqlen_k;
+  const int group = p.shape.nheads / p.shape.nheads_kv;
+  const float scale = static_cast<float>(p.softmax_scale);
+
+  // The layout's base: the first 1024-byte aligned shared-memory address.
+  const uint32_t misalign = smem_address(smem_unaligned) % kSwizzleAtomBytes;
+  char* smem = smem_unaligned + (misalign ? kSwizzleAtomBytes - misalign : 0);
+  char* sK = smem + Traits::kOffK;
+  char* sV = smem + Traits::kOffV;
+  char* sQ = smem + Traits::kOffQ;  // stage s at + s * kQBytes
+  char* sdO = smem + Traits::kOffDo;
+  float* sLse = reinterpret_cast<float*>(smem + Traits::kOffLse);  // stage s at + s * kBM
+  float* sDelta = reinterpret_cast<float*>(smem + Traits::kOffDelta);
+  PositionRange32* sRows = reinterpret_cast<PositionRange32*>(smem + Traits::kOffRows);
+  volatile uint32_t* sEntry = reinterpret_cast<volatile uint32_t*>(smem + Traits::kOffEntry);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Traits::kOffBars);
+  uint64_t* empty = full + kStages;
+  uint64_t* kv_bar = empty + kStages;
+  uint64_t* tail_bar = kv_bar + 1;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, kConsumerThreads / 32);
+    }
+    mbar_init(kv_bar, 1);
+    mbar_init(tail_bar, 1);
+    fence_proxy_async();  // the inits, before TMA completes on them
+  }
+  sync_threads();  // the mbarriers are ready for every warp
+
+  if (tid >= kConsumerThreads) {
+    // ---- producer ----
+    setmaxnreg_dec<Traits::kProducerRegs>();
+    if (tid >= kConsumerThreads + 32) return;
+    const int lane = tid % 32;
+    if (lane == 0) {
+      const OperandOrigin ko = operand_origin(p.k_strides, b, hk);
+      const OperandOrigin vo = operand_origin(p.v_strides, b, hk);
+      mbar_arrive_expect_tx(kv_bar, 2 * Traits::kKvBytes);
+      for (int j = 0; j < Traits::kColBlocks; ++j) {
+        sm90::tma_load_2d(sK + j * kBN * 128, &maps.k, kv_bar, ko.col + 64 * j, ko.row + k0);
+        sm90::tma_load_2d(sV + j * kBN * 128, &maps.v, kv_bar, vo.col + 64 * j, vo.row + k0);
+      }
+    }
+    const PositionRange keys = warp_range(p.k_pos, k0, imin(k0 + kBN, Sk), lane);
+    const int ntiles = (Sq + kBM - 1) / kBM;
+    int it = 0;     // stages issued
+    int tails = 0;  // last query tiles issued (phases of the tail mbarrier)
+    for (int t = 0; t < ntiles; ++t) {
+      const int m0 = t * kBM, m1 = imin(m0 + kBM, Sq);
+      // The rows' bounds (tile_table.cuh warp_tile_bounds, with the lane's kBM / 32 rows unrolled).
+      TileBounds rows = empty_tile_bounds();
+      RA_UNROLL
+      for (int r = 0; r < kBM / 32; ++r) {
+        const int row = m0 + lane + 32 * r;
+        if (row < m1) add_row(rows, query_bounds(p.mask, p.q_pos, p.q_seg, row));
+      }
+      const TileKind kind = classify_tile(widen(warp_reduce(rows)), keys);
+      if (kind == TileKind::kSkip) continue;
+      const bool partial = kind == TileKind::kPartial;
+      for (int h = hk * group; h < (hk + 1) * group; ++h) {
+        const int stage = it % kStages;
+        if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
+        // The rows' lse (exp2 units), scale delta and bounds; rows past Sq: p = 0, ds = 0.
+        const int64_t stat_off = b * p.row_stat_batch_stride + h * p.row_stat_head_stride;
+        const float* gL = static_cast<const float*>(p.lse) + stat_off;
+        const float* gD = static_cast<const float*>(p.delta) + stat_off;
+        for (int i = lane; i < kBM; i += 32) {
+          const int row = m0 + i;
+          const bool in = row < Sq;
+          sLse[stage * kBM + i] = in ? lse_exp2_unit(gL[row]) : pos_inf_f();
+          sDelta[stage * kBM + i] = in ? gD[row] * scale : 0.f;
+          if (partial) {
+            sRows[stage * kBM + i] = in ? narrow(query_bounds(p.mask, p.q_pos, p.q_seg, row))
+                                        : PositionRange32{INT32_MAX, INT32_MIN};
+          }
+        }
+        sync_warp();  // the row data are written before lane 0's arrival publishes them
+        char* tQ = sQ + stage * Traits::kQBytes;
+        char* tdO = sdO + stage * Traits::kQBytes;
+        const bool tail = m1 < m0 + kBM;
+        uint64_t* bar = tail ? tail_bar : full + stage;
+        if (lane == 0) {
+          const OperandOrigin qo = operand_origin(p.q_strides, b, h);
+          const OperandOrigin oo = operand_origin(p.dout_strides, b, h);
+          sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
+          mbar_arrive_expect_tx(bar, 2 * Traits::kQBytes);
+          for (int j = 0; j < Traits::kColBlocks; ++j) {
+            sm90::tma_load_2d(tQ + j * kBM * 128, &maps.q, bar, qo.col + 64 * j, qo.row + m0);
+            sm90::tma_load_2d(tdO + j * kBM * 128, &maps.dout, bar, oo.col + 64 * j, oo.row + m0);
+          }
+        }
+        if (tail) {
+          // Rows past Sq hold what follows the sequence in memory (any bits): zeroed once landed.
+          mbar_wait(tail_bar, tails++ & 1);
+          zero_tile_rows<kBM, Traits::kColBlocks>(tQ, m1 - m0, lane);
+          zero_tile_rows<kBM, Traits::kColBlocks>(tdO, m1 - m0, lane);
+          fence_proxy_async();
+          sync_warp();  // every lane's zeros are published before lane 0's arrival
+          if (lane == 0) mbar_arrive(full + stage);
+        }
+        ++it;
+      }
+    }
+    const int stage = it % kStages;
+    if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
+    if (lane == 0) {
+      sEntry[stage] = kEndEntry;
+      mbar_arrive(full + stage);
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup wg takes keys 64 wg .. 64 wg + 63 of the tile ----
+  setmaxnreg_inc<Traits::kConsumerRegs>();
+  const int wg = tid / 128, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int key0 = 64 * wg + 16 * ((tid % 128) / 32) + g;  // this thread's keys: key0, key0 + 8
+  const float exp2_mul = scale * kLog2eF;  // p = exp2(s exp2_mul - lse log2(e))
+  int32_t kpos[2];
+  for (int r = 0; r < 2; ++r) {
+    const int key = k0 + key0 + 8 * r;
+    kpos[r] = key < Sk ? p.k_pos[key] : 0;
+  }
+
+  // Accumulator register i of a m64nNk16 fragment: row (key) key0 + 8 ((i / 2) % 2), column
+  // 8 (i / 4) + 2 t4 + i % 2 (sm90_primitives.cuh).
+  float dk[kD / 2], dv[kD / 2];
+  RA_UNROLL
+  for (int i = 0; i < kD / 2; ++i) {
+    dk[i] = 0.f;
+    dv[i] = 0.f;
+  }
+
+  mbar_wait(kv_bar, 0);
+  for (int it = 0;; ++it) {
+    const int stage = it % kStages;
+    mbar_wait(full + stage, (it / kStages) & 1);
+    const uint32_t e = sEntry[stage];
+    if (e == kEndEntry) break;
+    const char* tQ = sQ + stage * Traits::kQBytes;
+    const char* tdO = sdO + stage * Traits::kQBytes;
+
+    // S^T = K Q^T and dP^T = V dO^T: k16 steps over the head dim, all operands K-major.
+    float s[kBM / 2], dp[kBM / 2];
+    wgmma_fence();
+    RA_UNROLL
+    for (int kc = 0; kc < kD / 16; ++kc) {
+      const int kv_off = (kc / 4) * kBN * 128 + 64 * wg * 128 + (kc % 4) * 32;
+      const int q_off = (kc / 4) * kBM * 128 + (kc % 4) * 32;
+      wgmma_ss<kBF16, kBM, false, false>(s, smem_desc(sK + kv_off, 16, 1024),
+                                         smem_desc(tQ + q_off, 16, 1024), kc > 0);
+      wgmma_ss<kBF16, kBM, false, false>(dp, smem_desc(sV + kv_off, 16, 1024),
+                                         smem_desc(tdO + q_off, 16, 1024), kc > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    // P^T = exp(scale S^T - lse), dS^T = scale P^T (dP^T - delta), in place; a partial tile's
+    // p is 0 where the row does not see the key.
+    const float* lse2 = sLse + stage * kBM;
+    const float* delta_s = sDelta + stage * kBM;
+    RA_UNROLL
+    for (int i = 0; i < kBM / 2; ++i) {
+      const int col = 8 * (i / 4) + 2 * t4 + i % 2;
+      s[i] = fast_exp2(fmaf(s[i], exp2_mul, -lse2[col]));
+    }
+    if (e & 1u) {
+      const PositionRange32* rows = sRows + stage * kBM;
+      RA_UNROLL
+      for (int i = 0; i < kBM / 2; ++i) {
+        const int col = 8 * (i / 4) + 2 * t4 + i % 2;
+        s[i] = is_visible(rows[col], kpos[(i / 2) % 2]) ? s[i] : 0.f;
+      }
+    }
+    RA_UNROLL
+    for (int i = 0; i < kBM / 2; ++i) {
+      const int col = 8 * (i / 4) + 2 * t4 + i % 2;
+      dp[i] = s[i] * fmaf(dp[i], scale, -delta_s[col]);
+    }
+
+    // P^T and dS^T (16 bits) as the register-A fragments of the k16 steps over the query rows:
+    // a[j] of step kc holds key key0 + 8 (j % 2), rows 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
+    uint32_t pa[kBM / 16][4], dsa[kBM / 16][4];
+    RA_UNROLL
+    for (int kc = 0; kc < kBM / 16; ++kc) {
+      RA_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
+        pa[kc][j] = pack2<kBF16>(s[i], s[i + 1]);
+        dsa[kc][j] = pack2<kBF16>(dp[i], dp[i + 1]);
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q: dO and Q (rows x head dim) are MN-major B operands, 64-column
+    // blocks LBO apart.
+    wgmma_fence();
+    RA_UNROLL
+    for (int kc = 0; kc < kBM / 16; ++kc) {
+      wgmma_rs<kBF16, kD, true>(dv, pa[kc], smem_desc(tdO + kc * 16 * 128, kBM * 128, 1024), true);
+      wgmma_rs<kBF16, kD, true>(dk, dsa[kc], smem_desc(tQ + kc * 16 * 128, kBM * 128, 1024), true);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+  }
+
+  // Epilogue: dk_acc += dK (already scaled), dv_acc += dV, keys below Sk.
+  float* gdK = static_cast<float*>(p.dk_acc) + b * p.dk_strides.batch + hk * p.dk_strides.head;
+  float* gdV = static_cast<float*>(p.dv_acc) + b * p.dv_strides.batch + hk * p.dv_strides.head;
+  RA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    const int key = k0 + key0 + 8 * r;
+    if (key >= Sk) continue;
+    float* krow = gdK + static_cast<int64_t>(key) * p.dk_strides.row;
+    float* vrow = gdV + static_cast<int64_t>(key) * p.dv_strides.row;
+    RA_UNROLL
+    for (int nb = 0; nb < kD / 8; ++nb) {
+      const int c = 8 * nb + 2 * t4;
+      krow[c] += dk[4 * nb + 2 * r];
+      krow[c + 1] += dk[4 * nb + 2 * r + 1];
+      vrow[c] += dv[4 * nb + 2 * r];
+      vrow[c + 1] += dv[4 * nb + 2 * r + 1];
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ring_attn
