@@ -25,8 +25,9 @@
 #              its kernels alone (overhead <= 5%) and its exchanges alone (hidden fraction)
 #   bench      benchmarks/kernels/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
-#   bench-sm90a the same forward rows with RING_ATTN_CUDA_KERNEL=sm90a (the Hopper forward), beside
-#              the bench stage's (OUTDIR/bench_sm90a.json; compute capability 9.0 only)
+#   bench-sm90a the same rows with RING_ATTN_CUDA_KERNEL=sm90a (the Hopper forward and backward),
+#              SDPA timed again beside them: d=128 and 64 at 8K (--quick: d=128, 8K, non-causal)
+#              (OUTDIR/bench_sm90a.json; compute capability 9.0 only)
 #   merge      benchmarks/kernels/merge_probe.py: the forward from several incoming states (why merging slows
 #              the d=64 forward; OUTDIR/merge_probe.json) (skipped with --quick)
 #   merge-order benchmarks/kernels/merge_probe.py --orders: the same two launches timed in several call orders
@@ -239,14 +240,14 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
   stage overlap 90 "$PY" benchmarks/ring/overlap_gpu.py --json "$OUT/overlap.json"
 
   # ---- benchmark -------------------------------------------------------------------------------
-  # bench_sm90a CAP [ARGS]: the bench stage's forward rows with the Hopper forward
+  # bench_sm90a CAP [ARGS]: the bench stage's rows with the Hopper kernels
   bench_sm90a() {
     if [ "$CC" != 9.0 ]; then
       skip bench-sm90a "compute capability '${CC:-unknown}' is not 9.0"
       return
     fi
     stage bench-sm90a "$1" "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench_sm90a.json" \
-      --kernel sm90a --forward-only "${@:2}"
+      --kernel sm90a "${@:2}"
   }
   if [ $QUICK = 1 ]; then
     stage bench 90 "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench.json" --quick
@@ -258,7 +259,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     skip racecheck "--quick"
   else
     stage bench 240 "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench.json"
-    bench_sm90a 90
+    bench_sm90a 150 --headdims 128,64 --seqlens 8192
     stage merge 60 "$PY" benchmarks/kernels/merge_probe.py --json "$OUT/merge_probe.json"
     stage merge-order 60 "$PY" benchmarks/kernels/merge_probe.py --orders --json "$OUT/merge_order.json"
     # ---- Nsight Compute: why the kernels run at the speed they do (vs SDPA's flash kernels) -----

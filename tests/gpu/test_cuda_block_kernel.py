@@ -22,9 +22,10 @@ def test_block_mask_cases(sq, sk, mask, dtype):
 @pytest.mark.parametrize("headdim", [64, 128, 256])
 @pytest.mark.parametrize("mask", gc.MASKS)
 @pytest.mark.parametrize("sq,sk", [(1, 1), (7, 97), (97, 128), (200, 333)])
-def test_block_sm90a_forward(sq, sk, mask, headdim, dtype, monkeypatch):
-    """RING_ATTN_CUDA_KERNEL=sm90a: the Hopper forward on compute capability 9.0 (elsewhere the
-    mma.sync kernels), against the same reference."""
+def test_block_sm90a(sq, sk, mask, headdim, dtype, monkeypatch):
+    """RING_ATTN_CUDA_KERNEL=sm90a: the Hopper forward and (d = 64, 128) backward on compute
+    capability 9.0 (elsewhere the mma.sync kernels), against the same reference. Their CPU twin:
+    the emulator's sm90a cases (csrc/cuda/emu/test_cuda_emu.cpp)."""
     monkeypatch.setenv("RING_ATTN_CUDA_KERNEL", "sm90a")
     gc.check_block("cuda", dtype, sq, sk, 4, 2, headdim, mask)
 
@@ -34,6 +35,22 @@ def test_block_sm90a_forward(sq, sk, mask, headdim, dtype, monkeypatch):
 def test_block_sm90a_forward_merges_key_blocks(mask, dtype, monkeypatch):
     monkeypatch.setenv("RING_ATTN_CUDA_KERNEL", "sm90a")
     gc.check_merge_order("cuda", dtype, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "partial", "window2"])
+def test_block_sm90a_bwd_accumulates_over_key_blocks(mask, dtype, monkeypatch):
+    monkeypatch.setenv("RING_ATTN_CUDA_KERNEL", "sm90a")
+    gc.check_bwd_accumulates("cuda", dtype, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "partial", "packed"])
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (4, 1)])
+def test_block_sm90a_bwd_deterministic(heads, heads_kv, mask, dtype, monkeypatch):
+    """The Hopper backward has no reductions: deterministic=True takes the same kernels."""
+    monkeypatch.setenv("RING_ATTN_CUDA_KERNEL", "sm90a")
+    gc.check_deterministic_bwd("cuda", dtype, mask, heads, heads_kv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
