@@ -3,9 +3,10 @@ sm_90 SASS of the built extension, beside FlashAttention-2's kernels in torch's 
 
 Asserted at d = 128, bf16 and fp16, per HMMA-equivalent in one steady-state iteration of the main
 loop: every backward kernel (dK/dV with atomic dQ, deterministic dK/dV, deterministic dQ) at most
-3.5 instructions (the Hopper dK/dV and dQ, wgmma: 3.0, also at d = 64), every forward kernel at
-most 4.6 (the Hopper forward, wgmma: 3.0, also at d = 64 and 256), reductions/atomics at most 0.05 (none in the
-deterministic kernels, the Hopper kernels or the forward). Every kernel
+3.5 instructions (the Hopper dK/dV, dK/dV with dQ fused, and dQ, wgmma: 3.0, also at d = 64),
+every forward kernel at most 4.6 (the Hopper forward, wgmma: 3.0, also at d = 64 and 256),
+reductions/atomics at most 0.05 (none in the deterministic kernels, the Hopper kernels but the one
+with dQ fused, or the forward). Every kernel
 of every head-dim bucket: no spill loads or stores and no global loads in its main loop. The analyser must reproduce FA2's own figures (3.13 backward,
 4.75 forward at d = 128) within 0.05, so that a change in how it counts cannot pass for a kernel
 change. d = 64 and d = 256 are reported (the table is printed; `python benchmarks/kernels/sass_budget.py`
@@ -63,7 +64,8 @@ def ours(cuobjdump):
     # every kernel of every bucket and dtype has a main loop with tensor-core work
     want = {f"{k} {dt} d{d}" for k in ("fwd", *BWD_KINDS) for dt in DTYPES for d in BUCKETS}
     want |= {f"fwd-sm90a {dt} d{d}" for dt in DTYPES for d in (64, 128, 256)}
-    want |= {f"{k}-sm90a {dt} d{d}" for k in ("dkdv", "dq") for dt in DTYPES for d in (64, 128)}
+    want |= {f"{k}-sm90a {dt} d{d}" for k in ("dkdv", "dkdvq", "dq") for dt in DTYPES
+             for d in (64, 128)}
     assert want <= set(rows), f"kernels without an analysed main loop: {sorted(want - set(rows))}"
     return rows
 
@@ -118,11 +120,14 @@ def test_hopper_forward_budget(ours, d, dt):
 
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("d", (64, 128))
-@pytest.mark.parametrize("kind", ("dkdv-sm90a", "dq-sm90a"))
+@pytest.mark.parametrize("kind", ("dkdv-sm90a", "dkdvq-sm90a", "dq-sm90a"))
 def test_hopper_backward_budget(ours, kind, d, dt):
     b = ours[f"{kind} {dt} d{d}"]
     assert b["instr_per_hmma"] <= SM90A_BWD_MAX, b
-    assert b["reductions_per_hmma"] == 0, b
+    if kind == "dkdvq-sm90a":  # dQ added by bulk reductions
+        assert 0 < b["reductions_per_hmma"] <= RED_MAX, b
+    else:
+        assert b["reductions_per_hmma"] == 0, b
 
 
 def test_no_spills_or_global_loads_in_any_main_loop(ours):

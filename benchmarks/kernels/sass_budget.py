@@ -20,8 +20,9 @@ loads (LDG), barriers, reductions and atomics (RED, ATOM, bulk reductions). "loo
 whole loop body, cold paths included.
 
 Our kernels are labelled fwd / fwd-sm90a (the Hopper forward, wgmma) / bwd (atomic dQ) / bwd-det
-(deterministic dK, dV) / dkdv-sm90a (the Hopper dK, dV, wgmma) / dq-det (deterministic dQ) /
-dq-sm90a (the Hopper dQ, wgmma), dtype and head-dim bucket; FA2's fa2-fwd / fa2-bwd (non-causal, even shapes:
+(deterministic dK, dV) / dkdv-sm90a (the Hopper dK, dV, wgmma) / dkdvq-sm90a (the Hopper dK, dV
+with dQ fused, added by bulk reductions) / dq-det (deterministic dQ) / dq-sm90a (the Hopper dQ,
+wgmma), dtype and head-dim bucket; FA2's fa2-fwd / fa2-bwd (non-causal, even shapes:
 the variants torch's SDPA runs for the benchmarked shapes on sm_90).
 """
 import argparse
@@ -72,13 +73,16 @@ def fa2_kernels():
 
 def our_label(name):
     """fwd / fwd-sm90a (the Hopper forward) / bwd / bwd-det / dkdv-sm90a (the Hopper dK, dV) /
-    dq-det / dq-sm90a (the Hopper dQ), dtype, head dim of one of our kernels' mangled names."""
+    dkdvq-sm90a (the same with dQ fused) / dq-det / dq-sm90a (the Hopper dQ), dtype, head dim of
+    one of our kernels' mangled names."""
     if "ring_attn" not in name:
         return None
     hopper = re.search(
-        r"sm90\d+block_(fwd|dkdv|dq)_kernelINS1_\d+(?:Fwd|Dkdv|Dq)TraitsILb([01])ELi(\d+)EEE", name)
+        r"sm90\d+block_(fwd|dkdv|dq)_kernelINS1_\d+(?:Fwd|Dkdv|Dq)TraitsILb([01])ELi(\d+)E"
+        r"(?:Lb([01])E)?EE", name)
     if hopper:
-        kind, bf16, d = hopper.groups()
+        kind, bf16, d, fused_dq = hopper.groups()
+        kind += "q" if fused_dq == "1" else ""
         return f"{kind}-sm90a {'bf16' if bf16 == '1' else 'fp16'} d{d}"
     m = re.search(r"block_(fwd|bwd|dq)_kernelINS0_\d+(?:Fwd|Bwd|Dq)TraitsILb([01])ELi(\d+)EEE(Lb([01])E)?", name)
     if not m:
@@ -373,8 +377,8 @@ def table(rows):
 
 def _sort_key(label):
     kind, dt, d = label.split()
-    order = ["fwd", "fwd-sm90a", "fa2-fwd", "bwd", "bwd-det", "dkdv-sm90a", "dq-det", "dq-sm90a",
-             "fa2-bwd"]
+    order = ["fwd", "fwd-sm90a", "fa2-fwd", "bwd", "bwd-det", "dkdv-sm90a", "dkdvq-sm90a", "dq-det",
+             "dq-sm90a", "fa2-bwd"]
     return (int(d[1:]), dt, order.index(kind) if kind in order else 99)
 
 

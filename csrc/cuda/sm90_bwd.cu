@@ -1,6 +1,6 @@
-// The Hopper backward: the dK/dV kernel (sm90_bwd_kernel.cuh) and the dQ kernel
-// (sm90_dq_kernel.cuh), their __global__ entry points, tensor maps and launcher, instantiated for
-// bf16 and fp16 at head dims 64 and 128. Compiled for sm_90a only; block_attn_cuda.cu launches it
+// The Hopper backward: the dK/dV kernel (sm90_bwd_kernel.cuh), with dQ fused or not, and the dQ
+// kernel (sm90_dq_kernel.cuh), their __global__ entry points, tensor maps and launcher,
+// instantiated for bf16 and fp16 at head dims 64 and 128. Compiled for sm_90a only; block_attn_cuda.cu launches it
 // on devices of compute capability 9.0 when RING_ATTN_CUDA_KERNEL=sm90a.
 #include "cuda/sm90_bwd_kernel.cuh"
 #include "cuda/sm90_dq_kernel.cuh"
@@ -35,55 +35,77 @@ cudaError_t make_map(CUtensorMap* map, const void* base, const Strides& st, int 
                             static_cast<uint32_t>(box_rows));
 }
 
+// Whether dq_acc's rows suit bulk reductions: 16-byte aligned at every row and 64-column block.
+bool dq_rows_aligned(const BlockBwdParams& p) {
+  return reinterpret_cast<uintptr_t>(p.dq_acc) % 16 == 0 && p.dq_strides.batch % 4 == 0 &&
+         p.dq_strides.head % 4 == 0 && p.dq_strides.row % 4 == 0;
+}
+
+// The dK/dV kernel's maps: K, V in boxes of block_n rows, Q, dO in boxes of block_m rows.
+cudaError_t make_dkdv_maps(DkdvMaps* maps, const BlockBwdParams& p, bool bf16, int block_n,
+                           int block_m) {
+  const BlockShape& s = p.shape;
+  cudaError_t err =
+      make_map(&maps->k, p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, bf16, block_n);
+  if (err == cudaSuccess) {
+    err = make_map(&maps->v, p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, bf16, block_n);
+  }
+  if (err == cudaSuccess) {
+    err = make_map(&maps->q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, bf16, block_m);
+  }
+  if (err == cudaSuccess) {
+    err = make_map(&maps->dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, bf16,
+                   block_m);
+  }
+  return err;
+}
+
+// The dK/dV kernel (Traits: fused dQ or not), one CTA per (key tile, K/V head, batch).
+template <typename Traits>
+cudaError_t launch_dkdv(const BlockBwdParams& p, const DkdvMaps& maps, cudaStream_t stream) {
+  const cudaError_t err = cudaFuncSetAttribute(
+      block_dkdv_kernel<Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const BlockShape& s = p.shape;
+  const dim3 grid((s.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, s.nheads_kv, s.batch);
+  block_dkdv_kernel<Traits><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, maps);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
-// Grids: dK/dV one CTA per (key tile, K/V head, batch), dQ one per (query tile, head, batch); no
-// reductions, so the backward is deterministic in both modes.
+// Not deterministic (and dq_acc's rows aligned): the dK/dV kernel with dQ fused, added by bulk
+// reductions. Deterministic: the dK/dV kernel, then the dQ kernel, one CTA per (query tile, head,
+// batch); no reductions, every sum in a fixed order.
 template <bool kBF16, int kHeadDim>
 cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
-  using Traits = DkdvTraits<kBF16, kHeadDim>;
+  using Traits = DkdvTraits<kBF16, kHeadDim, false>;
+  using FusedTraits = DkdvTraits<kBF16, kHeadDim, true>;
   using DqKernelTraits = DqTraits<kBF16, kHeadDim>;
-  const BlockShape& s = p.shape;
   static_assert(Traits::kBlockN == DqKernelTraits::kBlockN, "one K and one V map for both kernels");
+  static_assert(Traits::kBlockN == FusedTraits::kBlockN && Traits::kBlockM == FusedTraits::kBlockM,
+                "one set of maps for both dK/dV kernels");
+  const BlockShape& s = p.shape;
   DkdvMaps maps;
+  cudaError_t err = make_dkdv_maps(&maps, p, kBF16, Traits::kBlockN, Traits::kBlockM);
+  if (err != cudaSuccess) return err;
+  if (!p.deterministic && dq_rows_aligned(p)) return launch_dkdv<FusedTraits>(p, maps, stream);
   DqMaps dq_maps;
-  cudaError_t err =
-      make_map(&maps.k, p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kBF16, Traits::kBlockN);
-  if (err == cudaSuccess) {
-    err = make_map(&maps.v, p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kBF16,
-                   Traits::kBlockN);
-  }
-  if (err == cudaSuccess) {
-    err = make_map(&maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
-                   Traits::kBlockM);
-  }
-  if (err == cudaSuccess) {
-    err = make_map(&maps.dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
-                   Traits::kBlockM);
-  }
-  if (err == cudaSuccess) {
-    err = make_map(&dq_maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
-                   DqKernelTraits::kBlockM);
-  }
+  err = make_map(&dq_maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
+                 DqKernelTraits::kBlockM);
   if (err == cudaSuccess) {
     err = make_map(&dq_maps.dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
                    DqKernelTraits::kBlockM);
   }
-  if (err != cudaSuccess) return err;
-  dq_maps.k = maps.k;
-  dq_maps.v = maps.v;
-  err = cudaFuncSetAttribute(block_dkdv_kernel<Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             Traits::kSmemBytes);
+  if (err == cudaSuccess) err = launch_dkdv<Traits>(p, maps, stream);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(block_dq_kernel<DqKernelTraits>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                DqKernelTraits::kSmemBytes);
   }
   if (err != cudaSuccess) return err;
-  const dim3 grid((s.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, s.nheads_kv, s.batch);
-  block_dkdv_kernel<Traits><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, maps);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  dq_maps.k = maps.k;
+  dq_maps.v = maps.v;
   const dim3 dq_grid((s.seqlen_q + DqKernelTraits::kBlockM - 1) / DqKernelTraits::kBlockM,
                      s.nheads, s.batch);
   block_dq_kernel<DqKernelTraits>

@@ -23,12 +23,26 @@
 //     fragment; dO, Q MN-major in shared memory); then one arrival per warp on the stage's empty
 //     mbarrier.
 //   epilogue  dk_acc += dK, dv_acc += dV for the keys below Sk: the CTA owns its rows, so the
-//             sums need no reduction and run in a fixed order (deterministic in both modes).
-// dQ is left to block_dq_body (sm90_dq_kernel.cuh). Q and dO go through kStages stages. Operands
-// are read as 2-D matrices (sm90_fwd_geometry.h), so the boxes of a sequence's last tiles also
-// hold the rows that follow it: keys past Sk only reach their own rows of dK and dV, never stored;
-// query rows past Sq are zeroed in the stage and get lse = inf, so that their s and dp are 0 and
-// p and ds exactly 0.
+//             sums need no reduction and run in a fixed order.
+// With kFusedDq (the non-deterministic mode) the consumers also add each stage's dQ to dq_acc:
+//   each warpgroup stores its dS^T (64 keys x 64 rows, 16 bits) into the stage's dS^T tile (128
+//     keys x 64 rows, 128-byte swizzled: a valid MN-major wgmma operand), fence.proxy.async, then
+//     a named barrier over the warpgroups that read it;
+//   dQ = dS K by wgmma (dS: A, MN-major from the dS^T tile; K: B, MN-major from sK), 64 rows x 64
+//     columns of dQ per warpgroup: at d = 128 warpgroup wg takes columns 64 wg .. 64 wg + 63 over
+//     all 128 keys, at d = 64 every column over its own 64 keys (the two partial sums both added);
+//   each warp stages its 16 rows of the fp32 result in shared memory (fence.proxy.async) and its
+//     lanes bulk reduce-add them to dq_acc, one row each (rows past Sq skipped), at the stage's
+//     row offset the producer writes with its entry; the warp waits for those reads
+//     (wait_group.read) before it stages the next stage's rows.
+//   The dS^T tiles alternate with the stages, so one barrier per stage also keeps a warpgroup from
+//   overwriting a tile the other still reads. Keys past Sk are zeroed in K and V once (their s
+//   and dp are 0, their K rows 0), so that they add nothing to dQ.
+// Without kFusedDq dQ is left to block_dq_body (sm90_dq_kernel.cuh). Q and dO go through kStages
+// stages. Operands are read as 2-D matrices (sm90_fwd_geometry.h), so the boxes of a sequence's
+// last tiles also hold the rows that follow it: keys past Sk only reach their own rows of dK and
+// dV, never stored; query rows past Sq are zeroed in the stage and get lse = inf, so that their s
+// and dp are 0 and p and ds exactly 0.
 #pragma once
 
 #include <cstdint>
@@ -49,10 +63,12 @@ namespace sm90 {
 
 // Shapes and the shared-memory layout (offsets from a 1024-byte aligned base; 16-bit tiles are
 // stored as 64-column blocks of rows x 128 bytes, 128-byte swizzled, as the TMA boxes land).
-template <bool kBF16_, int kHeadDim_>
+// kFusedDq: the kernel also adds dQ to dq_acc by bulk reductions.
+template <bool kBF16_, int kHeadDim_, bool kFusedDq_>
 struct DkdvTraits {
   static constexpr bool kBF16 = kBF16_;
   static constexpr int kHeadDim = kHeadDim_;  // exactly the operands' head dim
+  static constexpr bool kFusedDq = kFusedDq_;
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
   static constexpr int kBlockN = 64 * kConsumerWarpgroups;           // keys
@@ -67,18 +83,31 @@ struct DkdvTraits {
   static constexpr int kOffV = kOffK + kKvBytes;
   static constexpr int kOffQ = kOffV + kKvBytes;
   static constexpr int kOffDo = kOffQ + kStages * kQBytes;
-  static constexpr int kOffLse = kOffDo + kStages * kQBytes;  // stage s at + s * kBlockM floats
+  // Fused dQ: a dS^T tile per stage (kBlockN keys x kBlockM rows, 16 bits) and each warpgroup's
+  // fp32 dQ staging (kBlockM rows x 64 columns, rows kDqRowFloats apart: 16-byte aligned rows
+  // whose 8 rows of a fragment store fall in distinct banks).
+  static constexpr int kDsBytes = kFusedDq ? kBlockN * kBlockM * 2 : 0;
+  static constexpr int kDqRowFloats = 64 + 4;
+  static constexpr int kDqStageBytes = kFusedDq ? kBlockM * kDqRowFloats * 4 : 0;  // per warpgroup
+  static constexpr int kOffDs = kOffDo + kStages * kQBytes;  // stage s at + s * kDsBytes
+  static constexpr int kOffDqStage = kOffDs + kStages * kDsBytes;
+  // lse and delta: stage s at + s * kBlockM floats
+  static constexpr int kOffLse = kOffDqStage + kConsumerWarpgroups * kDqStageBytes;
   static constexpr int kOffDelta = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffRows = kOffDelta + kStages * kBlockM * 4;
   static constexpr int kOffEntry = kOffRows + kStages * kBlockM * 8;
+  // Fused dQ: per stage, the offset of its first row in dq_acc (int64).
+  static constexpr int kOffDqRow = kOffEntry + 8 * kStages;
   // full[kStages], empty[kStages], kv, tail
-  static constexpr int kOffBars = kOffEntry + 8 * kStages;
+  static constexpr int kOffBars = kOffDqRow + (kFusedDq ? 8 * kStages : 0);
   static constexpr int kBarBytes = 8 * (2 * kStages + 2);
   // The dynamic shared memory to ask for: the layout plus the alignment of its base.
   static constexpr int kSmemBytes = kOffBars + kBarBytes + kSwizzleAtomBytes;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "Hopper backward head dims");
   static_assert(kQBytes % kSwizzleAtomBytes == 0 && kKvBytes % kSwizzleAtomBytes == 0, "alignment");
   static_assert(kOffBars % 8 == 0, "mbarrier alignment");
+  static_assert(kOffDs % kSwizzleAtomBytes == 0 && kDsBytes % kSwizzleAtomBytes == 0, "alignment");
+  static_assert(kBlockM * 2 == 128, "a dS^T tile row is one 128-byte swizzle row");
 };
 
 // The tensor maps of K, V (boxes of 64 columns x kBlockN rows), Q and dO (64 x kBlockM), all
@@ -106,6 +135,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
   constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
   constexpr int kStages = Traits::kStages;
   constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
+  constexpr int kKvZeroedBarrier = 3;  // named barrier: K and V rows past Sk zeroed
 
   const int tid = thread_idx();
   const int k0 = block_idx_x() * kBN, hk = block_idx_y(), b = block_idx_z();
@@ -124,6 +154,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
   float* sDelta = reinterpret_cast<float*>(smem + Traits::kOffDelta);
   PositionRange32* sRows = reinterpret_cast<PositionRange32*>(smem + Traits::kOffRows);
   volatile uint32_t* sEntry = reinterpret_cast<volatile uint32_t*>(smem + Traits::kOffEntry);
+  volatile int64_t* sDqRow = reinterpret_cast<volatile int64_t*>(smem + Traits::kOffDqRow);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Traits::kOffBars);
   uint64_t* empty = full + kStages;
   uint64_t* kv_bar = empty + kStages;
@@ -196,6 +227,10 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
           const OperandOrigin qo = operand_origin(p.q_strides, b, h);
           const OperandOrigin oo = operand_origin(p.dout_strides, b, h);
           sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
+          if constexpr (Traits::kFusedDq) {
+            sDqRow[stage] = b * p.dq_strides.batch + h * p.dq_strides.head +
+                            static_cast<int64_t>(m0) * p.dq_strides.row;
+          }
           mbar_arrive_expect_tx(bar, 2 * Traits::kQBytes);
           for (int j = 0; j < Traits::kColBlocks; ++j) {
             sm90::tma_load_2d(tQ + j * kBM * 128, &maps.q, bar, qo.col + 64 * j, qo.row + m0);
@@ -244,6 +279,17 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
   }
 
   mbar_wait(kv_bar, 0);
+  if constexpr (Traits::kFusedDq) {
+    // K and V rows past Sk hold what follows the sequence in memory (any bits): zeroed, so that
+    // those keys' s, dp and K rows are 0 and they add nothing to dQ.
+    if (k0 + kBN > Sk) {
+      if (tid < 32) zero_tile_rows<kBN, Traits::kColBlocks>(sK, Sk - k0, lane);
+      if (tid >= 32 && tid < 64) zero_tile_rows<kBN, Traits::kColBlocks>(sV, Sk - k0, lane);
+      fence_proxy_async();
+      named_sync(kKvZeroedBarrier, kConsumerThreads);
+    }
+  }
+  char* sDs = smem + Traits::kOffDs;  // fused dQ: the dS^T tile of stage s at + s * kDsBytes
   for (int it = 0;; ++it) {
     const int stage = it % kStages;
     mbar_wait(full + stage, (it / kStages) & 1);
@@ -277,12 +323,20 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
       s[i] = fast_exp2(fmaf(s[i], exp2_mul, -lse2[col]));
     }
     if (e & 1u) {
+      // Bit i of `seen`: whether element i's row sees its key; each row's bounds read once.
       const PositionRange32* rows = sRows + stage * kBM;
+      uint32_t seen = 0;
       RA_UNROLL
-      for (int i = 0; i < kBM / 2; ++i) {
-        const int col = 8 * (i / 4) + 2 * t4 + i % 2;
-        s[i] = is_visible(rows[col], kpos[(i / 2) % 2]) ? s[i] : 0.f;
+      for (int c = 0; c < kBM / 4; ++c) {
+        const PositionRange32 bounds = rows[8 * (c / 2) + 2 * t4 + c % 2];
+        RA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int i = 4 * (c / 2) + 2 * r + c % 2;
+          seen |= static_cast<uint32_t>(is_visible(bounds, kpos[r])) << i;
+        }
       }
+      RA_UNROLL
+      for (int i = 0; i < kBM / 2; ++i) s[i] = (seen >> i) & 1u ? s[i] : 0.f;
     }
     RA_UNROLL
     for (int i = 0; i < kBM / 2; ++i) {
@@ -302,6 +356,22 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
         dsa[kc][j] = pack2<kBF16>(dp[i], dp[i + 1]);
       }
     }
+    if constexpr (Traits::kFusedDq) {
+      // dS^T into the stage's tile (key k, row m at swizzle(128 k + 2 m)) by stmatrix: dsa[kc][j]
+      // is 8 x 8 matrix j of keys 16 w + 8 (j % 2) .., rows 16 kc + 8 (j / 2) ..; lane l gives
+      // key 16 w + 8 ((l / 8) % 2) + l % 8, whose 16-byte chunk 2 kc + l / 16 lands at
+      // (2 kc + l / 16) ^ (l % 8): offset ds_row ^ 32 kc from sDs (the stage's tile offset, a
+      // multiple of 1024, leaves the swizzle bits alone; taken into the XOR, it keeps the offsets
+      // from being held across the loop).
+      const int ds_key = key0 - g + 8 * ((lane / 8) % 2) + lane % 8;
+      const uint32_t ds_row =
+          stage * Traits::kDsBytes + ds_key * 128 + 16 * ((lane / 16) ^ (lane % 8));
+      RA_UNROLL
+      for (int kc = 0; kc < kBM / 16; ++kc) {
+        stmatrix_x4(dsa[kc], reinterpret_cast<uint16_t*>(sDs + (ds_row ^ (32 * kc))));
+      }
+      fence_proxy_async();
+    }
     // dV += P^T dO, dK += dS^T Q: dO and Q (rows x head dim) are MN-major B operands, 64-column
     // blocks LBO apart.
     wgmma_fence();
@@ -312,8 +382,65 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
     }
     wgmma_commit();
     wgmma_wait<0>();
-    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+    if constexpr (!Traits::kFusedDq) {
+      if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+    } else {
+      const int64_t dq_row0 = sDqRow[stage];
+      sync_warp();  // every lane has read the stage's row offset before the release
+      if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+      // This warpgroup's dQ columns, first k16 step over the keys, and the warpgroups that read
+      // its dS^T tile (named barrier 1 for both at d = 128, 1 + wg for its own keys at d = 64).
+      constexpr bool kDqSplitKeys = kD == 64;
+      constexpr int kDqSteps = kDqSplitKeys ? 4 : kBN / 16;
+      constexpr int kDsReaders = kDqSplitKeys ? 128 : kConsumerThreads;
+      const int wg_uniform = warpgroup_idx();  // wg, kept in uniform registers with what derives
+      const int dq_col0 = kDqSplitKeys ? 0 : 64 * wg_uniform;
+      const int dq_kc0 = kDqSplitKeys ? 4 * wg_uniform : 0;
+      // The operands' descriptors at this warpgroup's first k16 step; the next steps lie 16 rows
+      // (of 128 bytes) further in both (desc_advance: one add each).
+      const uint64_t ds_desc =
+          smem_desc(sDs + stage * Traits::kDsBytes + dq_kc0 * 16 * 128, kBN * 128, 1024);
+      const uint64_t k_desc =
+          smem_desc(sK + (dq_col0 / 64) * kBN * 128 + dq_kc0 * 16 * 128, kBN * 128, 1024);
+      // dQ (rows x this warpgroup's 64 columns) = dS K over its k16 steps of keys: dS (rows x
+      // keys) the MN-major A operand (the dS^T tile), K (keys x head dim) the MN-major B operand.
+      // Issued once P^T and dS^T have left the registers (dK, dV and dQ stay within the budget).
+      named_sync(kDqSplitKeys ? 1 + wg_uniform : 1, kDsReaders);  // every reader's dS^T rows
+      float dq[32];
+      wgmma_fence();
+      RA_UNROLL
+      for (int kc = 0; kc < kDqSteps; ++kc) {
+        wgmma_ss<kBF16, 64, true, true>(dq, desc_advance(ds_desc, kc * 16 * 128),
+                                        desc_advance(k_desc, kc * 16 * 128), kc > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+
+      // This warp's rows 16 w .. 16 w + 15 of the stage: staged (once the previous stage's rows
+      // are read), then lane i < 16 adds row 16 w + i to dq_acc.
+      float* sDq = reinterpret_cast<float*>(smem + Traits::kOffDqStage) +
+                   (64 * wg_uniform + 16 * ((tid % 128) / 32)) * Traits::kDqRowFloats;
+      bulk_wait_group_read<0>();
+      sync_warp();
+      RA_UNROLL
+      for (int i = 0; i < 32; i += 2) {
+        const int row = g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t4;
+        float2 v;
+        v.x = dq[i];
+        v.y = dq[i + 1];
+        *reinterpret_cast<float2*>(sDq + row * Traits::kDqRowFloats + col) = v;
+      }
+      fence_proxy_async();
+      sync_warp();
+      const int row = 16 * ((tid % 128) / 32) + lane;  // of the stage's kBM
+      if (lane < 16 && static_cast<int>(e >> 1) * kBM + row < Sq) {
+        float* gdq = static_cast<float*>(p.dq_acc) + dq_row0 + row * p.dq_strides.row + dq_col0;
+        bulk_reduce_add_f32(gdq, sDq + lane * Traits::kDqRowFloats, 64 * 4);
+        bulk_commit_group();
+      }
+    }
   }
+  if constexpr (Traits::kFusedDq) bulk_wait_group_read<0>();  // the staging outlives its reads
 
   // Epilogue: dk_acc += dK (already scaled), dv_acc += dV, keys below Sk.
   float* gdK = static_cast<float*>(p.dk_acc) + b * p.dk_strides.batch + hk * p.dk_strides.head;

@@ -1,6 +1,7 @@
 // sm_90a building blocks of the Hopper block kernels: wgmma.mma_async (m64nNk16, bf16/fp16 with
 // fp32 accumulators, both operands from shared memory or A from registers), TMA 2D tensor loads
-// completing on mbarriers, mbarriers, fence.proxy.async, named barriers and setmaxnreg.
+// completing on mbarriers, bulk reduce-adds from shared to global memory, mbarriers,
+// fence.proxy.async, named barriers and setmaxnreg.
 //
 // Compiled two ways, as primitives.cuh:
 //  * by nvcc for sm_90a (inline PTX where __CUDA_ARCH_FEAT_SM90_ALL: sm_90a with its `a` features);
@@ -151,6 +152,49 @@ RA_DEV void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, 
       "%4}], [%2];\n" ::"r"(smem_address(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_address(bar)), "r"(c0), "r"(c1)
       : "memory");
+#else
+  __trap();
+#endif
+}
+
+// ---- bulk reductions ----------------------------------------------------------------------------
+// dst[0 : bytes / 4] += src[0 : bytes / 4] (fp32), element-wise atomic in global memory, read from
+// shared memory by the async proxy: src written by generic stores must be published by
+// fence.proxy.async first, and must stay unchanged until a bulk_wait_group_read has retired the
+// group (bulk_commit_group) holding the reduction. dst and src 16-byte aligned, bytes a multiple
+// of 16.
+RA_DEV void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
+#if defined(RA_CUDA_EMULATE)
+  emu::bulk_reduce_add_f32(dst, src, bytes);
+#elif defined(RA_SM90A)
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+      "r"(smem_address(src)), "r"(bytes)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+// Closes this thread's group of the bulk reductions issued since its last commit.
+RA_DEV void bulk_commit_group() {
+#if defined(RA_CUDA_EMULATE)
+  emu::bulk_commit_group();
+#elif defined(RA_SM90A)
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// Waits until at most N of this thread's committed bulk groups still read their shared-memory
+// sources; the sources of the others may then be overwritten.
+template <int N>
+RA_DEV void bulk_wait_group_read() {
+#if defined(RA_CUDA_EMULATE)
+  emu::bulk_wait_group_read(N);
+#elif defined(RA_SM90A)
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
 #else
   __trap();
 #endif

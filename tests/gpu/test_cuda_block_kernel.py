@@ -48,7 +48,7 @@ def test_block_sm90a_bwd_accumulates_over_key_blocks(mask, dtype, monkeypatch):
 @pytest.mark.parametrize("mask", ["none", "partial", "packed"])
 @pytest.mark.parametrize("heads,heads_kv", [(4, 4), (4, 1)])
 def test_block_sm90a_bwd_deterministic(heads, heads_kv, mask, dtype, monkeypatch):
-    """The Hopper backward has no reductions: deterministic=True takes the same kernels."""
+    """The Hopper backward with deterministic=True: the dK/dV and dQ kernels, no reductions."""
     monkeypatch.setenv("RING_ATTN_CUDA_KERNEL", "sm90a")
     gc.check_deterministic_bwd("cuda", dtype, mask, heads, heads_kv)
 

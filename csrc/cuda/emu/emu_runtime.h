@@ -32,6 +32,10 @@
 #include <vector>
 
 // CUDA's vector types that the kernels use.
+struct alignas(8) float2 {
+  float x, y;
+};
+
 struct alignas(16) float4 {
   float x, y, z, w;
 };
@@ -121,6 +125,13 @@ struct PendingCopy {
   bool valid;
 };
 
+// One cp.reduce.async.bulk (fp32 add) of a thread, run when its group is waited for.
+struct BulkReduce {
+  float* dst;
+  uint32_t src;  // shared-memory offset
+  uint32_t bytes;
+};
+
 struct Thread {
   Cta* cta = nullptr;
   int tid = 0;
@@ -134,6 +145,9 @@ struct Thread {
   std::vector<WgmmaOp> wgmma_open;
   std::deque<std::vector<WgmmaOp>> wgmma_committed;
   std::map<float*, std::vector<float>> wgmma_acc;
+  // Bulk reductions: the uncommitted and the committed groups whose sources are still to be read.
+  std::vector<BulkReduce> bulk_open;
+  std::deque<std::vector<BulkReduce>> bulk_committed;
 };
 
 inline thread_local Thread* tls = nullptr;
@@ -360,6 +374,9 @@ void launch(int gx, int gy, int gz, int nthreads, size_t smem_bytes, Body&& body
             if (!t.open.empty() || !t.committed.empty()) fail("thread exited with cp.async in flight");
             if (!t.wgmma_open.empty() || !t.wgmma_committed.empty()) {
               fail("thread exited with wgmma.mma_async not waited for");
+            }
+            if (!t.bulk_open.empty() || !t.bulk_committed.empty()) {
+              fail("thread exited with bulk reductions not waited for");
             }
             tls = nullptr;
           });

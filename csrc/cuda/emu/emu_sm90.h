@@ -14,6 +14,11 @@
 //     transaction bytes when a thread waits on that mbarrier. An mbarrier's phase completes when
 //     its arrivals and transaction bytes are both in; a TMA load on a barrier whose init no
 //     fence.proxy.async followed is an error.
+//   cp.reduce.async.bulk (fp32 add, shared to global): recorded at issue, where its source must
+//     hold no generic store that a fence.proxy.async has not published; it reads its source from
+//     the async view and adds it (atomically, counted in atomic_adds) at the
+//     cp.async.bulk.wait_group.read that retires its group, where the source must still be
+//     unchanged. A thread must wait for all of its bulk groups before it exits.
 //   Named barriers (bar.sync / bar.arrive, ids 1..15) with a thread count that all users agree on.
 // Waits that do not complete within wait_timeout_s seconds abort (a missing arrive, an
 // expect_tx that does not match the bytes loaded), as does a CTA that exits with a TMA load or a
@@ -189,6 +194,51 @@ inline void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, 
   };
   std::lock_guard<std::mutex> lock(cta->sm90_mutex);
   mbarrier_locked(bar).loads.push_back({copy, bytes});
+}
+
+// ---- bulk reductions ----------------------------------------------------------------------------
+// Whether the generic and the async views of shared memory agree on [a, a + bytes). Callers hold
+// cta.sm90_mutex.
+inline bool views_agree_locked(uint32_t a, uint32_t bytes) {
+  const Cta& cta = *tls->cta;
+  return std::memcmp(cta.smem + a, cta.async_view.data() + a, bytes) == 0;
+}
+
+inline void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
+  if (bytes == 0 || bytes % 16 != 0) fail("bulk reduction size not a positive multiple of 16");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("bulk reduction destination misaligned");
+  const uint32_t a =
+      smem_address(src, bytes, 16, "bulk reduction source out of shared memory or misaligned");
+  std::lock_guard<std::mutex> lock(tls->cta->sm90_mutex);
+  if (!views_agree_locked(a, bytes)) {
+    fail("bulk reduction source holds generic stores no fence.proxy.async published");
+  }
+  tls->bulk_open.push_back({dst, a, bytes});
+  atomic_adds.fetch_add(1, std::memory_order_relaxed);
+}
+
+inline void bulk_commit_group() {
+  tls->bulk_committed.push_back(std::move(tls->bulk_open));
+  tls->bulk_open.clear();
+}
+
+inline void bulk_wait_group_read(int n) {
+  Thread& t = *tls;
+  Cta& cta = *t.cta;
+  while (t.bulk_committed.size() > static_cast<size_t>(n)) {
+    for (const BulkReduce& r : t.bulk_committed.front()) {
+      std::vector<float> v(r.bytes / 4);
+      {
+        std::lock_guard<std::mutex> lock(cta.sm90_mutex);
+        if (!views_agree_locked(r.src, r.bytes)) {
+          fail("bulk reduction source overwritten before the wait_group.read that retires it");
+        }
+        std::memcpy(v.data(), cta.async_view.data() + r.src, r.bytes);
+      }
+      for (size_t i = 0; i < v.size(); ++i) std::atomic_ref<float>(r.dst[i]).fetch_add(v[i]);
+    }
+    t.bulk_committed.pop_front();
+  }
 }
 
 // ---- named barriers -----------------------------------------------------------------------------

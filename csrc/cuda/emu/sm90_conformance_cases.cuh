@@ -19,7 +19,10 @@
 //   pipeline  the forward's warp specialisation: a producer warpgroup (setmaxnreg.dec) issues the
 //     TMA load and arrives at a named barrier, two consumer warpgroups (setmaxnreg.inc) sync on it
 //     and wait on the mbarrier; the box's bytes.
-// The Hopper kernels issue no bulk reductions, so there is no case for them.
+//   bulk_reduce  cp.reduce.async.bulk .add.f32 from shared to global memory: kBulkCtas CTAs of
+//     two warps, each warp staging kBulkRows rows of kBulkRowFloats floats (generic stores,
+//     fence.proxy.async), lane r adding its row to row r of dst, twice, the staging reused after
+//     wait_group.read; dst's final bytes. Values k * 2^e: every sum exact in any order.
 #pragma once
 
 #include <cmath>
@@ -37,7 +40,7 @@ namespace cuda {
 namespace sm90 {
 namespace conformance {
 
-enum class Kind { kWgmmaSS, kWgmmaRS, kTma, kPipeline };
+enum class Kind { kWgmmaSS, kWgmmaRS, kTma, kPipeline, kBulkReduce };
 
 struct Case {
   const char* name;
@@ -61,6 +64,7 @@ inline constexpr Case kCases[] = {
     {"wgmma_rs fp16 n256", Kind::kWgmmaRS, false, 256},
     {"tma_oob swizzle128", Kind::kTma, true, 0},
     {"pipeline setmaxnreg named_barrier", Kind::kPipeline, true, 0},
+    {"bulk_reduce add.f32", Kind::kBulkReduce, false, 0},
 };
 
 // ---- wgmma -------------------------------------------------------------------------------------
@@ -283,6 +287,57 @@ RA_DEV void pipeline_case(const TensorMap* map, uint32_t* out, char* smem) {
   if (tid == 0) out[kBoxBytes / 4] = done ? 1u : 0u;
 }
 
+// ---- bulk reductions ---------------------------------------------------------------------------
+constexpr int kBulkCtas = 3, kBulkThreads = 64, kBulkRounds = 2, kBulkRows = 8, kBulkRowFloats = 12;
+constexpr int kBulkSmemBytes = (kBulkThreads / 32) * kBulkRows * kBulkRowFloats * 4;
+constexpr int kBulkDstFloats = kBulkRows * kBulkRowFloats;
+constexpr int kBulkSrcFloats = kBulkCtas * (kBulkThreads / 32) * kBulkRounds * kBulkDstFloats;
+
+// dst's initial values (k * 2^e), then the rows each CTA, warp and round adds:
+// src[((cta * warps + warp) * kBulkRounds + round) * kBulkDstFloats + row * kBulkRowFloats + i].
+inline std::vector<float> bulk_initial() {
+  std::vector<float> v(kBulkDstFloats);
+  for (int i = 0; i < kBulkDstFloats; ++i) v[i] = operand_value(2, i);
+  return v;
+}
+inline std::vector<float> bulk_sources() {
+  std::vector<float> v(kBulkSrcFloats);
+  for (int i = 0; i < kBulkSrcFloats; ++i) v[i] = operand_value(3, i);
+  return v;
+}
+
+// kBulkThreads threads of CTA block_idx_x(); smem: kBulkSmemBytes, 16-byte aligned.
+RA_DEV void bulk_reduce_case(const float* src, float* dst, char* smem) {
+  const int warp = thread_idx() / 32, lane = thread_idx() % 32;
+  float* staging = reinterpret_cast<float*>(smem) + warp * kBulkDstFloats;
+  for (int round = 0; round < kBulkRounds; ++round) {
+    const float* rows =
+        src + ((block_idx_x() * (kBulkThreads / 32) + warp) * kBulkRounds + round) * kBulkDstFloats;
+    sm90::bulk_wait_group_read<0>();  // the previous round's rows are read
+    sync_warp();
+    if (lane < kBulkRows) {
+      for (int i = 0; i < kBulkRowFloats; ++i)
+        staging[lane * kBulkRowFloats + i] = rows[lane * kBulkRowFloats + i];
+    }
+    sm90::fence_proxy_async();
+    sync_warp();
+    if (lane < kBulkRows) {
+      sm90::bulk_reduce_add_f32(dst + lane * kBulkRowFloats, staging + lane * kBulkRowFloats,
+                                kBulkRowFloats * 4);
+      sm90::bulk_commit_group();
+    }
+  }
+  sm90::bulk_wait_group_read<0>();
+}
+
+// The host reference: dst's initial values plus every row added to it.
+inline std::vector<float> bulk_reference() {
+  std::vector<float> dst = bulk_initial();
+  const std::vector<float> src = bulk_sources();
+  for (int i = 0; i < kBulkSrcFloats; ++i) dst[i % kBulkDstFloats] += src[i];
+  return dst;
+}
+
 // The host reference of box b: the swizzled box's shared-memory bytes, zero outside the tensor.
 inline std::vector<uint16_t> tma_box_reference(int b) {
   const std::vector<uint16_t> t = tma_tensor();
@@ -308,6 +363,10 @@ inline std::vector<uint8_t> as_bytes(const void* p, size_t bytes) {
 inline std::vector<uint8_t> reference_bytes(const Case& c) {
   if (c.kind == Kind::kWgmmaSS || c.kind == Kind::kWgmmaRS) {
     const std::vector<float> d = wgmma_reference(c.n);
+    return as_bytes(d.data(), d.size() * 4);
+  }
+  if (c.kind == Kind::kBulkReduce) {
+    const std::vector<float> d = bulk_reference();
     return as_bytes(d.data(), d.size() * 4);
   }
   std::vector<uint16_t> box = tma_box_reference(0);
@@ -379,8 +438,8 @@ inline std::vector<std::vector<uint8_t>> read_results(const char* path) {
   return results;
 }
 
-// The bytes of case c, from Runner::template wgmma<kBF16, N, kRegA>() and Runner::tma(pipeline),
-// which run the bodies above under the emulator or on the device.
+// The bytes of case c, from Runner::template wgmma<kBF16, N, kRegA>(), Runner::tma(pipeline) and
+// Runner::bulk_reduce(), which run the bodies above under the emulator or on the device.
 template <class Runner, bool kRegA>
 std::vector<uint8_t> run_wgmma_case(bool bf16, int n) {
   if (bf16) {
@@ -404,6 +463,8 @@ std::vector<uint8_t> run_case(const Case& c) {
       return Runner::tma(false);
     case Kind::kPipeline:
       return Runner::tma(true);
+    case Kind::kBulkReduce:
+      return Runner::bulk_reduce();
   }
   return {};
 }

@@ -1,6 +1,7 @@
 // The emulator half of the sm_90a conformance check (sm90_conformance_cases.cuh): runs every case
 // under the emulator, checks its bytes against the plain host reference (wgmma: float(A B^T) in
-// fragment order; TMA: the row-major box, zero outside the tensor, 128-byte swizzled) and, with
+// fragment order; TMA: the row-major box, zero outside the tensor, 128-byte swizzled; bulk
+// reductions: the rows' sums) and, with
 // --write FILE, writes them for sm90_conformance_gpu to compare the device's bytes with.
 //
 //   sm90_conformance_emu [--write FILE]
@@ -43,11 +44,20 @@ std::vector<uint8_t> run_tma(bool pipeline) {
   return as_bytes(out.data(), out.size() * 4);
 }
 
+std::vector<uint8_t> run_bulk_reduce() {
+  const std::vector<float> src = bulk_sources();
+  std::vector<float> dst = bulk_initial();
+  emu::launch(kBulkCtas, 1, 1, kBulkThreads, kBulkSmemBytes,
+              [&](char* smem) { bulk_reduce_case(src.data(), dst.data(), smem); });
+  return as_bytes(dst.data(), dst.size() * 4);
+}
+
 // This program's runner of the shared cases.
 struct Emulator {
   template <bool kBF16, int N, bool kRegA>
   static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kRegA>(); }
   static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
+  static std::vector<uint8_t> bulk_reduce() { return run_bulk_reduce(); }
 };
 
 }  // namespace

@@ -9,9 +9,10 @@
 // head-dim bucket and, at d = 64, 128 and 256, each dtype with causal, sliding-window and packed
 // (pad rows) masks. The Hopper kernels (sm90_fwd_kernel.cuh, sm90_bwd_kernel.cuh: TMA, mbarriers,
 // wgmma, emulated by emu_sm90.h) run the "sm90a" cases: the forward at d = 64, 128 and 256, then
-// the backward as block_attn_cuda.cu runs it (at d = 64 and 128 the Hopper dK/dV and dQ kernels,
-// sm90_dq_kernel.cuh, one path for both modes, which must use no reduction; at d = 256 the mma.sync
-// kernels); checked to cover each dtype with causal, sliding-window and packed masks.
+// the backward as block_attn_cuda.cu runs it in both modes (at d = 64 and 128 the Hopper dK/dV
+// kernel with dQ fused and added by bulk reductions, and in the deterministic mode the dK/dV and
+// dQ kernels, sm90_dq_kernel.cuh, with no reduction; at d = 256 the mma.sync kernels); checked to
+// cover each dtype with causal, sliding-window and packed masks.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
 // ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
 // Exit status 0 when every case passes. Usage: test_cuda_emu [case-name-substring ...] (the cases
@@ -263,22 +264,32 @@ void run_fwd_sm90(const FwdArgs& a) {
   });
 }
 
-// The Hopper backward as block_attn_cuda.cu launches it, in both modes: the dK/dV kernel
-// (sm90_bwd_kernel.cuh), then the dQ kernel (sm90_dq_kernel.cuh). Head dims 64 and 128.
+// The Hopper backward as block_attn_cuda.cu launches it (sm90_bwd.cu run_bwd): the dK/dV kernel
+// (sm90_bwd_kernel.cuh) with dQ fused, or in the deterministic mode the dK/dV kernel, then the dQ
+// kernel (sm90_dq_kernel.cuh). Head dims 64 and 128.
 void run_bwd_sm90(const BlockBwdParams& p) {
   const BlockShape& s = p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
   DTYPE_SWITCH(p.dtype, kBF16, [&] {
     auto launch = [&]<int kD>() {
-      using Traits = sm90::DkdvTraits<kBF16, kD>;
-      const sm90::DkdvMaps maps{
-          sm90_map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
-          sm90_map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
-          sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM),
-          sm90_map(p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM)};
-      emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), s.nheads_kv, s.batch, Traits::kNThreads,
-                  Traits::kSmemBytes,
-                  [&](char* smem) { sm90::block_dkdv_body<Traits>(p, maps, smem); });
+      auto dkdv = [&]<bool kFusedDq>() {
+        using Traits = sm90::DkdvTraits<kBF16, kD, kFusedDq>;
+        const sm90::DkdvMaps maps{
+            sm90_map(p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
+            sm90_map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
+            sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM),
+            sm90_map(p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kD,
+                     Traits::kBlockM)};
+        emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), s.nheads_kv, s.batch, Traits::kNThreads,
+                    Traits::kSmemBytes,
+                    [&](char* smem) { sm90::block_dkdv_body<Traits>(p, maps, smem); });
+        return maps;
+      };
+      if (!p.deterministic) {
+        dkdv.template operator()<true>();
+        return;
+      }
+      const sm90::DkdvMaps maps = dkdv.template operator()<false>();
       using DqKernelTraits = sm90::DqTraits<kBF16, kD>;
       const sm90::DqMaps dq_maps{
           sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, DqKernelTraits::kBlockM),
@@ -468,13 +479,10 @@ bool run_case(const Case& c) {
   p.dv_strides = p.dk_strides;
   // Both backward modes; the deterministic one must not use a single reduction, and run again
   // from the same accumulators it must give the same bits. The Hopper backward (d = 64 and 128;
-  // at d = 256 the dispatch runs mma.sync) has one path for both modes (block_attn_cuda.cu): run
-  // once, in the mode where the mma.sync kernels reduce, it must use no reduction either (every
-  // sum in a fixed order).
+  // at d = 256 the dispatch runs mma.sync) adds dQ by bulk reductions in the other mode.
   const bool hopper_bwd = c.sm90a && D != 256;
   double e_dq = 0, e_dk = 0, e_dv = 0;
   for (bool deterministic : {false, true}) {
-    if (hopper_bwd && deterministic) break;
     dq = dq0, dk = dk0, dv = dv0;
     p.dq_acc = dq.data();
     p.dk_acc = dk.data();
@@ -483,9 +491,15 @@ bool run_case(const Case& c) {
     const int64_t atomics_before = emu::atomic_adds.load();
     const auto bwd = hopper_bwd ? run_bwd_sm90 : run_bwd;
     bwd(p);
-    if ((deterministic || hopper_bwd) && emu::atomic_adds.load() != atomics_before) {
-      std::printf("%s backward used %lld atomics\n", hopper_bwd ? "Hopper" : "deterministic",
+    if (deterministic && emu::atomic_adds.load() != atomics_before) {
+      std::printf("%s deterministic backward used %lld atomics\n", hopper_bwd ? "Hopper" : "the",
                   static_cast<long long>(emu::atomic_adds.load() - atomics_before));
+      ok = false;
+    }
+    const bool dq_nonzero =
+        std::any_of(ref.dq.begin(), ref.dq.end(), [](double v) { return v != 0.0; });
+    if (hopper_bwd && !deterministic && dq_nonzero && emu::atomic_adds.load() == atomics_before) {
+      std::printf("Hopper backward: dQ added without a bulk reduction\n");
       ok = false;
     }
     if (deterministic) {

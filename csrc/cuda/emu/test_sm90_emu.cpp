@@ -5,11 +5,15 @@
 //   TMA 2D loads (odd tensor sizes, boxes reaching past every edge, 128-byte swizzle or none)
 //     against the tensor read element by element, with out-of-bounds elements zero;
 //   a two-stage TMA pipeline with full/empty mbarriers and named barriers;
+//   bulk reduce-adds (fp32, shared to global) from several CTAs and warps into the same rows,
+//     the staging reused after wait_group.read, against the sums in float64;
 //   and that what the PTX ISA forbids is caught: results read before wgmma.wait_group or before
-//   the mbarrier wait, shared memory written without fence.proxy.async before wgmma, a wgmma
-//   without wgmma.fence, a wgmma or TMA load never waited for, an expect_tx that does not match,
-//   a TMA load on an mbarrier whose init was not fenced, named barriers with different counts
-//   (the last ones abort the emulator: run in a child process).
+//   the mbarrier wait, shared memory written without fence.proxy.async before wgmma or a bulk
+//   reduction, a bulk reduction's source overwritten before wait_group.read, a wgmma without
+//   wgmma.fence, a wgmma, TMA load or bulk reduction never waited for, an expect_tx that does
+//   not match, a TMA load on an mbarrier whose init was not fenced, a misaligned bulk reduction,
+//   named barriers with different counts (the last ones abort the emulator: run in a child
+//   process).
 // Shared-memory operand placement is written here from the TMA box layout (64-column blocks,
 // chunk c of row r at chunk c ^ (r % 8)), independently of the descriptor decoding under test.
 // Exit status 0 when every check passes.
@@ -470,6 +474,113 @@ void test_hazards() {
         "named barrier count mismatch not caught");
 }
 
+// ---- bulk reductions ---------------------------------------------------------------------------
+// kCtas CTAs of two warps add, in kRounds rounds, a row of kRowFloats floats from lanes 0..3 of
+// each warp to row `lane` of dst: each round the warp stages its rows in shared memory (generic
+// stores), fences, and each lane issues and commits its reduction; the staging is reused in the
+// next round after wait_group.read. The options break that sequence.
+constexpr int kCtas = 3, kRounds = 3, kRowFloats = 20, kRows = 4;
+
+struct BulkSequence {
+  bool wait_before_reuse = true;
+  bool fence = true;
+  bool final_wait = true;
+  int dst_offset = 0;  // floats added to the destination address
+};
+
+float bulk_value(int cta, int warp, int lane, int round, int i) {
+  return static_cast<float>((cta * 7 + warp * 3 + round) % 11) - 5.f + 0.25f * lane + 0.5f * i;
+}
+
+std::vector<float> bulk_sums(const BulkSequence& o, const std::vector<float>& init) {
+  std::vector<float> dst(init);
+  emu::launch(kCtas, 1, 1, 64, 2 * kRows * kRowFloats * 4, [&](char* smem) {
+    const int warp = thread_idx() / 32, lane = thread_idx() % 32, cta = block_idx_x();
+    float* staging = reinterpret_cast<float*>(smem) + warp * kRows * kRowFloats;
+    for (int round = 0; round < kRounds; ++round) {
+      if (o.wait_before_reuse) bulk_wait_group_read<0>();
+      sync_warp();
+      if (lane < kRows) {
+        for (int i = 0; i < kRowFloats; ++i)
+          staging[lane * kRowFloats + i] = bulk_value(cta, warp, lane, round, i);
+      }
+      if (o.fence) fence_proxy_async();
+      sync_warp();
+      if (lane < kRows) {
+        bulk_reduce_add_f32(dst.data() + lane * kRowFloats + o.dst_offset,
+                            staging + lane * kRowFloats, kRowFloats * 4);
+        bulk_commit_group();
+      }
+    }
+    if (o.final_wait) bulk_wait_group_read<0>();
+  });
+  return dst;
+}
+
+void test_bulk_reductions() {
+  std::vector<float> init(kRows * kRowFloats);
+  for (size_t i = 0; i < init.size(); ++i) init[i] = 0.125f * static_cast<float>(i);
+  std::vector<double> want(init.begin(), init.end());
+  for (int cta = 0; cta < kCtas; ++cta) {
+    for (int warp = 0; warp < 2; ++warp) {
+      for (int lane = 0; lane < kRows; ++lane) {
+        for (int round = 0; round < kRounds; ++round) {
+          for (int i = 0; i < kRowFloats; ++i)
+            want[lane * kRowFloats + i] += bulk_value(cta, warp, lane, round, i);
+        }
+      }
+    }
+  }
+  auto wrong = [&](const std::vector<float>& got) {
+    int n = 0;
+    for (size_t i = 0; i < got.size(); ++i) n += !(std::fabs(got[i] - want[i]) <= 1e-4);
+    return n;
+  };
+  const int64_t adds_before = emu::atomic_adds.load();
+  const std::vector<float> got = bulk_sums({}, init);
+  check(wrong(got) == 0, "bulk reductions: " + std::to_string(wrong(got)) + " sums wrong");
+  check(emu::atomic_adds.load() - adds_before == kCtas * 2 * kRows * kRounds,
+        "bulk reductions not counted one per instruction");
+
+  // The staging reused (and fenced) before wait_group.read: the earlier rounds' reductions read
+  // the later rounds' rows.
+  BulkSequence no_wait;
+  no_wait.wait_before_reuse = false;
+  const std::vector<float> early_reuse = bulk_sums(no_wait, init);
+  check(wrong(early_reuse) == kRows * kRowFloats,
+        "bulk reduction source reused before wait_group.read gave the right sums");
+
+  BulkSequence no_fence;
+  no_fence.fence = false;
+  check(aborts_with("no fence.proxy.async published", [&] { bulk_sums(no_fence, init); }),
+        "bulk reduction of unfenced generic stores not caught");
+  BulkSequence never_waited;
+  never_waited.final_wait = false;
+  check(aborts_with("bulk reductions not waited for", [&] { bulk_sums(never_waited, init); }),
+        "bulk reductions never waited for not caught");
+  BulkSequence misaligned;
+  misaligned.dst_offset = 1;
+  check(aborts_with("destination misaligned", [&] { bulk_sums(misaligned, init); }),
+        "misaligned bulk reduction not caught");
+
+  // Overwritten without a fence before wait_group.read: the source changed under the reduction.
+  check(aborts_with("overwritten before the wait_group.read",
+                    [&] {
+                      std::vector<float> dst(4, 0.f);
+                      emu::launch(1, 1, 1, 32, 64, [&](char* smem) {
+                        float* src = reinterpret_cast<float*>(smem);
+                        if (thread_idx() != 0) return;
+                        for (int i = 0; i < 4; ++i) src[i] = 1.f;
+                        fence_proxy_async();
+                        bulk_reduce_add_f32(dst.data(), src, 16);
+                        bulk_commit_group();
+                        src[0] = 2.f;
+                        bulk_wait_group_read<0>();
+                      });
+                    }),
+        "bulk reduction source overwritten before wait_group.read not caught");
+}
+
 }  // namespace
 
 int main() {
@@ -478,6 +589,7 @@ int main() {
   test_tma_boxes(false);
   test_tma_pipeline();
   test_hazards();
+  test_bulk_reductions();
   if (g_failures == 0) std::printf("test_sm90_emu: all checks passed\n");
   return g_failures == 0 ? 0 : 1;
 }
