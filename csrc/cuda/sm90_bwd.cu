@@ -1,7 +1,8 @@
 // The Hopper backward: the dK/dV kernel (sm90_bwd_kernel.cuh), with dQ fused or not, and the dQ
 // kernel (sm90_dq_kernel.cuh), their __global__ entry points, tensor maps and launcher,
-// instantiated for bf16 and fp16 at head dims 64 and 128. Compiled for sm_90a only; block_attn_cuda.cu launches it
-// on devices of compute capability 9.0 when RING_ATTN_CUDA_KERNEL=sm90a.
+// instantiated for bf16 and fp16 at head dims 64 and 128. Compiled for sm_90a only;
+// block_attn_cuda.cu launches it on devices of compute capability 9.0 when
+// RING_ATTN_CUDA_KERNEL=sm90a.
 #include "cuda/sm90_bwd_kernel.cuh"
 #include "cuda/sm90_dq_kernel.cuh"
 #include "cuda/sm90_tensor_map.h"
@@ -26,14 +27,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
 namespace {
 
-// The operand's matrix (sm90_fwd_geometry.h) in boxes of 64 columns x `box_rows` rows.
-cudaError_t make_map(CUtensorMap* map, const void* base, const Strides& st, int batch, int seqlen,
-                     int heads, bool bf16, int box_rows) {
-  const OperandMatrix m = operand_matrix(st, batch, seqlen, heads);
-  return make_tensor_map_2d(map, base, bf16, static_cast<uint64_t>(m.cols),
-                            static_cast<uint64_t>(m.rows), static_cast<uint64_t>(m.cols) * 2, 64,
-                            static_cast<uint32_t>(box_rows));
-}
 
 // Whether dq_acc's rows suit bulk reductions: 16-byte aligned at every row and 64-column block.
 bool dq_rows_aligned(const BlockBwdParams& p) {
@@ -45,17 +38,19 @@ bool dq_rows_aligned(const BlockBwdParams& p) {
 cudaError_t make_dkdv_maps(DkdvMaps* maps, const BlockBwdParams& p, bool bf16, int block_n,
                            int block_m) {
   const BlockShape& s = p.shape;
-  cudaError_t err =
-      make_map(&maps->k, p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, bf16, block_n);
+  cudaError_t err = make_operand_map(&maps->k, p.k, p.k_strides, s.batch, s.seqlen_k,
+                                     s.nheads_kv, bf16, block_n);
   if (err == cudaSuccess) {
-    err = make_map(&maps->v, p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, bf16, block_n);
+    err = make_operand_map(&maps->v, p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, bf16,
+                           block_n);
   }
   if (err == cudaSuccess) {
-    err = make_map(&maps->q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, bf16, block_m);
+    err = make_operand_map(&maps->q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, bf16,
+                           block_m);
   }
   if (err == cudaSuccess) {
-    err = make_map(&maps->dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, bf16,
-                   block_m);
+    err = make_operand_map(&maps->dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads,
+                           bf16, block_m);
   }
   return err;
 }
@@ -91,11 +86,11 @@ cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (!p.deterministic && dq_rows_aligned(p)) return launch_dkdv<FusedTraits>(p, maps, stream);
   DqMaps dq_maps;
-  err = make_map(&dq_maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
-                 DqKernelTraits::kBlockM);
+  err = make_operand_map(&dq_maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
+                         DqKernelTraits::kBlockM);
   if (err == cudaSuccess) {
-    err = make_map(&dq_maps.dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
-                   DqKernelTraits::kBlockM);
+    err = make_operand_map(&dq_maps.dout, p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads,
+                           kBF16, DqKernelTraits::kBlockM);
   }
   if (err == cudaSuccess) err = launch_dkdv<Traits>(p, maps, stream);
   if (err == cudaSuccess) {

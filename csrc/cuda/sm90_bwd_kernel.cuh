@@ -249,12 +249,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
         ++it;
       }
     }
-    const int stage = it % kStages;
-    if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
-    if (lane == 0) {
-      sEntry[stage] = kEndEntry;
-      mbar_arrive(full + stage);
-    }
+    end_stream<kStages>(sEntry, full, empty, it, lane);
     return;
   }
 

@@ -180,12 +180,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
       }
       ++it;
     }
-    const int stage = it % kStages;
-    if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
-    if (lane == 0) {
-      sEntry[stage] = kEndEntry;
-      mbar_arrive(full + stage);
-    }
+    end_stream<kStages>(sEntry, full, empty, it, lane);
     return;
   }
 

@@ -16,34 +16,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   block_fwd_body<Traits>(args, maps, smem);
 }
 
-namespace {
-
-// The operand's matrix (sm90_fwd_geometry.h) in boxes of 64 columns x `box_rows` rows.
-cudaError_t make_map(CUtensorMap* map, const void* base, const Strides& st, int batch, int seqlen,
-                     int heads, bool bf16, int box_rows) {
-  const OperandMatrix m = operand_matrix(st, batch, seqlen, heads);
-  return make_tensor_map_2d(map, base, bf16, static_cast<uint64_t>(m.cols),
-                            static_cast<uint64_t>(m.rows), static_cast<uint64_t>(m.cols) * 2, 64,
-                            static_cast<uint32_t>(box_rows));
-}
-
-}  // namespace
-
 template <bool kBF16, int kHeadDim>
 cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream) {
   using Traits = FwdTraits<kBF16, kHeadDim>;
   const BlockFwdParams& p = args.p;
   const BlockShape& s = p.shape;
   FwdMaps maps;
-  cudaError_t err =
-      make_map(&maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16, Traits::kBlockM);
+  cudaError_t err = make_operand_map(&maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads,
+                                     kBF16, Traits::kBlockM);
   if (err == cudaSuccess) {
-    err = make_map(&maps.k, p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kBF16,
-                   Traits::kBlockN);
+    err = make_operand_map(&maps.k, p.k, p.k_strides, s.batch, s.seqlen_k, s.nheads_kv, kBF16,
+                           Traits::kBlockN);
   }
   if (err == cudaSuccess) {
-    err = make_map(&maps.v, p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kBF16,
-                   Traits::kBlockN);
+    err = make_operand_map(&maps.v, p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kBF16,
+                           Traits::kBlockN);
   }
   if (err != cudaSuccess) return err;
   err = cudaFuncSetAttribute(block_fwd_kernel<Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,

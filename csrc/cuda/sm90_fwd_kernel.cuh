@@ -102,6 +102,19 @@ struct FwdMaps {
 
 constexpr uint32_t kEndEntry = 0xffffffffu;  // no more tiles
 
+// The producer's last step, after `issued` stages: once the next stage is free (empty mbarrier),
+// lane 0 writes the end entry there and arrives on its full mbarrier.
+template <int kStages>
+RA_DEV void end_stream(volatile uint32_t* entry, uint64_t* full, uint64_t* empty, int issued,
+                       int lane) {
+  const int stage = issued % kStages;
+  if (issued >= kStages) mbar_wait(empty + stage, (issued / kStages - 1) & 1);
+  if (lane == 0) {
+    entry[stage] = kEndEntry;
+    mbar_arrive(full + stage);
+  }
+}
+
 RA_DEV float neg_inf_f32() { return -std::numeric_limits<float>::infinity(); }
 
 template <typename Traits>
@@ -188,12 +201,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       }
       ++it;
     }
-    const int stage = it % kStages;
-    if (it >= kStages) mbar_wait(empty + stage, (it / kStages - 1) & 1);
-    if (lane == 0) {
-      sEntry[stage] = kEndEntry;
-      mbar_arrive(full + stage);
-    }
+    end_stream<kStages>(sEntry, full, empty, it, lane);
     return;
   }
 

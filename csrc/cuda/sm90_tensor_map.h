@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "cuda/sm90_fwd_geometry.h"
+
 namespace ring_attn {
 namespace cuda {
 namespace sm90 {
@@ -51,6 +53,16 @@ inline cudaError_t make_tensor_map_2d(CUtensorMap* map, const void* base, bool b
       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// A (batch, seq, heads, headdim) operand's matrix (sm90_fwd_geometry.h) in boxes of 64 columns x
+// `box_rows` rows, as the Hopper kernels read it.
+inline cudaError_t make_operand_map(CUtensorMap* map, const void* base, const Strides& st,
+                                    int batch, int seqlen, int heads, bool bf16, int box_rows) {
+  const OperandMatrix m = operand_matrix(st, batch, seqlen, heads);
+  return make_tensor_map_2d(map, base, bf16, static_cast<uint64_t>(m.cols),
+                            static_cast<uint64_t>(m.rows), static_cast<uint64_t>(m.cols) * 2, 64,
+                            static_cast<uint32_t>(box_rows));
 }
 
 }  // namespace sm90
