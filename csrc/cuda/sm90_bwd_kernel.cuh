@@ -116,19 +116,6 @@ struct DkdvMaps {
   TensorMap k, v, q, dout;
 };
 
-// Zeroes rows `first` .. kRows - 1 of a 16-bit tile of kColBlocks 64-column blocks (kRows x 128
-// bytes each, swizzled: whole rows, so the swizzle does not matter), one warp's generic stores.
-template <int kRows, int kColBlocks>
-RA_DEV void zero_tile_rows(char* tile, int first, int lane) {
-  constexpr int kChunks = kColBlocks * 8;  // 16-byte chunks of a row
-  for (int i = lane; i < (kRows - first) * kChunks; i += 32) {
-    const int row = first + i / kChunks, block = (i / 8) % kColBlocks;
-    float4 zero;
-    zero.x = zero.y = zero.z = zero.w = 0.f;
-    *reinterpret_cast<float4*>(tile + block * kRows * 128 + row * 128 + (i % 8) * 16) = zero;
-  }
-}
-
 template <typename Traits>
 RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char* smem_unaligned) {
   constexpr bool kBF16 = Traits::kBF16;

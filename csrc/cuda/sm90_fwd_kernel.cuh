@@ -117,6 +117,20 @@ RA_DEV void end_stream(volatile uint32_t* entry, uint64_t* full, uint64_t* empty
 
 RA_DEV float neg_inf_f32() { return -std::numeric_limits<float>::infinity(); }
 
+// Zeroes rows `first` .. kRows - 1 of a 16-bit tile of kColBlocks 64-column blocks (kRows x 128
+// bytes each, swizzled: whole rows, so the swizzle does not matter): generic stores by kThreads
+// threads (`thread` = 0 .. kThreads - 1), one warp unless said otherwise.
+template <int kRows, int kColBlocks, int kThreads = 32>
+RA_DEV void zero_tile_rows(char* tile, int first, int thread) {
+  constexpr int kChunks = kColBlocks * 8;  // 16-byte chunks of a row
+  for (int i = thread; i < (kRows - first) * kChunks; i += kThreads) {
+    const int row = first + i / kChunks, block = (i / 8) % kColBlocks;
+    float4 zero;
+    zero.x = zero.y = zero.z = zero.w = 0.f;
+    *reinterpret_cast<float4*>(tile + block * kRows * 128 + row * 128 + (i % 8) * 16) = zero;
+  }
+}
+
 template <typename Traits>
 RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_unaligned) {
   constexpr bool kBF16 = Traits::kBF16;
@@ -361,14 +375,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       // zeroed, so that their p = 0 adds exactly nothing. Generic stores by the first consumer
       // warpgroup, published to wgmma by fence.proxy.async before either warpgroup reads V.
       if (wg == 0) {
-        char* v = sV + stage * Traits::kKvBytes;
-        constexpr int kChunks = Traits::kColBlocks * 8;  // 16-byte chunks of a key's row
-        for (int i = tid; i < (kBN - (Sk - k0)) * kChunks; i += 128) {
-          const int row = Sk - k0 + i / kChunks, block = (i / 8) % Traits::kColBlocks;
-          float4 zero;
-          zero.x = zero.y = zero.z = zero.w = 0.f;
-          *reinterpret_cast<float4*>(v + block * kBN * 128 + row * 128 + (i % 8) * 16) = zero;
-        }
+        zero_tile_rows<kBN, Traits::kColBlocks, 128>(sV + stage * Traits::kKvBytes, Sk - k0, tid);
         fence_proxy_async();
       }
       named_sync(1, kConsumerThreads);
