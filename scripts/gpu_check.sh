@@ -12,8 +12,10 @@
 #   conformance the emulator against the card, first on any GPU (compute capability 9.x; skipped
 #              elsewhere): sm90_conformance_emu writes the emulated results of each sm_90a primitive
 #              the kernels use (wgmma m64nNk16 at N = 64/128/256, bf16 and fp16, shared and register
-#              A; a 128-byte-swizzled TMA load of boxes past the tensor's edges; the forward's
-#              setmaxnreg / named-barrier / mbarrier pipeline) to OUTDIR/sm90_conformance_emu.bin and
+#              A, and both operands MN-major as the fused dQ reads them; the fused dQ's stmatrix
+#              store into a swizzled tile; a 128-byte-swizzled TMA load of boxes past the tensor's
+#              edges; the forward's setmaxnreg / named-barrier / mbarrier pipeline; the fused dQ's
+#              bulk reduce-add) to OUTDIR/sm90_conformance_emu.bin and
 #              sm90_conformance_gpu runs the same cases on the GPU and compares the bytes (one line
 #              per case: OK, or MISMATCH and the first differing word); cap 120 s
 #   ctest      C++ tests: the emulated kernels (test_cuda_emu) and the CUDA microbenchmark's check

@@ -12,6 +12,13 @@
 //     K-major from shared memory (the forward's S = Q K^T), rs: A from registers and B MN-major
 //     (the forward's O += P V). Inputs are k * 2^e (|k| <= 15, |e| <= 2), so every sum is exact
 //     in float whatever the order of the additions: the bytes must match exactly.
+//   wgmma_ss_mn  bf16 and fp16, N = 64, 128: the same D from both operands MN-major in shared
+//     memory, laid out as the fused dQ's dQ = dS K reads dS (from the dS^T tile) and K: 128-byte-
+//     swizzled tiles whose rows are the K dimension, 64-column blocks LBO apart, the second k16
+//     step's descriptors reached by desc_advance.
+//   stmatrix_x4  the fused dQ's store of dS^T: a warpgroup's register-A fragments of 64 keys x 64
+//     rows, one stmatrix.x4 per warp and k16 step of rows at the kernel's XOR-ed addresses, into
+//     a 128-byte-swizzled tile (key k, row m at swizzle(128 k + 2 m)); the tile's bytes.
 //   tma_oob  two 128-byte-swizzled TMA boxes of 16 rows x 64 bf16 columns of a 37 x 100 tensor
 //     (row pitch 112): one straddling the tensor's end (columns 64.., rows 30..), one its start
 //     (columns -24.., rows -5..): out-of-bounds elements read as zero; then the mbarrier's phase
@@ -40,7 +47,7 @@ namespace cuda {
 namespace sm90 {
 namespace conformance {
 
-enum class Kind { kWgmmaSS, kWgmmaRS, kTma, kPipeline, kBulkReduce };
+enum class Kind { kWgmmaSS, kWgmmaRS, kWgmmaSSMN, kStmatrix, kTma, kPipeline, kBulkReduce };
 
 struct Case {
   const char* name;
@@ -62,6 +69,11 @@ inline constexpr Case kCases[] = {
     {"wgmma_rs fp16 n64", Kind::kWgmmaRS, false, 64},
     {"wgmma_rs fp16 n128", Kind::kWgmmaRS, false, 128},
     {"wgmma_rs fp16 n256", Kind::kWgmmaRS, false, 256},
+    {"wgmma_ss_mn bf16 n64", Kind::kWgmmaSSMN, true, 64},
+    {"wgmma_ss_mn bf16 n128", Kind::kWgmmaSSMN, true, 128},
+    {"wgmma_ss_mn fp16 n64", Kind::kWgmmaSSMN, false, 64},
+    {"wgmma_ss_mn fp16 n128", Kind::kWgmmaSSMN, false, 128},
+    {"stmatrix_x4 swizzle128", Kind::kStmatrix, false, 0},
     {"tma_oob swizzle128", Kind::kTma, true, 0},
     {"pipeline setmaxnreg named_barrier", Kind::kPipeline, true, 0},
     {"bulk_reduce add.f32", Kind::kBulkReduce, false, 0},
@@ -122,16 +134,23 @@ RA_DEV uint32_t mn_major_offset(int mn, int k) {
                                           (mn % 64) * 2));
 }
 
-// One warpgroup: out[tid * N / 2 + i] = accumulator register i of thread tid.
+// One warpgroup: out[tid * N / 2 + i] = accumulator register i of thread tid. kForm: kWgmmaSS,
+// kWgmmaRS or kWgmmaSSMN (the operands' sources and layouts, as the cases above).
 // a: 64 x kK, b: N x kK (row-major 16-bit patterns); smem: wgmma_smem_bytes(N), 1024-aligned.
-template <bool kBF16, int N, bool kRegA>
+template <bool kBF16, int N, Kind kForm>
 RA_DEV void wgmma_case(const uint16_t* a, const uint16_t* b, float* out, char* smem) {
+  constexpr bool kMnMajorA = kForm == Kind::kWgmmaSSMN, kMnMajorB = kForm != Kind::kWgmmaSS;
   const int tid = thread_idx();
   uint16_t* sa = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sb = reinterpret_cast<uint16_t*>(smem + kBOffset);
-  for (int i = tid; i < 64 * kK; i += kWgmmaThreads) sa[k_major_offset(i / kK, i % kK) / 2] = a[i];
+  for (int i = tid; i < 64 * kK; i += kWgmmaThreads) {
+    const uint32_t off =
+        kMnMajorA ? mn_major_offset(i / kK, i % kK) : k_major_offset(i / kK, i % kK);
+    sa[off / 2] = a[i];
+  }
   for (int i = tid; i < N * kK; i += kWgmmaThreads) {
-    const uint32_t off = kRegA ? mn_major_offset(i / kK, i % kK) : k_major_offset(i / kK, i % kK);
+    const uint32_t off =
+        kMnMajorB ? mn_major_offset(i / kK, i % kK) : k_major_offset(i / kK, i % kK);
     sb[off / 2] = b[i];
   }
   sm90::fence_proxy_async();
@@ -150,16 +169,23 @@ RA_DEV void wgmma_case(const uint16_t* a, const uint16_t* b, float* out, char* s
                  static_cast<uint32_t>(a[row * kK + k + 1]) << 16;
     }
   }
+  // The MN-major descriptors of the first k16 step (64-column blocks kK rows apart); the second
+  // step lies 16 rows (of 128 bytes) further in both.
+  const uint64_t desc_a_mn = sm90::smem_desc(smem, kK * 128, 1024);
+  const uint64_t desc_b_mn = sm90::smem_desc(smem + kBOffset, kK * 128, 1024);
   sm90::wgmma_fence();
   RA_UNROLL
   for (int s = 0; s < 2; ++s) {
-    if constexpr (kRegA) {
+    if constexpr (kForm == Kind::kWgmmaRS) {
       const uint64_t desc_b = sm90::smem_desc(smem + kBOffset + s * 16 * 128, kK * 128, 1024);
       sm90::wgmma_rs<kBF16, N, true>(d, ra[s], desc_b, s > 0);
-    } else {
+    } else if constexpr (kForm == Kind::kWgmmaSS) {
       const uint64_t desc_a = sm90::smem_desc(smem + s * 32, 16, 1024);
       const uint64_t desc_b = sm90::smem_desc(smem + kBOffset + s * 32, 16, 1024);
       sm90::wgmma_ss<kBF16, N, false, false>(d, desc_a, desc_b, s > 0);
+    } else {
+      sm90::wgmma_ss<kBF16, N, true, true>(d, desc_advance(desc_a_mn, s * 16 * 128),
+                                           desc_advance(desc_b_mn, s * 16 * 128), s > 0);
     }
   }
   sm90::wgmma_commit();
@@ -287,6 +313,60 @@ RA_DEV void pipeline_case(const TensorMap* map, uint32_t* out, char* smem) {
   if (tid == 0) out[kBoxBytes / 4] = done ? 1u : 0u;
 }
 
+// ---- stmatrix -----------------------------------------------------------------------------------
+// The fused dQ's dS^T tile of one warpgroup: kDsKeys keys x kDsRows query rows of 16 bits.
+constexpr int kDsKeys = 64, kDsRows = 64, kDsTileBytes = kDsKeys * kDsRows * 2;
+constexpr int kStmatrixThreads = 128;
+constexpr uint16_t kUnwritten = 0xeeee;  // the tile's fill before the stores
+
+// The 16-bit pattern of element (key, row) of dS^T: distinct, never kUnwritten.
+RA_HOST_DEVICE constexpr uint16_t ds_pattern(int key, int row) {
+  return static_cast<uint16_t>(key * kDsRows + row + 1);
+}
+
+// One warpgroup (warpgroup 0 of the fused dQ, stage 0): out[0 .. kDsTileBytes / 4) = the tile's
+// bytes after the stores. smem: kDsTileBytes, 1024-aligned.
+RA_DEV void stmatrix_case(uint32_t* out, char* smem) {
+  const int tid = thread_idx(), w = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  uint16_t* tile = reinterpret_cast<uint16_t*>(smem);
+  for (int i = tid; i < kDsTileBytes / 2; i += kStmatrixThreads) tile[i] = kUnwritten;
+  sync_threads();
+  // dsa[kc][j]: the register-A fragment of k16 step kc over the rows, key 16 w + g + 8 (j % 2),
+  // rows 16 kc + 8 (j / 2) + 2 t4 + {0, 1} (the lower row in the low half).
+  uint32_t dsa[kDsRows / 16][4];
+  RA_UNROLL
+  for (int kc = 0; kc < kDsRows / 16; ++kc) {
+    RA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const int key = 16 * w + g + 8 * (j % 2), row = 16 * kc + 8 * (j / 2) + 2 * t4;
+      dsa[kc][j] = static_cast<uint32_t>(ds_pattern(key, row)) |
+                   static_cast<uint32_t>(ds_pattern(key, row + 1)) << 16;
+    }
+  }
+  // The fused dQ's addresses (sm90_bwd_kernel.cuh): lane l gives the row of key
+  // 16 w + 8 ((l / 8) % 2) + l % 8 whose chunk 2 kc + l / 16 it stores.
+  const int ds_key = 16 * w + 8 * ((lane / 8) % 2) + lane % 8;
+  const uint32_t ds_row = ds_key * 128 + 16 * ((lane / 16) ^ (lane % 8));
+  RA_UNROLL
+  for (int kc = 0; kc < kDsRows / 16; ++kc) {
+    stmatrix_x4(dsa[kc], reinterpret_cast<uint16_t*>(smem + (ds_row ^ (32 * kc))));
+  }
+  sync_threads();
+  copy_out(smem, out, kDsTileBytes, tid, kStmatrixThreads);
+}
+
+// The host reference of stmatrix_case: element (key, row) of dS^T, whichever fragment register
+// holds it, at swizzle128(128 key + 2 row).
+inline std::vector<uint16_t> stmatrix_reference() {
+  std::vector<uint16_t> tile(kDsTileBytes / 2, kUnwritten);
+  for (int key = 0; key < kDsKeys; ++key) {
+    for (int row = 0; row < kDsRows; ++row) {
+      tile[swizzle128(static_cast<uint32_t>(128 * key + 2 * row)) / 2] = ds_pattern(key, row);
+    }
+  }
+  return tile;
+}
+
 // ---- bulk reductions ---------------------------------------------------------------------------
 constexpr int kBulkCtas = 3, kBulkThreads = 64, kBulkRounds = 2, kBulkRows = 8, kBulkRowFloats = 12;
 constexpr int kBulkSmemBytes = (kBulkThreads / 32) * kBulkRows * kBulkRowFloats * 4;
@@ -361,9 +441,13 @@ inline std::vector<uint8_t> as_bytes(const void* p, size_t bytes) {
 
 // The reference bytes of case c.
 inline std::vector<uint8_t> reference_bytes(const Case& c) {
-  if (c.kind == Kind::kWgmmaSS || c.kind == Kind::kWgmmaRS) {
+  if (c.kind == Kind::kWgmmaSS || c.kind == Kind::kWgmmaRS || c.kind == Kind::kWgmmaSSMN) {
     const std::vector<float> d = wgmma_reference(c.n);
     return as_bytes(d.data(), d.size() * 4);
+  }
+  if (c.kind == Kind::kStmatrix) {
+    const std::vector<uint16_t> tile = stmatrix_reference();
+    return as_bytes(tile.data(), kDsTileBytes);
   }
   if (c.kind == Kind::kBulkReduce) {
     const std::vector<float> d = bulk_reference();
@@ -438,27 +522,32 @@ inline std::vector<std::vector<uint8_t>> read_results(const char* path) {
   return results;
 }
 
-// The bytes of case c, from Runner::template wgmma<kBF16, N, kRegA>(), Runner::tma(pipeline) and
-// Runner::bulk_reduce(), which run the bodies above under the emulator or on the device.
-template <class Runner, bool kRegA>
+// The bytes of case c, from Runner::template wgmma<kBF16, N, kForm>(), Runner::stmatrix(),
+// Runner::tma(pipeline) and Runner::bulk_reduce(), which run the bodies above under the emulator
+// or on the device.
+template <class Runner, Kind kForm>
 std::vector<uint8_t> run_wgmma_case(bool bf16, int n) {
   if (bf16) {
-    return n == 64    ? Runner::template wgmma<true, 64, kRegA>()
-           : n == 128 ? Runner::template wgmma<true, 128, kRegA>()
-                      : Runner::template wgmma<true, 256, kRegA>();
+    return n == 64    ? Runner::template wgmma<true, 64, kForm>()
+           : n == 128 ? Runner::template wgmma<true, 128, kForm>()
+                      : Runner::template wgmma<true, 256, kForm>();
   }
-  return n == 64    ? Runner::template wgmma<false, 64, kRegA>()
-         : n == 128 ? Runner::template wgmma<false, 128, kRegA>()
-                    : Runner::template wgmma<false, 256, kRegA>();
+  return n == 64    ? Runner::template wgmma<false, 64, kForm>()
+         : n == 128 ? Runner::template wgmma<false, 128, kForm>()
+                    : Runner::template wgmma<false, 256, kForm>();
 }
 
 template <class Runner>
 std::vector<uint8_t> run_case(const Case& c) {
   switch (c.kind) {
     case Kind::kWgmmaSS:
-      return run_wgmma_case<Runner, false>(c.bf16, c.n);
+      return run_wgmma_case<Runner, Kind::kWgmmaSS>(c.bf16, c.n);
     case Kind::kWgmmaRS:
-      return run_wgmma_case<Runner, true>(c.bf16, c.n);
+      return run_wgmma_case<Runner, Kind::kWgmmaRS>(c.bf16, c.n);
+    case Kind::kWgmmaSSMN:
+      return run_wgmma_case<Runner, Kind::kWgmmaSSMN>(c.bf16, c.n);
+    case Kind::kStmatrix:
+      return Runner::stmatrix();
     case Kind::kTma:
       return Runner::tma(false);
     case Kind::kPipeline:

@@ -1,8 +1,9 @@
 // The emulator half of the sm_90a conformance check (sm90_conformance_cases.cuh): runs every case
 // under the emulator, checks its bytes against the plain host reference (wgmma: float(A B^T) in
-// fragment order; TMA: the row-major box, zero outside the tensor, 128-byte swizzled; bulk
-// reductions: the rows' sums) and, with
-// --write FILE, writes them for sm90_conformance_gpu to compare the device's bytes with.
+// fragment order; stmatrix: each fragment element at its 128-byte-swizzled place in the tile;
+// TMA: the row-major box, zero outside the tensor, 128-byte swizzled; bulk reductions: the rows'
+// sums) and, with --write FILE, writes them for sm90_conformance_gpu to compare the device's
+// bytes with.
 //
 //   sm90_conformance_emu [--write FILE]
 //
@@ -18,13 +19,20 @@ using namespace ring_attn::cuda::sm90::conformance;
 
 namespace {
 
-template <bool kBF16, int N, bool kRegA>
+template <bool kBF16, int N, Kind kForm>
 std::vector<uint8_t> run_wgmma() {
   const std::vector<uint16_t> a = operand_bits(0, 64, kBF16), b = operand_bits(1, N, kBF16);
   std::vector<float> out(wgmma_out_floats(N));
   emu::launch(1, 1, 1, kWgmmaThreads, wgmma_smem_bytes(N), [&](char* smem) {
-    wgmma_case<kBF16, N, kRegA>(a.data(), b.data(), out.data(), smem);
+    wgmma_case<kBF16, N, kForm>(a.data(), b.data(), out.data(), smem);
   });
+  return as_bytes(out.data(), out.size() * 4);
+}
+
+std::vector<uint8_t> run_stmatrix() {
+  std::vector<uint32_t> out(kDsTileBytes / 4);
+  emu::launch(1, 1, 1, kStmatrixThreads, kDsTileBytes,
+              [&](char* smem) { stmatrix_case(out.data(), smem); });
   return as_bytes(out.data(), out.size() * 4);
 }
 
@@ -54,8 +62,9 @@ std::vector<uint8_t> run_bulk_reduce() {
 
 // This program's runner of the shared cases.
 struct Emulator {
-  template <bool kBF16, int N, bool kRegA>
-  static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kRegA>(); }
+  template <bool kBF16, int N, Kind kForm>
+  static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kForm>(); }
+  static std::vector<uint8_t> stmatrix() { return run_stmatrix(); }
   static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
   static std::vector<uint8_t> bulk_reduce() { return run_bulk_reduce(); }
 };

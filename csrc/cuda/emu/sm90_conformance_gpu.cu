@@ -20,11 +20,16 @@ namespace cuda {
 namespace sm90 {
 namespace conformance {
 
-template <bool kBF16, int N, bool kRegA>
+template <bool kBF16, int N, Kind kForm>
 __global__ void __launch_bounds__(kWgmmaThreads, 1)
     wgmma_kernel(const uint16_t* a, const uint16_t* b, float* out) {
   extern __shared__ __align__(1024) char smem[];
-  wgmma_case<kBF16, N, kRegA>(a, b, out, smem);
+  wgmma_case<kBF16, N, kForm>(a, b, out, smem);
+}
+
+__global__ void __launch_bounds__(kStmatrixThreads, 1) stmatrix_kernel(uint32_t* out) {
+  extern __shared__ __align__(1024) char smem[];
+  stmatrix_case(out, smem);
 }
 
 __global__ void __launch_bounds__(kTmaThreads, 1)
@@ -78,20 +83,26 @@ std::vector<uint8_t> run(size_t bytes, Launch&& launch) {
   return ok ? host : std::vector<uint8_t>{};
 }
 
-template <bool kBF16, int N, bool kRegA>
+template <bool kBF16, int N, Kind kForm>
 std::vector<uint8_t> run_wgmma() {
   uint16_t* a = to_device(operand_bits(0, 64, kBF16));
   uint16_t* b = to_device(operand_bits(1, N, kBF16));
   std::vector<uint8_t> r;
   if (a != nullptr && b != nullptr) {
     r = run(wgmma_out_floats(N) * 4, [&](void* out) {
-      wgmma_kernel<kBF16, N, kRegA><<<1, kWgmmaThreads, wgmma_smem_bytes(N)>>>(
+      wgmma_kernel<kBF16, N, kForm><<<1, kWgmmaThreads, wgmma_smem_bytes(N)>>>(
           a, b, static_cast<float*>(out));
     });
   }
   cudaFree(a);
   cudaFree(b);
   return r;
+}
+
+std::vector<uint8_t> run_stmatrix() {
+  return run(kDsTileBytes, [](void* out) {
+    stmatrix_kernel<<<1, kStmatrixThreads, kDsTileBytes>>>(static_cast<uint32_t*>(out));
+  });
 }
 
 // The TMA cases' tensor map: bf16, 128-byte swizzle, zero fill out of bounds (the forward's).
@@ -141,8 +152,9 @@ std::vector<uint8_t> run_bulk_reduce() {
 
 // This program's runner of the shared cases.
 struct Device {
-  template <bool kBF16, int N, bool kRegA>
-  static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kRegA>(); }
+  template <bool kBF16, int N, Kind kForm>
+  static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kForm>(); }
+  static std::vector<uint8_t> stmatrix() { return run_stmatrix(); }
   static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
   static std::vector<uint8_t> bulk_reduce() { return run_bulk_reduce(); }
 };
