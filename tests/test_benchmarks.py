@@ -179,3 +179,12 @@ def test_local_ring_cuda_without_a_gpu_exits_2():
         done = subprocess.run([sys.executable, os.path.join(ROOT, script), "--local-ring", "cuda"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "no CUDA GPU" in done.stderr, done.stderr[-2000:]
+
+
+def test_sanitize_case_runs_its_calls_on_the_cpu():
+    """scripts/cuda_sanitize_case.py (the compute-sanitizer workload of scripts/gpu_check.sh) with
+    `--device cpu`: every case's forward and backward, then the LocalRing, finite."""
+    out = _run("scripts/cuda_sanitize_case.py", "--device", "cpu")
+    lines = out.splitlines()
+    assert sum(line.startswith("ok cpu ") for line in lines) == 5, out
+    assert "d=256" in out and lines[-1] == "ok LocalRing world 2 zigzag fwd+bwd", out
