@@ -124,7 +124,7 @@ def test_hopper_forward_budget(ours, d, dt):
 def test_hopper_backward_budget(ours, kind, d, dt):
     b = ours[f"{kind} {dt} d{d}"]
     assert b["instr_per_hmma"] <= SM90A_BWD_MAX, b
-    if kind == "dkdvq-sm90a":  # dQ added by bulk reductions
+    if kind == "dkdvq-sm90a":  # dQ added by TMA reductions
         assert 0 < b["reductions_per_hmma"] <= RED_MAX, b
     else:
         assert b["reductions_per_hmma"] == 0, b

@@ -16,12 +16,12 @@ holding none of them, stays off it.
 
 Reported per kernel (hot cycle, per HMMA-equivalent = the work of one mma.sync.m16n8k16, 4096 FLOP
 per warp; an HGMMA.64xNx16 counts N/8): instructions, spill loads (LDL) and stores (STL), global
-loads (LDG), barriers, reductions and atomics (RED, ATOM, bulk reductions). "loop LDL/LDG" count the
-whole loop body, cold paths included.
+loads (LDG), barriers, reductions and atomics (RED, ATOM, bulk and TMA reductions). "loop LDL/LDG"
+count the whole loop body, cold paths included.
 
 Our kernels are labelled fwd / fwd-sm90a (the Hopper forward, wgmma) / bwd (atomic dQ) / bwd-det
 (deterministic dK, dV) / dkdv-sm90a (the Hopper dK, dV, wgmma) / dkdvq-sm90a (the Hopper dK, dV
-with dQ fused, added by bulk reductions) / dq-det (deterministic dQ) / dq-sm90a (the Hopper dQ,
+with dQ fused, added by TMA reductions) / dq-det (deterministic dQ) / dq-sm90a (the Hopper dQ,
 wgmma), dtype and head-dim bucket; FA2's fa2-fwd / fa2-bwd (non-causal, even shapes:
 the variants torch's SDPA runs for the benchmarked shapes on sm_90).
 """

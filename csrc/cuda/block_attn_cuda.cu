@@ -79,7 +79,7 @@ int block_bwd(const BlockBwdParams& p, void* stream) {
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return cudaSuccess;
   auto st = static_cast<cudaStream_t>(stream);
   // The Hopper backward (head dims 64 and 128; dO read by TMA too): dQ fused into the dK/dV kernel
-  // and added by bulk reductions, or in the deterministic mode the dK/dV and dQ kernels without
+  // and added by TMA reductions, or in the deterministic mode the dK/dV and dQ kernels without
   // reductions (sm90_bwd.cu).
   if (s.headdim != 256 && runs_sm90a(p) &&
       sm90::operand_fits(p.dout_strides, s.batch, s.seqlen_q, s.nheads, s.headdim)) {

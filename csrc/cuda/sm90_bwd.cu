@@ -27,13 +27,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
 namespace {
 
-
-// Whether dq_acc's rows suit bulk reductions: 16-byte aligned at every row and 64-column block.
-bool dq_rows_aligned(const BlockBwdParams& p) {
-  return reinterpret_cast<uintptr_t>(p.dq_acc) % 16 == 0 && p.dq_strides.batch % 4 == 0 &&
-         p.dq_strides.head % 4 == 0 && p.dq_strides.row % 4 == 0;
-}
-
 // The dK/dV kernel's maps: K, V in boxes of block_n rows, Q, dO in boxes of block_m rows.
 cudaError_t make_dkdv_maps(DkdvMaps* maps, const BlockBwdParams& p, bool bf16, int block_n,
                            int block_m) {
@@ -69,9 +62,10 @@ cudaError_t launch_dkdv(const BlockBwdParams& p, const DkdvMaps& maps, cudaStrea
 
 }  // namespace
 
-// Not deterministic (and dq_acc's rows aligned): the dK/dV kernel with dQ fused, added by bulk
-// reductions. Deterministic: the dK/dV kernel, then the dQ kernel, one CTA per (query tile, head,
-// batch); no reductions, every sum in a fixed order.
+// Not deterministic (and dq_acc expressible as its tensor map: 16-byte aligned base and strides):
+// the dK/dV kernel with dQ fused, added by TMA reductions through that map. Otherwise the dK/dV
+// kernel, then the dQ kernel, one CTA per (query tile, head, batch); no reductions, every sum in
+// a fixed order.
 template <bool kBF16, int kHeadDim>
 cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
   using Traits = DkdvTraits<kBF16, kHeadDim, false>;
@@ -81,10 +75,15 @@ cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
   static_assert(Traits::kBlockN == FusedTraits::kBlockN && Traits::kBlockM == FusedTraits::kBlockM,
                 "one set of maps for both dK/dV kernels");
   const BlockShape& s = p.shape;
-  DkdvMaps maps;
+  DkdvMaps maps{};
   cudaError_t err = make_dkdv_maps(&maps, p, kBF16, Traits::kBlockN, Traits::kBlockM);
   if (err != cudaSuccess) return err;
-  if (!p.deterministic && dq_rows_aligned(p)) return launch_dkdv<FusedTraits>(p, maps, stream);
+  if (!p.deterministic && accumulator_mappable(p.dq_acc, p.dq_strides) &&
+      make_accumulator_map(&maps.dq_acc, p.dq_acc, p.dq_strides, s.batch, s.seqlen_q, s.nheads,
+                           kHeadDim, FusedTraits::kDqBoxRows,
+                           FusedTraits::kDqBoxBlocks) == cudaSuccess) {
+    return launch_dkdv<FusedTraits>(p, maps, stream);
+  }
   DqMaps dq_maps;
   err = make_operand_map(&dq_maps.q, p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kBF16,
                          DqKernelTraits::kBlockM);

@@ -8,12 +8,12 @@
 //     from its rows' bounds and the keys' positions (core/mask.h classify_tile, as tile_table.cuh)
 //     and skips the invisible ones; for a live tile, for each query head of the group in turn, it
 //     waits for a free stage (empty mbarrier), writes the rows' lse (in exp2 units), scale delta
-//     and, for a partial tile, their bounds into the stage, then the entry (tile << 1 | partial),
-//     and TMA-loads Q and dO there (full mbarrier, expect_tx). The last query tile's loads
-//     complete on the tail mbarrier instead: the producer waits for them, zeroes the rows past Sq
-//     (generic stores, published to wgmma by fence.proxy.async) and then arrives on the full
-//     mbarrier. After the last tile it writes the end entry into the next stage and arrives on
-//     its full mbarrier.
+//     and, for a partial tile, their bounds into the stage, then the entry (tile << 1 | partial)
+//     and, with kFusedDq, the query head, and TMA-loads Q and dO there (full mbarrier,
+//     expect_tx). The last query tile's loads complete on the tail mbarrier instead: the producer
+//     waits for them, zeroes the rows past Sq (generic stores, published to wgmma by
+//     fence.proxy.async) and then arrives on the full mbarrier. After the last tile it writes the
+//     end entry into the next stage and arrives on its full mbarrier.
 //   two consumer warpgroups of 64 keys (registers raised by setmaxnreg), per stage:
 //     S^T = K Q^T, dP^T = V dO^T by wgmma (both operands in shared memory, 128-byte swizzle);
 //     P^T = exp(scale S^T - lse)                  (partial tiles only: 0 where a row does not
@@ -31,10 +31,14 @@
 //   dQ = dS K by wgmma (dS: A, MN-major from the dS^T tile; K: B, MN-major from sK), 64 rows x 64
 //     columns of dQ per warpgroup: at d = 128 warpgroup wg takes columns 64 wg .. 64 wg + 63 over
 //     all 128 keys, at d = 64 every column over its own 64 keys (the two partial sums both added);
-//   each warp stages its 16 rows of the fp32 result in shared memory (fence.proxy.async) and its
-//     lanes bulk reduce-add them to dq_acc, one row each (rows past Sq skipped), at the stage's
-//     row offset the producer writes with its entry; the warp waits for those reads
-//     (wait_group.read) before it stages the next stage's rows.
+//   each warp stages its 16 rows of the fp32 result in shared memory as a box of the dq_acc map,
+//     laid out as the TMA lands it (128-byte swizzle; fence.proxy.async), and one lane adds it by
+//     one TMA tensor reduction (cp.reduce.async.bulk.tensor .add) through that map, a 5-D tensor
+//     (32 columns, seqlen_q, head dim / 32 column blocks, heads, batch):
+//       dq_acc[b, m0 + 16 w : m0 + 16 w + 16, h, c0 : c0 + 64] += dQ[16 w : 16 w + 16, :]
+//     (m0 the stage's first row, h its query head, c0 the warpgroup's first column, 0 at
+//     d = 64); rows past Sq lie outside the map, so the TMA leaves them out. The warp waits for
+//     those reads (wait_group.read) before it stages the next stage's rows.
 //   The dS^T tiles alternate with the stages, so one barrier per stage also keeps a warpgroup from
 //   overwriting a tile the other still reads. Keys past Sk are zeroed in K and V once (their s
 //   and dp are 0, their K rows 0), so that they add nothing to dQ.
@@ -63,7 +67,7 @@ namespace sm90 {
 
 // Shapes and the shared-memory layout (offsets from a 1024-byte aligned base; 16-bit tiles are
 // stored as 64-column blocks of rows x 128 bytes, 128-byte swizzled, as the TMA boxes land).
-// kFusedDq: the kernel also adds dQ to dq_acc by bulk reductions.
+// kFusedDq: the kernel also adds dQ to dq_acc by TMA reductions.
 template <bool kBF16_, int kHeadDim_, bool kFusedDq_>
 struct DkdvTraits {
   static constexpr bool kBF16 = kBF16_;
@@ -83,23 +87,32 @@ struct DkdvTraits {
   static constexpr int kOffV = kOffK + kKvBytes;
   static constexpr int kOffQ = kOffV + kKvBytes;
   static constexpr int kOffDo = kOffQ + kStages * kQBytes;
-  // Fused dQ: a dS^T tile per stage (kBlockN keys x kBlockM rows, 16 bits) and each warpgroup's
-  // fp32 dQ staging (kBlockM rows x 64 columns, rows kDqRowFloats apart: 16-byte aligned rows
-  // whose 8 rows of a fragment store fall in distinct banks).
+  // Fused dQ: a dS^T tile per stage (kBlockN keys x kBlockM rows, 16 bits) and each consumer
+  // warp's fp32 dQ staging: its 16 rows x 64 columns as one box of the dq_acc map
+  // (sm90_tensor_map.h make_accumulator_map: kDqBoxBlocks blocks of 32 columns x kDqBoxRows
+  // rows), laid out as the TMA lands it with the 128-byte swizzle: column block j at
+  // j * kDqBlockBytes, in rows of 128 bytes, the 16-byte chunk c of row r at chunk c ^ (r % 8).
+  // 32 fp32 columns (128 bytes) are the widest row the swizzle allows; the swizzle keeps the
+  // fragment stores free of bank conflicts: the 8 rows of a store land in 8 distinct chunks, so a
+  // warp's 256 bytes take the minimum two wavefronts (unswizzled 128-byte rows would put the 8
+  // rows in the same banks).
   static constexpr int kDsBytes = kFusedDq ? kBlockN * kBlockM * 2 : 0;
-  static constexpr int kDqRowFloats = 64 + 4;
-  static constexpr int kDqStageBytes = kFusedDq ? kBlockM * kDqRowFloats * 4 : 0;  // per warpgroup
+  static constexpr int kDqBoxRows = 16;
+  static constexpr int kDqBoxBlocks = 64 / 32;
+  static constexpr int kDqBlockBytes = kDqBoxRows * kSwizzleBytes;
+  static constexpr int kDqWarpBytes = kDqBoxBlocks * kDqBlockBytes;
+  static constexpr int kDqStageBytes = kFusedDq ? kConsumerWarpgroups * 4 * kDqWarpBytes : 0;
   static constexpr int kOffDs = kOffDo + kStages * kQBytes;  // stage s at + s * kDsBytes
-  static constexpr int kOffDqStage = kOffDs + kStages * kDsBytes;
+  static constexpr int kOffDqStage = kOffDs + kStages * kDsBytes;  // warp w at + w * kDqWarpBytes
   // lse and delta: stage s at + s * kBlockM floats
-  static constexpr int kOffLse = kOffDqStage + kConsumerWarpgroups * kDqStageBytes;
+  static constexpr int kOffLse = kOffDqStage + kDqStageBytes;
   static constexpr int kOffDelta = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffRows = kOffDelta + kStages * kBlockM * 4;
   static constexpr int kOffEntry = kOffRows + kStages * kBlockM * 8;
-  // Fused dQ: per stage, the offset of its first row in dq_acc (int64).
-  static constexpr int kOffDqRow = kOffEntry + 8 * kStages;
+  // Fused dQ: per stage, its query head (int32).
+  static constexpr int kOffDqHead = kOffEntry + 8 * kStages;
   // full[kStages], empty[kStages], kv, tail
-  static constexpr int kOffBars = kOffDqRow + (kFusedDq ? 8 * kStages : 0);
+  static constexpr int kOffBars = kOffDqHead + (kFusedDq ? 4 * kStages : 0);
   static constexpr int kBarBytes = 8 * (2 * kStages + 2);
   // The dynamic shared memory to ask for: the layout plus the alignment of its base.
   static constexpr int kSmemBytes = kOffBars + kBarBytes + kSwizzleAtomBytes;
@@ -107,13 +120,18 @@ struct DkdvTraits {
   static_assert(kQBytes % kSwizzleAtomBytes == 0 && kKvBytes % kSwizzleAtomBytes == 0, "alignment");
   static_assert(kOffBars % 8 == 0, "mbarrier alignment");
   static_assert(kOffDs % kSwizzleAtomBytes == 0 && kDsBytes % kSwizzleAtomBytes == 0, "alignment");
+  static_assert(kOffDqStage % kSwizzleAtomBytes == 0 && kDqBlockBytes % kSwizzleAtomBytes == 0,
+                "a dQ column block is a whole number of swizzle atoms");
   static_assert(kBlockM * 2 == 128, "a dS^T tile row is one 128-byte swizzle row");
 };
 
-// The tensor maps of K, V (boxes of 64 columns x kBlockN rows), Q and dO (64 x kBlockM), all
-// with the 128-byte swizzle. A kernel parameter (__grid_constant__) on the device.
+// The tensor maps of K, V (boxes of 64 columns x kBlockN rows), Q and dO (64 x kBlockM), and, for
+// the fused dQ, of dq_acc: fp32 (32 columns, seqlen_q, head dim / 32 column blocks, heads, batch)
+// with dq_strides, in boxes of 32 x kDqBoxRows x kDqBoxBlocks x 1 x 1, so that the rows past Sq
+// of every (batch, head) lie outside it. All with the 128-byte swizzle. A kernel parameter
+// (__grid_constant__) on the device.
 struct DkdvMaps {
-  TensorMap k, v, q, dout;
+  TensorMap k, v, q, dout, dq_acc;
 };
 
 template <typename Traits>
@@ -141,7 +159,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
   float* sDelta = reinterpret_cast<float*>(smem + Traits::kOffDelta);
   PositionRange32* sRows = reinterpret_cast<PositionRange32*>(smem + Traits::kOffRows);
   volatile uint32_t* sEntry = reinterpret_cast<volatile uint32_t*>(smem + Traits::kOffEntry);
-  volatile int64_t* sDqRow = reinterpret_cast<volatile int64_t*>(smem + Traits::kOffDqRow);
+  volatile int32_t* sDqHead = reinterpret_cast<volatile int32_t*>(smem + Traits::kOffDqHead);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Traits::kOffBars);
   uint64_t* empty = full + kStages;
   uint64_t* kv_bar = empty + kStages;
@@ -214,10 +232,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
           const OperandOrigin qo = operand_origin(p.q_strides, b, h);
           const OperandOrigin oo = operand_origin(p.dout_strides, b, h);
           sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
-          if constexpr (Traits::kFusedDq) {
-            sDqRow[stage] = b * p.dq_strides.batch + h * p.dq_strides.head +
-                            static_cast<int64_t>(m0) * p.dq_strides.row;
-          }
+          if constexpr (Traits::kFusedDq) sDqHead[stage] = h;
           mbar_arrive_expect_tx(bar, 2 * Traits::kQBytes);
           for (int j = 0; j < Traits::kColBlocks; ++j) {
             sm90::tma_load_2d(tQ + j * kBM * 128, &maps.q, bar, qo.col + 64 * j, qo.row + m0);
@@ -367,8 +382,8 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
     if constexpr (!Traits::kFusedDq) {
       if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
     } else {
-      const int64_t dq_row0 = sDqRow[stage];
-      sync_warp();  // every lane has read the stage's row offset before the release
+      const int dq_head = sDqHead[stage];
+      sync_warp();  // every lane has read the stage's head before the release
       if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
       // This warpgroup's dQ columns, first k16 step over the keys, and the warpgroups that read
       // its dS^T tile (named barrier 1 for both at d = 128, 1 + wg for its own keys at d = 64).
@@ -398,26 +413,31 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
       wgmma_commit();
       wgmma_wait<0>();
 
-      // This warp's rows 16 w .. 16 w + 15 of the stage: staged (once the previous stage's rows
-      // are read), then lane i < 16 adds row 16 w + i to dq_acc.
-      float* sDq = reinterpret_cast<float*>(smem + Traits::kOffDqStage) +
-                   (64 * wg_uniform + 16 * ((tid % 128) / 32)) * Traits::kDqRowFloats;
+      // This warp's rows 16 w .. 16 w + 15 of the stage, staged as its box once the previous
+      // stage's box is read: element (row, col) at col / 32 * kDqBlockBytes + swizzle128(128 row +
+      // 4 (col % 32)) (sm90_layout.h), i.e. for register i of a fragment at
+      // dq_lane ^ 32 ((i / 4) % 4) + kDqBlockBytes (i / 16) + 1024 ((i / 2) % 2), dq_lane the
+      // lane's first (row g, column 2 t4) (the warp's box offset, a multiple of 1024, leaves the
+      // swizzle bits alone). Then lane 0 adds the box to dq_acc; rows past Sq lie outside the map,
+      // so the TMA leaves them out.
+      const int warp = (tid % 128) / 32;
+      const uint32_t dq_box = Traits::kOffDqStage + (4 * wg_uniform + warp) * Traits::kDqWarpBytes;
+      const uint32_t dq_lane = dq_box + g * kSwizzleBytes + ((8 * t4) ^ (16 * g));
       bulk_wait_group_read<0>();
       sync_warp();
       RA_UNROLL
       for (int i = 0; i < 32; i += 2) {
-        const int row = g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t4;
         float2 v;
         v.x = dq[i];
         v.y = dq[i + 1];
-        *reinterpret_cast<float2*>(sDq + row * Traits::kDqRowFloats + col) = v;
+        *reinterpret_cast<float2*>(smem + (dq_lane ^ (32 * ((i / 4) % 4))) +
+                                   (i / 16) * Traits::kDqBlockBytes + ((i / 2) % 2) * 1024) = v;
       }
       fence_proxy_async();
       sync_warp();
-      const int row = 16 * ((tid % 128) / 32) + lane;  // of the stage's kBM
-      if (lane < 16 && static_cast<int>(e >> 1) * kBM + row < Sq) {
-        float* gdq = static_cast<float*>(p.dq_acc) + dq_row0 + row * p.dq_strides.row + dq_col0;
-        bulk_reduce_add_f32(gdq, sDq + lane * Traits::kDqRowFloats, 64 * 4);
+      if (lane == 0) {
+        const int row0 = static_cast<int>(e >> 1) * kBM + 16 * warp;
+        tma_reduce_add_5d(smem + dq_box, &maps.dq_acc, 0, row0, dq_col0 / 32, dq_head, b);
         bulk_commit_group();
       }
     }

@@ -1,7 +1,7 @@
 // sm_90a building blocks of the Hopper block kernels: wgmma.mma_async (m64nNk16, bf16/fp16 with
 // fp32 accumulators, both operands from shared memory or A from registers), TMA 2D tensor loads
-// completing on mbarriers, bulk reduce-adds from shared to global memory, mbarriers,
-// fence.proxy.async, named barriers and setmaxnreg.
+// completing on mbarriers, bulk and TMA (5D tensor) reduce-adds from shared to global memory,
+// mbarriers, fence.proxy.async, named barriers and setmaxnreg.
 //
 // Compiled two ways, as primitives.cuh:
 //  * by nvcc for sm_90a (inline PTX where __CUDA_ARCH_FEAT_SM90_ALL: sm_90a with its `a` features);
@@ -170,6 +170,28 @@ RA_DEV void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
   asm volatile(
       "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
       "r"(smem_address(src)), "r"(bytes)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+// The box of the fp32 tensor `map` whose first element is (c0, .., c4) += the box at src, laid
+// out as a TMA load of it lands (1024-byte aligned with the 128-byte swizzle, else 128),
+// element-wise atomic in global memory; elements outside the tensor are left out. Read from
+// shared memory by the async proxy, under the same rules as bulk_reduce_add_f32
+// (fence.proxy.async before, src unchanged until a bulk_wait_group_read has retired its group).
+// map: a kernel parameter (__grid_constant__) or in global memory.
+RA_DEV void tma_reduce_add_5d(const void* src, const TensorMap* map, int c0, int c1, int c2,
+                              int c3, int c4) {
+#if defined(RA_CUDA_EMULATE)
+  const int coords[5] = {c0, c1, c2, c3, c4};
+  emu::tma_reduce_add_f32(src, map, coords, 5);
+#elif defined(RA_SM90A)
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, "
+      "%5, %6}], [%1];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(smem_address(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
       : "memory");
 #else
   __trap();

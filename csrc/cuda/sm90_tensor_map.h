@@ -1,6 +1,8 @@
-// Host side of the sm_90a TMA loads: a 2-D tensor map of 16-bit elements in 128-byte-swizzled
-// boxes, encoded by the driver's cuTensorMapEncodeTiled (found through the runtime, so nothing
-// links against libcuda; needs CUDA 12.5 or newer). Out-of-bounds elements read as zero.
+// Host side of the sm_90a TMA: the tensor maps, encoded by the driver's cuTensorMapEncodeTiled
+// (found through the runtime, so nothing links against libcuda; needs CUDA 12.5 or newer), all in
+// 128-byte-swizzled boxes: 2-D maps of 16-bit operands that the kernels load (out-of-bounds
+// elements read as zero), and 5-D maps of fp32 accumulators that they add to by TMA reductions
+// (out-of-bounds elements left out).
 #pragma once
 
 #include <cuda.h>
@@ -35,24 +37,34 @@ inline EncodeTiled encode_tiled() {
   return fn;
 }
 
+// The tensor map of a `rank`-dimensional tensor (dims[0] elements contiguous, dimension i > 0
+// outer_strides[i - 1] bytes apart) in 128-byte-swizzled boxes of box[0] x .. elements.
+// cudaErrorNotSupported where the driver cannot encode tensor maps, cudaErrorInvalidValue where
+// it rejects the arguments.
+inline cudaError_t encode_swizzled_map(CUtensorMap* map, CUtensorMapDataType type, uint32_t rank,
+                                       const void* base, const cuuint64_t* dims,
+                                       const cuuint64_t* outer_strides, const cuuint32_t* box) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult r = encode(map, type, rank, const_cast<void*>(base), dims, outer_strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 // The tensor map of a row-major matrix of `rows` x `cols` bf16 (or fp16) elements, rows
-// `row_stride_bytes` apart, in boxes of box_rows x box_cols. cudaErrorNotSupported where the
-// driver cannot encode tensor maps, cudaErrorInvalidValue where it rejects the arguments.
+// `row_stride_bytes` apart, in boxes of box_rows x box_cols.
 inline cudaError_t make_tensor_map_2d(CUtensorMap* map, const void* base, bool bf16,
                                       uint64_t cols, uint64_t rows, uint64_t row_stride_bytes,
                                       uint32_t box_cols, uint32_t box_rows) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return cudaErrorNotSupported;
   const cuuint64_t dims[2] = {cols, rows};
   const cuuint64_t row_stride[1] = {row_stride_bytes};
   const cuuint32_t box[2] = {box_cols, box_rows};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode(
-      map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
-      const_cast<void*>(base), dims, row_stride, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return encode_swizzled_map(
+      map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, base,
+      dims, row_stride, box);
 }
 
 // A (batch, seq, heads, headdim) operand's matrix (sm90_fwd_geometry.h) in boxes of 64 columns x
@@ -63,6 +75,34 @@ inline cudaError_t make_operand_map(CUtensorMap* map, const void* base, const St
   return make_tensor_map_2d(map, base, bf16, static_cast<uint64_t>(m.cols),
                             static_cast<uint64_t>(m.rows), static_cast<uint64_t>(m.cols) * 2, 64,
                             static_cast<uint32_t>(box_rows));
+}
+
+// Whether an fp32 (batch, seq, heads, headdim) accumulator with strides st (elements) suits
+// make_accumulator_map: base and strides 16-byte aligned, as the TMA requires.
+inline bool accumulator_mappable(const void* base, const Strides& st) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && st.batch % 4 == 0 && st.head % 4 == 0 &&
+         st.row % 4 == 0 && st.batch >= 0 && st.head >= 0 && st.row > 0;
+}
+
+// The tensor map of an fp32 (batch, seq, heads, headdim) accumulator with strides st (elements)
+// as the 5-D tensor (32 columns, seqlen, headdim / 32 column blocks, heads, batch), in boxes of
+// 32 x box_rows x box_blocks x 1 x 1. 32 fp32 columns are one 128-byte swizzle row, the widest
+// box row the swizzle allows; the column blocks as a dimension of their own let one box span
+// box_blocks of them, landing as box_blocks swizzled tiles of box_rows x 128 bytes in turn. A box
+// reaching past a sequence's end, the last index of its dimension, is clipped there. headdim: a
+// multiple of 32.
+inline cudaError_t make_accumulator_map(CUtensorMap* map, void* base, const Strides& st,
+                                        int batch, int seqlen, int heads, int headdim,
+                                        int box_rows, int box_blocks) {
+  const cuuint64_t dims[5] = {32, static_cast<cuuint64_t>(seqlen),
+                              static_cast<cuuint64_t>(headdim / 32),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[4] = {static_cast<cuuint64_t>(st.row) * 4, 128,
+                                 static_cast<cuuint64_t>(st.head) * 4,
+                                 static_cast<cuuint64_t>(st.batch) * 4};
+  const cuuint32_t box[5] = {32, static_cast<cuuint32_t>(box_rows),
+                             static_cast<cuuint32_t>(box_blocks), 1, 1};
+  return encode_swizzled_map(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 5, base, dims, strides, box);
 }
 
 }  // namespace sm90

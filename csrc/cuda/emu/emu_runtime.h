@@ -29,6 +29,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 // CUDA's vector types that the kernels use.
@@ -125,11 +126,13 @@ struct PendingCopy {
   bool valid;
 };
 
-// One cp.reduce.async.bulk (fp32 add) of a thread, run when its group is waited for.
+// One cp.reduce.async.bulk or cp.reduce.async.bulk.tensor (fp32 add) of a thread, run when its
+// group is waited for: the source's bytes [src, src + bytes) (shared-memory offsets), which must
+// stay unchanged until then, and the element-wise adds (destination, source offset).
 struct BulkReduce {
-  float* dst;
-  uint32_t src;  // shared-memory offset
+  uint32_t src;
   uint32_t bytes;
+  std::vector<std::pair<float*, uint32_t>> adds;
 };
 
 struct Thread {

@@ -14,9 +14,11 @@
 //     transaction bytes when a thread waits on that mbarrier. An mbarrier's phase completes when
 //     its arrivals and transaction bytes are both in; a TMA load on a barrier whose init no
 //     fence.proxy.async followed is an error.
-//   cp.reduce.async.bulk (fp32 add, shared to global): recorded at issue, where its source must
+//   cp.reduce.async.bulk (fp32 add, shared to global) and cp.reduce.async.bulk.tensor (fp32 add
+//     of a box to a tensor of rank up to 5: elements outside the tensor are not written; optional
+//     128-byte swizzle of the box in shared memory): recorded at issue, where the source must
 //     hold no generic store that a fence.proxy.async has not published; it reads its source from
-//     the async view and adds it (atomically, counted in atomic_adds) at the
+//     the async view and adds it (atomically, one count in atomic_adds per instruction) at the
 //     cp.async.bulk.wait_group.read that retires its group, where the source must still be
 //     unchanged. A thread must wait for all of its bulk groups before it exits.
 //   Named barriers (bar.sync / bar.arrive, ids 1..15) with a thread count that all users agree on.
@@ -64,39 +66,92 @@ class Deadline {
 // ---- tensor maps (the emulated cuTensorMapEncodeTiled) ------------------------------------------
 enum class TmaSwizzle { kNone, k128B };
 
-// A 2D tensor of `dims[1]` rows of `dims[0]` elements of elem_bytes bytes in global memory, rows
-// row_stride_bytes apart, read in boxes of box[1] rows of box[0] elements.
+constexpr int kTmaMaxRank = 5;
+
+// A tensor of `rank` dimensions in global memory: dims[0] elements of elem_bytes bytes contiguous,
+// dimension i > 0 strides[i] bytes apart (strides[0] = elem_bytes); read or reduced in boxes of
+// box[0] x .. x box[rank - 1] elements, laid out in shared memory in that order (box[0] fastest).
 struct TensorMap {
   const char* base;
   int elem_bytes;
-  int64_t dims[2];
-  int64_t row_stride_bytes;
-  int box[2];
+  int rank;
+  int64_t dims[kTmaMaxRank];
+  int64_t strides[kTmaMaxRank];
+  int box[kTmaMaxRank];
   TmaSwizzle swizzle;
 };
 
 // Checks what cuTensorMapEncodeTiled checks (and, with the 128-byte swizzle, that a box row is
-// exactly one 128-byte swizzle row, the only form the emulation supports).
-inline TensorMap make_tensor_map_2d(const void* base, int elem_bytes, int64_t inner, int64_t outer,
-                                    int64_t row_stride_bytes, int box_inner, int box_outer,
-                                    TmaSwizzle swizzle) {
+// exactly one 128-byte swizzle row, the only form the emulation supports). outer_strides: the
+// byte strides of dimensions 1 .. rank - 1.
+inline TensorMap make_tensor_map(const void* base, int elem_bytes, int rank, const int64_t* dims,
+                                 const int64_t* outer_strides, const int* box,
+                                 TmaSwizzle swizzle) {
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) fail("tensor map: base not 16-byte aligned");
   if (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8)
     fail("tensor map: element size");
-  if (inner < 1 || outer < 1) fail("tensor map: empty dimension");
-  if (row_stride_bytes % 16 != 0 || row_stride_bytes < inner * elem_bytes)
-    fail("tensor map: row stride");
-  if (box_inner < 1 || box_inner > 256 || box_outer < 1 || box_outer > 256)
-    fail("tensor map: box size");
-  if (box_inner * elem_bytes % 16 != 0) fail("tensor map: box row not a multiple of 16 bytes");
-  if (swizzle == TmaSwizzle::k128B && box_inner * elem_bytes != 128) {
+  if (rank < 1 || rank > kTmaMaxRank) fail("tensor map: rank outside 1..5");
+  TensorMap t{static_cast<const char*>(base), elem_bytes, rank, {}, {}, {}, swizzle};
+  t.strides[0] = elem_bytes;
+  for (int i = 0; i < rank; ++i) {
+    if (dims[i] < 1 || dims[i] > (int64_t(1) << 32)) fail("tensor map: dimension outside 1..2^32");
+    if (box[i] < 1 || box[i] > 256) fail("tensor map: box size");
+    t.dims[i] = dims[i];
+    t.box[i] = box[i];
+    if (i > 0) {
+      const int64_t s = outer_strides[i - 1];
+      if (s % 16 != 0 || s < 0 || s >= (int64_t(1) << 40)) fail("tensor map: stride");
+      t.strides[i] = s;
+    }
+  }
+  if (rank > 1 && t.strides[1] < dims[0] * elem_bytes) fail("tensor map: row stride");
+  if (box[0] * elem_bytes % 16 != 0) fail("tensor map: box row not a multiple of 16 bytes");
+  if (swizzle == TmaSwizzle::k128B && box[0] * elem_bytes != 128) {
     fail("tensor map: a 128-byte swizzled box row must be 128 bytes");
   }
-  TensorMap t{
-      static_cast<const char*>(base), elem_bytes, {inner, outer}, row_stride_bytes, {}, swizzle};
-  t.box[0] = box_inner;
-  t.box[1] = box_outer;
   return t;
+}
+
+// A 2D tensor of `outer` rows of `inner` elements, rows row_stride_bytes apart, in boxes of
+// box_outer rows of box_inner elements.
+inline TensorMap make_tensor_map_2d(const void* base, int elem_bytes, int64_t inner, int64_t outer,
+                                    int64_t row_stride_bytes, int box_inner, int box_outer,
+                                    TmaSwizzle swizzle) {
+  const int64_t dims[2] = {inner, outer};
+  const int box[2] = {box_inner, box_outer};
+  return make_tensor_map(base, elem_bytes, 2, dims, &row_stride_bytes, box, swizzle);
+}
+
+// The box's elements in shared-memory order: fn(offset of the element in the box's bytes, after
+// the swizzle; the element's global address, or null outside the tensor). coords: the box's
+// first element.
+template <typename Fn>
+void for_each_box_element(const TensorMap& t, const int* coords, Fn&& fn) {
+  int64_t count = 1;
+  for (int i = 0; i < t.rank; ++i) count *= t.box[i];
+  for (int64_t n = 0; n < count; ++n) {
+    int64_t rest = n, address = 0;
+    bool inside = true;
+    for (int i = 0; i < t.rank; ++i) {
+      const int64_t x = int64_t(coords[i]) + rest % t.box[i];
+      rest /= t.box[i];
+      inside = inside && x >= 0 && x < t.dims[i];
+      address += x * t.strides[i];
+    }
+    uint32_t off = static_cast<uint32_t>(n * t.elem_bytes);
+    if (t.swizzle == TmaSwizzle::k128B) off = sm90::swizzle128(off);
+    fn(off, inside ? t.base + address : nullptr);
+  }
+}
+
+// The bytes of a box and the shared-memory alignment its swizzle needs.
+inline int64_t box_bytes(const TensorMap& t) {
+  int64_t bytes = t.elem_bytes;
+  for (int i = 0; i < t.rank; ++i) bytes *= t.box[i];
+  return bytes;
+}
+inline uint32_t box_alignment(const TensorMap& t) {
+  return t.swizzle == TmaSwizzle::k128B ? sm90::kSwizzleAtomBytes : 128;
 }
 
 // ---- mbarriers ---------------------------------------------------------------------------------
@@ -169,28 +224,22 @@ inline void fence_proxy_async() {
 // ---- TMA ----------------------------------------------------------------------------------------
 inline void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1) {
   const TensorMap t = *map;
-  const int row_bytes = t.box[0] * t.elem_bytes;
-  const int64_t bytes = int64_t(row_bytes) * t.box[1];
-  const uint32_t align = t.swizzle == TmaSwizzle::k128B ? sm90::kSwizzleAtomBytes : 128;
-  const uint32_t a =
-      smem_address(dst, bytes, align, "TMA destination out of shared memory or misaligned");
+  if (t.rank != 2) fail("2D TMA load with a tensor map of another rank");
+  const int64_t bytes = box_bytes(t);
+  const uint32_t a = smem_address(dst, bytes, box_alignment(t),
+                                  "TMA destination out of shared memory or misaligned");
   Cta* cta = tls->cta;
-  auto copy = [t, a, cta, row_bytes, c0, c1] {
-    for (int r = 0; r < t.box[1]; ++r) {
-      for (int e = 0; e < t.box[0]; ++e) {
-        const int64_t x = int64_t(c0) + e, y = int64_t(c1) + r;
-        uint32_t off = static_cast<uint32_t>(r * row_bytes + e * t.elem_bytes);
-        if (t.swizzle == TmaSwizzle::k128B) off = sm90::swizzle128(off);
-        char* g = cta->smem + a + off;
-        char* v = cta->async_view.data() + a + off;
-        if (x >= 0 && x < t.dims[0] && y >= 0 && y < t.dims[1]) {
-          std::memcpy(g, t.base + y * t.row_stride_bytes + x * t.elem_bytes, t.elem_bytes);
-        } else {
-          std::memset(g, 0, t.elem_bytes);
-        }
-        std::memcpy(v, g, t.elem_bytes);
+  auto copy = [t, a, cta, c0, c1] {
+    const int coords[2] = {c0, c1};
+    for_each_box_element(t, coords, [&](uint32_t off, const char* src) {
+      char* g = cta->smem + a + off;
+      if (src != nullptr) {
+        std::memcpy(g, src, t.elem_bytes);
+      } else {
+        std::memset(g, 0, t.elem_bytes);
       }
-    }
+      std::memcpy(cta->async_view.data() + a + off, g, t.elem_bytes);
+    });
   };
   std::lock_guard<std::mutex> lock(cta->sm90_mutex);
   mbarrier_locked(bar).loads.push_back({copy, bytes});
@@ -209,11 +258,36 @@ inline void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("bulk reduction destination misaligned");
   const uint32_t a =
       smem_address(src, bytes, 16, "bulk reduction source out of shared memory or misaligned");
+  BulkReduce r{a, bytes, {}};
+  for (uint32_t i = 0; i < bytes / 4; ++i) r.adds.push_back({dst + i, a + 4 * i});
   std::lock_guard<std::mutex> lock(tls->cta->sm90_mutex);
   if (!views_agree_locked(a, bytes)) {
     fail("bulk reduction source holds generic stores no fence.proxy.async published");
   }
-  tls->bulk_open.push_back({dst, a, bytes});
+  tls->bulk_open.push_back(std::move(r));
+  atomic_adds.fetch_add(1, std::memory_order_relaxed);
+}
+
+// The box of `map` whose first element is at `coords` (map->rank of them) added element-wise
+// (fp32) from shared memory at src to the tensor, elements outside the tensor left out.
+inline void tma_reduce_add_f32(const void* src, const TensorMap* map, const int* coords,
+                               int rank) {
+  const TensorMap t = *map;
+  if (t.rank != rank) fail("TMA reduction coordinates of another rank than the tensor map's");
+  if (t.elem_bytes != 4) fail("emulated TMA reduction of elements other than fp32");
+  const int64_t bytes = box_bytes(t);
+  const uint32_t a = smem_address(src, bytes, box_alignment(t),
+                                  "TMA reduction source out of shared memory or misaligned");
+  BulkReduce r{a, static_cast<uint32_t>(bytes), {}};
+  for_each_box_element(t, coords, [&](uint32_t off, const char* dst) {
+    float* element = const_cast<float*>(reinterpret_cast<const float*>(dst));
+    if (element != nullptr) r.adds.push_back({element, a + off});
+  });
+  std::lock_guard<std::mutex> lock(tls->cta->sm90_mutex);
+  if (!views_agree_locked(a, r.bytes)) {
+    fail("TMA reduction source holds generic stores no fence.proxy.async published");
+  }
+  tls->bulk_open.push_back(std::move(r));
   atomic_adds.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -227,15 +301,18 @@ inline void bulk_wait_group_read(int n) {
   Cta& cta = *t.cta;
   while (t.bulk_committed.size() > static_cast<size_t>(n)) {
     for (const BulkReduce& r : t.bulk_committed.front()) {
-      std::vector<float> v(r.bytes / 4);
+      std::vector<float> v(r.adds.size());
       {
         std::lock_guard<std::mutex> lock(cta.sm90_mutex);
         if (!views_agree_locked(r.src, r.bytes)) {
           fail("bulk reduction source overwritten before the wait_group.read that retires it");
         }
-        std::memcpy(v.data(), cta.async_view.data() + r.src, r.bytes);
+        for (size_t i = 0; i < v.size(); ++i)
+          std::memcpy(&v[i], cta.async_view.data() + r.adds[i].second, 4);
       }
-      for (size_t i = 0; i < v.size(); ++i) std::atomic_ref<float>(r.dst[i]).fetch_add(v[i]);
+      for (size_t i = 0; i < v.size(); ++i) {
+        std::atomic_ref<float>(*r.adds[i].first).fetch_add(v[i]);
+      }
     }
     t.bulk_committed.pop_front();
   }

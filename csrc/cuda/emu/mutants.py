@@ -14,7 +14,7 @@ Without --ci or --only, every mutant runs (about 20 s of compiling each). `make 
 representative subset marked `ci` (--ci: one mutant each for the tile table, the mask, the copy
 pipeline, the fragment layouts, the determinism check, the d = 256 reduction path, the Hopper
 forward's mbarrier pipeline and its overlapped wgmma waits, the Hopper dK/dV's partial
-tiles, its fused dQ's reuse of the bulk-reduction staging), so that
+tiles, its fused dQ's reuse of the TMA-reduction staging), so that
 the test suite stays short; run the whole list after changing the kernels.
 
 Exit status 0 when every mutant run is caught.
@@ -171,8 +171,8 @@ MUTANTS = [
            ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
     Mutant("sm90-fused-dq-read-wait-dropped", "cuda/sm90_bwd_kernel.cuh",
            "      bulk_wait_group_read<0>();\n      sync_warp();\n", "      sync_warp();\n",
-           "Hopper dK/dV with dQ fused: the dQ staging overwritten before the bulk reductions of "
-           "the previous stage have read it (wait_group.read dropped)",
+           "Hopper dK/dV with dQ fused: the dQ staging overwritten before the TMA reduction of "
+           "the previous stage has read it (wait_group.read dropped)",
            ("sm90a bf16 b1 sq200 sk300 h2/1 d64 window",), ci=True),
     Mutant("sm90-fused-dq-kv-tail-not-zeroed", "cuda/sm90_bwd_kernel.cuh",
            "      if (tid < 32) zero_tile_rows<kBN, Traits::kColBlocks>(sK, Sk - k0, lane);\n", "",
@@ -180,8 +180,8 @@ MUTANTS = [
            "sequence in memory reach dQ)",
            ("sm90a bf16 b2 sq45 sk290 h4/2 d64 random head-major",)),
     Mutant("sm90-fused-dq-first-head", "cuda/sm90_bwd_kernel.cuh",
-           "sDqRow[stage] = b * p.dq_strides.batch + h * p.dq_strides.head +",
-           "sDqRow[stage] = b * p.dq_strides.batch + hk * group * p.dq_strides.head +",
+           "if constexpr (Traits::kFusedDq) sDqHead[stage] = h;",
+           "if constexpr (Traits::kFusedDq) sDqHead[stage] = hk * group;",
            "Hopper dK/dV with dQ fused: every query head's dQ added to the group's first head",
            ("sm90a fp16 b1 sq200 sk600 h4/2 d128 diagonal",)),
     Mutant("sm90-fused-dq-ds-unswizzled", "cuda/sm90_bwd_kernel.cuh",
@@ -189,6 +189,18 @@ MUTANTS = [
            "Hopper dK/dV with dQ fused: dS^T stored without the 128-byte swizzle its wgmma "
            "descriptor reads",
            ("sm90a bf16 b1 sq130 sk260 h2/1 d128 window",)),
+    Mutant("sm90-fused-dq-reduce-fence-dropped", "cuda/sm90_bwd_kernel.cuh",
+           "      fence_proxy_async();\n      sync_warp();\n      if (lane == 0) {\n"
+           "        const int row0",
+           "      sync_warp();\n      if (lane == 0) {\n        const int row0",
+           "Hopper dK/dV with dQ fused: the staged dQ not published to the TMA reduction "
+           "(fence.proxy.async dropped)",
+           ("sm90a bf16 b1 sq200 sk300 h2/1 d64 window",)),
+    Mutant("sm90-fused-dq-staging-unswizzled", "cuda/sm90_bwd_kernel.cuh",
+           "g * kSwizzleBytes + ((8 * t4) ^ (16 * g));", "g * kSwizzleBytes + 8 * t4;",
+           "Hopper dK/dV with dQ fused: dQ staged without the 128-byte swizzle its TMA box "
+           "lands with",
+           ("sm90a fp16 b1 sq200 sk600 h4/2 d128 diagonal",)),
     Mutant("sm90-dq-mask-dropped", "cuda/sm90_dq_kernel.cuh",
            "    if (e & 1u) {\n      const int32_t* kpos", "    if (false) {\n      const int32_t* kpos",
            "Hopper dQ: partial key tiles computed without their mask",

@@ -30,6 +30,14 @@
 //     two warps, each warp staging kBulkRows rows of kBulkRowFloats floats (generic stores,
 //     fence.proxy.async), lane r adding its row to row r of dst, twice, the staging reused after
 //     wait_group.read; dst's final bytes. Values k * 2^e: every sum exact in any order.
+//   tensor_reduce  cp.reduce.async.bulk.tensor.5d .add through the Hopper backward's fp32
+//     accumulator map (sm90_tensor_map.h make_accumulator_map: 32 columns, seq, column blocks,
+//     heads, batch; 128-byte swizzle) of a (kRedBatch, kRedSeq, kRedHeads, 64) tensor with rows
+//     kRedPitch floats apart: kRedCtas CTAs of one warp each add two boxes of 16 rows x 2 column
+//     blocks, staged swizzled (generic stores, fence.proxy.async), one straddling the tensor's end
+//     (rows kRedSeq - 8.., column blocks 1..), one its start (rows -5..), twice, the staging
+//     reused after wait_group.read; the tensor's final bytes (elements outside the tensor, and the
+//     row padding, unchanged).
 #pragma once
 
 #include <cmath>
@@ -39,6 +47,7 @@
 #include <string>
 #include <vector>
 
+#include "core/params.h"
 #include "cuda/sm90_primitives.cuh"
 #include "cuda/warp_mma.cuh"  // RA_UNROLL
 
@@ -47,7 +56,16 @@ namespace cuda {
 namespace sm90 {
 namespace conformance {
 
-enum class Kind { kWgmmaSS, kWgmmaRS, kWgmmaSSMN, kStmatrix, kTma, kPipeline, kBulkReduce };
+enum class Kind {
+  kWgmmaSS,
+  kWgmmaRS,
+  kWgmmaSSMN,
+  kStmatrix,
+  kTma,
+  kPipeline,
+  kBulkReduce,
+  kTensorReduce
+};
 
 struct Case {
   const char* name;
@@ -77,6 +95,7 @@ inline constexpr Case kCases[] = {
     {"tma_oob swizzle128", Kind::kTma, true, 0},
     {"pipeline setmaxnreg named_barrier", Kind::kPipeline, true, 0},
     {"bulk_reduce add.f32", Kind::kBulkReduce, false, 0},
+    {"tensor_reduce 5d add.f32 swizzle128", Kind::kTensorReduce, false, 0},
 };
 
 // ---- wgmma -------------------------------------------------------------------------------------
@@ -418,6 +437,96 @@ inline std::vector<float> bulk_reference() {
   return dst;
 }
 
+// ---- TMA tensor reductions ---------------------------------------------------------------------
+constexpr int kRedBatch = 2, kRedSeq = 21, kRedHeads = 3, kRedCols = 64, kRedPitch = 68;  // floats
+constexpr int kRedCtas = 2, kRedThreads = 32, kRedRounds = 2, kRedBoxes = 2;
+constexpr int kRedBoxRows = 16, kRedBoxBlocks = 2;
+constexpr int kRedBoxFloats = 32 * kRedBoxRows * kRedBoxBlocks;
+constexpr int kRedBoxBytes = 4 * kRedBoxFloats;
+constexpr int kRedSmemBytes = kRedBoxes * kRedBoxBytes;
+constexpr int kRedTensorFloats = kRedBatch * kRedSeq * kRedHeads * kRedPitch;
+constexpr int kRedSrcFloats = kRedCtas * kRedRounds * kRedBoxes * kRedBoxFloats;
+
+// Coordinate `dim` (column, row, column block, head, batch) of box b's first element: box 0
+// reaches past the last row and the last column block, box 1 starts before the first row.
+RA_HOST_DEVICE constexpr int red_origin(int b, int dim) {
+  return dim == 0   ? 0
+         : dim == 1 ? (b == 0 ? kRedSeq - 8 : -5)
+         : dim == 2 ? (b == 0 ? 1 : 0)
+         : dim == 3 ? (b == 0 ? kRedHeads - 1 : 1)
+                    : (b == 0 ? kRedBatch - 1 : 0);
+}
+
+// The tensor's strides (elements): sequence-major (batch, seq, heads, columns), rows padded.
+inline Strides red_strides() {
+  return Strides{int64_t(kRedSeq) * kRedHeads * kRedPitch, int64_t(kRedHeads) * kRedPitch,
+                 kRedPitch};
+}
+
+// The tensor's initial values (padding included), then the boxes each CTA, round and box adds:
+// src[((cta * kRedRounds + round) * kRedBoxes + box) * kRedBoxFloats + i], element i of the box
+// in row-major (column block, row, column) order.
+inline std::vector<float> red_initial() {
+  std::vector<float> v(kRedTensorFloats);
+  for (int i = 0; i < kRedTensorFloats; ++i) v[i] = operand_value(4, i);
+  return v;
+}
+inline std::vector<float> red_sources() {
+  std::vector<float> v(kRedSrcFloats);
+  for (int i = 0; i < kRedSrcFloats; ++i) v[i] = operand_value(5, i);
+  return v;
+}
+
+// kRedThreads threads (one warp) of CTA block_idx_x(); smem: kRedSmemBytes, 1024-byte aligned.
+// Element i of a box is staged where the TMA lands it: column block i / (32 kRedBoxRows) a
+// swizzled tile of kRedBoxRows rows of 128 bytes.
+RA_DEV void tensor_reduce_case(const TensorMap* map, const float* src, char* smem) {
+  const int lane = thread_idx() % 32;
+  for (int round = 0; round < kRedRounds; ++round) {
+    sm90::bulk_wait_group_read<0>();  // the previous round's boxes are read
+    sync_warp();
+    for (int box = 0; box < kRedBoxes; ++box) {
+      const float* vals =
+          src + ((block_idx_x() * kRedRounds + round) * kRedBoxes + box) * kRedBoxFloats;
+      for (int i = lane; i < kRedBoxFloats; i += kRedThreads) {
+        const uint32_t off = swizzle128(static_cast<uint32_t>((i / 32) * 128 + (i % 32) * 4));
+        *reinterpret_cast<float*>(smem + box * kRedBoxBytes + off) = vals[i];
+      }
+    }
+    sm90::fence_proxy_async();
+    sync_warp();
+    if (lane == 0) {
+      for (int box = 0; box < kRedBoxes; ++box) {
+        sm90::tma_reduce_add_5d(smem + box * kRedBoxBytes, map, red_origin(box, 0),
+                                red_origin(box, 1), red_origin(box, 2), red_origin(box, 3),
+                                red_origin(box, 4));
+      }
+      sm90::bulk_commit_group();
+    }
+  }
+  sm90::bulk_wait_group_read<0>();
+}
+
+// The host reference: the initial tensor plus every box element inside the tensor.
+inline std::vector<float> red_reference() {
+  std::vector<float> dst = red_initial();
+  const std::vector<float> src = red_sources();
+  const Strides st = red_strides();
+  for (int n = 0; n < kRedCtas * kRedRounds; ++n) {
+    for (int box = 0; box < kRedBoxes; ++box) {
+      for (int i = 0; i < kRedBoxFloats; ++i) {
+        const int col = 32 * (red_origin(box, 2) + i / (32 * kRedBoxRows)) + i % 32;
+        const int row = red_origin(box, 1) + (i / 32) % kRedBoxRows;
+        const int h = red_origin(box, 3), b = red_origin(box, 4);
+        if (col >= kRedCols || row < 0 || row >= kRedSeq) continue;
+        dst[b * st.batch + row * st.row + h * st.head + col] +=
+            src[(n * kRedBoxes + box) * kRedBoxFloats + i];
+      }
+    }
+  }
+  return dst;
+}
+
 // The host reference of box b: the swizzled box's shared-memory bytes, zero outside the tensor.
 inline std::vector<uint16_t> tma_box_reference(int b) {
   const std::vector<uint16_t> t = tma_tensor();
@@ -451,6 +560,10 @@ inline std::vector<uint8_t> reference_bytes(const Case& c) {
   }
   if (c.kind == Kind::kBulkReduce) {
     const std::vector<float> d = bulk_reference();
+    return as_bytes(d.data(), d.size() * 4);
+  }
+  if (c.kind == Kind::kTensorReduce) {
+    const std::vector<float> d = red_reference();
     return as_bytes(d.data(), d.size() * 4);
   }
   std::vector<uint16_t> box = tma_box_reference(0);
@@ -523,8 +636,8 @@ inline std::vector<std::vector<uint8_t>> read_results(const char* path) {
 }
 
 // The bytes of case c, from Runner::template wgmma<kBF16, N, kForm>(), Runner::stmatrix(),
-// Runner::tma(pipeline) and Runner::bulk_reduce(), which run the bodies above under the emulator
-// or on the device.
+// Runner::tma(pipeline), Runner::bulk_reduce() and Runner::tensor_reduce(), which run the bodies
+// above under the emulator or on the device.
 template <class Runner, Kind kForm>
 std::vector<uint8_t> run_wgmma_case(bool bf16, int n) {
   if (bf16) {
@@ -554,6 +667,8 @@ std::vector<uint8_t> run_case(const Case& c) {
       return Runner::tma(true);
     case Kind::kBulkReduce:
       return Runner::bulk_reduce();
+    case Kind::kTensorReduce:
+      return Runner::tensor_reduce();
   }
   return {};
 }

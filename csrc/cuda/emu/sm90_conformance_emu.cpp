@@ -2,8 +2,8 @@
 // under the emulator, checks its bytes against the plain host reference (wgmma: float(A B^T) in
 // fragment order; stmatrix: each fragment element at its 128-byte-swizzled place in the tile;
 // TMA: the row-major box, zero outside the tensor, 128-byte swizzled; bulk reductions: the rows'
-// sums) and, with --write FILE, writes them for sm90_conformance_gpu to compare the device's
-// bytes with.
+// sums; tensor reductions: the boxes' sums inside the tensor) and, with --write FILE, writes them
+// for sm90_conformance_gpu to compare the device's bytes with.
 //
 //   sm90_conformance_emu [--write FILE]
 //
@@ -60,6 +60,21 @@ std::vector<uint8_t> run_bulk_reduce() {
   return as_bytes(dst.data(), dst.size() * 4);
 }
 
+// The accumulator map as make_accumulator_map (sm90_tensor_map.h) encodes it.
+std::vector<uint8_t> run_tensor_reduce() {
+  const std::vector<float> src = red_sources();
+  std::vector<float> dst = red_initial();
+  const ring_attn::Strides st = red_strides();
+  const int64_t dims[5] = {32, kRedSeq, kRedCols / 32, kRedHeads, kRedBatch};
+  const int64_t strides[4] = {st.row * 4, 128, st.head * 4, st.batch * 4};
+  const int box[5] = {32, kRedBoxRows, kRedBoxBlocks, 1, 1};
+  const emu::TensorMap map =
+      emu::make_tensor_map(dst.data(), 4, 5, dims, strides, box, emu::TmaSwizzle::k128B);
+  emu::launch(kRedCtas, 1, 1, kRedThreads, kRedSmemBytes,
+              [&](char* smem) { tensor_reduce_case(&map, src.data(), smem); });
+  return as_bytes(dst.data(), dst.size() * 4);
+}
+
 // This program's runner of the shared cases.
 struct Emulator {
   template <bool kBF16, int N, Kind kForm>
@@ -67,6 +82,7 @@ struct Emulator {
   static std::vector<uint8_t> stmatrix() { return run_stmatrix(); }
   static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
   static std::vector<uint8_t> bulk_reduce() { return run_bulk_reduce(); }
+  static std::vector<uint8_t> tensor_reduce() { return run_tensor_reduce(); }
 };
 
 }  // namespace

@@ -49,6 +49,12 @@ __global__ void __launch_bounds__(kBulkThreads, 1) bulk_reduce_kernel(const floa
   bulk_reduce_case(src, dst, smem);
 }
 
+__global__ void __launch_bounds__(kRedThreads, 1)
+    tensor_reduce_kernel(const __grid_constant__ CUtensorMap map, const float* src) {
+  extern __shared__ __align__(1024) char smem[];
+  tensor_reduce_case(&map, src, smem);
+}
+
 namespace {
 
 bool check(cudaError_t e, const char* what) {
@@ -150,6 +156,28 @@ std::vector<uint8_t> run_bulk_reduce() {
   return r;
 }
 
+// The launcher's accumulator map (make_accumulator_map) of dst, which starts from red_initial().
+std::vector<uint8_t> run_tensor_reduce() {
+  float* src = to_device(red_sources());
+  float* dst = to_device(red_initial());
+  CUtensorMap map;
+  std::vector<uint8_t> r;
+  if (src != nullptr && dst != nullptr &&
+      check(make_accumulator_map(&map, dst, red_strides(), kRedBatch, kRedSeq, kRedHeads,
+                                 kRedCols, kRedBoxRows, kRedBoxBlocks),
+            "the tensor reduction's map (cuTensorMapEncodeTiled)")) {
+    tensor_reduce_kernel<<<kRedCtas, kRedThreads, kRedSmemBytes>>>(map, src);
+    r.resize(kRedTensorFloats * 4);
+    if (!check(cudaGetLastError(), "launch") || !check(cudaDeviceSynchronize(), "kernel") ||
+        !check(cudaMemcpy(r.data(), dst, r.size(), cudaMemcpyDeviceToHost), "cudaMemcpy")) {
+      r.clear();
+    }
+  }
+  cudaFree(src);
+  cudaFree(dst);
+  return r;
+}
+
 // This program's runner of the shared cases.
 struct Device {
   template <bool kBF16, int N, Kind kForm>
@@ -157,6 +185,7 @@ struct Device {
   static std::vector<uint8_t> stmatrix() { return run_stmatrix(); }
   static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
   static std::vector<uint8_t> bulk_reduce() { return run_bulk_reduce(); }
+  static std::vector<uint8_t> tensor_reduce() { return run_tensor_reduce(); }
 };
 
 }  // namespace

@@ -10,7 +10,7 @@
 // (pad rows) masks. The Hopper kernels (sm90_fwd_kernel.cuh, sm90_bwd_kernel.cuh: TMA, mbarriers,
 // wgmma, emulated by emu_sm90.h) run the "sm90a" cases: the forward at d = 64, 128 and 256, then
 // the backward as block_attn_cuda.cu runs it in both modes (at d = 64 and 128 the Hopper dK/dV
-// kernel with dQ fused and added by bulk reductions, and in the deterministic mode the dK/dV and
+// kernel with dQ fused and added by TMA reductions, and in the deterministic mode the dK/dV and
 // dQ kernels, sm90_dq_kernel.cuh, with no reduction; at d = 256 the mma.sync kernels); checked to
 // cover each dtype with causal, sliding-window and packed masks.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
@@ -235,6 +235,21 @@ emu::TensorMap sm90_map(const void* base, const Strides& st, int batch, int seql
                                  emu::TmaSwizzle::k128B);
 }
 
+// The tensor map of the fp32 accumulator dq_acc as the Hopper backward's launcher builds it
+// (sm90_tensor_map.h make_accumulator_map); exits on a layout it does not map.
+emu::TensorMap sm90_accumulator_map(void* base, const Strides& st, int batch, int seqlen,
+                                    int heads, int headdim, int box_rows, int box_blocks) {
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || st.batch % 4 != 0 || st.head % 4 != 0 ||
+      st.row % 4 != 0) {
+    std::fprintf(stderr, "accumulator layout the Hopper backward does not map\n");
+    std::exit(2);
+  }
+  const int64_t dims[5] = {32, seqlen, headdim / 32, heads, batch};
+  const int64_t strides[4] = {st.row * 4, 128, st.head * 4, st.batch * 4};
+  const int box[5] = {32, box_rows, box_blocks, 1, 1};
+  return emu::make_tensor_map(base, 4, 5, dims, strides, box, emu::TmaSwizzle::k128B);
+}
+
 // The Hopper forward as block_attn_cuda.cu launches it. Head dims 64, 128 and 256.
 void run_fwd_sm90(const FwdArgs& a) {
   const BlockShape& s = a.p.shape;
@@ -279,7 +294,10 @@ void run_bwd_sm90(const BlockBwdParams& p) {
             sm90_map(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, kD, Traits::kBlockN),
             sm90_map(p.q, p.q_strides, s.batch, s.seqlen_q, s.nheads, kD, Traits::kBlockM),
             sm90_map(p.dout, p.dout_strides, s.batch, s.seqlen_q, s.nheads, kD,
-                     Traits::kBlockM)};
+                     Traits::kBlockM),
+            kFusedDq ? sm90_accumulator_map(p.dq_acc, p.dq_strides, s.batch, s.seqlen_q,
+                                            s.nheads, kD, Traits::kDqBoxRows, Traits::kDqBoxBlocks)
+                     : emu::TensorMap{}};
         emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), s.nheads_kv, s.batch, Traits::kNThreads,
                     Traits::kSmemBytes,
                     [&](char* smem) { sm90::block_dkdv_body<Traits>(p, maps, smem); });
@@ -479,7 +497,7 @@ bool run_case(const Case& c) {
   p.dv_strides = p.dk_strides;
   // Both backward modes; the deterministic one must not use a single reduction, and run again
   // from the same accumulators it must give the same bits. The Hopper backward (d = 64 and 128;
-  // at d = 256 the dispatch runs mma.sync) adds dQ by bulk reductions in the other mode.
+  // at d = 256 the dispatch runs mma.sync) adds dQ by TMA reductions in the other mode.
   const bool hopper_bwd = c.sm90a && D != 256;
   double e_dq = 0, e_dk = 0, e_dv = 0;
   for (bool deterministic : {false, true}) {
@@ -499,7 +517,7 @@ bool run_case(const Case& c) {
     const bool dq_nonzero =
         std::any_of(ref.dq.begin(), ref.dq.end(), [](double v) { return v != 0.0; });
     if (hopper_bwd && !deterministic && dq_nonzero && emu::atomic_adds.load() == atomics_before) {
-      std::printf("Hopper backward: dQ added without a bulk reduction\n");
+      std::printf("Hopper backward: dQ added without a TMA reduction\n");
       ok = false;
     }
     if (deterministic) {

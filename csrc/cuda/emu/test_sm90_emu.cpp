@@ -7,11 +7,15 @@
 //   a two-stage TMA pipeline with full/empty mbarriers and named barriers;
 //   bulk reduce-adds (fp32, shared to global) from several CTAs and warps into the same rows,
 //     the staging reused after wait_group.read, against the sums in float64;
+//   TMA tensor reduce-adds (fp32, 5-D, unswizzled and 128-byte swizzled boxes reaching past the
+//     tensor's edges in three dimensions) against the sums in float64, elements outside the
+//     tensor and the row padding left unchanged;
 //   and that what the PTX ISA forbids is caught: results read before wgmma.wait_group or before
 //   the mbarrier wait, shared memory written without fence.proxy.async before wgmma or a bulk
-//   reduction, a bulk reduction's source overwritten before wait_group.read, a wgmma without
-//   wgmma.fence, a wgmma, TMA load or bulk reduction never waited for, an expect_tx that does
-//   not match, a TMA load on an mbarrier whose init was not fenced, a misaligned bulk reduction,
+//   or a TMA reduction, a bulk or TMA reduction's source overwritten before wait_group.read, a
+//   wgmma without wgmma.fence, a wgmma, TMA load or bulk or TMA reduction never waited for, an
+//   expect_tx that does not match, a TMA load on an mbarrier whose init was not fenced, a
+//   misaligned bulk or TMA reduction, TMA reduction coordinates of another rank than the map's,
 //   named barriers with different counts (the last ones abort the emulator: run in a child
 //   process).
 // Shared-memory operand placement is written here from the TMA box layout (64-column blocks,
@@ -581,6 +585,120 @@ void test_bulk_reductions() {
         "bulk reduction source overwritten before wait_group.read not caught");
 }
 
+// ---- TMA tensor reductions ---------------------------------------------------------------------
+// A (kTrOuter, kTrHeads, kTrRows, kTrCols) fp32 tensor, rows kTrPitch floats apart, as the 5-D
+// tensor (kTrCols, kTrRows, kTrHeads, kTrOuter, 1); one warp adds kTrRounds rounds of one box
+// (box_cols x 5 rows x 2 heads) at `origin`, staged with generic stores where the TMA lands
+// element i of the box (byte 4 i, swizzled with the 128-byte swizzle), the staging reused after
+// wait_group.read. The options break that sequence.
+constexpr int kTrCols = 40, kTrPitch = 44, kTrRows = 9, kTrHeads = 3, kTrOuter = 2, kTrRounds = 2;
+constexpr int kTrTensorFloats = kTrOuter * kTrHeads * kTrRows * kTrPitch;
+
+struct TensorReduce {
+  bool swizzle = false;
+  int origin[5] = {36, 6, 2, 1, 0};
+  bool fence = true;
+  bool final_wait = true;
+  bool overwrite_before_wait = false;  // the staging changed (unfenced) after the last issue
+  int src_offset = 0;                  // bytes added to the source address
+  bool rank4 = false;                  // coordinates given as a 4-D reduction
+};
+
+float tr_value(int round, int i) { return static_cast<float>((round * 5 + i * 3) % 13) - 6.f; }
+
+std::vector<float> tensor_reduce_sums(const TensorReduce& o, const std::vector<float>& init) {
+  std::vector<float> dst(init);
+  const int box_cols = o.swizzle ? 32 : 8;
+  const int64_t dims[5] = {kTrCols, kTrRows, kTrHeads, kTrOuter, 1};
+  const int64_t strides[4] = {kTrPitch * 4, kTrRows * kTrPitch * 4,
+                              kTrHeads * kTrRows * kTrPitch * 4, kTrTensorFloats * 4};
+  const int box[5] = {box_cols, 5, 2, 1, 1};
+  const emu::TensorMap map =
+      emu::make_tensor_map(dst.data(), 4, 5, dims, strides, box,
+                           o.swizzle ? emu::TmaSwizzle::k128B : emu::TmaSwizzle::kNone);
+  const int box_floats = box_cols * 5 * 2;
+  emu::launch(1, 1, 1, 32, 2048 + 1024, [&](char* smem) {
+    const int lane = thread_idx() % 32;
+    char* staging = smem + 1024 + o.src_offset;
+    for (int round = 0; round < kTrRounds; ++round) {
+      bulk_wait_group_read<0>();
+      sync_warp();
+      for (int i = lane; i < box_floats; i += 32) {
+        const uint32_t off = o.swizzle ? swizzle128(4u * i) : 4u * i;
+        *reinterpret_cast<float*>(staging + off) = tr_value(round, i);
+      }
+      if (o.fence) fence_proxy_async();
+      sync_warp();
+      if (lane == 0) {
+        const int* c = o.origin;
+        if (o.rank4) {
+          const int coords[4] = {c[0], c[1], c[2], c[3]};
+          emu::tma_reduce_add_f32(staging, &map, coords, 4);
+        } else {
+          tma_reduce_add_5d(staging, &map, c[0], c[1], c[2], c[3], c[4]);
+        }
+        bulk_commit_group();
+      }
+    }
+    if (o.overwrite_before_wait && lane == 0) *reinterpret_cast<float*>(staging) += 1.f;
+    if (o.final_wait) bulk_wait_group_read<0>();
+  });
+  return dst;
+}
+
+void test_tensor_reductions() {
+  std::vector<float> init(kTrTensorFloats);
+  for (size_t i = 0; i < init.size(); ++i) init[i] = 0.25f * static_cast<float>(i % 97);
+  for (bool swizzle : {false, true}) {
+    TensorReduce o;
+    o.swizzle = swizzle;
+    const int box_cols = swizzle ? 32 : 8;
+    std::vector<double> want(init.begin(), init.end());
+    for (int round = 0; round < kTrRounds; ++round) {
+      for (int i = 0; i < box_cols * 5 * 2; ++i) {
+        const int col = o.origin[0] + i % box_cols, row = o.origin[1] + (i / box_cols) % 5;
+        const int head = o.origin[2] + i / (box_cols * 5), outer = o.origin[3];
+        if (col >= kTrCols || row >= kTrRows || head >= kTrHeads) continue;
+        want[((outer * kTrHeads + head) * kTrRows + row) * kTrPitch + col] += tr_value(round, i);
+      }
+    }
+    const int64_t adds_before = emu::atomic_adds.load();
+    const std::vector<float> got = tensor_reduce_sums(o, init);
+    int wrong = 0;
+    for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != static_cast<float>(want[i]);
+    const std::string what = swizzle ? "swizzled" : "unswizzled";
+    check(wrong == 0, what + " TMA reductions: " + std::to_string(wrong) + " elements wrong");
+    check(got != init, what + " TMA reductions added nothing");
+    check(emu::atomic_adds.load() - adds_before == kTrRounds,
+          "TMA reductions not counted one per instruction");
+  }
+  TensorReduce no_fence;
+  no_fence.fence = false;
+  std::vector<float> zeros(kTrTensorFloats, 0.f);
+  check(aborts_with("no fence.proxy.async published", [&] { tensor_reduce_sums(no_fence, zeros); }),
+        "TMA reduction of unfenced generic stores not caught");
+  TensorReduce never_waited;
+  never_waited.final_wait = false;
+  check(aborts_with("bulk reductions not waited for",
+                    [&] { tensor_reduce_sums(never_waited, zeros); }),
+        "TMA reduction never waited for not caught");
+  TensorReduce overwritten;
+  overwritten.overwrite_before_wait = true;
+  check(aborts_with("overwritten before the wait_group.read",
+                    [&] { tensor_reduce_sums(overwritten, zeros); }),
+        "TMA reduction source overwritten before wait_group.read not caught");
+  TensorReduce misaligned;
+  misaligned.swizzle = true;
+  misaligned.src_offset = 512;
+  check(aborts_with("source out of shared memory or misaligned",
+                    [&] { tensor_reduce_sums(misaligned, zeros); }),
+        "TMA reduction from a swizzled source not 1024-byte aligned not caught");
+  TensorReduce rank4;
+  rank4.rank4 = true;
+  check(aborts_with("another rank", [&] { tensor_reduce_sums(rank4, zeros); }),
+        "TMA reduction coordinates of another rank not caught");
+}
+
 }  // namespace
 
 int main() {
@@ -590,6 +708,7 @@ int main() {
   test_tma_pipeline();
   test_hazards();
   test_bulk_reductions();
+  test_tensor_reductions();
   if (g_failures == 0) std::printf("test_sm90_emu: all checks passed\n");
   return g_failures == 0 ? 0 : 1;
 }
