@@ -15,7 +15,7 @@
 #              A, and both operands MN-major as the fused dQ reads them; the fused dQ's stmatrix
 #              store into a swizzled tile; a 128-byte-swizzled TMA load of boxes past the tensor's
 #              edges; the forward's setmaxnreg / named-barrier / mbarrier pipeline; the fused dQ's
-#              bulk reduce-add) to OUTDIR/sm90_conformance_emu.bin and
+#              TMA tensor reduce-add) to OUTDIR/sm90_conformance_emu.bin and
 #              sm90_conformance_gpu runs the same cases on the GPU and compares the bytes (one line
 #              per case: OK, or MISMATCH and the first differing word); cap 120 s
 #   ctest      C++ tests that touch the GPU or are quick: the CUDA microbenchmark's check

@@ -1,6 +1,6 @@
 // sm_90a building blocks of the Hopper block kernels: wgmma.mma_async (m64nNk16, bf16/fp16 with
 // fp32 accumulators, both operands from shared memory or A from registers), TMA 2D tensor loads
-// completing on mbarriers, bulk and TMA (5D tensor) reduce-adds from shared to global memory,
+// completing on mbarriers, TMA 5D tensor reduce-adds from shared to global memory,
 // mbarriers, fence.proxy.async, named barriers and setmaxnreg.
 //
 // Compiled two ways, as primitives.cuh:
@@ -157,31 +157,14 @@ RA_DEV void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, 
 #endif
 }
 
-// ---- bulk reductions ----------------------------------------------------------------------------
-// dst[0 : bytes / 4] += src[0 : bytes / 4] (fp32), element-wise atomic in global memory, read from
-// shared memory by the async proxy: src written by generic stores must be published by
-// fence.proxy.async first, and must stay unchanged until a bulk_wait_group_read has retired the
-// group (bulk_commit_group) holding the reduction. dst and src 16-byte aligned, bytes a multiple
-// of 16.
-RA_DEV void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
-#if defined(RA_CUDA_EMULATE)
-  emu::bulk_reduce_add_f32(dst, src, bytes);
-#elif defined(RA_SM90A)
-  asm volatile(
-      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
-      "r"(smem_address(src)), "r"(bytes)
-      : "memory");
-#else
-  __trap();
-#endif
-}
-
+// ---- TMA tensor reductions ---------------------------------------------------------------------
 // The box of the fp32 tensor `map` whose first element is (c0, .., c4) += the box at src, laid
 // out as a TMA load of it lands (1024-byte aligned with the 128-byte swizzle, else 128),
 // element-wise atomic in global memory; elements outside the tensor are left out. Read from
-// shared memory by the async proxy, under the same rules as bulk_reduce_add_f32
-// (fence.proxy.async before, src unchanged until a bulk_wait_group_read has retired its group).
-// map: a kernel parameter (__grid_constant__) or in global memory.
+// shared memory by the async proxy: src written by generic stores must be published by
+// fence.proxy.async first, and must stay unchanged until a bulk_wait_group_read has retired the
+// group (bulk_commit_group) holding the reduction. map: a kernel parameter (__grid_constant__) or
+// in global memory.
 RA_DEV void tma_reduce_add_5d(const void* src, const TensorMap* map, int c0, int c1, int c2,
                               int c3, int c4) {
 #if defined(RA_CUDA_EMULATE)
@@ -198,7 +181,7 @@ RA_DEV void tma_reduce_add_5d(const void* src, const TensorMap* map, int c0, int
 #endif
 }
 
-// Closes this thread's group of the bulk reductions issued since its last commit.
+// Closes this thread's group of the TMA tensor reductions issued since its last commit.
 RA_DEV void bulk_commit_group() {
 #if defined(RA_CUDA_EMULATE)
   emu::bulk_commit_group();

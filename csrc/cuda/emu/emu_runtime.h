@@ -126,9 +126,9 @@ struct PendingCopy {
   bool valid;
 };
 
-// One cp.reduce.async.bulk or cp.reduce.async.bulk.tensor (fp32 add) of a thread, run when its
-// group is waited for: the source's bytes [src, src + bytes) (shared-memory offsets), which must
-// stay unchanged until then, and the element-wise adds (destination, source offset).
+// One cp.reduce.async.bulk.tensor (fp32 add) of a thread, run when its group is waited for: the
+// source's bytes [src, src + bytes) (shared-memory offsets), which must stay unchanged until then,
+// and the element-wise adds (destination, source offset).
 struct BulkReduce {
   uint32_t src;
   uint32_t bytes;
@@ -148,7 +148,7 @@ struct Thread {
   std::vector<WgmmaOp> wgmma_open;
   std::deque<std::vector<WgmmaOp>> wgmma_committed;
   std::map<float*, std::vector<float>> wgmma_acc;
-  // Bulk reductions: the uncommitted and the committed groups whose sources are still to be read.
+  // TMA reductions: the uncommitted and the committed groups whose sources are still to be read.
   std::vector<BulkReduce> bulk_open;
   std::deque<std::vector<BulkReduce>> bulk_committed;
 };
@@ -379,7 +379,7 @@ void launch(int gx, int gy, int gz, int nthreads, size_t smem_bytes, Body&& body
               fail("thread exited with wgmma.mma_async not waited for");
             }
             if (!t.bulk_open.empty() || !t.bulk_committed.empty()) {
-              fail("thread exited with bulk reductions not waited for");
+              fail("thread exited with TMA reductions not waited for");
             }
             tls = nullptr;
           });

@@ -14,13 +14,13 @@
 //     transaction bytes when a thread waits on that mbarrier. An mbarrier's phase completes when
 //     its arrivals and transaction bytes are both in; a TMA load on a barrier whose init no
 //     fence.proxy.async followed is an error.
-//   cp.reduce.async.bulk (fp32 add, shared to global) and cp.reduce.async.bulk.tensor (fp32 add
-//     of a box to a tensor of rank up to 5: elements outside the tensor are not written; optional
-//     128-byte swizzle of the box in shared memory): recorded at issue, where the source must
-//     hold no generic store that a fence.proxy.async has not published; it reads its source from
-//     the async view and adds it (atomically, one count in atomic_adds per instruction) at the
-//     cp.async.bulk.wait_group.read that retires its group, where the source must still be
-//     unchanged. A thread must wait for all of its bulk groups before it exits.
+//   cp.reduce.async.bulk.tensor (fp32 add of a box to a tensor of rank up to 5: elements outside
+//     the tensor are not written; optional 128-byte swizzle of the box in shared memory):
+//     recorded at issue, where the source must hold no generic store that a fence.proxy.async
+//     has not published; it reads its source from the async view and adds it (atomically, one
+//     count in atomic_adds per instruction) at the cp.async.bulk.wait_group.read that retires its
+//     group, where the source must still be unchanged. A thread must wait for all of its bulk
+//     groups before it exits.
 //   Named barriers (bar.sync / bar.arrive, ids 1..15) with a thread count that all users agree on.
 // Waits that do not complete within wait_timeout_s seconds abort (a missing arrive, an
 // expect_tx that does not match the bytes loaded), as does a CTA that exits with a TMA load or a
@@ -245,27 +245,12 @@ inline void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, 
   mbarrier_locked(bar).loads.push_back({copy, bytes});
 }
 
-// ---- bulk reductions ----------------------------------------------------------------------------
+// ---- TMA tensor reductions ---------------------------------------------------------------------
 // Whether the generic and the async views of shared memory agree on [a, a + bytes). Callers hold
 // cta.sm90_mutex.
 inline bool views_agree_locked(uint32_t a, uint32_t bytes) {
   const Cta& cta = *tls->cta;
   return std::memcmp(cta.smem + a, cta.async_view.data() + a, bytes) == 0;
-}
-
-inline void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
-  if (bytes == 0 || bytes % 16 != 0) fail("bulk reduction size not a positive multiple of 16");
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("bulk reduction destination misaligned");
-  const uint32_t a =
-      smem_address(src, bytes, 16, "bulk reduction source out of shared memory or misaligned");
-  BulkReduce r{a, bytes, {}};
-  for (uint32_t i = 0; i < bytes / 4; ++i) r.adds.push_back({dst + i, a + 4 * i});
-  std::lock_guard<std::mutex> lock(tls->cta->sm90_mutex);
-  if (!views_agree_locked(a, bytes)) {
-    fail("bulk reduction source holds generic stores no fence.proxy.async published");
-  }
-  tls->bulk_open.push_back(std::move(r));
-  atomic_adds.fetch_add(1, std::memory_order_relaxed);
 }
 
 // The box of `map` whose first element is at `coords` (map->rank of them) added element-wise
@@ -305,7 +290,7 @@ inline void bulk_wait_group_read(int n) {
       {
         std::lock_guard<std::mutex> lock(cta.sm90_mutex);
         if (!views_agree_locked(r.src, r.bytes)) {
-          fail("bulk reduction source overwritten before the wait_group.read that retires it");
+          fail("TMA reduction source overwritten before the wait_group.read that retires it");
         }
         for (size_t i = 0; i < v.size(); ++i)
           std::memcpy(&v[i], cta.async_view.data() + r.adds[i].second, 4);

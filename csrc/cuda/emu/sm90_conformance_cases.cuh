@@ -26,10 +26,6 @@
 //   pipeline  the forward's warp specialisation: a producer warpgroup (setmaxnreg.dec) issues the
 //     TMA load and arrives at a named barrier, two consumer warpgroups (setmaxnreg.inc) sync on it
 //     and wait on the mbarrier; the box's bytes.
-//   bulk_reduce  cp.reduce.async.bulk .add.f32 from shared to global memory: kBulkCtas CTAs of
-//     two warps, each warp staging kBulkRows rows of kBulkRowFloats floats (generic stores,
-//     fence.proxy.async), lane r adding its row to row r of dst, twice, the staging reused after
-//     wait_group.read; dst's final bytes. Values k * 2^e: every sum exact in any order.
 //   tensor_reduce  cp.reduce.async.bulk.tensor.5d .add through the Hopper backward's fp32
 //     accumulator map (sm90_tensor_map.h make_accumulator_map: 32 columns, seq, column blocks,
 //     heads, batch; 128-byte swizzle) of a (kRedBatch, kRedSeq, kRedHeads, 64) tensor with rows
@@ -63,7 +59,6 @@ enum class Kind {
   kStmatrix,
   kTma,
   kPipeline,
-  kBulkReduce,
   kTensorReduce
 };
 
@@ -94,7 +89,6 @@ inline constexpr Case kCases[] = {
     {"stmatrix_x4 swizzle128", Kind::kStmatrix, false, 0},
     {"tma_oob swizzle128", Kind::kTma, true, 0},
     {"pipeline setmaxnreg named_barrier", Kind::kPipeline, true, 0},
-    {"bulk_reduce add.f32", Kind::kBulkReduce, false, 0},
     {"tensor_reduce 5d add.f32 swizzle128", Kind::kTensorReduce, false, 0},
 };
 
@@ -386,57 +380,6 @@ inline std::vector<uint16_t> stmatrix_reference() {
   return tile;
 }
 
-// ---- bulk reductions ---------------------------------------------------------------------------
-constexpr int kBulkCtas = 3, kBulkThreads = 64, kBulkRounds = 2, kBulkRows = 8, kBulkRowFloats = 12;
-constexpr int kBulkSmemBytes = (kBulkThreads / 32) * kBulkRows * kBulkRowFloats * 4;
-constexpr int kBulkDstFloats = kBulkRows * kBulkRowFloats;
-constexpr int kBulkSrcFloats = kBulkCtas * (kBulkThreads / 32) * kBulkRounds * kBulkDstFloats;
-
-// dst's initial values (k * 2^e), then the rows each CTA, warp and round adds:
-// src[((cta * warps + warp) * kBulkRounds + round) * kBulkDstFloats + row * kBulkRowFloats + i].
-inline std::vector<float> bulk_initial() {
-  std::vector<float> v(kBulkDstFloats);
-  for (int i = 0; i < kBulkDstFloats; ++i) v[i] = operand_value(2, i);
-  return v;
-}
-inline std::vector<float> bulk_sources() {
-  std::vector<float> v(kBulkSrcFloats);
-  for (int i = 0; i < kBulkSrcFloats; ++i) v[i] = operand_value(3, i);
-  return v;
-}
-
-// kBulkThreads threads of CTA block_idx_x(); smem: kBulkSmemBytes, 16-byte aligned.
-RA_DEV void bulk_reduce_case(const float* src, float* dst, char* smem) {
-  const int warp = thread_idx() / 32, lane = thread_idx() % 32;
-  float* staging = reinterpret_cast<float*>(smem) + warp * kBulkDstFloats;
-  for (int round = 0; round < kBulkRounds; ++round) {
-    const float* rows =
-        src + ((block_idx_x() * (kBulkThreads / 32) + warp) * kBulkRounds + round) * kBulkDstFloats;
-    sm90::bulk_wait_group_read<0>();  // the previous round's rows are read
-    sync_warp();
-    if (lane < kBulkRows) {
-      for (int i = 0; i < kBulkRowFloats; ++i)
-        staging[lane * kBulkRowFloats + i] = rows[lane * kBulkRowFloats + i];
-    }
-    sm90::fence_proxy_async();
-    sync_warp();
-    if (lane < kBulkRows) {
-      sm90::bulk_reduce_add_f32(dst + lane * kBulkRowFloats, staging + lane * kBulkRowFloats,
-                                kBulkRowFloats * 4);
-      sm90::bulk_commit_group();
-    }
-  }
-  sm90::bulk_wait_group_read<0>();
-}
-
-// The host reference: dst's initial values plus every row added to it.
-inline std::vector<float> bulk_reference() {
-  std::vector<float> dst = bulk_initial();
-  const std::vector<float> src = bulk_sources();
-  for (int i = 0; i < kBulkSrcFloats; ++i) dst[i % kBulkDstFloats] += src[i];
-  return dst;
-}
-
 // ---- TMA tensor reductions ---------------------------------------------------------------------
 constexpr int kRedBatch = 2, kRedSeq = 21, kRedHeads = 3, kRedCols = 64, kRedPitch = 68;  // floats
 constexpr int kRedCtas = 2, kRedThreads = 32, kRedRounds = 2, kRedBoxes = 2;
@@ -558,10 +501,6 @@ inline std::vector<uint8_t> reference_bytes(const Case& c) {
     const std::vector<uint16_t> tile = stmatrix_reference();
     return as_bytes(tile.data(), kDsTileBytes);
   }
-  if (c.kind == Kind::kBulkReduce) {
-    const std::vector<float> d = bulk_reference();
-    return as_bytes(d.data(), d.size() * 4);
-  }
   if (c.kind == Kind::kTensorReduce) {
     const std::vector<float> d = red_reference();
     return as_bytes(d.data(), d.size() * 4);
@@ -636,7 +575,7 @@ inline std::vector<std::vector<uint8_t>> read_results(const char* path) {
 }
 
 // The bytes of case c, from Runner::template wgmma<kBF16, N, kForm>(), Runner::stmatrix(),
-// Runner::tma(pipeline), Runner::bulk_reduce() and Runner::tensor_reduce(), which run the bodies
+// Runner::tma(pipeline) and Runner::tensor_reduce(), which run the bodies
 // above under the emulator or on the device.
 template <class Runner, Kind kForm>
 std::vector<uint8_t> run_wgmma_case(bool bf16, int n) {
@@ -665,8 +604,6 @@ std::vector<uint8_t> run_case(const Case& c) {
       return Runner::tma(false);
     case Kind::kPipeline:
       return Runner::tma(true);
-    case Kind::kBulkReduce:
-      return Runner::bulk_reduce();
     case Kind::kTensorReduce:
       return Runner::tensor_reduce();
   }

@@ -1,9 +1,9 @@
 // The emulator half of the sm_90a conformance check (sm90_conformance_cases.cuh): runs every case
 // under the emulator, checks its bytes against the plain host reference (wgmma: float(A B^T) in
 // fragment order; stmatrix: each fragment element at its 128-byte-swizzled place in the tile;
-// TMA: the row-major box, zero outside the tensor, 128-byte swizzled; bulk reductions: the rows'
-// sums; tensor reductions: the boxes' sums inside the tensor) and, with --write FILE, writes them
-// for sm90_conformance_gpu to compare the device's bytes with.
+// TMA: the row-major box, zero outside the tensor, 128-byte swizzled; tensor reductions: the
+// boxes' sums inside the tensor) and, with --write FILE, writes them for sm90_conformance_gpu to
+// compare the device's bytes with.
 //
 //   sm90_conformance_emu [--write FILE]
 //
@@ -52,14 +52,6 @@ std::vector<uint8_t> run_tma(bool pipeline) {
   return as_bytes(out.data(), out.size() * 4);
 }
 
-std::vector<uint8_t> run_bulk_reduce() {
-  const std::vector<float> src = bulk_sources();
-  std::vector<float> dst = bulk_initial();
-  emu::launch(kBulkCtas, 1, 1, kBulkThreads, kBulkSmemBytes,
-              [&](char* smem) { bulk_reduce_case(src.data(), dst.data(), smem); });
-  return as_bytes(dst.data(), dst.size() * 4);
-}
-
 // The accumulator map as make_accumulator_map (sm90_tensor_map.h) encodes it.
 std::vector<uint8_t> run_tensor_reduce() {
   const std::vector<float> src = red_sources();
@@ -81,7 +73,6 @@ struct Emulator {
   static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kForm>(); }
   static std::vector<uint8_t> stmatrix() { return run_stmatrix(); }
   static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
-  static std::vector<uint8_t> bulk_reduce() { return run_bulk_reduce(); }
   static std::vector<uint8_t> tensor_reduce() { return run_tensor_reduce(); }
 };
 

@@ -44,11 +44,6 @@ __global__ void __launch_bounds__(kPipelineThreads, 1)
   pipeline_case(&map, out, smem);
 }
 
-__global__ void __launch_bounds__(kBulkThreads, 1) bulk_reduce_kernel(const float* src, float* dst) {
-  extern __shared__ __align__(1024) char smem[];
-  bulk_reduce_case(src, dst, smem);
-}
-
 __global__ void __launch_bounds__(kRedThreads, 1)
     tensor_reduce_kernel(const __grid_constant__ CUtensorMap map, const float* src) {
   extern __shared__ __align__(1024) char smem[];
@@ -138,24 +133,6 @@ std::vector<uint8_t> run_tma(bool pipeline) {
   return r;
 }
 
-// dst starts from bulk_initial(), not from run()'s fill.
-std::vector<uint8_t> run_bulk_reduce() {
-  float* src = to_device(bulk_sources());
-  float* dst = to_device(bulk_initial());
-  std::vector<uint8_t> r;
-  if (src != nullptr && dst != nullptr) {
-    bulk_reduce_kernel<<<kBulkCtas, kBulkThreads, kBulkSmemBytes>>>(src, dst);
-    r.resize(kBulkDstFloats * 4);
-    if (!check(cudaGetLastError(), "launch") || !check(cudaDeviceSynchronize(), "kernel") ||
-        !check(cudaMemcpy(r.data(), dst, r.size(), cudaMemcpyDeviceToHost), "cudaMemcpy")) {
-      r.clear();
-    }
-  }
-  cudaFree(src);
-  cudaFree(dst);
-  return r;
-}
-
 // The launcher's accumulator map (make_accumulator_map) of dst, which starts from red_initial().
 std::vector<uint8_t> run_tensor_reduce() {
   float* src = to_device(red_sources());
@@ -184,7 +161,6 @@ struct Device {
   static std::vector<uint8_t> wgmma() { return run_wgmma<kBF16, N, kForm>(); }
   static std::vector<uint8_t> stmatrix() { return run_stmatrix(); }
   static std::vector<uint8_t> tma(bool pipeline) { return run_tma(pipeline); }
-  static std::vector<uint8_t> bulk_reduce() { return run_bulk_reduce(); }
   static std::vector<uint8_t> tensor_reduce() { return run_tensor_reduce(); }
 };
 

@@ -5,19 +5,17 @@
 //   TMA 2D loads (odd tensor sizes, boxes reaching past every edge, 128-byte swizzle or none)
 //     against the tensor read element by element, with out-of-bounds elements zero;
 //   a two-stage TMA pipeline with full/empty mbarriers and named barriers;
-//   bulk reduce-adds (fp32, shared to global) from several CTAs and warps into the same rows,
-//     the staging reused after wait_group.read, against the sums in float64;
 //   TMA tensor reduce-adds (fp32, 5-D, unswizzled and 128-byte swizzled boxes reaching past the
 //     tensor's edges in three dimensions) against the sums in float64, elements outside the
-//     tensor and the row padding left unchanged;
+//     tensor and the row padding left unchanged; a staging reused before wait_group.read is
+//     read by the earlier rounds' reductions too;
 //   and that what the PTX ISA forbids is caught: results read before wgmma.wait_group or before
-//   the mbarrier wait, shared memory written without fence.proxy.async before wgmma or a bulk
-//   or a TMA reduction, a bulk or TMA reduction's source overwritten before wait_group.read, a
-//   wgmma without wgmma.fence, a wgmma, TMA load or bulk or TMA reduction never waited for, an
-//   expect_tx that does not match, a TMA load on an mbarrier whose init was not fenced, a
-//   misaligned bulk or TMA reduction, TMA reduction coordinates of another rank than the map's,
-//   named barriers with different counts (the last ones abort the emulator: run in a child
-//   process).
+//   the mbarrier wait, shared memory written without fence.proxy.async before wgmma or a TMA
+//   reduction, a TMA reduction's source overwritten before wait_group.read, a wgmma without
+//   wgmma.fence, a wgmma, TMA load or TMA reduction never waited for, an expect_tx that does not
+//   match, a TMA load on an mbarrier whose init was not fenced, a misaligned TMA reduction, TMA
+//   reduction coordinates of another rank than the map's, named barriers with different counts
+//   (the last ones abort the emulator: run in a child process).
 // Shared-memory operand placement is written here from the TMA box layout (64-column blocks,
 // chunk c of row r at chunk c ^ (r % 8)), independently of the descriptor decoding under test.
 // Exit status 0 when every check passes.
@@ -478,113 +476,6 @@ void test_hazards() {
         "named barrier count mismatch not caught");
 }
 
-// ---- bulk reductions ---------------------------------------------------------------------------
-// kCtas CTAs of two warps add, in kRounds rounds, a row of kRowFloats floats from lanes 0..3 of
-// each warp to row `lane` of dst: each round the warp stages its rows in shared memory (generic
-// stores), fences, and each lane issues and commits its reduction; the staging is reused in the
-// next round after wait_group.read. The options break that sequence.
-constexpr int kCtas = 3, kRounds = 3, kRowFloats = 20, kRows = 4;
-
-struct BulkSequence {
-  bool wait_before_reuse = true;
-  bool fence = true;
-  bool final_wait = true;
-  int dst_offset = 0;  // floats added to the destination address
-};
-
-float bulk_value(int cta, int warp, int lane, int round, int i) {
-  return static_cast<float>((cta * 7 + warp * 3 + round) % 11) - 5.f + 0.25f * lane + 0.5f * i;
-}
-
-std::vector<float> bulk_sums(const BulkSequence& o, const std::vector<float>& init) {
-  std::vector<float> dst(init);
-  emu::launch(kCtas, 1, 1, 64, 2 * kRows * kRowFloats * 4, [&](char* smem) {
-    const int warp = thread_idx() / 32, lane = thread_idx() % 32, cta = block_idx_x();
-    float* staging = reinterpret_cast<float*>(smem) + warp * kRows * kRowFloats;
-    for (int round = 0; round < kRounds; ++round) {
-      if (o.wait_before_reuse) bulk_wait_group_read<0>();
-      sync_warp();
-      if (lane < kRows) {
-        for (int i = 0; i < kRowFloats; ++i)
-          staging[lane * kRowFloats + i] = bulk_value(cta, warp, lane, round, i);
-      }
-      if (o.fence) fence_proxy_async();
-      sync_warp();
-      if (lane < kRows) {
-        bulk_reduce_add_f32(dst.data() + lane * kRowFloats + o.dst_offset,
-                            staging + lane * kRowFloats, kRowFloats * 4);
-        bulk_commit_group();
-      }
-    }
-    if (o.final_wait) bulk_wait_group_read<0>();
-  });
-  return dst;
-}
-
-void test_bulk_reductions() {
-  std::vector<float> init(kRows * kRowFloats);
-  for (size_t i = 0; i < init.size(); ++i) init[i] = 0.125f * static_cast<float>(i);
-  std::vector<double> want(init.begin(), init.end());
-  for (int cta = 0; cta < kCtas; ++cta) {
-    for (int warp = 0; warp < 2; ++warp) {
-      for (int lane = 0; lane < kRows; ++lane) {
-        for (int round = 0; round < kRounds; ++round) {
-          for (int i = 0; i < kRowFloats; ++i)
-            want[lane * kRowFloats + i] += bulk_value(cta, warp, lane, round, i);
-        }
-      }
-    }
-  }
-  auto wrong = [&](const std::vector<float>& got) {
-    int n = 0;
-    for (size_t i = 0; i < got.size(); ++i) n += !(std::fabs(got[i] - want[i]) <= 1e-4);
-    return n;
-  };
-  const int64_t adds_before = emu::atomic_adds.load();
-  const std::vector<float> got = bulk_sums({}, init);
-  check(wrong(got) == 0, "bulk reductions: " + std::to_string(wrong(got)) + " sums wrong");
-  check(emu::atomic_adds.load() - adds_before == kCtas * 2 * kRows * kRounds,
-        "bulk reductions not counted one per instruction");
-
-  // The staging reused (and fenced) before wait_group.read: the earlier rounds' reductions read
-  // the later rounds' rows.
-  BulkSequence no_wait;
-  no_wait.wait_before_reuse = false;
-  const std::vector<float> early_reuse = bulk_sums(no_wait, init);
-  check(wrong(early_reuse) == kRows * kRowFloats,
-        "bulk reduction source reused before wait_group.read gave the right sums");
-
-  BulkSequence no_fence;
-  no_fence.fence = false;
-  check(aborts_with("no fence.proxy.async published", [&] { bulk_sums(no_fence, init); }),
-        "bulk reduction of unfenced generic stores not caught");
-  BulkSequence never_waited;
-  never_waited.final_wait = false;
-  check(aborts_with("bulk reductions not waited for", [&] { bulk_sums(never_waited, init); }),
-        "bulk reductions never waited for not caught");
-  BulkSequence misaligned;
-  misaligned.dst_offset = 1;
-  check(aborts_with("destination misaligned", [&] { bulk_sums(misaligned, init); }),
-        "misaligned bulk reduction not caught");
-
-  // Overwritten without a fence before wait_group.read: the source changed under the reduction.
-  check(aborts_with("overwritten before the wait_group.read",
-                    [&] {
-                      std::vector<float> dst(4, 0.f);
-                      emu::launch(1, 1, 1, 32, 64, [&](char* smem) {
-                        float* src = reinterpret_cast<float*>(smem);
-                        if (thread_idx() != 0) return;
-                        for (int i = 0; i < 4; ++i) src[i] = 1.f;
-                        fence_proxy_async();
-                        bulk_reduce_add_f32(dst.data(), src, 16);
-                        bulk_commit_group();
-                        src[0] = 2.f;
-                        bulk_wait_group_read<0>();
-                      });
-                    }),
-        "bulk reduction source overwritten before wait_group.read not caught");
-}
-
 // ---- TMA tensor reductions ---------------------------------------------------------------------
 // A (kTrOuter, kTrHeads, kTrRows, kTrCols) fp32 tensor, rows kTrPitch floats apart, as the 5-D
 // tensor (kTrCols, kTrRows, kTrHeads, kTrOuter, 1); one warp adds kTrRounds rounds of one box
@@ -597,6 +488,7 @@ constexpr int kTrTensorFloats = kTrOuter * kTrHeads * kTrRows * kTrPitch;
 struct TensorReduce {
   bool swizzle = false;
   int origin[5] = {36, 6, 2, 1, 0};
+  bool wait_before_reuse = true;
   bool fence = true;
   bool final_wait = true;
   bool overwrite_before_wait = false;  // the staging changed (unfenced) after the last issue
@@ -621,7 +513,7 @@ std::vector<float> tensor_reduce_sums(const TensorReduce& o, const std::vector<f
     const int lane = thread_idx() % 32;
     char* staging = smem + 1024 + o.src_offset;
     for (int round = 0; round < kTrRounds; ++round) {
-      bulk_wait_group_read<0>();
+      if (o.wait_before_reuse) bulk_wait_group_read<0>();
       sync_warp();
       for (int i = lane; i < box_floats; i += 32) {
         const uint32_t off = o.swizzle ? swizzle128(4u * i) : 4u * i;
@@ -646,31 +538,56 @@ std::vector<float> tensor_reduce_sums(const TensorReduce& o, const std::vector<f
   return dst;
 }
 
+// The tensor after o's reductions when every round's reduction reads the staging of round
+// source_round(round), in float64.
+template <class SourceRound>
+std::vector<double> tensor_reduce_want(const TensorReduce& o, const std::vector<float>& init,
+                                       SourceRound source_round) {
+  const int box_cols = o.swizzle ? 32 : 8;
+  std::vector<double> want(init.begin(), init.end());
+  for (int round = 0; round < kTrRounds; ++round) {
+    for (int i = 0; i < box_cols * 5 * 2; ++i) {
+      const int col = o.origin[0] + i % box_cols, row = o.origin[1] + (i / box_cols) % 5;
+      const int head = o.origin[2] + i / (box_cols * 5), outer = o.origin[3];
+      if (col >= kTrCols || row >= kTrRows || head >= kTrHeads) continue;
+      want[((outer * kTrHeads + head) * kTrRows + row) * kTrPitch + col] +=
+          tr_value(source_round(round), i);
+    }
+  }
+  return want;
+}
+
+int elements_wrong(const std::vector<float>& got, const std::vector<double>& want) {
+  int wrong = 0;
+  for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != static_cast<float>(want[i]);
+  return wrong;
+}
+
 void test_tensor_reductions() {
   std::vector<float> init(kTrTensorFloats);
   for (size_t i = 0; i < init.size(); ++i) init[i] = 0.25f * static_cast<float>(i % 97);
   for (bool swizzle : {false, true}) {
     TensorReduce o;
     o.swizzle = swizzle;
-    const int box_cols = swizzle ? 32 : 8;
-    std::vector<double> want(init.begin(), init.end());
-    for (int round = 0; round < kTrRounds; ++round) {
-      for (int i = 0; i < box_cols * 5 * 2; ++i) {
-        const int col = o.origin[0] + i % box_cols, row = o.origin[1] + (i / box_cols) % 5;
-        const int head = o.origin[2] + i / (box_cols * 5), outer = o.origin[3];
-        if (col >= kTrCols || row >= kTrRows || head >= kTrHeads) continue;
-        want[((outer * kTrHeads + head) * kTrRows + row) * kTrPitch + col] += tr_value(round, i);
-      }
-    }
+    const std::vector<double> want = tensor_reduce_want(o, init, [](int round) { return round; });
     const int64_t adds_before = emu::atomic_adds.load();
     const std::vector<float> got = tensor_reduce_sums(o, init);
-    int wrong = 0;
-    for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != static_cast<float>(want[i]);
+    const int wrong = elements_wrong(got, want);
     const std::string what = swizzle ? "swizzled" : "unswizzled";
     check(wrong == 0, what + " TMA reductions: " + std::to_string(wrong) + " elements wrong");
     check(got != init, what + " TMA reductions added nothing");
     check(emu::atomic_adds.load() - adds_before == kTrRounds,
           "TMA reductions not counted one per instruction");
+
+    // The staging reused (and fenced) before wait_group.read: every round's reduction reads the
+    // last round's box.
+    TensorReduce reused = o;
+    reused.wait_before_reuse = false;
+    const std::vector<double> want_reused =
+        tensor_reduce_want(o, init, [](int) { return kTrRounds - 1; });
+    const std::vector<float> got_reused = tensor_reduce_sums(reused, init);
+    check(elements_wrong(got_reused, want) > 0 && elements_wrong(got_reused, want_reused) == 0,
+          what + " TMA reduction source reused before wait_group.read not read at the wait");
   }
   TensorReduce no_fence;
   no_fence.fence = false;
@@ -679,7 +596,7 @@ void test_tensor_reductions() {
         "TMA reduction of unfenced generic stores not caught");
   TensorReduce never_waited;
   never_waited.final_wait = false;
-  check(aborts_with("bulk reductions not waited for",
+  check(aborts_with("TMA reductions not waited for",
                     [&] { tensor_reduce_sums(never_waited, zeros); }),
         "TMA reduction never waited for not caught");
   TensorReduce overwritten;
@@ -707,7 +624,6 @@ int main() {
   test_tma_boxes(false);
   test_tma_pipeline();
   test_hazards();
-  test_bulk_reductions();
   test_tensor_reductions();
   if (g_failures == 0) std::printf("test_sm90_emu: all checks passed\n");
   return g_failures == 0 ? 0 : 1;
