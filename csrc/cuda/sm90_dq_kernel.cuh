@@ -33,6 +33,7 @@
 #include "core/params.h"
 #include "cuda/bwd_kernel.cuh"
 #include "cuda/primitives.cuh"
+#include "cuda/sm90_bwd_common.cuh"
 #include "cuda/sm90_bwd_kernel.cuh"
 #include "cuda/sm90_fwd_geometry.h"
 #include "cuda/sm90_fwd_kernel.cuh"
@@ -112,15 +113,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
   uint64_t* tail_bar = q_bar + 1;
   int32_t* scratch = reinterpret_cast<int32_t*>(smem + Traits::kOffScratch);
 
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + s, 1);
-      mbar_init(empty + s, kConsumerThreads / 32);
-    }
-    mbar_init(q_bar, 1);
-    mbar_init(tail_bar, 1);
-    fence_proxy_async();  // the inits, before TMA completes on them
-  }
+  init_pipeline_barriers<kStages, 2>(full, kConsumerThreads / 32, tid);  // then q, tail
   // Ends with a barrier: the mbarriers and the rows' bounds are ready for every warp.
   const TileBounds q_bounds =
       cta_row_bounds<kNT>(p.mask, p.q_pos, p.q_seg, q0, kBM, Sq, sRows, scratch, tid);
@@ -169,14 +162,10 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
         }
       }
       if (tail) {
-        // K and V rows past Sk hold what follows the sequence in memory (any bits): zeroed once
-        // landed, so that those keys' s, dp and ds K are finite and ds K is 0.
-        mbar_wait(tail_bar, 0);  // one tail per CTA
-        zero_tile_rows<kBN, Traits::kColBlocks>(tK, k1 - k0, lane);
-        zero_tile_rows<kBN, Traits::kColBlocks>(tV, k1 - k0, lane);
-        fence_proxy_async();
-        sync_warp();  // every lane's zeros are published before lane 0's arrival
-        if (lane == 0) mbar_arrive(full + stage);
+        // K and V rows past Sk zeroed, so that those keys' s, dp and ds K are finite and ds K is
+        // 0. One tail per CTA.
+        publish_tail_stage<kBN, Traits::kColBlocks>(tail_bar, 0, tK, tV, k1 - k0, full + stage,
+                                                    lane);
       }
       ++it;
     }
@@ -218,49 +207,24 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
     // S = Q K^T and dP = dO V^T: k16 steps over the head dim, all operands K-major.
     float s[kBN / 2], dp[kBN / 2];
     wgmma_fence();
-    RA_UNROLL
-    for (int kc = 0; kc < kD / 16; ++kc) {
-      const int q_off = (kc / 4) * kBM * 128 + 64 * wg * 128 + (kc % 4) * 32;
-      const int kv_off = (kc / 4) * kBN * 128 + (kc % 4) * 32;
-      wgmma_ss<kBF16, kBN, false, false>(s, smem_desc(sQ + q_off, 16, 1024),
-                                         smem_desc(tK + kv_off, 16, 1024), kc > 0);
-      wgmma_ss<kBF16, kBN, false, false>(dp, smem_desc(sdO + q_off, 16, 1024),
-                                         smem_desc(tV + kv_off, 16, 1024), kc > 0);
-    }
+    issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(s, sQ + 64 * wg * 128, tK);
+    issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(dp, sdO + 64 * wg * 128, tV);
     wgmma_commit();
     wgmma_wait<0>();
 
     // P = exp(scale S - lse); a partial tile's p is 0 where the row does not see the key. Then
     // dS = scale P (dP - delta), in place.
-    RA_UNROLL
-    for (int i = 0; i < kBN / 2; ++i) s[i] = fast_exp2(fmaf(s[i], exp2_mul, -lse2[(i / 2) % 2]));
-    if (e & 1u) {
-      const int32_t* kpos = sKpos + stage * kBN;
-      RA_UNROLL
-      for (int i = 0; i < kBN / 2; ++i) {
-        s[i] = is_visible(seen[(i / 2) % 2], kpos[8 * (i / 4) + 2 * t4 + i % 2]) ? s[i] : 0.f;
-      }
-    }
-    RA_UNROLL
-    for (int i = 0; i < kBN / 2; ++i) dp[i] = s[i] * fmaf(dp[i], scale, -delta_s[(i / 2) % 2]);
+    probs_from_scores<false>(s, exp2_mul, lse2, t4);
+    if (e & 1u) mask_probs<false>(s, seen, sKpos + stage * kBN, t4);
+    ds_from_probs<false>(dp, s, scale, delta_s, t4);
 
     // dS (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
     // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
     uint32_t dsa[kBN / 16][4];
-    RA_UNROLL
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      RA_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
-        dsa[kc][j] = pack2<kBF16>(dp[i], dp[i + 1]);
-      }
-    }
+    pack_a_fragments<kBF16>(dp, dsa);
     // dQ += dS K: K (keys x head dim) is the MN-major B operand, 64-column blocks LBO apart.
     wgmma_fence();
-    RA_UNROLL
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      wgmma_rs<kBF16, kD, true>(dq, dsa[kc], smem_desc(tK + kc * 16 * 128, kBN * 128, 1024), true);
-    }
+    issue_register_a_product<kBF16, kD, kBN / 16, kBN>(dq, dsa, tK);
     wgmma_commit();
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
