@@ -15,13 +15,18 @@
 //     mbarrier. After the last tile it writes the end entry into the next stage and arrives on
 //     its full mbarrier.
 //   two consumer warpgroups of 64 keys (registers raised by setmaxnreg), per stage:
-//     S^T = K Q^T, dP^T = V dO^T by wgmma (both operands in shared memory, 128-byte swizzle);
-//     P^T = exp(scale S^T - lse)                  (partial tiles only: 0 where a row does not
+//     S^T = K Q^T, then dP^T = V dO^T by wgmma as a second group (both operands in shared
+//     memory, 128-byte swizzle);
+//     P^T = exp(scale S^T - lse)                  (once S^T is in, while dP^T runs: wgmma_wait<1>;
+//                                                   partial tiles only: 0 where a row does not
 //                                                   see a key)
-//     dS^T = scale P^T (dP^T - delta)             (the softmax scale applied here, once)
+//     dS^T = scale P^T (dP^T - delta)             (once dP^T is in; the softmax scale applied
+//                                                   here, once)
 //     dV += P^T dO, dK += dS^T Q by wgmma (P^T, dS^T rounded to 16 bits in the register-A
-//     fragment; dO, Q MN-major in shared memory); then one arrival per warp on the stage's empty
-//     mbarrier.
+//     fragment; dO, Q MN-major in shared memory). With kDvBeforeDs (d = 64) dV += P^T dO is
+//     issued as soon as P^T is packed, as a third group that runs while dS^T is computed
+//     (wgmma_wait<1> before dS^T reads dP^T); otherwise it shares dK's group. Once every group
+//     is in (wgmma_wait<0>), one arrival per warp on the stage's empty mbarrier.
 //   epilogue  dk_acc += dK, dv_acc += dV for the keys below Sk: the CTA owns its rows, so the
 //             sums need no reduction and run in a fixed order.
 // With kFusedDq (the non-deterministic mode) the consumers also add each stage's dQ to dq_acc:
@@ -75,6 +80,10 @@ struct DkdvTraits {
   static constexpr int kBlockN = 64 * kConsumerWarpgroups;           // keys
   static constexpr int kBlockM = 64;                                 // query rows of a stage
   static constexpr int kStages = 2;
+  // dV += P^T dO issued before dS^T is computed, so that it runs meanwhile: P^T's register-A
+  // fragments then live beside P^T, dP^T, dK and dV, which the 128 accumulator registers of
+  // d = 128 leave no room for (ptxas would serialise the wgmma); there dV joins dK's group.
+  static constexpr bool kDvBeforeDs = kHeadDim == 64;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
@@ -268,24 +277,42 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
     const char* tQ = sQ + stage * Traits::kQBytes;
     const char* tdO = sdO + stage * Traits::kQBytes;
 
-    // S^T = K Q^T and dP^T = V dO^T: k16 steps over the head dim, all operands K-major.
+    // S^T = K Q^T, then dP^T = V dO^T as a second wgmma group, which runs while P^T is
+    // computed: k16 steps over the head dim, all operands K-major.
     float s[kBM / 2], dp[kBM / 2];
     wgmma_fence();
     issue_head_dim_product<kBF16, kBM, kD, kBN, kBM>(s, sK + 64 * wg * 128, tQ);
+    wgmma_commit();
     issue_head_dim_product<kBF16, kBM, kD, kBN, kBM>(dp, sV + 64 * wg * 128, tdO);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<1>();  // S^T is in (groups complete in order); dP^T may still run
 
-    // P^T = exp(scale S^T - lse), dS^T = scale P^T (dP^T - delta), in place (the stage's rows'
-    // lse and delta per column); a partial tile's p is 0 where the row does not see the key.
+    // P^T = exp(scale S^T - lse), in place (the stage's rows' lse per column); a partial tile's
+    // p is 0 where the row does not see the key.
     probs_from_scores<true>(s, exp2_mul, sLse + stage * kBM, t4);
     if (e & 1u) mask_probs<true>(s, kpos, sRows + stage * kBM, t4);
-    ds_from_probs<true>(dp, s, scale, sDelta + stage * kBM, t4);
 
-    // P^T and dS^T (16 bits) as the register-A fragments of the k16 steps over the query rows:
-    // a[j] of step kc holds key key0 + 8 (j % 2), rows 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
+    // Once dP^T is in, dS^T = scale P^T (dP^T - delta), in place (the stage's rows' scale delta
+    // per column). P^T and dS^T (16 bits) as the register-A fragments of the k16 steps over the
+    // query rows: a[j] of step kc holds key key0 + 8 (j % 2), rows 16 kc + 8 (j / 2) + 2 t4 +
+    // {0, 1}, left unchanged until its product has been waited for. dV += P^T dO and
+    // dK += dS^T Q: dO and Q (rows x head dim) are MN-major B operands, 64-column blocks LBO
+    // apart.
+    const float* delta_s = sDelta + stage * kBM;
     uint32_t pa[kBM / 16][4], dsa[kBM / 16][4];
-    pack_a_fragments<kBF16>(s, pa);
+    if constexpr (Traits::kDvBeforeDs) {
+      // dV += P^T dO at once, a third group, which runs while dS^T is computed.
+      pack_a_fragments<kBF16>(s, pa);
+      wgmma_fence();
+      issue_register_a_product<kBF16, kD, kBM / 16, kBM>(dv, pa, tdO);
+      wgmma_commit();
+      wgmma_wait<1>();  // dP^T is in; dV += P^T dO may still run
+      ds_from_probs<true>(dp, s, scale, delta_s, t4);
+    } else {
+      wgmma_wait<0>();  // dP^T is in
+      ds_from_probs<true>(dp, s, scale, delta_s, t4);
+      pack_a_fragments<kBF16>(s, pa);
+    }
     pack_a_fragments<kBF16>(dp, dsa);
     if constexpr (Traits::kFusedDq) {
       // dS^T into the stage's tile (key k, row m at swizzle(128 k + 2 m)) by stmatrix: dsa[kc][j]
@@ -303,13 +330,14 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
       }
       fence_proxy_async();
     }
-    // dV += P^T dO, dK += dS^T Q: dO and Q (rows x head dim) are MN-major B operands, 64-column
-    // blocks LBO apart.
+    // dK += dS^T Q, with dV += P^T dO unless it was issued before: one group.
     wgmma_fence();
-    issue_register_a_product<kBF16, kD, kBM / 16, kBM>(dv, pa, tdO);
+    if constexpr (!Traits::kDvBeforeDs) {
+      issue_register_a_product<kBF16, kD, kBM / 16, kBM>(dv, pa, tdO);
+    }
     issue_register_a_product<kBF16, kD, kBM / 16, kBM>(dk, dsa, tQ);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<0>();  // dV and dK are in: the stage's Q and dO, pa and dsa are free
     if constexpr (!Traits::kFusedDq) {
       if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
     } else {

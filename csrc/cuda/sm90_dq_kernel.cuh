@@ -13,9 +13,11 @@
 //     full mbarrier. After the last tile it writes the end entry into the next stage and arrives
 //     on its full mbarrier.
 //   two consumer warpgroups of 64 query rows (registers raised by setmaxnreg), per stage:
-//     S = Q K^T, dP = dO V^T by wgmma (both operands in shared memory, 128-byte swizzle);
-//     P = exp(scale S - lse)               (partial tiles only: 0 where a row does not see a key)
-//     dS = scale P (dP - delta)            (the softmax scale applied here, once)
+//     S = Q K^T, then dP = dO V^T by wgmma as a second group (both operands in shared memory,
+//     128-byte swizzle);
+//     P = exp(scale S - lse)               (once S is in, while dP runs: wgmma_wait<1>; partial
+//                                            tiles only: 0 where a row does not see a key)
+//     dS = scale P (dP - delta)            (once dP is in; the softmax scale applied here, once)
 //     dQ += dS K by wgmma (dS rounded to 16 bits in the register-A fragment, K MN-major in shared
 //     memory); then one arrival per warp on the stage's empty mbarrier.
 //   prologue  the rows' bounds into shared memory (cta_row_bounds, all warpgroups); consumers:
@@ -204,18 +206,21 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
     const char* tK = sK + stage * Traits::kKvBytes;
     const char* tV = sV + stage * Traits::kKvBytes;
 
-    // S = Q K^T and dP = dO V^T: k16 steps over the head dim, all operands K-major.
+    // S = Q K^T, then dP = dO V^T as a second wgmma group, which runs while P is computed: k16
+    // steps over the head dim, all operands K-major.
     float s[kBN / 2], dp[kBN / 2];
     wgmma_fence();
     issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(s, sQ + 64 * wg * 128, tK);
+    wgmma_commit();
     issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(dp, sdO + 64 * wg * 128, tV);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<1>();  // S is in (groups complete in order); dP may still run
 
-    // P = exp(scale S - lse); a partial tile's p is 0 where the row does not see the key. Then
-    // dS = scale P (dP - delta), in place.
+    // P = exp(scale S - lse); a partial tile's p is 0 where the row does not see the key. Then,
+    // once dP is in, dS = scale P (dP - delta), in place.
     probs_from_scores<false>(s, exp2_mul, lse2, t4);
     if (e & 1u) mask_probs<false>(s, seen, sKpos + stage * kBN, t4);
+    wgmma_wait<0>();
     ds_from_probs<false>(dp, s, scale, delta_s, t4);
 
     // dS (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
