@@ -19,7 +19,9 @@
 //                                            tiles only: 0 where a row does not see a key)
 //     dS = scale P (dP - delta)            (once dP is in; the softmax scale applied here, once)
 //     dQ += dS K by wgmma (dS rounded to 16 bits in the register-A fragment, K MN-major in shared
-//     memory); then one arrival per warp on the stage's empty mbarrier.
+//     memory); once it is in, one arrival per warp on the stage's empty mbarrier. With
+//     kDqInFlight (d = 64) it is waited for only after the next stage's S and dP are issued
+//     behind it (that wgmma_wait<1> retires it with S), so that it runs meanwhile.
 //   prologue  the rows' bounds into shared memory (cta_row_bounds, all warpgroups); consumers:
 //             their rows' lse (exp2 units) and scale delta into registers
 //   epilogue  dq_acc += dQ for the rows below Sq: one owner per element, no reduction.
@@ -57,6 +59,10 @@ struct DqTraits {
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   static constexpr int kBlockN = 128;
   static constexpr int kStages = 2;
+  // A stage's dQ += dS K is waited for only once the next stage's S and dP are issued behind it,
+  // so that no wait separates them: its dS fragments then live beside S, dP and dQ, which the 64
+  // accumulator registers of dQ at d = 128 leave no room for (ptxas would serialise the wgmma).
+  static constexpr bool kDqInFlight = kHeadDim == 64;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
@@ -197,6 +203,14 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
   RA_UNROLL
   for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;
 
+  // dS (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
+  // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}; left unchanged until
+  // its dQ += dS K has been waited for.
+  uint32_t dsa[kBN / 16][4];
+  auto release = [&](int stage) {
+    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+  };
+
   mbar_wait(q_bar, 0);
   for (int it = 0;; ++it) {
     const int stage = it % kStages;
@@ -215,6 +229,9 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
     issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(dp, sdO + 64 * wg * 128, tV);
     wgmma_commit();
     wgmma_wait<1>();  // S is in (groups complete in order); dP may still run
+    if constexpr (Traits::kDqInFlight) {
+      if (it > 0) release((it - 1) % kStages);  // so is the previous stage's dQ += dS K
+    }
 
     // P = exp(scale S - lse); a partial tile's p is 0 where the row does not see the key. Then,
     // once dP is in, dS = scale P (dP - delta), in place.
@@ -223,17 +240,18 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
     wgmma_wait<0>();
     ds_from_probs<false>(dp, s, scale, delta_s, t4);
 
-    // dS (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
-    // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
-    uint32_t dsa[kBN / 16][4];
-    pack_a_fragments<kBF16>(dp, dsa);
     // dQ += dS K: K (keys x head dim) is the MN-major B operand, 64-column blocks LBO apart.
+    pack_a_fragments<kBF16>(dp, dsa);
     wgmma_fence();
     issue_register_a_product<kBF16, kD, kBN / 16, kBN>(dq, dsa, tK);
     wgmma_commit();
-    wgmma_wait<0>();
-    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+    if constexpr (!Traits::kDqInFlight) {
+      wgmma_wait<0>();
+      release(stage);
+    }
   }
+  // The last stage's dQ += dS K (nothing refills its stage any more).
+  if constexpr (Traits::kDqInFlight) wgmma_wait<0>();
 
   // Epilogue: dq_acc += dQ (already scaled), rows below Sq.
   float* gdQ = static_cast<float*>(p.dq_acc) + b * p.dq_strides.batch + h * p.dq_strides.head;

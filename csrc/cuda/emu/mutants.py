@@ -208,6 +208,11 @@ MUTANTS = [
            "    wgmma_wait<0>();\n    ds_from_probs<false>", "    ds_from_probs<false>",
            "Hopper dQ, overlapped: dS computed from dP while its wgmma group may still run",
            ("sm90a fp16 b1 sq7 sk97 h4/2 d64 diagonal",)),
+    Mutant("sm90-dq-last-wait-dropped", "cuda/sm90_dq_kernel.cuh",
+           "  if constexpr (Traits::kDqInFlight) wgmma_wait<0>();\n", "",
+           "Hopper dQ, d = 64: the last stage's dQ += dS K, left in flight across the loop, never "
+           "waited for (dQ stored from accumulators still in flight)",
+           ("sm90a fp16 b1 sq7 sk97 h4/2 d64 diagonal",)),
     Mutant("sm90-dq-tail-v-not-zeroed", "cuda/sm90_bwd_common.cuh",
            "  zero_tile_rows<kRows, kColBlocks>(tile_b, valid, lane);\n", "",
            "Hopper backward: a tail stage's second tile not zeroed past the sequence (V in the dQ "
