@@ -7,8 +7,9 @@
 // and the rounding of P or dS to the register-A fragments of the next products.
 // The fragment is either S^T (kKeyRows: its rows are keys, its columns query rows, as in the dK/dV
 // kernel) or S (its rows are query rows, as in the dQ kernel). Accumulator register i of a thread
-// (sm90_primitives.cuh) lies in fragment row half (i / 2) % 2 (two per thread, kept in registers)
-// and column 8 (i / 4) + 2 t4 + i % 2 (t4 = lane % 4; read from shared memory).
+// (sm90_primitives.cuh) lies in the thread's fragment row (i / 2) % 2 of two and column
+// 8 (i / 4) + 2 t4 + i % 2 (t4 = lane % 4): a thread keeps its two rows' values in registers and
+// reads its columns' from shared memory.
 #pragma once
 
 #include <cstdint>
