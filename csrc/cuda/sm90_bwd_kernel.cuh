@@ -15,13 +15,18 @@
 //     fence.proxy.async) and then arrives on the full mbarrier. After the last tile it writes the
 //     end entry into the next stage and arrives on its full mbarrier.
 //   two consumer warpgroups of 64 keys (registers raised by setmaxnreg), per stage:
-//     S^T = K Q^T, dP^T = V dO^T by wgmma (both operands in shared memory, 128-byte swizzle);
-//     P^T = exp(scale S^T - lse)                  (partial tiles only: 0 where a row does not
+//     S^T = K Q^T, then dP^T = V dO^T by wgmma as a second group (both operands in shared
+//     memory, 128-byte swizzle);
+//     P^T = exp(scale S^T - lse)                  (once S^T is in, while dP^T runs: wgmma_wait<1>;
+//                                                   partial tiles only: 0 where a row does not
 //                                                   see a key)
-//     dS^T = scale P^T (dP^T - delta)             (the softmax scale applied here, once)
+//     dS^T = scale P^T (dP^T - delta)             (once dP^T is in; the softmax scale applied
+//                                                   here, once)
 //     dV += P^T dO, dK += dS^T Q by wgmma (P^T, dS^T rounded to 16 bits in the register-A
-//     fragment; dO, Q MN-major in shared memory); then one arrival per warp on the stage's empty
-//     mbarrier.
+//     fragment; dO, Q MN-major in shared memory). With kDvBeforeDs (d = 64) dV += P^T dO is
+//     issued as soon as P^T is packed, as a third group that runs while dS^T is computed
+//     (wgmma_wait<1> before dS^T reads dP^T); otherwise it shares dK's group. Once every group
+//     is in (wgmma_wait<0>), one arrival per warp on the stage's empty mbarrier.
 //   epilogue  dk_acc += dK, dv_acc += dV for the keys below Sk: the CTA owns its rows, so the
 //             sums need no reduction and run in a fixed order.
 // With kFusedDq (the non-deterministic mode) the consumers also add each stage's dQ to dq_acc:
@@ -56,6 +61,7 @@
 #include "core/params.h"
 #include "cuda/bwd_kernel.cuh"
 #include "cuda/primitives.cuh"
+#include "cuda/sm90_bwd_common.cuh"
 #include "cuda/sm90_fwd_geometry.h"
 #include "cuda/sm90_fwd_kernel.cuh"
 #include "cuda/sm90_primitives.cuh"
@@ -78,6 +84,10 @@ struct DkdvTraits {
   static constexpr int kBlockN = 64 * kConsumerWarpgroups;           // keys
   static constexpr int kBlockM = 64;                                 // query rows of a stage
   static constexpr int kStages = 2;
+  // dV += P^T dO issued before dS^T is computed, so that it runs meanwhile: P^T's register-A
+  // fragments then live beside P^T, dP^T, dK and dV, which the 128 accumulator registers of
+  // d = 128 leave no room for (ptxas would serialise the wgmma); there dV joins dK's group.
+  static constexpr bool kDvBeforeDs = kHeadDim == 64;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
@@ -165,15 +175,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
   uint64_t* kv_bar = empty + kStages;
   uint64_t* tail_bar = kv_bar + 1;
 
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + s, 1);
-      mbar_init(empty + s, kConsumerThreads / 32);
-    }
-    mbar_init(kv_bar, 1);
-    mbar_init(tail_bar, 1);
-    fence_proxy_async();  // the inits, before TMA completes on them
-  }
+  init_pipeline_barriers<kStages, 2>(full, kConsumerThreads / 32, tid);  // then kv, tail
   sync_threads();  // the mbarriers are ready for every warp
 
   if (tid >= kConsumerThreads) {
@@ -240,13 +242,8 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
           }
         }
         if (tail) {
-          // Rows past Sq hold what follows the sequence in memory (any bits): zeroed once landed.
-          mbar_wait(tail_bar, tails++ & 1);
-          zero_tile_rows<kBM, Traits::kColBlocks>(tQ, m1 - m0, lane);
-          zero_tile_rows<kBM, Traits::kColBlocks>(tdO, m1 - m0, lane);
-          fence_proxy_async();
-          sync_warp();  // every lane's zeros are published before lane 0's arrival
-          if (lane == 0) mbar_arrive(full + stage);
+          publish_tail_stage<kBM, Traits::kColBlocks>(tail_bar, tails++ & 1, tQ, tdO, m1 - m0,
+                                                      full + stage, lane);
         }
         ++it;
       }
@@ -295,64 +292,43 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
     const char* tQ = sQ + stage * Traits::kQBytes;
     const char* tdO = sdO + stage * Traits::kQBytes;
 
-    // S^T = K Q^T and dP^T = V dO^T: k16 steps over the head dim, all operands K-major.
+    // S^T = K Q^T, then dP^T = V dO^T as a second wgmma group, which runs while P^T is
+    // computed: k16 steps over the head dim, all operands K-major.
     float s[kBM / 2], dp[kBM / 2];
     wgmma_fence();
-    RA_UNROLL
-    for (int kc = 0; kc < kD / 16; ++kc) {
-      const int kv_off = (kc / 4) * kBN * 128 + 64 * wg * 128 + (kc % 4) * 32;
-      const int q_off = (kc / 4) * kBM * 128 + (kc % 4) * 32;
-      wgmma_ss<kBF16, kBM, false, false>(s, smem_desc(sK + kv_off, 16, 1024),
-                                         smem_desc(tQ + q_off, 16, 1024), kc > 0);
-      wgmma_ss<kBF16, kBM, false, false>(dp, smem_desc(sV + kv_off, 16, 1024),
-                                         smem_desc(tdO + q_off, 16, 1024), kc > 0);
-    }
+    issue_head_dim_product<kBF16, kBM, kD, kBN, kBM>(s, sK + 64 * wg * 128, tQ);
     wgmma_commit();
-    wgmma_wait<0>();
+    issue_head_dim_product<kBF16, kBM, kD, kBN, kBM>(dp, sV + 64 * wg * 128, tdO);
+    wgmma_commit();
+    wgmma_wait<1>();  // S^T is in (groups complete in order); dP^T may still run
 
-    // P^T = exp(scale S^T - lse), dS^T = scale P^T (dP^T - delta), in place; a partial tile's
+    // P^T = exp(scale S^T - lse), in place (the stage's rows' lse per column); a partial tile's
     // p is 0 where the row does not see the key.
-    const float* lse2 = sLse + stage * kBM;
-    const float* delta_s = sDelta + stage * kBM;
-    RA_UNROLL
-    for (int i = 0; i < kBM / 2; ++i) {
-      const int col = 8 * (i / 4) + 2 * t4 + i % 2;
-      s[i] = fast_exp2(fmaf(s[i], exp2_mul, -lse2[col]));
-    }
-    if (e & 1u) {
-      // Bit i of `seen`: whether element i's row sees its key; each row's bounds read once.
-      const PositionRange32* rows = sRows + stage * kBM;
-      uint32_t seen = 0;
-      RA_UNROLL
-      for (int c = 0; c < kBM / 4; ++c) {
-        const PositionRange32 bounds = rows[8 * (c / 2) + 2 * t4 + c % 2];
-        RA_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const int i = 4 * (c / 2) + 2 * r + c % 2;
-          seen |= static_cast<uint32_t>(is_visible(bounds, kpos[r])) << i;
-        }
-      }
-      RA_UNROLL
-      for (int i = 0; i < kBM / 2; ++i) s[i] = (seen >> i) & 1u ? s[i] : 0.f;
-    }
-    RA_UNROLL
-    for (int i = 0; i < kBM / 2; ++i) {
-      const int col = 8 * (i / 4) + 2 * t4 + i % 2;
-      dp[i] = s[i] * fmaf(dp[i], scale, -delta_s[col]);
-    }
+    probs_from_scores<true>(s, exp2_mul, sLse + stage * kBM, t4);
+    if (e & 1u) mask_probs<true>(s, kpos, sRows + stage * kBM, t4);
 
-    // P^T and dS^T (16 bits) as the register-A fragments of the k16 steps over the query rows:
-    // a[j] of step kc holds key key0 + 8 (j % 2), rows 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
+    // Once dP^T is in, dS^T = scale P^T (dP^T - delta), in place (the stage's rows' scale delta
+    // per column). P^T and dS^T (16 bits) as the register-A fragments of the k16 steps over the
+    // query rows: a[j] of step kc holds key key0 + 8 (j % 2), rows 16 kc + 8 (j / 2) + 2 t4 +
+    // {0, 1}, left unchanged until its product has been waited for. dV += P^T dO and
+    // dK += dS^T Q: dO and Q (rows x head dim) are MN-major B operands, 64-column blocks LBO
+    // apart.
+    const float* delta_s = sDelta + stage * kBM;
     uint32_t pa[kBM / 16][4], dsa[kBM / 16][4];
-    RA_UNROLL
-    for (int kc = 0; kc < kBM / 16; ++kc) {
-      RA_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
-        pa[kc][j] = pack2<kBF16>(s[i], s[i + 1]);
-        dsa[kc][j] = pack2<kBF16>(dp[i], dp[i + 1]);
-      }
+    if constexpr (Traits::kDvBeforeDs) {
+      // dV += P^T dO at once, a third group, which runs while dS^T is computed.
+      pack_a_fragments<kBF16>(s, pa);
+      wgmma_fence();
+      issue_register_a_product<kBF16, kD, kBM / 16, kBM>(dv, pa, tdO);
+      wgmma_commit();
+      wgmma_wait<1>();  // dP^T is in; dV += P^T dO may still run
+      ds_from_probs<true>(dp, s, scale, delta_s, t4);
+    } else {
+      wgmma_wait<0>();  // dP^T is in
+      ds_from_probs<true>(dp, s, scale, delta_s, t4);
+      pack_a_fragments<kBF16>(s, pa);
     }
+    pack_a_fragments<kBF16>(dp, dsa);
     if constexpr (Traits::kFusedDq) {
       // dS^T into the stage's tile (key k, row m at swizzle(128 k + 2 m)) by stmatrix: dsa[kc][j]
       // is 8 x 8 matrix j of keys 16 w + 8 (j % 2) .., rows 16 kc + 8 (j / 2) ..; lane l gives
@@ -369,16 +345,14 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
       }
       fence_proxy_async();
     }
-    // dV += P^T dO, dK += dS^T Q: dO and Q (rows x head dim) are MN-major B operands, 64-column
-    // blocks LBO apart.
+    // dK += dS^T Q, with dV += P^T dO unless it was issued before: one group.
     wgmma_fence();
-    RA_UNROLL
-    for (int kc = 0; kc < kBM / 16; ++kc) {
-      wgmma_rs<kBF16, kD, true>(dv, pa[kc], smem_desc(tdO + kc * 16 * 128, kBM * 128, 1024), true);
-      wgmma_rs<kBF16, kD, true>(dk, dsa[kc], smem_desc(tQ + kc * 16 * 128, kBM * 128, 1024), true);
+    if constexpr (!Traits::kDvBeforeDs) {
+      issue_register_a_product<kBF16, kD, kBM / 16, kBM>(dv, pa, tdO);
     }
+    issue_register_a_product<kBF16, kD, kBM / 16, kBM>(dk, dsa, tQ);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<0>();  // dV and dK are in: the stage's Q and dO, pa and dsa are free
     if constexpr (!Traits::kFusedDq) {
       if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
     } else {

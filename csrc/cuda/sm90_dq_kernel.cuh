@@ -13,11 +13,15 @@
 //     full mbarrier. After the last tile it writes the end entry into the next stage and arrives
 //     on its full mbarrier.
 //   two consumer warpgroups of 64 query rows (registers raised by setmaxnreg), per stage:
-//     S = Q K^T, dP = dO V^T by wgmma (both operands in shared memory, 128-byte swizzle);
-//     P = exp(scale S - lse)               (partial tiles only: 0 where a row does not see a key)
-//     dS = scale P (dP - delta)            (the softmax scale applied here, once)
+//     S = Q K^T, then dP = dO V^T by wgmma as a second group (both operands in shared memory,
+//     128-byte swizzle);
+//     P = exp(scale S - lse)               (once S is in, while dP runs: wgmma_wait<1>; partial
+//                                            tiles only: 0 where a row does not see a key)
+//     dS = scale P (dP - delta)            (once dP is in; the softmax scale applied here, once)
 //     dQ += dS K by wgmma (dS rounded to 16 bits in the register-A fragment, K MN-major in shared
-//     memory); then one arrival per warp on the stage's empty mbarrier.
+//     memory); once it is in, one arrival per warp on the stage's empty mbarrier. With
+//     kDqInFlight (d = 64) it is waited for only after the next stage's S and dP are issued
+//     behind it (that wgmma_wait<1> retires it with S), so that it runs meanwhile.
 //   prologue  the rows' bounds into shared memory (cta_row_bounds, all warpgroups); consumers:
 //             their rows' lse (exp2 units) and scale delta into registers
 //   epilogue  dq_acc += dQ for the rows below Sq: one owner per element, no reduction.
@@ -33,6 +37,7 @@
 #include "core/params.h"
 #include "cuda/bwd_kernel.cuh"
 #include "cuda/primitives.cuh"
+#include "cuda/sm90_bwd_common.cuh"
 #include "cuda/sm90_bwd_kernel.cuh"
 #include "cuda/sm90_fwd_geometry.h"
 #include "cuda/sm90_fwd_kernel.cuh"
@@ -54,6 +59,10 @@ struct DqTraits {
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   static constexpr int kBlockN = 128;
   static constexpr int kStages = 2;
+  // A stage's dQ += dS K is waited for only once the next stage's S and dP are issued behind it,
+  // so that no wait separates them: its dS fragments then live beside S, dP and dQ, which the 64
+  // accumulator registers of dQ at d = 128 leave no room for (ptxas would serialise the wgmma).
+  static constexpr bool kDqInFlight = kHeadDim == 64;
   static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
@@ -112,15 +121,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
   uint64_t* tail_bar = q_bar + 1;
   int32_t* scratch = reinterpret_cast<int32_t*>(smem + Traits::kOffScratch);
 
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + s, 1);
-      mbar_init(empty + s, kConsumerThreads / 32);
-    }
-    mbar_init(q_bar, 1);
-    mbar_init(tail_bar, 1);
-    fence_proxy_async();  // the inits, before TMA completes on them
-  }
+  init_pipeline_barriers<kStages, 2>(full, kConsumerThreads / 32, tid);  // then q, tail
   // Ends with a barrier: the mbarriers and the rows' bounds are ready for every warp.
   const TileBounds q_bounds =
       cta_row_bounds<kNT>(p.mask, p.q_pos, p.q_seg, q0, kBM, Sq, sRows, scratch, tid);
@@ -169,14 +170,10 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
         }
       }
       if (tail) {
-        // K and V rows past Sk hold what follows the sequence in memory (any bits): zeroed once
-        // landed, so that those keys' s, dp and ds K are finite and ds K is 0.
-        mbar_wait(tail_bar, 0);  // one tail per CTA
-        zero_tile_rows<kBN, Traits::kColBlocks>(tK, k1 - k0, lane);
-        zero_tile_rows<kBN, Traits::kColBlocks>(tV, k1 - k0, lane);
-        fence_proxy_async();
-        sync_warp();  // every lane's zeros are published before lane 0's arrival
-        if (lane == 0) mbar_arrive(full + stage);
+        // K and V rows past Sk zeroed, so that those keys' s, dp and ds K are finite and ds K is
+        // 0. One tail per CTA.
+        publish_tail_stage<kBN, Traits::kColBlocks>(tail_bar, 0, tK, tV, k1 - k0, full + stage,
+                                                    lane);
       }
       ++it;
     }
@@ -206,6 +203,14 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
   RA_UNROLL
   for (int i = 0; i < kD / 2; ++i) dq[i] = 0.f;
 
+  // dS (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
+  // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}; left unchanged until
+  // its dQ += dS K has been waited for.
+  uint32_t dsa[kBN / 16][4];
+  auto release = [&](int stage) {
+    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+  };
+
   mbar_wait(q_bar, 0);
   for (int it = 0;; ++it) {
     const int stage = it % kStages;
@@ -215,56 +220,38 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
     const char* tK = sK + stage * Traits::kKvBytes;
     const char* tV = sV + stage * Traits::kKvBytes;
 
-    // S = Q K^T and dP = dO V^T: k16 steps over the head dim, all operands K-major.
+    // S = Q K^T, then dP = dO V^T as a second wgmma group, which runs while P is computed: k16
+    // steps over the head dim, all operands K-major.
     float s[kBN / 2], dp[kBN / 2];
     wgmma_fence();
-    RA_UNROLL
-    for (int kc = 0; kc < kD / 16; ++kc) {
-      const int q_off = (kc / 4) * kBM * 128 + 64 * wg * 128 + (kc % 4) * 32;
-      const int kv_off = (kc / 4) * kBN * 128 + (kc % 4) * 32;
-      wgmma_ss<kBF16, kBN, false, false>(s, smem_desc(sQ + q_off, 16, 1024),
-                                         smem_desc(tK + kv_off, 16, 1024), kc > 0);
-      wgmma_ss<kBF16, kBN, false, false>(dp, smem_desc(sdO + q_off, 16, 1024),
-                                         smem_desc(tV + kv_off, 16, 1024), kc > 0);
-    }
+    issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(s, sQ + 64 * wg * 128, tK);
     wgmma_commit();
+    issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(dp, sdO + 64 * wg * 128, tV);
+    wgmma_commit();
+    wgmma_wait<1>();  // S is in (groups complete in order); dP may still run
+    if constexpr (Traits::kDqInFlight) {
+      if (it > 0) release((it - 1) % kStages);  // so is the previous stage's dQ += dS K
+    }
+
+    // P = exp(scale S - lse); a partial tile's p is 0 where the row does not see the key. Then,
+    // once dP is in, dS = scale P (dP - delta), in place.
+    probs_from_scores<false>(s, exp2_mul, lse2, t4);
+    if (e & 1u) mask_probs<false>(s, seen, sKpos + stage * kBN, t4);
     wgmma_wait<0>();
+    ds_from_probs<false>(dp, s, scale, delta_s, t4);
 
-    // P = exp(scale S - lse); a partial tile's p is 0 where the row does not see the key. Then
-    // dS = scale P (dP - delta), in place.
-    RA_UNROLL
-    for (int i = 0; i < kBN / 2; ++i) s[i] = fast_exp2(fmaf(s[i], exp2_mul, -lse2[(i / 2) % 2]));
-    if (e & 1u) {
-      const int32_t* kpos = sKpos + stage * kBN;
-      RA_UNROLL
-      for (int i = 0; i < kBN / 2; ++i) {
-        s[i] = is_visible(seen[(i / 2) % 2], kpos[8 * (i / 4) + 2 * t4 + i % 2]) ? s[i] : 0.f;
-      }
-    }
-    RA_UNROLL
-    for (int i = 0; i < kBN / 2; ++i) dp[i] = s[i] * fmaf(dp[i], scale, -delta_s[(i / 2) % 2]);
-
-    // dS (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
-    // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
-    uint32_t dsa[kBN / 16][4];
-    RA_UNROLL
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      RA_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
-        dsa[kc][j] = pack2<kBF16>(dp[i], dp[i + 1]);
-      }
-    }
     // dQ += dS K: K (keys x head dim) is the MN-major B operand, 64-column blocks LBO apart.
+    pack_a_fragments<kBF16>(dp, dsa);
     wgmma_fence();
-    RA_UNROLL
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      wgmma_rs<kBF16, kD, true>(dq, dsa[kc], smem_desc(tK + kc * 16 * 128, kBN * 128, 1024), true);
-    }
+    issue_register_a_product<kBF16, kD, kBN / 16, kBN>(dq, dsa, tK);
     wgmma_commit();
-    wgmma_wait<0>();
-    if (lane == 0) mbar_arrive(empty + stage);  // this warp is done with the stage
+    if constexpr (!Traits::kDqInFlight) {
+      wgmma_wait<0>();
+      release(stage);
+    }
   }
+  // The last stage's dQ += dS K (nothing refills its stage any more).
+  if constexpr (Traits::kDqInFlight) wgmma_wait<0>();
 
   // Epilogue: dq_acc += dQ (already scaled), rows below Sq.
   float* gdQ = static_cast<float*>(p.dq_acc) + b * p.dq_strides.batch + h * p.dq_strides.head;

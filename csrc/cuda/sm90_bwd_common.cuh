@@ -1,0 +1,159 @@
+// The steps the Hopper backward kernels (sm90_bwd_kernel.cuh dK/dV, sm90_dq_kernel.cuh dQ) share:
+// their stage pipeline's mbarriers, the producer's last (tail) stage, the consumers' products of
+// two tiles over the head dim (S and dP) and their softmax gradient on a wgmma accumulator
+// fragment of scores:
+//   P = exp(scale S - lse)       (partial tiles: 0 where a query row does not see a key)
+//   dS = scale P (dP - delta)
+// and the rounding of P or dS to the register-A fragments of the next products.
+// The fragment is either S^T (kKeyRows: its rows are keys, its columns query rows, as in the dK/dV
+// kernel) or S (its rows are query rows, as in the dQ kernel). Accumulator register i of a thread
+// (sm90_primitives.cuh) lies in the thread's fragment row (i / 2) % 2 of two and column
+// 8 (i / 4) + 2 t4 + i % 2 (t4 = lane % 4): a thread keeps its two rows' values in registers and
+// reads its columns' from shared memory.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "core/mask.h"
+#include "cuda/primitives.cuh"
+#include "cuda/sm90_fwd_kernel.cuh"
+#include "cuda/sm90_primitives.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace ring_attn {
+namespace cuda {
+namespace sm90 {
+
+// Thread 0 initialises the pipeline's mbarriers, laid out in a row: full[kStages] (the producer's
+// arrival, with its TMA bytes), empty[kStages] (one arrival per consumer warp), then kSingles of
+// one arrival each (the operands loaded once, the tail), and publishes them to TMA. The CTA
+// synchronises before any other thread uses them.
+template <int kStages, int kSingles>
+RA_DEV void init_pipeline_barriers(uint64_t* bars, int consumer_warps, int tid) {
+  if (tid != 0) return;
+  for (int s = 0; s < kStages; ++s) {
+    mbar_init(bars + s, 1);
+    mbar_init(bars + kStages + s, consumer_warps);
+  }
+  for (int i = 0; i < kSingles; ++i) mbar_init(bars + 2 * kStages + i, 1);
+  fence_proxy_async();  // the inits, before TMA completes on them
+}
+
+// The producer warp's end of a stage whose TMA loads (tiles a and b of kRows rows) complete on the
+// tail mbarrier: the sequence's last tile, `valid` rows in it. Once the loads have landed (the
+// tail's phase of parity `parity`), the rows past the sequence, which hold what follows it in
+// memory (any bits), are zeroed (generic stores published to wgmma by fence.proxy.async); then
+// lane 0 arrives on the stage's full mbarrier.
+template <int kRows, int kColBlocks>
+RA_DEV void publish_tail_stage(uint64_t* tail, int parity, char* tile_a, char* tile_b, int valid,
+                               uint64_t* full, int lane) {
+  mbar_wait(tail, parity);
+  zero_tile_rows<kRows, kColBlocks>(tile_a, valid, lane);
+  zero_tile_rows<kRows, kColBlocks>(tile_b, valid, lane);
+  fence_proxy_async();
+  sync_warp();  // every lane's zeros are published before lane 0's arrival
+  if (lane == 0) mbar_arrive(full);
+}
+
+// acc = A B^T (64 x kN) over the head dim kD, both operands K-major in shared memory as the TMA
+// boxes land (64-column blocks of kARows, kBRows rows x 128 bytes, 128-byte swizzled): A's 64
+// rows start at a, B's kN rows at b (each step's descriptors one add from the first). wgmma
+// issued, neither fenced nor committed.
+template <bool kBF16, int kN, int kD, int kARows, int kBRows>
+RA_DEV void issue_head_dim_product(float (&acc)[kN / 2], const char* a, const char* b) {
+  const uint64_t desc_a = smem_desc(a, 16, 1024), desc_b = smem_desc(b, 16, 1024);
+  RA_UNROLL
+  for (int kc = 0; kc < kD / 16; ++kc) {
+    const uint32_t a_off = (kc / 4) * kARows * 128 + (kc % 4) * 32;
+    const uint32_t b_off = (kc / 4) * kBRows * 128 + (kc % 4) * 32;
+    wgmma_ss<kBF16, kN, false, false>(acc, desc_advance(desc_a, a_off), desc_advance(desc_b, b_off),
+                                      kc > 0);
+  }
+}
+
+// acc += A B (64 x kN) over kSteps k16 steps: A from registers (step kc's fragment a[kc]), B
+// MN-major in shared memory (64-column blocks of kBRows rows x 128 bytes, LBO apart), step kc at
+// its row 16 kc from b (each step's descriptor one add from the first). wgmma issued, neither
+// fenced nor committed.
+template <bool kBF16, int kN, int kSteps, int kBRows>
+RA_DEV void issue_register_a_product(float (&acc)[kN / 2], const uint32_t (&a)[kSteps][4],
+                                     const char* b) {
+  const uint64_t desc_b = smem_desc(b, kBRows * 128, 1024);
+  RA_UNROLL
+  for (int kc = 0; kc < kSteps; ++kc) {
+    wgmma_rs<kBF16, kN, true>(acc, a[kc], desc_advance(desc_b, kc * 16 * 128), true);
+  }
+}
+
+// The index of accumulator register i's query row among a thread's values of the query rows:
+// the row half (0, 1) in S, the column (0 .. N - 1) in S^T.
+template <bool kKeyRows>
+RA_DEV int query_of(int i, int t4) {
+  return kKeyRows ? 8 * (i / 4) + 2 * t4 + i % 2 : (i / 2) % 2;
+}
+
+// P = exp(scale S - lse) in place over the kRegs accumulator registers of scores s:
+// exp2(s exp2_mul - lse2) with exp2_mul = scale log2(e) and lse2 the query rows' lse in exp2 units.
+template <bool kKeyRows, int kRegs>
+RA_DEV void probs_from_scores(float (&s)[kRegs], float exp2_mul, const float* lse2, int t4) {
+  RA_UNROLL
+  for (int i = 0; i < kRegs; ++i) {
+    s[i] = fast_exp2(fmaf(s[i], exp2_mul, -lse2[query_of<kKeyRows>(i, t4)]));
+  }
+}
+
+// A partial tile's p = 0 where the query row does not see the key (core/mask.h is_visible). The
+// rows' values are the thread's two (kKeyRows: the keys' positions; else the query rows' bounds),
+// the columns' are read from shared memory, each once (kKeyRows: the query rows' bounds; else the
+// keys' positions).
+template <bool kKeyRows, int kRegs>
+RA_DEV void mask_probs(float (&p)[kRegs],
+                       const std::conditional_t<kKeyRows, int32_t, PositionRange32> (&rows)[2],
+                       const std::conditional_t<kKeyRows, PositionRange32, int32_t>* cols, int t4) {
+  RA_UNROLL
+  for (int c = 0; c < kRegs / 2; ++c) {  // this thread's columns 8 (c / 2) + 2 t4 + c % 2
+    const auto col = cols[8 * (c / 2) + 2 * t4 + c % 2];
+    RA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int i = 4 * (c / 2) + 2 * r + c % 2;
+      bool seen;
+      if constexpr (kKeyRows) {
+        seen = is_visible(col, rows[r]);
+      } else {
+        seen = is_visible(rows[r], col);
+      }
+      p[i] = seen ? p[i] : 0.f;
+    }
+  }
+}
+
+// dS = scale P (dP - delta) in place over the accumulator registers of dP, from P's:
+// p (dp scale - delta_s) with delta_s the query rows' scale delta.
+template <bool kKeyRows, int kRegs>
+RA_DEV void ds_from_probs(float (&dp)[kRegs], const float (&p)[kRegs], float scale,
+                          const float* delta_s, int t4) {
+  RA_UNROLL
+  for (int i = 0; i < kRegs; ++i) {
+    dp[i] = p[i] * fmaf(dp[i], scale, -delta_s[query_of<kKeyRows>(i, t4)]);
+  }
+}
+
+// The kRegs accumulator registers of a 64 x (4 kRegs) fragment rounded to 16 bits as the
+// register-A fragments of the kRegs / 8 k16 steps over its columns: a[kc][j] holds fragment row
+// half j % 2, columns 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
+template <bool kBF16, int kRegs>
+RA_DEV void pack_a_fragments(const float (&x)[kRegs], uint32_t (&a)[kRegs / 8][4]) {
+  RA_UNROLL
+  for (int kc = 0; kc < kRegs / 8; ++kc) {
+    RA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
+      a[kc][j] = pack2<kBF16>(x[i], x[i + 1]);
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace ring_attn
