@@ -43,9 +43,12 @@
 #   racecheck  compute-sanitizer --tool racecheck on cuda_sanitize_case.py (skipped with --quick)
 # GPU_CHECK_BUDGET (seconds, default 560): every stage's cap is cut to what is left of it, so the
 # whole check ends within that time and later stages are skipped rather than killed.
+# GPU_CHECK_ONLY (stage names, space-separated): run only those stages, and env, build and import
+# (e.g. GPU_CHECK_ONLY="conformance tests bench-sm90a" to rerun what a first call left out).
 # Writes OUTDIR/summary.md (stage table + benchmark tables), OUTDIR/<stage>.log, OUTDIR/bench.json,
-# OUTDIR/bench.md, OUTDIR/bench_sm90a.json, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs nothing. Exit status: 0 when every stage that ran
-# passed. Budget: full <= 8 min, --quick <= 4 min on one H100 (build included).
+# OUTDIR/bench.md, OUTDIR/bench_sm90a.json, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs
+# nothing. Exit status: 0 when every stage that ran passed. Budget: full <= 8 min, --quick <= 4
+# min on one H100 (build included).
 # --bundle: at the end, every file but summary.md goes into OUTDIR/gpu_check.tgz (one file to copy
 # back from a remote machine).
 set -u
@@ -83,6 +86,7 @@ FAILED=0
 START_ALL=$(date +%s)
 
 BUDGET=${GPU_CHECK_BUDGET:-560}
+ONLY=${GPU_CHECK_ONLY:-}
 
 # stage NAME CAP_SECONDS COMMAND...  (output to OUTDIR/NAME.log); the cap is cut to the budget left
 stage() {
@@ -91,6 +95,10 @@ stage() {
   local t0 rc status left
   t0=$(date +%s)
   left=$(( BUDGET - (t0 - START_ALL) - 5 ))
+  if [ -n "$ONLY" ] && [[ " env build import $ONLY " != *" $name "* ]]; then
+    skip "$name" "not in GPU_CHECK_ONLY"
+    return 1
+  fi
   if [ $left -lt 20 ]; then
     skip "$name" "budget of ${BUDGET}s spent"
     return 1
