@@ -1,7 +1,6 @@
-// The steps the Hopper backward kernels (sm90_bwd_kernel.cuh dK/dV, sm90_dq_kernel.cuh dQ) share:
-// their stage pipeline's mbarriers, the producer's last (tail) stage, the consumers' products of
-// two tiles over the head dim (S and dP) and their softmax gradient on a wgmma accumulator
-// fragment of scores:
+// The steps the Hopper backward kernels (sm90_bwd_kernel.cuh dK/dV, sm90_dq_kernel.cuh dQ) share
+// beyond the pipeline (sm90_pipeline.cuh): the consumers' products of two tiles over the head dim
+// (S and dP) and their softmax gradient on a wgmma accumulator fragment of scores:
 //   P = exp(scale S - lse)       (partial tiles: 0 where a query row does not see a key)
 //   dS = scale P (dP - delta)
 // and the rounding of P or dS to the register-A fragments of the next products.
@@ -17,44 +16,13 @@
 
 #include "core/mask.h"
 #include "cuda/primitives.cuh"
-#include "cuda/sm90_fwd_kernel.cuh"
+#include "cuda/sm90_pipeline.cuh"
 #include "cuda/sm90_primitives.cuh"
 #include "cuda/warp_mma.cuh"
 
 namespace ring_attn {
 namespace cuda {
 namespace sm90 {
-
-// Thread 0 initialises the pipeline's mbarriers, laid out in a row: full[kStages] (the producer's
-// arrival, with its TMA bytes), empty[kStages] (one arrival per consumer warp), then kSingles of
-// one arrival each (the operands loaded once, the tail), and publishes them to TMA. The CTA
-// synchronises before any other thread uses them.
-template <int kStages, int kSingles>
-RA_DEV void init_pipeline_barriers(uint64_t* bars, int consumer_warps, int tid) {
-  if (tid != 0) return;
-  for (int s = 0; s < kStages; ++s) {
-    mbar_init(bars + s, 1);
-    mbar_init(bars + kStages + s, consumer_warps);
-  }
-  for (int i = 0; i < kSingles; ++i) mbar_init(bars + 2 * kStages + i, 1);
-  fence_proxy_async();  // the inits, before TMA completes on them
-}
-
-// The producer warp's end of a stage whose TMA loads (tiles a and b of kRows rows) complete on the
-// tail mbarrier: the sequence's last tile, `valid` rows in it. Once the loads have landed (the
-// tail's phase of parity `parity`), the rows past the sequence, which hold what follows it in
-// memory (any bits), are zeroed (generic stores published to wgmma by fence.proxy.async); then
-// lane 0 arrives on the stage's full mbarrier.
-template <int kRows, int kColBlocks>
-RA_DEV void publish_tail_stage(uint64_t* tail, int parity, char* tile_a, char* tile_b, int valid,
-                               uint64_t* full, int lane) {
-  mbar_wait(tail, parity);
-  zero_tile_rows<kRows, kColBlocks>(tile_a, valid, lane);
-  zero_tile_rows<kRows, kColBlocks>(tile_b, valid, lane);
-  fence_proxy_async();
-  sync_warp();  // every lane's zeros are published before lane 0's arrival
-  if (lane == 0) mbar_arrive(full);
-}
 
 // acc = A B^T (64 x kN) over the head dim kD, both operands K-major in shared memory as the TMA
 // boxes land (64-column blocks of kARows, kBRows rows x 128 bytes, 128-byte swizzled): A's 64

@@ -63,7 +63,6 @@
 #include "cuda/primitives.cuh"
 #include "cuda/sm90_bwd_common.cuh"
 #include "cuda/sm90_fwd_geometry.h"
-#include "cuda/sm90_fwd_kernel.cuh"
 #include "cuda/sm90_primitives.cuh"
 #include "cuda/tile_table.cuh"
 
@@ -158,9 +157,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
   const int group = p.shape.nheads / p.shape.nheads_kv;
   const float scale = static_cast<float>(p.softmax_scale);
 
-  // The layout's base: the first 1024-byte aligned shared-memory address.
-  const uint32_t misalign = smem_address(smem_unaligned) % kSwizzleAtomBytes;
-  char* smem = smem_unaligned + (misalign ? kSwizzleAtomBytes - misalign : 0);
+  char* smem = layout_base(smem_unaligned);
   char* sK = smem + Traits::kOffK;
   char* sV = smem + Traits::kOffV;
   char* sQ = smem + Traits::kOffQ;  // stage s at + s * kQBytes

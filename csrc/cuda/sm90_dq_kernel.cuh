@@ -38,9 +38,7 @@
 #include "cuda/bwd_kernel.cuh"
 #include "cuda/primitives.cuh"
 #include "cuda/sm90_bwd_common.cuh"
-#include "cuda/sm90_bwd_kernel.cuh"
 #include "cuda/sm90_fwd_geometry.h"
-#include "cuda/sm90_fwd_kernel.cuh"
 #include "cuda/sm90_primitives.cuh"
 #include "cuda/tile_table.cuh"
 
@@ -105,9 +103,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
   const int hk = h / (p.shape.nheads / p.shape.nheads_kv);
   const float scale = static_cast<float>(p.softmax_scale);
 
-  // The layout's base: the first 1024-byte aligned shared-memory address.
-  const uint32_t misalign = smem_address(smem_unaligned) % kSwizzleAtomBytes;
-  char* smem = smem_unaligned + (misalign ? kSwizzleAtomBytes - misalign : 0);
+  char* smem = layout_base(smem_unaligned);
   char* sQ = smem + Traits::kOffQ;
   char* sdO = smem + Traits::kOffDo;
   char* sK = smem + Traits::kOffK;  // stage s at + s * kKvBytes

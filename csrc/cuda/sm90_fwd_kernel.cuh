@@ -38,6 +38,7 @@
 #include "cuda/block_attn_cuda.h"
 #include "cuda/primitives.cuh"
 #include "cuda/sm90_fwd_geometry.h"
+#include "cuda/sm90_pipeline.cuh"
 #include "cuda/sm90_primitives.cuh"
 #include "cuda/tile_table.cuh"
 #include "cuda/warp_mma.cuh"
@@ -100,36 +101,7 @@ struct FwdMaps {
   TensorMap q, k, v;
 };
 
-constexpr uint32_t kEndEntry = 0xffffffffu;  // no more tiles
-
-// The producer's last step, after `issued` stages: once the next stage is free (empty mbarrier),
-// lane 0 writes the end entry there and arrives on its full mbarrier.
-template <int kStages>
-RA_DEV void end_stream(volatile uint32_t* entry, uint64_t* full, uint64_t* empty, int issued,
-                       int lane) {
-  const int stage = issued % kStages;
-  if (issued >= kStages) mbar_wait(empty + stage, (issued / kStages - 1) & 1);
-  if (lane == 0) {
-    entry[stage] = kEndEntry;
-    mbar_arrive(full + stage);
-  }
-}
-
 RA_DEV float neg_inf_f32() { return -std::numeric_limits<float>::infinity(); }
-
-// Zeroes rows `first` .. kRows - 1 of a 16-bit tile of kColBlocks 64-column blocks (kRows x 128
-// bytes each, swizzled: whole rows, so the swizzle does not matter): generic stores by kThreads
-// threads (`thread` = 0 .. kThreads - 1), one warp unless said otherwise.
-template <int kRows, int kColBlocks, int kThreads = 32>
-RA_DEV void zero_tile_rows(char* tile, int first, int thread) {
-  constexpr int kChunks = kColBlocks * 8;  // 16-byte chunks of a row
-  for (int i = thread; i < (kRows - first) * kChunks; i += kThreads) {
-    const int row = first + i / kChunks, block = (i / 8) % kColBlocks;
-    float4 zero;
-    zero.x = zero.y = zero.z = zero.w = 0.f;
-    *reinterpret_cast<float4*>(tile + block * kRows * 128 + row * 128 + (i % 8) * 16) = zero;
-  }
-}
 
 template <typename Traits>
 RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_unaligned) {
@@ -148,9 +120,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
   // otherwise the mask pass applies it and every live tile is partial.
   const bool fold_scale = scale > 0.f;
 
-  // The layout's base: the first 1024-byte aligned shared-memory address.
-  const uint32_t misalign = smem_address(smem_unaligned) % kSwizzleAtomBytes;
-  char* smem = smem_unaligned + (misalign ? kSwizzleAtomBytes - misalign : 0);
+  char* smem = layout_base(smem_unaligned);
   char* sQ = smem + Traits::kOffQ;
   char* sK = smem + Traits::kOffK;  // stage s at + s * kKvBytes
   char* sV = smem + Traits::kOffV;
@@ -162,14 +132,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
   uint64_t* q_bar = empty + kStages;
   int32_t* scratch = reinterpret_cast<int32_t*>(smem + Traits::kOffScratch);
 
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + s, 1);
-      mbar_init(empty + s, kConsumerThreads / 32);
-    }
-    mbar_init(q_bar, 1);
-    fence_proxy_async();  // the inits, before TMA completes on them
-  }
+  init_pipeline_barriers<kStages, 1>(full, kConsumerThreads / 32, tid);  // then q
   // Ends with a barrier: the mbarriers and the rows' bounds are ready for every warp.
   const TileBounds q_bounds =
       cta_row_bounds<kNT>(p.mask, p.q_pos, p.q_seg, q0, kBM, Sq, sRows, scratch, tid);

@@ -174,7 +174,7 @@ MUTANTS = [
            "Hopper dK/dV, d = 64: dS^T computed from dP^T while its wgmma group may still run "
            "(dP^T and dV += P^T dO allowed in flight)",
            ("sm90a bf16 b1 sq200 sk300 h2/1 d64 window",)),
-    Mutant("sm90-bwd-tail-fence-dropped", "cuda/sm90_bwd_common.cuh",
+    Mutant("sm90-bwd-tail-fence-dropped", "cuda/sm90_pipeline.cuh",
            "  fence_proxy_async();\n  sync_warp();  // every lane's zeros",
            "  sync_warp();  // every lane's zeros",
            "Hopper backward: the zeroed rows past the sequence of a tail stage (Q and dO, K and V) "
@@ -225,7 +225,7 @@ MUTANTS = [
            "Hopper dQ, d = 64: the last stage's dQ += dS K, left in flight across the loop, never "
            "waited for (dQ stored from accumulators still in flight)",
            ("sm90a fp16 b1 sq7 sk97 h4/2 d64 diagonal",)),
-    Mutant("sm90-dq-tail-v-not-zeroed", "cuda/sm90_bwd_common.cuh",
+    Mutant("sm90-dq-tail-v-not-zeroed", "cuda/sm90_pipeline.cuh",
            "  zero_tile_rows<kRows, kColBlocks>(tile_b, valid, lane);\n", "",
            "Hopper backward: a tail stage's second tile not zeroed past the sequence (V in the dQ "
            "kernel, dO in the dK/dV kernel: NaN rows follow the sequence reach dS)",
