@@ -3,7 +3,7 @@
 // (S and dP) and their softmax gradient on a wgmma accumulator fragment of scores:
 //   P = exp(scale S - lse)       (partial tiles: 0 where a query row does not see a key)
 //   dS = scale P (dP - delta)
-// and the rounding of P or dS to the register-A fragments of the next products.
+// (P and dS then become register-A fragments by sm90_primitives.cuh pack_a_fragments).
 // The fragment is either S^T (kKeyRows: its rows are keys, its columns query rows, as in the dK/dV
 // kernel) or S (its rows are query rows, as in the dQ kernel). Accumulator register i of a thread
 // (sm90_primitives.cuh) lies in the thread's fragment row (i / 2) % 2 of two and column
@@ -104,21 +104,6 @@ RA_DEV void ds_from_probs(float (&dp)[kRegs], const float (&p)[kRegs], float sca
   RA_UNROLL
   for (int i = 0; i < kRegs; ++i) {
     dp[i] = p[i] * fmaf(dp[i], scale, -delta_s[query_of<kKeyRows>(i, t4)]);
-  }
-}
-
-// The kRegs accumulator registers of a 64 x (4 kRegs) fragment rounded to 16 bits as the
-// register-A fragments of the kRegs / 8 k16 steps over its columns: a[kc][j] holds fragment row
-// half j % 2, columns 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
-template <bool kBF16, int kRegs>
-RA_DEV void pack_a_fragments(const float (&x)[kRegs], uint32_t (&a)[kRegs / 8][4]) {
-  RA_UNROLL
-  for (int kc = 0; kc < kRegs / 8; ++kc) {
-    RA_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
-      a[kc][j] = pack2<kBF16>(x[i], x[i + 1]);
-    }
   }
 }
 

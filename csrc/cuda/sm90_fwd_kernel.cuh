@@ -325,14 +325,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
 
     // P (16 bits) as the register-A fragments of the k16 steps over the keys: a[j] of step kc
     // holds row row0 + 8 (j % 2), keys 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
-    RA_UNROLL
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      RA_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
-        pa[kc][j] = pack2<kBF16>(s[i], s[i + 1]);
-      }
-    }
+    pack_a_fragments<kBF16>(s, pa);
     if (e & 2u) {
       // The tail tile: its V rows past Sk hold what follows the sequence in memory (any bits);
       // zeroed, so that their p = 0 adds exactly nothing. Generic stores by the first consumer

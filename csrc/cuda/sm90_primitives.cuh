@@ -22,6 +22,7 @@
 
 #include "cuda/primitives.cuh"
 #include "cuda/sm90_layout.h"
+#include "cuda/warp_mma.cuh"  // RA_UNROLL
 
 #if defined(RA_CUDA_EMULATE)
 #include "cuda/emu/emu_sm90.h"
@@ -373,6 +374,21 @@ RA_DEV void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
 #else
   __trap();
 #endif
+}
+
+// A thread's kRegs accumulator registers of a 64 x (4 kRegs) fragment rounded to 16 bits as the
+// register-A fragments of wgmma_rs for the kRegs / 8 k16 steps over its columns: a[kc][j] holds
+// fragment row half j % 2, columns 16 kc + 8 (j / 2) + 2 t4 + {0, 1}.
+template <bool kBF16, int kRegs>
+RA_DEV void pack_a_fragments(const float (&x)[kRegs], uint32_t (&a)[kRegs / 8][4]) {
+  RA_UNROLL
+  for (int kc = 0; kc < kRegs / 8; ++kc) {
+    RA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const int i = 4 * (2 * kc + j / 2) + 2 * (j % 2);
+      a[kc][j] = pack2<kBF16>(x[i], x[i + 1]);
+    }
+  }
 }
 
 }  // namespace sm90
