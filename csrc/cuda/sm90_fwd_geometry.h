@@ -5,7 +5,9 @@
 // and head-major (batch, heads, seq, headdim) layouts alike. A box reaching past the operand's
 // sequence reads the neighbouring rows of the same tensor (finite values that the kernel masks
 // or never stores), or zeros past the tensor's last row.
-// Plain C++: used by the dispatch (block_attn_cuda.cu), the kernel and the emulator test.
+// The Hopper backward adds dQ to its fp32 accumulator through a 5-D view of it (accumulator_tensor
+// below). Plain C++: used by the dispatch (block_attn_cuda.cu), the launchers' tensor maps
+// (sm90_tensor_map.h), the kernels and the emulator test.
 #pragma once
 
 #include <cstdint>
@@ -53,6 +55,33 @@ struct OperandOrigin {
 RA_HOST_DEVICE constexpr OperandOrigin operand_origin(const Strides& st, int b, int h) {
   const int64_t start = b * st.batch + h * st.head;
   return OperandOrigin{static_cast<int>(start % st.row), static_cast<int>(start / st.row)};
+}
+
+// An fp32 (batch, seq, heads, headdim) accumulator with strides st (elements) as the 5-D tensor
+// (32 columns, seqlen, headdim / 32 column blocks, heads, batch), read in boxes of
+// 32 x box_rows x box_blocks x 1 x 1. 32 fp32 columns are one 128-byte swizzle row, the widest box
+// row the swizzle allows; the column blocks as a dimension of their own let one box span
+// box_blocks of them, landing as box_blocks swizzled tiles of box_rows x 128 bytes in turn. A box
+// reaching past a sequence's end, the last index of its dimension, is clipped there. headdim: a
+// multiple of 32.
+struct AccumulatorTensor {
+  int64_t dims[5];
+  int64_t outer_strides[4];  // bytes, of dimensions 1 .. 4
+  int box[5];
+};
+
+inline AccumulatorTensor accumulator_tensor(const Strides& st, int batch, int seqlen, int heads,
+                                            int headdim, int box_rows, int box_blocks) {
+  return AccumulatorTensor{{32, seqlen, headdim / 32, heads, batch},
+                           {st.row * 4, 128, st.head * 4, st.batch * 4},
+                           {32, box_rows, box_blocks, 1, 1}};
+}
+
+// Whether such an accumulator suits the view: base and strides 16-byte aligned, as the TMA
+// requires.
+inline bool accumulator_mappable(const void* base, const Strides& st) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && st.batch % 4 == 0 && st.head % 4 == 0 &&
+         st.row % 4 == 0 && st.batch >= 0 && st.head >= 0 && st.row > 0;
 }
 
 }  // namespace sm90

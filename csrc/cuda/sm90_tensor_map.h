@@ -77,31 +77,20 @@ inline cudaError_t make_operand_map(CUtensorMap* map, const void* base, const St
                             static_cast<uint32_t>(box_rows));
 }
 
-// Whether an fp32 (batch, seq, heads, headdim) accumulator with strides st (elements) suits
-// make_accumulator_map: base and strides 16-byte aligned, as the TMA requires.
-inline bool accumulator_mappable(const void* base, const Strides& st) {
-  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && st.batch % 4 == 0 && st.head % 4 == 0 &&
-         st.row % 4 == 0 && st.batch >= 0 && st.head >= 0 && st.row > 0;
-}
-
-// The tensor map of an fp32 (batch, seq, heads, headdim) accumulator with strides st (elements)
-// as the 5-D tensor (32 columns, seqlen, headdim / 32 column blocks, heads, batch), in boxes of
-// 32 x box_rows x box_blocks x 1 x 1. 32 fp32 columns are one 128-byte swizzle row, the widest
-// box row the swizzle allows; the column blocks as a dimension of their own let one box span
-// box_blocks of them, landing as box_blocks swizzled tiles of box_rows x 128 bytes in turn. A box
-// reaching past a sequence's end, the last index of its dimension, is clipped there. headdim: a
-// multiple of 32.
+// The tensor map of an fp32 (batch, seq, heads, headdim) accumulator with strides st (elements):
+// its 5-D view (sm90_fwd_geometry.h accumulator_tensor).
 inline cudaError_t make_accumulator_map(CUtensorMap* map, void* base, const Strides& st,
                                         int batch, int seqlen, int heads, int headdim,
                                         int box_rows, int box_blocks) {
-  const cuuint64_t dims[5] = {32, static_cast<cuuint64_t>(seqlen),
-                              static_cast<cuuint64_t>(headdim / 32),
-                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
-  const cuuint64_t strides[4] = {static_cast<cuuint64_t>(st.row) * 4, 128,
-                                 static_cast<cuuint64_t>(st.head) * 4,
-                                 static_cast<cuuint64_t>(st.batch) * 4};
-  const cuuint32_t box[5] = {32, static_cast<cuuint32_t>(box_rows),
-                             static_cast<cuuint32_t>(box_blocks), 1, 1};
+  const AccumulatorTensor a =
+      accumulator_tensor(st, batch, seqlen, heads, headdim, box_rows, box_blocks);
+  cuuint64_t dims[5], strides[4];
+  cuuint32_t box[5];
+  for (int i = 0; i < 5; ++i) {
+    dims[i] = static_cast<cuuint64_t>(a.dims[i]);
+    box[i] = static_cast<cuuint32_t>(a.box[i]);
+    if (i < 4) strides[i] = static_cast<cuuint64_t>(a.outer_strides[i]);
+  }
   return encode_swizzled_map(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 5, base, dims, strides, box);
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/emu/sm90_conformance_cases.cuh"
+#include "cuda/sm90_fwd_geometry.h"
 
 using namespace ring_attn::cuda;
 using namespace ring_attn::cuda::sm90::conformance;
@@ -52,16 +53,15 @@ std::vector<uint8_t> run_tma(bool pipeline) {
   return as_bytes(out.data(), out.size() * 4);
 }
 
-// The accumulator map as make_accumulator_map (sm90_tensor_map.h) encodes it.
+// The accumulator map as make_accumulator_map (sm90_tensor_map.h) encodes it: the 5-D view of
+// sm90_fwd_geometry.h accumulator_tensor.
 std::vector<uint8_t> run_tensor_reduce() {
   const std::vector<float> src = red_sources();
   std::vector<float> dst = red_initial();
-  const ring_attn::Strides st = red_strides();
-  const int64_t dims[5] = {32, kRedSeq, kRedCols / 32, kRedHeads, kRedBatch};
-  const int64_t strides[4] = {st.row * 4, 128, st.head * 4, st.batch * 4};
-  const int box[5] = {32, kRedBoxRows, kRedBoxBlocks, 1, 1};
-  const emu::TensorMap map =
-      emu::make_tensor_map(dst.data(), 4, 5, dims, strides, box, emu::TmaSwizzle::k128B);
+  const sm90::AccumulatorTensor a = sm90::accumulator_tensor(
+      red_strides(), kRedBatch, kRedSeq, kRedHeads, kRedCols, kRedBoxRows, kRedBoxBlocks);
+  const emu::TensorMap map = emu::make_tensor_map(dst.data(), 4, 5, a.dims, a.outer_strides,
+                                                  a.box, emu::TmaSwizzle::k128B);
   emu::launch(kRedCtas, 1, 1, kRedThreads, kRedSmemBytes,
               [&](char* smem) { tensor_reduce_case(&map, src.data(), smem); });
   return as_bytes(dst.data(), dst.size() * 4);

@@ -236,18 +236,16 @@ emu::TensorMap sm90_map(const void* base, const Strides& st, int batch, int seql
 }
 
 // The tensor map of the fp32 accumulator dq_acc as the Hopper backward's launcher builds it
-// (sm90_tensor_map.h make_accumulator_map); exits on a layout it does not map.
+// (sm90_fwd_geometry.h accumulator_tensor); exits on a layout it does not map.
 emu::TensorMap sm90_accumulator_map(void* base, const Strides& st, int batch, int seqlen,
                                     int heads, int headdim, int box_rows, int box_blocks) {
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || st.batch % 4 != 0 || st.head % 4 != 0 ||
-      st.row % 4 != 0) {
+  if (!sm90::accumulator_mappable(base, st)) {
     std::fprintf(stderr, "accumulator layout the Hopper backward does not map\n");
     std::exit(2);
   }
-  const int64_t dims[5] = {32, seqlen, headdim / 32, heads, batch};
-  const int64_t strides[4] = {st.row * 4, 128, st.head * 4, st.batch * 4};
-  const int box[5] = {32, box_rows, box_blocks, 1, 1};
-  return emu::make_tensor_map(base, 4, 5, dims, strides, box, emu::TmaSwizzle::k128B);
+  const sm90::AccumulatorTensor a =
+      sm90::accumulator_tensor(st, batch, seqlen, heads, headdim, box_rows, box_blocks);
+  return emu::make_tensor_map(base, 4, 5, a.dims, a.outer_strides, a.box, emu::TmaSwizzle::k128B);
 }
 
 // The Hopper forward as block_attn_cuda.cu launches it. Head dims 64, 128 and 256.
@@ -499,6 +497,8 @@ bool run_case(const Case& c) {
   // from the same accumulators it must give the same bits. The Hopper backward (d = 64 and 128;
   // at d = 256 the dispatch runs mma.sync) adds dQ by TMA reductions in the other mode.
   const bool hopper_bwd = c.sm90a && D != 256;
+  const bool dq_nonzero =
+      std::any_of(ref.dq.begin(), ref.dq.end(), [](double v) { return v != 0.0; });
   double e_dq = 0, e_dk = 0, e_dv = 0;
   for (bool deterministic : {false, true}) {
     dq = dq0, dk = dk0, dv = dv0;
@@ -514,8 +514,6 @@ bool run_case(const Case& c) {
                   static_cast<long long>(emu::atomic_adds.load() - atomics_before));
       ok = false;
     }
-    const bool dq_nonzero =
-        std::any_of(ref.dq.begin(), ref.dq.end(), [](double v) { return v != 0.0; });
     if (hopper_bwd && !deterministic && dq_nonzero && emu::atomic_adds.load() == atomics_before) {
       std::printf("Hopper backward: dQ added without a TMA reduction\n");
       ok = false;
