@@ -40,6 +40,19 @@ RA_DEV void issue_head_dim_product(float (&acc)[kN / 2], const char* a, const ch
   }
 }
 
+// S = A B^T, then dP = dA dB^T as a second wgmma group, so that P can be computed once S is in
+// (wgmma_wait<1>: groups complete in order) while dP still runs: the head-dim products of
+// issue_head_dim_product with the operand pairs (a, b) and (da, db), fenced and committed.
+template <bool kBF16, int kN, int kD, int kARows, int kBRows>
+RA_DEV void issue_scores_and_dprobs(float (&s)[kN / 2], float (&dp)[kN / 2], const char* a,
+                                    const char* b, const char* da, const char* db) {
+  wgmma_fence();
+  issue_head_dim_product<kBF16, kN, kD, kARows, kBRows>(s, a, b);
+  wgmma_commit();
+  issue_head_dim_product<kBF16, kN, kD, kARows, kBRows>(dp, da, db);
+  wgmma_commit();
+}
+
 // acc += A B (64 x kN) over kSteps k16 steps: A from registers (step kc's fragment a[kc]), B
 // MN-major in shared memory (64-column blocks of kBRows rows x 128 bytes, LBO apart), step kc at
 // its row 16 kc from b (each step's descriptor one add from the first). wgmma issued, neither

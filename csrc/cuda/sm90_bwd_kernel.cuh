@@ -74,22 +74,16 @@ namespace sm90 {
 // stored as 64-column blocks of rows x 128 bytes, 128-byte swizzled, as the TMA boxes land).
 // kFusedDq: the kernel also adds dQ to dq_acc by TMA reductions.
 template <bool kBF16_, int kHeadDim_, bool kFusedDq_>
-struct DkdvTraits {
-  static constexpr bool kBF16 = kBF16_;
-  static constexpr int kHeadDim = kHeadDim_;  // exactly the operands' head dim
+struct DkdvTraits : WarpSpecializedTraits<kBF16_, kHeadDim_> {
+  using Base = WarpSpecializedTraits<kBF16_, kHeadDim_>;
+  using Base::kConsumerWarpgroups, Base::kHeadDim, Base::kStages;
   static constexpr bool kFusedDq = kFusedDq_;
-  static constexpr int kConsumerWarpgroups = 2;
-  static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
-  static constexpr int kBlockN = 64 * kConsumerWarpgroups;           // keys
-  static constexpr int kBlockM = 64;                                 // query rows of a stage
-  static constexpr int kStages = 2;
+  static constexpr int kBlockN = 64 * kConsumerWarpgroups;  // keys
+  static constexpr int kBlockM = 64;                        // query rows of a stage
   // dV += P^T dO issued before dS^T is computed, so that it runs meanwhile: P^T's register-A
   // fragments then live beside P^T, dP^T, dK and dV, which the 128 accumulator registers of
   // d = 128 leave no room for (ptxas would serialise the wgmma); there dV joins dK's group.
   static constexpr bool kDvBeforeDs = kHeadDim == 64;
-  static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
   static constexpr int kKvBytes = kBlockN * kHeadDim * 2;  // K or V
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;   // one Q or dO stage
   static constexpr int kOffK = 0;
@@ -148,7 +142,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
   constexpr bool kBF16 = Traits::kBF16;
   constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
   constexpr int kStages = Traits::kStages;
-  constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
+  constexpr int kConsumerThreads = Traits::kConsumerThreads;
   constexpr int kKvZeroedBarrier = 3;  // named barrier: K and V rows past Sk zeroed
 
   const int tid = thread_idx();
@@ -184,10 +178,8 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
       const OperandOrigin ko = operand_origin(p.k_strides, b, hk);
       const OperandOrigin vo = operand_origin(p.v_strides, b, hk);
       mbar_arrive_expect_tx(kv_bar, 2 * Traits::kKvBytes);
-      for (int j = 0; j < Traits::kColBlocks; ++j) {
-        sm90::tma_load_2d(sK + j * kBN * 128, &maps.k, kv_bar, ko.col + 64 * j, ko.row + k0);
-        sm90::tma_load_2d(sV + j * kBN * 128, &maps.v, kv_bar, vo.col + 64 * j, vo.row + k0);
-      }
+      tma_load_rows<kBN, Traits::kColBlocks>(sK, &maps.k, kv_bar, ko, k0);
+      tma_load_rows<kBN, Traits::kColBlocks>(sV, &maps.v, kv_bar, vo, k0);
     }
     const PositionRange keys = warp_range(p.k_pos, k0, imin(k0 + kBN, Sk), lane);
     const int ntiles = (Sq + kBM - 1) / kBM;
@@ -233,10 +225,8 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
           sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
           if constexpr (Traits::kFusedDq) sDqHead[stage] = h;
           mbar_arrive_expect_tx(bar, 2 * Traits::kQBytes);
-          for (int j = 0; j < Traits::kColBlocks; ++j) {
-            sm90::tma_load_2d(tQ + j * kBM * 128, &maps.q, bar, qo.col + 64 * j, qo.row + m0);
-            sm90::tma_load_2d(tdO + j * kBM * 128, &maps.dout, bar, oo.col + 64 * j, oo.row + m0);
-          }
+          tma_load_rows<kBM, Traits::kColBlocks>(tQ, &maps.q, bar, qo, m0);
+          tma_load_rows<kBM, Traits::kColBlocks>(tdO, &maps.dout, bar, oo, m0);
         }
         if (tail) {
           publish_tail_stage<kBM, Traits::kColBlocks>(tail_bar, tails++ & 1, tQ, tdO, m1 - m0,
@@ -292,11 +282,8 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
     // S^T = K Q^T, then dP^T = V dO^T as a second wgmma group, which runs while P^T is
     // computed: k16 steps over the head dim, all operands K-major.
     float s[kBM / 2], dp[kBM / 2];
-    wgmma_fence();
-    issue_head_dim_product<kBF16, kBM, kD, kBN, kBM>(s, sK + 64 * wg * 128, tQ);
-    wgmma_commit();
-    issue_head_dim_product<kBF16, kBM, kD, kBN, kBM>(dp, sV + 64 * wg * 128, tdO);
-    wgmma_commit();
+    issue_scores_and_dprobs<kBF16, kBM, kD, kBN, kBM>(s, dp, sK + 64 * wg * 128, tQ,
+                                                       sV + 64 * wg * 128, tdO);
     wgmma_wait<1>();  // S^T is in (groups complete in order); dP^T may still run
 
     // P^T = exp(scale S^T - lse), in place (the stage's rows' lse per column); a partial tile's

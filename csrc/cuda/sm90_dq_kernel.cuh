@@ -49,21 +49,15 @@ namespace sm90 {
 // Shapes and the shared-memory layout (offsets from a 1024-byte aligned base; 16-bit tiles are
 // stored as 64-column blocks of rows x 128 bytes, 128-byte swizzled, as the TMA boxes land).
 template <bool kBF16_, int kHeadDim_>
-struct DqTraits {
-  static constexpr bool kBF16 = kBF16_;
-  static constexpr int kHeadDim = kHeadDim_;  // exactly the operands' head dim
-  static constexpr int kConsumerWarpgroups = 2;
-  static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
+struct DqTraits : WarpSpecializedTraits<kBF16_, kHeadDim_> {
+  using Base = WarpSpecializedTraits<kBF16_, kHeadDim_>;
+  using Base::kConsumerWarpgroups, Base::kHeadDim, Base::kNThreads, Base::kStages;
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = 2;
   // A stage's dQ += dS K is waited for only once the next stage's S and dP are issued behind it,
   // so that no wait separates them: its dS fragments then live beside S, dP and dQ, which the 64
   // accumulator registers of dQ at d = 128 leave no room for (ptxas would serialise the wgmma).
   static constexpr bool kDqInFlight = kHeadDim == 64;
-  static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;   // Q or dO
   static constexpr int kKvBytes = kBlockN * kHeadDim * 2;  // one K or V stage
   static constexpr int kOffQ = 0;
@@ -95,7 +89,7 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
   constexpr bool kBF16 = Traits::kBF16;
   constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
   constexpr int kStages = Traits::kStages, kNT = Traits::kNThreads;
-  constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
+  constexpr int kConsumerThreads = Traits::kConsumerThreads;
 
   const int tid = thread_idx();
   const int q0 = block_idx_x() * kBM, h = block_idx_y(), b = block_idx_z();
@@ -131,10 +125,8 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
       const OperandOrigin qo = operand_origin(p.q_strides, b, h);
       const OperandOrigin oo = operand_origin(p.dout_strides, b, h);
       mbar_arrive_expect_tx(q_bar, 2 * Traits::kQBytes);
-      for (int j = 0; j < Traits::kColBlocks; ++j) {
-        sm90::tma_load_2d(sQ + j * kBM * 128, &maps.q, q_bar, qo.col + 64 * j, qo.row + q0);
-        sm90::tma_load_2d(sdO + j * kBM * 128, &maps.dout, q_bar, oo.col + 64 * j, oo.row + q0);
-      }
+      tma_load_rows<kBM, Traits::kColBlocks>(sQ, &maps.q, q_bar, qo, q0);
+      tma_load_rows<kBM, Traits::kColBlocks>(sdO, &maps.dout, q_bar, oo, q0);
     }
     const OperandOrigin ko = operand_origin(p.k_strides, b, hk);
     const OperandOrigin vo = operand_origin(p.v_strides, b, hk);
@@ -160,10 +152,8 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
       if (lane == 0) {
         sEntry[stage] = static_cast<uint32_t>(t) << 1 | (partial ? 1u : 0u);
         mbar_arrive_expect_tx(bar, 2 * Traits::kKvBytes);
-        for (int j = 0; j < Traits::kColBlocks; ++j) {
-          sm90::tma_load_2d(tK + j * kBN * 128, &maps.k, bar, ko.col + 64 * j, ko.row + k0);
-          sm90::tma_load_2d(tV + j * kBN * 128, &maps.v, bar, vo.col + 64 * j, vo.row + k0);
-        }
+        tma_load_rows<kBN, Traits::kColBlocks>(tK, &maps.k, bar, ko, k0);
+        tma_load_rows<kBN, Traits::kColBlocks>(tV, &maps.v, bar, vo, k0);
       }
       if (tail) {
         // K and V rows past Sk zeroed, so that those keys' s, dp and ds K are finite and ds K is
@@ -219,11 +209,8 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
     // S = Q K^T, then dP = dO V^T as a second wgmma group, which runs while P is computed: k16
     // steps over the head dim, all operands K-major.
     float s[kBN / 2], dp[kBN / 2];
-    wgmma_fence();
-    issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(s, sQ + 64 * wg * 128, tK);
-    wgmma_commit();
-    issue_head_dim_product<kBF16, kBN, kD, kBM, kBN>(dp, sdO + 64 * wg * 128, tV);
-    wgmma_commit();
+    issue_scores_and_dprobs<kBF16, kBN, kD, kBM, kBN>(s, dp, sQ + 64 * wg * 128, tK,
+                                                       sdO + 64 * wg * 128, tV);
     wgmma_wait<1>();  // S is in (groups complete in order); dP may still run
     if constexpr (Traits::kDqInFlight) {
       if (it > 0) release((it - 1) % kStages);  // so is the previous stage's dQ += dS K

@@ -43,13 +43,6 @@
 #include "cuda/tile_table.cuh"
 #include "cuda/warp_mma.cuh"
 
-// A loop that nvcc keeps rolled.
-#if defined(RA_CUDA_EMULATE)
-#define RA_ROLLED
-#else
-#define RA_ROLLED _Pragma("unroll 1")
-#endif
-
 namespace ring_attn {
 namespace cuda {
 namespace sm90 {
@@ -57,24 +50,18 @@ namespace sm90 {
 // Shapes and the shared-memory layout (offsets from a 1024-byte aligned base; 16-bit tiles are
 // stored as 64-column blocks of rows x 128 bytes, 128-byte swizzled, as the TMA boxes land).
 template <bool kBF16_, int kHeadDim_>
-struct FwdTraits {
-  static constexpr bool kBF16 = kBF16_;
-  static constexpr int kHeadDim = kHeadDim_;  // exactly the operands' head dim
-  static constexpr int kConsumerWarpgroups = 2;
-  static constexpr int kNThreads = 128 * (kConsumerWarpgroups + 1);  // producer last
+struct FwdTraits : WarpSpecializedTraits<kBF16_, kHeadDim_> {
+  using Base = WarpSpecializedTraits<kBF16_, kHeadDim_>;
+  using Base::kConsumerWarpgroups, Base::kHeadDim, Base::kNThreads, Base::kStages;
   static constexpr int kBlockM = 64 * kConsumerWarpgroups;
   // Keys per tile: 128; 256 at d = 64, so that the fixed costs of a tile (waits, descriptors,
   // the softmax's row reductions) spread over twice the work; 64 at d = 256, where Q (64 KiB) and
   // two stages of 128 keys of K and V would not fit in the shared memory of a CTA.
   static constexpr int kBlockN = kHeadDim == 64 ? 256 : kHeadDim == 128 ? 128 : 64;
-  static constexpr int kStages = 2;
   // The consumers issue S = Q K^T of a tile before the P V of the one before, so that P V runs
   // during the softmax: P of one tile and S of the next in registers at once, which the 256-key
   // tiles of d = 64 (192 registers for the pair) leave no room for.
   static constexpr bool kOverlap = kHeadDim != 64;
-  static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKvBytes = kBlockN * kHeadDim * 2;  // one K or V stage
   static constexpr int kOffQ = 0;
@@ -108,7 +95,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
   constexpr bool kBF16 = Traits::kBF16;
   constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
   constexpr int kStages = Traits::kStages, kNT = Traits::kNThreads;
-  constexpr int kConsumerThreads = 128 * Traits::kConsumerWarpgroups;
+  constexpr int kConsumerThreads = Traits::kConsumerThreads;
 
   const BlockFwdParams& p = args.p;
   const int tid = thread_idx();
@@ -145,9 +132,7 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
     if (lane == 0) {
       const OperandOrigin qo = operand_origin(p.q_strides, b, h);
       mbar_arrive_expect_tx(q_bar, Traits::kQBytes);
-      for (int j = 0; j < Traits::kColBlocks; ++j) {
-        sm90::tma_load_2d(sQ + j * kBM * 128, &maps.q, q_bar, qo.col + 64 * j, qo.row + q0);
-      }
+      tma_load_rows<kBM, Traits::kColBlocks>(sQ, &maps.q, q_bar, qo, q0);
     }
     const OperandOrigin ko = operand_origin(p.k_strides, b, hk);
     const OperandOrigin vo = operand_origin(p.v_strides, b, hk);
@@ -168,13 +153,11 @@ RA_DEV void block_fwd_body(const FwdArgs& args, const FwdMaps& maps, char* smem_
       if (lane == 0) {
         sEntry[stage] = static_cast<uint32_t>(t) << 2 | (tail ? 2u : 0u) | (partial ? 1u : 0u);
         mbar_arrive_expect_tx(full + stage, 2 * Traits::kKvBytes);
-        RA_ROLLED  // unrolled, the boxes' coordinates would outgrow the producer's registers
-        for (int j = 0; j < Traits::kColBlocks; ++j) {
-          sm90::tma_load_2d(sK + stage * Traits::kKvBytes + j * kBN * 128, &maps.k, full + stage,
-                      ko.col + 64 * j, ko.row + k0);
-          sm90::tma_load_2d(sV + stage * Traits::kKvBytes + j * kBN * 128, &maps.v, full + stage,
-                      vo.col + 64 * j, vo.row + k0);
-        }
+        // Rolled loops: unrolled, their boxes' coordinates would outgrow the producer's registers.
+        tma_load_rows<kBN, Traits::kColBlocks, true>(sK + stage * Traits::kKvBytes, &maps.k,
+                                                     full + stage, ko, k0);
+        tma_load_rows<kBN, Traits::kColBlocks, true>(sV + stage * Traits::kKvBytes, &maps.v,
+                                                     full + stage, vo, k0);
       }
       ++it;
     }

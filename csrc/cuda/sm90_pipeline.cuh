@@ -1,17 +1,36 @@
 // The warp-specialised pipeline pieces every Hopper kernel (sm90_fwd_kernel.cuh,
-// sm90_bwd_kernel.cuh, sm90_dq_kernel.cuh) shares: the shared-memory layout's aligned base, the
-// stages' mbarriers, the producer's tail stage (rows past the sequence zeroed in place) and its
-// end-of-stream entry.
+// sm90_bwd_kernel.cuh, sm90_dq_kernel.cuh) shares: the traits of the warpgroup split, the
+// shared-memory layout's aligned base, the stages' mbarriers, the producer's TMA loads of a tile,
+// its tail stage (rows past the sequence zeroed in place) and its end-of-stream entry.
 #pragma once
 
 #include <cstdint>
 
 #include "cuda/primitives.cuh"
+#include "cuda/sm90_fwd_geometry.h"
 #include "cuda/sm90_primitives.cuh"
+#include "cuda/warp_mma.cuh"
 
 namespace ring_attn {
 namespace cuda {
 namespace sm90 {
+
+// What the traits of every Hopper kernel share: two consumer warpgroups (64 rows of the wgmma M
+// dimension each) and one producer warpgroup, last; stages of the operands that stream; 16-bit
+// tiles of kHeadDim columns as 64-column blocks (TMA boxes); the registers setmaxnreg leaves to
+// each side.
+template <bool kBF16_, int kHeadDim_>
+struct WarpSpecializedTraits {
+  static constexpr bool kBF16 = kBF16_;
+  static constexpr int kHeadDim = kHeadDim_;  // exactly the operands' head dim
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  static constexpr int kNThreads = kConsumerThreads + 128;  // producer last
+  static constexpr int kStages = 2;
+  static constexpr int kColBlocks = kHeadDim / 64;  // 64-column blocks (TMA boxes) of a tile
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+};
 
 // The layout's base: the first 1024-byte aligned (swizzle atom) address at or after the dynamic
 // shared memory's start; the kernels ask for kSwizzleAtomBytes more than their layouts take.
@@ -63,6 +82,23 @@ RA_DEV void publish_tail_stage(uint64_t* tail, int parity, char* tile_a, char* t
   fence_proxy_async();
   sync_warp();  // every lane's zeros are published before lane 0's arrival
   if (lane == 0) mbar_arrive(full);
+}
+
+// The TMA loads of kRows rows of an operand from row `row` on (origin o of its 2-D matrix,
+// sm90_fwd_geometry.h) into a tile of kColBlocks 64-column blocks, completing on bar. kRolled
+// keeps the loop rolled (its boxes' coordinates would otherwise outgrow the producer's registers).
+template <int kRows, int kColBlocks, bool kRolled = false>
+RA_DEV void tma_load_rows(char* tile, const TensorMap* map, uint64_t* bar, OperandOrigin o, int row) {
+  if constexpr (kRolled) {
+    RA_ROLLED
+    for (int j = 0; j < kColBlocks; ++j) {
+      sm90::tma_load_2d(tile + j * kRows * 128, map, bar, o.col + 64 * j, o.row + row);
+    }
+  } else {
+    for (int j = 0; j < kColBlocks; ++j) {
+      sm90::tma_load_2d(tile + j * kRows * 128, map, bar, o.col + 64 * j, o.row + row);
+    }
+  }
 }
 
 constexpr uint32_t kEndEntry = 0xffffffffu;  // no more tiles

@@ -10,10 +10,13 @@
 
 #include "cuda/primitives.cuh"
 
+// Loops that nvcc unrolls, and loops that it keeps rolled.
 #if defined(RA_CUDA_EMULATE)
 #define RA_UNROLL
+#define RA_ROLLED
 #else
 #define RA_UNROLL _Pragma("unroll")
+#define RA_ROLLED _Pragma("unroll 1")
 #endif
 
 namespace ring_attn {
