@@ -171,26 +171,25 @@ class _AttentionBlock(torch.nn.Module):
         return self.proj(out).tanh()
 
 
-def compiled_matches_eager(layout, varlen, kv_exchange="ring", ulysses=1):
+def compiled_matches_eager(layout, varlen, kv_exchange="ring", ulysses=1, heads=4, heads_kv=2):
     """torch.compile(fullgraph=True) of a module calling the ring equals eager, forward and backward.
-    ulysses > 1: over a ulysses x (world / ulysses) grid (ring_cases.grid_groups), with one K/V
-    head of 4 query heads (repeated to U inside the op)."""
+    ulysses > 1: over a ulysses x (world / ulysses) grid (ring_cases.grid_groups), each rank's
+    chunk of heads / U query heads (K/V heads repeated to U inside the op where fewer)."""
     from ring_cases import grid_groups
     rank, world = rank_and_world()
     torch._dynamo.reset()
     group, ulysses_group = grid_groups(ulysses, world // ulysses) if ulysses > 1 else (None, None)
     grid = dict(group=group, layout=layout, ulysses_group=ulysses_group)
     module = _AttentionBlock(layout, varlen, kv_exchange, group, ulysses_group)
-    heads_kv = 1 if ulysses > 1 else 2
     if varlen:
         cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32)
         g = torch.Generator().manual_seed(1)
-        full = [torch.randn(19, 4 if i == 0 else heads_kv, 16, generator=g, dtype=torch.float64)
+        full = [torch.randn(19, heads if i == 0 else heads_kv, 16, generator=g, dtype=torch.float64)
                 for i in range(3)]
         inputs = [ra.shard_varlen(t, cu, **grid) for t in full] + [cu]
     else:
-        q, k, v, _ = random_qkv(seed_of("compile", layout), 2, 8 * world, 8 * world, 4, heads_kv,
-                                16, torch.float64)
+        q, k, v, _ = random_qkv(seed_of("compile", layout), 2, 8 * world, 8 * world, heads,
+                                heads_kv, 16, torch.float64)
         inputs = [ra.shard(t, **grid).contiguous() for t in (q, k, v)]
     results = []
     for fn in (module, torch.compile(module, fullgraph=True)):

@@ -102,6 +102,7 @@ INVALID_INPUTS = {
         "layout 'zigzag' needs an even local sequence length"),
     "unknown_layout": (_with(layout="diagonal"), "unknown layout 'diagonal'"),
     "unknown_kv_exchange": (_with(kv_exchange="tree"), "unknown kv_exchange 'tree'"),
+    "zero_heads": (_tensors(lambda q, k, v: (q[:, :, :0], k, v)), "q must have at least one head"),
 }
 DISAGREEMENTS = {
     "seqlen": (_tensors(lambda q, k, v: (q[:, :6], k[:, :6], v[:, :6])),
@@ -131,6 +132,20 @@ def check_rejected(kind, bad_ranks):
         ra.ring_attn_func(q, k, v, **kwargs)
     check_ring(SMALL_CASE)
     return str(error.value)
+
+
+def check_ring_with_timeout(seconds):
+    """SMALL_CASE's ring, forward and backward, with RING_ATTN_TIMEOUT set to `seconds` (read at
+    every call), then restored."""
+    before = os.environ.get("RING_ATTN_TIMEOUT")
+    os.environ["RING_ATTN_TIMEOUT"] = seconds
+    try:
+        return check_ring(SMALL_CASE)
+    finally:
+        if before is None:
+            del os.environ["RING_ATTN_TIMEOUT"]
+        else:
+            os.environ["RING_ATTN_TIMEOUT"] = before
 
 
 def call_unless_absent(absent_rank, check):
@@ -336,6 +351,7 @@ def check_ulysses(case):
                       kv_exchange=case["kv_exchange"], **grid)
     assert out.shape == local[0].shape and out.dtype == dtype
     grads = torch.autograd.grad(out, local[:3], local[3])
+    assert all(t.is_contiguous() for t in (out, lse, *grads)), "outputs and gradients contiguous"
     got = [gather(out), gather(lse, lse_dim), *(gather(g) for g in grads)]
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
         assert_close(a, b, f"rank {dist.get_rank()} {name}")

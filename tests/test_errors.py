@@ -5,7 +5,8 @@ import re
 import pytest
 
 from dist_pool import RankPool
-from ring_cases import DISAGREEMENTS, INVALID_INPUTS, call_unless_absent, check_rejected, dying_mid_ring
+from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, call_unless_absent, check_rejected,
+                        check_ring_with_timeout, dying_mid_ring)
 
 WORLD = 3
 
@@ -40,6 +41,13 @@ def test_disagreeing_ranks_raise_on_every_rank(rank_pool, kind):
         "kv_exchange": ("ring", "allgather"),
     }[kind]
     assert f"rank 0: {values[0]}, rank 1: {values[1]}, rank 2: {values[0]}" in message, message
+
+
+@pytest.mark.parametrize("seconds", ["1e30", "0"])
+def test_long_or_no_ring_timeout_still_runs(rank_pool, seconds):
+    """RING_ATTN_TIMEOUT of 10^30 s (longer than any clock counts) or 0 (wait forever): the ring
+    and the agreement wait as asked and the call completes."""
+    assert all(rank_pool(WORLD).run(check_ring_with_timeout, seconds))
 
 
 # A fault leaves its process group unusable, so each fault test spawns its own ranks.

@@ -67,12 +67,15 @@ def test_torch_compile_fullgraph_allgather(rank_pool, varlen):
                                 timeout=300))
 
 
-@pytest.mark.parametrize("ulysses,ring", [(2, 1), (2, 2)], ids=lambda n: str(n))
+@pytest.mark.parametrize("ulysses,ring,heads,heads_kv", [(2, 1, 2, 1), (2, 2, 4, 2)],
+                         ids=["U2xR1-h2/1", "U2xR2-h4/2"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_torch_compile_fullgraph_ulysses(rank_pool, ulysses, ring, varlen):
-    """A ulysses_group traces: its all-to-alls are inside the op (U x R grids on gloo ranks)."""
+def test_torch_compile_fullgraph_ulysses(rank_pool, ulysses, ring, heads, heads_kv, varlen):
+    """A ulysses_group traces: its all-to-alls are inside the op (U x R grids on gloo ranks). One
+    query head per rank (h = U, K/V repeated to U) and one K/V head per rank (h_kv = U): the
+    op's outputs are contiguous, as its fake kernel declares."""
     assert all(rank_pool(ulysses * ring).run(cases.compiled_matches_eager, "zigzag", varlen, "ring",
-                                             ulysses, timeout=300))
+                                             ulysses, heads, heads_kv, timeout=300))
 
 
 def test_device_mesh_dp_times_cp(rank_pool):

@@ -52,3 +52,12 @@ def test_ring_non_contiguous_inputs(rank_pool, world, memory):
 ], ids=["w4-zigzag-float32-L64-d64", "w3-striped-float64-L48-d128"])
 def test_ring_larger_cases(rank_pool, world, case):
     rank_pool(world).run(check_ring, case)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("batch,local_len", [(0, 6), (2, 0)], ids=["batch0", "seqlen0"])
+def test_ring_empty_inputs(rank_pool, world, batch, local_len):
+    """An empty batch or sequence: empty outputs and gradients, forward and backward."""
+    rank_pool(world).run(check_ring, dict(
+        layout="zigzag", causal=True, dtype=torch.float32, local_len=local_len, batch=batch,
+        heads=4, heads_kv=2, headdim=16, scale=None, memory="contiguous"))

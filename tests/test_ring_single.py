@@ -5,6 +5,7 @@ import torch
 import ring_attention as ra
 import ring_cases
 from cases import acc_dtype, random_qkv, seed_of
+from ring_attention.testing import LocalRing
 from ring_cases import check_ring
 
 
@@ -79,8 +80,25 @@ def test_invalid_input_raises_value_error(kind):
     assert ring_cases.INVALID_INPUTS[kind][1] in message
 
 
-def test_bad_ring_timeout_environment_variable(monkeypatch):
-    monkeypatch.setenv("RING_ATTN_TIMEOUT", "soon")
+@pytest.mark.parametrize("name,value", [
+    ("RING_ATTN_CPU_KERNEL", "avx1024"), ("RING_ATTN_CPU_TILES", "64,64"),
+    ("RING_ATTN_CPU_TILES", "64,64,64,64,64x"), ("RING_ATTN_CPU_TILES", "64,0,64,64,64")])
+def test_unknown_cpu_kernel_environment_raises(monkeypatch, name, value):
+    """A CPU kernel variable with an unknown value: ValueError naming it, from the ring and from
+    LocalRing, before any work; the default kernel runs again once it is unset."""
+    monkeypatch.setenv(name, value)
+    q, k, v, _ = random_qkv(7, 1, 4, 4, 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match=f"{name} must be .*, got '{value}'"):
+        ra.ring_attn_func(q, k, v)
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        LocalRing(2).ring_attn_func([q, q], [k, k], [v, v])
+    monkeypatch.delenv(name)
+    assert torch.isfinite(ra.ring_attn_func(q, k, v)).all()
+
+
+@pytest.mark.parametrize("value", ["soon", "inf", "nan", "-1", "1e400"])
+def test_bad_ring_timeout_environment_variable(monkeypatch, value):
+    monkeypatch.setenv("RING_ATTN_TIMEOUT", value)
     q, k, v, _ = random_qkv(6, 1, 4, 4, 2, 1, 16, torch.float32)
-    with pytest.raises(ValueError, match="RING_ATTN_TIMEOUT must be a number of seconds"):
+    with pytest.raises(ValueError, match="RING_ATTN_TIMEOUT must be a number of seconds, finite"):
         ra.ring_attn_func(q, k, v)

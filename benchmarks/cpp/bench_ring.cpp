@@ -38,12 +38,18 @@
 #include "core/local_exchanges.h"
 #include "core/ring_scheduler.h"
 #include "cpu/block_attn_cpu.h"
+#include "cpu/env.h"
 
 using namespace ring_attn;
 
 namespace {
 
-const BlockKernels kCpuKernels{&cpu::block_attn_fwd, &cpu::block_attn_bwd};
+void check_cpu_environment() {
+  const std::string error = cpu::environment_error();
+  if (!error.empty()) throw std::invalid_argument(error);
+}
+
+const BlockKernels kCpuKernels{&cpu::block_attn_fwd, &cpu::block_attn_bwd, &check_cpu_environment};
 
 // Runs memcpys on one helper thread, in the order they were queued: never in the intra-op thread
 // pool that the kernels use.
@@ -306,6 +312,12 @@ int main(int argc, char** argv) {
   }
   if (opt.dtype == "bfloat16") {
     std::fprintf(stderr, "bench_ring: --dtype must be float32 or float64\n");
+    return 2;
+  }
+  try {
+    kCpuKernels.check_environment();
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "bench_ring: %s\n", e.what());
     return 2;
   }
   if (opt.threads > 0) at::set_num_threads(opt.threads);

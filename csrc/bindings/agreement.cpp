@@ -185,6 +185,7 @@ std::string validate_local(const RingCall& call) {
     return "head dimension mismatch: q has " + std::to_string(q.size(3)) + ", k/v have " +
            std::to_string(k.size(3));
   }
+  if (q.size(2) == 0) return "q must have at least one head; got q " + shape_str(q);
   if (k.size(2) == 0 || q.size(2) % k.size(2) != 0) {
     return "the number of query heads (" + std::to_string(q.size(2)) +
            ") must be a multiple of the number of K/V heads (" + std::to_string(k.size(2)) + ")";

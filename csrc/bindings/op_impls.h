@@ -49,6 +49,7 @@ struct RingOpImpls {
       double softmax_scale, int64_t window_left, int64_t window_right, c10::string_view layout,
       c10::string_view kv_exchange) {
     c10::DeviceGuard guard(q.device());
+    Device::kKernels.check_environment();
     return ring_forward(Device::kKernels, q, k, v,
                         ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
                                      window_right, layout, false, kv_exchange));
@@ -61,6 +62,7 @@ struct RingOpImpls {
       int64_t window_right, c10::string_view layout, bool deterministic,
       c10::string_view kv_exchange) {
     c10::DeviceGuard guard(q.device());
+    Device::kKernels.check_environment();
     return ring_backward(Device::kKernels, dout, q, k, v, out, lse,
                          ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
                                       window_right, layout, deterministic, kv_exchange));
@@ -74,6 +76,7 @@ struct RingOpImpls {
               int64_t window_left, int64_t window_right, c10::string_view layout,
               c10::string_view kv_exchange, bool return_lse) {
     c10::DeviceGuard guard(q.device());
+    Device::kKernels.check_environment();
     return ulysses_forward(Device::kKernels, q, k, v,
                            ring_options(cu_seqlens, group_name, causal, softmax_scale,
                                         window_left, window_right, layout, false, kv_exchange),
@@ -88,6 +91,7 @@ struct RingOpImpls {
       int64_t window_right, c10::string_view layout, int64_t heads_kv, bool deterministic,
       c10::string_view kv_exchange) {
     c10::DeviceGuard guard(q_heads.device());
+    Device::kKernels.check_environment();
     return ulysses_backward(Device::kKernels, dout, q_heads, k_heads, v_heads, out_heads,
                             lse_heads,
                             ring_options(cu_seqlens, group_name, causal, softmax_scale,
@@ -103,6 +107,7 @@ struct RingOpImpls {
       c10::string_view kv_exchange) {
     TORCH_CHECK_VALUE(!qs.empty(), "LocalRing: at least one virtual rank is needed");
     c10::DeviceGuard guard(qs[0].device());
+    Device::kKernels.check_environment();
     return local_ring_forward(Device::kKernels, qs.vec(), ks.vec(), vs.vec(),
                               ring_options(cu_seqlens, "", causal, softmax_scale, window_left,
                                            window_right, layout, false, kv_exchange));
@@ -116,6 +121,7 @@ struct RingOpImpls {
                  bool deterministic, c10::string_view kv_exchange) {
     TORCH_CHECK_VALUE(!qs.empty(), "LocalRing: at least one virtual rank is needed");
     c10::DeviceGuard guard(qs[0].device());
+    Device::kKernels.check_environment();
     return local_ring_backward(Device::kKernels, douts.vec(), qs.vec(), ks.vec(), vs.vec(),
                                outs.vec(), lses.vec(),
                                ring_options(cu_seqlens, "", causal, softmax_scale, window_left,
@@ -128,6 +134,7 @@ struct RingOpImpls {
                         at::Tensor& lse, bool causal, int64_t window_left, int64_t window_right,
                         double softmax_scale) {
     c10::DeviceGuard guard(q.device());
+    Device::kKernels.check_environment();
     Device::kKernels.fwd(make_fwd_params(q, k, v, q_pos, k_pos, q_seg.value_or(at::Tensor()),
                                          out_acc, lse,
                                          mask_spec(causal, window_left, window_right),
@@ -141,6 +148,7 @@ struct RingOpImpls {
                         at::Tensor& dv_acc, bool causal, int64_t window_left,
                         int64_t window_right, double softmax_scale, bool deterministic) {
     c10::DeviceGuard guard(q.device());
+    Device::kKernels.check_environment();
     BlockBwdParams params = make_bwd_params(dout, q, k, v, q_pos, k_pos,
                                             q_seg.value_or(at::Tensor()), lse, delta, dq_acc,
                                             dk_acc, dv_acc,

@@ -22,9 +22,12 @@ namespace {
 void check_support(DType dtype, const BlockShape& shape) {
   const std::string error = cuda::support_error(dtype, shape);
   TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
+}
+
+void check_cuda_environment() {
   cuda::KernelChoice choice;
-  const std::string choice_error = cuda::kernel_choice(&choice);
-  TORCH_CHECK_VALUE(choice_error.empty(), "ring attention: ", choice_error);
+  const std::string error = cuda::kernel_choice(&choice);
+  TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
 }
 
 void check_aligned(const void* ptr, const Strides& st, int batch, int seqlen, int heads,
@@ -79,7 +82,7 @@ void bwd_kernel(const BlockBwdParams& p) {
 }
 
 struct CudaDevice {
-  static constexpr BlockKernels kKernels{&fwd_kernel, &bwd_kernel};
+  static constexpr BlockKernels kKernels{&fwd_kernel, &bwd_kernel, &check_cuda_environment};
 };
 
 void block_fwd_merge_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -88,6 +91,7 @@ void block_fwd_merge_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
                           at::Tensor& lse, bool causal, int64_t window_left, int64_t window_right,
                           double softmax_scale, bool merge) {
   c10::DeviceGuard guard(q.device());
+  check_cuda_environment();
   launch_fwd(make_fwd_params(q, k, v, q_pos, k_pos, q_seg.value_or(at::Tensor()), out_acc, lse,
                              mask_spec(causal, window_left, window_right), softmax_scale),
              merge);

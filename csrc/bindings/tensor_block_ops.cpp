@@ -44,8 +44,10 @@ at::Tensor pack_kv(const at::Tensor& k, const at::Tensor& v) {
   return packed;
 }
 
-// Headdim must have unit stride for the kernels; anything else is copied once.
+// Headdim must have unit stride for the kernels; anything else is copied once. An empty tensor
+// gets standard strides: contiguous() keeps an empty tensor's own (an expanded one's zeros).
 at::Tensor unit_last_stride(const at::Tensor& t) {
+  if (t.numel() == 0) return at::empty(t.sizes(), t.options());
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
@@ -172,8 +174,8 @@ RankBackward::RankBackward(const BlockKernels& kernels, int rank, int world,
   ops.q = unit_last_stride(q);
   ops.dout = unit_last_stride(dout);
   ops.lse = lse;
-  // delta = (dout * out).sum(-1), as (batch, heads, seqlen) like lse
-  ops.delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous();
+  // delta = (dout * out).sum(-1), as (batch, heads, seqlen) with lse's strides (also when empty)
+  ops.delta = at::empty_like(lse).copy_((dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2));
   ops.dq_acc = at::zeros(q.sizes(), q.options().dtype(acc));
 }
 

@@ -19,10 +19,12 @@
 
 namespace ring_attn {
 
-// A device's block kernels.
+// A device's block kernels, and the check of the environment variables they read: ValueError
+// when one holds an unknown value (every op calls it first, before any communication).
 struct BlockKernels {
   void (*fwd)(const BlockFwdParams&);
   void (*bwd)(const BlockBwdParams&);
+  void (*check_environment)();
 };
 
 class TensorBlockOps final : public BlockOps {

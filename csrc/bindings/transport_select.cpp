@@ -2,6 +2,7 @@
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
+#include <cmath>
 #include <cstdlib>
 
 #include "comm/c10d_transport.h"
@@ -29,8 +30,9 @@ double ring_timeout_seconds() {
   if (env == nullptr || *env == '\0') return 300.0;
   char* end = nullptr;
   const double value = std::strtod(env, &end);
-  TORCH_CHECK_VALUE(end != env && *end == '\0', "RING_ATTN_TIMEOUT must be a number of seconds, got '",
-                    env, "'");
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && std::isfinite(value) && value >= 0,
+                    "RING_ATTN_TIMEOUT must be a number of seconds, finite and >= 0 (0 waits "
+                    "forever), got '", env, "'");
   return value;
 }
 

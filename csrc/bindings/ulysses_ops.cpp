@@ -34,13 +34,14 @@ at::Tensor all_to_all(const at::Tensor& parts,
 }
 
 // (batch, L, heads, d) -> (batch, U * L, heads / U, d): the ring shard's tokens in Ulysses rank
-// order, this rank's head chunk.
+// order, this rank's head chunk. Each of these regroupings returns a contiguous tensor, as the ops'
+// fake kernels declare: with one head per chunk, reshape would return a strided view instead.
 at::Tensor seq_to_heads(const at::Tensor& x, const UlyssesGrid& grid) {
   const int64_t size = grid.ulysses_size;
   const int64_t b = x.size(0), length = x.size(1), heads = x.size(2), d = x.size(3);
   const at::Tensor parts = x.reshape({b, length, size, heads / size, d}).permute({2, 0, 1, 3, 4});
   const at::Tensor got = all_to_all(parts, grid.ulysses);  // (U, batch, L, heads / U, d)
-  return got.permute({1, 0, 2, 3, 4}).reshape({b, size * length, heads / size, d});
+  return got.permute({1, 0, 2, 3, 4}).reshape({b, size * length, heads / size, d}).contiguous();
 }
 
 // The inverse of seq_to_heads: (batch, U * L, h, d) -> (batch, L, U * h, d).
@@ -49,7 +50,7 @@ at::Tensor heads_to_seq(const at::Tensor& x, const UlyssesGrid& grid) {
   const int64_t b = x.size(0), length = x.size(1) / size, heads = x.size(2), d = x.size(3);
   const at::Tensor parts = x.reshape({b, size, length, heads, d}).permute({1, 0, 2, 3, 4});
   const at::Tensor got = all_to_all(parts, grid.ulysses);  // (U, batch, L, h, d): every head chunk
-  return got.permute({1, 2, 0, 3, 4}).reshape({b, length, size * heads, d});
+  return got.permute({1, 2, 0, 3, 4}).reshape({b, length, size * heads, d}).contiguous();
 }
 
 // lse: (batch, h, U * L) -> (batch, U * h, L).
@@ -58,7 +59,7 @@ at::Tensor lse_to_seq(const at::Tensor& lse, const UlyssesGrid& grid) {
   const int64_t b = lse.size(0), heads = lse.size(1), length = lse.size(2) / size;
   const at::Tensor parts = lse.reshape({b, heads, size, length}).permute({2, 0, 1, 3});
   const at::Tensor got = all_to_all(parts, grid.ulysses);  // (U, batch, h, L)
-  return got.permute({1, 0, 2, 3}).reshape({b, size * heads, length});
+  return got.permute({1, 0, 2, 3}).reshape({b, size * heads, length}).contiguous();
 }
 
 UlyssesGrid grid_of(const RingOptions& options, const std::string& ulysses_group_name) {

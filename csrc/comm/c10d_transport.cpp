@@ -1,5 +1,6 @@
 #include "comm/c10d_transport.h"
 
+#include <algorithm>
 #include <chrono>
 #include <mutex>
 #include <thread>
@@ -15,7 +16,10 @@ bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeo
       work->wait();
       return true;
     }
-    const auto ms = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0) + 1);
+    // Longer waits than about 31 years wait that long: their milliseconds stay far inside int64.
+    constexpr double kLongestWaitS = 1e9;
+    const double wait_s = std::min(timeout_s, kLongestWaitS);
+    const auto ms = std::chrono::milliseconds(static_cast<int64_t>(wait_s * 1000.0) + 1);
     return work->wait(ms);
   } catch (const std::exception& e) {
     const double elapsed = std::chrono::duration<double>(clock::now() - start).count();
