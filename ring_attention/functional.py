@@ -4,6 +4,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _group, ulysses
+from ._autograd import once_differentiable
 from ._ops import ops
 
 
@@ -21,6 +22,7 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args,

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import _group
+from ._autograd import once_differentiable
 
 LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
 
@@ -141,6 +142,7 @@ class _GatherInOrder(torch.autograd.Function):
         return torch.cat(parts, dim=dim).index_select(dim, order.to(x_local.device))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         group, rank, world, dim, local_len, order = ctx.meta
         grad_out = grad_out.contiguous()

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ._autograd import once_differentiable
 from ._ops import ops
 from .functional import _default_scale, _deterministic, _kv_exchange, _window
 
@@ -27,6 +28,7 @@ class _LocalRingAttention(torch.autograd.Function):
         return (*outs, *lses)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         world = ctx.world
         saved = ctx.saved_tensors

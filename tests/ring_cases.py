@@ -420,3 +420,38 @@ def opcheck_ulysses_ops(ulysses, ring, varlen):
                           (dout, *exchanged, *fwd_args[3:], k.shape[-2]),
                           {"deterministic": True})
     return True
+
+
+def check_double_backward_raises(kind):
+    """Differentiating a gradient of ring attention (create_graph=True) raises RuntimeError on
+    this rank, through .backward() and through torch.autograd.grad with respect to q, k and v.
+    kind: "ring" or "varlen" (the default group, or none), "local_ring" (LocalRing(2), in this
+    process), "ulysses" (a U x 1 grid of the pool's ranks) or "unshard"."""
+    from ring_attention.testing import LocalRing
+    g = torch.Generator().manual_seed(seed_of("double-backward", kind))
+    q, k, v = (randn(g, 1, 4 * rank_and_world()[1], 2, 8, dtype=torch.float64) for _ in range(3))
+    if kind == "varlen":
+        inputs = [t[0].requires_grad_() for t in (q, k, v)]
+        cu = torch.tensor([0, 1, inputs[0].shape[0]], dtype=torch.int32)
+        outs = [ra.ring_attn_varlen_func(*inputs, cu, causal=True)]
+    elif kind == "local_ring":
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        ring = LocalRing(2)
+        outs = ring.ring_attn_func(*(ring.shard(t, layout="zigzag") for t in inputs), causal=True,
+                                   layout="zigzag")
+    elif kind == "ulysses":
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        group, ulysses_group = grid_groups(dist.get_world_size(), 1)
+        outs = [ra.ring_attn_func(*inputs, causal=True, group=group, ulysses_group=ulysses_group)]
+    elif kind == "unshard":
+        inputs = [q.requires_grad_()]
+        outs = [ra.unshard(inputs[0] * 2)]
+    else:
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        outs = [ra.ring_attn_func(*inputs, causal=True)]
+    (grad,) = torch.autograd.grad(sum(o.pow(2).sum() for o in outs), inputs[0], create_graph=True)
+    for differentiate in (lambda: grad.sum().backward(retain_graph=True),
+                         lambda: torch.autograd.grad(grad.sum(), inputs)):
+        with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+            differentiate()
+    return True

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ring_attention as ra
-from ring_cases import check_layouts, check_shard_rejects, check_unshard_shapes_differ
+from ring_cases import check_double_backward_raises, check_layouts, check_shard_rejects, check_unshard_shapes_differ
 
 WORLDS = [1, 2, 3, 4]
 
@@ -64,3 +64,8 @@ def test_shard_rejects_indivisible_length(rank_pool, layout, world):
 def test_unshard_rejects_different_shard_shapes(rank_pool, world):
     for message in rank_pool(world).run(check_unshard_shapes_differ):
         assert "ranks hold shards of different shapes" in message and "rank 1: (1, 6, 2)" in message
+
+
+def test_unshard_double_backward_raises(rank_pool):
+    """The gradient of unshard (an all-reduce) is not differentiable again: RuntimeError."""
+    assert all(rank_pool(2).run(check_double_backward_raises, "unshard"))

@@ -79,6 +79,12 @@ def test_invalid_input_raises_value_error(kind):
     assert ring_cases.INVALID_INPUTS[kind][1] in message
 
 
+@pytest.mark.parametrize("kind", ["ring", "varlen"])
+def test_double_backward_raises(kind):
+    """A gradient of ring attention is not differentiable again: RuntimeError, never a zero."""
+    assert ring_cases.check_double_backward_raises(kind)
+
+
 def test_bad_ring_timeout_environment_variable(monkeypatch):
     monkeypatch.setenv("RING_ATTN_TIMEOUT", "soon")
     q, k, v, _ = random_qkv(6, 1, 4, 4, 2, 1, 16, torch.float32)

@@ -11,7 +11,7 @@ import torch
 import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of
-from ring_cases import (bytes_sent, check_ring, check_ulysses, check_ulysses_rejected,
+from ring_cases import (bytes_sent, check_double_backward_raises, check_ring, check_ulysses, check_ulysses_rejected,
                         opcheck_ulysses_ops, ring_param, ring_results, varlen_ring_results)
 from test_varlen_window import local_varlen, random_seqlens
 
@@ -186,6 +186,12 @@ def test_ulysses_matches_reference(rank_pool, case):
 def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     messages = rank_pool(4).run(check_ulysses_rejected, kind)
     assert all(message in m for m in messages), messages
+
+
+@pytest.mark.parametrize("kind", ["ring", "ulysses"])
+def test_double_backward_raises_on_every_rank(rank_pool, kind):
+    """A gradient of the ring (or of the Ulysses op) is not differentiable again: RuntimeError."""
+    assert all(rank_pool(2).run(check_double_backward_raises, kind))
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (2, 2)], ids=str)
