@@ -209,6 +209,50 @@ def check_unshard_shapes_differ():
     return str(error.value)
 
 
+def _keyword(name, change):
+    """A change of an unshard call that maps keyword argument `name` by change."""
+    return lambda x, kw: (x, {**kw, name: change(kw[name])})
+
+
+# unshard (unshard_varlen for kinds "varlen_*") on one bad rank: (how the bad rank changes
+# x_local and the keyword arguments, what the message must say).
+UNSHARD_REJECTED = {
+    "dtype": (lambda x, kw: (x.double(), kw),
+              "ranks hold shards of different dtypes (rank 0: torch.float32, rank 1: torch.float64"),
+    "unknown_layout": (_keyword("layout", lambda _: "bogus"), "rank 1: unknown layout 'bogus'"),
+    "layout_differs": (_keyword("layout", lambda _: "striped"), "ranks disagree on the arguments"),
+    "not_a_tensor": (lambda x, kw: (x.tolist(), kw), "rank 1: x_local must be a tensor, got list"),
+    "dim_out_of_range": (_keyword("dim", lambda _: 3), "rank 1: dim must be an int in [-3, 3)"),
+    "varlen_dtype": (lambda x, kw: (x.double(), kw), "ranks hold shards of different dtypes"),
+    "varlen_cu_int64": (_keyword("cu_seqlens", lambda cu: cu.long()),
+                        "rank 1: cu_seqlens must be a 1-D int32 tensor"),
+    "varlen_cu_not_a_tensor": (_keyword("cu_seqlens", lambda cu: cu.tolist()),
+                               "rank 1: cu_seqlens must be a 1-D int32 tensor"),
+    "varlen_cu_differs": (_keyword("cu_seqlens", lambda cu: torch.tensor([0, 2, 8, 9], dtype=torch.int32)),
+                          "ranks disagree on the arguments"),
+    "varlen_unknown_layout": (_keyword("layout", lambda _: "bogus"), "rank 1: unknown layout 'bogus'"),
+}
+
+
+def check_unshard_rejected(kind):
+    """Rank 1 calls unshard (or unshard_varlen) with the change of `kind`: every rank raises
+    ValueError, then a valid call still works on the same group. Returns the message."""
+    rank, world = rank_and_world()
+    cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
+    varlen = kind.startswith("varlen_")
+    full = torch.arange(9 if varlen else 2 * 4 * world * 3, dtype=torch.float32)
+    full = full.reshape(9, 1, 1) if varlen else full.reshape(2, 4 * world, 3)
+    kwargs = dict(layout="zigzag", dim=0, cu_seqlens=cu) if varlen else dict(layout="zigzag", dim=1)
+    x = ra.shard_varlen(full, cu, layout="zigzag") if varlen else ra.shard(full, layout="zigzag")
+    gather = (lambda x_local, cu_seqlens, **kw: ra.unshard_varlen(x_local, cu_seqlens, **kw)) \
+        if varlen else ra.unshard
+    bad_x, bad_kwargs = UNSHARD_REJECTED[kind][0](x, kwargs) if rank == 1 else (x, kwargs)
+    with pytest.raises(ValueError) as error:
+        gather(bad_x, **bad_kwargs)
+    assert torch.equal(gather(x, **kwargs), full)
+    return str(error.value)
+
+
 def failing_on(rank_to_fail):
     """Raises on `rank_to_fail` only (tests the pool's error reporting)."""
     rank, _ = rank_and_world()
@@ -371,6 +415,25 @@ def check_ulysses_rejected(kind):
     q, k, v, _ = random_qkv(seed_of("ulysses-good"), 1, 4, 4, 4, 2, 16, torch.float32)
     out = ra.ring_attn_func(q, k, v, group=group, ulysses_group=ulysses_group, causal=True)
     assert torch.isfinite(out).all()
+    return str(error.value)
+
+
+def check_grid_unshard_rejected(varlen):
+    """On a 2 x 2 grid, rank 3 passes an unknown layout to unshard (unshard_varlen): every rank
+    raises ValueError, then a valid call restores the full tensor. Returns the message."""
+    group, ulysses_group = grid_groups(2, 2)
+    grid = dict(group=group, ulysses_group=ulysses_group)
+    cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32)
+    full = torch.arange(19.0).reshape(19, 1) if varlen else torch.arange(32.0).reshape(1, 32, 1)
+    if varlen:
+        x = ra.shard_varlen(full, cu, layout="zigzag", **grid)
+        gather = lambda layout: ra.unshard_varlen(x, cu, layout=layout, **grid)  # noqa: E731
+    else:
+        x = ra.shard(full, layout="zigzag", **grid)
+        gather = lambda layout: ra.unshard(x, layout=layout, **grid)  # noqa: E731
+    with pytest.raises(ValueError) as error:
+        gather("bogus" if dist.get_rank() == 3 else "zigzag")
+    assert torch.equal(gather("zigzag"), full)
     return str(error.value)
 
 
