@@ -11,7 +11,7 @@ import torch
 
 from ._autograd import once_differentiable
 from ._ops import ops
-from .functional import _default_scale, _deterministic, _kv_exchange, _window
+from .functional import _default_scale, _deterministic, _flag, _kv_exchange, _layout, _window
 
 
 class _LocalRingAttention(torch.autograd.Function):
@@ -91,8 +91,10 @@ class LocalRing:
             for t in shards:
                 if t.device.type != self.device.type:
                     raise ValueError(f"LocalRing on {self.device}: {name} has a tensor on {t.device}")
-        results = _LocalRingAttention.apply(world, cu_seqlens, bool(causal), _default_scale(qs[0], softmax_scale),
-                                            _window(window_size), layout, _deterministic(deterministic),
+        layout = _layout(layout, causal=causal, deterministic=deterministic, return_lse=return_lse)
+        results = _LocalRingAttention.apply(world, cu_seqlens, bool(_flag(causal)),
+                                            _default_scale(qs[0], softmax_scale), _window(window_size),
+                                            layout, _deterministic(deterministic),
                                             _kv_exchange(kv_exchange), *qs, *ks, *vs)
         outs: List[torch.Tensor] = list(results[:world])
         lses: List[torch.Tensor] = list(results[world:])

@@ -102,6 +102,16 @@ INVALID_INPUTS = {
         "layout 'zigzag' needs an even local sequence length"),
     "unknown_layout": (_with(layout="diagonal"), "unknown layout 'diagonal'"),
     "unknown_kv_exchange": (_with(kv_exchange="tree"), "unknown kv_exchange 'tree'"),
+    # Arguments of the wrong type: rejected in the agreement like any other invalid input.
+    "q_not_a_tensor": (_tensors(lambda q, k, v: (q.tolist(), k, v)), "must be 4-D"),
+    "layout_not_a_str": (_with(layout=None), "unknown layout 'None'"),
+    "kv_exchange_not_a_str": (_with(kv_exchange=None), "unknown kv_exchange 'None'"),
+    "scale_not_a_number": (_with(softmax_scale="abc"), "softmax_scale must be finite, got nan"),
+    "window_of_strings": (_with(window_size=("a", "b")), "window_size values must be >= 0, or -1"),
+    "causal_not_a_bool": (_with(causal="yes"), "causal='yes' is not True or False"),
+    "causal_without_one_truth_value": (_with(causal=torch.ones(2)), "is not True or False"),
+    "deterministic_not_a_bool": (_with(deterministic="no"), "deterministic='no' is not True or False"),
+    "return_lse_not_a_bool": (_with(return_lse=b"yes"), "return_lse=b'yes' is not True or False"),
 }
 DISAGREEMENTS = {
     "seqlen": (_tensors(lambda q, k, v: (q[:, :6], k[:, :6], v[:, :6])),
@@ -292,6 +302,8 @@ VARLEN_INVALID = {
     "wrong_total": (lambda cu: torch.tensor([0, 3, 8, 20], dtype=torch.int32), "q has 4 tokens, but shard_varlen"),
     "int64": (lambda cu: cu.long(), "cu_seqlens must be a 1-D int32 tensor"),
     "differs": (lambda cu: torch.tensor([0, 2, 8, 9], dtype=torch.int32), "ranks disagree on the cu_seqlens"),
+    "not_a_tensor": (lambda cu: cu.tolist(), "cu_seqlens must be a 1-D int32 tensor"),
+    "none": (lambda cu: None, "cu_seqlens must be a 1-D int32 tensor"),
 }
 
 
@@ -410,6 +422,10 @@ def check_ulysses_rejected(kind):
         kwargs["causal"] = rank < 2
     elif kind == "bad_window":
         kwargs["window_size"] = (-5, 0) if rank == 3 else (-1, -1)
+    elif kind == "scale_not_a_number":
+        kwargs["softmax_scale"] = "abc" if rank == 3 else None
+    elif kind == "return_lse_not_a_bool":
+        kwargs["return_lse"] = torch.ones(2) if rank == 3 else False
     with pytest.raises(ValueError) as error:
         ra.ring_attn_func(q, k, v, **kwargs)
     q, k, v, _ = random_qkv(seed_of("ulysses-good"), 1, 4, 4, 4, 2, 16, torch.float32)

@@ -183,6 +183,8 @@ def test_ulysses_matches_reference(rank_pool, case):
      "ranks of one ulysses_group disagree on the window_size[0] (left)"),
     ("causal_disagrees_in_group", "ranks of one group disagree on the causal"),
     ("bad_window", "rank (ring 1, ulysses 1): window_size values must be >= 0"),
+    ("scale_not_a_number", "rank (ring 1, ulysses 1): softmax_scale must be finite, got nan"),
+    ("return_lse_not_a_bool", "rank (ring 1, ulysses 1): unknown layout '<return_lse="),
 ])
 def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     messages = rank_pool(4).run(check_ulysses_rejected, kind)
