@@ -16,12 +16,19 @@ def resolve(group) -> Tuple[Optional[dist.ProcessGroup], int, int]:
         if group.ndim != 1:
             raise ValueError(f"ring_attention: a DeviceMesh group must be 1-D (e.g. mesh['cp']), got {group.ndim}-D")
         group = group.get_group()
+    if dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("ring_attention: this rank is not a member of the process group it was "
+                         "given (torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER "
+                         "on the ranks it leaves out); call with a group this rank belongs to")
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("ring_attention: a group was given but torch.distributed is not initialised")
         return None, 0, 1
     if group is None:
         group = dist.group.WORLD
+    elif not isinstance(group, dist.ProcessGroup):
+        raise ValueError("ring_attention: group must be a ProcessGroup, a 1-D DeviceMesh or None, "
+                         f"got {type(group).__name__}")
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 

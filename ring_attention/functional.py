@@ -4,6 +4,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _group, ulysses
+from ._autograd import once_differentiable
 from ._ops import ops
 
 
@@ -21,6 +22,7 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args,
@@ -28,9 +30,21 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-def _deterministic(deterministic: bool) -> bool:
-    """The keyword, or torch.use_deterministic_algorithms(True)."""
-    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+def _flag(value):
+    """value as a bool; None when it is not bool-like (a str, or an object without one truth
+    value, such as a tensor of several elements)."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return bool(value)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+
+
+def _deterministic(deterministic) -> bool:
+    """The keyword, or torch.use_deterministic_algorithms(True); False when it is not bool-like
+    (the caller rejects that on every rank)."""
+    return bool(_flag(deterministic)) or torch.are_deterministic_algorithms_enabled()
 
 
 def _window(window_size) -> Tuple[int, int]:
@@ -51,28 +65,69 @@ def _kv_exchange(kv_exchange) -> str:
     return kv_exchange if isinstance(kv_exchange, str) else repr(kv_exchange)
 
 
+# A layout of this prefix carries an argument error to the ops, which report it on every rank
+# (csrc/bindings/agreement.cpp kArgumentErrorPrefix).
+_ARGUMENT_ERROR = "invalid argument: "
+
+
+def _not_a_number(value) -> bool:
+    if isinstance(value, (bool, str, bytes)):
+        return True
+    try:
+        float(value)
+    except (RuntimeError, TypeError, ValueError):
+        return True
+    return False
+
+
+def _layout(layout, softmax_scale=None, **flags) -> str:
+    """The layout as the ops take it. A layout that is not a str, a softmax_scale that is not a
+    number, or a flag (causal, ...) that is not bool-like becomes the argument error that the ops
+    raise on every rank."""
+    for name, value in flags.items():
+        if _flag(value) is None:
+            return f"{_ARGUMENT_ERROR}{name} must be True or False, got {value!r}"
+    if softmax_scale is not None and _not_a_number(softmax_scale):
+        return f"{_ARGUMENT_ERROR}softmax_scale must be a number or None, got {softmax_scale!r}"
+    if not isinstance(layout, str):
+        return f"{_ARGUMENT_ERROR}layout must be a str, got {layout!r}"
+    return layout
+
+
+def _tensor(t) -> torch.Tensor:
+    """t, or an empty tensor (which the ops reject on every rank) when t is not a tensor."""
+    return t if isinstance(t, torch.Tensor) else torch.empty(0)
+
+
 def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
-    if softmax_scale is not None:
-        return float(softmax_scale)
-    headdim = q.shape[-1] if q.dim() > 0 else 0
-    return headdim ** -0.5 if headdim > 0 else 1.0
+    """softmax_scale as a float (None: 1 / sqrt(headdim)); 1 when it is not a number (_layout
+    then carries that error)."""
+    if softmax_scale is None:
+        headdim = q.shape[-1] if q.dim() > 0 else 0
+        return headdim ** -0.5 if headdim > 0 else 1.0
+    return 1.0 if _not_a_number(softmax_scale) else float(softmax_scale)
 
 
 def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
           deterministic, kv_exchange, ulysses_group):
     """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
-    them, then the differentiable call (the Ulysses op with a ulysses_group)."""
+    them, then the differentiable call (the Ulysses op with a ulysses_group). An argument of the
+    wrong type becomes a value that the ops' agreement rejects on every rank."""
     group, _, _ = _group.resolve(group)
+    q, k, v = (_tensor(t) for t in (q, k, v))
     left, right = _window(window_size)
-    args = (bool(causal), _default_scale(q, softmax_scale), left, right, layout,
+    layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
+                     return_lse=return_lse)
+    args = (bool(_flag(causal)), _default_scale(q, softmax_scale), left, right, layout,
             _deterministic(deterministic), _kv_exchange(kv_exchange))
     if ulysses_group is None:
         out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), *args)
     else:
         ulysses_group, _, _ = _group.resolve(ulysses_group)
         out, lse = ulysses.attention(q, k, v, cu_seqlens, _group.group_name(group),
-                                     _group.group_name(ulysses_group), *args, bool(return_lse))
-    return (out, lse) if return_lse else out
+                                     _group.group_name(ulysses_group), *args,
+                                     bool(_flag(return_lse)))
+    return (out, lse) if _flag(return_lse) else out
 
 
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -118,6 +173,8 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``deterministic``, ``kv_exchange`` and ``ulysses_group`` as for ``ring_attn_func`` (shards
     from ``shard_varlen(..., ulysses_group=...)``).
     """
+    if not isinstance(cu_seqlens, torch.Tensor):  # rejected on every rank, like a bad tensor
+        cu_seqlens = torch.empty(0, dtype=torch.int32)
     return _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout,
                  return_lse, deterministic, kv_exchange, ulysses_group)
 

@@ -7,10 +7,13 @@ Layouts of S = world * L tokens:
   packed:     as contiguous; packed sequences (shard_varlen) are split as one stream, so short
               sequences stay on one rank
 """
+import hashlib
+
 import torch
 import torch.distributed as dist
 
 from . import _group
+from ._autograd import once_differentiable
 
 LAYOUTS = ("contiguous", "zigzag", "striped", "packed")
 
@@ -68,14 +71,22 @@ def _ulysses(ulysses_group):
     return _group.resolve(ulysses_group) if ulysses_group is not None else (None, 0, 1)
 
 
-def _gather_ulysses(x_local, ulysses_group, dim, what):
-    """The ring shard: every Ulysses rank's part concatenated along dim, differentiably."""
+def _gather_ulysses(x_local, ulysses_group, dim, what, local_error="", settings=""):
+    """(the ring shard, ""): every Ulysses rank's part concatenated along dim, differentiably; or
+    (x_local, the message every rank of ulysses_group raises) when a rank's input is invalid."""
     group, rank, world = _ulysses(ulysses_group)
     if world == 1:
-        return x_local
-    _agree_on_shards(x_local, group, world, what)
+        return x_local, ""
+    verdict = _shard_verdict(x_local, group, world, what, None, local_error, settings)
+    if verdict:
+        return x_local, verdict
     order = torch.arange(world * x_local.shape[dim])
-    return _GatherInOrder.apply(x_local, group, rank, world, dim, order)
+    return _GatherInOrder.apply(x_local, group, rank, world, dim, order), ""
+
+
+def _in_ulysses_group(verdict: str, what: str) -> str:
+    """A verdict of a ulysses_group as one rank's problem in the agreement over the ring group."""
+    return "in its ulysses_group, " + verdict.removeprefix(f"{what}: ").replace("\n  ", " ")
 
 
 def _inverse_order(layout: str, world: int, local_len: int) -> torch.Tensor:
@@ -86,33 +97,71 @@ def _inverse_order(layout: str, world: int, local_len: int) -> torch.Tensor:
     return inverse
 
 
-# Device types in a shard's descriptor (by index), so that every rank can name every rank's device.
+# Device types and dtypes in a shard's descriptor (by index), so that every rank can name every
+# rank's device and dtype.
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
+           torch.complex128, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+           torch.bool)
+# Bytes of each text (a rank's own error, its settings) in the descriptor; longer ones are cut.
+_TEXT_BYTES = 512
 
 
-def _agree_on_shards(x: torch.Tensor, group, world: int, what: str, shard_error=None) -> None:
-    """Raises the same ValueError on every rank unless every rank's shard is valid and all have
-    the same shape. Valid: ``shard_error(rank, shape)`` (evaluated by every rank for every rank)
-    returns "" and the group's backend carries tensors of the shard's device.
+def _encode(text: str) -> list:
+    data = text.encode()[:_TEXT_BYTES]
+    return [len(data), *data, *([0] * (_TEXT_BYTES - len(data)))]
+
+
+def _decode(values: list) -> str:
+    return bytes(values[1:1 + values[0]]).decode(errors="replace")
+
+
+def _shard_verdict(x, group, world: int, what: str, shard_error=None, local_error: str = "",
+                   settings: str = "") -> str:
+    """The ValueError message that every rank of ``group`` computes alike ("" when all is well).
+
+    Every rank sends its shard's device, dtype and shape, ``local_error`` (what this rank found
+    wrong with its own arguments, "" if nothing; x may then be anything) and ``settings`` (text
+    that must be the same on every rank). A verdict names every rank's local error; else ranks
+    whose settings differ; else each rank whose shard ``shard_error(rank, shape)`` (evaluated by
+    every rank for every rank) rejects, or whose device the group's backend cannot carry; else
+    shards of different shapes or dtypes.
 
     One small all-gather on the device the group's backends accept (the CPU for gloo, the GPU for
     an NCCL-only group), before any data is sent."""
     from ._ops import ops
 
     name = _group.group_name(group)
-    collective_device = ops.group_collective_device(name, str(x.device))
+    is_tensor = isinstance(x, torch.Tensor)
+    device = x.device if is_tensor else torch.device("cpu")
+    collective_device = ops.group_collective_device(name, str(device))
     if not collective_device:  # no rank can take part: every rank raises this alone
-        raise ValueError(f"{what}: {ops.group_device_error(name, str(x.device), False)}, and this "
+        raise ValueError(f"{what}: {ops.group_device_error(name, str(device), False)}, and this "
                          "process has no device on which the group's backend could agree")
-    device_type = _DEVICE_TYPES.index(x.device.type) if x.device.type in _DEVICE_TYPES else -1
-    desc = torch.tensor([device_type, x.dim(), *x.shape, *([-1] * (8 - x.dim()))][:10],
+    if is_tensor:
+        device_type = _DEVICE_TYPES.index(device.type) if device.type in _DEVICE_TYPES else -1
+        dtype = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
+        shape = [x.dim(), *x.shape, *([-1] * (8 - x.dim()))][:9]
+    else:
+        device_type, dtype, shape = -1, -1, [0] + [-1] * 8
+    desc = torch.tensor([device_type, dtype, *shape, *_encode(local_error), *_encode(settings)],
                         dtype=torch.int64, device=collective_device)
     gathered = [torch.empty_like(desc) for _ in range(world)]
     dist.all_gather(gathered, desc, group=group)
-    shapes, problems = [], []
-    for rank, (rank_device, dims, *sizes) in enumerate(g.cpu().tolist() for g in gathered):
+    ranks = [g.cpu().tolist() for g in gathered]
+    errors = [_decode(r[11:]) for r in ranks]
+    header = f"{what}: invalid input (every rank raises this):\n  "
+    if any(errors):
+        return header + "\n  ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
+    rank_settings = [_decode(r[12 + _TEXT_BYTES:]) for r in ranks]
+    if len(set(rank_settings)) > 1:
+        listing = ", ".join(f"rank {r}: {s}" for r, s in enumerate(rank_settings))
+        return f"{what}: ranks disagree on the arguments ({listing})"
+    shapes, dtypes, problems = [], [], []
+    for rank, (rank_device, rank_dtype, dims, *sizes) in enumerate(r[:11] for r in ranks):
         shape = tuple(sizes[:dims])
         shapes.append(shape)
+        dtypes.append(str(_DTYPES[rank_dtype]) if rank_dtype >= 0 else "a dtype the library does not list")
         device = _DEVICE_TYPES[rank_device] if rank_device >= 0 else None
         error = shard_error(rank, shape) if shard_error else ""
         if not error:
@@ -122,10 +171,23 @@ def _agree_on_shards(x: torch.Tensor, group, world: int, what: str, shard_error=
         if error:
             problems.append(f"rank {rank}: {error}")
     if problems:
-        raise ValueError(f"{what}: invalid shards (every rank raises this):\n  " + "\n  ".join(problems))
+        return header + "\n  ".join(problems)
     if len(set(shapes)) > 1:
         listing = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
-        raise ValueError(f"{what}: ranks hold shards of different shapes ({listing})")
+        return f"{what}: ranks hold shards of different shapes ({listing})"
+    if len(set(dtypes)) > 1:
+        listing = ", ".join(f"rank {r}: {d}" for r, d in enumerate(dtypes))
+        return f"{what}: ranks hold shards of different dtypes ({listing})"
+    return ""
+
+
+def _agree_on_shards(x, group, world: int, what: str, shard_error=None, local_error: str = "",
+                     settings: str = "") -> None:
+    """Raises the same ValueError on every rank of ``group`` unless ``_shard_verdict`` finds
+    every rank's input valid, the same settings everywhere and shards of one shape and dtype."""
+    verdict = _shard_verdict(x, group, world, what, shard_error, local_error, settings)
+    if verdict:
+        raise ValueError(verdict)
 
 
 class _GatherInOrder(torch.autograd.Function):
@@ -141,6 +203,7 @@ class _GatherInOrder(torch.autograd.Function):
         return torch.cat(parts, dim=dim).index_select(dim, order.to(x_local.device))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         group, rank, world, dim, local_len, order = ctx.meta
         grad_out = grad_out.contiguous()
@@ -151,17 +214,39 @@ class _GatherInOrder(torch.autograd.Function):
         return grad_cat.narrow(dim, rank * local_len, local_len), None, None, None, None, None
 
 
+def _layout_error(layout) -> str:
+    """Why layout is not a layout ("" if it is)."""
+    try:
+        _check_layout(layout)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def _x_local_error(x_local, dim) -> str:
+    """Why x_local is not a tensor with a dimension dim ("" if it is)."""
+    if not isinstance(x_local, torch.Tensor):
+        return f"x_local must be a tensor, got {type(x_local).__name__}"
+    dims = x_local.dim()
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -dims <= dim < dims:
+        return f"dim must be an int in [-{dims}, {dims}) for a {dims}-D x_local, got {dim!r}"
+    return ""
+
+
 def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1,
             ulysses_group=None) -> torch.Tensor:
     """Gathers every rank's shard and restores global order along ``dim``: the inverse of ``shard``
     (with the same ``ulysses_group``).
 
     Differentiable; the gradient is the sum over ranks of the gradients of the full tensor.
+    Invalid arguments on any rank, or ranks whose layout, dim, shard shape or dtype differ, raise
+    ValueError on every rank before any data is sent.
     """
-    _check_layout(layout)
     group, rank, world = _group.resolve(group)
-    dim = dim % x_local.dim()
-    x_local = _gather_ulysses(x_local, ulysses_group, dim, "unshard")
+    local_error = _layout_error(layout) or _x_local_error(x_local, dim)
+    dim = 0 if local_error else dim % x_local.dim()
+    settings = f"layout {layout!r}, dim {dim}"
+    x_local, verdict = _gather_ulysses(x_local, ulysses_group, dim, "unshard", local_error, settings)
 
     def odd_zigzag(_rank, shape):
         if layout == "zigzag" and shape[dim] % 2:
@@ -169,10 +254,15 @@ def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", di
         return ""
 
     if world == 1:
+        if verdict:
+            raise ValueError(verdict)
+        if local_error:
+            raise ValueError(f"unshard: {local_error}")
         if odd_zigzag(0, x_local.shape):
             raise ValueError(odd_zigzag(0, x_local.shape))
         return x_local
-    _agree_on_shards(x_local, group, world, "unshard", odd_zigzag)
+    _agree_on_shards(x_local, group, world, "unshard", odd_zigzag,
+                     _in_ulysses_group(verdict, "unshard") if verdict else local_error, settings)
     order = _inverse_order(layout, world, x_local.shape[dim])
     return _GatherInOrder.apply(x_local, group, rank, world, dim, order)
 
@@ -270,19 +360,40 @@ def _varlen_order(cu_seqlens, layout, world):
     return order
 
 
+def _describe_cu_seqlens(cu: list) -> str:
+    """cu_seqlens as text short enough for the agreement: the list, or a digest of a long one."""
+    text = str(cu)
+    if len(text) <= 200:
+        return text
+    return f"sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]} of {len(cu) - 1} sequences"
+
+
 def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None,
                    layout: str = "contiguous", dim: int = 0, ulysses_group=None) -> torch.Tensor:
     """The full packed tensor in the original order, pads removed: the inverse of shard_varlen
     (with the same ``ulysses_group``).
 
     Differentiable; the gradient is the sum over ranks of the gradients of the full tensor.
+    Invalid arguments on any rank, or ranks whose layout, dim, cu_seqlens, shard shape or dtype
+    differ, raise ValueError on every rank before any data is sent.
     """
     group, rank, world = _group.resolve(group)
-    dim = dim % x_local.dim()
-    expected = varlen_positions(cu_seqlens, layout, 0, world)[1].numel()  # the same on every rank
+    local_error = _x_local_error(x_local, dim)
+    try:  # the same on every rank that agrees on cu_seqlens and layout
+        cu = _check_cu_seqlens(cu_seqlens)
+        expected = varlen_positions(cu_seqlens, layout, 0, world)[1].numel()
+        order = _varlen_order(cu_seqlens, layout, world)
+    except ValueError as error:
+        local_error = local_error or str(error)
+    dim = 0 if local_error else dim % x_local.dim()
+    settings = "" if local_error else f"layout {layout!r}, dim {dim}, cu_seqlens {_describe_cu_seqlens(cu)}"
     if ulysses_group is not None:  # the ring shard, without the pad that made it divide by U
-        ring_shard = _gather_ulysses(x_local, ulysses_group, dim, "unshard_varlen")
-        x_local = ring_shard.narrow(dim, 0, min(expected, ring_shard.shape[dim]))
+        x_local, verdict = _gather_ulysses(x_local, ulysses_group, dim, "unshard_varlen",
+                                           local_error, settings)
+        if not verdict:
+            x_local = x_local.narrow(dim, 0, min(expected, x_local.shape[dim]))
+    else:
+        verdict = ""
 
     def wrong_length(_rank, shape):
         if shape[dim] != expected:
@@ -290,10 +401,15 @@ def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, *, group=Non
                     f"cu_seqlens gives {expected}")
         return ""
 
-    order = _varlen_order(cu_seqlens, layout, world)
     if world == 1:
+        if verdict:
+            raise ValueError(verdict)
+        if local_error:
+            raise ValueError(f"unshard_varlen: {local_error}")
         if wrong_length(0, x_local.shape):
             raise ValueError(f"unshard_varlen: {wrong_length(0, x_local.shape)}")
         return x_local.index_select(dim, order.to(x_local.device))
-    _agree_on_shards(x_local, group, world, "unshard_varlen", wrong_length)
+    _agree_on_shards(x_local, group, world, "unshard_varlen", wrong_length,
+                     _in_ulysses_group(verdict, "unshard_varlen") if verdict else local_error,
+                     settings)
     return _GatherInOrder.apply(x_local, group, rank, world, dim, order)

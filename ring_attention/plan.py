@@ -152,36 +152,70 @@ def draw(plan: Plan, path: str) -> None:
     plt.close(fig)
 
 
+def _int_at_least(low: int):
+    """An argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"  # argparse names the type in "invalid ... value"
+    return parse
+
+
+def _seqlens(text: str) -> List[int]:
+    """An argparse type: comma-separated sequence lengths >= 0, not all 0."""
+    try:
+        seqlens = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated ints, got {text!r}") from None
+    if any(n < 0 for n in seqlens) or sum(seqlens) == 0:
+        raise argparse.ArgumentTypeError(f"lengths must be >= 0 and not all 0, got {text!r}")
+    return seqlens
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", type=int, default=4)
+    p = argparse.ArgumentParser(prog="python -m ring_attention.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive = _int_at_least(1)
+    p.add_argument("--world", type=positive, default=4)
     p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--local-len", type=int, default=64, help="tokens per rank")
-    p.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"),
-                   help="sliding window (-1: unbounded)")
-    p.add_argument("--seqlens", help="packed sequence lengths, comma-separated (varlen)")
+    p.add_argument("--local-len", type=positive, default=64, help="tokens per rank")
+    p.add_argument("--window", type=_int_at_least(-1), nargs=2, default=(-1, -1),
+                   metavar=("LEFT", "RIGHT"), help="sliding window (-1: unbounded)")
+    p.add_argument("--seqlens", type=_seqlens, help="packed sequence lengths, comma-separated (varlen)")
     p.add_argument("--out", help="PNG to draw (needs matplotlib)")
     p.add_argument("--strategies", action="store_true", help="bytes and messages per strategy")
-    p.add_argument("--ulysses", type=int, default=1, help="--strategies: Ulysses group size U")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--heads-kv", type=int, default=8)
-    p.add_argument("--headdim", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=65536, help="--strategies: global tokens")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--elem-bytes", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
+    p.add_argument("--ulysses", type=positive, default=1, help="--strategies: Ulysses group size U")
+    p.add_argument("--heads", type=positive, default=32)
+    p.add_argument("--heads-kv", type=positive, default=8)
+    p.add_argument("--headdim", type=positive, default=128)
+    p.add_argument("--seqlen", type=positive, default=65536, help="--strategies: global tokens")
+    p.add_argument("--batch", type=positive, default=1)
+    p.add_argument("--elem-bytes", type=positive, default=2, help="2 for bf16/fp16, 4 for fp32")
     args = p.parse_args(argv)
+    if args.causal and args.window[1] > 0:
+        p.error(f"with --causal the right window must be -1 or 0, got {args.window[1]}")
+    if args.heads % args.heads_kv:
+        p.error(f"--heads ({args.heads}) must be a multiple of --heads-kv ({args.heads_kv})")
+    try:
+        if args.strategies:
+            from .strategies import costs, format_costs
+            table = format_costs(costs(args.world, args.ulysses, args.heads, args.heads_kv,
+                                       args.headdim, args.seqlen, batch=args.batch,
+                                       elem_bytes=args.elem_bytes))
+        else:
+            plan = make_plan(args.world, args.layout, args.causal, args.local_len,
+                             tuple(args.window), args.seqlens)
+    except ValueError as error:  # a combination the library rejects (e.g. odd zigzag length)
+        p.error(str(error))
     if args.strategies:
-        from .strategies import costs, format_costs
         print(f"per rank and call: world {args.world}, {args.heads} heads, {args.heads_kv} K/V "
               f"heads, head dim {args.headdim}, {args.seqlen} tokens, batch {args.batch}, "
               f"{args.elem_bytes}-byte elements")
-        print(format_costs(costs(args.world, args.ulysses, args.heads, args.heads_kv,
-                                 args.headdim, args.seqlen, batch=args.batch,
-                                 elem_bytes=args.elem_bytes)))
+        print(table)
         return 0
-    seqlens = [int(n) for n in args.seqlens.split(",")] if args.seqlens else None
-    plan = make_plan(args.world, args.layout, args.causal, args.local_len, tuple(args.window), seqlens)
     print(format_table(plan))
     if args.out:
         draw(plan, args.out)

@@ -9,8 +9,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ._autograd import once_differentiable
 from ._ops import ops
-from .functional import _default_scale, _deterministic, _kv_exchange, _window
+from .functional import _default_scale, _deterministic, _flag, _kv_exchange, _layout, _window
 
 
 class _LocalRingAttention(torch.autograd.Function):
@@ -27,6 +28,7 @@ class _LocalRingAttention(torch.autograd.Function):
         return (*outs, *lses)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         world = ctx.world
         saved = ctx.saved_tensors
@@ -89,8 +91,11 @@ class LocalRing:
             for t in shards:
                 if t.device.type != self.device.type:
                     raise ValueError(f"LocalRing on {self.device}: {name} has a tensor on {t.device}")
-        results = _LocalRingAttention.apply(world, cu_seqlens, bool(causal), _default_scale(qs[0], softmax_scale),
-                                            _window(window_size), layout, _deterministic(deterministic),
+        layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
+                         return_lse=return_lse)
+        results = _LocalRingAttention.apply(world, cu_seqlens, bool(_flag(causal)),
+                                            _default_scale(qs[0], softmax_scale), _window(window_size),
+                                            layout, _deterministic(deterministic),
                                             _kv_exchange(kv_exchange), *qs, *ks, *vs)
         outs: List[torch.Tensor] = list(results[:world])
         lses: List[torch.Tensor] = list(results[world:])

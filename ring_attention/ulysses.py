@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._autograd import once_differentiable
 from ._ops import ops
 
 
@@ -38,6 +39,7 @@ class _UlyssesAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         dq, dk, dv = ops.ulysses_bwd(dout, *ctx.saved_tensors, *ctx.ring_args, ctx.heads_kv,
                                      deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange)

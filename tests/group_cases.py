@@ -70,3 +70,34 @@ def rejected_on(backend, call):
     dist.all_reduce(t)
     assert t.item() == dist.get_world_size()
     return outcome
+
+
+def nonmember_calls_rejected():
+    """Rank 2 calls every entry point with a group of ranks 0 and 1 (GroupMember.NON_GROUP_MEMBER
+    there), as group and as ulysses_group: each raises ValueError at once (no peer is involved).
+    Ranks 0 and 1 run the ring over that group. Returns rank 2's messages."""
+    if "members 0, 1" not in _GROUPS:
+        _GROUPS["members 0, 1"] = dist.new_group([0, 1])
+    group = _GROUPS["members 0, 1"]
+    rank, _ = rank_and_world()
+    q, k, v, _ = random_qkv(0, 1, 4, 4, 2, 1, 8, torch.float32)
+    if rank != 2:
+        return torch.isfinite(ra.ring_attn_func(q, k, v, group=group)).all().item()
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    calls = {
+        "ring_attn_func": lambda kw: ra.ring_attn_func(q, k, v, **kw),
+        "ring_attn_varlen_func": lambda kw: ra.ring_attn_varlen_func(q[0], k[0], v[0], cu, **kw),
+        "shard": lambda kw: ra.shard(q, **kw),
+        "unshard": lambda kw: ra.unshard(q, **kw),
+        "shard_varlen": lambda kw: ra.shard_varlen(q[0], cu, **kw),
+        "unshard_varlen": lambda kw: ra.unshard_varlen(q[0], cu, **kw),
+    }
+    messages = {}
+    for name, call in calls.items():
+        for keyword in ("group", "ulysses_group"):
+            try:
+                call({keyword: group})
+                messages[f"{name}({keyword}=...)"] = "no error"
+            except ValueError as error:
+                messages[f"{name}({keyword}=...)"] = str(error)
+    return messages

@@ -103,6 +103,19 @@ INVALID_INPUTS = {
     "unknown_layout": (_with(layout="diagonal"), "unknown layout 'diagonal'"),
     "unknown_kv_exchange": (_with(kv_exchange="tree"), "unknown kv_exchange 'tree'"),
     "zero_heads": (_tensors(lambda q, k, v: (q[:, :, :0], k, v)), "q must have at least one head"),
+    # Arguments of the wrong type: rejected in the agreement like any other invalid input.
+    "q_not_a_tensor": (_tensors(lambda q, k, v: (q.tolist(), k, v)), "must be 4-D"),
+    "layout_not_a_str": (_with(layout=None), "layout must be a str, got None"),
+    "kv_exchange_not_a_str": (_with(kv_exchange=None), "unknown kv_exchange 'None'"),
+    "scale_not_a_number": (_with(softmax_scale="abc"),
+                           "softmax_scale must be a number or None, got 'abc'"),
+    "window_of_strings": (_with(window_size=("a", "b")), "window_size values must be >= 0, or -1"),
+    "causal_not_a_bool": (_with(causal="yes"), "causal must be True or False, got 'yes'"),
+    "causal_without_one_truth_value": (_with(causal=torch.ones(2)), "causal must be True or False"),
+    "deterministic_not_a_bool": (_with(deterministic="no"),
+                                 "deterministic must be True or False, got 'no'"),
+    "return_lse_not_a_bool": (_with(return_lse=b"yes"),
+                              "return_lse must be True or False, got b'yes'"),
 }
 DISAGREEMENTS = {
     "seqlen": (_tensors(lambda q, k, v: (q[:, :6], k[:, :6], v[:, :6])),
@@ -224,6 +237,50 @@ def check_unshard_shapes_differ():
     return str(error.value)
 
 
+def _keyword(name, change):
+    """A change of an unshard call that maps keyword argument `name` by change."""
+    return lambda x, kw: (x, {**kw, name: change(kw[name])})
+
+
+# unshard (unshard_varlen for kinds "varlen_*") on one bad rank: (how the bad rank changes
+# x_local and the keyword arguments, what the message must say).
+UNSHARD_REJECTED = {
+    "dtype": (lambda x, kw: (x.double(), kw),
+              "ranks hold shards of different dtypes (rank 0: torch.float32, rank 1: torch.float64"),
+    "unknown_layout": (_keyword("layout", lambda _: "bogus"), "rank 1: unknown layout 'bogus'"),
+    "layout_differs": (_keyword("layout", lambda _: "striped"), "ranks disagree on the arguments"),
+    "not_a_tensor": (lambda x, kw: (x.tolist(), kw), "rank 1: x_local must be a tensor, got list"),
+    "dim_out_of_range": (_keyword("dim", lambda _: 3), "rank 1: dim must be an int in [-3, 3)"),
+    "varlen_dtype": (lambda x, kw: (x.double(), kw), "ranks hold shards of different dtypes"),
+    "varlen_cu_int64": (_keyword("cu_seqlens", lambda cu: cu.long()),
+                        "rank 1: cu_seqlens must be a 1-D int32 tensor"),
+    "varlen_cu_not_a_tensor": (_keyword("cu_seqlens", lambda cu: cu.tolist()),
+                               "rank 1: cu_seqlens must be a 1-D int32 tensor"),
+    "varlen_cu_differs": (_keyword("cu_seqlens", lambda cu: torch.tensor([0, 2, 8, 9], dtype=torch.int32)),
+                          "ranks disagree on the arguments"),
+    "varlen_unknown_layout": (_keyword("layout", lambda _: "bogus"), "rank 1: unknown layout 'bogus'"),
+}
+
+
+def check_unshard_rejected(kind):
+    """Rank 1 calls unshard (or unshard_varlen) with the change of `kind`: every rank raises
+    ValueError, then a valid call still works on the same group. Returns the message."""
+    rank, world = rank_and_world()
+    cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
+    varlen = kind.startswith("varlen_")
+    full = torch.arange(9 if varlen else 2 * 4 * world * 3, dtype=torch.float32)
+    full = full.reshape(9, 1, 1) if varlen else full.reshape(2, 4 * world, 3)
+    kwargs = dict(layout="zigzag", dim=0, cu_seqlens=cu) if varlen else dict(layout="zigzag", dim=1)
+    x = ra.shard_varlen(full, cu, layout="zigzag") if varlen else ra.shard(full, layout="zigzag")
+    gather = (lambda x_local, cu_seqlens, **kw: ra.unshard_varlen(x_local, cu_seqlens, **kw)) \
+        if varlen else ra.unshard
+    bad_x, bad_kwargs = UNSHARD_REJECTED[kind][0](x, kwargs) if rank == 1 else (x, kwargs)
+    with pytest.raises(ValueError) as error:
+        gather(bad_x, **bad_kwargs)
+    assert torch.equal(gather(x, **kwargs), full)
+    return str(error.value)
+
+
 def failing_on(rank_to_fail):
     """Raises on `rank_to_fail` only (tests the pool's error reporting)."""
     rank, _ = rank_and_world()
@@ -263,6 +320,8 @@ VARLEN_INVALID = {
     "wrong_total": (lambda cu: torch.tensor([0, 3, 8, 20], dtype=torch.int32), "q has 4 tokens, but shard_varlen"),
     "int64": (lambda cu: cu.long(), "cu_seqlens must be a 1-D int32 tensor"),
     "differs": (lambda cu: torch.tensor([0, 2, 8, 9], dtype=torch.int32), "ranks disagree on the cu_seqlens"),
+    "not_a_tensor": (lambda cu: cu.tolist(), "cu_seqlens must be a 1-D int32 tensor"),
+    "none": (lambda cu: None, "cu_seqlens must be a 1-D int32 tensor"),
 }
 
 
@@ -382,11 +441,34 @@ def check_ulysses_rejected(kind):
         kwargs["causal"] = rank < 2
     elif kind == "bad_window":
         kwargs["window_size"] = (-5, 0) if rank == 3 else (-1, -1)
+    elif kind == "scale_not_a_number":
+        kwargs["softmax_scale"] = "abc" if rank == 3 else None
+    elif kind == "return_lse_not_a_bool":
+        kwargs["return_lse"] = torch.ones(2) if rank == 3 else False
     with pytest.raises(ValueError) as error:
         ra.ring_attn_func(q, k, v, **kwargs)
     q, k, v, _ = random_qkv(seed_of("ulysses-good"), 1, 4, 4, 4, 2, 16, torch.float32)
     out = ra.ring_attn_func(q, k, v, group=group, ulysses_group=ulysses_group, causal=True)
     assert torch.isfinite(out).all()
+    return str(error.value)
+
+
+def check_grid_unshard_rejected(varlen):
+    """On a 2 x 2 grid, rank 3 passes an unknown layout to unshard (unshard_varlen): every rank
+    raises ValueError, then a valid call restores the full tensor. Returns the message."""
+    group, ulysses_group = grid_groups(2, 2)
+    grid = dict(group=group, ulysses_group=ulysses_group)
+    cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32)
+    full = torch.arange(19.0).reshape(19, 1) if varlen else torch.arange(32.0).reshape(1, 32, 1)
+    if varlen:
+        x = ra.shard_varlen(full, cu, layout="zigzag", **grid)
+        gather = lambda layout: ra.unshard_varlen(x, cu, layout=layout, **grid)  # noqa: E731
+    else:
+        x = ra.shard(full, layout="zigzag", **grid)
+        gather = lambda layout: ra.unshard(x, layout=layout, **grid)  # noqa: E731
+    with pytest.raises(ValueError) as error:
+        gather("bogus" if dist.get_rank() == 3 else "zigzag")
+    assert torch.equal(gather("zigzag"), full)
     return str(error.value)
 
 
@@ -435,4 +517,39 @@ def opcheck_ulysses_ops(ulysses, ring, varlen):
     torch.library.opcheck(ra.ops.ulysses_bwd.default,
                           (dout, *exchanged, *fwd_args[3:], k.shape[-2]),
                           {"deterministic": True})
+    return True
+
+
+def check_double_backward_raises(kind):
+    """Differentiating a gradient of ring attention (create_graph=True) raises RuntimeError on
+    this rank, through .backward() and through torch.autograd.grad with respect to q, k and v.
+    kind: "ring" or "varlen" (the default group, or none), "local_ring" (LocalRing(2), in this
+    process), "ulysses" (a U x 1 grid of the pool's ranks) or "unshard"."""
+    from ring_attention.testing import LocalRing
+    g = torch.Generator().manual_seed(seed_of("double-backward", kind))
+    q, k, v = (randn(g, 1, 4 * rank_and_world()[1], 2, 8, dtype=torch.float64) for _ in range(3))
+    if kind == "varlen":
+        inputs = [t[0].requires_grad_() for t in (q, k, v)]
+        cu = torch.tensor([0, 1, inputs[0].shape[0]], dtype=torch.int32)
+        outs = [ra.ring_attn_varlen_func(*inputs, cu, causal=True)]
+    elif kind == "local_ring":
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        ring = LocalRing(2)
+        outs = ring.ring_attn_func(*(ring.shard(t, layout="zigzag") for t in inputs), causal=True,
+                                   layout="zigzag")
+    elif kind == "ulysses":
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        group, ulysses_group = grid_groups(dist.get_world_size(), 1)
+        outs = [ra.ring_attn_func(*inputs, causal=True, group=group, ulysses_group=ulysses_group)]
+    elif kind == "unshard":
+        inputs = [q.requires_grad_()]
+        outs = [ra.unshard(inputs[0] * 2)]
+    else:
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        outs = [ra.ring_attn_func(*inputs, causal=True)]
+    (grad,) = torch.autograd.grad(sum(o.pow(2).sum() for o in outs), inputs[0], create_graph=True)
+    for differentiate in (lambda: grad.sum().backward(retain_graph=True),
+                         lambda: torch.autograd.grad(grad.sum(), inputs)):
+        with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+            differentiate()
     return True

@@ -9,7 +9,7 @@ group, c10d would raise its own RuntimeError ("no backend for device type cpu") 
 library's ValueError, and these tests fail. tests/gpu/test_nccl_group.py runs a real NCCL group."""
 import pytest
 
-from group_cases import device_rules, rejected_on, ring_on
+from group_cases import device_rules, nonmember_calls_rejected, rejected_on, ring_on
 
 WORLD = 2
 
@@ -44,3 +44,12 @@ def test_cpu_tensors_on_a_cuda_only_group_raise_on_every_rank(rank_pool, call):
     error, message = results[0]
     assert error == "ValueError", message
     assert "no backend for cpu tensors (its backends: cuda: gloo)" in message, message
+
+
+def test_group_this_rank_is_not_a_member_of_raises_value_error(rank_pool):
+    """A group of ranks 0 and 1 passed on rank 2 (where new_group returns NON_GROUP_MEMBER): every
+    entry point raises ValueError saying so, as group and as ulysses_group."""
+    member_0, member_1, messages = rank_pool(3).run(nonmember_calls_rejected)
+    assert member_0 and member_1
+    for call, message in messages.items():
+        assert "this rank is not a member of the process group" in message, (call, message)

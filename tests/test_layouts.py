@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import ring_attention as ra
-from ring_cases import check_layouts, check_shard_rejects, check_unshard_shapes_differ
+from ring_cases import (UNSHARD_REJECTED, check_double_backward_raises, check_layouts,
+                        check_unshard_rejected, check_shard_rejects,
+                        check_unshard_shapes_differ)
 
 WORLDS = [1, 2, 3, 4]
 
@@ -64,3 +66,18 @@ def test_shard_rejects_indivisible_length(rank_pool, layout, world):
 def test_unshard_rejects_different_shard_shapes(rank_pool, world):
     for message in rank_pool(world).run(check_unshard_shapes_differ):
         assert "ranks hold shards of different shapes" in message and "rank 1: (1, 6, 2)" in message
+
+
+def test_unshard_double_backward_raises(rank_pool):
+    """The gradient of unshard (an all-reduce) is not differentiable again: RuntimeError."""
+    assert all(rank_pool(2).run(check_double_backward_raises, "unshard"))
+
+
+@pytest.mark.parametrize("kind", sorted(UNSHARD_REJECTED))
+def test_unshard_rejects_one_bad_rank_on_every_rank(rank_pool, kind):
+    """Rank 1 of 3 passes a bad argument, a shard of another dtype, or another layout or
+    cu_seqlens: every rank raises the same ValueError before any data is sent (no hang, no abort),
+    and the group stays usable."""
+    messages = rank_pool(3).run(check_unshard_rejected, kind)
+    assert len(set(messages)) == 1, messages
+    assert UNSHARD_REJECTED[kind][1] in messages[0], messages[0]

@@ -9,7 +9,7 @@ import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import (acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of,
                    sequence_visible)
-from ring_cases import ring_results
+from ring_cases import check_double_backward_raises, ring_results
 
 LOCAL_LEN = {"contiguous": 7, "striped": 5, "zigzag": 6}
 
@@ -55,6 +55,10 @@ def test_local_ring_equals_gloo_ring_bitwise(rank_pool, world, layout, causal):
     for rank in range(world):
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), gloo[rank], local[rank]):
             assert torch.equal(a, b.detach()), f"rank {rank} {name} differs"
+
+
+def test_local_ring_double_backward_raises():
+    assert check_double_backward_raises("local_ring")
 
 
 def test_local_ring_rejects_mismatched_shards():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ring_attention as ra
-from ring_attention.plan import FULL, SKIP, make_plan
+from ring_attention.plan import FULL, SKIP, main, make_plan
 from ring_attention.testing import LocalRing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +54,32 @@ def test_plan_cli_prints_table_and_draws(tmp_path):
                             check=True, cwd=ROOT)
     assert "imbalance (max/mean work): 1.0" in result.stdout
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv,message", [
+    ("--world 0", "argument --world: must be >= 1, got 0"),
+    ("--world 3 --layout striped --causal --local-len 0", "argument --local-len: must be >= 1, got 0"),
+    ("--world 2 --layout zigzag --seqlens 5,-3", "argument --seqlens: lengths must be >= 0"),
+    ("--seqlens 0,0", "argument --seqlens: lengths must be >= 0 and not all 0"),
+    ("--seqlens 3,x", "argument --seqlens: must be comma-separated ints, got '3,x'"),
+    ("--strategies --world 8 --ulysses 0", "argument --ulysses: must be >= 1, got 0"),
+    ("--strategies --world 8 --ulysses 3", "must divide by U (3)"),
+    ("--strategies --heads 6 --heads-kv 4", "--heads (6) must be a multiple of --heads-kv (4)"),
+    ("--world 2 --window -3 0", "argument --window: must be >= -1, got -3"),
+    ("--world 2 --causal --window 2 4", "with --causal the right window must be -1 or 0, got 4"),
+    ("--world 2 --layout zigzag --local-len 3", "layout 'zigzag' needs an even local length, got 3"),
+    ("--world x", "argument --world: invalid int >= 1 value: 'x'"),
+])
+def test_plan_cli_rejects_invalid_arguments(capsys, argv, message):
+    """What ring_attn_func would reject, or what has no schedule, is a usage error (exit status 2,
+    one error line), never a traceback or a picture."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv.split())
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("python -m ring_attention.plan: error: ") and message in last, captured.err
 
 
 def test_example_trains_tiny_llama_under_torchrun():

@@ -80,6 +80,12 @@ def test_invalid_input_raises_value_error(kind):
     assert ring_cases.INVALID_INPUTS[kind][1] in message
 
 
+@pytest.mark.parametrize("kind", ["ring", "varlen"])
+def test_double_backward_raises(kind):
+    """A gradient of ring attention is not differentiable again: RuntimeError, never a zero."""
+    assert ring_cases.check_double_backward_raises(kind)
+
+
 @pytest.mark.parametrize("name,value", [
     ("RING_ATTN_CPU_KERNEL", "avx1024"), ("RING_ATTN_CPU_TILES", "64,64"),
     ("RING_ATTN_CPU_TILES", "64,64,64,64,64x"), ("RING_ATTN_CPU_TILES", "64,0,64,64,64")])

@@ -11,7 +11,8 @@ import torch
 import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of
-from ring_cases import (bytes_sent, check_ring, check_ulysses, check_ulysses_rejected,
+from ring_cases import (bytes_sent, check_double_backward_raises, check_grid_unshard_rejected,
+                        check_ring, check_ulysses, check_ulysses_rejected,
                         opcheck_ulysses_ops, ring_param, ring_results, varlen_ring_results)
 from test_varlen_window import local_varlen, random_seqlens
 
@@ -182,10 +183,26 @@ def test_ulysses_matches_reference(rank_pool, case):
      "ranks of one ulysses_group disagree on the window_size[0] (left)"),
     ("causal_disagrees_in_group", "ranks of one group disagree on the causal"),
     ("bad_window", "rank (ring 1, ulysses 1): window_size values must be >= 0"),
+    ("scale_not_a_number", "rank (ring 1, ulysses 1): softmax_scale must be a number or None, got"),
+    ("return_lse_not_a_bool", "rank (ring 1, ulysses 1): return_lse must be True or False"),
 ])
 def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     messages = rank_pool(4).run(check_ulysses_rejected, kind)
     assert all(message in m for m in messages), messages
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_grid_unshard_rejects_one_bad_rank_on_every_rank(rank_pool, varlen):
+    """A bad layout on one rank of a 2 x 2 grid: every rank raises ValueError (the ranks of the
+    other ulysses_group learn it in the agreement over the ring group), none waits."""
+    messages = rank_pool(4).run(check_grid_unshard_rejected, varlen)
+    assert len(set(messages)) == 1 and "unknown layout 'bogus'" in messages[0], messages
+
+
+@pytest.mark.parametrize("kind", ["ring", "ulysses"])
+def test_double_backward_raises_on_every_rank(rank_pool, kind):
+    """A gradient of the ring (or of the Ulysses op) is not differentiable again: RuntimeError."""
+    assert all(rank_pool(2).run(check_double_backward_raises, kind))
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (2, 2)], ids=str)

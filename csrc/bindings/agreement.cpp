@@ -6,6 +6,8 @@
 #include <cstring>
 #include <numeric>
 #include <sstream>
+#include <string>
+#include <string_view>
 
 #include "comm/c10d_transport.h"
 #include "core/allgather_scheduler.h"
@@ -142,7 +144,25 @@ static std::string validate_varlen(const RingCall& call, Layout layout) {
   return {};
 }
 
+namespace {
+
+// An argument the Python wrapper could not convert (a causal that is not a bool, a softmax_scale
+// that is not a number, ...) arrives as a layout of this prefix and the problem
+// (ring_attention/functional.py _layout), so that the ranks' agreement reports it on every rank.
+constexpr std::string_view kArgumentErrorPrefix = "invalid argument: ";
+
+// Why `layout` names no layout ("" when it does); an argument error as the wrapper phrased it.
+std::string layout_error(const std::string& layout) {
+  Layout parsed;
+  if (parse_layout(layout, &parsed)) return {};
+  if (layout.rfind(kArgumentErrorPrefix, 0) == 0) return layout.substr(kArgumentErrorPrefix.size());
+  return "unknown layout '" + layout + "' (expected 'contiguous', 'zigzag', 'striped' or 'packed')";
+}
+
+}  // namespace
+
 std::string validate_local(const RingCall& call) {
+  if (call.layout.rfind(kArgumentErrorPrefix, 0) == 0) return layout_error(call.layout);
   KVExchange exchange;
   if (!parse_kv_exchange(call.kv_exchange, &exchange)) {
     return "unknown kv_exchange '" + call.kv_exchange + "' (expected 'ring' or 'allgather')";
@@ -220,10 +240,10 @@ std::string validate_local(const RingCall& call) {
            " is not supported on CUDA (multiples of 8 up to " + std::to_string(cuda::kMaxHeadDim) +
            " are)";
   }
+  const std::string bad_layout = layout_error(call.layout);
+  if (!bad_layout.empty()) return bad_layout;
   Layout layout;
-  if (!parse_layout(call.layout, &layout)) {
-    return "unknown layout '" + call.layout + "' (expected 'contiguous', 'zigzag', 'striped' or 'packed')";
-  }
+  parse_layout(call.layout, &layout);
   std::string len_error = check_local_len(layout, q.size(1));
   if (!len_error.empty()) return len_error;
   if (call.window_left < -1 || call.window_right < -1) {
@@ -413,11 +433,10 @@ std::string grid_local_error(const RingCall& call, const UlyssesGrid& grid,
   if (varlen) {
     const std::string error = cu_seqlens_error(call.cu_seqlens);
     if (!error.empty()) return error;
+    const std::string bad_layout = layout_error(call.layout);
+    if (!bad_layout.empty()) return bad_layout;
     Layout layout;
-    if (!parse_layout(call.layout, &layout)) {
-      return "unknown layout '" + call.layout +
-             "' (expected 'contiguous', 'zigzag', 'striped' or 'packed')";
-    }
+    parse_layout(call.layout, &layout);
     const int64_t ring_tokens = ulysses_ring_tokens(call.cu_seqlens, layout, grid.ring_size);
     const int64_t expected = (ring_tokens + size - 1) / size;
     if (q.size(0) != expected) {
