@@ -443,6 +443,8 @@ def check_ulysses_rejected(kind):
         kwargs["window_size"] = (-5, 0) if rank == 3 else (-1, -1)
     elif kind == "scale_not_a_number":
         kwargs["softmax_scale"] = "abc" if rank == 3 else None
+    elif kind == "return_lse_disagrees":  # one more all-to-all (the lse's) on rank 1 alone
+        kwargs["return_lse"] = rank == 1
     elif kind == "return_lse_not_a_bool":
         kwargs["return_lse"] = torch.ones(2) if rank == 3 else False
     with pytest.raises(ValueError) as error:

@@ -185,6 +185,7 @@ def test_ulysses_matches_reference(rank_pool, case):
     ("bad_window", "rank (ring 1, ulysses 1): window_size values must be >= 0"),
     ("scale_not_a_number", "rank (ring 1, ulysses 1): softmax_scale must be a number or None, got"),
     ("return_lse_not_a_bool", "rank (ring 1, ulysses 1): return_lse must be True or False"),
+    ("return_lse_disagrees", "ranks of one ulysses_group disagree on the return_lse"),
 ])
 def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     messages = rank_pool(4).run(check_ulysses_rejected, kind)

@@ -360,7 +360,8 @@ namespace {
 // carries the rank's verdict).
 enum GridField : int {
   kGridDims = 0, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
-  kGridKVExchange, kGridUlyssesSize, kGridRingSize, kGridRingRank, kGridUlyssesRank, kGridFields
+  kGridKVExchange, kGridUlyssesSize, kGridRingSize, kGridRingRank, kGridUlyssesRank,
+  kGridReturnLse, kGridFields
 };
 
 const char* grid_field_name(int field) {
@@ -377,6 +378,7 @@ const char* grid_field_name(int field) {
     case kGridRingSize: return "ring group size";
     case kGridRingRank: return "rank in the ring group";
     case kGridUlyssesRank: return "rank in the ulysses_group";
+    case kGridReturnLse: return "return_lse";
     default: return "?";
   }
 }
@@ -384,6 +386,7 @@ const char* grid_field_name(int field) {
 std::string grid_field_value(int field, int64_t value) {
   if (field == kGridDType) return c10::toString(static_cast<at::ScalarType>(value));
   if (field == kGridKVExchange) return kv_exchange_name(static_cast<KVExchange>(value));
+  if (field == kGridReturnLse) return value ? "True" : "False";
   return std::to_string(value);
 }
 
@@ -457,7 +460,7 @@ std::string grid_local_error(const RingCall& call, const UlyssesGrid& grid,
                                  call.transport_error, call.kv_exchange});
 }
 
-at::Tensor describe_grid(const RingCall& call, const UlyssesGrid& grid) {
+at::Tensor describe_grid(const RingCall& call, const UlyssesGrid& grid, bool return_lse) {
   at::Tensor descriptor = at::zeros({kGridFields + kDescriptorLen}, at::kLong);
   int64_t* d = descriptor.data_ptr<int64_t>();
   const at::Tensor& q = call.q;
@@ -476,6 +479,7 @@ at::Tensor describe_grid(const RingCall& call, const UlyssesGrid& grid) {
   d[kGridRingSize] = grid.ring_size;
   d[kGridRingRank] = grid.ring_rank;
   d[kGridUlyssesRank] = grid.ulysses_rank;
+  d[kGridReturnLse] = return_lse;  // whether the lse travels back too: one more all-to-all
   std::vector<at::Tensor> exchanged;
   const std::string error = grid_local_error(call, grid, exchanged);
   if (error.empty()) {
@@ -552,21 +556,21 @@ int64_t ulysses_ring_tokens(const at::Tensor& cu_seqlens, Layout layout, int rin
   return varlen_local_len(layout, ring_size, host.data_ptr<int32_t>(), host.size(0) - 1);
 }
 
-void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool check,
-                            double timeout_s) {
-  at::Tensor mine = describe_grid(call, grid);
+void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool return_lse,
+                            bool check, double timeout_s) {
+  at::Tensor mine = describe_grid(call, grid, return_lse);
   int64_t* d = mine.data_ptr<int64_t>();
   if (!check) {
     TORCH_CHECK_VALUE(!(d + kGridFields)[kHasError], "ring_attn_func: ",
                       message_of(d + kGridFields));
     return;
   }
-  // The ranks of one ulysses_group share the inputs' shapes, the kv_exchange, the ring call's
-  // arguments, R and their rank in the ring group.
+  // The ranks of one ulysses_group share the inputs' shapes, the kv_exchange, return_lse, the ring
+  // call's arguments, R and their rank in the ring group.
   std::string error = first_grid_error(
       gather_grid(mine, grid.ulysses, call.q, timeout_s),
       {kGridDims, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
-       kGridKVExchange, kGridRingSize, kGridRingRank},
+       kGridKVExchange, kGridRingSize, kGridRingRank, kGridReturnLse},
       "ulysses_group", true);
   if (grid.ring_size > 1) {  // every rank of a ring group learns its ulysses_groups' verdicts
     if (error.empty()) {
@@ -575,7 +579,8 @@ void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool 
       write_error(d + kGridFields, error);
     }
     error = first_grid_error(gather_grid(mine, grid.ring, call.q, timeout_s),
-                             {kGridUlyssesSize, kGridUlyssesRank}, "group", false);
+                             {kGridUlyssesSize, kGridUlyssesRank, kGridReturnLse}, "group",
+                             false);
   }
   TORCH_CHECK_VALUE(error.empty(),
                     "ring_attn_func: invalid input or groups (every rank raises this): ", error);

@@ -76,12 +76,12 @@ int64_t ulysses_ring_tokens(const at::Tensor& cu_seqlens, Layout layout, int rin
 
 // Raises the same ValueError on every rank of the grid unless every rank's inputs are valid (as
 // the ring over the exchanged tensors sees them, too), the ranks of each ulysses_group agree on
-// them, and the groups form a U x R grid: every rank of a ulysses_group has the same rank in its
-// ring group, every rank of a ring group the same rank in its ulysses_group. `call`: this rank's
-// inputs before the all-to-all, world = R. Two small all-gathers (over the ulysses_group, then the
-// ring group) before anything else is sent; with check=false only the local verdict is raised,
-// locally.
-void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool check,
-                            double timeout_s);
+// them and on return_lse, and the groups form a U x R grid: every rank of a ulysses_group has the
+// same rank in its ring group, every rank of a ring group the same rank in its ulysses_group.
+// `call`: this rank's inputs before the all-to-all, world = R. Two small all-gathers (over the
+// ulysses_group, then the ring group) before anything else is sent; with check=false only the
+// local verdict is raised, locally.
+void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool return_lse,
+                            bool check, double timeout_s);
 
 }  // namespace ring_attn

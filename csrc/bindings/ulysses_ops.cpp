@@ -125,7 +125,7 @@ ulysses_forward(const BlockKernels& kernels, const at::Tensor& q, const at::Tens
   if (grid.ring_size > 1 && kind == TransportKind::kC10d) {
     call.transport_error = p2p_device_error(*grid.ring, q.device());
   }
-  agree_on_grid_or_throw(call, grid, ring_check_enabled(), ring_timeout_seconds());
+  agree_on_grid_or_throw(call, grid, return_lse, ring_check_enabled(), ring_timeout_seconds());
   const Batching batching{options.cu_seqlens.defined()};
   const int64_t heads_kv = k.size(-2);
   const int64_t repeat = ulysses_heads_kv(heads_kv, grid.ulysses_size) * grid.ulysses_size /
