@@ -1,6 +1,6 @@
 """The wheel that `pip wheel --no-build-isolation .` builds holds the whole package: installed into
 a folder of its own and imported with the source tree off the path, every module of the source
-tree imports from it and a world-size-1 call runs.
+tree imports from it and a world-size-1 call runs. It requires the torch release it was built with.
 
 The wheel is built from a copy of the tracked files; when `make build` has configured build/, the
 wheel reuses it (RING_ATTN_CMAKE_BUILD_DIR: only what changed is rebuilt) instead of compiling the
@@ -9,7 +9,10 @@ import os
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +63,13 @@ def test_wheel_holds_every_module(tmp_path):
          str(tmp_path / "wheels"), str(source)], env=env)
     wheels = list((tmp_path / "wheels").glob("ring_attention-*.whl"))
     assert len(wheels) == 1, wheels
+    # The extension links torch's C++ API: the wheel asks for the torch release it was built with.
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        metadata = next(wheel.read(n).decode() for n in wheel.namelist() if n.endswith("/METADATA"))
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: torch")]
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    assert len(requires) == 1 and f">={major}.{minor}" in requires[0], requires
+    assert f"<{major}.{minor + 1}" in requires[0], requires
     target = tmp_path / "installed"
     run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
          str(wheels[0])])
