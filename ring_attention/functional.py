@@ -108,13 +108,24 @@ def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
     return 1.0 if _not_a_number(softmax_scale) else float(softmax_scale)
 
 
+def _autocast(*tensors):
+    """Under torch.autocast for the tensors' device, the floating-point ones in its dtype, as
+    scaled_dot_product_attention takes them (q, k and v may then arrive in different dtypes, e.g.
+    q and k from an fp32 rotary embedding and v from a bf16 projection); else as they are."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
           deterministic, kv_exchange, ulysses_group):
     """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
     them, then the differentiable call (the Ulysses op with a ulysses_group). An argument of the
     wrong type becomes a value that the ops' agreement rejects on every rank."""
     group, _, _ = _group.resolve(group)
-    q, k, v = (_tensor(t) for t in (q, k, v))
+    q, k, v = _autocast(*(_tensor(t) for t in (q, k, v)))
     left, right = _window(window_size)
     layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
                      return_lse=return_lse)

@@ -11,7 +11,8 @@ import torch
 
 from ._autograd import once_differentiable
 from ._ops import ops
-from .functional import _default_scale, _deterministic, _flag, _kv_exchange, _layout, _window
+from .functional import (_autocast, _default_scale, _deterministic, _flag, _kv_exchange, _layout,
+                         _window)
 
 
 class _LocalRingAttention(torch.autograd.Function):
@@ -91,6 +92,8 @@ class LocalRing:
             for t in shards:
                 if t.device.type != self.device.type:
                     raise ValueError(f"LocalRing on {self.device}: {name} has a tensor on {t.device}")
+        cast = _autocast(*qs, *ks, *vs)
+        qs, ks, vs = cast[:world], cast[world:2 * world], cast[2 * world:]
         layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
                          return_lse=return_lse)
         results = _LocalRingAttention.apply(world, cu_seqlens, bool(_flag(causal)),

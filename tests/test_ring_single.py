@@ -80,6 +80,26 @@ def test_invalid_input_raises_value_error(kind):
     assert ring_cases.INVALID_INPUTS[kind][1] in message
 
 
+def test_autocast_computes_in_its_dtype_as_sdpa_does():
+    """Under torch.autocast, q, k, v of mixed dtypes (an fp32 rotary q and k, a bf16 v) run in the
+    autocast dtype, as F.scaled_dot_product_attention does: the result and the gradients equal
+    those of the inputs cast by hand, in the inputs' own dtypes. LocalRing likewise."""
+    q, k, v, dout = random_qkv(seed_of("autocast"), 1, 12, 12, 4, 2, 16, torch.float32)
+    v = v.bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ra.ring_attn_func(*leaves, causal=True)
+        (local_out,) = LocalRing(1).ring_attn_func([leaves[0]], [leaves[1]], [leaves[2]],
+                                                   causal=True)
+    grads = torch.autograd.grad(out, leaves, dout.bfloat16())
+    cast = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    want = ra.ring_attn_func(*cast, causal=True)
+    want_grads = torch.autograd.grad(want, cast, dout.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want) and torch.equal(local_out, want)
+    for got, expected, leaf in zip(grads, want_grads, leaves):
+        assert got.dtype == leaf.dtype and torch.equal(got, expected.to(leaf.dtype))
+
+
 @pytest.mark.parametrize("kind", ["ring", "varlen"])
 def test_double_backward_raises(kind):
     """A gradient of ring attention is not differentiable again: RuntimeError, never a zero."""
