@@ -29,11 +29,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def positive_int(text: str) -> int:
+    """argparse type of sizes and counts: an int >= 1 (anything else is a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_ints(text: str) -> list:
+    """argparse type of a comma-separated list of positive ints, e.g. "1,2,4"."""
+    values = [positive_int(part) for part in text.split(",") if part]
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return values
+
+
 def parser(doc: str, *, json_default: str, iters: int = 5, warmup: int = 1) -> argparse.ArgumentParser:
     """The command line every benchmark starts from: --iters and --warmup (timed and untimed calls
     per point), --json (where the results go) and --fp32-precision; scripts add their own sizes."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=iters, help="timed calls per point (medians reported)")
+    p.add_argument("--iters", type=positive_int, default=iters, help="timed calls per point (medians reported)")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed calls before timing")
     p.add_argument("--json", default=json_default, help="write the results here")
     add_fp32_precision_arg(p)
@@ -45,10 +61,11 @@ def add_shape_args(parser, *, seqlen: int, heads: int = 4, headdim: int = 64,
     """--seqlen (tokens of the whole sequence), --heads and --headdim, and --world (ranks) when a
     default is given."""
     if world is not None:
-        parser.add_argument("--world", type=int, default=world, help="ranks")
-    parser.add_argument("--seqlen", type=int, default=seqlen, help="tokens of the whole sequence")
-    parser.add_argument("--heads", type=int, default=heads)
-    parser.add_argument("--headdim", type=int, default=headdim)
+        parser.add_argument("--world", type=positive_int, default=world, help="ranks")
+    parser.add_argument("--seqlen", type=positive_int, default=seqlen,
+                        help="tokens of the whole sequence")
+    parser.add_argument("--heads", type=positive_int, default=heads)
+    parser.add_argument("--headdim", type=positive_int, default=headdim)
 
 
 def add_fp32_precision_arg(parser) -> None:

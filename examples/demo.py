@@ -75,12 +75,12 @@ def _worker(rank, world, port, args, results):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=32768)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--world", type=h.positive_int, default=4)
+    p.add_argument("--seqlen", type=h.positive_int, default=32768)
+    p.add_argument("--batch", type=h.positive_int, default=1)
+    p.add_argument("--heads", type=h.positive_int, default=4)
+    p.add_argument("--kv-heads", type=h.positive_int, default=2)
+    p.add_argument("--headdim", type=h.positive_int, default=64)
     p.add_argument("--layout", default="zigzag")
     p.add_argument("--no-causal", dest="causal", action="store_false")
     p.add_argument("--seed", type=int, default=0)

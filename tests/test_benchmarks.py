@@ -172,6 +172,23 @@ def test_bench_packed_local_ring_checks_and_counts(tmp_path):
         assert alone["fwd blocks"] == world and float(alone["fwd+bwd MB sent"]) == 0
 
 
+@pytest.mark.parametrize("command,message", [
+    ("examples/demo.py --world 0", "argument --world: must be a positive integer, got 0"),
+    ("benchmarks/ring/bench_ring.py --worlds 2,0", "argument --worlds: must be a positive integer"),
+    ("benchmarks/kernels/bench_cpu_vs_sdpa.py --seqlen 0", "argument --seqlen: must be a positive"),
+    ("benchmarks/strategies/bench_strategies.py --worlds 3 --seqlen 256",
+     "--seqlen 256 is not divisible by 2 x world (6)"),
+    ("benchmarks/strategies/bench_packed.py --heads -1", "argument --heads: must be a positive"),
+], ids=["demo", "bench_ring", "bench_cpu_vs_sdpa", "bench_strategies", "bench_packed"])
+def test_bad_sizes_are_usage_errors(command, message):
+    """Sizes that cannot run: exit status 2 and argparse's one-line error, not a traceback."""
+    script, *args = command.split()
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_local_ring_cuda_without_a_gpu_exits_2():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -52,8 +52,8 @@ def _fwd_and_fwd_bwd(attention, inputs, dout):
 
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/cpu_vs_sdpa.json")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=h.positive_int, default=1)
+    p.add_argument("--batch", type=h.positive_int, default=1)
     h.add_shape_args(p, seqlen=4096)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=lambda v: v.split(","),
                    default=[name.split()[-1] for name, _, _ in CASES],
                    help="cases to time (default all: non-causal,zigzag,striped,contiguous)")
-    p.add_argument("--memory-seqlen", type=int, default=16384)
+    p.add_argument("--memory-seqlen", type=h.positive_int, default=16384)
     args = p.parse_args(argv)
     h.set_fp32_precision(args)
 

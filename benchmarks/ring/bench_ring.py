@@ -316,16 +316,15 @@ def _fmt_ms(t):
 
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/ring.json")
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     strs = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--worlds", type=ints, default=None, help="world sizes (default 1,2; --full 1,2,4)")
-    p.add_argument("--seqlens", type=ints, default=None, help="total tokens (default 8192; --full 2K-16K)")
+    p.add_argument("--worlds", type=h.positive_ints, default=None, help="world sizes (default 1,2; --full 1,2,4)")
+    p.add_argument("--seqlens", type=h.positive_ints, default=None, help="total tokens (default 8192; --full 2K-16K)")
     p.add_argument("--dtypes", type=strs, default=["float32", "bfloat16"])
     p.add_argument("--modes", type=strs, default=list(MODES))
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--batch", type=h.positive_int, default=1)
+    p.add_argument("--heads", type=h.positive_int, default=4)
+    p.add_argument("--headdim", type=h.positive_int, default=64)
     p.add_argument("--torch-rotate", choices=["allgather", "alltoall"], default="allgather",
                    help="PyTorch's K/V rotate method (their default: allgather)")
     p.add_argument("--png", default="bench_out/ring.png")
@@ -346,8 +345,6 @@ def main(argv=None) -> int:
     args.worlds = args.worlds or [1, 2]
     args.seqlens = args.seqlens or [8192]
     args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-    if args.iters < 1:
-        p.error("--iters must be >= 1")
     for d in args.dtypes:
         if d not in TOL:
             p.error(f"unsupported dtype {d!r} (float32, bfloat16)")

@@ -94,10 +94,10 @@ def kernel_covered_fraction(kernels, copies):
 
 def main():
     parser = h.parser(__doc__, json_default="bench_out/overlap_gpu.json", warmup=2)
-    parser.add_argument("--world", type=int, default=4)
-    parser.add_argument("--len", type=int, default=8192)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--headdim", type=int, default=128)
+    parser.add_argument("--world", type=h.positive_int, default=4)
+    parser.add_argument("--len", type=h.positive_int, default=8192)
+    parser.add_argument("--heads", type=h.positive_int, default=16)
+    parser.add_argument("--headdim", type=h.positive_int, default=128)
     parser.add_argument("--max-overhead", type=float, default=0.05)
     a = parser.parse_args()
     if not torch.cuda.is_available():

@@ -161,14 +161,18 @@ def _local_ring(world, args, device, sync):
 
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/strategies.json")
-    p.add_argument("--worlds", default="2,4")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--heads-kv", type=int, default=2)
-    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--worlds", type=h.positive_ints, default=[2, 4])
+    p.add_argument("--seqlen", type=h.positive_int, default=2048)
+    p.add_argument("--batch", type=h.positive_int, default=1)
+    p.add_argument("--heads", type=h.positive_int, default=8)
+    p.add_argument("--heads-kv", type=h.positive_int, default=2)
+    p.add_argument("--headdim", type=h.positive_int, default=64)
     h.add_local_ring_args(p)
     args = p.parse_args(argv)
+    for world in args.worlds:
+        if args.seqlen % (2 * world):
+            p.error(f"--seqlen {args.seqlen} is not divisible by 2 x world ({2 * world}): the "
+                    "zigzag layout splits each rank's shard in two")
     device, sync = h.local_ring_setup(p, args)
     tol = TOL[h.DTYPES[args.dtype]]
     h.set_fp32_precision(args)
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
     bytes_column = "MB sent / rank" if device is None else "MB sent / rank (total / W)"
     start = h.cpu_snapshot()
     rows, failed = [], False
-    for world in (int(w) for w in args.worlds.split(",")):
+    for world in args.worlds:
         strategies = _gloo(world, args) if device is None else _local_ring(world, args, device, sync)
         ring = strategies["ring"]
         for name, s in strategies.items():
