@@ -14,10 +14,12 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 
 
-def tiny_model(family, seed):
+def tiny_model(family, seed, chunk=4):
     """A small random float32 causal LM of a transformers family built from a config. Windowed
     families: "mistral" (every layer sliding, window 5), "qwen3" and "gemma3" (layer_types mixing
-    sliding layers, window 3 or 6, with full ones)."""
+    sliding layers, window 3 or 6, with full ones). Families whose attention the ring does not
+    compute: "llama4" (a chunked layer, chunks of 4 tokens unless ``chunk``), "gemma2" (logit
+    soft-capping), "gpt_oss" (attention sinks)."""
     import transformers as tf
     if family == "llama":
         model_class, config = tf.LlamaForCausalLM, tf.LlamaConfig(**TINY)
@@ -31,6 +33,17 @@ def tiny_model(family, seed):
         model_class, config = tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(
             **{**TINY, "num_hidden_layers": 3}, sliding_window=6, query_pre_attn_scalar=16,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    elif family == "llama4":
+        model_class, config = tf.Llama4ForCausalLM, tf.Llama4TextConfig(
+            **TINY, intermediate_size_mlp=128, attention_chunk_size=chunk, num_local_experts=2,
+            no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"])
+    elif family == "gemma2":
+        model_class, config = tf.Gemma2ForCausalLM, tf.Gemma2Config(
+            **TINY, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=1.0)
+    elif family == "gpt_oss":
+        model_class, config = tf.GptOssForCausalLM, tf.GptOssConfig(
+            **TINY, sliding_window=8, num_local_experts=2, num_experts_per_tok=1,
+            layer_types=["sliding_attention", "full_attention"])
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
@@ -149,6 +162,79 @@ def packed_disagreement_raises():
     dist.all_reduce(ones)
     assert ones.item() == world
     return errors[0]
+
+
+def unsupported_use_raises(case):
+    """A use of the transformers integration that the ring cannot compute (see
+    test_integrations.UNSUPPORTED_USES) raises ValueError on every rank instead of a wrong answer;
+    the group stays usable. Returns the message."""
+    from ring_attention.integrations import transformers as ra_hf
+    rank, world = rank_and_world()
+    ra_hf.register(layout="contiguous" if case == "register layout" else "zigzag")
+    family = {"chunked": "llama4", "softcap": "gemma2", "sinks": "gpt_oss"}.get(case, "llama")
+    model = tiny_model(family, 0)
+    model.config._attn_implementation = ra_hf.ATTN_IMPLEMENTATION
+    input_ids = torch.randint(0, 128, (1, 8 * world), generator=torch.Generator().manual_seed(0))
+    packed = torch.cat([torch.arange(4 * world), torch.arange(4 * world)]).unsqueeze(0)
+    ids, pos, _ = ra_hf.shard_inputs(input_ids, packed if case == "stale documents" else None)
+    inputs = dict(input_ids=ids, position_ids=pos, use_cache=False)
+    if case == "padding":  # padding in rank 0's shard only
+        inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), int(rank > 0))
+    if case == "flash-attention documents":  # as DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+        inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor([0, 3, ids.shape[1]], dtype=torch.int32)
+    if case == "stale documents":  # a plain forward after a packed batch
+        del inputs["position_ids"]
+    try:
+        if case == "unshard layout":
+            ra_hf.unshard_outputs(ids, layout="striped")
+        else:
+            model(**inputs)
+    except ValueError as e:
+        message = str(e)
+    else:
+        raise AssertionError(f"{case}: no ValueError")
+    finally:
+        ra_hf.clear_inputs()
+    ones = torch.ones(1)
+    dist.all_reduce(ones)
+    assert ones.item() == world
+    return message
+
+
+def supported_uses_match_eager():
+    """What the integration accepts besides plain rows equals the eager model: an attention_mask
+    without padding, chunked attention whose chunk covers the sequence, (seq,) position_ids, and a
+    plain forward after clear_inputs forgot a packed batch's documents."""
+    from ring_attention.integrations import transformers as ra_hf
+    rank, world = rank_and_world()
+    ra_hf.register()
+    input_ids = torch.randint(0, 128, (1, 8 * world), generator=torch.Generator().manual_seed(1))
+    expected = {}
+    for family, chunk in (("llama4", 8 * world), ("llama", 4)):  # ring_model ends as the Llama
+        reference_model = tiny_model(family, 0, chunk)
+        ring_model = tiny_model(family, 0, chunk)
+        ring_model.config._attn_implementation = ra_hf.ATTN_IMPLEMENTATION
+        expected[family] = reference_model(input_ids=input_ids, use_cache=False).logits.detach()
+        ids, pos, _ = ra_hf.shard_inputs(input_ids)
+        logits = ring_model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids),
+                            use_cache=False).logits.detach()
+        torch.testing.assert_close(ra_hf.unshard_outputs(logits), expected[family], **FP32_TOL)
+
+    packed = torch.cat([torch.arange(3 * world), torch.arange(5 * world)])
+    results = []
+    for position_ids in (packed, packed.unsqueeze(0)):
+        ids, pos, labels = ra_hf.shard_inputs(input_ids, position_ids, input_ids)
+        logits = ring_model(input_ids=ids, position_ids=pos, use_cache=False).logits.detach()
+        results.append([ids, pos, labels, ra_hf.unshard_outputs(logits, position_ids)])
+    for one_dim, two_dim in zip(*results):
+        assert torch.equal(one_dim, two_dim)
+
+    ra_hf.clear_inputs()
+    zigzag = dict(layout="zigzag", dim=1)
+    logits = ring_model(input_ids=ra.shard(input_ids, **zigzag), use_cache=False,
+                        position_ids=ra.shard(torch.arange(8 * world).unsqueeze(0), **zigzag)).logits
+    torch.testing.assert_close(ra.unshard(logits.detach(), **zigzag), expected["llama"], **FP32_TOL)
+    return True
 
 
 class _AttentionBlock(torch.nn.Module):

@@ -41,6 +41,29 @@ def test_transformers_packed_disagreement_raises_everywhere(rank_pool):
     assert len(set(messages)) == 1  # the same message on every rank
 
 
+# Uses the ring cannot compute, with a part of the message every rank raises.
+UNSUPPORTED_USES = {
+    "padding": "pads some tokens",  # an attention_mask with padding
+    "chunked": "chunked attention",  # Llama 4 chunks shorter than the sequence
+    "softcap": "soft-capping",  # Gemma 2
+    "sinks": "attention sinks",  # GPT-OSS
+    "register layout": "register() was given layout 'contiguous'",  # shard_inputs in zigzag
+    "unshard layout": "unshard_outputs",  # shard_inputs in zigzag
+    "flash-attention documents": "cu_seq_lens_q= is packed documents",
+    "stale documents": "position_ids that call returned",  # a plain forward after a packed batch
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED_USES))
+def test_transformers_unsupported_use_raises_everywhere(rank_pool, case):
+    messages = rank_pool(2).run(cases.unsupported_use_raises, case, timeout=120)
+    assert len(set(messages)) == 1 and UNSUPPORTED_USES[case] in messages[0], messages
+
+
+def test_transformers_supported_uses_match_eager(rank_pool):
+    assert all(rank_pool(2).run(cases.supported_uses_match_eager, timeout=120))
+
+
 def test_transformers_packed_documents_on_a_ulysses_grid(rank_pool):
     """Packed documents on a 2 x 2 grid: Ulysses over heads, the all-gather over the ring group."""
     losses = rank_pool(4).run(cases.packed_matches_documents, "llama", "zigzag", (7, 1, 23, 2, 9), 2,

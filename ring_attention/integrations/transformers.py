@@ -12,9 +12,16 @@ and attention runs over the whole sequence through the ring. Packed rows (batch 
 restarting at 0 at every document, as DataCollatorWithFlattening makes them) are split by
 shard_inputs into the documents' varlen shards; the attention then never crosses a document, and
 unshard_outputs restores the packed order.
+
+What the ring does not compute raises ValueError instead of being dropped: padding in an
+attention_mask, masks transformers builds beyond causal, sliding-window and bidirectional ones
+(chunked attention, image-token blocks), and attention arguments such as logit soft-capping or
+attention sinks.
 """
+import weakref
 import zlib
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,13 +32,185 @@ from ..layouts import shard, shard_varlen, unshard, unshard_varlen
 
 ATTN_IMPLEMENTATION = "ring_attention"
 
+# Arguments transformers passes to attention functions that do not change what the attention
+# computes here (dropout, scaling, is_causal and sliding_window are applied; position_ids checks
+# packed documents; the rest are output, cache and kernel switches or loss bookkeeping).
+_HARMLESS_KWARGS = frozenset({
+    "position_ids", "sliding_window", "use_cache", "cache_position", "output_attentions",
+    "output_hidden_states", "output_router_logits", "num_items_in_batch", "deterministic"})
+
+# Arguments whose meaning the ring does not implement, with what they are.
+_UNSUPPORTED_KWARGS = {
+    "softcap": "attention logit soft-capping (e.g. Gemma 2's attn_logit_softcapping)",
+    "s_aux": "attention sinks (e.g. GPT-OSS)",
+    "cu_seq_lens_q": "packed documents as flash-attention arguments",
+    "cu_seq_lens_k": "packed documents as flash-attention arguments",
+    "max_length_q": "packed documents as flash-attention arguments",
+    "max_length_k": "packed documents as flash-attention arguments",
+    "seq_idx": "packed documents as sequence indices",
+}
+
+
+def _reject_unsupported_kwargs(kwargs) -> None:
+    """Raises ValueError for an attention argument that is set and would change the attention."""
+    for name, value in kwargs.items():
+        if value is None or name in _HARMLESS_KWARGS:
+            continue
+        what = _UNSUPPORTED_KWARGS.get(name, "an attention argument ring_attention does not know")
+        hint = (" (give shard_inputs the packed position_ids instead)"
+                if name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+                else "; use another attn_implementation for this model")
+        raise ValueError(f"ring_attention: {name}= is {what}, which is not supported{hint}")
+
+
+@dataclass
+class _Sharding:
+    """What the last shard_inputs call did for a group: its grid and, for packed rows, the
+    documents (cu_seqlens) and the local position_ids it returned (a weak reference)."""
+    layout: str
+    ulysses: str
+    documents: Optional[torch.Tensor] = None
+    position_ids: Optional[Callable[[], Optional[torch.Tensor]]] = None
+
+    def returned(self, position_ids: torch.Tensor) -> bool:
+        """Whether ``position_ids`` are (a view of the same memory as) those shard_inputs returned."""
+        recorded = self.position_ids()
+        if recorded is None:
+            return False
+        return position_ids is recorded or (
+            position_ids.shape == recorded.shape and position_ids.device == recorded.device
+            and position_ids.data_ptr() == recorded.data_ptr())
+
+
+# Per process group: what the last shard_inputs call recorded.
+_shardings = {}
+
+
+def _group_key(group) -> str:
+    return _group.group_name(_group.resolve(group)[0])
+
+
+def _ulysses_key(ulysses_group) -> str:
+    return "" if ulysses_group is None else _group_key(ulysses_group)
+
+
+def clear_inputs(group=None) -> None:
+    """Forgets what shard_inputs recorded for ``group`` (its layout and packed documents), e.g.
+    before a forward on rows sharded by other means."""
+    _shardings.pop(_group_key(group), None)
+
+
+# Pieces of transformers' mask functions that the attention computes from is_causal and
+# sliding_window (or from shard_inputs' documents): anything else in a mask raises ValueError.
+_MASK_PARTS = frozenset({
+    "causal_mask_function", "bidirectional_mask_function", "and_masks.<locals>.and_mask",
+    "or_masks.<locals>.or_mask", "sliding_window_overlay.<locals>.inner_mask",
+    "sliding_window_bidirectional_overlay.<locals>.inner_mask",
+    "packed_sequence_mask_function.<locals>.inner_mask",
+    "remap_positions_for_packed_sequence.<locals>.inner_mask",
+    "add_offsets_to_mask_function.<locals>.inner_mask"})
+# Bidirectional overlays that models (Gemma 3 with use_bidirectional_attention) add to a causal
+# mask; their attention modules are not causal, which the attention follows.
+_BIDIRECTIONAL_OVERLAYS = frozenset({"_bidirectional_window_overlay.<locals>.inner_mask"})
+
+
+def _mask_parts(mask_function):
+    """mask_function and the mask functions it combines (and_masks, or_masks and overlays keep
+    them in their closures)."""
+    yield mask_function
+    for cell in mask_function.__closure__ or ():
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for inner in contents if isinstance(contents, tuple) else (contents,):
+            if callable(inner) and hasattr(inner, "__code__"):
+                yield from _mask_parts(inner)
+
+
+def _closure_value(function, name):
+    return function.__closure__[function.__code__.co_freevars.index(name)].cell_contents
+
+
+def _is_full_visibility(function) -> bool:
+    """Whether an overlay lets every query see every key (a bidirectional model's overlay)."""
+    probes = torch.tensor([0, 1, 3])
+    zero = torch.tensor(0)
+    try:
+        return all(bool(function(zero, zero, q, k)) for q in probes for k in probes)
+    except Exception:  # an overlay that needs more than indices
+        return False
+
+
+def _check_mask(mask_function, tokens_local: int, ranks: int) -> None:
+    """Raises ValueError unless the attention computes the mask described by ``mask_function``."""
+    for part in _mask_parts(mask_function):
+        module, name = getattr(part, "__module__", ""), part.__qualname__
+        if module == "transformers.masking_utils" and name in _MASK_PARTS:
+            continue
+        if module == "transformers.masking_utils" and name == "chunked_overlay.<locals>.inner_mask":
+            chunk = _closure_value(part, "chunk_size")
+            if chunk >= tokens_local * ranks:  # one chunk covers the whole sequence: causal
+                continue
+            raise ValueError(f"ring_attention: chunked attention (attention_chunk_size={chunk}) over "
+                             f"{tokens_local * ranks} tokens is not supported; use another "
+                             "attn_implementation for this model")
+        if module.startswith("transformers.models.") and (
+                name in _BIDIRECTIONAL_OVERLAYS or (name.endswith("<lambda>") and _is_full_visibility(part))):
+            continue
+        raise ValueError(f"ring_attention: the attention mask this model builds ({module}.{name}) is "
+                         "not supported: only causal, sliding-window and bidirectional attention, and "
+                         "packed documents through shard_inputs")
+
+
+def _padded_on_any_rank(attention_mask: torch.Tensor, groups) -> bool:
+    """Whether the 2-D attention_mask pads a token on any rank of the grid: one one-element
+    all-reduce per group of more than one rank (on the device its backend accepts)."""
+    from .._ops import ops
+    padded = torch.tensor([int(not bool(attention_mask.all()))])
+    for group in groups:
+        group, _, world = _group.resolve(group)
+        if world == 1:
+            continue
+        name = _group.group_name(group)
+        device = ops.group_collective_device(name, str(attention_mask.device))
+        if not device:
+            raise ValueError(f"ring_attention: {ops.group_device_error(name, str(attention_mask.device), False)}")
+        flag = padded.to(device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        padded = flag.cpu()
+    return bool(padded.item())
+
+
+def _mask_for(group, ulysses_group):
+    """The mask function transformers calls for "ring_attention": checks the mask and builds none
+    (the ring applies causality, windows and documents itself)."""
+
+    def ring_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                            mask_function=None, attention_mask: Optional[torch.Tensor] = None,
+                            **kwargs) -> None:
+        if attention_mask is not None and _padded_on_any_rank(
+                attention_mask, [group] if ulysses_group is None else [group, ulysses_group]):
+            raise ValueError("ring_attention: attention_mask pads some tokens (on some rank; every "
+                             "rank raises this), which is not supported; pack the sequences without "
+                             "padding (shard_inputs with position_ids restarting at 0 at every "
+                             "document) instead")
+        if mask_function is not None:
+            ranks = _group.resolve(group)[2] * (1 if ulysses_group is None else _group.resolve(ulysses_group)[2])
+            _check_mask(mask_function, kv_length, ranks)
+        return None
+
+    return ring_attention_mask
+
 
 def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
              ulysses_group=None) -> None:
     """Registers the attention implementation "ring_attention" over ``group`` (a ProcessGroup, a
     1-D DeviceMesh or None for the default group) with inputs sharded in ``layout``;
-    ``kv_exchange`` and ``ulysses_group`` as for ``ring_attn_func``."""
+    ``kv_exchange`` and ``ulysses_group`` as for ``ring_attn_func``. Also registers its mask
+    function, which rejects padding and masks the ring does not compute."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -42,8 +221,9 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
         if dropout:
             raise ValueError("ring_attention: attention dropout is not supported")
         if attention_mask is not None:
-            raise ValueError("ring_attention: attention masks (padding) are not supported; pack the "
-                             "sequences without padding (ring_attn_varlen_func) instead")
+            raise ValueError("ring_attention: a prepared attention mask is not supported; pack the "
+                             "sequences without padding (shard_inputs with packed position_ids) instead")
+        _reject_unsupported_kwargs(kwargs)
         if query.shape[2] != key.shape[2]:
             raise ValueError("ring_attention: queries and keys differ in length (a KV cache?); "
                              "call the model with use_cache=False")
@@ -53,7 +233,7 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         options = dict(causal=bool(causal), softmax_scale=scaling, window_size=window, group=group,
                        layout=layout, kv_exchange=kv_exchange, ulysses_group=ulysses_group)
-        cu_seqlens = _documents.get(_group_key(group))
+        cu_seqlens = _recorded_documents(kwargs)
         if cu_seqlens is not None:  # packed rows: (1, tokens_local, ...) as varlen tokens
             if q.shape[0] != 1:
                 raise ValueError("ring_attention: shard_inputs recorded packed documents for this "
@@ -61,16 +241,28 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
             return ring_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, **options).unsqueeze(0), None
         return ring_attn_func(q, k, v, **options), None
 
+    def _recorded_documents(kwargs) -> Optional[torch.Tensor]:
+        """The documents shard_inputs recorded for the model's position_ids, None for unpacked rows;
+        ValueError where shard_inputs used another grid or recorded another batch."""
+        sharding = _shardings.get(_group_key(group))
+        if sharding is None:
+            return None
+        if (sharding.layout, sharding.ulysses) != (layout, _ulysses_key(ulysses_group)):
+            raise ValueError(f"ring_attention: register() was given layout {layout!r} and "
+                             f"shard_inputs {sharding.layout!r} (or another ulysses_group); pass the "
+                             "same layout and ulysses_group to register, shard_inputs and unshard_outputs")
+        if sharding.documents is None:
+            return None
+        position_ids = kwargs.get("position_ids")
+        if "position_ids" in kwargs and (position_ids is None or not sharding.returned(position_ids)):
+            raise ValueError("ring_attention: shard_inputs recorded packed documents for this group, "
+                             "but the model was not given the position_ids that call returned; call "
+                             "shard_inputs for every batch (or clear_inputs() before a forward on "
+                             "rows sharded otherwise)")
+        return sharding.documents
+
     AttentionInterface.register(ATTN_IMPLEMENTATION, ring_attention_forward)
-
-
-# Per process group: the packed documents (cu_seqlens) recorded by the last shard_inputs call,
-# absent when its rows were not packed.
-_documents = {}
-
-
-def _group_key(group) -> str:
-    return _group.group_name(_group.resolve(group)[0])
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask_for(group, ulysses_group))
 
 
 def packed_documents(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -120,8 +312,8 @@ def shard_inputs(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] =
                  ulysses_group=None):
     """This rank's (input_ids, position_ids, labels) of a full (batch, seq) batch.
 
-    position_ids are the global positions of the local tokens (default arange(seq)), so rotary
-    embeddings stay right. labels are shifted for next-token prediction over the GLOBAL sequence
+    position_ids ((batch, seq), or (seq,) for every row) are the global positions of the local
+    tokens (default arange(seq)), so rotary embeddings stay right. labels are shifted for next-token prediction over the GLOBAL sequence
     before sharding (the label of a local token is the token at the next global position; the last
     global position gets -100), so that cross_entropy(local_logits, local_labels, reduction="sum")
     summed over ranks is the full-sequence loss. labels is None when not given. With a
@@ -131,17 +323,20 @@ def shard_inputs(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] =
     document is split by the layout as shard_varlen does, padded inside the library; the returned
     position_ids are the per-document positions (pads 0), labels are shifted inside each document
     (its last token and the pads get -100), and the documents are recorded for ``group`` so that
-    the registered attention never crosses a document. Ranks that disagree on the documents raise
-    ValueError on every rank.
+    the registered attention never crosses a document; a forward whose position_ids are not the
+    ones returned here raises ValueError (call shard_inputs for every batch, or clear_inputs).
+    Ranks that disagree on the documents raise ValueError on every rank. The layout and
+    ulysses_group are recorded too: a registered attention or unshard_outputs given others raises.
     """
     grid = dict(group=group, layout=layout, dim=1, ulysses_group=ulysses_group)
+    position_ids = _rows_of(position_ids, input_ids, "shard_inputs")
     cu_seqlens = packed_documents(position_ids)
     _agree_on_documents(cu_seqlens, input_ids.device, group)
-    key = _group_key(group)
+    key, sharding = _group_key(group), _Sharding(layout, _ulysses_key(ulysses_group))
     if cu_seqlens is None:
-        _documents.pop(key, None)
-        return _shard_rows(input_ids, position_ids, labels, grid)
-    _documents[key] = cu_seqlens
+        local = _shard_rows(input_ids, position_ids, labels, grid)
+        _shardings[key] = sharding
+        return local
     local_labels = None
     if labels is not None:
         shifted = torch.full_like(labels, -100)
@@ -149,8 +344,25 @@ def shard_inputs(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] =
         shifted[:, cu_seqlens[1:-1].long() - 1] = -100  # never predict the next document
         # shard_varlen pads with zeros: shift the labels so that the pads come out as -100
         local_labels = shard_varlen(shifted + 100, cu_seqlens, **grid) - 100
-    return (shard_varlen(input_ids, cu_seqlens, **grid), shard_varlen(position_ids, cu_seqlens, **grid),
-            local_labels)
+    local_position_ids = shard_varlen(position_ids, cu_seqlens, **grid)
+    local_input_ids = shard_varlen(input_ids, cu_seqlens, **grid)
+    sharding.documents, sharding.position_ids = cu_seqlens, weakref.ref(local_position_ids)
+    _shardings[key] = sharding
+    return local_input_ids, local_position_ids, local_labels
+
+
+def _rows_of(position_ids: Optional[torch.Tensor], input_ids: Optional[torch.Tensor], caller: str):
+    """position_ids as (batch, seq) rows: (seq,) is every row's; other shapes raise ValueError."""
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+        if input_ids is not None:
+            position_ids = position_ids.expand(input_ids.shape[0], -1)
+    if position_ids.dim() != 2 or (input_ids is not None and position_ids.shape != input_ids.shape[:2]):
+        wanted = "(seq,) or (batch, seq)" if input_ids is None else f"{tuple(input_ids.shape[:2])} as input_ids"
+        raise ValueError(f"{caller}: position_ids must be {wanted}, got shape {tuple(position_ids.shape)}")
+    return position_ids
 
 
 def _shard_rows(input_ids, position_ids, labels, grid):
@@ -169,10 +381,15 @@ def unshard_outputs(x: torch.Tensor, position_ids: Optional[torch.Tensor] = None
                     layout: str = "zigzag", dim: int = 1, ulysses_group=None) -> torch.Tensor:
     """The full (batch, seq, ...) tensor from every rank's output of shard_inputs' shards.
 
-    position_ids: the global (batch, seq) position ids given to shard_inputs. For packed rows the
+    position_ids: the global (batch, seq) or (seq,) position ids given to shard_inputs. For packed rows the
     packed order is restored and the pads dropped; otherwise this is ``unshard``. Differentiable.
     """
-    cu_seqlens = packed_documents(position_ids)
+    sharding = _shardings.get(_group_key(group))
+    if sharding is not None and (sharding.layout, sharding.ulysses) != (layout, _ulysses_key(ulysses_group)):
+        raise ValueError(f"unshard_outputs: shard_inputs sharded in layout {sharding.layout!r} (or over "
+                         f"another ulysses_group), got layout {layout!r}; pass the same layout and "
+                         "ulysses_group to register, shard_inputs and unshard_outputs")
+    cu_seqlens = packed_documents(_rows_of(position_ids, None, "unshard_outputs"))
     grid = dict(group=group, layout=layout, dim=dim, ulysses_group=ulysses_group)
     if cu_seqlens is None:
         return unshard(x, **grid)
