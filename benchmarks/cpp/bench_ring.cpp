@@ -38,18 +38,12 @@
 #include "core/local_exchanges.h"
 #include "core/ring_scheduler.h"
 #include "cpu/block_attn_cpu.h"
-#include "cpu/env.h"
 
 using namespace ring_attn;
 
 namespace {
 
-void check_cpu_environment() {
-  const std::string error = cpu::environment_error();
-  if (!error.empty()) throw std::invalid_argument(error);
-}
-
-const BlockKernels kCpuKernels{&cpu::block_attn_fwd, &cpu::block_attn_bwd, &check_cpu_environment};
+const BlockKernels kCpuKernels{&cpu::block_attn_fwd, &cpu::block_attn_bwd, &cpu::check_environment};
 
 // Runs memcpys on one helper thread, in the order they were queued: never in the intra-op thread
 // pool that the kernels use.
@@ -316,8 +310,8 @@ int main(int argc, char** argv) {
   }
   try {
     kCpuKernels.check_environment();
-  } catch (const std::invalid_argument& e) {
-    std::fprintf(stderr, "bench_ring: %s\n", e.what());
+  } catch (const c10::ValueError& e) {
+    std::fprintf(stderr, "bench_ring: %s\n", e.what_without_backtrace());
     return 2;
   }
   if (opt.threads > 0) at::set_num_threads(opt.threads);

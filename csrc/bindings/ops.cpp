@@ -6,18 +6,12 @@
 #include "bindings/op_impls.h"
 #include "comm/group_devices.h"
 #include "cpu/block_attn_cpu.h"
-#include "cpu/env.h"
 
 namespace ring_attn {
 
-void check_cpu_environment() {
-  const std::string error = cpu::environment_error();
-  TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
-}
-
 struct CpuDevice {
   static constexpr BlockKernels kKernels{&cpu::block_attn_fwd, &cpu::block_attn_bwd,
-                                         &check_cpu_environment};
+                                         &cpu::check_environment};
 };
 
 // Shapes: q (batch, seqlen_local, heads, headdim), k and v (batch, seqlen_local, heads_kv,

@@ -35,12 +35,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "core/mask.h"
 #include "core/merge.h"
 #include "core/rounding.h"
+#include "cpu/env.h"
 #include "cpu/gemm_amx.h"
 #include "cpu/isa.h"
 #include "cpu/mask_plan.h"
@@ -525,6 +527,11 @@ void run_pass(const Params& p) {
 }
 
 }  // namespace
+
+void check_environment() {
+  const std::string error = environment_error();
+  TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
+}
 
 void block_attn_fwd(const BlockFwdParams& p) { run_pass(p); }
 

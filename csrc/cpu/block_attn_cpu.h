@@ -34,6 +34,10 @@ namespace cpu {
 void block_attn_fwd(const BlockFwdParams& p);
 void block_attn_bwd(const BlockBwdParams& p);
 
+// ValueError (c10::ValueError) when RING_ATTN_CPU_KERNEL or RING_ATTN_CPU_TILES holds an unknown
+// value (env.h); the ops call it before any communication.
+void check_environment();
+
 // "avx512", "avx2" or "generic": the kernels block_attn_fwd/bwd run (decided at the first call).
 const char* cpu_kernel_isa();
 
