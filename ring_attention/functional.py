@@ -119,6 +119,17 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
+def _op_arguments(q, causal, softmax_scale, window_size, layout, return_lse, deterministic,
+                  kv_exchange):
+    """The keywords as the ops take them: (causal, softmax_scale, (left, right), layout,
+    deterministic, kv_exchange, return_lse). An argument of the wrong type becomes a value that
+    the ops' agreement rejects on every rank."""
+    layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
+                     return_lse=return_lse)
+    return (bool(_flag(causal)), _default_scale(q, softmax_scale), _window(window_size), layout,
+            _deterministic(deterministic), _kv_exchange(kv_exchange), bool(_flag(return_lse)))
+
+
 def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
           deterministic, kv_exchange, ulysses_group):
     """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
@@ -126,19 +137,16 @@ def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout
     wrong type becomes a value that the ops' agreement rejects on every rank."""
     group, _, _ = _group.resolve(group)
     q, k, v = _autocast(*(_tensor(t) for t in (q, k, v)))
-    left, right = _window(window_size)
-    layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
-                     return_lse=return_lse)
-    args = (bool(_flag(causal)), _default_scale(q, softmax_scale), left, right, layout,
-            _deterministic(deterministic), _kv_exchange(kv_exchange))
+    causal, scale, (left, right), layout, deterministic, kv_exchange, return_lse = _op_arguments(
+        q, causal, softmax_scale, window_size, layout, return_lse, deterministic, kv_exchange)
+    args = (causal, scale, left, right, layout, deterministic, kv_exchange)
     if ulysses_group is None:
         out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), *args)
     else:
         ulysses_group, _, _ = _group.resolve(ulysses_group)
         out, lse = ulysses.attention(q, k, v, cu_seqlens, _group.group_name(group),
-                                     _group.group_name(ulysses_group), *args,
-                                     bool(_flag(return_lse)))
-    return (out, lse) if _flag(return_lse) else out
+                                     _group.group_name(ulysses_group), *args, return_lse)
+    return (out, lse) if return_lse else out
 
 
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

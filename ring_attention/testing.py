@@ -11,8 +11,7 @@ import torch
 
 from ._autograd import once_differentiable
 from ._ops import ops
-from .functional import (_autocast, _default_scale, _deterministic, _flag, _kv_exchange, _layout,
-                         _window)
+from .functional import _autocast, _op_arguments
 
 
 class _LocalRingAttention(torch.autograd.Function):
@@ -94,12 +93,9 @@ class LocalRing:
                     raise ValueError(f"LocalRing on {self.device}: {name} has a tensor on {t.device}")
         cast = _autocast(*qs, *ks, *vs)
         qs, ks, vs = cast[:world], cast[world:2 * world], cast[2 * world:]
-        layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
-                         return_lse=return_lse)
-        results = _LocalRingAttention.apply(world, cu_seqlens, bool(_flag(causal)),
-                                            _default_scale(qs[0], softmax_scale), _window(window_size),
-                                            layout, _deterministic(deterministic),
-                                            _kv_exchange(kv_exchange), *qs, *ks, *vs)
+        *args, return_lse = _op_arguments(qs[0], causal, softmax_scale, window_size, layout,
+                                          return_lse, deterministic, kv_exchange)
+        results = _LocalRingAttention.apply(world, cu_seqlens, *args, *qs, *ks, *vs)
         outs: List[torch.Tensor] = list(results[:world])
         lses: List[torch.Tensor] = list(results[world:])
         return (outs, lses) if return_lse else outs
