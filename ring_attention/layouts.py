@@ -190,6 +190,22 @@ def _agree_on_shards(x, group, world: int, what: str, shard_error=None, local_er
         raise ValueError(verdict)
 
 
+def _check_before_gather(x_local, group, world: int, what: str, shard_error, local_error: str,
+                         ulysses_verdict: str, settings: str) -> None:
+    """The checks of unshard and unshard_varlen before they gather: at world size 1 here, else
+    through _agree_on_shards, with a verdict of the ulysses_group passed on as this rank's error."""
+    if world > 1:
+        _agree_on_shards(x_local, group, world, what, shard_error,
+                         _in_ulysses_group(ulysses_verdict, what) if ulysses_verdict else local_error,
+                         settings)
+        return
+    if ulysses_verdict:
+        raise ValueError(ulysses_verdict)
+    error = local_error or shard_error(0, x_local.shape)
+    if error:
+        raise ValueError(f"{what}: {error}")
+
+
 class _GatherInOrder(torch.autograd.Function):
     """All-gathers equal shards along `dim` and picks `order` (indices into the rank-order
     concatenation). Backward: the adjoint of an all-gather (gradients summed over ranks), scattered
@@ -253,16 +269,10 @@ def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", di
             return f"layout 'zigzag' needs an even local length, got {shape[dim]}"
         return ""
 
+    _check_before_gather(x_local, group, world, "unshard", odd_zigzag, local_error, verdict,
+                         settings)
     if world == 1:
-        if verdict:
-            raise ValueError(verdict)
-        if local_error:
-            raise ValueError(f"unshard: {local_error}")
-        if odd_zigzag(0, x_local.shape):
-            raise ValueError(odd_zigzag(0, x_local.shape))
         return x_local
-    _agree_on_shards(x_local, group, world, "unshard", odd_zigzag,
-                     _in_ulysses_group(verdict, "unshard") if verdict else local_error, settings)
     order = _inverse_order(layout, world, x_local.shape[dim])
     return _GatherInOrder.apply(x_local, group, rank, world, dim, order)
 
@@ -401,15 +411,8 @@ def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, *, group=Non
                     f"cu_seqlens gives {expected}")
         return ""
 
+    _check_before_gather(x_local, group, world, "unshard_varlen", wrong_length, local_error,
+                         verdict, settings)
     if world == 1:
-        if verdict:
-            raise ValueError(verdict)
-        if local_error:
-            raise ValueError(f"unshard_varlen: {local_error}")
-        if wrong_length(0, x_local.shape):
-            raise ValueError(f"unshard_varlen: {wrong_length(0, x_local.shape)}")
         return x_local.index_select(dim, order.to(x_local.device))
-    _agree_on_shards(x_local, group, world, "unshard_varlen", wrong_length,
-                     _in_ulysses_group(verdict, "unshard_varlen") if verdict else local_error,
-                     settings)
     return _GatherInOrder.apply(x_local, group, rank, world, dim, order)
