@@ -113,7 +113,8 @@ def _autocast(*tensors):
     scaled_dot_product_attention takes them (q, k and v may then arrive in different dtypes, e.g.
     q and k from an fp32 rotary embedding and v from a bf16 projection); else as they are."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type)  # not for meta tensors
+            and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
