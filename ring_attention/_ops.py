@@ -54,8 +54,9 @@ def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, windo
 
 @torch.library.register_fake("ring_attention::ring_bwd")
 def _ring_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, group_name, causal, softmax_scale,
-                   window_left, window_right, layout, deterministic=False, kv_exchange="ring"):
-    _check_devices(q, cu_seqlens, dout=dout, k=k, v=v, out=out, lse=lse)
+                   window_left, window_right, layout, deterministic=False, kv_exchange="ring",
+                   dlse=None):
+    _check_devices(q, cu_seqlens, dout=dout, k=k, v=v, out=out, lse=lse, dlse=dlse)
     return tuple(_like((q, k, v)))
 
 
@@ -92,9 +93,10 @@ def _ulysses_fwd_fake(q, k, v, cu_seqlens, group_name, ulysses_group_name, causa
 @torch.library.register_fake("ring_attention::ulysses_bwd")
 def _ulysses_bwd_fake(dout, q_heads, k_heads, v_heads, out_heads, lse_heads, cu_seqlens,
                       group_name, ulysses_group_name, causal, softmax_scale, window_left,
-                      window_right, layout, heads_kv, deterministic=False, kv_exchange="ring"):
+                      window_right, layout, heads_kv, deterministic=False, kv_exchange="ring",
+                      dlse=None):
     _check_devices(q_heads, cu_seqlens, dout=dout, k=k_heads, v=v_heads, out=out_heads,
-                   lse=lse_heads)
+                   lse=lse_heads, dlse=dlse)
     kv_shape = (*dout.shape[:-2], heads_kv, dout.shape[-1])
     return (torch.empty_like(dout, memory_format=torch.contiguous_format, dtype=q_heads.dtype),
             dout.new_empty(kv_shape, dtype=k_heads.dtype),
@@ -112,9 +114,10 @@ def _local_ring_fwd_fake(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_l
 @torch.library.register_fake("ring_attention::local_ring_bwd")
 def _local_ring_bwd_fake(douts, qs, ks, vs, outs, lses, cu_seqlens, causal, softmax_scale,
                          window_left, window_right, layout, deterministic=False,
-                         kv_exchange="ring"):
-    for dout, q, k, v, out, lse in zip(douts, qs, ks, vs, outs, lses):
-        _check_devices(qs[0], cu_seqlens, dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+                         kv_exchange="ring", dlses=None):
+    for dout, q, k, v, out, lse, dlse in zip(douts, qs, ks, vs, outs, lses,
+                                             dlses or [None] * len(qs)):
+        _check_devices(qs[0], cu_seqlens, dout=dout, q=q, k=k, v=v, out=out, lse=lse, dlse=dlse)
     return _like(qs), _like(ks), _like(vs)
 
 

@@ -12,12 +12,13 @@ from ring_cases import check_ring
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("heads,heads_kv,scale", [(2, 2, None), (4, 2, 0.7), (3, 1, None)])
 def test_gradcheck(heads, heads_kv, scale, causal):
-    """Float64 gradcheck of ring_attn_func (q, k, v) at world size 1."""
+    """Float64 gradcheck of ring_attn_func's out and lse (q, k, v) at world size 1."""
     q, k, v, _ = random_qkv(seed_of("gradcheck", heads, heads_kv), 1, 5, 5, heads, heads_kv, 8,
                             torch.float64)
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: ra.ring_attn_func(q, k, v, causal=causal, softmax_scale=scale), inputs)
+        lambda q, k, v: ra.ring_attn_func(q, k, v, causal=causal, softmax_scale=scale,
+                                          return_lse=True), inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -52,7 +53,8 @@ def test_opcheck_ring_ops(causal, dtype):
     out, lse = ra.ops.ring_fwd(*fwd_args)
     assert lse.dtype == acc_dtype(dtype)
     bwd_args = (dout, q, k, v, out, lse, *fwd_args[3:])
-    torch.library.opcheck(ra.ops.ring_bwd.default, bwd_args)
+    for kwargs in ({}, {"dlse": torch.randn_like(lse)}):
+        torch.library.opcheck(ra.ops.ring_bwd.default, bwd_args, kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -133,7 +135,8 @@ def test_bad_ring_timeout_environment_variable(monkeypatch, value):
 def test_meta_inputs_trace_like_sdpa():
     """Meta q, k and v (a model built on the meta device) give meta outputs and gradients of the
     real shapes, as F.scaled_dot_product_attention does, under torch.autocast too."""
-    leaves = [torch.empty(2, 7, heads, 16, device="meta", requires_grad=True) for heads in (4, 2, 2)]
+    leaves = [torch.empty(2, 7, heads, 16, device="meta", requires_grad=True)
+              for heads in (4, 2, 2)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, lse = ra.ring_attn_func(*leaves, causal=True, return_lse=True)
     out.sum().backward()
