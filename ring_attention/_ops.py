@@ -25,6 +25,19 @@ def _lse_like(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(shape, dtype=acc_dtype(q.dtype))
 
 
+def _check_devices(q: torch.Tensor, cu_seqlens=None, /, **tensors) -> None:
+    """ValueError unless every tensor (None: absent) is on q's device (cu_seqlens: or on the
+    CPU). The fake kernels also run as meta kernels, which the dispatcher picks when any one
+    argument is a meta tensor: unchecked, a CPU q with a meta k got an uninitialised output."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"ring_attn_func: every tensor must be on q's device ({q.device}); "
+                             f"got {name} on {t.device}")
+    if cu_seqlens is not None and cu_seqlens.device not in (q.device, torch.device("cpu")):
+        raise ValueError(f"ring_attn_func: cu_seqlens must be on the CPU or on q's device "
+                         f"({q.device}); got cu_seqlens on {cu_seqlens.device}")
+
+
 def _like(tensors):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
@@ -32,6 +45,7 @@ def _like(tensors):
 @torch.library.register_fake("ring_attention::ring_fwd")
 def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, window_left, window_right,
                    layout, kv_exchange="ring"):
+    _check_devices(q, cu_seqlens, k=k, v=v)
     dims = 3 if cu_seqlens is not None else 4
     if q.dim() != dims or k.dim() != dims or v.dim() != dims:
         raise ValueError(f"ring attention: q, k and v must be {dims}-D")
@@ -40,7 +54,9 @@ def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, windo
 
 @torch.library.register_fake("ring_attention::ring_bwd")
 def _ring_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, group_name, causal, softmax_scale,
-                   window_left, window_right, layout, deterministic=False, kv_exchange="ring"):
+                   window_left, window_right, layout, deterministic=False, kv_exchange="ring",
+                   dlse=None):
+    _check_devices(q, cu_seqlens, dout=dout, k=k, v=v, out=out, lse=lse, dlse=dlse)
     return tuple(_like((q, k, v)))
 
 
@@ -55,6 +71,7 @@ def _group_size(group_name: str) -> int:
 @torch.library.register_fake("ring_attention::ulysses_fwd")
 def _ulysses_fwd_fake(q, k, v, cu_seqlens, group_name, ulysses_group_name, causal, softmax_scale,
                       window_left, window_right, layout, kv_exchange="ring", return_lse=False):
+    _check_devices(q, cu_seqlens, k=k, v=v)
     dims = 3 if cu_seqlens is not None else 4
     if q.dim() != dims or k.dim() != dims or v.dim() != dims:
         raise ValueError(f"ring attention: q, k and v must be {dims}-D")
@@ -76,7 +93,10 @@ def _ulysses_fwd_fake(q, k, v, cu_seqlens, group_name, ulysses_group_name, causa
 @torch.library.register_fake("ring_attention::ulysses_bwd")
 def _ulysses_bwd_fake(dout, q_heads, k_heads, v_heads, out_heads, lse_heads, cu_seqlens,
                       group_name, ulysses_group_name, causal, softmax_scale, window_left,
-                      window_right, layout, heads_kv, deterministic=False, kv_exchange="ring"):
+                      window_right, layout, heads_kv, deterministic=False, kv_exchange="ring",
+                      dlse=None):
+    _check_devices(q_heads, cu_seqlens, dout=dout, k=k_heads, v=v_heads, out=out_heads,
+                   lse=lse_heads, dlse=dlse)
     kv_shape = (*dout.shape[:-2], heads_kv, dout.shape[-1])
     return (torch.empty_like(dout, memory_format=torch.contiguous_format, dtype=q_heads.dtype),
             dout.new_empty(kv_shape, dtype=k_heads.dtype),
@@ -86,23 +106,31 @@ def _ulysses_bwd_fake(dout, q_heads, k_heads, v_heads, out_heads, lse_heads, cu_
 @torch.library.register_fake("ring_attention::local_ring_fwd")
 def _local_ring_fwd_fake(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_left, window_right,
                          layout, kv_exchange="ring"):
+    for q, k, v in zip(qs, ks, vs):
+        _check_devices(qs[0], cu_seqlens, q=q, k=k, v=v)
     return _like(qs), [_lse_like(q) for q in qs]
 
 
 @torch.library.register_fake("ring_attention::local_ring_bwd")
 def _local_ring_bwd_fake(douts, qs, ks, vs, outs, lses, cu_seqlens, causal, softmax_scale,
                          window_left, window_right, layout, deterministic=False,
-                         kv_exchange="ring"):
+                         kv_exchange="ring", dlses=None):
+    for dout, q, k, v, out, lse, dlse in zip(douts, qs, ks, vs, outs, lses,
+                                             dlses or [None] * len(qs)):
+        _check_devices(qs[0], cu_seqlens, dout=dout, q=q, k=k, v=v, out=out, lse=lse, dlse=dlse)
     return _like(qs), _like(ks), _like(vs)
 
 
 @torch.library.register_fake("ring_attention::block_fwd")
 def _block_fwd_fake(q, k, v, q_pos, k_pos, q_seg, out_acc, lse, causal, window_left, window_right,
                     softmax_scale):
+    _check_devices(q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, out_acc=out_acc, lse=lse)
     return None
 
 
 @torch.library.register_fake("ring_attention::block_bwd")
 def _block_bwd_fake(dout, q, k, v, q_pos, k_pos, q_seg, lse, delta, dq_acc, dk_acc, dv_acc, causal,
                     window_left, window_right, softmax_scale, deterministic=False):
+    _check_devices(q, dout=dout, k=k, v=v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, lse=lse,
+                   delta=delta, dq_acc=dq_acc, dk_acc=dk_acc, dv_acc=dv_acc)
     return None

@@ -18,15 +18,17 @@ class _RingAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring_args = args
         ctx.deterministic, ctx.kv_exchange = deterministic, kv_exchange
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # dlse None when lse is unused
         return out, lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
         dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args,
-                                  deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange)
+                                  deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange,
+                                  dlse=dlse)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -113,7 +115,8 @@ def _autocast(*tensors):
     scaled_dot_product_attention takes them (q, k and v may then arrive in different dtypes, e.g.
     q and k from an fp32 rotary embedding and v from a bf16 projection); else as they are."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type)  # not for meta tensors
+            and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
@@ -162,7 +165,7 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     position: ``causal`` hides later keys, ``window_size=(left, right)`` limits a query at
     position i to keys in [i - left, i + right] (-1: unbounded). Returns out like q, or (out, lse)
     with lse (batch, nheads, seqlen_local) in float32 (float64 for float64 inputs), natural log,
-    not differentiable. ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``)
+    differentiable. ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``)
     makes the CUDA backward atomic-free and bitwise reproducible, at some speed; the CPU path is
     always bitwise deterministic. ``kv_exchange``: "ring" passes K/V around the ring, "allgather"
     gathers every rank's K/V once (backward: dK/dV reduce-scattered). ``ulysses_group`` (a

@@ -24,7 +24,7 @@ class _LocalRingAttention(torch.autograd.Function):
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
         ctx.world, ctx.ring_args, ctx.deterministic = world, args, deterministic
         ctx.kv_exchange = kv_exchange
-        ctx.mark_non_differentiable(*lses)
+        ctx.set_materialize_grads(False)  # gradients None where an output is unused
         return (*outs, *lses)
 
     @staticmethod
@@ -34,8 +34,13 @@ class _LocalRingAttention(torch.autograd.Function):
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (list(saved[i * world:(i + 1) * world]) for i in range(5))
         douts = [g if g is not None else torch.zeros_like(o) for g, o in zip(grads[:world], outs)]
+        dlses = None
+        if any(g is not None for g in grads[world:]):
+            dlses = [g if g is not None else torch.zeros_like(lse)
+                     for g, lse in zip(grads[world:], lses)]
         dqs, dks, dvs = ops.local_ring_bwd(douts, qs, ks, vs, outs, lses, *ctx.ring_args,
-                                           deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange)
+                                           deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange,
+                                           dlses=dlses)
         return (None, None, None, None, None, None, None, None, *dqs, *dks, *dvs)
 
 

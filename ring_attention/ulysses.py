@@ -19,7 +19,8 @@ from ._ops import ops
 
 def all_to_all_bytes_sent() -> int:
     """Bytes this thread has sent in Ulysses all-to-alls so far: (U - 1) / U of every exchanged
-    tensor (q, k, v and out forward, with return_lse lse too; dout, dq, dk and dv backward)."""
+    tensor (q, k, v and out forward, dout, dq, dk and dv backward; with return_lse, lse and its
+    gradient too)."""
     return ops.all_to_all_bytes_sent()
 
 
@@ -34,15 +35,28 @@ class _UlyssesAttention(torch.autograd.Function):
                                                return_lse=return_lse)
         ctx.save_for_backward(*exchanged)
         ctx.ring_args, ctx.heads_kv = args, k.shape[-2]
+        ctx.out_shape = out.shape
         ctx.deterministic, ctx.kv_exchange = deterministic, kv_exchange
-        ctx.mark_non_differentiable(lse)
+        # With return_lse every rank of the grid exchanges dlse (zeros where lse is unused).
+        ctx.lse_shape = lse.shape if return_lse else None
+        if not return_lse:
+            ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
+        q_heads, lse_heads = ctx.saved_tensors[0], ctx.saved_tensors[4]
+        if dout is None:
+            dout = q_heads.new_zeros(ctx.out_shape)
+        if ctx.lse_shape is None:  # lse was an empty placeholder (a traced backward may pass one)
+            dlse = None
+        elif dlse is None:
+            dlse = lse_heads.new_zeros(ctx.lse_shape)
         dq, dk, dv = ops.ulysses_bwd(dout, *ctx.saved_tensors, *ctx.ring_args, ctx.heads_kv,
-                                     deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange)
+                                     deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange,
+                                     dlse=dlse)
         return (dq, dk, dv) + (None,) * 11
 
 

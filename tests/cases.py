@@ -196,18 +196,23 @@ def attention(q, k, v, seen, scale, dtype, softmax=False):
     return (probs @ v_by_head).transpose(1, 2), lse
 
 
-def reference(q, k, v, dout, seen, scale=None, dtype=torch.float64, softmax=False):
+def reference(q, k, v, dout, seen, scale=None, dtype=torch.float64, softmax=False, dlse=None):
     """(out, lse, dq, dk, dv) of `attention` in `dtype` (default float64: the reference; a lower
     precision: the same-precision PyTorch of the FA rule), on the CPU, returned as float64.
     Dense q (batch, sq, heads, d), or packed tokens (tokens, heads, d) with lse (heads, tokens).
-    scale None: 1/sqrt(d)."""
+    scale None: 1/sqrt(d). The gradients are of out by dout, plus of lse by dlse if given."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     packed = q.dim() == 3
     leaves = [t.detach().cpu().to(dtype) for t in (q, k, v)]
     leaves = [(t.unsqueeze(0) if packed else t).requires_grad_() for t in leaves]
     grad_out = dout.detach().cpu().to(dtype)
     out, lse = attention(*leaves, seen, scale, dtype, softmax)
-    grads = torch.autograd.grad(out, leaves, grad_out.unsqueeze(0) if packed else grad_out)
+    outputs, grad_outputs = [out], [grad_out.unsqueeze(0) if packed else grad_out]
+    if dlse is not None:
+        outputs.append(lse)
+        grad_outputs.append(dlse.detach().cpu().to(dtype).unsqueeze(0) if packed else
+                            dlse.detach().cpu().to(dtype))
+    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
     results = (out, lse, *grads)
     return tuple((t[0] if packed else t).detach().double() for t in results)
 

@@ -238,7 +238,8 @@ def supported_uses_match_eager():
 
 
 class _AttentionBlock(torch.nn.Module):
-    """A projection, ring attention and an output projection: what a compiled model contains."""
+    """A projection, ring attention (its output gated by its lse, so that both are
+    differentiated) and an output projection: what a compiled model contains."""
 
     def __init__(self, layout, varlen, kv_exchange="ring", group=None, ulysses_group=None):
         super().__init__()
@@ -249,12 +250,12 @@ class _AttentionBlock(torch.nn.Module):
 
     def forward(self, q, k, v, cu_seqlens=None):
         kw = dict(causal=True, layout=self.layout, kv_exchange=self.kv_exchange, group=self.group,
-                  ulysses_group=self.ulysses_group)
+                  ulysses_group=self.ulysses_group, return_lse=True)
         if self.varlen:
-            out = ra.ring_attn_varlen_func(self.proj(q), k, v, cu_seqlens, **kw)
+            out, lse = ra.ring_attn_varlen_func(self.proj(q), k, v, cu_seqlens, **kw)
         else:
-            out = ra.ring_attn_func(self.proj(q), k, v, window_size=(9, 0), **kw)
-        return self.proj(out).tanh()
+            out, lse = ra.ring_attn_func(self.proj(q), k, v, window_size=(9, 0), **kw)
+        return self.proj(out * lse.transpose(-1, -2).unsqueeze(-1).tanh()).tanh()
 
 
 def compiled_matches_eager(layout, varlen, kv_exchange="ring", ulysses=1, heads=4, heads_kv=2):

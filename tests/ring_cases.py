@@ -34,7 +34,8 @@ def ring_param(world, detail, **case):
 
 
 def check_ring(case):
-    """ring_attn_func forward and backward on this rank's shard against the float64 reference.
+    """ring_attn_func forward and backward (gradients of out and lse) on this rank's shard against
+    the float64 reference.
 
     case: dict with layout, causal, dtype, local_len, batch, heads, heads_kv, headdim, scale
     (None: default) and memory ("contiguous" or a `strided` kind for the local q, k, v, dout);
@@ -46,8 +47,10 @@ def check_ring(case):
     seqlen = world * case["local_len"]
     q, k, v, dout = random_qkv(seed_of(world, sorted(case.items(), key=str)), case["batch"], seqlen,
                                seqlen, case["heads"], case["heads_kv"], case["headdim"], dtype)
+    dlse = randn(torch.Generator().manual_seed(seed_of("dlse", world, str(case))), case["batch"],
+                 case["heads"], seqlen)
     expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window),
-                         case["scale"])
+                         case["scale"], dlse=dlse)
 
     local = [strided(ra.shard(t, layout=layout), case["memory"]) for t in (q, k, v, dout)]
     for t in local[:3]:
@@ -57,8 +60,8 @@ def check_ring(case):
                                  kv_exchange=case.get("kv_exchange", "ring"),
                                  deterministic=case.get("deterministic", False))
     assert out.dtype == dtype and lse.dtype == acc_dtype(dtype), (out.dtype, lse.dtype)
-    assert not lse.requires_grad
-    grads = torch.autograd.grad(out, local[:3], local[3])
+    dlse_local = ra.shard(dlse, layout=layout, dim=2).to(lse.dtype)
+    grads = torch.autograd.grad((out, lse), local[:3], (local[3], dlse_local))
 
     names = ("out", "lse", "dq", "dk", "dv")
     for name, got, want in zip(names, (out, lse, *grads), expected):
@@ -381,8 +384,9 @@ def grid_groups(ulysses, ring):
 def check_ulysses(case):
     """ring_attn_func (or, with case["seqlens"], ring_attn_varlen_func) over a U x R grid against
     the float64 reference, forward and backward; unshard (unshard_varlen) restores the full
-    tensors. case: ulysses, ring, layout, causal, window, kv_exchange, dtype, local_len (dense:
-    tokens per rank), heads, heads_kv, headdim, seqlens (packed) or None."""
+    tensors. The gradients are of out and lse. case: ulysses, ring, layout, causal, window,
+    kv_exchange, dtype, local_len (dense: tokens per rank), heads, heads_kv, headdim, seqlens
+    (packed) or None."""
     group, ulysses_group = grid_groups(case["ulysses"], case["ring"])
     grid = dict(group=group, ulysses_group=ulysses_group, layout=case["layout"])
     dtype, window = case["dtype"], case["window"]
@@ -390,8 +394,11 @@ def check_ulysses(case):
     if case["seqlens"]:
         cu, q, k, v, dout = random_packed(seed, case["seqlens"], case["heads"], case["heads_kv"],
                                           case["headdim"], dtype)
-        expected = reference(q, k, v, dout, sequence_visible(case["seqlens"], case["causal"], window))
+        dlse = randn(torch.Generator().manual_seed(seed), case["heads"], q.shape[0])
+        seen = sequence_visible(case["seqlens"], case["causal"], window)
+        expected = reference(q, k, v, dout, seen, dlse=dlse)
         local = [ra.shard_varlen(t, cu, **grid) for t in (q, k, v, dout)]
+        dlse_local = ra.shard_varlen(dlse, cu, dim=1, **grid)
         gather = lambda t, dim=0: ra.unshard_varlen(t, cu, dim=dim, **grid)  # noqa: E731
         attend = lambda *qkv, **kw: ra.ring_attn_varlen_func(*qkv, cu, **kw)  # noqa: E731
         lse_dim = 1
@@ -399,8 +406,11 @@ def check_ulysses(case):
         seqlen = case["ulysses"] * case["ring"] * case["local_len"]
         q, k, v, dout = random_qkv(seed, 2, seqlen, seqlen, case["heads"], case["heads_kv"],
                                    case["headdim"], dtype)
-        expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window))
+        dlse = randn(torch.Generator().manual_seed(seed), 2, case["heads"], seqlen)
+        expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window),
+                             dlse=dlse)
         local = [ra.shard(t, **grid) for t in (q, k, v, dout)]
+        dlse_local = ra.shard(dlse, dim=2, **grid)
         gather = lambda t, dim=1: ra.unshard(t, dim=dim, **grid)  # noqa: E731
         attend = ra.ring_attn_func
         lse_dim = 2
@@ -409,7 +419,7 @@ def check_ulysses(case):
     out, lse = attend(*local[:3], causal=case["causal"], window_size=window, return_lse=True,
                       kv_exchange=case["kv_exchange"], **grid)
     assert out.shape == local[0].shape and out.dtype == dtype
-    grads = torch.autograd.grad(out, local[:3], local[3])
+    grads = torch.autograd.grad((out, lse), local[:3], (local[3], dlse_local.to(lse.dtype)))
     assert all(t.is_contiguous() for t in (out, lse, *grads)), "outputs and gradients contiguous"
     got = [gather(out), gather(lse, lse_dim), *(gather(g) for g in grads)]
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
@@ -516,9 +526,9 @@ def opcheck_ulysses_ops(ulysses, ring, varlen):
     out, lse, *exchanged = ra.ops.ulysses_fwd(*fwd_args, return_lse=True)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     assert out.shape == q.shape and lse.shape == lse_shape
-    torch.library.opcheck(ra.ops.ulysses_bwd.default,
-                          (dout, *exchanged, *fwd_args[3:], k.shape[-2]),
-                          {"deterministic": True})
+    for kwargs in ({"deterministic": True}, {"dlse": torch.randn_like(lse)}):
+        torch.library.opcheck(ra.ops.ulysses_bwd.default,
+                              (dout, *exchanged, *fwd_args[3:], k.shape[-2]), kwargs)
     return True
 
 

@@ -7,21 +7,27 @@ import torch
 
 import ring_attention as ra
 from ring_attention.testing import LocalRing
-from cases import (acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of,
+from cases import (acc_dtype, assert_close, randn, random_packed, random_qkv, reference, seed_of,
                    sequence_visible)
 from ring_cases import check_double_backward_raises, ring_results
 
 LOCAL_LEN = {"contiguous": 7, "striped": 5, "zigzag": 6}
 
 
-def local_ring_results(world, layout, causal, q, k, v, dout, softmax_scale=None):
+def local_ring_results(world, layout, causal, q, k, v, dout, softmax_scale=None, dlse=None):
+    """(ring, [out, lse, dq, dk, dv] per rank); the gradients of out by dout and, if given, of
+    lse by dlse."""
     ring = LocalRing(world)
     shards = [ring.shard(t, layout=layout) for t in (q, k, v, dout)]
     for t in itertools.chain(*shards[:3]):
         t.requires_grad_()
     outs, lses = ring.ring_attn_func(*shards[:3], causal=causal, layout=layout,
                                      softmax_scale=softmax_scale, return_lse=True)
-    grads = torch.autograd.grad(outs, list(itertools.chain(*shards[:3])), shards[3])
+    outputs, grad_outputs = list(outs), list(shards[3])
+    if dlse is not None:
+        outputs += lses
+        grad_outputs += [t.to(lses[0].dtype) for t in ring.shard(dlse, layout=layout, dim=2)]
+    grads = torch.autograd.grad(outputs, list(itertools.chain(*shards[:3])), grad_outputs)
     per_rank = [[outs[r], lses[r], grads[r], grads[world + r], grads[2 * world + r]]
                 for r in range(world)]
     return ring, per_rank
@@ -35,8 +41,11 @@ def test_local_ring_matches_reference(world, layout, causal, dtype):
     seqlen = world * LOCAL_LEN[layout]
     q, k, v, dout = random_qkv(seed_of("local", world, layout, causal, str(dtype)), 2, seqlen,
                                seqlen, 4, 2, 16, dtype)
-    expected = reference(q, k, v, dout, sequence_visible(seqlen, causal), 0.3)
-    ring, per_rank = local_ring_results(world, layout, causal, q, k, v, dout, softmax_scale=0.3)
+    dlse = randn(torch.Generator().manual_seed(seed_of("local-dlse", world, layout, causal)), 2, 4,
+                 seqlen)
+    expected = reference(q, k, v, dout, sequence_visible(seqlen, causal), 0.3, dlse=dlse)
+    ring, per_rank = local_ring_results(world, layout, causal, q, k, v, dout, softmax_scale=0.3,
+                                        dlse=dlse)
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
         dim = 2 if name == "lse" else 1
         got = ring.unshard([rank[i] for rank in per_rank], layout=layout, dim=dim)
@@ -86,8 +95,9 @@ def test_opcheck_local_ring_ops(causal, dtype):
     torch.library.opcheck(ra.ops.local_ring_fwd.default, fwd_args)
     outs, lses = ra.ops.local_ring_fwd(*fwd_args)
     assert [lse.dtype for lse in lses] == [acc_dtype(dtype)] * 3
-    torch.library.opcheck(ra.ops.local_ring_bwd.default, (douts, qs, ks, vs, outs, lses,
-                                                          *fwd_args[3:]))
+    bwd_args = (douts, qs, ks, vs, outs, lses, *fwd_args[3:])
+    for kwargs in ({}, {"dlses": [torch.randn_like(lse) for lse in lses]}):
+        torch.library.opcheck(ra.ops.local_ring_bwd.default, bwd_args, kwargs)
 
 
 def test_opcheck_local_ring_ops_packed_sequences():

@@ -4,7 +4,7 @@ import torch
 
 import ring_attention as ra
 import ring_cases
-from cases import acc_dtype, random_qkv, seed_of
+from cases import acc_dtype, random_packed, random_qkv, seed_of
 from ring_attention.testing import LocalRing
 from ring_cases import check_ring
 
@@ -12,12 +12,13 @@ from ring_cases import check_ring
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("heads,heads_kv,scale", [(2, 2, None), (4, 2, 0.7), (3, 1, None)])
 def test_gradcheck(heads, heads_kv, scale, causal):
-    """Float64 gradcheck of ring_attn_func (q, k, v) at world size 1."""
+    """Float64 gradcheck of ring_attn_func's out and lse (q, k, v) at world size 1."""
     q, k, v, _ = random_qkv(seed_of("gradcheck", heads, heads_kv), 1, 5, 5, heads, heads_kv, 8,
                             torch.float64)
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: ra.ring_attn_func(q, k, v, causal=causal, softmax_scale=scale), inputs)
+        lambda q, k, v: ra.ring_attn_func(q, k, v, causal=causal, softmax_scale=scale,
+                                          return_lse=True), inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -52,7 +53,8 @@ def test_opcheck_ring_ops(causal, dtype):
     out, lse = ra.ops.ring_fwd(*fwd_args)
     assert lse.dtype == acc_dtype(dtype)
     bwd_args = (dout, q, k, v, out, lse, *fwd_args[3:])
-    torch.library.opcheck(ra.ops.ring_bwd.default, bwd_args)
+    for kwargs in ({}, {"dlse": torch.randn_like(lse)}):
+        torch.library.opcheck(ra.ops.ring_bwd.default, bwd_args, kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -128,3 +130,31 @@ def test_bad_ring_timeout_environment_variable(monkeypatch, value):
     q, k, v, _ = random_qkv(6, 1, 4, 4, 2, 1, 16, torch.float32)
     with pytest.raises(ValueError, match="RING_ATTN_TIMEOUT must be a number of seconds, finite"):
         ra.ring_attn_func(q, k, v)
+
+
+def test_meta_inputs_trace_like_sdpa():
+    """Meta q, k and v (a model built on the meta device) give meta outputs and gradients of the
+    real shapes, as F.scaled_dot_product_attention does, under torch.autocast too."""
+    leaves = [torch.empty(2, 7, heads, 16, device="meta", requires_grad=True)
+              for heads in (4, 2, 2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = ra.ring_attn_func(*leaves, causal=True, return_lse=True)
+    out.sum().backward()
+    assert out.device.type == lse.device.type == "meta"
+    assert out.shape == (2, 7, 4, 16) and lse.shape == (2, 4, 7) and lse.dtype == torch.float32
+    assert [leaf.grad.shape for leaf in leaves] == [leaf.shape for leaf in leaves]
+
+
+@pytest.mark.parametrize("meta", ["k", "v", "cu_seqlens"])
+def test_meta_tensor_among_cpu_tensors_raises(meta):
+    """A meta tensor beside CPU ones selects the ops' meta kernels: ValueError naming it, never an
+    uninitialised CPU output."""
+    cu, q, k, v, _ = random_packed(seed_of("meta", meta), [3, 5], 4, 2, 16, torch.float32)
+    tensors = {"q": q, "k": k, "v": v, "cu_seqlens": cu}
+    tensors[meta] = tensors[meta].to("meta")
+    with pytest.raises(ValueError, match=f"ring_attn_func: .*got {meta} on meta"):
+        ra.ring_attn_varlen_func(**tensors)
+    if meta != "cu_seqlens":
+        dense = {name: t.unsqueeze(0) for name, t in tensors.items() if name != "cu_seqlens"}
+        with pytest.raises(ValueError, match=f"got {meta} on meta"):
+            ra.ring_attn_func(**dense)

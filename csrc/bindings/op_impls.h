@@ -60,12 +60,13 @@ struct RingOpImpls {
       const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens,
       c10::string_view group_name, bool causal, double softmax_scale, int64_t window_left,
       int64_t window_right, c10::string_view layout, bool deterministic,
-      c10::string_view kv_exchange) {
+      c10::string_view kv_exchange, const std::optional<at::Tensor>& dlse) {
     c10::DeviceGuard guard(q.device());
     Device::kKernels.check_environment();
     return ring_backward(Device::kKernels, dout, q, k, v, out, lse,
                          ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
-                                      window_right, layout, deterministic, kv_exchange));
+                                      window_right, layout, deterministic, kv_exchange),
+                         dlse.value_or(at::Tensor()));
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -89,7 +90,7 @@ struct RingOpImpls {
       const std::optional<at::Tensor>& cu_seqlens, c10::string_view group_name,
       c10::string_view ulysses_group_name, bool causal, double softmax_scale, int64_t window_left,
       int64_t window_right, c10::string_view layout, int64_t heads_kv, bool deterministic,
-      c10::string_view kv_exchange) {
+      c10::string_view kv_exchange, const std::optional<at::Tensor>& dlse) {
     c10::DeviceGuard guard(q_heads.device());
     Device::kKernels.check_environment();
     return ulysses_backward(Device::kKernels, dout, q_heads, k_heads, v_heads, out_heads,
@@ -97,7 +98,8 @@ struct RingOpImpls {
                             ring_options(cu_seqlens, group_name, causal, softmax_scale,
                                          window_left, window_right, layout, deterministic,
                                          kv_exchange),
-                            std::string(ulysses_group_name), heads_kv);
+                            std::string(ulysses_group_name), heads_kv,
+                            dlse.value_or(at::Tensor()));
   }
 
   static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_fwd(
@@ -118,14 +120,16 @@ struct RingOpImpls {
                  at::TensorList outs, at::TensorList lses,
                  const std::optional<at::Tensor>& cu_seqlens, bool causal, double softmax_scale,
                  int64_t window_left, int64_t window_right, c10::string_view layout,
-                 bool deterministic, c10::string_view kv_exchange) {
+                 bool deterministic, c10::string_view kv_exchange,
+                 const std::optional<std::vector<at::Tensor>>& dlses) {
     TORCH_CHECK_VALUE(!qs.empty(), "LocalRing: at least one virtual rank is needed");
     c10::DeviceGuard guard(qs[0].device());
     Device::kKernels.check_environment();
     return local_ring_backward(Device::kKernels, douts.vec(), qs.vec(), ks.vec(), vs.vec(),
                                outs.vec(), lses.vec(),
                                ring_options(cu_seqlens, "", causal, softmax_scale, window_left,
-                                            window_right, layout, deterministic, kv_exchange));
+                                            window_right, layout, deterministic, kv_exchange),
+                               dlses.value_or(std::vector<at::Tensor>()));
   }
 
   static void block_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

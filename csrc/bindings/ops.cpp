@@ -24,12 +24,13 @@ TORCH_LIBRARY(ring_attention, m) {
   m.def("ring_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str group_name, bool causal, "
         "float softmax_scale, int window_left, int window_right, str layout, "
         "str kv_exchange=\"ring\") -> (Tensor, Tensor)");
-  // Returns dq, dk, dv (like q, k, v) given the forward's out and lse. deterministic: no atomics
-  // in the CUDA kernels (the CPU kernels are always deterministic).
+  // Returns dq, dk, dv (like q, k, v) given the forward's out and lse and the gradients of both
+  // (dlse like lse; None: 0). deterministic: no atomics in the CUDA kernels (the CPU kernels are
+  // always deterministic).
   m.def("ring_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? cu_seqlens, str group_name, bool causal, float softmax_scale, int window_left, "
-        "int window_right, str layout, bool deterministic=False, str kv_exchange=\"ring\") "
-        "-> (Tensor, Tensor, Tensor)");
+        "int window_right, str layout, bool deterministic=False, str kv_exchange=\"ring\", "
+        "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
   // Ulysses (bindings/ulysses_ops.h): the all-to-all over heads inside the process group
   // registered as `ulysses_group_name` (U ranks) around the same ring over `group_name`, after
   // the U x R grid's ranks agree. Returns out (like q), lse (as ring_fwd's, or an empty tensor
@@ -39,20 +40,21 @@ TORCH_LIBRARY(ring_attention, m) {
         "str ulysses_group_name, bool causal, float softmax_scale, int window_left, "
         "int window_right, str layout, str kv_exchange=\"ring\", bool return_lse=False) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Returns dq, dk, dv (like q, k, v of the forward, which had heads_kv K/V heads).
+  // Returns dq, dk, dv (like q, k, v of the forward, which had heads_kv K/V heads); dlse: the
+  // gradient of the lse ulysses_fwd returned (None: 0).
   m.def("ulysses_bwd(Tensor dout, Tensor q_heads, Tensor k_heads, Tensor v_heads, "
         "Tensor out_heads, Tensor lse_heads, Tensor? cu_seqlens, str group_name, "
         "str ulysses_group_name, bool causal, float softmax_scale, int window_left, "
         "int window_right, str layout, int heads_kv, bool deterministic=False, "
-        "str kv_exchange=\"ring\") -> (Tensor, Tensor, Tensor)");
+        "str kv_exchange=\"ring\", Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
   // The same ring over len(qs) virtual ranks in this process (LocalRing): one shard per rank.
   m.def("local_ring_fwd(Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor? cu_seqlens, bool causal, "
         "float softmax_scale, int window_left, int window_right, str layout, "
         "str kv_exchange=\"ring\") -> (Tensor[], Tensor[])");
   m.def("local_ring_bwd(Tensor[] douts, Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor[] outs, "
         "Tensor[] lses, Tensor? cu_seqlens, bool causal, float softmax_scale, int window_left, "
-        "int window_right, str layout, bool deterministic=False, str kv_exchange=\"ring\") "
-        "-> (Tensor[], Tensor[], Tensor[])");
+        "int window_right, str layout, bool deterministic=False, str kv_exchange=\"ring\", "
+        "Tensor[]? dlses=None) -> (Tensor[], Tensor[], Tensor[])");
   // One block pair, merged into the running (out_acc, lse); positions are int32 global positions,
   // q_seg the packed sequences' (seqlen_q, 2) int32 ranges (core/mask.h).
   m.def("block_fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, Tensor? q_seg, "

@@ -147,13 +147,15 @@ std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const RingOptions& options) {
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const RingOptions& options,
+    const at::Tensor& dlse) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
   const TransportKind kind = transport_kind(q);  // before any communication
   const auto group = resolve_group(options.group_name);
   RankBackward rank(kernels, rank_of(group), world_of(group), as_batch(dout, options),
                     as_batch(q, options), as_batch(k, options), as_batch(v, options),
-                    as_batch(out, options), as_batch(lse, options), options);
+                    as_batch(out, options), as_batch(lse, options), options,
+                    dlse.defined() ? as_batch(dlse, options) : dlse);
   auto transport = group_transport(group, rank.slots, kind);
   with_schedule<RingBackward, AllGatherBackward>(rank.ring.kv_exchange, [&]<typename Schedule>() {
     run_rank<Schedule>(rank, *transport);
@@ -194,16 +196,19 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
 local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& douts,
                     const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
                     const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& outs,
-                    const std::vector<at::Tensor>& lses, const RingOptions& options) {
+                    const std::vector<at::Tensor>& lses, const RingOptions& options,
+                    const std::vector<at::Tensor>& dlses) {
   const int world = static_cast<int>(qs.size());
   check_local_ring_lists(qs.size(), {douts.size(), ks.size(), vs.size(), outs.size(), lses.size()});
+  if (!dlses.empty()) check_local_ring_lists(qs.size(), {dlses.size()});
   const auto ranks = with_schedule<RingBackward, AllGatherBackward>(
       kv_exchange_of(options), [&]<typename Schedule>() {
         return run_local_ring<Schedule>(world, [&](int r) {
           return std::make_unique<RankBackward>(
               kernels, r, world, as_batch(douts[r], options), as_batch(qs[r], options),
               as_batch(ks[r], options), as_batch(vs[r], options), as_batch(outs[r], options),
-              as_batch(lses[r], options), options);
+              as_batch(lses[r], options), options,
+              dlses.empty() ? at::Tensor() : as_batch(dlses[r], options));
         });
       });
   std::vector<at::Tensor> dqs, dks, dvs;

@@ -18,10 +18,11 @@ std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, con
                                                 const at::Tensor& k, const at::Tensor& v,
                                                 const RingOptions& options);
 
-// Returns (dq, dk, dv) like q, k, v.
+// Returns (dq, dk, dv) like q, k, v; dlse, the gradient of lse, may be undefined (0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const RingOptions& options);
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const RingOptions& options,
+    const at::Tensor& dlse = {});
 
 // The same ring for `qs.size()` virtual ranks in this process (one shard per rank in each list),
 // driven in lockstep from this thread over an in-memory transport: LocalRing.
@@ -34,7 +35,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
 local_ring_backward(const BlockKernels& kernels, const std::vector<at::Tensor>& douts,
                     const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
                     const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& outs,
-                    const std::vector<at::Tensor>& lses, const RingOptions& options);
+                    const std::vector<at::Tensor>& lses, const RingOptions& options,
+                    const std::vector<at::Tensor>& dlses = {});
 
 // What the last ring call of this thread did (this rank; summed over virtual ranks for LocalRing).
 struct RingStats {

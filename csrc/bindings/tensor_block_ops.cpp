@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> RankForward::result(at::ScalarType dtype) con
 RankBackward::RankBackward(const BlockKernels& kernels, int rank, int world,
                            const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                           const RingOptions& options)
+                           const RingOptions& options, const at::Tensor& dlse)
     : ring(rank, world, options, q.size(1)), ops(kernels, ring, slots, options.softmax_scale) {
   const at::ScalarType acc = acc_dtype(q.scalar_type());
   ops.deterministic = options.deterministic;
@@ -174,8 +174,14 @@ RankBackward::RankBackward(const BlockKernels& kernels, int rank, int world,
   ops.q = unit_last_stride(q);
   ops.dout = unit_last_stride(dout);
   ops.lse = lse;
-  // delta = (dout * out).sum(-1), as (batch, heads, seqlen) with lse's strides (also when empty)
+  // delta = (dout * out).sum(-1) - dlse, as (batch, heads, seqlen) with lse's strides (also when
+  // empty): the score gradient p * (dout . v - delta) then includes lse's, p * dlse.
   ops.delta = at::empty_like(lse).copy_((dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2));
+  if (dlse.defined()) {
+    TORCH_CHECK_VALUE(dlse.sizes() == lse.sizes(), "ring attention: dlse must have lse's shape ",
+                      lse.sizes(), "; got ", dlse.sizes());
+    ops.delta.sub_(dlse);
+  }
   ops.dq_acc = at::zeros(q.sizes(), q.options().dtype(acc));
 }
 

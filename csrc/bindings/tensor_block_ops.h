@@ -80,9 +80,11 @@ struct RankBackward {
   std::vector<at::Tensor> slots = std::vector<at::Tensor>(slot::kCount);
   TensorBlockOps ops;
 
+  // dlse: the gradient of lse, like it, or undefined (0).
   RankBackward(const BlockKernels& kernels, int rank, int world, const at::Tensor& dout,
                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& out, const at::Tensor& lse, const RingOptions& options);
+               const at::Tensor& out, const at::Tensor& lse, const RingOptions& options,
+               const at::Tensor& dlse = {});
 
   // (dq, dk, dv) in the input dtypes (separate buffers: the outputs never alias).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result(at::ScalarType dtype) const;

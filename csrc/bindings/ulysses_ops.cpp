@@ -62,6 +62,15 @@ at::Tensor lse_to_seq(const at::Tensor& lse, const UlyssesGrid& grid) {
   return got.permute({1, 0, 2, 3}).reshape({b, size * heads, length}).contiguous();
 }
 
+// The inverse of lse_to_seq: (batch, U * h, L) -> (batch, h, U * L).
+at::Tensor lse_to_heads(const at::Tensor& lse, const UlyssesGrid& grid) {
+  const int64_t size = grid.ulysses_size;
+  const int64_t b = lse.size(0), heads = lse.size(1) / size, length = lse.size(2);
+  const at::Tensor parts = lse.reshape({b, size, heads, length}).permute({1, 0, 2, 3});
+  const at::Tensor got = all_to_all(parts, grid.ulysses);  // (U, batch, h, L): every token chunk
+  return got.permute({1, 2, 0, 3}).reshape({b, heads, size * length}).contiguous();
+}
+
 UlyssesGrid grid_of(const RingOptions& options, const std::string& ulysses_group_name) {
   UlyssesGrid grid;
   grid.ulysses = resolve_group(ulysses_group_name);
@@ -152,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q_heads,
     const at::Tensor& k_heads, const at::Tensor& v_heads, const at::Tensor& out_heads,
     const at::Tensor& lse_heads, const RingOptions& options,
-    const std::string& ulysses_group_name, int64_t heads_kv) {
+    const std::string& ulysses_group_name, int64_t heads_kv, const at::Tensor& dlse) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
   const UlyssesGrid grid = grid_of(options, ulysses_group_name);
   const Batching batching{options.cu_seqlens.defined()};
@@ -160,7 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_backward(
   const RingShard shard = ring_shard(options, grid, q_heads.size(batching.packed ? 0 : 1));
   auto [dq_ring, dk_ring, dv_ring] = ring_backward(
       kernels, shard.values(dout_heads), shard.values(q_heads), shard.values(k_heads),
-      shard.values(v_heads), shard.values(out_heads), shard.lse(lse_heads), options);
+      shard.values(v_heads), shard.values(out_heads), shard.lse(lse_heads), options,
+      dlse.defined() ? shard.lse(batching.from_batch(lse_to_heads(batching.to_batch(dlse), grid)))
+                     : dlse);
   auto back = [&](const at::Tensor& grad) {
     return heads_to_seq(batching.to_batch(shard.padded_values(grad)), grid);
   };

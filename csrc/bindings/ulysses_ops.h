@@ -28,12 +28,13 @@ ulysses_forward(const BlockKernels& kernels, const at::Tensor& q, const at::Tens
                 const at::Tensor& v, const RingOptions& options,
                 const std::string& ulysses_group_name, bool return_lse);
 
-// Returns (dq, dk, dv): dq like dout, dk and dv with the forward's heads_kv K/V heads.
+// Returns (dq, dk, dv): dq like dout, dk and dv with the forward's heads_kv K/V heads; dlse, the
+// gradient of the forward's lse (undefined: 0), is exchanged like it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q_heads,
     const at::Tensor& k_heads, const at::Tensor& v_heads, const at::Tensor& out_heads,
     const at::Tensor& lse_heads, const RingOptions& options,
-    const std::string& ulysses_group_name, int64_t heads_kv);
+    const std::string& ulysses_group_name, int64_t heads_kv, const at::Tensor& dlse = {});
 
 // Bytes this thread has sent in Ulysses all-to-alls so far: (U - 1) / U of every exchanged tensor.
 int64_t all_to_all_bytes_sent();
