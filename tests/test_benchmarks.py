@@ -75,7 +75,11 @@ def test_bench_cpu_vs_sdpa_checks_against_sdpa(tmp_path):
 def test_demo_runs_and_passes_its_check():
     stdout = _run("examples/demo.py", "--world", "2", "--seqlen", "196")
     assert stdout.rstrip().endswith("PASS")
-    assert stdout.count("\n   0 ") + stdout.count("\n   1 ") == 2  # one row per rank
+    rows = [line.split() for line in stdout.splitlines() if line.startswith(("   0 ", "   1 "))]
+    assert len(rows) == 2  # one row per rank
+    # 98 tokens per rank: the measured peak is the ring's few hundred KB, not first-call costs
+    # (the warm-up runs the backward as the timed call does)
+    assert all(int(row[4]) < 16 for row in rows), stdout
 
 
 def test_hidden_fraction_is_the_clamped_overlap():
