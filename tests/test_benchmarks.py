@@ -183,7 +183,13 @@ def test_bench_packed_local_ring_checks_and_counts(tmp_path):
     ("benchmarks/strategies/bench_strategies.py --worlds 3 --seqlen 256",
      "--seqlen 256 is not divisible by 2 x world (6)"),
     ("benchmarks/strategies/bench_packed.py --heads -1", "argument --heads: must be a positive"),
-], ids=["demo", "bench_ring", "bench_cpu_vs_sdpa", "bench_strategies", "bench_packed"])
+    ("examples/demo.py --world 3 --seqlen 100", "--seqlen 100 is not divisible by 6"),
+    ("benchmarks/ring/bench_window.py --world 3 --seqlen 100", "--seqlen 100 is not divisible by --world 3"),
+    ("benchmarks/ring/bench_efficiency.py --cases causal", "--cases must name some of non-causal,"),
+    ("benchmarks/strategies/bench_strategies.py --worlds 3 --seqlen 12", "world 3 and --heads 8 must divide by 2"),
+    ("benchmarks/strategies/bench_packed.py --min-len 50 --max-len 10", "--min-len 50 is above --max-len 10"),
+], ids=["demo", "bench_ring", "bench_cpu_vs_sdpa", "bench_strategies", "bench_packed", "demo_seqlen",
+        "bench_window_seqlen", "bench_efficiency_cases", "bench_strategies_ulysses", "bench_packed_lengths"])
 def test_bad_sizes_are_usage_errors(command, message):
     """Sizes that cannot run: exit status 2 and argparse's one-line error, not a traceback."""
     script, *args = command.split()
