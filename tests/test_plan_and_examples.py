@@ -69,6 +69,8 @@ def test_plan_cli_prints_table_and_draws(tmp_path):
     ("--world 2 --causal --window 2 4", "with --causal the right window must be -1 or 0, got 4"),
     ("--world 2 --layout zigzag --local-len 3", "layout 'zigzag' needs an even local length, got 3"),
     ("--world x", "argument --world: invalid int >= 1 value: 'x'"),
+    ("--world 2 --out /no_such_dir/plan.png", "--out /no_such_dir/plan.png: [Errno 2] No such file"),
+    ("--world 2 --out plan.txt", "--out plan.txt: Format 'txt' is not supported"),
 ])
 def test_plan_cli_rejects_invalid_arguments(capsys, argv, message):
     """What ring_attn_func would reject, or what has no schedule, is a usage error (exit status 2,
