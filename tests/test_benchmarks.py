@@ -92,6 +92,16 @@ def test_hidden_fraction_is_the_clamped_overlap():
     assert h.hidden_fraction(ring=1.0, compute=1.0, exchange=0.0) == 1.0     # nothing to hide
 
 
+def test_bench_cuda_check_fails_off_sdpa_or_without_it():
+    """bench_cuda's check of its GPU rows: the forward within the bound of SDPA's, and compared."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.kernels import bench_cuda
+    rows = [{"max_abs_diff": None}, {"max_abs_diff": 3.9e-3}, {"max_abs_diff": 1e-3}]
+    assert bench_cuda.sdpa_check(rows) == (3.9e-3, True)
+    assert bench_cuda.sdpa_check(rows + [{"max_abs_diff": 0.5}]) == (0.5, False)
+    assert not bench_cuda.sdpa_check([{"max_abs_diff": None}])[1]
+
+
 def test_bench_strategies_checks_same_work(tmp_path):
     out = tmp_path / "strategies.json"
     stdout = _run("benchmarks/strategies/bench_strategies.py", "--worlds", "2", "--seqlen", "64", "--iters", "1",
