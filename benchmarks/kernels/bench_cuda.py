@@ -192,8 +192,8 @@ def markdown(rows, device, kernel):
 def main():
     ap = h.parser(__doc__, json_default="bench_out/cuda.json", iters=21, warmup=2)
     ap.add_argument("--quick", action="store_true", help="d=128, 8K tokens, non-causal only")
-    ap.add_argument("--headdims", default="64,128")
-    ap.add_argument("--seqlens", default="4096,8192,16384")
+    ap.add_argument("--headdims", type=h.positive_ints, default=[64, 128])
+    ap.add_argument("--seqlens", type=h.positive_ints, default=[4096, 8192, 16384])
     ap.add_argument("--kernel", choices=("auto", "sm80", "sm90a"),
                     help="RING_ATTN_CUDA_KERNEL for the run (default: the environment's)")
     ap.add_argument("--forward-only", action="store_true", help="the block_fwd rows alone")
@@ -209,8 +209,7 @@ def main():
     if args.quick:
         configs = [(128, 8192, False)]
     else:
-        configs = [(d, s, c) for d in map(int, args.headdims.split(","))
-                   for s in map(int, args.seqlens.split(",")) for c in (False, True)]
+        configs = [(d, s, c) for d in args.headdims for s in args.seqlens for c in (False, True)]
     device = torch.cuda.get_device_name()
     rows = []
     for d, s, causal in configs:
