@@ -297,7 +297,8 @@ int main(int argc, char** argv) try {
         }
         return 0;
       },
-      "      --cuda-dtype T   bf16 | fp16                                  [bf16]\n");
+      "      --cuda-dtype T   bf16 | fp16                                  [bf16]\n"
+      "  (--dtype, --threads, --clock, --stat, --fwd-only, --json: CPU benchmarks only)\n");
   if (opt.dtype != "float32" || opt.threads != 0 || opt.cpu_clock || opt.stat_min || !opt.run_bwd ||
       !opt.json.empty()) {
     bench::usage_error("bench_block_attn_cuda: --dtype, --threads, --clock, --stat, --fwd-only and "

@@ -299,7 +299,8 @@ int main(int argc, char** argv) try {
         }
         return 0;
       },
-      "  -W, --world W        virtual ranks in the ring                    [4]\n");
+      "  -W, --world W        virtual ranks in the ring                    [4]\n"
+      "  (--dtype: float32 or float64 here)\n");
   if (world < 1) {
     std::fprintf(stderr, "--world must be >= 1\n");
     return 2;
