@@ -105,3 +105,12 @@ def test_gpu_example_runs_on_cpu_over_gloo():
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1/2 on cpu" in result.stdout and "check against SDPA: ok" in result.stdout, result.stdout
+
+
+def test_gpu_example_rejects_a_length_the_ranks_cannot_split():
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--standalone", "examples/ring_attn_gpu.py", "--seqlen", "510"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --seqlen (510) must divide by 2 x ranks (4)") == 2, result.stderr
+    assert 'ring_attn_gpu.py", line' not in result.stderr, result.stderr[-3000:]  # no rank traceback
