@@ -37,6 +37,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type of counts that may be 0 (untimed warm-up calls)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def positive_ints(text: str) -> list:
     """argparse type of a comma-separated list of positive ints, e.g. "1,2,4"."""
     values = [positive_int(part) for part in text.split(",") if part]
@@ -50,7 +58,7 @@ def parser(doc: str, *, json_default: str, iters: int = 5, warmup: int = 1) -> a
     per point), --json (where the results go) and --fp32-precision; scripts add their own sizes."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=positive_int, default=iters, help="timed calls per point (medians reported)")
-    p.add_argument("--warmup", type=int, default=warmup, help="untimed calls before timing")
+    p.add_argument("--warmup", type=non_negative_int, default=warmup, help="untimed calls before timing")
     p.add_argument("--json", default=json_default, help="write the results here")
     add_fp32_precision_arg(p)
     return p

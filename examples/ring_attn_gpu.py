@@ -39,6 +39,9 @@ def main() -> None:
         dist.init_process_group("gloo")
         device = torch.device("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.seqlen % (2 * world) or args.heads % args.kv_heads:  # the same on every rank
+        p.error(f"--seqlen ({args.seqlen}) must divide by 2 x ranks ({2 * world}) and --heads "
+                f"({args.heads}) by --kv-heads ({args.kv_heads})")
 
     gen = torch.Generator().manual_seed(0)
     shape = lambda heads: (1, args.seqlen, heads, args.headdim)  # noqa: E731

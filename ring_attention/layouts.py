@@ -23,9 +23,17 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
 
 
+def _check_rank(rank: int, world: int) -> None:
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world) with world >= 1, got rank {rank} of world {world}")
+
+
 def positions(layout: str, rank: int, world: int, local_len: int) -> torch.Tensor:
     """Global positions (int64, (local_len,)) of ``rank``'s tokens, in local order."""
     _check_layout(layout)
+    _check_rank(rank, world)
+    if local_len < 0:
+        raise ValueError(f"local_len must be >= 0, got {local_len}")
     i = torch.arange(local_len)
     if layout in ("contiguous", "packed"):
         return rank * local_len + i
@@ -299,6 +307,7 @@ def varlen_positions(cu_seqlens: torch.Tensor, layout: str, rank: int, world: in
     token).
     """
     _check_layout(layout)
+    _check_rank(rank, world)
     cu = _check_cu_seqlens(cu_seqlens)
     if layout == "packed":
         local_len = -(-cu[-1] // world)

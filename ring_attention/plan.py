@@ -216,9 +216,13 @@ def main(argv=None) -> int:
               f"{args.elem_bytes}-byte elements")
         print(table)
         return 0
+    if args.out:
+        try:
+            draw(plan, args.out)
+        except (OSError, ValueError) as error:  # an unwritable path, a format matplotlib lacks
+            p.error(f"--out {args.out}: {error}")
     print(format_table(plan))
     if args.out:
-        draw(plan, args.out)
         print(f"wrote {args.out}")
     return 0
 

@@ -5,6 +5,7 @@ distributed ring, each virtual rank's steps driven in turn from this thread over
 transport, so nothing can deadlock on the autograd engine's per-device thread. It is how the ring
 is tested without spawning processes and on a single GPU.
 """
+import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -44,6 +45,16 @@ class _LocalRingAttention(torch.autograd.Function):
         return (None, None, None, None, None, None, None, None, *dqs, *dks, *dvs)
 
 
+def _as_int(value) -> Optional[int]:
+    """value as an int (anything with __index__ but bool); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 class LocalRing:
     """``world_size`` virtual ranks of a ring in this process, on ``device`` ("cpu" or "cuda").
 
@@ -52,13 +63,14 @@ class LocalRing:
     all-to-all over heads runs in memory, and one ring of R ranks per head chunk."""
 
     def __init__(self, world_size: int, device: str = "cpu", ulysses_size: int = 1):
-        if world_size < 1:
-            raise ValueError(f"LocalRing: world_size must be >= 1, got {world_size}")
-        if ulysses_size < 1 or world_size % ulysses_size:
-            raise ValueError(f"LocalRing: ulysses_size must divide world_size ({world_size}), "
-                             f"got {ulysses_size}")
-        self.world_size = world_size
-        self.ulysses_size = ulysses_size
+        world, ulysses = _as_int(world_size), _as_int(ulysses_size)
+        if world is None or world < 1:
+            raise ValueError(f"LocalRing: world_size must be an int >= 1, got {world_size!r}")
+        if ulysses is None or ulysses < 1 or world % ulysses:
+            raise ValueError(f"LocalRing: ulysses_size must be an int dividing world_size "
+                             f"({world}), got {ulysses_size!r}")
+        self.world_size = world
+        self.ulysses_size = ulysses
         self.device = torch.device(device)
 
     def ring_attn_func(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],

@@ -6,9 +6,10 @@
 # Stages (each under its own `timeout`; a stage whose tool is missing is skipped with a message;
 # the summary is written whatever happens):
 #   env        GPU, driver, torch, nvcc, cmake, compute-sanitizer versions
-#   build      CMake + Ninja against this machine's torch (python3), RING_ATTN_CUDA=ON, archs from
-#              RING_ATTN_CUDA_ARCHS (default 9.0), MAX_JOBS jobs (default 16), ptxas -v in the log;
-#              _C.so goes to the source tree's ring_attention/ (the build dir: build/gpu-check/)
+#   build      CMake + Ninja against this machine's torch ($PYTHON, default python3, runs every
+#              Python stage), RING_ATTN_CUDA=ON, archs from RING_ATTN_CUDA_ARCHS (default 9.0),
+#              MAX_JOBS jobs (default 16), ptxas -v in the log; _C.so goes to the source tree's
+#              ring_attention/ (the build dir: $RING_ATTN_GPU_BUILD_DIR, default build/gpu-check/)
 #   conformance the emulator against the card, first on any GPU (compute capability 9.x; skipped
 #              elsewhere): sm90_conformance_emu writes the emulated results of each sm_90a primitive
 #              the kernels use (wgmma m64nNk16 at N = 64/128/256, bf16 and fp16, shared and register

@@ -46,6 +46,15 @@ def test_cpu_isa_rejects_unknown_values(tmp_path):
     assert "RING_ATTN_CPU_ISA must be 'dispatch'" in " ".join(result.stderr.split()), result.stderr
 
 
+@pytest.mark.parametrize("value", ["off", "0"])
+def test_cuda_knob_rejects_unknown_values(tmp_path, value):
+    """Only AUTO, ON and OFF: any other spelling would otherwise build as AUTO."""
+    result = configure(tmp_path, f"-DRING_ATTN_CUDA={value}")
+    assert result.returncode != 0
+    message = f"RING_ATTN_CUDA must be AUTO, ON or OFF, got '{value}'"
+    assert message in " ".join(result.stderr.split()), result.stderr
+
+
 def test_cuda_emulator_test_is_built_without_nvcc(tmp_path):
     """test_cuda_emu and the conformance check's emulator half need a host compiler only: they are
     targets and ctests even with CUDA off; the conformance check's device half is not."""

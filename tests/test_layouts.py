@@ -32,6 +32,15 @@ def test_zigzag_positions_need_even_local_length():
         ra.positions("zigzag", 0, 2, 3)
 
 
+@pytest.mark.parametrize("rank,world,local_len", [(2, 2, 4), (-1, 2, 4), (0, 0, 4), (0, 2, -1)])
+def test_positions_reject_ranks_outside_the_world(rank, world, local_len):
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world\)|local_len must be >= 0"):
+        ra.positions("striped", rank, world, local_len)
+    if local_len >= 0:
+        with pytest.raises(ValueError, match=r"rank must be in \[0, world\)"):
+            ra.varlen_positions(torch.tensor([0, 3, 8], dtype=torch.int32), "zigzag", rank, world)
+
+
 def test_unknown_layout_is_rejected():
     for call in (lambda: ra.positions("diagonal", 0, 1, 2),
                  lambda: ra.shard(torch.zeros(1, 4), layout="diagonal"),

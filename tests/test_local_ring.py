@@ -70,6 +70,16 @@ def test_local_ring_double_backward_raises():
     assert check_double_backward_raises("local_ring")
 
 
+@pytest.mark.parametrize("world,ulysses,message", [
+    (0, 1, "world_size must be an int >= 1, got 0"), (2.5, 1, "world_size must be an int >= 1, got 2.5"),
+    ("2", 1, "world_size must be an int >= 1, got '2'"),
+    (4, 3, r"ulysses_size must be an int dividing world_size \(4\), got 3"),
+    (4, 2.0, r"ulysses_size must be an int dividing world_size \(4\), got 2.0")])
+def test_local_ring_rejects_bad_sizes(world, ulysses, message):
+    with pytest.raises(ValueError, match=message):
+        LocalRing(world, ulysses_size=ulysses)
+
+
 def test_local_ring_rejects_mismatched_shards():
     ring = LocalRing(3)
     q = [torch.randn(1, 4, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 4, 2, 8)]

@@ -69,6 +69,8 @@ def test_plan_cli_prints_table_and_draws(tmp_path):
     ("--world 2 --causal --window 2 4", "with --causal the right window must be -1 or 0, got 4"),
     ("--world 2 --layout zigzag --local-len 3", "layout 'zigzag' needs an even local length, got 3"),
     ("--world x", "argument --world: invalid int >= 1 value: 'x'"),
+    ("--world 2 --out /no_such_dir/plan.png", "--out /no_such_dir/plan.png: [Errno 2] No such file"),
+    ("--world 2 --out plan.txt", "--out plan.txt: Format 'txt' is not supported"),
 ])
 def test_plan_cli_rejects_invalid_arguments(capsys, argv, message):
     """What ring_attn_func would reject, or what has no schedule, is a usage error (exit status 2,
@@ -103,3 +105,12 @@ def test_gpu_example_runs_on_cpu_over_gloo():
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1/2 on cpu" in result.stdout and "check against SDPA: ok" in result.stdout, result.stdout
+
+
+def test_gpu_example_rejects_a_length_the_ranks_cannot_split():
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--standalone", "examples/ring_attn_gpu.py", "--seqlen", "510"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --seqlen (510) must divide by 2 x ranks (4)") == 2, result.stderr
+    assert 'ring_attn_gpu.py", line' not in result.stderr, result.stderr[-3000:]  # no rank traceback

@@ -20,6 +20,7 @@
 #include "bench_cli.h"
 #include "core/params.h"
 #include "cpu/block_attn_cpu.h"
+#include "cpu/env.h"
 
 using namespace ring_attn;
 
@@ -266,8 +267,10 @@ Result run_len(const bench::Options& opt, int64_t L) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   const bench::Options opt = bench::parse(argc, argv);
+  const std::string environment = cpu::environment_error();
+  if (!environment.empty()) bench::usage_error("bench_block_attn: " + environment);
   if (opt.threads > 0) at::set_num_threads(opt.threads);
 
   std::printf("# bench_block_attn: batch %d heads %d kv_heads %d headdim %d causal %d dtype %s threads %d\n",
@@ -317,4 +320,10 @@ int main(int argc, char** argv) {
     std::fclose(f);
   }
   return all_ok ? 0 : 1;
+} catch (const c10::Error& e) {  // e.g. sizes beyond memory: one line, no abort
+  std::fprintf(stderr, "%s: %s\n", argv[0], e.what_without_backtrace());
+  return 1;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "%s: %s\n", argv[0], e.what());
+  return 1;
 }

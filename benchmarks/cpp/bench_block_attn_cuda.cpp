@@ -284,18 +284,26 @@ Result run_len(const bench::Options& opt, bool bf16, int64_t L) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   bool bf16 = true;
   const bench::Options opt = bench::parse(
       argc, argv,
       [&](const char* name, const char* val) {
         if (std::strcmp(name, "--cuda-dtype") == 0 && val) {
-          bf16 = std::strcmp(val, "fp16") != 0 && std::strcmp(val, "float16") != 0;
+          const std::string dtype =
+              bench::one_of("--cuda-dtype", val, {"bf16", "fp16", "bfloat16", "float16"});
+          bf16 = dtype == "bf16" || dtype == "bfloat16";
           return 2;
         }
         return 0;
       },
-      "      --cuda-dtype T   bf16 | fp16                                  [bf16]\n");
+      "      --cuda-dtype T   bf16 | fp16                                  [bf16]\n"
+      "  (--dtype, --threads, --clock, --stat, --fwd-only, --json: CPU benchmarks only)\n");
+  if (opt.dtype != "float32" || opt.threads != 0 || opt.cpu_clock || opt.stat_min || !opt.run_bwd ||
+      !opt.json.empty()) {
+    bench::usage_error("bench_block_attn_cuda: --dtype, --threads, --clock, --stat, --fwd-only and "
+                       "--json are the CPU benchmarks' options (the dtype here is --cuda-dtype)");
+  }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     std::printf("bench_block_attn_cuda: no CUDA device, skipping\n");
@@ -318,4 +326,7 @@ int main(int argc, char** argv) {
     all_ok = all_ok && r.ok;
   }
   return all_ok ? 0 : 1;
+} catch (const std::exception& e) {  // e.g. sizes beyond the device's memory: one line, no abort
+  std::fprintf(stderr, "%s: %s\n", argv[0], e.what());
+  return 1;
 }

@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -62,22 +65,49 @@ struct Options {
   }
 };
 
-// 4096, 4K, 1M (binary suffixes), as in nccl-tests.
+// A usage error: the message on one line, exit status 2.
+[[noreturn]] inline void usage_error(const std::string& message) {
+  std::fprintf(stderr, "%s\n", message.c_str());
+  std::exit(2);
+}
+
+// 4096, 4K, 1M (binary suffixes), as in nccl-tests; anything else, or a size beyond int64, is a
+// usage error.
 inline int64_t parse_size(const char* s) {
   char* end = nullptr;
   const double v = std::strtod(s, &end);
-  int64_t mult = 1;
-  if (end && *end) {
-    switch (*end) {
+  double mult = 1;
+  if (end != s && *end) {
+    switch (*end++) {
       case 'k': case 'K': mult = 1024; break;
-      case 'm': case 'M': mult = 1024 * 1024; break;
-      case 'g': case 'G': mult = 1024LL * 1024 * 1024; break;
-      default:
-        std::fprintf(stderr, "invalid size '%s'\n", s);
-        std::exit(2);
+      case 'm': case 'M': mult = 1024.0 * 1024; break;
+      case 'g': case 'G': mult = 1024.0 * 1024 * 1024; break;
+      default: end = nullptr;
     }
   }
-  return static_cast<int64_t>(v * static_cast<double>(mult));
+  if (end == s || end == nullptr || *end || !(std::fabs(v * mult) < 9.2e18)) {
+    usage_error(std::string("invalid size '") + s + "'");
+  }
+  return static_cast<int64_t>(v * mult);
+}
+
+// An int option's value: the whole text a decimal int, else a usage error naming the option.
+inline int parse_int(const std::string& option, const char* s) {
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(s, &end, 10);
+  if (end == s || *end || errno == ERANGE || v < INT_MIN || v > INT_MAX) {
+    usage_error(option + " needs an int, got '" + s + "'");
+  }
+  return static_cast<int>(v);
+}
+
+// A 0|1 option's value.
+inline bool parse_flag(const std::string& option, const char* s) {
+  if (std::strcmp(s, "0") != 0 && std::strcmp(s, "1") != 0) {
+    usage_error(option + " must be 0 or 1, got '" + s + "'");
+  }
+  return *s == '1';
 }
 
 // value when it is one of choices; otherwise exits with status 2, naming the option and the choices.
@@ -141,33 +171,38 @@ inline Options parse(int argc, char** argv, Unknown&& unknown, const char* extra
     } else if (a == "-e" || a == "--maxlen") {
       o.maxlen = parse_size(need());
     } else if (a == "-f" || a == "--stepfactor") {
-      o.stepfactor = std::atof(need());
+      const char* text = need();
+      char* end = nullptr;
+      o.stepfactor = std::strtod(text, &end);
+      if (end == text || *end || !(o.stepfactor > 0)) {
+        usage_error(a + " needs a positive number, got '" + text + "'");
+      }
     } else if (a == "-n" || a == "--iters") {
-      o.iters = std::atoi(need());
+      o.iters = parse_int(a, need());
     } else if (a == "-w" || a == "--warmup") {
-      o.warmup = std::atoi(need());
+      o.warmup = parse_int(a, need());
     } else if (a == "-c" || a == "--check") {
-      o.check = std::atoi(need()) != 0;
+      o.check = parse_flag(a, need());
     } else if (a == "-d" || a == "--headdim") {
-      o.headdim = std::atoi(need());
+      o.headdim = parse_int(a, need());
     } else if (a == "-H" || a == "--heads") {
-      o.heads = std::atoi(need());
+      o.heads = parse_int(a, need());
     } else if (a == "-K" || a == "--kv-heads") {
-      o.kv_heads = std::atoi(need());
+      o.kv_heads = parse_int(a, need());
     } else if (a == "-B" || a == "--batch") {
-      o.batch = std::atoi(need());
+      o.batch = parse_int(a, need());
     } else if (a == "--causal") {
-      o.causal = std::atoi(need()) != 0;
+      o.causal = parse_flag(a, need());
     } else if (a == "--dtype") {
       o.dtype = one_of("--dtype", need(), {"float32", "float64", "bfloat16"});
     } else if (a == "-t" || a == "--threads") {
-      o.threads = std::atoi(need());
+      o.threads = parse_int(a, need());
     } else if (a == "--clock") {
       o.cpu_clock = one_of("--clock", need(), {"wall", "cpu"}) == "cpu";
     } else if (a == "--stat") {
       o.stat_min = one_of("--stat", need(), {"median", "min"}) == "min";
     } else if (a == "--fwd-only") {
-      o.run_bwd = std::atoi(need()) == 0;
+      o.run_bwd = !parse_flag(a, need());
     } else if (a == "--json") {
       o.json = need();
     } else {
@@ -180,9 +215,10 @@ inline Options parse(int argc, char** argv, Unknown&& unknown, const char* extra
     }
   }
   if (o.minlen < 1 || o.maxlen < o.minlen || o.iters < 1 || o.warmup < 0 || o.headdim < 1 ||
-      o.heads < 1 || o.batch < 1 || o.nheads_kv() < 1 || o.heads % o.nheads_kv() != 0) {
-    std::fprintf(stderr, "invalid options (need 1 <= minlen <= maxlen, iters >= 1, heads %% kv-heads == 0)\n");
-    std::exit(2);
+      o.heads < 1 || o.batch < 1 || o.nheads_kv() < 1 || o.heads % o.nheads_kv() != 0 ||
+      o.threads < 0) {
+    usage_error("invalid options (need 1 <= minlen <= maxlen, iters >= 1, warmup >= 0, headdim, "
+                "heads, batch >= 1, heads % kv-heads == 0, threads >= 0)");
   }
   return o;
 }

@@ -287,19 +287,20 @@ struct StepTimes {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   int world = 4;
   const bench::Options opt = bench::parse(
       argc, argv,
       [&](const char* name, const char* value) {
         const std::string option = name;
         if ((option == "-W" || option == "--world") && value) {
-          world = std::atoi(value);
+          world = bench::parse_int(option, value);
           return 2;
         }
         return 0;
       },
-      "  -W, --world W        virtual ranks in the ring                    [4]\n");
+      "  -W, --world W        virtual ranks in the ring                    [4]\n"
+      "  (--dtype: float32 or float64 here)\n");
   if (world < 1) {
     std::fprintf(stderr, "--world must be >= 1\n");
     return 2;
@@ -390,11 +391,20 @@ int main(int argc, char** argv) {
   }
   json += "]\n";
   if (!opt.json.empty()) {
-    if (FILE* file = std::fopen(opt.json.c_str(), "w")) {
-      std::fputs(json.c_str(), file);
-      std::fclose(file);
+    FILE* file = std::fopen(opt.json.c_str(), "w");
+    if (!file) {
+      std::fprintf(stderr, "cannot write %s\n", opt.json.c_str());
+      return 2;
     }
+    std::fputs(json.c_str(), file);
+    std::fclose(file);
   }
   std::printf("# %s\n", opt.check ? (ok ? "check passed" : "CHECK FAILED") : "no check");
   return ok ? 0 : 1;
+} catch (const c10::Error& e) {  // e.g. sizes beyond memory: one line, no abort
+  std::fprintf(stderr, "%s: %s\n", argv[0], e.what_without_backtrace());
+  return 1;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "%s: %s\n", argv[0], e.what());
+  return 1;
 }

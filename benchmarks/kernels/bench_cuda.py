@@ -11,7 +11,8 @@ For each (head dim, total length, causal): bf16, batch x seqlen = 16K tokens, he
   ring op fwd / bwd       ring_fwd / ring_bwd at world size 1 (buffers, delta, casts included)
   sdpa flash / cudnn      F.scaled_dot_product_attention forward, and its backward alone
 TFLOP/s: forward 4 b s^2 h d (half for causal), backward 2.5x that. The merge overhead is
-(fwd - fwd nomerge) / fwd nomerge. Also checks our output against SDPA's (max abs difference).
+(fwd - fwd nomerge) / fwd nomerge. Also checks our forward's output against SDPA's: the largest
+absolute difference must be at most 2e-2 (exit status 1 otherwise; not checked with --forward-only).
 Writes --json and the same table as markdown beside it (.md) after every configuration, so a
 timeout keeps what is done. --kernel sets RING_ATTN_CUDA_KERNEL for the run (sm90a: the Hopper
 forward and backward on compute capability 9.0); --forward-only times the block_fwd rows alone. --iters: the alternated merge/no-merge calls; the other rows take the
@@ -34,6 +35,16 @@ import ring_attention as ra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import harness as h  # noqa: E402
+
+
+SDPA_BOUND = 2e-2  # a few bf16 roundings of outputs of magnitude about 1
+
+
+def sdpa_check(rows):
+    """(the largest |ours - sdpa| of the rows, whether it is within SDPA_BOUND); rows with no
+    comparison at all (every SDPA backend unsupported) fail it."""
+    worst = max((r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None), default=math.nan)
+    return worst, worst <= SDPA_BOUND
 
 
 def time_ms(fn, warmup, min_time=0.25):
@@ -100,10 +111,11 @@ def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16, forward_only
                 softmax_scale=scale)
     rows = []
 
-    def add(impl, direction, ms, flops, note=""):
+    def add(impl, direction, ms, flops, note="", max_abs_diff=None):
         rows.append(dict(headdim=d, seqlen=s, batch=b, heads=h, causal=causal, impl=impl,
                          direction=direction, ms=ms,
-                         tflops=None if ms is None else flops / ms / 1e9, note=note))
+                         tflops=None if ms is None else flops / ms / 1e9, note=note,
+                         max_abs_diff=max_abs_diff))
 
     fwd = lambda: ra.ops.block_fwd(q=q, k=k, v=v, out_acc=out_acc, lse=lse, **mask)
     fwd_nomerge = lambda: torch.ops.ring_attention._cuda_block_fwd(q=q, k=k, v=v, out_acc=out_acc,
@@ -150,7 +162,7 @@ def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16, forward_only
                 t = time_ms(run, warmup)
                 ref = run()
                 diff = (ref.transpose(1, 2).float() - ours.float()).abs().max().item()
-                add(f"sdpa {name}", "fwd", t, flops_fwd, f"max |ours - sdpa| {diff:.2e}")
+                add(f"sdpa {name}", "fwd", t, flops_fwd, f"max |ours - sdpa| {diff:.2e}", diff)
                 grad = lambda: torch.autograd.grad(ref, leaves, dt, retain_graph=True)
                 add(f"sdpa {name}", "bwd", time_ms(grad, warmup), flops_bwd)
             del ref
@@ -180,8 +192,8 @@ def markdown(rows, device, kernel):
 def main():
     ap = h.parser(__doc__, json_default="bench_out/cuda.json", iters=21, warmup=2)
     ap.add_argument("--quick", action="store_true", help="d=128, 8K tokens, non-causal only")
-    ap.add_argument("--headdims", default="64,128")
-    ap.add_argument("--seqlens", default="4096,8192,16384")
+    ap.add_argument("--headdims", type=h.positive_ints, default=[64, 128])
+    ap.add_argument("--seqlens", type=h.positive_ints, default=[4096, 8192, 16384])
     ap.add_argument("--kernel", choices=("auto", "sm80", "sm90a"),
                     help="RING_ATTN_CUDA_KERNEL for the run (default: the environment's)")
     ap.add_argument("--forward-only", action="store_true", help="the block_fwd rows alone")
@@ -197,8 +209,7 @@ def main():
     if args.quick:
         configs = [(128, 8192, False)]
     else:
-        configs = [(d, s, c) for d in map(int, args.headdims.split(","))
-                   for s in map(int, args.seqlens.split(",")) for c in (False, True)]
+        configs = [(d, s, c) for d in args.headdims for s in args.seqlens for c in (False, True)]
     device = torch.cuda.get_device_name()
     rows = []
     for d, s, causal in configs:
@@ -210,7 +221,11 @@ def main():
         out.with_suffix(".md").write_text(markdown(rows, device, kernel))
         torch.cuda.empty_cache()
     print(markdown(rows, device, kernel))
-    return 0
+    if args.forward_only:
+        return 0
+    worst, ok = sdpa_check(rows)
+    print(f"check: max |ours - sdpa| {worst:.2e} (bound {SDPA_BOUND:g}): {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

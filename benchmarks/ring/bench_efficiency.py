@@ -166,11 +166,17 @@ def _check_cost(rank, world, iters):
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/efficiency.json")
     h.add_shape_args(p, world=2, seqlen=8192)
-    p.add_argument("--cases", type=lambda v: v.split(","),
-                   default=[name.split()[-1] for name, _, _ in CASES],
+    names = [name.split()[-1] for name, _, _ in CASES]
+    p.add_argument("--cases", type=lambda v: v.split(","), default=names,
                    help="cases to time (default all: non-causal,zigzag,striped,contiguous)")
     p.add_argument("--memory-seqlen", type=h.positive_int, default=16384)
     args = p.parse_args(argv)
+    unknown = [c for c in args.cases if c not in names]
+    if unknown or not args.cases:
+        p.error(f"--cases must name some of {','.join(names)}, got {','.join(args.cases)!r}")
+    parts = 2 * args.world if "zigzag" in args.cases else args.world  # zigzag: 2 chunks per rank
+    if args.seqlen % parts:
+        p.error(f"--seqlen {args.seqlen} is not divisible by {parts} (the shards of the cases' layouts)")
     h.set_fp32_precision(args)
 
     cases = [c for c in CASES if c[0].split()[-1] in args.cases]

@@ -36,6 +36,8 @@ and the exit status is 1.
 Default sweep: the headline points (8K tokens, worlds 1 and 2, fp32 and bf16, causal and not, fwd
 and fwd+bwd), about 5 minutes on 2 cores. --full: worlds 1,2,4 x 2K,4K,8K,16K, 35-60 minutes (add
 --iters 3 to shorten; world 4 oversubscribes a 2-core machine). --quick: a tiny smoke test (~20 s).
+An implementation that cannot run a point is reported "n/a" with the reason; BENCH_RING_TRACE=1
+also prints its traceback.
 """
 import math
 import os

@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     p.add_argument("--window-fraction", type=float, default=1 / 8,
                    help="left window as a fraction of the global sequence length")
     args = p.parse_args(argv)
+    if args.seqlen % args.world:
+        p.error(f"--seqlen {args.seqlen} is not divisible by --world {args.world}")
+    if not 0 < args.window_fraction <= 1:
+        p.error(f"--window-fraction must be in (0, 1], got {args.window_fraction:g}")
     h.set_fp32_precision(args)
     window = max(1, int(args.seqlen * args.window_fraction))
 

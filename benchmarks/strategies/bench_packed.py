@@ -222,7 +222,7 @@ def rows_of(world, res, device="gloo cpu"):
 
 def main(argv=None) -> int:
     p = h.parser(__doc__, json_default="bench_out/packed.json", iters=3)
-    p.add_argument("--worlds", default="2,4", help="comma-separated world sizes")
+    p.add_argument("--worlds", type=h.positive_ints, default=[2, 4], help="comma-separated world sizes")
     p.add_argument("--total", type=h.positive_int, default=16384, help="tokens in the packed batch")
     p.add_argument("--min-len", type=h.positive_int, default=128)
     p.add_argument("--max-len", type=h.positive_int, default=8192)
@@ -231,17 +231,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
     h.add_local_ring_args(p)
     args = p.parse_args(argv)
+    if args.min_len > args.max_len:
+        p.error(f"--min-len {args.min_len} is above --max-len {args.max_len}")
     device, sync = h.local_ring_setup(p, args)
     h.set_fp32_precision(args)
     where = h.device_record(device)
     lengths = long_tailed_lengths(args.total, args.min_len, args.max_len, args.seed)
-    worlds = [int(w) for w in args.worlds.split(",")]
-    if len(lengths) < max(worlds):
-        raise SystemExit(f"{len(lengths)} documents cannot give every one of {max(worlds)} ranks one")
+    if len(lengths) < max(args.worlds):
+        p.error(f"{len(lengths)} documents cannot give every one of {max(args.worlds)} ranks one")
 
     rows, err = [], 0.0
     start = h.cpu_snapshot()
-    for world in worlds:
+    for world in args.worlds:
         res = (_gloo(world, lengths, args) if device is None
                else _local_ring(world, lengths, args, device, sync))
         err = max(err, check(lengths, args.heads, args.headdim, res, h.DTYPES[args.dtype]))

@@ -173,6 +173,12 @@ def main(argv=None) -> int:
         if args.seqlen % (2 * world):
             p.error(f"--seqlen {args.seqlen} is not divisible by 2 x world ({2 * world}): the "
                     "zigzag layout splits each rank's shard in two")
+        for ulysses in sorted({u for u, _ in _strategies(world).values()} - {1}):
+            if world % ulysses or args.heads % ulysses:
+                p.error(f"world {world} and --heads {args.heads} must divide by {ulysses}: the "
+                        f"Ulysses strategies split them over {ulysses} ranks")
+    if args.heads % args.heads_kv:
+        p.error(f"--heads ({args.heads}) must be a multiple of --heads-kv ({args.heads_kv})")
     device, sync = h.local_ring_setup(p, args)
     tol = TOL[h.DTYPES[args.dtype]]
     h.set_fp32_precision(args)
