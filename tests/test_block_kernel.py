@@ -109,6 +109,52 @@ def test_block_ops_non_contiguous_inputs(kind):
         assert_close(got, want, name)
 
 
+def test_block_ops_batch_stride_beyond_int32():
+    """Every tensor of both ops (q, k, v, dout, out_acc, lse, delta and the gradient accumulators)
+    with its second batch entry more than 2**31 elements after its first: views into one float32
+    storage whose untouched pages cost no memory. q, k, v, dout are head-major (rows dense per
+    head), which the kernels read in place, so every offset is the kernels' own (64-bit)."""
+    batch, sq, sk, heads, heads_kv, headdim = 2, 37, 41, 2, 1, 16
+    shapes = {"q": (sq, heads), "dout": (sq, heads), "out": (sq, heads), "dq": (sq, heads),
+              "k": (sk, heads_kv), "v": (sk, heads_kv), "dk": (sk, heads_kv), "dv": (sk, heads_kv)}
+    sizes = {name: s * h * headdim for name, (s, h) in shapes.items()}
+    region = sum(sizes.values()) + 2 * heads * sq  # a batch entry of everything, lse and delta
+    batch_stride = 2**31 + region
+    try:
+        storage = torch.empty(batch_stride + region)
+    except RuntimeError:
+        pytest.skip("no address space for a 8 GiB tensor")
+    views, offset = {}, 0
+    for name, (s, h) in shapes.items():  # (batch, seq, heads, headdim) over (batch, heads, seq)
+        views[name] = storage.as_strided((batch, s, h, headdim),
+                                         (batch_stride, headdim, s * headdim, 1), offset)
+        offset += sizes[name]
+    for name in ("lse", "delta"):
+        views[name] = storage.as_strided((batch, heads, sq), (batch_stride, sq, 1), offset)
+        offset += heads * sq
+    q, k, v, dout = random_qkv(seed_of("int64-strides"), batch, sq, sk, heads, heads_kv, headdim,
+                               torch.float32)
+    mask = mask_case("partial", sq, sk, seed_of("int64-strides"))
+    for name, value in (("q", q), ("k", k), ("v", v), ("dout", dout)):
+        views[name].copy_(value)
+    for name, value in (("out", 0.0), ("lse", NEG_INF), ("dq", 0.0), ("dk", 0.0), ("dv", 0.0)):
+        views[name].fill_(value)
+    query_mask = dict(q_pos=mask["q_pos"], k_pos=mask["k_pos"], q_seg=mask["q_seg"],
+                      causal=mask["causal"], window_left=mask["window_left"],
+                      window_right=mask["window_right"], softmax_scale=0.3)
+    ra.ops.block_fwd(q=views["q"], k=views["k"], v=views["v"], out_acc=views["out"],
+                     lse=views["lse"], **query_mask)
+    out, lse = block_fwd("cpu", q, [(k, v, mask["k_pos"])], mask, 0.3)
+    assert torch.equal(views["out"], out) and torch.equal(views["lse"], lse)
+    views["delta"].copy_((dout * out).sum(-1).transpose(1, 2))
+    ra.ops.block_bwd(dout=views["dout"], q=views["q"], k=views["k"], v=views["v"],
+                     lse=views["lse"], delta=views["delta"], dq_acc=views["dq"],
+                     dk_acc=views["dk"], dv_acc=views["dv"], deterministic=False, **query_mask)
+    grads = block_bwd("cpu", dout, q, k, v, mask, out, lse, 0.3)
+    for name, want in zip(("dq", "dk", "dv"), grads):
+        assert torch.equal(views[name], want), name
+
+
 def _block_fwd_args(dtype=torch.float32):
     q, k, v, _ = random_qkv(0, 1, 6, 5, 4, 2, 16, dtype)
     acc = acc_dtype(dtype)

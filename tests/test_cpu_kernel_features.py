@@ -1,5 +1,5 @@
 """CPU block kernel features: sliding windows, packed sequences with pad rows, bf16/fp16 inputs,
-bitwise determinism, and every instruction-set variant of the kernel.
+bitwise determinism, NaN inputs, and every instruction-set variant of the kernel.
 
 The ops (torch.ops.ring_attention.block_fwd / block_bwd) are checked against the float64
 reference of the pairs that cases.visible derives, independently of the kernel, from the mask
@@ -16,10 +16,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ring_attention as ra
-from cases import (NEG_INF, assert_close, assert_forward_close, block_bwd, block_fwd, block_mask,
-                   random_qkv, reference, seed_of, sequence_ranges, visible)
+from cases import (NEG_INF, acc_dtype, assert_close, assert_forward_close, block_bwd, block_fwd,
+                   block_mask, random_qkv, reference, seed_of, sequence_ranges, visible)
+from ring_attention.testing import LocalRing
 
 
 def check_against_reference(q, k, v, dout, q_pos, k_pos, q_seg, causal, left, right, scale):
@@ -227,6 +229,58 @@ def test_deterministic_ring_world_size_1(threads):
         assert torch.equal(a, b)
 
 
+# ---- NaN inputs --------------------------------------------------------------------------------
+
+NAN_PLACES = [("q", 5), ("k", 5), ("k", 290), ("v", 5)]  # (operand, token) holding one NaN
+
+
+def nan_rows(t):
+    """Which tokens of t (batch, seq, heads, headdim) hold a NaN."""
+    return t.isnan().any(-1).any(-1).any(0)
+
+
+def check_nan_propagates(dtype, world):
+    """A NaN in q, k or v (one element of one token) makes exactly the rows that SDPA makes NaN
+    NaN, in out and lse, and the gradients that it reaches: causal, several key tiles, at world
+    size 1 and through a LocalRing (where the NaN crosses the merge of ring steps)."""
+    for name, token in NAN_PLACES:
+        q, k, v, dout = random_qkv(seed_of("nan", name, token), 1, 300, 300, 2, 1, 32, dtype)
+        dict(q=q, k=k, v=v)[name][0, token, 0, 3] = float("nan")
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if world == 1:
+            out, lse = ra.ring_attn_func(*leaves, causal=True, return_lse=True)
+        else:
+            ring = LocalRing(world)
+            outs, lses = ring.ring_attn_func(*(ring.shard(t) for t in leaves), causal=True,
+                                             return_lse=True)
+            out, lse = ring.unshard(outs), ring.unshard(lses, dim=2)
+        grads = torch.autograd.grad(out, leaves, dout)
+        sdpa_leaves = [t.to(acc_dtype(dtype)).requires_grad_() for t in (q, k, v)]
+        want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in sdpa_leaves),
+                                              is_causal=True, enable_gqa=True).transpose(1, 2)
+        want_grads = torch.autograd.grad(want, sdpa_leaves, dout.to(want.dtype))
+        nan_out = nan_rows(want)
+        assert 0 < nan_out.sum() < 300 or name == "v", (name, token)
+        assert torch.equal(nan_rows(out), nan_out), (name, token, "out")
+        nan_lse = nan_out if name != "v" else torch.zeros_like(nan_out)  # lse: of q and k only
+        assert torch.equal(lse.isnan().any(1).any(0), nan_lse), (name, token, "lse")
+        # The gradients are NaN where SDPA's are, but SDPA's dq and dk take a NaN through masked
+        # pairs too (0 * NaN), the kernel only through the pairs it computes: so at least in the
+        # NaN rows (dq) and the keys they see (dk, dv: SDPA's NaN dv rows).
+        nan_keys = nan_rows(want_grads[2])
+        for grad_name, got, ref in zip(("dq", "dk", "dv"), grads, want_grads):
+            got_nan, ref_nan = nan_rows(got), nan_rows(ref)
+            must = nan_out if grad_name == "dq" else nan_keys
+            assert not (got_nan & ~ref_nan).any(), (name, token, grad_name)
+            assert got_nan[must].all(), (name, token, grad_name)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_nan_inputs_propagate_as_in_sdpa(dtype, world):
+    check_nan_propagates(dtype, world)
+
+
 # ---- instruction sets --------------------------------------------------------------------------
 
 _ISA_SCRIPT = r"""
@@ -244,6 +298,7 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16):
     q, k, v, dout = random_qkv(8, 2, 97, 301, 2, 2, 64, dtype)
     t.check_against_reference(q, k, v, dout, torch.arange(97) + 150, torch.arange(301), None,
                               False, 40, 40, 0.15)
+    t.check_nan_propagates(dtype, 1)
 print(torch.ops.ring_attention.cpu_kernel_isa(), torch.ops.ring_attention.cpu_fma_peak_gflops(0.05))
 print("ok")
 """

@@ -3,7 +3,8 @@
 // state is normalised (o, lse) and the next kernel resumes from it (OnlineRow::from_lse), so that
 //   lse' = log(exp(lse_a) + exp(lse_b)),  o' = exp(lse_a - lse') * o_a + exp(lse_b - lse') * o_b
 // holds across blocks without a separate merge pass. A row that has seen nothing visible has
-// lse = -inf, o = 0 (m = -inf, l = 0, acc = 0); nothing here ever evaluates -inf - -inf.
+// lse = -inf, o = 0 (m = -inf, l = 0, acc = 0); nothing here ever evaluates -inf - -inf. A NaN
+// score (NaN or infinite inputs) makes l NaN, and with it o and lse, as in the softmax.
 #pragma once
 
 #include <cmath>
@@ -37,10 +38,10 @@ struct OnlineRow {
     return factor;
   }
 
-  // lse = m + log(l); -inf when nothing was visible.
-  RA_HD T lse() const { return l > T(0) ? m + std::log(l) : neg_inf<T>(); }
-  // 1 / l, or 0 when nothing was visible (so o = acc * inv_l = 0).
-  RA_HD T inv_l() const { return l > T(0) ? T(1) / l : T(0); }
+  // lse = m + log(l); -inf when nothing was visible; NaN when a score was (l = NaN).
+  RA_HD T lse() const { return l == T(0) ? neg_inf<T>() : m + std::log(l); }
+  // 1 / l, or 0 when nothing was visible (so o = acc * inv_l = 0); NaN when a score was.
+  RA_HD T inv_l() const { return l == T(0) ? T(0) : T(1) / l; }
 };
 
 }  // namespace ring_attn

@@ -219,15 +219,15 @@ void fwd_impl(const BlockFwdParams& p) {
     gemms.end_task();
 
     // Epilogue: the normalised output and lse of the rows that saw a key (the others keep their
-    // state bit for bit).
+    // state bit for bit); NaN where a score was NaN.
     for (int64_t i = 0; i < nq; ++i) {
       if (!scratch.seen[i]) continue;
       const acc_t l = scratch.l[i];
-      const acc_t inv_l = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+      const acc_t inv_l = l == acc_t(0) ? acc_t(0) : acc_t(1) / l;
       acc_t* o = out_base + i * p.out_strides.row;
       const acc_t* a = O + i * Dp;
       for (int64_t c = 0; c < D; ++c) o[c] = a[c] * inv_l;
-      lse_base[i] = l > acc_t(0) ? acc_t(kLn2) * (scratch.m[i] + std::log2(l)) : neg_inf<acc_t>();
+      lse_base[i] = l == acc_t(0) ? neg_inf<acc_t>() : acc_t(kLn2) * (scratch.m[i] + std::log2(l));
     }
   });
 }

@@ -81,7 +81,7 @@ RA_DEV int thread_idx_reread() {
 constexpr float kLog2eF = 1.44269504088896341f;
 #if defined(RA_CUDA_EMULATE)
 RA_DEV float fast_exp2(float x) { return std::exp2(x); }
-RA_DEV float fmax_f(float a, float b) { return a > b ? a : b; }
+RA_DEV float fmax_f(float a, float b) { return std::fmax(a, b); }  // as fmaxf: NaN drops out
 #else
 RA_DEV float fast_exp2(float x) {  // ex2.approx.ftz: 2^-inf = +0
   float y;

@@ -120,7 +120,8 @@ static void test_mask_bounds() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Merge: the online state of tiles fed in turn equals one logsumexp, never NaN with -inf.
+// Merge: the online state of tiles fed in turn equals one logsumexp, never NaN with -inf (NaN only
+// from a NaN score).
 
 static void test_merge() {
   const double inf = std::numeric_limits<double>::infinity();
@@ -143,6 +144,9 @@ static void test_merge() {
   CHECK(std::abs(again.lse() - want) < 1e-12);
   // A tile with nothing visible changes nothing.
   CHECK(again.rescale_for(-inf) == 1.0);
+  // A NaN score makes l NaN, and lse and 1 / l NaN with it (not the empty row's -inf and 0).
+  again.l += std::nan("");
+  CHECK(std::isnan(again.lse()) && std::isnan(again.inv_l()));
 }
 
 // ------------------------------------------------------------------------------------------

@@ -548,6 +548,96 @@ bool run_case(const Case& c) {
   return ok;
 }
 
+// A NaN in one element of query row kRow (batch 0, head 0), causal, GQA: that row's out, lse and
+// dq are NaN, as in the softmax (not an empty row's 0 and -inf, which would drop it from the
+// gradients), in both backward modes; every other row's (the K/V group's other head included)
+// stay finite.
+bool run_nan_case(const std::string& name, bool sm90a) {
+  constexpr int B = 1, S = 97, H = 2, Hkv = 1, D = 64, kRow = 5;
+  std::mt19937_64 rng(std::hash<std::string>{}(name));
+  const int gap = sm90a ? 5 : 0;
+  Operand q = make_operand(rng, true, B, S, H, D, false, gap);
+  Operand k = make_operand(rng, true, B, S, Hkv, D, false, gap);
+  Operand v = make_operand(rng, true, B, S, Hkv, D, false, gap);
+  Operand dout = make_operand(rng, true, B, S, H, D, false, gap);
+  q.bits[q.at(0, kRow, 0, 3)] = 0x7fff;  // NaN in bf16
+  std::vector<int32_t> pos(S);
+  std::iota(pos.begin(), pos.end(), 0);
+  MaskSpec mask;
+  mask.causal = true;
+  const Strides acc_st{int64_t(S) * H * D, int64_t(H) * D, D};
+  std::vector<float> out(size_t(B) * S * H * D, 0.f);
+  std::vector<float> lse(size_t(B) * H * S, -std::numeric_limits<float>::infinity());
+  FwdArgs a{};
+  a.p.shape = BlockShape{B, S, S, H, Hkv, D};
+  a.p.dtype = DType::kBFloat16;
+  a.p.q = q.bits.data();
+  a.p.k = k.bits.data();
+  a.p.v = v.bits.data();
+  a.p.q_strides = q.st;
+  a.p.k_strides = k.st;
+  a.p.v_strides = v.st;
+  a.p.q_pos = pos.data();
+  a.p.k_pos = pos.data();
+  a.p.mask = mask;
+  a.p.softmax_scale = 1.0 / std::sqrt(D);
+  a.p.out_acc = out.data();
+  a.p.out_strides = acc_st;
+  a.p.lse = lse.data();
+  a.p.lse_batch_stride = int64_t(H) * S;
+  a.p.lse_head_stride = S;
+  a.merge = true;
+  if (sm90a) {
+    run_fwd_sm90(a);
+  } else {
+    run_fwd(a);
+  }
+  auto row_has_nan = [&](const std::vector<float>& x, int i, int h) {
+    for (int d = 0; d < D; ++d)
+      if (std::isnan(x[(size_t(i) * H + h) * D + d])) return true;
+    return false;
+  };
+  bool ok = true;
+  std::vector<float> delta(size_t(B) * H * S);
+  for (int h = 0; h < H; ++h) {
+    for (int i = 0; i < S; ++i) {
+      const bool nan_row = h == 0 && i == kRow;
+      ok = ok && std::isnan(lse[size_t(h) * S + i]) == nan_row && row_has_nan(out, i, h) == nan_row;
+      float sum = 0.f;
+      for (int d = 0; d < D; ++d)
+        sum += dout.vals[dout.at(0, i, h, d)] * out[(size_t(i) * H + h) * D + d];
+      delta[size_t(h) * S + i] = sum;
+    }
+  }
+  BlockBwdParams p{};
+  static_cast<BlockParams&>(p) = a.p;
+  p.dout = dout.bits.data();
+  p.dout_strides = dout.st;
+  p.lse = lse.data();
+  p.delta = delta.data();
+  p.row_stat_batch_stride = a.p.lse_batch_stride;
+  p.row_stat_head_stride = a.p.lse_head_stride;
+  p.dq_strides = acc_st;
+  p.dk_strides = Strides{int64_t(S) * Hkv * D, int64_t(Hkv) * D, D};
+  p.dv_strides = p.dk_strides;
+  for (bool deterministic : {false, true}) {
+    std::vector<float> dq(out.size(), 0.f), dk(size_t(B) * S * Hkv * D, 0.f), dv(dk.size(), 0.f);
+    p.dq_acc = dq.data();
+    p.dk_acc = dk.data();
+    p.dv_acc = dv.data();
+    p.deterministic = deterministic;
+    if (sm90a) {
+      run_bwd_sm90(p);
+    } else {
+      run_bwd(p);
+    }
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < S; ++i) ok = ok && row_has_nan(dq, i, h) == (h == 0 && i == kRow);
+  }
+  std::printf("%-4s %s\n", ok ? "ok" : "FAIL", name.c_str());
+  return ok;
+}
+
 // The compiled head-dim bucket of a head dim (static_switch.h) and the kind of a named mask.
 int headdim_bucket(int d) {
   int bucket = 0;
@@ -714,6 +804,16 @@ int main(int argc, char** argv) {
     }
     ++run;
     failed += !run_case(c);
+  }
+  for (bool sm90a : {false, true}) {
+    const std::string name = std::string(sm90a ? "sm90a " : "") + "bf16 nan in a query row";
+    if (!filters.empty() && std::none_of(filters.begin(), filters.end(), [&](const std::string& f) {
+          return name.find(f) != std::string::npos;
+        })) {
+      continue;
+    }
+    ++run;
+    failed += !run_nan_case(name, sm90a);
   }
   std::printf("%d of %d cases passed\n", run - failed, run);
   return failed || missing ? 1 : 0;
