@@ -77,7 +77,7 @@ def _gather_ulysses(x_local, ulysses_group, dim, what, local_error="", settings=
     group, rank, world = _ulysses(ulysses_group)
     if world == 1:
         return x_local, ""
-    verdict = _shard_verdict(x_local, group, world, what, None, local_error, settings)
+    verdict = _shard_verdict(x_local, group, what, None, local_error, settings)
     if verdict:
         return x_local, verdict
     order = torch.arange(world * x_local.shape[dim])
@@ -103,20 +103,25 @@ _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
            torch.complex128, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
            torch.bool)
-# Bytes of each text (a rank's own error, its settings) in the descriptor; longer ones are cut.
+# Bytes of each text (a rank's own error, its settings) in the descriptor, 8 to an int64; longer
+# ones are cut.
 _TEXT_BYTES = 512
 
 
 def _encode(text: str) -> list:
     data = text.encode()[:_TEXT_BYTES]
-    return [len(data), *data, *([0] * (_TEXT_BYTES - len(data)))]
+    padded = data.ljust(_TEXT_BYTES, b"\0")
+    return [len(data), *(int.from_bytes(padded[i:i + 8], "little", signed=True)
+                         for i in range(0, _TEXT_BYTES, 8))]
 
 
 def _decode(values: list) -> str:
-    return bytes(values[1:1 + values[0]]).decode(errors="replace")
+    data = b"".join(word.to_bytes(8, "little", signed=True)
+                    for word in values[1:1 + _TEXT_BYTES // 8])
+    return data[:values[0]].decode(errors="replace")
 
 
-def _shard_verdict(x, group, world: int, what: str, shard_error=None, local_error: str = "",
+def _shard_verdict(x, group, what: str, shard_error=None, local_error: str = "",
                    settings: str = "") -> str:
     """The ValueError message that every rank of ``group`` computes alike ("" when all is well).
 
@@ -146,14 +151,12 @@ def _shard_verdict(x, group, world: int, what: str, shard_error=None, local_erro
         device_type, dtype, shape = -1, -1, [0] + [-1] * 8
     desc = torch.tensor([device_type, dtype, *shape, *_encode(local_error), *_encode(settings)],
                         dtype=torch.int64, device=collective_device)
-    gathered = [torch.empty_like(desc) for _ in range(world)]
-    dist.all_gather(gathered, desc, group=group)
-    ranks = [g.cpu().tolist() for g in gathered]
+    ranks = [g.tolist() for g in ops.gather_agreement(desc, name, what)]
     errors = [_decode(r[11:]) for r in ranks]
     header = f"{what}: invalid input (every rank raises this):\n  "
     if any(errors):
         return header + "\n  ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
-    rank_settings = [_decode(r[12 + _TEXT_BYTES:]) for r in ranks]
+    rank_settings = [_decode(r[12 + _TEXT_BYTES // 8:]) for r in ranks]
     if len(set(rank_settings)) > 1:
         listing = ", ".join(f"rank {r}: {s}" for r, s in enumerate(rank_settings))
         return f"{what}: ranks disagree on the arguments ({listing})"
@@ -181,11 +184,11 @@ def _shard_verdict(x, group, world: int, what: str, shard_error=None, local_erro
     return ""
 
 
-def _agree_on_shards(x, group, world: int, what: str, shard_error=None, local_error: str = "",
+def _agree_on_shards(x, group, what: str, shard_error=None, local_error: str = "",
                      settings: str = "") -> None:
     """Raises the same ValueError on every rank of ``group`` unless ``_shard_verdict`` finds
     every rank's input valid, the same settings everywhere and shards of one shape and dtype."""
-    verdict = _shard_verdict(x, group, world, what, shard_error, local_error, settings)
+    verdict = _shard_verdict(x, group, what, shard_error, local_error, settings)
     if verdict:
         raise ValueError(verdict)
 
@@ -195,7 +198,7 @@ def _check_before_gather(x_local, group, world: int, what: str, shard_error, loc
     """The checks of unshard and unshard_varlen before they gather: at world size 1 here, else
     through _agree_on_shards, with a verdict of the ulysses_group passed on as this rank's error."""
     if world > 1:
-        _agree_on_shards(x_local, group, world, what, shard_error,
+        _agree_on_shards(x_local, group, what, shard_error,
                          _in_ulysses_group(ulysses_verdict, what) if ulysses_verdict else local_error,
                          settings)
         return

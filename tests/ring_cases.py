@@ -147,6 +147,34 @@ def check_rejected(kind, bad_ranks):
     return str(error.value)
 
 
+# What rank 1 calls instead of ring_attn_func over the same group: call(q, k, v, cu_seqlens) with
+# cu_seqlens packing q's tokens of every rank into one sequence; the name the error gives it.
+OTHER_CALLS = {
+    "unshard": (lambda q, k, v, cu: ra.unshard(q), "unshard"),
+    "unshard_varlen": (lambda q, k, v, cu: ra.unshard_varlen(q[0], cu), "unshard_varlen"),
+    "varlen": (lambda q, k, v, cu: ra.ring_attn_varlen_func(q[0], k[0], v[0], cu, causal=True),
+               "ring_attn_varlen_func"),
+    "ulysses": (lambda q, k, v, cu: ra.ring_attn_func(q, k, v, causal=True,
+                                                      ulysses_group=dist.group.WORLD),
+                "ring_attn_func (Ulysses)"),
+}
+
+
+def check_other_call(kind):
+    """Rank 1 makes the call of `kind` while the other ranks call ring_attn_func over the same
+    group: every rank must raise ValueError, then a valid call still works. Returns the message."""
+    rank, world = rank_and_world()
+    q, k, v, _ = random_qkv(seed_of(kind, rank), 1, 8, 8, 4, 2, 16, torch.float32)
+    cu = torch.tensor([0, 8 * world], dtype=torch.int32)
+    with pytest.raises(ValueError) as error:
+        if rank == 1:
+            OTHER_CALLS[kind][0](q, k, v, cu)
+        else:
+            ra.ring_attn_func(q, k, v, causal=True)
+    check_ring(SMALL_CASE)
+    return str(error.value)
+
+
 def check_ring_with_timeout(seconds):
     """SMALL_CASE's ring, forward and backward, with RING_ATTN_TIMEOUT set to `seconds` (read at
     every call), then restored."""

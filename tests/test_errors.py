@@ -5,8 +5,8 @@ import re
 import pytest
 
 from dist_pool import RankPool
-from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, call_unless_absent, check_rejected,
-                        check_ring_with_timeout, dying_mid_ring)
+from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
+                        check_other_call, check_rejected, check_ring_with_timeout, dying_mid_ring)
 
 WORLD = 3
 
@@ -41,6 +41,17 @@ def test_disagreeing_ranks_raise_on_every_rank(rank_pool, kind):
         "kv_exchange": ("ring", "allgather"),
     }[kind]
     assert f"rank 0: {values[0]}, rank 1: {values[1]}, rank 2: {values[0]}" in message, message
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_CALLS))
+def test_ranks_making_different_calls_raise_on_every_rank(rank_pool, kind):
+    """Rank 1 calls another function of the library over the group while ranks 0 and 2 call
+    ring_attn_func: every rank raises the same ValueError naming each rank's call (no crash of
+    the backend, no hang), and the group stays usable."""
+    message = assert_same_everywhere(rank_pool(WORLD).run(check_other_call, kind))
+    other = OTHER_CALLS[kind][1]
+    assert ("ranks called different functions over one process group (rank 0: ring_attn_func, "
+            f"rank 1: {other}, rank 2: ring_attn_func)") in message, message
 
 
 @pytest.mark.parametrize("seconds", ["1e30", "0"])

@@ -44,6 +44,16 @@ std::string validate_local(const RingCall& call);
 // the local verdict with its message.
 at::Tensor describe(const RingCall& call);
 
+// Every rank's `descriptor` (int64, at most 188 words) over `group`, on the CPU, gathered on
+// `device` (the group's collective device) in one all-gather whose size is the same for every
+// call, with the name of the function making it (`call`, under 32 bytes). Ranks that make
+// different calls over the group all raise the same ValueError naming each rank's call; a rank
+// that does not take part makes the others raise RuntimeError after `timeout_s`.
+std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
+                                               const std::string& call,
+                                               c10d::ProcessGroup& group,
+                                               const at::Device& device, double timeout_s);
+
 // Raises ValueError naming the ranks if any descriptor carries an error or the ranks disagree.
 void check_descriptors(const std::vector<at::Tensor>& descriptors);
 

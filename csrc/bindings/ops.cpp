@@ -3,7 +3,9 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/library.h>
 
+#include "bindings/agreement.h"
 #include "bindings/op_impls.h"
+#include "bindings/transport_select.h"
 #include "comm/group_devices.h"
 #include "cpu/block_attn_cpu.h"
 
@@ -96,6 +98,16 @@ std::string group_device_error_op(c10::string_view group_name, c10::string_view 
   return point_to_point ? p2p_device_error(*group, d) : collective_device_error(*group, d);
 }
 
+// Every rank's int64 `descriptor` (on the group's collective device) over the process group
+// registered as group_name, on the CPU, for an agreement of the Python function `call`
+// (bindings/agreement.h all_gather_descriptors; RING_ATTN_TIMEOUT applies).
+std::vector<at::Tensor> gather_agreement_op(const at::Tensor& descriptor,
+                                            c10::string_view group_name, c10::string_view call) {
+  const auto group = c10d::resolve_process_group(std::string(group_name));
+  return all_gather_descriptors(descriptor, std::string(call), *group, descriptor.device(),
+                                ring_timeout_seconds());
+}
+
 TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
   m.def("last_ring_stats() -> int[]", &last_ring_stats_op);
   m.def("all_to_all_bytes_sent() -> int", &all_to_all_bytes_sent_op);
@@ -103,6 +115,8 @@ TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
         &group_collective_device_op);
   m.def("group_device_error(str group_name, str device, bool point_to_point) -> str",
         &group_device_error_op);
+  m.def("gather_agreement(Tensor descriptor, str group_name, str call) -> Tensor[]",
+        &gather_agreement_op);
   m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa_op);
   m.def("cpu_fma_peak_gflops(float seconds=0.2) -> float", &cpu_fma_peak_gflops_op);
 }

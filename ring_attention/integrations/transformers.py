@@ -297,9 +297,7 @@ def _agree_on_documents(cu_seqlens: Optional[torch.Tensor], device: torch.device
     cu = [] if cu_seqlens is None else cu_seqlens.tolist()
     desc = torch.tensor([int(cu_seqlens is not None), len(cu), cu[-1] if cu else 0,
                          zlib.crc32(repr(cu).encode())], dtype=torch.int64, device=collective_device)
-    gathered = [torch.empty_like(desc) for _ in range(world)]
-    dist.all_gather(gathered, desc, group=group)
-    described = [tuple(g.cpu().tolist()) for g in gathered]
+    described = [tuple(g.tolist()) for g in ops.gather_agreement(desc, name, "shard_inputs")]
     if len(set(described)) > 1:
         listing = "\n  ".join(f"rank {r}: " + (f"{n - 1} packed documents, {t} tokens" if p else "unpacked rows")
                               for r, (p, n, t, _) in enumerate(described))
