@@ -1,6 +1,5 @@
 // Op schemas (one list, every device) and the CPU implementations.
 // The Python package loads this library with torch.ops.load_library and registers fake kernels.
-#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/library.h>
 
 #include "bindings/agreement.h"
@@ -85,7 +84,7 @@ double cpu_fma_peak_gflops_op(double seconds) { return cpu::fma_peak_gflops(seco
 // The device of the library's own collectives over the group (comm/group_devices.h), given the
 // device of the inputs: "cpu", "cuda:0", ..., or "" when this process has none.
 std::string group_collective_device_op(c10::string_view group_name, c10::string_view inputs) {
-  const auto group = c10d::resolve_process_group(std::string(group_name));
+  const auto group = resolve_group(std::string(group_name));
   const std::optional<at::Device> device = collective_device(*group, at::Device(std::string(inputs)));
   return device ? device->str() : "";
 }
@@ -93,7 +92,7 @@ std::string group_collective_device_op(c10::string_view group_name, c10::string_
 // Why the group cannot carry tensors of `device` (in collectives, or point to point), or "".
 std::string group_device_error_op(c10::string_view group_name, c10::string_view device,
                                   bool point_to_point) {
-  const auto group = c10d::resolve_process_group(std::string(group_name));
+  const auto group = resolve_group(std::string(group_name));
   const at::Device d{std::string(device)};
   return point_to_point ? p2p_device_error(*group, d) : collective_device_error(*group, d);
 }
@@ -103,7 +102,7 @@ std::string group_device_error_op(c10::string_view group_name, c10::string_view 
 // (bindings/agreement.h all_gather_descriptors; RING_ATTN_TIMEOUT applies).
 std::vector<at::Tensor> gather_agreement_op(const at::Tensor& descriptor,
                                             c10::string_view group_name, c10::string_view call) {
-  const auto group = c10d::resolve_process_group(std::string(group_name));
+  const auto group = resolve_group(std::string(group_name));
   return all_gather_descriptors(descriptor, std::string(call), *group, descriptor.device(),
                                 ring_timeout_seconds());
 }
