@@ -8,6 +8,8 @@ Layouts of S = world * L tokens:
               sequences stay on one rank
 """
 import hashlib
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -209,6 +211,33 @@ def _check_before_gather(x_local, group, world: int, what: str, shard_error, loc
         raise ValueError(f"{what}: {error}")
 
 
+# Collectives of unshard whose wait gave up, kept alive with their buffers: the backend may still
+# write into them (as csrc/comm/c10d_transport.h abandon does for the ring's).
+_ABANDONED = []
+
+
+def _wait(work, rank: int, doing: str) -> None:
+    """Waits for unshard's collective `work` until RING_ATTN_TIMEOUT, as the ring's waits do;
+    then raises RuntimeError saying what this rank was `doing`."""
+    from ._ops import ops
+
+    timeout = ops.ring_timeout_seconds()
+    if timeout <= 0:
+        work.wait()
+        return
+    start = time.monotonic()
+    try:
+        if work.wait(timedelta(seconds=min(timeout, 1e9))):
+            return
+    except RuntimeError:
+        if time.monotonic() - start < 0.99 * timeout:  # a backend failure, not the deadline
+            raise
+    _ABANDONED.append(work)
+    raise RuntimeError(f"unshard: rank {rank} timed out after {timeout:g} s (RING_ATTN_TIMEOUT) "
+                       f"{doing}: some rank did not take part. The process group may be unusable "
+                       "after this error, as after any collective timeout.")
+
+
 class _GatherInOrder(torch.autograd.Function):
     """All-gathers equal shards along `dim` and picks `order` (indices into the rank-order
     concatenation). Backward: the adjoint of an all-gather (gradients summed over ranks), scattered
@@ -218,7 +247,8 @@ class _GatherInOrder(torch.autograd.Function):
     def forward(ctx, x_local, group, rank, world, dim, order):
         ctx.meta = (group, rank, world, dim, x_local.shape[dim], order)
         parts = [torch.empty_like(x_local, memory_format=torch.contiguous_format) for _ in range(world)]
-        dist.all_gather(parts, x_local.contiguous(), group=group)
+        _wait(dist.all_gather(parts, x_local.contiguous(), group=group, async_op=True), rank,
+              "gathering the shards")
         return torch.cat(parts, dim=dim).index_select(dim, order.to(x_local.device))
 
     @staticmethod
@@ -226,7 +256,8 @@ class _GatherInOrder(torch.autograd.Function):
     def backward(ctx, grad_out):
         group, rank, world, dim, local_len, order = ctx.meta
         grad_out = grad_out.contiguous()
-        dist.all_reduce(grad_out, group=group)
+        _wait(dist.all_reduce(grad_out, group=group, async_op=True), rank,
+              "summing the gradients in the backward")
         shape = list(grad_out.shape)
         shape[dim] = world * local_len
         grad_cat = grad_out.new_zeros(shape).index_copy(dim, order.to(grad_out.device), grad_out)

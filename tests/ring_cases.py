@@ -206,6 +206,22 @@ def call_unless_absent(absent_rank, check):
     return type(error.value).__name__, str(error.value), time.monotonic() - start
 
 
+def skipping_unshard_backward(absent_rank):
+    """Every rank unshards; all but `absent_rank` then run the backward through it.
+
+    Returns (exception type name, message, seconds until it was raised) on the others;
+    `absent_rank` returns None at once and idles, like a peer that never reaches the backward."""
+    rank, _ = rank_and_world()
+    x = torch.randn(1, 4, 2, 8, requires_grad=True)
+    full = ra.unshard(x)
+    if rank == absent_rank:
+        return None
+    start = time.monotonic()
+    with pytest.raises(Exception) as error:
+        full.sum().backward()
+    return type(error.value).__name__, str(error.value), time.monotonic() - start
+
+
 def dying_mid_ring(victim, delay_s):
     """`victim` exits abruptly `delay_s` into a ring forward long enough to still be running;
     the others raise SurvivorReport with the error they saw and how long it took."""

@@ -6,7 +6,8 @@ import pytest
 
 from dist_pool import RankPool
 from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
-                        check_other_call, check_rejected, check_ring_with_timeout, dying_mid_ring)
+                        check_other_call, check_rejected, check_ring_with_timeout, dying_mid_ring,
+                        skipping_unshard_backward)
 
 WORLD = 3
 
@@ -94,6 +95,18 @@ def test_absent_rank_times_out_in_agreement(fault_pool):
         assert error == "RuntimeError", message
         assert f"rank {rank} timed out" in message and "agreeing on inputs" in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
+
+
+@pytest.mark.parametrize("fault_pool", [2], indirect=True)
+def test_peer_skipping_unshard_backward_times_out(fault_pool):
+    """Rank 1 never runs the backward through unshard: rank 0 raises RuntimeError once
+    RING_ATTN_TIMEOUT has passed instead of waiting for the process group's own timeout."""
+    error, message, elapsed = fault_pool.run(skipping_unshard_backward, 1,
+                                             timeout=POOL_TIMEOUT_S)[0]
+    assert error == "RuntimeError", message
+    assert "unshard: rank 0 timed out" in message and "RING_ATTN_TIMEOUT" in message, message
+    assert "summing the gradients in the backward" in message, message
+    assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
 
 
 @pytest.mark.parametrize("fault_pool", [2], indirect=True)

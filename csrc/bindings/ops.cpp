@@ -116,6 +116,7 @@ TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
         &group_device_error_op);
   m.def("gather_agreement(Tensor descriptor, str group_name, str call) -> Tensor[]",
         &gather_agreement_op);
+  m.def("ring_timeout_seconds() -> float", &ring_timeout_seconds);
   m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa_op);
   m.def("cpu_fma_peak_gflops(float seconds=0.2) -> float", &cpu_fma_peak_gflops_op);
 }
