@@ -175,6 +175,25 @@ def check_other_call(kind):
     return str(error.value)
 
 
+def check_backward_against_forward(kv_exchange):
+    """After a forward on every rank, rank 1 skips the backward and calls ring_attn_func again
+    while the other ranks run the backward: every rank must raise ValueError, then a valid call
+    still works. Returns the message."""
+    rank, _ = rank_and_world()
+    q, k, v, dout = random_qkv(seed_of("skipped backward", rank), 1, 8, 8, 4, 2, 16,
+                               torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = ra.ring_attn_func(q, k, v, causal=True, kv_exchange=kv_exchange)
+    with pytest.raises(ValueError) as error:
+        if rank == 1:
+            ra.ring_attn_func(q, k, v, causal=True, kv_exchange=kv_exchange)
+        else:
+            out.backward(dout)
+    check_ring(SMALL_CASE)
+    return str(error.value)
+
+
 def check_ring_with_timeout(seconds):
     """SMALL_CASE's ring, forward and backward, with RING_ATTN_TIMEOUT set to `seconds` (read at
     every call), then restored."""

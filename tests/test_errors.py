@@ -6,7 +6,7 @@ import pytest
 
 from dist_pool import RankPool
 from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
-                        check_other_call, check_rejected, check_ring_with_timeout, dying_mid_ring,
+                        check_backward_against_forward, check_other_call, check_rejected, check_ring_with_timeout, dying_mid_ring,
                         skipping_unshard_backward)
 
 WORLD = 3
@@ -53,6 +53,18 @@ def test_ranks_making_different_calls_raise_on_every_rank(rank_pool, kind):
     other = OTHER_CALLS[kind][1]
     assert ("ranks called different functions over one process group (rank 0: ring_attn_func, "
             f"rank 1: {other}, rank 2: ring_attn_func)") in message, message
+
+
+@pytest.mark.parametrize("kv_exchange", ["ring", "allgather"])
+def test_rank_skipping_the_backward_raises_on_every_rank(rank_pool, kv_exchange):
+    """Rank 1 calls ring_attn_func again while ranks 0 and 2 run the backward of the last call:
+    every rank raises the same ValueError (the all-gather backward's collectives would otherwise
+    meet the forward's agreement, which ends the process under gloo), and the group stays
+    usable."""
+    message = assert_same_everywhere(rank_pool(WORLD).run(check_backward_against_forward,
+                                                          kv_exchange))
+    assert ("ranks called different functions over one process group (rank 0: ring_attn_func "
+            "backward, rank 1: ring_attn_func, rank 2: ring_attn_func backward)") in message, message
 
 
 @pytest.mark.parametrize("seconds", ["1e30", "0"])

@@ -392,6 +392,18 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
                                            timeout_s));
 }
 
+void agree_on_backward(const std::string& call,
+                       const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                       const at::Tensor& sample, bool check, double timeout_s) {
+  if (!check || !group || group->getSize() == 1) return;
+  const std::optional<at::Device> device = collective_device(*group, sample.device());
+  TORCH_CHECK_VALUE(device, "ring_attn_func: the ranks cannot agree on the backward: ",
+                    collective_device_error(*group, at::Device(at::kCPU)),
+                    " and this process has no CUDA device");
+  all_gather_descriptors(at::zeros({1}, at::kLong), call + " backward", *group, *device,
+                         timeout_s);
+}
+
 // ---- the U x R grid of Ulysses ---------------------------------------------------------------
 
 namespace {

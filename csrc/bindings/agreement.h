@@ -64,6 +64,14 @@ void check_descriptors(const std::vector<at::Tensor>& descriptors);
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s);
 
+// Before the backward of `call` (a function's name, under 22 bytes) sends anything over `group`:
+// one small all-gather of the call's name, so that a rank making another call over the group
+// meanwhile (a rank that skipped the backward) raises the same ValueError as the ranks in the
+// backward. Nothing with check=false or a group of one rank.
+void agree_on_backward(const std::string& call,
+                       const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                       const at::Tensor& sample, bool check, double timeout_s);
+
 // A rank's place in a U x R grid: its ulysses_group of U ranks and its ring group of R ranks (a
 // null group: size 1).
 struct UlyssesGrid {
