@@ -8,6 +8,8 @@ Layouts of S = world * L tokens:
               sequences stay on one rank
 """
 import hashlib
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -85,7 +87,7 @@ def _gather_ulysses(x_local, ulysses_group, dim, what, local_error="", settings=
     group, rank, world = _ulysses(ulysses_group)
     if world == 1:
         return x_local, ""
-    verdict = _shard_verdict(x_local, group, world, what, None, local_error, settings)
+    verdict = _shard_verdict(x_local, group, what, None, local_error, settings)
     if verdict:
         return x_local, verdict
     order = torch.arange(world * x_local.shape[dim])
@@ -111,20 +113,25 @@ _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
            torch.complex128, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
            torch.bool)
-# Bytes of each text (a rank's own error, its settings) in the descriptor; longer ones are cut.
+# Bytes of each text (a rank's own error, its settings) in the descriptor, 8 to an int64; longer
+# ones are cut.
 _TEXT_BYTES = 512
 
 
 def _encode(text: str) -> list:
     data = text.encode()[:_TEXT_BYTES]
-    return [len(data), *data, *([0] * (_TEXT_BYTES - len(data)))]
+    padded = data.ljust(_TEXT_BYTES, b"\0")
+    return [len(data), *(int.from_bytes(padded[i:i + 8], "little", signed=True)
+                         for i in range(0, _TEXT_BYTES, 8))]
 
 
 def _decode(values: list) -> str:
-    return bytes(values[1:1 + values[0]]).decode(errors="replace")
+    data = b"".join(word.to_bytes(8, "little", signed=True)
+                    for word in values[1:1 + _TEXT_BYTES // 8])
+    return data[:values[0]].decode(errors="replace")
 
 
-def _shard_verdict(x, group, world: int, what: str, shard_error=None, local_error: str = "",
+def _shard_verdict(x, group, what: str, shard_error=None, local_error: str = "",
                    settings: str = "") -> str:
     """The ValueError message that every rank of ``group`` computes alike ("" when all is well).
 
@@ -154,14 +161,12 @@ def _shard_verdict(x, group, world: int, what: str, shard_error=None, local_erro
         device_type, dtype, shape = -1, -1, [0] + [-1] * 8
     desc = torch.tensor([device_type, dtype, *shape, *_encode(local_error), *_encode(settings)],
                         dtype=torch.int64, device=collective_device)
-    gathered = [torch.empty_like(desc) for _ in range(world)]
-    dist.all_gather(gathered, desc, group=group)
-    ranks = [g.cpu().tolist() for g in gathered]
+    ranks = [g.tolist() for g in ops.gather_agreement(desc, name, what)]
     errors = [_decode(r[11:]) for r in ranks]
     header = f"{what}: invalid input (every rank raises this):\n  "
     if any(errors):
         return header + "\n  ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
-    rank_settings = [_decode(r[12 + _TEXT_BYTES:]) for r in ranks]
+    rank_settings = [_decode(r[12 + _TEXT_BYTES // 8:]) for r in ranks]
     if len(set(rank_settings)) > 1:
         listing = ", ".join(f"rank {r}: {s}" for r, s in enumerate(rank_settings))
         return f"{what}: ranks disagree on the arguments ({listing})"
@@ -189,11 +194,11 @@ def _shard_verdict(x, group, world: int, what: str, shard_error=None, local_erro
     return ""
 
 
-def _agree_on_shards(x, group, world: int, what: str, shard_error=None, local_error: str = "",
+def _agree_on_shards(x, group, what: str, shard_error=None, local_error: str = "",
                      settings: str = "") -> None:
     """Raises the same ValueError on every rank of ``group`` unless ``_shard_verdict`` finds
     every rank's input valid, the same settings everywhere and shards of one shape and dtype."""
-    verdict = _shard_verdict(x, group, world, what, shard_error, local_error, settings)
+    verdict = _shard_verdict(x, group, what, shard_error, local_error, settings)
     if verdict:
         raise ValueError(verdict)
 
@@ -203,7 +208,7 @@ def _check_before_gather(x_local, group, world: int, what: str, shard_error, loc
     """The checks of unshard and unshard_varlen before they gather: at world size 1 here, else
     through _agree_on_shards, with a verdict of the ulysses_group passed on as this rank's error."""
     if world > 1:
-        _agree_on_shards(x_local, group, world, what, shard_error,
+        _agree_on_shards(x_local, group, what, shard_error,
                          _in_ulysses_group(ulysses_verdict, what) if ulysses_verdict else local_error,
                          settings)
         return
@@ -212,6 +217,33 @@ def _check_before_gather(x_local, group, world: int, what: str, shard_error, loc
     error = local_error or shard_error(0, x_local.shape)
     if error:
         raise ValueError(f"{what}: {error}")
+
+
+# Collectives of unshard whose wait gave up, kept alive with their buffers: the backend may still
+# write into them (as csrc/comm/c10d_transport.h abandon does for the ring's).
+_ABANDONED = []
+
+
+def _wait(work, rank: int, doing: str) -> None:
+    """Waits for unshard's collective `work` until RING_ATTN_TIMEOUT, as the ring's waits do;
+    then raises RuntimeError saying what this rank was `doing`."""
+    from ._ops import ops
+
+    timeout = ops.ring_timeout_seconds()
+    if timeout <= 0:
+        work.wait()
+        return
+    start = time.monotonic()
+    try:
+        if work.wait(timedelta(seconds=min(timeout, 1e9))):
+            return
+    except RuntimeError:
+        if time.monotonic() - start < 0.99 * timeout:  # a backend failure, not the deadline
+            raise
+    _ABANDONED.append(work)
+    raise RuntimeError(f"unshard: rank {rank} timed out after {timeout:g} s (RING_ATTN_TIMEOUT) "
+                       f"{doing}: some rank did not take part. The process group may be unusable "
+                       "after this error, as after any collective timeout.")
 
 
 class _GatherInOrder(torch.autograd.Function):
@@ -223,7 +255,8 @@ class _GatherInOrder(torch.autograd.Function):
     def forward(ctx, x_local, group, rank, world, dim, order):
         ctx.meta = (group, rank, world, dim, x_local.shape[dim], order)
         parts = [torch.empty_like(x_local, memory_format=torch.contiguous_format) for _ in range(world)]
-        dist.all_gather(parts, x_local.contiguous(), group=group)
+        _wait(dist.all_gather(parts, x_local.contiguous(), group=group, async_op=True), rank,
+              "gathering the shards")
         return torch.cat(parts, dim=dim).index_select(dim, order.to(x_local.device))
 
     @staticmethod
@@ -231,7 +264,8 @@ class _GatherInOrder(torch.autograd.Function):
     def backward(ctx, grad_out):
         group, rank, world, dim, local_len, order = ctx.meta
         grad_out = grad_out.contiguous()
-        dist.all_reduce(grad_out, group=group)
+        _wait(dist.all_reduce(grad_out, group=group, async_op=True), rank,
+              "summing the gradients in the backward")
         shape = list(grad_out.shape)
         shape[dim] = world * local_len
         grad_cat = grad_out.new_zeros(shape).index_copy(dim, order.to(grad_out.device), grad_out)

@@ -101,3 +101,35 @@ def nonmember_calls_rejected():
             except ValueError as error:
                 messages[f"{name}({keyword}=...)"] = str(error)
     return messages
+
+
+def calls_after_destroy():
+    """Destroys the default group, then calls with a subgroup made before and with the old
+    default group: each call raises ValueError at once. Then init_process_group again: the ring
+    works over the new default group. Returns {call: message}."""
+    subgroup = dist.new_group([0, 1])
+    old_world = dist.group.WORLD
+    rank, world = rank_and_world()
+    store = dist.distributed_c10d._get_default_store()
+    dist.destroy_process_group()
+    q, k, v, _ = random_qkv(0, 1, 4, 4, 2, 1, 8, torch.float32)
+    cu = torch.tensor([0, 4 * world], dtype=torch.int32)
+    calls = {
+        "ring_attn_func": lambda group: ra.ring_attn_func(q, k, v, group=group),
+        "ring_attn_varlen_func": lambda group: ra.ring_attn_varlen_func(q[0], k[0], v[0], cu,
+                                                                        group=group),
+        "unshard": lambda group: ra.unshard(q, group=group),
+        "unshard_varlen": lambda group: ra.unshard_varlen(q[0], cu, group=group),
+    }
+    messages = {}
+    for name, call in calls.items():
+        for which, group in (("subgroup", subgroup), ("old default group", old_world)):
+            try:
+                call(group)
+                messages[f"{name}({which})"] = "no error"
+            except ValueError as error:
+                messages[f"{name}({which})"] = str(error)
+    dist.init_process_group("gloo", store=dist.PrefixStore("again", store), rank=rank,
+                            world_size=world)
+    check_ring(SMALL_CASE)
+    return messages

@@ -180,6 +180,8 @@ def unsupported_use_raises(case):
     inputs = dict(input_ids=ids, position_ids=pos, use_cache=False)
     if case == "padding":  # padding in rank 0's shard only
         inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), int(rank > 0))
+    if case == "padding on one rank" and rank == 0:  # the other ranks pass no attention_mask
+        inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0)
     if case == "flash-attention documents":  # as DataCollatorWithFlattening(return_flash_attn_kwargs=True)
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor([0, 3, ids.shape[1]], dtype=torch.int32)
     if case == "stale documents":  # a plain forward after a packed batch

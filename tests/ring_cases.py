@@ -150,6 +150,53 @@ def check_rejected(kind, bad_ranks):
     return str(error.value)
 
 
+# What rank 1 calls instead of ring_attn_func over the same group: call(q, k, v, cu_seqlens) with
+# cu_seqlens packing q's tokens of every rank into one sequence; the name the error gives it.
+OTHER_CALLS = {
+    "unshard": (lambda q, k, v, cu: ra.unshard(q), "unshard"),
+    "unshard_varlen": (lambda q, k, v, cu: ra.unshard_varlen(q[0], cu), "unshard_varlen"),
+    "varlen": (lambda q, k, v, cu: ra.ring_attn_varlen_func(q[0], k[0], v[0], cu, causal=True),
+               "ring_attn_varlen_func"),
+    "ulysses": (lambda q, k, v, cu: ra.ring_attn_func(q, k, v, causal=True,
+                                                      ulysses_group=dist.group.WORLD),
+                "ring_attn_func (Ulysses)"),
+}
+
+
+def check_other_call(kind):
+    """Rank 1 makes the call of `kind` while the other ranks call ring_attn_func over the same
+    group: every rank must raise ValueError, then a valid call still works. Returns the message."""
+    rank, world = rank_and_world()
+    q, k, v, _ = random_qkv(seed_of(kind, rank), 1, 8, 8, 4, 2, 16, torch.float32)
+    cu = torch.tensor([0, 8 * world], dtype=torch.int32)
+    with pytest.raises(ValueError) as error:
+        if rank == 1:
+            OTHER_CALLS[kind][0](q, k, v, cu)
+        else:
+            ra.ring_attn_func(q, k, v, causal=True)
+    check_ring(SMALL_CASE)
+    return str(error.value)
+
+
+def check_backward_against_forward(kv_exchange):
+    """After a forward on every rank, rank 1 skips the backward and calls ring_attn_func again
+    while the other ranks run the backward: every rank must raise ValueError, then a valid call
+    still works. Returns the message."""
+    rank, _ = rank_and_world()
+    q, k, v, dout = random_qkv(seed_of("skipped backward", rank), 1, 8, 8, 4, 2, 16,
+                               torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = ra.ring_attn_func(q, k, v, causal=True, kv_exchange=kv_exchange)
+    with pytest.raises(ValueError) as error:
+        if rank == 1:
+            ra.ring_attn_func(q, k, v, causal=True, kv_exchange=kv_exchange)
+        else:
+            out.backward(dout)
+    check_ring(SMALL_CASE)
+    return str(error.value)
+
+
 def check_ring_with_timeout(seconds):
     """SMALL_CASE's ring, forward and backward, with RING_ATTN_TIMEOUT set to `seconds` (read at
     every call), then restored."""
@@ -178,6 +225,22 @@ def call_unless_absent(absent_rank, check):
     start = time.monotonic()
     with pytest.raises(Exception) as error:
         ra.ring_attn_func(q, k, v)
+    return type(error.value).__name__, str(error.value), time.monotonic() - start
+
+
+def skipping_unshard_backward(absent_rank):
+    """Every rank unshards; all but `absent_rank` then run the backward through it.
+
+    Returns (exception type name, message, seconds until it was raised) on the others;
+    `absent_rank` returns None at once and idles, like a peer that never reaches the backward."""
+    rank, _ = rank_and_world()
+    x = torch.randn(1, 4, 2, 8, requires_grad=True)
+    full = ra.unshard(x)
+    if rank == absent_rank:
+        return None
+    start = time.monotonic()
+    with pytest.raises(Exception) as error:
+        full.sum().backward()
     return type(error.value).__name__, str(error.value), time.monotonic() - start
 
 

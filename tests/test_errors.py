@@ -5,8 +5,9 @@ import re
 import pytest
 
 from dist_pool import RankPool
-from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, call_unless_absent, check_rejected,
-                        check_ring_with_timeout, dying_mid_ring)
+from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
+                        check_backward_against_forward, check_other_call, check_rejected, check_ring_with_timeout, dying_mid_ring,
+                        skipping_unshard_backward)
 
 WORLD = 3
 
@@ -41,6 +42,29 @@ def test_disagreeing_ranks_raise_on_every_rank(rank_pool, kind):
         "kv_exchange": ("ring", "allgather"),
     }[kind]
     assert f"rank 0: {values[0]}, rank 1: {values[1]}, rank 2: {values[0]}" in message, message
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_CALLS))
+def test_ranks_making_different_calls_raise_on_every_rank(rank_pool, kind):
+    """Rank 1 calls another function of the library over the group while ranks 0 and 2 call
+    ring_attn_func: every rank raises the same ValueError naming each rank's call (no crash of
+    the backend, no hang), and the group stays usable."""
+    message = assert_same_everywhere(rank_pool(WORLD).run(check_other_call, kind))
+    other = OTHER_CALLS[kind][1]
+    assert ("ranks called different functions over one process group (rank 0: ring_attn_func, "
+            f"rank 1: {other}, rank 2: ring_attn_func)") in message, message
+
+
+@pytest.mark.parametrize("kv_exchange", ["ring", "allgather"])
+def test_rank_skipping_the_backward_raises_on_every_rank(rank_pool, kv_exchange):
+    """Rank 1 calls ring_attn_func again while ranks 0 and 2 run the backward of the last call:
+    every rank raises the same ValueError (the all-gather backward's collectives would otherwise
+    meet the forward's agreement, which ends the process under gloo), and the group stays
+    usable."""
+    message = assert_same_everywhere(rank_pool(WORLD).run(check_backward_against_forward,
+                                                          kv_exchange))
+    assert ("ranks called different functions over one process group (rank 0: ring_attn_func "
+            "backward, rank 1: ring_attn_func, rank 2: ring_attn_func backward)") in message, message
 
 
 @pytest.mark.parametrize("seconds", ["1e30", "0"])
@@ -83,6 +107,18 @@ def test_absent_rank_times_out_in_agreement(fault_pool):
         assert error == "RuntimeError", message
         assert f"rank {rank} timed out" in message and "agreeing on inputs" in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
+
+
+@pytest.mark.parametrize("fault_pool", [2], indirect=True)
+def test_peer_skipping_unshard_backward_times_out(fault_pool):
+    """Rank 1 never runs the backward through unshard: rank 0 raises RuntimeError once
+    RING_ATTN_TIMEOUT has passed instead of waiting for the process group's own timeout."""
+    error, message, elapsed = fault_pool.run(skipping_unshard_backward, 1,
+                                             timeout=POOL_TIMEOUT_S)[0]
+    assert error == "RuntimeError", message
+    assert "unshard: rank 0 timed out" in message and "RING_ATTN_TIMEOUT" in message, message
+    assert "summing the gradients in the backward" in message, message
+    assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
 
 
 @pytest.mark.parametrize("fault_pool", [2], indirect=True)

@@ -9,7 +9,9 @@ group, c10d would raise its own RuntimeError ("no backend for device type cpu") 
 library's ValueError, and these tests fail. tests/gpu/test_nccl_group.py runs a real NCCL group."""
 import pytest
 
-from group_cases import device_rules, nonmember_calls_rejected, rejected_on, ring_on
+from dist_pool import RankPool
+from group_cases import (calls_after_destroy, device_rules, nonmember_calls_rejected, rejected_on,
+                         ring_on)
 
 WORLD = 2
 
@@ -53,3 +55,17 @@ def test_group_this_rank_is_not_a_member_of_raises_value_error(rank_pool):
     assert member_0 and member_1
     for call, message in messages.items():
         assert "this rank is not a member of the process group" in message, (call, message)
+
+
+def test_group_destroyed_raises_value_error():
+    """After destroy_process_group, a subgroup made before and the old default group raise
+    ValueError saying the group was destroyed, from every entry point; after init_process_group
+    the ring works again. The pool's default group is replaced, so it has its own ranks."""
+    pool = RankPool(WORLD)
+    try:
+        results = pool.run(calls_after_destroy)
+    finally:
+        pool.close(kill=True)
+    for messages in results:
+        for call, message in messages.items():
+            assert "the group was destroyed" in message, (call, message)

@@ -44,6 +44,7 @@ def test_transformers_packed_disagreement_raises_everywhere(rank_pool):
 # Uses the ring cannot compute, with a part of the message every rank raises.
 UNSUPPORTED_USES = {
     "padding": "pads some tokens",  # an attention_mask with padding
+    "padding on one rank": "pads some tokens",  # the other ranks pass no attention_mask
     "chunked": "chunked attention",  # Llama 4 chunks shorter than the sequence
     "softcap": "soft-capping",  # Gemma 2
     "sinks": "attention sinks",  # GPT-OSS

@@ -84,26 +84,56 @@ std::string message_of(const int64_t* d) {
   return std::string(text, strnlen(text, kMessageBytes));
 }
 
-// Every rank's `descriptor` (int64, on the CPU) over `group`, gathered on the group's collective
-// device; raises on a deadline.
+// What an agreement's all-gather carries: the calling function's name (kCallNameBytes, NUL-padded),
+// then its descriptor, zero-padded to kAgreementWords whatever the call. Every agreement sends the
+// same number of bytes, so ranks that make different calls over one group (one ring_attn_func,
+// another unshard) exchange well-formed messages and all see the difference.
+constexpr int kCallNameBytes = 32;
+constexpr int64_t kCallNameWords = kCallNameBytes / 8;
+// The name and the largest descriptor (unshard's in ring_attention/layouts.py: 141 words).
+constexpr int64_t kAgreementWords = 192;
+
+std::string call_name_of(const at::Tensor& envelope) {
+  const char* text = reinterpret_cast<const char*>(envelope.data_ptr<int64_t>());
+  return std::string(text, strnlen(text, kCallNameBytes));
+}
+
+}  // namespace
+
 std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
+                                               const std::string& call,
                                                c10d::ProcessGroup& group,
                                                const at::Device& device, double timeout_s) {
+  const int64_t words = descriptor.numel();
+  TORCH_CHECK(words <= kAgreementWords - kCallNameWords && call.size() < kCallNameBytes,
+              "ring attention: internal error, an agreement of ", words, " words for ", call);
+  at::Tensor envelope = at::zeros({kAgreementWords}, at::kLong);
+  std::memcpy(envelope.data_ptr<int64_t>(), call.data(), call.size());
+  envelope.narrow(0, kCallNameWords, words).copy_(descriptor.reshape(-1));
   const at::TensorOptions options = at::TensorOptions(at::kLong).device(device);
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int r = 0; r < group.getSize(); ++r) {
-    outputs[0].push_back(at::empty({descriptor.numel()}, options));
+    outputs[0].push_back(at::empty({kAgreementWords}, options));
   }
-  std::vector<at::Tensor> inputs{descriptor.to(device)};
+  std::vector<at::Tensor> inputs{envelope.to(device)};
   auto work = group.allgather(outputs, inputs);
   wait_or_raise(work, timeout_s, group.getRank(),
                 "while agreeing on inputs with the other ranks",
                 ": some rank did not call ring attention");
-  for (at::Tensor& gathered : outputs[0]) gathered = gathered.cpu();
-  return outputs[0];
+  std::vector<at::Tensor> gathered;
+  std::ostringstream calls;
+  bool same = true;
+  for (size_t r = 0; r < outputs[0].size(); ++r) {
+    gathered.push_back(outputs[0][r].cpu());
+    same &= call_name_of(gathered[r]) == call;
+    calls << (r ? ", " : "") << "rank " << r << ": " << call_name_of(gathered[r]);
+  }
+  TORCH_CHECK_VALUE(same, "ring attention: ranks called different functions over one process "
+                    "group (", calls.str(), "); every rank of a group must make the same calls "
+                    "in the same order");
+  for (at::Tensor& envelope_r : gathered) envelope_r = envelope_r.narrow(0, kCallNameWords, words);
+  return gathered;
 }
-
-}  // namespace
 
 const at::Tensor RingCall::kNoTensor;
 
@@ -332,6 +362,16 @@ void check_descriptors(const std::vector<at::Tensor>& all) {
   }
 }
 
+namespace {
+
+// The function a ring call comes from, as the agreement names it.
+std::string call_name(const RingCall& call, bool grid = false) {
+  const char* name = call.cu_seqlens.defined() ? "ring_attn_varlen_func" : "ring_attn_func";
+  return grid ? std::string(name) + " (Ulysses)" : name;
+}
+
+}  // namespace
+
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s) {
   const int world = group ? group->getSize() : 1;
@@ -348,7 +388,20 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
                       collective_device_error(*group, at::Device(at::kCPU)),
                       " and this process has no CUDA device");
   }
-  check_descriptors(all_gather_descriptors(describe(call), *group, *device, timeout_s));
+  check_descriptors(all_gather_descriptors(describe(call), call_name(call), *group, *device,
+                                           timeout_s));
+}
+
+void agree_on_backward(const std::string& call,
+                       const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                       const at::Tensor& sample, bool check, double timeout_s) {
+  if (!check || !group || group->getSize() == 1) return;
+  const std::optional<at::Device> device = collective_device(*group, sample.device());
+  TORCH_CHECK_VALUE(device, "ring_attn_func: the ranks cannot agree on the backward: ",
+                    collective_device_error(*group, at::Device(at::kCPU)),
+                    " and this process has no CUDA device");
+  all_gather_descriptors(at::zeros({1}, at::kLong), call + " backward", *group, *device,
+                         timeout_s);
 }
 
 // ---- the U x R grid of Ulysses ---------------------------------------------------------------
@@ -536,13 +589,13 @@ std::string first_grid_error(const std::vector<at::Tensor>& all, std::vector<int
 // Every rank's descriptor over `group` (only this rank's without one).
 std::vector<at::Tensor> gather_grid(const at::Tensor& descriptor,
                                     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                                    const at::Tensor& q, double timeout_s) {
+                                    const RingCall& call, double timeout_s) {
   if (!group || group->getSize() == 1) return {descriptor};
-  const std::optional<at::Device> device = collective_device(*group, q.device());
+  const std::optional<at::Device> device = collective_device(*group, call.q.device());
   TORCH_CHECK_VALUE(device, "ring_attn_func: the ranks cannot agree on inputs: ",
                     collective_device_error(*group, at::Device(at::kCPU)),
                     " and this process has no CUDA device");
-  return all_gather_descriptors(descriptor, *group, *device, timeout_s);
+  return all_gather_descriptors(descriptor, call_name(call, true), *group, *device, timeout_s);
 }
 
 }  // namespace
@@ -568,7 +621,7 @@ void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool 
   // The ranks of one ulysses_group share the inputs' shapes, the kv_exchange, return_lse, the ring
   // call's arguments, R and their rank in the ring group.
   std::string error = first_grid_error(
-      gather_grid(mine, grid.ulysses, call.q, timeout_s),
+      gather_grid(mine, grid.ulysses, call, timeout_s),
       {kGridDims, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
        kGridKVExchange, kGridRingSize, kGridRingRank, kGridReturnLse},
       "ulysses_group", true);
@@ -578,7 +631,7 @@ void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool 
     } else {
       write_error(d + kGridFields, error);
     }
-    error = first_grid_error(gather_grid(mine, grid.ring, call.q, timeout_s),
+    error = first_grid_error(gather_grid(mine, grid.ring, call, timeout_s),
                              {kGridUlyssesSize, kGridUlyssesRank, kGridReturnLse}, "group",
                              false);
   }

@@ -44,6 +44,16 @@ std::string validate_local(const RingCall& call);
 // the local verdict with its message.
 at::Tensor describe(const RingCall& call);
 
+// Every rank's `descriptor` (int64, at most 188 words) over `group`, on the CPU, gathered on
+// `device` (the group's collective device) in one all-gather whose size is the same for every
+// call, with the name of the function making it (`call`, under 32 bytes). Ranks that make
+// different calls over the group all raise the same ValueError naming each rank's call; a rank
+// that does not take part makes the others raise RuntimeError after `timeout_s`.
+std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
+                                               const std::string& call,
+                                               c10d::ProcessGroup& group,
+                                               const at::Device& device, double timeout_s);
+
 // Raises ValueError naming the ranks if any descriptor carries an error or the ranks disagree.
 void check_descriptors(const std::vector<at::Tensor>& descriptors);
 
@@ -53,6 +63,14 @@ void check_descriptors(const std::vector<at::Tensor>& descriptors);
 // groups, the GPU for NCCL-only groups).
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s);
+
+// Before the backward of `call` (a function's name, under 22 bytes) sends anything over `group`:
+// one small all-gather of the call's name, so that a rank making another call over the group
+// meanwhile (a rank that skipped the backward) raises the same ValueError as the ranks in the
+// backward. Nothing with check=false or a group of one rank.
+void agree_on_backward(const std::string& call,
+                       const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                       const at::Tensor& sample, bool check, double timeout_s);
 
 // A rank's place in a U x R grid: its ulysses_group of U ranks and its ring group of R ranks (a
 // null group: size 1).

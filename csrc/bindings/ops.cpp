@@ -1,9 +1,10 @@
 // Op schemas (one list, every device) and the CPU implementations.
 // The Python package loads this library with torch.ops.load_library and registers fake kernels.
-#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/library.h>
 
+#include "bindings/agreement.h"
 #include "bindings/op_impls.h"
+#include "bindings/transport_select.h"
 #include "comm/group_devices.h"
 #include "cpu/block_attn_cpu.h"
 
@@ -85,7 +86,7 @@ double cpu_fma_peak_gflops_op(double seconds) { return cpu::fma_peak_gflops(seco
 // The device of the library's own collectives over the group (comm/group_devices.h), given the
 // device of the inputs: "cpu", "cuda:0", ..., or "" when this process has none.
 std::string group_collective_device_op(c10::string_view group_name, c10::string_view inputs) {
-  const auto group = c10d::resolve_process_group(std::string(group_name));
+  const auto group = resolve_group(std::string(group_name));
   const std::optional<at::Device> device = collective_device(*group, at::Device(std::string(inputs)));
   return device ? device->str() : "";
 }
@@ -93,9 +94,19 @@ std::string group_collective_device_op(c10::string_view group_name, c10::string_
 // Why the group cannot carry tensors of `device` (in collectives, or point to point), or "".
 std::string group_device_error_op(c10::string_view group_name, c10::string_view device,
                                   bool point_to_point) {
-  const auto group = c10d::resolve_process_group(std::string(group_name));
+  const auto group = resolve_group(std::string(group_name));
   const at::Device d{std::string(device)};
   return point_to_point ? p2p_device_error(*group, d) : collective_device_error(*group, d);
+}
+
+// Every rank's int64 `descriptor` (on the group's collective device) over the process group
+// registered as group_name, on the CPU, for an agreement of the Python function `call`
+// (bindings/agreement.h all_gather_descriptors; RING_ATTN_TIMEOUT applies).
+std::vector<at::Tensor> gather_agreement_op(const at::Tensor& descriptor,
+                                            c10::string_view group_name, c10::string_view call) {
+  const auto group = resolve_group(std::string(group_name));
+  return all_gather_descriptors(descriptor, std::string(call), *group, descriptor.device(),
+                                ring_timeout_seconds());
 }
 
 TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
@@ -105,6 +116,9 @@ TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
         &group_collective_device_op);
   m.def("group_device_error(str group_name, str device, bool point_to_point) -> str",
         &group_device_error_op);
+  m.def("gather_agreement(Tensor descriptor, str group_name, str call) -> Tensor[]",
+        &gather_agreement_op);
+  m.def("ring_timeout_seconds() -> float", &ring_timeout_seconds);
   m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa_op);
   m.def("cpu_fma_peak_gflops(float seconds=0.2) -> float", &cpu_fma_peak_gflops_op);
 }

@@ -152,6 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
   const TransportKind kind = transport_kind(q);  // before any communication
   const auto group = resolve_group(options.group_name);
+  agree_on_backward(options.cu_seqlens.defined() ? "ring_attn_varlen_func" : "ring_attn_func",
+                    group, q, ring_check_enabled(), ring_timeout_seconds());
   RankBackward rank(kernels, rank_of(group), world_of(group), as_batch(dout, options),
                     as_batch(q, options), as_batch(k, options), as_batch(v, options),
                     as_batch(out, options), as_batch(lse, options), options,

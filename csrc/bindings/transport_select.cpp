@@ -56,7 +56,14 @@ TransportKind transport_kind(const at::Tensor& sample) {
 
 c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& name) {
   if (name.empty()) return {};
-  return c10d::resolve_process_group(name);
+  try {
+    return c10d::resolve_process_group(name);
+  } catch (const c10::Error&) {
+    TORCH_CHECK_VALUE(false, "ring attention: no process group named '", name, "' exists in "
+                      "this process: the group was destroyed (torch.distributed."
+                      "destroy_process_group); pass a group of the current process group, "
+                      "created after init_process_group");
+  }
 }
 
 int rank_of(const c10::intrusive_ptr<c10d::ProcessGroup>& group) { return group ? group->getRank() : 0; }

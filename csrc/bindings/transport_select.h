@@ -23,7 +23,8 @@ enum class TransportKind { kC10d, kNccl };
 // until the NCCL transport has passed its multi-GPU tests.
 TransportKind transport_kind(const at::Tensor& sample);
 
-// The process group registered as `name`; none for "" (world size 1).
+// The process group registered as `name`; none for "" (world size 1). ValueError when no group
+// of that name exists (it was destroyed).
 c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& name);
 int rank_of(const c10::intrusive_ptr<c10d::ProcessGroup>& group);
 int world_of(const c10::intrusive_ptr<c10d::ProcessGroup>& group);

@@ -164,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_backward(
     const std::string& ulysses_group_name, int64_t heads_kv, const at::Tensor& dlse) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
   const UlyssesGrid grid = grid_of(options, ulysses_group_name);
+  agree_on_backward("Ulysses", grid.ulysses, dout, ring_check_enabled(), ring_timeout_seconds());
   const Batching batching{options.cu_seqlens.defined()};
   const at::Tensor dout_heads = batching.from_batch(seq_to_heads(batching.to_batch(dout), grid));
   const RingShard shard = ring_shard(options, grid, q_heads.size(batching.packed ? 0 : 1));

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from .. import _group
 from ..functional import ring_attn_func, ring_attn_varlen_func
@@ -163,23 +162,24 @@ def _check_mask(mask_function, tokens_local: int, ranks: int) -> None:
                          "packed documents through shard_inputs")
 
 
-def _padded_on_any_rank(attention_mask: torch.Tensor, groups) -> bool:
-    """Whether the 2-D attention_mask pads a token on any rank of the grid: one one-element
-    all-reduce per group of more than one rank (on the device its backend accepts)."""
+def _padded_on_any_rank(attention_mask: Optional[torch.Tensor], groups) -> bool:
+    """Whether the 2-D attention_mask (None: no padding) pads a token on any rank of the grid:
+    one small all-gather per group of more than one rank (on the device its backend accepts),
+    made by every rank whether or not it was given a mask."""
     from .._ops import ops
-    padded = torch.tensor([int(not bool(attention_mask.all()))])
+    device = str(attention_mask.device) if attention_mask is not None else "cpu"
+    padded = attention_mask is not None and not bool(attention_mask.all())
     for group in groups:
         group, _, world = _group.resolve(group)
         if world == 1:
             continue
         name = _group.group_name(group)
-        device = ops.group_collective_device(name, str(attention_mask.device))
-        if not device:
-            raise ValueError(f"ring_attention: {ops.group_device_error(name, str(attention_mask.device), False)}")
-        flag = padded.to(device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        padded = flag.cpu()
-    return bool(padded.item())
+        collective_device = ops.group_collective_device(name, device)
+        if not collective_device:
+            raise ValueError(f"ring_attention: {ops.group_device_error(name, device, False)}")
+        flag = torch.tensor([int(padded)], device=collective_device)
+        padded = any(g.item() for g in ops.gather_agreement(flag, name, "attention_mask check"))
+    return padded
 
 
 def _mask_for(group, ulysses_group):
@@ -189,15 +189,15 @@ def _mask_for(group, ulysses_group):
     def ring_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                             mask_function=None, attention_mask: Optional[torch.Tensor] = None,
                             **kwargs) -> None:
-        if attention_mask is not None and _padded_on_any_rank(
-                attention_mask, [group] if ulysses_group is None else [group, ulysses_group]):
+        if mask_function is not None:
+            ranks = _group.resolve(group)[2] * (1 if ulysses_group is None else _group.resolve(ulysses_group)[2])
+            _check_mask(mask_function, kv_length, ranks)
+        if _padded_on_any_rank(attention_mask,
+                               [group] if ulysses_group is None else [group, ulysses_group]):
             raise ValueError("ring_attention: attention_mask pads some tokens (on some rank; every "
                              "rank raises this), which is not supported; pack the sequences without "
                              "padding (shard_inputs with position_ids restarting at 0 at every "
                              "document) instead")
-        if mask_function is not None:
-            ranks = _group.resolve(group)[2] * (1 if ulysses_group is None else _group.resolve(ulysses_group)[2])
-            _check_mask(mask_function, kv_length, ranks)
         return None
 
     return ring_attention_mask
@@ -297,9 +297,7 @@ def _agree_on_documents(cu_seqlens: Optional[torch.Tensor], device: torch.device
     cu = [] if cu_seqlens is None else cu_seqlens.tolist()
     desc = torch.tensor([int(cu_seqlens is not None), len(cu), cu[-1] if cu else 0,
                          zlib.crc32(repr(cu).encode())], dtype=torch.int64, device=collective_device)
-    gathered = [torch.empty_like(desc) for _ in range(world)]
-    dist.all_gather(gathered, desc, group=group)
-    described = [tuple(g.cpu().tolist()) for g in gathered]
+    described = [tuple(g.tolist()) for g in ops.gather_agreement(desc, name, "shard_inputs")]
     if len(set(described)) > 1:
         listing = "\n  ".join(f"rank {r}: " + (f"{n - 1} packed documents, {t} tokens" if p else "unpacked rows")
                               for r, (p, n, t, _) in enumerate(described))

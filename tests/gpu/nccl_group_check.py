@@ -16,7 +16,7 @@ def check_group(group, expect_collective_device):
     assert ra.ops.group_collective_device(name, "cpu") == expect_collective_device
     assert ra.ops.group_device_error(name, "cuda:0", True) == ""
     # the library's own small collective (unshard's shape check) on the device the group accepts
-    _agree_on_shards(torch.zeros(1, 4, 2, 8, device="cuda"), group, 1, "check")
+    _agree_on_shards(torch.zeros(1, 4, 2, 8, device="cuda"), group, "check")
 
     gen = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, 256, h, 64, generator=gen).to("cuda", torch.bfloat16)
