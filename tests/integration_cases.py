@@ -182,8 +182,20 @@ def unsupported_use_raises(case):
         inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), int(rank > 0))
     if case == "flash-attention documents":  # as DataCollatorWithFlattening(return_flash_attn_kwargs=True)
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor([0, 3, ids.shape[1]], dtype=torch.int32)
-    if case == "stale documents":  # a plain forward after a packed batch
+    if case in ("stale documents", "no position_ids"):
         del inputs["position_ids"]
+    if case == "whole sequence":
+        inputs.update(input_ids=input_ids, position_ids=torch.arange(8 * world).unsqueeze(0))
+    if case == "output_attentions":
+        inputs["output_attentions"] = True
+    if case == "dropout":
+        model.train()
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+    if case == "kv cache":
+        cache = model(input_ids=ids, position_ids=pos, use_cache=True).past_key_values
+        inputs.update(input_ids=ids[:, :1], position_ids=pos[:, :1] + 8 * world, past_key_values=cache,
+                      use_cache=True)
     try:
         if case == "unshard layout":
             ra_hf.unshard_outputs(ids, layout="striped")

@@ -51,6 +51,11 @@ UNSUPPORTED_USES = {
     "unshard layout": "unshard_outputs",  # shard_inputs in zigzag
     "flash-attention documents": "cu_seq_lens_q= is packed documents",
     "stale documents": "position_ids that call returned",  # a plain forward after a packed batch
+    "whole sequence": "count 0, 1, ... on some rank",  # every rank feeds the unsharded rows
+    "no position_ids": "count 0, 1, ... on some rank",  # shards without their global positions
+    "output_attentions": "output_attentions=True",  # the ring computes no attention weights
+    "dropout": "attention dropout",  # training with attention_dropout > 0
+    "kv cache": "queries and keys differ in length",  # a decoding step after a prefill
 }
 
 
