@@ -17,7 +17,8 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 def tiny_model(family, seed, chunk=4):
     """A small random float32 causal LM of a transformers family built from a config. Windowed
     families: "mistral" (every layer sliding, window 5), "qwen3" and "gemma3" (layer_types mixing
-    sliding layers, window 3 or 6, with full ones). Families whose attention the ring does not
+    sliding layers, window 3 or 6, with full ones), "exaone4" (a sliding layer, window 3, and a
+    full one whose module keeps the config's window). Families whose attention the ring does not
     compute: "llama4" (a chunked layer, chunks of 4 tokens unless ``chunk``), "gemma2" (logit
     soft-capping), "gpt_oss" (attention sinks)."""
     import transformers as tf
@@ -33,6 +34,9 @@ def tiny_model(family, seed, chunk=4):
         model_class, config = tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(
             **{**TINY, "num_hidden_layers": 3}, sliding_window=6, query_pre_attn_scalar=16,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    elif family == "exaone4":
+        model_class, config = tf.Exaone4ForCausalLM, tf.Exaone4Config(
+            **TINY, sliding_window=3, layer_types=["sliding_attention", "full_attention"])
     elif family == "llama4":
         model_class, config = tf.Llama4ForCausalLM, tf.Llama4TextConfig(
             **TINY, intermediate_size_mlp=128, attention_chunk_size=chunk, num_local_experts=2,

@@ -12,7 +12,7 @@ def test_transformers_llama_matches_single_process(rank_pool, world):
     assert len(set(loss for loss, _ in results)) == 1  # every rank saw the same summed loss
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3", "exaone4"])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_transformers_sliding_window_matches_single_process(rank_pool, world, layout, family):

@@ -249,7 +249,8 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
         Returns (batch, seqlen_local, heads, dim) and no attention weights."""
         if dropout:
             raise ValueError("ring_attention: attention dropout is not supported")
-        if kwargs.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)):
+        config = getattr(module, "config", None)
+        if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
             raise ValueError("ring_attention: output_attentions=True is not supported (the ring computes "
                              "no attention weights); use attn_implementation='eager' for them")
         if attention_mask is not None:
@@ -261,7 +262,10 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
                              "cache, or cross-attention), which is not supported; call the model with "
                              "use_cache=False (generate() is not supported)")
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        sliding = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        # a layer's sliding_window argument (None on full layers) before its module's attribute,
+        # which some models (Exaone 4) set on full layers too
+        sliding = (kwargs["sliding_window"] if "sliding_window" in kwargs
+                   else getattr(module, "sliding_window", None))
         window = (sliding - 1, 0 if causal else sliding - 1) if sliding else (-1, -1)
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         options = dict(causal=bool(causal), softmax_scale=scaling, window_size=window,
