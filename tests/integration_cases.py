@@ -17,7 +17,8 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 def tiny_model(family, seed, chunk=4):
     """A small random float32 causal LM of a transformers family built from a config. Windowed
     families: "mistral" (every layer sliding, window 5), "qwen3" and "gemma3" (layer_types mixing
-    sliding layers, window 3 or 6, with full ones). Families whose attention the ring does not
+    sliding layers, window 3 or 6, with full ones), "exaone4" (a sliding layer, window 3, and a
+    full one whose module keeps the config's window). Families whose attention the ring does not
     compute: "llama4" (a chunked layer, chunks of 4 tokens unless ``chunk``), "gemma2" (logit
     soft-capping), "gpt_oss" (attention sinks)."""
     import transformers as tf
@@ -33,6 +34,9 @@ def tiny_model(family, seed, chunk=4):
         model_class, config = tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(
             **{**TINY, "num_hidden_layers": 3}, sliding_window=6, query_pre_attn_scalar=16,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    elif family == "exaone4":
+        model_class, config = tf.Exaone4ForCausalLM, tf.Exaone4Config(
+            **TINY, sliding_window=3, layer_types=["sliding_attention", "full_attention"])
     elif family == "llama4":
         model_class, config = tf.Llama4ForCausalLM, tf.Llama4TextConfig(
             **TINY, intermediate_size_mlp=128, attention_chunk_size=chunk, num_local_experts=2,
@@ -184,8 +188,20 @@ def unsupported_use_raises(case):
         inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0)
     if case == "flash-attention documents":  # as DataCollatorWithFlattening(return_flash_attn_kwargs=True)
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor([0, 3, ids.shape[1]], dtype=torch.int32)
-    if case == "stale documents":  # a plain forward after a packed batch
+    if case in ("stale documents", "no position_ids"):
         del inputs["position_ids"]
+    if case == "whole sequence":
+        inputs.update(input_ids=input_ids, position_ids=torch.arange(8 * world).unsqueeze(0))
+    if case == "output_attentions":
+        inputs["output_attentions"] = True
+    if case == "dropout":
+        model.train()
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+    if case == "kv cache":
+        cache = model(input_ids=ids, position_ids=pos, use_cache=True).past_key_values
+        inputs.update(input_ids=ids[:, :1], position_ids=pos[:, :1] + 8 * world, past_key_values=cache,
+                      use_cache=True)
     try:
         if case == "unshard layout":
             ra_hf.unshard_outputs(ids, layout="striped")

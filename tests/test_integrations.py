@@ -12,7 +12,7 @@ def test_transformers_llama_matches_single_process(rank_pool, world):
     assert len(set(loss for loss, _ in results)) == 1  # every rank saw the same summed loss
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3", "exaone4"])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_transformers_sliding_window_matches_single_process(rank_pool, world, layout, family):
@@ -52,6 +52,11 @@ UNSUPPORTED_USES = {
     "unshard layout": "unshard_outputs",  # shard_inputs in zigzag
     "flash-attention documents": "cu_seq_lens_q= is packed documents",
     "stale documents": "position_ids that call returned",  # a plain forward after a packed batch
+    "whole sequence": "count 0, 1, ... on some rank",  # every rank feeds the unsharded rows
+    "no position_ids": "count 0, 1, ... on some rank",  # shards without their global positions
+    "output_attentions": "output_attentions=True",  # the ring computes no attention weights
+    "dropout": "attention dropout",  # training with attention_dropout > 0
+    "kv cache": "queries and keys differ in length",  # a decoding step after a prefill
 }
 
 

@@ -15,8 +15,10 @@ unshard_outputs restores the packed order.
 
 What the ring does not compute raises ValueError instead of being dropped: padding in an
 attention_mask, masks transformers builds beyond causal, sliding-window and bidirectional ones
-(chunked attention, image-token blocks), and attention arguments such as logit soft-capping or
-attention sinks.
+(chunked attention, image-token blocks), attention arguments such as logit soft-capping or
+attention sinks, attention weights (output_attentions), KV caches, and position_ids counting from
+0 on a rank whose shard starts elsewhere (the whole sequence on every rank, or shards without
+their global position_ids).
 """
 import weakref
 import zlib
@@ -33,7 +35,8 @@ ATTN_IMPLEMENTATION = "ring_attention"
 
 # Arguments transformers passes to attention functions that do not change what the attention
 # computes here (dropout, scaling, is_causal and sliding_window are applied; position_ids checks
-# packed documents; the rest are output, cache and kernel switches or loss bookkeeping).
+# the shards and packed documents; output_attentions is checked apart; the rest are output, cache
+# and kernel switches or loss bookkeeping).
 _HARMLESS_KWARGS = frozenset({
     "position_ids", "sliding_window", "use_cache", "cache_position", "output_attentions",
     "output_hidden_states", "output_router_logits", "num_items_in_batch", "deterministic"})
@@ -162,13 +165,13 @@ def _check_mask(mask_function, tokens_local: int, ranks: int) -> None:
                          "packed documents through shard_inputs")
 
 
-def _padded_on_any_rank(attention_mask: Optional[torch.Tensor], groups) -> bool:
-    """Whether the 2-D attention_mask (None: no padding) pads a token on any rank of the grid:
-    one small all-gather per group of more than one rank (on the device its backend accepts),
-    made by every rank whether or not it was given a mask."""
+def _on_any_rank(local: bool, device: str, groups, check: str) -> bool:
+    """Whether ``local`` holds on any rank of the grid: one small all-gather per group of more
+    than one rank (on the device its backend accepts for tensors on ``device``), through the
+    ranks' agreement (RING_ATTN_TIMEOUT; a rank making another call raises ValueError), made by
+    every rank. ``check`` names it in errors."""
     from .._ops import ops
-    device = str(attention_mask.device) if attention_mask is not None else "cpu"
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    found = bool(local)
     for group in groups:
         group, _, world = _group.resolve(group)
         if world == 1:
@@ -177,9 +180,35 @@ def _padded_on_any_rank(attention_mask: Optional[torch.Tensor], groups) -> bool:
         collective_device = ops.group_collective_device(name, device)
         if not collective_device:
             raise ValueError(f"ring_attention: {ops.group_device_error(name, device, False)}")
-        flag = torch.tensor([int(padded)], device=collective_device)
-        padded = any(g.item() for g in ops.gather_agreement(flag, name, "attention_mask check"))
-    return padded
+        flag = torch.tensor([int(found)], device=collective_device)
+        found = any(g.item() for g in ops.gather_agreement(flag, name, check))
+    return found
+
+
+def _grid_groups(group, ulysses_group):
+    """The groups of the grid, for _on_any_rank."""
+    return [group] if ulysses_group is None else [group, ulysses_group]
+
+
+def _grid_ranks(group, ulysses_group) -> int:
+    """The ranks of the grid: the ring's times the Ulysses group's."""
+    return _group.resolve(group)[2] * (1 if ulysses_group is None else _group.resolve(ulysses_group)[2])
+
+
+def _whole_sequence_positions(position_ids: torch.Tensor, grid) -> bool:
+    """Whether position_ids (batch, tokens_local) count 0, 1, ... on a rank whose shard of a
+    sequence holds other positions: the model got a whole sequence, or shards without their
+    global position_ids. False where the layout cannot shard the sequence (the ring raises)."""
+    tokens = position_ids.shape[-1]
+    counting = torch.arange(tokens, device=position_ids.device)
+    if not bool((position_ids == counting).all()):
+        return False
+    ranks = _grid_ranks(grid["group"], grid["ulysses_group"])
+    try:
+        own = shard(torch.arange(tokens * ranks).unsqueeze(0), dim=1, **grid)[0]
+    except ValueError:
+        return False
+    return not torch.equal(own, counting.cpu())
 
 
 def _mask_for(group, ulysses_group):
@@ -190,10 +219,10 @@ def _mask_for(group, ulysses_group):
                             mask_function=None, attention_mask: Optional[torch.Tensor] = None,
                             **kwargs) -> None:
         if mask_function is not None:
-            ranks = _group.resolve(group)[2] * (1 if ulysses_group is None else _group.resolve(ulysses_group)[2])
-            _check_mask(mask_function, kv_length, ranks)
-        if _padded_on_any_rank(attention_mask,
-                               [group] if ulysses_group is None else [group, ulysses_group]):
+            _check_mask(mask_function, kv_length, _grid_ranks(group, ulysses_group))
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        device = str(attention_mask.device) if attention_mask is not None else "cpu"
+        if _on_any_rank(padded, device, _grid_groups(group, ulysses_group), "attention_mask check"):
             raise ValueError("ring_attention: attention_mask pads some tokens (on some rank; every "
                              "rank raises this), which is not supported; pack the sequences without "
                              "padding (shard_inputs with position_ids restarting at 0 at every "
@@ -211,6 +240,7 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
     function, which rejects padding and masks the ring does not compute."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+    grid = dict(group=group, layout=layout, ulysses_group=ulysses_group)
 
     def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -220,25 +250,40 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
         Returns (batch, seqlen_local, heads, dim) and no attention weights."""
         if dropout:
             raise ValueError("ring_attention: attention dropout is not supported")
+        config = getattr(module, "config", None)
+        if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+            raise ValueError("ring_attention: output_attentions=True is not supported (the ring computes "
+                             "no attention weights); use attn_implementation='eager' for them")
         if attention_mask is not None:
             raise ValueError("ring_attention: a prepared attention mask is not supported; pack the "
                              "sequences without padding (shard_inputs with packed position_ids) instead")
         _reject_unsupported_kwargs(kwargs)
         if query.shape[2] != key.shape[2]:
-            raise ValueError("ring_attention: queries and keys differ in length (a KV cache?); "
-                             "call the model with use_cache=False")
+            raise ValueError("ring_attention: queries and keys differ in length (decoding with a KV "
+                             "cache, or cross-attention), which is not supported; call the model with "
+                             "use_cache=False (generate() is not supported)")
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        sliding = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        # a layer's sliding_window argument (None on full layers) before its module's attribute,
+        # which some models (Exaone 4) set on full layers too
+        sliding = (kwargs["sliding_window"] if "sliding_window" in kwargs
+                   else getattr(module, "sliding_window", None))
         window = (sliding - 1, 0 if causal else sliding - 1) if sliding else (-1, -1)
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        options = dict(causal=bool(causal), softmax_scale=scaling, window_size=window, group=group,
-                       layout=layout, kv_exchange=kv_exchange, ulysses_group=ulysses_group)
+        options = dict(causal=bool(causal), softmax_scale=scaling, window_size=window,
+                       kv_exchange=kv_exchange, **grid)
         cu_seqlens = _recorded_documents(kwargs)
         if cu_seqlens is not None:  # packed rows: (1, tokens_local, ...) as varlen tokens
             if q.shape[0] != 1:
                 raise ValueError("ring_attention: shard_inputs recorded packed documents for this "
                                  f"group, so the batch must be 1, got {q.shape[0]}")
             return ring_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, **options).unsqueeze(0), None
+        position_ids = kwargs.get("position_ids")
+        if getattr(module, "layer_idx", 0) == 0 and position_ids is not None and _on_any_rank(
+                _whole_sequence_positions(position_ids, grid), str(position_ids.device),
+                _grid_groups(group, ulysses_group), "position_ids check"):
+            raise ValueError("ring_attention: the model's position_ids count 0, 1, ... on some rank "
+                             "(every rank raises this), as for a whole sequence; feed every rank its "
+                             "shard of the sequence and the shard's global position_ids (shard_inputs)")
         return ring_attn_func(q, k, v, **options), None
 
     def _recorded_documents(kwargs) -> Optional[torch.Tensor]:
