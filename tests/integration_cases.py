@@ -219,6 +219,31 @@ def unsupported_use_raises(case):
     return message
 
 
+def masks_checked_in_different_orders_raise():
+    """A model's mask functions run in the order of a set of layer types, which differs between
+    processes: rank 0 checks a chunked mask the ring rejects, then a causal one, rank 1 the other
+    way round. Both ranks raise the same ValueError at their first check; the group stays usable.
+    Returns the message."""
+    from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,
+                                            chunked_overlay)
+    from ring_attention.integrations import transformers as ra_hf
+    rank, world = rank_and_world()
+    ra_hf.register()
+    mask_interface = AttentionMaskInterface._global_mapping[ra_hf.ATTN_IMPLEMENTATION]
+    chunked = and_masks(chunked_overlay(4, None), causal_mask_function)
+    masks = [chunked, causal_mask_function] if rank == 0 else [causal_mask_function, chunked]
+    try:
+        mask_interface(batch_size=1, q_length=8, kv_length=8, mask_function=masks[0])
+    except ValueError as e:
+        message = str(e)
+    else:
+        raise AssertionError("no ValueError")
+    ones = torch.ones(1)
+    dist.all_reduce(ones)
+    assert ones.item() == world
+    return message
+
+
 def supported_uses_match_eager():
     """What the integration accepts besides plain rows equals the eager model: an attention_mask
     without padding, chunked attention whose chunk covers the sequence, (seq,) position_ids, and a

@@ -52,8 +52,8 @@ UNSUPPORTED_USES = {
     "unshard layout": "unshard_outputs",  # shard_inputs in zigzag
     "flash-attention documents": "cu_seq_lens_q= is packed documents",
     "stale documents": "position_ids that call returned",  # a plain forward after a packed batch
-    "whole sequence": "count 0, 1, ... on some rank",  # every rank feeds the unsharded rows
-    "no position_ids": "count 0, 1, ... on some rank",  # shards without their global positions
+    "whole sequence": "position_ids count 0, 1, ...",  # every rank feeds the unsharded rows
+    "no position_ids": "position_ids count 0, 1, ...",  # shards without their global positions
     "output_attentions": "output_attentions=True",  # the ring computes no attention weights
     "dropout": "attention dropout",  # training with attention_dropout > 0
     "kv cache": "queries and keys differ in length",  # a decoding step after a prefill
@@ -64,6 +64,11 @@ UNSUPPORTED_USES = {
 def test_transformers_unsupported_use_raises_everywhere(rank_pool, case):
     messages = rank_pool(2).run(cases.unsupported_use_raises, case, timeout=120)
     assert len(set(messages)) == 1 and UNSUPPORTED_USES[case] in messages[0], messages
+
+
+def test_transformers_masks_checked_in_different_orders_raise_everywhere(rank_pool):
+    messages = rank_pool(2).run(cases.masks_checked_in_different_orders_raise)
+    assert len(set(messages)) == 1 and "rank 0: chunked attention" in messages[0], messages
 
 
 def test_transformers_supported_uses_match_eager(rank_pool):

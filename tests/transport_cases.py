@@ -37,7 +37,7 @@ def ring_outputs(backward=True):
     for t in local[:3]:
         t.requires_grad_()
     out, lse = ra.ring_attn_func(*local[:3], causal=True, layout="zigzag", return_lse=True)
-    results = [out.detach(), lse]
+    results = [out.detach(), lse.detach()]
     if backward:
         results += list(torch.autograd.grad(out, local[:3], local[3]))
     return results

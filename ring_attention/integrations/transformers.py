@@ -29,7 +29,7 @@ import torch
 
 from .. import _group
 from ..functional import ring_attn_func, ring_attn_varlen_func
-from ..layouts import shard, shard_varlen, unshard, unshard_varlen
+from ..layouts import _decode, _encode, shard, shard_varlen, unshard, unshard_varlen
 
 ATTN_IMPLEMENTATION = "ring_attention"
 
@@ -165,13 +165,15 @@ def _check_mask(mask_function, tokens_local: int, ranks: int) -> None:
                          "packed documents through shard_inputs")
 
 
-def _on_any_rank(local: bool, device: str, groups, check: str) -> bool:
-    """Whether ``local`` holds on any rank of the grid: one small all-gather per group of more
-    than one rank (on the device its backend accepts for tensors on ``device``), through the
-    ranks' agreement (RING_ATTN_TIMEOUT; a rank making another call raises ValueError), made by
-    every rank. ``check`` names it in errors."""
+def _raise_on_every_rank(local_error: str, device: str, groups, check: str) -> None:
+    """Raises one ValueError on every rank of the grid when any rank's ``local_error`` (what this
+    rank found wrong, "" if nothing) is set: one small all-gather per group of more than one rank
+    (on the device its backend accepts for tensors on ``device``) through the ranks' agreement
+    (RING_ATTN_TIMEOUT; a rank making another call raises), made by every rank whatever it found.
+    So ranks that check in different orders (a model's mask functions run in set order, which
+    differs between processes) still meet in one collective per check. ``check`` names it."""
     from .._ops import ops
-    found = bool(local)
+    error = local_error
     for group in groups:
         group, _, world = _group.resolve(group)
         if world == 1:
@@ -180,13 +182,15 @@ def _on_any_rank(local: bool, device: str, groups, check: str) -> bool:
         collective_device = ops.group_collective_device(name, device)
         if not collective_device:
             raise ValueError(f"ring_attention: {ops.group_device_error(name, device, False)}")
-        flag = torch.tensor([int(found)], device=collective_device)
-        found = any(g.item() for g in ops.gather_agreement(flag, name, check))
-    return found
+        descriptor = torch.tensor(_encode(error), dtype=torch.int64, device=collective_device)
+        errors = [_decode(g.tolist()) for g in ops.gather_agreement(descriptor, name, check)]
+        error = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
+    if error:
+        raise ValueError(f"ring_attention: unsupported use (every rank raises this): {error}")
 
 
 def _grid_groups(group, ulysses_group):
-    """The groups of the grid, for _on_any_rank."""
+    """The groups of the grid, for _raise_on_every_rank."""
     return [group] if ulysses_group is None else [group, ulysses_group]
 
 
@@ -218,15 +222,18 @@ def _mask_for(group, ulysses_group):
     def ring_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                             mask_function=None, attention_mask: Optional[torch.Tensor] = None,
                             **kwargs) -> None:
+        error = ""
         if mask_function is not None:
-            _check_mask(mask_function, kv_length, _grid_ranks(group, ulysses_group))
-        padded = attention_mask is not None and not bool(attention_mask.all())
+            try:
+                _check_mask(mask_function, kv_length, _grid_ranks(group, ulysses_group))
+            except ValueError as e:
+                error = str(e).removeprefix("ring_attention: ")
+        if not error and attention_mask is not None and not bool(attention_mask.all()):
+            error = ("its attention_mask pads some tokens, which is not supported; pack the sequences "
+                     "without padding (shard_inputs with position_ids restarting at 0 at every "
+                     "document) instead")
         device = str(attention_mask.device) if attention_mask is not None else "cpu"
-        if _on_any_rank(padded, device, _grid_groups(group, ulysses_group), "attention_mask check"):
-            raise ValueError("ring_attention: attention_mask pads some tokens (on some rank; every "
-                             "rank raises this), which is not supported; pack the sequences without "
-                             "padding (shard_inputs with position_ids restarting at 0 at every "
-                             "document) instead")
+        _raise_on_every_rank(error, device, _grid_groups(group, ulysses_group), "attention_mask check")
         return None
 
     return ring_attention_mask
@@ -278,12 +285,13 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
                                  f"group, so the batch must be 1, got {q.shape[0]}")
             return ring_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, **options).unsqueeze(0), None
         position_ids = kwargs.get("position_ids")
-        if getattr(module, "layer_idx", 0) == 0 and position_ids is not None and _on_any_rank(
-                _whole_sequence_positions(position_ids, grid), str(position_ids.device),
-                _grid_groups(group, ulysses_group), "position_ids check"):
-            raise ValueError("ring_attention: the model's position_ids count 0, 1, ... on some rank "
-                             "(every rank raises this), as for a whole sequence; feed every rank its "
-                             "shard of the sequence and the shard's global position_ids (shard_inputs)")
+        if getattr(module, "layer_idx", 0) == 0 and position_ids is not None:
+            error = ("its position_ids count 0, 1, ... as for a whole sequence, but its shard holds "
+                     "other positions; feed every rank its shard of the sequence and the shard's "
+                     "global position_ids (shard_inputs)"
+                     if _whole_sequence_positions(position_ids, grid) else "")
+            _raise_on_every_rank(error, str(position_ids.device), _grid_groups(group, ulysses_group),
+                                 "position_ids check")
         return ring_attn_func(q, k, v, **options), None
 
     def _recorded_documents(kwargs) -> Optional[torch.Tensor]:
