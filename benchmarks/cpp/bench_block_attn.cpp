@@ -18,9 +18,9 @@
 #include <vector>
 
 #include "bench_cli.h"
+#include "bench_cpu.h"
 #include "core/params.h"
 #include "cpu/block_attn_cpu.h"
-#include "cpu/env.h"
 
 using namespace ring_attn;
 
@@ -269,8 +269,7 @@ Result run_len(const bench::Options& opt, int64_t L) {
 
 int main(int argc, char** argv) try {
   const bench::Options opt = bench::parse(argc, argv);
-  const std::string environment = cpu::environment_error();
-  if (!environment.empty()) bench::usage_error("bench_block_attn: " + environment);
+  bench::check_cpu_environment("bench_block_attn");
   if (opt.threads > 0) at::set_num_threads(opt.threads);
 
   std::printf("# bench_block_attn: batch %d heads %d kv_heads %d headdim %d causal %d dtype %s threads %d\n",
@@ -296,11 +295,7 @@ int main(int argc, char** argv) try {
     std::fflush(stdout);
   }
   if (!opt.json.empty()) {
-    FILE* f = std::fopen(opt.json.c_str(), "w");
-    if (!f) {
-      std::fprintf(stderr, "cannot write %s\n", opt.json.c_str());
-      return 2;
-    }
+    FILE* f = bench::open_output(opt.json);
     std::fprintf(f,
                  "{\n  \"benchmark\": \"block_attn_cpu\",\n  \"batch\": %d, \"heads\": %d, "
                  "\"kv_heads\": %d, \"headdim\": %d, \"causal\": %s, \"dtype\": \"%s\", "
@@ -320,10 +315,6 @@ int main(int argc, char** argv) try {
     std::fclose(f);
   }
   return all_ok ? 0 : 1;
-} catch (const c10::Error& e) {  // e.g. sizes beyond memory: one line, no abort
-  std::fprintf(stderr, "%s: %s\n", argv[0], e.what_without_backtrace());
-  return 1;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "%s: %s\n", argv[0], e.what());
-  return 1;
+} catch (const std::exception&) {
+  return bench::report_failure(argv[0]);
 }

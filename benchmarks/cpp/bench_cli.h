@@ -71,6 +71,13 @@ struct Options {
   std::exit(2);
 }
 
+// The --json file, opened for writing; a usage error when it cannot be.
+inline FILE* open_output(const std::string& path) {
+  FILE* file = std::fopen(path.c_str(), "w");
+  if (!file) usage_error("cannot write " + path);
+  return file;
+}
+
 // 4096, 4K, 1M (binary suffixes), as in nccl-tests; anything else, or a size beyond int64, is a
 // usage error.
 inline int64_t parse_size(const char* s) {

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "bench_cli.h"
+#include "bench_cpu.h"
 #include "bindings/tensor_block_ops.h"
 #include "core/local_exchanges.h"
 #include "core/ring_scheduler.h"
@@ -301,20 +302,9 @@ int main(int argc, char** argv) try {
       },
       "  -W, --world W        virtual ranks in the ring                    [4]\n"
       "  (--dtype: float32 or float64 here)\n");
-  if (world < 1) {
-    std::fprintf(stderr, "--world must be >= 1\n");
-    return 2;
-  }
-  if (opt.dtype == "bfloat16") {
-    std::fprintf(stderr, "bench_ring: --dtype must be float32 or float64\n");
-    return 2;
-  }
-  try {
-    kCpuKernels.check_environment();
-  } catch (const c10::ValueError& e) {
-    std::fprintf(stderr, "bench_ring: %s\n", e.what_without_backtrace());
-    return 2;
-  }
+  if (world < 1) bench::usage_error("--world must be >= 1");
+  if (opt.dtype == "bfloat16") bench::usage_error("bench_ring: --dtype must be float32 or float64");
+  bench::check_cpu_environment("bench_ring");
   if (opt.threads > 0) at::set_num_threads(opt.threads);
   const at::ScalarType dtype = opt.dtype == "float64" ? at::kDouble : at::kFloat;
   const double tolerance = dtype == at::kDouble ? 1e-10 : 2e-4;
@@ -391,20 +381,12 @@ int main(int argc, char** argv) try {
   }
   json += "]\n";
   if (!opt.json.empty()) {
-    FILE* file = std::fopen(opt.json.c_str(), "w");
-    if (!file) {
-      std::fprintf(stderr, "cannot write %s\n", opt.json.c_str());
-      return 2;
-    }
+    FILE* file = bench::open_output(opt.json);
     std::fputs(json.c_str(), file);
     std::fclose(file);
   }
   std::printf("# %s\n", opt.check ? (ok ? "check passed" : "CHECK FAILED") : "no check");
   return ok ? 0 : 1;
-} catch (const c10::Error& e) {  // e.g. sizes beyond memory: one line, no abort
-  std::fprintf(stderr, "%s: %s\n", argv[0], e.what_without_backtrace());
-  return 1;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "%s: %s\n", argv[0], e.what());
-  return 1;
+} catch (const std::exception&) {
+  return bench::report_failure(argv[0]);
 }
