@@ -1,6 +1,7 @@
 """Resolving the process group a call runs over."""
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
 
@@ -37,3 +38,20 @@ def group_name(group) -> str:
     if group is None:
         return ""
     return group.group_name
+
+
+def gather_agreement(values: List[int], group: dist.ProcessGroup, device, call: str,
+                     caller: str) -> List[List[int]]:
+    """Every rank's int64 ``values`` (as many on every rank) over ``group`` (resolved, more than
+    one rank), in one small all-gather through the ranks' agreement (bindings/agreement.h:
+    RING_ATTN_TIMEOUT applies; a rank making another ``call`` raises ValueError), on the device
+    the group's backend accepts for tensors on ``device``. ValueError, prefixed ``caller``, where
+    it accepts none."""
+    from ._ops import ops
+    name = group_name(group)
+    collective_device = ops.group_collective_device(name, str(device))
+    if not collective_device:  # no rank can take part: every rank raises this alone
+        raise ValueError(f"{caller}: {ops.group_device_error(name, str(device), False)}, and this "
+                         "process has no device on which the group's backend could agree")
+    descriptor = torch.tensor(values, dtype=torch.int64, device=collective_device)
+    return [g.tolist() for g in ops.gather_agreement(descriptor, name, call)]

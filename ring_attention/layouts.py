@@ -149,19 +149,15 @@ def _shard_verdict(x, group, what: str, shard_error=None, local_error: str = "",
     name = _group.group_name(group)
     is_tensor = isinstance(x, torch.Tensor)
     device = x.device if is_tensor else torch.device("cpu")
-    collective_device = ops.group_collective_device(name, str(device))
-    if not collective_device:  # no rank can take part: every rank raises this alone
-        raise ValueError(f"{what}: {ops.group_device_error(name, str(device), False)}, and this "
-                         "process has no device on which the group's backend could agree")
     if is_tensor:
         device_type = _DEVICE_TYPES.index(device.type) if device.type in _DEVICE_TYPES else -1
         dtype = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
         shape = [x.dim(), *x.shape, *([-1] * (8 - x.dim()))][:9]
     else:
         device_type, dtype, shape = -1, -1, [0] + [-1] * 8
-    desc = torch.tensor([device_type, dtype, *shape, *_encode(local_error), *_encode(settings)],
-                        dtype=torch.int64, device=collective_device)
-    ranks = [g.tolist() for g in ops.gather_agreement(desc, name, what)]
+    ranks = _group.gather_agreement(
+        [device_type, dtype, *shape, *_encode(local_error), *_encode(settings)], group, device,
+        what, what)
     errors = [_decode(r[11:]) for r in ranks]
     header = f"{what}: invalid input (every rank raises this):\n  "
     if any(errors):

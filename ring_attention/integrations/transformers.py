@@ -172,18 +172,13 @@ def _raise_on_every_rank(local_error: str, device: str, groups, check: str) -> N
     (RING_ATTN_TIMEOUT; a rank making another call raises), made by every rank whatever it found.
     So ranks that check in different orders (a model's mask functions run in set order, which
     differs between processes) still meet in one collective per check. ``check`` names it."""
-    from .._ops import ops
     error = local_error
     for group in groups:
         group, _, world = _group.resolve(group)
         if world == 1:
             continue
-        name = _group.group_name(group)
-        collective_device = ops.group_collective_device(name, device)
-        if not collective_device:
-            raise ValueError(f"ring_attention: {ops.group_device_error(name, device, False)}")
-        descriptor = torch.tensor(_encode(error), dtype=torch.int64, device=collective_device)
-        errors = [_decode(g.tolist()) for g in ops.gather_agreement(descriptor, name, check)]
+        errors = [_decode(g) for g in _group.gather_agreement(_encode(error), group, device, check,
+                                                              "ring_attention")]
         error = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
     if error:
         raise ValueError(f"ring_attention: unsupported use (every rank raises this): {error}")
@@ -339,18 +334,13 @@ def packed_documents(position_ids: Optional[torch.Tensor]) -> Optional[torch.Ten
 def _agree_on_documents(cu_seqlens: Optional[torch.Tensor], device: torch.device, group) -> None:
     """Raises the same ValueError on every rank unless all hold the same documents (or all
     unpacked rows): one small all-gather of (packed, documents, tokens, checksum)."""
-    from .._ops import ops
     group, _, world = _group.resolve(group)
     if world == 1:
         return
-    name = _group.group_name(group)
-    collective_device = ops.group_collective_device(name, str(device))
-    if not collective_device:
-        raise ValueError(f"shard_inputs: {ops.group_device_error(name, str(device), False)}")
     cu = [] if cu_seqlens is None else cu_seqlens.tolist()
-    desc = torch.tensor([int(cu_seqlens is not None), len(cu), cu[-1] if cu else 0,
-                         zlib.crc32(repr(cu).encode())], dtype=torch.int64, device=collective_device)
-    described = [tuple(g.tolist()) for g in ops.gather_agreement(desc, name, "shard_inputs")]
+    described = [tuple(g) for g in _group.gather_agreement(
+        [int(cu_seqlens is not None), len(cu), cu[-1] if cu else 0, zlib.crc32(repr(cu).encode())],
+        group, device, "shard_inputs", "shard_inputs")]
     if len(set(described)) > 1:
         listing = "\n  ".join(f"rank {r}: " + (f"{n - 1} packed documents, {t} tokens" if p else "unpacked rows")
                               for r, (p, n, t, _) in enumerate(described))
