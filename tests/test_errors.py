@@ -6,8 +6,8 @@ import pytest
 
 from dist_pool import RankPool
 from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
-                        check_backward_against_forward, check_other_call, check_rejected, check_ring_with_timeout, dying_mid_ring,
-                        skipping_unshard_backward)
+                        check_backward_against_forward, check_other_call, check_rejected,
+                        check_ring_with_timeout, dying_mid_ring, skipping_unshard_backward)
 
 WORLD = 3
 
