@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from transport_cases import group_still_usable, transport_check_ring, transport_outcome, with_transport
-from transport_cases import ring_outputs
+from transport_cases import batched_ring_posts, ring_outputs
 
 WORLD = 2
 
@@ -47,3 +47,20 @@ def test_rejected_on_every_rank(rank_pool, value, kind, needle):
 def test_rejected_without_group(value):
     kind, message = with_transport(value, ring_outputs, False)
     assert kind == "ValueError" and "RING_ATTN_TRANSPORT" in message, (kind, message)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_coalescing_backend_gets_one_batch_per_exchange(rank_pool, world):
+    """Over a backend that coalesces (NCCL), each exchange's send and receive are posted in one
+    batch of their own: unbatched, two ranks that both receive first wait for each other forever."""
+    for rank, (same, posts) in enumerate(rank_pool(world).run(batched_ring_posts)):
+        assert same, rank
+        assert posts and all(batch is not None for _, _, batch in posts), (rank, posts)
+        batches = {}
+        for kind, peer, batch in posts:
+            batches.setdefault(batch, []).append(kind)
+        assert all(sorted(kinds) in (["recv"], ["send"], ["recv", "send"])
+                   for kinds in batches.values()), (rank, posts)
+        # The full ring of world w: w-1 K/V hops out and in, forward and backward, and the dK/dV
+        # sums' w-1 hops (the last one home).
+        assert sum(kind == "send" for kind, _, _ in posts) == 3 * (world - 1), (rank, posts)

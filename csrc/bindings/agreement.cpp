@@ -21,7 +21,7 @@ namespace {
 // Descriptor layout: kFields int64 fields, then a NUL-padded message of kMessageBytes.
 enum Field : int {
   kBatch = 0, kSeqlen, kHeads, kHeadsKV, kHeadDim, kDType, kDevice, kLayout, kCausal, kScale,
-  kWindowLeft, kWindowRight, kNumSeqs, kSeqlensHash, kKVExchange, kHasError, kFields
+  kWindowLeft, kWindowRight, kNumSeqs, kSeqlensHash, kKVExchange, kTransport, kHasError, kFields
 };
 constexpr int kMessageBytes = 384;
 constexpr int kDescriptorLen = kFields + kMessageBytes / 8;
@@ -43,6 +43,7 @@ const char* field_name(int field) {
     case kNumSeqs: return "number of packed sequences (cu_seqlens)";
     case kSeqlensHash: return "cu_seqlens";
     case kKVExchange: return "kv_exchange";
+    case kTransport: return "transport (RING_ATTN_TRANSPORT)";
     default: return "?";
   }
 }
@@ -61,6 +62,7 @@ std::string field_value(int field, int64_t value) {
     case kCausal: return value ? "True" : "False";
     case kSeqlensHash: return "hash " + std::to_string(value);
     case kKVExchange: return kv_exchange_name(static_cast<KVExchange>(value));
+    case kTransport: return value == 1 ? "nccl" : "c10d";
     case kScale: {
       double d;
       std::memcpy(&d, &value, sizeof(d));
@@ -313,6 +315,7 @@ at::Tensor describe(const RingCall& call) {
     KVExchange exchange;
     parse_kv_exchange(call.kv_exchange, &exchange);
     d[kKVExchange] = static_cast<int64_t>(exchange);
+    d[kTransport] = call.transport;
     if (call.cu_seqlens.defined()) {
       const at::Tensor host = call.cu_seqlens.cpu().contiguous();
       d[kNumSeqs] = host.size(0) - 1;
@@ -540,7 +543,8 @@ at::Tensor describe_grid(const RingCall& call, const UlyssesGrid& grid, bool ret
                                               call.layout, call.causal, call.softmax_scale,
                                               call.window_left, call.window_right,
                                               call.cu_seqlens, grid.ring_size,
-                                              call.transport_error, call.kv_exchange});
+                                              call.transport_error, call.kv_exchange,
+                                              call.transport});
     std::memcpy(d + kGridFields, ring.data_ptr<int64_t>(), kDescriptorLen * sizeof(int64_t));
   } else {
     write_error(d + kGridFields, error);

@@ -1,7 +1,7 @@
 // Input validation and the ranks' agreement, in one small collective before the first send.
 //
 // Each rank checks its own inputs and writes a descriptor (shapes, dtype, device, layout, causal,
-// scale, kv_exchange) plus its verdict (an error message or nothing). The ranks all-gather the descriptors; if
+// scale, kv_exchange, transport) plus its verdict (an error message or nothing). The ranks all-gather the descriptors; if
 // any rank's input is invalid or the ranks disagree, EVERY rank raises the same ValueError naming
 // the ranks and the problem, so no rank is left waiting in the ring.
 #pragma once
@@ -33,6 +33,9 @@ struct RingCall {
   // comm/group_devices.h), or empty.
   std::string transport_error = {};
   std::string kv_exchange = "ring";  // "ring" | "allgather"
+  // The transport of the ring's messages (transport_select.h's TransportKind: 0 c10d, 1 nccl), from
+  // this rank's RING_ATTN_TRANSPORT: ranks that pick different ones would never meet.
+  int transport = 0;
 
   static const at::Tensor kNoTensor;
 };

@@ -8,6 +8,7 @@
 #include "core/ring_scheduler.h"
 
 #if defined(RING_ATTN_WITH_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -31,6 +32,19 @@ bool capturing_graph(const at::Device& device) {
   return false;
 }
 
+// A cached device copy outlives the call that reads it, and its memory belongs to the stream that
+// made it: a call on another stream records its stream, so that the copy's memory, once evicted,
+// is not handed out again before that stream's kernels have read it.
+void used_on_current_stream(const at::Tensor& copy) {
+#if defined(RING_ATTN_WITH_CUDA)
+  if (copy.is_cuda()) {
+    c10::cuda::CUDACachingAllocator::recordStream(
+        copy.storage().data_ptr(), c10::cuda::getCurrentCUDAStream(copy.device().index()));
+  }
+#endif
+  (void)copy;
+}
+
 // Device copies of the rings' token positions and sequence ranges, kept across calls and keyed
 // by what determines them (device, layout, world size, rank, local length, cu_seqlens), within
 // 64 MiB (least recently used first). Once a configuration has run, a ring call copies nothing
@@ -42,7 +56,10 @@ at::Tensor device_copy(const std::string& key, const at::Tensor& host, const at:
   const std::string full_key = device.str() + "|" + key;
   const bool capturing = capturing_graph(device);
   std::lock_guard<std::mutex> lock(mutex);
-  if (const at::Tensor* found = copies.find(full_key, capturing)) return *found;
+  if (const at::Tensor* found = copies.find(full_key, capturing)) {
+    used_on_current_stream(*found);
+    return *found;
+  }
   TORCH_CHECK(!capturing,
               "ring attention: this ring configuration (layout, world size, lengths, cu_seqlens) "
               "has not run on ", device, " yet, so its token positions would be copied from the "

@@ -131,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, con
   const TransportKind kind = transport_kind(q);  // before any communication
   const auto group = resolve_group(options.group_name);
   RingCall call = ring_call(q, k, v, options, world_of(group));
+  call.transport = static_cast<int>(kind);
   if (call.world > 1 && kind == TransportKind::kC10d) {
     call.transport_error = p2p_device_error(*group, q.device());
   }

@@ -131,6 +131,7 @@ ulysses_forward(const BlockKernels& kernels, const at::Tensor& q, const at::Tens
   RingCall call{q, k, v, options.layout, options.causal, options.softmax_scale,
                 options.window_left, options.window_right, options.cu_seqlens, grid.ring_size};
   call.kv_exchange = options.kv_exchange;
+  call.transport = static_cast<int>(kind);
   if (grid.ring_size > 1 && kind == TransportKind::kC10d) {
     call.transport_error = p2p_device_error(*grid.ring, q.device());
   }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -47,18 +48,63 @@ void abandon(const c10::intrusive_ptr<c10d::Work>& work) {
   graveyard->push_back(work);
 }
 
+// The device type whose backend carries the ring's messages, if that backend coalesces.
+static std::optional<c10::DeviceType> coalescing_type(c10d::ProcessGroup& group,
+                                                      const at::Device& device) {
+  if (!group.hasBackendForDeviceType(device.type())) return std::nullopt;
+  if (!group.getBackend(device.type())->supportsCoalescing()) return std::nullopt;
+  return device.type();
+}
+
+// A coalescing backend (NCCL) creates the communicator of its batches at the first batch or
+// collective over the group on a device, and every rank of the group must take part in that. A
+// rank whose schedule posts no exchange would never join, so every rank (all of them build the
+// transport of a ring call) runs one small collective on the device first, once per group and
+// device.
+static void join_batch_communicator(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                    const at::Device& device, double timeout_s) {
+  static std::mutex mutex;
+  static auto* joined =
+      new std::map<std::pair<const void*, int>, c10::weak_intrusive_ptr<c10d::ProcessGroup>>();
+  const auto key = std::make_pair(static_cast<const void*>(group.get()),
+                                  static_cast<int>(device.index()));
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = joined->find(key);
+    if (it != joined->end() && it->second.lock().get() == group.get()) return;
+  }
+  std::vector<at::Tensor> probe{at::zeros({1}, at::TensorOptions().device(device))};
+  wait_or_raise(group->allreduce(probe), timeout_s, group->getRank(),
+                "bringing up the process group's communicator on " + device.str());
+  std::lock_guard<std::mutex> lock(mutex);
+  joined->insert_or_assign(key, c10::weak_intrusive_ptr<c10d::ProcessGroup>(group));
+}
+
+// The device of the ring's messages. A GPU rank always holds its own K/V slot; a CPU rank may
+// hold no slot at all (it sends and receives nothing), and its messages would be CPU tensors.
+static at::Device slots_device(const std::vector<at::Tensor>& slots) {
+  for (const at::Tensor& slot : slots) {
+    if (slot.defined()) return slot.device();
+  }
+  return at::Device(c10::DeviceType::CPU);
+}
+
 C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
                              const std::vector<at::Tensor>& slots, double timeout_s)
     : group_(std::move(group)),
       slots_(slots),
       timeout_s_(timeout_s),
       rank_(group_->getRank()),
-      world_(group_->getSize()) {}
+      world_(group_->getSize()),
+      coalesce_(coalescing_type(*group_, slots_device(slots_))) {
+  if (coalesce_) join_batch_communicator(group_, slots_device(slots_), timeout_s_);
+}
 
 C10dTransport::~C10dTransport() {
   for (auto& [key, pending] : pending_) {  // only after an error: keep their buffers alive
     if (pending.send) abandon(pending.send);
     if (pending.recv) abandon(pending.recv);
+    if (pending.batch) abandon(pending.batch);
   }
   for (auto& [kind, work] : collectives_) abandon(work);
 }
@@ -74,9 +120,8 @@ std::string C10dTransport::describe(const Exchange& exchange, bool receiving) co
          std::to_string(mod(rank_ + (receiving ? -exchange.offset : exchange.offset), world_));
 }
 
-void C10dTransport::post(const Exchange& exchange) {
+void C10dTransport::post_halves(const Exchange& exchange, Pending& pending) {
   const int tag = exchange_tag(exchange);
-  Pending pending;
   // Post the receive first: a peer's send can then land directly. A dead peer can fail the
   // posting itself.
   if (exchange.receives()) {
@@ -96,6 +141,32 @@ void C10dTransport::post(const Exchange& exchange) {
       throw std::runtime_error(describe(exchange, false) + ": " + e.what());
     }
   }
+}
+
+void C10dTransport::post(const Exchange& exchange) {
+  Pending pending;
+  if (!coalesce_) {
+    post_halves(exchange, pending);
+  } else {
+    group_->startCoalescing(*coalesce_);
+    try {
+      post_halves(exchange, pending);
+    } catch (...) {
+      try {  // close the batch, so that the group stays usable
+        abandon(group_->endCoalescing(*coalesce_));
+      } catch (const std::exception&) {
+      }
+      throw;
+    }
+    try {
+      pending.batch = group_->endCoalescing(*coalesce_);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(describe(exchange, exchange.receives()) + ": " + e.what());
+    }
+    // The batch's work stands for both halves (the halves' own works may be placeholders).
+    pending.send.reset();
+    pending.recv.reset();
+  }
   pending_[{static_cast<int>(exchange.channel), exchange.step}] = std::move(pending);
 }
 
@@ -103,6 +174,14 @@ void C10dTransport::wait(const Exchange& exchange) {
   auto it = pending_.find({static_cast<int>(exchange.channel), exchange.step});
   TORCH_CHECK(it != pending_.end(), "ring attention: internal error, waiting for an exchange (",
               channel_name(exchange.channel), ", step ", exchange.step, ") that was never posted");
+  if (it->second.batch &&
+      !wait_with_deadline(it->second.batch, timeout_s_, describe(exchange, exchange.receives()))) {
+    const int prev = mod(rank_ - exchange.offset, world_);
+    const int next = mod(rank_ + exchange.offset, world_);
+    throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, exchange.receives(),
+                           exchange.receives() ? prev : next,
+                           exchange.sends() && exchange.receives() ? next : -1);
+  }
   if (it->second.recv &&
       !wait_with_deadline(it->second.recv, timeout_s_, describe(exchange, true))) {
     throw RingTimeoutError(timeout_s_, exchange.step, exchange.channel, true,

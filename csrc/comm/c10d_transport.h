@@ -2,12 +2,19 @@
 // Each exchange is a send to rank+offset and/or a recv from rank-offset, tagged by (step, channel)
 // so that the K/V and dK/dV rings never match each other's messages; collectives are the group's
 // own.
+// Where the group's backend for the slots' device coalesces (NCCL), each exchange is one coalesced
+// batch, as torch's batch_isend_irecv: NCCL ignores tags and runs unbatched sends and receives
+// between two ranks (with eager initialisation: all of a group's operations) one after another on
+// one stream, so two ranks that both post their receive first would wait for each other forever
+// (world size 2, a hop home to the rank received from, or any ring under eager initialisation).
+// In one batch NCCL runs both halves together.
 // Every wait has a deadline.
 #pragma once
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <map>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -52,12 +59,16 @@ class C10dTransport final : public Transport {
   struct Pending {  // a half the exchange does not have stays empty
     c10::intrusive_ptr<c10d::Work> send;
     c10::intrusive_ptr<c10d::Work> recv;
+    c10::intrusive_ptr<c10d::Work> batch;  // both halves, when coalesced
   };
+  // Posts the halves of `exchange` into `pending` (one batch when coalescing).
+  void post_halves(const Exchange& exchange, Pending& pending);
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   const std::vector<at::Tensor>& slots_;
   double timeout_s_;
   int rank_;
   int world_;
+  std::optional<c10::DeviceType> coalesce_;  // the backend's device type, when it coalesces
   std::map<std::pair<int, int>, Pending> pending_;
   std::map<int, c10::intrusive_ptr<c10d::Work>> collectives_;  // by kind
 };

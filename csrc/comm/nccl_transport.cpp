@@ -20,6 +20,7 @@
 #include <thread>
 #include <utility>
 
+#include "comm/c10d_transport.h"
 #include "comm/group_devices.h"
 
 namespace ring_attn {
@@ -225,9 +226,10 @@ cudaStream_t comm_stream(int device) {
 }
 
 // The group's communicator on `device`, created collectively on first use: every rank of the group
-// must call this (they do: the transport choice is the same on every rank).
+// must call this (they do when every rank sets the same RING_ATTN_TRANSPORT; where one does not,
+// the others raise at the deadline rather than wait for it forever).
 std::shared_ptr<Communicator> communicator(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                                           int device) {
+                                           int device, double timeout_s) {
   static std::mutex mutex;
   static auto* cache = new std::map<std::pair<const void*, int>, std::shared_ptr<Communicator>>();
   std::lock_guard<std::mutex> lock(mutex);
@@ -260,7 +262,9 @@ std::shared_ptr<Communicator> communicator(const c10::intrusive_ptr<c10d::Proces
   std::vector<at::Tensor> tensors{id.to(id_device)};
   c10d::BroadcastOptions options;
   options.rootRank = 0;
-  group->broadcast(tensors, options)->wait();
+  wait_or_raise(group->broadcast(tensors, options), timeout_s, c->rank,
+                "creating the NCCL transport's communicator (every rank must use "
+                "RING_ATTN_TRANSPORT=nccl)");
   const at::Tensor host = tensors[0].cpu();
   ncclUniqueId unique;
   std::memcpy(&unique, host.data_ptr(), sizeof(unique));
@@ -287,7 +291,7 @@ class NcclTransport final : public Transport {
     const at::Tensor& own = slots.at(slot::kOwnKV);
     TORCH_CHECK_VALUE(own.is_cuda(), "RING_ATTN_TRANSPORT=nccl needs CUDA tensors");
     device_ = own.get_device();
-    comm_ = communicator(group, device_);
+    comm_ = communicator(group, device_, timeout_s);
     comm_->check();
     compute_ = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
     stream_ = comm_stream(device_);
@@ -334,13 +338,19 @@ class NcclTransport final : public Transport {
     RA_CUDA_CHECK(cudaEventRecord(p->ready, compute_));
     RA_CUDA_CHECK(cudaStreamWaitEvent(stream_, p->ready, 0));
     RA_NCCL_CHECK(ncclGroupStart());
+    // The group is closed even when a half fails: an open group would take in this thread's next
+    // NCCL calls (torch's collectives too) and never launch them.
+    ncclResult_t halves = ncclSuccess;
     if (x.sends()) {
-      RA_NCCL_CHECK(ncclSend(send.data_ptr(), send.nbytes(), ncclUint8, next, comm_->comm, stream_));
+      halves = ncclSend(send.data_ptr(), send.nbytes(), ncclUint8, next, comm_->comm, stream_);
     }
-    if (x.receives()) {
-      RA_NCCL_CHECK(ncclRecv(recv.data_ptr(), recv.nbytes(), ncclUint8, prev, comm_->comm, stream_));
+    if (halves == ncclSuccess && x.receives()) {
+      halves = ncclRecv(recv.data_ptr(), recv.nbytes(), ncclUint8, prev, comm_->comm, stream_);
     }
-    RA_NCCL_CHECK(ncclGroupEnd());
+    const ncclResult_t ended = ncclGroupEnd();
+    TORCH_CHECK(halves == ncclSuccess, "ring attention (NCCL transport): ncclSend/ncclRecv: ",
+                ncclGetErrorString(halves));
+    RA_NCCL_CHECK(ended);
     RA_CUDA_CHECK(cudaEventRecord(p->done, stream_));
     nvtxRangePop();
     if (!capturing_ && timeout_s_ > 0) Watchdog::get().add(p);

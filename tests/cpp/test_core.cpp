@@ -228,6 +228,10 @@ struct World {
   // (receiver, channel, step) -> (sender, message)
   std::map<std::tuple<int, int, int>, std::pair<int, std::vector<double>>> mailbox;
   std::map<int, std::vector<int>> collective_posts;  // kind -> ranks that posted, in order
+  // (sender, receiver) -> the (channel, step) of each send half, and of each receive half, in the
+  // order posted. NCCL has no tags: it pairs the sends and receives between two ranks in the order
+  // they are posted, so both sequences must be equal.
+  std::map<std::pair<int, int>, std::vector<std::pair<int, int>>> sends_in_order, receives_in_order;
   int posts = 0;  // hops sent (exchanges with a send half) and collectives
   std::vector<std::set<int>> kv_arrivals;  // per block: the ranks its K/V were received on
   World(int n, std::function<bool(int, int)> needed_)
@@ -250,8 +254,12 @@ void LocalTransport::post(const Exchange& x) {
   CHECK(busy_slots.count(x.send_slot) == 0 && busy_slots.count(x.recv_slot) == 0);
   CHECK(mod(x.offset, world_.size) != 0);  // a hop goes to another rank
   posted[key] = x;
-  if (x.receives()) busy_slots.insert(x.recv_slot);
+  if (x.receives()) {
+    busy_slots.insert(x.recv_slot);
+    world_.receives_in_order[{mod(rank_ - x.offset, world_.size), rank_}].push_back(key);
+  }
   if (!x.sends()) return;
+  world_.sends_in_order[{rank_, mod(rank_ + x.offset, world_.size)}].push_back(key);
   busy_slots.insert(x.send_slot);
   // The message is what the send buffer holds now; busy_slots checks nobody writes it in flight.
   const auto address = std::make_tuple(mod(rank_ + x.offset, world_.size), key.first, key.second);
@@ -380,6 +388,7 @@ static void test_forward_schedule() {
       World world(w, needed);
       run_ring<RingForward>(world);
       CHECK(world.posts == w * (w - 1));  // K/V make W-1 hops
+      CHECK(world.sends_in_order == world.receives_in_order);
       for (int r = 0; r < w; ++r) {
         std::vector<int> want;
         for (int t = 0; t < w; ++t) {
@@ -406,6 +415,7 @@ static void test_backward_schedule() {
       run_ring<RingBackward>(world);
       // K/V: W-1 hops; dK/dV: W-1 hops (the own block's part stays home).
       CHECK(world.posts == (w > 1 ? 2 * w * (w - 1) : 0));
+      CHECK(world.sends_in_order == world.receives_in_order);
       for (int r = 0; r < w; ++r) {
         const auto& grad = world.ops[r].slots[slot::kGradHome];
         double want = 0;
@@ -448,6 +458,7 @@ static void check_block_reaches(int w, const std::function<bool(int, int)>& need
   CHECK(run_ring<RingForward>(world, reaches) == hops);
   CHECK(world.posts == hops);
   CHECK(world.mailbox.empty());
+  CHECK(world.sends_in_order == world.receives_in_order);
   for (int r = 0; r < w; ++r) {
     std::vector<int> want;
     for (int t = 0; t < w; ++t) {
@@ -464,6 +475,7 @@ static void check_block_reaches(int w, const std::function<bool(int, int)>& need
   CHECK(run_ring<RingBackward>(back, reaches) == 2 * hops);
   CHECK(back.posts == 2 * hops);
   CHECK(back.mailbox.empty());
+  CHECK(back.sends_in_order == back.receives_in_order);
   for (int r = 0; r < w; ++r) {
     const auto& grad = back.ops[r].slots[slot::kGradHome];
     double want = 0;

@@ -76,3 +76,20 @@ def test_nccl_rejects_cpu_tensors_on_every_rank(nccl_group):
             ra.ring_attn_func(q, q, q)
     finally:
         os.environ.pop("RING_ATTN_TRANSPORT", None)
+
+
+def test_ranks_on_different_transports_raise_on_every_rank(nccl_group):
+    """Rank 0 asks for the NCCL transport, the others for c10d: every rank raises ValueError in
+    the agreement (naming the transports) instead of waiting for peers that never come, and the
+    group stays usable."""
+    import ring_attention as ra
+    os.environ["RING_ATTN_TRANSPORT"] = "nccl" if dist.get_rank() == 0 else "c10d"
+    try:
+        q = torch.randn(1, 8, 2, 16, device="cuda", dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=r"ranks disagree on the transport \(RING_ATTN_TRANSPORT\)"):
+            ra.ring_attn_func(q, q, q)
+    finally:
+        os.environ.pop("RING_ATTN_TRANSPORT", None)
+    t = torch.ones(1, device="cuda")
+    dist.all_reduce(t)
+    assert t.item() == WORLD
