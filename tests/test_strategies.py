@@ -266,6 +266,29 @@ def test_plan_prints_strategies_and_picks_the_fewest_bytes():
                                                                       65536).total_bytes
 
 
+@pytest.mark.parametrize("changes,message", [
+    ({"world": 0}, "world must be an int >= 1, got 0"),
+    ({"ulysses": 0}, "ulysses must be an int >= 1, got 0"),
+    ({"headdim": 16.0}, "headdim must be an int >= 1, got 16.0"),
+    ({"batch": -1}, "batch must be an int >= 1, got -1"),
+    ({"ulysses": 3}, "world (4) must divide by U (3)"),
+    ({"heads_kv": 3}, "heads (4) must divide by heads_kv (3)"),
+    ({"heads_kv": 8}, "heads (4) must divide by heads_kv (8)"),
+    ({"seqlen": 6}, "seqlen (6) must divide by world (4)"),
+    ({"ring_steps": 5}, "ring_steps must be 0 (all R = 4 steps) or an int in [1, 4], got 5"),
+    ({"ulysses": 2, "ring_steps": 3}, "or an int in [1, 2], got 3"),
+    ({"ring_steps": -1}, "got -1"),
+], ids=str)
+def test_cost_rejects_sizes_no_call_could_have(changes, message):
+    """Sizes that no call could have raise ValueError naming the size (not a ZeroDivisionError,
+    negative bytes, or the bytes of heads that do not form GQA groups)."""
+    from ring_attention.strategies import cost
+    sizes = {**dict(world=4, ulysses=1, heads=4, heads_kv=2, headdim=16, seqlen=8), **changes}
+    with pytest.raises(ValueError) as error:
+        cost("ring", **sizes)
+    assert message in str(error.value)
+
+
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (4, 1), (2, 2), (1, 4)], ids=str)
 @pytest.mark.parametrize("kv_exchange", ["ring", "allgather"])
 def test_local_ring_grid_matches_reference(ulysses, ring, kv_exchange):
