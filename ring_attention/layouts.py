@@ -94,6 +94,18 @@ def _gather_ulysses(x_local, ulysses_group, dim, what, local_error="", settings=
     return _GatherInOrder.apply(x_local, group, rank, world, dim, order), ""
 
 
+def _grid_settings(settings: str, rank: int, world: int, ulysses_group):
+    """(settings as the ranks of ulysses_group compare them, as the ranks of group compare them):
+    with a ulysses_group of more than one rank, each rank's place in the other group is added, so
+    that groups which do not form a U x R grid (every rank of a ulysses_group at the same rank of
+    its group, every rank of a group at the same rank of its ulysses_group) disagree."""
+    _, u_rank, u_world = _ulysses(ulysses_group)
+    if u_world == 1:
+        return settings, settings
+    return (f"{settings}, rank {rank} of {world} in group",
+            f"{settings}, rank {u_rank} of {u_world} in ulysses_group")
+
+
 def _in_ulysses_group(verdict: str, what: str) -> str:
     """A verdict of a ulysses_group as one rank's problem in the agreement over the ring group."""
     return "in its ulysses_group, " + verdict.removeprefix(f"{what}: ").replace("\n  ", " ")
@@ -299,8 +311,10 @@ def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", di
     group, rank, world = _group.resolve(group)
     local_error = _layout_error(layout) or _x_local_error(x_local, dim)
     dim = 0 if local_error else dim % x_local.dim()
-    settings = f"layout {layout!r}, dim {dim}"
-    x_local, verdict = _gather_ulysses(x_local, ulysses_group, dim, "unshard", local_error, settings)
+    ulysses_settings, settings = _grid_settings(f"layout {layout!r}, dim {dim}", rank, world,
+                                                ulysses_group)
+    x_local, verdict = _gather_ulysses(x_local, ulysses_group, dim, "unshard", local_error,
+                                       ulysses_settings)
 
     def odd_zigzag(_rank, shape):
         if layout == "zigzag" and shape[dim] % 2:
@@ -436,9 +450,10 @@ def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, *, group=Non
         local_error = local_error or str(error)
     dim = 0 if local_error else dim % x_local.dim()
     settings = "" if local_error else f"layout {layout!r}, dim {dim}, cu_seqlens {_describe_cu_seqlens(cu)}"
+    ulysses_settings, settings = _grid_settings(settings, rank, world, ulysses_group)
     if ulysses_group is not None:  # the ring shard, without the pad that made it divide by U
         x_local, verdict = _gather_ulysses(x_local, ulysses_group, dim, "unshard_varlen",
-                                           local_error, settings)
+                                           local_error, ulysses_settings)
         if not verdict:
             x_local = x_local.narrow(dim, 0, min(expected, x_local.shape[dim]))
     else:

@@ -192,12 +192,17 @@ def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     assert all(message in m for m in messages), messages
 
 
+@pytest.mark.parametrize("kind,parts", [
+    ("unknown_layout", ["unknown layout 'bogus'"]),
+    ("not_a_grid", ["ranks disagree on the arguments (rank 0: layout 'zigzag'",
+                    "rank 0 of 2 in group, rank 1: layout 'zigzag'", "rank 1 of 2 in group)"])])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_grid_unshard_rejects_one_bad_rank_on_every_rank(rank_pool, varlen):
-    """A bad layout on one rank of a 2 x 2 grid: every rank raises ValueError (the ranks of the
-    other ulysses_group learn it in the agreement over the ring group), none waits."""
-    messages = rank_pool(4).run(check_grid_unshard_rejected, varlen)
-    assert len(set(messages)) == 1 and "unknown layout 'bogus'" in messages[0], messages
+def test_grid_unshard_rejects_one_bad_rank_on_every_rank(rank_pool, varlen, kind, parts):
+    """A bad layout on one rank of a 2 x 2 grid, or groups that do not form a grid: every rank
+    raises ValueError (the ranks of the other ulysses_group learn it in the agreement over the
+    ring group), none waits, and none gathers a wrong tensor."""
+    messages = rank_pool(4).run(check_grid_unshard_rejected, varlen, kind)
+    assert len(set(messages)) == 1 and all(part in messages[0] for part in parts), messages
 
 
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
