@@ -506,6 +506,8 @@ def check_ulysses_rejected(kind):
         kwargs["kv_exchange"] = "tree" if rank == 2 else "ring"
     elif kind == "not_a_grid":  # the same ranks as group and as ulysses_group
         kwargs["group"] = ulysses_group
+    elif kind == "default_group":  # group left at its default, the world
+        del kwargs["group"]
     elif kind == "seqlen_disagrees":
         q, k, v = (t[:, :2] if rank == 1 else t for t in (q, k, v))
     elif kind == "window_disagrees_in_ulysses_group":  # ranks 0 and 1 form one ulysses_group

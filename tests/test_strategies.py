@@ -177,7 +177,9 @@ def test_ulysses_matches_reference(rank_pool, case):
     ("heads_not_divisible", "must be divisible by the size of the ulysses_group (2)"),
     ("kv_exchange_disagrees", "disagree on the kv_exchange"),
     ("unknown_kv_exchange", "unknown kv_exchange 'tree'"),
-    ("not_a_grid", "disagree on the rank in the ring group"),
+    ("not_a_grid", "but they must form a U x R grid and share this rank alone"),
+    ("default_group", "group and ulysses_group share the ranks [0, 1], but they must form a U x R "
+                      "grid and share this rank alone; group defaults to the whole world"),
     ("seqlen_disagrees", "disagree on the local tokens"),
     ("window_disagrees_in_ulysses_group",
      "ranks of one ulysses_group disagree on the window_size[0] (left)"),
