@@ -48,6 +48,22 @@ def _check_live(group: dist.ProcessGroup) -> None:
                      "after init_process_group")
 
 
+def grid_error(group, ulysses_group) -> str:
+    """Why group and ulysses_group (resolved) cannot form a U x R grid, from their ranks ("" when
+    they may): a rank's group and ulysses_group of a grid share that rank alone. Not checked
+    while torch.compile traces (the ops' agreement still rejects such groups)."""
+    if group is None or ulysses_group is None or torch.compiler.is_compiling():
+        return ""
+    shared = sorted(set(dist.get_process_group_ranks(group))
+                    & set(dist.get_process_group_ranks(ulysses_group)))
+    if len(shared) <= 1:
+        return ""
+    return (f"group and ulysses_group share the ranks {shared}, but they must form a U x R grid "
+            "and share this rank alone; group defaults to the whole world, so for Ulysses alone "
+            "pass as group a group of this rank alone (e.g. torch.distributed."
+            "new_subgroups_by_enumeration([[r] for r in range(world)])[0])")
+
+
 def group_name(group) -> str:
     """Name under which C++ resolves the group; "" means world size 1 without a group."""
     if group is None:

@@ -2,7 +2,6 @@
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from . import _group, ulysses
 from ._autograd import once_differentiable
@@ -134,22 +133,6 @@ def _op_arguments(q, causal, softmax_scale, window_size, layout, return_lse, det
             _deterministic(deterministic), _kv_exchange(kv_exchange), bool(_flag(return_lse)))
 
 
-def _grid_error(group, ulysses_group) -> str:
-    """Why group and ulysses_group (resolved) cannot form a U x R grid, from their ranks ("" when
-    they may): a rank's group and ulysses_group of a grid share that rank alone. Not checked
-    while torch.compile traces (the ops' agreement still rejects such groups)."""
-    if group is None or ulysses_group is None or torch.compiler.is_compiling():
-        return ""
-    shared = sorted(set(dist.get_process_group_ranks(group))
-                    & set(dist.get_process_group_ranks(ulysses_group)))
-    if len(shared) <= 1:
-        return ""
-    return (f"group and ulysses_group share the ranks {shared}, but they must form a U x R grid "
-            "and share this rank alone; group defaults to the whole world, so for Ulysses alone "
-            "pass as group a group of this rank alone (e.g. torch.distributed."
-            "new_subgroups_by_enumeration([[r] for r in range(world)])[0])")
-
-
 def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
           deterministic, kv_exchange, ulysses_group):
     """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
@@ -164,7 +147,7 @@ def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout
         out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), *args)
     else:
         ulysses_group, _, _ = _group.resolve(ulysses_group)
-        grid_error = _grid_error(group, ulysses_group)
+        grid_error = _group.grid_error(group, ulysses_group)
         if grid_error and not layout.startswith(_ARGUMENT_ERROR):  # reported on every rank
             args = (*args[:4], _ARGUMENT_ERROR + grid_error, *args[5:])
         out, lse = ulysses.attention(q, k, v, cu_seqlens, _group.group_name(group),

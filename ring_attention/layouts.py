@@ -66,8 +66,7 @@ def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int =
     and the part of this rank's Ulysses rank is returned. Differentiable (a local gather).
     """
     _check_layout(layout)
-    _, rank, world = _group.resolve(group)
-    _, u_rank, u_world = _ulysses(ulysses_group)
+    rank, world, u_rank, u_world = _grid(group, ulysses_group, "shard")
     local_len = _local_len(x.shape[dim], world * u_world, layout) * u_world
     if layout in ("contiguous", "packed"):
         ring_shard = x.narrow(dim, rank * local_len, local_len)
@@ -79,6 +78,17 @@ def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int =
 def _ulysses(ulysses_group):
     """(group, rank, size) of a ulysses_group; (None, 0, 1) without one."""
     return _group.resolve(ulysses_group) if ulysses_group is not None else (None, 0, 1)
+
+
+def _grid(group, ulysses_group, what: str):
+    """(rank, world, Ulysses rank, U) of shard and shard_varlen; ValueError when the groups'
+    ranks show they cannot form a U x R grid (a local split: no peer waits)."""
+    group, rank, world = _group.resolve(group)
+    u_group, u_rank, u_world = _ulysses(ulysses_group)
+    error = _group.grid_error(group, u_group)
+    if error:
+        raise ValueError(f"{what}: {error}")
+    return rank, world, u_rank, u_world
 
 
 def _gather_ulysses(x_local, ulysses_group, dim, what, local_error="", settings=""):
@@ -387,8 +397,7 @@ def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None, layou
     this rank's ring shard is padded at its end to a multiple of U and split contiguously into U
     parts. Differentiable.
     """
-    _, rank, world = _group.resolve(group)
-    _, u_rank, u_world = _ulysses(ulysses_group)
+    rank, world, u_rank, u_world = _grid(group, ulysses_group, "shard_varlen")
     ring_shard = _padded_source(x, cu_seqlens, layout, rank, world, dim)
     if u_world == 1:
         return ring_shard

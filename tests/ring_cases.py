@@ -508,6 +508,11 @@ def check_ulysses_rejected(kind):
         kwargs["group"] = ulysses_group
     elif kind == "default_group":  # group left at its default, the world
         del kwargs["group"]
+        for split in (lambda: ra.shard(q, ulysses_group=ulysses_group),  # local: raise alone
+                      lambda: ra.shard_varlen(q[0], torch.tensor([0, 16], dtype=torch.int32),
+                                              ulysses_group=ulysses_group)):
+            with pytest.raises(ValueError, match=r"shard(_varlen)?: group and ulysses_group share"):
+                split()
     elif kind == "seqlen_disagrees":
         q, k, v = (t[:, :2] if rank == 1 else t for t in (q, k, v))
     elif kind == "window_disagrees_in_ulysses_group":  # ranks 0 and 1 form one ulysses_group
