@@ -76,10 +76,17 @@ def cost(kv_exchange: str, world: int, ulysses: int, heads: int, heads_kv: int, 
 
 
 def costs(world: int, ulysses: int, heads: int, heads_kv: int, headdim: int, seqlen: int,
-          **kwargs) -> List[Cost]:
-    """Every kv_exchange without Ulysses and, with ulysses > 1, with it."""
+          ring_steps: int = 0, **kwargs) -> List[Cost]:
+    """Every kv_exchange without Ulysses and, with ulysses > 1, with it. ring_steps: those of the
+    ring over all world ranks when a window stops it early (0: world); a causal window over
+    contiguous shards, U times as long on the ring of world / U ranks, stops that one after
+    min(world / U, 1 + ceil((ring_steps - 1) / U)) steps."""
     grid = [1] if ulysses == 1 else [1, ulysses]
-    return [cost(exchange, world, u, heads, heads_kv, headdim, seqlen, **kwargs)
+    steps = {u: ring_steps for u in grid}  # cost() rejects a ring_steps outside [0, world]
+    if type(ring_steps) is int and 1 <= ring_steps <= world and ulysses > 1:
+        steps[ulysses] = min(world // ulysses, 1 + -(-(ring_steps - 1) // ulysses))
+    return [cost(exchange, world, u, heads, heads_kv, headdim, seqlen, ring_steps=steps[u],
+                 **kwargs)
             for u in grid for exchange in KV_EXCHANGES]
 
 

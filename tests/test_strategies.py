@@ -273,6 +273,26 @@ def test_plan_prints_strategies_and_picks_the_fewest_bytes():
                                                                       65536).total_bytes
 
 
+@pytest.mark.parametrize("world,ulysses,window", [(8, 2, 5), (8, 2, 13), (8, 4, 9), (4, 2, 2),
+                                                    (8, 4, 40)], ids=str)
+def test_costs_scale_a_window_to_the_ulysses_ring(world, ulysses, window):
+    """costs(..., ring_steps=s) with s the steps of the ring over all ranks under a causal window
+    over contiguous shards: its Ulysses candidates count the steps the ring over world / U ranks
+    runs (LocalRing's grid) for the same window."""
+    from ring_attention.strategies import costs
+    x = torch.randn(1, world * 4, 4, 8)
+    steps = {}
+    for u in (1, ulysses):
+        ring = LocalRing(world, ulysses_size=u)
+        shards = ring.shard(x)
+        ring.ring_attn_func(shards, shards, shards, causal=True, window_size=(window, 0))
+        steps[u] = ra.last_ring_stats()["steps"]
+    planned = {c.ulysses: c for c in costs(world, ulysses, 4, 4, 8, world * 4,
+                                           ring_steps=steps[1]) if c.kv_exchange == "ring"}
+    assert planned[1].fwd_messages == steps[1] - 1
+    assert planned[ulysses].fwd_messages - 4 * (ulysses - 1) == steps[ulysses] - 1, steps
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"world": 0}, "world must be an int >= 1, got 0"),
     ({"ulysses": 0}, "ulysses must be an int >= 1, got 0"),
