@@ -11,12 +11,15 @@ def resolve(group) -> Tuple[Optional[dist.ProcessGroup], int, int]:
     ``group``: a ProcessGroup, a 1-D DeviceMesh (e.g. ``mesh["cp"]``) or None (the default group).
     """
     if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        _check_live(group)
         # Its registered members only: what torch.compile traces of a ProcessGroup.
         return group, group.rank(), group.size()
     if hasattr(group, "get_group") and hasattr(group, "ndim"):  # a DeviceMesh
         if group.ndim != 1:
             raise ValueError(f"ring_attention: a DeviceMesh group must be 1-D (e.g. mesh['cp']), got {group.ndim}-D")
         group = group.get_group()
+        if dist.is_available() and isinstance(group, dist.ProcessGroup):
+            _check_live(group)
     if dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError("ring_attention: this rank is not a member of the process group it was "
                          "given (torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER "
@@ -31,6 +34,34 @@ def resolve(group) -> Tuple[Optional[dist.ProcessGroup], int, int]:
         raise ValueError("ring_attention: group must be a ProcessGroup, a 1-D DeviceMesh or None, "
                          f"got {type(group).__name__}")
     return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _check_live(group: dist.ProcessGroup) -> None:
+    """ValueError unless ``group`` belongs to the current process group. The ops find a group by
+    its name, and the groups made after destroy_process_group and init_process_group reuse the
+    names of the destroyed ones: a destroyed group would otherwise run over a newer group. Not
+    checked while torch.compile traces (it traces a ProcessGroup's rank, size and name only)."""
+    if torch.compiler.is_compiling() or group in dist.distributed_c10d._world.pg_map:
+        return
+    raise ValueError("ring_attention: the group was destroyed (torch.distributed."
+                     "destroy_process_group); pass a group of the current process group, created "
+                     "after init_process_group")
+
+
+def grid_error(group, ulysses_group) -> str:
+    """Why group and ulysses_group (resolved) cannot form a U x R grid, from their ranks ("" when
+    they may): a rank's group and ulysses_group of a grid share that rank alone. Not checked
+    while torch.compile traces (the ops' agreement still rejects such groups)."""
+    if group is None or ulysses_group is None or torch.compiler.is_compiling():
+        return ""
+    shared = sorted(set(dist.get_process_group_ranks(group))
+                    & set(dist.get_process_group_ranks(ulysses_group)))
+    if len(shared) <= 1:
+        return ""
+    return (f"group and ulysses_group share the ranks {shared}, but they must form a U x R grid "
+            "and share this rank alone; group defaults to the whole world, so for Ulysses alone "
+            "pass as group a group of this rank alone (e.g. torch.distributed."
+            "new_subgroups_by_enumeration([[r] for r in range(world)])[0])")
 
 
 def group_name(group) -> str:

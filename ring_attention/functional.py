@@ -147,6 +147,9 @@ def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout
         out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), *args)
     else:
         ulysses_group, _, _ = _group.resolve(ulysses_group)
+        grid_error = _group.grid_error(group, ulysses_group)
+        if grid_error and not layout.startswith(_ARGUMENT_ERROR):  # reported on every rank
+            args = (*args[:4], _ARGUMENT_ERROR + grid_error, *args[5:])
         out, lse = ulysses.attention(q, k, v, cu_seqlens, _group.group_name(group),
                                      _group.group_name(ulysses_group), *args, return_lse)
     return (out, lse) if return_lse else out

@@ -66,8 +66,7 @@ def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int =
     and the part of this rank's Ulysses rank is returned. Differentiable (a local gather).
     """
     _check_layout(layout)
-    _, rank, world = _group.resolve(group)
-    _, u_rank, u_world = _ulysses(ulysses_group)
+    rank, world, u_rank, u_world = _grid(group, ulysses_group, "shard")
     local_len = _local_len(x.shape[dim], world * u_world, layout) * u_world
     if layout in ("contiguous", "packed"):
         ring_shard = x.narrow(dim, rank * local_len, local_len)
@@ -81,6 +80,17 @@ def _ulysses(ulysses_group):
     return _group.resolve(ulysses_group) if ulysses_group is not None else (None, 0, 1)
 
 
+def _grid(group, ulysses_group, what: str):
+    """(rank, world, Ulysses rank, U) of shard and shard_varlen; ValueError when the groups'
+    ranks show they cannot form a U x R grid (a local split: no peer waits)."""
+    group, rank, world = _group.resolve(group)
+    u_group, u_rank, u_world = _ulysses(ulysses_group)
+    error = _group.grid_error(group, u_group)
+    if error:
+        raise ValueError(f"{what}: {error}")
+    return rank, world, u_rank, u_world
+
+
 def _gather_ulysses(x_local, ulysses_group, dim, what, local_error="", settings=""):
     """(the ring shard, ""): every Ulysses rank's part concatenated along dim, differentiably; or
     (x_local, the message every rank of ulysses_group raises) when a rank's input is invalid."""
@@ -92,6 +102,18 @@ def _gather_ulysses(x_local, ulysses_group, dim, what, local_error="", settings=
         return x_local, verdict
     order = torch.arange(world * x_local.shape[dim])
     return _GatherInOrder.apply(x_local, group, rank, world, dim, order), ""
+
+
+def _grid_settings(settings: str, rank: int, world: int, ulysses_group):
+    """(settings as the ranks of ulysses_group compare them, as the ranks of group compare them):
+    with a ulysses_group of more than one rank, each rank's place in the other group is added, so
+    that groups which do not form a U x R grid (every rank of a ulysses_group at the same rank of
+    its group, every rank of a group at the same rank of its ulysses_group) disagree."""
+    _, u_rank, u_world = _ulysses(ulysses_group)
+    if u_world == 1:
+        return settings, settings
+    return (f"{settings}, rank {rank} of {world} in group",
+            f"{settings}, rank {u_rank} of {u_world} in ulysses_group")
 
 
 def _in_ulysses_group(verdict: str, what: str) -> str:
@@ -299,8 +321,10 @@ def unshard(x_local: torch.Tensor, *, group=None, layout: str = "contiguous", di
     group, rank, world = _group.resolve(group)
     local_error = _layout_error(layout) or _x_local_error(x_local, dim)
     dim = 0 if local_error else dim % x_local.dim()
-    settings = f"layout {layout!r}, dim {dim}"
-    x_local, verdict = _gather_ulysses(x_local, ulysses_group, dim, "unshard", local_error, settings)
+    ulysses_settings, settings = _grid_settings(f"layout {layout!r}, dim {dim}", rank, world,
+                                                ulysses_group)
+    x_local, verdict = _gather_ulysses(x_local, ulysses_group, dim, "unshard", local_error,
+                                       ulysses_settings)
 
     def odd_zigzag(_rank, shape):
         if layout == "zigzag" and shape[dim] % 2:
@@ -373,8 +397,7 @@ def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, *, group=None, layou
     this rank's ring shard is padded at its end to a multiple of U and split contiguously into U
     parts. Differentiable.
     """
-    _, rank, world = _group.resolve(group)
-    _, u_rank, u_world = _ulysses(ulysses_group)
+    rank, world, u_rank, u_world = _grid(group, ulysses_group, "shard_varlen")
     ring_shard = _padded_source(x, cu_seqlens, layout, rank, world, dim)
     if u_world == 1:
         return ring_shard
@@ -436,9 +459,10 @@ def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, *, group=Non
         local_error = local_error or str(error)
     dim = 0 if local_error else dim % x_local.dim()
     settings = "" if local_error else f"layout {layout!r}, dim {dim}, cu_seqlens {_describe_cu_seqlens(cu)}"
+    ulysses_settings, settings = _grid_settings(settings, rank, world, ulysses_group)
     if ulysses_group is not None:  # the ring shard, without the pad that made it divide by U
         x_local, verdict = _gather_ulysses(x_local, ulysses_group, dim, "unshard_varlen",
-                                           local_error, settings)
+                                           local_error, ulysses_settings)
         if not verdict:
             x_local = x_local.narrow(dim, 0, min(expected, x_local.shape[dim]))
     else:

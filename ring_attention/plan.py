@@ -7,12 +7,14 @@
         --headdim 128 --seqlen 65536
 
 For every ring step and rank it classifies the block pair (this rank's queries against the K/V
-that started on rank (rank - step) mod world) as full, partial (some pairs masked: the diagonal)
-or skipped, counts the visible (query, key) pairs as the work, prints the table and the imbalance
-(max / mean work over ranks), and draws it when --out is given (needs matplotlib). With
---strategies it prints instead what each way of exchanging K/V (ring, allgather, each with and
-without Ulysses over --ulysses ranks) sends per rank and call, and which it would pick
-(ring_attention/strategies.py).
+that started on rank (rank - step) mod world) as skipped where the ring skips it (from the
+queries' bounds and the keys' lowest and highest positions, as csrc/core/mask.h does), else full
+or partial (some pairs masked: the diagonal; under a narrow window a zigzag or striped block may
+be computed with no pair visible, work 0), counts the visible (query, key) pairs as the work,
+prints the table and the imbalance (max / mean work over ranks), and draws it when --out is
+given (needs matplotlib). With --strategies it prints instead what each way of exchanging K/V
+(ring, allgather, each with and without Ulysses over --ulysses ranks) sends per rank and call,
+and which it would pick (ring_attention/strategies.py).
 """
 import argparse
 import sys
@@ -75,6 +77,42 @@ def _tokens(world, layout, local_len, seqlens):
     return out
 
 
+def _row_bounds(tokens, causal, window):
+    """Per rank: the (lo, hi) positions of the keys each of its queries may see, as the ring
+    bounds them (csrc/core/mask.h row_bounds): its sequence's positions, narrowed by causal and
+    the window; lo > hi for a pad token."""
+    far = 1 << 62
+    seq_lo, seq_hi = {}, {}
+    for pos, seq in tokens:
+        for s in seq[seq >= 0].unique().tolist():
+            seq_lo[s] = min(seq_lo.get(s, far), int(pos[seq == s].min()))
+            seq_hi[s] = max(seq_hi.get(s, -far), int(pos[seq == s].max()))
+    left, right = window
+    bounds = []
+    for pos, seq in tokens:
+        lo = torch.tensor([seq_lo.get(s, 1) for s in seq.tolist()], dtype=torch.int64)
+        hi = torch.tensor([seq_hi.get(s, 0) for s in seq.tolist()], dtype=torch.int64)
+        if left >= 0:
+            lo = torch.maximum(lo, pos - left)
+        if causal:
+            hi = torch.minimum(hi, pos)
+        if right >= 0:
+            hi = torch.minimum(hi, pos + right)
+        bounds.append((lo, hi))
+    return bounds
+
+
+def _ring_skips(bounds, k_pos) -> bool:
+    """Whether the ring skips a block (csrc/core/mask.h classify_tile): from the queries' bounds
+    and the keys' lowest and highest positions alone, so a block whose every pair is masked may
+    still be computed (zigzag or striped shards under a narrow window)."""
+    lo, hi = bounds
+    rows = lo <= hi
+    if not rows.any() or k_pos.numel() == 0:
+        return True
+    return int(hi[rows].max()) < int(k_pos.min()) or int(lo[rows].min()) > int(k_pos.max())
+
+
 def make_plan(world: int, layout: str, causal: bool, local_len: int = 64, window=(-1, -1),
               seqlens=None) -> Plan:
     """Classifies every (rank, step) block pair by counting visible (query, key) pairs from global
@@ -83,6 +121,7 @@ def make_plan(world: int, layout: str, causal: bool, local_len: int = 64, window
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
     tokens = _tokens(world, layout, local_len, seqlens)
+    bounds = _row_bounds(tokens, causal, window)
     local_len = tokens[0][0].numel()
     left, right = window
     blocks = []
@@ -100,7 +139,10 @@ def make_plan(world: int, layout: str, causal: bool, local_len: int = 64, window
             if right >= 0:
                 visible &= rel <= right
             count, total = int(visible.sum()), max(1, local_len * local_len)
-            kind = SKIP if count == 0 else FULL if count == total else PARTIAL
+            if _ring_skips(bounds[rank], k_pos):
+                kind = SKIP
+            else:
+                kind = FULL if count == total else PARTIAL
             blocks.append(Block(rank, step, source, kind, count / total))
     return Plan(world, layout, causal, local_len, blocks, tuple(window))
 

@@ -44,10 +44,20 @@ def cost(kv_exchange: str, world: int, ulysses: int, heads: int, heads_kv: int, 
     steps when a window stops it early (0: R)."""
     if kv_exchange not in KV_EXCHANGES:
         raise ValueError(f"unknown kv_exchange {kv_exchange!r}")
-    if world % ulysses or heads % ulysses or seqlen % world:
-        raise ValueError(f"world ({world}), heads ({heads}) and seqlen ({seqlen}) must divide by "
-                         f"U ({ulysses}), and seqlen by world")
+    sizes = dict(world=world, ulysses=ulysses, heads=heads, heads_kv=heads_kv, headdim=headdim,
+                 seqlen=seqlen, batch=batch, elem_bytes=elem_bytes, acc_bytes=acc_bytes)
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    for name, value, divisor, divisor_name in (
+            ("world", world, ulysses, "U"), ("heads", heads, ulysses, "U"),
+            ("heads", heads, heads_kv, "heads_kv"), ("seqlen", seqlen, world, "world")):
+        if value % divisor:
+            raise ValueError(f"{name} ({value}) must divide by {divisor_name} ({divisor})")
     ring = world // ulysses
+    if isinstance(ring_steps, bool) or not isinstance(ring_steps, int) or not 0 <= ring_steps <= ring:
+        raise ValueError(f"ring_steps must be 0 (all R = {ring} steps) or an int in [1, {ring}], "
+                         f"got {ring_steps!r}")
     local = seqlen // world
     heads_kv_ex = heads_kv if heads_kv % ulysses == 0 else math.lcm(ulysses, heads_kv)
     kv = 2 * batch * local * heads_kv_ex * headdim * elem_bytes
@@ -66,10 +76,17 @@ def cost(kv_exchange: str, world: int, ulysses: int, heads: int, heads_kv: int, 
 
 
 def costs(world: int, ulysses: int, heads: int, heads_kv: int, headdim: int, seqlen: int,
-          **kwargs) -> List[Cost]:
-    """Every kv_exchange without Ulysses and, with ulysses > 1, with it."""
+          ring_steps: int = 0, **kwargs) -> List[Cost]:
+    """Every kv_exchange without Ulysses and, with ulysses > 1, with it. ring_steps: those of the
+    ring over all world ranks when a window stops it early (0: world); a causal window over
+    contiguous shards, U times as long on the ring of world / U ranks, stops that one after
+    min(world / U, 1 + ceil((ring_steps - 1) / U)) steps."""
     grid = [1] if ulysses == 1 else [1, ulysses]
-    return [cost(exchange, world, u, heads, heads_kv, headdim, seqlen, **kwargs)
+    steps = {u: ring_steps for u in grid}  # cost() rejects a ring_steps outside [0, world]
+    if type(ring_steps) is int and 1 <= ring_steps <= world and ulysses > 1:
+        steps[ulysses] = min(world // ulysses, 1 + -(-(ring_steps - 1) // ulysses))
+    return [cost(exchange, world, u, heads, heads_kv, headdim, seqlen, ring_steps=steps[u],
+                 **kwargs)
             for u in grid for exchange in KV_EXCHANGES]
 
 

@@ -106,7 +106,8 @@ def nonmember_calls_rejected():
 def calls_after_destroy():
     """Destroys the default group, then calls with a subgroup made before and with the old
     default group: each call raises ValueError at once. Then init_process_group again: the ring
-    works over the new default group. Returns {call: message}."""
+    works over the new default group, and the old one, whose name the new one took, still
+    raises. Returns {call: message}."""
     subgroup = dist.new_group([0, 1])
     old_world = dist.group.WORLD
     rank, world = rank_and_world()
@@ -122,14 +123,19 @@ def calls_after_destroy():
         "unshard_varlen": lambda group: ra.unshard_varlen(q[0], cu, group=group),
     }
     messages = {}
-    for name, call in calls.items():
-        for which, group in (("subgroup", subgroup), ("old default group", old_world)):
-            try:
-                call(group)
-                messages[f"{name}({which})"] = "no error"
-            except ValueError as error:
-                messages[f"{name}({which})"] = str(error)
+
+    def call_each(groups):
+        for name, call in calls.items():
+            for which, group in groups:
+                try:
+                    call(group)
+                    messages[f"{name}({which})"] = "no error"
+                except ValueError as error:
+                    messages[f"{name}({which})"] = str(error)
+
+    call_each((("subgroup", subgroup), ("old default group", old_world)))
     dist.init_process_group("gloo", store=dist.PrefixStore("again", store), rank=rank,
                             world_size=world)
     check_ring(SMALL_CASE)
+    call_each((("old default group after init_process_group", old_world),))
     return messages

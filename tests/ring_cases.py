@@ -506,6 +506,13 @@ def check_ulysses_rejected(kind):
         kwargs["kv_exchange"] = "tree" if rank == 2 else "ring"
     elif kind == "not_a_grid":  # the same ranks as group and as ulysses_group
         kwargs["group"] = ulysses_group
+    elif kind == "default_group":  # group left at its default, the world
+        del kwargs["group"]
+        for split in (lambda: ra.shard(q, ulysses_group=ulysses_group),  # local: raise alone
+                      lambda: ra.shard_varlen(q[0], torch.tensor([0, 16], dtype=torch.int32),
+                                              ulysses_group=ulysses_group)):
+            with pytest.raises(ValueError, match=r"shard(_varlen)?: group and ulysses_group share"):
+                split()
     elif kind == "seqlen_disagrees":
         q, k, v = (t[:, :2] if rank == 1 else t for t in (q, k, v))
     elif kind == "window_disagrees_in_ulysses_group":  # ranks 0 and 1 form one ulysses_group
@@ -528,21 +535,26 @@ def check_ulysses_rejected(kind):
     return str(error.value)
 
 
-def check_grid_unshard_rejected(varlen):
-    """On a 2 x 2 grid, rank 3 passes an unknown layout to unshard (unshard_varlen): every rank
-    raises ValueError, then a valid call restores the full tensor. Returns the message."""
+def check_grid_unshard_rejected(varlen, kind):
+    """On a 2 x 2 grid, unshard (unshard_varlen) with the problem of `kind`: "unknown_layout"
+    (rank 3 passes one) or "not_a_grid" (every rank passes its ulysses_group as group too, so
+    the ranks of one ulysses_group differ in their rank in group). Every rank raises ValueError,
+    then a valid call restores the full tensor. Returns the message."""
     group, ulysses_group = grid_groups(2, 2)
     grid = dict(group=group, ulysses_group=ulysses_group)
     cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32)
     full = torch.arange(19.0).reshape(19, 1) if varlen else torch.arange(32.0).reshape(1, 32, 1)
     if varlen:
         x = ra.shard_varlen(full, cu, layout="zigzag", **grid)
-        gather = lambda layout: ra.unshard_varlen(x, cu, layout=layout, **grid)  # noqa: E731
+        gather = lambda layout, **kw: ra.unshard_varlen(x, cu, layout=layout, **{**grid, **kw})  # noqa: E731
     else:
         x = ra.shard(full, layout="zigzag", **grid)
-        gather = lambda layout: ra.unshard(x, layout=layout, **grid)  # noqa: E731
+        gather = lambda layout, **kw: ra.unshard(x, layout=layout, **{**grid, **kw})  # noqa: E731
     with pytest.raises(ValueError) as error:
-        gather("bogus" if dist.get_rank() == 3 else "zigzag")
+        if kind == "not_a_grid":
+            gather("zigzag", group=ulysses_group)
+        else:
+            gather("bogus" if dist.get_rank() == 3 else "zigzag")
     assert torch.equal(gather("zigzag"), full)
     return str(error.value)
 

@@ -60,12 +60,15 @@ def test_group_this_rank_is_not_a_member_of_raises_value_error(rank_pool):
 def test_group_destroyed_raises_value_error():
     """After destroy_process_group, a subgroup made before and the old default group raise
     ValueError saying the group was destroyed, from every entry point; after init_process_group
-    the ring works again. The pool's default group is replaced, so it has its own ranks."""
+    the ring works again, and the old default group still raises (the ops find a group by name,
+    and the new default group has the old one's). The pool's default group is replaced, so it has
+    its own ranks."""
     pool = RankPool(WORLD)
     try:
         results = pool.run(calls_after_destroy)
     finally:
         pool.close(kill=True)
     for messages in results:
+        assert len(messages) == 12, messages
         for call, message in messages.items():
             assert "the group was destroyed" in message, (call, message)

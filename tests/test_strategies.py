@@ -177,7 +177,9 @@ def test_ulysses_matches_reference(rank_pool, case):
     ("heads_not_divisible", "must be divisible by the size of the ulysses_group (2)"),
     ("kv_exchange_disagrees", "disagree on the kv_exchange"),
     ("unknown_kv_exchange", "unknown kv_exchange 'tree'"),
-    ("not_a_grid", "disagree on the rank in the ring group"),
+    ("not_a_grid", "but they must form a U x R grid and share this rank alone"),
+    ("default_group", "group and ulysses_group share the ranks [0, 1], but they must form a U x R "
+                      "grid and share this rank alone; group defaults to the whole world"),
     ("seqlen_disagrees", "disagree on the local tokens"),
     ("window_disagrees_in_ulysses_group",
      "ranks of one ulysses_group disagree on the window_size[0] (left)"),
@@ -192,12 +194,17 @@ def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     assert all(message in m for m in messages), messages
 
 
+@pytest.mark.parametrize("kind,parts", [
+    ("unknown_layout", ["unknown layout 'bogus'"]),
+    ("not_a_grid", ["ranks disagree on the arguments (rank 0: layout 'zigzag'",
+                    "rank 0 of 2 in group, rank 1: layout 'zigzag'", "rank 1 of 2 in group)"])])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_grid_unshard_rejects_one_bad_rank_on_every_rank(rank_pool, varlen):
-    """A bad layout on one rank of a 2 x 2 grid: every rank raises ValueError (the ranks of the
-    other ulysses_group learn it in the agreement over the ring group), none waits."""
-    messages = rank_pool(4).run(check_grid_unshard_rejected, varlen)
-    assert len(set(messages)) == 1 and "unknown layout 'bogus'" in messages[0], messages
+def test_grid_unshard_rejects_one_bad_rank_on_every_rank(rank_pool, varlen, kind, parts):
+    """A bad layout on one rank of a 2 x 2 grid, or groups that do not form a grid: every rank
+    raises ValueError (the ranks of the other ulysses_group learn it in the agreement over the
+    ring group), none waits, and none gathers a wrong tensor."""
+    messages = rank_pool(4).run(check_grid_unshard_rejected, varlen, kind)
+    assert len(set(messages)) == 1 and all(part in messages[0] for part in parts), messages
 
 
 @pytest.mark.parametrize("kind", ["ring", "ulysses"])
@@ -264,6 +271,49 @@ def test_plan_prints_strategies_and_picks_the_fewest_bytes():
     assert len(picked) == 1 and picked[0].startswith("ring + ulysses"), printed
     assert cost("ring", 8, 2, 32, 8, 128, 65536).total_bytes < cost("ring", 8, 1, 32, 8, 128,
                                                                       65536).total_bytes
+
+
+@pytest.mark.parametrize("world,ulysses,window", [(8, 2, 5), (8, 2, 13), (8, 4, 9), (4, 2, 2),
+                                                    (8, 4, 40)], ids=str)
+def test_costs_scale_a_window_to_the_ulysses_ring(world, ulysses, window):
+    """costs(..., ring_steps=s) with s the steps of the ring over all ranks under a causal window
+    over contiguous shards: its Ulysses candidates count the steps the ring over world / U ranks
+    runs (LocalRing's grid) for the same window."""
+    from ring_attention.strategies import costs
+    x = torch.randn(1, world * 4, 4, 8)
+    steps = {}
+    for u in (1, ulysses):
+        ring = LocalRing(world, ulysses_size=u)
+        shards = ring.shard(x)
+        ring.ring_attn_func(shards, shards, shards, causal=True, window_size=(window, 0))
+        steps[u] = ra.last_ring_stats()["steps"]
+    planned = {c.ulysses: c for c in costs(world, ulysses, 4, 4, 8, world * 4,
+                                           ring_steps=steps[1]) if c.kv_exchange == "ring"}
+    assert planned[1].fwd_messages == steps[1] - 1
+    assert planned[ulysses].fwd_messages - 4 * (ulysses - 1) == steps[ulysses] - 1, steps
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"world": 0}, "world must be an int >= 1, got 0"),
+    ({"ulysses": 0}, "ulysses must be an int >= 1, got 0"),
+    ({"headdim": 16.0}, "headdim must be an int >= 1, got 16.0"),
+    ({"batch": -1}, "batch must be an int >= 1, got -1"),
+    ({"ulysses": 3}, "world (4) must divide by U (3)"),
+    ({"heads_kv": 3}, "heads (4) must divide by heads_kv (3)"),
+    ({"heads_kv": 8}, "heads (4) must divide by heads_kv (8)"),
+    ({"seqlen": 6}, "seqlen (6) must divide by world (4)"),
+    ({"ring_steps": 5}, "ring_steps must be 0 (all R = 4 steps) or an int in [1, 4], got 5"),
+    ({"ulysses": 2, "ring_steps": 3}, "or an int in [1, 2], got 3"),
+    ({"ring_steps": -1}, "got -1"),
+], ids=str)
+def test_cost_rejects_sizes_no_call_could_have(changes, message):
+    """Sizes that no call could have raise ValueError naming the size (not a ZeroDivisionError,
+    negative bytes, or the bytes of heads that do not form GQA groups)."""
+    from ring_attention.strategies import cost
+    sizes = {**dict(world=4, ulysses=1, heads=4, heads_kv=2, headdim=16, seqlen=8), **changes}
+    with pytest.raises(ValueError) as error:
+        cost("ring", **sizes)
+    assert message in str(error.value)
 
 
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (4, 1), (2, 2), (1, 4)], ids=str)
