@@ -228,6 +228,28 @@ def call_unless_absent(absent_rank, check):
     return type(error.value).__name__, str(error.value), time.monotonic() - start
 
 
+def timeouts_on_new_groups(absent_rank, cycles, check, seconds="0.5"):
+    """`cycles` times: a new group of every rank, on which every rank but `absent_rank` calls
+    ring_attn_func (RING_ATTN_CHECK=`check`, RING_ATTN_TIMEOUT=`seconds`) and times out; then
+    every rank destroys the group, as the timeout's message advises.
+
+    Returns this process's (threads, open files) after each cycle."""
+    rank, world = rank_and_world()
+    os.environ["RING_ATTN_CHECK"], os.environ["RING_ATTN_TIMEOUT"] = check, seconds
+    q, k, v, _ = random_qkv(0, 1, 64, 64, 2, 2, 16, torch.float32)
+    counts = []
+    for _ in range(cycles):
+        group = dist.new_group(list(range(world)))
+        if rank != absent_rank:
+            with pytest.raises(RuntimeError, match="RING_ATTN_TIMEOUT"):
+                ra.ring_attn_func(q, k, v, group=group)
+        dist.barrier()
+        dist.destroy_process_group(group)
+        del group
+        counts.append((len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))))
+    return counts
+
+
 def skipping_unshard_backward(absent_rank):
     """Every rank unshards; all but `absent_rank` then run the backward through it.
 

@@ -7,7 +7,8 @@ import pytest
 from dist_pool import RankPool
 from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
                         check_backward_against_forward, check_other_call, check_rejected,
-                        check_ring_with_timeout, dying_mid_ring, skipping_unshard_backward)
+                        check_ring_with_timeout, dying_mid_ring, skipping_unshard_backward,
+                        timeouts_on_new_groups)
 
 WORLD = 3
 
@@ -107,6 +108,19 @@ def test_absent_rank_times_out_in_agreement(fault_pool):
         assert error == "RuntimeError", message
         assert f"rank {rank} timed out" in message and "agreeing on inputs" in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
+
+
+@pytest.mark.parametrize("fault_pool", [2], indirect=True)
+@pytest.mark.parametrize("check", ["0", "1"])
+def test_timed_out_groups_release_their_connections(fault_pool, check):
+    """Timeouts, each on a new group that is then destroyed (a ring step's with checks off, the
+    agreement's with checks on): the works given up on go with their group, so the threads and
+    open files of the rank that timed out stay flat instead of growing with every timeout."""
+    cycles = 5
+    counts = fault_pool.run(timeouts_on_new_groups, 1, cycles, check, timeout=POOL_TIMEOUT_S)[0]
+    (threads_first, files_first), (threads_last, files_last) = counts[0], counts[-1]
+    assert threads_last - threads_first < cycles // 2, counts
+    assert files_last - files_first < cycles // 2, counts
 
 
 @pytest.mark.parametrize("fault_pool", [2], indirect=True)

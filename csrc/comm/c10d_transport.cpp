@@ -28,23 +28,46 @@ bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeo
   }
 }
 
-void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s, int rank,
-                   const std::string& doing, const std::string& why) {
+void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, c10d::ProcessGroup& group,
+                   double timeout_s, const std::string& doing, const std::string& why) {
+  const int rank = group.getRank();
   if (wait_with_deadline(work, timeout_s,
                          "ring_attn_func: rank " + std::to_string(rank) + " failed " + doing)) {
     return;
   }
-  abandon(work);
+  abandon(group, work);
   TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
               " s (RING_ATTN_TIMEOUT) ", doing, why, ". The process group may be unusable after "
               "this error, as after any collective timeout.");
 }
 
-void abandon(const c10::intrusive_ptr<c10d::Work>& work) {
-  static std::mutex mutex;
-  static auto* graveyard = new std::vector<c10::intrusive_ptr<c10d::Work>>();  // never freed
-  std::lock_guard<std::mutex> lock(mutex);
-  graveyard->push_back(work);
+namespace {
+
+struct AbandonedWork {
+  c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
+std::mutex g_abandoned_mutex;
+std::vector<AbandonedWork>* g_abandoned = new std::vector<AbandonedWork>();  // never freed
+
+// Drops the abandoned works that completed or whose group is gone; the caller locks.
+void release_finished_works() {
+  auto& works = *g_abandoned;
+  works.erase(std::remove_if(works.begin(), works.end(),
+                             [](const AbandonedWork& a) {
+                               return a.group.expired() || a.work->isCompleted();
+                             }),
+              works.end());
+}
+
+}  // namespace
+
+void abandon(c10d::ProcessGroup& group, const c10::intrusive_ptr<c10d::Work>& work) {
+  auto strong = c10::intrusive_ptr<c10d::ProcessGroup>::unsafe_reclaim_from_nonowning(&group);
+  std::lock_guard<std::mutex> lock(g_abandoned_mutex);
+  release_finished_works();
+  g_abandoned->push_back({c10::weak_intrusive_ptr<c10d::ProcessGroup>(strong), work});
 }
 
 C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
@@ -57,10 +80,10 @@ C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
 
 C10dTransport::~C10dTransport() {
   for (auto& [key, pending] : pending_) {  // only after an error: keep their buffers alive
-    if (pending.send) abandon(pending.send);
-    if (pending.recv) abandon(pending.recv);
+    if (pending.send) abandon(*group_, pending.send);
+    if (pending.recv) abandon(*group_, pending.recv);
   }
-  for (auto& [kind, work] : collectives_) abandon(work);
+  for (auto& [kind, work] : collectives_) abandon(*group_, work);
 }
 
 static int exchange_tag(const Exchange& exchange) {
@@ -92,7 +115,7 @@ void C10dTransport::post(const Exchange& exchange) {
     try {
       pending.send = group_->send(send, mod(rank_ + exchange.offset, world_), tag);
     } catch (const std::exception& e) {
-      if (pending.recv) abandon(pending.recv);
+      if (pending.recv) abandon(*group_, pending.recv);
       throw std::runtime_error(describe(exchange, false) + ": " + e.what());
     }
   }
