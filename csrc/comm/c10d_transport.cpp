@@ -51,12 +51,21 @@ struct AbandonedWork {
 std::mutex g_abandoned_mutex;
 std::vector<AbandonedWork>* g_abandoned = new std::vector<AbandonedWork>();  // never freed
 
+// Whether `work` completed; false where the backend cannot tell (it throws), so it is kept.
+bool completed(const c10::intrusive_ptr<c10d::Work>& work) noexcept {
+  try {
+    return work->isCompleted();
+  } catch (...) {
+    return false;
+  }
+}
+
 // Drops the abandoned works that completed or whose group is gone; the caller locks.
 void release_finished_works() {
   auto& works = *g_abandoned;
   works.erase(std::remove_if(works.begin(), works.end(),
                              [](const AbandonedWork& a) {
-                               return a.group.expired() || a.work->isCompleted();
+                               return a.group.expired() || completed(a.work);
                              }),
               works.end());
 }
