@@ -215,7 +215,8 @@ def test_bench_packed_local_ring_checks_and_counts(tmp_path):
     ("benchmarks/kernels/bench_cpu_vs_sdpa.py --warmup -1", "argument --warmup: must be a non-negative"),
     ("benchmarks/kernels/bench_cuda.py --headdims 64,x", "argument --headdims: invalid positive_ints"),
 ], ids=["demo", "bench_ring", "bench_cpu_vs_sdpa", "bench_strategies", "bench_packed", "demo_seqlen",
-        "bench_window_seqlen", "bench_memory_seqlens", "bench_efficiency_cases", "bench_strategies_ulysses", "bench_packed_lengths",
+        "bench_window_seqlen", "bench_memory_seqlens", "bench_efficiency_cases", "bench_strategies_ulysses",
+        "bench_packed_lengths",
         "harness_warmup", "bench_cuda_headdims"])
 def test_bad_sizes_are_usage_errors(command, message):
     """Sizes that cannot run: exit status 2 and argparse's one-line error, not a traceback."""
