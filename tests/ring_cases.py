@@ -211,8 +211,9 @@ def check_ring_with_timeout(seconds):
             os.environ["RING_ATTN_TIMEOUT"] = before
 
 
-def call_unless_absent(absent_rank, check):
-    """Every rank but `absent_rank` calls ring_attn_func (with RING_ATTN_CHECK=`check`).
+def call_unless_absent(absent_rank, check, call="ring_attn_func"):
+    """Every rank but `absent_rank` calls `call` (ring_attn_func or unshard; with
+    RING_ATTN_CHECK=`check`).
 
     Returns (exception type name, message, seconds until it was raised) on the calling ranks;
     `absent_rank` returns None at once and idles, like a peer that never reaches the call.
@@ -224,7 +225,10 @@ def call_unless_absent(absent_rank, check):
     q, k, v, _ = random_qkv(0, 1, 4, 4, 2, 1, 16, torch.float32)
     start = time.monotonic()
     with pytest.raises(Exception) as error:
-        ra.ring_attn_func(q, k, v)
+        if call == "unshard":
+            ra.unshard(q)
+        else:
+            ra.ring_attn_func(q, k, v)
     return type(error.value).__name__, str(error.value), time.monotonic() - start
 
 

@@ -99,14 +99,17 @@ def test_peer_that_never_sends_times_out_in_ring_step(fault_pool):
 
 
 @pytest.mark.parametrize("fault_pool", [3], indirect=True)
-def test_absent_rank_times_out_in_agreement(fault_pool):
-    """Checks on: rank 1 never calls; ranks 0 and 2 raise RuntimeError from the agreement."""
-    results = fault_pool.run(call_unless_absent, 1, "1", timeout=POOL_TIMEOUT_S)
+@pytest.mark.parametrize("call", ["ring_attn_func", "unshard"])
+def test_absent_rank_times_out_in_agreement(fault_pool, call):
+    """Checks on: rank 1 never calls; ranks 0 and 2 raise RuntimeError from the agreement, naming
+    the function they called."""
+    results = fault_pool.run(call_unless_absent, 1, "1", call, timeout=POOL_TIMEOUT_S)
     assert results[1] is None
     for rank in (0, 2):
         error, message, elapsed = results[rank]
         assert error == "RuntimeError", message
-        assert f"rank {rank} timed out" in message and "agreeing on inputs" in message, message
+        assert message.startswith(f"{call}: rank {rank} timed out"), message
+        assert "agreeing on inputs" in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
 
 

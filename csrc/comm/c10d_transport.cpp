@@ -29,14 +29,15 @@ bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeo
 }
 
 void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, c10d::ProcessGroup& group,
-                   double timeout_s, const std::string& doing, const std::string& why) {
+                   double timeout_s, const std::string& caller, const std::string& doing,
+                   const std::string& why) {
   const int rank = group.getRank();
   if (wait_with_deadline(work, timeout_s,
-                         "ring_attn_func: rank " + std::to_string(rank) + " failed " + doing)) {
+                         caller + ": rank " + std::to_string(rank) + " failed " + doing)) {
     return;
   }
   abandon(group, work);
-  TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
+  TORCH_CHECK(false, caller, ": rank ", rank, " timed out after ", timeout_s,
               " s (RING_ATTN_TIMEOUT) ", doing, why, ". The process group may be unusable after "
               "this error, as after any collective timeout.");
 }

@@ -20,12 +20,13 @@ namespace ring_attn {
 bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s,
                         const std::string& what);
 
-// Waits for a collective of a ring call over `group` until `timeout_s`. A backend failure raises
-// "ring_attn_func: rank <rank> failed <doing>: ..."; on the deadline the work is abandoned and a
-// c10::Error says "ring_attn_func: rank <rank> timed out after <timeout_s> s (RING_ATTN_TIMEOUT)
-// <doing><why>." and that the process group may be unusable.
+// Waits for a collective of the library function `caller` over `group` until `timeout_s`. A
+// backend failure raises "<caller>: rank <rank> failed <doing>: ..."; on the deadline the work is
+// abandoned and a c10::Error says "<caller>: rank <rank> timed out after <timeout_s> s
+// (RING_ATTN_TIMEOUT) <doing><why>." and that the process group may be unusable.
 void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, c10d::ProcessGroup& group,
-                   double timeout_s, const std::string& doing, const std::string& why = "");
+                   double timeout_s, const std::string& caller, const std::string& doing,
+                   const std::string& why = "");
 
 // Keeps a work of `group` that never completed (and the buffers it holds) alive while the group
 // lives: a backend may still write into a buffer after its wait gave up. It is released by a
