@@ -232,10 +232,11 @@ def call_unless_absent(absent_rank, check, call="ring_attn_func"):
     return type(error.value).__name__, str(error.value), time.monotonic() - start
 
 
-def timeouts_on_new_groups(absent_rank, cycles, check, seconds="0.5"):
+def timeouts_on_new_groups(absent_rank, cycles, check, call="ring_attn_func", seconds="0.5"):
     """`cycles` times: a new group of every rank, on which every rank but `absent_rank` calls
-    ring_attn_func (RING_ATTN_CHECK=`check`, RING_ATTN_TIMEOUT=`seconds`) and times out; then
-    every rank destroys the group, as the timeout's message advises.
+    ring_attn_func (RING_ATTN_CHECK=`check`, RING_ATTN_TIMEOUT=`seconds`), or every rank unshards
+    and all but `absent_rank` run the backward through it (`call` "unshard backward"), and times
+    out; then every rank destroys the group, as the timeout's message advises.
 
     Returns this process's (threads, open files) after each cycle."""
     rank, world = rank_and_world()
@@ -244,9 +245,14 @@ def timeouts_on_new_groups(absent_rank, cycles, check, seconds="0.5"):
     counts = []
     for _ in range(cycles):
         group = dist.new_group(list(range(world)))
+        full = ra.unshard(q.requires_grad_(), group=group) if call == "unshard backward" else None
         if rank != absent_rank:
             with pytest.raises(RuntimeError, match="RING_ATTN_TIMEOUT"):
-                ra.ring_attn_func(q, k, v, group=group)
+                if full is None:
+                    ra.ring_attn_func(q, k, v, group=group)
+                else:
+                    full.sum().backward()
+        del full
         dist.barrier()
         dist.destroy_process_group(group)
         del group

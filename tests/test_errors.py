@@ -114,13 +114,16 @@ def test_absent_rank_times_out_in_agreement(fault_pool, call):
 
 
 @pytest.mark.parametrize("fault_pool", [2], indirect=True)
-@pytest.mark.parametrize("check", ["0", "1"])
-def test_timed_out_groups_release_their_connections(fault_pool, check):
+@pytest.mark.parametrize("check, call", [("0", "ring_attn_func"), ("1", "ring_attn_func"),
+                                         ("1", "unshard backward")])
+def test_timed_out_groups_release_their_connections(fault_pool, check, call):
     """Timeouts, each on a new group that is then destroyed (a ring step's with checks off, the
-    agreement's with checks on): the works given up on go with their group, so the threads and
-    open files of the rank that timed out stay flat instead of growing with every timeout."""
+    agreement's with checks on, unshard's backward): the works given up on go with their group, so
+    the threads and open files of the rank that timed out stay flat instead of growing with every
+    timeout."""
     cycles = 5
-    counts = fault_pool.run(timeouts_on_new_groups, 1, cycles, check, timeout=POOL_TIMEOUT_S)[0]
+    counts = fault_pool.run(timeouts_on_new_groups, 1, cycles, check, call,
+                            timeout=POOL_TIMEOUT_S)[0]
     (threads_first, files_first), (threads_last, files_last) = counts[0], counts[-1]
     assert threads_last - threads_first < cycles // 2, counts
     assert files_last - files_first < cycles // 2, counts
