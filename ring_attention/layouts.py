@@ -9,6 +9,7 @@ Layouts of S = world * L tokens:
 """
 import hashlib
 import time
+import weakref
 from datetime import timedelta
 
 import torch
@@ -237,12 +238,20 @@ def _check_before_gather(x_local, group, world: int, what: str, shard_error, loc
         raise ValueError(f"{what}: {error}")
 
 
-# Collectives of unshard whose wait gave up, kept alive with their buffers: the backend may still
-# write into them (as csrc/comm/c10d_transport.h abandon does for the ring's).
+# Collectives of unshard whose wait gave up, as (a weak reference to the group, the work), kept
+# alive with their buffers while their group lives: the backend may still write into them. A later
+# timeout drops those that completed or whose group is gone (as csrc/comm/c10d_transport.h abandon
+# does for the ring's).
 _ABANDONED = []
 
 
-def _wait(work, rank: int, doing: str) -> None:
+def _abandon(work, group) -> None:
+    """Keeps `work` of `group` alive; drops the abandoned works that may go."""
+    _ABANDONED[:] = [(ref, w) for ref, w in _ABANDONED if ref() is not None and not w.is_completed()]
+    _ABANDONED.append((weakref.ref(group), work))
+
+
+def _wait(work, group, rank: int, doing: str) -> None:
     """Waits for unshard's collective `work` until RING_ATTN_TIMEOUT, as the ring's waits do;
     then raises RuntimeError saying what this rank was `doing`."""
     from ._ops import ops
@@ -258,7 +267,7 @@ def _wait(work, rank: int, doing: str) -> None:
     except RuntimeError:
         if time.monotonic() - start < 0.99 * timeout:  # a backend failure, not the deadline
             raise
-    _ABANDONED.append(work)
+    _abandon(work, group)
     raise RuntimeError(f"unshard: rank {rank} timed out after {timeout:g} s (RING_ATTN_TIMEOUT) "
                        f"{doing}: some rank did not take part. The process group may be unusable "
                        "after this error, as after any collective timeout.")
@@ -273,7 +282,7 @@ class _GatherInOrder(torch.autograd.Function):
     def forward(ctx, x_local, group, rank, world, dim, order):
         ctx.meta = (group, rank, world, dim, x_local.shape[dim], order)
         parts = [torch.empty_like(x_local, memory_format=torch.contiguous_format) for _ in range(world)]
-        _wait(dist.all_gather(parts, x_local.contiguous(), group=group, async_op=True), rank,
+        _wait(dist.all_gather(parts, x_local.contiguous(), group=group, async_op=True), group, rank,
               "gathering the shards")
         return torch.cat(parts, dim=dim).index_select(dim, order.to(x_local.device))
 
@@ -282,7 +291,7 @@ class _GatherInOrder(torch.autograd.Function):
     def backward(ctx, grad_out):
         group, rank, world, dim, local_len, order = ctx.meta
         grad_out = grad_out.contiguous()
-        _wait(dist.all_reduce(grad_out, group=group, async_op=True), rank,
+        _wait(dist.all_reduce(grad_out, group=group, async_op=True), group, rank,
               "summing the gradients in the backward")
         shape = list(grad_out.shape)
         shape[dim] = world * local_len

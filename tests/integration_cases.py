@@ -372,3 +372,29 @@ def checkpointed_matches_plain():
     for plain, ckpt in zip(*results):
         assert torch.equal(plain, ckpt)
     return True
+
+
+def sharding_goes_with_its_group():
+    """What shard_inputs records belongs to its group: after destroy_process_group and a new
+    default group, which takes the old one's name, unshard_outputs in another layout is a plain
+    unshard, and the records of destroyed groups are dropped. Returns the default group's name
+    before and after."""
+    from ring_attention.integrations import transformers as ra_hf
+    rank, world = rank_and_world()
+    input_ids = torch.arange(8 * world).unsqueeze(0)
+    for _ in range(3):
+        group = dist.new_group(list(range(world)))
+        ra_hf.shard_inputs(input_ids, group=group)
+        dist.destroy_process_group(group)
+        del group
+    ra_hf.shard_inputs(input_ids, layout="zigzag")
+    old_name = dist.group.WORLD.group_name
+    store = dist.distributed_c10d._get_default_store()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", store=dist.PrefixStore("sharding", store), rank=rank,
+                            world_size=world)
+    local = ra.shard(input_ids, layout="contiguous", dim=1)
+    assert torch.equal(ra_hf.unshard_outputs(local, layout="contiguous"), input_ids)
+    ra_hf.shard_inputs(input_ids, layout="contiguous")
+    assert len(ra_hf._shardings) == 1, ra_hf._shardings
+    return old_name, dist.group.WORLD.group_name

@@ -211,8 +211,9 @@ def check_ring_with_timeout(seconds):
             os.environ["RING_ATTN_TIMEOUT"] = before
 
 
-def call_unless_absent(absent_rank, check):
-    """Every rank but `absent_rank` calls ring_attn_func (with RING_ATTN_CHECK=`check`).
+def call_unless_absent(absent_rank, check, call="ring_attn_func"):
+    """Every rank but `absent_rank` calls `call` (ring_attn_func or unshard; with
+    RING_ATTN_CHECK=`check`).
 
     Returns (exception type name, message, seconds until it was raised) on the calling ranks;
     `absent_rank` returns None at once and idles, like a peer that never reaches the call.
@@ -224,8 +225,39 @@ def call_unless_absent(absent_rank, check):
     q, k, v, _ = random_qkv(0, 1, 4, 4, 2, 1, 16, torch.float32)
     start = time.monotonic()
     with pytest.raises(Exception) as error:
-        ra.ring_attn_func(q, k, v)
+        if call == "unshard":
+            ra.unshard(q)
+        else:
+            ra.ring_attn_func(q, k, v)
     return type(error.value).__name__, str(error.value), time.monotonic() - start
+
+
+def timeouts_on_new_groups(absent_rank, cycles, check, call="ring_attn_func", seconds="0.5"):
+    """`cycles` times: a new group of every rank, on which every rank but `absent_rank` calls
+    ring_attn_func (RING_ATTN_CHECK=`check`, RING_ATTN_TIMEOUT=`seconds`), or every rank unshards
+    and all but `absent_rank` run the backward through it (`call` "unshard backward"), and times
+    out; then every rank destroys the group, as the timeout's message advises.
+
+    Returns this process's (threads, open files) after each cycle."""
+    rank, world = rank_and_world()
+    os.environ["RING_ATTN_CHECK"], os.environ["RING_ATTN_TIMEOUT"] = check, seconds
+    q, k, v, _ = random_qkv(0, 1, 64, 64, 2, 2, 16, torch.float32)
+    counts = []
+    for _ in range(cycles):
+        group = dist.new_group(list(range(world)))
+        full = ra.unshard(q.requires_grad_(), group=group) if call == "unshard backward" else None
+        if rank != absent_rank:
+            with pytest.raises(RuntimeError, match="RING_ATTN_TIMEOUT"):
+                if full is None:
+                    ra.ring_attn_func(q, k, v, group=group)
+                else:
+                    full.sum().backward()
+        del full
+        dist.barrier()
+        dist.destroy_process_group(group)
+        del group
+        counts.append((len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))))
+    return counts
 
 
 def skipping_unshard_backward(absent_rank):

@@ -34,6 +34,19 @@ def test_bench_window_truncates_the_ring(tmp_path):
     assert res["max_abs_err"] < 1e-5
 
 
+def test_bench_memory_reports_every_strategy_and_length(tmp_path):
+    out = tmp_path / "memory.json"
+    stdout = _run("benchmarks/ring/bench_memory.py", "--world", "2", "--seqlens", "1024,4096",
+                  "--heads", "4", "--heads-kv", "2", "--headdim", "32", "--json", str(out))
+    assert "Peak memory growth per rank" in stdout
+    res = json.loads(out.read_text())
+    assert [(row["strategy"], row["tokens"]) for row in res["rows"]] == [
+        (name, n) for name in ("ring", "allgather", "ulysses") for n in (1024, 4096)]
+    assert res["failures"] == []
+    # 512 tokens per rank, 2 K/V heads of 32 float32: a 256 KiB K/V block.
+    assert res["rows"][0]["KV MB"] == "0.2"
+
+
 def test_bench_ring_quick_checks_all_implementations(tmp_path):
     out = tmp_path / "ring.json"
     stdout = _run("benchmarks/ring/bench_ring.py", "--quick", "--no-progress", "--fp32-precision", "high", "--json", str(out),
@@ -195,13 +208,15 @@ def test_bench_packed_local_ring_checks_and_counts(tmp_path):
     ("benchmarks/strategies/bench_packed.py --heads -1", "argument --heads: must be a positive"),
     ("examples/demo.py --world 3 --seqlen 100", "--seqlen 100 is not divisible by 6"),
     ("benchmarks/ring/bench_window.py --world 3 --seqlen 100", "--seqlen 100 is not divisible by --world 3"),
+    ("benchmarks/ring/bench_memory.py --world 2 --seqlens 1024,102", "--seqlens 102 is not divisible by 2 x world"),
     ("benchmarks/ring/bench_efficiency.py --cases causal", "--cases must name some of non-causal,"),
     ("benchmarks/strategies/bench_strategies.py --worlds 3 --seqlen 12", "world 3 and --heads 8 must divide by 2"),
     ("benchmarks/strategies/bench_packed.py --min-len 50 --max-len 10", "--min-len 50 is above --max-len 10"),
     ("benchmarks/kernels/bench_cpu_vs_sdpa.py --warmup -1", "argument --warmup: must be a non-negative"),
     ("benchmarks/kernels/bench_cuda.py --headdims 64,x", "argument --headdims: invalid positive_ints"),
 ], ids=["demo", "bench_ring", "bench_cpu_vs_sdpa", "bench_strategies", "bench_packed", "demo_seqlen",
-        "bench_window_seqlen", "bench_efficiency_cases", "bench_strategies_ulysses", "bench_packed_lengths",
+        "bench_window_seqlen", "bench_memory_seqlens", "bench_efficiency_cases", "bench_strategies_ulysses",
+        "bench_packed_lengths",
         "harness_warmup", "bench_cuda_headdims"])
 def test_bad_sizes_are_usage_errors(command, message):
     """Sizes that cannot run: exit status 2 and argparse's one-line error, not a traceback."""

@@ -7,7 +7,8 @@ import pytest
 from dist_pool import RankPool
 from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
                         check_backward_against_forward, check_other_call, check_rejected,
-                        check_ring_with_timeout, dying_mid_ring, skipping_unshard_backward)
+                        check_ring_with_timeout, dying_mid_ring, skipping_unshard_backward,
+                        timeouts_on_new_groups)
 
 WORLD = 3
 
@@ -98,15 +99,34 @@ def test_peer_that_never_sends_times_out_in_ring_step(fault_pool):
 
 
 @pytest.mark.parametrize("fault_pool", [3], indirect=True)
-def test_absent_rank_times_out_in_agreement(fault_pool):
-    """Checks on: rank 1 never calls; ranks 0 and 2 raise RuntimeError from the agreement."""
-    results = fault_pool.run(call_unless_absent, 1, "1", timeout=POOL_TIMEOUT_S)
+@pytest.mark.parametrize("call", ["ring_attn_func", "unshard"])
+def test_absent_rank_times_out_in_agreement(fault_pool, call):
+    """Checks on: rank 1 never calls; ranks 0 and 2 raise RuntimeError from the agreement, naming
+    the function they called."""
+    results = fault_pool.run(call_unless_absent, 1, "1", call, timeout=POOL_TIMEOUT_S)
     assert results[1] is None
     for rank in (0, 2):
         error, message, elapsed = results[rank]
         assert error == "RuntimeError", message
-        assert f"rank {rank} timed out" in message and "agreeing on inputs" in message, message
+        assert message.startswith(f"{call}: rank {rank} timed out"), message
+        assert "agreeing on inputs" in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
+
+
+@pytest.mark.parametrize("fault_pool", [2], indirect=True)
+@pytest.mark.parametrize("check, call", [("0", "ring_attn_func"), ("1", "ring_attn_func"),
+                                         ("1", "unshard backward")])
+def test_timed_out_groups_release_their_connections(fault_pool, check, call):
+    """Timeouts, each on a new group that is then destroyed (a ring step's with checks off, the
+    agreement's with checks on, unshard's backward): the works given up on go with their group, so
+    the threads and open files of the rank that timed out stay flat instead of growing with every
+    timeout."""
+    cycles = 5
+    counts = fault_pool.run(timeouts_on_new_groups, 1, cycles, check, call,
+                            timeout=POOL_TIMEOUT_S)[0]
+    (threads_first, files_first), (threads_last, files_last) = counts[0], counts[-1]
+    assert threads_last - threads_first < cycles // 2, counts
+    assert files_last - files_first < cycles // 2, counts
 
 
 @pytest.mark.parametrize("fault_pool", [2], indirect=True)

@@ -41,6 +41,11 @@ def test_transformers_packed_disagreement_raises_everywhere(rank_pool):
     assert len(set(messages)) == 1  # the same message on every rank
 
 
+def test_transformers_sharding_record_goes_with_its_group(rank_pool):
+    names = rank_pool(2).run(cases.sharding_goes_with_its_group)
+    assert all(old == new for old, new in names)  # the new default group took the old name
+
+
 # Uses the ring cannot compute, with a part of the message every rank raises.
 UNSUPPORTED_USES = {
     "padding": "pads some tokens",  # an attention_mask with padding

@@ -27,7 +27,7 @@ at::Tensor all_to_all(const at::Tensor& parts,
   if (size == 1) return output.copy_(input);
   std::vector<int64_t> equal_splits;
   auto work = group->all_to_all_single(output, input, equal_splits, equal_splits);
-  wait_or_raise(work, ring_timeout_seconds(), group->getRank(),
+  wait_or_raise(work, *group, ring_timeout_seconds(), "ring_attn_func",
                 "in the all-to-all over the ulysses_group");
   g_all_to_all_bytes += input.nbytes() / size * (size - 1);
   return output;

@@ -29,23 +29,56 @@ bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeo
   }
 }
 
-void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s, int rank,
-                   const std::string& doing, const std::string& why) {
+void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, c10d::ProcessGroup& group,
+                   double timeout_s, const std::string& caller, const std::string& doing,
+                   const std::string& why) {
+  const int rank = group.getRank();
   if (wait_with_deadline(work, timeout_s,
-                         "ring_attn_func: rank " + std::to_string(rank) + " failed " + doing)) {
+                         caller + ": rank " + std::to_string(rank) + " failed " + doing)) {
     return;
   }
-  abandon(work);
-  TORCH_CHECK(false, "ring_attn_func: rank ", rank, " timed out after ", timeout_s,
+  abandon(group, work);
+  TORCH_CHECK(false, caller, ": rank ", rank, " timed out after ", timeout_s,
               " s (RING_ATTN_TIMEOUT) ", doing, why, ". The process group may be unusable after "
               "this error, as after any collective timeout.");
 }
 
-void abandon(const c10::intrusive_ptr<c10d::Work>& work) {
-  static std::mutex mutex;
-  static auto* graveyard = new std::vector<c10::intrusive_ptr<c10d::Work>>();  // never freed
-  std::lock_guard<std::mutex> lock(mutex);
-  graveyard->push_back(work);
+namespace {
+
+struct AbandonedWork {
+  c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
+std::mutex g_abandoned_mutex;
+std::vector<AbandonedWork>* g_abandoned = new std::vector<AbandonedWork>();  // never freed
+
+// Whether `work` completed; false where the backend cannot tell (it throws), so it is kept.
+bool completed(const c10::intrusive_ptr<c10d::Work>& work) noexcept {
+  try {
+    return work->isCompleted();
+  } catch (...) {
+    return false;
+  }
+}
+
+// Drops the abandoned works that completed or whose group is gone; the caller locks.
+void release_finished_works() {
+  auto& works = *g_abandoned;
+  works.erase(std::remove_if(works.begin(), works.end(),
+                             [](const AbandonedWork& a) {
+                               return a.group.expired() || completed(a.work);
+                             }),
+              works.end());
+}
+
+}  // namespace
+
+void abandon(c10d::ProcessGroup& group, const c10::intrusive_ptr<c10d::Work>& work) {
+  auto strong = c10::intrusive_ptr<c10d::ProcessGroup>::unsafe_reclaim_from_nonowning(&group);
+  std::lock_guard<std::mutex> lock(g_abandoned_mutex);
+  release_finished_works();
+  g_abandoned->push_back({c10::weak_intrusive_ptr<c10d::ProcessGroup>(strong), work});
 }
 
 // The device type whose backend carries the ring's messages, if that backend coalesces.
@@ -74,7 +107,7 @@ static void join_batch_communicator(const c10::intrusive_ptr<c10d::ProcessGroup>
     if (it != joined->end() && it->second.lock().get() == group.get()) return;
   }
   std::vector<at::Tensor> probe{at::zeros({1}, at::TensorOptions().device(device))};
-  wait_or_raise(group->allreduce(probe), timeout_s, group->getRank(),
+  wait_or_raise(group->allreduce(probe), *group, timeout_s, "ring attention",
                 "bringing up the process group's communicator on " + device.str());
   std::lock_guard<std::mutex> lock(mutex);
   joined->insert_or_assign(key, c10::weak_intrusive_ptr<c10d::ProcessGroup>(group));
@@ -102,11 +135,11 @@ C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
 
 C10dTransport::~C10dTransport() {
   for (auto& [key, pending] : pending_) {  // only after an error: keep their buffers alive
-    if (pending.send) abandon(pending.send);
-    if (pending.recv) abandon(pending.recv);
-    if (pending.batch) abandon(pending.batch);
+    if (pending.send) abandon(*group_, pending.send);
+    if (pending.recv) abandon(*group_, pending.recv);
+    if (pending.batch) abandon(*group_, pending.batch);
   }
-  for (auto& [kind, work] : collectives_) abandon(work);
+  for (auto& [kind, work] : collectives_) abandon(*group_, work);
 }
 
 static int exchange_tag(const Exchange& exchange) {
@@ -137,7 +170,7 @@ void C10dTransport::post_halves(const Exchange& exchange, Pending& pending) {
     try {
       pending.send = group_->send(send, mod(rank_ + exchange.offset, world_), tag);
     } catch (const std::exception& e) {
-      if (pending.recv) abandon(pending.recv);
+      if (pending.recv) abandon(*group_, pending.recv);
       throw std::runtime_error(describe(exchange, false) + ": " + e.what());
     }
   }
@@ -153,7 +186,7 @@ void C10dTransport::post(const Exchange& exchange) {
       post_halves(exchange, pending);
     } catch (...) {
       try {  // close the batch, so that the group stays usable
-        abandon(group_->endCoalescing(*coalesce_));
+        abandon(*group_, group_->endCoalescing(*coalesce_));
       } catch (const std::exception&) {
       }
       throw;

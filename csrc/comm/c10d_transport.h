@@ -27,16 +27,19 @@ namespace ring_attn {
 bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s,
                         const std::string& what);
 
-// Waits for a collective of a ring call on `rank` until `timeout_s`. A backend failure raises
-// "ring_attn_func: rank <rank> failed <doing>: ..."; on the deadline the work is abandoned and a
-// c10::Error says "ring_attn_func: rank <rank> timed out after <timeout_s> s (RING_ATTN_TIMEOUT)
-// <doing><why>." and that the process group may be unusable.
-void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s, int rank,
-                   const std::string& doing, const std::string& why = "");
+// Waits for a collective of the library function `caller` over `group` until `timeout_s`. A
+// backend failure raises "<caller>: rank <rank> failed <doing>: ..."; on the deadline the work is
+// abandoned and a c10::Error says "<caller>: rank <rank> timed out after <timeout_s> s
+// (RING_ATTN_TIMEOUT) <doing><why>." and that the process group may be unusable.
+void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, c10d::ProcessGroup& group,
+                   double timeout_s, const std::string& caller, const std::string& doing,
+                   const std::string& why = "");
 
-// Keeps works that never completed (and the buffers they hold) alive for the process lifetime:
-// a backend may still write into a buffer after its wait gave up.
-void abandon(const c10::intrusive_ptr<c10d::Work>& work);
+// Keeps a work of `group` that never completed (and the buffers it holds) alive while the group
+// lives: a backend may still write into a buffer after its wait gave up. It is released by a
+// later abandon once it completed or its group was destroyed, so timeouts each followed by a new
+// group, as their error advises, do not pile up buffers, connections and threads.
+void abandon(c10d::ProcessGroup& group, const c10::intrusive_ptr<c10d::Work>& work);
 
 class C10dTransport final : public Transport {
  public:

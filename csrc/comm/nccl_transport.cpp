@@ -262,7 +262,7 @@ std::shared_ptr<Communicator> communicator(const c10::intrusive_ptr<c10d::Proces
   std::vector<at::Tensor> tensors{id.to(id_device)};
   c10d::BroadcastOptions options;
   options.rootRank = 0;
-  wait_or_raise(group->broadcast(tensors, options), timeout_s, c->rank,
+  wait_or_raise(group->broadcast(tensors, options), *group, timeout_s, "ring attention",
                 "creating the NCCL transport's communicator (every rank must use "
                 "RING_ATTN_TRANSPORT=nccl)");
   const at::Tensor host = tensors[0].cpu();

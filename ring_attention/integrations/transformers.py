@@ -84,7 +84,9 @@ class _Sharding:
             and position_ids.data_ptr() == recorded.data_ptr())
 
 
-# Per process group: what the last shard_inputs call recorded.
+# Per process group name: (a weak reference to the group, None without torch.distributed; what
+# the last shard_inputs call recorded for it). A record goes with its group: a new group that takes
+# a destroyed group's name starts without one.
 _shardings = {}
 
 
@@ -94,6 +96,25 @@ def _group_key(group) -> str:
 
 def _ulysses_key(ulysses_group) -> str:
     return "" if ulysses_group is None else _group_key(ulysses_group)
+
+
+def _recorded(group) -> Optional[_Sharding]:
+    """What shard_inputs recorded for ``group``; None when nothing (or only for a destroyed group
+    of the same name)."""
+    resolved = _group.resolve(group)[0]
+    group_ref, sharding = _shardings.get(_group.group_name(resolved), (None, None))
+    if sharding is None or (None if group_ref is None else group_ref()) is not resolved:
+        return None
+    return sharding
+
+
+def _record(group, sharding: _Sharding) -> None:
+    """Records ``sharding`` for ``group`` and drops the records of groups that are gone."""
+    for name in [name for name, (ref, _) in _shardings.items() if ref is not None and ref() is None]:
+        del _shardings[name]
+    resolved = _group.resolve(group)[0]
+    _shardings[_group.group_name(resolved)] = (
+        None if resolved is None else weakref.ref(resolved), sharding)
 
 
 def clear_inputs(group=None) -> None:
@@ -292,7 +313,7 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
     def _recorded_documents(kwargs) -> Optional[torch.Tensor]:
         """The documents shard_inputs recorded for the model's position_ids, None for unpacked rows;
         ValueError where shard_inputs used another grid or recorded another batch."""
-        sharding = _shardings.get(_group_key(group))
+        sharding = _recorded(group)
         if sharding is None:
             return None
         if (sharding.layout, sharding.ulysses) != (layout, _ulysses_key(ulysses_group)):
@@ -373,10 +394,10 @@ def shard_inputs(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] =
     position_ids = _rows_of(position_ids, input_ids, "shard_inputs")
     cu_seqlens = packed_documents(position_ids)
     _agree_on_documents(cu_seqlens, input_ids.device, group)
-    key, sharding = _group_key(group), _Sharding(layout, _ulysses_key(ulysses_group))
+    sharding = _Sharding(layout, _ulysses_key(ulysses_group))
     if cu_seqlens is None:
         local = _shard_rows(input_ids, position_ids, labels, grid)
-        _shardings[key] = sharding
+        _record(group, sharding)
         return local
     local_labels = None
     if labels is not None:
@@ -388,7 +409,7 @@ def shard_inputs(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] =
     local_position_ids = shard_varlen(position_ids, cu_seqlens, **grid)
     local_input_ids = shard_varlen(input_ids, cu_seqlens, **grid)
     sharding.documents, sharding.position_ids = cu_seqlens, weakref.ref(local_position_ids)
-    _shardings[key] = sharding
+    _record(group, sharding)
     return local_input_ids, local_position_ids, local_labels
 
 
@@ -425,7 +446,7 @@ def unshard_outputs(x: torch.Tensor, position_ids: Optional[torch.Tensor] = None
     position_ids: the global (batch, seq) or (seq,) position ids given to shard_inputs. For packed rows the
     packed order is restored and the pads dropped; otherwise this is ``unshard``. Differentiable.
     """
-    sharding = _shardings.get(_group_key(group))
+    sharding = _recorded(group)
     if sharding is not None and (sharding.layout, sharding.ulysses) != (layout, _ulysses_key(ulysses_group)):
         raise ValueError(f"unshard_outputs: shard_inputs sharded in layout {sharding.layout!r} (or over "
                          f"another ulysses_group), got layout {layout!r}; pass the same layout and "
