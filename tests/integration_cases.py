@@ -70,12 +70,14 @@ def _assert_grads_summed_over_ranks(ring_model, reference_model):
         torch.testing.assert_close(grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange="ring"):
+def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange="ring",
+                                 compiled=False):
     """A tiny model of ``family`` with attn_implementation="ring_attention" on sharded inputs
     against the same model with eager attention on the whole sequence in this process: unsharded
     logits, summed loss, summed gradients. ulysses > 1: over a ulysses x (world / ulysses) grid
-    (ring_cases.grid_groups). Returns the summed loss and the ring steps of a no-grad forward's
-    last layer."""
+    (ring_cases.grid_groups). compiled: the ring model through torch.compile, whose graphs break
+    around the integration's checks. Returns the summed loss and the ring steps of a no-grad
+    forward's last layer."""
     from ring_attention.integrations import transformers as ra_hf
     from ring_cases import grid_groups
     rank, world = rank_and_world()
@@ -91,7 +93,10 @@ def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange=
     loss_ref.backward()
 
     ids, pos, labels = ra_hf.shard_inputs(input_ids, labels=input_ids, **grid)
-    logits = ring_model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    if compiled:
+        torch._dynamo.reset()
+    forward = torch.compile(ring_model, backend="aot_eager") if compiled else ring_model
+    logits = forward(input_ids=ids, position_ids=pos, use_cache=False).logits
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
     loss.backward()
 

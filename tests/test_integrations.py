@@ -89,6 +89,13 @@ def test_transformers_llama_ulysses_allgather(rank_pool):
     assert len(set(losses)) == 1
 
 
+def test_transformers_llama_compiled(rank_pool):
+    """torch.compile of the model: the integration's checks run eagerly between graphs."""
+    losses = rank_pool(2).run(cases.model_matches_single_process, "llama", "zigzag", 16, 1, "ring",
+                              True, timeout=300)
+    assert len(set(loss for loss, _ in losses)) == 1
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_torch_compile_fullgraph_matches_eager(rank_pool, layout, varlen):
