@@ -358,22 +358,29 @@ def mesh_data_and_context_parallel():
     return dp
 
 
-def checkpointed_matches_plain():
-    """Activation checkpointing recomputes the ring in backward: same outputs and gradients."""
+def checkpointed_matches_plain(ulysses=1):
+    """Activation checkpointing (non-reentrant and reentrant) recomputes the ring in backward:
+    same outputs and gradients. ulysses > 1: over a ulysses x (world / ulysses) grid
+    (ring_cases.grid_groups), whose backward reads its saved tensors once, as checkpointing
+    allows."""
+    from ring_cases import grid_groups
     rank, world = rank_and_world()
+    group, ulysses_group = grid_groups(ulysses, world // ulysses) if ulysses > 1 else (None, None)
+    grid = dict(group=group, layout="striped", ulysses_group=ulysses_group)
     q, k, v, dout = random_qkv(seed_of("ckpt", world), 1, 6 * world, 6 * world, 4, 1, 16, torch.float64)
-    local = [ra.shard(t, layout="striped").contiguous() for t in (q, k, v, dout)]
+    local = [ra.shard(t, **grid).contiguous() for t in (q, k, v, dout)]
 
     def block(q, k, v):
-        return ra.ring_attn_func(q, k, v, causal=True, layout="striped").sin()
+        return ra.ring_attn_func(q, k, v, causal=True, **grid).sin()
 
     results = []
-    for checkpointed in (False, True):
+    for reentrant in (None, False, True):  # None: not checkpointed
         leaves = [t.clone().requires_grad_() for t in local[:3]]
-        out = (torch.utils.checkpoint.checkpoint(block, *leaves, use_reentrant=False)
-               if checkpointed else block(*leaves))
+        out = (block(*leaves) if reentrant is None
+               else torch.utils.checkpoint.checkpoint(block, *leaves, use_reentrant=reentrant))
         out.backward(local[3])
         results.append([out.detach()] + [t.grad for t in leaves])
-    for plain, ckpt in zip(*results):
-        assert torch.equal(plain, ckpt)
+    for checkpointed in results[1:]:
+        for plain, ckpt in zip(results[0], checkpointed):
+            assert torch.equal(plain, ckpt)
     return True
