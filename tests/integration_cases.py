@@ -185,7 +185,8 @@ def unsupported_use_raises(case):
     model.config._attn_implementation = ra_hf.ATTN_IMPLEMENTATION
     input_ids = torch.randint(0, 128, (1, 8 * world), generator=torch.Generator().manual_seed(0))
     packed = torch.cat([torch.arange(4 * world), torch.arange(4 * world)]).unsqueeze(0)
-    ids, pos, _ = ra_hf.shard_inputs(input_ids, packed if case == "stale documents" else None)
+    stale = case.startswith("stale documents")
+    ids, pos, _ = ra_hf.shard_inputs(input_ids, packed if stale else None)
     inputs = dict(input_ids=ids, position_ids=pos, use_cache=False)
     if case == "padding":  # padding in rank 0's shard only
         inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), int(rank > 0))
@@ -195,6 +196,11 @@ def unsupported_use_raises(case):
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor([0, 3, ids.shape[1]], dtype=torch.int32)
     if case in ("stale documents", "no position_ids"):
         del inputs["position_ids"]
+    if case == "stale documents, compiled":  # checked at every call, not once when traced
+        torch._dynamo.reset()
+        model = torch.compile(model, backend="aot_eager")
+        model(**inputs)
+        inputs["position_ids"] = pos.clone()
     if case == "whole sequence":
         inputs.update(input_ids=input_ids, position_ids=torch.arange(8 * world).unsqueeze(0))
     if case == "output_attentions":

@@ -52,6 +52,7 @@ UNSUPPORTED_USES = {
     "unshard layout": "unshard_outputs",  # shard_inputs in zigzag
     "flash-attention documents": "cu_seq_lens_q= is packed documents",
     "stale documents": "position_ids that call returned",  # a plain forward after a packed batch
+    "stale documents, compiled": "position_ids that call returned",  # other position_ids
     "whole sequence": "position_ids count 0, 1, ...",  # every rank feeds the unsharded rows
     "no position_ids": "position_ids count 0, 1, ...",  # shards without their global positions
     "output_attentions": "output_attentions=True",  # the ring computes no attention weights

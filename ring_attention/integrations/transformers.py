@@ -296,6 +296,7 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
         _raise_on_every_rank(error, str(position_ids.device), _grid_groups(group, ulysses_group),
                              "position_ids check")
 
+    @torch.compiler.disable(reason="ring_attention compares the position_ids with shard_inputs' record")
     def _recorded_documents(kwargs) -> Optional[torch.Tensor]:
         """The documents shard_inputs recorded for the model's position_ids, None for unpacked rows;
         ValueError where shard_inputs used another grid or recorded another batch."""
