@@ -390,3 +390,49 @@ def checkpointed_matches_plain(ulysses=1):
         for plain, ckpt in zip(results[0], checkpointed):
             assert torch.equal(plain, ckpt)
     return True
+
+
+class _FusedQKVBlock(torch.nn.Module):
+    """A residual causal attention layer whose q, k and v are views of one fused projection (as
+    models produce them): ring attention over ``group`` in the zigzag layout, or SDPA on the whole
+    sequence when ``group`` is None."""
+
+    def __init__(self, group=None, dim=32, heads=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(dim, 3 * dim, dtype=torch.float64)
+        self.out = torch.nn.Linear(dim, dim, dtype=torch.float64)
+        self.group, self.heads = group, heads
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).unbind(2)
+        if self.group is None:
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                 is_causal=True).transpose(1, 2)
+        else:
+            out = ra.ring_attn_func(q, k, v, causal=True, layout="zigzag", group=self.group)
+        return x + self.out(out.reshape(batch, tokens, dim)).tanh()
+
+
+def mesh_fsdp_matches_single_process():
+    """FSDP2 (fully_shard) over the dp dimension of a 2 x 2 DeviceMesh and the ring over its cp
+    dimension: the gradients, summed over cp, equal those of the model on every replica's whole
+    sequence, averaged over dp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    batches = torch.randn(2, 2, 16, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    reference_model = torch.nn.Sequential(_FusedQKVBlock(), _FusedQKVBlock())
+    for batch in batches:
+        reference_model(batch).pow(2).sum().div(len(batches)).backward()
+    model = torch.nn.Sequential(_FusedQKVBlock(mesh["cp"]), _FusedQKVBlock(mesh["cp"]))
+    for layer in model:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    x = ra.shard(batches[mesh["dp"].get_local_rank()], group=mesh["cp"], layout="zigzag")
+    model(x).pow(2).sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference_model.parameters()):
+        dist.all_reduce(p.grad.to_local(), group=mesh["cp"].get_group())
+        torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, msg=lambda m: f"{name}: {m}")
+    return True
