@@ -365,10 +365,12 @@ def mesh_data_and_context_parallel():
 
 
 def checkpointed_matches_plain(ulysses=1):
-    """Activation checkpointing (non-reentrant and reentrant) recomputes the ring in backward:
-    same outputs and gradients. ulysses > 1: over a ulysses x (world / ulysses) grid
-    (ring_cases.grid_groups), whose backward reads its saved tensors once, as checkpointing
-    allows."""
+    """Activation checkpointing (non-reentrant, reentrant, and selective keeping the ring's
+    output) recomputes the ring in backward where it does not keep it: same outputs and
+    gradients. ulysses > 1: over a ulysses x (world / ulysses) grid (ring_cases.grid_groups),
+    whose backward reads its saved tensors once, as checkpointing allows."""
+    from functools import partial
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
     from ring_cases import grid_groups
     rank, world = rank_and_world()
     group, ulysses_group = grid_groups(ulysses, world // ulysses) if ulysses > 1 else (None, None)
@@ -379,11 +381,18 @@ def checkpointed_matches_plain(ulysses=1):
     def block(q, k, v):
         return ra.ring_attn_func(q, k, v, causal=True, **grid).sin()
 
+    def save_attention(ctx, op, *args, **kwargs):  # selective checkpointing keeps the ring's output
+        attention = op in (torch.ops.ring_attention.ring_fwd.default,
+                           torch.ops.ring_attention.ulysses_fwd.default)
+        return CheckpointPolicy.MUST_SAVE if attention else CheckpointPolicy.PREFER_RECOMPUTE
+
     results = []
-    for reentrant in (None, False, True):  # None: not checkpointed
+    for kind in ("plain", "non-reentrant", "reentrant", "selective"):
         leaves = [t.clone().requires_grad_() for t in local[:3]]
-        out = (block(*leaves) if reentrant is None
-               else torch.utils.checkpoint.checkpoint(block, *leaves, use_reentrant=reentrant))
+        options = dict(use_reentrant=kind == "reentrant")
+        if kind == "selective":
+            options["context_fn"] = partial(create_selective_checkpoint_contexts, save_attention)
+        out = block(*leaves) if kind == "plain" else checkpoint(block, *leaves, **options)
         out.backward(local[3])
         results.append([out.detach()] + [t.grad for t in leaves])
     for checkpointed in results[1:]:
