@@ -17,11 +17,10 @@ def once_differentiable(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        ctx.saved = ctx.saved_tensors
+        saved = ctx.saved = ctx.saved_tensors
         try:
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            saved = ctx.saved
         finally:
             ctx.saved = None  # no reference from the node to its own tensors after the backward
         if not torch.is_grad_enabled():
