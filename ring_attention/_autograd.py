@@ -10,15 +10,22 @@ _DOUBLE_BACKWARD = (b"ring attention: double backward (differentiating a gradien
 def once_differentiable(backward):
     """Like torch.autograd.function.once_differentiable, but the node that raises on double
     backward also hangs off the tensors saved by the forward, so differentiating a gradient with
-    respect to q, k or v raises RuntimeError instead of finding no path (a zero or None)."""
+    respect to q, k or v raises RuntimeError instead of finding no path (a zero or None).
+
+    The saved tensors are unpacked once, as activation checkpointing requires, into
+    ``ctx.saved`` for ``backward`` to read (instead of ``ctx.saved_tensors``)."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
+        saved = ctx.saved = ctx.saved_tensors
+        try:
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+        finally:
+            ctx.saved = None  # no reference from the node to its own tensors after the backward
         if not torch.is_grad_enabled():
             return outputs
-        sources = [t for t in (*grads, *ctx.saved_tensors)
+        sources = [t for t in (*grads, *saved)
                    if isinstance(t, torch.Tensor) and t.requires_grad]
         if not sources:
             return outputs

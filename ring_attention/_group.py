@@ -71,13 +71,14 @@ def group_name(group) -> str:
     return group.group_name
 
 
+@torch.compiler.disable(reason="the ranks' agreement reads every rank's values on the host")
 def gather_agreement(values: List[int], group: dist.ProcessGroup, device, call: str,
                      caller: str) -> List[List[int]]:
     """Every rank's int64 ``values`` (as many on every rank) over ``group`` (resolved, more than
     one rank), in one small all-gather through the ranks' agreement (bindings/agreement.h:
     RING_ATTN_TIMEOUT applies; a rank making another ``call`` raises ValueError), on the device
     the group's backend accepts for tensors on ``device``. ValueError, prefixed ``caller``, where
-    it accepts none."""
+    it accepts none. torch.compile runs it eagerly, between graphs."""
     from ._ops import ops
     name = group_name(group)
     collective_device = ops.group_collective_device(name, str(device))

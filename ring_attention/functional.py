@@ -24,7 +24,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved
         dout = torch.zeros_like(out) if dout is None else dout
         dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args,
                                   deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange,

@@ -32,7 +32,7 @@ class _LocalRingAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         world = ctx.world
-        saved = ctx.saved_tensors
+        saved = ctx.saved
         qs, ks, vs, outs, lses = (list(saved[i * world:(i + 1) * world]) for i in range(5))
         douts = [g if g is not None else torch.zeros_like(o) for g, o in zip(grads[:world], outs)]
         dlses = None

@@ -47,14 +47,15 @@ class _UlyssesAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):
-        q_heads, lse_heads = ctx.saved_tensors[0], ctx.saved_tensors[4]
+        saved = ctx.saved
+        q_heads, lse_heads = saved[0], saved[4]
         if dout is None:
             dout = q_heads.new_zeros(ctx.out_shape)
         if ctx.lse_shape is None:  # lse was an empty placeholder (a traced backward may pass one)
             dlse = None
         elif dlse is None:
             dlse = lse_heads.new_zeros(ctx.lse_shape)
-        dq, dk, dv = ops.ulysses_bwd(dout, *ctx.saved_tensors, *ctx.ring_args, ctx.heads_kv,
+        dq, dk, dv = ops.ulysses_bwd(dout, *saved, *ctx.ring_args, ctx.heads_kv,
                                      deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange,
                                      dlse=dlse)
         return (dq, dk, dv) + (None,) * 11

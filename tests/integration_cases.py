@@ -70,12 +70,14 @@ def _assert_grads_summed_over_ranks(ring_model, reference_model):
         torch.testing.assert_close(grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange="ring"):
+def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange="ring",
+                                 compiled=False):
     """A tiny model of ``family`` with attn_implementation="ring_attention" on sharded inputs
     against the same model with eager attention on the whole sequence in this process: unsharded
     logits, summed loss, summed gradients. ulysses > 1: over a ulysses x (world / ulysses) grid
-    (ring_cases.grid_groups). Returns the summed loss and the ring steps of a no-grad forward's
-    last layer."""
+    (ring_cases.grid_groups). compiled: the ring model through torch.compile, whose graphs break
+    around the integration's checks. Returns the summed loss and the ring steps of a no-grad
+    forward's last layer."""
     from ring_attention.integrations import transformers as ra_hf
     from ring_cases import grid_groups
     rank, world = rank_and_world()
@@ -91,7 +93,10 @@ def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange=
     loss_ref.backward()
 
     ids, pos, labels = ra_hf.shard_inputs(input_ids, labels=input_ids, **grid)
-    logits = ring_model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    if compiled:
+        torch._dynamo.reset()
+    forward = torch.compile(ring_model, backend="aot_eager") if compiled else ring_model
+    logits = forward(input_ids=ids, position_ids=pos, use_cache=False).logits
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
     loss.backward()
 
@@ -180,7 +185,8 @@ def unsupported_use_raises(case):
     model.config._attn_implementation = ra_hf.ATTN_IMPLEMENTATION
     input_ids = torch.randint(0, 128, (1, 8 * world), generator=torch.Generator().manual_seed(0))
     packed = torch.cat([torch.arange(4 * world), torch.arange(4 * world)]).unsqueeze(0)
-    ids, pos, _ = ra_hf.shard_inputs(input_ids, packed if case == "stale documents" else None)
+    stale = case.startswith("stale documents")
+    ids, pos, _ = ra_hf.shard_inputs(input_ids, packed if stale else None)
     inputs = dict(input_ids=ids, position_ids=pos, use_cache=False)
     if case == "padding":  # padding in rank 0's shard only
         inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([0]), int(rank > 0))
@@ -190,6 +196,11 @@ def unsupported_use_raises(case):
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor([0, 3, ids.shape[1]], dtype=torch.int32)
     if case in ("stale documents", "no position_ids"):
         del inputs["position_ids"]
+    if case == "stale documents, compiled":  # checked at every call, not once when traced
+        torch._dynamo.reset()
+        model = torch.compile(model, backend="aot_eager")
+        model(**inputs)
+        inputs["position_ids"] = pos.clone()
     if case == "whole sequence":
         inputs.update(input_ids=input_ids, position_ids=torch.arange(8 * world).unsqueeze(0))
     if case == "output_attentions":
@@ -353,24 +364,86 @@ def mesh_data_and_context_parallel():
     return dp
 
 
-def checkpointed_matches_plain():
-    """Activation checkpointing recomputes the ring in backward: same outputs and gradients."""
+def checkpointed_matches_plain(ulysses=1):
+    """Activation checkpointing (non-reentrant, reentrant, and selective keeping the ring's
+    output) recomputes the ring in backward where it does not keep it: same outputs and
+    gradients. ulysses > 1: over a ulysses x (world / ulysses) grid (ring_cases.grid_groups),
+    whose backward reads its saved tensors once, as checkpointing allows."""
+    from functools import partial
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    from ring_cases import grid_groups
     rank, world = rank_and_world()
+    group, ulysses_group = grid_groups(ulysses, world // ulysses) if ulysses > 1 else (None, None)
+    grid = dict(group=group, layout="striped", ulysses_group=ulysses_group)
     q, k, v, dout = random_qkv(seed_of("ckpt", world), 1, 6 * world, 6 * world, 4, 1, 16, torch.float64)
-    local = [ra.shard(t, layout="striped").contiguous() for t in (q, k, v, dout)]
+    local = [ra.shard(t, **grid).contiguous() for t in (q, k, v, dout)]
 
     def block(q, k, v):
-        return ra.ring_attn_func(q, k, v, causal=True, layout="striped").sin()
+        return ra.ring_attn_func(q, k, v, causal=True, **grid).sin()
+
+    def save_attention(ctx, op, *args, **kwargs):  # selective checkpointing keeps the ring's output
+        attention = op in (torch.ops.ring_attention.ring_fwd.default,
+                           torch.ops.ring_attention.ulysses_fwd.default)
+        return CheckpointPolicy.MUST_SAVE if attention else CheckpointPolicy.PREFER_RECOMPUTE
 
     results = []
-    for checkpointed in (False, True):
+    for kind in ("plain", "non-reentrant", "reentrant", "selective"):
         leaves = [t.clone().requires_grad_() for t in local[:3]]
-        out = (torch.utils.checkpoint.checkpoint(block, *leaves, use_reentrant=False)
-               if checkpointed else block(*leaves))
+        options = dict(use_reentrant=kind == "reentrant")
+        if kind == "selective":
+            options["context_fn"] = partial(create_selective_checkpoint_contexts, save_attention)
+        out = block(*leaves) if kind == "plain" else checkpoint(block, *leaves, **options)
         out.backward(local[3])
         results.append([out.detach()] + [t.grad for t in leaves])
-    for plain, ckpt in zip(*results):
-        assert torch.equal(plain, ckpt)
+    for checkpointed in results[1:]:
+        for plain, ckpt in zip(results[0], checkpointed):
+            assert torch.equal(plain, ckpt)
+    return True
+
+
+class _FusedQKVBlock(torch.nn.Module):
+    """A residual causal attention layer whose q, k and v are views of one fused projection (as
+    models produce them): ring attention over ``group`` in the zigzag layout, or SDPA on the whole
+    sequence when ``group`` is None."""
+
+    def __init__(self, group=None, dim=32, heads=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(dim, 3 * dim, dtype=torch.float64)
+        self.out = torch.nn.Linear(dim, dim, dtype=torch.float64)
+        self.group, self.heads = group, heads
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).unbind(2)
+        if self.group is None:
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                 is_causal=True).transpose(1, 2)
+        else:
+            out = ra.ring_attn_func(q, k, v, causal=True, layout="zigzag", group=self.group)
+        return x + self.out(out.reshape(batch, tokens, dim)).tanh()
+
+
+def mesh_fsdp_matches_single_process():
+    """FSDP2 (fully_shard) over the dp dimension of a 2 x 2 DeviceMesh and the ring over its cp
+    dimension: the gradients, summed over cp, equal those of the model on every replica's whole
+    sequence, averaged over dp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    batches = torch.randn(2, 2, 16, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    reference_model = torch.nn.Sequential(_FusedQKVBlock(), _FusedQKVBlock())
+    for batch in batches:
+        reference_model(batch).pow(2).sum().div(len(batches)).backward()
+    model = torch.nn.Sequential(_FusedQKVBlock(mesh["cp"]), _FusedQKVBlock(mesh["cp"]))
+    for layer in model:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    x = ra.shard(batches[mesh["dp"].get_local_rank()], group=mesh["cp"], layout="zigzag")
+    model(x).pow(2).sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference_model.parameters()):
+        dist.all_reduce(p.grad.to_local(), group=mesh["cp"].get_group())
+        torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, msg=lambda m: f"{name}: {m}")
     return True
 
 

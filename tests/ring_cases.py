@@ -8,6 +8,7 @@ checks its own shard and raises on a mismatch (the pool reports the traceback).
 import os
 import threading
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -642,8 +643,9 @@ def opcheck_ulysses_ops(ulysses, ring, varlen):
 def check_double_backward_raises(kind):
     """Differentiating a gradient of ring attention (create_graph=True) raises RuntimeError on
     this rank, through .backward() and through torch.autograd.grad with respect to q, k and v.
-    kind: "ring" or "varlen" (the default group, or none), "local_ring" (LocalRing(2), in this
-    process), "ulysses" (a U x 1 grid of the pool's ranks) or "unshard"."""
+    kind: "ring" or "varlen" (the default group, or none), "checkpointed" (the ring under
+    non-reentrant activation checkpointing, which unpacks each saved tensor once), "local_ring"
+    (LocalRing(2), in this process), "ulysses" (a U x 1 grid of the pool's ranks) or "unshard"."""
     from ring_attention.testing import LocalRing
     g = torch.Generator().manual_seed(seed_of("double-backward", kind))
     q, k, v = (randn(g, 1, 4 * rank_and_world()[1], 2, 8, dtype=torch.float64) for _ in range(3))
@@ -660,6 +662,10 @@ def check_double_backward_raises(kind):
         inputs = [t.requires_grad_() for t in (q, k, v)]
         group, ulysses_group = grid_groups(dist.get_world_size(), 1)
         outs = [ra.ring_attn_func(*inputs, causal=True, group=group, ulysses_group=ulysses_group)]
+    elif kind == "checkpointed":
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        outs = [torch.utils.checkpoint.checkpoint(partial(ra.ring_attn_func, causal=True), *inputs,
+                                                  use_reentrant=False)]
     elif kind == "unshard":
         inputs = [q.requires_grad_()]
         outs = [ra.unshard(inputs[0] * 2)]

@@ -57,6 +57,7 @@ UNSUPPORTED_USES = {
     "unshard layout": "unshard_outputs",  # shard_inputs in zigzag
     "flash-attention documents": "cu_seq_lens_q= is packed documents",
     "stale documents": "position_ids that call returned",  # a plain forward after a packed batch
+    "stale documents, compiled": "position_ids that call returned",  # other position_ids
     "whole sequence": "position_ids count 0, 1, ...",  # every rank feeds the unsharded rows
     "no position_ids": "position_ids count 0, 1, ...",  # shards without their global positions
     "output_attentions": "output_attentions=True",  # the ring computes no attention weights
@@ -94,6 +95,13 @@ def test_transformers_llama_ulysses_allgather(rank_pool):
     assert len(set(losses)) == 1
 
 
+def test_transformers_llama_compiled(rank_pool):
+    """torch.compile of the model: the integration's checks run eagerly between graphs."""
+    losses = rank_pool(2).run(cases.model_matches_single_process, "llama", "zigzag", 16, 1, "ring",
+                              True, timeout=300)
+    assert len(set(loss for loss, _ in losses)) == 1
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_torch_compile_fullgraph_matches_eager(rank_pool, layout, varlen):
@@ -121,5 +129,10 @@ def test_device_mesh_dp_times_cp(rank_pool):
     assert sorted(rank_pool(4).run(cases.mesh_data_and_context_parallel)) == [0, 0, 1, 1]
 
 
-def test_activation_checkpointing(rank_pool):
-    assert all(rank_pool(3).run(cases.checkpointed_matches_plain))
+def test_fsdp_over_dp_ring_over_cp(rank_pool):
+    assert all(rank_pool(4).run(cases.mesh_fsdp_matches_single_process, timeout=120))
+
+
+@pytest.mark.parametrize("world,ulysses", [(3, 1), (4, 2)], ids=["ring", "U2xR2"])
+def test_activation_checkpointing(rank_pool, world, ulysses):
+    assert all(rank_pool(world).run(cases.checkpointed_matches_plain, ulysses))

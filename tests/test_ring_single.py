@@ -102,7 +102,7 @@ def test_autocast_computes_in_its_dtype_as_sdpa_does():
         assert got.dtype == leaf.dtype and torch.equal(got, expected.to(leaf.dtype))
 
 
-@pytest.mark.parametrize("kind", ["ring", "varlen"])
+@pytest.mark.parametrize("kind", ["ring", "varlen", "checkpointed"])
 def test_double_backward_raises(kind):
     """A gradient of ring attention is not differentiable again: RuntimeError, never a zero."""
     assert ring_cases.check_double_backward_raises(kind)

@@ -235,6 +235,7 @@ def _mask_for(group, ulysses_group):
     """The mask function transformers calls for "ring_attention": checks the mask and builds none
     (the ring applies causality, windows and documents itself)."""
 
+    @torch.compiler.disable(reason="ring_attention checks the mask with its peers on the host")
     def ring_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                             mask_function=None, attention_mask: Optional[torch.Tensor] = None,
                             **kwargs) -> None:
@@ -302,14 +303,21 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
             return ring_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, **options).unsqueeze(0), None
         position_ids = kwargs.get("position_ids")
         if getattr(module, "layer_idx", 0) == 0 and position_ids is not None:
-            error = ("its position_ids count 0, 1, ... as for a whole sequence, but its shard holds "
-                     "other positions; feed every rank its shard of the sequence and the shard's "
-                     "global position_ids (shard_inputs)"
-                     if _whole_sequence_positions(position_ids, grid) else "")
-            _raise_on_every_rank(error, str(position_ids.device), _grid_groups(group, ulysses_group),
-                                 "position_ids check")
+            _check_positions(position_ids, grid)
         return ring_attn_func(q, k, v, **options), None
 
+    @torch.compiler.disable(reason="ring_attention checks the position_ids with its peers on the host")
+    def _check_positions(position_ids: torch.Tensor, grid) -> None:
+        """Raises ValueError on every rank when a rank's position_ids count from 0 on a shard
+        that holds other positions."""
+        error = ("its position_ids count 0, 1, ... as for a whole sequence, but its shard holds "
+                 "other positions; feed every rank its shard of the sequence and the shard's "
+                 "global position_ids (shard_inputs)"
+                 if _whole_sequence_positions(position_ids, grid) else "")
+        _raise_on_every_rank(error, str(position_ids.device), _grid_groups(group, ulysses_group),
+                             "position_ids check")
+
+    @torch.compiler.disable(reason="ring_attention compares the position_ids with shard_inputs' record")
     def _recorded_documents(kwargs) -> Optional[torch.Tensor]:
         """The documents shard_inputs recorded for the model's position_ids, None for unpacked rows;
         ValueError where shard_inputs used another grid or recorded another batch."""
