@@ -552,6 +552,8 @@ def _rfa_case(name, packing, causal, heads_kv, local_len, window, varlen_seqs, s
     out, lse, probs = fn(*inputs, *extra, **kw)
     out.backward(local(dout))
     assert probs is None
+    with torch.no_grad():  # return_attn_probs=False (the default): out alone
+        assert torch.equal(fn(*inputs, *extra, causal=causal, window_size=window), out)
     torch.testing.assert_close(out, local(ref_out.detach()))
     lse_local = local(ref_lse.detach().unsqueeze(-1), dim=2).squeeze(-1)
     torch.testing.assert_close(lse, lse_local)
