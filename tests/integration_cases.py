@@ -471,3 +471,151 @@ def sharding_goes_with_its_group():
     ra_hf.shard_inputs(input_ids, layout="contiguous")
     assert len(ra_hf._shardings) == 1, ra_hf._shardings
     return old_name, dist.group.WORLD.group_name
+
+
+def _peer_local(x, layout, rank, world, dim=1):
+    """This rank's part of x as ring-flash-attention's tests split it (written apart from
+    ring_attention.shard, to check that the layouts agree token for token)."""
+    if layout == "contiguous":
+        return x.chunk(world, dim=dim)[rank]
+    if layout == "zigzag":
+        chunks = x.chunk(2 * world, dim=dim)
+        return torch.cat([chunks[rank], chunks[2 * world - 1 - rank]], dim=dim)
+    strided = torch.stack(x.split(world, dim=dim), dim=dim).transpose(dim, dim + 1)
+    return strided.select(dim, rank)
+
+
+def _peer_local_varlen(x, cu, layout, rank, world, dim=0):
+    """This rank's part of packed x (sequences at cu, global): each sequence split alone."""
+    return torch.cat([_peer_local(x.narrow(dim, a, b - a), layout, rank, world, dim)
+                      for a, b in zip(cu, cu[1:])], dim=dim)
+
+
+def _window_visible(seqlen, left, right):
+    pos = torch.arange(seqlen)
+    offset = pos.view(1, -1) - pos.view(-1, 1)  # key - query
+    return ((offset >= -left) | (left < 0)) & ((offset <= right) | (right < 0))
+
+
+RFA_FAMILIES = {"ring": "contiguous", "zigzag_ring": "zigzag", "stripe": "striped"}
+
+
+def _rfa_case(name, packing, causal, heads_kv, local_len, window, varlen_seqs, seed):
+    """One ring-flash-attention function (name, packing "", "kv" or "qkv") against float64
+    attention of the whole sequence: out, lse and every input's gradient on this rank."""
+    from ring_attention.integrations import ring_flash_attn as rfa
+    from ring_attention.reference import attention_reference
+    rank, world = rank_and_world()
+    layout = RFA_FAMILIES[name]
+    heads, headdim = 4, 8
+    g = torch.Generator().manual_seed(seed)
+    if varlen_seqs:
+        cu_global = [0]
+        for n in varlen_seqs:
+            cu_global.append(cu_global[-1] + n * world)
+        total, batch = cu_global[-1], 1
+    else:
+        total, batch = local_len * world, 2
+    full = [torch.randn(batch, total, h, headdim, generator=g, dtype=torch.float64)
+            for h in (heads, heads_kv, heads_kv, heads)]
+    q, k, v, dout = (t.requires_grad_(i < 3) for i, t in enumerate(full))
+    if varlen_seqs:
+        seg = torch.repeat_interleave(torch.arange(len(varlen_seqs)),
+                                      torch.tensor(varlen_seqs) * world)
+        mask = seg.view(-1, 1) == seg.view(1, -1)
+        pos = torch.cat([torch.arange(n * world) for n in varlen_seqs])
+        mask &= ((pos.view(1, -1) - pos.view(-1, 1)) >= -window[0]) | (window[0] < 0)
+        mask &= ((pos.view(1, -1) - pos.view(-1, 1)) <= window[1]) | (window[1] < 0)
+    else:
+        mask = _window_visible(total, *window)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal, mask=mask)
+    ref_out.backward(dout)
+
+    if varlen_seqs:
+        local = lambda t, dim=1: _peer_local_varlen(t[0], cu_global, layout, rank, world, dim - 1)
+        cu_local = torch.tensor(cu_global, dtype=torch.int32) // world
+        extra = (cu_local, max(varlen_seqs))
+        fn_name = f"{name}_flash_attn_varlen"
+    else:
+        local = lambda t, dim=1: _peer_local(t, layout, rank, world, dim)
+        extra = ()
+        fn_name = f"{name}_flash_attn"
+    fn = getattr(rfa, f"{fn_name}_{packing}packed_func" if packing else f"{fn_name}_func")
+    kw = dict(causal=causal, window_size=window, return_attn_probs=True)
+    ql, kl, vl = (local(t.detach()) for t in (q, k, v))
+    if packing == "qkv":
+        inputs = [torch.stack([ql, kl, vl], dim=-3).requires_grad_()]
+    elif packing == "kv":
+        inputs = [ql.requires_grad_(), torch.stack([kl, vl], dim=-3).requires_grad_()]
+    else:
+        inputs = [t.requires_grad_() for t in (ql, kl, vl)]
+    out, lse, probs = fn(*inputs, *extra, **kw)
+    out.backward(local(dout))
+    assert probs is None
+    with torch.no_grad():  # return_attn_probs=False (the default): out alone
+        assert torch.equal(fn(*inputs, *extra, causal=causal, window_size=window), out)
+    torch.testing.assert_close(out, local(ref_out.detach()))
+    lse_local = local(ref_lse.detach().unsqueeze(-1), dim=2).squeeze(-1)
+    torch.testing.assert_close(lse, lse_local)
+    expected = [local(t.grad) for t in (q, k, v)]
+    if packing == "qkv":
+        expected = [torch.stack(expected, dim=-3)]
+    elif packing == "kv":
+        expected = [expected[0], torch.stack(expected[1:], dim=-3)]
+    for got, want in zip(inputs, expected):
+        torch.testing.assert_close(got.grad, want)
+    return fn.__name__
+
+
+# (family, packing, causal, heads_kv, local_len, window, varlen local lengths): GQA where the
+# packing allows it; odd local lengths where ring-flash-attention allows them (ring, stripe).
+RFA_CASES = [
+    ("ring", "", True, 2, 5, (-1, -1), ()), ("ring", "kv", False, 1, 5, (-1, -1), ()),
+    ("ring", "qkv", True, 4, 3, (-1, -1), ()), ("ring", "", True, 2, 6, (3, 0), ()),
+    ("zigzag_ring", "", True, 2, 6, (-1, -1), ()), ("zigzag_ring", "kv", True, 2, 4, (-1, -1), ()),
+    ("zigzag_ring", "qkv", False, 4, 6, (-1, -1), ()), ("zigzag_ring", "", True, 1, 6, (5, 0), ()),
+    ("stripe", "", True, 2, 5, (-1, -1), ()), ("stripe", "kv", True, 1, 4, (-1, -1), ()),
+    ("stripe", "qkv", True, 4, 3, (-1, -1), ()),
+    ("ring", "", True, 2, 0, (-1, -1), (3, 1, 4)), ("ring", "kv", False, 2, 0, (-1, -1), (2, 5)),
+    ("ring", "qkv", True, 4, 0, (2, 0), (4, 3)),
+    ("zigzag_ring", "", True, 2, 0, (-1, -1), (2, 6, 4)),
+    ("zigzag_ring", "kv", False, 1, 0, (-1, -1), (4, 2)),
+    ("zigzag_ring", "qkv", True, 4, 0, (-1, -1), (6, 2)),
+]
+
+
+def ring_flash_attn_shims_match_reference():
+    """Every case of RFA_CASES; returns the functions run."""
+    return [_rfa_case(*case, seed=seed_of("rfa", i)) for i, case in enumerate(RFA_CASES)]
+
+
+def ring_flash_attn_shims_raise_everywhere():
+    """What the ring cannot honour raises ValueError on every rank (also when only rank 0 asks
+    for it); the group stays usable. Returns the messages."""
+    from ring_attention.integrations import ring_flash_attn as rfa
+    rank, world = rank_and_world()
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    cu_odd = torch.tensor([0, 3, 4], dtype=torch.int32)
+    calls = {
+        "dropout": lambda: rfa.ring_flash_attn_func(q, q, q, 0.1),
+        "dropout on rank 0": lambda: rfa.zigzag_ring_flash_attn_func(
+            q, q, q, dropout_p=0.1 if rank == 0 else 0.0, causal=True),
+        "alibi": lambda: rfa.stripe_flash_attn_func(q, q, q, alibi_slopes=torch.ones(2)),
+        "kv packing": lambda: rfa.ring_flash_attn_kvpacked_func(q, q),
+        "zigzag odd": lambda: rfa.zigzag_ring_flash_attn_varlen_func(q[0], q[0], q[0], cu_odd, 3),
+    }
+    expected = {"dropout": "dropout_p must be 0", "dropout on rank 0": "dropout_p must be 0",
+                "alibi": "alibi_slopes is not supported", "kv packing": "kv must hold its 2",
+                "zigzag odd": "local length even"}
+    messages = {}
+    for case, call in calls.items():
+        try:
+            call()
+        except ValueError as e:
+            messages[case] = str(e)
+        assert expected[case] in messages.get(case, ""), (case, messages.get(case))
+    ones = torch.ones(1)
+    if world > 1:
+        dist.all_reduce(ones)
+    assert ones.item() == world
+    return messages

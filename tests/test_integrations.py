@@ -136,3 +136,25 @@ def test_fsdp_over_dp_ring_over_cp(rank_pool):
 @pytest.mark.parametrize("world,ulysses", [(3, 1), (4, 2)], ids=["ring", "U2xR2"])
 def test_activation_checkpointing(rank_pool, world, ulysses):
     assert all(rank_pool(world).run(cases.checkpointed_matches_plain, ulysses))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ring_flash_attn_shims_match_reference(rank_pool, world):
+    """ring-flash-attention's functions on its own shard layouts: out, lse and gradients equal
+    float64 attention of the whole sequence on every rank."""
+    if world == 1:
+        names = [cases.ring_flash_attn_shims_match_reference()]
+    else:
+        names = rank_pool(world).run(cases.ring_flash_attn_shims_match_reference, timeout=180)
+    assert all(n == names[0] for n in names) and len(set(names[0])) == 15
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ring_flash_attn_shims_raise_everywhere(rank_pool, world):
+    """dropout, ALiBi, a malformed packing and odd zigzag lengths raise ValueError on every rank,
+    also when only rank 0 passes dropout_p."""
+    if world == 1:
+        messages = [cases.ring_flash_attn_shims_raise_everywhere()]
+    else:
+        messages = rank_pool(world).run(cases.ring_flash_attn_shims_raise_everywhere)
+    assert all(m == messages[0] for m in messages)  # the same message on every rank
