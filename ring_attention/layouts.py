@@ -154,6 +154,7 @@ def _decode(values: list) -> str:
     return data[:values[0]].decode(errors="replace")
 
 
+@torch.compiler.disable(reason="ring_attention agrees on the shards with its peers on the host")
 def _shard_verdict(x, group, what: str, shard_error=None, local_error: str = "",
                    settings: str = "") -> str:
     """The ValueError message that every rank of ``group`` computes alike ("" when all is well).
@@ -166,7 +167,8 @@ def _shard_verdict(x, group, what: str, shard_error=None, local_error: str = "",
     shards of different shapes or dtypes.
 
     One small all-gather on the device the group's backends accept (the CPU for gloo, the GPU for
-    an NCCL-only group), before any data is sent."""
+    an NCCL-only group), before any data is sent. torch.compile runs it eagerly, between graphs;
+    under fullgraph=True it raises, naming this function and why it is skipped."""
     from ._ops import ops
 
     name = _group.group_name(group)
@@ -251,6 +253,7 @@ def _abandon(work, group) -> None:
     _ABANDONED.append((weakref.ref(group), work))
 
 
+@torch.compiler.disable(reason="ring_attention keeps the deadline of unshard's collectives on the host")
 def _wait(work, group, rank: int, doing: str) -> None:
     """Waits for unshard's collective `work` until RING_ATTN_TIMEOUT, as the ring's waits do;
     then raises RuntimeError saying what this rank was `doing`."""

@@ -424,26 +424,32 @@ class _FusedQKVBlock(torch.nn.Module):
         return x + self.out(out.reshape(batch, tokens, dim)).tanh()
 
 
-def mesh_fsdp_matches_single_process():
-    """FSDP2 (fully_shard) over the dp dimension of a 2 x 2 DeviceMesh and the ring over its cp
-    dimension: the gradients, summed over cp, equal those of the model on every replica's whole
-    sequence, averaged over dp."""
+def mesh_data_parallel_matches_single_process(wrapper):
+    """FSDP2 (fully_shard; wrapper "fsdp") or DDP ("ddp") over the dp dimension of a 2 x 2
+    DeviceMesh and the ring over its cp dimension: the gradients, summed over cp, equal those of
+    the model on every replica's whole sequence, averaged over dp."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
     batches = torch.randn(2, 2, 16, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     reference_model = torch.nn.Sequential(_FusedQKVBlock(), _FusedQKVBlock())
     for batch in batches:
         reference_model(batch).pow(2).sum().div(len(batches)).backward()
     model = torch.nn.Sequential(_FusedQKVBlock(mesh["cp"]), _FusedQKVBlock(mesh["cp"]))
-    for layer in model:
-        fully_shard(layer, mesh=mesh["dp"])
-    fully_shard(model, mesh=mesh["dp"])
+    if wrapper == "fsdp":
+        for layer in model:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    else:
+        model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
     x = ra.shard(batches[mesh["dp"].get_local_rank()], group=mesh["cp"], layout="zigzag")
     model(x).pow(2).sum().backward()
     for (name, p), p_ref in zip(model.named_parameters(), reference_model.parameters()):
-        dist.all_reduce(p.grad.to_local(), group=mesh["cp"].get_group())
-        torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, msg=lambda m: f"{name}: {m}")
+        local = p.grad.to_local() if wrapper == "fsdp" else p.grad
+        dist.all_reduce(local, group=mesh["cp"].get_group())
+        grad = p.grad.full_tensor() if wrapper == "fsdp" else p.grad
+        torch.testing.assert_close(grad, p_ref.grad, msg=lambda m: f"{name}: {m}")
     return True
 
 

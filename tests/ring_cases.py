@@ -336,6 +336,29 @@ def check_unshard_shapes_differ():
     return str(error.value)
 
 
+def check_unshard_compiled():
+    """torch.compile of a function calling unshard: without fullgraph it equals eager, forward and
+    backward; with fullgraph torch raises, naming the agreement that runs on the host. Returns
+    that message."""
+    rank, _ = rank_and_world()
+    x = torch.arange(8.0, dtype=torch.float64).reshape(1, 4, 2) + 10 * rank
+
+    def scaled_unshard(x_local):
+        return ra.unshard(x_local, layout="zigzag") * 2
+
+    results = []
+    for fn in (scaled_unshard, torch.compile(scaled_unshard, backend="aot_eager")):
+        x_local = x.clone().requires_grad_()
+        out = fn(x_local)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), x_local.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    with pytest.raises(torch._dynamo.exc.Unsupported) as error:
+        torch.compile(scaled_unshard, backend="eager", fullgraph=True)(x)
+    return str(error.value)
+
+
 def _keyword(name, change):
     """A change of an unshard call that maps keyword argument `name` by change."""
     return lambda x, kw: (x, {**kw, name: change(kw[name])})

@@ -129,8 +129,10 @@ def test_device_mesh_dp_times_cp(rank_pool):
     assert sorted(rank_pool(4).run(cases.mesh_data_and_context_parallel)) == [0, 0, 1, 1]
 
 
-def test_fsdp_over_dp_ring_over_cp(rank_pool):
-    assert all(rank_pool(4).run(cases.mesh_fsdp_matches_single_process, timeout=120))
+@pytest.mark.parametrize("wrapper", ["fsdp", "ddp"])
+def test_data_parallel_over_dp_ring_over_cp(rank_pool, wrapper):
+    assert all(rank_pool(4).run(cases.mesh_data_parallel_matches_single_process, wrapper,
+                                timeout=120))
 
 
 @pytest.mark.parametrize("world,ulysses", [(3, 1), (4, 2)], ids=["ring", "U2xR2"])

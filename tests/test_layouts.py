@@ -4,7 +4,7 @@ import torch
 
 import ring_attention as ra
 from ring_cases import (UNSHARD_REJECTED, check_double_backward_raises, check_layouts,
-                        check_unshard_rejected, check_shard_rejects,
+                        check_unshard_compiled, check_unshard_rejected, check_shard_rejects,
                         check_unshard_shapes_differ)
 
 WORLDS = [1, 2, 3, 4]
@@ -75,6 +75,12 @@ def test_shard_rejects_indivisible_length(rank_pool, layout, world):
 def test_unshard_rejects_different_shard_shapes(rank_pool, world):
     for message in rank_pool(world).run(check_unshard_shapes_differ):
         assert "ranks hold shards of different shapes" in message and "rank 1: (1, 6, 2)" in message
+
+
+def test_unshard_compiled(rank_pool):
+    """Compiled, unshard's agreement runs eagerly between graphs; fullgraph says why it cannot."""
+    for message in rank_pool(2).run(check_unshard_compiled):
+        assert "_shard_verdict" in message and "with its peers on the host" in message, message
 
 
 def test_unshard_double_backward_raises(rank_pool):

@@ -43,10 +43,14 @@ void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, c10d::ProcessGrou
               "this error, as after any collective timeout.");
 }
 
+bool refers_to(const WeakGroup& weak, const c10d::ProcessGroup& group) {
+  return weak.lock().get() == &group;
+}
+
 namespace {
 
 struct AbandonedWork {
-  c10::weak_intrusive_ptr<c10d::ProcessGroup> group;
+  WeakGroup group;
   c10::intrusive_ptr<c10d::Work> work;
 };
 
@@ -78,7 +82,7 @@ void abandon(c10d::ProcessGroup& group, const c10::intrusive_ptr<c10d::Work>& wo
   auto strong = c10::intrusive_ptr<c10d::ProcessGroup>::unsafe_reclaim_from_nonowning(&group);
   std::lock_guard<std::mutex> lock(g_abandoned_mutex);
   release_finished_works();
-  g_abandoned->push_back({c10::weak_intrusive_ptr<c10d::ProcessGroup>(strong), work});
+  g_abandoned->push_back({WeakGroup(strong), work});
 }
 
 // The device type whose backend carries the ring's messages, if that backend coalesces.
@@ -97,20 +101,19 @@ static std::optional<c10::DeviceType> coalescing_type(c10d::ProcessGroup& group,
 static void join_batch_communicator(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                                     const at::Device& device, double timeout_s) {
   static std::mutex mutex;
-  static auto* joined =
-      new std::map<std::pair<const void*, int>, c10::weak_intrusive_ptr<c10d::ProcessGroup>>();
+  static auto* joined = new std::map<std::pair<const void*, int>, WeakGroup>();
   const auto key = std::make_pair(static_cast<const void*>(group.get()),
                                   static_cast<int>(device.index()));
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = joined->find(key);
-    if (it != joined->end() && it->second.lock().get() == group.get()) return;
+    if (it != joined->end() && refers_to(it->second, *group)) return;
   }
   std::vector<at::Tensor> probe{at::zeros({1}, at::TensorOptions().device(device))};
   wait_or_raise(group->allreduce(probe), *group, timeout_s, "ring attention",
                 "bringing up the process group's communicator on " + device.str());
   std::lock_guard<std::mutex> lock(mutex);
-  joined->insert_or_assign(key, c10::weak_intrusive_ptr<c10d::ProcessGroup>(group));
+  joined->insert_or_assign(key, WeakGroup(group));
 }
 
 // The device of the ring's messages. A GPU rank always holds its own K/V slot; a CPU rank may

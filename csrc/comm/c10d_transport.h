@@ -41,6 +41,13 @@ void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, c10d::ProcessGrou
 // group, as their error advises, do not pile up buffers, connections and threads.
 void abandon(c10d::ProcessGroup& group, const c10::intrusive_ptr<c10d::Work>& work);
 
+// What caches per process group hold: the group may be destroyed, and a new one allocated at its
+// address, while the entry lives.
+using WeakGroup = c10::weak_intrusive_ptr<c10d::ProcessGroup>;
+
+// Whether `weak` refers to the live `group` itself, not to a destroyed group at its address.
+bool refers_to(const WeakGroup& weak, const c10d::ProcessGroup& group);
+
 class C10dTransport final : public Transport {
  public:
   // `slots` maps scheduler slots to tensors; it must outlive the transport.

@@ -7,6 +7,7 @@
 #include <nccl.h>
 #include <nvtx3/nvToolsExt.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -38,10 +39,12 @@ using Clock = std::chrono::steady_clock;
 #define RA_CUDA_CHECK(expr) RA_STATUS_CHECK(expr, cudaSuccess, cudaGetErrorString)
 #define RA_NCCL_CHECK(expr) RA_STATUS_CHECK(expr, ncclSuccess, ncclGetErrorString)
 
-// One NCCL communicator per (process group, device). Once aborted it stays in the cache, so every
-// later ring call over the group raises the error instead of hanging or creating a new one.
+// One NCCL communicator per (process group, device). Once aborted it stays in the cache while its
+// group lives, so every later ring call over the group raises the error instead of hanging or
+// creating a new one. The cache holds the group weakly: destroying the group (as a failure's
+// error advises) drops the entry, and the communicator is aborted once nothing uses it.
 struct Communicator {
-  c10::intrusive_ptr<c10d::ProcessGroup> group;  // keeps the cache key's address alive
+  WeakGroup group;
   ncclComm_t comm = nullptr;
   int rank = 0;
   int world = 1;
@@ -58,11 +61,40 @@ struct Communicator {
   int send_peer = 0;      // sent to when the hop has both halves, else -1
   std::string error;
 
+  explicit Communicator(const c10::intrusive_ptr<c10d::ProcessGroup>& group_) : group(group_) {}
+
+  // ncclCommAbort, not ncclCommDestroy: destroying finalizes, which waits for the operations still
+  // queued on the communicator, forever where a peer died; abort returns without the peers.
+  ~Communicator() {
+    try {
+      abort();
+    } catch (...) {  // a failing CUDA device: nothing more to free
+    }
+  }
+
+  // Aborts the communicator (NCCL frees it) unless that happened already; releases the kernels
+  // of its exchanges still in flight.
+  void abort() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (aborted || comm == nullptr) return;
+    aborted = true;
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    ncclCommAbort(comm);
+  }
+
+  // The communicator's asynchronous error; ncclSuccess once it was aborted (its handle is freed).
+  ncclResult_t async_error() {
+    std::lock_guard<std::mutex> lock(mutex);
+    ncclResult_t async = ncclSuccess;
+    if (aborted || ncclCommGetAsyncError(comm, &async) != ncclSuccess) return ncclSuccess;
+    return async;
+  }
+
   void fail_timeout(double seconds, int step_, Channel channel_, bool receiving_, int peer_,
                     int send_peer_) {
     {
       std::lock_guard<std::mutex> lock(mutex);
-      if (failed) return;
+      if (failed || aborted) return;  // aborted: its group is gone, nobody to tell
       failed = timed_out = true;
       timeout_s = seconds;
       step = step_;
@@ -71,18 +103,18 @@ struct Communicator {
       peer = peer_;
       send_peer = send_peer_;
     }
-    ncclCommAbort(comm);  // releases the kernels stuck in the exchange
+    abort();  // releases the kernels stuck in the exchange
     report();
   }
 
   void fail_async(const std::string& what) {
     {
       std::lock_guard<std::mutex> lock(mutex);
-      if (failed) return;
+      if (failed || aborted) return;  // aborted: its group is gone, nobody to tell
       failed = true;
       error = what;
     }
-    ncclCommAbort(comm);
+    abort();
     report();
   }
 
@@ -94,6 +126,8 @@ struct Communicator {
   }
 
  private:
+  bool aborted = false;  // guarded by `mutex`
+
   RingTimeoutError timeout_error() const {
     return RingTimeoutError(timeout_s, step, channel, receiving, peer, send_peer);
   }
@@ -180,9 +214,8 @@ class Watchdog {
           it = pending_.erase(it);
           continue;
         }
-        ncclResult_t async = ncclSuccess;
-        if (ncclCommGetAsyncError(p.comm->comm, &async) == ncclSuccess && async != ncclSuccess &&
-            async != ncclInProgress) {
+        const ncclResult_t async = p.comm->async_error();
+        if (async != ncclSuccess && async != ncclInProgress) {
           p.comm->fail_async(ncclGetErrorString(async));
           it = pending_.erase(it);
           continue;
@@ -225,27 +258,80 @@ cudaStream_t comm_stream(int device) {
   return stream;
 }
 
+// One exchange given up after an error, with its buffers: a late or aborted kernel may still
+// touch them until its `done` event fires.
+struct KeptExchange {
+  std::shared_ptr<Pending> pending;
+  at::Tensor send;
+  at::Tensor recv;
+};
+
+std::mutex g_kept_mutex;
+auto* g_kept = new std::vector<KeptExchange>();  // never freed
+
+// Whether the kernels of a kept exchange ended; aborts its communicator first where its group is
+// gone. False where CUDA cannot tell (it throws), so the exchange is kept.
+bool exchange_finished(const KeptExchange& kept) noexcept {
+  try {
+    Communicator& comm = *kept.pending->comm;
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(comm.device));
+    if (cudaEventQuery(kept.pending->done) == cudaSuccess) return true;
+    if (comm.group.expired()) comm.abort();
+    return false;
+  } catch (...) {
+    return false;
+  }
+}
+
+// Drops the kept exchanges whose `done` fired: their kernels ended, so their buffers (and, with
+// the last of them, the communicator) may go. An exchange whose group is gone will never be waited
+// for, and no ring call can reach its communicator again, so that communicator is aborted: this
+// ends its kernels (NCCL releases them), `done` fires and a later call releases the exchange.
+// Freeing the buffers before `done` would let the allocator hand them out while a kernel writes.
+// Events cannot be queried during CUDA graph capture, so nothing is released then.
+// The caller locks g_kept_mutex.
+void release_finished_exchanges(bool capturing) {
+  if (capturing) return;
+  auto& kept = *g_kept;
+  kept.erase(std::remove_if(kept.begin(), kept.end(), exchange_finished), kept.end());
+}
+
+void keep_until_finished(KeptExchange exchange, bool capturing) {
+  std::lock_guard<std::mutex> lock(g_kept_mutex);
+  release_finished_exchanges(capturing);
+  g_kept->push_back(std::move(exchange));
+}
+
 // The group's communicator on `device`, created collectively on first use: every rank of the group
 // must call this (they do when every rank sets the same RING_ATTN_TRANSPORT; where one does not,
 // the others raise at the deadline rather than wait for it forever).
+// Entries of destroyed groups are dropped first, and an entry is only reused when it refers to
+// `group` itself: a new group allocated at a destroyed group's address (the key) gets a new
+// communicator, never the old one, whose peers may be gone.
 std::shared_ptr<Communicator> communicator(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                                            int device, double timeout_s) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  RA_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device).stream(), &capture));
+  {
+    std::lock_guard<std::mutex> lock(g_kept_mutex);
+    release_finished_exchanges(capture != cudaStreamCaptureStatusNone);
+  }
   static std::mutex mutex;
   static auto* cache = new std::map<std::pair<const void*, int>, std::shared_ptr<Communicator>>();
   std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache->begin(); it != cache->end();) {
+    it = it->second->group.expired() ? cache->erase(it) : std::next(it);
+  }
   const auto key = std::make_pair(static_cast<const void*>(group.get()), device);
   auto it = cache->find(key);
-  if (it != cache->end()) return it->second;
+  if (it != cache->end() && refers_to(it->second->group, *group)) return it->second;
 
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  RA_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device).stream(), &capture));
   TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
               "ring attention (NCCL transport): the NCCL communicator of this process group does "
               "not exist yet and cannot be created during CUDA graph capture; run one ring call "
               "before capturing");
 
-  auto c = std::make_shared<Communicator>();
-  c->group = group;
+  auto c = std::make_shared<Communicator>(group);
   c->rank = group->getRank();
   c->world = group->getSize();
   c->device = device;
@@ -270,17 +356,8 @@ std::shared_ptr<Communicator> communicator(const c10::intrusive_ptr<c10d::Proces
   std::memcpy(&unique, host.data_ptr(), sizeof(unique));
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   RA_NCCL_CHECK(ncclCommInitRank(&c->comm, c->world, unique, c->rank));
-  (*cache)[key] = c;
+  cache->insert_or_assign(key, c);
   return c;
-}
-
-// Slot tensors whose exchanges never completed stay alive for the process lifetime: an aborted
-// or late kernel may still touch them.
-void keep_alive(const at::Tensor& t) {
-  static std::mutex mutex;
-  static auto* graveyard = new std::vector<at::Tensor>();
-  std::lock_guard<std::mutex> lock(mutex);
-  graveyard->push_back(t);
 }
 
 class NcclTransport final : public Transport {
@@ -302,8 +379,7 @@ class NcclTransport final : public Transport {
 
   ~NcclTransport() override {
     for (auto& [key, entry] : pending_) {  // only after an error
-      keep_alive(entry.send);
-      keep_alive(entry.recv);
+      keep_until_finished({entry.pending, entry.send, entry.recv}, capturing_);
     }
   }
 

@@ -2,7 +2,7 @@
 // nvidia-nccl wheel only: RING_ATTN_WITH_NCCL).
 //
 // The communicator: one per torch process group, created on first use from the group (rank 0's
-// ncclUniqueId broadcast through it) and cached for the process lifetime. The NCCL library is
+// ncclUniqueId broadcast through it) and cached while the group lives. The NCCL library is
 // torch's own libnccl.so.2 (import torch first).
 //
 // Streams and events, per exchange (channel, step):
