@@ -17,9 +17,7 @@ def resolve(group) -> Tuple[Optional[dist.ProcessGroup], int, int]:
     if hasattr(group, "get_group") and hasattr(group, "ndim"):  # a DeviceMesh
         if group.ndim != 1:
             raise ValueError(f"ring_attention: a DeviceMesh group must be 1-D (e.g. mesh['cp']), got {group.ndim}-D")
-        group = group.get_group()
-        if dist.is_available() and isinstance(group, dist.ProcessGroup):
-            _check_live(group)
+        return resolve(group.get_group())
     if dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError("ring_attention: this rank is not a member of the process group it was "
                          "given (torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER "
@@ -40,7 +38,8 @@ def _check_live(group: dist.ProcessGroup) -> None:
     """ValueError unless ``group`` belongs to the current process group. The ops find a group by
     its name, and the groups made after destroy_process_group and init_process_group reuse the
     names of the destroyed ones: a destroyed group would otherwise run over a newer group. Not
-    checked while torch.compile traces (it traces a ProcessGroup's rank, size and name only)."""
+    checked while torch.compile traces (it traces a ProcessGroup's rank, size and name only);
+    there the ops reject only a name that no group holds (bindings/transport_select.h)."""
     if torch.compiler.is_compiling() or group in dist.distributed_c10d._world.pg_map:
         return
     raise ValueError("ring_attention: the group was destroyed (torch.distributed."

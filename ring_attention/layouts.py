@@ -249,8 +249,17 @@ _ABANDONED = []
 
 def _abandon(work, group) -> None:
     """Keeps `work` of `group` alive; drops the abandoned works that may go."""
-    _ABANDONED[:] = [(ref, w) for ref, w in _ABANDONED if ref() is not None and not w.is_completed()]
+    _ABANDONED[:] = [(ref, w) for ref, w in _ABANDONED if ref() is not None and not _completed(w)]
     _ABANDONED.append((weakref.ref(group), work))
+
+
+def _completed(work) -> bool:
+    """Whether `work` completed; False where the backend cannot tell (it raises), so that the
+    timeout's own error is the one raised and the work is kept."""
+    try:
+        return work.is_completed()
+    except RuntimeError:
+        return False
 
 
 @torch.compiler.disable(reason="ring_attention keeps the deadline of unshard's collectives on the host")

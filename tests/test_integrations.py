@@ -3,6 +3,7 @@ checkpointing; each on real gloo ranks (rank functions in integration_cases.py).
 import pytest
 
 import integration_cases as cases
+from dist_pool import RankPool
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -41,8 +42,14 @@ def test_transformers_packed_disagreement_raises_everywhere(rank_pool):
     assert len(set(messages)) == 1  # the same message on every rank
 
 
-def test_transformers_sharding_record_goes_with_its_group(rank_pool):
-    names = rank_pool(2).run(cases.sharding_goes_with_its_group)
+def test_transformers_sharding_record_goes_with_its_group():
+    """The case replaces the default group (destroying every group the ranks made), so it has
+    ranks of its own rather than the shared pool's, whose later cases keep their groups."""
+    pool = RankPool(2)
+    try:
+        names = pool.run(cases.sharding_goes_with_its_group)
+    finally:
+        pool.close(kill=True)
     assert all(old == new for old, new in names)  # the new default group took the old name
 
 

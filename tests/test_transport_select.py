@@ -1,6 +1,6 @@
 """RING_ATTN_TRANSPORT (auto | c10d | nccl) on CPU tensors over gloo: the CPU twin of
-tests/gpu/test_ring_nccl.py. nccl on CPU tensors raises the same ValueError on every rank before
-any communication (the group stays usable); auto picks c10d (same bits); a bad value is a
+tests/gpu/test_ring_nccl.py. nccl on CPU tensors raises the same ValueError on every rank (also where
+only some ranks ask for it) before any exchange (the group stays usable); auto picks c10d (same bits); a bad value is a
 ValueError naming it."""
 import pytest
 import torch
@@ -31,14 +31,17 @@ def test_c10d_matches_reference(rank_pool):
 @pytest.mark.parametrize("value,kind,needle", [
     ("nccl", "ValueError", "RING_ATTN_TRANSPORT=nccl"),
     ("mpi", "ValueError", "RING_ATTN_TRANSPORT must be auto, c10d or nccl, got 'mpi'"),
-])
+    (["nccl", None], "ValueError", "rank 0: RING_ATTN_TRANSPORT=nccl"),  # rank 1's is unset
+    (["c10d", "mpi"], "ValueError", "rank 1: RING_ATTN_TRANSPORT must be auto, c10d or nccl"),
+], ids=["nccl", "mpi", "nccl_on_rank_0", "mpi_on_rank_1"])
 def test_rejected_on_every_rank(rank_pool, value, kind, needle):
+    """value: every rank's RING_ATTN_TRANSPORT, or a list of each rank's."""
     pool = rank_pool(WORLD)
     outcomes = pool.run(transport_outcome, value)
     assert len(set(outcomes)) == 1, f"ranks raised differently: {outcomes}"
     got_kind, message = outcomes[0]
     assert got_kind == kind and needle in message, outcomes[0]
-    if value == "nccl":  # CPU tensors, or a build without NCCL: either way a clear reason
+    if "nccl" in value:  # CPU tensors, or a build without NCCL: either way a clear reason
         assert "CUDA tensors" in message or "no NCCL transport" in message, message
     assert pool.run(group_still_usable) == [float(WORLD)] * WORLD
 

@@ -194,6 +194,7 @@ std::string layout_error(const std::string& layout) {
 
 std::string validate_local(const RingCall& call) {
   if (call.layout.rfind(kArgumentErrorPrefix, 0) == 0) return layout_error(call.layout);
+  if (!call.transport_choice_error.empty()) return call.transport_choice_error;
   KVExchange exchange;
   if (!parse_kv_exchange(call.kv_exchange, &exchange)) {
     return "unknown kv_exchange '" + call.kv_exchange + "' (expected 'ring' or 'allgather')";
@@ -512,7 +513,8 @@ std::string grid_local_error(const RingCall& call, const UlyssesGrid& grid,
   return validate_local(RingCall{exchanged[0], exchanged[1], exchanged[2], call.layout,
                                  call.causal, call.softmax_scale, call.window_left,
                                  call.window_right, call.cu_seqlens, grid.ring_size,
-                                 call.transport_error, call.kv_exchange});
+                                 call.transport_error, call.kv_exchange, call.transport,
+                                 call.transport_choice_error});
 }
 
 at::Tensor describe_grid(const RingCall& call, const UlyssesGrid& grid, bool return_lse) {

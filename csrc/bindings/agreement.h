@@ -36,6 +36,8 @@ struct RingCall {
   // The transport of the ring's messages (transport_select.h's TransportKind: 0 c10d, 1 nccl), from
   // this rank's RING_ATTN_TRANSPORT: ranks that pick different ones would never meet.
   int transport = 0;
+  // Why RING_ATTN_TRANSPORT picks no transport on this rank (transport_select.h), or empty.
+  std::string transport_choice_error = {};
 
   static const at::Tensor kNoTensor;
 };

@@ -128,10 +128,12 @@ RingStats last_ring_stats() { return g_last_stats; }
 std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& v,
                                                 const RingOptions& options) {
-  const TransportKind kind = transport_kind(q);  // before any communication
+  std::string transport_choice_error;
+  const TransportKind kind = transport_kind(q, &transport_choice_error);
   const auto group = resolve_group(options.group_name);
   RingCall call = ring_call(q, k, v, options, world_of(group));
   call.transport = static_cast<int>(kind);
+  call.transport_choice_error = transport_choice_error;
   if (call.world > 1 && kind == TransportKind::kC10d) {
     call.transport_error = p2p_device_error(*group, q.device());
   }

@@ -54,6 +54,15 @@ TransportKind transport_kind(const at::Tensor& sample) {
 #endif
 }
 
+TransportKind transport_kind(const at::Tensor& sample, std::string* error) {
+  try {
+    return transport_kind(sample);
+  } catch (const c10::ValueError& e) {
+    *error = e.what_without_backtrace();
+    return TransportKind::kC10d;
+  }
+}
+
 c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& name) {
   if (name.empty()) return {};
   try {

@@ -19,9 +19,13 @@ double ring_timeout_seconds();
 enum class TransportKind { kC10d, kNccl };
 
 // RING_ATTN_TRANSPORT: auto (default) | c10d | nccl. Decided from the environment and the tensors
-// only, so every rank decides alike and raises alike, before any communication. auto picks c10d
-// until the NCCL transport has passed its multi-GPU tests.
+// only, before any communication. auto picks c10d until the NCCL transport has passed its
+// multi-GPU tests.
 TransportKind transport_kind(const at::Tensor& sample);
+// The same, for the ranks' agreement: where RING_ATTN_TRANSPORT picks no transport for `sample`,
+// c10d and the reason in `error` (which the agreement raises on every rank, since another rank's
+// environment may pick one).
+TransportKind transport_kind(const at::Tensor& sample, std::string* error);
 
 // The process group registered as `name`; none for "" (world size 1). ValueError when no group
 // of that name exists (it was destroyed).

@@ -126,12 +126,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ulysses_forward(const BlockKernels& kernels, const at::Tensor& q, const at::Tensor& k,
                 const at::Tensor& v, const RingOptions& options,
                 const std::string& ulysses_group_name, bool return_lse) {
-  const TransportKind kind = transport_kind(q);  // before any communication
+  std::string transport_choice_error;
+  const TransportKind kind = transport_kind(q, &transport_choice_error);
   const UlyssesGrid grid = grid_of(options, ulysses_group_name);
   RingCall call{q, k, v, options.layout, options.causal, options.softmax_scale,
                 options.window_left, options.window_right, options.cu_seqlens, grid.ring_size};
   call.kv_exchange = options.kv_exchange;
   call.transport = static_cast<int>(kind);
+  call.transport_choice_error = transport_choice_error;
   if (grid.ring_size > 1 && kind == TransportKind::kC10d) {
     call.transport_error = p2p_device_error(*grid.ring, q.device());
   }

@@ -113,6 +113,7 @@ static void join_batch_communicator(const c10::intrusive_ptr<c10d::ProcessGroup>
   wait_or_raise(group->allreduce(probe), *group, timeout_s, "ring attention",
                 "bringing up the process group's communicator on " + device.str());
   std::lock_guard<std::mutex> lock(mutex);
+  std::erase_if(*joined, [](const auto& entry) { return entry.second.expired(); });
   joined->insert_or_assign(key, WeakGroup(group));
 }
 
