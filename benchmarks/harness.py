@@ -149,6 +149,7 @@ def device_record(device) -> dict:
 
 
 def _entry(rank, world, port, threads, precision, fn, args, results):
+    import ring_attention  # noqa: F401  (before init_process_group: docs/design.md, at exit)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(threads)
     torch.set_float32_matmul_precision(precision)

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import harness as h  # noqa: E402  (free ports, memory probes)
+import ring_attention as ra  # noqa: E402  (before init_process_group: docs/design.md, at exit)
 
 
 def _inputs(args):
@@ -41,7 +42,6 @@ def _worker(rank, world, port, args, results):
     os.environ.setdefault("RING_ATTN_TIMEOUT", "600")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    import ring_attention as ra
 
     q, k, v, dout = _inputs(args)
     ql, kl, vl = (ra.shard(t, layout=args.layout).contiguous().requires_grad_() for t in (q, k, v))

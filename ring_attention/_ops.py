@@ -1,4 +1,5 @@
 """Loads the compiled ops (``torch.ops.ring_attention.*``) and registers their fake kernels."""
+import atexit
 import math
 from pathlib import Path
 
@@ -12,6 +13,9 @@ if not _LIB.exists():
     )
 torch.ops.load_library(str(_LIB))
 ops = torch.ops.ring_attention
+# At exit, while Python still runs: drop the ring's abandoned works (timed-out exchanges) of
+# destroyed groups, with the connections and threads they hold (csrc/comm/c10d_transport.h).
+atexit.register(ops.release_abandoned_works)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

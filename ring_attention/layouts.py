@@ -7,6 +7,7 @@ Layouts of S = world * L tokens:
   packed:     as contiguous; packed sequences (shard_varlen) are split as one stream, so short
               sequences stay on one rank
 """
+import atexit
 import hashlib
 import time
 import weakref
@@ -242,15 +243,23 @@ def _check_before_gather(x_local, group, world: int, what: str, shard_error, loc
 
 # Collectives of unshard whose wait gave up, as (a weak reference to the group, the work), kept
 # alive with their buffers while their group lives: the backend may still write into them. A later
-# timeout drops those that completed or whose group is gone (as csrc/comm/c10d_transport.h abandon
-# does for the ring's).
+# timeout, and the interpreter's exit, drop those that completed or whose group is gone (as
+# csrc/comm/c10d_transport.h abandon and release_abandoned_works do for the ring's).
 _ABANDONED = []
+
+
+def _release_finished() -> None:
+    """Drops the abandoned works that completed or whose group is gone."""
+    _ABANDONED[:] = [(ref, w) for ref, w in _ABANDONED if ref() is not None and not _completed(w)]
 
 
 def _abandon(work, group) -> None:
     """Keeps `work` of `group` alive; drops the abandoned works that may go."""
-    _ABANDONED[:] = [(ref, w) for ref, w in _ABANDONED if ref() is not None and not _completed(w)]
+    _release_finished()
     _ABANDONED.append((weakref.ref(group), work))
+
+
+atexit.register(_release_finished)
 
 
 def _completed(work) -> bool:

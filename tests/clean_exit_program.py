@@ -1,14 +1,32 @@
 """A 2-rank program of many ring calls that ends normally, run by test_clean_exit.py under
 torchrun: forward and backward in every layout, an agreement error (ranks disagree), calls after
 it, and last a ring step that times out on rank 0 (rank 1 stays away), after which the group is
-destroyed and both ranks exit. Every rank must exit with status 0."""
+destroyed and both ranks exit. Every rank must exit with status 0, and no thread of the destroyed
+group may still run once the library's exit handlers are done (rank 0's timed-out exchange kept its
+gloo connection's thread)."""
+import atexit
 import os
 import time
 
 import torch
 import torch.distributed as dist
 
-import ring_attention as ra
+
+def check_no_group_threads_at_exit():
+    """Exit status 3 where a thread of a gloo group (its connections' loop, its workers) still
+    runs. Registered before the library is imported, so it runs after the library's own exit
+    handlers (atexit runs them last in, first out)."""
+    tasks = "/proc/self/task"
+    names = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)]
+    left = [n for n in names if "gloo" in n]
+    if left:
+        print(f"rank {os.environ['RANK']}: threads of the destroyed group at exit: {left}", flush=True)
+        os._exit(3)
+
+
+atexit.register(check_no_group_threads_at_exit)
+
+import ring_attention as ra  # noqa: E402  (after the check above: its exit handlers run first)
 
 
 def main():

@@ -27,6 +27,7 @@ def test_timeout_names_silent_rank_and_replaces_pool():
     pools = RankPools()
     try:
         pool = pools.get(2)
+        assert pool.run(ring_cases.failing_on, -1) == [0, 1]  # imports ring_cases, outside the 2 s
         start = time.monotonic()
         with pytest.raises(TimeoutError, match=r"rank\(s\) 1 of 2 did not answer within 2 s"):
             pool.run(ring_cases.sleeping_on, 1, 60, timeout=2)

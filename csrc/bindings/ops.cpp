@@ -5,6 +5,7 @@
 #include "bindings/agreement.h"
 #include "bindings/op_impls.h"
 #include "bindings/transport_select.h"
+#include "comm/c10d_transport.h"
 #include "comm/group_devices.h"
 #include "cpu/block_attn_cpu.h"
 
@@ -119,6 +120,7 @@ TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
   m.def("gather_agreement(Tensor descriptor, str group_name, str call) -> Tensor[]",
         &gather_agreement_op);
   m.def("ring_timeout_seconds() -> float", &ring_timeout_seconds);
+  m.def("release_abandoned_works() -> int", &release_abandoned_works);
   m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa_op);
   m.def("cpu_fma_peak_gflops(float seconds=0.2) -> float", &cpu_fma_peak_gflops_op);
 }
