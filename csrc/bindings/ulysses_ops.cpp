@@ -9,6 +9,7 @@
 #include "bindings/agreement.h"
 #include "bindings/ring_ops.h"
 #include "bindings/transport_select.h"
+#include "comm/c10d_compat.h"
 #include "comm/c10d_transport.h"
 #include "comm/group_devices.h"
 
@@ -26,7 +27,7 @@ at::Tensor all_to_all(const at::Tensor& parts,
   const int size = world_of(group);
   if (size == 1) return output.copy_(input);
   std::vector<int64_t> equal_splits;
-  auto work = group->all_to_all_single(output, input, equal_splits, equal_splits);
+  auto work = c10d_compat::all_to_all_single(*group, output, input, equal_splits);
   wait_or_raise(work, *group, ring_timeout_seconds(), "ring_attn_func",
                 "in the all-to-all over the ulysses_group");
   g_all_to_all_bytes += input.nbytes() / size * (size - 1);

@@ -6,6 +6,8 @@
 #include <mutex>
 #include <thread>
 
+#include "comm/c10d_compat.h"
+
 namespace ring_attn {
 
 bool wait_with_deadline(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s,
@@ -94,7 +96,7 @@ int64_t release_abandoned_works() {
 // The device type whose backend carries the ring's messages, if that backend coalesces.
 static std::optional<c10::DeviceType> coalescing_type(c10d::ProcessGroup& group,
                                                       const at::Device& device) {
-  if (!group.hasBackendForDeviceType(device.type())) return std::nullopt;
+  if (!c10d_compat::has_backend(group, device.type())) return std::nullopt;
   if (!group.getBackend(device.type())->supportsCoalescing()) return std::nullopt;
   return device.type();
 }
@@ -247,8 +249,8 @@ void C10dTransport::post_collective(const Collective& collective) {
   try {
     collectives_[static_cast<int>(collective.kind)] =
         collective.kind == CollectiveKind::kAllGather
-            ? group_->all_gather_single(recv, send)
-            : group_->reduce_scatter_single(recv, send);
+            ? c10d_compat::all_gather_single(*group_, recv, send)
+            : c10d_compat::reduce_scatter_single(*group_, recv, send);
   } catch (const std::exception& e) {
     throw std::runtime_error(what + ": " + e.what());
   }

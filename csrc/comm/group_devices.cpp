@@ -6,13 +6,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "comm/c10d_compat.h"
+
 namespace ring_attn {
 
-namespace {
+using c10d_compat::has_backend;
 
-bool has_backend(c10d::ProcessGroup& group, c10::DeviceType type) {
-  return group.hasBackendForDeviceType(type);
-}
+namespace {
 
 std::string backend_name(c10d::ProcessGroup& group, c10::DeviceType type) {
   return group.getBackend(type)->getBackendName();
