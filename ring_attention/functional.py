@@ -115,8 +115,10 @@ def _autocast(*tensors):
     scaled_dot_product_attention takes them (q, k and v may then arrive in different dtypes, e.g.
     q and k from an fp32 rotary embedding and v from a bf16 projection); else as they are."""
     device_type = tensors[0].device.type
-    if not (torch.amp.is_autocast_available(device_type)  # not for meta tensors
-            and torch.is_autocast_enabled(device_type)):
+    # Autocast exists for the devices the ops run on, not for meta tensors (which the ops trace
+    # with); torch.amp.is_autocast_available would say so, but torch.compile before torch 2.14
+    # cannot trace it.
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
