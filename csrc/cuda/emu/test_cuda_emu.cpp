@@ -954,6 +954,9 @@ int main(int argc, char** argv) {
   add_sm90a(false, 1, 64, 300, 4, 1, 128, "diagonal", false, 2);
   add_sm90a(true, 1, 70, 260, 2, 1, 128, "partial", false, 2, -0.2);
   add_sm90a(true, 1, 130, 600, 2, 1, 64, "none");
+  // A row of negative lse (a negative scale, few keys seen) and a tail key tile, fp16: the keys
+  // beyond Sk must add nothing to dQ (exp(-lse) there overflows dS in 16 bits).
+  add_sm90a(false, 1, 63, 36, 2, 1, 128, "random", true, 1, -0.44);
   // d = 256 (key tiles of 64): three key tiles with a tail, two query tiles, GQA and MQA, a merge.
   add_sm90a(true, 1, 70, 150, 4, 2, 256, "diagonal");
   add_sm90a(false, 1, 97, 130, 2, 1, 256, "diagonal", false, 2);
