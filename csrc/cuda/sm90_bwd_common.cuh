@@ -109,6 +109,19 @@ RA_DEV void mask_probs(float (&p)[kRegs],
   }
 }
 
+// p = 0 for the keys at or beyond `valid` of a tail tile. Their K and V rows are zeros, but their
+// p = exp(-lse) is not: for a row with lse < 0 it can overflow dS in 16 bits (or P in fp32), and
+// inf times the zero K row is NaN in dQ. kKeyRows: the thread's rows are the keys (key0 and
+// key0 + 8 of the tile); else its columns 8 (i / 4) + 2 t4 + i % 2 are.
+template <bool kKeyRows, int kRegs>
+RA_DEV void zero_probs_beyond(float (&p)[kRegs], int valid, int key0, int t4) {
+  RA_UNROLL
+  for (int i = 0; i < kRegs; ++i) {
+    const int key = kKeyRows ? key0 + 8 * ((i / 2) % 2) : 8 * (i / 4) + 2 * t4 + i % 2;
+    p[i] = key < valid ? p[i] : 0.f;
+  }
+}
+
 // dS = scale P (dP - delta) in place over the accumulator registers of dP, from P's:
 // p (dp scale - delta_s) with delta_s the query rows' scale delta.
 template <bool kKeyRows, int kRegs>

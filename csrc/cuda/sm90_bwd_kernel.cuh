@@ -290,6 +290,7 @@ RA_DEV void block_dkdv_body(const BlockBwdParams& p, const DkdvMaps& maps, char*
     // p is 0 where the row does not see the key.
     probs_from_scores<true>(s, exp2_mul, sLse + stage * kBM, t4);
     if (e & 1u) mask_probs<true>(s, kpos, sRows + stage * kBM, t4);
+    if (Sk - k0 < kBN) zero_probs_beyond<true>(s, Sk - k0, key0, t4);
 
     // Once dP^T is in, dS^T = scale P^T (dP^T - delta), in place (the stage's rows' scale delta
     // per column). P^T and dS^T (16 bits) as the register-A fragments of the k16 steps over the

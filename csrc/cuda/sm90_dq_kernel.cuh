@@ -220,6 +220,8 @@ RA_DEV void block_dq_body(const BlockBwdParams& p, const DqMaps& maps, char* sme
     // once dP is in, dS = scale P (dP - delta), in place.
     probs_from_scores<false>(s, exp2_mul, lse2, t4);
     if (e & 1u) mask_probs<false>(s, seen, sKpos + stage * kBN, t4);
+    const int valid = Sk - static_cast<int>(e >> 1) * kBN;  // the tile's keys below Sk
+    if (valid < kBN) zero_probs_beyond<false>(s, valid, 0, t4);
     wgmma_wait<0>();
     ds_from_probs<false>(dp, s, scale, delta_s, t4);
 

@@ -15,15 +15,28 @@
 // cover each dtype with causal, sliding-window and packed masks.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
 // ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
-// Exit status 0 when every case passes. Usage: test_cuda_emu [case-name-substring ...] (the cases
-// whose names contain any of them; all without).
+// Exit status 0 when every case passes. Usage:
+//   test_cuda_emu [case-name-substring ...]   the table's cases whose names contain any of them (all
+//                                             without)
+//   test_cuda_emu --random COUNT [--seed S] [--max-cost C] [case-name-substring ...]
+//                                             COUNT cases drawn from the space the table samples
+//                                             (random_case), seeded with S (default kDefaultSeed,
+//                                             printed), each of cost at most C (case_cost,
+//                                             default kDefaultMaxCost); of these, those whose
+//                                             names contain any substring (all without)
+//   test_cuda_emu --case NAME [--case NAME ...]   the cases of these names (as printed), table or
+//                                             drawn: a failing drawn case runs again by its name
 #include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "cuda/bwd_kernel.cuh"
@@ -651,23 +664,218 @@ std::string mask_kind(const std::string& mask) {
   return mask == "none" ? "none" : "causal";
 }
 
+// --random's default seed and cost bound (case_cost).
+constexpr uint64_t kDefaultSeed = 1;
+constexpr double kDefaultMaxCost = 16;
+
+// This program's name and the case running now, which a signal that ends the process names
+// (async-signal-safe: fixed buffers and write).
+char g_program[64] = "test_cuda_emu";
+char g_running[256];
+
+void report_case_and_die(int sig) {
+  if (g_running[0] != '\0') {
+    static const char kPrefix[] = "\ncase stopped by a signal: ";
+    ssize_t rc = write(STDERR_FILENO, kPrefix, sizeof kPrefix - 1);
+    rc = write(STDERR_FILENO, g_program, std::strlen(g_program));
+    rc = write(STDERR_FILENO, " --case \"", 9);
+    rc = write(STDERR_FILENO, g_running, std::strlen(g_running));
+    rc = write(STDERR_FILENO, "\"\n", 2);
+    (void)rc;
+  }
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+// Every mask name of mask_positions.
+const char* const kMaskNames[] = {"none",        "full",   "diagonal", "partial", "skipped",
+                                  "masked_rows", "random", "window",   "window2", "packed"};
+
+// A case and its name: "[sm90a ]bf16|fp16 bB sqSq skSk hH/Hkv dD mask[ head-major][ splitN]
+// [ scale X]" (scale NaN: the default 1/sqrt(D), not named). The name seeds the case's data
+// (run_case), so a name is the whole case: parse_case reads one back.
+Case make_case(bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const std::string& mask,
+               bool head_major, int splits, double scale, bool sm90a) {
+  const bool default_scale = std::isnan(scale);
+  Case c{"", bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits,
+         default_scale ? 1.0 / std::sqrt(D) : scale, sm90a};
+  c.name = std::string(sm90a ? "sm90a " : "") + (bf16 ? "bf16" : "fp16") + " b" + std::to_string(B) +
+           " sq" + std::to_string(Sq) + " sk" + std::to_string(Sk) + " h" + std::to_string(H) + "/" +
+           std::to_string(Hkv) + " d" + std::to_string(D) + " " + mask +
+           (head_major ? " head-major" : "") + (splits > 1 ? " split" + std::to_string(splits) : "") +
+           (default_scale ? "" : " scale " + std::to_string(scale));
+  return c;
+}
+
+// The case a name of make_case describes; false (with a message) for anything else, or for a case
+// the kernels do not run (head dims, heads, the Hopper kernels' head dims).
+bool parse_case(const std::string& name, Case* out) {
+  std::vector<std::string> tok;
+  for (size_t i = 0; i < name.size();) {
+    const size_t j = std::min(name.find(' ', i), name.size());
+    if (j > i) tok.push_back(name.substr(i, j - i));
+    i = j + 1;
+  }
+  size_t t = 0;
+  auto next = [&]() -> const std::string& {
+    static const std::string none;
+    return t < tok.size() ? tok[t++] : none;
+  };
+  auto number = [](const std::string& s, const char* prefix, int* v) {
+    const size_t n = std::strlen(prefix);
+    if (s.compare(0, n, prefix) != 0 || s.size() == n) return false;
+    char* end = nullptr;
+    const long x = std::strtol(s.c_str() + n, &end, 10);
+    if (*end != '\0' || x < 0 || x > 1 << 20) return false;
+    *v = int(x);
+    return true;
+  };
+  auto bad = [&](const char* why) {
+    std::fprintf(stderr, "case \"%s\": %s\n", name.c_str(), why);
+    return false;
+  };
+  const bool sm90a = t < tok.size() && tok[t] == "sm90a";
+  if (sm90a) ++t;
+  const std::string dtype = next();
+  if (dtype != "bf16" && dtype != "fp16") return bad("no dtype (bf16 or fp16)");
+  int B = 0, Sq = 0, Sk = 0, H = 0, Hkv = 0, D = 0, splits = 1;
+  if (!number(next(), "b", &B) || !number(next(), "sq", &Sq) || !number(next(), "sk", &Sk)) {
+    return bad("no bB sqN skN");
+  }
+  const std::string heads = next();
+  const size_t slash = heads.find('/');
+  if (slash == std::string::npos || !number(heads.substr(0, slash), "h", &H) ||
+      !number("h" + heads.substr(slash + 1), "h", &Hkv)) {
+    return bad("no hH/Hkv");
+  }
+  if (!number(next(), "d", &D)) return bad("no dD");
+  const std::string mask = next();
+  if (std::find(std::begin(kMaskNames), std::end(kMaskNames), mask) == std::end(kMaskNames)) {
+    return bad("unknown mask");
+  }
+  bool head_major = false;
+  double scale = std::numeric_limits<double>::quiet_NaN();
+  if (t < tok.size() && tok[t] == "head-major") head_major = true, ++t;
+  if (t < tok.size() && tok[t].compare(0, 5, "split") == 0) {
+    if (!number(next(), "split", &splits) || splits < 2) return bad("bad splitN");
+  }
+  if (t < tok.size() && tok[t] == "scale") {
+    ++t;
+    const std::string& x = next();
+    char* end = nullptr;
+    scale = std::strtod(x.c_str(), &end);
+    if (x.empty() || *end != '\0' || !std::isfinite(scale)) return bad("bad scale");
+  }
+  if (t != tok.size()) return bad("unexpected words at the end");
+  if (B < 1 || Sq < 1 || Sk < 1 || H < 1 || Hkv < 1 || H % Hkv != 0 || splits > Sk) {
+    return bad("sizes out of range (Hkv must divide H, splits at most Sk)");
+  }
+  if (D < 8 || D > 256 || D % 8 != 0) return bad("head dims are multiples of 8 up to 256");
+  if (sm90a && D != 64 && D != 128 && D != 256) return bad("sm90a head dims are 64, 128 and 256");
+  *out = make_case(dtype == "bf16", B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a);
+  if (out->name != name) return bad("not the canonical name (extra spaces? scale digits?)");
+  return true;
+}
+
+// The emulator's work for a case, in 64 x 64 x 64 tile products (query and key lengths in tiles of
+// 64, the head dim as its bucket) plus one per tile of each (a CTA's fixed work: its threads, the
+// barriers of its prologue and epilogue), for each (batch, head); a third of that for the Hopper
+// kernels (one wgmma per warpgroup where the mma.sync kernels run many warp collectives). What
+// --random caps: a unit is about 0.2-0.4 s of CPU time.
+double case_cost(const Case& c) {
+  const double tq = (c.Sq + 63) / 64, tk = (c.Sk + 63) / 64;
+  const double cost = double(c.B) * c.H * (tq * tk * headdim_bucket(c.D) / 64 + tq + tk);
+  return c.sm90a ? cost / 3 : cost;
+}
+
+// A case drawn from the space the table samples: both dtypes, the Hopper kernels or not, batch 1-2,
+// lengths 1..~300 biased to the tiles' boundaries (the Hopper ones longer: their key tiles are
+// up to 256 long), GQA and MQA, every head-dim bucket and padded head dims (the Hopper kernels'
+// 64, 128 and 256), every mask, head-major strides, merges over 1-3 key blocks, the default scale
+// or one in [-0.5, 0.5] (0 and negative ones included, in steps of 0.001 so the name holds it
+// exactly). Drawn again until its cost is at most max_cost. The sm_80 build (RA_EMU_SM80: kSm90
+// false) draws no Hopper cases, which are built for sm_90a only.
+Case random_case(std::mt19937_64& rng, double max_cost) {
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  auto chance = [&](double p) { return std::bernoulli_distribution(p)(rng); };
+  auto pick = [&](std::initializer_list<int> xs) { return xs.begin()[uniform(0, int(xs.size()) - 1)]; };
+  for (int tries = 0;; ++tries) {
+    if (tries == 100000) {
+      std::fprintf(stderr, "no case costs at most %g (case_cost)\n", max_cost);
+      std::exit(2);
+    }
+    const bool sm90a = kSm90 && chance(0.4);
+    const bool bf16 = chance(0.5);
+    const int B = chance(0.8) ? 1 : 2;
+    auto length = [&] {
+      if (chance(0.5)) {
+        return sm90a && chance(0.3)
+                   ? pick({383, 384, 385, 511, 512, 513})
+                   : pick({1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 191, 192, 193,
+                           255, 256, 257});
+      }
+      return uniform(1, 300);
+    };
+    const int Sq = length(), Sk = length();
+    const int H = pick({1, 1, 2, 2, 3, 4, 4, 6, 8});
+    std::vector<int> divisors;
+    for (int g = 1; g <= H; ++g)
+      if (H % g == 0) divisors.push_back(g);
+    const int Hkv = divisors[uniform(0, int(divisors.size()) - 1)];
+    const int D = sm90a ? pick({64, 128, 256})
+                        : chance(0.6) ? pick({32, 64, 96, 128, 256}) : 8 * uniform(1, 32);
+    const std::string mask = kMaskNames[uniform(0, int(std::size(kMaskNames)) - 1)];
+    const bool head_major = chance(0.25);
+    const int splits = std::min(Sk, chance(0.6) ? 1 : uniform(2, 3));
+    const double scale = chance(0.7)   ? std::numeric_limits<double>::quiet_NaN()
+                         : chance(0.1) ? 0.0
+                                       : uniform(-500, 500) / 1000.0;
+    const Case c = make_case(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a);
+    if (case_cost(c) <= max_cost) return c;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::vector<std::string> filters(argv + 1, argv + argc);
+  std::vector<std::string> filters, named;
+  long random_count = -1;
+  uint64_t seed = kDefaultSeed;
+  double max_cost = kDefaultMaxCost;
+  const char* slash = std::strrchr(argv[0], '/');
+  std::snprintf(g_program, sizeof g_program, "%s", slash ? slash + 1 : argv[0]);
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg != "--random" && arg != "--seed" && arg != "--max-cost" && arg != "--case") {
+      filters.push_back(arg);
+      continue;
+    }
+    if (i + 1 == argc) {
+      std::fprintf(stderr, "%s needs a value\n", arg.c_str());
+      return 2;
+    }
+    const char* value = argv[++i];
+    char* end = nullptr;
+    if (arg == "--case") {
+      named.push_back(value);
+      continue;
+    } else if (arg == "--random") {
+      random_count = std::strtol(value, &end, 10);
+    } else if (arg == "--seed") {
+      seed = std::strtoull(value, &end, 10);
+    } else {
+      max_cost = std::strtod(value, &end);
+    }
+    if (*end != '\0' || random_count < -1 || !(max_cost > 0)) {
+      std::fprintf(stderr, "bad value %s for %s\n", value, arg.c_str());
+      return 2;
+    }
+  }
   std::vector<Case> cases;
   auto add = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
                  bool head_major = false, int splits = 1,
                  double scale = std::numeric_limits<double>::quiet_NaN(), bool sm90a = false) {
-    const bool default_scale = std::isnan(scale);
-    Case c{"", bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits,
-           default_scale ? 1.0 / std::sqrt(D) : scale, sm90a};
-    c.name = std::string(sm90a ? "sm90a " : "") + (bf16 ? "bf16" : "fp16") + " b" + std::to_string(B) + " sq" +
-             std::to_string(Sq) + " sk" + std::to_string(Sk) + " h" + std::to_string(H) + "/" +
-             std::to_string(Hkv) + " d" + std::to_string(D) + " " + mask +
-             (head_major ? " head-major" : "") + (splits > 1 ? " split" + std::to_string(splits) : "") +
-             (default_scale ? "" : " scale " + std::to_string(scale));
-    cases.push_back(c);
+    cases.push_back(make_case(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a));
   };
   // Every mask kind, tails on both sides (70 = 64 + 6 query rows, 100 keys), GQA.
   for (const char* mask : {"none", "full", "diagonal", "partial", "skipped", "masked_rows", "random"}) {
@@ -746,6 +954,9 @@ int main(int argc, char** argv) {
   add_sm90a(false, 1, 64, 300, 4, 1, 128, "diagonal", false, 2);
   add_sm90a(true, 1, 70, 260, 2, 1, 128, "partial", false, 2, -0.2);
   add_sm90a(true, 1, 130, 600, 2, 1, 64, "none");
+  // A row of negative lse (a negative scale, few keys seen) and a tail key tile, fp16: the keys
+  // beyond Sk must add nothing to dQ (exp(-lse) there overflows dS in 16 bits).
+  add_sm90a(false, 1, 63, 36, 2, 1, 128, "random", true, 1, -0.44);
   // d = 256 (key tiles of 64): three key tiles with a tail, two query tiles, GQA and MQA, a merge.
   add_sm90a(true, 1, 70, 150, 4, 2, 256, "diagonal");
   add_sm90a(false, 1, 97, 130, 2, 1, 256, "diagonal", false, 2);
@@ -795,7 +1006,31 @@ int main(int argc, char** argv) {
     }
   }
 
+  // The named cases, or the drawn ones, in place of the table.
+  const bool table = random_count < 0 && named.empty();
+  if (!table) {
+    cases.clear();
+    for (const std::string& name : named) {
+      Case c;
+      if (!parse_case(name, &c)) return 2;
+      cases.push_back(c);
+    }
+  }
+  if (random_count >= 0) {
+    std::printf("%ld random cases, seed %llu, cost at most %g (%s --random %ld --seed %llu)\n",
+                random_count, static_cast<unsigned long long>(seed), max_cost, g_program,
+                random_count, static_cast<unsigned long long>(seed));
+    std::mt19937_64 rng(seed);
+    for (long i = 0; i < random_count; ++i) cases.push_back(random_case(rng, max_cost));
+  }
+
+  // A case that stops the emulator (an abort on a violation, a crash) names itself.
+  std::signal(SIGABRT, report_case_and_die);
+  std::signal(SIGSEGV, report_case_and_die);
+  std::signal(SIGBUS, report_case_and_die);
+  std::signal(SIGFPE, report_case_and_die);
   int failed = 0, run = 0;
+  std::vector<std::string> failures;
   for (const Case& c : cases) {
     if (!filters.empty() && std::none_of(filters.begin(), filters.end(), [&](const std::string& f) {
           return c.name.find(f) != std::string::npos;
@@ -803,7 +1038,20 @@ int main(int argc, char** argv) {
       continue;
     }
     ++run;
-    failed += !run_case(c);
+    std::snprintf(g_running, sizeof g_running, "%s", c.name.c_str());
+    if (!run_case(c)) {
+      ++failed;
+      failures.push_back(c.name);
+    }
+    std::fflush(stdout);
+  }
+  g_running[0] = '\0';
+  for (const std::string& name : failures) {
+    std::printf("failed: %s --case \"%s\"\n", g_program, name.c_str());
+  }
+  if (!table) {
+    std::printf("%d of %d cases passed\n", run - failed, run);
+    return failed ? 1 : 0;
   }
   for (bool sm90a : {false, true}) {
     const std::string name = std::string(sm90a ? "sm90a " : "") + "bf16 nan in a query row";
