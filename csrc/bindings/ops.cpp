@@ -120,7 +120,7 @@ TORCH_LIBRARY_FRAGMENT(ring_attention, m) {
   m.def("gather_agreement(Tensor descriptor, str group_name, str call) -> Tensor[]",
         &gather_agreement_op);
   m.def("ring_timeout_seconds() -> float", &ring_timeout_seconds);
-  m.def("release_abandoned_works() -> int", &release_abandoned_works);
+  m.def("release_abandoned_works() -> ()", &release_abandoned_works);
   m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa_op);
   m.def("cpu_fma_peak_gflops(float seconds=0.2) -> float", &cpu_fma_peak_gflops_op);
 }

@@ -87,10 +87,9 @@ void abandon(c10d::ProcessGroup& group, const c10::intrusive_ptr<c10d::Work>& wo
   g_abandoned->push_back({WeakGroup(strong), work});
 }
 
-int64_t release_abandoned_works() {
+void release_abandoned_works() {
   std::lock_guard<std::mutex> lock(g_abandoned_mutex);
   release_finished_works();
-  return static_cast<int64_t>(g_abandoned->size());
 }
 
 // The device type whose backend carries the ring's messages, if that backend coalesces.

@@ -42,10 +42,9 @@ void wait_or_raise(const c10::intrusive_ptr<c10d::Work>& work, c10d::ProcessGrou
 void abandon(c10d::ProcessGroup& group, const c10::intrusive_ptr<c10d::Work>& work);
 
 // Releases the abandoned works that completed or whose group was destroyed, now rather than at the
-// next abandon, and returns how many stay (their group lives). Python runs it at exit
-// (ring_attention/_ops.py), so that no connection or thread of a destroyed group is still running
-// while the process tears down its statics.
-int64_t release_abandoned_works();
+// next abandon. Python runs it at exit (ring_attention/_ops.py), so that no connection or thread of
+// a destroyed group is still running while the process tears down its statics.
+void release_abandoned_works();
 
 // What caches per process group hold: the group may be destroyed, and a new one allocated at its
 // address, while the entry lives.
