@@ -30,6 +30,13 @@
 #              its kernels alone (overhead <= 5%) and its exchanges alone (hidden fraction)
 #   bench      benchmarks/kernels/bench_cuda.py: vs SDPA flash / cuDNN, bf16, d 64/128, 4K/8K/16K, causal or
 #              not, fwd and bwd, merge overhead (--quick: d=128, 8K, non-causal)
+#   baseline   with GPU_CHECK_BASELINE=DIR (the source tree of an earlier commit, e.g.
+#              `git archive REV | tar -x -C build/baseline-src`, carried to the card): builds its
+#              extension for the same archs in DIR/build-gpu-check and runs its own CUDA benchmark
+#              (benchmarks/kernels/bench_cuda.py, or scripts/bench_cuda.py in older trees) on
+#              d=128, 8K, causal and not (--quick: non-causal), right after the bench stage; then
+#              benchmarks/kernels/compare_builds.py puts the two runs side by side (speedup per
+#              row, each run against its own SDPA, SDPA's drift between them; OUTDIR/compare.md)
 #   bench-sm90a the same rows with RING_ATTN_CUDA_KERNEL=sm90a (the Hopper forward and backward),
 #              SDPA timed again beside them: d=128 and 64 at 8K (--quick: d=128, 8K, non-causal)
 #              (OUTDIR/bench_sm90a.json; compute capability 9.0 only)
@@ -44,10 +51,12 @@
 #   racecheck  compute-sanitizer --tool racecheck on cuda_sanitize_case.py (skipped with --quick)
 # GPU_CHECK_BUDGET (seconds, default 560): every stage's cap is cut to what is left of it, so the
 # whole check ends within that time and later stages are skipped rather than killed.
+# GPU_CHECK_BASELINE (a directory): the source tree the baseline stage builds and times.
 # GPU_CHECK_ONLY (stage names, space-separated): run only those stages, and env, build and import
 # (e.g. GPU_CHECK_ONLY="conformance tests bench-sm90a" to rerun what a first call left out).
 # Writes OUTDIR/summary.md (stage table + benchmark tables), OUTDIR/<stage>.log, OUTDIR/bench.json,
-# OUTDIR/bench.md, OUTDIR/bench_sm90a.json, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json. Installs
+# OUTDIR/bench.md, OUTDIR/bench_sm90a.json, OUTDIR/gpu_tests.xml, OUTDIR/overlap.json,
+# OUTDIR/baseline/ and OUTDIR/compare.{json,md} (with GPU_CHECK_BASELINE). Installs
 # nothing. Exit status: 0 when every stage that ran passed. Budget: full <= 8 min, --quick <= 4
 # min on one H100 (build included).
 # --bundle: at the end, every file but summary.md goes into OUTDIR/gpu_check.tgz (one file to copy
@@ -88,6 +97,8 @@ START_ALL=$(date +%s)
 
 BUDGET=${GPU_CHECK_BUDGET:-560}
 ONLY=${GPU_CHECK_ONLY:-}
+BASELINE=${GPU_CHECK_BASELINE:-}
+[ -n "$BASELINE" ] && BASELINE=$(cd "$BASELINE" && pwd)
 
 # stage NAME CAP_SECONDS COMMAND...  (output to OUTDIR/NAME.log); the cap is cut to the budget left
 stage() {
@@ -145,6 +156,7 @@ write_summary() {
       echo
     fi
     [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+    [ -f "$OUT/compare.md" ] && echo && cat "$OUT/compare.md"
     [ -f "$OUT/bench_sm90a.md" ] && echo && cat "$OUT/bench_sm90a.md"
   } > "$SUMMARY"
   if [ $BUNDLE = 1 ]; then
@@ -262,8 +274,36 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     stage bench-sm90a "$1" "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench_sm90a.json" \
       --kernel sm90a "${@:2}"
   }
+  # baseline CAP ARGS: the baseline tree's build and its benchmark's ARGS rows, beside bench.json
+  baseline() {
+    if [ -z "$BASELINE" ]; then
+      skip baseline "GPU_CHECK_BASELINE not set"
+      return
+    elif [ -z "$CMAKE" ]; then
+      skip baseline "no cmake >= 3.26 found"
+      return
+    fi
+    stage baseline "$1" bash -c "
+      set -e
+      $CMAKE -S '$BASELINE' -B '$BASELINE/build-gpu-check' ${GEN[*]:-} \
+        -DPython3_EXECUTABLE=\$(command -v $PY) -DRING_ATTN_CUDA=ON -DRING_ATTN_CUDA_ARCHS='$ARCHS' \
+        -DCMAKE_BUILD_TYPE=Release -DRING_ATTN_BUILD_TESTS=OFF -DRING_ATTN_BUILD_BENCHMARKS=OFF
+      time $CMAKE --build '$BASELINE/build-gpu-check' -j $JOBS --target _C
+      mkdir -p '$OUT/baseline'
+      cd '$BASELINE'
+      if [ -f benchmarks/kernels/bench_cuda.py ]; then
+        PYTHONPATH='$BASELINE' $PY benchmarks/kernels/bench_cuda.py --json '$OUT/baseline/bench.json' ${*:2}
+      else
+        PYTHONPATH='$BASELINE' $PY scripts/bench_cuda.py --out '$OUT/baseline' ${*:2}
+      fi
+      cd '$ROOT'
+      $PY benchmarks/kernels/compare_builds.py '$OUT/baseline/bench.json' '$OUT/bench.json' \
+        --json '$OUT/compare.json'
+    "
+  }
   if [ $QUICK = 1 ]; then
     stage bench 90 "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench.json" --quick
+    baseline 150 --quick
     bench_sm90a 60 --quick
     skip merge "--quick"
     skip merge-order "--quick"
@@ -272,6 +312,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     skip racecheck "--quick"
   else
     stage bench 240 "$PY" benchmarks/kernels/bench_cuda.py --json "$OUT/bench.json"
+    baseline 180 --headdims 128 --seqlens 8192
     bench_sm90a 150 --headdims 128,64 --seqlens 8192
     stage merge 60 "$PY" benchmarks/kernels/merge_probe.py --json "$OUT/merge_probe.json"
     stage merge-order 60 "$PY" benchmarks/kernels/merge_probe.py --orders --json "$OUT/merge_order.json"
@@ -292,7 +333,7 @@ if stage import 60 "$PY" -c "import torch, ring_attention; print(torch.ops.ring_
     sanitize racecheck 180
   fi
 else
-  for s in tests memcheck overlap bench bench-sm90a merge merge-order ncu ncu-merge racecheck; do skip $s "ring_attention does not import"; done
+  for s in tests memcheck overlap bench baseline bench-sm90a merge merge-order ncu ncu-merge racecheck; do skip $s "ring_attention does not import"; done
 fi
 
 echo "summary: $SUMMARY"

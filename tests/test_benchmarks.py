@@ -115,6 +115,61 @@ def test_bench_cuda_check_fails_off_sdpa_or_without_it():
     assert not bench_cuda.sdpa_check([{"max_abs_diff": None}])[1]
 
 
+def _bench_cuda_rows(ms, d=128, s=8192, causal=False):
+    """bench_cuda rows of one configuration, from {(impl, direction): ms or None}."""
+    return [dict(headdim=d, seqlen=s, batch=2, heads=16, causal=causal, impl=impl, direction=dir_,
+                 ms=t, tflops=None, note="") for (impl, dir_), t in ms.items()]
+
+
+def test_compare_builds_matches_rows_of_either_benchmark_version(tmp_path):
+    """compare_builds reads the old and new bench_cuda JSON, keeps the rows timed in both and
+    computes speedup, each run's ratio to SDPA flash and SDPA's drift from their times."""
+    import random
+    t = {name: random.uniform(0.5, 30.0) for name in ("old fwd", "new fwd", "old bwd", "new bwd",
+                                                     "old flash fwd", "new flash fwd",
+                                                     "old flash bwd", "new flash bwd", "causal")}
+    baseline = {"device": "card", "torch": "2.11.0", "rows": _bench_cuda_rows({
+        ("ring block_fwd", "fwd"): t["old fwd"], ("ring block_bwd", "bwd"): t["old bwd"],
+        ("ring block_bwd deterministic", "bwd"): 1.0,  # not in the new run
+        ("sdpa flash", "fwd"): t["old flash fwd"], ("sdpa flash", "bwd"): t["old flash bwd"],
+        ("sdpa cudnn", "fwd"): None}) + _bench_cuda_rows({("ring block_fwd", "fwd"): 2.0}, causal=True)}
+    new = {"machine": {}, "device": "card", "kernel": "auto", "rows": _bench_cuda_rows({
+        ("ring block_fwd", "fwd"): t["new fwd"], ("ring block_fwd nomerge", "fwd"): 1.0,
+        ("ring block_bwd", "bwd"): t["new bwd"],
+        ("sdpa flash", "fwd"): t["new flash fwd"], ("sdpa flash", "bwd"): t["new flash bwd"],
+        ("sdpa cudnn", "fwd"): 1.0}) + _bench_cuda_rows({("ring block_fwd", "fwd"): t["causal"]},
+                                                         causal=True)}
+    (tmp_path / "old.json").write_text(json.dumps(baseline))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    out = tmp_path / "compare.json"
+    stdout = _run("benchmarks/kernels/compare_builds.py", str(tmp_path / "old.json"),
+                  str(tmp_path / "new.json"), "--json", str(out))
+    assert "check: 3 rows of ours timed in both runs: ok" in stdout
+    res = json.loads(out.read_text())
+    rows = {(r["mask"], r["impl"], r["dir"]): r for r in res["rows"]}
+    assert sorted(rows) == [("causal", "ring block_fwd", "fwd"), ("full", "ring block_bwd", "bwd"),
+                            ("full", "ring block_fwd", "fwd")]
+    for dir_ in ("fwd", "bwd"):
+        row = rows[("full", f"ring block_{dir_}", dir_)]
+        assert row["speedup"] == round(t[f"old {dir_}"] / t[f"new {dir_}"], 3)
+        assert row["vs flash"] == round(t[f"new flash {dir_}"] / t[f"new {dir_}"], 3)
+        assert row["baseline vs flash"] == round(t[f"old flash {dir_}"] / t[f"old {dir_}"], 3)
+    causal = rows[("causal", "ring block_fwd", "fwd")]
+    assert causal["speedup"] == round(2.0 / t["causal"], 3) and causal["vs flash"] == "-"
+    drift = {r["dir"]: r["drift"] for r in res["sdpa"]}
+    assert [r["impl"] for r in res["sdpa"]] == ["sdpa flash", "sdpa flash"]  # cuDNN: one time only
+    assert drift == {d: round(t[f"new flash {d}"] / t[f"old flash {d}"], 3) for d in ("fwd", "bwd")}
+    assert (tmp_path / "compare.md").read_text().startswith("# This build vs the baseline build (card)")
+
+    # No row of ours in both runs: the check fails.
+    (tmp_path / "other.json").write_text(json.dumps({"rows": _bench_cuda_rows(
+        {("ring block_fwd", "fwd"): 1.0}, d=64)}))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks/kernels/compare_builds.py"),
+                           str(tmp_path / "old.json"), str(tmp_path / "other.json"), "--json",
+                           str(tmp_path / "none.json")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "FAILED" in done.stdout
+
+
 def test_bench_strategies_checks_same_work(tmp_path):
     out = tmp_path / "strategies.json"
     stdout = _run("benchmarks/strategies/bench_strategies.py", "--worlds", "2", "--seqlen", "64", "--iters", "1",
