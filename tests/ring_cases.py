@@ -347,6 +347,21 @@ def check_unshard_shapes_differ():
     return str(error.value)
 
 
+def check_unshard_many_dims():
+    """Shards of more than 8 dimensions: unshard (zigzag) and unshard_varlen along dim 8, then
+    shards that differ in their ninth dimension only, which must raise ValueError on every rank.
+    Returns (the two gathered tensors flattened, the message)."""
+    rank, world = rank_and_world()
+    ninth = (1,) * 8 + (-1,)
+    zigzag = ra.unshard(torch.full((1,) * 8 + (2,), float(rank)), layout="zigzag", dim=8)
+    cu = torch.tensor([0, 2 * world], dtype=torch.int32)
+    local = ra.shard_varlen(torch.arange(2.0 * world).reshape(ninth), cu, dim=8)
+    packed = ra.unshard_varlen(local, cu, dim=8)
+    with pytest.raises(ValueError) as error:
+        ra.unshard(torch.zeros((1,) * 8 + (3 + (rank == 1),)))
+    return zigzag.flatten().tolist(), packed.flatten().tolist(), str(error.value)
+
+
 def check_unshard_compiled():
     """torch.compile of a function calling unshard: without fullgraph it equals eager, forward and
     backward; with fullgraph torch raises, naming the agreement that runs on the host. Returns
