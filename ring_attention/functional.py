@@ -49,16 +49,40 @@ def _deterministic(deterministic) -> bool:
     return bool(_flag(deterministic)) or torch.are_deterministic_algorithms_enabled()
 
 
-def _window(window_size) -> Tuple[int, int]:
-    """(left, right) as ints; a malformed value becomes (-2, -2), which the ops reject on every
-    rank (raising here, on one rank only, would leave its peers waiting)."""
+def _short_repr(value, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters (an error message carries it to every rank)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_INT64_MAX = 2 ** 63 - 1
+
+
+def _window_error(window_size) -> str:
+    """Why window_size cannot reach the ops as a pair of int64 ("" when it can): not a pair of
+    ints (inf and nan included), or a value beyond int64. Values below -1 are left to the ops,
+    which name them."""
     try:
         left, right = window_size
         if isinstance(left, bool) or isinstance(right, bool) or int(left) != left or int(right) != right:
-            return -2, -2
-        return int(left), int(right)
-    except (TypeError, ValueError):
+            raise TypeError
+        left, right = int(left), int(right)
+    except (TypeError, ValueError, OverflowError):
+        return f"window_size must be a pair of ints, got {_short_repr(window_size)}"
+    if not (-_INT64_MAX - 1 <= left <= _INT64_MAX and -_INT64_MAX - 1 <= right <= _INT64_MAX):
+        return ("window_size values must be >= 0 and at most 2**63 - 1, or -1 for unbounded; got "
+                f"{_short_repr(window_size)}")
+    return ""
+
+
+def _window(window_size) -> Tuple[int, int]:
+    """(left, right) as ints; a value that _window_error rejects becomes (-2, -2), which the ops
+    reject on every rank (raising here, on one rank only, would leave its peers waiting; _layout
+    carries the reason)."""
+    if _window_error(window_size):
         return -2, -2
+    left, right = window_size
+    return int(left), int(right)
 
 
 def _kv_exchange(kv_exchange) -> str:
@@ -72,25 +96,33 @@ def _kv_exchange(kv_exchange) -> str:
 _ARGUMENT_ERROR = "invalid argument: "
 
 
-def _not_a_number(value) -> bool:
+def _scale_error(value) -> str:
+    """Why softmax_scale (not None) cannot reach the ops as a float ("" when it can): not a
+    number, or a number beyond the range of a float (an int such as 10**400)."""
     if isinstance(value, (bool, str, bytes)):
-        return True
+        return f"softmax_scale must be a number or None, got {_short_repr(value)}"
     try:
         float(value)
+    except OverflowError:
+        return f"softmax_scale must be finite, got {_short_repr(value)}"
     except (RuntimeError, TypeError, ValueError):
-        return True
-    return False
+        return f"softmax_scale must be a number or None, got {_short_repr(value)}"
+    return ""
 
 
-def _layout(layout, softmax_scale=None, **flags) -> str:
+def _layout(layout, softmax_scale=None, window_size=(-1, -1), **flags) -> str:
     """The layout as the ops take it. A layout that is not a str, a softmax_scale that is not a
-    number, or a flag (causal, ...) that is not bool-like becomes the argument error that the ops
-    raise on every rank."""
+    number (or overflows a float), a window_size that is not a pair of int64, or a flag (causal,
+    ...) that is not bool-like becomes the argument error that the ops raise on every rank."""
     for name, value in flags.items():
         if _flag(value) is None:
             return f"{_ARGUMENT_ERROR}{name} must be True or False, got {value!r}"
-    if softmax_scale is not None and _not_a_number(softmax_scale):
-        return f"{_ARGUMENT_ERROR}softmax_scale must be a number or None, got {softmax_scale!r}"
+    scale_error = _scale_error(softmax_scale) if softmax_scale is not None else ""
+    if scale_error:
+        return _ARGUMENT_ERROR + scale_error
+    window_error = _window_error(window_size)
+    if window_error:
+        return _ARGUMENT_ERROR + window_error
     if not isinstance(layout, str):
         return f"{_ARGUMENT_ERROR}layout must be a str, got {layout!r}"
     return layout
@@ -107,7 +139,7 @@ def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
     if softmax_scale is None:
         headdim = q.shape[-1] if q.dim() > 0 else 0
         return headdim ** -0.5 if headdim > 0 else 1.0
-    return 1.0 if _not_a_number(softmax_scale) else float(softmax_scale)
+    return 1.0 if _scale_error(softmax_scale) else float(softmax_scale)
 
 
 def _autocast(*tensors):
@@ -129,8 +161,8 @@ def _op_arguments(q, causal, softmax_scale, window_size, layout, return_lse, det
     """The keywords as the ops take them: (causal, softmax_scale, (left, right), layout,
     deterministic, kv_exchange, return_lse). An argument of the wrong type becomes a value that
     the ops' agreement rejects on every rank."""
-    layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
-                     return_lse=return_lse)
+    layout = _layout(layout, softmax_scale, window_size, causal=causal,
+                     deterministic=deterministic, return_lse=return_lse)
     return (bool(_flag(causal)), _default_scale(q, softmax_scale), _window(window_size), layout,
             _deterministic(deterministic), _kv_exchange(kv_exchange), bool(_flag(return_lse)))
 

@@ -140,6 +140,12 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.co
 # Bytes of each text (a rank's own error, its settings) in the descriptor, 8 to an int64; longer
 # ones are cut.
 _TEXT_BYTES = 512
+# Dimensions of a shard's shape in the descriptor (every one compared across ranks); a shard of
+# more is a local error. The descriptor (device, dtype, dims, sizes, two texts) must stay within
+# the agreement's 188 words (bindings/agreement.h).
+_MAX_DIMS = 32
+# Words before the texts: device type, dtype, number of dims and _MAX_DIMS sizes.
+_HEAD_WORDS = 3 + _MAX_DIMS
 
 
 def _encode(text: str) -> list:
@@ -178,22 +184,25 @@ def _shard_verdict(x, group, what: str, shard_error=None, local_error: str = "",
     if is_tensor:
         device_type = _DEVICE_TYPES.index(device.type) if device.type in _DEVICE_TYPES else -1
         dtype = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
-        shape = [x.dim(), *x.shape, *([-1] * (8 - x.dim()))][:9]
+        shape = [x.dim(), *x.shape, *([-1] * (_MAX_DIMS - x.dim()))][:_MAX_DIMS + 1]
+        if x.dim() > _MAX_DIMS:
+            local_error = local_error or (f"x_local has {x.dim()} dimensions; at most {_MAX_DIMS} "
+                                          "are supported")
     else:
-        device_type, dtype, shape = -1, -1, [0] + [-1] * 8
+        device_type, dtype, shape = -1, -1, [0] + [-1] * _MAX_DIMS
     ranks = _group.gather_agreement(
         [device_type, dtype, *shape, *_encode(local_error), *_encode(settings)], group, device,
         what, what)
-    errors = [_decode(r[11:]) for r in ranks]
+    errors = [_decode(r[_HEAD_WORDS:]) for r in ranks]
     header = f"{what}: invalid input (every rank raises this):\n  "
     if any(errors):
         return header + "\n  ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
-    rank_settings = [_decode(r[12 + _TEXT_BYTES // 8:]) for r in ranks]
+    rank_settings = [_decode(r[_HEAD_WORDS + 1 + _TEXT_BYTES // 8:]) for r in ranks]
     if len(set(rank_settings)) > 1:
         listing = ", ".join(f"rank {r}: {s}" for r, s in enumerate(rank_settings))
         return f"{what}: ranks disagree on the arguments ({listing})"
     shapes, dtypes, problems = [], [], []
-    for rank, (rank_device, rank_dtype, dims, *sizes) in enumerate(r[:11] for r in ranks):
+    for rank, (rank_device, rank_dtype, dims, *sizes) in enumerate(r[:_HEAD_WORDS] for r in ranks):
         shape = tuple(sizes[:dims])
         shapes.append(shape)
         dtypes.append(str(_DTYPES[rank_dtype]) if rank_dtype >= 0 else "a dtype the library does not list")

@@ -100,7 +100,14 @@ INVALID_INPUTS = {
     "window_negative": (_with(window_size=(-3, -1)), "window_size values must be >= 0, or -1"),
     "window_causal_right": (_with(window_size=(4, 2)),
                             "with causal=True the right window must be -1 or 0"),
-    "window_not_a_pair": (_with(window_size=5), "window_size values must be >= 0, or -1"),
+    "window_not_a_pair": (_with(window_size=5), "window_size must be a pair of ints, got 5"),
+    # Values the ops cannot take (no int64, no float): ValueError on every rank, not an error of
+    # the argument conversion on the bad rank alone while its peers wait.
+    "window_infinite": (_with(window_size=(float("inf"), 0)),
+                        "window_size must be a pair of ints, got (inf, 0)"),
+    "window_beyond_int64": (_with(window_size=(2 ** 63, 0)),
+                            "window_size values must be >= 0 and at most 2**63 - 1"),
+    "scale_beyond_float": (_with(softmax_scale=10 ** 400), "softmax_scale must be finite, got 1000"),
     "zigzag_odd_length": (
         lambda q, k, v, kw: (q[:, :7], k[:, :7], v[:, :7], {**kw, "layout": "zigzag"}),
         "layout 'zigzag' needs an even local sequence length"),
@@ -113,7 +120,8 @@ INVALID_INPUTS = {
     "kv_exchange_not_a_str": (_with(kv_exchange=None), "unknown kv_exchange 'None'"),
     "scale_not_a_number": (_with(softmax_scale="abc"),
                            "softmax_scale must be a number or None, got 'abc'"),
-    "window_of_strings": (_with(window_size=("a", "b")), "window_size values must be >= 0, or -1"),
+    "window_of_strings": (_with(window_size=("a", "b")),
+                          "window_size must be a pair of ints, got ('a', 'b')"),
     "causal_not_a_bool": (_with(causal="yes"), "causal must be True or False, got 'yes'"),
     "causal_without_one_truth_value": (_with(causal=torch.ones(2)), "causal must be True or False"),
     "deterministic_not_a_bool": (_with(deterministic="no"),
@@ -337,6 +345,21 @@ def check_unshard_shapes_differ():
     with pytest.raises(ValueError) as error:
         ra.unshard(torch.zeros(1, 4 + 2 * (rank == 1), 2))
     return str(error.value)
+
+
+def check_unshard_many_dims():
+    """Shards of more than 8 dimensions: unshard (zigzag) and unshard_varlen along dim 8, then
+    shards that differ in their ninth dimension only, which must raise ValueError on every rank.
+    Returns (the two gathered tensors flattened, the message)."""
+    rank, world = rank_and_world()
+    ninth = (1,) * 8 + (-1,)
+    zigzag = ra.unshard(torch.full((1,) * 8 + (2,), float(rank)), layout="zigzag", dim=8)
+    cu = torch.tensor([0, 2 * world], dtype=torch.int32)
+    local = ra.shard_varlen(torch.arange(2.0 * world).reshape(ninth), cu, dim=8)
+    packed = ra.unshard_varlen(local, cu, dim=8)
+    with pytest.raises(ValueError) as error:
+        ra.unshard(torch.zeros((1,) * 8 + (3 + (rank == 1),)))
+    return zigzag.flatten().tolist(), packed.flatten().tolist(), str(error.value)
 
 
 def check_unshard_compiled():

@@ -4,8 +4,8 @@ import torch
 
 import ring_attention as ra
 from ring_cases import (UNSHARD_REJECTED, check_double_backward_raises, check_layouts,
-                        check_unshard_compiled, check_unshard_rejected, check_shard_rejects,
-                        check_unshard_shapes_differ)
+                        check_unshard_compiled, check_unshard_many_dims,
+                        check_unshard_rejected, check_shard_rejects, check_unshard_shapes_differ)
 
 WORLDS = [1, 2, 3, 4]
 
@@ -75,6 +75,16 @@ def test_shard_rejects_indivisible_length(rank_pool, layout, world):
 def test_unshard_rejects_different_shard_shapes(rank_pool, world):
     for message in rank_pool(world).run(check_unshard_shapes_differ):
         assert "ranks hold shards of different shapes" in message and "rank 1: (1, 6, 2)" in message
+
+
+def test_unshard_compares_every_dimension(rank_pool):
+    """Shards of more than 8 dimensions gather along any of them, and ranks whose shards differ
+    only beyond the eighth raise ValueError on every rank (not a collective of mismatched sizes)."""
+    for zigzag, packed, message in rank_pool(2).run(check_unshard_many_dims):
+        assert zigzag == [0.0, 1.0, 1.0, 0.0]
+        assert packed == [0.0, 1.0, 2.0, 3.0]
+        assert "ranks hold shards of different shapes" in message, message
+        assert "rank 1: (1, 1, 1, 1, 1, 1, 1, 1, 4)" in message, message
 
 
 def test_unshard_compiled(rank_pool):
