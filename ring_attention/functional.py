@@ -49,16 +49,20 @@ def _deterministic(deterministic) -> bool:
     return bool(_flag(deterministic)) or torch.are_deterministic_algorithms_enabled()
 
 
+# What a window_size that is not a pair of ints becomes: a window the ops reject.
+_MALFORMED_WINDOW = (-2, -2)
+
+
 def _window(window_size) -> Tuple[int, int]:
-    """(left, right) as ints; a malformed value becomes (-2, -2), which the ops reject on every
-    rank (raising here, on one rank only, would leave its peers waiting)."""
+    """(left, right) as ints; a malformed value becomes _MALFORMED_WINDOW, which the ops reject
+    on every rank (raising here, on one rank only, would leave its peers waiting)."""
     try:
         left, right = window_size
         if isinstance(left, bool) or isinstance(right, bool) or int(left) != left or int(right) != right:
-            return -2, -2
+            return _MALFORMED_WINDOW
         return int(left), int(right)
     except (TypeError, ValueError):
-        return -2, -2
+        return _MALFORMED_WINDOW
 
 
 def _kv_exchange(kv_exchange) -> str:
@@ -131,7 +135,12 @@ def _op_arguments(q, causal, softmax_scale, window_size, layout, return_lse, det
     the ops' agreement rejects on every rank."""
     layout = _layout(layout, softmax_scale, causal=causal, deterministic=deterministic,
                      return_lse=return_lse)
-    return (bool(_flag(causal)), _default_scale(q, softmax_scale), _window(window_size), layout,
+    window = _window(window_size)
+    if window == _MALFORMED_WINDOW and not layout.startswith(_ARGUMENT_ERROR):
+        # named as the caller gave it, not as the (-2, -2) that stands for it
+        layout = (f"{_ARGUMENT_ERROR}window_size values must be >= 0, or -1 for unbounded, in a "
+                  f"pair of ints (left, right); got {window_size!r}")
+    return (bool(_flag(causal)), _default_scale(q, softmax_scale), window, layout,
             _deterministic(deterministic), _kv_exchange(kv_exchange), bool(_flag(return_lse)))
 
 
