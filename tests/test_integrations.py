@@ -167,3 +167,21 @@ def test_ring_flash_attn_shims_raise_everywhere(rank_pool, world):
     else:
         messages = rank_pool(world).run(cases.ring_flash_attn_shims_raise_everywhere)
     assert all(m == messages[0] for m in messages)  # the same message on every rank
+
+
+def test_transformers_model_loss_takes_shard_inputs_labels_as_shift_labels():
+    """shard_inputs' labels are shifted already; a causal LM given them as shift_labels (which its
+    forward hands to every attention layer with its other loss keywords) computes the loss of the
+    unshifted labels, as the same model does on the full sequence. World size 1: no group."""
+    import torch
+    import torch.nn.functional as F
+    from ring_attention.integrations import transformers as ra_hf
+    ra_hf.register()
+    model = cases.tiny_model("llama", 0)
+    model.config._attn_implementation = ra_hf.ATTN_IMPLEMENTATION
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    input_ids, position_ids, labels = ra_hf.shard_inputs(ids, labels=ids)
+    out = model(input_ids=input_ids, position_ids=position_ids, labels=labels, shift_labels=labels,
+                num_items_in_batch=torch.tensor(2 * 11), use_cache=False)
+    expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)

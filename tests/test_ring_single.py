@@ -82,6 +82,21 @@ def test_invalid_input_raises_value_error(kind):
     assert ring_cases.INVALID_INPUTS[kind][1] in message
 
 
+@pytest.mark.parametrize("window_size", [5, ("a", "b"), (1.5, 0), (1, 2, 3), None],
+                         ids=["int", "strings", "float", "triple", "none"])
+def test_malformed_window_size_is_named_as_given(window_size):
+    """A window_size that is not a pair of ints is reported with the value the caller passed
+    (not the window the wrapper turns it into), here and through LocalRing."""
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="window_size must be a pair of ints") as info:
+        ra.ring_attn_func(q, q, q, window_size=window_size)
+    assert str(info.value).endswith(f"got {window_size!r}")
+    ring = LocalRing(2)
+    with pytest.raises(ValueError, match="window_size must be a pair of ints") as info:
+        ring.ring_attn_func([q, q], [q, q], [q, q], window_size=window_size)
+    assert f"got {window_size!r}" in str(info.value)
+
+
 def test_autocast_computes_in_its_dtype_as_sdpa_does():
     """Under torch.autocast, q, k, v of mixed dtypes (an fp32 rotary q and k, a bf16 v) run in the
     autocast dtype, as F.scaled_dot_product_attention does: the result and the gradients equal

@@ -7,6 +7,9 @@
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
     loss = cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")  # sum over ranks
 
+The labels come back shifted already: to have the model compute the loss, pass them as
+``labels=labels, shift_labels=labels`` (``labels`` alone would be shifted a second time).
+
 Every rank feeds its shard of the sequence; the global position ids keep rotary embeddings right,
 and attention runs over the whole sequence through the ring. Packed rows (batch 1, position_ids
 restarting at 0 at every document, as DataCollatorWithFlattening makes them) are split by
@@ -36,10 +39,12 @@ ATTN_IMPLEMENTATION = "ring_attention"
 # Arguments transformers passes to attention functions that do not change what the attention
 # computes here (dropout, scaling, is_causal and sliding_window are applied; position_ids checks
 # the shards and packed documents; output_attentions is checked apart; the rest are output, cache
-# and kernel switches or loss bookkeeping).
+# and kernel switches or loss bookkeeping: a causal LM's forward hands its loss keywords, such as
+# the pre-shifted shift_labels, to every layer too).
 _HARMLESS_KWARGS = frozenset({
     "position_ids", "sliding_window", "use_cache", "cache_position", "output_attentions",
-    "output_hidden_states", "output_router_logits", "num_items_in_batch", "deterministic"})
+    "output_hidden_states", "output_router_logits", "num_items_in_batch", "shift_labels",
+    "deterministic"})
 
 # Arguments whose meaning the ring does not implement, with what they are.
 _UNSUPPORTED_KWARGS = {
