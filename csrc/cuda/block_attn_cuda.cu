@@ -114,6 +114,26 @@ std::string device_pointer_error(const void* ptr, const char* name) {
   return {};
 }
 
+std::string device_shared_memory_error(int headdim, bool backward, bool deterministic) {
+  int device = 0, allowed = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&allowed, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return {};  // the launch reports what the runtime says
+  }
+  if (kernel_smem_bytes(headdim, backward, deterministic) <= allowed) return {};
+  cudaDeviceProp prop{};
+  std::string name = "this GPU";
+  if (cudaGetDeviceProperties(&prop, device) == cudaSuccess) {
+    name = std::string(prop.name) + " (compute capability " + std::to_string(prop.major) + "." +
+           std::to_string(prop.minor) + ")";
+  } else {
+    cudaGetLastError();
+  }
+  return shared_memory_error(headdim, backward, deterministic, allowed, name);
+}
+
 std::string build_info() {
   int runtime = 0;
   cudaRuntimeGetVersion(&runtime);

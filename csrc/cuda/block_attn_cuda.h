@@ -12,10 +12,13 @@
 // include it.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
 #include "core/params.h"
+#include "cuda/kernel_traits.cuh"
+#include "cuda/static_switch.h"
 
 namespace ring_attn {
 namespace cuda {
@@ -86,6 +89,32 @@ inline std::string alignment_error(const void* ptr, const Strides& st, int batch
          std::to_string(per16) + " elements (call .contiguous())";
 }
 
+// The dynamic shared memory per CTA (bytes) of the largest mma.sync kernel that a forward, or a
+// backward (deterministic: with the dQ kernel), launches at this head dim (bf16 and fp16 alike).
+inline int kernel_smem_bytes(int headdim, bool backward, bool deterministic) {
+  return HEADDIM_SWITCH(headdim, kD, [&] {
+    if (!backward) return FwdTraits<true, kD>::kSmemBytes;
+    const int bwd = BwdTraits<true, kD>::kSmemBytes;
+    return deterministic ? std::max(bwd, DqTraits<true, kD>::kSmemBytes) : bwd;
+  });
+}
+
+// Empty when a device that allows `allowed` bytes of shared memory per block (its opt-in maximum)
+// runs those kernels; otherwise a message for the user naming `device` (e.g. "NVIDIA L40S (compute
+// capability 8.9)"). GPUs of compute capability 8.6, 8.9 and 12.x allow 99 KiB; 8.0 163 KiB; 9.0
+// 227 KiB.
+inline std::string shared_memory_error(int headdim, bool backward, bool deterministic, int allowed,
+                                       const std::string& device) {
+  const int need = kernel_smem_bytes(headdim, backward, deterministic);
+  if (need <= allowed) return {};
+  const auto kib = [](int bytes) { return std::to_string((bytes + 1023) / 1024) + " KiB"; };
+  return std::string("the CUDA ") + (backward ? "backward" : "forward") + " kernels at head dim " +
+         std::to_string(headdim) + " need " + kib(need) + " of shared memory per block, but " +
+         device + " allows " + kib(allowed) +
+         ": they run on GPUs that allow at least that much (A100: 163 KiB, H100 and H200: "
+         "227 KiB)";
+}
+
 #if !defined(RA_CUDA_EMULATE)
 // Defined in block_attn_cuda.cu. `stream` is a cudaStream_t.
 int block_fwd(const FwdArgs& args, void* stream);
@@ -95,6 +124,8 @@ const char* error_string(int error);
 // Empty when `ptr` (null: nothing to check) is device or managed memory of the current device;
 // otherwise a message naming `name`.
 std::string device_pointer_error(const void* ptr, const char* name);
+// shared_memory_error for the current device (its name and compute capability in the message).
+std::string device_shared_memory_error(int headdim, bool backward, bool deterministic);
 // "archs=80;90 nvcc=13.0 runtime=13000 devices=1" (devices: cudaGetDeviceCount, or the error).
 std::string build_info();
 #endif

@@ -4,7 +4,7 @@
 // shared-memory sizes.
 //
 // Shared memory is one dynamic buffer cut into 16-byte aligned regions (every kernel stays within
-// sm_80's 163 KB per block); 16-bit tiles use a row pitch of kHeadDim + 8 elements so that
+// sm_80's 163 KiB per block, kSm80MaxSmemPerBlock); 16-bit tiles use a row pitch of kHeadDim + 8 elements so that
 // ldmatrix/stmatrix of 8 consecutive rows hit 8 distinct bank groups.
 #pragma once
 
@@ -19,6 +19,11 @@ namespace cuda {
 constexpr int kTableTiles = 1024;
 
 constexpr int align16(int bytes) { return round_up(bytes, 16); }
+
+// The most dynamic shared memory a CTA may ask for on sm_80 (163 KiB): every kernel here stays
+// within it. GPUs of compute capability 8.6, 8.9 and 12.x allow 99 KiB, which the launches check
+// (block_attn_cuda.h shared_memory_error).
+constexpr int kSm80MaxSmemPerBlock = 163 * 1024;
 
 // What every kernel's traits have: the compiled (dtype, head-dim bucket), the CTA's warps, the
 // row pitch of the 16-bit tiles in shared memory, and the sizes of the regions every kernel
@@ -71,6 +76,7 @@ struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
   static constexpr int kOffScratch = kOffTable + Base::kTableBytes;
   static constexpr int kOffConsts = kOffScratch + Base::kScratchBytes;
   static constexpr int kSmemBytes = kOffConsts + 32;
+  static_assert(kSmemBytes <= kSm80MaxSmemPerBlock, "shared memory of a CTA on sm_80");
 };
 
 // Backward (block_bwd_body): one CTA per (key tile of kBlockN keys, head, batch), 8 warps; query
@@ -122,6 +128,7 @@ struct BwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 8> {
   static_assert(kSdpMTiles >= 1 && kDqMTiles >= 1, "warp layout");
   static_assert(kDkvCols % 16 == 0 && kDqCols % 16 == 0, "warp column slices of 16");
   static_assert(!kDqStaging || kBlockM * kStrideDq * 4 <= 2 * kPBytes, "dQ staging size");
+  static_assert(kSmemBytes <= kSm80MaxSmemPerBlock, "shared memory of a CTA on sm_80");
 };
 
 // Deterministic dQ (block_dq_body): one CTA per (query tile of kBlockM rows, head, batch), 4 warps
@@ -143,6 +150,7 @@ struct DqTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
   static constexpr int kOffTable = kOffRows + align16(kBlockM * 8);
   static constexpr int kOffScratch = kOffTable + Base::kTableBytes;
   static constexpr int kSmemBytes = kOffScratch + Base::kScratchBytes;
+  static_assert(kSmemBytes <= kSm80MaxSmemPerBlock, "shared memory of a CTA on sm_80");
 };
 
 }  // namespace cuda
