@@ -24,8 +24,8 @@ void check_support(DType dtype, const BlockShape& shape) {
   TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
 }
 
-// The kernels' shared memory fits the current device (GPUs of compute capability 8.6/8.9 allow less
-// than sm_80's).
+// The kernels' shared memory, or their kSmallSmem variant's, fits the current device (GPUs of
+// compute capability 8.6 and 8.9 allow 99 KiB).
 void check_shared_memory(int headdim, bool backward, bool deterministic) {
   const std::string error = cuda::device_shared_memory_error(headdim, backward, deterministic);
   TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
@@ -35,6 +35,9 @@ void check_cuda_environment() {
   cuda::KernelChoice choice;
   const std::string error = cuda::kernel_choice(&choice);
   TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
+  int max_smem_kib = 0;
+  const std::string smem_error = cuda::max_smem_kib(&max_smem_kib);
+  TORCH_CHECK_VALUE(smem_error.empty(), "ring attention: ", smem_error);
 }
 
 void check_aligned(const void* ptr, const Strides& st, int batch, int seqlen, int heads,
