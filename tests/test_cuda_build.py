@@ -87,6 +87,22 @@ def test_unknown_cuda_kernel_choice_raises(monkeypatch):
                                             -1, 0.125)
 
 
+@pytest.mark.parametrize("value", ["ninety", "-1", "99k"])
+def test_bad_cuda_shared_memory_cap_raises(monkeypatch, value):
+    if not _has_cuda_kernel("block_fwd"):
+        pytest.skip("CUDA half not built")
+    monkeypatch.setenv("RING_ATTN_CUDA_MAX_SMEM_KIB", value)
+    q = torch.zeros(1, 8, 2, 64, dtype=CPU_DTYPE)
+    pos = torch.arange(8, dtype=torch.int32)
+    out = torch.zeros(1, 8, 2, 64)
+    lse = torch.full((1, 2, 8), float("-inf"))
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(ValueError, match=f"RING_ATTN_CUDA_MAX_SMEM_KIB must be a non-negative "
+                                         f"integer \\(KiB\\), got '{value}'"):
+        ra.ops.block_fwd.default.redispatch(cuda_only, q, q, q, pos, pos, None, out, lse, True, -1,
+                                            -1, 0.125)
+
+
 # ---- the shared case list on the CPU (a subset of the lengths and head-dim x GQA grid, for time) --
 CPU_LENGTHS = [(1, 1), (7, 97), (128, 1), (97, 128), (200, 333)]
 assert all(sizes in gc.LENGTHS for sizes in CPU_LENGTHS)

@@ -74,7 +74,8 @@ def fa2_kernels():
 def our_label(name):
     """fwd / fwd-sm90a (the Hopper forward) / bwd / bwd-det / dkdv-sm90a (the Hopper dK, dV) /
     dkdvq-sm90a (the same with dQ fused) / dq-det / dq-sm90a (the Hopper dQ), dtype, head dim of
-    one of our kernels' mangled names."""
+    one of our kernels' mangled names; None for the kSmallSmem variants (GPUs that allow 99 KiB of
+    shared memory per block)."""
     if "ring_attn" not in name:
         return None
     hopper = re.search(
@@ -84,10 +85,11 @@ def our_label(name):
         kind, bf16, d, fused_dq = hopper.groups()
         kind += "q" if fused_dq == "1" else ""
         return f"{kind}-sm90a {'bf16' if bf16 == '1' else 'fp16'} d{d}"
-    m = re.search(r"block_(fwd|bwd|dq)_kernelINS0_\d+(?:Fwd|Bwd|Dq)TraitsILb([01])ELi(\d+)EEE(Lb([01])E)?", name)
-    if not m:
+    m = re.search(r"block_(fwd|bwd|dq)_kernelINS0_\d+(?:Fwd|Bwd|Dq)TraitsILb([01])ELi(\d+)E"
+                  r"(?:Lb([01])E)?EE(Lb([01])E)?", name)
+    if not m or m.group(4) == "1":  # the variants for 99 KiB of shared memory are not budgeted
         return None
-    kind, bf16, d, _, det = m.groups()
+    kind, bf16, d, _, _, det = m.groups()
     kind = {"fwd": "fwd", "dq": "dq-det", "bwd": "bwd-det" if det == "1" else "bwd"}[kind]
     return f"{kind} {'bf16' if bf16 == '1' else 'fp16'} d{d}"
 

@@ -24,10 +24,20 @@ void check_support(DType dtype, const BlockShape& shape) {
   TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
 }
 
+// The kernels' shared memory, or their kSmallSmem variant's, fits the current device (GPUs of
+// compute capability 8.6 and 8.9 allow 99 KiB).
+void check_shared_memory(int headdim, bool backward, bool deterministic) {
+  const std::string error = cuda::device_shared_memory_error(headdim, backward, deterministic);
+  TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
+}
+
 void check_cuda_environment() {
   cuda::KernelChoice choice;
   const std::string error = cuda::kernel_choice(&choice);
   TORCH_CHECK_VALUE(error.empty(), "ring attention: ", error);
+  int max_smem_kib = 0;
+  const std::string smem_error = cuda::max_smem_kib(&max_smem_kib);
+  TORCH_CHECK_VALUE(smem_error.empty(), "ring attention: ", smem_error);
 }
 
 void check_aligned(const void* ptr, const Strides& st, int batch, int seqlen, int heads,
@@ -60,6 +70,7 @@ void launch_fwd(const BlockFwdParams& p, bool merge) {
   check_aligned(p.v, p.v_strides, s.batch, s.seqlen_k, s.nheads_kv, "v");
   check_on_device({{p.q, "q"}, {p.k, "k"}, {p.v, "v"}, {p.q_pos, "q_pos"}, {p.k_pos, "k_pos"},
                    {p.q_seg, "q_seg"}, {p.out_acc, "out_acc"}, {p.lse, "lse"}});
+  check_shared_memory(s.headdim, false, false);
   check_launch(cuda::block_fwd(cuda::FwdArgs{p, merge}, current_stream()), "forward");
 }
 
@@ -78,6 +89,7 @@ void bwd_kernel(const BlockBwdParams& p) {
   check_on_device({{p.q, "q"}, {p.k, "k"}, {p.v, "v"}, {p.dout, "dout"}, {p.q_pos, "q_pos"},
                    {p.k_pos, "k_pos"}, {p.q_seg, "q_seg"}, {p.lse, "lse"}, {p.delta, "delta"},
                    {p.dq_acc, "dq_acc"}, {p.dk_acc, "dk_acc"}, {p.dv_acc, "dv_acc"}});
+  check_shared_memory(s.headdim, true, p.deterministic);
   check_launch(cuda::block_bwd(p, current_stream()), "backward");
 }
 

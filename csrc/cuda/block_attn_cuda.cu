@@ -14,9 +14,9 @@
 namespace ring_attn {
 namespace cuda {
 
-template <bool kBF16, int kHeadDim>
+template <bool kBF16, int kHeadDim, bool kSmallSmem = false>
 cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream);
-template <bool kBF16, int kHeadDim>
+template <bool kBF16, int kHeadDim, bool kSmallSmem = false>
 cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream);
 
 namespace sm90 {
@@ -51,6 +51,15 @@ bool runs_sm90a(const BlockParams& p) {
   return major == 9 && minor == 0;
 }
 
+// Whether a launch runs the kSmallSmem kernels: the device (or RING_ATTN_CUDA_MAX_SMEM_KIB) allows
+// less shared memory per block than the usual ones need (the bindings have raised where neither
+// fits; 0: the runtime cannot tell, the usual ones).
+bool runs_small_smem(int headdim, bool backward, bool deterministic) {
+  const int allowed = allowed_smem_bytes();
+  return allowed > 0 &&
+         smem_variant(headdim, backward, deterministic, allowed) == SmemVariant::kSmall;
+}
+
 }  // namespace
 
 int block_fwd(const FwdArgs& args, void* stream) {
@@ -69,8 +78,15 @@ int block_fwd(const FwdArgs& args, void* stream) {
       }
     });
   }
+  const bool small = runs_small_smem(s.headdim, false, false);
   return DTYPE_SWITCH(args.p.dtype, kBF16, [&] {
-    return HEADDIM_SWITCH(s.headdim, kHeadDim, [&] { return run_fwd<kBF16, kHeadDim>(args, st); });
+    return HEADDIM_SWITCH(s.headdim, kHeadDim, [&] {
+      constexpr int kSmallBucket = small_smem_bucket(kHeadDim, false);
+      if constexpr (kSmallBucket > 0) {
+        if (small) return run_fwd<kBF16, kSmallBucket, true>(args, st);
+      }
+      return run_fwd<kBF16, kHeadDim>(args, st);
+    });
   });
 }
 
@@ -87,8 +103,15 @@ int block_bwd(const BlockBwdParams& p, void* stream) {
       return s.headdim == 64 ? sm90::run_bwd<kBF16, 64>(p, st) : sm90::run_bwd<kBF16, 128>(p, st);
     });
   }
+  const bool small = runs_small_smem(s.headdim, true, p.deterministic);
   return DTYPE_SWITCH(p.dtype, kBF16, [&] {
-    return HEADDIM_SWITCH(s.headdim, kHeadDim, [&] { return run_bwd<kBF16, kHeadDim>(p, st); });
+    return HEADDIM_SWITCH(s.headdim, kHeadDim, [&] {
+      constexpr int kSmallBucket = small_smem_bucket(kHeadDim, true);
+      if constexpr (kSmallBucket > 0) {
+        if (small) return run_bwd<kBF16, kSmallBucket, true>(p, st);
+      }
+      return run_bwd<kBF16, kHeadDim>(p, st);
+    });
   });
 }
 
@@ -112,6 +135,39 @@ std::string device_pointer_error(const void* ptr, const char* name) {
            " but the kernel runs on cuda:" + std::to_string(device);
   }
   return {};
+}
+
+int allowed_smem_bytes() {
+  int device = 0, allowed = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&allowed, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  int cap_kib = 0;
+  max_smem_kib(&cap_kib);  // validated by the bindings before any launch
+  return cap_kib > 0 ? std::min(allowed, cap_kib * 1024) : allowed;
+}
+
+std::string device_shared_memory_error(int headdim, bool backward, bool deterministic) {
+  const int allowed = allowed_smem_bytes();
+  if (allowed == 0) return {};  // the launch reports what the runtime says
+  if (smem_variant(headdim, backward, deterministic, allowed) != SmemVariant::kNone) return {};
+  int device = 0;
+  cudaGetDevice(&device);
+  cudaDeviceProp prop{};
+  std::string name = "this GPU";
+  if (cudaGetDeviceProperties(&prop, device) == cudaSuccess) {
+    name = std::string(prop.name) + " (compute capability " + std::to_string(prop.major) + "." +
+           std::to_string(prop.minor) + ")";
+  } else {
+    cudaGetLastError();
+  }
+  int cap_kib = 0;
+  max_smem_kib(&cap_kib);
+  if (cap_kib > 0) name += " under RING_ATTN_CUDA_MAX_SMEM_KIB=" + std::to_string(cap_kib);
+  return shared_memory_error(headdim, backward, deterministic, allowed, name);
 }
 
 std::string build_info() {

@@ -4,7 +4,7 @@
 // shared-memory sizes.
 //
 // Shared memory is one dynamic buffer cut into 16-byte aligned regions (every kernel stays within
-// sm_80's 163 KB per block); 16-bit tiles use a row pitch of kHeadDim + 8 elements so that
+// sm_80's 163 KiB per block, kSm80MaxSmemPerBlock); 16-bit tiles use a row pitch of kHeadDim + 8 elements so that
 // ldmatrix/stmatrix of 8 consecutive rows hit 8 distinct bank groups.
 #pragma once
 
@@ -19,6 +19,13 @@ namespace cuda {
 constexpr int kTableTiles = 1024;
 
 constexpr int align16(int bytes) { return round_up(bytes, 16); }
+
+// The most dynamic shared memory a CTA may ask for on sm_80 (163 KiB): every kernel here stays
+// within it. GPUs of compute capability 8.6 and 8.9 allow 99 KiB (kSmallSmemPerBlock): there the
+// launches pick the kSmallSmem_ variants of the traits below, which fit it at the head dims where
+// the others do not (block_attn_cuda.h smem_variant).
+constexpr int kSm80MaxSmemPerBlock = 163 * 1024;
+constexpr int kSmallSmemPerBlock = 99 * 1024;
 
 // What every kernel's traits have: the compiled (dtype, head-dim bucket), the CTA's warps, the
 // row pitch of the 16-bit tiles in shared memory, and the sizes of the regions every kernel
@@ -38,14 +45,16 @@ struct KernelTraitsBase {
 
 // Forward (block_fwd_body): one CTA per (query tile of kBlockM rows, head, batch), 4 warps of
 // kMTiles m-tiles of 16 rows, so that each K/V fragment read from shared memory feeds kMTiles MMAs.
-// K/V tiles of kBlockN keys are double buffered.
-template <bool kBF16_, int kHeadDim_>
+// K/V tiles of kBlockN keys are double buffered. kSmallSmem_: one m-tile per warp (a Q tile half
+// as tall), within kSmallSmemPerBlock at d <= 128.
+template <bool kBF16_, int kHeadDim_, bool kSmallSmem_ = false>
 struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
   using Base = KernelTraitsBase<kBF16_, kHeadDim_, 4>;
   using Base::kHeadDim, Base::kNWarps, Base::kNThreads, Base::kStride;
+  static constexpr bool kSmallSmem = kSmallSmem_;
   // 32 rows per warp, except at d = 256 where the output accumulator (16 x 256 fp32 per m-tile)
   // leaves registers for one m-tile only.
-  static constexpr int kMTiles = kHeadDim > 128 ? 1 : 2;
+  static constexpr int kMTiles = kHeadDim > 128 || kSmallSmem ? 1 : 2;
   static constexpr int kBlockM = 16 * kMTiles * kNWarps;
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : (kHeadDim <= 128 ? 64 : 32);
   // Q as MMA fragments in registers for the whole kernel (else re-read from smem per key tile).
@@ -71,6 +80,8 @@ struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
   static constexpr int kOffScratch = kOffTable + Base::kTableBytes;
   static constexpr int kOffConsts = kOffScratch + Base::kScratchBytes;
   static constexpr int kSmemBytes = kOffConsts + 32;
+  static_assert(kSmemBytes <= (kSmallSmem ? kSmallSmemPerBlock : kSm80MaxSmemPerBlock),
+                "shared memory of a CTA");
 };
 
 // Backward (block_bwd_body): one CTA per (key tile of kBlockN keys, head, batch), 8 warps; query
@@ -83,17 +94,20 @@ struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
 // within sm_80's 163 KB: Q is double buffered for d <= 128 (single at d = 256); dO is single
 // buffered (its next copy starts once dV is done with it); the dQ staging tile (fp32, flushed with
 // vector reductions) takes the place of P and dS once dQ has been computed, and at d = 256 there is
-// none (dQ is reduced from registers).
-template <bool kBF16_, int kHeadDim_>
+// none (dQ is reduced from registers). kSmallSmem_: d = 256's choices (64 keys per CTA, Q single
+// buffered, no dQ staging) at every head dim, within kSmallSmemPerBlock at d <= 128.
+template <bool kBF16_, int kHeadDim_, bool kSmallSmem_ = false>
 struct BwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 8> {
   using Base = KernelTraitsBase<kBF16_, kHeadDim_, 8>;
   using Base::kHeadDim, Base::kNWarps, Base::kNThreads, Base::kStride;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per CTA
-  static constexpr int kBlockM = 64;                          // query rows per stage
+  static constexpr bool kSmallSmem = kSmallSmem_;
+  static constexpr bool kWide = kHeadDim <= 128 && !kSmallSmem;  // 128 keys, Q double buffered
+  static constexpr int kBlockN = kWide ? 128 : 64;  // keys per CTA
+  static constexpr int kBlockM = 64;                // query rows per stage
   static constexpr int kStrideP = kBlockN + 8;    // P, dS (queries x keys)
   static constexpr int kStrideDq = kHeadDim + 8;  // dQ staging, fp32
-  static constexpr int kQStages = kHeadDim <= 128 ? 2 : 1;
-  static constexpr bool kDqStaging = kHeadDim <= 128;
+  static constexpr int kQStages = kWide ? 2 : 1;
+  static constexpr bool kDqStaging = kWide;
   static constexpr int kSdpWarpsM = kBlockN == 128 ? 2 : 4;
   static constexpr int kSdpMTiles = kBlockM / kSdpWarpsM / 16;
   static constexpr int kDkvWarpsN = kBlockN / 32;
@@ -122,16 +136,19 @@ struct BwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 8> {
   static_assert(kSdpMTiles >= 1 && kDqMTiles >= 1, "warp layout");
   static_assert(kDkvCols % 16 == 0 && kDqCols % 16 == 0, "warp column slices of 16");
   static_assert(!kDqStaging || kBlockM * kStrideDq * 4 <= 2 * kPBytes, "dQ staging size");
+  static_assert(kSmemBytes <= (kSmallSmem ? kSmallSmemPerBlock : kSm80MaxSmemPerBlock),
+                "shared memory of a CTA");
 };
 
 // Deterministic dQ (block_dq_body): one CTA per (query tile of kBlockM rows, head, batch), 4 warps
-// of 16 rows; K/V tiles of kBlockN keys, double buffered.
-template <bool kBF16_, int kHeadDim_>
+// of 16 rows; K/V tiles of kBlockN keys, double buffered. kSmallSmem_: 32-key tiles, as at d = 256.
+template <bool kBF16_, int kHeadDim_, bool kSmallSmem_ = false>
 struct DqTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
   using Base = KernelTraitsBase<kBF16_, kHeadDim_, 4>;
   using Base::kHeadDim, Base::kNWarps, Base::kStride;
+  static constexpr bool kSmallSmem = kSmallSmem_;
   static constexpr int kBlockM = 16 * kNWarps;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;
+  static constexpr int kBlockN = kHeadDim <= 128 && !kSmallSmem ? 64 : 32;
   // Q, dO; K and V, two stages each; key positions of a partial tile, two stages; the rows' bounds;
   // the tile table; scratch.
   static constexpr int kOffQ = 0;
@@ -143,6 +160,8 @@ struct DqTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
   static constexpr int kOffTable = kOffRows + align16(kBlockM * 8);
   static constexpr int kOffScratch = kOffTable + Base::kTableBytes;
   static constexpr int kSmemBytes = kOffScratch + Base::kScratchBytes;
+  static_assert(kSmemBytes <= (kSmallSmem ? kSmallSmemPerBlock : kSm80MaxSmemPerBlock),
+                "shared memory of a CTA");
 };
 
 }  // namespace cuda

@@ -35,9 +35,10 @@ cudaError_t set_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-template <bool kBF16, int kHeadDim>
+// kSmallSmem: the traits' variants within kSmallSmemPerBlock (block_attn_cuda.h small_smem_bucket).
+template <bool kBF16, int kHeadDim, bool kSmallSmem = false>
 cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream) {
-  using Traits = FwdTraits<kBF16, kHeadDim>;
+  using Traits = FwdTraits<kBF16, kHeadDim, kSmallSmem>;
   const BlockShape& s = args.p.shape;
   const dim3 grid(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch);
   cudaError_t err = set_smem(block_fwd_kernel<Traits>, Traits::kSmemBytes);
@@ -48,9 +49,9 @@ cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream) {
 
 // Atomic mode: one backward CTA per (key tile, query head, batch). Deterministic: one per (key
 // tile, K/V head, batch), then the dQ kernel, one CTA per (query tile, head, batch).
-template <bool kBF16, int kHeadDim>
+template <bool kBF16, int kHeadDim, bool kSmallSmem = false>
 cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
-  using Traits = BwdTraits<kBF16, kHeadDim>;
+  using Traits = BwdTraits<kBF16, kHeadDim, kSmallSmem>;
   const BlockShape& s = p.shape;
   const dim3 grid(cdiv(s.seqlen_k, Traits::kBlockN), p.deterministic ? s.nheads_kv : s.nheads,
                   s.batch);
@@ -65,7 +66,7 @@ cudaError_t run_bwd(const BlockBwdParams& p, cudaStream_t stream) {
   block_bwd_kernel<Traits, true><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  using DqKernelTraits = DqTraits<kBF16, kHeadDim>;
+  using DqKernelTraits = DqTraits<kBF16, kHeadDim, kSmallSmem>;
   const dim3 dq_grid(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch);
   err = set_smem(block_dq_kernel<DqKernelTraits>, DqKernelTraits::kSmemBytes);
   if (err != cudaSuccess) return err;

@@ -160,3 +160,29 @@ def test_opcheck_block_ops():
                           (dout, q, k, v, pos_q, pos_k, None, lse, delta, *accs), mask,
                           # dq/dk/dv use fp32 atomics: repeated runs may differ in the last bits
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("headdim", [64, 96, 128])
+@pytest.mark.parametrize("mask", ["none", "partial", "window", "packed"])
+def test_block_kernels_within_99_kib(mask, headdim, dtype, monkeypatch):
+    """RING_ATTN_CUDA_MAX_SMEM_KIB=99: the launches of a GPU of compute capability 8.6 or 8.9 (the
+    kSmallSmem kernels where the usual ones need more), forward, both backward modes. Their CPU
+    twin: the emulator's smem99 cases, on an emulated device that allows 99 KiB."""
+    monkeypatch.setenv("RING_ATTN_CUDA_MAX_SMEM_KIB", "99")
+    gc.check_block("cuda", dtype, 97, 200, 4, 2, headdim, mask)
+    gc.check_deterministic_bwd("cuda", dtype, mask, 4, 1, headdim=headdim)
+
+
+def test_block_kernels_beyond_the_device_raise(monkeypatch):
+    """A head dim whose kernels need more shared memory per block than allowed: ValueError naming
+    the direction, head dim and both sizes, before any launch."""
+    monkeypatch.setenv("RING_ATTN_CUDA_MAX_SMEM_KIB", "99")
+    q = torch.randn(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"forward kernels at head dim 256 need \d+ KiB .* allows 99 KiB"):
+        torch.ops.ring_attention.ring_fwd(q, q, q, None, "", True, 0.0625, -1, -1, "contiguous",
+                                          "ring")
+    monkeypatch.setenv("RING_ATTN_CUDA_MAX_SMEM_KIB", "ninety")
+    with pytest.raises(ValueError, match="RING_ATTN_CUDA_MAX_SMEM_KIB must be a non-negative"):
+        torch.ops.ring_attention.ring_fwd(q, q, q, None, "", True, 0.0625, -1, -1, "contiguous",
+                                          "ring")

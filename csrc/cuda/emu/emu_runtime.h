@@ -347,9 +347,17 @@ inline void red_add(float* p, const float* v, int n, bool vector) {
   for (int i = 0; i < n; ++i) std::atomic_ref<float>(p[i]).fetch_add(v[i]);
 }
 
+// The dynamic shared memory per block the emulated device allows (0: any), as
+// cudaDevAttrMaxSharedMemoryPerBlockOptin: a launch that asks for more fails, as
+// cudaFuncSetAttribute does on a GPU.
+inline size_t max_dynamic_smem = 0;
+
 // Runs body(smem) for every CTA of a (gx, gy, gz) grid of `nthreads` threads, one CTA at a time.
 template <typename Body>
 void launch(int gx, int gy, int gz, int nthreads, size_t smem_bytes, Body&& body) {
+  if (max_dynamic_smem != 0 && smem_bytes > max_dynamic_smem) {
+    fail("a launch asks for more dynamic shared memory than the emulated device allows");
+  }
   std::vector<uint64_t> smem((smem_bytes + 7) / 8 + 2);
   for (int z = 0; z < gz; ++z) {
     for (int y = 0; y < gy; ++y) {

@@ -12,7 +12,10 @@
 // the backward as block_attn_cuda.cu runs it in both modes (at d = 64 and 128 the Hopper dK/dV
 // kernel with dQ fused and added by TMA reductions, and in the deterministic mode the dK/dV and
 // dQ kernels, sm90_dq_kernel.cuh, with no reduction; at d = 256 the mma.sync kernels); checked to
-// cover each dtype with causal, sliding-window and packed masks.
+// cover each dtype with causal, sliding-window and packed masks. The "smem99" cases launch as on a
+// GPU that allows 99 KiB of shared memory per block (compute capability 8.6, 8.9): the kSmallSmem
+// kernels where the usual ones do not fit (block_attn_cuda.h smem_variant), at d = 64, 96 and 128;
+// checked to cover each dtype with causal, sliding-window and packed masks at d = 64 and 128.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
 // ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
 // Exit status 0 when every case passes. Usage:
@@ -39,6 +42,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "cuda/block_attn_cuda.h"
 #include "cuda/bwd_kernel.cuh"
 #include "cuda/dq_kernel.cuh"
 #include "cuda/fwd_kernel.cuh"
@@ -63,7 +67,11 @@ struct Case {
   int fwd_splits;    // key blocks merged one after another by block_fwd
   double scale;
   bool sm90a;        // the Hopper kernels (sm90_*_kernel.cuh)
+  bool smem99;       // launched as on a GPU that allows 99 KiB of shared memory per block
 };
+
+// The shared memory per block a smem99 case's launches may use.
+constexpr int kSmem99Bytes = 99 * 1024;
 
 // A (batch, seq, heads, headdim) operand: 16-bit storage and its exact float values.
 struct Operand {
@@ -222,14 +230,39 @@ Reference reference(const Case& c, const Operand& q, const Operand& k, const Ope
   return r;
 }
 
-void run_fwd(const FwdArgs& a) {
+// The kernels block_attn_cuda.cu picks on a device that allows `allowed` bytes of shared memory per
+// block (0: any): the usual ones or their kSmallSmem variant (smem_variant). Exits where neither
+// fits (the bindings raise before such a launch).
+bool small_smem_launch(int headdim, bool backward, bool deterministic, int allowed) {
+  if (allowed == 0) return false;
+  const SmemVariant variant = smem_variant(headdim, backward, deterministic, allowed);
+  if (variant == SmemVariant::kNone) {
+    std::fprintf(stderr, "no kernels fit %d bytes of shared memory at d%d\n", allowed, headdim);
+    std::exit(2);
+  }
+  return variant == SmemVariant::kSmall;
+}
+
+// The forward as launch_template.cuh's run_fwd launches it: Traits and its grid.
+template <typename Traits>
+void launch_fwd(const FwdArgs& a) {
+  const BlockShape& s = a.p.shape;
+  emu::launch(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch, Traits::kNThreads,
+              Traits::kSmemBytes, [&](char* smem) { block_fwd_body<Traits>(a, smem); });
+}
+
+// The forward as block_attn_cuda.cu dispatches it on a device allowing `allowed` bytes per block.
+void run_fwd(const FwdArgs& a, int allowed = 0) {
   const BlockShape& s = a.p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
+  const bool small = small_smem_launch(s.headdim, false, false, allowed);
   DTYPE_SWITCH(a.p.dtype, kBF16, [&] {
     HEADDIM_SWITCH(s.headdim, kD, [&] {
-      using Traits = FwdTraits<kBF16, kD>;
-      emu::launch(cdiv(s.seqlen_q, Traits::kBlockM), s.nheads, s.batch, Traits::kNThreads,
-                  Traits::kSmemBytes, [&](char* smem) { block_fwd_body<Traits>(a, smem); });
+      constexpr int kSmallBucket = small_smem_bucket(kD, false);
+      if constexpr (kSmallBucket > 0) {
+        if (small) return launch_fwd<FwdTraits<kBF16, kSmallBucket, true>>(a);
+      }
+      launch_fwd<FwdTraits<kBF16, kD>>(a);
     });
   });
 }
@@ -340,26 +373,38 @@ void run_bwd_sm90(const BlockBwdParams& p) {
   });
 }
 
-// The grids of launch_template.cuh's run_bwd.
-void run_bwd(const BlockBwdParams& p) {
+// The grids of launch_template.cuh's run_bwd, for the traits of (kBF16, kD, kSmall).
+template <bool kBF16, int kD, bool kSmall>
+void launch_bwd(const BlockBwdParams& p) {
+  const BlockShape& s = p.shape;
+  using Traits = BwdTraits<kBF16, kD, kSmall>;
+  emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), p.deterministic ? s.nheads_kv : s.nheads, s.batch,
+              Traits::kNThreads, Traits::kSmemBytes, [&](char* smem) {
+                if (p.deterministic) {
+                  block_bwd_body<Traits, true>(p, smem);
+                } else {
+                  block_bwd_body<Traits, false>(p, smem);
+                }
+              });
+  if (!p.deterministic) return;
+  using DqKernelTraits = DqTraits<kBF16, kD, kSmall>;
+  emu::launch(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch,
+              DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes,
+              [&](char* smem) { block_dq_body<DqKernelTraits>(p, smem); });
+}
+
+// The backward as block_attn_cuda.cu dispatches it on a device allowing `allowed` bytes per block.
+void run_bwd(const BlockBwdParams& p, int allowed = 0) {
   const BlockShape& s = p.shape;
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0) return;
+  const bool small = small_smem_launch(s.headdim, true, p.deterministic, allowed);
   DTYPE_SWITCH(p.dtype, kBF16, [&] {
     HEADDIM_SWITCH(s.headdim, kD, [&] {
-      using Traits = BwdTraits<kBF16, kD>;
-      emu::launch(cdiv(s.seqlen_k, Traits::kBlockN), p.deterministic ? s.nheads_kv : s.nheads,
-                  s.batch, Traits::kNThreads, Traits::kSmemBytes, [&](char* smem) {
-                    if (p.deterministic) {
-                      block_bwd_body<Traits, true>(p, smem);
-                    } else {
-                      block_bwd_body<Traits, false>(p, smem);
-                    }
-                  });
-      if (!p.deterministic) return;
-      using DqKernelTraits = DqTraits<kBF16, kD>;
-      emu::launch(cdiv(s.seqlen_q, DqKernelTraits::kBlockM), s.nheads, s.batch,
-                  DqKernelTraits::kNThreads, DqKernelTraits::kSmemBytes,
-                  [&](char* smem) { block_dq_body<DqKernelTraits>(p, smem); });
+      constexpr int kSmallBucket = small_smem_bucket(kD, true);
+      if constexpr (kSmallBucket > 0) {
+        if (small) return launch_bwd<kBF16, kSmallBucket, true>(p);
+      }
+      launch_bwd<kBF16, kD, false>(p);
     });
   });
 }
@@ -386,6 +431,7 @@ double max_err(const std::vector<float>& got, const std::vector<double>& want, b
 
 bool run_case(const Case& c) {
   std::mt19937_64 rng(std::hash<std::string>{}(c.name));
+  emu::max_dynamic_smem = c.smem99 ? kSmem99Bytes : 0;
   const int B = c.B, Sq = c.Sq, Sk = c.Sk, H = c.H, Hkv = c.Hkv, D = c.D;
   // The Hopper kernels' TMA boxes reach past a sequence into the rows that follow it: NaN there.
   const int gap = c.sm90a ? 5 : 0;
@@ -428,7 +474,7 @@ bool run_case(const Case& c) {
     if (c.sm90a) {
       run_fwd_sm90(a);
     } else {
-      run_fwd(a);
+      run_fwd(a, c.smem99 ? kSmem99Bytes : 0);
     }
   };
   std::vector<int32_t> far_kp(Sk, std::numeric_limits<int32_t>::max() / 2);
@@ -520,7 +566,13 @@ bool run_case(const Case& c) {
     p.dv_acc = dv.data();
     p.deterministic = deterministic;
     const int64_t atomics_before = emu::atomic_adds.load();
-    const auto bwd = hopper_bwd ? run_bwd_sm90 : run_bwd;
+    const auto bwd = [&](const BlockBwdParams& params) {
+      if (hopper_bwd) {
+        run_bwd_sm90(params);
+      } else {
+        run_bwd(params, c.smem99 ? kSmem99Bytes : 0);
+      }
+    };
     bwd(p);
     if (deterministic && emu::atomic_adds.load() != atomics_before) {
       std::printf("%s deterministic backward used %lld atomics\n", hopper_bwd ? "Hopper" : "the",
@@ -691,15 +743,16 @@ void report_case_and_die(int sig) {
 const char* const kMaskNames[] = {"none",        "full",   "diagonal", "partial", "skipped",
                                   "masked_rows", "random", "window",   "window2", "packed"};
 
-// A case and its name: "[sm90a ]bf16|fp16 bB sqSq skSk hH/Hkv dD mask[ head-major][ splitN]
-// [ scale X]" (scale NaN: the default 1/sqrt(D), not named). The name seeds the case's data
-// (run_case), so a name is the whole case: parse_case reads one back.
+// A case and its name: "[sm90a |smem99 ]bf16|fp16 bB sqSq skSk hH/Hkv dD mask[ head-major]
+// [ splitN][ scale X]" (scale NaN: the default 1/sqrt(D), not named). The name seeds the case's
+// data (run_case), so a name is the whole case: parse_case reads one back.
 Case make_case(bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const std::string& mask,
-               bool head_major, int splits, double scale, bool sm90a) {
+               bool head_major, int splits, double scale, bool sm90a, bool smem99 = false) {
   const bool default_scale = std::isnan(scale);
   Case c{"", bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits,
-         default_scale ? 1.0 / std::sqrt(D) : scale, sm90a};
-  c.name = std::string(sm90a ? "sm90a " : "") + (bf16 ? "bf16" : "fp16") + " b" + std::to_string(B) +
+         default_scale ? 1.0 / std::sqrt(D) : scale, sm90a, smem99};
+  c.name = std::string(sm90a ? "sm90a " : smem99 ? "smem99 " : "") + (bf16 ? "bf16" : "fp16") +
+           " b" + std::to_string(B) +
            " sq" + std::to_string(Sq) + " sk" + std::to_string(Sk) + " h" + std::to_string(H) + "/" +
            std::to_string(Hkv) + " d" + std::to_string(D) + " " + mask +
            (head_major ? " head-major" : "") + (splits > 1 ? " split" + std::to_string(splits) : "") +
@@ -736,6 +789,8 @@ bool parse_case(const std::string& name, Case* out) {
   };
   const bool sm90a = t < tok.size() && tok[t] == "sm90a";
   if (sm90a) ++t;
+  const bool smem99 = !sm90a && t < tok.size() && tok[t] == "smem99";
+  if (smem99) ++t;
   const std::string dtype = next();
   if (dtype != "bf16" && dtype != "fp16") return bad("no dtype (bf16 or fp16)");
   int B = 0, Sq = 0, Sk = 0, H = 0, Hkv = 0, D = 0, splits = 1;
@@ -772,7 +827,9 @@ bool parse_case(const std::string& name, Case* out) {
   }
   if (D < 8 || D > 256 || D % 8 != 0) return bad("head dims are multiples of 8 up to 256");
   if (sm90a && D != 64 && D != 128 && D != 256) return bad("sm90a head dims are 64, 128 and 256");
-  *out = make_case(dtype == "bf16", B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a);
+  if (smem99 && D > 128) return bad("smem99 head dims are up to 128");
+  *out = make_case(dtype == "bf16", B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a,
+                   smem99);
   if (out->name != name) return bad("not the canonical name (extra spaces? scale digits?)");
   return true;
 }
@@ -788,7 +845,8 @@ double case_cost(const Case& c) {
   return c.sm90a ? cost / 3 : cost;
 }
 
-// A case drawn from the space the table samples: both dtypes, the Hopper kernels or not, batch 1-2,
+// A case drawn from the space the table samples: both dtypes, the Hopper kernels or not (or the
+// launches of a 99 KiB GPU, at head dims up to 128), batch 1-2,
 // lengths 1..~300 biased to the tiles' boundaries (the Hopper ones longer: their key tiles are
 // up to 256 long), GQA and MQA, every head-dim bucket and padded head dims (the Hopper kernels'
 // 64, 128 and 256), every mask, head-major strides, merges over 1-3 key blocks, the default scale
@@ -830,7 +888,9 @@ Case random_case(std::mt19937_64& rng, double max_cost) {
     const double scale = chance(0.7)   ? std::numeric_limits<double>::quiet_NaN()
                          : chance(0.1) ? 0.0
                                        : uniform(-500, 500) / 1000.0;
-    const Case c = make_case(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a);
+    const bool smem99 = !sm90a && D <= 128 && chance(0.25);
+    const Case c =
+        make_case(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a, smem99);
     if (case_cost(c) <= max_cost) return c;
   }
 }
@@ -874,8 +934,10 @@ int main(int argc, char** argv) {
   std::vector<Case> cases;
   auto add = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
                  bool head_major = false, int splits = 1,
-                 double scale = std::numeric_limits<double>::quiet_NaN(), bool sm90a = false) {
-    cases.push_back(make_case(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a));
+                 double scale = std::numeric_limits<double>::quiet_NaN(), bool sm90a = false,
+                 bool smem99 = false) {
+    cases.push_back(
+        make_case(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a, smem99));
   };
   // Every mask kind, tails on both sides (70 = 64 + 6 query rows, 100 keys), GQA.
   for (const char* mask : {"none", "full", "diagonal", "partial", "skipped", "masked_rows", "random"}) {
@@ -965,6 +1027,36 @@ int main(int argc, char** argv) {
   add_sm90a(true, 1, 60, 90, 2, 1, 256, "packed");
   add_sm90a(false, 1, 150, 97, 2, 1, 256, "packed");
 
+  // The launches of a GPU that allows 99 KiB of shared memory per block: the kSmallSmem forward
+  // (64-row query tiles) at d = 128, the kSmallSmem backward (64 keys per CTA, Q single buffered,
+  // dQ from registers; the deterministic dQ kernel with 32-key tiles) at d = 64 and 128, and at
+  // d = 96 and padded head dims up to 128 the backward of d = 128's; lengths 1, 7, 97 and several
+  // tiles with tails, GQA and MQA, every mask kind, head-major strides, merges, a scale that
+  // cannot be folded into the exponential.
+  auto add_smem99 = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
+                        bool head_major = false, int splits = 1,
+                        double scale = std::numeric_limits<double>::quiet_NaN()) {
+    add(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, false, /*smem99=*/true);
+  };
+  add_smem99(true, 1, 200, 300, 4, 2, 128, "diagonal");
+  add_smem99(false, 1, 97, 130, 2, 1, 128, "window");
+  add_smem99(true, 1, 150, 97, 2, 1, 128, "packed");
+  add_smem99(false, 1, 7, 97, 4, 1, 128, "diagonal", true, 2);
+  add_smem99(true, 1, 1, 97, 2, 2, 128, "window2");
+  add_smem99(false, 1, 100, 70, 2, 2, 128, "packed");
+  add_smem99(true, 1, 70, 100, 2, 1, 128, "partial", false, 2, -0.2);
+  add_smem99(false, 2, 40, 72, 2, 1, 128, "masked_rows");
+  add_smem99(true, 1, 130, 130, 2, 1, 64, "window");
+  add_smem99(false, 1, 97, 7, 4, 2, 64, "diagonal");
+  add_smem99(true, 1, 70, 100, 2, 1, 64, "packed");
+  add_smem99(false, 1, 70, 100, 2, 2, 64, "packed");
+  add_smem99(true, 1, 200, 150, 2, 1, 64, "diagonal");
+  add_smem99(false, 1, 70, 100, 2, 1, 64, "window");
+  add_smem99(true, 2, 45, 90, 4, 2, 64, "random", true);
+  add_smem99(false, 1, 65, 33, 2, 2, 96, "random");
+  add_smem99(true, 1, 70, 100, 2, 1, 72, "skipped");
+  add_smem99(false, 1, 97, 97, 2, 1, 112, "none", false, 3);
+
   // The list covers every head-dim bucket, and at d = 64, 128 and 256 each dtype with a causal
   // mask, a sliding window and packed sequences with pad rows (every case runs the forward, both
   // backward modes and the deterministic dQ kernel).
@@ -985,6 +1077,21 @@ int main(int argc, char** argv) {
               return headdim_bucket(c.D) == bucket && c.bf16 == bf16 && mask_kind(c.mask) == kind;
             })) {
           std::printf("coverage: no %s case at d%d %s\n", kind, bucket, bf16 ? "bf16" : "fp16");
+          ++missing;
+        }
+      }
+    }
+  }
+
+  // The smem99 cases: each dtype at d = 64 and 128 with a causal mask, a sliding window and packed
+  // sequences with pad rows.
+  for (int d : {64, 128}) {
+    for (bool bf16 : {true, false}) {
+      for (const char* kind : {"causal", "window", "packed"}) {
+        if (!std::any_of(cases.begin(), cases.end(), [&](const Case& c) {
+              return c.smem99 && c.D == d && c.bf16 == bf16 && mask_kind(c.mask) == kind;
+            })) {
+          std::printf("coverage: no smem99 %s case at d%d %s\n", kind, d, bf16 ? "bf16" : "fp16");
           ++missing;
         }
       }
