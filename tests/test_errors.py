@@ -110,6 +110,7 @@ def test_absent_rank_times_out_in_agreement(fault_pool, call):
         assert error == "RuntimeError", message
         assert message.startswith(f"{call}: rank {rank} timed out"), message
         assert "agreeing on inputs" in message, message
+        assert f"some rank of the group did not call {call}." in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
 
 

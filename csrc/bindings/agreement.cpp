@@ -120,7 +120,7 @@ std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
   std::vector<at::Tensor> inputs{envelope.to(device)};
   auto work = group.allgather(outputs, inputs);
   wait_or_raise(work, group, timeout_s, call, "while agreeing on inputs with the other ranks",
-                ": some rank did not call ring attention");
+                ": some rank of the group did not call " + call);
   std::vector<at::Tensor> gathered;
   std::ostringstream calls;
   bool same = true;

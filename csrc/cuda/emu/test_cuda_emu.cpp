@@ -429,9 +429,16 @@ double max_err(const std::vector<float>& got, const std::vector<double>& want, b
   return err / scale;
 }
 
+// The emulated device's shared memory per block for one case (emu::max_dynamic_smem), any again
+// once the case ends.
+struct EmulatedSmemLimit {
+  explicit EmulatedSmemLimit(size_t bytes) { emu::max_dynamic_smem = bytes; }
+  ~EmulatedSmemLimit() { emu::max_dynamic_smem = 0; }
+};
+
 bool run_case(const Case& c) {
   std::mt19937_64 rng(std::hash<std::string>{}(c.name));
-  emu::max_dynamic_smem = c.smem99 ? kSmem99Bytes : 0;
+  const EmulatedSmemLimit smem_limit(c.smem99 ? kSmem99Bytes : 0);
   const int B = c.B, Sq = c.Sq, Sk = c.Sk, H = c.H, Hkv = c.Hkv, D = c.D;
   // The Hopper kernels' TMA boxes reach past a sequence into the rows that follow it: NaN there.
   const int gap = c.sm90a ? 5 : 0;
