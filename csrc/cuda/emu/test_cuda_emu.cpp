@@ -1077,48 +1077,29 @@ int main(int argc, char** argv) {
       ++missing;
     }
   }
-  for (int bucket : {64, 128, 256}) {
-    for (bool bf16 : {true, false}) {
-      for (const char* kind : {"causal", "window", "packed"}) {
-        if (!covered([&](const Case& c) {
-              return headdim_bucket(c.D) == bucket && c.bf16 == bf16 && mask_kind(c.mask) == kind;
-            })) {
-          std::printf("coverage: no %s case at d%d %s\n", kind, bucket, bf16 ? "bf16" : "fp16");
-          ++missing;
+  // Each dtype with a causal mask, a sliding window and packed sequences with pad rows, at each
+  // head-dim bucket of `buckets`, among the cases of a family ("": the mma.sync kernels).
+  auto require_masks = [&](const char* family, std::initializer_list<int> buckets, auto&& in_family) {
+    for (int bucket : buckets) {
+      for (bool bf16 : {true, false}) {
+        for (const char* kind : {"causal", "window", "packed"}) {
+          if (!std::any_of(cases.begin(), cases.end(), [&](const Case& c) {
+                return in_family(c) && headdim_bucket(c.D) == bucket && c.bf16 == bf16 &&
+                       mask_kind(c.mask) == kind;
+              })) {
+            std::printf("coverage: no %s%s case at d%d %s\n", family, kind, bucket,
+                        bf16 ? "bf16" : "fp16");
+            ++missing;
+          }
         }
       }
     }
-  }
-
-  // The smem99 cases: each dtype at d = 64 and 128 with a causal mask, a sliding window and packed
-  // sequences with pad rows.
-  for (int d : {64, 128}) {
-    for (bool bf16 : {true, false}) {
-      for (const char* kind : {"causal", "window", "packed"}) {
-        if (!std::any_of(cases.begin(), cases.end(), [&](const Case& c) {
-              return c.smem99 && c.D == d && c.bf16 == bf16 && mask_kind(c.mask) == kind;
-            })) {
-          std::printf("coverage: no smem99 %s case at d%d %s\n", kind, d, bf16 ? "bf16" : "fp16");
-          ++missing;
-        }
-      }
-    }
-  }
-
-  // The Hopper kernels' cases: each dtype at d = 64, 128 and 256 with a causal mask, a sliding
-  // window and packed sequences with pad rows (the backward's at d = 64 and 128).
-  for (int d : {64, 128, 256}) {
-    for (bool bf16 : {true, false}) {
-      for (const char* kind : {"causal", "window", "packed"}) {
-        if (!std::any_of(cases.begin(), cases.end(), [&](const Case& c) {
-              return c.sm90a && c.D == d && c.bf16 == bf16 && mask_kind(c.mask) == kind;
-            })) {
-          std::printf("coverage: no sm90a %s case at d%d %s\n", kind, d, bf16 ? "bf16" : "fp16");
-          ++missing;
-        }
-      }
-    }
-  }
+  };
+  require_masks("", {64, 128, 256}, [](const Case& c) { return !c.sm90a; });
+  // The smem99 cases at d = 64 and 128; the Hopper kernels' at d = 64, 128 and 256 (the backward's
+  // at d = 64 and 128).
+  require_masks("smem99 ", {64, 128}, [](const Case& c) { return c.smem99; });
+  require_masks("sm90a ", {64, 128, 256}, [](const Case& c) { return c.sm90a; });
 
   // The named cases, or the drawn ones, in place of the table.
   const bool table = random_count < 0 && named.empty();
