@@ -4,8 +4,8 @@
 // shared-memory sizes.
 //
 // Shared memory is one dynamic buffer cut into 16-byte aligned regions (every kernel stays within
-// sm_80's 163 KiB per block, kSm80MaxSmemPerBlock); 16-bit tiles use a row pitch of kHeadDim + 8 elements so that
-// ldmatrix/stmatrix of 8 consecutive rows hit 8 distinct bank groups.
+// sm_80's 163 KiB per block, kSm80MaxSmemPerBlock); 16-bit tiles use a row pitch of kHeadDim + 8
+// elements so that ldmatrix/stmatrix of 8 consecutive rows hit 8 distinct bank groups.
 #pragma once
 
 #include <cstdint>
@@ -91,7 +91,7 @@ struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
 //   dV += P^T dO, dK += dS^T Q (kBlockN x d):      kDkvWarpsN x (8 / kDkvWarpsN), 32 keys per warp
 //   dQ = dS K (kBlockM x d):                       kDqWarpsM x (8 / kDqWarpsM)
 // P and dS go through shared memory between the first and the other two. Shared memory stays
-// within sm_80's 163 KB: Q is double buffered for d <= 128 (single at d = 256); dO is single
+// within sm_80's 163 KiB: Q is double buffered for d <= 128 (single at d = 256); dO is single
 // buffered (its next copy starts once dV is done with it); the dQ staging tile (fp32, flushed with
 // vector reductions) takes the place of P and dS once dQ has been computed, and at d = 256 there is
 // none (dQ is reduced from registers). kSmallSmem_: d = 256's choices (64 keys per CTA, Q single
