@@ -91,12 +91,12 @@ inline std::string alignment_error(const void* ptr, const Strides& st, int batch
 
 // The head-dim bucket whose kSmallSmem kernels (kernel_traits.cuh: within kSmallSmemPerBlock) a
 // launch at `bucket` runs where its usual ones exceed that, or 0 where there are none: the forward
-// at d = 128, the backward at d = 64 and 128, and at d = 96 the backward of d = 128 (its 64-key
-// dK/dV warp slices of 24 columns are not a layout the kernel has; the columns past 96 are zero,
-// as for every head dim between buckets). d = 256 has none (forward 104 KiB, backward 155 KiB).
+// at d = 128 and 256, the backward at d = 64, 128 and 256, and at d = 96 the backward of d = 128
+// (its 64-key dK/dV warp slices of 24 columns are not a layout the kernel has; the columns past 96
+// are zero, as for every head dim between buckets).
 constexpr int small_smem_bucket(int bucket, bool backward) {
-  if (!backward) return bucket == 128 ? 128 : 0;
-  return bucket == 64 ? 64 : bucket == 96 || bucket == 128 ? 128 : 0;
+  if (!backward) return bucket == 128 || bucket == 256 ? bucket : 0;
+  return bucket == 64 || bucket == 256 ? bucket : bucket == 96 || bucket == 128 ? 128 : 0;
 }
 
 // The dynamic shared memory per CTA (bytes) of the largest mma.sync kernel that a forward, or a

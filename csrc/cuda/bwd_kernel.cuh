@@ -1,5 +1,5 @@
 // Backward kernel body (FlashAttention-2 style): one CTA per (key tile of kBlockN keys, head, batch),
-// 8 warps (kernel_traits.cuh BwdTraits). K and V stay in shared memory; the query stages that see
+// kernel_traits.cuh BwdTraits' warps. K and V stay in shared memory; the query stages that see
 // the keys (tile table, tile_table.cuh) stream through it. Per stage of kBlockM query rows:
 //   S = Q K^T, dP = dO V^T                      (fp32, registers)
 //   P = exp(scale S - lse), 0 where masked      (partial stages only evaluate the mask)
@@ -42,6 +42,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
   constexpr int kNT = Traits::kNThreads, kStride = Traits::kStride;
   constexpr int kStrideP = Traits::kStrideP, kStrideDq = Traits::kStrideDq;
   constexpr int kSdpMt = Traits::kSdpMTiles, kSdpRows = 16 * kSdpMt;
+  constexpr int kSdpNb = Traits::kSdpKeys / 8;  // n-blocks of a warp's S, dP (keys)
   constexpr int kDkvCols = Traits::kDkvCols, kDqMt = Traits::kDqMTiles, kDqCols = Traits::kDqCols;
 
   using QCopy = TileCopy<kBM, kD, kStride, kNT>;   // query rows (Q, dO)
@@ -84,7 +85,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
 
   // Warp layouts (kernel_traits.cuh): S/dP rows sm0.. x keys sn0..; dK/dV keys kn0.. x columns
   // kc0..; dQ rows qm0.. x columns qc0...
-  const int sm0 = (warp % Traits::kSdpWarpsM) * kSdpRows, sn0 = (warp / Traits::kSdpWarpsM) * 32;
+  const int sm0 = (warp % Traits::kSdpWarpsM) * kSdpRows, sn0 = (warp / Traits::kSdpWarpsM) * Traits::kSdpKeys;
   const int kn0 = (warp % Traits::kDkvWarpsN) * 32, kc0 = (warp / Traits::kDkvWarpsN) * kDkvCols;
   const int qm0 = (warp % Traits::kDqWarpsM) * 16 * kDqMt;
   const int qc0 = (warp / Traits::kDqWarpsM) * kDqCols;
@@ -173,11 +174,11 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
         const uint16_t* tQ = sQ + qb * Traits::kTileBytes / 2;
 
         // S = Q K^T and dP = dO V^T: rows sm0.. (queries) x keys sn0.. of this warp.
-        float s[kSdpMt][4][4], dp[kSdpMt][4][4];
+        float s[kSdpMt][kSdpNb][4], dp[kSdpMt][kSdpNb][4];
         zero(s);
         zero(dp);
-        warp_gemm<kBF16, kSdpMt, 4, kD / 16, false, kStride, false, kStride>(s, tQ, sm0, 0, sK, sn0, 0, lane);
-        warp_gemm<kBF16, kSdpMt, 4, kD / 16, false, kStride, false, kStride>(dp, sdO, sm0, 0, sV, sn0, 0, lane);
+        warp_gemm<kBF16, kSdpMt, kSdpNb, kD / 16, false, kStride, false, kStride>(s, tQ, sm0, 0, sK, sn0, 0, lane);
+        warp_gemm<kBF16, kSdpMt, kSdpNb, kD / 16, false, kStride, false, kStride>(dp, sdO, sm0, 0, sV, sn0, 0, lane);
 
         // P and dS = scale P (dP - delta), in place; 0 where a partial stage's row does not see a
         // key (kMasked: the mask is evaluated at all).
@@ -198,7 +199,7 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
                                     : PositionRange32{INT32_MAX, INT32_MIN};
               }
               RA_UNROLL
-              for (int nb = 0; nb < 4; ++nb) {
+              for (int nb = 0; nb < kSdpNb; ++nb) {
                 RA_UNROLL
                 for (int e2 = 0; e2 < 2; ++e2) {
                   const int kl = sn0 + nb * 8 + t4 * 2 + e2, j = 2 * r + e2;
@@ -218,8 +219,8 @@ RA_DEV void block_bwd_body(const BlockBwdParams& p, char* smem) {
         } else {
           p_and_ds.template operator()<false>();
         }
-        store_frags<kBF16, kSdpMt, 4, kStrideP>(s, sP, sm0, sn0, lane);
-        store_frags<kBF16, kSdpMt, 4, kStrideP>(dp, sdS, sm0, sn0, lane);
+        store_frags<kBF16, kSdpMt, kSdpNb, kStrideP>(s, sP, sm0, sn0, lane);
+        store_frags<kBF16, kSdpMt, kSdpNb, kStrideP>(dp, sdS, sm0, sn0, lane);
         sync_threads();  // P and dS of every warp are in
 
         // dV += P^T dO, dK += dS^T Q: keys kn0.. x columns kc0.. of this warp.

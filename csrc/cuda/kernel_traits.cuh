@@ -46,7 +46,7 @@ struct KernelTraitsBase {
 // Forward (block_fwd_body): one CTA per (query tile of kBlockM rows, head, batch), 4 warps of
 // kMTiles m-tiles of 16 rows, so that each K/V fragment read from shared memory feeds kMTiles MMAs.
 // K/V tiles of kBlockN keys are double buffered. kSmallSmem_: one m-tile per warp (a Q tile half
-// as tall), within kSmallSmemPerBlock at d <= 128.
+// as tall) and, at d = 256, 16-key tiles: within kSmallSmemPerBlock at every head dim.
 template <bool kBF16_, int kHeadDim_, bool kSmallSmem_ = false>
 struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
   using Base = KernelTraitsBase<kBF16_, kHeadDim_, 4>;
@@ -56,7 +56,7 @@ struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
   // leaves registers for one m-tile only.
   static constexpr int kMTiles = kHeadDim > 128 || kSmallSmem ? 1 : 2;
   static constexpr int kBlockM = 16 * kMTiles * kNWarps;
-  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : (kHeadDim <= 128 ? 64 : 32);
+  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? 64 : kSmallSmem ? 16 : 32;
   // Q as MMA fragments in registers for the whole kernel (else re-read from smem per key tile).
   static constexpr bool kQInRegs = kHeadDim <= 32;
   // Register pressure: the S and O accumulators take 192 of a thread's 255 registers at d = 64 and
@@ -84,35 +84,44 @@ struct FwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
                 "shared memory of a CTA");
 };
 
-// Backward (block_bwd_body): one CTA per (key tile of kBlockN keys, head, batch), 8 warps; query
-// stages of kBlockM rows stream through shared memory. Per stage, three warp layouts (rows x
-// columns of warps):
-//   S = Q K^T, dP = dO V^T (kBlockM x kBlockN):   kSdpWarpsM x (8 / kSdpWarpsM), 32 keys per warp
-//   dV += P^T dO, dK += dS^T Q (kBlockN x d):      kDkvWarpsN x (8 / kDkvWarpsN), 32 keys per warp
-//   dQ = dS K (kBlockM x d):                       kDqWarpsM x (8 / kDqWarpsM)
+// Backward (block_bwd_body): one CTA per (key tile of kBlockN keys, head, batch), 8 warps (4 in
+// the kSmallSmem variant at d = 256); query stages of kBlockM rows (a quarter of the CTA's
+// threads: one thread per word of a stage's row data) stream through shared memory. Per stage,
+// three warp layouts (rows x columns of warps):
+//   S = Q K^T, dP = dO V^T (kBlockM x kBlockN): kSdpWarpsM x kSdpWarpsN, kSdpKeys keys a warp
+//   dV += P^T dO, dK += dS^T Q (kBlockN x d):    kDkvWarpsN x (kNWarps / kDkvWarpsN), 32 keys each
+//   dQ = dS K (kBlockM x d):                     kDqWarpsM x (kNWarps / kDqWarpsM)
 // P and dS go through shared memory between the first and the other two. Shared memory stays
 // within sm_80's 163 KiB: Q is double buffered for d <= 128 (single at d = 256); dO is single
 // buffered (its next copy starts once dV is done with it); the dQ staging tile (fp32, flushed with
 // vector reductions) takes the place of P and dS once dQ has been computed, and at d = 256 there is
 // none (dQ is reduced from registers). kSmallSmem_: d = 256's choices (64 keys per CTA, Q single
-// buffered, no dQ staging) at every head dim, within kSmallSmemPerBlock at d <= 128.
+// buffered, no dQ staging) at every head dim, within kSmallSmemPerBlock at d <= 128; at d = 256
+// 4 warps, 32 keys per CTA and 32-row query stages, 16 keys a warp in S and dP, each warp's dQ
+// all 32 rows (its dK/dV slice is the usual d = 256 one: 32 keys x 64 columns).
+constexpr int bwd_warps(int head_dim, bool small_smem) {
+  return head_dim > 128 && small_smem ? 4 : 8;
+}
+
 template <bool kBF16_, int kHeadDim_, bool kSmallSmem_ = false>
-struct BwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 8> {
-  using Base = KernelTraitsBase<kBF16_, kHeadDim_, 8>;
+struct BwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, bwd_warps(kHeadDim_, kSmallSmem_)> {
+  using Base = KernelTraitsBase<kBF16_, kHeadDim_, bwd_warps(kHeadDim_, kSmallSmem_)>;
   using Base::kHeadDim, Base::kNWarps, Base::kNThreads, Base::kStride;
   static constexpr bool kSmallSmem = kSmallSmem_;
   static constexpr bool kWide = kHeadDim <= 128 && !kSmallSmem;  // 128 keys, Q double buffered
-  static constexpr int kBlockN = kWide ? 128 : 64;  // keys per CTA
-  static constexpr int kBlockM = 64;                // query rows per stage
+  static constexpr int kBlockN = kWide ? 128 : kNWarps == 8 ? 64 : 32;  // keys per CTA
+  static constexpr int kBlockM = kNThreads / 4;                        // query rows per stage
   static constexpr int kStrideP = kBlockN + 8;    // P, dS (queries x keys)
   static constexpr int kStrideDq = kHeadDim + 8;  // dQ staging, fp32
   static constexpr int kQStages = kWide ? 2 : 1;
   static constexpr bool kDqStaging = kWide;
-  static constexpr int kSdpWarpsM = kBlockN == 128 ? 2 : 4;
+  static constexpr int kSdpKeys = kBlockN >= 64 ? 32 : 16;
+  static constexpr int kSdpWarpsN = kBlockN / kSdpKeys;
+  static constexpr int kSdpWarpsM = kNWarps / kSdpWarpsN;
   static constexpr int kSdpMTiles = kBlockM / kSdpWarpsM / 16;
   static constexpr int kDkvWarpsN = kBlockN / 32;
   static constexpr int kDkvCols = kHeadDim / (kNWarps / kDkvWarpsN);
-  static constexpr int kDqWarpsM = kHeadDim >= 128 ? 2 : 4;
+  static constexpr int kDqWarpsM = kNWarps == 4 ? 1 : kHeadDim >= 128 ? 2 : 4;
   static constexpr int kDqMTiles = kBlockM / kDqWarpsM / 16;
   static constexpr int kDqCols = kHeadDim / (kNWarps / kDqWarpsM);
   // K, V; Q (kQStages), dO; P, dS (or the dQ staging tile); a stage's row data, two stages:
@@ -133,7 +142,8 @@ struct BwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 8> {
   static constexpr int kOffTable = kOffKpos + align16(kBlockN * 4);
   static constexpr int kOffScratch = kOffTable + Base::kTableBytes;
   static constexpr int kSmemBytes = kOffScratch + Base::kScratchBytes;
-  static_assert(kSdpMTiles >= 1 && kDqMTiles >= 1, "warp layout");
+  static_assert(kSdpWarpsM * kSdpWarpsN == kNWarps && kSdpMTiles >= 1 && kDqMTiles >= 1,
+                "warp layout");
   static_assert(kDkvCols % 16 == 0 && kDqCols % 16 == 0, "warp column slices of 16");
   static_assert(!kDqStaging || kBlockM * kStrideDq * 4 <= 2 * kPBytes, "dQ staging size");
   static_assert(kSmemBytes <= (kSmallSmem ? kSmallSmemPerBlock : kSm80MaxSmemPerBlock),
@@ -141,14 +151,19 @@ struct BwdTraits : KernelTraitsBase<kBF16_, kHeadDim_, 8> {
 };
 
 // Deterministic dQ (block_dq_body): one CTA per (query tile of kBlockM rows, head, batch), 4 warps
-// of 16 rows; K/V tiles of kBlockN keys, double buffered. kSmallSmem_: 32-key tiles, as at d = 256.
+// of 16 rows; K/V tiles of kBlockN keys, double buffered. kSmallSmem_: 32-key tiles, as at d = 256;
+// at d = 256 2 warps and 16-key tiles.
+constexpr int dq_warps(int head_dim, bool small_smem) {
+  return head_dim > 128 && small_smem ? 2 : 4;
+}
+
 template <bool kBF16_, int kHeadDim_, bool kSmallSmem_ = false>
-struct DqTraits : KernelTraitsBase<kBF16_, kHeadDim_, 4> {
-  using Base = KernelTraitsBase<kBF16_, kHeadDim_, 4>;
+struct DqTraits : KernelTraitsBase<kBF16_, kHeadDim_, dq_warps(kHeadDim_, kSmallSmem_)> {
+  using Base = KernelTraitsBase<kBF16_, kHeadDim_, dq_warps(kHeadDim_, kSmallSmem_)>;
   using Base::kHeadDim, Base::kNWarps, Base::kStride;
   static constexpr bool kSmallSmem = kSmallSmem_;
   static constexpr int kBlockM = 16 * kNWarps;
-  static constexpr int kBlockN = kHeadDim <= 128 && !kSmallSmem ? 64 : 32;
+  static constexpr int kBlockN = kHeadDim <= 128 ? (kSmallSmem ? 32 : 64) : (kSmallSmem ? 16 : 32);
   // Q, dO; K and V, two stages each; key positions of a partial tile, two stages; the rows' bounds;
   // the tile table; scratch.
   static constexpr int kOffQ = 0;

@@ -14,8 +14,9 @@
 // dQ kernels, sm90_dq_kernel.cuh, with no reduction; at d = 256 the mma.sync kernels); checked to
 // cover each dtype with causal, sliding-window and packed masks. The "smem99" cases launch as on a
 // GPU that allows 99 KiB of shared memory per block (compute capability 8.6, 8.9): the kSmallSmem
-// kernels where the usual ones do not fit (block_attn_cuda.h smem_variant), at d = 64, 96 and 128;
-// checked to cover each dtype with causal, sliding-window and packed masks at d = 64 and 128.
+// kernels where the usual ones do not fit (block_attn_cuda.h smem_variant), at d = 64, 96, 128 and
+// 256; checked to cover each dtype with causal, sliding-window and packed masks at d = 64, 128 and
+// 256.
 // Built for the sm_90 code paths (stmatrix, vector reductions), and with RA_EMU_SM80 for the sm_80
 // ones; csrc/cuda/emu/mutants.py checks that injected bugs make it fail.
 // Exit status 0 when every case passes. Usage:
@@ -834,7 +835,6 @@ bool parse_case(const std::string& name, Case* out) {
   }
   if (D < 8 || D > 256 || D % 8 != 0) return bad("head dims are multiples of 8 up to 256");
   if (sm90a && D != 64 && D != 128 && D != 256) return bad("sm90a head dims are 64, 128 and 256");
-  if (smem99 && D > 128) return bad("smem99 head dims are up to 128");
   *out = make_case(dtype == "bf16", B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a,
                    smem99);
   if (out->name != name) return bad("not the canonical name (extra spaces? scale digits?)");
@@ -853,7 +853,7 @@ double case_cost(const Case& c) {
 }
 
 // A case drawn from the space the table samples: both dtypes, the Hopper kernels or not (or the
-// launches of a 99 KiB GPU, at head dims up to 128), batch 1-2,
+// launches of a 99 KiB GPU), batch 1-2,
 // lengths 1..~300 biased to the tiles' boundaries (the Hopper ones longer: their key tiles are
 // up to 256 long), GQA and MQA, every head-dim bucket and padded head dims (the Hopper kernels'
 // 64, 128 and 256), every mask, head-major strides, merges over 1-3 key blocks, the default scale
@@ -895,7 +895,7 @@ Case random_case(std::mt19937_64& rng, double max_cost) {
     const double scale = chance(0.7)   ? std::numeric_limits<double>::quiet_NaN()
                          : chance(0.1) ? 0.0
                                        : uniform(-500, 500) / 1000.0;
-    const bool smem99 = !sm90a && D <= 128 && chance(0.25);
+    const bool smem99 = !sm90a && chance(0.25);
     const Case c =
         make_case(bf16, B, Sq, Sk, H, Hkv, D, mask, head_major, splits, scale, sm90a, smem99);
     if (case_cost(c) <= max_cost) return c;
@@ -1035,11 +1035,12 @@ int main(int argc, char** argv) {
   add_sm90a(false, 1, 150, 97, 2, 1, 256, "packed");
 
   // The launches of a GPU that allows 99 KiB of shared memory per block: the kSmallSmem forward
-  // (64-row query tiles) at d = 128, the kSmallSmem backward (64 keys per CTA, Q single buffered,
-  // dQ from registers; the deterministic dQ kernel with 32-key tiles) at d = 64 and 128, and at
-  // d = 96 and padded head dims up to 128 the backward of d = 128's; lengths 1, 7, 97 and several
-  // tiles with tails, GQA and MQA, every mask kind, head-major strides, merges, a scale that
-  // cannot be folded into the exponential.
+  // (64-row query tiles) at d = 128 and 256 (there with 16-key tiles), the kSmallSmem backward (64
+  // keys per CTA, Q single buffered, dQ from registers; the deterministic dQ kernel with 32-key
+  // tiles) at d = 64 and 128, at d = 256 with 4 warps, 32 keys per CTA and 32-row query stages
+  // (the dQ kernel: 2 warps, 16-key tiles), and at d = 96 and padded head dims up to 128 the
+  // backward of d = 128's; lengths 1, 7, 97 and several tiles with tails, GQA and MQA, every mask
+  // kind, head-major strides, merges, a scale that cannot be folded into the exponential.
   auto add_smem99 = [&](bool bf16, int B, int Sq, int Sk, int H, int Hkv, int D, const char* mask,
                         bool head_major = false, int splits = 1,
                         double scale = std::numeric_limits<double>::quiet_NaN()) {
@@ -1063,6 +1064,14 @@ int main(int argc, char** argv) {
   add_smem99(false, 1, 65, 33, 2, 2, 96, "random");
   add_smem99(true, 1, 70, 100, 2, 1, 72, "skipped");
   add_smem99(false, 1, 97, 97, 2, 1, 112, "none", false, 3);
+  add_smem99(true, 1, 97, 130, 4, 2, 256, "diagonal");
+  add_smem99(false, 1, 70, 100, 2, 1, 256, "diagonal", true, 2);
+  add_smem99(true, 1, 7, 97, 2, 2, 256, "window");
+  add_smem99(false, 1, 97, 40, 2, 1, 256, "window2");
+  add_smem99(true, 1, 100, 70, 2, 1, 256, "packed");
+  add_smem99(false, 2, 45, 90, 4, 2, 256, "packed");
+  add_smem99(true, 1, 33, 65, 2, 1, 256, "partial", false, 2, -0.2);
+  add_smem99(false, 1, 40, 50, 2, 1, 200, "masked_rows");
 
   // The list covers every head-dim bucket, and at d = 64, 128 and 256 each dtype with a causal
   // mask, a sliding window and packed sequences with pad rows (every case runs the forward, both
@@ -1096,9 +1105,9 @@ int main(int argc, char** argv) {
     }
   };
   require_masks("", {64, 128, 256}, [](const Case& c) { return !c.sm90a; });
-  // The smem99 cases at d = 64 and 128; the Hopper kernels' at d = 64, 128 and 256 (the backward's
-  // at d = 64 and 128).
-  require_masks("smem99 ", {64, 128}, [](const Case& c) { return c.smem99; });
+  // The smem99 cases at d = 64, 128 and 256; the Hopper kernels' at d = 64, 128 and 256 (the
+  // backward's at d = 64 and 128).
+  require_masks("smem99 ", {64, 128, 256}, [](const Case& c) { return c.smem99; });
   require_masks("sm90a ", {64, 128, 256}, [](const Case& c) { return c.sm90a; });
 
   // The named cases, or the drawn ones, in place of the table.
