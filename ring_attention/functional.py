@@ -1,4 +1,5 @@
 """The differentiable ring attention entry points."""
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -96,28 +97,43 @@ def _kv_exchange(kv_exchange) -> str:
 _ARGUMENT_ERROR = "invalid argument: "
 
 
-def _scale_error(value) -> str:
+# The kernels of every dtype but float64 accumulate in float32 and fold log2(e) into the scale
+# (scores in base 2: softmax_scale * log2(e) * q.k, csrc/cpu/block_attn_cpu.cpp and the CUDA
+# kernels); a scale whose product with log2(e) is no float32 turns every score into inf or NaN.
+_LOG2E = 1.4426950408889634
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_SCALE_MAX = _FLOAT32_MAX / _LOG2E
+
+
+def _scale_error(value, dtype=None) -> str:
     """Why softmax_scale (not None) cannot reach the ops as a float ("" when it can): not a
-    number, or a number beyond the range of a float (an int such as 10**400)."""
+    number, a number beyond the range of a float (an int such as 10**400), or, for inputs of
+    `dtype` other than float64, a number whose product with log2(e) overflows float32."""
     if isinstance(value, (bool, str, bytes)):
         return f"softmax_scale must be a number or None, got {_short_repr(value)}"
     try:
-        float(value)
+        scale = float(value)
     except OverflowError:
         return f"softmax_scale must be finite, got {_short_repr(value)}"
     except (RuntimeError, TypeError, ValueError):
         return f"softmax_scale must be a number or None, got {_short_repr(value)}"
+    if (dtype is not None and dtype != torch.float64 and math.isfinite(scale)
+            and abs(scale) * _LOG2E >= _FLOAT32_MAX):
+        return (f"softmax_scale {_short_repr(value)} is too large for {dtype} inputs: the "
+                f"kernels compute softmax_scale * log2(e) in float32, so |softmax_scale| must be "
+                f"below {_FLOAT32_SCALE_MAX:.4g} (float64 inputs take any finite scale)")
     return ""
 
 
-def _layout(layout, softmax_scale=None, window_size=(-1, -1), **flags) -> str:
+def _layout(layout, softmax_scale=None, window_size=(-1, -1), dtype=None, **flags) -> str:
     """The layout as the ops take it. A layout that is not a str, a softmax_scale that is not a
-    number (or overflows a float), a window_size that is not a pair of int64, or a flag (causal,
-    ...) that is not bool-like becomes the argument error that the ops raise on every rank."""
+    number (or overflows a float, or for inputs of `dtype` other than float64 the float32
+    accumulators), a window_size that is not a pair of int64, or a flag (causal, ...) that is not
+    bool-like becomes the argument error that the ops raise on every rank."""
     for name, value in flags.items():
         if _flag(value) is None:
             return f"{_ARGUMENT_ERROR}{name} must be True or False, got {value!r}"
-    scale_error = _scale_error(softmax_scale) if softmax_scale is not None else ""
+    scale_error = _scale_error(softmax_scale, dtype) if softmax_scale is not None else ""
     if scale_error:
         return _ARGUMENT_ERROR + scale_error
     window_error = _window_error(window_size)
@@ -161,7 +177,7 @@ def _op_arguments(q, causal, softmax_scale, window_size, layout, return_lse, det
     """The keywords as the ops take them: (causal, softmax_scale, (left, right), layout,
     deterministic, kv_exchange, return_lse). An argument of the wrong type becomes a value that
     the ops' agreement rejects on every rank."""
-    layout = _layout(layout, softmax_scale, window_size, causal=causal,
+    layout = _layout(layout, softmax_scale, window_size, q.dtype, causal=causal,
                      deterministic=deterministic, return_lse=return_lse)
     return (bool(_flag(causal)), _default_scale(q, softmax_scale), _window(window_size), layout,
             _deterministic(deterministic), _kv_exchange(kv_exchange), bool(_flag(return_lse)))

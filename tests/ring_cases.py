@@ -108,6 +108,9 @@ INVALID_INPUTS = {
     "window_beyond_int64": (_with(window_size=(2 ** 63, 0)),
                             "window_size values must be >= 0 and at most 2**63 - 1"),
     "scale_beyond_float": (_with(softmax_scale=10 ** 400), "softmax_scale must be finite, got 1000"),
+    # The float32 accumulators take softmax_scale * log2(e): beyond float32 every score is inf.
+    "scale_beyond_float32": (_with(softmax_scale=3e38),
+                             "softmax_scale 3e+38 is too large for torch.float32 inputs"),
     "zigzag_odd_length": (
         lambda q, k, v, kw: (q[:, :7], k[:, :7], v[:, :7], {**kw, "layout": "zigzag"}),
         "layout 'zigzag' needs an even local sequence length"),

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import ring_attention as ra
 from cases import (NEG_INF, acc_dtype, assert_close, assert_forward_close, block_bwd, block_fwd,
-                   block_mask, random_qkv, reference, seed_of, sequence_ranges, visible)
+                   block_mask, random_qkv, reference, seed_of, sequence_ranges, sequence_visible,
+                   visible)
 from ring_attention.testing import LocalRing
 
 
@@ -279,6 +280,62 @@ def check_nan_propagates(dtype, world):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_nan_inputs_propagate_as_in_sdpa(dtype, world):
     check_nan_propagates(dtype, world)
+
+
+def pairwise_reference(q, k, v, dout, seen, scale):
+    """(out, lse, dq, dk, dv) in float64 where a value reaches a result only through the (query,
+    key) pairs that `seen` (sq, sk) makes visible: a NaN or inf in q, k or v spreads to exactly
+    what depends on it. q, k, v, dout (batch, seq, heads, d), as many K/V heads as query heads."""
+    q, k, v, dout = (t.double().transpose(1, 2) for t in (q, k, v, dout))  # (b, h, s, d)
+    pair = seen.view(1, 1, *seen.shape)
+    pair5 = pair.unsqueeze(-1)
+    scores = torch.where(pair, scale * q @ k.transpose(-1, -2), NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.where(pair, torch.exp(scores - lse.unsqueeze(-1)), 0.0)
+    out = torch.where(pair5, probs.unsqueeze(-1) * v.unsqueeze(2), 0.0).sum(3)
+    dprobs = torch.where(pair, (dout.unsqueeze(3) * v.unsqueeze(2)).sum(-1), 0.0)
+    dscores = torch.where(pair, probs * (dprobs - (dout * out).sum(-1, keepdim=True)), 0.0)
+    dq = scale * torch.where(pair5, dscores.unsqueeze(-1) * k.unsqueeze(2), 0.0).sum(3)
+    dk = scale * torch.where(pair5, dscores.unsqueeze(-1) * q.unsqueeze(3), 0.0).sum(2)
+    dv = torch.where(pair5, probs.unsqueeze(-1) * dout.unsqueeze(3), 0.0).sum(2)
+    return (out.transpose(1, 2), lse, *(t.transpose(1, 2) for t in (dq, dk, dv)))
+
+
+@pytest.mark.parametrize("world,layout,causal,window", [
+    (1, "contiguous", True, (-1, -1)), (2, "zigzag", True, (-1, -1)),
+    (3, "striped", True, (-1, -1)), (3, "contiguous", True, (5, 0)),
+    (2, "contiguous", False, (4, 3)), (4, "zigzag", False, (-1, -1))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_non_finite_inputs_reach_every_result_that_depends_on_them(dtype, world, layout, causal,
+                                                                   window):
+    """A NaN, inf or -inf in one element of q, k or v, on any rank: every output, lse and gradient
+    element that depends on it through a visible pair is NaN or inf (never a finite number), and
+    the finite ones match the reference. Elements that do not depend on it may be non-finite too
+    (a block that holds it multiplies masked pairs by it, as SDPA does for every row)."""
+    seqlen, heads, headdim = 48, 2, 8
+    seen = sequence_visible(seqlen, causal, window)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for name, token, value in [("q", 7, float("nan")), ("k", 29, float("nan")),
+                               ("v", 29, float("inf")), ("k", 40, float("-inf")),
+                               ("v", 47, float("nan")), ("q", 30, float("inf"))]:
+        q, k, v, dout = random_qkv(seed_of("non-finite", name, token), 1, seqlen, seqlen, heads,
+                                   heads, headdim, dtype)
+        dict(q=q, k=k, v=v)[name][0, token, 1, 2] = value
+        ring = LocalRing(world)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        outs, lses = ring.ring_attn_func(*(ring.shard(t, layout=layout) for t in leaves),
+                                         causal=causal, window_size=window, layout=layout,
+                                         return_lse=True)
+        out, lse = ring.unshard(outs, layout=layout), ring.unshard(lses, layout=layout, dim=2)
+        grads = torch.autograd.grad(out, leaves, dout)
+        want = pairwise_reference(q, k, v, dout, seen, headdim ** -0.5)
+        for what, got, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
+            got = got.double()
+            assert not (torch.isfinite(got) & ~torch.isfinite(ref)).any(), (name, token, what)
+            both = torch.isfinite(got) & torch.isfinite(ref)
+            if both.any():
+                assert (got - ref)[both].abs().max() <= tol * max(1.0, ref[both].abs().max()), \
+                    (name, token, what)
 
 
 # ---- instruction sets --------------------------------------------------------------------------

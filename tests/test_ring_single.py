@@ -82,6 +82,35 @@ def test_invalid_input_raises_value_error(kind):
     assert ring_cases.INVALID_INPUTS[kind][1] in message
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_huge_softmax_scale_is_exact_or_rejected(dtype):
+    """A softmax_scale just below float32's largest value / log2(e) with small q and k (moderate
+    logits) matches the reference, through the ring too; at the limit and beyond, inputs that
+    accumulate in float32 raise ValueError instead of returning NaN, and float64 inputs take the
+    same scale."""
+    q, k, v, _ = random_qkv(seed_of("huge scale"), 1, 8, 8, 2, 1, 4, torch.float64)
+    q, k = q * 1e-19, k * 1e-19  # logits ~ scale * 1e-38: of order one
+    limit = torch.finfo(torch.float32).max / 1.4426950408889634
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    scale = 0.999 * limit
+    if dtype == torch.float16:  # 1e-19 underflows float16: q = k = 0, every key weighs the same
+        q, k = torch.zeros_like(q), torch.zeros_like(k)
+    want, want_lse = ra.attention_reference(q.to(dtype), k.to(dtype), v.to(dtype),
+                                            softmax_scale=scale)
+    ring = LocalRing(2)
+    for outs in ([ra.ring_attn_func(q.to(dtype), k.to(dtype), v.to(dtype), softmax_scale=scale)],
+                 ring.ring_attn_func(*(ring.shard(t.to(dtype)) for t in (q, k, v)),
+                                     softmax_scale=scale)):
+        out = torch.cat(outs, dim=1)
+        assert torch.isfinite(out).all()
+        assert (out.double() - want).abs().max() < tolerance
+    for bad in (limit, 3e38, -1e39, 1e300):
+        with pytest.raises(ValueError, match="is too large for torch"):
+            ra.ring_attn_func(q.to(dtype), k.to(dtype), v.to(dtype), softmax_scale=bad)
+    out = ra.ring_attn_func(q, k, v, softmax_scale=3e38)  # float64 accumulates in float64
+    assert (out - ra.attention_reference(q, k, v, softmax_scale=3e38)[0]).abs().max() < 1e-12
+
+
 @pytest.mark.parametrize("window_size", [5, ("a", "b"), (1.5, 0), (1, 2, 3), None],
                          ids=["int", "strings", "float", "triple", "none"])
 def test_malformed_window_size_is_named_as_given(window_size):
