@@ -33,12 +33,13 @@ def _check_devices(q: torch.Tensor, cu_seqlens=None, /, **tensors) -> None:
     """ValueError unless every tensor (None: absent) is on q's device (cu_seqlens: or on the
     CPU). The fake kernels also run as meta kernels, which the dispatcher picks when any one
     argument is a meta tensor: unchecked, a CPU q with a meta k got an uninitialised output."""
+    call = "ring_attn_func" if cu_seqlens is None else "ring_attn_varlen_func"
     for name, t in tensors.items():
         if t is not None and t.device != q.device:
-            raise ValueError(f"ring_attn_func: every tensor must be on q's device ({q.device}); "
+            raise ValueError(f"{call}: every tensor must be on q's device ({q.device}); "
                              f"got {name} on {t.device}")
     if cu_seqlens is not None and cu_seqlens.device not in (q.device, torch.device("cpu")):
-        raise ValueError(f"ring_attn_func: cu_seqlens must be on the CPU or on q's device "
+        raise ValueError(f"{call}: cu_seqlens must be on the CPU or on q's device "
                          f"({q.device}); got cu_seqlens on {cu_seqlens.device}")
 
 

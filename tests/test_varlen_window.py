@@ -298,13 +298,27 @@ def test_cpu_results_are_bitwise_deterministic():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("kind", sorted(set(__import__("ring_cases").VARLEN_INVALID) - {"differs"}))
+def test_bad_cu_seqlens_raises_without_a_group(kind):
+    """One process: ValueError named after ring_attn_varlen_func, naming cu_seqlens."""
+    from ring_cases import VARLEN_INVALID
+    cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
+    q, k, v = (torch.randn(9, 2, 16) for _ in range(3))
+    with pytest.raises(ValueError) as error:
+        ra.ring_attn_varlen_func(q, k, v, VARLEN_INVALID[kind][0](cu), causal=True)
+    message = str(error.value)
+    assert message.startswith("ring_attn_varlen_func: ") and "cu_seqlens" in message, message
+
+
 # ---- across processes (gloo) -----------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", sorted(__import__("ring_cases").VARLEN_INVALID))
 def test_bad_cu_seqlens_raises_on_every_rank(rank_pool, kind):
+    """The same ValueError on every rank, named after ring_attn_varlen_func."""
     from ring_cases import VARLEN_INVALID, check_varlen_rejected
     messages = rank_pool(3).run(check_varlen_rejected, kind, (1,))
     assert len(set(messages)) == 1, messages
+    assert messages[0].startswith("ring_attn_varlen_func: "), messages[0]
     assert VARLEN_INVALID[kind][1] in messages[0], messages[0]
     if kind != "differs":
         assert "rank 1: " in messages[0], messages[0]

@@ -334,7 +334,17 @@ at::Tensor describe(const RingCall& call) {
   return descriptor;
 }
 
-void check_descriptors(const std::vector<at::Tensor>& all) {
+namespace {
+
+// The function a ring call comes from, as the agreement names it.
+std::string call_name(const RingCall& call, bool grid = false) {
+  const char* name = call.cu_seqlens.defined() ? "ring_attn_varlen_func" : "ring_attn_func";
+  return grid ? std::string(name) + " (Ulysses)" : name;
+}
+
+}  // namespace
+
+void check_descriptors(const std::vector<at::Tensor>& all, const std::string& call) {
   const int world = static_cast<int>(all.size());
   std::ostringstream errors;
   for (int r = 0; r < world; ++r) {
@@ -346,8 +356,7 @@ void check_descriptors(const std::vector<at::Tensor>& all) {
     }
   }
   const std::string invalid = errors.str();
-  TORCH_CHECK_VALUE(invalid.empty(), "ring_attn_func: invalid input (every rank raises this):",
-                    invalid);
+  TORCH_CHECK_VALUE(invalid.empty(), call, ": invalid input (every rank raises this):", invalid);
 
   for (int field = 0; field < kHasError; ++field) {
     bool same = true;
@@ -360,39 +369,31 @@ void check_descriptors(const std::vector<at::Tensor>& all) {
       os << (r ? ", " : "") << "rank " << r << ": "
          << field_value(field, all[r].data_ptr<int64_t>()[field]);
     }
-    TORCH_CHECK_VALUE(false, "ring_attn_func: ranks disagree on the ", field_name(field), " (",
+    TORCH_CHECK_VALUE(false, call, ": ranks disagree on the ", field_name(field), " (",
                       os.str(), "); every rank must call with matching arguments");
   }
 }
 
-namespace {
-
-// The function a ring call comes from, as the agreement names it.
-std::string call_name(const RingCall& call, bool grid = false) {
-  const char* name = call.cu_seqlens.defined() ? "ring_attn_varlen_func" : "ring_attn_func";
-  return grid ? std::string(name) + " (Ulysses)" : name;
-}
-
-}  // namespace
 
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s) {
   const int world = group ? group->getSize() : 1;
+  const std::string name = call_name(call);
   if (!check || world == 1) {
     const std::string local_error = validate_local(call);
-    TORCH_CHECK_VALUE(local_error.empty(), "ring_attn_func: ", local_error);
+    TORCH_CHECK_VALUE(local_error.empty(), name, ": ", local_error);
     return;
   }
   const std::optional<at::Device> device = collective_device(*group, call.q.device());
   if (!device) {  // a CUDA-only group in a process without a CUDA device: no rank can take part
     const std::string local_error = validate_local(call);
-    TORCH_CHECK_VALUE(local_error.empty(), "ring_attn_func: ", local_error);
-    TORCH_CHECK_VALUE(false, "ring_attn_func: the ranks cannot agree on inputs: ",
+    TORCH_CHECK_VALUE(local_error.empty(), name, ": ", local_error);
+    TORCH_CHECK_VALUE(false, name, ": the ranks cannot agree on inputs: ",
                       collective_device_error(*group, at::Device(at::kCPU)),
                       " and this process has no CUDA device");
   }
-  check_descriptors(all_gather_descriptors(describe(call), call_name(call), *group, *device,
-                                           timeout_s));
+  check_descriptors(all_gather_descriptors(describe(call), name, *group, *device, timeout_s),
+                    name);
 }
 
 void agree_on_backward(const std::string& call,
@@ -400,7 +401,7 @@ void agree_on_backward(const std::string& call,
                        const at::Tensor& sample, bool check, double timeout_s) {
   if (!check || !group || group->getSize() == 1) return;
   const std::optional<at::Device> device = collective_device(*group, sample.device());
-  TORCH_CHECK_VALUE(device, "ring_attn_func: the ranks cannot agree on the backward: ",
+  TORCH_CHECK_VALUE(device, call, ": the ranks cannot agree on the backward: ",
                     collective_device_error(*group, at::Device(at::kCPU)),
                     " and this process has no CUDA device");
   all_gather_descriptors(at::zeros({1}, at::kLong), call + " backward", *group, *device,
@@ -597,7 +598,7 @@ std::vector<at::Tensor> gather_grid(const at::Tensor& descriptor,
                                     const RingCall& call, double timeout_s) {
   if (!group || group->getSize() == 1) return {descriptor};
   const std::optional<at::Device> device = collective_device(*group, call.q.device());
-  TORCH_CHECK_VALUE(device, "ring_attn_func: the ranks cannot agree on inputs: ",
+  TORCH_CHECK_VALUE(device, call_name(call), ": the ranks cannot agree on inputs: ",
                     collective_device_error(*group, at::Device(at::kCPU)),
                     " and this process has no CUDA device");
   return all_gather_descriptors(descriptor, call_name(call, true), *group, *device, timeout_s);
@@ -619,7 +620,7 @@ void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool 
   at::Tensor mine = describe_grid(call, grid, return_lse);
   int64_t* d = mine.data_ptr<int64_t>();
   if (!check) {
-    TORCH_CHECK_VALUE(!(d + kGridFields)[kHasError], "ring_attn_func: ",
+    TORCH_CHECK_VALUE(!(d + kGridFields)[kHasError], call_name(call), ": ",
                       message_of(d + kGridFields));
     return;
   }
@@ -640,8 +641,8 @@ void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool 
                              {kGridUlyssesSize, kGridUlyssesRank, kGridReturnLse}, "group",
                              false);
   }
-  TORCH_CHECK_VALUE(error.empty(),
-                    "ring_attn_func: invalid input or groups (every rank raises this): ", error);
+  TORCH_CHECK_VALUE(error.empty(), call_name(call),
+                    ": invalid input or groups (every rank raises this): ", error);
 }
 
 }  // namespace ring_attn

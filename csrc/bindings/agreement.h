@@ -59,8 +59,9 @@ std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
                                                c10d::ProcessGroup& group,
                                                const at::Device& device, double timeout_s);
 
-// Raises ValueError naming the ranks if any descriptor carries an error or the ranks disagree.
-void check_descriptors(const std::vector<at::Tensor>& descriptors);
+// Raises ValueError naming the ranks if any descriptor carries an error or the ranks disagree;
+// the message begins with `call` (the function's name).
+void check_descriptors(const std::vector<at::Tensor>& descriptors, const std::string& call);
 
 // Raises ValueError (on every rank when `group` is set and checking is on) if any rank's input is
 // invalid or the ranks disagree. With check=false only the local verdict is raised, locally. The

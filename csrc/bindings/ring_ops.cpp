@@ -179,7 +179,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_forward(
   for (int r = 0; r < world; ++r) {
     descriptors.push_back(describe(ring_call(qs[r], ks[r], vs[r], options, world)));
   }
-  check_descriptors(descriptors);
+  check_descriptors(descriptors, "ring_attn_func");
   const auto ranks = with_schedule<RingForward, AllGatherForward>(
       kv_exchange_of(options), [&]<typename Schedule>() {
         return run_local_ring<Schedule>(world, [&](int r) {
