@@ -115,6 +115,15 @@ def test_bench_cuda_check_fails_off_sdpa_or_without_it():
     assert not bench_cuda.sdpa_check([{"max_abs_diff": None}])[1]
 
 
+def test_bench_cuda_table_names_the_shared_memory_cap():
+    """bench_cuda's table says when RING_ATTN_CUDA_MAX_SMEM_KIB picked the kernels it timed."""
+    from benchmarks.kernels import bench_cuda
+    rows = _bench_cuda_rows({("ring block_bwd", "bwd"): 1.0})
+    assert "RING_ATTN_CUDA_MAX_SMEM_KIB=99)" in bench_cuda.markdown(rows, "card", "auto", "99")
+    for unset in ("", "0"):
+        assert "MAX_SMEM" not in bench_cuda.markdown(rows, "card", "auto", unset)
+
+
 def _bench_cuda_rows(ms, d=128, s=8192, causal=False):
     """bench_cuda rows of one configuration, from {(impl, direction): ms or None}."""
     return [dict(headdim=d, seqlen=s, batch=2, heads=16, causal=causal, impl=impl, direction=dir_,

@@ -15,11 +15,13 @@ TFLOP/s: forward 4 b s^2 h d (half for causal), backward 2.5x that. The merge ov
 absolute difference must be at most 2e-2 (exit status 1 otherwise; not checked with --forward-only).
 Writes --json and the same table as markdown beside it (.md) after every configuration, so a
 timeout keeps what is done. --kernel sets RING_ATTN_CUDA_KERNEL for the run (sm90a: the Hopper
-forward and backward on compute capability 9.0); --forward-only times the block_fwd rows alone. --iters: the alternated merge/no-merge calls; the other rows take the
+forward and backward on compute capability 9.0); --max-smem-kib sets RING_ATTN_CUDA_MAX_SMEM_KIB
+(99: the kernels that GPUs of compute capability 8.6 and 8.9 run, timed on a larger GPU);
+--forward-only times the block_fwd rows alone. --iters: the alternated merge/no-merge calls; the other rows take the
 median of 3 batches of calls of about 0.08 s each.
 
 usage: bench_cuda.py [--json PATH] [--quick] [--headdims 64,128] [--seqlens 4096,8192,16384]
-                     [--kernel auto|sm80|sm90a] [--forward-only]
+                     [--kernel auto|sm80|sm90a] [--max-smem-kib KIB] [--forward-only]
 """
 import json
 import math
@@ -171,9 +173,12 @@ def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16, forward_only
     return rows
 
 
-def markdown(rows, device, kernel):
+def markdown(rows, device, kernel, max_smem_kib=""):
+    """The table of `rows`; its title names the device and the run's kernel settings
+    (max_smem_kib: RING_ATTN_CUDA_MAX_SMEM_KIB as set, "" or "0" when unset)."""
+    cap = f", RING_ATTN_CUDA_MAX_SMEM_KIB={max_smem_kib}" if max_smem_kib not in ("", "0") else ""
     lines = [f"# CUDA block kernels vs torch SDPA ({device}, bf16, 16K tokens, h*d = 2048, "
-             f"RING_ATTN_CUDA_KERNEL={kernel})", "",
+             f"RING_ATTN_CUDA_KERNEL={kernel}{cap})", "",
              "| d | seqlen | batch | heads | causal | impl | dir | ms | TFLOP/s | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -196,11 +201,16 @@ def main():
     ap.add_argument("--seqlens", type=h.positive_ints, default=[4096, 8192, 16384])
     ap.add_argument("--kernel", choices=("auto", "sm80", "sm90a"),
                     help="RING_ATTN_CUDA_KERNEL for the run (default: the environment's)")
+    ap.add_argument("--max-smem-kib", type=h.positive_int,
+                    help="RING_ATTN_CUDA_MAX_SMEM_KIB for the run (default: the environment's)")
     ap.add_argument("--forward-only", action="store_true", help="the block_fwd rows alone")
     args = ap.parse_args()
     if args.kernel:
         os.environ["RING_ATTN_CUDA_KERNEL"] = args.kernel
+    if args.max_smem_kib:
+        os.environ["RING_ATTN_CUDA_MAX_SMEM_KIB"] = str(args.max_smem_kib)
     kernel = os.environ.get("RING_ATTN_CUDA_KERNEL", "auto") or "auto"
+    max_smem_kib = os.environ.get("RING_ATTN_CUDA_MAX_SMEM_KIB", "")
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device, nothing to time")
         return 0
@@ -216,11 +226,11 @@ def main():
         t0 = time.time()
         rows += bench_config(d, s, causal, args.iters, args.warmup, forward_only=args.forward_only)
         print(f"d={d} s={s} causal={causal}: {time.time() - t0:.1f} s", flush=True)
-        out.write_text(json.dumps(dict(machine=h.machine(), device=device, kernel=kernel, rows=rows),
-                                  indent=1))
-        out.with_suffix(".md").write_text(markdown(rows, device, kernel))
+        out.write_text(json.dumps(dict(machine=h.machine(), device=device, kernel=kernel,
+                                       max_smem_kib=max_smem_kib, rows=rows), indent=1))
+        out.with_suffix(".md").write_text(markdown(rows, device, kernel, max_smem_kib))
         torch.cuda.empty_cache()
-    print(markdown(rows, device, kernel))
+    print(markdown(rows, device, kernel, max_smem_kib))
     if args.forward_only:
         return 0
     worst, ok = sdpa_check(rows)
