@@ -374,7 +374,6 @@ void check_descriptors(const std::vector<at::Tensor>& all, const std::string& ca
   }
 }
 
-
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s) {
   const int world = group ? group->getSize() : 1;
