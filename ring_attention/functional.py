@@ -100,9 +100,7 @@ _ARGUMENT_ERROR = "invalid argument: "
 # The kernels of every dtype but float64 accumulate in float32 and fold log2(e) into the scale
 # (scores in base 2: softmax_scale * log2(e) * q.k, csrc/cpu/block_attn_cpu.cpp and the CUDA
 # kernels); a scale whose product with log2(e) is no float32 turns every score into inf or NaN.
-_LOG2E = 1.4426950408889634
-_FLOAT32_MAX = 3.4028234663852886e38
-_FLOAT32_SCALE_MAX = _FLOAT32_MAX / _LOG2E
+_FLOAT32_SCALE_MAX = torch.finfo(torch.float32).max / math.log2(math.e)
 
 
 def _scale_error(value, dtype=None) -> str:
@@ -118,7 +116,7 @@ def _scale_error(value, dtype=None) -> str:
     except (RuntimeError, TypeError, ValueError):
         return f"softmax_scale must be a number or None, got {_short_repr(value)}"
     if (dtype is not None and dtype != torch.float64 and math.isfinite(scale)
-            and abs(scale) * _LOG2E >= _FLOAT32_MAX):
+            and abs(scale) >= _FLOAT32_SCALE_MAX):
         return (f"softmax_scale {_short_repr(value)} is too large for {dtype} inputs: the "
                 f"kernels compute softmax_scale * log2(e) in float32, so |softmax_scale| must be "
                 f"below {_FLOAT32_SCALE_MAX:.4g} (float64 inputs take any finite scale)")
