@@ -644,6 +644,55 @@ def check_grid_unshard_rejected(varlen, kind):
     return str(error.value)
 
 
+def grid_call(varlen, seed, grid):
+    """(q, k, v, dout, attend): this rank's shards of a float32 causal problem on `grid` (group,
+    ulysses_group), packed sequences with `varlen`, and the function that attends them."""
+    if varlen:
+        cu, *full = random_packed(seed, [5, 1, 13], 4, 2, 16, torch.float32)
+        q, k, v, dout = (ra.shard_varlen(t, cu, **grid) for t in full)
+        return q, k, v, dout, partial(ra.ring_attn_varlen_func, cu_seqlens=cu, causal=True, **grid)
+    full = random_qkv(seed, 1, 16, 16, 4, 2, 16, torch.float32)
+    q, k, v, dout = (ra.shard(t, **grid) for t in full)
+    return q, k, v, dout, partial(ra.ring_attn_func, causal=True, **grid)
+
+
+def check_ulysses_backward_skipped(varlen):
+    """On a 2 x 2 grid, after a forward on every rank, rank 1 skips the backward and calls again
+    while the other ranks run the backward: every rank raises ValueError (the ranks of the other
+    ulysses_group learn it over their ring group instead of waiting), then a forward and backward
+    on every rank still work. Returns the message."""
+    group, ulysses_group = grid_groups(2, 2)
+    q, k, v, dout, attend = grid_call(varlen, seed_of("ulysses-skip", varlen),
+                                      dict(group=group, ulysses_group=ulysses_group))
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = attend(*inputs)
+    with pytest.raises(ValueError) as error:
+        if dist.get_rank() == 1:
+            attend(*inputs)
+        else:
+            out.backward(dout)
+    grads = torch.autograd.grad(attend(*inputs), inputs, dout)
+    assert all(torch.isfinite(g).all() for g in grads)
+    return str(error.value)
+
+
+def ulysses_call_unless_absent(absent_rank, varlen):
+    """Checks off, on a U x 1 grid of the pool's ranks: every rank but `absent_rank` calls
+    ring_attn_func (ring_attn_varlen_func with `varlen`) and waits in the all-to-all.
+
+    Returns (exception type name, message, seconds until it was raised) on the calling ranks;
+    `absent_rank` returns None once the groups exist."""
+    group, ulysses_group = grid_groups(rank_and_world()[1], 1)
+    if dist.get_rank() == absent_rank:
+        return None
+    os.environ["RING_ATTN_CHECK"] = "0"
+    q, k, v, _, attend = grid_call(varlen, 0, dict(group=group, ulysses_group=ulysses_group))
+    start = time.monotonic()
+    with pytest.raises(Exception) as error:
+        attend(q, k, v)
+    return type(error.value).__name__, str(error.value), time.monotonic() - start
+
+
 def bytes_sent(ulysses, ring, kv_exchange, heads, heads_kv, local_len):
     """What this rank sent in one causal zigzag call (float32, batch 2, head dim 16) over a U x R
     grid (U = 1: the default group): per direction, (bytes the K/V exchange sent, its messages,

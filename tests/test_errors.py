@@ -8,7 +8,7 @@ from dist_pool import RankPool
 from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
                         check_backward_against_forward, check_other_call, check_rejected,
                         check_ring_with_timeout, dying_mid_ring, skipping_unshard_backward,
-                        timeouts_on_new_groups)
+                        timeouts_on_new_groups, ulysses_call_unless_absent)
 
 WORLD = 3
 
@@ -112,6 +112,20 @@ def test_absent_rank_times_out_in_agreement(fault_pool, call):
         assert "agreeing on inputs" in message, message
         assert f"some rank of the group did not call {call}." in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
+
+
+@pytest.mark.parametrize("fault_pool", [2], indirect=True)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_absent_rank_times_out_in_ulysses_all_to_all(fault_pool, varlen):
+    """Checks off, a ulysses_group of 2: rank 1 never calls; rank 0 raises RuntimeError in the
+    all-to-all, naming the function it called."""
+    call = "ring_attn_varlen_func" if varlen else "ring_attn_func"
+    error, message, elapsed = fault_pool.run(ulysses_call_unless_absent, 1, varlen,
+                                             timeout=POOL_TIMEOUT_S)[0]
+    assert error == "RuntimeError", message
+    assert message.startswith(f"{call}: rank 0 timed out"), message
+    assert "in the all-to-all over the ulysses_group" in message, message
+    assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
 
 
 @pytest.mark.parametrize("fault_pool", [2], indirect=True)

@@ -2,6 +2,7 @@
 against the ring, over gloo (1-4 ranks) and LocalRing, dense and packed, with windows and GQA."""
 import itertools
 import math
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import ring_attention as ra
 from ring_attention.testing import LocalRing
 from cases import acc_dtype, assert_close, random_packed, random_qkv, reference, seed_of
 from ring_cases import (bytes_sent, check_double_backward_raises, check_grid_unshard_rejected,
-                        check_ring, check_ulysses, check_ulysses_rejected,
+                        check_ring, check_ulysses, check_ulysses_backward_skipped,
+                        check_ulysses_rejected,
                         opcheck_ulysses_ops, ring_param, ring_results, varlen_ring_results)
 from test_varlen_window import local_varlen, random_seqlens
 
@@ -192,6 +194,19 @@ def test_ulysses_matches_reference(rank_pool, case):
 def test_ulysses_errors_raise_on_every_rank(rank_pool, kind, message):
     messages = rank_pool(4).run(check_ulysses_rejected, kind)
     assert all(message in m for m in messages), messages
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_rank_skipping_the_ulysses_backward_raises_on_every_rank(rank_pool, varlen):
+    """Rank 1 of a 2 x 2 grid calls again while the others run the backward of the last call:
+    every rank raises ValueError naming the calls, the ranks of the other ulysses_group too (they
+    would otherwise wait for rank 0 in the ring's backward), and the groups stay usable."""
+    call = "ring_attn_varlen_func" if varlen else "ring_attn_func"
+    for message in rank_pool(4).run(check_ulysses_backward_skipped, varlen):
+        assert message.startswith("ring attention: ranks called different functions over one "
+                                  "process group ("), message
+        calls = re.findall(r"rank \d: ([a-z_]+ \(Ulysses\)(?: backward)?)", message)
+        assert sorted(calls) == [f"{call} (Ulysses)", f"{call} (Ulysses) backward"], message
 
 
 @pytest.mark.parametrize("kind,parts", [

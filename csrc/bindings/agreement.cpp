@@ -2,12 +2,14 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "comm/c10d_transport.h"
 #include "core/allgather_scheduler.h"
@@ -90,7 +92,7 @@ std::string message_of(const int64_t* d) {
 // then its descriptor, zero-padded to kAgreementWords whatever the call. Every agreement sends the
 // same number of bytes, so ranks that make different calls over one group (one ring_attn_func,
 // another unshard) exchange well-formed messages and all see the difference.
-constexpr int kCallNameBytes = 32;
+constexpr int kCallNameBytes = 48;
 constexpr int64_t kCallNameWords = kCallNameBytes / 8;
 // The name and the largest descriptor (unshard's in ring_attention/layouts.py: 141 words).
 constexpr int64_t kAgreementWords = 192;
@@ -100,12 +102,11 @@ std::string call_name_of(const at::Tensor& envelope) {
   return std::string(text, strnlen(text, kCallNameBytes));
 }
 
-}  // namespace
-
-std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
-                                               const std::string& call,
-                                               c10d::ProcessGroup& group,
-                                               const at::Device& device, double timeout_s) {
+// all_gather_descriptors without the check of the calls: each rank's call name in *calls (the
+// descriptors of ranks that made another call are not comparable).
+std::vector<at::Tensor> gather_descriptors(const at::Tensor& descriptor, const std::string& call,
+                                           c10d::ProcessGroup& group, const at::Device& device,
+                                           double timeout_s, std::vector<std::string>* calls) {
   const int64_t words = descriptor.numel();
   TORCH_CHECK(words <= kAgreementWords - kCallNameWords && call.size() < kCallNameBytes,
               "ring attention: internal error, an agreement of ", words, " words for ", call);
@@ -122,17 +123,39 @@ std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
   wait_or_raise(work, group, timeout_s, call, "while agreeing on inputs with the other ranks",
                 ": some rank of the group did not call " + call);
   std::vector<at::Tensor> gathered;
-  std::ostringstream calls;
-  bool same = true;
-  for (size_t r = 0; r < outputs[0].size(); ++r) {
-    gathered.push_back(outputs[0][r].cpu());
-    same &= call_name_of(gathered[r]) == call;
-    calls << (r ? ", " : "") << "rank " << r << ": " << call_name_of(gathered[r]);
+  calls->clear();
+  for (const at::Tensor& output : outputs[0]) {
+    const at::Tensor envelope_r = output.cpu();
+    calls->push_back(call_name_of(envelope_r));
+    gathered.push_back(envelope_r.narrow(0, kCallNameWords, words));
   }
-  TORCH_CHECK_VALUE(same, "ring attention: ranks called different functions over one process "
-                    "group (", calls.str(), "); every rank of a group must make the same calls "
-                    "in the same order");
-  for (at::Tensor& envelope_r : gathered) envelope_r = envelope_r.narrow(0, kCallNameWords, words);
+  return gathered;
+}
+
+// Unless every rank made `call` (then ""): the calls, rank by rank.
+std::string calls_mismatch(const std::vector<std::string>& calls, const std::string& call) {
+  bool same = true;
+  std::ostringstream listing;
+  for (size_t r = 0; r < calls.size(); ++r) {
+    same &= calls[r] == call;
+    listing << (r ? ", " : "") << "rank " << r << ": " << calls[r];
+  }
+  if (same) return {};
+  return "ranks called different functions over one process group (" + listing.str() +
+         "); every rank of a group must make the same calls in the same order";
+}
+
+}  // namespace
+
+std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
+                                               const std::string& call,
+                                               c10d::ProcessGroup& group,
+                                               const at::Device& device, double timeout_s) {
+  std::vector<std::string> calls;
+  std::vector<at::Tensor> gathered =
+      gather_descriptors(descriptor, call, group, device, timeout_s, &calls);
+  const std::string mismatch = calls_mismatch(calls, call);
+  TORCH_CHECK_VALUE(mismatch.empty(), "ring attention: ", mismatch);
   return gathered;
 }
 
@@ -334,15 +357,9 @@ at::Tensor describe(const RingCall& call) {
   return descriptor;
 }
 
-namespace {
-
-// The function a ring call comes from, as the agreement names it.
-std::string call_name(const RingCall& call, bool grid = false) {
-  const char* name = call.cu_seqlens.defined() ? "ring_attn_varlen_func" : "ring_attn_func";
-  return grid ? std::string(name) + " (Ulysses)" : name;
+std::string ring_call_name(const at::Tensor& cu_seqlens) {
+  return cu_seqlens.defined() ? "ring_attn_varlen_func" : "ring_attn_func";
 }
-
-}  // namespace
 
 void check_descriptors(const std::vector<at::Tensor>& all, const std::string& call) {
   const int world = static_cast<int>(all.size());
@@ -377,7 +394,7 @@ void check_descriptors(const std::vector<at::Tensor>& all, const std::string& ca
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s) {
   const int world = group ? group->getSize() : 1;
-  const std::string name = call_name(call);
+  const std::string name = ring_call_name(call.cu_seqlens);
   if (!check || world == 1) {
     const std::string local_error = validate_local(call);
     TORCH_CHECK_VALUE(local_error.empty(), name, ": ", local_error);
@@ -417,7 +434,7 @@ namespace {
 enum GridField : int {
   kGridDims = 0, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
   kGridKVExchange, kGridUlyssesSize, kGridRingSize, kGridRingRank, kGridUlyssesRank,
-  kGridReturnLse, kGridFields
+  kGridReturnLse, kGridOtherCall, kGridFields
 };
 
 const char* grid_field_name(int field) {
@@ -591,16 +608,70 @@ std::string first_grid_error(const std::vector<at::Tensor>& all, std::vector<int
   return {};
 }
 
-// Every rank's descriptor over `group` (only this rank's without one).
+// Every rank's descriptor over `group` (only this rank's without one), sent as the call `name`
+// of the function grid.call; each rank's call in *calls.
 std::vector<at::Tensor> gather_grid(const at::Tensor& descriptor,
                                     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                                    const RingCall& call, double timeout_s) {
-  if (!group || group->getSize() == 1) return {descriptor};
-  const std::optional<at::Device> device = collective_device(*group, call.q.device());
-  TORCH_CHECK_VALUE(device, call_name(call), ": the ranks cannot agree on inputs: ",
+                                    const UlyssesGrid& grid, const std::string& name,
+                                    const at::Tensor& sample, double timeout_s,
+                                    std::vector<std::string>* calls) {
+  if (!group || group->getSize() == 1) {
+    *calls = {name};
+    return {descriptor};
+  }
+  const std::optional<at::Device> device = collective_device(*group, sample.device());
+  TORCH_CHECK_VALUE(device, grid.call, ": the ranks cannot agree on inputs: ",
                     collective_device_error(*group, at::Device(at::kCPU)),
                     " and this process has no CUDA device");
-  return all_gather_descriptors(descriptor, call_name(call, true), *group, *device, timeout_s);
+  return gather_descriptors(descriptor, name, *group, *device, timeout_s, calls);
+}
+
+// What a grid's agreement found: the error every rank raises ("" for none); other_call when it
+// is that ranks called different functions, which every call of the library reports alike.
+struct GridVerdict {
+  std::string error;
+  bool other_call = false;
+};
+
+// The grid's two-stage agreement on `mine` (a grid descriptor whose exchanged-call part carries
+// this rank's verdict) sent as the call `name`: over the ulysses_group, the ranks compare the
+// fields `ulysses_agreed`; then every rank of a ring group learns its ulysses_groups' verdicts
+// and compares `ring_agreed`. A ulysses_group whose ranks made different grid calls (one a
+// forward, another a backward, which also agree over their ring groups) passes that on as its
+// verdict, so that the other ulysses_groups raise too instead of waiting; with a rank in any
+// other call it raises at once.
+GridVerdict agree_on_grid(at::Tensor& mine, const UlyssesGrid& grid, const std::string& name,
+                          const at::Tensor& sample, const std::vector<int>& ulysses_agreed,
+                          const std::vector<int>& ring_agreed, double timeout_s) {
+  int64_t* d = mine.data_ptr<int64_t>();
+  std::vector<std::string> calls;
+  const std::vector<at::Tensor> in_ulysses =
+      gather_grid(mine, grid.ulysses, grid, name, sample, timeout_s, &calls);
+  std::string mismatch = calls_mismatch(calls, name);
+  const bool grid_calls = std::all_of(calls.begin(), calls.end(), [](const std::string& call) {
+    return call.find(" (Ulysses)") != std::string::npos;
+  });
+  if (!mismatch.empty() && !grid_calls) return {mismatch, true};
+  const GridVerdict verdict =
+      mismatch.empty()
+          ? GridVerdict{first_grid_error(in_ulysses, ulysses_agreed, "ulysses_group", true)}
+          : GridVerdict{mismatch, true};
+  if (grid.ring_size == 1) return verdict;
+  if (verdict.error.empty()) {
+    (d + kGridFields)[kHasError] = 0;
+  } else {
+    write_error(d + kGridFields, verdict.error);
+  }
+  d[kGridOtherCall] = verdict.other_call;
+  const std::vector<at::Tensor> in_ring =
+      gather_grid(mine, grid.ring, grid, name, sample, timeout_s, &calls);
+  mismatch = calls_mismatch(calls, name);
+  if (!mismatch.empty()) return {mismatch, true};
+  for (const at::Tensor& descriptor : in_ring) {  // the first verdict, as first_grid_error finds
+    const int64_t* r = descriptor.data_ptr<int64_t>();
+    if ((r + kGridFields)[kHasError]) return {message_of(r + kGridFields), r[kGridOtherCall] != 0};
+  }
+  return {first_grid_error(in_ring, ring_agreed, "group", false)};
 }
 
 }  // namespace
@@ -617,31 +688,35 @@ int64_t ulysses_ring_tokens(const at::Tensor& cu_seqlens, Layout layout, int rin
 void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool return_lse,
                             bool check, double timeout_s) {
   at::Tensor mine = describe_grid(call, grid, return_lse);
-  int64_t* d = mine.data_ptr<int64_t>();
+  const int64_t* d = mine.data_ptr<int64_t>();
   if (!check) {
-    TORCH_CHECK_VALUE(!(d + kGridFields)[kHasError], call_name(call), ": ",
+    TORCH_CHECK_VALUE(!(d + kGridFields)[kHasError], grid.call, ": ",
                       message_of(d + kGridFields));
     return;
   }
   // The ranks of one ulysses_group share the inputs' shapes, the kv_exchange, return_lse, the ring
   // call's arguments, R and their rank in the ring group.
-  std::string error = first_grid_error(
-      gather_grid(mine, grid.ulysses, call, timeout_s),
+  const GridVerdict verdict = agree_on_grid(
+      mine, grid, grid.call + " (Ulysses)", call.q,
       {kGridDims, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
        kGridKVExchange, kGridRingSize, kGridRingRank, kGridReturnLse},
-      "ulysses_group", true);
-  if (grid.ring_size > 1) {  // every rank of a ring group learns its ulysses_groups' verdicts
-    if (error.empty()) {
-      (d + kGridFields)[kHasError] = 0;
-    } else {
-      write_error(d + kGridFields, error);
-    }
-    error = first_grid_error(gather_grid(mine, grid.ring, call, timeout_s),
-                             {kGridUlyssesSize, kGridUlyssesRank, kGridReturnLse}, "group",
-                             false);
-  }
-  TORCH_CHECK_VALUE(error.empty(), call_name(call),
-                    ": invalid input or groups (every rank raises this): ", error);
+      {kGridUlyssesSize, kGridUlyssesRank, kGridReturnLse}, timeout_s);
+  TORCH_CHECK_VALUE(!verdict.other_call, "ring attention: ", verdict.error);
+  TORCH_CHECK_VALUE(verdict.error.empty(), grid.call,
+                    ": invalid input or groups (every rank raises this): ", verdict.error);
+}
+
+void agree_on_grid_backward(const UlyssesGrid& grid, const at::Tensor& sample, bool check,
+                            double timeout_s) {
+  if (!check) return;
+  at::Tensor mine = at::zeros({kGridFields + kDescriptorLen}, at::kLong);
+  int64_t* d = mine.data_ptr<int64_t>();
+  d[kGridRingRank] = grid.ring_rank;
+  d[kGridUlyssesRank] = grid.ulysses_rank;
+  // The only verdict a backward can carry is a rank in another call.
+  const GridVerdict verdict =
+      agree_on_grid(mine, grid, grid.call + " (Ulysses) backward", sample, {}, {}, timeout_s);
+  TORCH_CHECK_VALUE(verdict.error.empty(), "ring attention: ", verdict.error);
 }
 
 }  // namespace ring_attn

@@ -59,6 +59,10 @@ std::vector<at::Tensor> all_gather_descriptors(const at::Tensor& descriptor,
                                                c10d::ProcessGroup& group,
                                                const at::Device& device, double timeout_s);
 
+// The public function a ring call comes from, as errors name it: ring_attn_varlen_func for packed
+// sequences (cu_seqlens defined), else ring_attn_func.
+std::string ring_call_name(const at::Tensor& cu_seqlens);
+
 // Raises ValueError naming the ranks if any descriptor carries an error or the ranks disagree;
 // the message begins with `call` (the function's name).
 void check_descriptors(const std::vector<at::Tensor>& descriptors, const std::string& call);
@@ -70,7 +74,7 @@ void check_descriptors(const std::vector<at::Tensor>& descriptors, const std::st
 void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     bool check, double timeout_s);
 
-// Before the backward of `call` (a function's name, under 22 bytes) sends anything over `group`:
+// Before the backward of `call` (a function's name, under 39 bytes) sends anything over `group`:
 // one small all-gather of the call's name, so that a rank making another call over the group
 // meanwhile (a rank that skipped the backward) raises the same ValueError as the ranks in the
 // backward. Nothing with check=false or a group of one rank.
@@ -81,6 +85,7 @@ void agree_on_backward(const std::string& call,
 // A rank's place in a U x R grid: its ulysses_group of U ranks and its ring group of R ranks (a
 // null group: size 1).
 struct UlyssesGrid {
+  std::string call;  // the function called, as its errors name it (ring_call_name)
   c10::intrusive_ptr<c10d::ProcessGroup> ulysses;
   c10::intrusive_ptr<c10d::ProcessGroup> ring;
   int ulysses_rank = 0;
@@ -107,5 +112,12 @@ int64_t ulysses_ring_tokens(const at::Tensor& cu_seqlens, Layout layout, int rin
 // local verdict is raised, locally.
 void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool return_lse,
                             bool check, double timeout_s);
+
+// agree_on_backward for the backward of grid.call: over the ulysses_group, then over the ring
+// group, so that a rank making another call over either group (a rank that skipped the backward)
+// makes every rank of the grid raise ValueError. `sample`: a tensor on the inputs' device.
+// Nothing with check=false.
+void agree_on_grid_backward(const UlyssesGrid& grid, const at::Tensor& sample, bool check,
+                            double timeout_s);
 
 }  // namespace ring_attn

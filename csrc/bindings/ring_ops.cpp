@@ -155,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
   const TransportKind kind = transport_kind(q);  // before any communication
   const auto group = resolve_group(options.group_name);
-  agree_on_backward(options.cu_seqlens.defined() ? "ring_attn_varlen_func" : "ring_attn_func",
-                    group, q, ring_check_enabled(), ring_timeout_seconds());
+  agree_on_backward(ring_call_name(options.cu_seqlens), group, q, ring_check_enabled(),
+                    ring_timeout_seconds());
   RankBackward rank(kernels, rank_of(group), world_of(group), as_batch(dout, options),
                     as_batch(q, options), as_batch(k, options), as_batch(v, options),
                     as_batch(out, options), as_batch(lse, options), options,
@@ -179,7 +179,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_forward(
   for (int r = 0; r < world; ++r) {
     descriptors.push_back(describe(ring_call(qs[r], ks[r], vs[r], options, world)));
   }
-  check_descriptors(descriptors, "ring_attn_func");
+  check_descriptors(descriptors, ring_call_name(options.cu_seqlens));
   const auto ranks = with_schedule<RingForward, AllGatherForward>(
       kv_exchange_of(options), [&]<typename Schedule>() {
         return run_local_ring<Schedule>(world, [&](int r) {

@@ -20,15 +20,15 @@ namespace {
 thread_local int64_t g_all_to_all_bytes = 0;
 
 // parts: (U, ...); returns got with got[j] = rank j's parts[this rank].
-at::Tensor all_to_all(const at::Tensor& parts,
-                      const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+at::Tensor all_to_all(const at::Tensor& parts, const UlyssesGrid& grid) {
+  const c10::intrusive_ptr<c10d::ProcessGroup>& group = grid.ulysses;
   at::Tensor input = parts.contiguous();
   at::Tensor output = at::empty_like(input);
   const int size = world_of(group);
   if (size == 1) return output.copy_(input);
   std::vector<int64_t> equal_splits;
   auto work = c10d_compat::all_to_all_single(*group, output, input, equal_splits);
-  wait_or_raise(work, *group, ring_timeout_seconds(), "ring_attn_func",
+  wait_or_raise(work, *group, ring_timeout_seconds(), grid.call,
                 "in the all-to-all over the ulysses_group");
   g_all_to_all_bytes += input.nbytes() / size * (size - 1);
   return output;
@@ -41,7 +41,7 @@ at::Tensor seq_to_heads(const at::Tensor& x, const UlyssesGrid& grid) {
   const int64_t size = grid.ulysses_size;
   const int64_t b = x.size(0), length = x.size(1), heads = x.size(2), d = x.size(3);
   const at::Tensor parts = x.reshape({b, length, size, heads / size, d}).permute({2, 0, 1, 3, 4});
-  const at::Tensor got = all_to_all(parts, grid.ulysses);  // (U, batch, L, heads / U, d)
+  const at::Tensor got = all_to_all(parts, grid);  // (U, batch, L, heads / U, d)
   return got.permute({1, 0, 2, 3, 4}).reshape({b, size * length, heads / size, d}).contiguous();
 }
 
@@ -50,7 +50,7 @@ at::Tensor heads_to_seq(const at::Tensor& x, const UlyssesGrid& grid) {
   const int64_t size = grid.ulysses_size;
   const int64_t b = x.size(0), length = x.size(1) / size, heads = x.size(2), d = x.size(3);
   const at::Tensor parts = x.reshape({b, size, length, heads, d}).permute({1, 0, 2, 3, 4});
-  const at::Tensor got = all_to_all(parts, grid.ulysses);  // (U, batch, L, h, d): every head chunk
+  const at::Tensor got = all_to_all(parts, grid);  // (U, batch, L, h, d): every head chunk
   return got.permute({1, 2, 0, 3, 4}).reshape({b, length, size * heads, d}).contiguous();
 }
 
@@ -59,7 +59,7 @@ at::Tensor lse_to_seq(const at::Tensor& lse, const UlyssesGrid& grid) {
   const int64_t size = grid.ulysses_size;
   const int64_t b = lse.size(0), heads = lse.size(1), length = lse.size(2) / size;
   const at::Tensor parts = lse.reshape({b, heads, size, length}).permute({2, 0, 1, 3});
-  const at::Tensor got = all_to_all(parts, grid.ulysses);  // (U, batch, h, L)
+  const at::Tensor got = all_to_all(parts, grid);  // (U, batch, h, L)
   return got.permute({1, 0, 2, 3}).reshape({b, size * heads, length}).contiguous();
 }
 
@@ -68,12 +68,13 @@ at::Tensor lse_to_heads(const at::Tensor& lse, const UlyssesGrid& grid) {
   const int64_t size = grid.ulysses_size;
   const int64_t b = lse.size(0), heads = lse.size(1) / size, length = lse.size(2);
   const at::Tensor parts = lse.reshape({b, size, heads, length}).permute({1, 0, 2, 3});
-  const at::Tensor got = all_to_all(parts, grid.ulysses);  // (U, batch, h, L): every token chunk
+  const at::Tensor got = all_to_all(parts, grid);  // (U, batch, h, L): every token chunk
   return got.permute({1, 2, 0, 3}).reshape({b, heads, size * length}).contiguous();
 }
 
 UlyssesGrid grid_of(const RingOptions& options, const std::string& ulysses_group_name) {
   UlyssesGrid grid;
+  grid.call = ring_call_name(options.cu_seqlens);
   grid.ulysses = resolve_group(ulysses_group_name);
   grid.ring = resolve_group(options.group_name);
   grid.ulysses_rank = rank_of(grid.ulysses);
@@ -168,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_backward(
     const std::string& ulysses_group_name, int64_t heads_kv, const at::Tensor& dlse) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
   const UlyssesGrid grid = grid_of(options, ulysses_group_name);
-  agree_on_backward("Ulysses", grid.ulysses, dout, ring_check_enabled(), ring_timeout_seconds());
+  agree_on_grid_backward(grid, dout, ring_check_enabled(), ring_timeout_seconds());
   const Batching batching{options.cu_seqlens.defined()};
   const at::Tensor dout_heads = batching.from_batch(seq_to_heads(batching.to_batch(dout), grid));
   const RingShard shard = ring_shard(options, grid, q_heads.size(batching.packed ? 0 : 1));
@@ -182,8 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_backward(
   };
   const at::Tensor dq = back(dq_ring);
   at::Tensor dk = back(dk_ring), dv = back(dv_ring);  // (batch, L, lcm(U, heads_kv), d)
-  TORCH_CHECK_VALUE(heads_kv > 0 && dk.size(2) % heads_kv == 0,
-                    "ring_attn_func: heads_kv (", heads_kv, ") must divide the exchanged ",
+  TORCH_CHECK_VALUE(heads_kv > 0 && dk.size(2) % heads_kv == 0, grid.call,
+                    ": heads_kv (", heads_kv, ") must divide the exchanged ",
                     dk.size(2), " K/V heads");
   const int64_t repeat = dk.size(2) / heads_kv;
   if (repeat > 1) {  // the repeated heads' gradients, summed
