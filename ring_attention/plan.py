@@ -87,7 +87,7 @@ def _row_bounds(tokens, causal, window):
         for s in seq[seq >= 0].unique().tolist():
             seq_lo[s] = min(seq_lo.get(s, far), int(pos[seq == s].min()))
             seq_hi[s] = max(seq_hi.get(s, -far), int(pos[seq == s].max()))
-    left, right = window
+    left, right = (min(w, far) for w in window)  # a wider window is as good as unbounded
     bounds = []
     for pos, seq in tokens:
         lo = torch.tensor([seq_lo.get(s, 1) for s in seq.tolist()], dtype=torch.int64)

@@ -145,10 +145,10 @@ def visible(q_pos, k_pos, causal, window_left=-1, window_right=-1, q_seg=None):
     seen = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool)
     if causal:
         seen &= k <= q
-    if window_left >= 0:
-        seen &= k >= q - window_left
+    if window_left >= 0:  # as distances: windows up to int64's max must not overflow
+        seen &= q - k <= window_left
     if window_right >= 0:
-        seen &= k <= q + window_right
+        seen &= k - q <= window_right
     if q_seg is not None:
         seg = q_seg.long()
         seen &= (k >= seg[:, :1]) & (k <= seg[:, 1:])

@@ -30,7 +30,7 @@ def test_zigzag_balances_causal_work_and_contiguous_does_not():
     ("contiguous", False, (8, 8), None), ("zigzag", True, (16, 0), None),
     ("striped", True, (-1, -1), [30, 1, 50]), ("contiguous", True, (-1, -1), [3, 9, 1, 70]),
     ("zigzag", True, (2, 0), None), ("striped", True, (0, 0), None),
-    ("zigzag", True, (1, 0), [30, 1, 50])])
+    ("zigzag", True, (1, 0), [30, 1, 50]), ("zigzag", False, (2 ** 63 - 1, 2 ** 63 - 1), None)])
 def test_plan_steps_agree_with_the_scheduler(layout, causal, window, seqlens):
     """The picture's ring steps and computed blocks equal what the C++ scheduler runs: under a
     narrow window zigzag and striped shards need no pair of some blocks, but the ring, which

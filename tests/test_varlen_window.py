@@ -33,8 +33,10 @@ def local_varlen(world, layout, cu, q, k, v, dout, **kwargs):
 
 # ---- windows on the dense API ----------------------------------------------------------------
 
+INT64_MAX = 2 ** 63 - 1  # the widest window: as good as unbounded
 WINDOWS = [(True, (3, -1)), (True, (0, 0)), (True, (5, 0)), (False, (2, 4)), (False, (-1, 1)),
-           (False, (6, -1))]
+           (False, (6, -1)), (False, (-1, INT64_MAX)), (True, (INT64_MAX, 0)),
+           (False, (INT64_MAX, INT64_MAX))]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -99,7 +101,8 @@ def random_seqlens(seed, world):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (4, 0)),
-                                           (False, (3, 2))], ids=["full", "causal", "cwin", "win"])
+                                           (False, (3, 2)), (False, (INT64_MAX, INT64_MAX))],
+                         ids=["full", "causal", "cwin", "win", "win-int64-max"])
 def test_varlen_matches_reference(world, layout, causal, window):
     seed = seed_of("varlen", world, layout, causal, window)
     seqlens = random_seqlens(seed, world)

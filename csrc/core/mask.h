@@ -46,9 +46,11 @@ enum class TileKind : uint8_t { kSkip = 0, kPartial = 1, kFull = 2 };
 RA_HD PositionRange row_bounds(const MaskSpec& mask, int64_t q_pos, PositionRange seg) {
   int64_t lo = seg.lo;
   int64_t hi = seg.hi;
-  if (mask.window_left >= 0 && q_pos - mask.window_left > lo) lo = q_pos - mask.window_left;
+  // Compared as distances (q_pos - lo, hi - q_pos, both within ±2 * kNoLimit), never as
+  // q_pos ± window, which overflows for windows near int64's max.
+  if (mask.window_left >= 0 && q_pos - lo > mask.window_left) lo = q_pos - mask.window_left;
   if (mask.causal && q_pos < hi) hi = q_pos;
-  if (mask.window_right >= 0 && q_pos + mask.window_right < hi) hi = q_pos + mask.window_right;
+  if (mask.window_right >= 0 && hi - q_pos > mask.window_right) hi = q_pos + mask.window_right;
   return PositionRange{lo, hi};
 }
 
