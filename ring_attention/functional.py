@@ -157,9 +157,10 @@ def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
 
 
 def _autocast(*tensors):
-    """Under torch.autocast for the tensors' device, the floating-point ones in its dtype, as
-    scaled_dot_product_attention takes them (q, k and v may then arrive in different dtypes, e.g.
-    q and k from an fp32 rotary embedding and v from a bf16 projection); else as they are."""
+    """Under torch.autocast for the tensors' device, the floating-point ones but float64 in its
+    dtype, as scaled_dot_product_attention takes them (q, k and v may then arrive in different
+    dtypes, e.g. q and k from an fp32 rotary embedding and v from a bf16 projection); else as
+    they are."""
     device_type = tensors[0].device.type
     # Autocast exists for the devices the ops run on, not for meta tensors (which the ops trace
     # with); torch.amp.is_autocast_available would say so, but torch.compile before torch 2.14
@@ -167,7 +168,8 @@ def _autocast(*tensors):
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def _op_arguments(q, causal, softmax_scale, window_size, layout, return_lse, deterministic,
@@ -247,6 +249,9 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from ``shard_varlen(..., ulysses_group=...)``).
     """
     if not isinstance(cu_seqlens, torch.Tensor):  # rejected on every rank, like a bad tensor
+        if isinstance(layout, str):
+            layout = (f"{_ARGUMENT_ERROR}cu_seqlens must be a 1-D int32 tensor, got "
+                      f"{_short_repr(cu_seqlens)}")
         cu_seqlens = torch.empty(0, dtype=torch.int32)
     return _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout,
                  return_lse, deterministic, kv_exchange, ulysses_group)

@@ -471,8 +471,9 @@ VARLEN_INVALID = {
     "wrong_total": (lambda cu: torch.tensor([0, 3, 8, 20], dtype=torch.int32), "q has 4 tokens, but shard_varlen"),
     "int64": (lambda cu: cu.long(), "cu_seqlens must be a 1-D int32 tensor"),
     "differs": (lambda cu: torch.tensor([0, 2, 8, 9], dtype=torch.int32), "ranks disagree on the cu_seqlens"),
-    "not_a_tensor": (lambda cu: cu.tolist(), "cu_seqlens must be a 1-D int32 tensor"),
-    "none": (lambda cu: None, "cu_seqlens must be a 1-D int32 tensor"),
+    "not_a_tensor": (lambda cu: cu.tolist(),
+                     "cu_seqlens must be a 1-D int32 tensor, got [0, 3, 8, 9]"),
+    "none": (lambda cu: None, "cu_seqlens must be a 1-D int32 tensor, got None"),
 }
 
 

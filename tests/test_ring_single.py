@@ -146,6 +146,18 @@ def test_autocast_computes_in_its_dtype_as_sdpa_does():
         assert got.dtype == leaf.dtype and torch.equal(got, expected.to(leaf.dtype))
 
 
+def test_autocast_leaves_float64_inputs_in_float64():
+    """Autocast casts no float64 tensor (as for F.scaled_dot_product_attention): float64 inputs
+    give the float64 result, to float64 precision."""
+    q, k, v, dout = random_qkv(seed_of("autocast-float64"), 1, 9, 9, 4, 2, 16, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ra.ring_attn_func(q, k, v, causal=True)
+        (local_out,) = LocalRing(1).ring_attn_func([q], [k], [v], causal=True)
+    want = ra.ring_attn_func(q, k, v, causal=True)
+    assert out.dtype == local_out.dtype == torch.float64
+    assert torch.equal(out, want) and torch.equal(local_out, want)
+
+
 @pytest.mark.parametrize("kind", ["ring", "varlen", "checkpointed"])
 def test_double_backward_raises(kind):
     """A gradient of ring attention is not differentiable again: RuntimeError, never a zero."""

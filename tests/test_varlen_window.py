@@ -311,6 +311,15 @@ def test_bad_cu_seqlens_raises_without_a_group(kind):
         ra.ring_attn_varlen_func(q, k, v, VARLEN_INVALID[kind][0](cu), causal=True)
     message = str(error.value)
     assert message.startswith("ring_attn_varlen_func: ") and "cu_seqlens" in message, message
+    if kind != "wrong_total":  # whose token counts are those of 3 ranks
+        assert VARLEN_INVALID[kind][1] in message, message
+
+
+def test_varlen_of_4d_inputs_names_the_function_once():
+    q = torch.randn(1, 9, 2, 16)
+    with pytest.raises(ValueError, match=r"^ring_attn_varlen_func: q, k and v must be 3-D "
+                                         r"\(tokens_local, heads, headdim\); got q \[1, 9, 2, 16\]"):
+        ra.ring_attn_varlen_func(q, q, q, torch.tensor([0, 9], dtype=torch.int32))
 
 
 # ---- across processes (gloo) -----------------------------------------------------------------

@@ -227,7 +227,7 @@ std::string validate_local(const RingCall& call) {
   const at::Tensor& v = call.v;
   const bool varlen = call.cu_seqlens.defined();
   if (varlen && (q.dim() != 3 || k.dim() != 3 || v.dim() != 3)) {
-    return "ring_attn_varlen_func: q, k and v must be 3-D (tokens_local, heads, headdim); got q " +
+    return "q, k and v must be 3-D (tokens_local, heads, headdim); got q " +
            shape_str(q) + ", k " + shape_str(k) + ", v " + shape_str(v);
   }
   if (varlen) {
