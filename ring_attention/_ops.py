@@ -54,13 +54,19 @@ def _ring_fwd_fake(q, k, v, cu_seqlens, group_name, causal, softmax_scale, windo
     dims = 3 if cu_seqlens is not None else 4
     if q.dim() != dims or k.dim() != dims or v.dim() != dims:
         raise ValueError(f"ring attention: q, k and v must be {dims}-D")
-    return torch.empty_like(q, memory_format=torch.contiguous_format), _lse_like(q)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), _lse_like(q),
+            _forward_calls(1))
+
+
+def _forward_calls(count):
+    """The forward ops' call numbers: a CPU int64 tensor (count,)."""
+    return torch.empty(count, dtype=torch.int64, device="cpu")
 
 
 @torch.library.register_fake("ring_attention::ring_bwd")
 def _ring_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, group_name, causal, softmax_scale,
                    window_left, window_right, layout, deterministic=False, kv_exchange="ring",
-                   dlse=None):
+                   dlse=None, forward_call=None):
     _check_devices(q, cu_seqlens, dout=dout, k=k, v=v, out=out, lse=lse, dlse=dlse)
     return tuple(_like((q, k, v)))
 
@@ -92,14 +98,14 @@ def _ulysses_fwd_fake(q, k, v, cu_seqlens, group_name, ulysses_group_name, causa
     lse = _lse_like(q) if return_lse else q.new_empty((0,), dtype=acc_dtype(q.dtype))
     return (torch.empty_like(q, memory_format=torch.contiguous_format), lse, q_heads,
             exchanged(k, heads_kv_ex), exchanged(v, heads_kv_ex), torch.empty_like(q_heads),
-            _lse_like(q_heads))
+            _lse_like(q_heads), _forward_calls(2))
 
 
 @torch.library.register_fake("ring_attention::ulysses_bwd")
 def _ulysses_bwd_fake(dout, q_heads, k_heads, v_heads, out_heads, lse_heads, cu_seqlens,
                       group_name, ulysses_group_name, causal, softmax_scale, window_left,
                       window_right, layout, heads_kv, deterministic=False, kv_exchange="ring",
-                      dlse=None):
+                      dlse=None, forward_calls=None):
     _check_devices(q_heads, cu_seqlens, dout=dout, k=k_heads, v=v_heads, out=out_heads,
                    lse=lse_heads, dlse=dlse)
     kv_shape = (*dout.shape[:-2], heads_kv, dout.shape[-1])

@@ -15,8 +15,8 @@ class _RingAttention(torch.autograd.Function):
                 window_left: int, window_right: int, layout: str, deterministic: bool,
                 kv_exchange: str):
         args = (cu_seqlens, group_name, causal, softmax_scale, window_left, window_right, layout)
-        out, lse = ops.ring_fwd(q, k, v, *args, kv_exchange=kv_exchange)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, forward_call = ops.ring_fwd(q, k, v, *args, kv_exchange=kv_exchange)
+        ctx.save_for_backward(q, k, v, out, lse, forward_call)
         ctx.ring_args = args
         ctx.deterministic, ctx.kv_exchange = deterministic, kv_exchange
         ctx.set_materialize_grads(False)  # dlse None when lse is unused
@@ -25,11 +25,11 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved
+        q, k, v, out, lse, forward_call = ctx.saved
         dout = torch.zeros_like(out) if dout is None else dout
         dq, dk, dv = ops.ring_bwd(dout, q, k, v, out, lse, *ctx.ring_args,
                                   deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange,
-                                  dlse=dlse)
+                                  dlse=dlse, forward_call=forward_call)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 

@@ -55,9 +55,9 @@ class _UlyssesAttention(torch.autograd.Function):
             dlse = None
         elif dlse is None:
             dlse = lse_heads.new_zeros(ctx.lse_shape)
-        dq, dk, dv = ops.ulysses_bwd(dout, *saved, *ctx.ring_args, ctx.heads_kv,
+        dq, dk, dv = ops.ulysses_bwd(dout, *saved[:5], *ctx.ring_args, ctx.heads_kv,
                                      deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange,
-                                     dlse=dlse)
+                                     dlse=dlse, forward_calls=saved[5])
         return (dq, dk, dv) + (None,) * 11
 
 

@@ -603,6 +603,8 @@ def check_ulysses_rejected(kind):
         q, k, v = (t[:, :2] if rank == 1 else t for t in (q, k, v))
     elif kind == "window_disagrees_in_ulysses_group":  # ranks 0 and 1 form one ulysses_group
         kwargs["window_size"] = (3, 0) if rank == 1 else (-1, -1)
+    elif kind == "heads_kv_disagrees_in_group":  # 2 or 1 K/V heads: 1 each after the all-to-all
+        k, v = (t[:, :, :1] if rank >= 2 else t for t in (k, v))
     elif kind == "causal_disagrees_in_group":  # each ulysses_group agrees, the ring groups do not
         kwargs["causal"] = rank < 2
     elif kind == "bad_window":
@@ -677,6 +679,24 @@ def check_ulysses_backward_skipped(varlen):
     return str(error.value)
 
 
+def check_backward_of_other_call(grid):
+    """Two calls A and B of the same shapes on every rank (over a 2 x 2 grid with `grid`); rank 1
+    runs A's backward alone while the others run B's first (their loss needs both): every rank
+    raises ValueError (the ring would otherwise mix A's and B's tensors: wrong gradients, or a
+    crash where the shapes differ), then a forward and backward still work. Returns the
+    message."""
+    groups = dict(zip(("group", "ulysses_group"), grid_groups(2, 2))) if grid else {}
+    q, k, v, dout, attend = grid_call(False, seed_of("backward-order", grid), groups)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    first, second = attend(*inputs), attend(*inputs)
+    with pytest.raises(ValueError) as error:
+        loss = first if dist.get_rank() == 1 else first + second
+        loss.backward(dout)
+    grads = torch.autograd.grad(attend(*inputs), inputs, dout)
+    assert all(torch.isfinite(g).all() for g in grads)
+    return str(error.value)
+
+
 def ulysses_call_unless_absent(absent_rank, varlen):
     """Checks off, on a U x 1 grid of the pool's ranks: every rank but `absent_rank` calls
     ring_attn_func (ring_attn_varlen_func with `varlen`) and waits in the all-to-all.
@@ -733,10 +753,12 @@ def opcheck_ulysses_ops(ulysses, ring, varlen):
     fwd_args = (q, k, v, cu, group.group_name, ulysses_group.group_name, True, 0.3, 3, 0, "zigzag")
     for kwargs in ({"kv_exchange": "allgather"}, {"return_lse": True}):
         torch.library.opcheck(ra.ops.ulysses_fwd.default, fwd_args, kwargs)
-    out, lse, *exchanged = ra.ops.ulysses_fwd(*fwd_args, return_lse=True)
+    out, lse, *exchanged, forward_calls = ra.ops.ulysses_fwd(*fwd_args, return_lse=True)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     assert out.shape == q.shape and lse.shape == lse_shape
-    for kwargs in ({"deterministic": True}, {"dlse": torch.randn_like(lse)}):
+    assert forward_calls.dtype == torch.int64 and forward_calls.shape == (2,)
+    for kwargs in ({"deterministic": True}, {"dlse": torch.randn_like(lse)},
+                   {"forward_calls": forward_calls}):
         torch.library.opcheck(ra.ops.ulysses_bwd.default,
                               (dout, *exchanged, *fwd_args[3:], k.shape[-2]), kwargs)
     return True

@@ -6,7 +6,7 @@ import pytest
 
 from dist_pool import RankPool
 from ring_cases import (DISAGREEMENTS, INVALID_INPUTS, OTHER_CALLS, call_unless_absent,
-                        check_backward_against_forward, check_other_call, check_rejected,
+                        check_backward_against_forward, check_backward_of_other_call, check_other_call, check_rejected,
                         check_ring_with_timeout, dying_mid_ring, skipping_unshard_backward,
                         timeouts_on_new_groups, ulysses_call_unless_absent)
 
@@ -66,6 +66,25 @@ def test_rank_skipping_the_backward_raises_on_every_rank(rank_pool, kv_exchange)
                                                           kv_exchange))
     assert ("ranks called different functions over one process group (rank 0: ring_attn_func "
             "backward, rank 1: ring_attn_func, rank 2: ring_attn_func backward)") in message, message
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["ring", "ulysses"])
+def test_ranks_in_backwards_of_different_calls_raise_on_every_rank(rank_pool, grid):
+    """Rank 1 runs the backward of the first of two calls while the other ranks run the second's:
+    every rank raises ValueError naming the calls by their number (on a 2 x 2 grid too), and the
+    groups stay usable."""
+    message = assert_same_everywhere(rank_pool(4).run(check_backward_of_other_call, grid))
+    assert message.startswith("ring_attn_func backward: "), message
+    # The calls are numbered from the group's first forward (the pool's ranks made others).
+    if grid:  # found in the ulysses_group of ranks 0 and 1, passed on over the ring groups
+        found = re.search(r"ranks of one ulysses_group disagree on the call whose backward runs "
+                          r"\(counting the group's forward calls\) \(rank \(ring 0, ulysses 0\): "
+                          r"(\d+), rank \(ring 0, ulysses 1\): (\d+)\)", message)
+    else:
+        found = re.search(r"ranks run the backward of different calls over one process group "
+                          r"\(rank 0: call (\d+), rank 1: call (\d+), rank 2: call \1, rank 3: "
+                          r"call \1, counting", message)
+    assert found and int(found[1]) == int(found[2]) + 1, message
 
 
 @pytest.mark.parametrize("seconds", ["1e30", "0"])

@@ -50,10 +50,11 @@ def test_opcheck_ring_ops(causal, dtype):
     q, k, v, dout = random_qkv(4, 2, 6, 6, 4, 2, 16, dtype)
     fwd_args = (q, k, v, None, "", causal, 0.3, 3, -1 if causal else 2, "zigzag")
     torch.library.opcheck(ra.ops.ring_fwd.default, fwd_args)
-    out, lse = ra.ops.ring_fwd(*fwd_args)
+    out, lse, forward_call = ra.ops.ring_fwd(*fwd_args)
     assert lse.dtype == acc_dtype(dtype)
+    assert forward_call.tolist() == [0]  # nothing agreed at world size 1
     bwd_args = (dout, q, k, v, out, lse, *fwd_args[3:])
-    for kwargs in ({}, {"dlse": torch.randn_like(lse)}):
+    for kwargs in ({}, {"dlse": torch.randn_like(lse)}, {"forward_call": forward_call}):
         torch.library.opcheck(ra.ops.ring_bwd.default, bwd_args, kwargs)
 
 

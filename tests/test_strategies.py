@@ -119,7 +119,7 @@ def test_opcheck_allgather_ops():
     q, k, v, dout = random_qkv(seed_of("opcheck-allgather"), 2, 6, 6, 4, 2, 16, torch.float32)
     fwd_args = (q, k, v, None, "", True, 0.3, 3, -1, "zigzag")
     torch.library.opcheck(ra.ops.ring_fwd.default, fwd_args, {"kv_exchange": "allgather"})
-    out, lse = ra.ops.ring_fwd(*fwd_args, kv_exchange="allgather")
+    out, lse, _ = ra.ops.ring_fwd(*fwd_args, kv_exchange="allgather")
     torch.library.opcheck(ra.ops.ring_bwd.default, (dout, q, k, v, out, lse, *fwd_args[3:]),
                           {"kv_exchange": "allgather"})
     shards = [random_qkv(seed_of("opcheck-allgather", r), 2, 6, 6, 4, 2, 16, torch.float64)
@@ -186,6 +186,7 @@ def test_ulysses_matches_reference(rank_pool, case):
     ("window_disagrees_in_ulysses_group",
      "ranks of one ulysses_group disagree on the window_size[0] (left)"),
     ("causal_disagrees_in_group", "ranks of one group disagree on the causal"),
+    ("heads_kv_disagrees_in_group", "ranks of one group disagree on the number of K/V heads"),
     ("bad_window", "rank (ring 1, ulysses 1): window_size values must be >= 0"),
     ("scale_not_a_number", "rank (ring 1, ulysses 1): softmax_scale must be a number or None, got"),
     ("return_lse_not_a_bool", "rank (ring 1, ulysses 1): return_lse must be True or False"),

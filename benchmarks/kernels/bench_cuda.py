@@ -149,7 +149,7 @@ def bench_config(d, s, causal, iters, warmup, dtype=torch.bfloat16, forward_only
         held["out"] = ra.ops.ring_fwd(q, k, v, None, "", causal, scale, -1, -1, "contiguous")
 
     add("ring op (world 1)", "fwd", time_ms(op_fwd, warmup), flops_fwd)
-    o, l = held.pop("out")
+    o, l, _ = held.pop("out")
     op_bwd = lambda: ra.ops.ring_bwd(dout, q, k, v, o, l, None, "", causal, scale, -1, -1,
                                      "contiguous")
     add("ring op (world 1)", "bwd", time_ms(op_bwd, warmup), flops_bwd)

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <sstream>
 #include <string>
@@ -391,14 +392,31 @@ void check_descriptors(const std::vector<at::Tensor>& all, const std::string& ca
   }
 }
 
-void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                    bool check, double timeout_s) {
+namespace {
+
+// The number of forward calls agreed on over `group` so far, this one included.
+int64_t count_forward_call(const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+  static std::mutex mutex;
+  static auto* counts = new std::vector<std::pair<WeakGroup, int64_t>>();  // outlives exit
+  std::lock_guard<std::mutex> lock(mutex);
+  std::erase_if(*counts, [](const auto& entry) { return entry.first.expired(); });
+  for (auto& [weak, count] : *counts) {
+    if (refers_to(weak, *group)) return ++count;
+  }
+  counts->emplace_back(WeakGroup(group), 1);
+  return 1;
+}
+
+}  // namespace
+
+int64_t agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                       bool check, double timeout_s) {
   const int world = group ? group->getSize() : 1;
   const std::string name = ring_call_name(call.cu_seqlens);
   if (!check || world == 1) {
     const std::string local_error = validate_local(call);
     TORCH_CHECK_VALUE(local_error.empty(), name, ": ", local_error);
-    return;
+    return 0;
   }
   const std::optional<at::Device> device = collective_device(*group, call.q.device());
   if (!device) {  // a CUDA-only group in a process without a CUDA device: no rank can take part
@@ -410,18 +428,30 @@ void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::Process
   }
   check_descriptors(all_gather_descriptors(describe(call), name, *group, *device, timeout_s),
                     name);
+  return count_forward_call(group);
 }
 
 void agree_on_backward(const std::string& call,
                        const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                       const at::Tensor& sample, bool check, double timeout_s) {
+                       const at::Tensor& sample, bool check, double timeout_s,
+                       int64_t forward_call) {
   if (!check || !group || group->getSize() == 1) return;
   const std::optional<at::Device> device = collective_device(*group, sample.device());
   TORCH_CHECK_VALUE(device, call, ": the ranks cannot agree on the backward: ",
                     collective_device_error(*group, at::Device(at::kCPU)),
                     " and this process has no CUDA device");
-  all_gather_descriptors(at::zeros({1}, at::kLong), call + " backward", *group, *device,
-                         timeout_s);
+  const std::vector<at::Tensor> forward_calls = all_gather_descriptors(
+      at::full({1}, forward_call, at::kLong), call + " backward", *group, *device, timeout_s);
+  bool same = true;
+  std::ostringstream listing;
+  for (size_t r = 0; r < forward_calls.size(); ++r) {
+    const int64_t number = forward_calls[r].data_ptr<int64_t>()[0];
+    same &= number == forward_call;
+    listing << (r ? ", " : "") << "rank " << r << ": call " << number;
+  }
+  TORCH_CHECK_VALUE(same, call, " backward: ranks run the backward of different calls over one "
+                    "process group (", listing.str(), ", counting the group's forward calls); "
+                    "every rank must run the backwards of its calls in the same order");
 }
 
 // ---- the U x R grid of Ulysses ---------------------------------------------------------------
@@ -434,7 +464,7 @@ namespace {
 enum GridField : int {
   kGridDims = 0, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
   kGridKVExchange, kGridUlyssesSize, kGridRingSize, kGridRingRank, kGridUlyssesRank,
-  kGridReturnLse, kGridOtherCall, kGridFields
+  kGridReturnLse, kGridOtherCall, kGridForwardCall, kGridFields
 };
 
 const char* grid_field_name(int field) {
@@ -452,6 +482,7 @@ const char* grid_field_name(int field) {
     case kGridRingRank: return "rank in the ring group";
     case kGridUlyssesRank: return "rank in the ulysses_group";
     case kGridReturnLse: return "return_lse";
+    case kGridForwardCall: return "call whose backward runs (counting the group's forward calls)";
     default: return "?";
   }
 }
@@ -685,38 +716,44 @@ int64_t ulysses_ring_tokens(const at::Tensor& cu_seqlens, Layout layout, int rin
   return varlen_local_len(layout, ring_size, host.data_ptr<int32_t>(), host.size(0) - 1);
 }
 
-void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool return_lse,
-                            bool check, double timeout_s) {
+int64_t agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool return_lse,
+                               bool check, double timeout_s) {
   at::Tensor mine = describe_grid(call, grid, return_lse);
   const int64_t* d = mine.data_ptr<int64_t>();
   if (!check) {
     TORCH_CHECK_VALUE(!(d + kGridFields)[kHasError], grid.call, ": ",
                       message_of(d + kGridFields));
-    return;
+    return 0;
   }
   // The ranks of one ulysses_group share the inputs' shapes, the kv_exchange, return_lse, the ring
-  // call's arguments, R and their rank in the ring group.
+  // call's arguments, R and their rank in the ring group; those of a ring group share U, their
+  // rank in the ulysses_group, return_lse and the number of K/V heads (which the ring call's may
+  // hide: 2 and 1 K/V heads both become 1 after an all-to-all over 2 ranks).
   const GridVerdict verdict = agree_on_grid(
       mine, grid, grid.call + " (Ulysses)", call.q,
       {kGridDims, kGridBatch, kGridTokens, kGridHeads, kGridHeadsKV, kGridHeadDim, kGridDType,
        kGridKVExchange, kGridRingSize, kGridRingRank, kGridReturnLse},
-      {kGridUlyssesSize, kGridUlyssesRank, kGridReturnLse}, timeout_s);
+      {kGridUlyssesSize, kGridUlyssesRank, kGridReturnLse, kGridHeadsKV}, timeout_s);
   TORCH_CHECK_VALUE(!verdict.other_call, "ring attention: ", verdict.error);
   TORCH_CHECK_VALUE(verdict.error.empty(), grid.call,
                     ": invalid input or groups (every rank raises this): ", verdict.error);
+  return grid.ulysses && grid.ulysses->getSize() > 1 ? count_forward_call(grid.ulysses) : 0;
 }
 
 void agree_on_grid_backward(const UlyssesGrid& grid, const at::Tensor& sample, bool check,
-                            double timeout_s) {
+                            double timeout_s, int64_t forward_call) {
   if (!check) return;
   at::Tensor mine = at::zeros({kGridFields + kDescriptorLen}, at::kLong);
   int64_t* d = mine.data_ptr<int64_t>();
   d[kGridRingRank] = grid.ring_rank;
   d[kGridUlyssesRank] = grid.ulysses_rank;
-  // The only verdict a backward can carry is a rank in another call.
-  const GridVerdict verdict =
-      agree_on_grid(mine, grid, grid.call + " (Ulysses) backward", sample, {}, {}, timeout_s);
-  TORCH_CHECK_VALUE(verdict.error.empty(), "ring attention: ", verdict.error);
+  d[kGridForwardCall] = forward_call;
+  // The ranks of a ulysses_group count the same calls over it (those of other ulysses_groups
+  // may differ); the ring group's calls are compared by the ring's backward.
+  const GridVerdict verdict = agree_on_grid(mine, grid, grid.call + " (Ulysses) backward", sample,
+                                            {kGridForwardCall}, {}, timeout_s);
+  TORCH_CHECK_VALUE(!verdict.other_call, "ring attention: ", verdict.error);
+  TORCH_CHECK_VALUE(verdict.error.empty(), grid.call, " backward: ", verdict.error);
 }
 
 }  // namespace ring_attn

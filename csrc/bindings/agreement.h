@@ -71,16 +71,22 @@ void check_descriptors(const std::vector<at::Tensor>& descriptors, const std::st
 // invalid or the ranks disagree. With check=false only the local verdict is raised, locally. The
 // descriptors travel on comm/group_devices.h's collective_device of the group (the CPU for gloo
 // groups, the GPU for NCCL-only groups).
-void agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                    bool check, double timeout_s);
+// Returns the number of the forward calls agreed on over `group` so far, this one included (the
+// same on every rank, as the ranks agree on each call in order), which the backward's agreement
+// compares; 0 when nothing was agreed (check=false or one rank).
+int64_t agree_or_throw(const RingCall& call, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                       bool check, double timeout_s);
 
 // Before the backward of `call` (a function's name, under 39 bytes) sends anything over `group`:
 // one small all-gather of the call's name, so that a rank making another call over the group
 // meanwhile (a rank that skipped the backward) raises the same ValueError as the ranks in the
-// backward. Nothing with check=false or a group of one rank.
+// backward, with the number agree_or_throw gave its forward call, so that ranks running the
+// backwards of different calls raise ValueError too. Nothing with check=false or a group of one
+// rank.
 void agree_on_backward(const std::string& call,
                        const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                       const at::Tensor& sample, bool check, double timeout_s);
+                       const at::Tensor& sample, bool check, double timeout_s,
+                       int64_t forward_call);
 
 // A rank's place in a U x R grid: its ulysses_group of U ranks and its ring group of R ranks (a
 // null group: size 1).
@@ -110,14 +116,15 @@ int64_t ulysses_ring_tokens(const at::Tensor& cu_seqlens, Layout layout, int rin
 // `call`: this rank's inputs before the all-to-all, world = R. Two small all-gathers (over the
 // ulysses_group, then the ring group) before anything else is sent; with check=false only the
 // local verdict is raised, locally.
-void agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool return_lse,
-                            bool check, double timeout_s);
+// Returns the number of the forward calls agreed on over the ulysses_group, as agree_or_throw.
+int64_t agree_on_grid_or_throw(const RingCall& call, const UlyssesGrid& grid, bool return_lse,
+                               bool check, double timeout_s);
 
 // agree_on_backward for the backward of grid.call: over the ulysses_group, then over the ring
 // group, so that a rank making another call over either group (a rank that skipped the backward)
 // makes every rank of the grid raise ValueError. `sample`: a tensor on the inputs' device.
 // Nothing with check=false.
 void agree_on_grid_backward(const UlyssesGrid& grid, const at::Tensor& sample, bool check,
-                            double timeout_s);
+                            double timeout_s, int64_t forward_call);
 
 }  // namespace ring_attn

@@ -43,7 +43,7 @@ inline MaskSpec mask_spec(bool causal, int64_t window_left, int64_t window_right
 
 template <typename Device>
 struct RingOpImpls {
-  static std::tuple<at::Tensor, at::Tensor> ring_fwd(
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_fwd(
       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const std::optional<at::Tensor>& cu_seqlens, c10::string_view group_name, bool causal,
       double softmax_scale, int64_t window_left, int64_t window_right, c10::string_view layout,
@@ -60,17 +60,18 @@ struct RingOpImpls {
       const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens,
       c10::string_view group_name, bool causal, double softmax_scale, int64_t window_left,
       int64_t window_right, c10::string_view layout, bool deterministic,
-      c10::string_view kv_exchange, const std::optional<at::Tensor>& dlse) {
+      c10::string_view kv_exchange, const std::optional<at::Tensor>& dlse,
+      const std::optional<at::Tensor>& forward_call) {
     c10::DeviceGuard guard(q.device());
     Device::kKernels.check_environment();
     return ring_backward(Device::kKernels, dout, q, k, v, out, lse,
                          ring_options(cu_seqlens, group_name, causal, softmax_scale, window_left,
                                       window_right, layout, deterministic, kv_exchange),
-                         dlse.value_or(at::Tensor()));
+                         dlse.value_or(at::Tensor()), forward_call.value_or(at::Tensor()));
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                    at::Tensor>
+                    at::Tensor, at::Tensor>
   ulysses_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const std::optional<at::Tensor>& cu_seqlens, c10::string_view group_name,
               c10::string_view ulysses_group_name, bool causal, double softmax_scale,
@@ -90,7 +91,8 @@ struct RingOpImpls {
       const std::optional<at::Tensor>& cu_seqlens, c10::string_view group_name,
       c10::string_view ulysses_group_name, bool causal, double softmax_scale, int64_t window_left,
       int64_t window_right, c10::string_view layout, int64_t heads_kv, bool deterministic,
-      c10::string_view kv_exchange, const std::optional<at::Tensor>& dlse) {
+      c10::string_view kv_exchange, const std::optional<at::Tensor>& dlse,
+      const std::optional<at::Tensor>& forward_calls) {
     c10::DeviceGuard guard(q_heads.device());
     Device::kKernels.check_environment();
     return ulysses_backward(Device::kKernels, dout, q_heads, k_heads, v_heads, out_heads,
@@ -99,7 +101,7 @@ struct RingOpImpls {
                                          window_left, window_right, layout, deterministic,
                                          kv_exchange),
                             std::string(ulysses_group_name), heads_kv,
-                            dlse.value_or(at::Tensor()));
+                            dlse.value_or(at::Tensor()), forward_calls.value_or(at::Tensor()));
   }
 
   static std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> local_ring_fwd(

@@ -22,33 +22,37 @@ struct CpuDevice {
 TORCH_LIBRARY(ring_attention, m) {
   // Ring attention over the process group registered as `group_name` ("" = world size 1), K/V
   // exchanged by `kv_exchange`: "ring" (passed around the ring) or "allgather" (gathered once).
-  // Returns out (like q) and lse (batch, heads, seqlen_local) in the accumulator dtype.
+  // Returns out (like q), lse (batch, heads, seqlen_local) in the accumulator dtype and
+  // forward_call, a CPU int64 (1,): the call's number among the forward calls over the group
+  // (0 with checks off or one rank), which the backward's agreement compares.
   m.def("ring_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str group_name, bool causal, "
         "float softmax_scale, int window_left, int window_right, str layout, "
-        "str kv_exchange=\"ring\") -> (Tensor, Tensor)");
-  // Returns dq, dk, dv (like q, k, v) given the forward's out and lse and the gradients of both
-  // (dlse like lse; None: 0). deterministic: no atomics in the CUDA kernels (the CPU kernels are
-  // always deterministic).
+        "str kv_exchange=\"ring\") -> (Tensor, Tensor, Tensor)");
+  // Returns dq, dk, dv (like q, k, v) given the forward's out, lse and forward_call (None: 0) and
+  // the gradients of out and lse (dlse like lse; None: 0). deterministic: no atomics in the CUDA
+  // kernels (the CPU kernels are always deterministic).
   m.def("ring_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? cu_seqlens, str group_name, bool causal, float softmax_scale, int window_left, "
         "int window_right, str layout, bool deterministic=False, str kv_exchange=\"ring\", "
-        "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? dlse=None, Tensor? forward_call=None) -> (Tensor, Tensor, Tensor)");
   // Ulysses (bindings/ulysses_ops.h): the all-to-all over heads inside the process group
   // registered as `ulysses_group_name` (U ranks) around the same ring over `group_name`, after
   // the U x R grid's ranks agree. Returns out (like q), lse (as ring_fwd's, or an empty tensor
-  // unless return_lse) and the exchanged tensors the backward takes: q_heads, k_heads, v_heads,
-  // out_heads, lse_heads (U * L tokens of heads / U and lcm(U, heads_kv) / U heads).
+  // unless return_lse) and what the backward takes: q_heads, k_heads, v_heads, out_heads,
+  // lse_heads (U * L tokens of heads / U and lcm(U, heads_kv) / U heads) and forward_calls, a
+  // CPU int64 (2,): the call's numbers over the ulysses_group and over the group.
   m.def("ulysses_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str group_name, "
         "str ulysses_group_name, bool causal, float softmax_scale, int window_left, "
         "int window_right, str layout, str kv_exchange=\"ring\", bool return_lse=False) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Returns dq, dk, dv (like q, k, v of the forward, which had heads_kv K/V heads); dlse: the
-  // gradient of the lse ulysses_fwd returned (None: 0).
+  // gradient of the lse ulysses_fwd returned (None: 0); forward_calls: ulysses_fwd's (None: 0).
   m.def("ulysses_bwd(Tensor dout, Tensor q_heads, Tensor k_heads, Tensor v_heads, "
         "Tensor out_heads, Tensor lse_heads, Tensor? cu_seqlens, str group_name, "
         "str ulysses_group_name, bool causal, float softmax_scale, int window_left, "
         "int window_right, str layout, int heads_kv, bool deterministic=False, "
-        "str kv_exchange=\"ring\", Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+        "str kv_exchange=\"ring\", Tensor? dlse=None, Tensor? forward_calls=None) "
+        "-> (Tensor, Tensor, Tensor)");
   // The same ring over len(qs) virtual ranks in this process (LocalRing): one shard per rank.
   m.def("local_ring_fwd(Tensor[] qs, Tensor[] ks, Tensor[] vs, Tensor? cu_seqlens, bool causal, "
         "float softmax_scale, int window_left, int window_right, str layout, "

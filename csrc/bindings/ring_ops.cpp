@@ -125,9 +125,11 @@ KVExchange kv_exchange_of(const RingOptions& options) {
 
 RingStats last_ring_stats() { return g_last_stats; }
 
-std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, const at::Tensor& q,
-                                                const at::Tensor& k, const at::Tensor& v,
-                                                const RingOptions& options) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels,
+                                                            const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const RingOptions& options) {
   std::string transport_choice_error;
   const TransportKind kind = transport_kind(q, &transport_choice_error);
   const auto group = resolve_group(options.group_name);
@@ -137,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, con
   if (call.world > 1 && kind == TransportKind::kC10d) {
     call.transport_error = p2p_device_error(*group, q.device());
   }
-  agree_or_throw(call, group, ring_check_enabled(), ring_timeout_seconds());
+  const int64_t forward_call = agree_or_throw(call, group, ring_check_enabled(),
+                                              ring_timeout_seconds());
   RankForward rank(kernels, rank_of(group), world_of(group), as_batch(q, options),
                    as_batch(k, options), as_batch(v, options), options);
   auto transport = group_transport(group, rank.slots, kind);
@@ -145,18 +148,23 @@ std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, con
     run_rank<Schedule>(rank, *transport);
   });
   auto [out, lse] = rank.result(q.scalar_type());
-  return {from_batch(out, options), from_batch(lse, options)};
+  return {from_batch(out, options), from_batch(lse, options),
+          at::full({1}, forward_call, at::kLong)};
+}
+
+int64_t forward_call_number(const at::Tensor& forward_call) {
+  return forward_call.defined() && forward_call.numel() == 1 ? forward_call.item<int64_t>() : 0;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const RingOptions& options,
-    const at::Tensor& dlse) {
+    const at::Tensor& dlse, const at::Tensor& forward_call) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
   const TransportKind kind = transport_kind(q);  // before any communication
   const auto group = resolve_group(options.group_name);
   agree_on_backward(ring_call_name(options.cu_seqlens), group, q, ring_check_enabled(),
-                    ring_timeout_seconds());
+                    ring_timeout_seconds(), forward_call_number(forward_call));
   RankBackward rank(kernels, rank_of(group), world_of(group), as_batch(dout, options),
                     as_batch(q, options), as_batch(k, options), as_batch(v, options),
                     as_batch(out, options), as_batch(lse, options), options,

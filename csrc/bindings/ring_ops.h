@@ -12,17 +12,25 @@
 
 namespace ring_attn {
 
-// Returns (out, lse): out like q, lse (batch, heads, seqlen_local) in the accumulator dtype; with
-// cu_seqlens q is (tokens_local, heads, headdim) and lse (heads, tokens_local).
-std::tuple<at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels, const at::Tensor& q,
-                                                const at::Tensor& k, const at::Tensor& v,
-                                                const RingOptions& options);
+// Returns (out, lse, forward_call): out like q, lse (batch, heads, seqlen_local) in the
+// accumulator dtype; with cu_seqlens q is (tokens_local, heads, headdim) and lse (heads,
+// tokens_local). forward_call: a CPU int64 tensor (1,), the call's number over the group
+// (agree_or_throw), which ring_backward takes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_forward(const BlockKernels& kernels,
+                                                            const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const RingOptions& options);
 
-// Returns (dq, dk, dv) like q, k, v; dlse, the gradient of lse, may be undefined (0).
+// Returns (dq, dk, dv) like q, k, v; dlse, the gradient of lse, may be undefined (0);
+// forward_call: ring_forward's (undefined: 0, as for a forward with checks off).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const RingOptions& options,
-    const at::Tensor& dlse = {});
+    const at::Tensor& dlse = {}, const at::Tensor& forward_call = {});
+
+// The number in a forward_call tensor (undefined: 0).
+int64_t forward_call_number(const at::Tensor& forward_call);
 
 // The same ring for `qs.size()` virtual ranks in this process (one shard per rank in each list),
 // driven in lockstep from this thread over an in-memory transport: LocalRing.

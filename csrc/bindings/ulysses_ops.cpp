@@ -124,7 +124,8 @@ RingShard ring_shard(const RingOptions& options, const UlyssesGrid& grid, int64_
 
 int64_t all_to_all_bytes_sent() { return g_all_to_all_bytes; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 ulysses_forward(const BlockKernels& kernels, const at::Tensor& q, const at::Tensor& k,
                 const at::Tensor& v, const RingOptions& options,
                 const std::string& ulysses_group_name, bool return_lse) {
@@ -139,7 +140,8 @@ ulysses_forward(const BlockKernels& kernels, const at::Tensor& q, const at::Tens
   if (grid.ring_size > 1 && kind == TransportKind::kC10d) {
     call.transport_error = p2p_device_error(*grid.ring, q.device());
   }
-  agree_on_grid_or_throw(call, grid, return_lse, ring_check_enabled(), ring_timeout_seconds());
+  const int64_t ulysses_call = agree_on_grid_or_throw(call, grid, return_lse,
+                                                      ring_check_enabled(), ring_timeout_seconds());
   const Batching batching{options.cu_seqlens.defined()};
   const int64_t heads_kv = k.size(-2);
   const int64_t repeat = ulysses_heads_kv(heads_kv, grid.ulysses_size) * grid.ulysses_size /
@@ -151,7 +153,7 @@ ulysses_forward(const BlockKernels& kernels, const at::Tensor& q, const at::Tens
   const at::Tensor q_heads = exchanged(q, 1), k_heads = exchanged(k, repeat),
                    v_heads = exchanged(v, repeat);
   const RingShard shard = ring_shard(options, grid, q_heads.size(batching.packed ? 0 : 1));
-  auto [out_ring, lse_ring] = ring_forward(kernels, shard.values(q_heads), shard.values(k_heads),
+  auto [out_ring, lse_ring, ring_call] = ring_forward(kernels, shard.values(q_heads), shard.values(k_heads),
                                            shard.values(v_heads), options);
   const at::Tensor out_heads = shard.padded_values(out_ring);
   const at::Tensor lse_heads = shard.padded_lse(lse_ring);
@@ -159,17 +161,21 @@ ulysses_forward(const BlockKernels& kernels, const at::Tensor& q, const at::Tens
   const at::Tensor lse = return_lse
                              ? batching.from_batch(lse_to_seq(batching.to_batch(lse_heads), grid))
                              : at::empty({0}, lse_heads.options());
-  return {out, lse, q_heads, k_heads, v_heads, out_heads, lse_heads};
+  const at::Tensor forward_calls = at::cat({at::full({1}, ulysses_call, at::kLong), ring_call});
+  return {out, lse, q_heads, k_heads, v_heads, out_heads, lse_heads, forward_calls};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_backward(
     const BlockKernels& kernels, const at::Tensor& dout, const at::Tensor& q_heads,
     const at::Tensor& k_heads, const at::Tensor& v_heads, const at::Tensor& out_heads,
     const at::Tensor& lse_heads, const RingOptions& options,
-    const std::string& ulysses_group_name, int64_t heads_kv, const at::Tensor& dlse) {
+    const std::string& ulysses_group_name, int64_t heads_kv, const at::Tensor& dlse,
+    const at::Tensor& forward_calls) {
   // Inputs were validated and agreed on in the forward; autograd guarantees matching shapes.
   const UlyssesGrid grid = grid_of(options, ulysses_group_name);
-  agree_on_grid_backward(grid, dout, ring_check_enabled(), ring_timeout_seconds());
+  const bool numbered = forward_calls.defined() && forward_calls.numel() == 2;
+  agree_on_grid_backward(grid, dout, ring_check_enabled(), ring_timeout_seconds(),
+                         numbered ? forward_calls[0].item<int64_t>() : 0);
   const Batching batching{options.cu_seqlens.defined()};
   const at::Tensor dout_heads = batching.from_batch(seq_to_heads(batching.to_batch(dout), grid));
   const RingShard shard = ring_shard(options, grid, q_heads.size(batching.packed ? 0 : 1));
@@ -177,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ulysses_backward(
       kernels, shard.values(dout_heads), shard.values(q_heads), shard.values(k_heads),
       shard.values(v_heads), shard.values(out_heads), shard.lse(lse_heads), options,
       dlse.defined() ? shard.lse(batching.from_batch(lse_to_heads(batching.to_batch(dlse), grid)))
-                     : dlse);
+                     : dlse,
+      numbered ? forward_calls.narrow(0, 1, 1) : at::Tensor());
   auto back = [&](const at::Tensor& grad) {
     return heads_to_seq(batching.to_batch(shard.padded_values(grad)), grid);
   };
