@@ -149,24 +149,31 @@ def packed_matches_documents(family, layout, lengths, ulysses=1, kv_exchange="ri
     return total.item()
 
 
-def packed_disagreement_raises():
+def packed_disagreement_raises(grid=False):
     """Ranks whose packed rows differ, and packed rows of batch 2, raise ValueError on every rank;
-    the group stays usable."""
+    the group stays usable. grid: over a 2 x 2 grid whose ring groups agree but whose
+    ulysses_groups do not."""
     from ring_attention.integrations import transformers as ra_hf
+    from ring_cases import grid_groups
     rank, world = rank_and_world()
+    groups = dict(zip(("group", "ulysses_group"), grid_groups(2, 2))) if grid else {}
     input_ids = torch.zeros(1, 12, dtype=torch.int64)
-    split = 4 + rank  # a different first document on every rank
+    split = 4 + (rank % 2 if grid else rank)  # a different first document on other ranks
     position_ids = torch.cat([torch.arange(split), torch.arange(12 - split)]).unsqueeze(0)
     errors = []
     try:
-        ra_hf.shard_inputs(input_ids, position_ids)
+        ra_hf.shard_inputs(input_ids, position_ids, **groups)
     except ValueError as e:
         errors.append(str(e))
     try:
-        ra_hf.shard_inputs(input_ids.expand(2, 12), position_ids.expand(2, 12))
+        ra_hf.shard_inputs(input_ids.expand(2, 12), position_ids.expand(2, 12), **groups)
     except ValueError as e:
         errors.append(str(e))
     assert len(errors) == 2 and "disagree" in errors[0] and "batch 1" in errors[1], errors
+    if grid:  # the ring groups agree: their ulysses_groups' verdicts tell
+        assert "(its ulysses_group disagrees)" in errors[0], errors[0]
+        ids, _, _ = ra_hf.shard_inputs(torch.zeros(1, 16, dtype=torch.int64), **groups)
+        assert ids.shape == (1, 4)
     ones = torch.ones(1)
     dist.all_reduce(ones)
     assert ones.item() == world

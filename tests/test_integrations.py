@@ -37,8 +37,9 @@ def test_transformers_packed_documents_match_each_alone(rank_pool, family, layou
     assert len(set(losses)) == 1
 
 
-def test_transformers_packed_disagreement_raises_everywhere(rank_pool):
-    messages = rank_pool(3).run(cases.packed_disagreement_raises)
+@pytest.mark.parametrize("grid", [False, True], ids=["ring", "ulysses"])
+def test_transformers_packed_disagreement_raises_everywhere(rank_pool, grid):
+    messages = rank_pool(4 if grid else 3).run(cases.packed_disagreement_raises, grid)
     assert len(set(messages)) == 1  # the same message on every rank
 
 

@@ -365,21 +365,42 @@ def packed_documents(position_ids: Optional[torch.Tensor]) -> Optional[torch.Ten
     return torch.tensor([0, *starts, position_ids.shape[1]], dtype=torch.int32)
 
 
-def _agree_on_documents(cu_seqlens: Optional[torch.Tensor], device: torch.device, group) -> None:
-    """Raises the same ValueError on every rank unless all hold the same documents (or all
-    unpacked rows): one small all-gather of (packed, documents, tokens, checksum)."""
-    group, _, world = _group.resolve(group)
-    if world == 1:
-        return
+def _agree_on_documents(cu_seqlens: Optional[torch.Tensor], device: torch.device, group,
+                        ulysses_group) -> None:
+    """Raises the same ValueError on every rank of `group` (of the grid, with a ulysses_group)
+    unless all hold the same documents (or all unpacked rows): one small all-gather of (packed,
+    documents, tokens, checksum) over the ulysses_group, then one over group that also carries
+    whether each rank's ulysses_group agreed, as the ring's grid agreement does."""
     cu = [] if cu_seqlens is None else cu_seqlens.tolist()
-    described = [tuple(g) for g in _group.gather_agreement(
-        [int(cu_seqlens is not None), len(cu), cu[-1] if cu else 0, zlib.crc32(repr(cu).encode())],
-        group, device, "shard_inputs", "shard_inputs")]
-    if len(set(described)) > 1:
-        listing = "\n  ".join(f"rank {r}: " + (f"{n - 1} packed documents, {t} tokens" if p else "unpacked rows")
-                              for r, (p, n, t, _) in enumerate(described))
-        raise ValueError("shard_inputs: ranks disagree on the documents of the batch (every rank "
-                         "raises this):\n  " + listing)
+    mine = [int(cu_seqlens is not None), len(cu), cu[-1] if cu else 0, zlib.crc32(repr(cu).encode())]
+    agreed, listing = 1, ""
+    if ulysses_group is not None:
+        ulysses_group, _, size = _group.resolve(ulysses_group)
+        if size > 1:
+            described = _group.gather_agreement(mine, ulysses_group, device, "shard_inputs",
+                                                "shard_inputs")
+            agreed = int(all(d == mine for d in described))
+            listing = _documents_listing(described, "in its ulysses_group")
+    group, _, world = _group.resolve(group)
+    if world > 1:
+        described = _group.gather_agreement(mine + [agreed], group, device, "shard_inputs",
+                                            "shard_inputs")
+        if all(d == described[0] for d in described) and described[0][-1]:
+            return
+        listing = _documents_listing([d[:-1] for d in described], "in group", [d[-1] for d in described])
+    elif agreed:
+        return
+    raise ValueError("shard_inputs: ranks disagree on the documents of the batch (every rank "
+                     "raises this):\n  " + listing)
+
+
+def _documents_listing(described, where, agreed=None):
+    """One line per rank of the gathered (packed, documents, tokens, checksum)."""
+    def line(r, p, n, t):
+        documents = f"{n - 1} packed documents, {t} tokens" if p else "unpacked rows"
+        disagrees = "" if agreed is None or agreed[r] else " (its ulysses_group disagrees)"
+        return f"rank {r} {where}: {documents}{disagrees}"
+    return "\n  ".join(line(r, p, n, t) for r, (p, n, t, _) in enumerate(described))
 
 
 def shard_inputs(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -406,7 +427,7 @@ def shard_inputs(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] =
     grid = dict(group=group, layout=layout, dim=1, ulysses_group=ulysses_group)
     position_ids = _rows_of(position_ids, input_ids, "shard_inputs")
     cu_seqlens = packed_documents(position_ids)
-    _agree_on_documents(cu_seqlens, input_ids.device, group)
+    _agree_on_documents(cu_seqlens, input_ids.device, group, ulysses_group)
     sharding = _Sharding(layout, _ulysses_key(ulysses_group))
     if cu_seqlens is None:
         local = _shard_rows(input_ids, position_ids, labels, grid)
