@@ -15,8 +15,9 @@ ring group holds U * L tokens of hk' / U heads: KV = 2 b L hk' d e bytes, its dK
             (U - 1) / U * b L d e (2 h + 2 hk') bytes each way, in U - 1 messages per tensor.
 """
 import math
+import operator
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 KV_EXCHANGES = ("ring", "allgather")
 
@@ -37,6 +38,17 @@ class Cost:
         return self.fwd_bytes + self.bwd_bytes
 
 
+def _as_int(value) -> Optional[int]:
+    """value as a Python int when it is an integer (numpy's and 0-d integer tensors included, not
+    a bool); else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def cost(kv_exchange: str, world: int, ulysses: int, heads: int, heads_kv: int, headdim: int,
          seqlen: int, batch: int = 1, elem_bytes: int = 2, acc_bytes: int = 4,
          ring_steps: int = 0) -> Cost:
@@ -47,17 +59,20 @@ def cost(kv_exchange: str, world: int, ulysses: int, heads: int, heads_kv: int, 
     sizes = dict(world=world, ulysses=ulysses, heads=heads, heads_kv=heads_kv, headdim=headdim,
                  seqlen=seqlen, batch=batch, elem_bytes=elem_bytes, acc_bytes=acc_bytes)
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if _as_int(value) is None or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    world, ulysses, heads, heads_kv, headdim, seqlen, batch, elem_bytes, acc_bytes = (
+        _as_int(value) for value in sizes.values())
     for name, value, divisor, divisor_name in (
             ("world", world, ulysses, "U"), ("heads", heads, ulysses, "U"),
             ("heads", heads, heads_kv, "heads_kv"), ("seqlen", seqlen, world, "world")):
         if value % divisor:
             raise ValueError(f"{name} ({value}) must divide by {divisor_name} ({divisor})")
     ring = world // ulysses
-    if isinstance(ring_steps, bool) or not isinstance(ring_steps, int) or not 0 <= ring_steps <= ring:
+    if _as_int(ring_steps) is None or not 0 <= ring_steps <= ring:
         raise ValueError(f"ring_steps must be 0 (all R = {ring} steps) or an int in [1, {ring}], "
                          f"got {ring_steps!r}")
+    ring_steps = _as_int(ring_steps)
     local = seqlen // world
     heads_kv_ex = heads_kv if heads_kv % ulysses == 0 else math.lcm(ulysses, heads_kv)
     kv = 2 * batch * local * heads_kv_ex * headdim * elem_bytes

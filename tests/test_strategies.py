@@ -332,6 +332,21 @@ def test_cost_rejects_sizes_no_call_could_have(changes, message):
     assert message in str(error.value)
 
 
+def test_cost_takes_numpy_and_tensor_integers():
+    """Sizes given as numpy integers or 0-d integer tensors (a config read from arrays) cost what
+    the same Python ints do, in Python ints; floats and bools stay rejected."""
+    import numpy as np
+    from ring_attention.strategies import cost
+    sizes = dict(world=4, ulysses=2, heads=8, heads_kv=2, headdim=64, seqlen=4096, ring_steps=1)
+    want = cost("ring", **sizes)
+    for wrap in (np.int64, np.int32, torch.tensor):
+        got = cost("ring", **{name: wrap(value) for name, value in sizes.items()})
+        assert got == want and all(type(getattr(got, f)) is int for f in ("fwd_bytes", "ring"))
+    for bad in (4.0, True, np.float64(4)):
+        with pytest.raises(ValueError, match="world must be an int >= 1"):
+            cost("ring", **{**sizes, "world": bad})
+
+
 @pytest.mark.parametrize("ulysses,ring", [(2, 1), (4, 1), (2, 2), (1, 4)], ids=str)
 @pytest.mark.parametrize("kv_exchange", ["ring", "allgather"])
 def test_local_ring_grid_matches_reference(ulysses, ring, kv_exchange):
