@@ -5,7 +5,6 @@ distributed ring, each virtual rank's steps driven in turn from this thread over
 transport, so nothing can deadlock on the autograd engine's per-device thread. It is how the ring
 is tested without spawning processes and on a single GPU.
 """
-import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -13,6 +12,7 @@ import torch
 from ._autograd import once_differentiable
 from ._ops import ops
 from .functional import _autocast, _op_arguments
+from .strategies import _as_int
 
 
 class _LocalRingAttention(torch.autograd.Function):
@@ -43,16 +43,6 @@ class _LocalRingAttention(torch.autograd.Function):
                                            deterministic=ctx.deterministic, kv_exchange=ctx.kv_exchange,
                                            dlses=dlses)
         return (None, None, None, None, None, None, None, None, *dqs, *dks, *dvs)
-
-
-def _as_int(value) -> Optional[int]:
-    """value as an int (anything with __index__ but bool); None otherwise."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 class LocalRing:
