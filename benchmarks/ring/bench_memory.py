@@ -3,7 +3,8 @@ CPU ranks over gloo (1 thread per rank).
 
 Per rank and call: the growth of the resident set (VmHWM after a reset, minus VmRSS before) during
 one forward, and during the backward that follows it, after a warm-up call of the same shape
-(the kernels' per-thread scratch, which grows to the largest call and stays, is left out). The ranks run
+(the kernels' per-thread scratch, which grows to the largest call and stays, is left out); the
+median over --repeats calls, as one call's pages may already be resident. The ranks run
 with MALLOC_MMAP_THRESHOLD_=65536 so that every buffer of 64 KiB or more is mapped on allocation
 and unmapped on release: the resident set then follows the tensors alive, instead of hiding
 buffers in heap memory freed by an earlier call. Peaks are given in MB and in K/V blocks
@@ -44,7 +45,7 @@ def _peaks(q, k, v, dout, kw):
     return forward, kept, backward
 
 
-def _rank(rank, world, seqlens, heads, heads_kv, headdim):
+def _rank(rank, world, seqlens, heads, heads_kv, headdim, repeats):
     import ring_attention as ra
     single = dist.new_subgroups(1)[0]  # Ulysses' ring of one rank
     kwargs = {"ring": {}, "allgather": {"kv_exchange": "allgather"},
@@ -59,7 +60,9 @@ def _rank(rank, world, seqlens, heads, heads_kv, headdim):
         for name in STRATEGIES:
             kw = dict(causal=True, layout="zigzag", **kwargs[name])
             ra.ring_attn_func(q, k, v, **kw).backward(dout)  # first-call costs are not the call's
-            results[(name, seqlen)] = _peaks(q, k, v, dout, kw)
+            calls = [_peaks(q, k, v, dout, kw) for _ in range(repeats)]
+            results[(name, seqlen)] = tuple(sorted(c[i] for c in calls)[repeats // 2]
+                                            for i in range(3))
     return results
 
 
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=h.positive_int, default=8)
     p.add_argument("--heads-kv", type=h.positive_int, default=8)
     p.add_argument("--headdim", type=h.positive_int, default=64)
+    p.add_argument("--repeats", type=h.positive_int, default=3,
+                   help="measured calls per strategy and length (their median is reported)")
     args = p.parse_args(argv)
     for seqlen in args.seqlens:
         if seqlen % (2 * args.world) or seqlen // args.world < 8:
@@ -82,7 +87,8 @@ def main(argv=None) -> int:
     h.set_fp32_precision(args)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # read by the spawned ranks' malloc
 
-    res = h.run_ranks(args.world, _rank, args.seqlens, args.heads, args.heads_kv, args.headdim)
+    res = h.run_ranks(args.world, _rank, args.seqlens, args.heads, args.heads_kv, args.headdim,
+                      args.repeats)
     mb = 2 ** 20
     rows, failures = [], []
     for name in STRATEGIES:
