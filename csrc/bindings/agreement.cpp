@@ -606,16 +606,22 @@ std::string grid_rank_name(const int64_t* d) {
          std::to_string(d[kGridUlyssesRank]) + ")";
 }
 
+// The first grid descriptor in `all` that carries an error, or null.
+const int64_t* first_with_error(const std::vector<at::Tensor>& all) {
+  for (const at::Tensor& descriptor : all) {
+    const int64_t* d = descriptor.data_ptr<int64_t>();
+    if ((d + kGridFields)[kHasError]) return d;
+  }
+  return nullptr;
+}
+
 // The first rank's error (after its place in the grid with `name_rank`), or a disagreement on a
 // grid field in `agreed` or on a field of the exchanged call, or "". `what` names the group.
 std::string first_grid_error(const std::vector<at::Tensor>& all, std::vector<int> agreed,
                              const char* what, bool name_rank) {
-  for (const at::Tensor& descriptor : all) {
-    const int64_t* d = descriptor.data_ptr<int64_t>();
-    if ((d + kGridFields)[kHasError]) {
-      return name_rank ? grid_rank_name(d) + ": " + message_of(d + kGridFields)
-                       : message_of(d + kGridFields);
-    }
+  if (const int64_t* d = first_with_error(all)) {
+    return name_rank ? grid_rank_name(d) + ": " + message_of(d + kGridFields)
+                     : message_of(d + kGridFields);
   }
   for (int field = 0; field < kHasError; ++field) agreed.push_back(kGridFields + field);
   for (int field : agreed) {
@@ -698,11 +704,9 @@ GridVerdict agree_on_grid(at::Tensor& mine, const UlyssesGrid& grid, const std::
       gather_grid(mine, grid.ring, grid, name, sample, timeout_s, &calls);
   mismatch = calls_mismatch(calls, name);
   if (!mismatch.empty()) return {mismatch, true};
-  for (const at::Tensor& descriptor : in_ring) {  // the first verdict, as first_grid_error finds
-    const int64_t* r = descriptor.data_ptr<int64_t>();
-    if ((r + kGridFields)[kHasError]) return {message_of(r + kGridFields), r[kGridOtherCall] != 0};
-  }
-  return {first_grid_error(in_ring, ring_agreed, "group", false)};
+  const int64_t* first = first_with_error(in_ring);
+  return {first_grid_error(in_ring, ring_agreed, "group", false),
+          first != nullptr && first[kGridOtherCall] != 0};
 }
 
 }  // namespace
