@@ -373,14 +373,13 @@ def _agree_on_documents(cu_seqlens: Optional[torch.Tensor], device: torch.device
     whether each rank's ulysses_group agreed, as the ring's grid agreement does."""
     cu = [] if cu_seqlens is None else cu_seqlens.tolist()
     mine = [int(cu_seqlens is not None), len(cu), cu[-1] if cu else 0, zlib.crc32(repr(cu).encode())]
-    agreed, listing = 1, ""
+    in_ulysses = [mine]
     if ulysses_group is not None:
         ulysses_group, _, size = _group.resolve(ulysses_group)
         if size > 1:
-            described = _group.gather_agreement(mine, ulysses_group, device, "shard_inputs",
-                                                "shard_inputs")
-            agreed = int(all(d == mine for d in described))
-            listing = _documents_listing(described, "in its ulysses_group")
+            in_ulysses = _group.gather_agreement(mine, ulysses_group, device, "shard_inputs",
+                                                 "shard_inputs")
+    agreed = int(all(d == mine for d in in_ulysses))
     group, _, world = _group.resolve(group)
     if world > 1:
         described = _group.gather_agreement(mine + [agreed], group, device, "shard_inputs",
@@ -390,6 +389,8 @@ def _agree_on_documents(cu_seqlens: Optional[torch.Tensor], device: torch.device
         listing = _documents_listing([d[:-1] for d in described], "in group", [d[-1] for d in described])
     elif agreed:
         return
+    else:
+        listing = _documents_listing(in_ulysses, "in its ulysses_group")
     raise ValueError("shard_inputs: ranks disagree on the documents of the batch (every rank "
                      "raises this):\n  " + listing)
 
