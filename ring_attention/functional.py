@@ -7,6 +7,7 @@ import torch
 from . import _group, ulysses
 from ._autograd import once_differentiable
 from ._ops import ops
+from .sinks import apply_sinks, sinks_error
 
 
 class _RingAttention(torch.autograd.Function):
@@ -184,14 +185,17 @@ def _op_arguments(q, causal, softmax_scale, window_size, layout, return_lse, det
 
 
 def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout, return_lse,
-          deterministic, kv_exchange, ulysses_group):
+          deterministic, kv_exchange, ulysses_group, sinks):
     """ring_attn_func (cu_seqlens None) and ring_attn_varlen_func: the arguments as the ops take
-    them, then the differentiable call (the Ulysses op with a ulysses_group). An argument of the
-    wrong type becomes a value that the ops' agreement rejects on every rank."""
+    them, then the differentiable call (the Ulysses op with a ulysses_group) and the sinks. An
+    argument of the wrong type becomes a value that the ops' agreement rejects on every rank."""
     group, _, _ = _group.resolve(group)
     q, k, v = _autocast(*(_tensor(t) for t in (q, k, v)))
     causal, scale, (left, right), layout, deterministic, kv_exchange, return_lse = _op_arguments(
         q, causal, softmax_scale, window_size, layout, return_lse, deterministic, kv_exchange)
+    sink_error = sinks_error(sinks, q)
+    if sink_error and not layout.startswith(_ARGUMENT_ERROR):  # reported on every rank
+        layout = _ARGUMENT_ERROR + sink_error
     args = (causal, scale, left, right, layout, deterministic, kv_exchange)
     if ulysses_group is None:
         out, lse = _RingAttention.apply(q, k, v, cu_seqlens, _group.group_name(group), *args)
@@ -201,14 +205,17 @@ def _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout
         if grid_error and not layout.startswith(_ARGUMENT_ERROR):  # reported on every rank
             args = (*args[:4], _ARGUMENT_ERROR + grid_error, *args[5:])
         out, lse = ulysses.attention(q, k, v, cu_seqlens, _group.group_name(group),
-                                     _group.group_name(ulysses_group), *args, return_lse)
+                                     _group.group_name(ulysses_group), *args,
+                                     return_lse or sinks is not None)
+    out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
                    group=None, layout: str = "contiguous", return_lse: bool = False,
-                   deterministic: bool = False, kv_exchange: str = "ring", ulysses_group=None):
+                   deterministic: bool = False, kv_exchange: str = "ring", ulysses_group=None,
+                   sinks: Optional[torch.Tensor] = None):
     """Exact attention of this rank's queries against the whole sharded sequence.
 
     q: (batch, seqlen_local, nheads, headdim); k, v: (batch, seqlen_local, nheads_kv, headdim) with
@@ -224,11 +231,13 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     gathers every rank's K/V once (backward: dK/dV reduce-scattered). ``ulysses_group`` (a
     ProcessGroup or 1-D DeviceMesh of U ranks) adds an all-to-all over heads inside it: the
     sequence is spread over the U x R grid of ``ulysses_group`` and ``group`` as ``shard(...,
-    ulysses_group=...)`` spreads it, and nheads must divide by U. Invalid or mismatched inputs
+    ulysses_group=...)`` spreads it, and nheads must divide by U. ``sinks`` (nheads,): attention
+    sinks, one logit per head that joins every row's softmax without a value (GPT-OSS), applied
+    to this rank's rows after the ring; gradients flow to them. Invalid or mismatched inputs
     raise ValueError on every rank.
     """
     return _ring(q, k, v, None, causal, softmax_scale, window_size, group, layout, return_lse,
-                 deterministic, kv_exchange, ulysses_group)
+                 deterministic, kv_exchange, ulysses_group, sinks)
 
 
 def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -237,7 +246,7 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           window_size: Sequence[int] = (-1, -1), group=None,
                           layout: str = "contiguous", return_lse: bool = False,
                           deterministic: bool = False, kv_exchange: str = "ring",
-                          ulysses_group=None):
+                          ulysses_group=None, sinks: Optional[torch.Tensor] = None):
     """Ring attention over packed variable-length sequences; attention never crosses a boundary.
 
     q: (tokens_local, nheads, headdim); k, v: (tokens_local, nheads_kv, headdim), this rank's part
@@ -245,8 +254,8 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (num_seqs + 1,), the global boundaries of the packed, unpadded batch, identical on every rank
     (checked). Pad tokens that shard_varlen inserted attend to nothing, get output 0 and LSE -inf,
     and receive no gradient. Returns out like q, or (out, lse) with lse (nheads, tokens_local).
-    ``deterministic``, ``kv_exchange`` and ``ulysses_group`` as for ``ring_attn_func`` (shards
-    from ``shard_varlen(..., ulysses_group=...)``).
+    ``deterministic``, ``kv_exchange``, ``ulysses_group`` (shards from ``shard_varlen(...,
+    ulysses_group=...)``) and ``sinks`` as for ``ring_attn_func``.
     """
     if not isinstance(cu_seqlens, torch.Tensor):  # rejected on every rank, like a bad tensor
         if isinstance(layout, str):
@@ -254,7 +263,7 @@ def ring_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       f"{_short_repr(cu_seqlens)}")
         cu_seqlens = torch.empty(0, dtype=torch.int32)
     return _ring(q, k, v, cu_seqlens, causal, softmax_scale, window_size, group, layout,
-                 return_lse, deterministic, kv_exchange, ulysses_group)
+                 return_lse, deterministic, kv_exchange, ulysses_group, sinks)
 
 
 def last_ring_stats() -> dict:

@@ -12,6 +12,7 @@ import torch
 from ._autograd import once_differentiable
 from ._ops import ops
 from .functional import _autocast, _op_arguments
+from .sinks import apply_sinks, sinks_error
 from .strategies import _as_int
 
 
@@ -67,24 +68,39 @@ class LocalRing:
                        vs: Sequence[torch.Tensor], *, causal: bool = False,
                        softmax_scale: Optional[float] = None, window_size=(-1, -1),
                        layout: str = "contiguous", return_lse: bool = False, deterministic: bool = False,
-                       kv_exchange: str = "ring"):
+                       kv_exchange: str = "ring", sinks: Optional[torch.Tensor] = None):
         """Ring attention of every virtual rank's shard.
 
-        qs, ks, vs: one shard per virtual rank, shapes as for ``ring_attn_func``. Returns the list
-        of outputs, or (outputs, lses). Gradients flow back to every shard.
+        qs, ks, vs: one shard per virtual rank, shapes as for ``ring_attn_func``; ``sinks``
+        (nheads,) as there, the same for every rank. Returns the list of outputs, or (outputs,
+        lses). Gradients flow back to every shard.
         """
-        return self._run(qs, ks, vs, None, causal, softmax_scale, window_size, layout, return_lse,
-                         deterministic, kv_exchange)
+        return self._run_with_sinks(qs, ks, vs, None, causal, softmax_scale, window_size, layout,
+                                    return_lse, deterministic, kv_exchange, sinks)
 
     def ring_attn_varlen_func(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
                               vs: Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *,
                               causal: bool = False, softmax_scale: Optional[float] = None,
                               window_size=(-1, -1), layout: str = "contiguous", return_lse: bool = False,
-                              deterministic: bool = False, kv_exchange: str = "ring"):
+                              deterministic: bool = False, kv_exchange: str = "ring",
+                              sinks: Optional[torch.Tensor] = None):
         """Packed sequences as ``ring_attn_varlen_func``: one (tokens_local, heads, headdim) shard
         per virtual rank, as made by ``shard_varlen``."""
-        return self._run(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse,
-                         deterministic, kv_exchange)
+        return self._run_with_sinks(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size,
+                                    layout, return_lse, deterministic, kv_exchange, sinks)
+
+    def _run_with_sinks(self, qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout,
+                        return_lse, deterministic, kv_exchange, sinks):
+        """_run, then the sinks applied to every virtual rank's rows."""
+        error = sinks_error(sinks, qs[0] if len(qs) else None)
+        if error:
+            raise ValueError(f"LocalRing: {error}")
+        results = self._run(qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout,
+                            return_lse or sinks is not None, deterministic, kv_exchange)
+        if sinks is None:
+            return results
+        outs, lses = map(list, zip(*(apply_sinks(out, lse, sinks) for out, lse in zip(*results))))
+        return (outs, lses) if return_lse else outs
 
     def _run(self, qs, ks, vs, cu_seqlens, causal, softmax_scale, window_size, layout, return_lse,
              deterministic, kv_exchange):

@@ -174,12 +174,14 @@ def sequence_visible(seqlens, causal, window=(-1, -1)):
 
 # ---- the reference -----------------------------------------------------------------------------
 
-def attention(q, k, v, seen, scale, dtype, softmax=False):
+def attention(q, k, v, seen, scale, dtype, softmax=False, sinks=None):
     """Materialised attention computed in `dtype` (differentiable), every op's result rounded to
     it: (out, lse); rows that see nothing get out 0 and lse -inf. q (batch, sq, heads, d); k, v
     (batch, sk, heads_kv, d); seen: (sq, sk) bool from visible(). The probabilities are
     exp(scores - lse), or with `softmax` torch.softmax(scores) (one rounding to `dtype` where the
-    other form has two, as in FlashAttention's attention_ref: the tighter same-precision bound)."""
+    other form has two, as in FlashAttention's attention_ref: the tighter same-precision bound).
+    sinks (heads,): attention sinks as GPT-OSS's eager attention writes them, a column of one
+    logit per head appended to the scores and dropped after the softmax."""
     heads, heads_kv = q.shape[2], k.shape[2]
     # (batch, heads, seq, headdim)
     q_by_head, k_by_head, v_by_head = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
@@ -187,34 +189,44 @@ def attention(q, k, v, seen, scale, dtype, softmax=False):
     v_by_head = v_by_head.repeat_interleave(heads // heads_kv, dim=1)
     scores = (q_by_head @ k_by_head.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~seen.to(scores.device), NEG_INF)
+    if sinks is not None:
+        column = sinks.to(dtype).view(1, heads, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, column], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     if softmax:
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees nothing: 0/0
     else:
         finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
         probs = torch.exp(scores - finite_lse.unsqueeze(-1))
+    if sinks is not None:
+        probs = probs[..., :-1]
     return (probs @ v_by_head).transpose(1, 2), lse
 
 
-def reference(q, k, v, dout, seen, scale=None, dtype=torch.float64, softmax=False, dlse=None):
+def reference(q, k, v, dout, seen, scale=None, dtype=torch.float64, softmax=False, dlse=None,
+              sinks=None):
     """(out, lse, dq, dk, dv) of `attention` in `dtype` (default float64: the reference; a lower
     precision: the same-precision PyTorch of the FA rule), on the CPU, returned as float64.
     Dense q (batch, sq, heads, d), or packed tokens (tokens, heads, d) with lse (heads, tokens).
-    scale None: 1/sqrt(d). The gradients are of out by dout, plus of lse by dlse if given."""
+    scale None: 1/sqrt(d). The gradients are of out by dout, plus of lse by dlse if given. With
+    sinks (heads,), their gradient (heads,) follows dv."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     packed = q.dim() == 3
     leaves = [t.detach().cpu().to(dtype) for t in (q, k, v)]
     leaves = [(t.unsqueeze(0) if packed else t).requires_grad_() for t in leaves]
+    if sinks is not None:
+        sinks = sinks.detach().cpu().to(dtype).requires_grad_()
     grad_out = dout.detach().cpu().to(dtype)
-    out, lse = attention(*leaves, seen, scale, dtype, softmax)
+    out, lse = attention(*leaves, seen, scale, dtype, softmax, sinks)
     outputs, grad_outputs = [out], [grad_out.unsqueeze(0) if packed else grad_out]
     if dlse is not None:
         outputs.append(lse)
         grad_outputs.append(dlse.detach().cpu().to(dtype).unsqueeze(0) if packed else
                             dlse.detach().cpu().to(dtype))
-    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
-    results = (out, lse, *grads)
-    return tuple((t[0] if packed else t).detach().double() for t in results)
+    grads = torch.autograd.grad(outputs, leaves + ([sinks] if sinks is not None else []),
+                                grad_outputs)
+    results = tuple(t[0] if packed else t for t in (out, lse, *grads[:3])) + grads[3:]
+    return tuple(t.detach().double() for t in results)
 
 
 # ---- tolerance rules ---------------------------------------------------------------------------

@@ -18,9 +18,9 @@ def tiny_model(family, seed, chunk=4):
     """A small random float32 causal LM of a transformers family built from a config. Windowed
     families: "mistral" (every layer sliding, window 5), "qwen3" and "gemma3" (layer_types mixing
     sliding layers, window 3 or 6, with full ones), "exaone4" (a sliding layer, window 3, and a
-    full one whose module keeps the config's window). Families whose attention the ring does not
-    compute: "llama4" (a chunked layer, chunks of 4 tokens unless ``chunk``), "gemma2" (logit
-    soft-capping), "gpt_oss" (attention sinks)."""
+    full one whose module keeps the config's window), "gpt_oss" (attention sinks, a sliding layer,
+    window 8, and a full one). Families whose attention the ring does not compute: "llama4" (a
+    chunked layer, chunks of 4 tokens unless ``chunk``), "gemma2" (logit soft-capping)."""
     import transformers as tf
     if family == "llama":
         model_class, config = tf.LlamaForCausalLM, tf.LlamaConfig(**TINY)
@@ -187,7 +187,7 @@ def unsupported_use_raises(case):
     from ring_attention.integrations import transformers as ra_hf
     rank, world = rank_and_world()
     ra_hf.register(layout="contiguous" if case == "register layout" else "zigzag")
-    family = {"chunked": "llama4", "softcap": "gemma2", "sinks": "gpt_oss"}.get(case, "llama")
+    family = {"chunked": "llama4", "softcap": "gemma2"}.get(case, "llama")
     model = tiny_model(family, 0)
     model.config._attn_implementation = ra_hf.ATTN_IMPLEMENTATION
     input_ids = torch.randint(0, 128, (1, 8 * world), generator=torch.Generator().manual_seed(0))

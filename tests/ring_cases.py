@@ -40,7 +40,8 @@ def check_ring(case):
 
     case: dict with layout, causal, dtype, local_len, batch, heads, heads_kv, headdim, scale
     (None: default) and memory ("contiguous" or a `strided` kind for the local q, k, v, dout);
-    optionally window, kv_exchange and deterministic.
+    optionally window, kv_exchange, deterministic and sinks (True: attention sinks drawn per
+    head, their gradient summed over the ranks).
     """
     rank, world = rank_and_world()
     layout, dtype = case["layout"], case["dtype"]
@@ -48,26 +49,33 @@ def check_ring(case):
     seqlen = world * case["local_len"]
     q, k, v, dout = random_qkv(seed_of(world, sorted(case.items(), key=str)), case["batch"], seqlen,
                                seqlen, case["heads"], case["heads_kv"], case["headdim"], dtype)
-    dlse = randn(torch.Generator().manual_seed(seed_of("dlse", world, str(case))), case["batch"],
-                 case["heads"], seqlen)
+    generator = torch.Generator().manual_seed(seed_of("dlse", world, str(case)))
+    dlse = randn(generator, case["batch"], case["heads"], seqlen)
+    sinks = randn(generator, case["heads"]).to(dtype) if case.get("sinks") else None
     expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window),
-                         case["scale"], dlse=dlse)
+                         case["scale"], dlse=dlse, sinks=sinks)
 
     local = [strided(ra.shard(t, layout=layout), case["memory"]) for t in (q, k, v, dout)]
-    for t in local[:3]:
+    leaves = local[:3] + ([sinks] if sinks is not None else [])
+    for t in leaves:
         t.requires_grad_()
     out, lse = ra.ring_attn_func(*local[:3], causal=case["causal"], softmax_scale=case["scale"],
                                  layout=layout, return_lse=True, window_size=window,
                                  kv_exchange=case.get("kv_exchange", "ring"),
-                                 deterministic=case.get("deterministic", False))
+                                 deterministic=case.get("deterministic", False), sinks=sinks)
     assert out.dtype == dtype and lse.dtype == acc_dtype(dtype), (out.dtype, lse.dtype)
     dlse_local = ra.shard(dlse, layout=layout, dim=2).to(lse.dtype)
-    grads = torch.autograd.grad((out, lse), local[:3], (local[3], dlse_local))
+    grads = torch.autograd.grad((out, lse), leaves, (local[3], dlse_local))
 
     names = ("out", "lse", "dq", "dk", "dv")
     for name, got, want in zip(names, (out, lse, *grads), expected):
         want_local = ra.shard(want, layout=layout, dim=2 if name == "lse" else 1)
         assert_close(got, want_local, f"rank {rank}/{world} {name}")
+    if sinks is not None:  # each rank's rows give part of the sinks' gradient
+        dsinks = grads[3].clone()
+        if dist.is_initialized():
+            dist.all_reduce(dsinks)
+        assert_close(dsinks, expected[5], f"rank {rank}/{world} dsinks")
     return True
 
 
@@ -131,6 +139,14 @@ INVALID_INPUTS = {
                                  "deterministic must be True or False, got 'no'"),
     "return_lse_not_a_bool": (_with(return_lse=b"yes"),
                               "return_lse must be True or False, got b'yes'"),
+    "sinks_wrong_shape": (_with(sinks=torch.zeros(3)),
+                          "sinks must have shape (nheads,) = (4,), one logit per query head, got (3,)"),
+    "sinks_int": (_with(sinks=torch.zeros(4, dtype=torch.int64)),
+                  "sinks must be a floating-point tensor, got torch.int64"),
+    "sinks_other_device": (_with(sinks=torch.zeros(4, device="meta")),
+                           "sinks must be on q's device (cpu), got meta"),
+    "sinks_not_a_tensor": (_with(sinks=[0.0] * 4),
+                           "sinks must be a tensor of shape (nheads,) or None, got list"),
 }
 DISAGREEMENTS = {
     "seqlen": (_tensors(lambda q, k, v: (q[:, :6], k[:, :6], v[:, :6])),
@@ -535,17 +551,20 @@ def check_ulysses(case):
     the float64 reference, forward and backward; unshard (unshard_varlen) restores the full
     tensors. The gradients are of out and lse. case: ulysses, ring, layout, causal, window,
     kv_exchange, dtype, local_len (dense: tokens per rank), heads, heads_kv, headdim, seqlens
-    (packed) or None."""
+    (packed) or None; optionally sinks (True: attention sinks, their gradient summed over the
+    grid)."""
     group, ulysses_group = grid_groups(case["ulysses"], case["ring"])
     grid = dict(group=group, ulysses_group=ulysses_group, layout=case["layout"])
     dtype, window = case["dtype"], case["window"]
     seed = seed_of("ulysses", sorted(case.items(), key=str))
+    sinks = (randn(torch.Generator().manual_seed(seed + 1), case["heads"]).to(dtype)
+             if case.get("sinks") else None)
     if case["seqlens"]:
         cu, q, k, v, dout = random_packed(seed, case["seqlens"], case["heads"], case["heads_kv"],
                                           case["headdim"], dtype)
         dlse = randn(torch.Generator().manual_seed(seed), case["heads"], q.shape[0])
         seen = sequence_visible(case["seqlens"], case["causal"], window)
-        expected = reference(q, k, v, dout, seen, dlse=dlse)
+        expected = reference(q, k, v, dout, seen, dlse=dlse, sinks=sinks)
         local = [ra.shard_varlen(t, cu, **grid) for t in (q, k, v, dout)]
         dlse_local = ra.shard_varlen(dlse, cu, dim=1, **grid)
         gather = lambda t, dim=0: ra.unshard_varlen(t, cu, dim=dim, **grid)  # noqa: E731
@@ -557,22 +576,27 @@ def check_ulysses(case):
                                    case["headdim"], dtype)
         dlse = randn(torch.Generator().manual_seed(seed), 2, case["heads"], seqlen)
         expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window),
-                             dlse=dlse)
+                             dlse=dlse, sinks=sinks)
         local = [ra.shard(t, **grid) for t in (q, k, v, dout)]
         dlse_local = ra.shard(dlse, dim=2, **grid)
         gather = lambda t, dim=1: ra.unshard(t, dim=dim, **grid)  # noqa: E731
         attend = ra.ring_attn_func
         lse_dim = 2
-    for t in local[:3]:
+    leaves = local[:3] + ([sinks] if sinks is not None else [])
+    for t in leaves:
         t.requires_grad_()
     out, lse = attend(*local[:3], causal=case["causal"], window_size=window, return_lse=True,
-                      kv_exchange=case["kv_exchange"], **grid)
+                      kv_exchange=case["kv_exchange"], sinks=sinks, **grid)
     assert out.shape == local[0].shape and out.dtype == dtype
-    grads = torch.autograd.grad((out, lse), local[:3], (local[3], dlse_local.to(lse.dtype)))
+    grads = torch.autograd.grad((out, lse), leaves, (local[3], dlse_local.to(lse.dtype)))
     assert all(t.is_contiguous() for t in (out, lse, *grads)), "outputs and gradients contiguous"
-    got = [gather(out), gather(lse, lse_dim), *(gather(g) for g in grads)]
+    got = [gather(out), gather(lse, lse_dim), *(gather(g) for g in grads[:3])]
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
         assert_close(a, b, f"rank {dist.get_rank()} {name}")
+    if sinks is not None:  # each rank's rows give part of the sinks' gradient
+        dsinks = grads[3].clone()
+        dist.all_reduce(dsinks)
+        assert_close(dsinks, expected[5], f"rank {dist.get_rank()} dsinks")
     return True
 
 

@@ -172,6 +172,12 @@ def test_cpu_varlen_ring_window_and_mqa():
                          heads_kv=1, headdim=128)
 
 
+@pytest.mark.parametrize("world,layout", [(1, "contiguous"), (3, "zigzag")])
+def test_cpu_sinks(world, layout):
+    gc.check_ring("cpu", CPU_DTYPE, world, layout, True, local_len=32, sinks=True)
+    gc.check_varlen_ring("cpu", CPU_DTYPE, world, layout, True, sinks=True)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_cpu_graph_replay_twin(world):
     """CPU twin of the CUDA graph test: the same static-input pattern, called instead of replayed."""

@@ -13,7 +13,7 @@ def test_transformers_llama_matches_single_process(rank_pool, world):
     assert len(set(loss for loss, _ in results)) == 1  # every rank saw the same summed loss
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3", "exaone4"])
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3", "exaone4", "gpt_oss"])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_transformers_sliding_window_matches_single_process(rank_pool, world, layout, family):
@@ -28,7 +28,7 @@ def test_transformers_sliding_window_matches_single_process(rank_pool, world, la
 
 @pytest.mark.parametrize("family,layout,world", [("llama", "zigzag", 2), ("llama", "contiguous", 3),
                                                  ("mistral", "zigzag", 4), ("qwen3", "striped", 2),
-                                                 ("mistral", "packed", 3)])
+                                                 ("mistral", "packed", 3), ("gpt_oss", "zigzag", 3)])
 def test_transformers_packed_documents_match_each_alone(rank_pool, family, layout, world):
     """Packed rows (position_ids restarting at 0): documents of lengths 1 to 23, one longer than
     a rank's share, never see each other."""
@@ -60,7 +60,6 @@ UNSUPPORTED_USES = {
     "padding on one rank": "pads some tokens",  # the other ranks pass no attention_mask
     "chunked": "chunked attention",  # Llama 4 chunks shorter than the sequence
     "softcap": "soft-capping",  # Gemma 2
-    "sinks": "attention sinks",  # GPT-OSS
     "register layout": "register() was given layout 'contiguous'",  # shard_inputs in zigzag
     "unshard layout": "unshard_outputs",  # shard_inputs in zigzag
     "flash-attention documents": "cu_seq_lens_q= is packed documents",
@@ -96,9 +95,11 @@ def test_transformers_packed_documents_on_a_ulysses_grid(rank_pool):
     assert len(set(losses)) == 1
 
 
-def test_transformers_llama_ulysses_allgather(rank_pool):
-    """A 2 x 2 grid: Ulysses over heads, the all-gather of K/V over the ring group."""
-    losses = rank_pool(4).run(cases.model_matches_single_process, "llama", "zigzag", 32, 2, "allgather",
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+def test_transformers_ulysses_allgather(rank_pool, family):
+    """A 2 x 2 grid: Ulysses over heads, the all-gather of K/V over the ring group (GPT-OSS: its
+    sinks on every rank's rows after the exchange back)."""
+    losses = rank_pool(4).run(cases.model_matches_single_process, family, "zigzag", 32, 2, "allgather",
                               timeout=180)
     assert len(set(losses)) == 1
 

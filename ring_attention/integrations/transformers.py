@@ -37,19 +37,18 @@ from ..layouts import _decode, _encode, shard, shard_varlen, unshard, unshard_va
 ATTN_IMPLEMENTATION = "ring_attention"
 
 # Arguments transformers passes to attention functions that do not change what the attention
-# computes here (dropout, scaling, is_causal and sliding_window are applied; position_ids checks
+# computes here (dropout, scaling, is_causal, sliding_window and s_aux are applied; position_ids checks
 # the shards and packed documents; output_attentions is checked apart; the rest are output, cache
 # and kernel switches or loss bookkeeping: a causal LM's forward hands its loss keywords, such as
 # the pre-shifted shift_labels, to every layer too).
 _HARMLESS_KWARGS = frozenset({
     "position_ids", "sliding_window", "use_cache", "cache_position", "output_attentions",
     "output_hidden_states", "output_router_logits", "num_items_in_batch", "shift_labels",
-    "deterministic"})
+    "deterministic", "s_aux"})
 
 # Arguments whose meaning the ring does not implement, with what they are.
 _UNSUPPORTED_KWARGS = {
     "softcap": "attention logit soft-capping (e.g. Gemma 2's attn_logit_softcapping)",
-    "s_aux": "attention sinks (e.g. GPT-OSS)",
     "cu_seq_lens_q": "packed documents as flash-attention arguments",
     "cu_seq_lens_k": "packed documents as flash-attention arguments",
     "max_length_q": "packed documents as flash-attention arguments",
@@ -298,8 +297,9 @@ def register(*, group=None, layout: str = "zigzag", kv_exchange: str = "ring",
                    else getattr(module, "sliding_window", None))
         window = (sliding - 1, 0 if causal else sliding - 1) if sliding else (-1, -1)
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        # s_aux: GPT-OSS's attention sinks, one logit per query head
         options = dict(causal=bool(causal), softmax_scale=scaling, window_size=window,
-                       kv_exchange=kv_exchange, **grid)
+                       kv_exchange=kv_exchange, sinks=kwargs.get("s_aux"), **grid)
         cu_seqlens = _recorded_documents(kwargs)
         if cu_seqlens is not None:  # packed rows: (1, tokens_local, ...) as varlen tokens
             if q.shape[0] != 1:

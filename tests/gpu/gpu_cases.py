@@ -10,7 +10,7 @@ import torch
 
 import ring_attention as ra
 from cases import (MASKS, assert_fa_rule, block_bwd, block_case, block_fwd,  # noqa: F401
-                   check_block, check_bwd_accumulates, check_merge_order, mask_case, random_packed,
+                   check_block, check_bwd_accumulates, check_merge_order, mask_case, randn, random_packed,
                    random_qkv, reference, seed_of, sequence_visible, strided, visible)
 
 LENGTHS = [(1, 1), (7, 7), (97, 97), (128, 128), (1, 128), (128, 1), (7, 97), (97, 128), (128, 7),
@@ -56,28 +56,37 @@ def merge_errors(device, dtype, nblocks=8, seeds=(0, 1, 2), sq=256, block_keys=1
     return err_one, err_merged
 
 
+def random_sinks(seed, heads, dtype, sinks):
+    """Attention sinks (heads,) of either sign in `dtype` when `sinks`, else None."""
+    return (3 * randn(torch.Generator().manual_seed(seed + 1), heads)).to(dtype) if sinks else None
+
+
 def check_ring(device, dtype, world, layout, causal, window=(-1, -1), heads=4, heads_kv=2,
-               headdim=64, local_len=96, batch=2, deterministic=False):
+               headdim=64, local_len=96, batch=2, deterministic=False, sinks=False):
     """The ring (world 1: ring_attn_func; else LocalRing's virtual ranks on `device`) forward and
     backward against the float64 reference of the full sequence (FA rule). With `deterministic`,
-    the backward runs twice and must give the same bits."""
+    the backward runs twice and must give the same bits; with `sinks`, attention sinks join the
+    softmax and their gradient is checked too."""
     seqlen = world * local_len
     seed = seed_of("ring", world, layout, causal, window, heads, heads_kv, headdim, str(dtype))
     q, k, v, dout = random_qkv(seed, batch, seqlen, seqlen, heads, heads_kv, headdim, dtype)
+    sink_logits = random_sinks(seed, heads, dtype, sinks)
     seen = sequence_visible(seqlen, causal, window)
     scale = headdim ** -0.5
-    ref = reference(q, k, v, dout, seen, scale)
-    low = reference(q, k, v, dout, seen, scale, dtype)
+    ref = reference(q, k, v, dout, seen, scale, sinks=sink_logits)
+    low = reference(q, k, v, dout, seen, scale, dtype, sinks=sink_logits)
 
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    if sinks:
+        leaves.append(sink_logits.to(device).requires_grad_())
     kw = dict(causal=causal, window_size=window, layout=layout, return_lse=True,
-              deterministic=deterministic)
+              deterministic=deterministic, sinks=leaves[3] if sinks else None)
     if world == 1:
-        out, lse = ra.ring_attn_func(*leaves, **kw)
+        out, lse = ra.ring_attn_func(*leaves[:3], **kw)
     else:
         from ring_attention.testing import LocalRing
         ring = LocalRing(world, device=device)
-        shards = [ring.shard(t, layout=layout) for t in leaves]
+        shards = [ring.shard(t, layout=layout) for t in leaves[:3]]
         outs, lses = ring.ring_attn_func(*shards, **kw)
         out = ring.unshard(outs, layout=layout)
         lse = ring.unshard(lses, layout=layout, dim=2)
@@ -87,36 +96,43 @@ def check_ring(device, dtype, world, layout, causal, window=(-1, -1), heads=4, h
         for name, a, b in zip(("dq", "dk", "dv"), grads, again):
             assert torch.equal(a, b), f"world {world} {layout}: {name} differs between runs"
     assert out.dtype == dtype and lse.dtype == torch.float32
-    for name, got, r, lo in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref, low):
+    for name, got, r, lo in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), (out, lse, *grads), ref,
+                                low):
         assert_fa_rule(f"world {world} {layout} {name}", got, r, lo, dtype)
 
 
 def check_varlen_ring(device, dtype, world, layout, causal, window=(-1, -1),
-                      seqlens=(1, 7, 97, 40), heads=4, heads_kv=2, headdim=64):
+                      seqlens=(1, 7, 97, 40), heads=4, heads_kv=2, headdim=64, sinks=False):
     """Packed sequences (ring_attn_varlen_func at world 1; else LocalRing's virtual ranks on
     `device`) forward and backward against the float64 reference of the packed batch, in which no
-    query sees a key of another sequence (FA rule). Pads of shard_varlen never surface."""
+    query sees a key of another sequence (FA rule). Pads of shard_varlen never surface. `sinks`
+    as for check_ring."""
     seed = seed_of("varlen", world, layout, causal, window, seqlens, heads, heads_kv, str(dtype))
     cu, q, k, v, dout = random_packed(seed, seqlens, heads, heads_kv, headdim, dtype)
+    sink_logits = random_sinks(seed, heads, dtype, sinks)
     seen = sequence_visible(seqlens, causal, window)
     scale = headdim ** -0.5
-    ref = reference(q, k, v, dout, seen, scale)
-    low = reference(q, k, v, dout, seen, scale, dtype)
+    ref = reference(q, k, v, dout, seen, scale, sinks=sink_logits)
+    low = reference(q, k, v, dout, seen, scale, dtype, sinks=sink_logits)
 
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
-    kw = dict(causal=causal, window_size=window, layout=layout, return_lse=True)
+    if sinks:
+        leaves.append(sink_logits.to(device).requires_grad_())
+    kw = dict(causal=causal, window_size=window, layout=layout, return_lse=True,
+              sinks=leaves[3] if sinks else None)
     if world == 1:
-        out, lse = ra.ring_attn_varlen_func(*leaves, cu, **kw)
+        out, lse = ra.ring_attn_varlen_func(*leaves[:3], cu, **kw)
     else:
         from ring_attention.testing import LocalRing
         ring = LocalRing(world, device=device)
-        shards = [ring.shard_varlen(t, cu, layout=layout) for t in leaves]
+        shards = [ring.shard_varlen(t, cu, layout=layout) for t in leaves[:3]]
         outs, lses = ring.ring_attn_varlen_func(*shards, cu, **kw)
         out = ring.unshard_varlen(outs, cu, layout=layout)
         lse = ring.unshard_varlen([x.transpose(0, 1) for x in lses], cu, layout=layout).transpose(0, 1)
     grads = torch.autograd.grad(out, leaves, dout.to(device))
     assert out.dtype == dtype and lse.dtype == torch.float32
-    for name, got, r, lo in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref, low):
+    for name, got, r, lo in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), (out, lse, *grads), ref,
+                                low):
         assert_fa_rule(f"varlen world {world} {layout} {name}", got, r, lo, dtype)
 
 

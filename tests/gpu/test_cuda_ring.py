@@ -46,6 +46,12 @@ def test_local_ring_window_and_mqa():
                   headdim=128, local_len=64)
 
 
+@pytest.mark.parametrize("world,layout", [(1, "contiguous"), (3, "zigzag")])
+def test_sinks(world, layout):
+    gc.check_ring("cuda", torch.bfloat16, world, layout, True, local_len=64, sinks=True)
+    gc.check_varlen_ring("cuda", torch.bfloat16, world, layout, True, sinks=True)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_cuda_graph_capture_and_replay(world):
     """Forward + deterministic backward captured in one CUDA graph; replays match eager calls."""
