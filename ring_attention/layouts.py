@@ -281,9 +281,10 @@ def _completed(work) -> bool:
 
 
 @torch.compiler.disable(reason="ring_attention keeps the deadline of unshard's collectives on the host")
-def _wait(work, group, rank: int, doing: str) -> None:
-    """Waits for unshard's collective `work` until RING_ATTN_TIMEOUT, as the ring's waits do;
-    then raises RuntimeError saying what this rank was `doing`."""
+def _wait(work, group, rank: int, doing: str, what: str) -> None:
+    """Waits for the collective `work` of the function `what` (unshard, ...) until
+    RING_ATTN_TIMEOUT, as the ring's waits do; then raises RuntimeError saying what this rank was
+    `doing`."""
     from ._ops import ops
 
     timeout = ops.ring_timeout_seconds()
@@ -298,7 +299,7 @@ def _wait(work, group, rank: int, doing: str) -> None:
         if time.monotonic() - start < 0.99 * timeout:  # a backend failure, not the deadline
             raise
     _abandon(work, group)
-    raise RuntimeError(f"unshard: rank {rank} timed out after {timeout:g} s (RING_ATTN_TIMEOUT) "
+    raise RuntimeError(f"{what}: rank {rank} timed out after {timeout:g} s (RING_ATTN_TIMEOUT) "
                        f"{doing}: some rank did not take part. The process group may be unusable "
                        "after this error, as after any collective timeout.")
 
@@ -313,7 +314,7 @@ class _GatherInOrder(torch.autograd.Function):
         ctx.meta = (group, rank, world, dim, x_local.shape[dim], order)
         parts = [torch.empty_like(x_local, memory_format=torch.contiguous_format) for _ in range(world)]
         _wait(dist.all_gather(parts, x_local.contiguous(), group=group, async_op=True), group, rank,
-              "gathering the shards")
+              "gathering the shards", "unshard")
         return torch.cat(parts, dim=dim).index_select(dim, order.to(x_local.device))
 
     @staticmethod
@@ -322,7 +323,7 @@ class _GatherInOrder(torch.autograd.Function):
         group, rank, world, dim, local_len, order = ctx.meta
         grad_out = grad_out.contiguous()
         _wait(dist.all_reduce(grad_out, group=group, async_op=True), group, rank,
-              "summing the gradients in the backward")
+              "summing the gradients in the backward", "unshard")
         shape = list(grad_out.shape)
         shape[dim] = world * local_len
         grad_cat = grad_out.new_zeros(shape).index_copy(dim, order.to(grad_out.device), grad_out)

@@ -188,6 +188,7 @@ OTHER_CALLS = {
     "ulysses": (lambda q, k, v, cu: ra.ring_attn_func(q, k, v, causal=True,
                                                       ulysses_group=dist.group.WORLD),
                 "ring_attn_func (Ulysses)"),
+    "decode": (lambda q, k, v, cu: ra.decode_attn_func(q, k, v), "decode_attn_func"),
 }
 
 
@@ -240,8 +241,8 @@ def check_ring_with_timeout(seconds):
 
 
 def call_unless_absent(absent_rank, check, call="ring_attn_func"):
-    """Every rank but `absent_rank` calls `call` (ring_attn_func or unshard; with
-    RING_ATTN_CHECK=`check`).
+    """Every rank but `absent_rank` calls `call` (ring_attn_func, unshard or decode_attn_func;
+    with RING_ATTN_CHECK=`check`).
 
     Returns (exception type name, message, seconds until it was raised) on the calling ranks;
     `absent_rank` returns None at once and idles, like a peer that never reaches the call.
@@ -255,6 +256,8 @@ def call_unless_absent(absent_rank, check, call="ring_attn_func"):
     with pytest.raises(Exception) as error:
         if call == "unshard":
             ra.unshard(q)
+        elif call == "decode_attn_func":
+            ra.decode_attn_func(q, k, v)
         else:
             ra.ring_attn_func(q, k, v)
     return type(error.value).__name__, str(error.value), time.monotonic() - start

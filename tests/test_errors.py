@@ -118,7 +118,7 @@ def test_peer_that_never_sends_times_out_in_ring_step(fault_pool):
 
 
 @pytest.mark.parametrize("fault_pool", [3], indirect=True)
-@pytest.mark.parametrize("call", ["ring_attn_func", "unshard"])
+@pytest.mark.parametrize("call", ["ring_attn_func", "unshard", "decode_attn_func"])
 def test_absent_rank_times_out_in_agreement(fault_pool, call):
     """Checks on: rank 1 never calls; ranks 0 and 2 raise RuntimeError from the agreement, naming
     the function they called."""
@@ -131,6 +131,18 @@ def test_absent_rank_times_out_in_agreement(fault_pool, call):
         assert "agreeing on inputs" in message, message
         assert f"some rank of the group did not call {call}." in message, message
         assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
+
+
+@pytest.mark.parametrize("fault_pool", [2], indirect=True)
+def test_absent_rank_times_out_in_decode_gather(fault_pool):
+    """Checks off: rank 1 never calls decode_attn_func; rank 0 raises RuntimeError from the
+    all-gather of the partial results, naming the call."""
+    error, message, elapsed = fault_pool.run(call_unless_absent, 1, "0", "decode_attn_func",
+                                             timeout=POOL_TIMEOUT_S)[0]
+    assert error == "RuntimeError", message
+    assert message.startswith("decode_attn_func: rank 0 timed out"), message
+    assert "gathering the partial attention" in message, message
+    assert FAULT_TIMEOUT_S * 0.9 <= elapsed < FAULT_TIMEOUT_S + 5 < POOL_TIMEOUT_S, elapsed
 
 
 @pytest.mark.parametrize("fault_pool", [2], indirect=True)

@@ -1,0 +1,186 @@
+"""Attention of queries that every rank holds against keys spread over the ranks: decoding, or a
+chunked prefill, with a KV cache sharded over a group as a ring's prefill leaves it.
+
+Each rank attends the queries to its own keys with the block kernel (masks by global position, as
+in the ring), the ranks all-gather their partial (out, lse), and every rank merges them in rank
+order, so that every rank returns the same bits:
+    lse = max_r lse_r + log(sum_r exp(lse_r - max_r lse_r))
+    out = sum_r out_r * exp(lse_r - lse)
+Forward only: serving computes no gradients.
+"""
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import _group
+from ._ops import ops
+from .functional import _default_scale, _flag, _scale_error, _short_repr, _window, _window_error
+from .layouts import _agree_on_shards, _wait
+from .sinks import apply_sinks, sinks_error
+
+_CALL = "decode_attn_func"
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+_CUDA_MAX_HEADDIM = 256
+_POSITION_MAX = 2 ** 31 - 1  # the kernels take int32 positions
+
+
+def _positions_error(name: str, positions, length: int) -> str:
+    """Why `positions` are not `length` global positions ("" when they are)."""
+    if not isinstance(positions, torch.Tensor):
+        return f"{name} must be a 1-D integer tensor, got {_short_repr(positions)}"
+    if positions.dim() != 1 or positions.shape[0] != length:
+        return f"{name} must have shape ({length},), got {tuple(positions.shape)}"
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        return f"{name} must be an integer tensor, got {positions.dtype}"
+    if positions.device.type != "meta" and length and (
+            positions.min().item() < 0 or positions.max().item() > _POSITION_MAX):
+        return f"{name} must lie in [0, 2**31 - 1]"
+    return ""
+
+
+def _tensors_error(q, k, v) -> str:
+    """Why q (b, sq, h, d), k and v (b, sk, hk, d) cannot be attended ("" when they can)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            what = f"{t.dim()}-D" if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"{name} must be a 4-D tensor (batch, seqlen, heads, headdim), got {what}"
+    if k.shape != v.shape:
+        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        return (f"q and k/v must have the same batch size and head dimension, got q "
+                f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[2] == 0 or q.shape[3] == 0:
+        return f"q must have at least one head and a positive head dimension, got {tuple(q.shape)}"
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        return (f"the number of query heads ({q.shape[2]}) must be a multiple of the number of "
+                f"K/V heads ({k.shape[2]})")
+    if not q.dtype == k.dtype == v.dtype:
+        return f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not q.device == k.device == v.device:
+        return f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}"
+    on_cuda = q.device.type == "cuda"
+    if q.dtype not in (_CUDA_DTYPES if on_cuda else _CPU_DTYPES):
+        return f"dtype {q.dtype} is not supported on {q.device.type}"
+    if on_cuda and (q.shape[3] % 8 or q.shape[3] > _CUDA_MAX_HEADDIM):
+        return (f"head dimension {q.shape[3]} is not supported on CUDA (multiples of 8 up to "
+                f"{_CUDA_MAX_HEADDIM} are)")
+    return ""
+
+
+def _local_error(q, k, v, q_positions, k_positions, causal, softmax_scale, window_size, sinks,
+                 group) -> str:
+    """What this rank finds wrong with its own arguments ("" if nothing)."""
+    error = _tensors_error(q, k, v)
+    if error:
+        return error
+    if _flag(causal) is None:
+        return f"causal must be True or False, got {_short_repr(causal)}"
+    causal = bool(causal)
+    error = _window_error(window_size)
+    if error:
+        return error
+    left, right = _window(window_size)
+    if left < -1 or right < -1:
+        return f"window_size values must be >= 0, or -1 for unbounded; got {window_size}"
+    if causal and right > 0:
+        return f"with causal=True the right window must be -1 or 0, got {right}"
+    masked = causal or left >= 0 or right >= 0
+    if (q_positions is None) != (k_positions is None) or (masked and q_positions is None):
+        return ("q_positions and k_positions are needed together, and whenever causal or a "
+                "window masks by position")
+    if q_positions is not None:
+        error = (_positions_error("q_positions", q_positions, q.shape[1])
+                 or _positions_error("k_positions", k_positions, k.shape[1]))
+        if error:
+            return error
+    if softmax_scale is not None:
+        error = _scale_error(softmax_scale, q.dtype)
+        if error:
+            return error
+    error = sinks_error(sinks, q)
+    if error:
+        return error
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (q, k, v, sinks)):
+        return ("an input requires grad, but no gradients are computed (inference); call under "
+                "torch.no_grad() or torch.inference_mode()")
+    if group is not None:
+        device_error = ops.group_device_error(_group.group_name(group), str(q.device), False)
+        if device_error:
+            return f"q, k and v are on {q.device}, but {device_error}"
+    return ""
+
+
+def _merge(outs, lses):
+    """The rank-order merge of every rank's partial (out, lse) (module docstring)."""
+    top = lses[0]
+    for lse in lses[1:]:
+        top = torch.maximum(top, lse)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # no key anywhere
+    total = torch.zeros_like(top)
+    for lse in lses:
+        total += torch.exp(lse - top)
+    lse = top + torch.log(total)  # -inf where no rank saw a key
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    out = torch.zeros_like(outs[0])
+    for part, part_lse in zip(outs, lses):
+        out += part * torch.exp(part_lse - safe).transpose(-1, -2).unsqueeze(-1)
+    return out, lse
+
+
+def decode_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     q_positions: Optional[torch.Tensor] = None,
+                     k_positions: Optional[torch.Tensor] = None, causal: bool = False,
+                     softmax_scale: Optional[float] = None,
+                     window_size: Sequence[int] = (-1, -1), group=None,
+                     sinks: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """Attention of the queries every rank holds against the keys spread over ``group``.
+
+    q: (batch, seqlen_q, nheads, headdim), the same on every rank (e.g. the newest token); k, v:
+    (batch, seqlen_k, nheads_kv, headdim), this rank's part of the cache (seqlen_k may differ
+    between ranks, 0 included). q_positions (seqlen_q,) and k_positions (seqlen_k,): global
+    integer positions, which ``causal`` and ``window_size`` mask by as ring_attn_func does; without
+    them every key is seen. ``sinks`` (nheads,) as for ring_attn_func. Returns out like q, the
+    same bits on every rank, or (out, lse) with lse (batch, nheads, seqlen_q) float32 (float64
+    for float64 inputs). One kernel call over this rank's keys and one all-gather of the queries'
+    (out, lse) per call, after the ranks' agreement (RING_ATTN_CHECK); invalid or mismatched
+    inputs raise ValueError on every rank. No gradients (inference).
+    """
+    group, rank, world = _group.resolve(group)
+    error = _local_error(q, k, v, q_positions, k_positions, causal, softmax_scale, window_size,
+                         sinks, group)
+    if world == 1:
+        if error:
+            raise ValueError(f"{_CALL}: {error}")
+    elif os.environ.get("RING_ATTN_CHECK") != "0":
+        settings = "" if error else (
+            f"causal {bool(causal)}, softmax_scale {_default_scale(q, softmax_scale)!r}, "
+            f"window_size {_window(window_size)}, nheads_kv {k.shape[2]}, positions "
+            f"{q_positions is not None}, sinks {sinks is not None}")
+        _agree_on_shards(q, group, _CALL, local_error=error, settings=settings)
+    elif error:
+        raise ValueError(f"{_CALL}: {error}")
+    causal, scale, (left, right) = bool(causal), _default_scale(q, softmax_scale), _window(window_size)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, seqlen_q, heads, _ = q.shape
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=acc, device=q.device)
+    if k.shape[1] and out.numel():
+        q_pos, k_pos = ((p.to(q.device, torch.int32) if p is not None
+                         else torch.zeros(n, dtype=torch.int32, device=q.device))
+                        for p, n in ((q_positions, seqlen_q), (k_positions, k.shape[1])))
+        ops.block_fwd(q.contiguous(), k.contiguous(), v.contiguous(), q_pos, k_pos, None, out, lse,
+                      causal, left, right, scale)
+    if world > 1:
+        outs = [torch.empty_like(out) for _ in range(world)]
+        lses = [torch.empty_like(lse) for _ in range(world)]
+        for parts, mine in ((outs, out), (lses, lse)):
+            _wait(dist.all_gather(parts, mine, group=group, async_op=True), group, rank,
+                  "gathering the partial attention", _CALL)
+        out, lse = _merge(outs, lses)
+    out, lse = apply_sinks(out, lse, sinks)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
