@@ -111,6 +111,26 @@ def model_matches_single_process(family, layout, seqlen, ulysses=1, kv_exchange=
     return total.item(), ra.last_ring_stats()["steps"]
 
 
+def model_loss_from_shard_inputs(layout):
+    """A batch of 2 rows through shard_inputs, the model given its labels as labels and
+    shift_labels as transformers' own loss takes them: the loss summed over the ranks is the full
+    sequence's. Returns that loss."""
+    from ring_attention.integrations import transformers as ra_hf
+    ra_hf.register(layout=layout)
+    reference_model, ring_model = _model_pair("llama", ra_hf.ATTN_IMPLEMENTATION)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    expected = reference_model(input_ids=ids, labels=ids, use_cache=False).loss
+    input_ids, position_ids, labels = ra_hf.shard_inputs(ids, labels=ids, layout=layout)
+    assert all(t.is_contiguous() for t in (input_ids, position_ids, labels))
+    loss = ring_model(input_ids=input_ids, position_ids=position_ids, labels=labels,
+                      shift_labels=labels, num_items_in_batch=torch.tensor(2 * 11),
+                      use_cache=False).loss
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, expected.detach(), rtol=1e-5, atol=1e-5)
+    return total.item()
+
+
 def packed_matches_documents(family, layout, lengths, ulysses=1, kv_exchange="ring"):
     """One packed row of documents (position_ids restarting at 0) through shard_inputs, the ring
     model and unshard_outputs against every document run alone through the eager model: logits

@@ -171,6 +171,14 @@ def test_ring_flash_attn_shims_raise_everywhere(rank_pool, world):
     assert all(m == messages[0] for m in messages)  # the same message on every rank
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_transformers_model_loss_over_ranks(rank_pool, layout):
+    """Rows of a batch of 2 sharded by shard_inputs (contiguous shards are views of the rows
+    without the copy) feed transformers' own loss on 2 ranks."""
+    losses = rank_pool(2).run(cases.model_loss_from_shard_inputs, layout, timeout=120)
+    assert len(set(losses)) == 1
+
+
 def test_transformers_model_loss_takes_shard_inputs_labels_as_shift_labels():
     """shard_inputs' labels are shifted already; a causal LM given them as shift_labels (which its
     forward hands to every attention layer with its other loss keywords) computes the loss of the

@@ -463,15 +463,17 @@ def _rows_of(position_ids: Optional[torch.Tensor], input_ids: Optional[torch.Ten
 
 
 def _shard_rows(input_ids, position_ids, labels, grid):
-    """shard_inputs of unpacked rows."""
+    """shard_inputs of unpacked rows, as contiguous tensors (shard gives views of rows for some
+    layouts; transformers' loss flattens the labels with view)."""
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     local_labels = None
     if labels is not None:
         shifted = torch.full_like(labels, -100)
         shifted[:, :-1] = labels[:, 1:]
-        local_labels = shard(shifted, **grid)
-    return shard(input_ids, **grid), shard(position_ids, **grid), local_labels
+        local_labels = shard(shifted, **grid).contiguous()
+    return (shard(input_ids, **grid).contiguous(), shard(position_ids, **grid).contiguous(),
+            local_labels)
 
 
 def unshard_outputs(x: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *, group=None,
