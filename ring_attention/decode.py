@@ -174,13 +174,13 @@ def decode_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                         for p, n in ((q_positions, seqlen_q), (k_positions, k.shape[1])))
         ops.block_fwd(q.contiguous(), k.contiguous(), v.contiguous(), q_pos, k_pos, None, out, lse,
                       causal, left, right, scale)
-    if world > 1:
-        outs = [torch.empty_like(out) for _ in range(world)]
-        lses = [torch.empty_like(lse) for _ in range(world)]
-        for parts, mine in ((outs, out), (lses, lse)):
-            _wait(dist.all_gather(parts, mine, group=group, async_op=True), group, rank,
-                  "gathering the partial attention", _CALL)
-        out, lse = _merge(outs, lses)
+    if world > 1:  # one all-gather of (out, lse) flattened together
+        mine = torch.cat([out.flatten(), lse.flatten()])
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        _wait(dist.all_gather(parts, mine, group=group, async_op=True), group, rank,
+              "gathering the partial attention", _CALL)
+        out, lse = _merge([p[:out.numel()].view(out.shape) for p in parts],
+                          [p[out.numel():].view(lse.shape) for p in parts])
     out, lse = apply_sinks(out, lse, sinks)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

@@ -34,6 +34,17 @@ def test_bench_window_truncates_the_ring(tmp_path):
     assert res["max_abs_err"] < 1e-5
 
 
+def test_bench_decode_reports_every_cache_length(tmp_path):
+    out = tmp_path / "decode.json"
+    stdout = _run("benchmarks/ring/bench_decode.py", "--world", "3", "--cache-lens", "7,300",
+                  "--iters", "1", "--warmup", "0", "--dtype", "float32", "--json", str(out))
+    assert "max |err| vs float64" in stdout
+    res = json.loads(out.read_text())
+    assert [row["cache tokens"] for row in res["rows"]] == [7, 300]
+    assert all(float(row["ours, world 3 ms"]) > 0 for row in res["rows"])
+    assert res["max_abs_err"] < 1e-4
+
+
 def test_bench_memory_reports_every_strategy_and_length(tmp_path):
     out = tmp_path / "memory.json"
     stdout = _run("benchmarks/ring/bench_memory.py", "--world", "2", "--seqlens", "1024,4096",
@@ -278,10 +289,11 @@ def test_bench_packed_local_ring_checks_and_counts(tmp_path):
     ("benchmarks/strategies/bench_packed.py --min-len 50 --max-len 10", "--min-len 50 is above --max-len 10"),
     ("benchmarks/kernels/bench_cpu_vs_sdpa.py --warmup -1", "argument --warmup: must be a non-negative"),
     ("benchmarks/kernels/bench_cuda.py --headdims 64,x", "argument --headdims: invalid positive_ints"),
+    ("benchmarks/ring/bench_decode.py --heads 6 --heads-kv 4", "--heads 6 is not a multiple of --heads-kv 4"),
 ], ids=["demo", "bench_ring", "bench_cpu_vs_sdpa", "bench_strategies", "bench_packed", "demo_seqlen",
         "bench_window_seqlen", "bench_memory_seqlens", "bench_efficiency_cases", "bench_strategies_ulysses",
         "bench_packed_lengths",
-        "harness_warmup", "bench_cuda_headdims"])
+        "harness_warmup", "bench_cuda_headdims", "bench_decode_heads"])
 def test_bad_sizes_are_usage_errors(command, message):
     """Sizes that cannot run: exit status 2 and argparse's one-line error, not a traceback."""
     script, *args = command.split()
