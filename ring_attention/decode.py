@@ -172,8 +172,10 @@ def decode_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q_pos, k_pos = ((p.to(q.device, torch.int32) if p is not None
                          else torch.zeros(n, dtype=torch.int32, device=q.device))
                         for p, n in ((q_positions, seqlen_q), (k_positions, k.shape[1])))
-        ops.block_fwd(q.contiguous(), k.contiguous(), v.contiguous(), q_pos, k_pos, None, out, lse,
-                      causal, left, right, scale)
+        # the kernel reads any strides but the head dim's: a cache sliced from a larger buffer
+        # is read in place
+        q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        ops.block_fwd(q, k, v, q_pos, k_pos, None, out, lse, causal, left, right, scale)
     if world > 1:  # one all-gather of (out, lse) flattened together
         mine = torch.cat([out.flatten(), lse.flatten()])
         parts = [torch.empty_like(mine) for _ in range(world)]

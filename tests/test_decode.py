@@ -76,3 +76,18 @@ def test_decode_invalid_input_without_a_group(kind):
     with pytest.raises(ValueError, match="^decode_attn_func: ") as error:
         ra.decode_attn_func(q, k, v, **kw)
     assert message in str(error.value)
+
+
+def test_decode_reads_a_cache_sliced_from_a_larger_buffer():
+    """The first n tokens of a preallocated (batch, capacity, hk, d) cache, a view with gaps
+    between its rows, give what a contiguous copy gives, bitwise."""
+    import ring_attention as ra
+    from cases import random_qkv
+    q, k, v, _ = random_qkv(5, 2, 1, 40, 4, 2, 16, torch.float32)
+    k_view, v_view = k[:, :29], v[:, :29]
+    assert not k_view.is_contiguous()
+    kw = dict(q_positions=torch.tensor([29]), k_positions=torch.arange(29), causal=True)
+    with torch.no_grad():
+        in_place = ra.decode_attn_func(q, k_view, v_view, **kw)
+        copied = ra.decode_attn_func(q, k_view.contiguous(), v_view.contiguous(), **kw)
+    assert torch.equal(in_place, copied)
