@@ -8,6 +8,7 @@ order, so that every rank returns the same bits:
     out = sum_r out_r * exp(lse_r - lse)
 Forward only: serving computes no gradients.
 """
+import math
 import os
 from typing import Optional, Sequence
 
@@ -16,7 +17,8 @@ import torch.distributed as dist
 
 from . import _group
 from ._ops import ops
-from .functional import _default_scale, _flag, _scale_error, _short_repr, _window, _window_error
+from .functional import (_autocast, _default_scale, _flag, _scale_error, _short_repr, _window,
+                         _window_error)
 from .layouts import _agree_on_shards, _wait
 from .sinks import apply_sinks, sinks_error
 
@@ -27,16 +29,17 @@ _CUDA_MAX_HEADDIM = 256
 _POSITION_MAX = 2 ** 31 - 1  # the kernels take int32 positions
 
 
-def _positions_error(name: str, positions, length: int) -> str:
-    """Why `positions` are not `length` global positions ("" when they are)."""
+def _positions_error(name: str, positions, length: int, q: torch.Tensor) -> str:
+    """Why `positions` are not `length` global positions for queries `q` ("" when they are)."""
     if not isinstance(positions, torch.Tensor):
         return f"{name} must be a 1-D integer tensor, got {_short_repr(positions)}"
     if positions.dim() != 1 or positions.shape[0] != length:
         return f"{name} must have shape ({length},), got {tuple(positions.shape)}"
     if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
         return f"{name} must be an integer tensor, got {positions.dtype}"
-    if positions.device.type != "meta" and length and (
-            positions.min().item() < 0 or positions.max().item() > _POSITION_MAX):
+    if positions.device.type == "meta":
+        return "" if q.device.type == "meta" else f"{name} is on the meta device (no values)"
+    if length and (positions.min().item() < 0 or positions.max().item() > _POSITION_MAX):
         return f"{name} must lie in [0, 2**31 - 1]"
     return ""
 
@@ -70,14 +73,16 @@ def _tensors_error(q, k, v) -> str:
     return ""
 
 
+@torch.compiler.disable(reason="decode_attn_func checks its arguments' values on the host")
 def _local_error(q, k, v, q_positions, k_positions, causal, softmax_scale, window_size, sinks,
-                 group) -> str:
+                 return_lse, group) -> str:
     """What this rank finds wrong with its own arguments ("" if nothing)."""
     error = _tensors_error(q, k, v)
     if error:
         return error
-    if _flag(causal) is None:
-        return f"causal must be True or False, got {_short_repr(causal)}"
+    for flag, value in (("causal", causal), ("return_lse", return_lse)):
+        if _flag(value) is None:
+            return f"{flag} must be True or False, got {_short_repr(value)}"
     causal = bool(causal)
     error = _window_error(window_size)
     if error:
@@ -92,14 +97,16 @@ def _local_error(q, k, v, q_positions, k_positions, causal, softmax_scale, windo
         return ("q_positions and k_positions are needed together, and whenever causal or a "
                 "window masks by position")
     if q_positions is not None:
-        error = (_positions_error("q_positions", q_positions, q.shape[1])
-                 or _positions_error("k_positions", k_positions, k.shape[1]))
+        error = (_positions_error("q_positions", q_positions, q.shape[1], q)
+                 or _positions_error("k_positions", k_positions, k.shape[1], q))
         if error:
             return error
     if softmax_scale is not None:
         error = _scale_error(softmax_scale, q.dtype)
         if error:
             return error
+        if not math.isfinite(float(softmax_scale)):
+            return f"softmax_scale must be finite, got {_short_repr(softmax_scale)}"
     error = sinks_error(sinks, q)
     if error:
         return error
@@ -147,11 +154,14 @@ def decode_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     same bits on every rank, or (out, lse) with lse (batch, nheads, seqlen_q) float32 (float64
     for float64 inputs). One kernel call over this rank's keys and one all-gather of the queries'
     (out, lse) per call, after the ranks' agreement (RING_ATTN_CHECK); invalid or mismatched
-    inputs raise ValueError on every rank. No gradients (inference).
+    inputs raise ValueError on every rank. No gradients (inference). Under torch.autocast q, k
+    and v run in the autocast dtype, as in ring_attn_func.
     """
     group, rank, world = _group.resolve(group)
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        q, k, v = _autocast(q, k, v)
     error = _local_error(q, k, v, q_positions, k_positions, causal, softmax_scale, window_size,
-                         sinks, group)
+                         sinks, return_lse, group)
     if world == 1:
         if error:
             raise ValueError(f"{_CALL}: {error}")
@@ -185,4 +195,4 @@ def decode_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                           [p[out.numel():].view(lse.shape) for p in parts])
     out, lse = apply_sinks(out, lse, sinks)
     out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+    return (out, lse) if _flag(return_lse) else out

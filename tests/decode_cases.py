@@ -92,6 +92,12 @@ DECODE_INVALID = {
                             "with causal=True the right window must be -1 or 0"),
     "sinks_wrong_shape": (lambda q, k, v, kw: (q, k, v, {**kw, "sinks": torch.zeros(3)}),
                           "sinks must have shape (nheads,) = (4,)"),
+    "positions_meta": (lambda q, k, v, kw: (q, k, v, {**kw, "k_positions": kw["k_positions"].to("meta")}),
+                       "k_positions is on the meta device (no values)"),
+    "scale_infinite": (lambda q, k, v, kw: (q, k, v, {**kw, "softmax_scale": float("inf")}),
+                       "softmax_scale must be finite, got inf"),
+    "return_lse_not_a_bool": (lambda q, k, v, kw: (q, k, v, {**kw, "return_lse": "no"}),
+                              "return_lse must be True or False, got 'no'"),
 }
 DECODE_DISAGREEMENTS = {
     "causal": (lambda q, k, v, kw: (q, k, v, {**kw, "causal": False}), "ranks disagree on the arguments"),

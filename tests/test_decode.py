@@ -91,3 +91,16 @@ def test_decode_reads_a_cache_sliced_from_a_larger_buffer():
         in_place = ra.decode_attn_func(q, k_view, v_view, **kw)
         copied = ra.decode_attn_func(q, k_view.contiguous(), v_view.contiguous(), **kw)
     assert torch.equal(in_place, copied)
+
+
+def test_decode_under_autocast_runs_in_the_autocast_dtype():
+    """As ring_attn_func: float32 inputs under bf16 autocast give what bf16 inputs give."""
+    import ring_attention as ra
+    from cases import random_qkv
+    q, k, v, _ = random_qkv(6, 1, 2, 30, 4, 2, 16, torch.float32)
+    kw = dict(q_positions=torch.tensor([30, 31]), k_positions=torch.arange(30), causal=True)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = ra.decode_attn_func(q, k, v, **kw)
+        cast = ra.decode_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw)
+    assert autocast.dtype == torch.bfloat16 and torch.equal(autocast, cast)
