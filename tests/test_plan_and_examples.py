@@ -110,6 +110,20 @@ def test_gpu_example_runs_on_cpu_over_gloo():
     assert "rank 1/2 on cpu" in result.stdout and "check against SDPA: ok" in result.stdout, result.stdout
 
 
+def test_serving_example_runs_on_cpu_over_gloo():
+    """CPU twin of tests/gpu/test_nccl_group.py's run of the serving example: a ring prefill over 3
+    ranks, then tokens decoded against the cache they hold, checked against SDPA on rank 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
+                             "--standalone", "examples/serve_decode.py", "--prompt", "510",
+                             "--new-tokens", "7", "--heads", "4", "--kv-heads", "1",
+                             "--headdim", "32"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 2/3 on cpu: prompt 510 tokens, 7 decoded" in result.stdout, result.stdout
+    assert "check against SDPA: ok" in result.stdout, result.stdout
+
+
 def test_gpu_example_rejects_a_length_the_ranks_cannot_split():
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                              "--standalone", "examples/ring_attn_gpu.py", "--seqlen", "510"],

@@ -28,3 +28,8 @@ def test_nccl_only_and_mixed_groups():
 def test_gpu_example_runs_as_written():
     out = torchrun("examples/ring_attn_gpu.py", "--seqlen", "4096")
     assert "on cuda:0" in out and "check against SDPA: ok" in out, out
+
+
+def test_serving_example_runs_as_written():
+    out = torchrun("examples/serve_decode.py", "--prompt", "4096", "--new-tokens", "8")
+    assert "on cuda:0" in out and "check against SDPA: ok" in out, out
