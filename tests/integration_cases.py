@@ -131,6 +131,64 @@ def model_loss_from_shard_inputs(layout):
     return total.item()
 
 
+def sdpa_context_matches_reference(layout):
+    """F.scaled_dot_product_attention inside integrations.sdpa.context_parallel on this rank's
+    shard of (batch, heads, seq, dim) tensors (GQA, a scale, causal and not), gathered, against
+    the float64 reference of the whole sequence: out and the gradients of q, k, v."""
+    from torch.nn.functional import scaled_dot_product_attention  # imported by name too
+    from ring_attention.integrations.sdpa import context_parallel
+    rank, world = rank_and_world()
+    seqlen = 6 * world
+    for causal in (True, False):
+        q, k, v, dout = random_qkv(seed_of("sdpa context", world, layout, causal), 2, seqlen,
+                                   seqlen, 4, 2, 16, torch.float64)
+        expected = reference(q, k, v, dout, sequence_visible(seqlen, causal), 0.3)
+        local = [ra.shard(t.transpose(1, 2), layout=layout, dim=2) for t in (q, k, v, dout)]
+        leaves = [t.requires_grad_() for t in local[:3]]
+        with context_parallel(layout=layout):
+            out = scaled_dot_product_attention(*leaves, is_causal=causal, scale=0.3,
+                                               enable_gqa=True)
+        grads = torch.autograd.grad(out, leaves, local[3])
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                                   (expected[0], *expected[2:])):
+            full = ra.unshard(got.detach(), layout=layout, dim=2).transpose(1, 2)
+            assert_close(full, want, f"rank {rank} {name} causal={causal}")
+    return True
+
+
+# An SDPA call that context_parallel cannot compute, made by rank 1 only: its change of
+# (q, k, v, keywords), and what the error every rank raises says.
+SDPA_UNSUPPORTED = {
+    "attn_mask": (lambda q, k, v, kw: (q, k, v, {**kw, "attn_mask": torch.ones(8, 8, dtype=torch.bool)}),
+                  "an attn_mask of scaled_dot_product_attention is not supported"),
+    "dropout": (lambda q, k, v, kw: (q, k, v, {**kw, "dropout_p": 0.1}),
+                "dropout_p of scaled_dot_product_attention must be 0 under context_parallel, got 0.1"),
+    "lengths": (lambda q, k, v, kw: (q[:, :, :4], k, v, kw), "of different lengths"),
+    "gqa": (lambda q, k, v, kw: (q, k, v, {**kw, "enable_gqa": False}), "pass enable_gqa=True"),
+}
+
+
+def sdpa_context_rejects(kind):
+    """Rank 1 makes the SDPA call of `kind` inside context_parallel while the others make a valid
+    one: every rank raises the same ValueError, and a valid call works afterwards."""
+    from ring_attention.integrations.sdpa import context_parallel
+    rank, _ = rank_and_world()
+    q, k, v, _ = random_qkv(seed_of("sdpa rejects", rank), 1, 8, 8, 4, 2, 16, torch.float32)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    kw = dict(is_causal=True, enable_gqa=True)
+    change, _ = SDPA_UNSUPPORTED[kind]
+    with context_parallel(layout="contiguous"):
+        bad = change(q, k, v, kw) if rank == 1 else (q, k, v, kw)
+        try:
+            F.scaled_dot_product_attention(*bad[:3], **bad[3])
+        except ValueError as error:
+            message = str(error)
+        else:
+            raise AssertionError(f"{kind}: no ValueError")
+        F.scaled_dot_product_attention(q, k, v, **kw)
+    return message
+
+
 def packed_matches_documents(family, layout, lengths, ulysses=1, kv_exchange="ring"):
     """One packed row of documents (position_ids restarting at 0) through shard_inputs, the ring
     model and unshard_outputs against every document run alone through the eager model: logits

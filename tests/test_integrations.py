@@ -171,6 +171,40 @@ def test_ring_flash_attn_shims_raise_everywhere(rank_pool, world):
     assert all(m == messages[0] for m in messages)  # the same message on every rank
 
 
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "striped"), (4, "contiguous")])
+def test_sdpa_context_parallel_matches_reference(rank_pool, world, layout):
+    """F.scaled_dot_product_attention inside integrations.sdpa.context_parallel is ring attention
+    over the shards, forward and backward."""
+    assert all(rank_pool(world).run(cases.sdpa_context_matches_reference, layout))
+
+
+@pytest.mark.parametrize("kind", sorted(cases.SDPA_UNSUPPORTED))
+def test_sdpa_context_parallel_rejects_on_every_rank(rank_pool, kind):
+    messages = rank_pool(3).run(cases.sdpa_context_rejects, kind)
+    assert len(set(messages)) == 1 and cases.SDPA_UNSUPPORTED[kind][1] in messages[0], messages
+    assert "rank 1:" in messages[0] and "rank 0:" not in messages[0], messages[0]
+
+
+def test_sdpa_context_parallel_compiles_whole():
+    """World size 1: a function calling SDPA traces whole (fullgraph) inside the context and
+    matches SDPA; outside it SDPA is SDPA again."""
+    import torch
+    import torch.nn.functional as F
+    from ring_attention.integrations.sdpa import context_parallel
+    q, k, v = (torch.randn(2, h, 9, 16, generator=torch.Generator().manual_seed(h))
+               for h in (4, 2, 2))
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    want = attend(q, k, v)
+    torch._dynamo.reset()
+    with context_parallel(layout="contiguous"):
+        got = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(attend(q, k, v), want)  # the mode is gone
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_transformers_model_loss_over_ranks(rank_pool, layout):
     """Rows of a batch of 2 sharded by shard_inputs (contiguous shards are views of the rows
