@@ -1,4 +1,6 @@
 """Rank functions for tests/test_integrations.py (run by a RankPool, see dist_pool.py)."""
+import itertools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -134,25 +136,34 @@ def model_loss_from_shard_inputs(layout):
 def sdpa_context_matches_reference(layout):
     """F.scaled_dot_product_attention inside integrations.sdpa.context_parallel on this rank's
     shard of (batch, heads, seq, dim) tensors (GQA, a scale, causal and not), gathered, against
-    the float64 reference of the whole sequence: out and the gradients of q, k, v."""
+    the float64 reference of the whole sequence: out and the gradients of q, k, v. Called as
+    imported by name before the context, through the module, and under non-reentrant activation
+    checkpointing (recomputed in the backward, inside the context)."""
     from torch.nn.functional import scaled_dot_product_attention  # imported by name too
+    from torch.utils.checkpoint import checkpoint
     from ring_attention.integrations.sdpa import context_parallel
     rank, world = rank_and_world()
     seqlen = 6 * world
-    for causal in (True, False):
+    calls = {
+        "by name": scaled_dot_product_attention,
+        "module": lambda *a, **kw: F.scaled_dot_product_attention(*a, **kw),
+        "checkpointed": lambda *a, **kw: checkpoint(
+            lambda *t: F.scaled_dot_product_attention(*t, **kw), *a, use_reentrant=False),
+    }
+    for (how, attend), causal in itertools.product(calls.items(), (True, False)):
         q, k, v, dout = random_qkv(seed_of("sdpa context", world, layout, causal), 2, seqlen,
                                    seqlen, 4, 2, 16, torch.float64)
         expected = reference(q, k, v, dout, sequence_visible(seqlen, causal), 0.3)
         local = [ra.shard(t.transpose(1, 2), layout=layout, dim=2) for t in (q, k, v, dout)]
         leaves = [t.requires_grad_() for t in local[:3]]
         with context_parallel(layout=layout):
-            out = scaled_dot_product_attention(*leaves, is_causal=causal, scale=0.3,
-                                               enable_gqa=True)
-        grads = torch.autograd.grad(out, leaves, local[3])
+            out = attend(*leaves, is_causal=causal, scale=0.3, enable_gqa=True)
+            grads = torch.autograd.grad(out, leaves, local[3])
         for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
                                    (expected[0], *expected[2:])):
             full = ra.unshard(got.detach(), layout=layout, dim=2).transpose(1, 2)
-            assert_close(full, want, f"rank {rank} {name} causal={causal}")
+            assert_close(full, want, f"rank {rank} {name} {how} causal={causal}")
+    assert F.scaled_dot_product_attention is scaled_dot_product_attention  # restored
     return True
 
 

@@ -5,18 +5,24 @@
         loss = model(ra.shard(input_ids, group=cp_group, layout="zigzag"), ...)  # SDPA inside
         loss.backward()
 
-A model that calls F.scaled_dot_product_attention (by any import) on this rank's shard of the
-sequence gets ring attention over ``group`` instead, as PyTorch's own context_parallel replaces
-SDPA; its other inputs (positions, rotary tables, labels) are sharded by the caller with ``shard``
-in the same layout. The SDPA call's (batch, heads, seqlen_local, headdim) q, k, v become
+A model that calls F.scaled_dot_product_attention on this rank's shard of the sequence gets ring
+attention over ``group`` instead, as PyTorch's own context_parallel replaces SDPA (the module's
+attribute is replaced while a context is open, and in the thread that opened it a reference
+taken before, such as ``from torch.nn.functional import scaled_dot_product_attention``, is
+routed too); its other inputs (positions, rotary tables, labels) are sharded by the caller with
+``shard`` in the same layout. The SDPA call's (batch, heads, seqlen_local, headdim) q, k, v become
 ring_attn_func's (batch, seqlen_local, heads, headdim) and back; ``is_causal`` becomes
 ``causal``, ``scale`` ``softmax_scale``; K/V with fewer heads need ``enable_gqa=True``, as SDPA
 requires. What the ring cannot compute (an ``attn_mask``, a ``dropout_p`` other than 0, queries
-and keys of different lengths) raises ValueError on every rank of the group. Every SDPA call in
-the context runs over the ring, in every thread of the process: leave the context around
-attention over sequences that are not sharded.
+and keys of different lengths) raises ValueError on every rank of the group. Every SDPA call
+while the context is open runs over the ring, in every thread of the process: leave the context
+around attention over sequences that are not sharded. Run the backward inside the context too:
+activation checkpointing recomputes the attention there, through the module's attribute (a
+reference taken before the context recomputes plain SDPA, which torch.utils.checkpoint reports
+as a CheckpointError).
 """
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -44,29 +50,39 @@ def _sdpa_error(q, k, v, attn_mask, dropout_p, enable_gqa) -> str:
     return ""
 
 
-class _RingSDPA(TorchFunctionMode):
-    """Routes F.scaled_dot_product_attention to ring_attn_func; every other function runs as is."""
+# The options of every open context, innermost last; process-wide, since a backward may recompute
+# checkpointed attention on the autograd engine's device threads.
+_OPEN = []
+_LOCK = threading.Lock()
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
 
-    def __init__(self, options: dict):
-        super().__init__()
-        self.options = options
+
+def _ring_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+    """scaled_dot_product_attention's signature, computed by ring_attn_func with the innermost
+    open context's options (by the original SDPA once every context has closed)."""
+    if not _OPEN:
+        return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    options = dict(_OPEN[-1])
+    error = _sdpa_error(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if error:  # raised by the ops' agreement on every rank
+        options["layout"] = _ARGUMENT_ERROR + error
+    by_head = [t.transpose(1, 2) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
+               for t in (query, key, value)]
+    out = ring_attn_func(*by_head, causal=is_causal, softmax_scale=scale, **options)
+    return out.transpose(1, 2)
+
+
+class _RingSDPA(TorchFunctionMode):
+    """Routes calls of the original F.scaled_dot_product_attention (a reference taken before the
+    context, e.g. by ``from torch.nn.functional import ...``) to _ring_sdpa in this thread."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        return self._attend(*args, **kwargs)
-
-    def _attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                scale=None, enable_gqa=False):
-        options = dict(self.options)
-        error = _sdpa_error(query, key, value, attn_mask, dropout_p, enable_gqa)
-        if error:  # raised by the ops' agreement on every rank
-            options["layout"] = _ARGUMENT_ERROR + error
-        by_head = [t.transpose(1, 2) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
-                   for t in (query, key, value)]
-        out = ring_attn_func(*by_head, causal=is_causal, softmax_scale=scale, **options)
-        return out.transpose(1, 2)
+        if func is _ORIGINAL_SDPA:
+            return _ring_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -74,6 +90,15 @@ def context_parallel(group=None, *, layout: str = "zigzag", kv_exchange: str = "
                      ulysses_group=None):
     """Within the block, F.scaled_dot_product_attention runs as ring attention over ``group`` on
     shards in ``layout`` (``kv_exchange`` and ``ulysses_group`` as for ring_attn_func)."""
-    with _RingSDPA(dict(group=group, layout=layout, kv_exchange=kv_exchange,
-                        ulysses_group=ulysses_group)):
-        yield
+    with _LOCK:
+        _OPEN.append(dict(group=group, layout=layout, kv_exchange=kv_exchange,
+                          ulysses_group=ulysses_group))
+        F.scaled_dot_product_attention = _ring_sdpa
+    try:
+        with _RingSDPA():
+            yield
+    finally:
+        with _LOCK:
+            _OPEN.pop()
+            if not _OPEN:
+                F.scaled_dot_product_attention = _ORIGINAL_SDPA
