@@ -176,6 +176,9 @@ SDPA_UNSUPPORTED = {
                 "dropout_p of scaled_dot_product_attention must be 0 under context_parallel, got 0.1"),
     "lengths": (lambda q, k, v, kw: (q[:, :, :4], k, v, kw), "of different lengths"),
     "gqa": (lambda q, k, v, kw: (q, k, v, {**kw, "enable_gqa": False}), "pass enable_gqa=True"),
+    "3d": (lambda q, k, v, kw: (q[0], k[0], v[0], kw), "takes 4-D (batch, heads, seqlen, headdim)"),
+    "value_headdim": (lambda q, k, v, kw: (q, k, v[..., :8], kw),
+                      "a value head dimension of its own is not supported"),
 }
 
 

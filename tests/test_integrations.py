@@ -185,6 +185,37 @@ def test_sdpa_context_parallel_rejects_on_every_rank(rank_pool, kind):
     assert "rank 1:" in messages[0] and "rank 0:" not in messages[0], messages[0]
 
 
+def test_sdpa_context_parallel_options_stay_with_their_thread():
+    """Contexts open at once in two threads: each thread's calls take its own context's options,
+    and closing one leaves the other's (world size 1: the layout is the visible option, through
+    the error an unknown one raises)."""
+    import threading
+    import torch
+    import torch.nn.functional as F
+    from ring_attention.integrations.sdpa import context_parallel
+    q = torch.randn(1, 2, 4, 8)
+    other_open, mine_closed, results = threading.Event(), threading.Event(), {}
+
+    def other():  # opens after this thread's context, calls after it has closed
+        with context_parallel(layout="diagonal"):
+            other_open.set()
+            mine_closed.wait(60)
+            try:
+                F.scaled_dot_product_attention(q, q, q)
+            except ValueError as error:
+                results["other"] = str(error)
+
+    with context_parallel(layout="contiguous"):
+        thread = threading.Thread(target=other)
+        thread.start()
+        other_open.wait(60)
+        results["mine"] = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    mine_closed.set()
+    thread.join(60)
+    torch.testing.assert_close(results["mine"], F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    assert "unknown layout 'diagonal'" in results.get("other", ""), results
+
+
 def test_sdpa_context_parallel_compiles_whole():
     """World size 1: a function calling SDPA traces whole (fullgraph) inside the context and
     matches SDPA; outside it SDPA is SDPA again."""

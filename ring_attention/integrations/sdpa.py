@@ -17,9 +17,12 @@ requires. What the ring cannot compute (an ``attn_mask``, a ``dropout_p`` other 
 and keys of different lengths) raises ValueError on every rank of the group. Every SDPA call
 while the context is open runs over the ring, in every thread of the process: leave the context
 around attention over sequences that are not sharded. Run the backward inside the context too:
-activation checkpointing recomputes the attention there, through the module's attribute (a
-reference taken before the context recomputes plain SDPA, which torch.utils.checkpoint reports
-as a CheckpointError).
+activation checkpointing recomputes the attention in the backward, and outside the context it
+recomputes plain SDPA (wrong gradients with use_reentrant=True, a CheckpointError without).
+Under torch.compile only calls through the module's attribute are replaced (a reference taken
+before the context computes plain SDPA on the shard there); open the context outside compiled
+code. Attention that does not call SDPA (nn.MultiheadAttention with need_weights=True, a
+hand-written softmax) is not replaced.
 """
 import contextlib
 import threading
@@ -40,20 +43,30 @@ def _sdpa_error(q, k, v, attn_mask, dropout_p, enable_gqa) -> str:
     if dropout_p:
         return (f"dropout_p of scaled_dot_product_attention must be 0 under context_parallel, "
                 f"got {dropout_p!r}")
-    if all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        if q.shape[2] != k.shape[2]:
-            return (f"scaled_dot_product_attention got queries ({q.shape[2]}) and keys "
-                    f"({k.shape[2]}) of different lengths, which context_parallel does not compute")
-        if q.shape[1] != k.shape[1] and not enable_gqa:
-            return (f"scaled_dot_product_attention got q with {q.shape[1]} heads and k/v with "
-                    f"{k.shape[1]}; pass enable_gqa=True, as SDPA requires")
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+              for t in (q, k, v)]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return ("scaled_dot_product_attention under context_parallel takes 4-D (batch, heads, "
+                f"seqlen, headdim) q, k and v, got {', '.join(map(str, shapes))}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        return ("scaled_dot_product_attention under context_parallel needs k and v of one shape "
+                "and q with their batch size and head dimension (a value head dimension of its "
+                f"own is not supported), got q {shapes[0]}, k {shapes[1]}, v {shapes[2]}")
+    if q.shape[2] != k.shape[2]:
+        return (f"scaled_dot_product_attention got queries ({q.shape[2]}) and keys "
+                f"({k.shape[2]}) of different lengths, which context_parallel does not compute")
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        return (f"scaled_dot_product_attention got q with {q.shape[1]} heads and k/v with "
+                f"{k.shape[1]}; pass enable_gqa=True, as SDPA requires")
     return ""
 
 
-# The options of every open context, innermost last; process-wide, since a backward may recompute
-# checkpointed attention on the autograd engine's device threads.
+# Every open context's options, in the order they were opened: process-wide, since a backward may
+# recompute checkpointed attention on the autograd engine's device threads; and each thread's
+# own, innermost last, which its calls take first.
 _OPEN = []
 _LOCK = threading.Lock()
+_THREAD = threading.local()
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
@@ -61,10 +74,11 @@ def _ring_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
                enable_gqa=False):
     """scaled_dot_product_attention's signature, computed by ring_attn_func with the innermost
     open context's options (by the original SDPA once every context has closed)."""
-    if not _OPEN:
+    own = getattr(_THREAD, "open", None)
+    if not own and not _OPEN:
         return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    options = dict(_OPEN[-1])
+    options = dict(own[-1] if own else _OPEN[-1])
     error = _sdpa_error(query, key, value, attn_mask, dropout_p, enable_gqa)
     if error:  # raised by the ops' agreement on every rank
         options["layout"] = _ARGUMENT_ERROR + error
@@ -90,15 +104,19 @@ def context_parallel(group=None, *, layout: str = "zigzag", kv_exchange: str = "
                      ulysses_group=None):
     """Within the block, F.scaled_dot_product_attention runs as ring attention over ``group`` on
     shards in ``layout`` (``kv_exchange`` and ``ulysses_group`` as for ring_attn_func)."""
+    options = dict(group=group, layout=layout, kv_exchange=kv_exchange, ulysses_group=ulysses_group)
+    if not hasattr(_THREAD, "open"):
+        _THREAD.open = []
     with _LOCK:
-        _OPEN.append(dict(group=group, layout=layout, kv_exchange=kv_exchange,
-                          ulysses_group=ulysses_group))
+        _OPEN.append(options)
         F.scaled_dot_product_attention = _ring_sdpa
+    _THREAD.open.append(options)
     try:
         with _RingSDPA():
             yield
     finally:
+        _THREAD.open.remove(options)
         with _LOCK:
-            _OPEN.pop()
+            _OPEN.remove(options)
             if not _OPEN:
                 F.scaled_dot_product_attention = _ORIGINAL_SDPA
