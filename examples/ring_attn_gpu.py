@@ -9,7 +9,6 @@ scaled_dot_product_attention of the whole sequence, computed in float32 from the
 On a machine without GPUs the same script runs on the CPU over gloo.
 """
 import argparse
-import os
 import time
 
 import torch
@@ -17,27 +16,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ring_attention as ra
+from launch import add_attention_args, check_close, init_ranks
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlen", type=int, default=8192, help="global tokens (divisible by 2 x ranks)")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4, help="GQA: K/V heads (divide --heads)")
-    p.add_argument("--headdim", type=int, default=128)
-    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
-                   help="compare with SDPA on rank 0 (default: on up to 16K tokens)")
+    add_attention_args(p)
     args = p.parse_args()
     check = args.seqlen <= 16384 if args.check is None else args.check
 
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        device = torch.device("cuda", local_rank)
-    else:
-        dist.init_process_group("gloo")
-        device = torch.device("cpu")
+    device = init_ranks()
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.seqlen % (2 * world) or args.heads % args.kv_heads:  # the same on every rank
         p.error(f"--seqlen ({args.seqlen}) must divide by 2 x ranks ({2 * world}) and --heads "
@@ -77,11 +66,7 @@ def main() -> None:
                                                   is_causal=True, enable_gqa=True).transpose(1, 2)
             want_grads = torch.autograd.grad(want, leaves, dout.float())
             for name, got, ref in zip(("out", "dq", "dk", "dv"), gathered, (want, *want_grads)):
-                err = (got.float() - ref).abs().max().item()
-                bound = 0.01 * max(1.0, ref.abs().max().item())  # a few bf16 roundings
-                print(f"  {name}: max |ring - sdpa| = {err:.3g} (bound {bound:.3g})", flush=True)
-                if not err <= bound:
-                    raise SystemExit(f"{name} differs from SDPA: {err:.3g} > {bound:.3g}")
+                check_close(name, got, ref)
             print("check against SDPA: ok", flush=True)
     dist.destroy_process_group()
 

@@ -13,7 +13,6 @@ sequence, computed in float32 from the same bf16 inputs. One process per GPU ove
 GPUs the same script runs on the CPU over gloo.
 """
 import argparse
-import os
 import time
 
 import torch
@@ -21,29 +20,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ring_attention as ra
+from launch import add_attention_args, check_close, init_ranks
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", type=int, default=8192, help="prompt tokens (divisible by 2 x ranks)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens decoded one at a time")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4, help="GQA: K/V heads (divide --heads)")
-    p.add_argument("--headdim", type=int, default=128)
-    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
-                   help="compare with SDPA on rank 0 (default: on up to 16K tokens)")
+    add_attention_args(p)
     args = p.parse_args()
     total = args.prompt + args.new_tokens
     check = total <= 16384 if args.check is None else args.check
 
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        device = torch.device("cuda", local_rank)
-    else:
-        dist.init_process_group("gloo")
-        device = torch.device("cpu")
+    device = init_ranks()
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.prompt % (2 * world) or args.heads % args.kv_heads or args.new_tokens < 1:
         p.error(f"--prompt ({args.prompt}) must divide by 2 x ranks ({2 * world}), --heads "
@@ -85,11 +74,7 @@ def main() -> None:
                                               is_causal=True, enable_gqa=True).transpose(1, 2)
         got = torch.cat([prefill_full, *steps], dim=1)
         for name, part in (("prefill", prompt), ("decoded", slice(args.prompt, total))):
-            err = (got[:, part].float() - want[:, part]).abs().max().item()
-            bound = 0.01 * max(1.0, want[:, part].abs().max().item())  # a few bf16 roundings
-            print(f"  {name}: max |ours - sdpa| = {err:.3g} (bound {bound:.3g})", flush=True)
-            if not err <= bound:
-                raise SystemExit(f"{name} output differs from SDPA: {err:.3g} > {bound:.3g}")
+            check_close(name, got[:, part], want[:, part])
         print("check against SDPA: ok", flush=True)
     dist.destroy_process_group()
 

@@ -19,12 +19,17 @@ def _run(script, *args, timeout=240):
     return done.stdout
 
 
+def _run_json(tmp_path, script, *args):
+    """_run of `script` with --json into tmp_path; returns (stdout, the JSON it wrote)."""
+    out = tmp_path / os.path.basename(script).replace(".py", ".json")
+    stdout = _run(script, *args, "--json", str(out))
+    return stdout, json.loads(out.read_text())
+
+
 def test_bench_window_truncates_the_ring(tmp_path):
-    out = tmp_path / "window.json"
-    stdout = _run("benchmarks/ring/bench_window.py", "--world", "4", "--seqlen", "256", "--iters", "1", "--warmup", "0",
-                  "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/ring/bench_window.py", "--world", "4", "--seqlen",
+                            "256", "--iters", "1", "--warmup", "0")
     assert "window / full time" in stdout
-    res = json.loads(out.read_text())
     assert res["window"] == 32
     full, windowed = res["rows"]
     # 4 contiguous shards of 64 tokens: causal, block j travels to the 3 - j ranks after it (6
@@ -35,22 +40,20 @@ def test_bench_window_truncates_the_ring(tmp_path):
 
 
 def test_bench_decode_reports_every_cache_length(tmp_path):
-    out = tmp_path / "decode.json"
-    stdout = _run("benchmarks/ring/bench_decode.py", "--world", "3", "--cache-lens", "7,300",
-                  "--iters", "1", "--warmup", "0", "--dtype", "float32", "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/ring/bench_decode.py", "--world", "3",
+                            "--cache-lens", "7,300", "--iters", "1", "--warmup", "0", "--dtype",
+                            "float32")
     assert "max |err| vs float64" in stdout
-    res = json.loads(out.read_text())
     assert [row["cache tokens"] for row in res["rows"]] == [7, 300]
     assert all(float(row["ours, world 3 ms"]) > 0 for row in res["rows"])
     assert res["max_abs_err"] < 1e-4
 
 
 def test_bench_memory_reports_every_strategy_and_length(tmp_path):
-    out = tmp_path / "memory.json"
-    stdout = _run("benchmarks/ring/bench_memory.py", "--world", "2", "--seqlens", "1024,4096",
-                  "--heads", "4", "--heads-kv", "2", "--headdim", "32", "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/ring/bench_memory.py", "--world", "2",
+                            "--seqlens", "1024,4096", "--heads", "4", "--heads-kv", "2",
+                            "--headdim", "32")
     assert "Peak memory growth per rank" in stdout
-    res = json.loads(out.read_text())
     assert [(row["strategy"], row["tokens"]) for row in res["rows"]] == [
         (name, n) for name in ("ring", "allgather", "ulysses") for n in (1024, 4096)]
     assert res["failures"] == []
@@ -59,20 +62,17 @@ def test_bench_memory_reports_every_strategy_and_length(tmp_path):
 
 
 def test_bench_ring_quick_checks_all_implementations(tmp_path):
-    out = tmp_path / "ring.json"
-    stdout = _run("benchmarks/ring/bench_ring.py", "--quick", "--no-progress", "--fp32-precision", "high", "--json", str(out),
-                  "--png", str(tmp_path / "ring.png"))
-    res = json.loads(out.read_text())
+    stdout, res = _run_json(tmp_path, "benchmarks/ring/bench_ring.py", "--quick", "--no-progress",
+                            "--fp32-precision", "high", "--png", str(tmp_path / "ring.png"))
     assert res["rows"], "no rows written"
     assert res["machine"]["fp32_precision"] == "high" and "precision high" in stdout
     assert (tmp_path / "ring.png").stat().st_size > 0
 
 
 def test_bench_efficiency_runs_the_chosen_cases(tmp_path):
-    out = tmp_path / "efficiency.json"
-    _run("benchmarks/ring/bench_efficiency.py", "--seqlen", "256", "--iters", "1", "--warmup", "0",
-         "--memory-seqlen", "256", "--cases", "non-causal,zigzag", "--json", str(out))
-    res = json.loads(out.read_text())
+    stdout, res = _run_json(tmp_path, "benchmarks/ring/bench_efficiency.py", "--seqlen", "256",
+                            "--iters", "1", "--warmup", "0", "--memory-seqlen", "256", "--cases",
+                            "non-causal,zigzag")
     assert [row["case"] for row in res["efficiency"]] == ["non-causal", "causal zigzag"]
     for row in res["efficiency"]:
         for phase in ("fwd", "fwd+bwd"):
@@ -86,11 +86,9 @@ def test_bench_efficiency_runs_the_chosen_cases(tmp_path):
 
 
 def test_bench_cpu_vs_sdpa_checks_against_sdpa(tmp_path):
-    out = tmp_path / "cpu_vs_sdpa.json"
-    stdout = _run("benchmarks/kernels/bench_cpu_vs_sdpa.py", "--seqlen", "97", "--heads", "2", "--iters", "1",
-                  "--warmup", "0", "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/kernels/bench_cpu_vs_sdpa.py", "--seqlen", "97",
+                            "--heads", "2", "--iters", "1", "--warmup", "0")
     assert "check: ring vs sdpa" in stdout and "ok" in stdout
-    res = json.loads(out.read_text())
     assert [r["case"] for r in res["rows"]] == ["non-causal fwd", "non-causal fwd+bwd", "causal fwd",
                                                "causal fwd+bwd"]
     assert res["max_rel_err"] < 1e-4 and res["machine"]["fp32_precision"] == "highest"
@@ -161,11 +159,9 @@ def test_compare_builds_matches_rows_of_either_benchmark_version(tmp_path):
                                                          causal=True)}
     (tmp_path / "old.json").write_text(json.dumps(baseline))
     (tmp_path / "new.json").write_text(json.dumps(new))
-    out = tmp_path / "compare.json"
-    stdout = _run("benchmarks/kernels/compare_builds.py", str(tmp_path / "old.json"),
-                  str(tmp_path / "new.json"), "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/kernels/compare_builds.py",
+                            str(tmp_path / "old.json"), str(tmp_path / "new.json"))
     assert "check: 3 rows of ours timed in both runs: ok" in stdout
-    res = json.loads(out.read_text())
     rows = {(r["mask"], r["impl"], r["dir"]): r for r in res["rows"]}
     assert sorted(rows) == [("causal", "ring block_fwd", "fwd"), ("full", "ring block_bwd", "bwd"),
                             ("full", "ring block_fwd", "fwd")]
@@ -179,7 +175,7 @@ def test_compare_builds_matches_rows_of_either_benchmark_version(tmp_path):
     drift = {r["dir"]: r["drift"] for r in res["sdpa"]}
     assert [r["impl"] for r in res["sdpa"]] == ["sdpa flash", "sdpa flash"]  # cuDNN: one time only
     assert drift == {d: round(t[f"new flash {d}"] / t[f"old flash {d}"], 3) for d in ("fwd", "bwd")}
-    assert (tmp_path / "compare.md").read_text().startswith("# This build vs the baseline build (card)")
+    assert (tmp_path / "compare_builds.md").read_text().startswith("# This build vs the baseline build (card)")
 
     # No row of ours in both runs: the check fails.
     (tmp_path / "other.json").write_text(json.dumps({"rows": _bench_cuda_rows(
@@ -191,11 +187,9 @@ def test_compare_builds_matches_rows_of_either_benchmark_version(tmp_path):
 
 
 def test_bench_strategies_checks_same_work(tmp_path):
-    out = tmp_path / "strategies.json"
-    stdout = _run("benchmarks/strategies/bench_strategies.py", "--worlds", "2", "--seqlen", "64", "--iters", "1",
-                  "--warmup", "0", "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/strategies/bench_strategies.py", "--worlds", "2",
+                            "--seqlen", "64", "--iters", "1", "--warmup", "0")
     assert "allgather + U2" in stdout
-    res = json.loads(out.read_text())
     assert [row["strategy"] for row in res["rows"]] == ["ring", "allgather", "ring + U2",
                                                         "allgather + U2"]
     assert all(row["check"] == "ok" for row in res["rows"])
@@ -205,11 +199,10 @@ def test_bench_strategies_checks_same_work(tmp_path):
 
 
 def test_bench_packed_checks_and_counts(tmp_path):
-    out = tmp_path / "packed.json"
-    stdout = _run("benchmarks/strategies/bench_packed.py", "--worlds", "2", "--total", "1024", "--min-len", "16", "--max-len",
-                  "512", "--iters", "1", "--warmup", "0", "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/strategies/bench_packed.py", "--worlds", "2",
+                            "--total", "1024", "--min-len", "16", "--max-len", "512", "--iters",
+                            "1", "--warmup", "0")
     assert "max |err| between variants" in stdout
-    res = json.loads(out.read_text())
     assert sum(res["lengths"]) == 1024 and res["max_abs_err"] < 1e-5
     rows = {row["variant"]: row for row in res["rows"]}
     # Two ranks: zigzag computes every document on both ranks, both blocks each; the packed
@@ -221,11 +214,10 @@ def test_bench_packed_checks_and_counts(tmp_path):
 
 
 def test_bench_strategies_local_ring_checks_same_work(tmp_path):
-    out = tmp_path / "strategies.json"
-    stdout = _run("benchmarks/strategies/bench_strategies.py", "--local-ring", "cpu", "--worlds", "2,4",
-                  "--seqlen", "64", "--iters", "1", "--warmup", "0", "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/strategies/bench_strategies.py", "--local-ring",
+                            "cpu", "--worlds", "2,4", "--seqlen", "64", "--iters", "1", "--warmup",
+                            "0")
     assert "MB sent / rank (total / W)" in stdout and "FAIL" not in stdout
-    res = json.loads(out.read_text())
     assert res["device"] == "LocalRing cpu" and res["args"]["local_ring"] == "cpu"
     assert [(row["world"], row["strategy"]) for row in res["rows"]] == [
         (2, "ring"), (2, "allgather"), (2, "ring + U2"), (2, "allgather + U2"),
@@ -253,12 +245,10 @@ def test_bench_strategies_local_ring_checks_same_work(tmp_path):
 
 
 def test_bench_packed_local_ring_checks_and_counts(tmp_path):
-    out = tmp_path / "packed.json"
-    stdout = _run("benchmarks/strategies/bench_packed.py", "--local-ring", "cpu", "--worlds", "2,4",
-                  "--total", "1024", "--min-len", "16", "--max-len", "512", "--iters", "1", "--warmup", "0",
-                  "--json", str(out))
+    stdout, res = _run_json(tmp_path, "benchmarks/strategies/bench_packed.py", "--local-ring",
+                            "cpu", "--worlds", "2,4", "--total", "1024", "--min-len", "16",
+                            "--max-len", "512", "--iters", "1", "--warmup", "0")
     assert "LocalRing on cpu" in stdout and "max |err| between variants" in stdout
-    res = json.loads(out.read_text())
     assert res["device"] == "LocalRing cpu" and res["max_abs_err"] < 1e-5
     assert all(row["device"] == "LocalRing cpu" for row in res["rows"])
     rows = {(row["world"], row["variant"]): row for row in res["rows"]}
