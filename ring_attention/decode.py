@@ -173,7 +173,8 @@ def decode_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         _agree_on_shards(q, group, _CALL, local_error=error, settings=settings)
     elif error:
         raise ValueError(f"{_CALL}: {error}")
-    causal, scale, (left, right) = bool(causal), _default_scale(q, softmax_scale), _window(window_size)
+    causal, scale = bool(causal), _default_scale(q, softmax_scale)
+    left, right = _window(window_size)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, seqlen_q, heads, _ = q.shape
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -184,7 +185,8 @@ def decode_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                         for p, n in ((q_positions, seqlen_q), (k_positions, k.shape[1])))
         # the kernel reads any strides but the head dim's: a cache sliced from a larger buffer
         # is read in place
-        q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+                   for t in (q, k, v))
         ops.block_fwd(q, k, v, q_pos, k_pos, None, out, lse, causal, left, right, scale)
     if world > 1:  # one all-gather of (out, lse) flattened together
         mine = torch.cat([out.flatten(), lse.flatten()])

@@ -228,8 +228,8 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     differentiable. ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``)
     makes the CUDA backward atomic-free and bitwise reproducible, at some speed; the CPU path is
     bitwise deterministic at a fixed thread count. ``kv_exchange``: "ring" passes K/V around the
-    ring, "allgather" gathers every rank's K/V once (backward: dK/dV reduce-scattered). ``ulysses_group`` (a
-    ProcessGroup or 1-D DeviceMesh of U ranks) adds an all-to-all over heads inside it: the
+    ring, "allgather" gathers every rank's K/V once (backward: dK/dV reduce-scattered).
+    ``ulysses_group`` (a ProcessGroup or 1-D DeviceMesh of U ranks) adds an all-to-all over heads inside it: the
     sequence is spread over the U x R grid of ``ulysses_group`` and ``group`` as ``shard(...,
     ulysses_group=...)`` spreads it, and nheads must divide by U. ``sinks`` (nheads,): attention
     sinks, one logit per head that joins every row's softmax without a value (GPT-OSS), applied

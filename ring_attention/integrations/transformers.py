@@ -37,10 +37,10 @@ from ..layouts import _decode, _encode, shard, shard_varlen, unshard, unshard_va
 ATTN_IMPLEMENTATION = "ring_attention"
 
 # Arguments transformers passes to attention functions that do not change what the attention
-# computes here (dropout, scaling, is_causal, sliding_window and s_aux are applied; position_ids checks
-# the shards and packed documents; output_attentions is checked apart; the rest are output, cache
-# and kernel switches or loss bookkeeping: a causal LM's forward hands its loss keywords, such as
-# the pre-shifted shift_labels, to every layer too).
+# computes here (dropout, scaling, is_causal, sliding_window and s_aux are applied; position_ids
+# checks the shards and packed documents; output_attentions is checked apart; the rest are output,
+# cache and kernel switches or loss bookkeeping: a causal LM's forward hands its loss keywords,
+# such as the pre-shifted shift_labels, to every layer too).
 _HARMLESS_KWARGS = frozenset({
     "position_ids", "sliding_window", "use_cache", "cache_position", "output_attentions",
     "output_hidden_states", "output_router_logits", "num_items_in_batch", "shift_labels",
