@@ -20,7 +20,7 @@ from ._ops import ops
 from .functional import (_autocast, _default_scale, _flag, _scale_error, _short_repr, _window,
                          _window_error)
 from .layouts import _agree_on_shards, _wait
-from .sinks import apply_sinks, sinks_error
+from .sinks import apply_sinks, by_row, neginf_to_zero, sinks_error
 
 _CALL = "decode_attn_func"
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -126,15 +126,15 @@ def _merge(outs, lses):
     top = lses[0]
     for lse in lses[1:]:
         top = torch.maximum(top, lse)
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # no key anywhere
+    top = neginf_to_zero(top)  # no key anywhere
     total = torch.zeros_like(top)
     for lse in lses:
         total += torch.exp(lse - top)
     lse = top + torch.log(total)  # -inf where no rank saw a key
-    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    safe = neginf_to_zero(lse)
     out = torch.zeros_like(outs[0])
     for part, part_lse in zip(outs, lses):
-        out += part * torch.exp(part_lse - safe).transpose(-1, -2).unsqueeze(-1)
+        out += part * by_row(torch.exp(part_lse - safe))
     return out, lse
 
 
@@ -162,19 +162,17 @@ def decode_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q, k, v = _autocast(q, k, v)
     error = _local_error(q, k, v, q_positions, k_positions, causal, softmax_scale, window_size,
                          sinks, return_lse, group)
-    if world == 1:
-        if error:
-            raise ValueError(f"{_CALL}: {error}")
-    elif os.environ.get("RING_ATTN_CHECK") != "0":
-        settings = "" if error else (
-            f"causal {bool(causal)}, softmax_scale {_default_scale(q, softmax_scale)!r}, "
-            f"window_size {_window(window_size)}, nheads_kv {k.shape[2]}, positions "
-            f"{q_positions is not None}, sinks {sinks is not None}")
+    settings = ""
+    if not error:
+        causal, scale = bool(causal), _default_scale(q, softmax_scale)
+        left, right = _window(window_size)
+        settings = (f"causal {causal}, softmax_scale {scale!r}, window_size {(left, right)}, "
+                    f"nheads_kv {k.shape[2]}, positions {q_positions is not None}, sinks "
+                    f"{sinks is not None}")
+    if world > 1 and os.environ.get("RING_ATTN_CHECK") != "0":
         _agree_on_shards(q, group, _CALL, local_error=error, settings=settings)
     elif error:
         raise ValueError(f"{_CALL}: {error}")
-    causal, scale = bool(causal), _default_scale(q, softmax_scale)
-    left, right = _window(window_size)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, seqlen_q, heads, _ = q.shape
     out = torch.zeros(q.shape, dtype=acc, device=q.device)

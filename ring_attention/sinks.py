@@ -40,17 +40,21 @@ def sinks_error(sinks, q) -> str:
     return ""
 
 
+def neginf_to_zero(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (a row that sees nothing) as 0: exp(x - it) stays finite (0 for x = -inf)."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
 def _row_weight(lse: torch.Tensor, sinks: torch.Tensor):
     """(w, lse') of rows with `lse` (..., heads, rows) and sinks (heads,) in lse's dtype:
     lse' = logaddexp(lse, sinks), w = exp(lse - lse'), 0 where lse' = -inf (no key and no sink)."""
     sink = sinks.to(lse.dtype).unsqueeze(-1)  # (heads, 1), broadcast over the rows
     lse_sunk = torch.logaddexp(lse, sink)
     # lse' = -inf only where lse = -inf too; there out is 0 whatever w is.
-    safe = torch.where(torch.isneginf(lse_sunk), torch.zeros_like(lse_sunk), lse_sunk)
-    return torch.exp(lse - safe), lse_sunk
+    return torch.exp(lse - neginf_to_zero(lse_sunk)), lse_sunk
 
 
-def _by_row(w: torch.Tensor) -> torch.Tensor:
+def by_row(w: torch.Tensor) -> torch.Tensor:
     """w (..., heads, rows) as a factor of out (..., rows, heads, headdim)."""
     return w.transpose(-1, -2).unsqueeze(-1)
 
@@ -62,7 +66,7 @@ class _AttentionSinks(torch.autograd.Function):
         ctx.save_for_backward(out, w)
         ctx.sinks_dtype = sinks.dtype
         ctx.set_materialize_grads(False)
-        return (out.to(lse.dtype) * _by_row(w)).to(out.dtype), lse_sunk
+        return (out.to(lse.dtype) * by_row(w)).to(out.dtype), lse_sunk
 
     @staticmethod
     @once_differentiable
@@ -72,7 +76,7 @@ class _AttentionSinks(torch.autograd.Function):
         if dout_sunk is None:
             dout, dw = None, torch.zeros_like(w)
         else:
-            dout = (dout_sunk.to(w.dtype) * _by_row(w)).to(out.dtype)
+            dout = (dout_sunk.to(w.dtype) * by_row(w)).to(out.dtype)
             dw = (dout_sunk.to(w.dtype) * out.to(w.dtype)).sum(-1).transpose(-1, -2)
         dlse = dw * keep
         dsinks = -dlse

@@ -60,6 +60,12 @@ def random_qkv(seed, batch, seqlen_q, seqlen_k, heads, heads_kv, headdim, dtype)
     return q, k, v, dout
 
 
+def random_sinks(seed, heads, dtype):
+    """Attention sinks (heads,): logits of either sign, several times the scores' spread, drawn
+    in float64 and rounded to `dtype`."""
+    return (3 * randn(torch.Generator().manual_seed(seed), heads)).to(dtype)
+
+
 def random_packed(seed, seqlens, heads, heads_kv, headdim, dtype):
     """cu_seqlens (int32) and packed q, k, v, dout (tokens, heads(_kv), headdim) of sequences of
     `seqlens`: random_qkv's values for one batch of all the tokens."""

@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 
 import ring_attention as ra
-from cases import acc_dtype, assert_matches, low_precision, random_qkv, reference, seed_of, visible
+from cases import (acc_dtype, assert_matches, low_precision, random_qkv, random_sinks, reference,
+                   seed_of, visible)
 from ring_cases import rank_and_world
 
 
@@ -36,8 +37,7 @@ def decode_case(case):
     seed = seed_of("decode", world, sorted(case.items(), key=str))
     q, k, v, dout = random_qkv(seed, 2, total, total, case["heads"], case["heads_kv"],
                                case["headdim"], dtype)
-    sinks = (3 * torch.randn(case["heads"], generator=torch.Generator().manual_seed(seed),
-                             dtype=torch.float64)).to(dtype) if case["sinks"] else None
+    sinks = random_sinks(seed, case["heads"], dtype) if case["sinks"] else None
     q_pos = torch.arange(case["cached"], total)
     mine = cache_split(case["layout"], case["cached"], case["new"], world)[rank]
     seen = visible(q_pos, torch.arange(total), case["causal"], *case["window"])

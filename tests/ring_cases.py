@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 import ring_attention as ra
-from cases import (acc_dtype, assert_close, randn, random_packed, random_qkv, reference, seed_of,
-                   sequence_visible, strided)
+from cases import (acc_dtype, assert_close, randn, random_packed, random_qkv, random_sinks,
+                   reference, seed_of, sequence_visible, strided)
 
 
 def rank_and_world():
@@ -49,9 +49,10 @@ def check_ring(case):
     seqlen = world * case["local_len"]
     q, k, v, dout = random_qkv(seed_of(world, sorted(case.items(), key=str)), case["batch"], seqlen,
                                seqlen, case["heads"], case["heads_kv"], case["headdim"], dtype)
-    generator = torch.Generator().manual_seed(seed_of("dlse", world, str(case)))
-    dlse = randn(generator, case["batch"], case["heads"], seqlen)
-    sinks = randn(generator, case["heads"]).to(dtype) if case.get("sinks") else None
+    dlse = randn(torch.Generator().manual_seed(seed_of("dlse", world, str(case))), case["batch"],
+                 case["heads"], seqlen)
+    sinks = (random_sinks(seed_of("sinks", world, str(case)), case["heads"], dtype)
+             if case.get("sinks") else None)
     expected = reference(q, k, v, dout, sequence_visible(seqlen, case["causal"], window),
                          case["scale"], dlse=dlse, sinks=sinks)
 
@@ -560,8 +561,7 @@ def check_ulysses(case):
     grid = dict(group=group, ulysses_group=ulysses_group, layout=case["layout"])
     dtype, window = case["dtype"], case["window"]
     seed = seed_of("ulysses", sorted(case.items(), key=str))
-    sinks = (randn(torch.Generator().manual_seed(seed + 1), case["heads"]).to(dtype)
-             if case.get("sinks") else None)
+    sinks = random_sinks(seed + 1, case["heads"], dtype) if case.get("sinks") else None
     if case["seqlens"]:
         cu, q, k, v, dout = random_packed(seed, case["seqlens"], case["heads"], case["heads_kv"],
                                           case["headdim"], dtype)

@@ -8,18 +8,13 @@ import torch
 
 import ring_attention as ra
 from cases import (acc_dtype, assert_close, assert_matches, low_precision, randn, random_packed,
-                   random_qkv, reference, seed_of, sequence_visible)
+                   random_qkv, random_sinks, reference, seed_of, sequence_visible)
 from ring_attention.testing import LocalRing
 from ring_cases import INVALID_INPUTS, check_ring, check_ulysses
 
 HEADS, HEADS_KV, HEADDIM = 4, 2, 16
 NAMES = ("out", "lse", "dq", "dk", "dv", "dsinks")
 SINK_INPUTS = sorted(kind for kind in INVALID_INPUTS if kind.startswith("sinks_"))
-
-
-def random_sinks(seed, heads, dtype):
-    """(heads,) sink logits of either sign, several times the scores' spread."""
-    return (3 * randn(torch.Generator().manual_seed(seed), heads)).to(dtype)
 
 
 def leaves_of(*tensors):

@@ -10,8 +10,8 @@ import torch
 
 import ring_attention as ra
 from cases import (MASKS, assert_fa_rule, block_bwd, block_case, block_fwd,  # noqa: F401
-                   check_block, check_bwd_accumulates, check_merge_order, mask_case, randn, random_packed,
-                   random_qkv, reference, seed_of, sequence_visible, strided, visible)
+                   check_block, check_bwd_accumulates, check_merge_order, mask_case, random_packed,
+                   random_qkv, random_sinks, reference, seed_of, sequence_visible, strided, visible)
 
 LENGTHS = [(1, 1), (7, 7), (97, 97), (128, 128), (1, 128), (128, 1), (7, 97), (97, 128), (128, 7),
            (200, 333)]
@@ -56,11 +56,6 @@ def merge_errors(device, dtype, nblocks=8, seeds=(0, 1, 2), sq=256, block_keys=1
     return err_one, err_merged
 
 
-def random_sinks(seed, heads, dtype, sinks):
-    """Attention sinks (heads,) of either sign in `dtype` when `sinks`, else None."""
-    return (3 * randn(torch.Generator().manual_seed(seed + 1), heads)).to(dtype) if sinks else None
-
-
 def check_ring(device, dtype, world, layout, causal, window=(-1, -1), heads=4, heads_kv=2,
                headdim=64, local_len=96, batch=2, deterministic=False, sinks=False):
     """The ring (world 1: ring_attn_func; else LocalRing's virtual ranks on `device`) forward and
@@ -70,7 +65,7 @@ def check_ring(device, dtype, world, layout, causal, window=(-1, -1), heads=4, h
     seqlen = world * local_len
     seed = seed_of("ring", world, layout, causal, window, heads, heads_kv, headdim, str(dtype))
     q, k, v, dout = random_qkv(seed, batch, seqlen, seqlen, heads, heads_kv, headdim, dtype)
-    sink_logits = random_sinks(seed, heads, dtype, sinks)
+    sink_logits = random_sinks(seed + 1, heads, dtype) if sinks else None
     seen = sequence_visible(seqlen, causal, window)
     scale = headdim ** -0.5
     ref = reference(q, k, v, dout, seen, scale, sinks=sink_logits)
@@ -109,7 +104,7 @@ def check_varlen_ring(device, dtype, world, layout, causal, window=(-1, -1),
     as for check_ring."""
     seed = seed_of("varlen", world, layout, causal, window, seqlens, heads, heads_kv, str(dtype))
     cu, q, k, v, dout = random_packed(seed, seqlens, heads, heads_kv, headdim, dtype)
-    sink_logits = random_sinks(seed, heads, dtype, sinks)
+    sink_logits = random_sinks(seed + 1, heads, dtype) if sinks else None
     seen = sequence_visible(seqlens, causal, window)
     scale = headdim ** -0.5
     ref = reference(q, k, v, dout, seen, scale, sinks=sink_logits)
